@@ -1,0 +1,33 @@
+"""lightning-localsgd: local SGD and DiLoCo for PyTorch Lightning.
+
+Importing the package registers the strategy names with Lightning, so ``Trainer(strategy="local_sgd")`` and
+``Trainer(strategy="diloco")`` work::
+
+    import lightning as L
+    import lightning_localsgd  # noqa: F401  (registers the strategies)
+
+    trainer = L.Trainer(strategy="local_sgd", devices=4)
+"""
+
+from lightning.pytorch.strategies import StrategyRegistry
+
+from .outer import NonFinitePseudoGradientError, OuterSync, SyncResult, resolve_outer_optimizer
+from .schedule import SyncSchedule
+from .strategies import LocalSGDMixin, LocalSGDStrategy
+from .topology import Topology, build_topology
+
+__version__ = "0.1.0"
+
+LocalSGDStrategy.register_strategies(StrategyRegistry)
+
+__all__ = [
+    "LocalSGDMixin",
+    "LocalSGDStrategy",
+    "NonFinitePseudoGradientError",
+    "OuterSync",
+    "SyncResult",
+    "SyncSchedule",
+    "Topology",
+    "build_topology",
+    "resolve_outer_optimizer",
+]

@@ -1,0 +1,333 @@
+"""Local-SGD glue shared by every strategy: arguments, schedule, warm-up reduce, sync at step end, checkpoints, logs.
+
+A strategy mixes :class:`LocalSGDMixin` in front of a Lightning strategy and tells it which tensors to sync
+(:meth:`LocalSGDMixin._local_sgd_tensors`) and over which process groups. The algorithm itself is
+:class:`lightning_localsgd.outer.OuterSync`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Mapping, Optional, Union
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import Tensor
+
+from ..outer import (
+    OuterOptimizerSpec,
+    OuterSync,
+    SyncResult,
+    check_outer_optimizer_factory,
+    resolve_outer_optimizer,
+)
+from ..schedule import Action, SyncSchedule
+from ..topology import Topology, check_group_size
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_KEY = "local_sgd"
+_FORMAT_VERSION = 1
+
+
+def _check_positive_int(name: str, value: Any, minimum: int, fix: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}. {fix}")
+
+
+def check_state_device(value: Optional[Union[str, torch.device]]) -> Optional[torch.device]:
+    """Parse ``outer_state_device`` and check the device exists on this machine."""
+    if value is None:
+        return None
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(
+            f"outer_state_device={value!r} is not a device. Use 'cpu', 'cuda', 'cuda:0', ... or None (the "
+            "parameters' device)."
+        ) from err
+    if device.type == "meta":
+        raise ValueError("outer_state_device='meta' holds no data. Use 'cpu' or None (the parameters' device).")
+    if device.type == "cpu":
+        return device
+    backend = getattr(torch, device.type, None)
+    available = backend is not None and hasattr(backend, "is_available") and backend.is_available()
+    if not available:
+        raise ValueError(
+            f"outer_state_device={value!r}: no {device.type} device is available on this machine. Use 'cpu' or None "
+            "(the parameters' device)."
+        )
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if device.index is not None and device.index >= count:
+        raise ValueError(
+            f"outer_state_device={value!r}: this machine has {count} {device.type} device(s). Use an index below "
+            f"{count}, or None (the parameters' device)."
+        )
+    return device
+
+
+class _SyncAtStepEnd(Callback):
+    """Runs the strategy's step-end logic before any user callback (so checkpoints see the synced state)."""
+
+    def __init__(self, strategy: "LocalSGDMixin") -> None:
+        self.strategy = strategy
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self.strategy._local_sgd_step_end(trainer)
+
+
+class LocalSGDMixin:
+    """Local-SGD behaviour for a Lightning strategy. Put it first in the bases: ``class X(LocalSGDMixin, DDPStrategy)``."""
+
+    # set by the concrete strategy's setup
+    topology: Optional[Topology]
+    outer_sync: Optional[OuterSync]
+
+    def _init_local_sgd(
+        self,
+        sync_every: int,
+        outer_optimizer: OuterOptimizerSpec,
+        group_size: int,
+        warmup_steps: int,
+        outer_state_device: Optional[Union[str, torch.device]],
+        on_nonfinite: str,
+        sync_on_train_end: bool,
+    ) -> None:
+        _check_positive_int("sync_every", sync_every, 1, "It is H, the optimizer steps between two syncs; e.g. 64.")
+        _check_positive_int("group_size", group_size, 1, "It is the number of ranks per worker group; e.g. 1.")
+        _check_positive_int("warmup_steps", warmup_steps, 0, "Use 0 to start local SGD at the first step.")
+        if on_nonfinite not in ("raise", "skip"):
+            raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}.")
+        if not isinstance(sync_on_train_end, bool):
+            raise ValueError(f"sync_on_train_end must be True or False, got {sync_on_train_end!r}.")
+        factory = resolve_outer_optimizer(outer_optimizer)
+        check_outer_optimizer_factory(factory)
+        self.sync_every = sync_every
+        self.outer_optimizer = outer_optimizer
+        self.group_size = group_size
+        self.warmup_steps = warmup_steps
+        self.outer_state_device = outer_state_device
+        self.on_nonfinite = on_nonfinite
+        self.sync_on_train_end = sync_on_train_end
+        self._outer_factory = factory
+        self._state_device = check_state_device(outer_state_device)
+        self.schedule = SyncSchedule(sync_every, warmup_steps)
+        self.topology = None
+        self.outer_sync = None
+        self.last_sync: Optional[SyncResult] = None
+        self.sync_seconds_total = 0.0
+        self._stepped_this_batch = False
+        self._restored_state: Optional[dict[str, Any]] = None
+        self._callback: Optional[_SyncAtStepEnd] = None
+
+    # ------------------------------------------------------------------ hooks for the concrete strategy
+    def _local_sgd_tensors(self) -> tuple[list[Tensor], list[Tensor]]:
+        """(parameters, buffers) this rank syncs. Default: the module's trainable parameters and float buffers."""
+        module = self.lightning_module
+        params = [p for p in module.parameters() if p.requires_grad]
+        buffers = [b for b in module.buffers() if torch.is_floating_point(b)]
+        return params, buffers
+
+    def _local_sgd_shard_group(self) -> Optional[dist.ProcessGroup]:
+        """Process group whose ranks hold identical replicas and split the sync in slices (DDP inside a group)."""
+        return None
+
+    # ------------------------------------------------------------------ setup
+    def _check_world_size(self, world_size: int) -> None:
+        check_group_size(world_size, self.group_size)
+
+    def _setup_local_sgd(self, trainer: Trainer) -> None:
+        assert self.topology is not None
+        params, buffers = self._local_sgd_tensors()
+        if not params:
+            raise ValueError("local SGD: the LightningModule has no trainable parameters to synchronize.")
+        self.outer_sync = OuterSync(
+            params,
+            buffers,
+            outer_optimizer=self._outer_factory,
+            cross_group=self.topology.cross_group,
+            shard_group=self._local_sgd_shard_group(),
+            state_device=self._state_device,
+            on_nonfinite=self.on_nonfinite,
+        )
+        if self._restored_state is not None:
+            self.outer_sync.load_state_dict(self._restored_state["rank"])
+            self.schedule.load_state_dict(self._restored_state["schedule"])
+            self.sync_seconds_total = float(self._restored_state.get("sync_seconds_total", 0.0))
+            self._restored_state = None
+        self._callback = _SyncAtStepEnd(self)
+        trainer.callbacks.insert(0, self._callback)
+        rank_zero_info(
+            f"local SGD: {self.topology.num_groups} worker group(s) of {self.group_size} rank(s), sync every "
+            f"{self.sync_every} steps, outer optimizer {self._outer_name()}, warm-up {self.warmup_steps} steps."
+        )
+
+    def _outer_name(self) -> str:
+        if isinstance(self.outer_optimizer, str):
+            return self.outer_optimizer
+        return getattr(self.outer_optimizer, "__name__", None) or type(self.outer_optimizer).__name__
+
+    @property
+    def ddp_bytes_per_step(self) -> int:
+        """Bytes DDP would all-reduce per optimizer step on each rank (the gradients of the synced parameters)."""
+        params, _ = self._local_sgd_tensors()
+        return sum(p.numel() * p.element_size() for p in params)
+
+    # ------------------------------------------------------------------ per step
+    def _wrap_closure_for_warmup(self, optimizer: Any, closure: Callable[[], Any]) -> Callable[[], Any]:
+        """During warm-up, average the gradients across groups after backward, before clipping and the step."""
+        if not self.schedule.in_warmup or self.topology is None or self.topology.num_groups == 1:
+            return closure
+
+        def reduce_after(*args: Any, **kwargs: Any) -> Any:
+            out = closure(*args, **kwargs)
+            self._all_reduce_grads(optimizer)
+            return out
+
+        return reduce_after
+
+    @torch.no_grad()
+    def _all_reduce_grads(self, optimizer: Any) -> None:
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+        grads = []
+        for p in params:
+            if p.grad is None:  # as DDP with find_unused_parameters: an unused parameter gets a zero gradient
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
+        if not grads:
+            return
+        assert self.topology is not None
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=self.topology.cross_group)
+        flat.div_(self.topology.num_groups)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def _local_sgd_step_end(self, trainer: Trainer) -> None:
+        if not self._stepped_this_batch:
+            return  # an accumulation micro-batch, or a manual-optimization step that stepped nothing
+        self._stepped_this_batch = False
+        action = self.schedule.step()
+        if action is Action.END_WARMUP:
+            assert self.outer_sync is not None
+            self.outer_sync.reset_snapshot()  # all ranks hold the same parameters after synchronous steps
+        elif action is Action.SYNC:
+            self._run_sync(trainer)
+
+    def _run_sync(self, trainer: Trainer) -> None:
+        assert self.outer_sync is not None
+        try:
+            result = self.outer_sync.sync()
+        except FloatingPointError as err:
+            raise type(err)(f"local SGD sync at step {self.schedule.steps_done}: {err}") from err
+        self.last_sync = result
+        self.sync_seconds_total += result.seconds
+        self._log_sync(trainer, result)
+
+    def _log_sync(self, trainer: Trainer, result: SyncResult) -> None:
+        if trainer.global_rank != 0 or not trainer.loggers:
+            return
+        assert self.outer_sync is not None
+        metrics = {
+            "local_sgd/syncs": float(self.outer_sync.num_syncs),
+            "local_sgd/bytes_sent": float(self.outer_sync.bytes_sent),
+            "local_sgd/sync_seconds": result.seconds,
+            "local_sgd/pseudo_grad_norm": result.pseudo_grad_norm,
+            "local_sgd/skipped": float(result.skipped),
+        }
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+
+    def _local_sgd_train_end(self, trainer: Trainer) -> None:
+        if self._callback is not None and self._callback in trainer.callbacks:
+            trainer.callbacks.remove(self._callback)
+        self._callback = None
+        if self.sync_on_train_end and self.outer_sync is not None and not self.schedule.in_warmup \
+                and self.schedule.steps_since_sync > 0:
+            self.schedule.steps_since_sync = 0
+            self._run_sync(trainer)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _local_sgd_checkpoint(self, checkpoint: dict[str, Any]) -> Optional[dict[str, Any]]:
+        """Gather every group's model/optimizer state and every rank's outer state to global rank 0. Collective."""
+        if self.outer_sync is None or self.topology is None:
+            return None
+        topo = self.topology
+        mine: dict[str, Any] = {
+            "rank": self.outer_sync.state_dict(),
+            "group": None,
+        }
+        if topo.rank_in_group == 0 and topo.group_index > 0:
+            # group 0's state is the checkpoint's own `state_dict` / `optimizer_states`
+            mine["group"] = {
+                "state_dict": checkpoint["state_dict"],
+                "optimizer_states": checkpoint.get("optimizer_states"),
+            }
+        gathered: Optional[list[Any]] = [None] * topo.world_size if topo.rank == 0 else None
+        dist.gather_object(_to_cpu(mine), gathered, dst=0)
+        if topo.rank != 0:
+            return None
+        assert gathered is not None
+        return {
+            "format_version": _FORMAT_VERSION,
+            "world_size": topo.world_size,
+            "group_size": topo.group_size,
+            "sync_every": self.sync_every,
+            "warmup_steps": self.warmup_steps,
+            "outer_optimizer": self._outer_name(),
+            "schedule": self.schedule.state_dict(),
+            "sync_seconds_total": self.sync_seconds_total,
+            "groups": [None] + [gathered[i * topo.group_size]["group"] for i in range(1, topo.num_groups)],
+            "ranks": [g["rank"] for g in gathered],
+        }
+
+    def _check_restored_layout(self, state: Mapping[str, Any], world_size: int) -> None:
+        if state.get("format_version") != _FORMAT_VERSION:
+            raise ValueError(f"unknown local-SGD checkpoint format {state.get('format_version')!r}.")
+        if state["world_size"] != world_size or state["group_size"] != self.group_size:
+            raise ValueError(
+                f"cannot resume local SGD exactly: the checkpoint was written by {state['world_size']} ranks in worker "
+                f"groups of {state['group_size']}, this run has {world_size} ranks and group_size={self.group_size}. "
+                "Resume with the same devices, num_nodes and group_size; or load only the weights into a new run "
+                "(e.g. `LightningModule.load_from_checkpoint`) to start a fresh local-SGD run from them."
+            )
+
+    def _group_entry(self, checkpoint: Mapping[str, Any]) -> Optional[Mapping[str, Any]]:
+        """This rank's group's model/optimizer state from a local-SGD checkpoint, or None for group 0 / no state."""
+        state = checkpoint.get(CHECKPOINT_KEY)
+        if state is None or self.topology is None:
+            return None
+        self._check_restored_layout(state, self.topology.world_size)
+        return state["groups"][self.topology.group_index]
+
+    def _stash_restored_state(self, checkpoint: Mapping[str, Any], rank: int, world_size: int) -> bool:
+        state = checkpoint.get(CHECKPOINT_KEY)
+        if state is None:
+            return False
+        self._check_restored_layout(state, world_size)
+        self._restored_state = {
+            "rank": state["ranks"][rank],
+            "schedule": state["schedule"],
+            "sync_seconds_total": state.get("sync_seconds_total", 0.0),
+        }
+        return True
+
+
+def _to_cpu(obj: Any) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def is_fitting(trainer: Optional[Trainer]) -> bool:
+    return trainer is not None and trainer.state.fn == TrainerFn.FITTING

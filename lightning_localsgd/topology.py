@@ -1,0 +1,87 @@
+"""Process groups for worker groups: the *inner* group of a rank and its *cross* group.
+
+``W`` ranks, ``S = group_size`` ranks per worker group, ``G = W / S`` groups. Worker group ``i`` is ranks
+``[i·S, (i+1)·S)``; cross group ``k`` is ``{i·S + k : i < G}``, the ranks holding the same shard index in every
+group. Inner parallelism (DDP all-reduce, FSDP sharding) uses the inner group; the periodic outer reduce uses the
+cross group. With ``S`` = devices per node the per-step traffic stays inside a node.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Optional
+
+import torch.distributed as dist
+
+
+def check_group_size(world_size: int, group_size: int) -> None:
+    """Raise a ``ValueError`` naming ``group_size`` when it cannot split ``world_size`` ranks into worker groups."""
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive integer (ranks per worker group), got {group_size!r}.")
+    if group_size > world_size:
+        raise ValueError(
+            f"group_size={group_size} is larger than the world size {world_size}: a worker group cannot have more "
+            f"ranks than there are. Use a group_size that divides {world_size}, e.g. 1 or {world_size}."
+        )
+    if world_size % group_size:
+        divisors = [d for d in range(1, world_size + 1) if world_size % d == 0]
+        raise ValueError(
+            f"group_size={group_size} does not divide the world size {world_size} (devices × nodes). "
+            f"Pick one of {divisors}, or change the number of devices."
+        )
+
+
+def group_ranks(world_size: int, group_size: int) -> list[list[int]]:
+    """Ranks of each worker group: ``[[0..S-1], [S..2S-1], ...]``."""
+    return [list(range(i * group_size, (i + 1) * group_size)) for i in range(world_size // group_size)]
+
+
+def cross_group_ranks(world_size: int, group_size: int) -> list[list[int]]:
+    """Ranks of each cross group: cross group ``k`` joins rank ``k`` of every worker group."""
+    return [list(range(k, world_size, group_size)) for k in range(group_size)]
+
+
+@dataclass
+class Topology:
+    """Where this rank sits: its worker group, its place in it, and the two process groups it talks over."""
+
+    world_size: int
+    rank: int
+    group_size: int
+    inner_group: Optional[dist.ProcessGroup]
+    """Process group of the rank's worker group; ``None`` when ``group_size == 1``."""
+    cross_group: Optional[dist.ProcessGroup]
+    """Process group of the rank's cross group; ``None`` means the default (world) group, when ``group_size == 1``."""
+
+    @property
+    def num_groups(self) -> int:
+        return self.world_size // self.group_size
+
+    @property
+    def group_index(self) -> int:
+        return self.rank // self.group_size
+
+    @property
+    def rank_in_group(self) -> int:
+        return self.rank % self.group_size
+
+
+def build_topology(group_size: int, timeout: Optional[timedelta] = None) -> Topology:
+    """Create the inner and cross process groups. Collective: every rank must call it, in the same order."""
+    world_size, rank = dist.get_world_size(), dist.get_rank()
+    check_group_size(world_size, group_size)
+    if group_size == 1:
+        return Topology(world_size, rank, 1, inner_group=None, cross_group=None)
+    kwargs = {"timeout": timeout} if timeout is not None else {}
+    inner = cross = None
+    # new_group is collective over the default group: every rank creates every group, in the same order.
+    for ranks in group_ranks(world_size, group_size):
+        pg = dist.new_group(ranks, **kwargs)
+        if rank in ranks:
+            inner = pg
+    for ranks in cross_group_ranks(world_size, group_size):
+        pg = dist.new_group(ranks, **kwargs)
+        if rank in ranks:
+            cross = pg
+    return Topology(world_size, rank, group_size, inner_group=inner, cross_group=cross)

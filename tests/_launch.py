@@ -1,0 +1,45 @@
+"""Launch tests/workers/train_tiny.py on N CPU processes and load what each rank wrote."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+WORKER = Path(__file__).parent / "workers" / "train_tiny.py"
+
+
+def run_tiny(out: Path, devices: int = 2, expect_fail: bool = False, timeout: int = 240, **options) -> list[dict]:
+    """Run the worker with `--key value` options (True flags become `--key`); return the ranks' dumps."""
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, str(WORKER), "--devices", str(devices), "--out", str(out)]
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            cmd.append(flag)
+        elif value not in (None, False):
+            cmd += [flag, str(value)]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    for var in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if expect_fail:
+        assert proc.returncode != 0, proc.stdout[-3000:]
+        return [{"stderr": proc.stderr, "stdout": proc.stdout}]
+    assert proc.returncode == 0, f"worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(devices)]
+
+
+def strip(params: dict) -> dict:
+    """Parameter names without the LightningModule's `model.` prefix."""
+    return {k.removeprefix("model."): v for k, v in params.items()}
+
+
+def max_diff(a: dict, b: dict) -> float:
+    """Largest absolute difference over the parameters of `b` (the reference names only parameters)."""
+    a, b = strip(a), strip(b)
+    assert set(b) <= set(a), (a.keys(), b.keys())
+    return max(float((a[k] - b[k]).abs().max()) for k in b)

@@ -1,0 +1,104 @@
+"""Single-process reference: simulates the worker groups of local SGD by hand.
+
+Each group is a copy of the model with its own inner optimizer. A group's gradient is the mean of its ranks'
+gradients (DDP inside the group); warm-up steps average across all ranks. The outer step is written out here
+(exact mean, or Nesterov SGD by hand), independent of the library's code.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "workers"))
+from tiny import TinyNet, make_dataset, make_inner_optimizer  # noqa: E402
+
+
+def rank_batches(world: int, rank: int, batch_size: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The batches Lightning's injected DistributedSampler (shuffle=True, seed 0, epoch 0) gives `rank`, in order."""
+    x, y = make_dataset().tensors
+    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(0)).tolist()[rank::world]
+    return [(x[idx[i : i + batch_size]], y[idx[i : i + batch_size]]) for i in range(0, len(idx), batch_size)]
+
+
+def initial_net(buffer: bool = False, seed: int = 0) -> TinyNet:
+    torch.manual_seed(seed)
+    return TinyNet(buffer)
+
+
+def simulate(world: int, group_size: int, sync_every: int, outer: str, steps: int, warmup: int = 0,
+             inner: str = "sgd", accumulate: int = 1, clip: float | None = None, buffer: bool = False,
+             seed: int = 0, two_optimizers: bool = False):
+    """Returns (per-batch list of per-group named parameters, per-group final parameters, per-group buffers)."""
+    groups = world // group_size
+    base = initial_net(buffer, seed)
+    nets = [copy.deepcopy(base) for _ in range(groups)]
+    if two_optimizers:
+        opts = [[make_inner_optimizer(inner, n.net1.parameters()), make_inner_optimizer(inner, n.net2.parameters())]
+                for n in nets]
+    else:
+        opts = [[make_inner_optimizer(inner, n.parameters())] for n in nets]
+    batches = [rank_batches(world, r) for r in range(world)]
+    snapshot = {k: v.detach().clone() for k, v in base.named_parameters()}
+    momentum = {}
+    history = []
+    steps_done, since_sync = 0, 0
+
+    def outer_step():
+        names = list(snapshot)
+        params = [dict(n.named_parameters()) for n in nets]
+        for k in names:
+            mean = torch.stack([p[k].detach() for p in params]).mean(0)
+            if outer == "average":
+                new = mean
+            else:  # DiLoCo: Nesterov SGD, lr 0.7, momentum 0.9, written out
+                delta = snapshot[k] - mean
+                buf = delta.clone() if k not in momentum else 0.9 * momentum[k] + delta
+                momentum[k] = buf
+                new = snapshot[k] - 0.7 * (delta + 0.9 * buf)
+            snapshot[k] = new.clone()
+            for p in params:
+                p[k].data.copy_(new)
+        if buffer:
+            for name in ("running_mean",):
+                mean = torch.stack([getattr(n, name) for n in nets]).mean(0)
+                for n in nets:
+                    getattr(n, name).copy_(mean)
+
+    for b in range(steps * accumulate):
+        for g, net in enumerate(nets):
+            losses = [F.mse_loss(net(batches[r][b][0]), batches[r][b][1])
+                      for r in range(g * group_size, (g + 1) * group_size)]
+            (torch.stack(losses).mean() / accumulate).backward()
+        if (b + 1) % accumulate == 0:
+            in_warmup = steps_done < warmup
+            if in_warmup and groups > 1:
+                for params in zip(*[list(n.parameters()) for n in nets]):
+                    mean = torch.stack([p.grad for p in params]).mean(0)
+                    for p in params:
+                        p.grad = mean.clone()
+            for net, group_opts in zip(nets, opts):
+                if clip is not None:
+                    torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
+                for o in group_opts:
+                    o.step()
+                    o.zero_grad()
+            steps_done += 1
+            if in_warmup:
+                if steps_done == warmup:
+                    snapshot = {k: v.detach().clone() for k, v in nets[0].named_parameters()}
+            else:
+                since_sync += 1
+                if since_sync == sync_every:
+                    since_sync = 0
+                    outer_step()
+        history.append([{k: v.detach().clone() for k, v in n.named_parameters()} for n in nets])
+    if since_sync:
+        outer_step()  # sync_on_train_end
+    final = [{k: v.detach().clone() for k, v in n.named_parameters()} for n in nets]
+    bufs = [{k: v.detach().clone() for k, v in n.named_buffers()} for n in nets]
+    return history, final, bufs

@@ -1,0 +1,81 @@
+"""A tiny LightningModule and dataset shared by the multi-process workers and the single-process reference."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+import lightning as L
+
+DATASET_SIZE = 240  # divisible by 1..4 ranks × batch 2, so DistributedSampler adds no padding
+
+
+def make_dataset() -> TensorDataset:
+    g = torch.Generator().manual_seed(123)
+    x = torch.randn(DATASET_SIZE, 4, generator=g)
+    y = torch.sin(x.sum(dim=1, keepdim=True)) + 0.1 * torch.randn(DATASET_SIZE, 1, generator=g)
+    return TensorDataset(x, y)
+
+
+def make_inner_optimizer(kind: str, params) -> torch.optim.Optimizer:
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=0.1)
+    if kind == "momentum":
+        return torch.optim.SGD(params, lr=0.05, momentum=0.9)
+    if kind == "adamw":
+        return torch.optim.AdamW(params, lr=0.01, weight_decay=0.01)
+    raise ValueError(kind)
+
+
+class TinyNet(nn.Module):
+    def __init__(self, buffer: bool = False) -> None:
+        super().__init__()
+        self.net1 = nn.Linear(4, 8)
+        self.net2 = nn.Linear(8, 1)
+        self.use_buffer = buffer
+        if buffer:
+            self.register_buffer("running_mean", torch.zeros(4))
+            self.register_buffer("num_batches", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_buffer and self.training:
+            with torch.no_grad():
+                self.running_mean.mul_(0.9).add_(0.1 * x.mean(0))
+                self.num_batches.add_(1)
+        return self.net2(torch.tanh(self.net1(x)))
+
+
+class TinyModule(L.LightningModule):
+    def __init__(self, inner: str = "sgd", manual: bool = False, buffer: bool = False, nan_at: int = -1,
+                 group_size: int = 1) -> None:
+        super().__init__()
+        self.model = TinyNet(buffer)
+        self.inner = inner
+        self.nan_at = nan_at
+        self.group_size = group_size
+        self.automatic_optimization = not manual
+
+    def forward(self, x):
+        return self.model(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        if self.nan_at >= 0 and self.trainer.global_step == self.nan_at and self.global_rank // self.group_size == 1:
+            with torch.no_grad():
+                self.model.net1.weight[0, 0] = float("nan")
+        loss = F.mse_loss(self(x), y)
+        if not self.automatic_optimization:
+            opt1, opt2 = self.optimizers()
+            opt1.zero_grad()
+            opt2.zero_grad()
+            self.manual_backward(loss)
+            opt1.step()
+            opt2.step()
+        return loss
+
+    def configure_optimizers(self):
+        if not self.automatic_optimization:
+            return [make_inner_optimizer(self.inner, self.model.net1.parameters()),
+                    make_inner_optimizer(self.inner, self.model.net2.parameters())]
+        return make_inner_optimizer(self.inner, self.parameters())
