@@ -161,10 +161,32 @@ class LocalSGDMixin:
             self._restored_state = None
         self._callback = _SyncAtStepEnd(self)
         trainer.callbacks.insert(0, self._callback)
+        self._limit_sigterm_broadcast(trainer)
         rank_zero_info(
             f"local SGD: {self.topology.num_groups} worker group(s) of {self.group_size} rank(s), sync every "
             f"{self.sync_every} steps, outer optimizer {self._outer_name()}, warm-up {self.warmup_steps} steps."
         )
+
+    def _limit_sigterm_broadcast(self, trainer: Trainer) -> None:
+        """Keep Lightning's per-batch SIGTERM broadcast off the cross-group links between syncs.
+
+        Lightning (>= 2.5) broadcasts a one-element tensor from rank 0 to all ranks before every training batch so
+        that a SIGTERM stops all ranks together. Across slow links that is one latency-bound collective per step,
+        the very cost local SGD removes. We run it only on steps that cross groups anyway (warm-up steps and steps
+        that end in a sync): a SIGTERM on rank 0 then stops every rank within ``sync_every`` steps.
+        """
+        loop = trainer.fit_loop.epoch_loop
+        original = getattr(loop, "_broadcast_sigterm_tensor", None)
+        if original is None or self.topology is None or self.topology.num_groups == 1:
+            return
+        schedule = self.schedule
+
+        def broadcast_at_sync_steps() -> None:
+            if schedule.in_warmup or schedule.steps_since_sync + 1 >= schedule.sync_every:
+                original()
+
+        loop._broadcast_sigterm_tensor = broadcast_at_sync_steps
+        self._restore_sigterm = lambda: setattr(loop, "_broadcast_sigterm_tensor", original)
 
     def _outer_name(self) -> str:
         if isinstance(self.outer_optimizer, str):
@@ -245,13 +267,20 @@ class LocalSGDMixin:
             logger.log_metrics(metrics, step=trainer.global_step)
 
     def _local_sgd_train_end(self, trainer: Trainer) -> None:
-        if self._callback is not None and self._callback in trainer.callbacks:
-            trainer.callbacks.remove(self._callback)
-        self._callback = None
+        self._remove_hooks(trainer)
         if self.sync_on_train_end and self.outer_sync is not None and not self.schedule.in_warmup \
                 and self.schedule.steps_since_sync > 0:
             self.schedule.steps_since_sync = 0
             self._run_sync(trainer)
+
+    def _remove_hooks(self, trainer: Optional[Trainer]) -> None:
+        if trainer is not None and self._callback is not None and self._callback in trainer.callbacks:
+            trainer.callbacks.remove(self._callback)
+        self._callback = None
+        restore = getattr(self, "_restore_sigterm", None)
+        if restore is not None:
+            restore()
+            self._restore_sigterm = None
 
     # ------------------------------------------------------------------ checkpoints
     def _local_sgd_checkpoint(self, checkpoint: dict[str, Any]) -> Optional[dict[str, Any]]:

@@ -151,10 +151,7 @@ class LocalSGDStrategy(LocalSGDMixin, DDPStrategy):
 
     @override
     def teardown(self) -> None:
-        trainer = self.lightning_module._trainer if self.lightning_module is not None else None
-        if trainer is not None and self._callback is not None and self._callback in trainer.callbacks:
-            trainer.callbacks.remove(self._callback)
-        self._callback = None
+        self._remove_hooks(self.lightning_module._trainer if self.lightning_module is not None else None)
         super().teardown()
 
     # ------------------------------------------------------------------ checkpoints

@@ -54,6 +54,8 @@ def install_collective_counter() -> None:
             tensor = args[0] if args and isinstance(args[0], torch.Tensor) else None
             if __name == "all_gather_into_tensor" and len(args) > 1:
                 tensor = args[1]
+            if os.environ.get("TRACE_COLLECTIVE") == __name and CURRENT["batch"] >= 0:
+                import traceback; traceback.print_stack(limit=8)
             LOG.append({"op": __name, "batch": CURRENT["batch"], "ranks": _ranks(group),
                         "numel": tensor.numel() if tensor is not None else 0})
             return __orig(*args, **kwargs)
@@ -103,6 +105,7 @@ def main() -> None:
     p.add_argument("--seed-by-rank", action="store_true", help="seed each rank differently before building")
     p.add_argument("--ckpt-every", type=int, default=0)
     p.add_argument("--resume", default=None)
+    p.add_argument("--batches-per-epoch", type=int, default=None, help="limit_train_batches")
     p.add_argument("--count-collectives", action="store_true")
     p.add_argument("--nan-at", type=int, default=-1, help="put a NaN in group 1's weights at this batch")
     args = p.parse_args()
@@ -132,7 +135,7 @@ def main() -> None:
         accelerator="cpu", devices=args.devices, strategy=strategy, max_steps=args.steps, logger=False,
         enable_checkpointing=bool(args.ckpt_every), enable_progress_bar=False, enable_model_summary=False,
         accumulate_grad_batches=args.accumulate, gradient_clip_val=args.clip, use_distributed_sampler=True,
-        callbacks=callbacks,
+        callbacks=callbacks, limit_train_batches=args.batches_per_epoch,
     )
     if args.count_collectives:
         install_collective_counter()
