@@ -69,3 +69,19 @@ def test_sync_every_one_averaging_equals_ddp(tmp_path):
     for a, b in zip(local, ddp):
         for x, y in zip(a["steps"], b["steps"]):
             assert max_diff(x, y) <= ATOL
+
+
+def test_bf16_mixed_precision_and_sync_metrics_reach_the_logger(tmp_path):
+    import csv
+
+    ranks = run_tiny(tmp_path, devices=2, sync_every=2, steps=4, precision="bf16-mixed", csv_dir=tmp_path / "logs",
+                     outer="diloco")
+    assert max_diff(ranks[0]["steps"][1], ranks[1]["steps"][1]) == 0.0  # synced after step 2
+    assert max_diff(ranks[0]["steps"][2], ranks[1]["steps"][2]) > 0.0  # then apart again
+    rows = list(csv.DictReader(open(tmp_path / "logs" / "metrics.csv")))
+    syncs = [r for r in rows if r.get("local_sgd/syncs")]
+    assert [float(r["local_sgd/syncs"]) for r in syncs] == [1.0, 2.0]
+    assert [int(r["step"]) for r in syncs] == [2, 4]
+    numel = sum(v.numel() for v in ranks[0]["final"].values() if v.is_floating_point())
+    assert [float(r["local_sgd/bytes_sent"]) for r in syncs] == [numel * 4, 2 * numel * 4]
+    assert all(float(r["local_sgd/pseudo_grad_norm"]) > 0 and float(r["local_sgd/sync_seconds"]) > 0 for r in syncs)

@@ -105,6 +105,8 @@ def main() -> None:
     p.add_argument("--seed-by-rank", action="store_true", help="seed each rank differently before building")
     p.add_argument("--ckpt-every", type=int, default=0)
     p.add_argument("--resume", default=None)
+    p.add_argument("--precision", default="32-true")
+    p.add_argument("--csv-dir", default=None, help="log to a CSVLogger in this folder")
     p.add_argument("--batches-per-epoch", type=int, default=None, help="limit_train_batches")
     p.add_argument("--count-collectives", action="store_true")
     p.add_argument("--nan-at", type=int, default=-1, help="put a NaN in group 1's weights at this batch")
@@ -132,7 +134,9 @@ def main() -> None:
         callbacks.append(ModelCheckpoint(dirpath=os.path.join(args.out, "ckpt"), every_n_train_steps=args.ckpt_every,
                                          save_top_k=-1, filename="{step}"))
     trainer = L.Trainer(
-        accelerator="cpu", devices=args.devices, strategy=strategy, max_steps=args.steps, logger=False,
+        accelerator="cpu", devices=args.devices, strategy=strategy, max_steps=args.steps,
+        logger=L.pytorch.loggers.CSVLogger(args.csv_dir, name="", version="") if args.csv_dir else False,
+        precision=args.precision, log_every_n_steps=1,
         enable_checkpointing=bool(args.ckpt_every), enable_progress_bar=False, enable_model_summary=False,
         accumulate_grad_batches=args.accumulate, gradient_clip_val=args.clip, use_distributed_sampler=True,
         callbacks=callbacks, limit_train_batches=args.batches_per_epoch,
