@@ -13,14 +13,16 @@ from lightning.pytorch.strategies import StrategyRegistry
 
 from .outer import NonFinitePseudoGradientError, OuterSync, SyncResult, resolve_outer_optimizer
 from .schedule import SyncSchedule
-from .strategies import LocalSGDMixin, LocalSGDStrategy
+from .strategies import LocalSGDFSDPStrategy, LocalSGDMixin, LocalSGDStrategy
 from .topology import Topology, build_topology
 
 __version__ = "0.1.0"
 
 LocalSGDStrategy.register_strategies(StrategyRegistry)
+LocalSGDFSDPStrategy.register_strategies(StrategyRegistry)
 
 __all__ = [
+    "LocalSGDFSDPStrategy",
     "LocalSGDMixin",
     "LocalSGDStrategy",
     "NonFinitePseudoGradientError",

@@ -132,6 +132,9 @@ class OuterSync:
             (``None`` = the default group).
         shard_group: process group of this rank's worker group when its ranks hold identical replicas and should
             each sync one slice (``None`` = the rank syncs all of ``tensors`` itself).
+        norm_group: process group whose ranks hold the other shards of the same model replica (FSDP inside a
+            group): their squared norms are summed for the pseudo-gradient norm and the non-finite check. Defaults
+            to ``shard_group``.
         state_device: where the snapshot and the outer optimizer state live (default: the tensors' device).
         on_nonfinite: ``"raise"`` (default) raises :class:`NonFinitePseudoGradientError`; ``"skip"`` drops the sync
             and resets every group to the previous ``θ_g``. In both cases the snapshot is left untouched.
@@ -145,6 +148,7 @@ class OuterSync:
         outer_optimizer: Optional[OuterOptimizerFactory] = None,
         cross_group: Optional[dist.ProcessGroup] = None,
         shard_group: Optional[dist.ProcessGroup] = None,
+        norm_group: Optional[dist.ProcessGroup] = None,
         state_device: Optional[Union[str, torch.device]] = None,
         on_nonfinite: str = "raise",
         bucket_bytes: int = _DEFAULT_BUCKET_BYTES,
@@ -157,6 +161,7 @@ class OuterSync:
         self.buffers = [b for b in buffers if torch.is_floating_point(b)]
         self.cross_group = cross_group
         self.shard_group = shard_group
+        self.norm_group = norm_group if norm_group is not None else shard_group
         self.on_nonfinite = on_nonfinite
         self.bucket_bytes = int(bucket_bytes)
         self.device = self.tensors[0].device
@@ -246,8 +251,8 @@ class OuterSync:
         flat_snapshot = torch.cat([s.view(-1) for s in self.snapshot]) if n else mean.new_zeros(0)
         delta = flat_snapshot - mean
         sq = delta.double().pow(2).sum().reshape(1).to(self.device)
-        if self.shard_group is not None and self.shard_count > 1:
-            dist.all_reduce(sq, group=self.shard_group)
+        if self.norm_group is not None and dist.get_world_size(self.norm_group) > 1:
+            dist.all_reduce(sq, group=self.norm_group)
         sq_norm = float(sq.item())
 
         if not math.isfinite(sq_norm):
@@ -319,8 +324,8 @@ class OuterSync:
         flags[self.group_index] = float(local_bad)
         if self.num_groups > 1:
             dist.all_reduce(flags, group=self.cross_group)
-        if self.shard_group is not None and self.shard_count > 1:
-            dist.all_reduce(flags, group=self.shard_group)
+        if self.norm_group is not None and dist.get_world_size(self.norm_group) > 1:
+            dist.all_reduce(flags, group=self.norm_group)
         return [i for i, f in enumerate(flags.tolist()) if f > 0]
 
     # ------------------------------------------------------------------ checkpointing

@@ -2,5 +2,6 @@
 
 from .base import LocalSGDMixin
 from .ddp import LocalSGDStrategy
+from .fsdp import LocalSGDFSDPStrategy
 
-__all__ = ["LocalSGDMixin", "LocalSGDStrategy"]
+__all__ = ["LocalSGDFSDPStrategy", "LocalSGDMixin", "LocalSGDStrategy"]

@@ -136,6 +136,10 @@ class LocalSGDMixin:
         """Process group whose ranks hold identical replicas and split the sync in slices (DDP inside a group)."""
         return None
 
+    def _local_sgd_norm_group(self) -> Optional[dist.ProcessGroup]:
+        """Process group whose ranks hold the other shards of one replica (FSDP inside a group), or None."""
+        return None
+
     # ------------------------------------------------------------------ setup
     def _check_world_size(self, world_size: int) -> None:
         check_group_size(world_size, self.group_size)
@@ -151,6 +155,7 @@ class LocalSGDMixin:
             outer_optimizer=self._outer_factory,
             cross_group=self.topology.cross_group,
             shard_group=self._local_sgd_shard_group(),
+            norm_group=self._local_sgd_norm_group(),
             state_device=self._state_device,
             on_nonfinite=self.on_nonfinite,
         )
@@ -219,7 +224,7 @@ class LocalSGDMixin:
         for p in params:
             if p.grad is None:  # as DDP with find_unused_parameters: an unused parameter gets a zero gradient
                 p.grad = torch.zeros_like(p)
-            grads.append(p.grad)
+            grads.append(_local(p.grad))
         if not grads:
             return
         assert self.topology is not None
@@ -346,6 +351,13 @@ class LocalSGDMixin:
             "sync_seconds_total": state.get("sync_seconds_total", 0.0),
         }
         return True
+
+
+def _local(tensor: Tensor) -> Tensor:
+    """The rank's own part of a tensor: the local shard of a DTensor (FSDP2), else the tensor itself."""
+    if hasattr(tensor, "to_local"):
+        return tensor.detach().to_local()  # shares storage with the DTensor
+    return tensor
 
 
 def _to_cpu(obj: Any) -> Any:

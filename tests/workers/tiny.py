@@ -48,13 +48,29 @@ class TinyNet(nn.Module):
 
 class TinyModule(L.LightningModule):
     def __init__(self, inner: str = "sgd", manual: bool = False, buffer: bool = False, nan_at: int = -1,
-                 group_size: int = 1) -> None:
+                 group_size: int = 1, shard: str = "") -> None:
         super().__init__()
         self.model = TinyNet(buffer)
+        self.shard = shard
         self.inner = inner
         self.nan_at = nan_at
         self.group_size = group_size
         self.automatic_optimization = not manual
+
+    def configure_model(self):
+        """FSDP's convention: shard in configure_model ("group" = over the worker group, as documented;
+        "world" = over all ranks, which the local-SGD FSDP strategy must refuse)."""
+        if not self.shard:
+            return
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        if self.shard == "group":
+            mesh = self.device_mesh["shard"]
+        else:
+            mesh = init_device_mesh("cpu", (self.trainer.world_size,))
+        fully_shard(self.model.net1, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)
 
     def forward(self, x):
         return self.model(x)

@@ -29,7 +29,7 @@ from tiny import TinyModule, make_dataset  # noqa: E402
 import lightning_localsgd  # noqa: E402,F401
 from lightning_localsgd import LocalSGDStrategy  # noqa: E402
 
-COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce_scatter_tensor",
+COLLECTIVES = ("all_gather_single", "reduce_scatter_single", "all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce_scatter_tensor",
                "all_to_all", "reduce", "gather", "scatter", "barrier", "all_gather_object", "gather_object",
                "broadcast_object_list")
 CURRENT = {"batch": -1}
@@ -46,13 +46,15 @@ def _ranks(group):
 def install_collective_counter() -> None:
     """Wrap the Python-level collectives of torch.distributed to record what each rank sends, and on which group."""
     for name in COLLECTIVES:
-        original = getattr(dist, name)
+        original = getattr(dist, name, None)
+        if original is None:
+            continue
 
         @functools.wraps(original)
         def wrapper(*args, __name=name, __orig=original, **kwargs):
             group = kwargs.get("group")
             tensor = args[0] if args and isinstance(args[0], torch.Tensor) else None
-            if __name == "all_gather_into_tensor" and len(args) > 1:
+            if __name in ("all_gather_into_tensor", "all_gather_single", "reduce_scatter_single") and len(args) > 1:
                 tensor = args[1]
             if os.environ.get("TRACE_COLLECTIVE") == __name and CURRENT["batch"] >= 0:
                 import traceback; traceback.print_stack(limit=8)
@@ -61,6 +63,11 @@ def install_collective_counter() -> None:
             return __orig(*args, **kwargs)
 
         setattr(dist, name, wrapper)
+
+
+def _full(named) -> dict[str, torch.Tensor]:
+    """Whole tensors: FSDP2 shards (DTensors) are gathered inside the worker group."""
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone() for k, v in named}
 
 
 class Recorder(Callback):
@@ -81,7 +88,7 @@ class Recorder(Callback):
             model.register_comm_hook(model.process_group, default_hooks.allreduce_hook)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.steps.append({k: v.detach().clone() for k, v in pl_module.named_parameters()})
+        self.steps.append(_full(pl_module.named_parameters()))
         self.buffers.append({k: v.detach().clone() for k, v in pl_module.named_buffers()})
 
 
@@ -89,7 +96,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--devices", type=int, default=2)
     p.add_argument("--out", required=True)
-    p.add_argument("--strategy", default="local_sgd", choices=["local_sgd", "ddp", "registered"])
+    p.add_argument("--strategy", default="local_sgd", choices=["local_sgd", "ddp", "registered", "fsdp"])
     p.add_argument("--registered-name", default="local_sgd")
     p.add_argument("--sync-every", type=int, default=3)
     p.add_argument("--outer", default="average")
@@ -105,6 +112,9 @@ def main() -> None:
     p.add_argument("--seed-by-rank", action="store_true", help="seed each rank differently before building")
     p.add_argument("--ckpt-every", type=int, default=0)
     p.add_argument("--resume", default=None)
+    p.add_argument("--shard", default="", choices=["", "group", "world"], help="shard in configure_model")
+    p.add_argument("--mp-bf16", action="store_true", help="FSDP MixedPrecisionPolicy(bf16 params, fp32 reduce)")
+    p.add_argument("--full-checkpoint", action="store_true", help="FSDP: one full-state checkpoint file")
     p.add_argument("--precision", default="32-true")
     p.add_argument("--csv-dir", default=None, help="log to a CSVLogger in this folder")
     p.add_argument("--batches-per-epoch", type=int, default=None, help="limit_train_batches")
@@ -115,12 +125,24 @@ def main() -> None:
     rank = int(os.environ.get("LOCAL_RANK", 0))
     L.seed_everything(1000 + rank if args.seed_by_rank else 0, verbose=False)
     model = TinyModule(inner=args.inner, manual=args.manual, buffer=args.buffer, nan_at=args.nan_at,
-                       group_size=args.group_size)
+                       group_size=args.group_size, shard=args.shard)
     L.seed_everything(0, verbose=False)
     data = DataLoader(make_dataset(), batch_size=2, shuffle=False)
 
     if args.strategy == "ddp":
         strategy = DDPStrategy(process_group_backend="gloo")
+    elif args.strategy == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        from lightning_localsgd import LocalSGDFSDPStrategy
+
+        strategy = LocalSGDFSDPStrategy(
+            sync_every=args.sync_every, outer_optimizer=args.outer, group_size=args.group_size,
+            warmup_steps=args.warmup, outer_state_device=args.state_device, process_group_backend="gloo",
+            save_distributed_checkpoint=not args.full_checkpoint,
+            mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            if args.mp_bf16 else None,
+        )
     elif args.strategy == "registered":
         strategy = args.registered_name
     else:
@@ -147,7 +169,7 @@ def main() -> None:
 
     s = trainer.strategy
     info = {"global_rank": trainer.global_rank, "global_step": trainer.global_step}
-    if isinstance(s, LocalSGDStrategy):
+    if hasattr(s, "outer_sync"):
         info.update(num_syncs=s.outer_sync.num_syncs, bytes_sent=s.outer_sync.bytes_sent,
                     steps_done=s.schedule.steps_done, steps_since_sync=s.schedule.steps_since_sync,
                     state_bytes=s.outer_sync.state_bytes, ddp_bytes_per_step=s.ddp_bytes_per_step,
@@ -155,8 +177,11 @@ def main() -> None:
         outer_state = s.outer_sync.state_dict()
     else:
         outer_state = None
-    optimizers = [o.state_dict() for o in trainer.optimizers]
-    torch.save({"steps": recorder.steps, "buffers": recorder.buffers, "final": dict(model.state_dict()),
+    from lightning_localsgd.strategies.fsdp import _dtensor_to_local
+
+    optimizers = [_dtensor_to_local(o.state_dict()) for o in trainer.optimizers]  # FSDP: this rank's shards
+    final = {**_full(model.named_parameters()), **_full(model.named_buffers())}
+    torch.save({"steps": recorder.steps, "buffers": recorder.buffers, "final": final,
                 "optimizers": optimizers, "info": info, "collectives": LOG, "outer_state": outer_state},
                os.path.join(args.out, f"rank{trainer.global_rank}.pt"))
     with open(os.path.join(args.out, f"info{trainer.global_rank}.json"), "w") as f:
