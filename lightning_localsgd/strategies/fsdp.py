@@ -198,12 +198,8 @@ class LocalSGDFSDPStrategy(LocalSGDMixin, ModelParallelStrategy):
         kwargs: dict[str, Any] = {"mesh": self._device_mesh["shard"], "reshard_after_forward": self.reshard_after_forward}
         if self.mp_policy is not None:
             kwargs["mp_policy"] = self.mp_policy
-        direct = [n for n, p in module.named_parameters(recurse=False)]
-        if direct:
-            raise ValueError(
-                f"LocalSGDFSDPStrategy shards the LightningModule's submodules, but {direct} are parameters of the "
-                "LightningModule itself. Move them into a submodule, or shard the model in configure_model()."
-            )
+        from torch.distributed.fsdp import FSDPModule
+
         units = []
         for m in module.modules():
             if m is module:
@@ -214,10 +210,13 @@ class LocalSGDFSDPStrategy(LocalSGDMixin, ModelParallelStrategy):
             elif isinstance(m, nn.ModuleList):
                 units.extend(m)
         for unit in units:
-            fully_shard(unit, **kwargs)
-        for child in module.children():
-            if any(True for _ in child.parameters()):
-                fully_shard(child, **kwargs)
+            if not isinstance(unit, FSDPModule):
+                fully_shard(unit, **kwargs)
+
+        # The LightningModule itself is the root unit: it holds everything else (embeddings, final norm, head), so
+        # parameters shared between those (tied input/output embeddings) stay in one FSDP group, and FSDP sees a
+        # single root, as with Lightning's FSDPStrategy.
+        fully_shard(module, **kwargs)
 
     def _check_user_sharding(self, module: nn.Module) -> None:
         shard_mesh = self._device_mesh["shard"]

@@ -17,13 +17,19 @@ import lightning_localsgd  # noqa: F401  registers "local_sgd"
 
 if __name__ == "__main__":
     out = sys.argv[1]
+    fsdp = len(sys.argv) > 2 and sys.argv[2] == "fsdp"
     L.seed_everything(int(os.environ.get("LOCAL_RANK", 0)))  # different seeds: the strategy must align the ranks
     dataset = WikiText2(block_size=16)
     model = LightningTransformer(vocab_size=dataset.vocab_size)
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="local_sgd", max_steps=6, logger=False,
+    if fsdp:  # 2 worker groups × 2 FSDP2 shards; the strategy shards the unchanged module itself
+        strategy, devices = lightning_localsgd.LocalSGDFSDPStrategy(group_size=2, sync_every=3), 4
+    else:
+        strategy, devices = "local_sgd", 2
+    trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=6, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(model, DataLoader(dataset, batch_size=4))
-    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    flat = torch.cat([(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().reshape(-1)
+                      for p in model.parameters()])
     torch.save(flat, os.path.join(out, f"params{trainer.global_rank}.pt"))
     with open(os.path.join(out, f"info{trainer.global_rank}.json"), "w") as f:
         json.dump({"syncs": trainer.strategy.outer_sync.num_syncs, "steps": trainer.global_step,
