@@ -1,4 +1,4 @@
-"""Command line: train the example GPT with local SGD, DiLoCo or DDP from a YAML config.
+"""Command line: train the example GPT with local SGD, DiLoCo or DDP, configured by YAML files and flags.
 
 ``lightning-localsgd`` (or ``python -m lightning_localsgd``) is a :class:`~lightning.pytorch.cli.LightningCLI` for
 :class:`~lightning_localsgd.examples.GPT` and :class:`~lightning_localsgd.examples.TextDataModule`::
@@ -6,80 +6,125 @@
     lightning-localsgd fit --config examples/configs/local_sgd.yaml
     lightning-localsgd fit --config examples/configs/local_sgd.yaml --trainer.strategy.sync_every 32
     lightning-localsgd fit --trainer.strategy diloco --data.path my.txt
-    lightning-localsgd validate --config examples/configs/local_sgd.yaml --ckpt_path logs/.../last.ckpt
+    lightning-localsgd validate --config examples/configs/local_sgd.yaml --ckpt_path path/to/last.ckpt
     lightning-localsgd fit --trainer.strategy.help LocalSGDStrategy
 
-``data.vocab_size`` and ``data.block_size`` are linked to the model. Without a config the defaults are a local-SGD
-demo on 2 CPU processes (see :data:`TRAINER_DEFAULTS`). See ``docs/cli.md``.
+``data.block_size`` and ``data.vocab_size`` are linked to the model. Every setting not given on the command line or in
+a ``--config`` comes from :data:`DEFAULT_CONFIG` (``examples/configs/local_sgd.yaml``: the 2-process CPU local-SGD
+demo). See ``docs/cli.md``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import argparse
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
 
-from jsonargparse import Namespace
+from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 import lightning_localsgd  # noqa: F401  (registers "local_sgd" / "diloco" with Lightning's strategy registry)
 
+from . import examples
 from .examples.data import TextDataModule
 from .examples.gpt import GPT
+from .strategies import LocalSGDStrategy
 
-__all__ = ["LocalSGDCLI", "TRAINER_DEFAULTS", "main"]
+__all__ = ["CONFIG_DIR", "DEFAULT_CONFIG", "LocalSGDCLI", "main"]
 
-#: Trainer defaults when neither a config nor the command line sets them: the 2-process CPU local-SGD demo.
-TRAINER_DEFAULTS: dict[str, Any] = {
-    "accelerator": "cpu",
-    "devices": 2,
-    "strategy": {
-        "class_path": "lightning_localsgd.LocalSGDStrategy",
-        "init_args": {"sync_every": 16, "outer_optimizer": "average"},
-    },
-    "max_steps": 480,
-    "val_check_interval": 96,
-    "check_val_every_n_epoch": None,
-    "limit_val_batches": 16,
-    "log_every_n_steps": 8,
-    "callbacks": [  # configurable: a config's trainer.callbacks replaces this list, `--trainer.callbacks+=` appends
-        {"class_path": "lightning.pytorch.callbacks.RichProgressBar"},
-        {"class_path": "lightning_localsgd.examples.summary.TrainingSummary"},
-    ],
-    "logger": [
-        {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-         "init_args": {"save_dir": "logs/tensorboard", "name": "local_sgd"}},
-        {"class_path": "lightning.pytorch.loggers.CSVLogger",
-         "init_args": {"save_dir": "logs/csv", "name": "local_sgd"}},
-    ],
-}
+#: The example configs (``examples/configs`` in the repository, installed with ``lightning_localsgd.examples``).
+CONFIG_DIR = Path(examples.__file__).resolve().parent / "configs"
+#: Defaults of every subcommand: the local-SGD demo (GPT on the builtin corpus, 2 CPU processes, sync every 16 steps).
+DEFAULT_CONFIG = CONFIG_DIR / "local_sgd.yaml"
+
+
+class _HelpFormatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """jsonargparse's formatter, keeping the line breaks of descriptions and epilogs."""
+
+
+def _strategy_epilog(width: int = 79) -> str:
+    """The documented arguments of :class:`LocalSGDStrategy`, for the end of ``fit --help``."""
+    lines = [
+        "local SGD strategy arguments (of the default strategy, LocalSGDStrategy): set them",
+        "with --trainer.strategy.NAME VALUE, or in a config under trainer.strategy.init_args.",
+    ]
+    try:
+        import docstring_parser
+
+        params = [p for p in docstring_parser.parse(LocalSGDStrategy.__doc__ or "").params
+                  if not p.arg_name.startswith("*")]
+    except Exception:  # docstring_parser missing or a docstring it cannot read: point to the full help only
+        params = []
+    for p in params:
+        text = " ".join((p.description or "").replace("``", "").split())
+        lines.append(textwrap.fill(f"--trainer.strategy.{p.arg_name}: {text}", width, initial_indent="  ",
+                                   subsequent_indent="      "))
+    lines.append("all of them, with Lightning's DDP arguments: --trainer.strategy.help LocalSGDStrategy")
+    lines.append("presets by name: --trainer.strategy local_sgd (averaging), diloco, or Lightning's ddp, ...")
+    return "\n".join(lines)
 
 
 class LocalSGDCLI(LightningCLI):
-    """``LightningCLI`` that links the data module's ``vocab_size`` and ``block_size`` to the model."""
+    """``LightningCLI`` for the GPT example: links ``data.block_size`` / ``data.vocab_size`` to the model."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        # test / predict are left out: the GPT example has no test_step / predict_step
+        return {
+            "fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"},
+            "validate": {"model", "dataloaders", "datamodule"},
+        }
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        # LightningCLI appends trainer_defaults["callbacks"] as fixed instances; set them as parser defaults instead
-        parser.set_defaults({"trainer.callbacks": TRAINER_DEFAULTS["callbacks"]})
         parser.link_arguments("data.block_size", "model.block_size")
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
 
-    def before_instantiate_classes(self) -> None:
-        # jsonargparse expands DDPStrategy's **kwargs into DistributedDataParallel's arguments and passes all of
-        # them, process_group=None included, which LocalSGDStrategy rejects: drop the None.
-        config = self.config.get(str(self.subcommand), self.config) if self.subcommand else self.config
-        strategy = config.get("trainer.strategy")
-        if isinstance(strategy, Namespace) and strategy.get("init_args.process_group", "unset") is None:
-            del strategy["init_args.process_group"]
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except ValueError as err:
+            # A class given as `Union[str, SomeClass]` (trainer.strategy, trainer.accelerator, ...) whose __init__
+            # raised: jsonargparse buries the message among the union's alternatives and the whole config. Show it.
+            message = str(err)
+            if "Does not validate against any of the Union subtypes" not in message:
+                raise
+            reasons = [line[4:] for line in message.splitlines()
+                       if line.startswith("  - ") and not line.startswith("  - Expected a ")]
+            if not reasons:
+                raise
+            sys.stderr.write("".join(f"error: {reason}\n" for reason in reasons))
+            raise SystemExit(2) from err
 
 
-def main(args: ArgsType = None) -> Optional[LocalSGDCLI]:
-    """Entry point of ``lightning-localsgd`` and ``python -m lightning_localsgd``."""
-    return LocalSGDCLI(
+def main(args: ArgsType = None) -> None:
+    """Entry point of ``lightning-localsgd`` and ``python -m lightning_localsgd``.
+
+    Returns nothing (a console script exits with the returned value); build :class:`LocalSGDCLI` yourself (as done
+    here) to keep the trainer and model.
+
+    Args:
+        args: command line arguments (default: ``sys.argv[1:]``), e.g. ``["fit", "--config", "local_sgd.yaml"]``.
+    """
+    defaults: dict[str, Any] = {"default_config_files": [str(DEFAULT_CONFIG)]}
+    fit_description = (
+        "Train the GPT example. Defaults: " + str(DEFAULT_CONFIG) + "\n"
+        "(2 CPU processes, local SGD syncing every 16 steps, builtin corpus). Override with --config FILE and flags."
+    )
+    LocalSGDCLI(
         GPT,
         TextDataModule,
-        trainer_defaults={k: v for k, v in TRAINER_DEFAULTS.items() if k != "callbacks"},
         seed_everything_default=1234,
-        auto_configure_optimizers=False,  # GPT.configure_optimizers sets AdamW + warm-up/cosine
-        parser_kwargs={"parser_mode": "yaml"},
+        auto_configure_optimizers=False,  # GPT.configure_optimizers sets AdamW with warm-up + cosine decay
+        parser_kwargs={
+            "prog": "lightning-localsgd",
+            "description": "Train / validate the example GPT with local SGD, DiLoCo or DDP. See docs/cli.md.",
+            "formatter_class": _HelpFormatter,  # subcommand parsers take the main parser's formatter
+            "fit": {**defaults, "description": fit_description, "epilog": _strategy_epilog()},
+            "validate": {**defaults, "description": "Evaluate on the validation set, e.g. a checkpoint with "
+                                                    "--ckpt_path."},
+        },
         args=args,
     )
 
