@@ -107,6 +107,23 @@ def _stdlib_python_files() -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
+def _check_argument_types(args: dict[str, Any]) -> None:
+    """Wrong types fail here, not later with an unrelated message (e.g. ``'<' not supported ...``)."""
+    from lightning_localsgd.validation import check_bool, check_int, check_number, check_path, check_str
+
+    owner = "TextDataModule"
+    for name in ("block_size", "batch_size", "num_workers", "seed"):
+        check_int(owner, name, args[name])
+    check_int(owner, "max_tokens", args["max_tokens"], optional=True)
+    check_number(owner, "val_fraction", args["val_fraction"])
+    check_bool(owner, "streaming", args["streaming"])
+    check_path(owner, "path", args["path"])
+    for name in ("hf_split", "text_field"):
+        check_str(owner, name, args[name])
+    for name in ("hf_name", "hf_config", "tokenizer"):
+        check_str(owner, name, args[name], optional=True)
+
+
 def _token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint8 if vocab_size <= 256 else np.uint16 if vocab_size <= 65536 else np.uint32)
 
@@ -161,6 +178,7 @@ class TextDataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        _check_argument_types(locals())
         if source not in SOURCES:
             raise ValueError(f"Unknown TextDataModule source={source!r}; choose one of {list(SOURCES)}.")
         if block_size < 1:

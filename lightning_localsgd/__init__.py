@@ -11,17 +11,23 @@ Importing the package registers the strategy names with Lightning, so ``Trainer(
 
 from lightning.pytorch.strategies import StrategyRegistry
 
+from .checkpoint_io import AtomicCheckpointIO
 from .outer import NonFinitePseudoGradientError, OuterSync, SyncResult, resolve_outer_optimizer
+from .reliability import SyncFailedError
 from .schedule import SyncSchedule
-from .strategies import LocalSGDFSDPStrategy, LocalSGDMixin, LocalSGDStrategy
+from .strategies import LocalSGDDeepSpeedStrategy, LocalSGDFSDPStrategy, LocalSGDMixin, LocalSGDStrategy
 from .topology import Topology, build_topology
 
 __version__ = "0.1.0"
 
 LocalSGDStrategy.register_strategies(StrategyRegistry)
 LocalSGDFSDPStrategy.register_strategies(StrategyRegistry)
+LocalSGDDeepSpeedStrategy.register_strategies(StrategyRegistry)  # names only: deepspeed is imported on use
 
 __all__ = [
+    "AtomicCheckpointIO",
+    "SyncFailedError",
+    "LocalSGDDeepSpeedStrategy",
     "LocalSGDFSDPStrategy",
     "LocalSGDMixin",
     "LocalSGDStrategy",

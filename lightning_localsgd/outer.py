@@ -33,6 +33,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .comm import check_codec, decode, encode
+
 OuterOptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 OuterOptimizerSpec = Union[str, OuterOptimizerFactory, None]
 
@@ -139,6 +141,9 @@ class OuterSync:
         on_nonfinite: ``"raise"`` (default) raises :class:`NonFinitePseudoGradientError`; ``"skip"`` drops the sync
             and resets every group to the previous ``θ_g``. In both cases the snapshot is left untouched.
         bucket_bytes: size of one all-reduce bucket.
+        compression: ``None`` (default: all-reduce fp32 parameters), or ``"bf16"``, ``"int8"``, ``"int4"``: each rank
+            compresses its pseudo-gradient ``θ_g − θ_i`` plus the error the codec made at the previous sync (error
+            feedback), the ranks all-gather the payloads and average the decoded values (see :mod:`.comm`).
     """
 
     def __init__(
@@ -152,6 +157,7 @@ class OuterSync:
         state_device: Optional[Union[str, torch.device]] = None,
         on_nonfinite: str = "raise",
         bucket_bytes: int = _DEFAULT_BUCKET_BYTES,
+        compression: Optional[str] = None,
     ) -> None:
         if not tensors:
             raise ValueError("OuterSync needs at least one tensor to synchronize.")
@@ -164,6 +170,8 @@ class OuterSync:
         self.norm_group = norm_group if norm_group is not None else shard_group
         self.on_nonfinite = on_nonfinite
         self.bucket_bytes = int(bucket_bytes)
+        check_codec(compression)
+        self.compression = compression
         self.device = self.tensors[0].device
         self.state_device = torch.device(state_device) if state_device is not None else self.device
         self.num_groups = dist.get_world_size(cross_group)
@@ -193,6 +201,7 @@ class OuterSync:
         self.outer_optimizer = outer_optimizer(self.snapshot) if outer_optimizer is not None else None
         self.num_syncs = 0
         self.bytes_sent = 0
+        self._error: Optional[Tensor] = None  # error feedback of the compression codec
         self.reset_snapshot()
 
     # ------------------------------------------------------------------ snapshot
@@ -209,6 +218,8 @@ class OuterSync:
     def state_bytes(self) -> int:
         """Bytes held by the snapshot and the outer optimizer state on this rank."""
         total = sum(s.numel() * s.element_size() for s in self.snapshot)
+        if self._error is not None:
+            total += self._error.numel() * self._error.element_size()
         if self.outer_optimizer is not None:
             for state in self.outer_optimizer.state.values():
                 total += sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, Tensor))
@@ -228,6 +239,17 @@ class OuterSync:
                 which sends nothing extra; a weight adds one float to the reduce.
         """
         start = time.perf_counter()
+        new_error = None
+        if self.compression is not None:
+            if weight is not None:
+                raise ValueError("weighted syncs (heterogeneous workers) do not support compression yet.")
+            mean, sent, new_error = self._compressed_mean()
+        else:
+            mean, sent = self._reduced_mean(weight)
+        return self._outer_step(start, mean, sent, new_error)
+
+    def _reduced_mean(self, weight: Optional[float]) -> tuple[Tensor, int]:
+        """The weighted mean of the groups' owned parameters, by bucketed all-reduce over the cross group."""
         weighted = weight is not None
         n = self.owned_numel
         buf = torch.empty(n + (1 if weighted else 0), dtype=torch.float32, device=self.device)
@@ -245,7 +267,33 @@ class OuterSync:
             h.wait()
         sent = buf.numel() * buf.element_size() if self.num_groups > 1 else 0
         buf[:n].div_(buf[n] if weighted else self.num_groups)
-        mean = buf[:n].to(self.state_device)
+        return buf[:n].to(self.state_device), sent
+
+    def _compressed_mean(self) -> tuple[Tensor, int, Tensor]:
+        """The mean of the groups' parameters as ``θ_g − mean_i decode(encode(θ_g − θ_i + e_i))``, by all-gather."""
+        n = self.owned_numel
+        local = torch.cat([v.float().reshape(-1) for v in self._owned_views()]) if n else torch.zeros(0)
+        snap = torch.cat([x.view(-1) for x in self.snapshot]).to(self.device) if n else local.clone()
+        if self._error is None:
+            self._error = torch.zeros(n, dtype=torch.float32, device=self.device)
+        d = snap - local + self._error
+        payload = encode(d, self.compression)
+        new_error = d - decode(payload, self.compression, n)
+        if self.num_groups > 1:
+            gathered = torch.empty(self.num_groups * payload.numel(), dtype=torch.uint8, device=self.device)
+            dist.all_gather_into_tensor(gathered, payload, group=self.cross_group)
+        else:
+            gathered = payload
+        size = payload.numel()
+        total = torch.zeros(n, dtype=torch.float32, device=self.device)
+        for i in range(self.num_groups):
+            total += decode(gathered[i * size : (i + 1) * size], self.compression, n)
+        mean = (snap - total / self.num_groups).to(self.state_device)
+        sent = size if self.num_groups > 1 else 0
+        return mean, sent, new_error
+
+    def _outer_step(self, start: float, mean: Tensor, sent: int, new_error: Optional[Tensor]) -> SyncResult:
+        n = self.owned_numel
 
         # Pseudo-gradient norm over the whole model: the slices of a worker group add their squares.
         flat_snapshot = torch.cat([s.view(-1) for s in self.snapshot]) if n else mean.new_zeros(0)
@@ -264,7 +312,12 @@ class OuterSync:
                     "gradient clipping, or pass on_nonfinite='skip' to drop such syncs."
                 )
             self._write_back()  # every group restarts from the last good θ_g
+            if self._error is not None:
+                self._error.zero_()
             return self._finish(start, sent, float("nan"), skipped=True)
+
+        if new_error is not None:
+            self._error = new_error
 
         if self.outer_optimizer is None:
             # Outer SGD with lr 1 and no momentum is the mean itself; copy it to stay exact.
@@ -338,6 +391,7 @@ class OuterSync:
             "bytes_sent": self.bytes_sent,
             "total_numel": self.total_numel,
             "owned_numel": self.owned_numel,
+            "compression_error": self._error.detach().cpu().clone() if self._error is not None else None,
         }
 
     @torch.no_grad()
@@ -364,3 +418,5 @@ class OuterSync:
                         st[k] = v.to(self.state_device)
         self.num_syncs = int(state["num_syncs"])
         self.bytes_sent = int(state["bytes_sent"])
+        error = state.get("compression_error")
+        self._error = error.to(self.device) if error is not None and self.compression is not None else None

@@ -42,6 +42,33 @@ def cross_group_ranks(world_size: int, group_size: int) -> list[list[int]]:
     return [list(range(k, world_size, group_size)) for k in range(group_size)]
 
 
+def check_cluster_size(num_groups: int, cluster_size: int) -> None:
+    """Raise a ``ValueError`` naming ``cluster_size`` when it cannot split the worker groups into clusters."""
+    if isinstance(cluster_size, bool) or not isinstance(cluster_size, int) or cluster_size < 1:
+        raise ValueError(f"cluster_size must be a positive integer (worker groups per cluster), got {cluster_size!r}.")
+    if num_groups % cluster_size:
+        divisors = [d for d in range(1, num_groups + 1) if num_groups % d == 0]
+        raise ValueError(
+            f"cluster_size={cluster_size} does not divide the {num_groups} worker groups (world size / group_size). "
+            f"Pick one of {divisors}."
+        )
+
+
+def cluster_cross_group_ranks(world_size: int, group_size: int, cluster_size: int) -> tuple[list[list[int]], ...]:
+    """Rank lists of the two sync levels of two-stage local SGD.
+
+    Group ``i`` lies in cluster ``i // cluster_size``. Level 1 (inside a cluster) joins rank ``k`` of the groups of one
+    cluster; level 2 (across clusters) joins rank ``k`` of the ``j``-th group of every cluster.
+    """
+    groups = world_size // group_size
+    clusters = groups // cluster_size
+    intra = [[(c * cluster_size + j) * group_size + k for j in range(cluster_size)]
+             for c in range(clusters) for k in range(group_size)]
+    inter = [[(c * cluster_size + j) * group_size + k for c in range(clusters)]
+             for j in range(cluster_size) for k in range(group_size)]
+    return intra, inter
+
+
 @dataclass
 class Topology:
     """Where this rank sits: its worker group, its place in it, and the two process groups it talks over."""
@@ -53,6 +80,12 @@ class Topology:
     """Process group of the rank's worker group; ``None`` when ``group_size == 1``."""
     cross_group: Optional[dist.ProcessGroup]
     """Process group of the rank's cross group; ``None`` means the default (world) group, when ``group_size == 1``."""
+    cluster_size: Optional[int] = None
+    """Worker groups per cluster for two-stage sync; ``None`` = one level."""
+    intra_cluster_group: Optional[dist.ProcessGroup] = None
+    """Level 1 of two-stage sync: this rank's shard in every group of its cluster."""
+    inter_cluster_group: Optional[dist.ProcessGroup] = None
+    """Level 2 of two-stage sync: this rank's place in every cluster."""
 
     @property
     def num_groups(self) -> int:
@@ -85,3 +118,23 @@ def build_topology(group_size: int, timeout: Optional[timedelta] = None) -> Topo
         if rank in ranks:
             cross = pg
     return Topology(world_size, rank, group_size, inner_group=inner, cross_group=cross)
+
+
+def add_cluster_groups(topology: Topology, cluster_size: int, timeout: Optional[timedelta] = None) -> Topology:
+    """Create the two process groups of two-stage sync. Collective: every rank calls it, in the same order."""
+    check_cluster_size(topology.num_groups, cluster_size)
+    kwargs = {"timeout": timeout} if timeout is not None else {}
+    intra_ranks, inter_ranks = cluster_cross_group_ranks(topology.world_size, topology.group_size, cluster_size)
+    intra = inter = None
+    for ranks in intra_ranks:
+        pg = dist.new_group(ranks, **kwargs)
+        if topology.rank in ranks:
+            intra = pg
+    for ranks in inter_ranks:
+        pg = dist.new_group(ranks, **kwargs)
+        if topology.rank in ranks:
+            inter = pg
+    topology.cluster_size = cluster_size
+    topology.intra_cluster_group = intra
+    topology.inter_cluster_group = inter
+    return topology

@@ -102,3 +102,64 @@ def simulate(world: int, group_size: int, sync_every: int, outer: str, steps: in
     final = [{k: v.detach().clone() for k, v in n.named_parameters()} for n in nets]
     bufs = [{k: v.detach().clone() for k, v in n.named_buffers()} for n in nets]
     return history, final, bufs
+
+
+def _outer(theta, mean, kind, momentum):
+    """One outer step, written out: exact mean, or Nesterov SGD lr 0.7 momentum 0.9 (momentum: dict updated)."""
+    if kind == "average":
+        return mean.clone()
+    delta = theta - mean
+    momentum["buf"] = delta.clone() if "buf" not in momentum else 0.9 * momentum["buf"] + delta
+    return theta - 0.7 * (delta + 0.9 * momentum["buf"])
+
+
+def simulate_two_stage(world, cluster_size, sync_every, cluster_sync_every, outer, cluster_outer, steps,
+                       inner="sgd", seed=0):
+    """Two-stage local SGD with one rank per group: groups sync inside their cluster every `sync_every` steps
+    (θ_c ← outer(θ_c, θ_c − mean θ_i)), clusters every `cluster_sync_every` (θ_g ← cluster_outer(θ_g, θ_g − mean θ_c),
+    then θ_c ← θ_g and θ_i ← θ_g). Returns per-batch per-group parameters and the final ones."""
+    groups = world
+    clusters = groups // cluster_size
+    base = initial_net(False, seed)
+    nets = [copy.deepcopy(base) for _ in range(groups)]
+    opts = [make_inner_optimizer(inner, n.parameters()) for n in nets]
+    batches = [rank_batches(world, r) for r in range(world)]
+    names = [k for k, _ in base.named_parameters()]
+    theta_c = [{k: v.detach().clone() for k, v in base.named_parameters()} for _ in range(clusters)]
+    theta_g = {k: v.detach().clone() for k, v in base.named_parameters()}
+    mom_c = [{k: {} for k in names} for _ in range(clusters)]
+    mom_g = {k: {} for k in names}
+    history = []
+
+    def level1():
+        for c in range(clusters):
+            members = [dict(nets[c * cluster_size + j].named_parameters()) for j in range(cluster_size)]
+            for k in names:
+                mean = torch.stack([m[k].detach() for m in members]).mean(0)
+                theta_c[c][k] = _outer(theta_c[c][k], mean, outer, mom_c[c][k])
+                for m in members:
+                    m[k].data.copy_(theta_c[c][k])
+
+    def level2():
+        for k in names:
+            mean = torch.stack([theta_c[c][k] for c in range(clusters)]).mean(0)
+            theta_g[k] = _outer(theta_g[k], mean, cluster_outer, mom_g[k])
+            for c in range(clusters):
+                theta_c[c][k] = theta_g[k].clone()
+            for n in nets:
+                dict(n.named_parameters())[k].data.copy_(theta_g[k])
+
+    for b in range(steps):
+        for g, net in enumerate(nets):
+            F.mse_loss(net(batches[g][b][0]), batches[g][b][1]).backward()
+            opts[g].step()
+            opts[g].zero_grad()
+        if (b + 1) % sync_every == 0:
+            level1()
+            if (b + 1) % cluster_sync_every == 0:
+                level2()
+        history.append([{k: v.detach().clone() for k, v in n.named_parameters()} for n in nets])
+    if steps % sync_every or steps % cluster_sync_every:
+        level1()
+        level2()
+    return history, [{k: v.detach().clone() for k, v in n.named_parameters()} for n in nets]

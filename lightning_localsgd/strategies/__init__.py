@@ -1,7 +1,8 @@
-"""Lightning strategies: local SGD across worker groups, with DDP (and later FSDP / DeepSpeed) inside a group."""
+"""Lightning strategies: local SGD across worker groups, with DDP, FSDP2 or DeepSpeed ZeRO inside a group."""
 
 from .base import LocalSGDMixin
 from .ddp import LocalSGDStrategy
+from .deepspeed import LocalSGDDeepSpeedStrategy  # imports no deepspeed: that happens when one is created
 from .fsdp import LocalSGDFSDPStrategy
 
-__all__ = ["LocalSGDFSDPStrategy", "LocalSGDMixin", "LocalSGDStrategy"]
+__all__ = ["LocalSGDDeepSpeedStrategy", "LocalSGDFSDPStrategy", "LocalSGDMixin", "LocalSGDStrategy"]

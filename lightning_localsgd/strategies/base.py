@@ -8,6 +8,7 @@ A strategy mixes :class:`LocalSGDMixin` in front of a Lightning strategy and tel
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
@@ -17,6 +18,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 
+from ..comm import check_codec
 from ..outer import (
     OuterOptimizerSpec,
     OuterSync,
@@ -24,8 +26,9 @@ from ..outer import (
     check_outer_optimizer_factory,
     resolve_outer_optimizer,
 )
+from ..reliability import SyncGuard, check_sync_timeout, stop_local_ranks
 from ..schedule import Action, SyncSchedule
-from ..topology import Topology, check_group_size
+from ..topology import Topology, add_cluster_groups, check_cluster_size, check_group_size
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +99,11 @@ class LocalSGDMixin:
         outer_state_device: Optional[Union[str, torch.device]],
         on_nonfinite: str,
         sync_on_train_end: bool,
+        sync_timeout: Optional[float] = None,
+        cluster_size: Optional[int] = None,
+        cluster_sync_every: Optional[int] = None,
+        cluster_outer_optimizer: OuterOptimizerSpec = "diloco",
+        compression: Optional[str] = None,
     ) -> None:
         _check_positive_int("sync_every", sync_every, 1, "It is H, the optimizer steps between two syncs; e.g. 64.")
         _check_positive_int("group_size", group_size, 1, "It is the number of ranks per worker group; e.g. 1.")
@@ -106,6 +114,7 @@ class LocalSGDMixin:
             raise ValueError(f"sync_on_train_end must be True or False, got {sync_on_train_end!r}.")
         factory = resolve_outer_optimizer(outer_optimizer)
         check_outer_optimizer_factory(factory)
+        cluster_factory = self._check_two_stage(sync_every, cluster_size, cluster_sync_every, cluster_outer_optimizer)
         self.sync_every = sync_every
         self.outer_optimizer = outer_optimizer
         self.group_size = group_size
@@ -113,9 +122,18 @@ class LocalSGDMixin:
         self.outer_state_device = outer_state_device
         self.on_nonfinite = on_nonfinite
         self.sync_on_train_end = sync_on_train_end
+        self.sync_timeout = check_sync_timeout(sync_timeout)
+        self._sync_guard: Optional[SyncGuard] = None
         self._outer_factory = factory
         self._state_device = check_state_device(outer_state_device)
-        self.schedule = SyncSchedule(sync_every, warmup_steps)
+        check_codec(compression)
+        self.compression = compression
+        self.cluster_size = cluster_size
+        self.cluster_sync_every = cluster_sync_every
+        self.cluster_outer_optimizer = cluster_outer_optimizer
+        self._cluster_factory = cluster_factory
+        self.cluster_sync: Optional[OuterSync] = None
+        self.schedule = SyncSchedule(sync_every, warmup_steps, cluster_sync_every)
         self.topology = None
         self.outer_sync = None
         self.last_sync: Optional[SyncResult] = None
@@ -123,6 +141,35 @@ class LocalSGDMixin:
         self._stepped_this_batch = False
         self._restored_state: Optional[dict[str, Any]] = None
         self._callback: Optional[_SyncAtStepEnd] = None
+
+    @staticmethod
+    def _check_two_stage(sync_every: int, cluster_size: Optional[int], cluster_sync_every: Optional[int],
+                         cluster_outer_optimizer: OuterOptimizerSpec) -> Optional[Callable[..., Any]]:
+        if cluster_size is None:
+            if cluster_sync_every is not None:
+                raise ValueError(
+                    "cluster_sync_every is set but cluster_size is not: two-stage sync needs both. Set cluster_size "
+                    "(worker groups per cluster), or remove cluster_sync_every for one level of sync."
+                )
+            return None
+        _check_positive_int("cluster_size", cluster_size, 1, "It is the number of worker groups per cluster.")
+        if cluster_sync_every is None:
+            raise ValueError(
+                "cluster_size is set but cluster_sync_every is not: give H2, the steps between two syncs across "
+                f"clusters, a multiple of sync_every={sync_every} (e.g. {4 * sync_every})."
+            )
+        _check_positive_int("cluster_sync_every", cluster_sync_every, 1, "It is H2, steps between cross-cluster syncs.")
+        if cluster_sync_every % sync_every:
+            raise ValueError(
+                f"cluster_sync_every={cluster_sync_every} must be a multiple of sync_every={sync_every}: the sync "
+                f"across clusters happens on a sync inside the clusters. Use e.g. {sync_every * max(1, round(cluster_sync_every / sync_every))}."
+            )
+        try:
+            factory = resolve_outer_optimizer(cluster_outer_optimizer)
+            check_outer_optimizer_factory(factory)
+        except ValueError as err:
+            raise ValueError(f"cluster_outer_optimizer: {err}") from err
+        return factory
 
     # ------------------------------------------------------------------ hooks for the concrete strategy
     def _local_sgd_tensors(self) -> tuple[list[Tensor], list[Tensor]]:
@@ -143,6 +190,13 @@ class LocalSGDMixin:
     # ------------------------------------------------------------------ setup
     def _check_world_size(self, world_size: int) -> None:
         check_group_size(world_size, self.group_size)
+        if self.cluster_size is not None:
+            check_cluster_size(world_size // self.group_size, self.cluster_size)
+
+    def _add_cluster_groups(self) -> None:
+        """Two-stage sync: create the level-1 and level-2 process groups (collective, right after the topology)."""
+        if self.cluster_size is not None and self.topology is not None:
+            add_cluster_groups(self.topology, self.cluster_size, getattr(self, "_timeout", None))
 
     def _setup_local_sgd(self, trainer: Trainer) -> None:
         assert self.topology is not None
@@ -153,17 +207,31 @@ class LocalSGDMixin:
             params,
             buffers,
             outer_optimizer=self._outer_factory,
-            cross_group=self.topology.cross_group,
+            cross_group=self.topology.cross_group if self.cluster_size is None else self.topology.intra_cluster_group,
             shard_group=self._local_sgd_shard_group(),
             norm_group=self._local_sgd_norm_group(),
             state_device=self._state_device,
             on_nonfinite=self.on_nonfinite,
+            compression=self.compression,
         )
+        if self.cluster_size is not None:
+            # Level 2 reads and writes level 1's snapshot θ_c: the cluster's global parameters.
+            self.cluster_sync = OuterSync(
+                self.outer_sync.snapshot,
+                outer_optimizer=self._cluster_factory,
+                cross_group=self.topology.inter_cluster_group,
+                norm_group=self.outer_sync.norm_group,
+                on_nonfinite=self.on_nonfinite,
+                compression=self.compression,
+            )
         if self._restored_state is not None:
+            if self.cluster_sync is not None and self._restored_state.get("cluster") is not None:
+                self.cluster_sync.load_state_dict(self._restored_state["cluster"])
             self.outer_sync.load_state_dict(self._restored_state["rank"])
             self.schedule.load_state_dict(self._restored_state["schedule"])
             self.sync_seconds_total = float(self._restored_state.get("sync_seconds_total", 0.0))
             self._restored_state = None
+        self._sync_guard = SyncGuard.for_strategy(self)
         self._callback = _SyncAtStepEnd(self)
         trainer.callbacks.insert(0, self._callback)
         self._limit_sigterm_broadcast(trainer)
@@ -188,7 +256,9 @@ class LocalSGDMixin:
 
         def broadcast_at_sync_steps() -> None:
             if schedule.in_warmup or schedule.steps_since_sync + 1 >= schedule.sync_every:
-                original()
+                guard = self._sync_guard if not schedule.in_warmup else None  # sync_timeout: sync steps only
+                with guard.timeouts() if guard is not None else nullcontext():
+                    original()
 
         loop._broadcast_sigterm_tensor = broadcast_at_sync_steps
         self._restore_sigterm = lambda: setattr(loop, "_broadcast_sigterm_tensor", original)
@@ -196,7 +266,8 @@ class LocalSGDMixin:
     def _outer_name(self) -> str:
         if isinstance(self.outer_optimizer, str):
             return self.outer_optimizer
-        return getattr(self.outer_optimizer, "__name__", None) or type(self.outer_optimizer).__name__
+        func = getattr(self.outer_optimizer, "func", self.outer_optimizer)  # functools.partial(torch.optim.SGD, ...)
+        return getattr(func, "__name__", None) or type(func).__name__
 
     @property
     def ddp_bytes_per_step(self) -> int:
@@ -244,39 +315,66 @@ class LocalSGDMixin:
         if action is Action.END_WARMUP:
             assert self.outer_sync is not None
             self.outer_sync.reset_snapshot()  # all ranks hold the same parameters after synchronous steps
+            if self.cluster_sync is not None:
+                self.cluster_sync.reset_snapshot()
         elif action is Action.SYNC:
             self._run_sync(trainer)
+        elif action is Action.SYNC_ALL:
+            self._run_sync(trainer, all_levels=True)
 
-    def _run_sync(self, trainer: Trainer) -> None:
+    def _run_sync(self, trainer: Trainer, all_levels: bool = False) -> None:
         assert self.outer_sync is not None
+        cluster_result = None
         try:
-            result = self.outer_sync.sync()
+            with self._sync_guard.sync(self.schedule.steps_done) if self._sync_guard is not None else nullcontext():
+                result = self.outer_sync.sync()
+                if all_levels and self.cluster_sync is not None and not result.skipped:
+                    # two-stage: θ_c (level 1's snapshot) takes the level-2 outer step across clusters, then every
+                    # group of the cluster continues from it
+                    cluster_result = self.cluster_sync.sync()
+                    self.outer_sync._write_back()
+                    result = SyncResult(
+                        pseudo_grad_norm=result.pseudo_grad_norm,
+                        bytes_sent=result.bytes_sent + cluster_result.bytes_sent,
+                        seconds=result.seconds + cluster_result.seconds,
+                        skipped=cluster_result.skipped,
+                    )
         except FloatingPointError as err:
             raise type(err)(f"local SGD sync at step {self.schedule.steps_done}: {err}") from err
         self.last_sync = result
         self.sync_seconds_total += result.seconds
-        self._log_sync(trainer, result)
+        self._log_sync(trainer, result, cluster_result)
 
-    def _log_sync(self, trainer: Trainer, result: SyncResult) -> None:
+    @property
+    def bytes_sent(self) -> int:
+        """Cumulative bytes this rank put into cross-group collectives (both levels with two-stage sync)."""
+        total = self.outer_sync.bytes_sent if self.outer_sync is not None else 0
+        return total + (self.cluster_sync.bytes_sent if self.cluster_sync is not None else 0)
+
+    def _log_sync(self, trainer: Trainer, result: SyncResult, cluster_result: Optional[SyncResult] = None) -> None:
         if trainer.global_rank != 0 or not trainer.loggers:
             return
         assert self.outer_sync is not None
         metrics = {
             "local_sgd/syncs": float(self.outer_sync.num_syncs),
-            "local_sgd/bytes_sent": float(self.outer_sync.bytes_sent),
+            "local_sgd/bytes_sent": float(self.bytes_sent),
             "local_sgd/sync_seconds": result.seconds,
             "local_sgd/pseudo_grad_norm": result.pseudo_grad_norm,
             "local_sgd/skipped": float(result.skipped),
         }
+        if cluster_result is not None and self.cluster_sync is not None:
+            metrics["local_sgd/cluster_syncs"] = float(self.cluster_sync.num_syncs)
+            metrics["local_sgd/cluster_pseudo_grad_norm"] = cluster_result.pseudo_grad_norm
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
 
     def _local_sgd_train_end(self, trainer: Trainer) -> None:
         self._remove_hooks(trainer)
         if self.sync_on_train_end and self.outer_sync is not None and not self.schedule.in_warmup \
-                and self.schedule.steps_since_sync > 0:
+                and (self.schedule.steps_since_sync > 0 or self.schedule.syncs_since_cluster_sync > 0):
             self.schedule.steps_since_sync = 0
-            self._run_sync(trainer)
+            self.schedule.syncs_since_cluster_sync = 0
+            self._run_sync(trainer, all_levels=True)
 
     def _remove_hooks(self, trainer: Optional[Trainer]) -> None:
         if trainer is not None and self._callback is not None and self._callback in trainer.callbacks:
@@ -295,6 +393,7 @@ class LocalSGDMixin:
         topo = self.topology
         mine: dict[str, Any] = {
             "rank": self.outer_sync.state_dict(),
+            "cluster": self.cluster_sync.state_dict() if self.cluster_sync is not None else None,
             "group": None,
         }
         if topo.rank_in_group == 0 and topo.group_index > 0:
@@ -319,6 +418,7 @@ class LocalSGDMixin:
             "sync_seconds_total": self.sync_seconds_total,
             "groups": [None] + [gathered[i * topo.group_size]["group"] for i in range(1, topo.num_groups)],
             "ranks": [g["rank"] for g in gathered],
+            "clusters": [g.get("cluster") for g in gathered],
         }
 
     def _check_restored_layout(self, state: Mapping[str, Any], world_size: int) -> None:
@@ -347,10 +447,15 @@ class LocalSGDMixin:
         self._check_restored_layout(state, world_size)
         self._restored_state = {
             "rank": state["ranks"][rank],
+            "cluster": state.get("clusters", [None] * (rank + 1))[rank],
             "schedule": state["schedule"],
             "sync_seconds_total": state.get("sync_seconds_total", 0.0),
         }
         return True
+
+    def on_exception(self, exception: BaseException) -> None:
+        super().on_exception(exception)  # type: ignore[misc]
+        stop_local_ranks(self, exception)  # after a failed sync, don't leave the ranks this process launched waiting
 
 
 def _local(tensor: Tensor) -> Tensor:

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from lightning.fabric.strategies import _StrategyRegistry
 from lightning.pytorch import Trainer
 from lightning.pytorch.overrides.distributed import _sync_module_states
+from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.nn import Module
@@ -18,7 +19,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from ..checkpoint_io import with_atomic_default
 from ..outer import OuterOptimizerSpec
+from ..reliability import check_backend_available, check_ddp_arguments, check_model_matches_checkpoint
 from ..topology import build_topology
 from .base import CHECKPOINT_KEY, LocalSGDMixin, is_fitting
 
@@ -51,9 +54,25 @@ class LocalSGDStrategy(LocalSGDMixin, DDPStrategy):
             the step, leaving ``θ_g`` untouched; ``"skip"`` drops that sync and resets every group to ``θ_g``.
         sync_on_train_end: run a last sync when training ends mid-interval, so every rank ends with the same
             model. Default True.
+        sync_timeout: seconds a rank waits at a sync for the other ranks. When a rank crashed, was killed or hangs,
+            every other rank stops after at most this long with a ``SyncFailedError`` naming the missing ranks and
+            the step (a dead rank is usually reported at once). Must exceed the normal spread of arrival times at a
+            sync (e.g. rank 0 writing a checkpoint while the others train on). Default None: the process group's
+            ``timeout`` (30 min by default).
+        cluster_size: two-stage sync for multi-cluster training: worker groups per cluster (groups ``[c·n, (c+1)·n)``
+            form cluster ``c``). Groups sync inside their cluster every ``sync_every`` steps with ``outer_optimizer``
+            and clusters sync every ``cluster_sync_every`` steps with ``cluster_outer_optimizer``. Default None: one
+            level.
+        cluster_sync_every: ``H2``, steps between two syncs across clusters; a multiple of ``sync_every``.
+        cluster_outer_optimizer: the outer optimizer across clusters (same forms as ``outer_optimizer``). Default
+            ``"diloco"``.
+        compression: compress what crosses groups at a sync: ``None`` (fp32 all-reduce), ``"bf16"`` (½ the bytes),
+            ``"int8"`` (≈ ¼) or ``"int4"`` (≈ ⅛), with per-block scales and error feedback (the quantization error
+            of one sync is added to the next). Default None.
         **kwargs: every argument of Lightning's ``DDPStrategy`` (``process_group_backend``, ``timeout``,
             ``start_method``, ``find_unused_parameters``, ...). DDP keyword arguments apply to the DDP wrapper inside
-            each worker group (only created when ``group_size > 1``).
+            each worker group (only created when ``group_size > 1``). Unless ``checkpoint_io`` is given, checkpoints
+            are written atomically (:class:`~lightning_localsgd.checkpoint_io.AtomicCheckpointIO`).
     """
 
     strategy_name = "local_sgd"
@@ -67,6 +86,11 @@ class LocalSGDStrategy(LocalSGDMixin, DDPStrategy):
         outer_state_device: Optional[Union[str, torch.device]] = None,
         on_nonfinite: str = "raise",
         sync_on_train_end: bool = True,
+        sync_timeout: Optional[float] = None,
+        cluster_size: Optional[int] = None,
+        cluster_sync_every: Optional[int] = None,
+        cluster_outer_optimizer: OuterOptimizerSpec = "diloco",
+        compression: Optional[str] = None,
         **kwargs: Any,
     ) -> None:
         for name in ("ddp_comm_state", "model_averaging_period"):
@@ -75,14 +99,18 @@ class LocalSGDStrategy(LocalSGDMixin, DDPStrategy):
                     f"LocalSGDStrategy does its own model averaging: remove `{name}` (use sync_every / "
                     "outer_optimizer instead)."
                 )
-        if "process_group" in kwargs:
+        if kwargs.get("process_group") is not None:
             raise ValueError(
                 "LocalSGDStrategy builds the worker groups' process groups itself: remove `process_group` and set "
                 "group_size instead."
             )
+        kwargs.pop("process_group", None)  # LightningCLI passes every DDP argument, None included
+        check_ddp_arguments(kwargs)
         super().__init__(**kwargs)
         self._init_local_sgd(
-            sync_every, outer_optimizer, group_size, warmup_steps, outer_state_device, on_nonfinite, sync_on_train_end
+            sync_every, outer_optimizer, group_size, warmup_steps, outer_state_device, on_nonfinite, sync_on_train_end,
+            sync_timeout, cluster_size, cluster_sync_every, cluster_outer_optimizer,
+            compression,
         )
 
     # ------------------------------------------------------------------ launch / setup
@@ -90,7 +118,19 @@ class LocalSGDStrategy(LocalSGDMixin, DDPStrategy):
     def _configure_launcher(self) -> None:
         # The world size is known here, before the processes start: fail early on a bad group_size.
         self._check_world_size(self.num_nodes * self.num_processes)
+        check_backend_available(self._process_group_backend)
         super()._configure_launcher()
+
+    @property
+    @override
+    def checkpoint_io(self) -> CheckpointIO:
+        # Lightning's default is TorchCheckpointIO; ours writes atomically (temp file, fsync, rename).
+        self._checkpoint_io = with_atomic_default(self._checkpoint_io)
+        return self._checkpoint_io
+
+    @checkpoint_io.setter
+    def checkpoint_io(self, io: CheckpointIO) -> None:
+        self._checkpoint_io = io
 
     @override
     def setup(self, trainer: Trainer) -> None:
@@ -106,6 +146,7 @@ class LocalSGDStrategy(LocalSGDMixin, DDPStrategy):
     @override
     def configure_ddp(self) -> None:
         self.topology = build_topology(self.group_size, self._timeout)
+        self._add_cluster_groups()
         assert self.model is not None
         if self._restored_state is None:
             _sync_module_states(self.model)  # every rank starts from rank 0's weights, whatever the seeds
@@ -183,6 +224,7 @@ class LocalSGDStrategy(LocalSGDMixin, DDPStrategy):
             )
         if group is not None:
             checkpoint = {**checkpoint, "state_dict": group["state_dict"]}
+        check_model_matches_checkpoint(self.lightning_module, checkpoint, strict=strict)
         super().load_model_state_dict(checkpoint, strict=strict)
 
     @override

@@ -65,6 +65,8 @@ class LocalSGDFSDPStrategy(LocalSGDMixin, ModelParallelStrategy):
             (the shard's device) or ``"cpu"``. Default None.
         on_nonfinite: ``"raise"`` or ``"skip"`` (see ``LocalSGDStrategy``). Default ``"raise"``.
         sync_on_train_end: run a last sync when training ends mid-interval. Default True.
+        sync_timeout: seconds a rank waits at a sync for the others before failing with a ``SyncFailedError`` that
+            names the missing ranks and the step (see ``LocalSGDStrategy``). Default None: the process group's timeout.
         auto_wrap_policy: module classes to shard as units when the strategy shards the model (e.g.
             ``{MyTransformerBlock}``). Default None: the elements of every ``nn.ModuleList``.
         mp_policy: a ``torch.distributed.fsdp.MixedPrecisionPolicy`` for the strategy's own sharding (e.g.
@@ -75,6 +77,12 @@ class LocalSGDFSDPStrategy(LocalSGDMixin, ModelParallelStrategy):
             group 0's full model (loads into a plain FSDP or DDP run) with every rank's shards under ``local_sgd``.
         process_group_backend: ``"gloo"`` (CPU), ``"nccl"`` (CUDA), or None for the device's default.
         timeout: timeout of the process groups.
+        cluster_size: two-stage sync: worker groups per cluster (see ``LocalSGDStrategy``). Default None.
+        cluster_sync_every: ``H2``, steps between syncs across clusters, a multiple of ``sync_every``.
+        cluster_outer_optimizer: outer optimizer across clusters. Default ``"diloco"``.
+        compression: compress what crosses groups at a sync: ``None`` (fp32 all-reduce), ``"bf16"`` (½ the bytes),
+            ``"int8"`` (≈ ¼) or ``"int4"`` (≈ ⅛), with per-block scales and error feedback (the quantization error
+            of one sync is added to the next). Default None.
     """
 
     strategy_name = "local_sgd_fsdp"
@@ -88,12 +96,17 @@ class LocalSGDFSDPStrategy(LocalSGDMixin, ModelParallelStrategy):
         outer_state_device: Optional[Union[str, torch.device]] = None,
         on_nonfinite: str = "raise",
         sync_on_train_end: bool = True,
+        sync_timeout: Optional[float] = None,
         auto_wrap_policy: Optional[set[type[nn.Module]]] = None,
         mp_policy: Optional[Any] = None,
         reshard_after_forward: bool = True,
         save_distributed_checkpoint: bool = True,
         process_group_backend: Optional[str] = None,
         timeout: Optional[timedelta] = default_pg_timeout,
+        cluster_size: Optional[int] = None,
+        cluster_sync_every: Optional[int] = None,
+        cluster_outer_optimizer: OuterOptimizerSpec = "diloco",
+        compression: Optional[str] = None,
     ) -> None:
         super().__init__(
             save_distributed_checkpoint=save_distributed_checkpoint,
@@ -117,7 +130,8 @@ class LocalSGDFSDPStrategy(LocalSGDMixin, ModelParallelStrategy):
                 )
         self._init_local_sgd(
             sync_every, outer_optimizer, 1 if group_size is None else group_size, warmup_steps, outer_state_device,
-            on_nonfinite, sync_on_train_end,
+            on_nonfinite, sync_on_train_end, sync_timeout, cluster_size, cluster_sync_every, cluster_outer_optimizer,
+            compression,
         )
         self.group_size = group_size  # None until the launcher knows the devices per node
         self.auto_wrap_policy = set(auto_wrap_policy) if auto_wrap_policy is not None else None
@@ -150,6 +164,7 @@ class LocalSGDFSDPStrategy(LocalSGDMixin, ModelParallelStrategy):
             inner_group=self._device_mesh["shard"].get_group(),
             cross_group=self._device_mesh["replicate"].get_group(),
         )
+        self._add_cluster_groups()
         assert self.lightning_module is not None
         self.lightning_module._device_mesh = self._device_mesh
 
@@ -300,6 +315,7 @@ class LocalSGDFSDPStrategy(LocalSGDMixin, ModelParallelStrategy):
             "buffers": buffers,
             "optimizers": optimizers,
             "outer": self.outer_sync.state_dict() if self.outer_sync is not None else None,
+            "cluster": self.cluster_sync.state_dict() if self.cluster_sync is not None else None,
         }
 
     def _layout(self) -> dict[str, Any]:
@@ -363,6 +379,8 @@ class LocalSGDFSDPStrategy(LocalSGDMixin, ModelParallelStrategy):
         self._restore_rank_state(mine)
         if self.outer_sync is not None and mine["outer"] is not None:
             self.outer_sync.load_state_dict(mine["outer"])
+        if self.cluster_sync is not None and mine.get("cluster") is not None:
+            self.cluster_sync.load_state_dict(mine["cluster"])
         self.schedule.load_state_dict(layout["schedule"])
         self.sync_seconds_total = float(layout.get("sync_seconds_total", 0.0))
         return meta
@@ -398,6 +416,10 @@ class LocalSGDFSDPStrategy(LocalSGDMixin, ModelParallelStrategy):
     @override
     def _check_world_size(self, world_size: int) -> None:
         check_group_size(world_size, self.group_size if self.group_size is not None else 1)
+        if self.cluster_size is not None:
+            from ..topology import check_cluster_size
+
+            check_cluster_size(world_size // (self.group_size or 1), self.cluster_size)
 
     @classmethod
     @override

@@ -29,10 +29,10 @@ def make_inner_optimizer(kind: str, params) -> torch.optim.Optimizer:
 
 
 class TinyNet(nn.Module):
-    def __init__(self, buffer: bool = False) -> None:
+    def __init__(self, buffer: bool = False, hidden: int = 8) -> None:
         super().__init__()
-        self.net1 = nn.Linear(4, 8)
-        self.net2 = nn.Linear(8, 1)
+        self.net1 = nn.Linear(4, hidden)
+        self.net2 = nn.Linear(hidden, 1)
         self.use_buffer = buffer
         if buffer:
             self.register_buffer("running_mean", torch.zeros(4))
@@ -48,9 +48,9 @@ class TinyNet(nn.Module):
 
 class TinyModule(L.LightningModule):
     def __init__(self, inner: str = "sgd", manual: bool = False, buffer: bool = False, nan_at: int = -1,
-                 group_size: int = 1, shard: str = "") -> None:
+                 group_size: int = 1, shard: str = "", hidden: int = 8) -> None:
         super().__init__()
-        self.model = TinyNet(buffer)
+        self.model = TinyNet(buffer, hidden)
         self.shard = shard
         self.inner = inner
         self.nan_at = nan_at

@@ -14,7 +14,9 @@ import argparse
 import functools
 import json
 import os
+import signal
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -70,6 +72,28 @@ def _full(named) -> dict[str, torch.Tensor]:
     return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone() for k, v in named}
 
 
+def _params(module) -> dict[str, torch.Tensor]:
+    """Whole parameters; DeepSpeed ZeRO-3 partitions are gathered inside the worker group (collective there)."""
+    partitioned = [p for p in module.parameters() if hasattr(p, "ds_id") and p.ds_status.name == "NOT_AVAILABLE"]
+    if not partitioned:
+        return _full(module.named_parameters())
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned):
+        return _full(module.named_parameters())
+
+
+def _deepspeed_state(optimizer) -> dict:
+    """This rank's ZeRO state: the fp32 master partitions and the inner (torch) optimizer's state of them."""
+    master = (getattr(optimizer, "fp32_partitioned_groups_flat", None)
+              or getattr(optimizer, "single_partition_of_fp32_groups", None)
+              or optimizer.fp32_groups_flat_partition)
+    state = optimizer.optimizer.state  # keyed by the master partitions (ZeRO-3 empties param_groups between steps)
+    return {"master": [m.detach().clone() for m in master],
+            "state": {i: {k: v.clone() if torch.is_tensor(v) else v for k, v in state.get(m, {}).items()}
+                      for i, m in enumerate(master)}}
+
+
 class Recorder(Callback):
     """Records parameters after every training step (after the strategy's own step-end sync)."""
 
@@ -88,15 +112,33 @@ class Recorder(Callback):
             model.register_comm_hook(model.process_group, default_hooks.allreduce_hook)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.steps.append(_full(pl_module.named_parameters()))
+        self.steps.append(_params(pl_module))
         self.buffers.append({k: v.detach().clone() for k, v in pl_module.named_buffers()})
+
+
+class Fault(Callback):
+    """Kills (SIGKILL) or stalls one rank at the start of a training step, to test failure handling."""
+
+    def __init__(self, args) -> None:
+        self.args = args
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        a = self.args
+        if trainer.global_rank != a.fault_rank:
+            return
+        if trainer.global_step == a.die_at:
+            print(f"[fault] rank {a.fault_rank} killed at step {a.die_at}", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        if trainer.global_step == a.stall_at:
+            print(f"[fault] rank {a.fault_rank} stalls at step {a.stall_at}", flush=True)
+            time.sleep(a.stall_seconds)
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--devices", type=int, default=2)
     p.add_argument("--out", required=True)
-    p.add_argument("--strategy", default="local_sgd", choices=["local_sgd", "ddp", "registered", "fsdp"])
+    p.add_argument("--strategy", default="local_sgd", choices=["local_sgd", "ddp", "registered", "fsdp", "deepspeed"])
     p.add_argument("--registered-name", default="local_sgd")
     p.add_argument("--sync-every", type=int, default=3)
     p.add_argument("--outer", default="average")
@@ -112,20 +154,35 @@ def main() -> None:
     p.add_argument("--seed-by-rank", action="store_true", help="seed each rank differently before building")
     p.add_argument("--ckpt-every", type=int, default=0)
     p.add_argument("--resume", default=None)
+    p.add_argument("--compression", default=None)
+    p.add_argument("--cluster-size", type=int, default=None)
+    p.add_argument("--cluster-sync-every", type=int, default=None)
+    p.add_argument("--cluster-outer", default="diloco")
     p.add_argument("--shard", default="", choices=["", "group", "world"], help="shard in configure_model")
     p.add_argument("--mp-bf16", action="store_true", help="FSDP MixedPrecisionPolicy(bf16 params, fp32 reduce)")
     p.add_argument("--full-checkpoint", action="store_true", help="FSDP: one full-state checkpoint file")
+    p.add_argument("--stage", type=int, default=2, help="DeepSpeed: ZeRO stage")
+    p.add_argument("--ds-persist-threshold", type=int, default=None,
+                   help="DeepSpeed ZeRO-3: stage3_param_persistence_threshold (0: every parameter partitioned)")
+    p.add_argument("--ds-fp32-grad-accum", action="store_true", help="DeepSpeed: data_types.grad_accum_dtype fp32")
     p.add_argument("--precision", default="32-true")
     p.add_argument("--csv-dir", default=None, help="log to a CSVLogger in this folder")
     p.add_argument("--batches-per-epoch", type=int, default=None, help="limit_train_batches")
     p.add_argument("--count-collectives", action="store_true")
     p.add_argument("--nan-at", type=int, default=-1, help="put a NaN in group 1's weights at this batch")
+    p.add_argument("--on-nonfinite", default=None, choices=["raise", "skip"])
+    p.add_argument("--sync-timeout", type=float, default=None)
+    p.add_argument("--die-at", type=int, default=-1, help="SIGKILL --fault-rank at the start of this step")
+    p.add_argument("--stall-at", type=int, default=-1, help="--fault-rank sleeps at the start of this step")
+    p.add_argument("--stall-seconds", type=float, default=120.0)
+    p.add_argument("--fault-rank", type=int, default=1)
+    p.add_argument("--hidden", type=int, default=8, help="width of the tiny model's hidden layer")
     args = p.parse_args()
 
     rank = int(os.environ.get("LOCAL_RANK", 0))
     L.seed_everything(1000 + rank if args.seed_by_rank else 0, verbose=False)
     model = TinyModule(inner=args.inner, manual=args.manual, buffer=args.buffer, nan_at=args.nan_at,
-                       group_size=args.group_size, shard=args.shard)
+                       group_size=args.group_size, shard=args.shard, hidden=args.hidden)
     L.seed_everything(0, verbose=False)
     data = DataLoader(make_dataset(), batch_size=2, shuffle=False)
 
@@ -143,15 +200,38 @@ def main() -> None:
             mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
             if args.mp_bf16 else None,
         )
+    elif args.strategy == "deepspeed":
+        from lightning_localsgd import LocalSGDDeepSpeedStrategy
+
+        ds = dict(stage=args.stage)
+        if args.ds_persist_threshold is not None or args.ds_fp32_grad_accum:
+            zero = {"stage": args.stage}
+            if args.ds_persist_threshold is not None:
+                zero["stage3_param_persistence_threshold"] = args.ds_persist_threshold
+            ds = dict(config={"zero_optimization": zero, "zero_allow_untested_optimizer": True})
+            if args.ds_fp32_grad_accum:  # bf16 + ZeRO stage 1 then runs DeepSpeed's BF16_Optimizer
+                ds["config"]["data_types"] = {"grad_accum_dtype": "fp32"}
+        strategy = LocalSGDDeepSpeedStrategy(
+            sync_every=args.sync_every, outer_optimizer=args.outer, group_size=args.group_size,
+            warmup_steps=args.warmup, outer_state_device=args.state_device, process_group_backend="gloo",
+            logging_batch_size_per_gpu=2, cluster_size=args.cluster_size, cluster_sync_every=args.cluster_sync_every,
+            cluster_outer_optimizer=args.cluster_outer, **ds,
+        )
     elif args.strategy == "registered":
         strategy = args.registered_name
     else:
+        extra = {k: v for k, v in (("on_nonfinite", args.on_nonfinite), ("sync_timeout", args.sync_timeout))
+                 if v is not None}
         strategy = LocalSGDStrategy(
             sync_every=args.sync_every, outer_optimizer=args.outer, group_size=args.group_size,
-            warmup_steps=args.warmup, outer_state_device=args.state_device, process_group_backend="gloo",
+            warmup_steps=args.warmup, outer_state_device=args.state_device, process_group_backend="gloo", **extra,
+            cluster_size=args.cluster_size, cluster_sync_every=args.cluster_sync_every,
+            cluster_outer_optimizer=args.cluster_outer, compression=args.compression,
         )
     recorder = Recorder()
     callbacks = [recorder]
+    if args.die_at >= 0 or args.stall_at >= 0:
+        callbacks.append(Fault(args))
     if args.ckpt_every:
         callbacks.append(ModelCheckpoint(dirpath=os.path.join(args.out, "ckpt"), every_n_train_steps=args.ckpt_every,
                                          save_top_k=-1, filename="{step}"))
@@ -171,16 +251,23 @@ def main() -> None:
     info = {"global_rank": trainer.global_rank, "global_step": trainer.global_step}
     if hasattr(s, "outer_sync"):
         info.update(num_syncs=s.outer_sync.num_syncs, bytes_sent=s.outer_sync.bytes_sent,
+                    cluster_syncs=s.cluster_sync.num_syncs if getattr(s, "cluster_sync", None) else None,
                     steps_done=s.schedule.steps_done, steps_since_sync=s.schedule.steps_since_sync,
                     state_bytes=s.outer_sync.state_bytes, ddp_bytes_per_step=s.ddp_bytes_per_step,
                     snapshot_device=str(s.outer_sync.snapshot[0].device))
         outer_state = s.outer_sync.state_dict()
     else:
         outer_state = None
+    if args.strategy == "deepspeed":
+        info["ds_persistent"] = len(getattr(s.deepspeed_engine.optimizer, "persistent_parameters", None) or [])
+        info["ds_optimizer"] = type(s.deepspeed_engine.optimizer).__name__
     from lightning_localsgd.strategies.fsdp import _dtensor_to_local
 
-    optimizers = [_dtensor_to_local(o.state_dict()) for o in trainer.optimizers]  # FSDP: this rank's shards
-    final = {**_full(model.named_parameters()), **_full(model.named_buffers())}
+    if args.strategy == "deepspeed":
+        optimizers = [_deepspeed_state(o) for o in trainer.optimizers]  # this rank's ZeRO partitions
+    else:
+        optimizers = [_dtensor_to_local(o.state_dict()) for o in trainer.optimizers]  # FSDP: this rank's shards
+    final = {**_params(model), **_full(model.named_buffers())}
     torch.save({"steps": recorder.steps, "buffers": recorder.buffers, "final": final,
                 "optimizers": optimizers, "info": info, "collectives": LOG, "outer_state": outer_state},
                os.path.join(args.out, f"rank{trainer.global_rank}.pt"))

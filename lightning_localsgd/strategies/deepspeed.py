@@ -1,0 +1,640 @@
+"""``LocalSGDDeepSpeedStrategy``: local SGD across worker groups, DeepSpeed ZeRO (stage 1, 2 or 3) inside each group.
+
+DeepSpeed's data-parallel group is the rank's worker group: the strategy hands ``deepspeed.initialize`` a
+model-parallel unit (``mpu``) whose data-parallel group is the worker group of ``group_size`` ranks and whose
+model-parallel group is the rank alone. ZeRO therefore partitions the optimizer state (stage 1), the gradients (stage
+2) and the parameters (stage 3) over the worker group only, and every per-step collective stays inside the group.
+
+Every ``sync_every`` optimizer steps each rank runs the outer step on what the optimizer trains from: its fp32 master
+partition (``single_partition_of_fp32_groups`` in stages 1–2, ``fp32_groups_flat_partition`` of DeepSpeed's bf16
+optimizer, ``fp32_partitioned_groups_flat`` in stage 3), reduced with the same partition of the other groups over the
+cross group (rank ``k`` of every group holds partition ``k``). Then the module's parameters are made consistent again,
+as ZeRO does after its own ``step()``: stages 1–2 copy the partition into the bit16 partition and all-gather inside the
+group; stage 3 copies it into the partitioned bit16 flat buffer that the next forward gathers from, and re-gathers the
+persistent (small) parameters. Nobody gathers the full model to sync.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Generator, Mapping, Optional, Union
+
+import torch
+import torch.distributed as dist
+from lightning.fabric.strategies import _StrategyRegistry
+from lightning.fabric.strategies.deepspeed import _validate_device_index_selection
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.pytorch import Trainer
+from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor
+from torch.nn import Module
+from typing_extensions import override
+
+from ..outer import OuterOptimizerSpec
+from ..topology import Topology, build_topology, check_cluster_size, check_group_size, group_ranks
+from .base import CHECKPOINT_KEY, LocalSGDMixin, is_fitting
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = "pip install 'lightning-localsgd[deepspeed]'"
+_TAG = "checkpoint"  # Lightning's DeepSpeedStrategy tag: group 0's folder is a plain Lightning DeepSpeed checkpoint
+_LOCAL_DIR = "local_sgd"
+_META_FILE = "meta.pt"
+
+
+def _rank_file(rank: int) -> str:
+    return f"rank{rank:05d}.pt"
+
+
+def _group_dir(group: int) -> str:
+    return f"group{group:05d}"
+
+
+def _require_deepspeed() -> None:
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError as err:
+        raise ModuleNotFoundError(
+            f"LocalSGDDeepSpeedStrategy needs DeepSpeed, which is not installed ({err}). Install it with "
+            f"`{INSTALL_HINT}` (or `pip install 'deepspeed>=0.14'`)."
+        ) from err
+
+
+class _WorkerGroupMPU:
+    """DeepSpeed's "model-parallel unit" for local SGD: data parallel = this rank's worker group, no model parallelism.
+
+    ``deepspeed.initialize(mpu=...)`` takes ZeRO's data-parallel group (partitioning, gradient reduce-scatter,
+    parameter all-gather, the batch-size arithmetic of its config) from it. The model-parallel group is the rank alone.
+    """
+
+    def __init__(self, topology: Topology, data_parallel_group: dist.ProcessGroup, self_group: dist.ProcessGroup) -> None:
+        self.topology = topology
+        self._dp_group = data_parallel_group
+        self._self_group = self_group
+
+    # data parallel: the worker group
+    def get_data_parallel_group(self) -> dist.ProcessGroup:
+        return self._dp_group
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.topology.group_size
+
+    def get_data_parallel_rank(self) -> int:
+        return self.topology.rank_in_group
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        return group_ranks(self.topology.world_size, self.topology.group_size)[self.topology.group_index]
+
+    # model (tensor) parallel: none, the rank alone
+    def get_model_parallel_group(self) -> dist.ProcessGroup:
+        return self._self_group
+
+    def get_model_parallel_world_size(self) -> int:
+        return 1
+
+    def get_model_parallel_rank(self) -> int:
+        return 0
+
+    def get_model_parallel_src_rank(self) -> int:
+        return self.topology.rank
+
+    get_tensor_model_parallel_group = get_model_parallel_group
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_src_rank = get_model_parallel_src_rank
+
+
+def _zero_config(config: Mapping[str, Any]) -> Mapping[str, Any]:
+    zero = config.get("zero_optimization")
+    return zero if isinstance(zero, Mapping) else {}
+
+
+def _offload_device(section: Any) -> Optional[str]:
+    if isinstance(section, Mapping):
+        device = section.get("device")
+        return None if device in (None, "none") else str(device)
+    return None
+
+
+def check_deepspeed_config(config: Mapping[str, Any]) -> int:
+    """Raise a ``ValueError`` for DeepSpeed settings local SGD cannot sync; return the ZeRO stage."""
+    zero = _zero_config(config)
+    stage = zero.get("stage", 0) if zero else 0
+    if stage not in (1, 2, 3):
+        raise ValueError(
+            f"LocalSGDDeepSpeedStrategy needs ZeRO stage 1, 2 or 3 inside the worker groups, got stage {stage!r} "
+            "(zero_optimization off or stage 0). Pass stage=1, 2 or 3; for plain data parallelism inside a group use "
+            "LocalSGDStrategy (DDP) instead."
+        )
+    offload = {
+        "offload_optimizer": _offload_device(zero.get("offload_optimizer")),
+        "offload_param": _offload_device(zero.get("offload_param")),
+    }
+    if zero.get("cpu_offload"):
+        offload["offload_optimizer"] = "cpu"
+    if zero.get("cpu_offload_params") or zero.get("cpu_offload_param"):
+        offload["offload_param"] = "cpu"
+    used = {k: v for k, v in offload.items() if v is not None}
+    if used:
+        what = ", ".join(f"{k} to {v}" for k, v in used.items())
+        raise ValueError(
+            f"LocalSGDDeepSpeedStrategy does not support ZeRO offloading ({what}): with offloading the fp32 master "
+            "partition that the outer step must update lives in CPU memory or on NVMe (swapped in and out by "
+            "DeepSpeed), outside the process groups the sync runs over. Turn offloading off (offload_optimizer=False, "
+            "offload_parameters=False, or remove it from the DeepSpeed config), e.g. use a larger group_size or ZeRO "
+            "stage 3 to save memory."
+        )
+    if int(zero.get("zero_hpz_partition_size", 1) or 1) > 1:
+        raise ValueError(
+            "LocalSGDDeepSpeedStrategy does not support ZeRO++ hierarchical partitioning (zero_hpz_partition_size > "
+            "1): its secondary partitions are built over DeepSpeed's own groups. Remove zero_hpz_partition_size."
+        )
+    if int(zero.get("mics_shard_size", -1) or -1) > 0:
+        raise ValueError(
+            "LocalSGDDeepSpeedStrategy does not support MiCS (mics_shard_size): set group_size to the shard size "
+            "instead, so each worker group is one ZeRO partition group."
+        )
+    return int(stage)
+
+
+class LocalSGDDeepSpeedStrategy(LocalSGDMixin, DeepSpeedStrategy):
+    """Local SGD across worker groups with DeepSpeed ZeRO (stage 1, 2 or 3) inside each group.
+
+    Each worker group of ``group_size`` ranks is one ZeRO data-parallel group: ZeRO partitions optimizer state,
+    gradients (stage 2) and parameters (stage 3) over it, and all per-step communication stays inside it. Every
+    ``sync_every`` optimizer steps each rank runs the outer step on its own fp32 master partition with the same
+    partition of the other groups (one all-reduce over the cross group), then the group's bit16 parameters are
+    refreshed from it as after a ZeRO step.
+
+    Args:
+        sync_every: ``H``, optimizer steps between two syncs (gradient accumulation does not change it). Default 64.
+        outer_optimizer: ``"average"``, ``"diloco"`` or a callable ``params -> torch.optim.Optimizer`` (see
+            ``LocalSGDStrategy``). Default ``"average"``.
+        group_size: ranks per worker group = ZeRO's data-parallel size; must divide the world size. Default ``None``:
+            the devices per node, so ZeRO's traffic stays inside a node and only syncs cross nodes.
+        warmup_steps: must be 0: fully synchronous warm-up steps are not supported with DeepSpeed (ZeRO reduces the
+            gradients into its own partitioned buffers inside the group).
+        outer_state_device: where the snapshot and the outer optimizer state (of this rank's partition only) live:
+            ``None`` (the partition's device) or ``"cpu"``. Default None.
+        on_nonfinite: ``"raise"`` or ``"skip"`` (see ``LocalSGDStrategy``). Default ``"raise"``.
+        sync_on_train_end: run a last sync when training ends mid-interval. Default True.
+        sync_timeout: seconds a sync may wait for the other groups before failing with an error naming the missing
+            ranks (see ``LocalSGDStrategy``). Default None (the process group's timeout).
+        cluster_size: two-stage sync: worker groups per cluster (see ``LocalSGDStrategy``). Default None.
+        cluster_sync_every: ``H2``, steps between syncs across clusters, a multiple of ``sync_every``.
+        cluster_outer_optimizer: outer optimizer across clusters. Default ``"diloco"``.
+        **kwargs: every argument of Lightning's ``DeepSpeedStrategy``: ``stage`` (default 2), ``config`` (a DeepSpeed
+            config dict or JSON path; its ``zero_optimization`` must use stage 1–3), ``allgather_bucket_size``,
+            ``reduce_bucket_size``, ``logging_level``, ``process_group_backend``, ``timeout``, ... ZeRO offloading
+            (``offload_optimizer``/``offload_parameters``) is refused: the master weights would live outside the
+            sync's process groups.
+
+    Checkpoints are folders: group 0's DeepSpeed checkpoint where Lightning's ``DeepSpeedStrategy`` puts it
+    (``<path>/checkpoint``, ``<path>/latest``), every other group's under ``<path>/local_sgd/groupNNNNN`` (between
+    syncs the groups' weights and optimizer states differ, and DeepSpeed writes one copy per data-parallel rank), and
+    every rank's outer state in ``<path>/local_sgd/rankNNNNN.pt``. ``fit(ckpt_path=...)`` resumes exactly.
+    """
+
+    strategy_name = "local_sgd_deepspeed"
+
+    def __init__(
+        self,
+        sync_every: int = 64,
+        outer_optimizer: OuterOptimizerSpec = "average",
+        group_size: Optional[int] = None,
+        warmup_steps: int = 0,
+        outer_state_device: Optional[Union[str, torch.device]] = None,
+        on_nonfinite: str = "raise",
+        sync_on_train_end: bool = True,
+        sync_timeout: Optional[float] = None,
+        cluster_size: Optional[int] = None,
+        cluster_sync_every: Optional[int] = None,
+        cluster_outer_optimizer: OuterOptimizerSpec = "diloco",
+        **kwargs: Any,
+    ) -> None:
+        _require_deepspeed()
+        if "process_group" in kwargs or "mpu" in kwargs:
+            raise ValueError(
+                "LocalSGDDeepSpeedStrategy builds DeepSpeed's data-parallel groups itself (one per worker group): "
+                "remove `process_group`/`mpu` and set group_size instead."
+            )
+        if not isinstance(warmup_steps, int) or isinstance(warmup_steps, bool) or warmup_steps != 0:
+            raise ValueError(
+                f"warmup_steps={warmup_steps!r}: fully synchronous warm-up steps are not supported with DeepSpeed "
+                "(ZeRO reduces the gradients into its own partitioned buffers inside the worker group, so there is no "
+                "clean place to average them across groups). Use warmup_steps=0, or warm up with LocalSGDStrategy / "
+                "LocalSGDFSDPStrategy."
+            )
+        if kwargs.get("load_full_weights"):
+            raise ValueError(
+                "LocalSGDDeepSpeedStrategy does not support load_full_weights=True (loading one weights file into "
+                "ZeRO-3): resume from the checkpoint folder the strategy wrote, or load the weights in the "
+                "LightningModule (e.g. in configure_model) before training."
+            )
+        super().__init__(**kwargs)
+        assert isinstance(self.config, dict)
+        self.zero_stage = check_deepspeed_config(self.config)
+        self._init_local_sgd(
+            sync_every, outer_optimizer, 1 if group_size is None else group_size, warmup_steps, outer_state_device,
+            on_nonfinite, sync_on_train_end, sync_timeout, cluster_size, cluster_sync_every, cluster_outer_optimizer,
+        )
+        self.group_size = group_size  # None until the launcher knows the devices per node
+        self._mpu: Optional[_WorkerGroupMPU] = None
+
+    # ------------------------------------------------------------------ launch / process groups
+    @override
+    def _configure_launcher(self) -> None:
+        if self.group_size is None:
+            self.group_size = self.num_processes
+        self._check_world_size(self.num_nodes * self.num_processes)
+        super()._configure_launcher()
+
+    @override
+    def _check_world_size(self, world_size: int) -> None:
+        check_group_size(world_size, self.group_size if self.group_size is not None else 1)
+        if self.cluster_size is not None:
+            check_cluster_size(world_size // (self.group_size or 1), self.cluster_size)
+
+    @override
+    def setup_environment(self) -> None:
+        # Lightning's DeepSpeedStrategy accepts CUDA only; DeepSpeed's CPU accelerator (gloo) works as well.
+        if isinstance(self.accelerator, CPUAccelerator):
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+            from deepspeed.accelerator import get_accelerator
+
+            if get_accelerator().device_name() != "cpu":
+                raise RuntimeError(
+                    f"Trainer(accelerator='cpu') with DeepSpeed, but DeepSpeed chose its "
+                    f"'{get_accelerator().device_name()}' accelerator. Set the environment variable DS_ACCELERATOR=cpu "
+                    "before starting the script."
+                )
+        elif not isinstance(self.accelerator, CUDAAccelerator):
+            raise RuntimeError(
+                f"LocalSGDDeepSpeedStrategy runs on CUDA GPUs or on CPU, not on `{type(self.accelerator).__name__}`."
+            )
+        DDPStrategy.setup_environment(self)  # accelerator + setup_distributed (below), without DeepSpeed's CUDA check
+
+    @override
+    def setup_distributed(self) -> None:
+        assert self.parallel_devices is not None
+        if self.root_device.type != "cpu":
+            _validate_device_index_selection(self.parallel_devices)
+        reset_seed()
+        self.set_world_ranks()
+        self._init_deepspeed_distributed()
+        if self.group_size is None:
+            self.group_size = self.num_processes
+        check_group_size(self.world_size, self.group_size)
+        self.topology = build_topology(self.group_size, self._timeout)
+        self._add_cluster_groups()
+        # the model-parallel group of DeepSpeed's mpu: this rank alone (and the data-parallel group when group_size == 1)
+        self_group = dist.new_group([self.global_rank], use_local_synchronization=True)
+        dp_group = self.topology.inner_group if self.topology.inner_group is not None else self_group
+        self._mpu = _WorkerGroupMPU(self.topology, dp_group, self_group)
+
+    # ------------------------------------------------------------------ model / engine
+    @contextmanager
+    @override
+    def model_sharded_context(self) -> Generator[None, None, None]:
+        import deepspeed
+
+        self._init_config_if_needed()
+        if self.zero_stage_3 and self._mpu is None:
+            raise RuntimeError(
+                "LocalSGDDeepSpeedStrategy: ZeRO-3 partitions parameters over the worker group, which exists only once "
+                "the processes are set up. Create large modules in `LightningModule.configure_model`."
+            )
+        with deepspeed.zero.Init(
+            enabled=self.zero_stage_3,
+            remote_device=self.remote_device,
+            config_dict_or_path=self.config,
+            data_parallel_group=self._mpu.get_data_parallel_group() if self._mpu is not None else None,
+        ):
+            yield
+
+    @override
+    def _setup_model_and_optimizer(self, model: Module, optimizer: Optional[Any], lr_scheduler: Optional[Any] = None):
+        import deepspeed
+
+        assert self._mpu is not None, "setup_environment must run first"
+        device_rank = self.root_device.index if self.root_device.index is not None else self.local_rank
+        model_parameters = filter(lambda p: p.requires_grad, model.parameters())
+        engine, deepspeed_optimizer, _, _ = deepspeed.initialize(
+            args=argparse.Namespace(device_rank=device_rank),
+            config=self.config,
+            model=model,
+            model_parameters=model_parameters,
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            mpu=self._mpu,
+            dist_init_required=False,
+        )
+        return engine, deepspeed_optimizer
+
+    @override
+    def _initialize_deepspeed_inference(self, model: Module) -> None:
+        # as Lightning's, with the worker group as DeepSpeed's data-parallel group (ZeRO-3 partitions over it, and a
+        # checkpoint's partitions match it)
+        import deepspeed
+        from lightning.pytorch.strategies.deepspeed import remove_module_hooks
+
+        assert isinstance(self.config, dict) and self._mpu is not None
+        inference_config: dict[str, Any] = {"train_micro_batch_size_per_gpu": 1}
+        for key in ("fp16", "bf16"):
+            if key in self.config:
+                inference_config[key] = self.config[key]
+        if self.zero_stage_3:
+            inference_config["zero_allow_untested_optimizer"] = self.config.get("zero_allow_untested_optimizer", True)
+            inference_config["zero_optimization"] = self.config["zero_optimization"]
+        remove_module_hooks(model)
+        device_rank = self.root_device.index if self.root_device.index is not None else self.local_rank
+        engine, _, _, _ = deepspeed.initialize(
+            args=argparse.Namespace(device_rank=device_rank), config=inference_config, model=model, optimizer=None,
+            lr_scheduler=None, model_parameters=[], mpu=self._mpu, dist_init_required=False,
+        )
+        self.model = engine
+
+    @override
+    def setup(self, trainer: Trainer) -> None:
+        fitting = is_fitting(trainer)
+        if fitting and self._layer_sync is not None:
+            raise ValueError(
+                "sync_batchnorm=True synchronizes batch statistics across all ranks at every step, which local SGD "
+                "avoids (buffers are averaged at each sync instead). Set Trainer(sync_batchnorm=False)."
+            )
+        self._broadcast_from_rank_zero()
+        super().setup(trainer)
+        self._guard_reentrant_root_forward()
+        if fitting:
+            self._zero_optimizer()  # fails early for an optimizer wrapper we cannot sync
+            self._broadcast_group_zero_partitions()
+            self._setup_local_sgd(trainer)
+
+    def _guard_reentrant_root_forward(self) -> None:
+        """ZeRO-3: start DeepSpeed's per-forward parameter trace on the outermost call of the LightningModule only.
+
+        DeepSpeed resets its prefetch trace in a forward pre-hook on the root module. Lightning runs ``training_step``
+        through the engine's forward, and a ``training_step`` that calls ``self(x)`` enters the root module a second
+        time: the trace is reset mid-forward, never completes, and DeepSpeed then validates it at every step with
+        broadcasts from global rank 0 over *all* ranks (``assert_ints_same_as_other_ranks``), one cross-group round
+        trip per step. Re-entrant calls of the root module no longer reset the trace.
+        """
+        optimizer = self._deepspeed_optimizer_or_none()
+        # training: the ZeRO-3 optimizer's parameter_offload; evaluation: DeepSpeedZeRoOffload itself
+        offload = getattr(optimizer, "parameter_offload", None) or optimizer
+        handle = getattr(offload, "fwd_pre_hook", None)
+        module = getattr(offload, "module", None)
+        if handle is None or module is None or not isinstance(getattr(offload, "forward_hooks", None), list):
+            return
+        handle.remove()
+        depth = [0]
+
+        def start_of_forward(mod: Module, *args: Any) -> None:
+            depth[0] += 1
+            if depth[0] == 1:
+                offload.get_param_coordinator().reset_step()
+
+        def end_of_forward(mod: Module, *args: Any) -> None:
+            depth[0] -= 1
+
+        offload.fwd_pre_hook = module.register_forward_pre_hook(start_of_forward, prepend=True)
+        offload.forward_hooks.append(module.register_forward_hook(end_of_forward, always_call=True))
+
+    def _deepspeed_optimizer_or_none(self) -> Any:
+        return getattr(self.model, "optimizer", None) if self.model is not None else None
+
+    @torch.no_grad()
+    def _broadcast_from_rank_zero(self) -> None:
+        """Every rank starts from rank 0's weights and buffers whatever its seed (DeepSpeed itself broadcasts only
+        inside its data-parallel group, i.e. the worker group)."""
+        assert self.model is not None
+        for t in list(self.model.parameters()) + list(self.model.buffers()):
+            if hasattr(t, "ds_id") or t.numel() == 0:
+                continue  # already partitioned by zero.Init: handled after the engine exists
+            dist.broadcast(t.data, src=0)
+
+    def _zero_optimizer(self) -> Any:
+        engine = self.deepspeed_engine
+        optimizer = getattr(engine, "optimizer", None)
+        for attr in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat_partition"):
+            if isinstance(getattr(optimizer, attr, None), list):
+                return optimizer
+        raise TypeError(
+            f"LocalSGDDeepSpeedStrategy cannot find the fp32 master partitions in DeepSpeed's optimizer "
+            f"{type(optimizer).__name__}: supported are ZeRO stage 1/2 (DeepSpeedZeroOptimizer), stage 3 "
+            "(DeepSpeedZeroOptimizer_Stage3) and DeepSpeed's BF16_Optimizer."
+        )
+
+    def _master_partitions(self) -> list[Tensor]:
+        """This rank's fp32 master partitions, one flat tensor per parameter (sub-)group; same layout in every group."""
+        opt = self._zero_optimizer()
+        if hasattr(opt, "fp32_partitioned_groups_flat"):  # stage 3
+            flats = opt.fp32_partitioned_groups_flat
+        elif hasattr(opt, "single_partition_of_fp32_groups"):  # stage 1/2
+            flats = opt.single_partition_of_fp32_groups
+        else:  # BF16_Optimizer (bf16 with stage 1)
+            flats = opt.fp32_groups_flat_partition
+        if any(t is None for t in flats):
+            raise RuntimeError("LocalSGDDeepSpeedStrategy: a master partition is swapped out (NVMe offload).")
+        return [t.detach() for t in flats]
+
+    @torch.no_grad()
+    def _refresh_module_params(self) -> None:
+        """After the master partitions changed: make the module's (bit16) parameters equal to them again, as ZeRO
+        does at the end of its own ``step()``. Collective inside the worker group."""
+        opt = self._zero_optimizer()
+        if hasattr(opt, "fp32_partitioned_groups_flat"):  # stage 3
+            # release the gathered parameters (the persistent ones included), so the partitions are the source
+            opt._partition_all_parameters()
+            for i in range(len(opt.fp16_partitioned_groups_flat)):
+                # fp32 flat -> partitioned bit16 flat, which the parameters' ds_tensor views point into
+                opt._reassign_or_swap_out_partitioned_parameters(i)
+            persistent = getattr(opt, "persistent_parameters", None)
+            if persistent:
+                persistent[0].all_gather(persistent)
+            if hasattr(opt, "invalidate_secondary_tensor"):
+                opt.invalidate_secondary_tensor()
+        else:  # stage 1/2 and BF16_Optimizer: copy into the bit16 partition, all-gather inside the group
+            opt.update_lp_params()
+
+    @torch.no_grad()
+    def _broadcast_group_zero_partitions(self) -> None:
+        """Every group starts from group 0's master partitions (rank k of group 0 sends partition k to its cross
+        group): covers parameters that zero.Init partitioned inside each group from different seeds."""
+        assert self.topology is not None
+        if self.topology.num_groups == 1:
+            return
+        for t in self._master_partitions():
+            if t.numel():
+                dist.broadcast(t, src=self.topology.rank_in_group, group=self.topology.cross_group)
+        self._refresh_module_params()
+
+    @override
+    def _local_sgd_tensors(self) -> tuple[list[Tensor], list[Tensor]]:
+        module = self.lightning_module
+        buffers = [b for b in module.buffers() if torch.is_floating_point(b)]
+        return self._master_partitions(), buffers
+
+    @override
+    def _local_sgd_norm_group(self) -> Optional[dist.ProcessGroup]:
+        # the other partitions of this group's model live on the other ranks of the group
+        return self.topology.inner_group if self.topology is not None else None
+
+    @property
+    def ddp_bytes_per_step(self) -> int:
+        """Bytes DDP would all-reduce per optimizer step on each rank: the full gradients of the model."""
+        module = self.lightning_module
+        return sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in module.parameters() if p.requires_grad)
+
+    @override
+    def _run_sync(self, trainer: Trainer, *args: Any, **kwargs: Any) -> None:
+        assert self.outer_sync is not None
+        self.outer_sync.tensors = self._master_partitions()  # a checkpoint load may have re-created them
+        super()._run_sync(trainer, *args, **kwargs)
+        # the partitions hold θ_g now (also after a skipped sync): the module's parameters follow them
+        self._refresh_module_params()
+
+    # ------------------------------------------------------------------ steps
+    @override
+    def optimizer_step(self, optimizer: Any, closure: Any, model: Optional[Any] = None, **kwargs: Any) -> Any:
+        # DeepSpeed accumulates gradients itself: Lightning calls this on every micro-batch and the engine steps on
+        # the accumulation boundary only. H counts the real steps.
+        boundary = self.deepspeed_engine.is_gradient_accumulation_boundary()
+        out = super().optimizer_step(optimizer, closure, model, **kwargs)
+        if boundary:
+            self._stepped_this_batch = True
+        return out
+
+    @override
+    def on_train_end(self) -> None:
+        super().on_train_end()
+        assert self.lightning_module is not None
+        self._local_sgd_train_end(self.lightning_module.trainer)
+
+    @override
+    def teardown(self) -> None:
+        self._remove_hooks(self.lightning_module._trainer if self.lightning_module is not None else None)
+        super().teardown()
+
+    # ------------------------------------------------------------------ checkpoints
+    def _layout(self) -> dict[str, Any]:
+        return {
+            "format_version": 1, "world_size": self.world_size, "group_size": self.group_size,
+            "sync_every": self.sync_every, "warmup_steps": self.warmup_steps, "outer_optimizer": self._outer_name(),
+            "zero_stage": self.zero_stage, "schedule": self.schedule.state_dict(),
+            "sync_seconds_total": self.sync_seconds_total,
+        }
+
+    def _group_checkpoint_dir(self, path: Path) -> Path:
+        assert self.topology is not None
+        g = self.topology.group_index
+        return path if g == 0 else path / _LOCAL_DIR / _group_dir(g)
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
+        if storage_options is not None:
+            raise TypeError(
+                "`Trainer.save_checkpoint(..., storage_options=...)` is not supported by LocalSGDDeepSpeedStrategy "
+                "(DeepSpeed writes the checkpoint, not a CheckpointIO)."
+            )
+        if self.outer_sync is None or self.topology is None:
+            super().save_checkpoint(checkpoint, filepath)
+            return
+        from .fsdp import _atomic_save
+
+        path = Path(self.broadcast(str(filepath)))
+        local_dir = path / _LOCAL_DIR
+        layout = self._layout()
+        # Lightning's DeepSpeed convention: the weights and optimizer states are in DeepSpeed's files
+        client_state = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
+        client_state[CHECKPOINT_KEY] = layout
+        if self.is_global_zero and path.is_file():
+            path.unlink()
+        self.barrier()
+        group_dir = self._group_checkpoint_dir(path)
+        group_dir.mkdir(parents=True, exist_ok=True)
+        local_dir.mkdir(parents=True, exist_ok=True)
+        # Between syncs every group has its own weights and optimizer partitions, and DeepSpeed writes one copy per
+        # data-parallel rank: each group writes its own DeepSpeed checkpoint (collective over all ranks).
+        self.deepspeed_engine.save_checkpoint(
+            str(group_dir), client_state=client_state, tag=_TAG,
+            exclude_frozen_parameters=self.exclude_frozen_parameters,
+        )
+        _atomic_save({"outer": self.outer_sync.state_dict(), "rank": self.global_rank,
+                      "cluster": self.cluster_sync.state_dict() if self.cluster_sync is not None else None,
+                      "group": self.topology.group_index}, local_dir / _rank_file(self.global_rank))
+        self.barrier()
+        if self.is_global_zero:
+            _atomic_save(layout, local_dir / _META_FILE)  # written last: its presence marks a complete checkpoint
+        self.barrier()
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        path = Path(self.broadcast(str(checkpoint_path)))
+        meta_file = path / _LOCAL_DIR / _META_FILE
+        if not meta_file.is_file():
+            if path.is_dir() and (path / _TAG).is_dir():
+                rank_zero_warn(
+                    "Resuming from a DeepSpeed checkpoint without local-SGD state (e.g. written by plain "
+                    "DeepSpeedStrategy): every group loads it and local SGD starts a new interval."
+                )
+                return super().load_checkpoint(checkpoint_path, weights_only)
+            raise FileNotFoundError(
+                f"{path} is not a LocalSGDDeepSpeedStrategy checkpoint folder (no {_LOCAL_DIR}/{_META_FILE}). Pass the "
+                "folder that ModelCheckpoint / Trainer.save_checkpoint wrote."
+            )
+        layout = torch.load(meta_file, map_location="cpu", weights_only=False)
+        self._check_restored_layout(layout, self.world_size)
+        if layout.get("zero_stage", self.zero_stage) != self.zero_stage:
+            raise ValueError(
+                f"cannot resume: the checkpoint was written with ZeRO stage {layout['zero_stage']}, this run uses "
+                f"stage {self.zero_stage}. Resume with the same stage."
+            )
+        assert self.lightning_module is not None
+        fitting = is_fitting(self.lightning_module.trainer)
+        if not fitting and self.zero_stage_3:
+            raise NotImplementedError(
+                "validate/test/predict from a ZeRO-3 checkpoint folder in a new Trainer: DeepSpeed's ZeRO-3 inference "
+                "engine cannot load partitions written by a data-parallel subgroup (the worker group). Convert group "
+                f"0's checkpoint into one weights file with `lightning.pytorch.utilities.deepspeed."
+                f"convert_zero_checkpoint_to_fp32_state_dict('{path}', 'model.pt')` and load that, or evaluate "
+                "inside trainer.fit (the validation loop)."
+            )
+        _, client_state = self.deepspeed_engine.load_checkpoint(
+            str(self._group_checkpoint_dir(path)), tag=_TAG, load_optimizer_states=fitting,
+            load_lr_scheduler_states=False, load_module_strict=self.lightning_module.strict_loading,
+        )
+        if client_state is None:
+            raise MisconfigurationException(f"DeepSpeed could not load the checkpoint of this rank's group from {path}.")
+        if fitting and self.outer_sync is not None:
+            mine = torch.load(path / _LOCAL_DIR / _rank_file(self.global_rank), map_location="cpu", weights_only=False)
+            self.outer_sync.load_state_dict(mine["outer"])
+            if self.cluster_sync is not None and mine.get("cluster") is not None:
+                self.cluster_sync.load_state_dict(mine["cluster"])
+            self.outer_sync.tensors = self._master_partitions()
+            self.schedule.load_state_dict(layout["schedule"])
+            self.sync_seconds_total = float(layout.get("sync_seconds_total", 0.0))
+        client_state.pop(CHECKPOINT_KEY, None)
+        return client_state
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+        for outer, name, what in (("average", "local_sgd", "Local SGD (averaging)"), ("diloco", "diloco", "DiLoCo")):
+            strategy_registry.register(
+                f"{name}_deepspeed", cls, description=f"{what} across groups, DeepSpeed ZeRO stage 2 inside each group",
+                outer_optimizer=outer, stage=2, override=True,
+            )
+            for stage in (1, 2, 3):
+                strategy_registry.register(
+                    f"{name}_deepspeed_stage_{stage}", cls,
+                    description=f"{what} across groups, DeepSpeed ZeRO stage {stage} inside each group",
+                    outer_optimizer=outer, stage=stage, override=True,
+                )

@@ -1,0 +1,101 @@
+"""Compressed pseudo-gradients: codec bounds, error feedback, and a compressed sync against a hand reference."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import pytest
+import torch
+
+from lightning_localsgd.comm import CODECS, decode, encode, payload_bytes
+from lightning_localsgd.outer import OuterSync
+from test_outer import initial, local_tensors, spawn
+
+
+@pytest.mark.parametrize("n", [1, 255, 256, 1000])
+def test_codec_round_trip_bounds(n):
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, generator=g) * torch.logspace(-3, 1, n)
+    for codec in CODECS:
+        payload = encode(x, codec)
+        assert payload.dtype == torch.uint8 and payload.numel() == payload_bytes(codec, n)
+        y = decode(payload, codec, n)
+        if codec == "bf16":
+            assert torch.all((x - y).abs() <= x.abs() * 2.0**-8)
+            continue
+        levels = 127 if codec == "int8" else 7
+        blocks = torch.nn.functional.pad(x, (0, (-n) % 256)).view(-1, 256)
+        step = (blocks.abs().amax(1) / levels).repeat_interleave(256)[:n]
+        assert torch.all((x - y).abs() <= step / 2 + 1e-7 * x.abs().max())  # half a step, per block
+    assert payload_bytes("int8", 1024) == 1024 + 4 * 4 and payload_bytes("int4", 1024) == 512 + 4 * 4
+
+
+def test_int4_packing_keeps_signs_and_odd_lengths():
+    x = torch.tensor([-7.0, 7.0, -3.0, 0.0, 5.0])
+    assert torch.equal(decode(encode(x, "int4"), "int4", 5), x)
+
+
+@pytest.mark.parametrize("codec", ["int8", "int4"])
+def test_error_feedback_keeps_the_accumulated_error_bounded(codec):
+    """Sum over T syncs of what was sent equals the sum of the true values up to the last residual."""
+    g = torch.Generator().manual_seed(0)
+    error = torch.zeros(512)
+    sent, true = torch.zeros(512), torch.zeros(512)
+    worst = 0.0
+    for _ in range(200):
+        d = torch.randn(512, generator=g) * 1e-3 + 1e-4  # small biased signal: plain rounding would drift
+        q = decode(encode(d + error, codec), codec, 512)
+        error = d + error - q
+        sent += q
+        true += d
+        worst = max(worst, float((true - sent).abs().max()))
+    levels = 127 if codec == "int8" else 7
+    assert torch.allclose(true - sent, error, atol=1e-6)
+    # bounded by about one quantization step of a single sync, not growing with the number of syncs
+    assert worst <= 2 * (5e-3 / levels)
+
+
+def scenario_compressed(rank, world, codec):
+    params = [t.clone() for t in initial()]
+    engine = OuterSync(params, compression=codec)
+    out = []
+    for sync in range(2):
+        for p, t in zip(params, local_tensors(rank, sync)):
+            p.copy_(t)
+        res = engine.sync()
+        out.append(([p.clone() for p in params], res.bytes_sent))
+    return {"after": out, "state": engine.state_dict()}
+
+
+@pytest.mark.parametrize("codec", ["bf16", "int8", "int4"])
+def test_compressed_average_matches_hand_reference(tmp_path, codec):
+    world = 2
+    got = spawn(functools.partial(scenario_compressed, codec=codec), world, tmp_path)
+    theta = torch.cat([t.reshape(-1) for t in initial()])
+    errors = [torch.zeros_like(theta) for _ in range(world)]
+    for sync in range(2):
+        decoded = []
+        for r in range(world):
+            local = torch.cat([t.reshape(-1) for t in local_tensors(r, sync)])
+            d = theta - local + errors[r]
+            q = decode(encode(d, codec), codec, d.numel())
+            errors[r] = d - q
+            decoded.append(q)
+        theta = theta - sum(decoded) / world
+        for rank in got:
+            params, sent = rank["after"][sync]
+            assert torch.allclose(torch.cat([p.reshape(-1) for p in params]), theta, atol=1e-6)
+            assert sent == payload_bytes(codec, 22)
+    for r, rank in enumerate(got):
+        assert torch.allclose(rank["state"]["compression_error"], errors[r], atol=1e-6)
+
+
+def test_strategy_int8_sync_sends_a_quarter(tmp_path):
+    from _launch import run_tiny
+
+    ranks = run_tiny(tmp_path, devices=2, sync_every=2, steps=4, compression="int8")
+    numel = 49
+    assert ranks[0]["info"]["bytes_sent"] == 2 * payload_bytes("int8", numel)
+    assert math.isclose(payload_bytes("int8", 10**6) / (4 * 10**6), 0.25, rel_tol=0.02)
+    assert max(float((a - b).abs().max()) for a, b in zip(ranks[0]["steps"][1].values(), ranks[1]["steps"][1].values())) == 0.0

@@ -1,0 +1,180 @@
+"""Bad input everywhere fails before training with a message naming the argument: every public argument of
+LocalSGDStrategy, combinations only the Trainer can judge, the TextDataModule and the command line."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.distributed as dist
+
+import lightning_localsgd  # noqa: F401
+from lightning_localsgd import LocalSGDStrategy
+from lightning_localsgd.cli import DEFAULT_CONFIG, main
+from lightning_localsgd.examples.data import TextDataModule
+
+# ------------------------------------------------------------------------------------------------ the strategy
+STRATEGY_CASES = [
+    # local-SGD arguments
+    ({"sync_every": 0}, "sync_every must be an integer >= 1"),
+    ({"sync_every": "64"}, "sync_every must be an integer >= 1, got '64'"),
+    ({"outer_optimizer": "adam"}, r"outer_optimizer='adam' is not a known name"),
+    ({"outer_optimizer": 0.7}, "outer_optimizer must be one of"),
+    ({"outer_optimizer": functools.partial(torch.optim.SGD, lr=-1.0)},
+     "outer_optimizer: calling it with a list of parameters failed"),
+    ({"outer_optimizer": lambda params: params}, "must return a torch.optim.Optimizer, but it returned list"),
+    ({"group_size": 0}, "group_size must be an integer >= 1"),
+    ({"group_size": 1.5}, "group_size must be an integer >= 1, got 1.5"),
+    ({"warmup_steps": -1}, "warmup_steps must be an integer >= 0"),
+    ({"warmup_steps": None}, "warmup_steps must be an integer >= 0, got None"),
+    ({"outer_state_device": "gpu"}, "outer_state_device='gpu' is not a device"),
+    ({"outer_state_device": "cuda:3"}, "outer_state_device='cuda:3'"),
+    ({"on_nonfinite": "warn"}, "on_nonfinite must be 'raise' or 'skip', got 'warn'"),
+    ({"sync_on_train_end": "yes"}, "sync_on_train_end must be True or False, got 'yes'"),
+    ({"sync_timeout": 0}, "sync_timeout must be a positive number of seconds"),
+    ({"sync_timeout": -5}, "sync_timeout must be a positive number of seconds"),
+    ({"sync_timeout": float("nan")}, "sync_timeout must be a positive number of seconds"),
+    ({"sync_timeout": float("inf")}, "sync_timeout must be a positive number of seconds"),
+    ({"sync_timeout": "600"}, "sync_timeout must be a positive number of seconds.*got '600'"),
+    ({"sync_timeout": True}, "sync_timeout must be a positive number of seconds"),
+    # two-stage sync
+    ({"cluster_size": 0, "cluster_sync_every": 64}, "cluster_size must be an integer >= 1"),
+    ({"cluster_size": 2}, "cluster_size is set but cluster_sync_every is not"),
+    ({"cluster_sync_every": 128}, "cluster_sync_every is set but cluster_size is not"),
+    ({"cluster_sync_every": 100, "cluster_size": 2, "sync_every": 64}, "must be a multiple of sync_every=64"),
+    ({"cluster_outer_optimizer": "adam", "cluster_size": 2, "cluster_sync_every": 128},
+     "cluster_outer_optimizer: outer_optimizer='adam' is not a known name"),
+    ({"compression": "zip"}, r"compression must be one of \('bf16', 'int8', 'int4'\) or None, got 'zip'"),
+    # DDPStrategy's arguments that would otherwise fail only inside the launched processes, or be ignored
+    ({"timeout": 30}, r"timeout must be a datetime.timedelta.*got 30.*use sync_timeout"),
+    ({"timeout": timedelta(0)}, "timeout must be a positive duration"),
+    ({"process_group_backend": "nope"}, r"process_group_backend='nope': unknown backend 'nope'"),
+    ({"process_group_backend": "cpu:gloo,cuda:nope"}, "unknown backend 'nope'"),
+    ({"process_group_backend": 1}, "process_group_backend must be a backend name"),
+    ({"model_averaging_period": 4}, "remove `model_averaging_period`"),
+    ({"ddp_comm_state": object()}, "remove `ddp_comm_state`"),
+    ({"process_group": object()}, "remove `process_group` and set group_size"),
+]
+
+
+@pytest.mark.parametrize("kwargs,match", STRATEGY_CASES, ids=[f"{next(iter(k))}={next(iter(k.values()))!r}"[:40]
+                                                              for k, _ in STRATEGY_CASES])
+def test_strategy_rejects(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LocalSGDStrategy(**kwargs)
+
+
+def test_every_strategy_argument_is_covered():
+    own = {n for n, p in inspect.signature(LocalSGDStrategy.__init__).parameters.items()
+           if n != "self" and p.kind is not p.VAR_KEYWORD}
+    assert own <= {name for kwargs, _ in STRATEGY_CASES for name in kwargs}
+
+
+def test_good_values_are_accepted():
+    s = LocalSGDStrategy(sync_timeout=2, timeout=timedelta(minutes=5), process_group_backend="cpu:gloo,cuda:nccl")
+    assert s.sync_timeout == 2.0
+    assert LocalSGDStrategy(sync_timeout=timedelta(seconds=90)).sync_timeout == 90.0
+    assert LocalSGDStrategy().sync_timeout is None
+
+
+# Combinations that only the Trainer can judge (world size = devices × nodes), checked when it is built.
+TRAINER_CASES = [
+    ({"devices": 2}, {"group_size": 4}, "group_size=4 is larger than the world size 2"),
+    ({"devices": 3}, {"group_size": 2}, r"group_size=2 does not divide the world size 3.*\[1, 3\]"),
+    ({"devices": 2, "num_nodes": 2}, {"group_size": 3}, r"group_size=3 does not divide the world size 4"),
+    ({"devices": 2}, {"start_method": "nope"}, "start method 'nope' is not available"),
+    ({"devices": 3}, {"cluster_size": 2, "cluster_sync_every": 128}, "cluster_size=2 does not divide the 3 worker groups"),
+]
+if not dist.is_backend_available("nccl"):
+    TRAINER_CASES.append(({"devices": 2}, {"process_group_backend": "nccl"}, "this torch build has no 'nccl' backend"))
+
+
+@pytest.mark.parametrize("trainer_kwargs,strategy_kwargs,match", TRAINER_CASES)
+def test_incompatible_combinations_fail_when_the_trainer_is_built(trainer_kwargs, strategy_kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        L.Trainer(accelerator="cpu", strategy=LocalSGDStrategy(**strategy_kwargs), logger=False, **trainer_kwargs)
+    # (sync_batchnorm=True is refused at setup, before the first step: tests/test_strategy_errors.py)
+
+
+# ------------------------------------------------------------------------------------------------ the data module
+DATA_CASES = [
+    ({"source": "csv"}, ValueError, "Unknown TextDataModule source='csv'"),
+    ({"path": 3}, ValueError, "TextDataModule path must be a file or folder path"),
+    ({"path": "/no/such/file.txt"}, FileNotFoundError, "path='/no/such/file.txt' does not exist"),
+    ({"hf_name": ""}, ValueError, "TextDataModule hf_name must be a non-empty string or None"),
+    ({"hf_config": 3}, ValueError, "TextDataModule hf_config must be a non-empty string or None, got 3"),
+    ({"hf_split": ""}, ValueError, "TextDataModule hf_split must be a non-empty string"),
+    ({"text_field": None}, ValueError, "TextDataModule text_field must be a non-empty string"),
+    ({"streaming": "yes"}, ValueError, "TextDataModule streaming must be True or False"),
+    ({"tokenizer": ""}, ValueError, "TextDataModule tokenizer must be a non-empty string or None"),
+    ({"max_tokens": 0}, ValueError, "TextDataModule max_tokens must be >= 1"),
+    ({"max_tokens": 2.5}, ValueError, "TextDataModule max_tokens must be an integer or None"),
+    ({"block_size": "128"}, ValueError, r"TextDataModule block_size must be an integer, got '128' \(str\)"),
+    ({"block_size": 0}, ValueError, "TextDataModule block_size must be >= 1"),
+    ({"block_size": True}, ValueError, "TextDataModule block_size must be an integer"),
+    ({"batch_size": 2.5}, ValueError, "TextDataModule batch_size must be an integer"),
+    ({"batch_size": 0}, ValueError, "TextDataModule batch_size must be >= 1"),
+    ({"val_fraction": "0.1"}, ValueError, "TextDataModule val_fraction must be a finite number"),
+    ({"val_fraction": 1.0}, ValueError, r"val_fraction must be in the open interval \(0, 1\)"),
+    ({"num_workers": -1}, ValueError, "TextDataModule num_workers must be >= 0"),
+    ({"num_workers": 1.5}, ValueError, "TextDataModule num_workers must be an integer"),
+    ({"seed": "x"}, ValueError, "TextDataModule seed must be an integer"),
+]
+
+
+@pytest.mark.parametrize("kwargs,error,match", DATA_CASES, ids=[next(iter(k)) + "-" + str(i)
+                                                                for i, (k, _, _) in enumerate(DATA_CASES)])
+def test_data_module_rejects(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        TextDataModule(**kwargs)
+
+
+def test_every_data_module_argument_is_covered():
+    own = {n for n in inspect.signature(TextDataModule.__init__).parameters if n != "self"}
+    assert own <= {next(iter(k)) for k, _, _ in DATA_CASES}
+
+
+# ------------------------------------------------------------------------------------------------ the command line
+CLI_CASES = [
+    (["--trainer.strategy.group_size", "3"], "group_size=3 is larger than the world size 2"),
+    (["--trainer.strategy.sync_timeout", "-1"], "sync_timeout must be a positive number of seconds"),
+    (["--trainer.strategy.on_nonfinite", "ignore"], "on_nonfinite must be 'raise' or 'skip'"),
+    (["--data.block_size", "0"], "block_size must be >= 1"),
+    (["--data.val_fraction", "1.5"], r"val_fraction must be in the open interval \(0, 1\)"),
+]
+
+
+@pytest.mark.parametrize("args,match", CLI_CASES, ids=[a[0].lstrip("-") for a, _ in CLI_CASES])
+def test_cli_rejects_before_training(args, match, monkeypatch, capsys):
+    def not_reached(*a, **k):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(L.Trainer, "fit", not_reached)
+    monkeypatch.setattr(sys, "argv", ["lightning-localsgd"])
+    with pytest.raises((ValueError, SystemExit)) as exc:
+        main(["fit", "--config", str(DEFAULT_CONFIG), *args])
+    if isinstance(exc.value, SystemExit):
+        assert exc.value.code != 0
+        text = capsys.readouterr().err
+    else:
+        text = str(exc.value)
+    import re
+
+    assert re.search(match, text), text[-2000:]
+
+
+def test_cli_incompatible_group_size_end_to_end(tmp_path):
+    """One real `python -m lightning_localsgd fit` (default config: 2 CPU processes) with group_size 4 > 2 ranks."""
+    proc = subprocess.run([sys.executable, "-m", "lightning_localsgd", "fit", "--trainer.strategy.group_size", "4"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=180,
+                          env={**__import__("os").environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode != 0
+    assert "group_size=4 is larger than the world size 2" in proc.stderr + proc.stdout, proc.stderr[-3000:]
+    assert not (tmp_path / "logs").exists()  # nothing was started
