@@ -190,6 +190,8 @@ class LocalSGDDeepSpeedStrategy(LocalSGDMixin, DeepSpeedStrategy):
         cluster_size: two-stage sync: worker groups per cluster (see ``LocalSGDStrategy``). Default None.
         cluster_sync_every: ``H2``, steps between syncs across clusters, a multiple of ``sync_every``.
         cluster_outer_optimizer: outer optimizer across clusters. Default ``"diloco"``.
+        compression: compress what crosses groups at a sync: ``None`` (fp32 all-reduce), ``"bf16"``, ``"int8"`` or
+            ``"int4"``, with error feedback (see ``LocalSGDStrategy``). Default None.
         **kwargs: every argument of Lightning's ``DeepSpeedStrategy``: ``stage`` (default 2), ``config`` (a DeepSpeed
             config dict or JSON path; its ``zero_optimization`` must use stage 1–3), ``allgather_bucket_size``,
             ``reduce_bucket_size``, ``logging_level``, ``process_group_backend``, ``timeout``, ... ZeRO offloading
@@ -217,6 +219,7 @@ class LocalSGDDeepSpeedStrategy(LocalSGDMixin, DeepSpeedStrategy):
         cluster_size: Optional[int] = None,
         cluster_sync_every: Optional[int] = None,
         cluster_outer_optimizer: OuterOptimizerSpec = "diloco",
+        compression: Optional[str] = None,
         **kwargs: Any,
     ) -> None:
         _require_deepspeed()
@@ -244,6 +247,7 @@ class LocalSGDDeepSpeedStrategy(LocalSGDMixin, DeepSpeedStrategy):
         self._init_local_sgd(
             sync_every, outer_optimizer, 1 if group_size is None else group_size, warmup_steps, outer_state_device,
             on_nonfinite, sync_on_train_end, sync_timeout, cluster_size, cluster_sync_every, cluster_outer_optimizer,
+            compression,
         )
         self.group_size = group_size  # None until the launcher knows the devices per node
         self._mpu: Optional[_WorkerGroupMPU] = None

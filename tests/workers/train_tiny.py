@@ -215,7 +215,7 @@ def main() -> None:
             sync_every=args.sync_every, outer_optimizer=args.outer, group_size=args.group_size,
             warmup_steps=args.warmup, outer_state_device=args.state_device, process_group_backend="gloo",
             logging_batch_size_per_gpu=2, cluster_size=args.cluster_size, cluster_sync_every=args.cluster_sync_every,
-            cluster_outer_optimizer=args.cluster_outer, **ds,
+            cluster_outer_optimizer=args.cluster_outer, compression=args.compression, **ds,
         )
     elif args.strategy == "registered":
         strategy = args.registered_name
