@@ -1,0 +1,187 @@
+"""Two "clusters" joined by an emulated slow network: wall clock to a target validation loss, DDP vs local SGD.
+
+Each worker group (one process: a "cluster") talks to the other over gloo on 127.0.0.1 inside a private network
+namespace (``unshare -n``) whose loopback is shaped with a token bucket (``tc qdisc ... tbf``), for each link of
+
+    1 Gbit/s, 5 ms      100 Mbit/s, 20 ms      10 Mbit/s, 50 ms      (bandwidth per cluster, one-way latency)
+
+* Bandwidth: the namespace's ``lo`` carries the traffic of both directions and of every rank through one queue, so it
+  is shaped to G × the link rate (the aggregate of G full-duplex links): a ring all-reduce of M bytes then takes
+  ≈ 2(G−1)/G · M / rate, as on G real links. The achieved rate is reported (``effective_mbit_s``).
+* Latency: ``netem`` is not available in this kernel, so latency is added in the worker: every collective that spans
+  more than one rank sleeps ``hops × latency`` before it is issued (ring all-reduce: 2(G−1) hops; broadcast, barrier:
+  ⌈log2 G⌉), both in the Python collectives (local SGD's sync, Lightning's broadcasts) and in a DDP communication
+  hook (DDP's gradient all-reduce). TCP's own reaction to latency (slow start, window limits) is not modelled.
+* Where namespaces or tc are not allowed, the benchmark says so and falls back to a pure software model: each
+  collective sleeps ``wire bytes / rate + hops × latency`` and the bytes travel over the unshaped loopback.
+
+Protocol, per link: DDP trains S steps (its final validation loss is the target); local SGD (model averaging every H
+steps, same model, seed, data order, batch and learning-rate schedule — cosine over S steps, then the minimum rate)
+trains until its validation loss, checked after every sync, is at or below DDP's final loss (at most 2S steps). Both
+are evaluated every ``--eval-every`` steps on the same held-out windows, evaluation time excluded from the clock.
+Reported: training wall clock to the target for each, and the speed-up DDP / local SGD. Lightning's per-batch SIGTERM
+broadcast is disabled for DDP (the strategy keeps it off the slow links for local SGD), so DDP pays exactly one
+collective per step.
+
+    python benchmarks/multi_cluster.py               # small default: GPT micro, S = 256 steps, ~6 min on 2 CPU cores
+    python benchmarks/multi_cluster.py --emulation sleep
+    python benchmarks/multi_cluster.py --full        # longer runs of a larger model (still on CPU + gloo)
+
+Traffic stays on 127.0.0.1 inside the namespace; nothing else is ever a target.
+
+Writes benchmarks/results/multi_cluster.csv, multi_cluster_curves.csv, multi_cluster.png and multi_cluster.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import harness as h
+
+LINKS = [("1 Gbit/s, 5 ms", 1e9, 0.005), ("100 Mbit/s, 20 ms", 100e6, 0.020), ("10 Mbit/s, 50 ms", 10e6, 0.050)]
+PRESETS = {
+    "default": dict(size="micro", steps=256, batch_size=4, block_size=128, sync_every=32, eval_every=32,
+                    learning_rate=3e-3, warmup=20, val_windows=256, groups=2),
+    "full": dict(size="tiny", steps=2048, batch_size=8, block_size=128, sync_every=64, eval_every=64,
+                 learning_rate=2e-3, warmup=100, val_windows=512, groups=2),
+}
+
+
+def time_to(curve: list[dict], target: float) -> tuple[float, int]:
+    """Training seconds and step of the first evaluation at or below ``target`` (NaN, -1 if never)."""
+    for c in curve:
+        if c["step"] > 0 and c["val_loss"] <= target:
+            return c["train_seconds"], c["step"]
+    return float("nan"), -1
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--full", action="store_true")
+    p.add_argument("--emulation", default="auto", choices=["auto", "netns", "sleep"])
+    p.add_argument("--size")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--sync-every", type=int)
+    p.add_argument("--eval-every", type=int)
+    p.add_argument("--links", nargs="+", help="subset of the links, by index 0..2 (default all)")
+    args = p.parse_args()
+    cfg = dict(PRESETS["full" if args.full else "default"])
+    for key in ("size", "steps", "batch_size", "sync_every", "eval_every"):
+        if getattr(args, key) is not None:
+            cfg[key] = getattr(args, key)
+    if cfg["eval_every"] % cfg["sync_every"] or cfg["steps"] % cfg["eval_every"]:
+        p.error("--eval-every must be a multiple of --sync-every and divide --steps")
+    links = [LINKS[int(i)] for i in args.links] if args.links else LINKS
+    G = cfg["groups"]
+
+    emulation = args.emulation
+    ok, why = h.netns_available()
+    if emulation == "auto":
+        emulation = "netns" if ok else "sleep"
+    if emulation == "netns" and not ok:
+        p.error(f"network namespaces / tc are not usable here ({why}); use --emulation sleep")
+    if not ok:
+        print(f"note: network namespaces / tc are not usable here ({why}): software model (sleep = bytes / rate + "
+              "hops × latency per collective)")
+    print(f"emulation: {emulation}")
+
+    started = time.time()
+    model = dict(size=cfg["size"], learning_rate=cfg["learning_rate"], warmup_steps=cfg["warmup"],
+                 max_steps=cfg["steps"])
+    common = dict(model=model, batch_size=cfg["batch_size"], block_size=cfg["block_size"], devices=G,
+                  eval_every=cfg["eval_every"], val_windows=cfg["val_windows"])
+    rows, curves, runs = [], [], []
+    for label, rate, latency in links:
+        net = dict(bandwidth_bit_s=rate, latency_s=latency, emulation=emulation)
+        prefix = h.netns_prefix(G * rate) if emulation == "netns" else None
+        ddp = h.launch(h.run_config(f"DDP {label}", "ddp", steps=cfg["steps"], net=net, **common), prefix=prefix)
+        target = ddp["final_val_loss"]
+        loc = h.launch(h.run_config(f"local SGD H={cfg['sync_every']} {label}", "average", steps=2 * cfg["steps"],
+                                    sync_every=cfg["sync_every"], net=net, stop_at_loss=target, **common),
+                       prefix=prefix)
+        t_ddp, s_ddp = time_to(ddp["curve"], target)
+        t_loc, s_loc = time_to(loc["curve"], target)
+        speedup = t_ddp / t_loc if t_loc == t_loc else float("nan")
+        model_bytes = ddp["ddp_bytes_per_step"]
+        wire = 2 * (G - 1) / G * model_bytes  # bytes per rank of one ring all-reduce of the model
+        for r, t, s in ((ddp, t_ddp, s_ddp), (loc, t_loc, s_loc)):
+            is_ddp = r["mode"] == "ddp"
+            n_comm = r["steps"] if is_ddp else max(1, r["num_syncs"])
+            comm_per = r["sync_seconds"] / n_comm  # one gradient all-reduce (DDP) / one sync (local SGD)
+            rows.append(dict(
+                link=label, bandwidth_mbit_s=rate / 1e6, latency_ms=latency * 1e3, emulation=emulation,
+                mode="DDP" if is_ddp else f"local SGD H={cfg['sync_every']}", steps=r["steps"],
+                target_loss=target, final_val_loss=r["final_val_loss"], reached=s >= 0, step_at_target=s,
+                seconds_to_target=t, speedup_vs_ddp=1.0 if is_ddp else speedup, train_seconds=r["train_seconds"],
+                seconds_per_step=r["train_seconds"] / r["steps"], comm_seconds=r["sync_seconds"],
+                collectives=n_comm, seconds_per_collective=comm_per,
+                compute_seconds_per_step=(r["train_seconds"] - r["sync_seconds"]) / r["steps"],
+                effective_mbit_s=wire * 8 / max(comm_per - 2 * (G - 1) * latency, 1e-9) / 1e6,
+                bytes_per_step=r["bytes_sent"] / r["steps"], model_bytes=model_bytes, params=r["params"],
+                tokens_per_step=cfg["batch_size"] * cfg["block_size"],
+                outer_state_bytes=r["state_bytes"]))
+            curves += [dict(link=label, run=r["name"], **c) for c in r["curve"]]
+        runs.append((label, ddp, loc, target))
+        print(f"{label}: DDP {t_ddp:.1f} s to {target:.4f} ({ddp['steps']} steps, {ddp['train_seconds'] / ddp['steps'] * 1e3:.0f} "
+              f"ms/step); local SGD {t_loc:.1f} s ({s_loc} steps); speed-up {speedup:.2f}x", flush=True)
+    h.write_csv(h.RESULTS / "multi_cluster.csv", rows)
+    h.write_csv(h.RESULTS / "multi_cluster_curves.csv", curves)
+    plot(runs, rows)
+
+    table = h.md_table(rows, [("link", "link"), ("mode", "run"), ("seconds_to_target", "s to target"),
+                              ("step_at_target", "step at target"), ("speedup_vs_ddp", "speed-up vs DDP"),
+                              ("seconds_per_step", "s/step"), ("seconds_per_collective", "s per all-reduce/sync"),
+                              ("effective_mbit_s", "achieved Mbit/s"), ("bytes_per_step", "bytes/step/rank"),
+                              ("final_val_loss", "final val loss")])
+    first = runs[0][1]
+    text = (f"GPT `{cfg['size']}` ({first['params']:,} parameters, {first['ddp_bytes_per_step']:,} bytes of fp32 "
+            f"gradients), {G} clusters of 1 process, batch {cfg['batch_size']} × {cfg['block_size']} tokens per "
+            f"process, DDP {cfg['steps']} steps (target = its final validation loss), local SGD H={cfg['sync_every']} "
+            f"until it reaches the target (≤ {2 * cfg['steps']} steps), evaluation every {cfg['eval_every']} steps. "
+            f"Emulation: `{emulation}`"
+            + (" (unshare -n + tc tbf on lo at G × rate, latency slept per collective)." if emulation == "netns"
+               else " (software model: sleep = bytes / rate + hops × latency per collective).")
+            + f"\n\n{table}\n")
+    print(text)
+    command = "python benchmarks/multi_cluster.py" + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else "")
+    h.write_summary("multi_cluster", text, started, command)
+
+
+def plot(runs: list, rows: list[dict]) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    fig, axes = plt.subplots(1, len(runs) + 1, figsize=(4 * (len(runs) + 1), 3.8))
+    for ax, (label, ddp, loc, target) in zip(axes, runs):
+        for r, style in ((ddp, "-"), (loc, "--")):
+            c = [x for x in r["curve"] if x["step"] > 0]
+            ax.plot([x["train_seconds"] for x in c], [x["val_loss"] for x in c], style, marker=".",
+                    label=r["name"].replace(f" {label}", ""))
+        ax.axhline(target, color="k", lw=0.8, ls=":", label="target (DDP final)")
+        ax.set_xscale("log")
+        ax.set_title(label)
+        ax.set_xlabel("training wall clock (s, log)")
+        ax.set_ylabel("validation loss")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    ax = axes[-1]
+    sp = [r for r in rows if r["mode"] != "DDP"]
+    ax.bar([r["link"].replace(", ", "\n") for r in sp], [r["speedup_vs_ddp"] for r in sp])
+    for i, r in enumerate(sp):
+        ax.text(i, r["speedup_vs_ddp"], f"{r['speedup_vs_ddp']:.1f}x", ha="center", va="bottom")
+    ax.set_ylabel("speed-up to target (DDP time / local SGD time)")
+    ax.set_title("time-to-target speed-up")
+    fig.tight_layout()
+    fig.savefig(h.RESULTS / "multi_cluster.png", dpi=100)
+
+
+if __name__ == "__main__":
+    main()
