@@ -1,7 +1,8 @@
 """Lightning's own demo LightningTransformer, unchanged, trained with strategy="local_sgd" on a local text file.
 
 The demo's WikiText2 dataset reads ./data/wikitext-2.txt and only downloads when that file is missing: the test
-writes a small file there first, so nothing is downloaded.
+writes a small file there first, so nothing is downloaded (the module's own prepare_data still imports `requests`,
+which the `dev` extra installs).
 """
 
 import json
@@ -19,7 +20,7 @@ if __name__ == "__main__":
     out = sys.argv[1]
     fsdp = len(sys.argv) > 2 and sys.argv[2] == "fsdp"
     L.seed_everything(int(os.environ.get("LOCAL_RANK", 0)))  # different seeds: the strategy must align the ranks
-    dataset = WikiText2(block_size=16)
+    dataset = WikiText2(block_size=16, download=False)  # the test wrote ./data/wikitext-2.txt
     model = LightningTransformer(vocab_size=dataset.vocab_size)
     if fsdp:  # 2 worker groups × 2 FSDP2 shards; the strategy shards the unchanged module itself
         strategy, devices = lightning_localsgd.LocalSGDFSDPStrategy(group_size=2, sync_every=3), 4
