@@ -13,6 +13,7 @@ stream), and plotted against tokens and against training wall clock (evaluation 
 
     python benchmarks/equal_compute.py                  # small default: GPT micro, 2 CPU processes, ~5 min
     python benchmarks/equal_compute.py --sync-every 16 64
+    python benchmarks/equal_compute.py --learning-rate 1e-3 6e-3 --modes ddp average --out-name equal_compute_lr
     python benchmarks/equal_compute.py --full           # real hardware: GPT medium, 8000 steps, H = 16, 64, 256
 
 Writes benchmarks/results/equal_compute.csv (one row per run), equal_compute_curves.csv (every evaluation),
@@ -44,12 +45,14 @@ def main() -> None:
     p.add_argument("--block-size", type=int)
     p.add_argument("--sync-every", type=int, nargs="+", help="H values (local SGD and DiLoCo run at each)")
     p.add_argument("--eval-every", type=int, help="steps between evaluations (a multiple of every H)")
-    p.add_argument("--learning-rate", type=float)
+    p.add_argument("--learning-rate", type=float, nargs="+", help="peak AdamW lr; several: every mode at each")
     p.add_argument("--devices", type=int)
     p.add_argument("--accelerator", default=None, help="cpu (default) or gpu (NCCL)")
     p.add_argument("--modes", nargs="+", default=["ddp", "average", "diloco"])
+    p.add_argument("--out-name", default="equal_compute", help="file names under benchmarks/results/")
     args = p.parse_args()
     cfg = dict(PRESETS["full" if args.full else "default"])
+    cfg["learning_rate"] = [cfg["learning_rate"]]
     for key in ("size", "steps", "batch_size", "block_size", "sync_every", "eval_every", "learning_rate", "devices"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
@@ -62,26 +65,30 @@ def main() -> None:
             print(f"note: DiLoCo's outer lr 0.7 / momentum 0.9 is meant for H >= 16 (got H={H})")
 
     started = time.time()
-    model = dict(size=cfg["size"], learning_rate=cfg["learning_rate"], warmup_steps=cfg["warmup"],
-                 max_steps=cfg["steps"])
-    common = dict(steps=cfg["steps"], model=model, batch_size=cfg["batch_size"], block_size=cfg["block_size"],
-                  devices=cfg["devices"], eval_every=cfg["eval_every"], val_windows=cfg["val_windows"],
-                  accelerator=accelerator)
+    lrs = cfg["learning_rate"]
     runs = []
-    for mode in args.modes:
-        for H in ([1] if mode == "ddp" else cfg["sync_every"]):
-            name = "DDP" if mode == "ddp" else f"{'local SGD' if mode == 'average' else 'DiLoCo'} H={H}"
-            t0 = time.time()
-            r = h.launch(h.run_config(name, mode, sync_every=H, **common))
-            print(f"{name}: final val loss {r['final_val_loss']:.4f}, train {r['train_seconds']:.1f} s "
-                  f"(process {time.time() - t0:.0f} s)", flush=True)
-            runs.append(r)
+    for lr in lrs:
+        model = dict(size=cfg["size"], learning_rate=lr, warmup_steps=cfg["warmup"], max_steps=cfg["steps"])
+        common = dict(steps=cfg["steps"], model=model, batch_size=cfg["batch_size"], block_size=cfg["block_size"],
+                      devices=cfg["devices"], eval_every=cfg["eval_every"], val_windows=cfg["val_windows"],
+                      accelerator=accelerator)
+        for mode in args.modes:
+            for H in ([1] if mode == "ddp" else cfg["sync_every"]):
+                name = "DDP" if mode == "ddp" else f"{'local SGD' if mode == 'average' else 'DiLoCo'} H={H}"
+                if len(lrs) > 1:
+                    name += f", lr {lr:g}"
+                t0 = time.time()
+                r = h.launch(h.run_config(name, mode, sync_every=H, **common))
+                r["lr"] = lr
+                print(f"{name}: final val loss {r['final_val_loss']:.4f}, train {r['train_seconds']:.1f} s "
+                      f"(process {time.time() - t0:.0f} s)", flush=True)
+                runs.append(r)
 
-    ddp = next((r for r in runs if r["mode"] == "ddp"), None)
     rows, curves = [], []
     for r in runs:
+        ddp = next((d for d in runs if d["mode"] == "ddp" and d["lr"] == r["lr"]), None)
         bytes_per_step = r["bytes_sent"] / r["steps"]
-        row = dict(run=r["name"], mode=r["mode"], H=r["sync_every"], steps=r["steps"], tokens=r["tokens"],
+        row = dict(run=r["name"], mode=r["mode"], H=r["sync_every"], lr=r["lr"], steps=r["steps"], tokens=r["tokens"],
                    params=r["params"], non_embedding_params=r["non_embedding_params"],
                    final_val_loss=r["final_val_loss"], train_seconds=r["train_seconds"],
                    bytes_per_step=bytes_per_step, syncs=r["num_syncs"], outer_state_bytes=r["state_bytes"])
@@ -91,9 +98,9 @@ def main() -> None:
                        bytes_ratio_to_ddp=bytes_per_step / (ddp["bytes_sent"] / ddp["steps"]))
         rows.append(row)
         curves += [dict(run=r["name"], **c) for c in r["curve"]]
-    h.write_csv(h.RESULTS / "equal_compute.csv", rows)
-    h.write_csv(h.RESULTS / "equal_compute_curves.csv", curves)
-    plot(runs)
+    h.write_csv(h.RESULTS / f"{args.out_name}.csv", rows)
+    h.write_csv(h.RESULTS / f"{args.out_name}_curves.csv", curves)
+    plot(runs, args.out_name)
 
     table = h.md_table(rows, [("run", "run"), ("final_val_loss", "final val loss"),
                               ("loss_ratio_to_ddp", "loss / DDP"), ("train_seconds", "train s"),
@@ -103,14 +110,15 @@ def main() -> None:
     first = runs[0]
     text = (f"GPT `{cfg['size']}` ({first['non_embedding_params']:,} non-embedding / {first['params']:,} parameters), "
             f"{cfg['devices']} processes × batch {cfg['batch_size']} × {cfg['block_size']} tokens, {cfg['steps']} steps "
-            f"= {first['tokens']:,} tokens per run, AdamW lr {cfg['learning_rate']} (warm-up {cfg['warmup']}, cosine), "
+            f"= {first['tokens']:,} tokens per run, AdamW lr {', '.join(f'{x:g}' for x in lrs)} (warm-up {cfg['warmup']}, "
+            "cosine), "
             f"validation on the same {cfg['val_windows']} held-out windows.\n\n{table}\n")
     command = "python benchmarks/equal_compute.py" + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else "")
     print(text)
-    h.write_summary("equal_compute", text, started, command)
+    h.write_summary(args.out_name, text, started, command)
 
 
-def plot(runs: list[dict]) -> None:
+def plot(runs: list[dict], out_name: str) -> None:
     try:
         import matplotlib
 
@@ -124,6 +132,8 @@ def plot(runs: list[dict]) -> None:
     for r in runs:
         c = r["curve"]
         style = dict(lw=1.6, ls="-" if r["mode"] == "ddp" else "--" if r["mode"] == "average" else ":")
+        if len({x["lr"] for x in runs}) > 1:
+            style["color"] = f"C{sorted({x['lr'] for x in runs}).index(r['lr'])}"
         a.plot([p["tokens"] / 1e6 for p in c], [p["val_loss"] for p in c], label=r["name"], **style)
         b.plot([p["train_seconds"] for p in c], [p["val_loss"] for p in c], label=r["name"], **style)
         lows.append(min(p["val_loss"] for p in c))
@@ -139,7 +149,7 @@ def plot(runs: list[dict]) -> None:
     fig.suptitle(f"equal compute: {runs[0]['non_embedding_params']:,} non-embedding params, {runs[0]['steps']} steps, "
                  f"{runs[0]['devices']} processes")
     fig.tight_layout()
-    fig.savefig(h.RESULTS / "equal_compute.png", dpi=100)
+    fig.savefig(h.RESULTS / f"{out_name}.png", dpi=100)
 
 
 if __name__ == "__main__":

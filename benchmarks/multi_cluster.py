@@ -17,9 +17,10 @@ namespace (``unshare -n``) whose loopback is shaped with a token bucket (``tc qd
 
 Protocol, per link: DDP trains S steps (its final validation loss is the target); local SGD (model averaging every H
 steps, same model, seed, data order, batch and learning-rate schedule — cosine over S steps, then the minimum rate)
-trains until its validation loss, checked after every sync, is at or below DDP's final loss (at most 2S steps). Both
-are evaluated every ``--eval-every`` steps on the same held-out windows, evaluation time excluded from the clock.
-Reported: training wall clock to the target for each, and the speed-up DDP / local SGD. Lightning's per-batch SIGTERM
+trains until its validation loss, checked every ``--eval-every`` steps (right after a sync), is at or below DDP's final
+loss (at most 2S steps). Both are evaluated every ``--eval-every`` steps on the same held-out windows, evaluation time
+excluded from the clock. Reported: training wall clock to the target for each (linear interpolation between the two
+evaluations around it), and the speed-up DDP / local SGD. Lightning's per-batch SIGTERM
 broadcast is disabled for DDP (the strategy keeps it off the slow links for local SGD), so DDP pays exactly one
 collective per step.
 
@@ -42,19 +43,28 @@ import harness as h
 
 LINKS = [("1 Gbit/s, 5 ms", 1e9, 0.005), ("100 Mbit/s, 20 ms", 100e6, 0.020), ("10 Mbit/s, 50 ms", 10e6, 0.050)]
 PRESETS = {
-    "default": dict(size="micro", steps=256, batch_size=4, block_size=128, sync_every=32, eval_every=32,
-                    learning_rate=3e-3, warmup=20, val_windows=256, groups=2),
+    "default": dict(size="micro", steps=256, batch_size=8, block_size=128, sync_every=32, eval_every=32,
+                    learning_rate=2e-3, warmup=20, val_windows=256, groups=2),
     "full": dict(size="tiny", steps=2048, batch_size=8, block_size=128, sync_every=64, eval_every=64,
                  learning_rate=2e-3, warmup=100, val_windows=512, groups=2),
 }
 
 
-def time_to(curve: list[dict], target: float) -> tuple[float, int]:
-    """Training seconds and step of the first evaluation at or below ``target`` (NaN, -1 if never)."""
+def time_to(curve: list[dict], target: float) -> tuple[float, float]:
+    """Training seconds and step at which the validation loss first reaches ``target`` (NaN if never).
+
+    Linear interpolation between the last evaluation above the target and the first one at or below it.
+    """
+    prev = None
     for c in curve:
-        if c["step"] > 0 and c["val_loss"] <= target:
-            return c["train_seconds"], c["step"]
-    return float("nan"), -1
+        if c["step"] > 0 and c["val_loss"] <= target + 1e-9:
+            if prev is None or prev["val_loss"] <= target:
+                return c["train_seconds"], float(c["step"])
+            f = (prev["val_loss"] - target) / (prev["val_loss"] - c["val_loss"])
+            return (prev["train_seconds"] + f * (c["train_seconds"] - prev["train_seconds"]),
+                    prev["step"] + f * (c["step"] - prev["step"]))
+        prev = c
+    return float("nan"), float("nan")
 
 
 def main() -> None:
@@ -67,7 +77,10 @@ def main() -> None:
     p.add_argument("--sync-every", type=int)
     p.add_argument("--eval-every", type=int)
     p.add_argument("--links", nargs="+", help="subset of the links, by index 0..2 (default all)")
+    p.add_argument("--replot", action="store_true", help="redraw the PNG from the CSVs of the last run")
     args = p.parse_args()
+    if args.replot:
+        return replot()
     cfg = dict(PRESETS["full" if args.full else "default"])
     for key in ("size", "steps", "batch_size", "sync_every", "eval_every"):
         if getattr(args, key) is not None:
@@ -98,7 +111,7 @@ def main() -> None:
         net = dict(bandwidth_bit_s=rate, latency_s=latency, emulation=emulation)
         prefix = h.netns_prefix(G * rate) if emulation == "netns" else None
         ddp = h.launch(h.run_config(f"DDP {label}", "ddp", steps=cfg["steps"], net=net, **common), prefix=prefix)
-        target = ddp["final_val_loss"]
+        target = ddp["curve"][-1]["val_loss"]  # DDP's last periodic evaluation (= its final model)
         loc = h.launch(h.run_config(f"local SGD H={cfg['sync_every']} {label}", "average", steps=2 * cfg["steps"],
                                     sync_every=cfg["sync_every"], net=net, stop_at_loss=target, **common),
                        prefix=prefix)
@@ -109,12 +122,14 @@ def main() -> None:
         wire = 2 * (G - 1) / G * model_bytes  # bytes per rank of one ring all-reduce of the model
         for r, t, s in ((ddp, t_ddp, s_ddp), (loc, t_loc, s_loc)):
             is_ddp = r["mode"] == "ddp"
+            at_s = next((c["val_loss"] for c in r["curve"] if c["step"] == cfg["steps"]), float("nan"))
             n_comm = r["steps"] if is_ddp else max(1, r["num_syncs"])
             comm_per = r["sync_seconds"] / n_comm  # one gradient all-reduce (DDP) / one sync (local SGD)
             rows.append(dict(
                 link=label, bandwidth_mbit_s=rate / 1e6, latency_ms=latency * 1e3, emulation=emulation,
                 mode="DDP" if is_ddp else f"local SGD H={cfg['sync_every']}", steps=r["steps"],
-                target_loss=target, final_val_loss=r["final_val_loss"], reached=s >= 0, step_at_target=s,
+                target_loss=target, final_val_loss=r["final_val_loss"], loss_ratio_at_ddp_steps=at_s / target,
+                reached=s == s, step_at_target=s,
                 seconds_to_target=t, speedup_vs_ddp=1.0 if is_ddp else speedup, train_seconds=r["train_seconds"],
                 seconds_per_step=r["train_seconds"] / r["steps"], comm_seconds=r["sync_seconds"],
                 collectives=n_comm, seconds_per_collective=comm_per,
@@ -125,8 +140,9 @@ def main() -> None:
                 outer_state_bytes=r["state_bytes"]))
             curves += [dict(link=label, run=r["name"], **c) for c in r["curve"]]
         runs.append((label, ddp, loc, target))
-        print(f"{label}: DDP {t_ddp:.1f} s to {target:.4f} ({ddp['steps']} steps, {ddp['train_seconds'] / ddp['steps'] * 1e3:.0f} "
-              f"ms/step); local SGD {t_loc:.1f} s ({s_loc} steps); speed-up {speedup:.2f}x", flush=True)
+        print(f"{label}: DDP {t_ddp:.1f} s to {target:.4f} ({ddp['steps']} steps, "
+              f"{ddp['train_seconds'] / ddp['steps'] * 1e3:.0f} ms/step); local SGD {t_loc:.1f} s ({s_loc:.0f} steps, "
+              f"{loc['train_seconds'] / loc['steps'] * 1e3:.0f} ms/step); speed-up {speedup:.2f}x", flush=True)
     h.write_csv(h.RESULTS / "multi_cluster.csv", rows)
     h.write_csv(h.RESULTS / "multi_cluster_curves.csv", curves)
     plot(runs, rows)
@@ -135,7 +151,7 @@ def main() -> None:
                               ("step_at_target", "step at target"), ("speedup_vs_ddp", "speed-up vs DDP"),
                               ("seconds_per_step", "s/step"), ("seconds_per_collective", "s per all-reduce/sync"),
                               ("effective_mbit_s", "achieved Mbit/s"), ("bytes_per_step", "bytes/step/rank"),
-                              ("final_val_loss", "final val loss")])
+                              ("loss_ratio_at_ddp_steps", f"loss / DDP at step {cfg['steps']}")])
     first = runs[0][1]
     text = (f"GPT `{cfg['size']}` ({first['params']:,} parameters, {first['ddp_bytes_per_step']:,} bytes of fp32 "
             f"gradients), {G} clusters of 1 process, batch {cfg['batch_size']} × {cfg['block_size']} tokens per "
@@ -150,12 +166,31 @@ def main() -> None:
     h.write_summary("multi_cluster", text, started, command)
 
 
+def replot() -> None:
+    rows = h.read_csv(h.RESULTS / "multi_cluster.csv")
+    for r in rows:
+        r["speedup_vs_ddp"] = float(r["speedup_vs_ddp"])
+    curves = h.read_csv(h.RESULTS / "multi_cluster_curves.csv")
+    runs = []
+    for link in dict.fromkeys(r["link"] for r in rows):
+        pair = []
+        for mode in ("DDP", "local"):
+            name = next(c["run"] for c in curves if c["link"] == link and c["run"].startswith(mode))
+            pair.append(dict(name=name, curve=[dict(step=int(c["step"]), train_seconds=float(c["train_seconds"]),
+                                                    val_loss=float(c["val_loss"]))
+                                               for c in curves if c["link"] == link and c["run"] == name]))
+        target = float(next(r["target_loss"] for r in rows if r["link"] == link))
+        runs.append((link, pair[0], pair[1], target))
+    plot(runs, rows)
+
+
 def plot(runs: list, rows: list[dict]) -> None:
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker  # noqa: F401
     except ImportError:
         print("matplotlib not installed: no plot")
         return
@@ -167,6 +202,8 @@ def plot(runs: list, rows: list[dict]) -> None:
                     label=r["name"].replace(f" {label}", ""))
         ax.axhline(target, color="k", lw=0.8, ls=":", label="target (DDP final)")
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_title(label)
         ax.set_xlabel("training wall clock (s, log)")
         ax.set_ylabel("validation loss")
