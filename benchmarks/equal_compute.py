@@ -108,10 +108,10 @@ def main() -> None:
                               ("bytes_ratio_to_ddp", "bytes / DDP"), ("syncs", "syncs"),
                               ("outer_state_bytes", "outer state bytes/rank")])
     first = runs[0]
+    lr_text = ", ".join(f"{x:g}" for x in lrs)
     text = (f"GPT `{cfg['size']}` ({first['non_embedding_params']:,} non-embedding / {first['params']:,} parameters), "
-            f"{cfg['devices']} processes × batch {cfg['batch_size']} × {cfg['block_size']} tokens, {cfg['steps']} steps "
-            f"= {first['tokens']:,} tokens per run, AdamW lr {', '.join(f'{x:g}' for x in lrs)} (warm-up {cfg['warmup']}, "
-            "cosine), "
+            f"{cfg['devices']} processes × batch {cfg['batch_size']} × {cfg['block_size']} tokens, {cfg['steps']} "
+            f"steps = {first['tokens']:,} tokens per run, AdamW lr {lr_text} (warm-up {cfg['warmup']}, cosine), "
             f"validation on the same {cfg['val_windows']} held-out windows.\n\n{table}\n")
     command = "python benchmarks/equal_compute.py" + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else "")
     print(text)

@@ -59,7 +59,10 @@ def run_config(
     data: Optional[dict] = None,
     accelerator: str = "cpu",
 ) -> dict:
-    """A run configuration. ``mode``: ``ddp``, ``average`` (local SGD) or ``diloco``; ``eval_every=0``: start and end."""
+    """A run configuration. ``mode``: ``ddp``, ``average`` (local SGD) or ``diloco``.
+
+    ``eval_every=0`` evaluates at the start and the end only.
+    """
     if mode not in ("ddp", "average", "diloco"):
         raise ValueError(f"unknown mode {mode!r}")
     return dict(
@@ -290,8 +293,7 @@ def worker(cfg: dict) -> None:  # noqa: C901  (one linear script)
     from lightning.pytorch.callbacks import Callback
     from lightning.pytorch.strategies import DDPStrategy
 
-    import lightning_localsgd  # noqa: F401
-    from lightning_localsgd import LocalSGDStrategy
+    from lightning_localsgd import LocalSGDStrategy  # importing the package registers the strategies
     from lightning_localsgd.examples.data import TextDataModule
     from lightning_localsgd.examples.gpt import GPT
 

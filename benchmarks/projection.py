@@ -104,7 +104,8 @@ def main() -> None:
             l["measured_speedup_to_target"] = float(m["speedup_vs_ddp"]) if m["speedup_vs_ddp"] else float("nan")
         h.write_csv(h.RESULTS / "projection_calibration.csv", cal_rows)
         notes.append(f"Calibrated on {len(points)} measured collectives from results/multi_cluster.csv: "
-                     f"η = {cal.efficiency:.3f} of the nominal bandwidth (raw fit {diag['efficiency_raw']:.3f}, capped at 1), c0 = {cal.fixed_s * 1e3:.2f} ms per "
+                     f"η = {cal.efficiency:.3f} of the nominal bandwidth (raw fit {diag['efficiency_raw']:.3f}, "
+                     f"capped at 1), c0 = {cal.fixed_s * 1e3:.2f} ms per "
                      f"collective, sync work {cal.outer_s_per_byte * 1e9:.2f} ns/byte; this CPU sustains "
                      f"{cpu.flops / 1e9:.1f} GFLOP/s per process. Largest all-reduce fit error "
                      f"{diag.get('max_rel_error_allreduce', float('nan')):.1%}.")
@@ -173,7 +174,8 @@ def main() -> None:
                                       ("predicted_speedup_per_step", "model speed-up/step"),
                                       ("measured_speedup_to_target", "measured speed-up to target")])
         text += f"Calibration check (CPU, 2 processes, emulated links; DDP without overlap: one bucket):\n\n{t_cal}\n\n"
-    text += (f"Projection: {cluster.name}, {args.tokens_per_step / 1e6:g}M tokens per cluster per step, η = {eff:.2f}, "
+    text += (f"Projection: {cluster.name}, {args.tokens_per_step / 1e6:g}M tokens per cluster per step, "
+             f"η = {eff:.2f}, "
              f"{args.bytes_per_value:g}-byte values, DDP hides its all-reduce behind 2/3 of the compute, local SGD's "
              f"sync is not overlapped; {TOKENS_PER_PARAM} tokens per parameter for the wall clock. 8 clusters:\n\n"
              f"{t_grid}\n\n7B parameters over 10 Gbit/s, 30 ms, vs number of clusters:\n\n{t_G}\n\n"

@@ -10,8 +10,8 @@ compute-optimal scaling studies). The final validation loss on the fixed held-ou
 in non-embedding parameters N. The 95% intervals of α come from a paired bootstrap over the held-out windows (the same
 resampled windows for every model; 1000 resamples): they capture evaluation-sample noise, not seed-to-seed training
 noise. The table puts the exponents of Charles et al. (2025, "Scaling Laws for DiLoCo", arXiv:2503.09799) beside:
-α ≈ −0.095 for data-parallel training and −0.096 … −0.102 for DiLoCo with M = 1 … 8 replicas (their models: 35M-2.4B
-parameters, C4, their own parameter count) — compare signs and rough magnitudes only.
+α ≈ −0.095 for data-parallel training and −0.096 … −0.102 for DiLoCo with M = 1 … 8 replicas (their models:
+35M-2.4B parameters, C4, their own parameter count) — compare signs and rough magnitudes only.
 
     python benchmarks/scaling_law.py            # smoke-scale default: nano, micro, tiny, small at 0.5 tokens/param
     python benchmarks/scaling_law.py --full     # real hardware: nano ... large at 20 tokens/param
