@@ -368,6 +368,15 @@ class LocalSGDMixin:
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
 
+    def on_train_end(self) -> None:
+        super().on_train_end()  # type: ignore[misc]
+        assert self.lightning_module is not None
+        self._local_sgd_train_end(self.lightning_module.trainer)
+
+    def teardown(self) -> None:
+        self._remove_hooks(self.lightning_module._trainer if self.lightning_module is not None else None)
+        super().teardown()  # type: ignore[misc]
+
     def _local_sgd_train_end(self, trainer: Trainer) -> None:
         self._remove_hooks(trainer)
         if self.sync_on_train_end and self.outer_sync is not None and not self.schedule.in_warmup \

@@ -184,17 +184,6 @@ class LocalSGDStrategy(LocalSGDMixin, DDPStrategy):
         closure = self._wrap_closure_for_warmup(optimizer, closure)
         return super().optimizer_step(optimizer, closure, model, **kwargs)
 
-    @override
-    def on_train_end(self) -> None:
-        super().on_train_end()
-        assert self.lightning_module is not None
-        self._local_sgd_train_end(self.lightning_module.trainer)
-
-    @override
-    def teardown(self) -> None:
-        self._remove_hooks(self.lightning_module._trainer if self.lightning_module is not None else None)
-        super().teardown()
-
     # ------------------------------------------------------------------ checkpoints
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:

@@ -516,17 +516,6 @@ class LocalSGDDeepSpeedStrategy(LocalSGDMixin, DeepSpeedStrategy):
             self._stepped_this_batch = True
         return out
 
-    @override
-    def on_train_end(self) -> None:
-        super().on_train_end()
-        assert self.lightning_module is not None
-        self._local_sgd_train_end(self.lightning_module.trainer)
-
-    @override
-    def teardown(self) -> None:
-        self._remove_hooks(self.lightning_module._trainer if self.lightning_module is not None else None)
-        super().teardown()
-
     # ------------------------------------------------------------------ checkpoints
     def _layout(self) -> dict[str, Any]:
         return {

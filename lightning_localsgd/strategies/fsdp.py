@@ -291,17 +291,6 @@ class LocalSGDFSDPStrategy(LocalSGDMixin, ModelParallelStrategy):
         closure = self._wrap_closure_for_warmup(optimizer, closure)
         return super().optimizer_step(optimizer, closure, model, **kwargs)
 
-    @override
-    def on_train_end(self) -> None:
-        super().on_train_end()
-        assert self.lightning_module is not None
-        self._local_sgd_train_end(self.lightning_module.trainer)
-
-    @override
-    def teardown(self) -> None:
-        self._remove_hooks(self.lightning_module._trainer if self.lightning_module is not None else None)
-        super().teardown()
-
     # ------------------------------------------------------------------ checkpoints
     def _rank_state(self) -> dict[str, Any]:
         """This rank's exact training state: its parameter shards, inner optimizer states, outer state."""
