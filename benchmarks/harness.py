@@ -58,10 +58,12 @@ def run_config(
     outer_state_device: Optional[str] = None,
     data: Optional[dict] = None,
     accelerator: str = "cpu",
+    compression: Optional[str] = None,
 ) -> dict:
     """A run configuration. ``mode``: ``ddp``, ``average`` (local SGD) or ``diloco``.
 
-    ``eval_every=0`` evaluates at the start and the end only.
+    ``eval_every=0`` evaluates at the start and the end only. ``compression`` (local SGD / DiLoCo only): the
+    strategy's codec for the sync (``"bf16"``, ``"int8"``, ``"int4"``); ``None`` = fp32 all-reduce.
     """
     if mode not in ("ddp", "average", "diloco"):
         raise ValueError(f"unknown mode {mode!r}")
@@ -70,6 +72,7 @@ def run_config(
         devices=devices, group_size=group_size, sync_every=sync_every, eval_every=eval_every,
         val_windows=val_windows, seed=seed, net=net, stop_at_loss=stop_at_loss,
         outer_state_device=outer_state_device, data={**DEFAULT_DATA, **(data or {})}, accelerator=accelerator,
+        **({"compression": compression} if compression is not None else {}),
     )
 
 
@@ -312,7 +315,8 @@ def worker(cfg: dict) -> None:  # noqa: C901  (one linear script)
     if local:
         strategy = LocalSGDStrategy(sync_every=cfg["sync_every"], outer_optimizer=cfg["mode"],
                                     group_size=cfg["group_size"], outer_state_device=cfg.get("outer_state_device"),
-                                    process_group_backend=backend)
+                                    process_group_backend=backend,
+                                    **({"compression": cfg["compression"]} if cfg.get("compression") else {}))
     else:
         strategy = DDPStrategy(process_group_backend=backend)
 
