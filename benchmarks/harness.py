@@ -59,11 +59,17 @@ def run_config(
     data: Optional[dict] = None,
     accelerator: str = "cpu",
     compression: Optional[str] = None,
+    local_warmup_steps: int = 0,
+    outer: Optional[dict] = None,
 ) -> dict:
     """A run configuration. ``mode``: ``ddp``, ``average`` (local SGD) or ``diloco``.
 
     ``eval_every=0`` evaluates at the start and the end only. ``compression`` (local SGD / DiLoCo only): the
     strategy's codec for the sync (``"bf16"``, ``"int8"``, ``"int4"``); ``None`` = fp32 all-reduce.
+    ``local_warmup_steps`` (local SGD / DiLoCo only): the strategy's ``warmup_steps``, fully synchronous steps
+    (gradients all-reduced across groups) before local SGD starts (post-local SGD). ``outer`` (local SGD / DiLoCo
+    only): keyword arguments of ``torch.optim.SGD`` for the outer optimizer, e.g. ``{"lr": 0.7, "momentum": 0.9,
+    "nesterov": True}`` (JSON-expressible; replaces the mode's preset; ``None`` = the preset of ``mode``).
     """
     if mode not in ("ddp", "average", "diloco"):
         raise ValueError(f"unknown mode {mode!r}")
@@ -73,6 +79,8 @@ def run_config(
         val_windows=val_windows, seed=seed, net=net, stop_at_loss=stop_at_loss,
         outer_state_device=outer_state_device, data={**DEFAULT_DATA, **(data or {})}, accelerator=accelerator,
         **({"compression": compression} if compression is not None else {}),
+        **({"local_warmup_steps": local_warmup_steps} if local_warmup_steps else {}),
+        **({"outer": dict(outer)} if outer is not None else {}),
     )
 
 
@@ -313,7 +321,13 @@ def worker(cfg: dict) -> None:  # noqa: C901  (one linear script)
     accelerator = cfg.get("accelerator", "cpu")
     backend = "gloo" if accelerator == "cpu" else "nccl"
     if local:
-        strategy = LocalSGDStrategy(sync_every=cfg["sync_every"], outer_optimizer=cfg["mode"],
+        outer_optimizer = cfg["mode"]
+        if cfg.get("outer") is not None:
+            import functools
+
+            outer_optimizer = functools.partial(torch.optim.SGD, **cfg["outer"])
+        strategy = LocalSGDStrategy(sync_every=cfg["sync_every"], outer_optimizer=outer_optimizer,
+                                    warmup_steps=cfg.get("local_warmup_steps", 0),
                                     group_size=cfg["group_size"], outer_state_device=cfg.get("outer_state_device"),
                                     process_group_backend=backend,
                                     **({"compression": cfg["compression"]} if cfg.get("compression") else {}))
@@ -462,6 +476,8 @@ def worker(cfg: dict) -> None:  # noqa: C901  (one linear script)
     grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     if local:
         s = trainer.strategy
+        result.update(local_warmup_steps=cfg.get("local_warmup_steps", 0), outer=cfg.get("outer"),
+                      warmup_bytes=cfg.get("local_warmup_steps", 0) * s.ddp_bytes_per_step)
         result.update(num_syncs=s.outer_sync.num_syncs, bytes_sent=s.outer_sync.bytes_sent,
                       state_bytes=s.outer_sync.state_bytes, ddp_bytes_per_step=s.ddp_bytes_per_step,
                       sync_seconds=s.sync_seconds_total, cross_bytes=counter.get("bytes", 0))
