@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
@@ -106,6 +106,81 @@ class SyncResult:
     """Wall time of the sync on this rank, communication included."""
     skipped: bool = False
     """True when a non-finite pseudo-gradient made the sync be dropped (``on_nonfinite="skip"``)."""
+    fragment: Optional[int] = None
+    """The fragment synced (streaming sync), or ``None`` for all parameters."""
+    stop_requested: bool = False
+    """Time-based sync: some group asked to stop training after this sync."""
+
+
+@dataclass
+class _Pending:
+    """A sync started by :meth:`OuterSync.start_sync`, not yet applied."""
+
+    fragment: Optional[int]
+    numel: int
+    weighted: bool
+    has_stop: bool
+    buf: Optional[Tensor] = None
+    """The reduce buffer (fp32 values, weight, stop flag) or the all-gathered compressed payloads (uint8)."""
+    payload_numel: int = 0
+    new_error: Optional[Tensor] = None
+    sent: int = 0
+    seconds: float = 0.0
+    works: list = field(default_factory=list)
+
+    def wait(self) -> None:
+        for work in self.works:
+            work.wait()
+        self.works = []
+
+    def state_dict(self) -> dict[str, Any]:
+        self.wait()
+        assert self.buf is not None
+        state = {k: getattr(self, k) for k in ("fragment", "numel", "weighted", "has_stop", "payload_numel", "sent",
+                                               "seconds")}
+        state["buf"] = self.buf.detach().cpu().clone()
+        state["new_error"] = self.new_error.detach().cpu().clone() if self.new_error is not None else None
+        return state
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], device: torch.device) -> "_Pending":
+        pending = cls(**{k: v for k, v in state.items() if k not in ("buf", "new_error")})
+        pending.buf = state["buf"].to(device)
+        pending.new_error = state["new_error"].to(device) if state["new_error"] is not None else None
+        return pending
+
+
+def _blend(live: Tensor, global_: Tensor, mix: float) -> None:
+    """``live ← mix·live + (1−mix)·global_`` in fp32 (``mix`` = 0: a plain copy)."""
+    if mix == 0.0:
+        live.copy_(global_)
+    else:
+        live.copy_(live.float().mul(mix).add_(global_.to(live.device), alpha=1.0 - mix))
+
+
+def split_fragments(sizes: Sequence[int], fragments: int) -> list[int]:
+    """Split tensors of ``sizes`` (in order) into ``fragments`` contiguous runs of about equal total size.
+
+    Returns the ``fragments + 1`` boundaries as tensor indices (``[0, ..., len(sizes)]``); every run holds at least
+    one tensor.
+    """
+    if fragments < 1 or fragments > len(sizes):
+        raise ValueError(
+            f"fragments={fragments}: the model has {len(sizes)} parameter tensors to split into fragments; use a "
+            f"number from 1 to {len(sizes)}."
+        )
+    cum = [0]
+    for s in sizes:
+        cum.append(cum[-1] + int(s))
+    total = cum[-1]
+    bounds = [0]
+    for k in range(1, fragments):
+        target = k * total / fragments
+        lo, hi = bounds[-1] + 1, len(sizes) - (fragments - k)  # leave at least one tensor per later fragment
+        best = min(range(lo, hi + 1), key=lambda j: (abs(cum[j] - target), j))
+        bounds.append(best)
+    bounds.append(len(sizes))
+    return bounds
 
 
 @dataclass
@@ -144,6 +219,10 @@ class OuterSync:
         compression: ``None`` (default: all-reduce fp32 parameters), or ``"bf16"``, ``"int8"``, ``"int4"``: each rank
             compresses its pseudo-gradient ``θ_g − θ_i`` plus the error the codec made at the previous sync (error
             feedback), the ranks all-gather the payloads and average the decoded values (see :mod:`.comm`).
+        fragments: split the tensors into this many contiguous fragments of about equal size, which
+            :meth:`start_sync` / :meth:`finish_sync` can sync separately (streaming sync). Default 1.
+        fragment_sizes: the sizes to balance the fragments by (default: the tensors' ``numel``); FSDP passes the
+            full parameters' sizes so every shard of a group cuts the model at the same parameters.
     """
 
     def __init__(
@@ -158,6 +237,8 @@ class OuterSync:
         on_nonfinite: str = "raise",
         bucket_bytes: int = _DEFAULT_BUCKET_BYTES,
         compression: Optional[str] = None,
+        fragments: int = 1,
+        fragment_sizes: Optional[Sequence[int]] = None,
     ) -> None:
         if not tensors:
             raise ValueError("OuterSync needs at least one tensor to synchronize.")
@@ -193,6 +274,25 @@ class OuterSync:
             offset += t.numel()
         self.owned_numel = sum(p.numel for p in self.pieces)
 
+        # Fragments (streaming sync): runs of whole tensors, the same on every rank.
+        sizes = list(fragment_sizes) if fragment_sizes is not None else [t.numel() for t in self.tensors]
+        if len(sizes) != len(self.tensors):
+            raise ValueError(f"fragment_sizes has {len(sizes)} entries for {len(self.tensors)} tensors.")
+        self.num_fragments = fragments
+        self.fragment_bounds = split_fragments(sizes, fragments)
+        self._tensor_offsets = [0]
+        for t in self.tensors:
+            self._tensor_offsets.append(self._tensor_offsets[-1] + t.numel())
+        self._piece_bounds: list[int] = []  # first piece of each fragment, then len(pieces)
+        self._owned_bounds: list[int] = []  # offset of each fragment in the owned elements, then owned_numel
+        for f in range(fragments + 1):
+            first_tensor = self.fragment_bounds[f]
+            idx = next((i for i, p in enumerate(self.pieces) if p.index >= first_tensor), len(self.pieces))
+            self._piece_bounds.append(idx)
+            self._owned_bounds.append(sum(p.numel for p in self.pieces[:idx]))
+        self.pending: dict[Optional[int], _Pending] = {}
+        """Syncs started and not yet finished, by fragment (``None``: all parameters)."""
+
         # θ_g for the owned pieces, fp32 whatever the training precision, as parameters of the outer optimizer.
         self.snapshot: list[torch.nn.Parameter] = [
             torch.nn.Parameter(torch.empty(p.numel, dtype=torch.float32, device=self.state_device), requires_grad=False)
@@ -203,6 +303,28 @@ class OuterSync:
         self.bytes_sent = 0
         self._error: Optional[Tensor] = None  # error feedback of the compression codec
         self.reset_snapshot()
+
+    # ------------------------------------------------------------------ fragments
+    def _fragment_pieces(self, fragment: Optional[int]) -> tuple[int, int]:
+        if fragment is None:
+            return 0, len(self.pieces)
+        return self._piece_bounds[fragment], self._piece_bounds[fragment + 1]
+
+    def _fragment_owned(self, fragment: Optional[int]) -> tuple[int, int]:
+        if fragment is None:
+            return 0, self.owned_numel
+        return self._owned_bounds[fragment], self._owned_bounds[fragment + 1]
+
+    def _fragment_flat(self, fragment: Optional[int]) -> tuple[int, int]:
+        """The fragment's range in the flattened parameters of the whole replica."""
+        if fragment is None:
+            return 0, self.total_numel
+        return self._tensor_offsets[self.fragment_bounds[fragment]], self._tensor_offsets[self.fragment_bounds[fragment + 1]]
+
+    def fragment_numel(self, fragment: Optional[int]) -> int:
+        """Elements of ``fragment`` this rank syncs."""
+        lo, hi = self._fragment_owned(fragment)
+        return hi - lo
 
     # ------------------------------------------------------------------ snapshot
     def _owned_views(self) -> list[Tensor]:
@@ -230,132 +352,201 @@ class OuterSync:
         per_bucket = max(1, self.bucket_bytes // 4)
         return [(lo, min(lo + per_bucket, numel)) for lo in range(0, numel, per_bucket)] or [(0, 0)]
 
+    def _check_fragment(self, fragment: Optional[int]) -> None:
+        if fragment is not None and not 0 <= fragment < self.num_fragments:
+            raise ValueError(f"fragment must be None or in [0, {self.num_fragments}), got {fragment!r}.")
+
     @torch.no_grad()
-    def sync(self, weight: Optional[float] = None) -> SyncResult:
-        """Run one outer step: reduce, pseudo-gradient, outer optimizer, write back. Collective on all ranks.
+    def sync(self, weight: Optional[float] = None, stop: Optional[bool] = None) -> SyncResult:
+        """Run one outer step of every parameter: reduce, pseudo-gradient, outer optimizer, write back. Collective.
 
         Args:
-            weight: this group's weight ``w_i`` in the mean (e.g. tokens processed). ``None`` = uniform ``1/G``,
-                which sends nothing extra; a weight adds one float to the reduce.
+            weight: this group's weight ``w_i`` in the mean (e.g. tokens processed since the last sync). ``None`` =
+                uniform ``1/G``, which sends nothing extra; a weight adds one float to the reduce.
+            stop: with time-based sync, whether this group stops training after this sync; every rank learns
+                whether any group asked (:attr:`SyncResult.stop_requested`). Adds one float to the reduce.
         """
+        self.start_sync(None, weight=weight, stop=stop)
+        return self.finish_sync(None)
+
+    @torch.no_grad()
+    def start_sync(self, fragment: Optional[int] = None, weight: Optional[float] = None,
+                   stop: Optional[bool] = None) -> None:
+        """Start the sync of one fragment (``None``: all parameters): read ``θ_i`` and launch the cross-group
+        collective without waiting for it. :meth:`finish_sync` applies it, possibly some inner steps later
+        (streaming sync: the communication runs behind those steps). Collective on all ranks.
+        """
+        self._check_fragment(fragment)
+        if fragment in self.pending:
+            raise RuntimeError(f"the sync of fragment {fragment} was started twice without finish_sync in between.")
         start = time.perf_counter()
-        new_error = None
+        plo, phi = self._fragment_pieces(fragment)
+        olo, ohi = self._fragment_owned(fragment)
+        n = ohi - olo
+        views = self._owned_views()[plo:phi]
+        pending = _Pending(fragment=fragment, numel=n, weighted=weight is not None, has_stop=stop is not None)
         if self.compression is not None:
+            if weight is not None or stop is not None:
+                raise ValueError("weighted or time-based syncs (heterogeneous workers) do not support compression.")
+            local = torch.cat([v.float().reshape(-1) for v in views]) if n else torch.zeros(0, device=self.device)
+            snap = self._flat_snapshot(plo, phi).to(self.device)
+            if self._error is None:
+                self._error = torch.zeros(self.owned_numel, dtype=torch.float32, device=self.device)
+            d = snap - local + self._error[olo:ohi]
+            payload = encode(d, self.compression)
+            pending.new_error = d - decode(payload, self.compression, n)
+            pending.payload_numel = payload.numel()
+            if self.num_groups > 1:
+                pending.buf = torch.empty(self.num_groups * payload.numel(), dtype=torch.uint8, device=self.device)
+                pending.works.append(dist.all_gather_into_tensor(pending.buf, payload, group=self.cross_group,
+                                                                 async_op=True))
+                pending.sent = payload.numel()
+            else:
+                pending.buf = payload
+        else:
+            extras = [float(weight)] if weight is not None else []
+            extras += [float(bool(stop))] if stop is not None else []
+            buf = torch.empty(n + len(extras), dtype=torch.float32, device=self.device)
+            if n:
+                torch.cat([v.float().reshape(-1) for v in views], out=buf[:n])
             if weight is not None:
-                raise ValueError("weighted syncs (heterogeneous workers) do not support compression yet.")
-            mean, sent, new_error = self._compressed_mean()
+                buf[:n].mul_(float(weight))
+            if extras:
+                buf[n:] = torch.tensor(extras, dtype=torch.float32)
+            if self.num_groups > 1:
+                # one all-reduce per bucket, all in flight together
+                for lo, hi in self._buckets(buf.numel()):
+                    pending.works.append(dist.all_reduce(buf[lo:hi], op=dist.ReduceOp.SUM, group=self.cross_group,
+                                                         async_op=True))
+                pending.sent = buf.numel() * buf.element_size()
+            pending.buf = buf
+        pending.seconds = time.perf_counter() - start
+        self.pending[fragment] = pending
+
+    @torch.no_grad()
+    def finish_sync(self, fragment: Optional[int] = None, mix: float = 0.0) -> SyncResult:
+        """Wait for the collective :meth:`start_sync` launched for ``fragment``, take the outer step and write back.
+
+        Args:
+            mix: ``α`` of Streaming DiLoCo: every group continues from ``α·θ_i + (1−α)·θ_g`` (``θ_i``: its current
+                parameters, which took inner steps since :meth:`start_sync`). 0 replaces them by ``θ_g``.
+        """
+        self._check_fragment(fragment)
+        if fragment not in self.pending:
+            raise RuntimeError(f"finish_sync({fragment}) without a started sync of that fragment.")
+        pending = self.pending.pop(fragment)
+        start = time.perf_counter()
+        pending.wait()
+        plo, phi = self._fragment_pieces(fragment)
+        n = pending.numel
+        stop_requested = False
+        if self.compression is not None:
+            snap = self._flat_snapshot(plo, phi).to(self.device)
+            size = pending.payload_numel
+            total = torch.zeros(n, dtype=torch.float32, device=self.device)
+            for i in range(self.num_groups if self.num_groups > 1 else 1):
+                total += decode(pending.buf[i * size : (i + 1) * size], self.compression, n)
+            mean = snap - total / self.num_groups
         else:
-            mean, sent = self._reduced_mean(weight)
-        return self._outer_step(start, mean, sent, new_error)
+            buf = pending.buf
+            if pending.has_stop:
+                stop_requested = bool(buf[-1].item() > 0)
+            if pending.weighted:
+                total_weight = float(buf[n].item())
+                # every group's weight is 0 (e.g. a stop-sync right after a sync): nothing to average
+                mean = buf[:n] / total_weight if total_weight > 0 else self._flat_snapshot(plo, phi).to(self.device)
+            else:
+                mean = buf[:n] / self.num_groups
+        result = self._outer_step(fragment, mean.to(self.state_device), pending, mix)
+        result.seconds = pending.seconds + time.perf_counter() - start
+        result.stop_requested = stop_requested
+        return result
 
-    def _reduced_mean(self, weight: Optional[float]) -> tuple[Tensor, int]:
-        """The weighted mean of the groups' owned parameters, by bucketed all-reduce over the cross group."""
-        weighted = weight is not None
-        n = self.owned_numel
-        buf = torch.empty(n + (1 if weighted else 0), dtype=torch.float32, device=self.device)
-        if n:
-            torch.cat([v.float() for v in self._owned_views()], out=buf[:n])
-        if weighted:
-            buf[:n].mul_(float(weight))
-            buf[n] = float(weight)
-        # One all-reduce per bucket, all in flight together.
-        handles = []
-        if self.num_groups > 1:
-            for lo, hi in self._buckets(buf.numel()):
-                handles.append(dist.all_reduce(buf[lo:hi], op=dist.ReduceOp.SUM, group=self.cross_group, async_op=True))
-        for h in handles:
-            h.wait()
-        sent = buf.numel() * buf.element_size() if self.num_groups > 1 else 0
-        buf[:n].div_(buf[n] if weighted else self.num_groups)
-        return buf[:n].to(self.state_device), sent
+    def _flat_snapshot(self, plo: int, phi: int) -> Tensor:
+        snaps = self.snapshot[plo:phi]
+        return torch.cat([s.view(-1) for s in snaps]) if snaps else torch.zeros(0, device=self.state_device)
 
-    def _compressed_mean(self) -> tuple[Tensor, int, Tensor]:
-        """The mean of the groups' parameters as ``θ_g − mean_i decode(encode(θ_g − θ_i + e_i))``, by all-gather."""
-        n = self.owned_numel
-        local = torch.cat([v.float().reshape(-1) for v in self._owned_views()]) if n else torch.zeros(0)
-        snap = torch.cat([x.view(-1) for x in self.snapshot]).to(self.device) if n else local.clone()
-        if self._error is None:
-            self._error = torch.zeros(n, dtype=torch.float32, device=self.device)
-        d = snap - local + self._error
-        payload = encode(d, self.compression)
-        new_error = d - decode(payload, self.compression, n)
-        if self.num_groups > 1:
-            gathered = torch.empty(self.num_groups * payload.numel(), dtype=torch.uint8, device=self.device)
-            dist.all_gather_into_tensor(gathered, payload, group=self.cross_group)
-        else:
-            gathered = payload
-        size = payload.numel()
-        total = torch.zeros(n, dtype=torch.float32, device=self.device)
-        for i in range(self.num_groups):
-            total += decode(gathered[i * size : (i + 1) * size], self.compression, n)
-        mean = (snap - total / self.num_groups).to(self.state_device)
-        sent = size if self.num_groups > 1 else 0
-        return mean, sent, new_error
+    def _outer_step(self, fragment: Optional[int], mean: Tensor, pending: "_Pending", mix: float) -> SyncResult:
+        plo, phi = self._fragment_pieces(fragment)
+        olo, ohi = self._fragment_owned(fragment)
+        snapshots = self.snapshot[plo:phi]
 
-    def _outer_step(self, start: float, mean: Tensor, sent: int, new_error: Optional[Tensor]) -> SyncResult:
-        n = self.owned_numel
-
-        # Pseudo-gradient norm over the whole model: the slices of a worker group add their squares.
-        flat_snapshot = torch.cat([s.view(-1) for s in self.snapshot]) if n else mean.new_zeros(0)
-        delta = flat_snapshot - mean
+        # Pseudo-gradient norm over the whole fragment: the shards of a worker group add their squares.
+        delta = self._flat_snapshot(plo, phi) - mean
         sq = delta.double().pow(2).sum().reshape(1).to(self.device)
         if self.norm_group is not None and dist.get_world_size(self.norm_group) > 1:
             dist.all_reduce(sq, group=self.norm_group)
         sq_norm = float(sq.item())
 
         if not math.isfinite(sq_norm):
-            bad = self._nonfinite_groups()
+            bad = self._nonfinite_groups(plo, phi)
             if self.on_nonfinite == "raise":
                 raise NonFinitePseudoGradientError(
                     f"the pseudo-gradient is not finite (worker groups with NaN/inf parameters: {bad}); the global "
                     "parameters were left unchanged, so the last checkpoint is good. Lower the learning rate, enable "
                     "gradient clipping, or pass on_nonfinite='skip' to drop such syncs."
                 )
-            self._write_back()  # every group restarts from the last good θ_g
+            self._write_back(fragment)  # every group restarts from the last good θ_g
             if self._error is not None:
-                self._error.zero_()
-            return self._finish(start, sent, float("nan"), skipped=True)
+                self._error[olo:ohi].zero_()
+            return self._finish(pending.sent, float("nan"), fragment, skipped=True)
 
-        if new_error is not None:
-            self._error = new_error
+        if pending.new_error is not None:
+            assert self._error is not None
+            self._error[olo:ohi] = pending.new_error
 
         if self.outer_optimizer is None:
             # Outer SGD with lr 1 and no momentum is the mean itself; copy it to stay exact.
             offset = 0
-            for snap in self.snapshot:
+            for snap in snapshots:
                 snap.copy_(mean[offset : offset + snap.numel()])
                 offset += snap.numel()
         else:
+            # Only this fragment's parameters get a gradient: torch optimizers skip (and keep the state of) the rest.
             offset = 0
-            for snap in self.snapshot:
+            for snap in snapshots:
                 snap.grad = delta[offset : offset + snap.numel()].view_as(snap).clone()
                 offset += snap.numel()
             self.outer_optimizer.step()
-            for snap in self.snapshot:
+            for snap in snapshots:
                 snap.grad = None
-        self._write_back()
-        sent += self._average_buffers()
-        return self._finish(start, sent, math.sqrt(sq_norm))
+        self._write_back(fragment, mix)
+        sent = pending.sent
+        if fragment is None or fragment == self.num_fragments - 1:
+            sent += self._average_buffers()  # buffers go with the last fragment
+        return self._finish(sent, math.sqrt(sq_norm), fragment)
 
-    def _finish(self, start: float, sent: int, norm: float, skipped: bool = False) -> SyncResult:
-        self.num_syncs += 0 if skipped else 1
+    def _finish(self, sent: int, norm: float, fragment: Optional[int], skipped: bool = False) -> SyncResult:
+        if not skipped and (fragment is None or fragment == self.num_fragments - 1):
+            self.num_syncs += 1
         self.bytes_sent += sent
-        return SyncResult(pseudo_grad_norm=norm, bytes_sent=sent, seconds=time.perf_counter() - start, skipped=skipped)
+        return SyncResult(pseudo_grad_norm=norm, bytes_sent=sent, seconds=0.0, skipped=skipped, fragment=fragment)
 
-    def _write_back(self) -> None:
-        """Copy ``θ_g`` into the live tensors; with a shard group, all-gather the slices first."""
+    def _write_back(self, fragment: Optional[int] = None, mix: float = 0.0) -> None:
+        """Copy ``θ_g`` of a fragment into the live tensors (``mix`` > 0: ``α·θ_i + (1−α)·θ_g``); with a shard
+        group, all-gather the ranks' pieces of the fragment first."""
+        plo, phi = self._fragment_pieces(fragment)
         if self.shard_count == 1:
-            for snap, view in zip(self.snapshot, self._owned_views()):
-                view.copy_(snap)
+            for snap, view in zip(self.snapshot[plo:phi], self._owned_views()[plo:phi]):
+                _blend(view, snap, mix)
             return
-        own_slice = torch.zeros(self.slice_numel, dtype=torch.float32, device=self.device)
-        if self.owned_numel:
-            torch.cat([s.view(-1).to(self.device) for s in self.snapshot], out=own_slice[: self.owned_numel])
-        flat = torch.empty(self.slice_numel * self.shard_count, dtype=torch.float32, device=self.device)
-        dist.all_gather_into_tensor(flat, own_slice, group=self.shard_group)
+        # The fragment is the flat range [a, b); rank k of the group owns [k·L, (k+1)·L) of the flat parameters.
+        a, b = self._fragment_flat(fragment)
+        L = self.slice_numel
+        counts = [max(0, min(b, (k + 1) * L) - max(a, k * L)) for k in range(self.shard_count)]
+        width = max(1, max(counts))
+        own = torch.zeros(width, dtype=torch.float32, device=self.device)
+        mine = counts[self.shard_index]
+        if mine:
+            own[:mine] = self._flat_snapshot(plo, phi).to(self.device)
+        gathered = torch.empty(width * self.shard_count, dtype=torch.float32, device=self.device)
+        dist.all_gather_into_tensor(gathered, own, group=self.shard_group)
+        flat = torch.cat([gathered[k * width : k * width + c] for k, c in enumerate(counts)])  # = θ_g[a:b]
         offset = 0
         for t in self.tensors:
-            t.detach().view(-1).copy_(flat[offset : offset + t.numel()])
+            lo, hi = max(a, offset), min(b, offset + t.numel())
+            if lo < hi:
+                _blend(t.detach().view(-1)[lo - offset : hi - offset], flat[lo - a : hi - a], mix)
             offset += t.numel()
 
     def _average_buffers(self) -> int:
@@ -370,9 +561,9 @@ class OuterSync:
             offset += b.numel()
         return flat.numel() * flat.element_size()
 
-    def _nonfinite_groups(self) -> list[int]:
+    def _nonfinite_groups(self, plo: int = 0, phi: Optional[int] = None) -> list[int]:
         """Indices of the worker groups whose local parameters hold NaN/inf (only run on the failure path)."""
-        local_bad = any(not bool(torch.isfinite(v).all()) for v in self._owned_views())
+        local_bad = any(not bool(torch.isfinite(v).all()) for v in self._owned_views()[plo:phi])
         flags = torch.zeros(self.num_groups, dtype=torch.float32, device=self.device)
         flags[self.group_index] = float(local_bad)
         if self.num_groups > 1:
@@ -392,6 +583,8 @@ class OuterSync:
             "total_numel": self.total_numel,
             "owned_numel": self.owned_numel,
             "compression_error": self._error.detach().cpu().clone() if self._error is not None else None,
+            # streaming sync: collectives in flight are waited for and their results kept, to apply after a resume
+            "pending": [p.state_dict() for p in self.pending.values()],
         }
 
     @torch.no_grad()
@@ -420,3 +613,7 @@ class OuterSync:
         self.bytes_sent = int(state["bytes_sent"])
         error = state.get("compression_error")
         self._error = error.to(self.device) if error is not None and self.compression is not None else None
+        self.pending = {}
+        for p in state.get("pending", []):
+            self._check_fragment(p["fragment"])
+            self.pending[p["fragment"]] = _Pending.from_state(p, self.device)
