@@ -1,152 +1,37 @@
-"""A small analytic cost model of DDP vs local SGD across clusters joined by a slow link.
-
-One *cluster* is one worker group (the GPUs of a data centre, or here one CPU process). Per optimizer step:
-
-    compute   t_c  = 6 · N · tokens_per_step_per_cluster / (peak FLOP/s · MFU)
-    all-reduce t_ar(M) = 2(G−1)/G · M · 8 / (η · B) + 2·⌈log2 G⌉ · λ + c0
-                (Rabenseifner: reduce-scatter + all-gather, bandwidth-optimal and latency-logarithmic; M bytes per
-                cluster, B bit/s link per cluster, λ one-way latency, η achieved fraction of B, c0 fixed cost)
-    DDP        t    = t_c + max(0, t_ar(M) − φ · t_c)      (φ: part of the compute the all-reduce can hide behind,
-                                                            ≈ 2/3 = the backward pass, with bucketed overlap)
-    local SGD  t    = t_c + (t_ar(M) + t_outer) / H         (the sync blocks; nothing is overlapped)
-    utilization     = t_c / t
-
-Inside a cluster the gradient reduction is assumed free (fast links, overlapped); only the cross-cluster all-reduce of
-one copy of the model (M = bytes_per_value · N; fp32 = 4 bytes, as this library's snapshot and DDP's fp32 gradients
-under bf16-mixed) is charged. The model ignores stragglers, failures, pipeline/tensor parallelism and the extra
-steps local SGD may need to reach the same loss (take that from equal_compute / multi_cluster).
-
-Pure Python and numpy; imported by ``benchmarks/projection.py``.
+"""The cost model now lives in the library: :mod:`lightning_localsgd.costmodel` (also used by
+``lightning-localsgd plan``). This module re-exports it, so that ``import costmodel as cm`` in the benchmark scripts
+keeps working unchanged.
 """
 
-from __future__ import annotations
+try:
+    from lightning_localsgd.costmodel import *  # noqa: F401,F403
+    from lightning_localsgd.costmodel import (  # noqa: F401  (the names projection.py uses, for readers and linters)
+        Calibration,
+        Cluster,
+        Link,
+        StepCost,
+        allgather_seconds,
+        allreduce_seconds,
+        calibrate,
+        compute_seconds,
+        cpu_cluster_from,
+        ddp_cost,
+        ddp_step,
+        hops,
+        local_sgd_cost,
+        local_sgd_step,
+        training_seconds,
+    )
+except ImportError:
+    # A checkout without `pip install -e .`: projection.py used to need only numpy, so load the library's file
+    # directly rather than requiring the package (and torch / Lightning, which its __init__ imports).
+    import importlib.util
+    import sys
+    from pathlib import Path
 
-import math
-from dataclasses import dataclass, replace
-from typing import Optional
-
-import numpy as np
-
-
-@dataclass(frozen=True)
-class Cluster:
-    """One worker group: its sustained compute."""
-
-    name: str
-    peak_flops: float
-    """Peak FLOP/s of the whole cluster."""
-    mfu: float = 0.4
-    """Achieved fraction of the peak (model FLOPs utilization)."""
-
-    @property
-    def flops(self) -> float:
-        return self.peak_flops * self.mfu
-
-
-@dataclass(frozen=True)
-class Link:
-    """The link each cluster has to the others (full duplex)."""
-
-    name: str
-    bandwidth_bit_s: float
-    latency_s: float
-    """One-way latency."""
-
-
-@dataclass(frozen=True)
-class Calibration:
-    """Implementation constants, fitted on measured points (see :func:`calibrate`)."""
-
-    efficiency: float = 0.9
-    """η: achieved fraction of the nominal link bandwidth in a collective."""
-    fixed_s: float = 0.0
-    """c0: fixed cost per collective (software, framing)."""
-    overlap: float = 2 / 3
-    """φ: fraction of the compute DDP's all-reduce can hide behind."""
-    outer_s_per_byte: float = 0.0
-    """Local work of a sync per byte of model (pseudo-gradient, outer step, write-back)."""
-
-
-def hops(G: int) -> int:
-    """Latency terms of a latency-logarithmic all-reduce over G clusters (2 for G = 2)."""
-    return 0 if G <= 1 else 2 * math.ceil(math.log2(G))
-
-
-def allreduce_seconds(nbytes: float, G: int, link: Link, cal: Calibration = Calibration()) -> float:
-    if G <= 1:
-        return 0.0
-    return (2 * (G - 1) / G * nbytes * 8 / (cal.efficiency * link.bandwidth_bit_s)
-            + hops(G) * link.latency_s + cal.fixed_s)
-
-
-def compute_seconds(params: float, tokens_per_step: float, cluster: Cluster) -> float:
-    """Forward + backward of one step on one cluster: 6 · N · tokens FLOPs."""
-    return 6.0 * params * tokens_per_step / cluster.flops
-
-
-@dataclass
-class StepCost:
-    compute_s: float
-    comm_s: float
-    step_s: float
-
-    @property
-    def utilization(self) -> float:
-        return self.compute_s / self.step_s
-
-
-def ddp_step(params: float, tokens_per_step: float, G: int, cluster: Cluster, link: Link,
-             cal: Calibration = Calibration(), bytes_per_value: float = 4.0) -> StepCost:
-    tc = compute_seconds(params, tokens_per_step, cluster)
-    comm = allreduce_seconds(bytes_per_value * params, G, link, cal)
-    return StepCost(tc, comm, tc + max(0.0, comm - cal.overlap * tc))
-
-
-def local_sgd_step(params: float, tokens_per_step: float, G: int, H: int, cluster: Cluster, link: Link,
-                   cal: Calibration = Calibration(), bytes_per_value: float = 4.0) -> StepCost:
-    tc = compute_seconds(params, tokens_per_step, cluster)
-    nbytes = bytes_per_value * params
-    sync = allreduce_seconds(nbytes, G, link, cal) + cal.outer_s_per_byte * nbytes
-    return StepCost(tc, sync / H, tc + sync / H)
-
-
-def training_seconds(step: StepCost, total_tokens: float, tokens_per_step: float, G: int) -> float:
-    """Wall clock to train on ``total_tokens`` when each of G clusters takes ``tokens_per_step`` per step."""
-    return total_tokens / (tokens_per_step * G) * step.step_s
-
-
-# ------------------------------------------------------------------------------------------------ calibration
-def calibrate(points: list[dict], base: Calibration = Calibration(), G: int = 2) -> tuple[Calibration, dict]:
-    """Fit η and c0 on measured all-reduces, and the per-byte outer cost on measured syncs.
-
-    ``points``: dicts with ``kind`` ("allreduce" for one DDP gradient all-reduce, "sync" for one local-SGD sync),
-    ``seconds`` (measured, per collective), ``bytes`` (model bytes M), ``bandwidth_bit_s`` and ``latency_s``.
-    Model: seconds − hops·λ = (2(G−1)/G · 8M/B) · (1/η) + c0 — a straight line, fitted by least squares.
-    Returns the calibration and a dict of fit diagnostics.
-    """
-    ar = [p for p in points if p["kind"] == "allreduce"]
-    if len(ar) < 2:
-        return base, {"note": "fewer than 2 measured all-reduces: default calibration"}
-    x = np.array([2 * (G - 1) / G * p["bytes"] * 8 / p["bandwidth_bit_s"] for p in ar])
-    y = np.array([p["seconds"] - hops(G) * p["latency_s"] for p in ar])
-    slope, intercept = np.polyfit(x, y, 1)
-    eff = float(1 / slope) if slope > 0 else base.efficiency
-    fixed = float(max(0.0, intercept))
-    cal = replace(base, efficiency=min(eff, 1.0), fixed_s=fixed)
-    sy = [p for p in points if p["kind"] == "sync"]
-    if sy:
-        extra = [(p["seconds"] - allreduce_seconds(p["bytes"], G, Link("", p["bandwidth_bit_s"], p["latency_s"]), cal))
-                 / p["bytes"] for p in sy]
-        cal = replace(cal, outer_s_per_byte=float(max(0.0, np.median(extra))))
-    pred = [allreduce_seconds(p["bytes"], G, Link("", p["bandwidth_bit_s"], p["latency_s"]), cal) for p in ar]
-    diag = {"efficiency_raw": eff, "fixed_s": fixed,
-            "max_rel_error_allreduce": float(max(abs(a - p["seconds"]) / p["seconds"] for a, p in zip(pred, ar)))}
-    return cal, diag
-
-
-def cpu_cluster_from(points: list[dict]) -> Optional[Cluster]:
-    """The measured CPU "cluster": FLOP/s = 6·N·tokens / measured compute seconds per step (median)."""
-    rates = [6 * p["params"] * p["tokens_per_step"] / p["compute_s"] for p in points if p.get("compute_s")]
-    if not rates:
-        return None
-    return Cluster("this CPU process (measured)", float(np.median(rates)), 1.0)
+    _path = Path(__file__).resolve().parent.parent / "lightning_localsgd" / "costmodel.py"
+    _spec = importlib.util.spec_from_file_location("lightning_localsgd_costmodel", _path)
+    _module = importlib.util.module_from_spec(_spec)
+    sys.modules[_spec.name] = _module  # dataclasses look their module up in sys.modules
+    _spec.loader.exec_module(_module)
+    globals().update({name: getattr(_module, name) for name in _module.__all__})

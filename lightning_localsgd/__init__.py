@@ -13,6 +13,7 @@ from lightning.pytorch.strategies import StrategyRegistry
 
 from .checkpoint_io import AtomicCheckpointIO
 from .outer import NonFinitePseudoGradientError, OuterSync, SyncResult, resolve_outer_optimizer
+from .planner import Plan, plan
 from .reliability import SyncFailedError
 from .schedule import SyncSchedule
 from .strategies import LocalSGDDeepSpeedStrategy, LocalSGDFSDPStrategy, LocalSGDMixin, LocalSGDStrategy
@@ -33,9 +34,11 @@ __all__ = [
     "LocalSGDStrategy",
     "NonFinitePseudoGradientError",
     "OuterSync",
+    "Plan",
     "SyncResult",
     "SyncSchedule",
     "Topology",
     "build_topology",
+    "plan",
     "resolve_outer_optimizer",
 ]

@@ -8,6 +8,7 @@
     lightning-localsgd fit --trainer.strategy diloco --data.path my.txt
     lightning-localsgd validate --config examples/configs/local_sgd.yaml --ckpt_path path/to/last.ckpt
     lightning-localsgd fit --trainer.strategy.help LocalSGDStrategy
+    lightning-localsgd plan --params 1.3e9 --step-time 0.4 --bandwidth 1Gbit --latency 20ms --groups 8
 
 ``data.block_size`` and ``data.vocab_size`` are linked to the model. Every setting not given on the command line or in
 a ``--config`` comes from :data:`DEFAULT_CONFIG` (``examples/configs/local_sgd.yaml``: the 2-process CPU local-SGD
@@ -104,9 +105,18 @@ def main(args: ArgsType = None) -> None:
     Returns nothing (a console script exits with the returned value); build :class:`LocalSGDCLI` yourself (as done
     here) to keep the trainer and model.
 
+    ``lightning-localsgd plan ...`` is not a LightningCLI subcommand: it runs the planner's own command line
+    (:func:`lightning_localsgd.planner.main`), which needs no model, data or trainer.
+
     Args:
         args: command line arguments (default: ``sys.argv[1:]``), e.g. ``["fit", "--config", "local_sgd.yaml"]``.
     """
+    argv = sys.argv[1:] if args is None else args
+    if isinstance(argv, (list, tuple)) and argv and argv[0] == "plan":
+        from .planner import main as plan_main
+
+        plan_main(list(argv[1:]))
+        return
     defaults: dict[str, Any] = {"default_config_files": [str(DEFAULT_CONFIG)]}
     fit_description = (
         "Train the GPT example. Defaults: " + str(DEFAULT_CONFIG) + "\n"
@@ -119,7 +129,8 @@ def main(args: ArgsType = None) -> None:
         auto_configure_optimizers=False,  # GPT.configure_optimizers sets AdamW with warm-up + cosine decay
         parser_kwargs={
             "prog": "lightning-localsgd",
-            "description": "Train / validate the example GPT with local SGD, DiLoCo or DDP. See docs/cli.md.",
+            "description": "Train / validate the example GPT with local SGD, DiLoCo or DDP. See docs/cli.md.\n"
+                           "Choose the sync interval H for a link: lightning-localsgd plan --help.",
             "formatter_class": _HelpFormatter,  # subcommand parsers take the main parser's formatter
             "fit": {**defaults, "description": fit_description, "epilog": _strategy_epilog()},
             "validate": {**defaults, "description": "Evaluate on the validation set, e.g. a checkpoint with "

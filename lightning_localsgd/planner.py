@@ -1,0 +1,545 @@
+"""Choose the sync interval H for a link: ``lightning-localsgd plan`` and :func:`plan`.
+
+Given the model size, the measured compute seconds of one optimizer step, the link between worker groups and the
+number of groups, the planner prices one sync with the library's cost model (:mod:`lightning_localsgd.costmodel`, the
+model ``benchmarks/projection.py`` uses and calibrates) and, for each candidate H, reports the bytes per step, the
+fraction of the wall clock spent communicating and the utilization (compute / wall clock). It recommends the smallest
+candidate H whose utilization reaches the target (95% by default)::
+
+    lightning-localsgd plan --params 1.3e9 --step-time 0.4 --bandwidth 1Gbit --latency 20ms --groups 8
+
+    from lightning_localsgd.planner import plan
+    p = plan(params=1.3e9, step_time=0.4, bandwidth="1Gbit", latency="20ms", groups=8)
+    p.recommended_h, p.row(p.recommended_h).utilization
+
+Per optimizer step of one group, with compute t_c (``step_time``), N parameters, M = bytes_per_value · N bytes:
+
+    sync        s    = 2(G−1)/G · 8M / (η·B) + 2⌈log2 G⌉ · λ + c0     (fp32 all-reduce of the model)
+                s    = (G−1) · 8P / (η·B) + ⌈log2 G⌉ · λ + c0          (compressed: all-gather of P-byte payloads)
+    local SGD   t(H) = t_c + s / H                                      (the sync blocks)
+    DDP         t    = t_c + max(0, s_ar − φ · t_c)                     (gradient all-reduce hidden behind φ of t_c)
+    utilization = t_c / t,   comm fraction = (t − t_c) / t = 1 − utilization
+
+Utilization ≥ T holds exactly when ``H ≥ s · T / (t_c · (1 − T))``; :attr:`Plan.min_h` is that bound rounded up.
+See ``docs/planner.md`` for the assumptions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import numbers
+import re
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable, Optional, Sequence, Union
+
+from .comm import CODECS, payload_bytes
+from .costmodel import Calibration, Link, allgather_seconds, allreduce_seconds, ddp_cost, local_sgd_cost
+
+__all__ = [
+    "DEFAULT_CANDIDATES",
+    "Plan",
+    "PlanRow",
+    "compressed_bytes_per_value",
+    "main",
+    "parse_bandwidth",
+    "parse_count",
+    "parse_duration",
+    "plan",
+    "print_plan",
+]
+
+#: Candidate sync intervals when none are given: powers of two from 1 (a blocking sync every step) to 4096.
+DEFAULT_CANDIDATES: tuple[int, ...] = tuple(2**k for k in range(13))
+
+Number = Union[int, float]
+
+# ----------------------------------------------------------------------------------------------------- parsing
+_NUMBER = r"(?P<num>[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)"
+_SI = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "p": 1e15}
+_BINARY = {"ki": 2.0**10, "mi": 2.0**20, "gi": 2.0**30, "ti": 2.0**40}
+_BANDWIDTH_RE = re.compile(
+    rf"^\s*{_NUMBER}\s*(?P<prefix>[kKmMgGtTpP]i?)?(?P<unit>[bB]its?|[bB]ytes?|b|B)?\s*(?P<per>/\s*s(?:ec)?|ps)?\s*$"
+)
+_DURATION_RE = re.compile(rf"^\s*{_NUMBER}\s*(?P<unit>s|sec|secs|seconds?|ms|us|µs|μs|ns|min)?\s*$", re.IGNORECASE)
+_DURATION_UNITS = {"": 1.0, "s": 1.0, "sec": 1.0, "secs": 1.0, "second": 1.0, "seconds": 1.0, "ms": 1e-3,
+                   "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ns": 1e-9, "min": 60.0}
+_COUNT_RE = re.compile(rf"^\s*{_NUMBER}\s*(?P<suffix>[kKmMbBgGtT])?\s*$")
+_COUNT_SUFFIXES = {"": 1.0, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
+
+
+def _as_number(value: object, name: str, what: str, pattern: re.Pattern, scale, examples: str) -> float:
+    """A finite float from a number or a string matched by ``pattern``; ``scale(match)`` gives the unit factor."""
+    if isinstance(value, bool):  # bool is an int subclass: True would silently mean 1
+        raise ValueError(f"{name} must be {what}, got the boolean {value!r}; give e.g. {examples}.")
+    if isinstance(value, numbers.Real):
+        result = float(value)
+    elif isinstance(value, str):
+        m = pattern.match(value)
+        if m is None:
+            raise ValueError(f"{name}: cannot read {value!r} as {what}; give e.g. {examples}.")
+        result = float(m.group("num")) * scale(m)
+    else:
+        raise ValueError(f"{name} must be a number or a string, got {type(value).__name__}; give e.g. {examples}.")
+    if not math.isfinite(result):
+        raise ValueError(f"{name} must be finite, got {value!r}; give e.g. {examples}.")
+    return result
+
+
+def _bandwidth_scale(m: re.Match) -> float:
+    prefix = (m.group("prefix") or "").lower()
+    factor = _BINARY[prefix] if prefix.endswith("i") else _SI[prefix]
+    unit = m.group("unit") or ""
+    # b / bit = bit, B / byte = byte (8 bits); a bare number or prefix is bit/s, the unit of link rates.
+    is_byte = unit == "B" or unit.lower().startswith("byte")
+    return factor * (8.0 if is_byte else 1.0)
+
+
+def parse_bandwidth(value: Union[Number, str], name: str = "bandwidth") -> float:
+    """Link rate in bit/s, from a number (bit/s) or a string with a unit.
+
+    ``b``/``bit`` are bits and ``B``/``byte`` bytes; prefixes k, M, G, T (powers of 1000, case-insensitive) or Ki, Mi,
+    Gi, Ti (powers of 1024); an optional ``/s`` or ``ps``. ``"1Gbit"``, ``"10 Gbit/s"``, ``"400Gb"``, ``"1Gbps"`` and
+    ``1e9`` are 1e9, 1e10, 4e11, 1e9, 1e9 bit/s; ``"1GB/s"`` is 8e9 bit/s.
+
+    Raises:
+        ValueError: unreadable, not finite, or not positive (the message names ``name``).
+    """
+    bits = _as_number(value, name, "a link rate", _BANDWIDTH_RE, _bandwidth_scale,
+                      "'1Gbit', '100Mbit', '10 Gbit/s', '400Gb' or 1e9 (bit/s; B = byte)")
+    if bits <= 0:
+        raise ValueError(f"{name} must be > 0 bit/s, got {value!r}; give the link rate per worker group, e.g. '1Gbit'.")
+    return bits
+
+
+def parse_duration(value: Union[Number, str], name: str = "latency", allow_zero: bool = False) -> float:
+    """Seconds, from a number (seconds) or a string with a unit: s, ms, us (or µs), ns, min.
+
+    ``"20ms"``, ``"0.02"``, ``"50us"`` and ``"1s"`` are 0.02, 0.02, 5e-5 and 1.0 seconds.
+
+    Raises:
+        ValueError: unreadable, not finite, negative, or zero unless ``allow_zero`` (the message names ``name``).
+    """
+    seconds = _as_number(value, name, "a duration", _DURATION_RE,
+                         lambda m: _DURATION_UNITS[(m.group("unit") or "").lower()],
+                         "'20ms', '0.02' (seconds), '50us' or '1s'")
+    if seconds < 0 or (seconds == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be {bound} seconds, got {value!r}; give e.g. '20ms' or 0.02.")
+    return seconds
+
+
+def parse_count(value: Union[Number, str], name: str = "params") -> float:
+    """A positive count, from a number or a string with a suffix k, M, B (= G), T: ``"1.3B"`` = ``1.3e9``.
+
+    Raises:
+        ValueError: unreadable, not finite, or not positive (the message names ``name``).
+    """
+    count = _as_number(value, name, "a count", _COUNT_RE,
+                       lambda m: _COUNT_SUFFIXES[(m.group("suffix") or "").lower()], "1.3e9, '1.3B' or '350M'")
+    if count <= 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}; give the number of model parameters, e.g. 1.3e9.")
+    return count
+
+
+def compressed_bytes_per_value(compression: str, params: float) -> float:
+    """Payload bytes per parameter of a compressed sync, from the codec's own size (:func:`.comm.payload_bytes`).
+
+    bf16: 2. int8 / int4: 1 / 0.5 plus one fp32 scale per block of 256 values (4/256 = 0.015625 bytes per value).
+    """
+    numel = max(1, round(params))
+    return payload_bytes(compression, numel) / numel
+
+
+# ----------------------------------------------------------------------------------------------------- the plan
+@dataclass(frozen=True)
+class PlanRow:
+    """One candidate H (or DDP, ``h is None``): what one worker group sees per optimizer step."""
+
+    h: Optional[int]
+    """Sync interval in optimizer steps; ``None`` for the DDP row."""
+    bytes_per_step: float
+    """Payload bytes a group contributes per step: model (or compressed payload) bytes / H. This is what
+    ``OuterSync.bytes_sent`` / ``local_sgd/bytes_sent`` counts (per rank: divide by the ranks of a group)."""
+    link_bytes_per_step: float
+    """Bytes a group sends (and receives) on the link per step: 2(G−1)/G × the payload for an all-reduce,
+    (G−1) × for the all-gather of a compressed sync."""
+    sync_seconds: float
+    """One sync (DDP: one gradient all-reduce), communication and local work."""
+    seconds_per_step: float
+    """Wall clock of one optimizer step, the sync amortized over H steps."""
+    comm_fraction: float
+    """Share of the wall clock spent waiting on communication: (step − compute) / step."""
+    utilization: float
+    """Compute / wall clock (= 1 − comm_fraction)."""
+
+    @property
+    def label(self) -> str:
+        return "DDP" if self.h is None else str(self.h)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The result of :func:`plan`: one row per candidate H, the DDP row, and the recommendation."""
+
+    params: float
+    step_time_s: float
+    bandwidth_bit_s: float
+    latency_s: float
+    groups: int
+    target_utilization: float
+    bytes_per_value: float
+    """Bytes per value of the uncompressed model / gradients (4 = fp32)."""
+    compression: Optional[str]
+    payload_bytes_per_value: float
+    """Bytes per value of a sync's payload (``bytes_per_value``, or the codec's)."""
+    calibration: Calibration
+    rows: tuple[PlanRow, ...]
+    """One per candidate, ascending H."""
+    ddp: PlanRow
+    recommended_h: Optional[int]
+    """Smallest candidate with utilization >= target; ``None`` when no candidate reaches it (see :attr:`reason`)."""
+    min_h: int
+    """Smallest integer H (candidate or not) with utilization >= target."""
+    reason: str
+    """Why this recommendation, or why none."""
+    notes: tuple[str, ...] = field(default=())
+    """Remarks worth reading: DDP already fast enough, compression slower than fp32 at this G, ..."""
+
+    def row(self, h: int) -> PlanRow:
+        """The row of candidate ``h``."""
+        for r in self.rows:
+            if r.h == h:
+                return r
+        raise KeyError(f"H={h} is not a candidate of this plan (candidates: {[r.h for r in self.rows]}).")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (JSON-serializable), as printed by ``lightning-localsgd plan --json``."""
+        d = asdict(self)
+        d["rows"] = [asdict(r) for r in self.rows]
+        d["notes"] = list(self.notes)
+        return d
+
+
+def _check_fraction(value: object, name: str, low: float, high: float, open_low: bool, open_high: bool,
+                    hint: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+        raise ValueError(f"{name} must be a finite number, got {value!r}; {hint}.")
+    v = float(value)
+    if (v < low or (open_low and v == low)) or (v > high or (open_high and v == high)):
+        interval = f"{'(' if open_low else '['}{low:g}, {high:g}{')' if open_high else ']'}"
+        raise ValueError(f"{name} must be in {interval}, got {value!r}; {hint}.")
+    return v
+
+
+def _check_calibration(cal: Calibration) -> Calibration:
+    if not isinstance(cal, Calibration):
+        raise ValueError(f"calibration must be a lightning_localsgd.costmodel.Calibration or None, got "
+                         f"{type(cal).__name__}.")
+    _check_fraction(cal.efficiency, "calibration.efficiency", 0, 1, True, False,
+                    "the achieved fraction of the link bandwidth, e.g. 0.9")
+    _check_fraction(cal.overlap, "calibration.overlap", 0, 1, False, False,
+                    "the part of DDP's compute its all-reduce hides behind, e.g. 2/3")
+    for name in ("fixed_s", "outer_s_per_byte"):
+        v = getattr(cal, name)
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0:
+            raise ValueError(f"calibration.{name} must be a finite number >= 0, got {v!r}.")
+    return cal
+
+
+def _check_candidates(candidates: Optional[Iterable[int]]) -> tuple[int, ...]:
+    if candidates is None:
+        return DEFAULT_CANDIDATES
+    if isinstance(candidates, (str, bytes)):
+        raise ValueError(f"candidates must be a sequence of integers >= 1, got the string {candidates!r}; "
+                         f"give e.g. [16, 64, 256].")
+    values = list(candidates)
+    if not values:
+        raise ValueError("candidates must not be empty; give e.g. [16, 64, 256], or None for powers of two 1..4096.")
+    for h in values:
+        if isinstance(h, bool) or not isinstance(h, numbers.Integral) or h < 1:
+            raise ValueError(f"candidates must be integers >= 1 (sync every H optimizer steps), got {h!r}.")
+    return tuple(sorted({int(h) for h in values}))
+
+
+def plan(
+    params: Union[Number, str],
+    step_time: Union[Number, str],
+    bandwidth: Union[Number, str],
+    latency: Union[Number, str],
+    groups: int,
+    candidates: Optional[Sequence[int]] = None,
+    target_utilization: float = 0.95,
+    bytes_per_value: float = 4.0,
+    compression: Optional[str] = None,
+    calibration: Optional[Calibration] = None,
+) -> Plan:
+    """Price each candidate sync interval H on a link and recommend the smallest that keeps utilization >= target.
+
+    Args:
+        params: number of model parameters N (``1.3e9`` or ``"1.3B"``).
+        step_time: measured compute seconds of one optimizer step of one worker group, without cross-group
+            communication (``0.4`` or ``"400ms"``).
+        bandwidth: link rate per worker group, in bit/s (``1e9``) or with a unit (``"1Gbit"``, ``"10 Gbit/s"``).
+        latency: one-way latency between groups, in seconds (``0.02``) or with a unit (``"20ms"``, ``"50us"``);
+            0 is allowed (an ideal link).
+        groups: number of worker groups G that sync over the link (>= 2).
+        candidates: the H values to price (default :data:`DEFAULT_CANDIDATES`, powers of two 1..4096).
+        target_utilization: the utilization (compute / wall clock) to reach, in (0, 1).
+        bytes_per_value: bytes per value of the uncompressed sync and of DDP's gradients (4 = fp32, as this library
+            syncs).
+        compression: ``None``, ``"bf16"``, ``"int8"`` or ``"int4"`` (the strategies' ``compression``): the sync
+            all-gathers the codec's payload instead of all-reducing the model. DDP's row stays uncompressed.
+        calibration: the cost model's constants (η, c0, φ, local work per byte; default
+            :class:`~lightning_localsgd.costmodel.Calibration`: η = 0.9, c0 = 0, φ = 2/3). Fit your own with
+            :func:`lightning_localsgd.costmodel.calibrate` or ``benchmarks/projection.py``.
+
+    Returns:
+        A :class:`Plan`.
+
+    Raises:
+        ValueError: an input is unreadable or out of range; the message names the parameter and what to give.
+    """
+    n = parse_count(params, "params")
+    tc = parse_duration(step_time, "step_time")
+    bw = parse_bandwidth(bandwidth, "bandwidth")
+    lat = parse_duration(latency, "latency", allow_zero=True)
+    if isinstance(groups, bool) or not isinstance(groups, numbers.Integral):
+        raise ValueError(f"groups must be an integer >= 2 (worker groups syncing over the link), got {groups!r}.")
+    if groups < 2:
+        raise ValueError(f"groups must be >= 2, got {groups}: with one worker group nothing crosses the link, so there "
+                         f"is no sync to plan; give the number of groups (e.g. clusters or nodes) that sync.")
+    G = int(groups)
+    hs = _check_candidates(candidates)
+    target = _check_fraction(target_utilization, "target_utilization", 0, 1, True, True,
+                             "give a fraction such as 0.95 (for 95%)")
+    if isinstance(bytes_per_value, bool) or not isinstance(bytes_per_value, numbers.Real) \
+            or not math.isfinite(bytes_per_value) or bytes_per_value <= 0:
+        raise ValueError(f"bytes_per_value must be a number > 0, got {bytes_per_value!r}; 4 = fp32, 2 = bf16.")
+    if compression is not None and compression not in CODECS:
+        raise ValueError(f"compression must be one of {CODECS} or None, got {compression!r}.")
+    cal = _check_calibration(Calibration() if calibration is None else calibration)
+
+    link = Link("planned link", bw, lat)
+    model_bytes = float(bytes_per_value) * n
+    payload_per_value = float(bytes_per_value) if compression is None else compressed_bytes_per_value(compression, n)
+    payload = payload_per_value * n
+    # What each group puts on the link per sync: bandwidth-optimal all-reduce vs all-gather (see costmodel).
+    link_bytes = 2 * (G - 1) / G * payload if compression is None else (G - 1) * payload
+
+    def local_row(h: int) -> PlanRow:
+        cost = local_sgd_cost(tc, model_bytes, G, h, link, cal, payload_bytes=None if compression is None else payload)
+        return PlanRow(h, payload / h, link_bytes / h, cost.comm_s * h, cost.step_s,
+                       (cost.step_s - cost.compute_s) / cost.step_s, cost.utilization)
+
+    rows = tuple(local_row(h) for h in hs)
+    ddp = ddp_cost(tc, model_bytes, G, link, cal)
+    ddp_row = PlanRow(None, model_bytes, 2 * (G - 1) / G * model_bytes, ddp.comm_s, ddp.step_s,
+                      (ddp.step_s - ddp.compute_s) / ddp.step_s, ddp.utilization)
+
+    # Exact bound: tc / (tc + s/H) >= T  <=>  H >= s·T / (tc·(1 − T)); nudge by ±1 against float rounding so that the
+    # bound agrees with the rows' own utilization.
+    sync_s = rows[0].sync_seconds
+    min_h = max(1, math.ceil(sync_s * target / (tc * (1 - target))))
+    while min_h > 1 and local_row(min_h - 1).utilization >= target:
+        min_h -= 1
+    while local_row(min_h).utilization < target:
+        min_h += 1
+
+    passing = [r for r in rows if r.utilization >= target]
+    recommended = passing[0].h if passing else None
+    if recommended is not None:
+        r = passing[0]
+        reason = (f"the smallest candidate with utilization >= {target:.0%}: {r.utilization:.1%}, one "
+                  f"{_fmt_seconds(r.sync_seconds)} sync per {_fmt_seconds(recommended * tc)} of compute")
+        if min_h < recommended:
+            reason += f"; any H >= {min_h} reaches {target:.0%}"
+    else:
+        last = rows[-1]
+        reason = (f"no candidate reaches {target:.0%} utilization: the largest, H={last.h}, gives "
+                  f"{last.utilization:.1%}. H >= {min_h} would (add it to the candidates), or make a sync cheaper: "
+                  f"a faster link" + (", or compression" if compression is None else ""))
+
+    notes = []
+    if ddp_row.utilization >= target:
+        notes.append(f"DDP already reaches {ddp_row.utilization:.1%} on this link: local SGD buys no throughput here.")
+    if compression is not None:
+        fp32_sync = allreduce_seconds(model_bytes, G, link, cal)
+        compressed_sync = allgather_seconds(payload, G, link, cal)
+        if compressed_sync >= fp32_sync:
+            notes.append(
+                f"compression={compression!r} makes a sync slower than the uncompressed all-reduce at G={G} "
+                f"({_fmt_seconds(compressed_sync)} vs {_fmt_seconds(fp32_sync)}): the all-gather of payloads sends "
+                f"(G−1)·P bytes per group, the all-reduce 2(G−1)/G·M, so compression pays only while "
+                f"G < 2M/P = {2 * bytes_per_value / payload_per_value:.1f}.")
+    return Plan(params=n, step_time_s=tc, bandwidth_bit_s=bw, latency_s=lat, groups=G, target_utilization=target,
+                bytes_per_value=float(bytes_per_value), compression=compression,
+                payload_bytes_per_value=payload_per_value, calibration=cal, rows=rows, ddp=ddp_row,
+                recommended_h=recommended, min_h=min_h, reason=reason, notes=tuple(notes))
+
+
+# ----------------------------------------------------------------------------------------------------- output
+def _fmt_bytes(n: float) -> str:
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n:.3g} B"
+
+
+def _fmt_seconds(s: float) -> str:
+    if s == 0:
+        return "0 s"
+    if s >= 3600:
+        return f"{s / 3600:.3g} h"
+    if s >= 60:
+        return f"{s / 60:.3g} min"
+    if s >= 1:
+        return f"{s:.3g} s"
+    if s >= 1e-3:
+        return f"{s * 1e3:.3g} ms"
+    return f"{s * 1e6:.3g} µs"
+
+
+def _fmt_count(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:.3g}"
+
+
+def _fmt_rate(bits: float) -> str:
+    for unit, scale in (("Tbit/s", 1e12), ("Gbit/s", 1e9), ("Mbit/s", 1e6), ("kbit/s", 1e3)):
+        if bits >= scale:
+            return f"{bits / scale:.3g} {unit}"
+    return f"{bits:.3g} bit/s"
+
+
+def _fmt_fraction(x: float) -> str:
+    return f"{x:.1%}" if x >= 0.001 else f"{x:.2g}"
+
+
+def print_plan(p: Plan, file=None) -> None:
+    """Print a plan as a rich table, the recommendation and the notes."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(file=file if file is not None else sys.stdout)
+    codec = "fp32" if p.compression is None and p.bytes_per_value == 4 else (p.compression or
+                                                                             f"{p.bytes_per_value:g}-byte values")
+    table = Table(title=f"Local SGD plan: {_fmt_count(p.params)} parameters, {_fmt_seconds(p.step_time_s)} compute per "
+                        f"step, {p.groups} groups, {_fmt_rate(p.bandwidth_bit_s)} / {_fmt_seconds(p.latency_s)} "
+                        f"link, {codec} sync",
+                  caption=f"η = {p.calibration.efficiency:g}, c0 = {_fmt_seconds(p.calibration.fixed_s)}, "
+                          f"DDP overlap φ = {p.calibration.overlap:.2g}. bytes/step: payload per group "
+                          f"(as local_sgd/bytes_sent counts). * recommended")
+    table.add_column("H", justify="right")
+    table.add_column("bytes/step", justify="right")
+    table.add_column("sync", justify="right")
+    table.add_column("step", justify="right")
+    table.add_column("comm fraction", justify="right")
+    table.add_column("utilization", justify="right")
+
+    def cells(r: PlanRow) -> list[str]:
+        # "*" marks the recommended row where colours do not show (pipes, logs)
+        label = f"{r.label} *" if r.h is not None and r.h == p.recommended_h else r.label
+        return [label, _fmt_bytes(r.bytes_per_step), _fmt_seconds(r.sync_seconds), _fmt_seconds(r.seconds_per_step),
+                _fmt_fraction(r.comm_fraction), _fmt_fraction(r.utilization)]
+
+    table.add_row(*cells(p.ddp), style="dim", end_section=True)
+    for r in p.rows:
+        table.add_row(*cells(r), style="bold green" if r.h == p.recommended_h else None)
+    console.print(table)
+    if p.recommended_h is not None:
+        console.print(f"recommended: H={p.recommended_h} ({p.reason})", highlight=False)
+    else:
+        console.print(f"recommended: none ({p.reason})", highlight=False)
+    for note in p.notes:
+        console.print(f"note: {note}", highlight=False)
+
+
+# ----------------------------------------------------------------------------------------------------- CLI
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lightning-localsgd plan",
+        description="Choose the sync interval H: for each candidate H, the bytes per step, the fraction of the wall "
+                    "clock spent communicating and the utilization (compute / wall clock) of local SGD, next to DDP, "
+                    "from the library's cost model; recommends the smallest H with utilization >= the target. "
+                    "See docs/planner.md.",
+        epilog="example: lightning-localsgd plan --params 1.3e9 --step-time 0.4 --bandwidth 1Gbit --latency 20ms "
+               "--groups 8",
+    )
+    req = parser.add_argument_group("the setup (required)")
+    req.add_argument("--params", required=True, help="number of model parameters: 1.3e9, 1.3B, 350M")
+    req.add_argument("--step-time", required=True,
+                     help="measured compute seconds of one optimizer step of one worker group, without cross-group "
+                          "communication: 0.4, 400ms")
+    req.add_argument("--bandwidth", required=True,
+                     help="link rate per worker group: 1Gbit, 100Mbit, '10 Gbit/s', 400Gb, 1e9 (bit/s); b = bit, "
+                          "B = byte (1GB/s = 8 Gbit/s)")
+    req.add_argument("--latency", required=True, help="one-way latency between groups: 20ms, 0.02 (s), 50us, 1s")
+    req.add_argument("--groups", required=True, type=int, help="number of worker groups G syncing over the link (>= 2)")
+    opt = parser.add_argument_group("options of the plan")
+    opt.add_argument("--candidates", default=None,
+                     help="comma-separated H values to price (default: powers of two 1,2,4,...,4096)")
+    opt.add_argument("--target", type=float, default=0.95,
+                     help="utilization to reach, in (0, 1) (default: 0.95)")
+    opt.add_argument("--bytes-per-value", type=float, default=4.0,
+                     help="bytes per value of the uncompressed sync and of DDP's gradients (default: 4, fp32)")
+    opt.add_argument("--compression", choices=CODECS, default=None,
+                     help="compressed sync (the strategies' compression=): all-gathers the codec's payload")
+    cal = Calibration()
+    opt.add_argument("--efficiency", type=float, default=cal.efficiency,
+                     help=f"η, achieved fraction of the link bandwidth in a collective (default: {cal.efficiency:g})")
+    opt.add_argument("--fixed-cost", default=str(cal.fixed_s),
+                     help=f"c0, fixed cost per collective: 0.2ms, 0.0002 (default: {cal.fixed_s:g} s)")
+    opt.add_argument("--overlap", type=float, default=cal.overlap,
+                     help=f"φ, part of DDP's compute its all-reduce hides behind (default: {cal.overlap:.3g})")
+    opt.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
+    return parser
+
+
+# The flag of each parameter named by plan()'s error messages, so that CLI errors name what the user typed.
+_FLAGS = {"params": "--params", "step_time": "--step-time", "bandwidth": "--bandwidth", "latency": "--latency",
+          "groups": "--groups", "candidates": "--candidates", "target_utilization": "--target",
+          "bytes_per_value": "--bytes-per-value", "compression": "--compression", "fixed_cost": "--fixed-cost",
+          "calibration.efficiency": "--efficiency", "calibration.overlap": "--overlap"}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """``lightning-localsgd plan``: parse ``argv`` (default ``sys.argv[1:]``), print the plan.
+
+    Bad input exits with status 2 and an ``error:`` line naming the flag, like argparse's own errors. A negative
+    value must be attached with ``=`` (``--latency=-1ms``): argparse reads ``-1ms`` as an option.
+    """
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        candidates = None
+        if args.candidates is not None:
+            try:
+                candidates = [int(c) for c in args.candidates.split(",") if c.strip()]
+            except ValueError:
+                raise ValueError(f"candidates: cannot read {args.candidates!r}; give comma-separated integers, "
+                                 f"e.g. 16,64,256.") from None
+        calibration = Calibration(efficiency=args.efficiency,
+                                  fixed_s=parse_duration(args.fixed_cost, "fixed_cost", allow_zero=True),
+                                  overlap=args.overlap)
+        result = plan(args.params, args.step_time, args.bandwidth, args.latency, args.groups, candidates=candidates,
+                      target_utilization=args.target, bytes_per_value=args.bytes_per_value,
+                      compression=args.compression, calibration=calibration)
+    except ValueError as err:
+        message = str(err)
+        name = re.split(r"[ :]", message, maxsplit=1)[0]
+        if name in _FLAGS:
+            message = _FLAGS[name] + message[len(name):]
+        parser.error(message)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print_plan(result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""The H planner (``lightning-localsgd plan`` and :func:`lightning_localsgd.planner.plan`): the recommendation against
+a hand computation, monotonicity, unit parsing, input errors, and the command line (table and ``--json``).
+
+The hand computations below use the cost model's formula written out again (default calibration: η = 0.9, c0 = 0,
+φ = 2/3), not the library's helpers, so that a wrong helper cannot make its own test pass.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from lightning_localsgd import costmodel
+from lightning_localsgd.cli import main as cli_main
+from lightning_localsgd.planner import (
+    DEFAULT_CANDIDATES,
+    compressed_bytes_per_value,
+    parse_bandwidth,
+    parse_count,
+    parse_duration,
+    plan,
+)
+
+ETA = 0.9  # Calibration() defaults
+PHI = 2 / 3
+EXAMPLE = dict(params=1.3e9, step_time=0.4, bandwidth="1Gbit", latency="20ms", groups=8)
+
+
+def hand_sync_seconds(params: float, G: int, bandwidth: float, latency: float, bytes_per_value: float = 4.0) -> float:
+    """2(G−1)/G · 8M/(η·B) + 2⌈log2 G⌉·λ + c0 (c0 = 0)."""
+    M = bytes_per_value * params
+    return 2 * (G - 1) / G * 8 * M / (ETA * bandwidth) + 2 * math.ceil(math.log2(G)) * latency
+
+
+def hand_utilization(tc: float, sync: float, H: int) -> float:
+    return tc / (tc + sync / H)
+
+
+# ------------------------------------------------------------------------------------------- hand computation
+def test_example_matches_hand_computation():
+    p = plan(**EXAMPLE)
+    sync = hand_sync_seconds(1.3e9, 8, 1e9, 0.02)
+    assert sync == pytest.approx(81.00889, rel=1e-6)  # 1.75 · 4.16e10 / 9e8 + 6 · 0.02
+    # H = 2048 misses 95%, H = 4096 reaches it: the smallest power of two that does.
+    assert hand_utilization(0.4, sync, 2048) < 0.95 <= hand_utilization(0.4, sync, 4096)
+    assert p.recommended_h == 4096
+    for H in (1, 64, 2048, 4096):
+        row = p.row(H)
+        assert row.utilization == pytest.approx(hand_utilization(0.4, sync, H), rel=1e-12)
+        assert row.sync_seconds == pytest.approx(sync, rel=1e-12)
+        assert row.bytes_per_step == pytest.approx(4 * 1.3e9 / H, rel=1e-12)
+        assert row.comm_fraction == pytest.approx(1 - row.utilization, rel=1e-9)
+        assert row.seconds_per_step == pytest.approx(0.4 + sync / H, rel=1e-12)
+    # Exact bound: H ≥ s·T / (t_c·(1 − T)) = 3847.9
+    assert p.min_h == math.ceil(sync * 0.95 / (0.4 * 0.05)) == 3848
+    # DDP: the all-reduce every step, 2/3 of the compute hides part of it.
+    assert p.ddp.h is None
+    assert p.ddp.seconds_per_step == pytest.approx(0.4 + sync - PHI * 0.4, rel=1e-12)
+    assert p.ddp.bytes_per_step == pytest.approx(4 * 1.3e9)
+
+
+def test_second_setup_recommends_the_smallest_passing_power_of_two():
+    # 100M parameters, 0.1 s per step, 10 Gbit/s, 5 ms, 4 groups: sync = 1.5 · 3.2e9 / 9e9 + 4 · 5 ms = 0.5533 s
+    p = plan(params="100M", step_time="100ms", bandwidth="10 Gbit/s", latency=0.005, groups=4)
+    sync = hand_sync_seconds(1e8, 4, 1e10, 0.005)
+    passing = [H for H in DEFAULT_CANDIDATES if hand_utilization(0.1, sync, H) >= 0.95]
+    assert passing[0] == 128 and p.recommended_h == 128
+    assert p.min_h == 106  # ceil(0.5533 · 0.95 / 0.005) = ceil(105.13)
+    assert hand_utilization(0.1, sync, 105) < 0.95 <= hand_utilization(0.1, sync, 106)
+    # a lower target lowers the recommendation; candidates need not be powers of two
+    assert plan(params=1e8, step_time=0.1, bandwidth=1e10, latency=0.005, groups=4, target_utilization=0.5,
+                candidates=[3, 5, 7]).recommended_h == 7  # 0.1 / (0.1 + 0.5533/7) = 55.9%; H = 5: 47.5%
+
+
+def test_compressed_sync_is_an_all_gather_of_the_codec_payload():
+    # int8: 1 byte per value + one fp32 scale per block of 256 values (comm.encode)
+    assert compressed_bytes_per_value("int8", 1.3e9) == pytest.approx(1 + 4 / 256, rel=1e-6)
+    assert compressed_bytes_per_value("int4", 1.3e9) == pytest.approx(0.5 + 4 / 256, rel=1e-6)
+    assert compressed_bytes_per_value("bf16", 1.3e9) == 2
+    p = plan(**EXAMPLE, compression="int8")
+    P = (1 + 4 / 256) * 1.3e9
+    sync = 7 * 8 * P / (ETA * 1e9) + 3 * 0.02  # (G−1)·8P/(η·B) + ⌈log2 G⌉·λ
+    assert p.row(256).sync_seconds == pytest.approx(sync, rel=1e-6)
+    assert p.row(256).bytes_per_step == pytest.approx(P / 256, rel=1e-6)
+    assert p.ddp.bytes_per_step == pytest.approx(4 * 1.3e9)  # DDP's gradients are not compressed
+    # at G = 8 the int8 all-gather moves more than the fp32 all-reduce: the plan says so
+    assert any("slower than the uncompressed" in n for n in p.notes)
+    # at G = 2 int4 is ~7.8x less traffic, and no such note
+    p2 = plan(**{**EXAMPLE, "groups": 2}, compression="int4")
+    assert not p2.notes
+    assert p2.row(1).sync_seconds == pytest.approx(8 * (0.5 + 4 / 256) * 1.3e9 / (ETA * 1e9) + 0.02, rel=1e-6)
+
+
+def test_benchmarks_costmodel_reexports_the_library():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "costmodel.py"
+    spec = importlib.util.spec_from_file_location("_bench_costmodel", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for name in costmodel.__all__:
+        assert getattr(module, name) is getattr(costmodel, name), name
+
+
+# ------------------------------------------------------------------------------------------------ monotonicity
+def test_monotone_in_h_and_in_the_link():
+    p = plan(**EXAMPLE)
+    util = [r.utilization for r in p.rows]
+    assert [r.h for r in p.rows] == list(DEFAULT_CANDIDATES)
+    assert all(a < b for a, b in zip(util, util[1:]))
+    assert all(a.bytes_per_step > b.bytes_per_step for a, b in zip(p.rows, p.rows[1:]))
+    assert all(a.comm_fraction > b.comm_fraction for a, b in zip(p.rows, p.rows[1:]))
+    recs = [plan(**{**EXAMPLE, "bandwidth": bw}).recommended_h for bw in ("10Gbit", "100Gbit", "400Gbit")]
+    assert recs == sorted(recs, reverse=True) and recs[-1] < 4096  # faster link: smaller H
+    slow = plan(**{**EXAMPLE, "latency": "500ms"}).row(64).utilization
+    assert slow < p.row(64).utilization  # more latency: lower utilization
+    assert plan(**{**EXAMPLE, "step_time": 4.0}).row(64).utilization > p.row(64).utilization  # more compute
+
+
+def test_no_candidate_passes_gives_none_and_a_reason():
+    p = plan(**{**EXAMPLE, "bandwidth": "100Mbit"}, candidates=[16, 64, 256])
+    assert p.recommended_h is None
+    assert "no candidate reaches 95%" in p.reason and f"H >= {p.min_h}" in p.reason
+    assert plan(**{**EXAMPLE, "bandwidth": "100Mbit"}, candidates=[p.min_h]).recommended_h == p.min_h
+    assert plan(**{**EXAMPLE, "bandwidth": "100Mbit"}, candidates=[p.min_h - 1]).recommended_h is None
+
+
+def test_fast_link_notes_that_ddp_suffices():
+    p = plan(params=1e8, step_time=1.0, bandwidth="400Gbit", latency="1ms", groups=2)
+    assert p.ddp.utilization >= 0.95 and any("DDP already" in n for n in p.notes)
+    assert p.recommended_h == 1
+
+
+# --------------------------------------------------------------------------------------------------- parsing
+@pytest.mark.parametrize("text, bits", [
+    ("1Gbit", 1e9), ("100Mbit", 1e8), ("10 Gbit/s", 1e10), ("1e9", 1e9), ("400Gb", 4e11), ("1Gbps", 1e9),
+    ("100mbit", 1e8), ("2.5 Gbit/s", 2.5e9), ("1GB/s", 8e9), ("1 GByte/s", 8e9), ("1Gibit", 2**30), ("1G", 1e9),
+    ("500kbit", 5e5), (1e9, 1e9), (100_000_000, 1e8),
+])
+def test_parse_bandwidth(text, bits):
+    assert parse_bandwidth(text) == pytest.approx(bits)
+
+
+@pytest.mark.parametrize("text, seconds", [
+    ("20ms", 0.02), ("0.02", 0.02), ("50us", 5e-5), ("50µs", 5e-5), ("1s", 1.0), ("20 ms", 0.02), ("1.5e-3", 1.5e-3),
+    ("100ns", 1e-7), ("2min", 120.0), ("0", 0.0), (0.02, 0.02),
+])
+def test_parse_duration(text, seconds):
+    assert parse_duration(text, allow_zero=True) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text, count", [("1.3e9", 1.3e9), ("1.3B", 1.3e9), ("350M", 3.5e8), ("7b", 7e9),
+                                         ("125k", 1.25e5), (1.3e9, 1.3e9), (1000, 1000.0)])
+def test_parse_count(text, count):
+    assert parse_count(text) == pytest.approx(count)
+
+
+# ----------------------------------------------------------------------------------------------- input errors
+@pytest.mark.parametrize("override, name", [
+    ({"params": 0}, "params"), ({"params": -1e9}, "params"), ({"params": "lots"}, "params"),
+    ({"params": float("nan")}, "params"), ({"params": True}, "params"),
+    ({"step_time": 0}, "step_time"), ({"step_time": "-1s"}, "step_time"), ({"step_time": "fast"}, "step_time"),
+    ({"bandwidth": 0}, "bandwidth"), ({"bandwidth": "-1Gbit"}, "bandwidth"), ({"bandwidth": "1 Gfoo"}, "bandwidth"),
+    ({"bandwidth": float("inf")}, "bandwidth"), ({"bandwidth": None}, "bandwidth"),
+    ({"latency": "-5ms"}, "latency"), ({"latency": "20 parsecs"}, "latency"),
+    ({"groups": 1}, "groups"), ({"groups": 0}, "groups"), ({"groups": 2.5}, "groups"), ({"groups": "8"}, "groups"),
+    ({"candidates": []}, "candidates"), ({"candidates": [0, 4]}, "candidates"), ({"candidates": [2.5]}, "candidates"),
+    ({"candidates": "16,64"}, "candidates"),
+    ({"target_utilization": 1.0}, "target_utilization"), ({"target_utilization": 0}, "target_utilization"),
+    ({"target_utilization": 95}, "target_utilization"), ({"target_utilization": "0.95"}, "target_utilization"),
+    ({"bytes_per_value": 0}, "bytes_per_value"), ({"compression": "zip"}, "compression"),
+    ({"calibration": costmodel.Calibration(efficiency=0)}, "calibration.efficiency"),
+    ({"calibration": costmodel.Calibration(efficiency=1.5)}, "calibration.efficiency"),
+    ({"calibration": costmodel.Calibration(fixed_s=-1)}, "calibration.fixed_s"),
+    ({"calibration": costmodel.Calibration(overlap=2)}, "calibration.overlap"),
+    ({"calibration": {"efficiency": 0.9}}, "calibration"),
+])
+def test_bad_input_names_the_parameter(override, name):
+    with pytest.raises(ValueError) as info:
+        plan(**{**EXAMPLE, **override})
+    assert str(info.value).startswith(name), str(info.value)
+
+
+# ------------------------------------------------------------------------------------------------ command line
+ARGS = ["plan", "--params", "1.3e9", "--step-time", "0.4", "--bandwidth", "1Gbit", "--latency", "20ms",
+        "--groups", "8"]
+
+
+def test_cli_prints_table_and_recommendation(capsys):
+    cli_main(ARGS)
+    out = capsys.readouterr().out
+    for header in ("H", "bytes/step", "comm fraction", "utilization", "DDP"):
+        assert header in out
+    assert "4096 *" in out and "95.3%" in out and "5.2 GB" in out
+    assert "recommended: H=4096 (the smallest candidate" in out
+
+
+def test_cli_json(capsys):
+    cli_main(ARGS + ["--json", "--candidates", "1024,4096", "--compression", "int4"])
+    data = json.loads(capsys.readouterr().out)
+    assert [r["h"] for r in data["rows"]] == [1024, 4096]
+    assert data["compression"] == "int4" and data["groups"] == 8 and data["ddp"]["h"] is None
+    # int4 at G = 8 puts 7 · 0.516 = 3.6 bytes per parameter on the link instead of fp32's 1.75 · 4 = 7
+    assert data["min_h"] == math.ceil(0.95 / (0.4 * 0.05) * (7 * 8 * (0.5 + 4 / 256) * 1.3e9 / (ETA * 1e9) + 0.06))
+    assert data["min_h"] < 3848 / 1.9 and data["recommended_h"] == 4096  # 2048 is not a candidate here
+    assert data["rows"][0]["utilization"] == pytest.approx(plan(**EXAMPLE, compression="int4").row(1024).utilization)
+
+
+def test_cli_reports_no_recommendation(capsys):
+    cli_main(ARGS[:6] + ["100Mbit"] + ARGS[7:] + ["--candidates", "8,16"])
+    assert "recommended: none (no candidate reaches 95%" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, flag", [(["--latency=-20ms"], "--latency"), (["--groups", "1"], "--groups"),
+                                         (["--target", "1.5"], "--target"), (["--candidates", "a,b"], "--candidates"),
+                                         (["--efficiency", "0"], "--efficiency"), (["--bandwidth", "fast"],
+                                                                                    "--bandwidth")])
+def test_cli_errors_name_the_flag(capsys, extra, flag):
+    with pytest.raises(SystemExit) as info:
+        cli_main(ARGS + extra)
+    assert info.value.code == 2
+    assert f"error: {flag}" in capsys.readouterr().err
+
+
+def test_cli_help_describes_every_flag(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli_main(["plan", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--params", "--step-time", "--bandwidth", "--latency", "--groups", "--candidates", "--target",
+                 "--bytes-per-value", "--compression", "--efficiency", "--fixed-cost", "--overlap", "--json"):
+        assert flag in out
