@@ -2,6 +2,11 @@
 
 Steps are *training steps that ran at least one optimizer step*: gradient accumulation does not change ``H`` and a
 training step that steps two optimizers counts once.
+
+Streaming sync (``fragments`` F, ``overlap_steps`` τ): after the warm-up, at local step ``t`` (1, 2, ...) fragment
+``f`` starts its sync when ``t ≡ (f+1)·H/F (mod H)`` and that sync is applied at step ``t + τ``. Fragment F−1 syncs
+at multiples of ``H`` as in plain local SGD; the others are staggered by ``H/F`` steps, so a step moves at most about
+1/F of the model across groups. Time-based sync (``sync_every_seconds``) is decided by the strategy from the clock.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ class Action(Enum):
     SYNC = "sync"
     SYNC_ALL = "sync_all"
     """Two-stage sync: the level-1 sync inside each cluster, then the level-2 sync across clusters."""
+    STREAM = "stream"
+    """Streaming sync: start the syncs of :attr:`SyncSchedule.starting`, apply those of :attr:`SyncSchedule.finishing`."""
 
 
 class SyncSchedule:
@@ -26,10 +33,20 @@ class SyncSchedule:
         warmup_steps: fully synchronous steps before local SGD starts.
         cluster_sync_every: ``H2``, steps between two syncs across clusters (a multiple of ``sync_every``), or
             ``None`` for one level.
+        fragments: streaming sync: the number of fragments (``sync_every`` must be a multiple of it).
+        overlap_steps: streaming sync: ``τ``, steps between the start of a fragment's sync and its application.
     """
 
-    def __init__(self, sync_every: int, warmup_steps: int = 0, cluster_sync_every: Optional[int] = None) -> None:
+    def __init__(self, sync_every: int, warmup_steps: int = 0, cluster_sync_every: Optional[int] = None,
+                 fragments: int = 1, overlap_steps: int = 0) -> None:
         self.sync_every = sync_every
+        self.fragments = fragments
+        self.overlap_steps = overlap_steps
+        self.streaming = fragments > 1 or overlap_steps > 0
+        self.starting: list[int] = []
+        """Streaming: fragments whose sync starts at the step just recorded."""
+        self.finishing: list[int] = []
+        """Streaming: fragments whose sync is applied at the step just recorded."""
         self.warmup_steps = warmup_steps
         self.cluster_sync_every = cluster_sync_every
         self.syncs_since_cluster_sync = 0
@@ -44,12 +61,31 @@ class SyncSchedule:
         """True while the *next* step is a fully synchronous warm-up step."""
         return self.steps_done < self.warmup_steps
 
+    @property
+    def local_steps(self) -> int:
+        """Steps since the end of the warm-up."""
+        return max(0, self.steps_done - self.warmup_steps)
+
+    def fragment_offset(self, fragment: int) -> int:
+        """The first local step at which ``fragment`` starts a sync: ``(f+1)·H/F``."""
+        return (fragment + 1) * self.sync_every // self.fragments
+
+    def _starts_at(self, t: int) -> list[int]:
+        return [f for f in range(self.fragments)
+                if t >= self.fragment_offset(f) and (t - self.fragment_offset(f)) % self.sync_every == 0]
+
     def step(self) -> Action:
         """Record one completed training step and return what to do now."""
         warm = self.in_warmup
         self.steps_done += 1
         if warm:
             return Action.END_WARMUP if self.steps_done == self.warmup_steps else Action.NONE
+        if self.streaming:
+            t = self.local_steps
+            self.steps_since_sync = t % self.sync_every
+            self.starting = self._starts_at(t)
+            self.finishing = self._starts_at(t - self.overlap_steps) if t > self.overlap_steps else []
+            return Action.STREAM if self.starting or self.finishing else Action.NONE
         self.steps_since_sync += 1
         if self.steps_since_sync >= self.sync_every:
             self.steps_since_sync = 0

@@ -8,12 +8,15 @@ A strategy mixes :class:`LocalSGDMixin` in front of a Lightning strategy and tel
 from __future__ import annotations
 
 import logging
+import math
+import time
 from contextlib import nullcontext
 from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
 import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
@@ -78,9 +81,17 @@ class _SyncAtStepEnd(Callback):
     def __init__(self, strategy: "LocalSGDMixin") -> None:
         self.strategy = strategy
 
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.strategy._interval_started = time.monotonic()
+
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        self.strategy._tokens_since_sync += _batch_tokens(batch)
         self.strategy._local_sgd_step_end(trainer)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Runs before every other callback's and the LightningModule's on_train_end, so they see the synced model.
+        self.strategy._local_sgd_train_end(trainer)
 
 
 class LocalSGDMixin:
@@ -104,6 +115,10 @@ class LocalSGDMixin:
         cluster_sync_every: Optional[int] = None,
         cluster_outer_optimizer: OuterOptimizerSpec = "diloco",
         compression: Optional[str] = None,
+        fragments: int = 1,
+        overlap_steps: int = 0,
+        overlap_mix: float = 0.0,
+        sync_every_seconds: Optional[float] = None,
     ) -> None:
         _check_positive_int("sync_every", sync_every, 1, "It is H, the optimizer steps between two syncs; e.g. 64.")
         _check_positive_int("group_size", group_size, 1, "It is the number of ranks per worker group; e.g. 1.")
@@ -115,6 +130,17 @@ class LocalSGDMixin:
         factory = resolve_outer_optimizer(outer_optimizer)
         check_outer_optimizer_factory(factory)
         cluster_factory = self._check_two_stage(sync_every, cluster_size, cluster_sync_every, cluster_outer_optimizer)
+        check_codec(compression)
+        self._check_streaming(sync_every, fragments, overlap_steps, overlap_mix, cluster_size)
+        self._check_time_based(sync_every_seconds, cluster_size, compression, fragments, overlap_steps,
+                               sync_on_train_end)
+        self.fragments = fragments
+        self.overlap_steps = overlap_steps
+        self.overlap_mix = float(overlap_mix)
+        self.sync_every_seconds = None if sync_every_seconds is None else float(sync_every_seconds)
+        self._interval_started = time.monotonic()
+        self._tokens_since_sync = 0
+        self._stop_received = False
         self.sync_every = sync_every
         self.outer_optimizer = outer_optimizer
         self.group_size = group_size
@@ -133,7 +159,7 @@ class LocalSGDMixin:
         self.cluster_outer_optimizer = cluster_outer_optimizer
         self._cluster_factory = cluster_factory
         self.cluster_sync: Optional[OuterSync] = None
-        self.schedule = SyncSchedule(sync_every, warmup_steps, cluster_sync_every)
+        self.schedule = SyncSchedule(sync_every, warmup_steps, cluster_sync_every, fragments, overlap_steps)
         self.topology = None
         self.outer_sync = None
         self.last_sync: Optional[SyncResult] = None
@@ -171,6 +197,67 @@ class LocalSGDMixin:
             raise ValueError(f"cluster_outer_optimizer: {err}") from err
         return factory
 
+    @staticmethod
+    def _check_streaming(sync_every: int, fragments: int, overlap_steps: int, overlap_mix: float,
+                         cluster_size: Optional[int]) -> None:
+        _check_positive_int("fragments", fragments, 1, "It is the number of parts the parameters are split into for "
+                            "streaming sync; 1 syncs them all at once.")
+        _check_positive_int("overlap_steps", overlap_steps, 0, "It is τ, inner steps a fragment's sync runs behind; "
+                            "0 applies it at once.")
+        if sync_every % fragments:
+            raise ValueError(
+                f"sync_every={sync_every} must be a multiple of fragments={fragments}: fragment f syncs every "
+                f"sync_every steps, staggered by sync_every/fragments steps. Use e.g. sync_every="
+                f"{fragments * max(1, round(sync_every / fragments))}."
+            )
+        if overlap_steps >= sync_every:
+            raise ValueError(
+                f"overlap_steps={overlap_steps} must be smaller than sync_every={sync_every}: a fragment's sync must be "
+                "applied before the next sync of that fragment starts."
+            )
+        if isinstance(overlap_mix, bool) or not isinstance(overlap_mix, (int, float)) or not 0.0 <= overlap_mix < 1.0:
+            raise ValueError(
+                f"overlap_mix must be a number in [0, 1), got {overlap_mix!r}. It is α of Streaming DiLoCo: the "
+                "parameters continue from α·local + (1−α)·global; e.g. 0.5."
+            )
+        if overlap_mix and not overlap_steps:
+            raise ValueError(
+                f"overlap_mix={overlap_mix} only acts when overlap_steps > 0 (with no overlap the local parameters "
+                "equal what was sent). Set overlap_steps, or remove overlap_mix."
+            )
+        if (fragments > 1 or overlap_steps) and cluster_size is not None:
+            raise ValueError(
+                "streaming sync (fragments > 1 or overlap_steps > 0) does not combine with two-stage sync "
+                "(cluster_size). Use one of them."
+            )
+
+    @staticmethod
+    def _check_time_based(sync_every_seconds: Optional[float], cluster_size: Optional[int],
+                          compression: Optional[str], fragments: int, overlap_steps: int,
+                          sync_on_train_end: bool) -> None:
+        if sync_every_seconds is None:
+            return
+        if isinstance(sync_every_seconds, bool) or not isinstance(sync_every_seconds, (int, float)) \
+                or not math.isfinite(sync_every_seconds) or sync_every_seconds <= 0:
+            raise ValueError(
+                f"sync_every_seconds must be a positive number of seconds, got {sync_every_seconds!r}; e.g. 30.0, or "
+                "None to sync every sync_every steps."
+            )
+        for name, value, bad in (("cluster_size", cluster_size, cluster_size is not None),
+                                 ("compression", compression, compression is not None),
+                                 ("fragments", fragments, fragments > 1),
+                                 ("overlap_steps", overlap_steps, overlap_steps > 0)):
+            if bad:
+                raise ValueError(
+                    f"sync_every_seconds (time-based sync of uneven workers) does not combine with {name}={value!r}. "
+                    f"Remove one of them."
+                )
+        if not sync_on_train_end:
+            raise ValueError(
+                "sync_every_seconds needs sync_on_train_end=True: a group that finishes tells the others to stop in "
+                "its last sync, and they wait for it."
+            )
+
     # ------------------------------------------------------------------ hooks for the concrete strategy
     def _local_sgd_tensors(self) -> tuple[list[Tensor], list[Tensor]]:
         """(parameters, buffers) this rank syncs. Default: the module's trainable parameters and float buffers."""
@@ -185,6 +272,10 @@ class LocalSGDMixin:
 
     def _local_sgd_norm_group(self) -> Optional[dist.ProcessGroup]:
         """Process group whose ranks hold the other shards of one replica (FSDP inside a group), or None."""
+        return None
+
+    def _local_sgd_fragment_sizes(self, params: list[Tensor]) -> Optional[list[int]]:
+        """Sizes to balance streaming fragments by (None: the synced tensors' own sizes)."""
         return None
 
     # ------------------------------------------------------------------ setup
@@ -213,6 +304,8 @@ class LocalSGDMixin:
             state_device=self._state_device,
             on_nonfinite=self.on_nonfinite,
             compression=self.compression,
+            fragments=self.fragments,
+            fragment_sizes=self._local_sgd_fragment_sizes(params),
         )
         if self.cluster_size is not None:
             # Level 2 reads and writes level 1's snapshot θ_c: the cluster's global parameters.
@@ -230,15 +323,40 @@ class LocalSGDMixin:
             self.outer_sync.load_state_dict(self._restored_state["rank"])
             self.schedule.load_state_dict(self._restored_state["schedule"])
             self.sync_seconds_total = float(self._restored_state.get("sync_seconds_total", 0.0))
+            self._tokens_since_sync = int(self._restored_state.get("tokens_since_sync", 0))
             self._restored_state = None
+        if self.sync_every_seconds is not None:
+            self._check_time_based_trainer(trainer)
         self._sync_guard = SyncGuard.for_strategy(self)
         self._callback = _SyncAtStepEnd(self)
         trainer.callbacks.insert(0, self._callback)
         self._limit_sigterm_broadcast(trainer)
+        when = f"every {self.sync_every} steps" if self.sync_every_seconds is None else \
+            f"every {self.sync_every_seconds:g} s (token-weighted)"
+        if self.fragments > 1 or self.overlap_steps:
+            when += f" in {self.fragments} staggered fragment(s), applied {self.overlap_steps} step(s) later"
         rank_zero_info(
-            f"local SGD: {self.topology.num_groups} worker group(s) of {self.group_size} rank(s), sync every "
-            f"{self.sync_every} steps, outer optimizer {self._outer_name()}, warm-up {self.warmup_steps} steps."
+            f"local SGD: {self.topology.num_groups} worker group(s) of {self.group_size} rank(s), sync {when}, outer "
+            f"optimizer {self._outer_name()}, warm-up {self.warmup_steps} steps."
         )
+
+    def _check_time_based_trainer(self, trainer: Trainer) -> None:
+        """Time-based sync: groups run different numbers of steps, so nothing may be collective between syncs."""
+        problems = []
+        if trainer.checkpoint_callbacks:
+            problems.append("checkpoint callbacks (ModelCheckpoint; pass Trainer(enable_checkpointing=False) and call "
+                            "trainer.save_checkpoint after fit)")
+        if trainer.early_stopping_callback is not None:
+            problems.append("EarlyStopping callbacks")
+        if is_overridden("validation_step", self.lightning_module) and trainer.limit_val_batches != 0:
+            problems.append("validation during fit (pass Trainer(limit_val_batches=0) and call trainer.validate "
+                            "after fit)")
+        if problems:
+            raise ValueError(
+                "sync_every_seconds: worker groups run different numbers of steps between syncs, so collectives "
+                "that Lightning runs at step or epoch counts would pair up wrongly across groups. Remove: "
+                + "; ".join(problems) + "."
+            )
 
     def _limit_sigterm_broadcast(self, trainer: Trainer) -> None:
         """Keep Lightning's per-batch SIGTERM broadcast off the cross-group links between syncs.
@@ -253,6 +371,11 @@ class LocalSGDMixin:
         if original is None or self.topology is None or self.topology.num_groups == 1:
             return
         schedule = self.schedule
+        if self.sync_every_seconds is not None:
+            # Groups take different numbers of steps: a per-batch broadcast would pair with another group's sync.
+            loop._broadcast_sigterm_tensor = lambda: None
+            self._restore_sigterm = lambda: setattr(loop, "_broadcast_sigterm_tensor", original)
+            return
 
         def broadcast_at_sync_steps() -> None:
             if schedule.in_warmup or schedule.steps_since_sync + 1 >= schedule.sync_every:
@@ -317,10 +440,59 @@ class LocalSGDMixin:
             self.outer_sync.reset_snapshot()  # all ranks hold the same parameters after synchronous steps
             if self.cluster_sync is not None:
                 self.cluster_sync.reset_snapshot()
+            self._interval_started = time.monotonic()
+            self._tokens_since_sync = 0
         elif action is Action.SYNC:
             self._run_sync(trainer)
         elif action is Action.SYNC_ALL:
             self._run_sync(trainer, all_levels=True)
+        elif action is Action.STREAM:
+            self._run_stream(trainer, self.schedule.starting, self.schedule.finishing)
+        elif self.sync_every_seconds is not None and not self.schedule.in_warmup and self._time_is_up():
+            self._run_timed_sync(trainer, stop=False)
+
+    def _time_is_up(self) -> bool:
+        """``sync_every_seconds`` have passed since the last sync; the ranks of a worker group agree on it."""
+        assert self.sync_every_seconds is not None
+        due = time.monotonic() - self._interval_started >= self.sync_every_seconds
+        if self.group_size > 1 and self.topology is not None:
+            # the ranks of a group step together (DDP / FSDP inside it); they must enter the sync at the same step
+            flag = torch.tensor([float(due)], device=self.root_device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.topology.inner_group)
+            due = bool(flag.item() > 0)
+        return due
+
+    def _run_timed_sync(self, trainer: Trainer, stop: bool) -> None:
+        """Time-based sync: weight = tokens since the last sync; any group's ``stop`` ends training for all."""
+        assert self.outer_sync is not None
+        weight = float(self._tokens_since_sync)
+        with self._guarded_sync():
+            result = self.outer_sync.sync(weight=weight, stop=stop)
+        self._tokens_since_sync = 0
+        self.schedule.steps_since_sync = 0
+        self._interval_started = time.monotonic()
+        if result.stop_requested:
+            self._stop_received = True
+            trainer.should_stop = True  # another group finished: stop after this step, as every group does
+        self._record(trainer, result)
+
+    def _run_stream(self, trainer: Trainer, starting: list[int], finishing: list[int]) -> None:
+        """Streaming sync: launch the syncs of ``starting`` fragments, apply those of ``finishing``."""
+        assert self.outer_sync is not None
+        with self._guarded_sync():
+            for f in starting:
+                self.outer_sync.start_sync(f)
+            for f in finishing:
+                result = self.outer_sync.finish_sync(f, mix=self.overlap_mix)
+                self._record(trainer, result)
+
+    def _guarded_sync(self) -> Any:
+        return self._sync_guard.sync(self.schedule.steps_done) if self._sync_guard is not None else nullcontext()
+
+    def _record(self, trainer: Trainer, result: SyncResult, cluster_result: Optional[SyncResult] = None) -> None:
+        self.last_sync = result
+        self.sync_seconds_total += result.seconds
+        self._log_sync(trainer, result, cluster_result)
 
     def _run_sync(self, trainer: Trainer, all_levels: bool = False) -> None:
         assert self.outer_sync is not None
@@ -341,9 +513,7 @@ class LocalSGDMixin:
                     )
         except FloatingPointError as err:
             raise type(err)(f"local SGD sync at step {self.schedule.steps_done}: {err}") from err
-        self.last_sync = result
-        self.sync_seconds_total += result.seconds
-        self._log_sync(trainer, result, cluster_result)
+        self._record(trainer, result, cluster_result)
 
     @property
     def bytes_sent(self) -> int:
@@ -362,6 +532,8 @@ class LocalSGDMixin:
             "local_sgd/pseudo_grad_norm": result.pseudo_grad_norm,
             "local_sgd/skipped": float(result.skipped),
         }
+        if result.fragment is not None:
+            metrics["local_sgd/fragment"] = float(result.fragment)
         if cluster_result is not None and self.cluster_sync is not None:
             metrics["local_sgd/cluster_syncs"] = float(self.cluster_sync.num_syncs)
             metrics["local_sgd/cluster_pseudo_grad_norm"] = cluster_result.pseudo_grad_norm
@@ -370,17 +542,29 @@ class LocalSGDMixin:
 
     def on_train_end(self) -> None:
         super().on_train_end()  # type: ignore[misc]
-        assert self.lightning_module is not None
-        self._local_sgd_train_end(self.lightning_module.trainer)
+        # the train-end sync already ran from the internal callback, before the user's on_train_end hooks
+        self._remove_hooks(self.lightning_module.trainer if self.lightning_module is not None else None)
 
     def teardown(self) -> None:
         self._remove_hooks(self.lightning_module._trainer if self.lightning_module is not None else None)
         super().teardown()  # type: ignore[misc]
 
     def _local_sgd_train_end(self, trainer: Trainer) -> None:
-        self._remove_hooks(trainer)
-        if self.sync_on_train_end and self.outer_sync is not None and not self.schedule.in_warmup \
-                and (self.schedule.steps_since_sync > 0 or self.schedule.syncs_since_cluster_sync > 0):
+        if self.outer_sync is None or self.schedule.in_warmup:
+            return
+        if self.sync_every_seconds is not None:
+            if not self._stop_received:  # the others learn in this sync that training is over
+                self._run_timed_sync(trainer, stop=True)
+            return
+        if self.outer_sync.pending:
+            # streaming: apply the fragments still in flight, in the order they were started
+            with self._guarded_sync():
+                for f in sorted(self.outer_sync.pending, key=lambda f: -1 if f is None else f):
+                    self._record(trainer, self.outer_sync.finish_sync(f, mix=self.overlap_mix))
+        streaming = self.fragments > 1 or self.overlap_steps > 0
+        unsynced = self.schedule.steps_since_sync > 0 or self.schedule.syncs_since_cluster_sync > 0 or (
+            streaming and self.schedule.local_steps > 0)
+        if self.sync_on_train_end and unsynced:
             self.schedule.steps_since_sync = 0
             self.schedule.syncs_since_cluster_sync = 0
             self._run_sync(trainer, all_levels=True)
@@ -425,6 +609,7 @@ class LocalSGDMixin:
             "outer_optimizer": self._outer_name(),
             "schedule": self.schedule.state_dict(),
             "sync_seconds_total": self.sync_seconds_total,
+            "tokens_since_sync": self._tokens_since_sync,
             "groups": [None] + [gathered[i * topo.group_size]["group"] for i in range(1, topo.num_groups)],
             "ranks": [g["rank"] for g in gathered],
             "clusters": [g.get("cluster") for g in gathered],
@@ -459,6 +644,7 @@ class LocalSGDMixin:
             "cluster": state.get("clusters", [None] * (rank + 1))[rank],
             "schedule": state["schedule"],
             "sync_seconds_total": state.get("sync_seconds_total", 0.0),
+            "tokens_since_sync": state.get("tokens_since_sync", 0),
         }
         return True
 
@@ -472,6 +658,18 @@ def _local(tensor: Tensor) -> Tensor:
     if hasattr(tensor, "to_local"):
         return tensor.detach().to_local()  # shares storage with the DTensor
     return tensor
+
+
+def _batch_tokens(batch: Any) -> int:
+    """Tokens in a batch: the elements of its first tensor (the token ids of a language model's input)."""
+    if isinstance(batch, Tensor):
+        return batch.numel()
+    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else ()
+    for value in values:
+        tokens = _batch_tokens(value)
+        if tokens:
+            return tokens
+    return 0
 
 
 def _to_cpu(obj: Any) -> Any:

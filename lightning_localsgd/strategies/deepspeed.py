@@ -192,6 +192,9 @@ class LocalSGDDeepSpeedStrategy(LocalSGDMixin, DeepSpeedStrategy):
         cluster_outer_optimizer: outer optimizer across clusters. Default ``"diloco"``.
         compression: compress what crosses groups at a sync: ``None`` (fp32 all-reduce), ``"bf16"``, ``"int8"`` or
             ``"int4"``, with error feedback (see ``LocalSGDStrategy``). Default None.
+        fragments / overlap_steps / overlap_mix: streaming sync (see ``LocalSGDStrategy``); not supported with
+            DeepSpeed (ZeRO keeps the parameters as flat partitions, not per-tensor fragments): leave the defaults.
+        sync_every_seconds: time-based sync (see ``LocalSGDStrategy``); not supported with DeepSpeed yet: leave None.
         **kwargs: every argument of Lightning's ``DeepSpeedStrategy``: ``stage`` (default 2), ``config`` (a DeepSpeed
             config dict or JSON path; its ``zero_optimization`` must use stage 1–3), ``allgather_bucket_size``,
             ``reduce_bucket_size``, ``logging_level``, ``process_group_backend``, ``timeout``, ... ZeRO offloading
@@ -220,9 +223,21 @@ class LocalSGDDeepSpeedStrategy(LocalSGDMixin, DeepSpeedStrategy):
         cluster_sync_every: Optional[int] = None,
         cluster_outer_optimizer: OuterOptimizerSpec = "diloco",
         compression: Optional[str] = None,
+        fragments: int = 1,
+        overlap_steps: int = 0,
+        overlap_mix: float = 0.0,
+        sync_every_seconds: Optional[float] = None,
         **kwargs: Any,
     ) -> None:
         _require_deepspeed()
+        for name, value, default in (("fragments", fragments, 1), ("overlap_steps", overlap_steps, 0),
+                                      ("overlap_mix", overlap_mix, 0.0), ("sync_every_seconds", sync_every_seconds, None)):
+            if value != default:
+                raise ValueError(
+                    f"{name}={value!r} is not supported by LocalSGDDeepSpeedStrategy (ZeRO syncs flat partitions, and "
+                    f"DeepSpeed's own collectives assume every group steps together). Leave {name}={default!r}, or use "
+                    "LocalSGDStrategy / LocalSGDFSDPStrategy for streaming and time-based sync."
+                )
         if "process_group" in kwargs or "mpu" in kwargs:
             raise ValueError(
                 "LocalSGDDeepSpeedStrategy builds DeepSpeed's data-parallel groups itself (one per worker group): "
@@ -248,6 +263,8 @@ class LocalSGDDeepSpeedStrategy(LocalSGDMixin, DeepSpeedStrategy):
             sync_every, outer_optimizer, 1 if group_size is None else group_size, warmup_steps, outer_state_device,
             on_nonfinite, sync_on_train_end, sync_timeout, cluster_size, cluster_sync_every, cluster_outer_optimizer,
             compression,
+            fragments=fragments, overlap_steps=overlap_steps, overlap_mix=overlap_mix,
+            sync_every_seconds=sync_every_seconds,
         )
         self.group_size = group_size  # None until the launcher knows the devices per node
         self._mpu: Optional[_WorkerGroupMPU] = None

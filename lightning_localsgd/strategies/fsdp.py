@@ -83,6 +83,23 @@ class LocalSGDFSDPStrategy(LocalSGDMixin, ModelParallelStrategy):
         compression: compress what crosses groups at a sync: ``None`` (fp32 all-reduce), ``"bf16"`` (½ the bytes),
             ``"int8"`` (≈ ¼) or ``"int4"`` (≈ ⅛), with per-block scales and error feedback (the quantization error
             of one sync is added to the next). Default None.
+        fragments: streaming sync (Streaming DiLoCo): split the parameters into this many fragments of about equal
+            size (runs of whole parameter tensors) that sync on a staggered schedule, fragment ``f`` at steps
+            ``(f+1)·sync_every/fragments`` mod ``sync_every``, so each sync moves about 1/fragments of the model and
+            the peak bytes per step drop by that factor. ``sync_every`` must be a multiple. Default 1.
+        overlap_steps: ``τ``: a fragment's sync is started (its all-reduce launched asynchronously) and applied
+            ``τ`` inner steps later, so the communication runs behind those steps. Must be below ``sync_every``.
+            Default 0 (applied at once).
+        overlap_mix: ``α`` of Streaming DiLoCo: with ``overlap_steps > 0`` a synced fragment continues from
+            ``α·θ_local + (1−α)·θ_global`` (its local parameters took ``τ`` steps since the sync started). 0 keeps
+            only the global result; the paper uses 0.5. Default 0.
+        sync_every_seconds: time-based sync for uneven workers: instead of every ``sync_every`` steps, each group
+            syncs at its first step end after this many seconds since the last sync, running as many steps as it
+            can in between, and the average is weighted by the tokens each group processed (the elements of each
+            batch's first tensor). A slow group delays the others by at most one of its steps. Groups then take
+            different numbers of steps, so nothing collective may run between syncs: validation, checkpoint and
+            early-stopping callbacks during fit are refused (validate and save after fit), and training ends for all
+            groups at the first sync after any group finishes. Default None (step-based).
     """
 
     strategy_name = "local_sgd_fsdp"
@@ -107,6 +124,10 @@ class LocalSGDFSDPStrategy(LocalSGDMixin, ModelParallelStrategy):
         cluster_sync_every: Optional[int] = None,
         cluster_outer_optimizer: OuterOptimizerSpec = "diloco",
         compression: Optional[str] = None,
+        fragments: int = 1,
+        overlap_steps: int = 0,
+        overlap_mix: float = 0.0,
+        sync_every_seconds: Optional[float] = None,
     ) -> None:
         super().__init__(
             save_distributed_checkpoint=save_distributed_checkpoint,
@@ -132,6 +153,8 @@ class LocalSGDFSDPStrategy(LocalSGDMixin, ModelParallelStrategy):
             sync_every, outer_optimizer, 1 if group_size is None else group_size, warmup_steps, outer_state_device,
             on_nonfinite, sync_on_train_end, sync_timeout, cluster_size, cluster_sync_every, cluster_outer_optimizer,
             compression,
+            fragments=fragments, overlap_steps=overlap_steps, overlap_mix=overlap_mix,
+            sync_every_seconds=sync_every_seconds,
         )
         self.group_size = group_size  # None until the launcher knows the devices per node
         self.auto_wrap_policy = set(auto_wrap_policy) if auto_wrap_policy is not None else None
@@ -267,6 +290,11 @@ class LocalSGDFSDPStrategy(LocalSGDMixin, ModelParallelStrategy):
                   for p in module.parameters() if p.requires_grad]
         buffers = [b for b in module.buffers() if torch.is_floating_point(b)]
         return params, buffers
+
+    @override
+    def _local_sgd_fragment_sizes(self, params: list[Tensor]) -> Optional[list[int]]:
+        # balance streaming fragments by the full parameters, so every shard of a group cuts at the same tensors
+        return [p.numel() for p in self.lightning_module.parameters() if p.requires_grad]
 
     @override
     def _local_sgd_norm_group(self) -> Optional[dist.ProcessGroup]:

@@ -134,6 +134,52 @@ class Fault(Callback):
             time.sleep(a.stall_seconds)
 
 
+class Slow(Callback):
+    """Makes one rank slow (a heterogeneous / edge worker): it sleeps at the start of every training step."""
+
+    def __init__(self, rank: int, seconds: float) -> None:
+        self.rank, self.seconds = rank, seconds
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_rank == self.rank:
+            time.sleep(self.seconds)
+
+
+class SyncRecorder(Callback):
+    """Records, at every sync, the parameters going in (θ_i), the weight sent and the parameters coming out."""
+
+    def __init__(self, syncs: list) -> None:
+        self.syncs = syncs
+
+    def on_fit_start(self, trainer, pl_module):
+        outer = trainer.strategy
+        strategy = trainer.strategy
+
+        def wrap_setup():
+            engine = strategy.outer_sync
+            original = engine.sync
+
+            def sync(weight=None, stop=None):
+                before = _full(pl_module.named_parameters())
+                result = original(weight=weight, stop=stop)
+                self.syncs.append({"step": strategy.schedule.steps_done, "weight": weight, "stop": stop,
+                                   "stop_requested": result.stop_requested, "before": before,
+                                   "after": _full(pl_module.named_parameters()), "seconds": result.seconds})
+                return result
+
+            engine.sync = sync
+
+        original_setup = outer._setup_local_sgd
+
+        def setup(trainer_):
+            original_setup(trainer_)
+            wrap_setup()
+
+        outer._setup_local_sgd = setup
+        if outer.outer_sync is not None:
+            wrap_setup()
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--devices", type=int, default=2)
@@ -177,6 +223,12 @@ def main() -> None:
     p.add_argument("--stall-seconds", type=float, default=120.0)
     p.add_argument("--fault-rank", type=int, default=1)
     p.add_argument("--hidden", type=int, default=8, help="width of the tiny model's hidden layer")
+    p.add_argument("--fragments", type=int, default=1, help="streaming sync: fragments")
+    p.add_argument("--overlap-steps", type=int, default=0, help="streaming sync: τ")
+    p.add_argument("--overlap-mix", type=float, default=0.0, help="streaming sync: α")
+    p.add_argument("--sync-every-seconds", type=float, default=None, help="time-based sync")
+    p.add_argument("--slow-rank", type=int, default=-1, help="this rank sleeps --slow-seconds per step")
+    p.add_argument("--slow-seconds", type=float, default=0.0)
     args = p.parse_args()
 
     rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -226,12 +278,18 @@ def main() -> None:
             sync_every=args.sync_every, outer_optimizer=args.outer, group_size=args.group_size,
             warmup_steps=args.warmup, outer_state_device=args.state_device, process_group_backend="gloo", **extra,
             cluster_size=args.cluster_size, cluster_sync_every=args.cluster_sync_every,
-            cluster_outer_optimizer=args.cluster_outer, compression=args.compression,
+            cluster_outer_optimizer=args.cluster_outer, compression=args.compression, fragments=args.fragments,
+            overlap_steps=args.overlap_steps, overlap_mix=args.overlap_mix, sync_every_seconds=args.sync_every_seconds,
         )
     recorder = Recorder()
     callbacks = [recorder]
     if args.die_at >= 0 or args.stall_at >= 0:
         callbacks.append(Fault(args))
+    if args.slow_rank >= 0:
+        callbacks.append(Slow(args.slow_rank, args.slow_seconds))
+    syncs: list[dict] = []
+    if args.sync_every_seconds is not None:
+        callbacks.append(SyncRecorder(syncs))
     if args.ckpt_every:
         callbacks.append(ModelCheckpoint(dirpath=os.path.join(args.out, "ckpt"), every_n_train_steps=args.ckpt_every,
                                          save_top_k=-1, filename="{step}"))
@@ -268,7 +326,8 @@ def main() -> None:
     else:
         optimizers = [_dtensor_to_local(o.state_dict()) for o in trainer.optimizers]  # FSDP: this rank's shards
     final = {**_params(model), **_full(model.named_buffers())}
-    torch.save({"steps": recorder.steps, "buffers": recorder.buffers, "final": final,
+    info["syncs_recorded"] = len(syncs)
+    torch.save({"syncs": syncs, "steps": recorder.steps, "buffers": recorder.buffers, "final": final,
                 "optimizers": optimizers, "info": info, "collectives": LOG, "outer_state": outer_state},
                os.path.join(args.out, f"rank{trainer.global_rank}.pt"))
     with open(os.path.join(args.out, f"info{trainer.global_rank}.json"), "w") as f:
