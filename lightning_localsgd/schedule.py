@@ -35,11 +35,14 @@ class SyncSchedule:
             ``None`` for one level.
         fragments: streaming sync: the number of fragments (``sync_every`` must be a multiple of it).
         overlap_steps: streaming sync: ``τ``, steps between the start of a fragment's sync and its application.
+        time_based: the strategy decides when to sync (``sync_every_seconds``); :meth:`step` never says SYNC.
     """
 
     def __init__(self, sync_every: int, warmup_steps: int = 0, cluster_sync_every: Optional[int] = None,
-                 fragments: int = 1, overlap_steps: int = 0) -> None:
+                 fragments: int = 1, overlap_steps: int = 0, time_based: bool = False) -> None:
         self.sync_every = sync_every
+        self.time_based = time_based
+        """Time-based sync: the strategy syncs by the clock; after the warm-up this schedule only counts steps."""
         self.fragments = fragments
         self.overlap_steps = overlap_steps
         self.streaming = fragments > 1 or overlap_steps > 0
@@ -80,6 +83,9 @@ class SyncSchedule:
         self.steps_done += 1
         if warm:
             return Action.END_WARMUP if self.steps_done == self.warmup_steps else Action.NONE
+        if self.time_based:
+            self.steps_since_sync += 1
+            return Action.NONE
         if self.streaming:
             t = self.local_steps
             self.steps_since_sync = t % self.sync_every

@@ -159,7 +159,8 @@ class LocalSGDMixin:
         self.cluster_outer_optimizer = cluster_outer_optimizer
         self._cluster_factory = cluster_factory
         self.cluster_sync: Optional[OuterSync] = None
-        self.schedule = SyncSchedule(sync_every, warmup_steps, cluster_sync_every, fragments, overlap_steps)
+        self.schedule = SyncSchedule(sync_every, warmup_steps, cluster_sync_every, fragments, overlap_steps,
+                                     time_based=sync_every_seconds is not None)
         self.topology = None
         self.outer_sync = None
         self.last_sync: Optional[SyncResult] = None

@@ -1,0 +1,82 @@
+"""Time-based sync of uneven workers (``sync_every_seconds``): token-weighted averages against a hand reference.
+
+One rank is slowed down (it sleeps at every step), so the groups run different numbers of steps between syncs. Every
+rank records, at each sync, its parameters going in, the weight it sent and the parameters coming out; the expected
+result is computed here by hand: ``Σ_i w_i θ_i / Σ_i w_i`` with ``w_i`` = tokens group ``i`` processed since the
+last sync (the tiny model's batch is 2 × 4 values, so 8 per step).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from _launch import run_tiny
+
+TOKENS_PER_STEP = 2 * 4  # batch 2 of 4 features: the elements of the batch's first tensor
+ATOL = 1e-6
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    return max(float((a[k] - b[k]).abs().max()) for k in a if a[k].is_floating_point())
+
+
+def check_weighted_syncs(ranks: list[dict], group_size: int) -> None:
+    groups = len(ranks) // group_size
+    leaders = [ranks[g * group_size] for g in range(groups)]
+    counts = {len(d["syncs"]) for d in ranks}
+    assert len(counts) == 1, f"ranks took part in different numbers of syncs: {counts}"
+    assert counts.pop() >= 1
+    previous_step = [0] * len(ranks)
+    for k in range(len(ranks[0]["syncs"])):
+        for r, d in enumerate(ranks):
+            s = d["syncs"][k]
+            # the weight is the tokens this rank processed since the previous sync
+            assert s["weight"] == TOKENS_PER_STEP * (s["step"] - previous_step[r]), (r, k, s["weight"], s["step"])
+            previous_step[r] = s["step"]
+        weights = [leaders[g]["syncs"][k]["weight"] for g in range(groups)]
+        befores = [leaders[g]["syncs"][k]["before"] for g in range(groups)]
+        total = sum(weights)
+        if total == 0:
+            expected = ranks[0]["syncs"][k]["after"]  # nothing new anywhere: θ_g unchanged
+        else:
+            expected = {name: sum(w * b[name] for w, b in zip(weights, befores)) / total for name in befores[0]}
+        for r, d in enumerate(ranks):
+            assert _max_diff(expected, d["syncs"][k]["after"]) <= ATOL, (r, k)
+    # every rank ends with the same model, after the last (stopping) sync
+    for d in ranks[1:]:
+        assert _max_diff(ranks[0]["final"], d["final"]) == 0.0
+
+
+def test_slow_worker_token_weighted_average(tmp_path):
+    ranks = run_tiny(tmp_path, devices=2, sync_every_seconds=0.6, steps=150, slow_rank=1, slow_seconds=0.06,
+                     seed_by_rank=True, inner="adamw", batches_per_epoch=200)
+    check_weighted_syncs(ranks, group_size=1)
+    fast, slow = ranks[0]["info"], ranks[1]["info"]
+    # the fast worker ran more steps than the slow one, and the slow one did not hold it back to its own pace
+    assert fast["global_step"] > 2 * slow["global_step"], (fast["global_step"], slow["global_step"])
+    # at least one sync mixed unequal weights (otherwise the weighting is not tested)
+    assert any(a["weight"] != b["weight"] and b["weight"] > 0
+               for a, b in zip(ranks[0]["syncs"], ranks[1]["syncs"]))
+    # the last sync is the stop signal of the group that finished first, and every rank learned it
+    assert all(d["syncs"][-1]["stop_requested"] for d in ranks)
+    # a slow group stalls the fast one for at most about one of its steps per sync, never a whole run
+    assert max(s["seconds"] for s in ranks[0]["syncs"]) < 0.6 + 5.0
+
+
+def test_groups_of_two_agree_on_the_sync_step(tmp_path):
+    # 4 processes, 2 DDP groups of 2; rank 3 (group 1) is slow, so all of group 1 is slow (DDP inside the group)
+    ranks = run_tiny(tmp_path, devices=4, group_size=2, sync_every_seconds=0.6, steps=80, slow_rank=3,
+                     slow_seconds=0.05, batches_per_epoch=60, timeout=300)
+    check_weighted_syncs(ranks, group_size=2)
+    assert ranks[0]["info"]["global_step"] == ranks[1]["info"]["global_step"]
+    assert ranks[2]["info"]["global_step"] == ranks[3]["info"]["global_step"]
+    assert ranks[0]["info"]["global_step"] > ranks[2]["info"]["global_step"]
+
+
+@pytest.mark.parametrize("extra,needle", [
+    ({"ckpt_every": 2}, "checkpoint callbacks"),
+])
+def test_collectives_between_syncs_are_refused_before_training(tmp_path, extra, needle):
+    out = run_tiny(tmp_path, devices=2, sync_every_seconds=1.0, steps=4, expect_fail=True, **extra)
+    text = out[0]["stderr"] + out[0]["stdout"]
+    assert "sync_every_seconds" in text and needle in text
