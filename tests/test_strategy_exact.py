@@ -85,3 +85,13 @@ def test_bf16_mixed_precision_and_sync_metrics_reach_the_logger(tmp_path):
     numel = sum(v.numel() for v in ranks[0]["final"].values() if v.is_floating_point())
     assert [float(r["local_sgd/bytes_sent"]) for r in syncs] == [numel * 4, 2 * numel * 4]
     assert all(float(r["local_sgd/pseudo_grad_norm"]) > 0 and float(r["local_sgd/sync_seconds"]) > 0 for r in syncs)
+
+
+def test_user_on_train_end_hooks_see_the_synced_model(tmp_path):
+    # 7 steps with H=3: training ends one step into an interval; the train-end sync must run before the user's
+    # on_train_end hooks (here a callback's), so they see the model every rank ends with
+    ranks = run_tiny(tmp_path, devices=2, sync_every=3, steps=7, seed_by_rank=True)
+    assert max_diff(ranks[0]["steps"][-1], ranks[1]["steps"][-1]) > 1e-4  # apart before the train-end sync
+    for d in ranks:
+        assert max_diff(d["train_end"], d["final"]) == 0.0
+    assert max_diff(ranks[0]["train_end"], ranks[1]["train_end"]) == 0.0

@@ -111,6 +111,9 @@ class Recorder(Callback):
             from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
             model.register_comm_hook(model.process_group, default_hooks.allreduce_hook)
 
+    def on_train_end(self, trainer, pl_module):
+        self.train_end = _params(pl_module)  # what a user's on_train_end hook sees
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.steps.append(_params(pl_module))
         self.buffers.append({k: v.detach().clone() for k, v in pl_module.named_buffers()})
@@ -251,6 +254,7 @@ def main() -> None:
             save_distributed_checkpoint=not args.full_checkpoint,
             mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
             if args.mp_bf16 else None,
+            fragments=args.fragments, overlap_steps=args.overlap_steps, overlap_mix=args.overlap_mix,
         )
     elif args.strategy == "deepspeed":
         from lightning_localsgd import LocalSGDDeepSpeedStrategy
@@ -327,7 +331,7 @@ def main() -> None:
         optimizers = [_dtensor_to_local(o.state_dict()) for o in trainer.optimizers]  # FSDP: this rank's shards
     final = {**_params(model), **_full(model.named_buffers())}
     info["syncs_recorded"] = len(syncs)
-    torch.save({"syncs": syncs, "steps": recorder.steps, "buffers": recorder.buffers, "final": final,
+    torch.save({"train_end": getattr(recorder, "train_end", None), "syncs": syncs, "steps": recorder.steps, "buffers": recorder.buffers, "final": final,
                 "optimizers": optimizers, "info": info, "collectives": LOG, "outer_state": outer_state},
                os.path.join(args.out, f"rank{trainer.global_rank}.pt"))
     with open(os.path.join(args.out, f"info{trainer.global_rank}.json"), "w") as f:
