@@ -124,6 +124,7 @@ class _Pending:
     """The reduce buffer (fp32 values, weight, stop flag) or the all-gathered compressed payloads (uint8)."""
     payload_numel: int = 0
     new_error: Optional[Tensor] = None
+    new_mean_error: Optional[Tensor] = None
     sent: int = 0
     seconds: float = 0.0
     works: list = field(default_factory=list)
@@ -144,7 +145,7 @@ class _Pending:
 
     @classmethod
     def from_state(cls, state: dict[str, Any], device: torch.device) -> "_Pending":
-        pending = cls(**{k: v for k, v in state.items() if k not in ("buf", "new_error")})
+        pending = cls(**{k: v for k, v in state.items() if k not in ("buf", "new_error", "new_mean_error")})
         pending.buf = state["buf"].to(device)
         pending.new_error = state["new_error"].to(device) if state["new_error"] is not None else None
         return pending
@@ -216,9 +217,12 @@ class OuterSync:
         on_nonfinite: ``"raise"`` (default) raises :class:`NonFinitePseudoGradientError`; ``"skip"`` drops the sync
             and resets every group to the previous ``θ_g``. In both cases the snapshot is left untouched.
         bucket_bytes: size of one all-reduce bucket.
-        compression: ``None`` (default: all-reduce fp32 parameters), or ``"bf16"``, ``"int8"``, ``"int4"``: each rank
-            compresses its pseudo-gradient ``θ_g − θ_i`` plus the error the codec made at the previous sync (error
-            feedback), the ranks all-gather the payloads and average the decoded values (see :mod:`.comm`).
+        compression: ``None`` (default: all-reduce fp32 parameters), or ``"bf16"``, ``"int8"``, ``"int4"``: a
+            compressed all-reduce in two phases. Each rank splits its pseudo-gradient ``θ_g − θ_i`` (plus the error
+            the codec made on it at the previous sync: error feedback) in ``G`` chunks and encodes them; an all-to-all
+            gives rank ``j`` every group's chunk ``j``, which it decodes and averages; it encodes that mean (plus its
+            own error feedback of this second encoding) and an all-gather hands every rank all the mean chunks. Each
+            rank sends ``2(G−1)/G`` of one compressed copy, as a ring all-reduce does (see :mod:`.comm`).
         fragments: split the tensors into this many contiguous fragments of about equal size, which
             :meth:`start_sync` / :meth:`finish_sync` can sync separately (streaming sync). Default 1.
         fragment_sizes: the sizes to balance the fragments by (default: the tensors' ``numel``); FSDP passes the
@@ -301,7 +305,8 @@ class OuterSync:
         self.outer_optimizer = outer_optimizer(self.snapshot) if outer_optimizer is not None else None
         self.num_syncs = 0
         self.bytes_sent = 0
-        self._error: Optional[Tensor] = None  # error feedback of the compression codec
+        self._error: Optional[Tensor] = None  # error feedback of the codec on this rank's pseudo-gradient
+        self._mean_error: dict[Optional[int], Tensor] = {}  # error feedback of the mean chunk this rank encodes
         self.reset_snapshot()
 
     # ------------------------------------------------------------------ fragments
@@ -342,6 +347,7 @@ class OuterSync:
         total = sum(s.numel() * s.element_size() for s in self.snapshot)
         if self._error is not None:
             total += self._error.numel() * self._error.element_size()
+        total += sum(e.numel() * e.element_size() for e in self._mean_error.values())
         if self.outer_optimizer is not None:
             for state in self.outer_optimizer.state.values():
                 total += sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, Tensor))
@@ -393,16 +399,22 @@ class OuterSync:
             if self._error is None:
                 self._error = torch.zeros(self.owned_numel, dtype=torch.float32, device=self.device)
             d = snap - local + self._error[olo:ohi]
-            payload = encode(d, self.compression)
-            pending.new_error = d - decode(payload, self.compression, n)
-            pending.payload_numel = payload.numel()
+            # phase 1: chunk j of every rank's pseudo-gradient goes to rank j of the cross group (all-to-all)
+            chunk = self._chunk_numel(n)
+            padded = torch.zeros(chunk * self.num_groups, dtype=torch.float32, device=self.device)
+            padded[:n] = d
+            payloads = [encode(padded[j * chunk : (j + 1) * chunk], self.compression) for j in range(self.num_groups)]
+            pending.payload_numel = payloads[0].numel()
+            decoded = torch.cat([decode(q, self.compression, chunk) for q in payloads])
+            pending.new_error = d - decoded[:n]
+            send = torch.cat(payloads)
             if self.num_groups > 1:
-                pending.buf = torch.empty(self.num_groups * payload.numel(), dtype=torch.uint8, device=self.device)
-                pending.works.append(dist.all_gather_into_tensor(pending.buf, payload, group=self.cross_group,
-                                                                 async_op=True))
-                pending.sent = payload.numel()
+                pending.buf = torch.empty_like(send)
+                pending.works.append(dist.all_to_all_single(pending.buf, send, group=self.cross_group, async_op=True))
+                # bytes of one compressed copy of the rank's slice, as `M` counts one fp32 copy for an all-reduce
+                pending.sent = send.numel()
             else:
-                pending.buf = payload
+                pending.buf = send
         else:
             extras = [float(weight)] if weight is not None else []
             extras += [float(bool(stop))] if stop is not None else []
@@ -441,12 +453,7 @@ class OuterSync:
         n = pending.numel
         stop_requested = False
         if self.compression is not None:
-            snap = self._flat_snapshot(plo, phi).to(self.device)
-            size = pending.payload_numel
-            total = torch.zeros(n, dtype=torch.float32, device=self.device)
-            for i in range(self.num_groups if self.num_groups > 1 else 1):
-                total += decode(pending.buf[i * size : (i + 1) * size], self.compression, n)
-            mean = snap - total / self.num_groups
+            mean = self._compressed_phase_two(fragment, pending)
         else:
             buf = pending.buf
             if pending.has_stop:
@@ -461,6 +468,32 @@ class OuterSync:
         result.seconds = pending.seconds + time.perf_counter() - start
         result.stop_requested = stop_requested
         return result
+
+    def _chunk_numel(self, n: int) -> int:
+        """Elements per chunk of a compressed all-reduce of ``n`` values (the last chunk is zero-padded)."""
+        return max(1, math.ceil(n / self.num_groups))
+
+    def _compressed_phase_two(self, fragment: Optional[int], pending: "_Pending") -> Tensor:
+        """Average the received chunk, encode it (with error feedback), all-gather the means; return the new mean."""
+        n = pending.numel
+        chunk = self._chunk_numel(n)
+        size = pending.payload_numel
+        assert pending.buf is not None
+        total = torch.zeros(chunk, dtype=torch.float32, device=self.device)
+        for i in range(self.num_groups):
+            total += decode(pending.buf[i * size : (i + 1) * size], self.compression, chunk)
+        mine = total / self.num_groups + self._mean_error.get(fragment, torch.zeros_like(total))
+        payload = encode(mine, self.compression)
+        pending.new_mean_error = mine - decode(payload, self.compression, chunk)
+        if self.num_groups > 1:
+            gathered = torch.empty(self.num_groups * size, dtype=torch.uint8, device=self.device)
+            dist.all_gather_into_tensor(gathered, payload, group=self.cross_group)
+        else:
+            gathered = payload
+        mean_delta = torch.cat([decode(gathered[j * size : (j + 1) * size], self.compression, chunk)
+                                for j in range(self.num_groups)])[:n]
+        plo, phi = self._fragment_pieces(fragment)
+        return self._flat_snapshot(plo, phi).to(self.device) - mean_delta
 
     def _flat_snapshot(self, plo: int, phi: int) -> Tensor:
         snaps = self.snapshot[plo:phi]
@@ -489,11 +522,14 @@ class OuterSync:
             self._write_back(fragment)  # every group restarts from the last good θ_g
             if self._error is not None:
                 self._error[olo:ohi].zero_()
+            self._mean_error.pop(fragment, None)
             return self._finish(pending.sent, float("nan"), fragment, skipped=True)
 
         if pending.new_error is not None:
             assert self._error is not None
             self._error[olo:ohi] = pending.new_error
+        if pending.new_mean_error is not None:
+            self._mean_error[fragment] = pending.new_mean_error
 
         if self.outer_optimizer is None:
             # Outer SGD with lr 1 and no momentum is the mean itself; copy it to stay exact.
@@ -583,6 +619,7 @@ class OuterSync:
             "total_numel": self.total_numel,
             "owned_numel": self.owned_numel,
             "compression_error": self._error.detach().cpu().clone() if self._error is not None else None,
+            "compression_mean_error": {k: v.detach().cpu().clone() for k, v in self._mean_error.items()},
             # streaming sync: collectives in flight are waited for and their results kept, to apply after a resume
             "pending": [p.state_dict() for p in self.pending.values()],
         }
@@ -613,6 +650,8 @@ class OuterSync:
         self.bytes_sent = int(state["bytes_sent"])
         error = state.get("compression_error")
         self._error = error.to(self.device) if error is not None and self.compression is not None else None
+        self._mean_error = {k: v.to(self.device) for k, v in state.get("compression_mean_error", {}).items()} \
+            if self.compression is not None else {}
         self.pending = {}
         for p in state.get("pending", []):
             self._check_fragment(p["fragment"])

@@ -68,34 +68,45 @@ def scenario_compressed(rank, world, codec):
     return {"after": out, "state": engine.state_dict()}
 
 
-@pytest.mark.parametrize("codec", ["bf16", "int8", "int4"])
-def test_compressed_average_matches_hand_reference(tmp_path, codec):
-    world = 2
+@pytest.mark.parametrize("codec,world", [("bf16", 2), ("int8", 2), ("int4", 2), ("int8", 3)])
+def test_compressed_average_matches_hand_reference(tmp_path, codec, world):
+    """The two-phase compressed all-reduce, written out: chunk j of every rank's encoded pseudo-gradient is averaged
+    by rank j, which encodes the mean (with its own error feedback); every rank decodes all the mean chunks."""
     got = spawn(functools.partial(scenario_compressed, codec=codec), world, tmp_path)
     theta = torch.cat([t.reshape(-1) for t in initial()])
+    n = theta.numel()
+    chunk = math.ceil(n / world)
     errors = [torch.zeros_like(theta) for _ in range(world)]
+    mean_errors = [torch.zeros(chunk) for _ in range(world)]
     for sync in range(2):
-        decoded = []
+        decoded = []  # decoded[r][j]: rank r's chunk j as rank j decodes it
         for r in range(world):
             local = torch.cat([t.reshape(-1) for t in local_tensors(r, sync)])
-            d = theta - local + errors[r]
-            q = decode(encode(d, codec), codec, d.numel())
-            errors[r] = d - q
+            d = torch.nn.functional.pad(theta - local + errors[r], (0, chunk * world - n))
+            q = [decode(encode(d[j * chunk : (j + 1) * chunk], codec), codec, chunk) for j in range(world)]
+            errors[r] = (d - torch.cat(q))[:n]
             decoded.append(q)
-        theta = theta - sum(decoded) / world
+        mean_delta = []
+        for j in range(world):
+            m = sum(decoded[r][j] for r in range(world)) / world + mean_errors[j]
+            sent_mean = decode(encode(m, codec), codec, chunk)
+            mean_errors[j] = m - sent_mean
+            mean_delta.append(sent_mean)
+        theta = theta - torch.cat(mean_delta)[:n]
         for rank in got:
             params, sent = rank["after"][sync]
             assert torch.allclose(torch.cat([p.reshape(-1) for p in params]), theta, atol=1e-6)
-            assert sent == payload_bytes(codec, 22)
+            assert sent == world * payload_bytes(codec, chunk)  # one compressed copy of the rank's values
     for r, rank in enumerate(got):
         assert torch.allclose(rank["state"]["compression_error"], errors[r], atol=1e-6)
+        assert torch.allclose(rank["state"]["compression_mean_error"][None], mean_errors[r], atol=1e-6)
 
 
 def test_strategy_int8_sync_sends_a_quarter(tmp_path):
     from _launch import run_tiny
 
     ranks = run_tiny(tmp_path, devices=2, sync_every=2, steps=4, compression="int8")
-    numel = 49
-    assert ranks[0]["info"]["bytes_sent"] == 2 * payload_bytes("int8", numel)
+    numel = 49  # two syncs, each one compressed copy: 2 chunks of 25 values with one scale each
+    assert ranks[0]["info"]["bytes_sent"] == 2 * 2 * payload_bytes("int8", math.ceil(numel / 2))
     assert math.isclose(payload_bytes("int8", 10**6) / (4 * 10**6), 0.25, rel_tol=0.02)
     assert max(float((a - b).abs().max()) for a, b in zip(ranks[0]["steps"][1].values(), ranks[1]["steps"][1].values())) == 0.0
