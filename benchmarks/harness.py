@@ -61,6 +61,10 @@ def run_config(
     compression: Optional[str] = None,
     local_warmup_steps: int = 0,
     outer: Optional[dict] = None,
+    fragments: int = 1,
+    overlap_steps: int = 0,
+    overlap_mix: float = 0.0,
+    step_bytes: bool = False,
 ) -> dict:
     """A run configuration. ``mode``: ``ddp``, ``average`` (local SGD) or ``diloco``.
 
@@ -70,6 +74,9 @@ def run_config(
     (gradients all-reduced across groups) before local SGD starts (post-local SGD). ``outer`` (local SGD / DiLoCo
     only): keyword arguments of ``torch.optim.SGD`` for the outer optimizer, e.g. ``{"lr": 0.7, "momentum": 0.9,
     "nesterov": True}`` (JSON-expressible; replaces the mode's preset; ``None`` = the preset of ``mode``).
+    ``fragments``, ``overlap_steps``, ``overlap_mix`` (local SGD / DiLoCo only): the strategy's streaming sync.
+    ``step_bytes``: also return the cross-group bytes of every training step (``step_cross_bytes``), their maximum
+    (``peak_step_cross_bytes``) and the bytes of the train-end sync (``train_end_cross_bytes``).
     """
     if mode not in ("ddp", "average", "diloco"):
         raise ValueError(f"unknown mode {mode!r}")
@@ -81,6 +88,10 @@ def run_config(
         **({"compression": compression} if compression is not None else {}),
         **({"local_warmup_steps": local_warmup_steps} if local_warmup_steps else {}),
         **({"outer": dict(outer)} if outer is not None else {}),
+        **({"fragments": fragments} if fragments != 1 else {}),
+        **({"overlap_steps": overlap_steps} if overlap_steps else {}),
+        **({"overlap_mix": overlap_mix} if overlap_mix else {}),
+        **({"step_bytes": True} if step_bytes else {}),
     )
 
 
@@ -238,7 +249,14 @@ def _wire_bytes(op: str, nbytes: int, n: int) -> float:
 
 
 class NetworkModel:
-    """Added delay per collective: ``hops × latency`` (+ ``wire bytes / bandwidth`` in the pure software model)."""
+    """Added delay per collective: ``hops × latency`` (+ ``wire bytes / bandwidth`` in the pure software model).
+
+    ``async_overlap`` (``net["async_overlap"]``): a collective issued with ``async_op=True`` is not delayed before it
+    is issued; its work object waits instead, in ``wait()``, until the emulated completion time, so that compute done
+    between issue and ``wait()`` hides the emulated latency (and, in the software model, the bandwidth time) as it
+    would on a real link. Completion = issue + bytes / rate + hops × latency (software model), or the real
+    completion of the collective on the shaped loopback + hops × latency (netns).
+    """
 
     def __init__(self, latency_s: float, bandwidth_bit_s: Optional[float]) -> None:
         self.latency_s = latency_s
@@ -253,6 +271,43 @@ class NetworkModel:
             self.slept += t
             time.sleep(t)
 
+    def delay_for(self, op: str, nbytes: int, n: int) -> float:
+        t = _hops(op, n) * self.latency_s
+        if self.bandwidth_bit_s:
+            t += _wire_bytes(op, nbytes, n) * 8 / self.bandwidth_bit_s
+        return t
+
+
+class _DelayedWork:
+    """An async collective's work whose ``wait()`` ends no earlier than the emulated completion (see NetworkModel)."""
+
+    def __init__(self, work: Any, model: NetworkModel, delay: float, issued: float, real_bandwidth: bool) -> None:
+        self._work, self._model, self._delay, self._issued = work, model, delay, issued
+        self._done_at: Optional[float] = None
+        self._waited = False
+        if real_bandwidth:  # netns: the latency comes after the real (shaped) transfer
+            try:
+                work.get_future().then(lambda fut: setattr(self, "_done_at", time.perf_counter()))
+            except Exception:  # noqa: BLE001  (no futures for this backend: completion = time of wait())
+                pass
+
+    def wait(self, *args: Any, **kwargs: Any) -> Any:
+        out = self._work.wait(*args, **kwargs)
+        if not self._waited:
+            self._waited = True
+            if self._model.bandwidth_bit_s:
+                base = self._issued  # software model: bytes / rate + latency, counted from the issue
+            else:
+                base = self._done_at if self._done_at is not None else time.perf_counter()
+            t = base + self._delay - time.perf_counter()
+            if t > 0:
+                self._model.slept += t
+                time.sleep(t)
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._work, name)
+
 
 def install_network_model(counter: dict, net: Optional[dict]) -> tuple[dict, Optional[NetworkModel]]:
     """Wrap ``torch.distributed``'s Python collectives: count bytes (and calls) and add the emulated delay.
@@ -266,6 +321,7 @@ def install_network_model(counter: dict, net: Optional[dict]) -> tuple[dict, Opt
     if net and (net.get("latency_s", 0) > 0 or net.get("emulation") == "sleep"):
         bw = net["bandwidth_bit_s"] if net.get("emulation") == "sleep" else None
         model = NetworkModel(float(net.get("latency_s", 0.0)), bw)
+    async_overlap = bool(net and net.get("async_overlap"))
     originals = {}
     for op in ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "barrier",
                "reduce", "gather"):
@@ -289,6 +345,11 @@ def install_network_model(counter: dict, net: Optional[dict]) -> tuple[dict, Opt
                 counter["bytes"] = counter.get("bytes", 0) + nbytes
                 counter.setdefault("ops", {})[__op] = counter.setdefault("ops", {}).get(__op, 0) + 1
                 if model is not None:
+                    if async_overlap and kwargs.get("async_op"):
+                        issued = time.perf_counter()
+                        work = __fn(*args, **kwargs)
+                        return _DelayedWork(work, model, model.delay_for(__op, nbytes, n), issued,
+                                            real_bandwidth=not model.bandwidth_bit_s)
                     model.delay(__op, nbytes, n)
             return __fn(*args, **kwargs)
 
@@ -330,7 +391,8 @@ def worker(cfg: dict) -> None:  # noqa: C901  (one linear script)
                                     warmup_steps=cfg.get("local_warmup_steps", 0),
                                     group_size=cfg["group_size"], outer_state_device=cfg.get("outer_state_device"),
                                     process_group_backend=backend,
-                                    **({"compression": cfg["compression"]} if cfg.get("compression") else {}))
+                                    **({"compression": cfg["compression"]} if cfg.get("compression") else {}),
+                                    **{k: cfg[k] for k in ("fragments", "overlap_steps", "overlap_mix") if k in cfg})
     else:
         strategy = DDPStrategy(process_group_backend=backend)
 
@@ -343,6 +405,12 @@ def worker(cfg: dict) -> None:  # noqa: C901  (one linear script)
             self.t_start: Optional[float] = None
             self.ddp = {"bytes": 0, "calls": 0, "comm_seconds": 0.0}
             self.stopped_at_target = False
+            self.step_bytes: list[int] = []  # cross-group bytes of each training step (cfg["step_bytes"])
+            self.train_end_bytes = 0
+            self._bytes_mark = 0
+
+        def cross_bytes_now(self) -> int:
+            return counter.get("bytes", 0) + self.ddp["bytes"]
 
         # -- evaluation
         def windows(self, trainer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -420,8 +488,13 @@ def worker(cfg: dict) -> None:  # noqa: C901  (one linear script)
             self.record(trainer, pl_module)
             self.t_start = time.perf_counter()
             self.eval_seconds = 0.0
+            self._bytes_mark = self.cross_bytes_now()  # the evaluation's own all-reduce is not counted anyway
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if cfg.get("step_bytes"):  # the strategy's sync ran before (its callback comes first)
+                now = self.cross_bytes_now()
+                self.step_bytes.append(now - self._bytes_mark)
+                self._bytes_mark = now
             every = cfg["eval_every"]
             step = trainer.global_step
             if not every or step % every:
@@ -436,6 +509,8 @@ def worker(cfg: dict) -> None:  # noqa: C901  (one linear script)
 
         def on_train_end(self, trainer, pl_module):
             self.train_seconds = time.perf_counter() - self.t_start - self.eval_seconds
+            if cfg.get("step_bytes"):  # the train-end sync ran before (the strategy's callback comes first)
+                self.train_end_bytes = self.cross_bytes_now() - self._bytes_mark
 
     measure = Measure()
     trainer = L.Trainer(
@@ -474,10 +549,19 @@ def worker(cfg: dict) -> None:  # noqa: C901  (one linear script)
         python_collective_ops=counter.get("ops", {}), emulated_sleep_seconds=netmodel.slept if netmodel else 0.0,
     )
     grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    if cfg.get("step_bytes"):
+        result.update(step_cross_bytes=measure.step_bytes, peak_step_cross_bytes=max(measure.step_bytes, default=0),
+                      train_end_cross_bytes=measure.train_end_bytes)
     if local:
         s = trainer.strategy
         result.update(local_warmup_steps=cfg.get("local_warmup_steps", 0), outer=cfg.get("outer"),
                       warmup_bytes=cfg.get("local_warmup_steps", 0) * s.ddp_bytes_per_step)
+        if cfg.get("fragments", 1) > 1 or cfg.get("overlap_steps"):
+            sizes = [p.numel() for p in s.outer_sync.tensors]
+            b = s.outer_sync.fragment_bounds
+            result.update(fragments=cfg.get("fragments", 1), overlap_steps=cfg.get("overlap_steps", 0),
+                          overlap_mix=cfg.get("overlap_mix", 0.0), fragment_bounds=list(b),
+                          fragment_numel=[sum(sizes[b[i]:b[i + 1]]) for i in range(len(b) - 1)])
         result.update(num_syncs=s.outer_sync.num_syncs, bytes_sent=s.outer_sync.bytes_sent,
                       state_bytes=s.outer_sync.state_bytes, ddp_bytes_per_step=s.ddp_bytes_per_step,
                       sync_seconds=s.sync_seconds_total, cross_bytes=counter.get("bytes", 0))
