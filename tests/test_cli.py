@@ -34,6 +34,9 @@ RUNS = {
     "ddp": ([], None),
     "local_sgd": (["--trainer.strategy.sync_every", "2"], 2),
     "diloco": ([], 1),  # sync_every 32 > 4 steps: only the sync at the end of training
+    # H=4, 4 fragments, τ=2: fragments 0, 1 applied at steps 3, 4; 2, 3 in flight at the end (fragment 3 completes
+    # a sync), then the full train-end sync
+    "streaming_diloco": (["--trainer.strategy.sync_every", "4"], 2),
 }
 
 
