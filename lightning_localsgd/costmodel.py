@@ -16,11 +16,16 @@ one copy of the model (M = bytes_per_value · N; fp32 = 4 bytes, as this library
 under bf16-mixed) is charged. The model ignores stragglers, failures, pipeline/tensor parallelism and the extra
 steps local SGD may need to reach the same loss (take that from equal_compute / multi_cluster).
 
-A compressed sync (``compression="bf16"/"int8"/"int4"`` in :class:`~lightning_localsgd.outer.OuterSync`) all-gathers
-each cluster's payload of P bytes instead of all-reducing: ``t_ag(P) = (G−1) · P · 8 / (η · B) + ⌈log2 G⌉ · λ + c0``
-(:func:`allgather_seconds`). Each cluster receives every other cluster's payload, so the traffic grows with G − 1
-where the all-reduce's stays below 2M: compression only pays while ``(G−1) · P < 2(G−1)/G · M``, i.e. ``G < 2M/P``
-(G < 4 for bf16, < 7.9 for int8, < 15.5 for int4 against fp32).
+A compressed sync (``compression="bf16"/"int8"/"int4"`` in :class:`~lightning_localsgd.outer.OuterSync`) is a
+compressed all-reduce in two collectives: an all-to-all of encoded chunks (each cluster sends chunk j of its
+pseudo-gradient to cluster j, which averages it) and an all-gather of the re-encoded mean chunks. With P the bytes of
+one compressed copy (G chunks of the codec's payload), each cluster sends and receives ``2(G−1)/G · P`` bytes, like a
+bandwidth-optimal all-reduce of P bytes. Assumed: the latency terms are those of the all-reduce (``2⌈log2 G⌉ · λ``,
+as if the all-to-all were a latency-logarithmic reduce-scatter; one done as G−1 pairwise exchanges pays up to
+(G−1)·λ for it, which matters only for many groups on a high-latency link), and each of the two collectives pays its
+own fixed cost: ``t_car(P) = 2(G−1)/G · P · 8 / (η · B) + 2⌈log2 G⌉ · λ + 2·c0``
+(:func:`compressed_allreduce_seconds`). Fewer bytes than the fp32 all-reduce at every G (P < M against fp32); only
+the extra c0 can make it slower, for a model so small that the bytes saved take less than c0 to send.
 
 Pure Python and numpy. Used by :mod:`lightning_localsgd.planner` (``lightning-localsgd plan``) and by
 ``benchmarks/projection.py`` (through the re-export ``benchmarks/costmodel.py``), so both use the same formulas.
@@ -42,6 +47,7 @@ __all__ = [
     "allgather_seconds",
     "allreduce_seconds",
     "calibrate",
+    "compressed_allreduce_seconds",
     "compute_seconds",
     "cpu_cluster_from",
     "ddp_cost",
@@ -109,11 +115,26 @@ def allgather_seconds(nbytes: float, G: int, link: Link, cal: Calibration = Cali
     """One all-gather of ``nbytes`` per cluster over G clusters: ``(G−1) · 8·nbytes/(η·B) + ⌈log2 G⌉·λ + c0``.
 
     Bandwidth-optimal (ring or recursive doubling): each cluster receives the G − 1 other payloads; half the latency
-    terms of :func:`allreduce_seconds` (an all-reduce is a reduce-scatter plus an all-gather).
+    terms of :func:`allreduce_seconds` (an all-reduce is a reduce-scatter plus an all-gather). Not what a compressed
+    sync costs any more (see :func:`compressed_allreduce_seconds`); kept for the benchmarks' re-export.
     """
     if G <= 1:
         return 0.0
     return (G - 1) * nbytes * 8 / (cal.efficiency * link.bandwidth_bit_s) + hops(G) // 2 * link.latency_s + cal.fixed_s
+
+
+def compressed_allreduce_seconds(nbytes: float, G: int, link: Link, cal: Calibration = Calibration()) -> float:
+    """One compressed sync over G clusters, ``nbytes`` = P, the bytes of one compressed copy per cluster:
+    ``2(G−1)/G · 8·P/(η·B) + 2⌈log2 G⌉·λ + 2·c0``.
+
+    The two-phase compressed all-reduce of :class:`~lightning_localsgd.outer.OuterSync`: an all-to-all of encoded
+    chunks (reduce-scatter-like: each cluster sends (G−1)/G of P) and an all-gather of the encoded mean chunks
+    ((G−1)/G of P again). Assumed: the latency of the pair is the all-reduce's (:func:`hops`), and each of the two
+    collectives pays the fixed cost c0. Equals :func:`allreduce_seconds` of P plus one c0.
+    """
+    if G <= 1:
+        return 0.0
+    return allreduce_seconds(nbytes, G, link, cal) + cal.fixed_s
 
 
 def compute_seconds(params: float, tokens_per_step: float, cluster: Cluster) -> float:
@@ -145,11 +166,12 @@ def local_sgd_cost(compute_s: float, nbytes: float, G: int, H: int, link: Link, 
                    payload_bytes: Optional[float] = None) -> StepCost:
     """Local-SGD step given its compute seconds: a blocking sync of the model (``nbytes``) every H steps.
 
-    ``payload_bytes``: ``None`` for the fp32 all-reduce of ``nbytes``; the size of a compressed payload for a
-    compressed sync (an all-gather, :func:`allgather_seconds`). The local work of a sync is charged per model byte.
+    ``payload_bytes``: ``None`` for the fp32 all-reduce of ``nbytes``; for a compressed sync, P, the bytes of one
+    compressed copy of the model (a two-phase compressed all-reduce, :func:`compressed_allreduce_seconds`). The
+    local work of a sync is charged per model byte.
     """
     comm = (allreduce_seconds(nbytes, G, link, cal) if payload_bytes is None
-            else allgather_seconds(payload_bytes, G, link, cal))
+            else compressed_allreduce_seconds(payload_bytes, G, link, cal))
     sync = comm + cal.outer_s_per_byte * nbytes
     return StepCost(compute_s, sync / H, compute_s + sync / H)
 

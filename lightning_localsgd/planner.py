@@ -15,7 +15,9 @@ candidate H whose utilization reaches the target (95% by default)::
 Per optimizer step of one group, with compute t_c (``step_time``), N parameters, M = bytes_per_value · N bytes:
 
     sync        s    = 2(G−1)/G · 8M / (η·B) + 2⌈log2 G⌉ · λ + c0     (fp32 all-reduce of the model)
-                s    = (G−1) · 8P / (η·B) + ⌈log2 G⌉ · λ + c0          (compressed: all-gather of P-byte payloads)
+                s    = 2(G−1)/G · 8P / (η·B) + 2⌈log2 G⌉ · λ + 2·c0   (compressed all-reduce: all-to-all of
+                                                                        encoded chunks + all-gather of the encoded
+                                                                        means; P bytes = one compressed copy)
     local SGD   t(H) = t_c + s / H                                      (the sync blocks)
     DDP         t    = t_c + max(0, s_ar − φ · t_c)                     (gradient all-reduce hidden behind φ of t_c)
     utilization = t_c / t,   comm fraction = (t − t_c) / t = 1 − utilization
@@ -36,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Optional, Sequence, Union
 
 from .comm import CODECS, payload_bytes
-from .costmodel import Calibration, Link, allgather_seconds, allreduce_seconds, ddp_cost, local_sgd_cost
+from .costmodel import Calibration, Link, allreduce_seconds, compressed_allreduce_seconds, ddp_cost, local_sgd_cost
 
 __all__ = [
     "DEFAULT_CANDIDATES",
@@ -144,13 +146,17 @@ def parse_count(value: Union[Number, str], name: str = "params") -> float:
     return count
 
 
-def compressed_bytes_per_value(compression: str, params: float) -> float:
-    """Payload bytes per parameter of a compressed sync, from the codec's own size (:func:`.comm.payload_bytes`).
+def compressed_bytes_per_value(compression: str, params: float, groups: int = 1) -> float:
+    """Bytes per parameter of one compressed copy, from the codec's own size (:func:`.comm.payload_bytes`).
 
+    A compressed sync over ``groups`` groups encodes G chunks of ``ceil(N/G)`` values each (the last zero-padded), so
+    one copy is ``G · payload_bytes(codec, ceil(N/G))`` bytes, what ``OuterSync.bytes_sent`` counts per sync (exact
+    for one rank per group; with R ranks each rank chunks its own slice, a few bytes of padding and scales apart).
     bf16: 2. int8 / int4: 1 / 0.5 plus one fp32 scale per block of 256 values (4/256 = 0.015625 bytes per value).
     """
     numel = max(1, round(params))
-    return payload_bytes(compression, numel) / numel
+    G = max(1, int(groups))
+    return G * payload_bytes(compression, math.ceil(numel / G)) / numel
 
 
 # ----------------------------------------------------------------------------------------------------- the plan
@@ -164,8 +170,8 @@ class PlanRow:
     """Payload bytes a group contributes per step: model (or compressed payload) bytes / H. This is what
     ``OuterSync.bytes_sent`` / ``local_sgd/bytes_sent`` counts (per rank: divide by the ranks of a group)."""
     link_bytes_per_step: float
-    """Bytes a group sends (and receives) on the link per step: 2(G−1)/G × the payload for an all-reduce,
-    (G−1) × for the all-gather of a compressed sync."""
+    """Bytes a group sends (and receives) on the link per step: 2(G−1)/G × the payload, for the fp32 all-reduce as
+    for a compressed sync (all-to-all of encoded chunks + all-gather of the encoded means)."""
     sync_seconds: float
     """One sync (DDP: one gradient all-reduce), communication and local work."""
     seconds_per_step: float
@@ -206,7 +212,7 @@ class Plan:
     reason: str
     """Why this recommendation, or why none."""
     notes: tuple[str, ...] = field(default=())
-    """Remarks worth reading: DDP already fast enough, compression slower than fp32 at this G, ..."""
+    """Remarks worth reading: DDP already fast enough, compression slower than fp32 (its extra fixed cost), ..."""
 
     def row(self, h: int) -> PlanRow:
         """The row of candidate ``h``."""
@@ -291,7 +297,8 @@ def plan(
         bytes_per_value: bytes per value of the uncompressed sync and of DDP's gradients (4 = fp32, as this library
             syncs).
         compression: ``None``, ``"bf16"``, ``"int8"`` or ``"int4"`` (the strategies' ``compression``): the sync
-            all-gathers the codec's payload instead of all-reducing the model. DDP's row stays uncompressed.
+            is a compressed all-reduce of the codec's payload (all-to-all of encoded chunks, all-gather of the
+            encoded means) instead of the fp32 all-reduce of the model. DDP's row stays uncompressed.
         calibration: the cost model's constants (η, c0, φ, local work per byte; default
             :class:`~lightning_localsgd.costmodel.Calibration`: η = 0.9, c0 = 0, φ = 2/3). Fit your own with
             :func:`lightning_localsgd.costmodel.calibrate` or ``benchmarks/projection.py``.
@@ -324,10 +331,12 @@ def plan(
 
     link = Link("planned link", bw, lat)
     model_bytes = float(bytes_per_value) * n
-    payload_per_value = float(bytes_per_value) if compression is None else compressed_bytes_per_value(compression, n)
+    payload_per_value = (float(bytes_per_value) if compression is None
+                         else compressed_bytes_per_value(compression, n, G))
     payload = payload_per_value * n
-    # What each group puts on the link per sync: bandwidth-optimal all-reduce vs all-gather (see costmodel).
-    link_bytes = 2 * (G - 1) / G * payload if compression is None else (G - 1) * payload
+    # What each group puts on the link per sync: 2(G−1)/G of the payload, for the all-reduce as for the compressed
+    # all-reduce (all-to-all + all-gather, see costmodel).
+    link_bytes = 2 * (G - 1) / G * payload
 
     def local_row(h: int) -> PlanRow:
         cost = local_sgd_cost(tc, model_bytes, G, h, link, cal, payload_bytes=None if compression is None else payload)
@@ -366,14 +375,16 @@ def plan(
     if ddp_row.utilization >= target:
         notes.append(f"DDP already reaches {ddp_row.utilization:.1%} on this link: local SGD buys no throughput here.")
     if compression is not None:
+        # Fewer bytes whenever P < M; the second collective's fixed cost c0 can still outweigh the bytes saved on a
+        # small model (or P >= M, e.g. bf16 against --bytes-per-value 2).
         fp32_sync = allreduce_seconds(model_bytes, G, link, cal)
-        compressed_sync = allgather_seconds(payload, G, link, cal)
+        compressed_sync = compressed_allreduce_seconds(payload, G, link, cal)
         if compressed_sync >= fp32_sync:
             notes.append(
-                f"compression={compression!r} makes a sync slower than the uncompressed all-reduce at G={G} "
-                f"({_fmt_seconds(compressed_sync)} vs {_fmt_seconds(fp32_sync)}): the all-gather of payloads sends "
-                f"(G−1)·P bytes per group, the all-reduce 2(G−1)/G·M, so compression pays only while "
-                f"G < 2M/P = {2 * bytes_per_value / payload_per_value:.1f}.")
+                f"compression={compression!r} makes a sync no faster than the uncompressed all-reduce here "
+                f"({_fmt_seconds(compressed_sync)} vs {_fmt_seconds(fp32_sync)}): it runs two collectives (2·c0 = "
+                f"{_fmt_seconds(2 * cal.fixed_s)} of fixed cost) and saves only "
+                f"{_fmt_bytes(max(0.0, model_bytes - payload))} per copy.")
     return Plan(params=n, step_time_s=tc, bandwidth_bit_s=bw, latency_s=lat, groups=G, target_utilization=target,
                 bytes_per_value=float(bytes_per_value), compression=compression,
                 payload_bytes_per_value=payload_per_value, calibration=cal, rows=rows, ddp=ddp_row,
@@ -488,7 +499,8 @@ def _parser() -> argparse.ArgumentParser:
     opt.add_argument("--bytes-per-value", type=float, default=4.0,
                      help="bytes per value of the uncompressed sync and of DDP's gradients (default: 4, fp32)")
     opt.add_argument("--compression", choices=CODECS, default=None,
-                     help="compressed sync (the strategies' compression=): all-gathers the codec's payload")
+                     help="compressed sync (the strategies' compression=): a compressed all-reduce of the codec's "
+                          "payload (all-to-all of encoded chunks, all-gather of the encoded means)")
     cal = Calibration()
     opt.add_argument("--efficiency", type=float, default=cal.efficiency,
                      help=f"η, achieved fraction of the link bandwidth in a collective (default: {cal.efficiency:g})")

@@ -76,23 +76,45 @@ def test_second_setup_recommends_the_smallest_passing_power_of_two():
                 candidates=[3, 5, 7]).recommended_h == 7  # 0.1 / (0.1 + 0.5533/7) = 55.9%; H = 5: 47.5%
 
 
-def test_compressed_sync_is_an_all_gather_of_the_codec_payload():
+def test_compressed_sync_is_a_compressed_all_reduce_of_the_codec_payload():
     # int8: 1 byte per value + one fp32 scale per block of 256 values (comm.encode)
     assert compressed_bytes_per_value("int8", 1.3e9) == pytest.approx(1 + 4 / 256, rel=1e-6)
     assert compressed_bytes_per_value("int4", 1.3e9) == pytest.approx(0.5 + 4 / 256, rel=1e-6)
     assert compressed_bytes_per_value("bf16", 1.3e9) == 2
+    # one copy = G chunks of ceil(N/G) values, each encoded on its own: 8 chunks of 162.5M values, 634766 blocks each
+    assert compressed_bytes_per_value("int8", 1.3e9, 8) * 1.3e9 == pytest.approx(8 * (162_500_000 + 4 * 634_766))
+    # 1000 int4 values in 3 chunks of 334: ceil(334/2) = 167 code bytes + 2 blocks' scales (8 bytes) per chunk
+    assert compressed_bytes_per_value("int4", 1000, 3) * 1000 == pytest.approx(3 * (167 + 8))
     p = plan(**EXAMPLE, compression="int8")
-    P = (1 + 4 / 256) * 1.3e9
-    sync = 7 * 8 * P / (ETA * 1e9) + 3 * 0.02  # (G−1)·8P/(η·B) + ⌈log2 G⌉·λ
-    assert p.row(256).sync_seconds == pytest.approx(sync, rel=1e-6)
-    assert p.row(256).bytes_per_step == pytest.approx(P / 256, rel=1e-6)
+    P = 8 * (162_500_000 + 4 * 634_766)
+    # all-to-all of encoded chunks + all-gather of the encoded means: 2(G−1)/G·8P/(η·B) + 2⌈log2 G⌉·λ + 2·c0 (c0 = 0)
+    sync = 1.75 * 8 * P / (ETA * 1e9) + 6 * 0.02
+    assert sync == pytest.approx(20.657, rel=1e-4)  # vs 81.0 s for fp32: ~4x fewer bytes at any G
+    assert p.row(256).sync_seconds == pytest.approx(sync, rel=1e-12)
+    assert p.row(256).bytes_per_step == pytest.approx(P / 256, rel=1e-12)  # one compressed copy, as bytes_sent counts
+    assert p.row(256).link_bytes_per_step == pytest.approx(1.75 * P / 256, rel=1e-12)
     assert p.ddp.bytes_per_step == pytest.approx(4 * 1.3e9)  # DDP's gradients are not compressed
-    # at G = 8 the int8 all-gather moves more than the fp32 all-reduce: the plan says so
-    assert any("slower than the uncompressed" in n for n in p.notes)
-    # at G = 2 int4 is ~7.8x less traffic, and no such note
+    assert p.min_h == math.ceil(sync * 0.95 / (0.4 * 0.05)) == 982 and p.recommended_h == 1024
+    assert not p.notes  # compression pays at G = 8 too
     p2 = plan(**{**EXAMPLE, "groups": 2}, compression="int4")
     assert not p2.notes
-    assert p2.row(1).sync_seconds == pytest.approx(8 * (0.5 + 4 / 256) * 1.3e9 / (ETA * 1e9) + 0.02, rel=1e-6)
+    assert p2.row(1).sync_seconds == pytest.approx(8 * (0.5 + 4 / 256) * 1.3e9 / (ETA * 1e9) + 2 * 0.02, rel=1e-6)
+    # each of the two collectives pays c0: with c0 = 10 ms, a sync costs c0 more than the all-reduce of P bytes
+    cal = costmodel.Calibration(fixed_s=0.01)
+    p3 = plan(**EXAMPLE, compression="int8", calibration=cal)
+    assert p3.row(1).sync_seconds == pytest.approx(sync + 0.02, rel=1e-12)
+    assert plan(**EXAMPLE, calibration=cal).row(1).sync_seconds == pytest.approx(81.00889 + 0.01, rel=1e-6)
+    assert not p3.notes
+
+
+def test_compression_note_when_the_extra_fixed_cost_outweighs_the_bytes_saved():
+    # 1000 parameters on 1 Gbit/s: int8 saves ~3 kB (~27 µs at G = 2), less than the second collective's c0 = 1 ms
+    p = plan(params=1000, step_time=0.1, bandwidth="1Gbit", latency="1ms", groups=2, compression="int8",
+             calibration=costmodel.Calibration(fixed_s=0.001))
+    assert any("no faster than the uncompressed all-reduce" in n and "two collectives" in n for n in p.notes)
+    # c0 = 0: compression is never slower (the DDP note stays: DDP is fast enough for so small a model)
+    notes = plan(params=1000, step_time=0.1, bandwidth="1Gbit", latency="1ms", groups=2, compression="int8").notes
+    assert notes and not any("no faster" in n for n in notes)
 
 
 def test_benchmarks_costmodel_reexports_the_library():
@@ -202,9 +224,10 @@ def test_cli_json(capsys):
     data = json.loads(capsys.readouterr().out)
     assert [r["h"] for r in data["rows"]] == [1024, 4096]
     assert data["compression"] == "int4" and data["groups"] == 8 and data["ddp"]["h"] is None
-    # int4 at G = 8 puts 7 · 0.516 = 3.6 bytes per parameter on the link instead of fp32's 1.75 · 4 = 7
-    assert data["min_h"] == math.ceil(0.95 / (0.4 * 0.05) * (7 * 8 * (0.5 + 4 / 256) * 1.3e9 / (ETA * 1e9) + 0.06))
-    assert data["min_h"] < 3848 / 1.9 and data["recommended_h"] == 4096  # 2048 is not a candidate here
+    # int4 at G = 8 puts 1.75 · 0.516 = 0.9 bytes per parameter on the link instead of fp32's 1.75 · 4 = 7
+    assert data["min_h"] == math.ceil(0.95 / (0.4 * 0.05) * (1.75 * 8 * (0.5 + 4 / 256) * 1.3e9 / (ETA * 1e9) + 0.12))
+    assert data["min_h"] == 501 and data["recommended_h"] == 1024
+    assert data["rows"][0]["link_bytes_per_step"] == pytest.approx(1.75 * data["rows"][0]["bytes_per_step"])
     assert data["rows"][0]["utilization"] == pytest.approx(plan(**EXAMPLE, compression="int4").row(1024).utilization)
 
 
