@@ -160,7 +160,8 @@ def _blend(live: Tensor, global_: Tensor, mix: float) -> None:
 
 
 def split_fragments(sizes: Sequence[int], fragments: int) -> list[int]:
-    """Split tensors of ``sizes`` (in order) into ``fragments`` contiguous runs of about equal total size.
+    """Split tensors of ``sizes`` (in order) into ``fragments`` contiguous runs, making the largest run as small as
+    possible (it sets the peak bytes of a streaming sync).
 
     Returns the ``fragments + 1`` boundaries as tensor indices (``[0, ..., len(sizes)]``); every run holds at least
     one tensor.
@@ -170,17 +171,38 @@ def split_fragments(sizes: Sequence[int], fragments: int) -> list[int]:
             f"fragments={fragments}: the model has {len(sizes)} parameter tensors to split into fragments; use a "
             f"number from 1 to {len(sizes)}."
         )
-    cum = [0]
-    for s in sizes:
-        cum.append(cum[-1] + int(s))
-    total = cum[-1]
-    bounds = [0]
-    for k in range(1, fragments):
-        target = k * total / fragments
-        lo, hi = bounds[-1] + 1, len(sizes) - (fragments - k)  # leave at least one tensor per later fragment
-        best = min(range(lo, hi + 1), key=lambda j: (abs(cum[j] - target), j))
-        bounds.append(best)
-    bounds.append(len(sizes))
+    sizes = [int(s) for s in sizes]
+
+    def greedy(capacity: int) -> list[int]:
+        """Boundaries of the fewest runs of at most ``capacity`` each, filled left to right."""
+        bounds, run = [0], 0
+        for i, s in enumerate(sizes):
+            if run + s > capacity and run > 0:
+                bounds.append(i)
+                run = 0
+            run += s
+        return bounds + [len(sizes)]
+
+    # binary search for the smallest capacity that needs at most `fragments` runs
+    lo, hi = max(sizes), sum(sizes)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(greedy(mid)) - 1 <= fragments:
+            hi = mid
+        else:
+            lo = mid + 1
+    bounds = greedy(lo)
+    # fewer runs than asked: split the largest runs of several tensors (never raises the largest run)
+    while len(bounds) - 1 < fragments:
+        runs = [(sum(sizes[a:b]), k) for k, (a, b) in enumerate(zip(bounds, bounds[1:])) if b - a > 1]
+        _, k = max(runs)
+        a, b = bounds[k], bounds[k + 1]
+        half, best, acc = sum(sizes[a:b]) / 2, a + 1, 0
+        for j in range(a + 1, b):  # the cut nearest to the run's middle
+            acc += sizes[j - 1]
+            if abs(acc - half) < abs(sum(sizes[a:best]) - half):
+                best = j
+        bounds.insert(k + 1, best)
     return bounds
 
 
