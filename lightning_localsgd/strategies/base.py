@@ -487,7 +487,11 @@ class LocalSGDMixin:
                 result = self.outer_sync.finish_sync(f, mix=self.overlap_mix)
                 self._record(trainer, result)
 
+    def _before_sync(self) -> None:
+        """Called before any sync reads the parameters (FSDP refreshes its views of the shards here)."""
+
     def _guarded_sync(self) -> Any:
+        self._before_sync()
         return self._sync_guard.sync(self.schedule.steps_done) if self._sync_guard is not None else nullcontext()
 
     def _record(self, trainer: Trainer, result: SyncResult, cluster_result: Optional[SyncResult] = None) -> None:
@@ -499,7 +503,7 @@ class LocalSGDMixin:
         assert self.outer_sync is not None
         cluster_result = None
         try:
-            with self._sync_guard.sync(self.schedule.steps_done) if self._sync_guard is not None else nullcontext():
+            with self._guarded_sync():
                 result = self.outer_sync.sync()
                 if all_levels and self.cluster_sync is not None and not result.skipped:
                     # two-stage: θ_c (level 1's snapshot) takes the level-2 outer step across clusters, then every

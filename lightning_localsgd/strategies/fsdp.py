@@ -307,10 +307,9 @@ class LocalSGDFSDPStrategy(LocalSGDMixin, ModelParallelStrategy):
         return sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
 
     @override
-    def _run_sync(self, trainer: Trainer, all_levels: bool = False) -> None:
+    def _before_sync(self) -> None:
         assert self.outer_sync is not None
         self.outer_sync.tensors = self._local_sgd_tensors()[0]  # FSDP may re-view its sharded storage
-        super()._run_sync(trainer, all_levels=all_levels)
 
     # ------------------------------------------------------------------ steps
     @override
