@@ -163,3 +163,108 @@ def simulate_two_stage(world, cluster_size, sync_every, cluster_sync_every, oute
         level1()
         level2()
     return history, [{k: v.detach().clone() for k, v in n.named_parameters()} for n in nets]
+
+
+def reference_fragments(names, sizes, fragments):
+    """Contiguous runs of whole tensors, found by trying every cut: the largest run as small as possible, then the
+    runs as even as possible (smallest sum of squares), then the earliest cuts."""
+    import itertools
+
+    best = None
+    for inner in itertools.combinations(range(1, len(sizes)), fragments - 1):
+        cuts = [0, *inner, len(sizes)]
+        runs = [sum(sizes[a:b]) for a, b in zip(cuts, cuts[1:])]
+        key = (max(runs), sum(r * r for r in runs), cuts)
+        if best is None or key < best:
+            best = key
+    cuts = best[2]
+    return [names[cuts[f] : cuts[f + 1]] for f in range(fragments)]
+
+
+def simulate_streaming(world, sync_every, fragments, overlap, mix, outer, steps, inner="sgd", seed=0,
+                       group_size=1, warmup=0, sync_on_train_end=True):
+    """Streaming local SGD (Streaming DiLoCo), written out by hand.
+
+    Groups of `group_size` ranks (a group's gradient is the mean of its ranks' gradients). `warmup` fully
+    synchronous steps first (gradients averaged over all ranks), after which θ_g is set to the parameters. After
+    local step t (1, 2, ... counted after the warm-up) fragment f *starts* a sync when t >= (f+1)·H/F and
+    (t − (f+1)·H/F) % H == 0: every group's current parameters of that fragment are recorded (what it sends). At step t + τ the sync is *applied*: mean of what was
+    sent, θ_g ← outer(θ_g, mean) per parameter of the fragment (the other parameters' outer state is untouched), and
+    each group continues from mix·θ_i(now) + (1−mix)·θ_g. At a step, starts come before applications. At train end:
+    the syncs still in flight are applied (in fragment order, with mix), then one outer step of every parameter from
+    the groups' current parameters (mix 0), if sync_on_train_end (with F=1 and τ=0, plain local SGD, only when the
+    run ends mid-interval).
+
+    Returns (per-batch list of per-group named parameters, per-group final parameters, snapshot θ_g, momenta).
+    """
+    groups = world // group_size
+    base = initial_net(False, seed)
+    nets = [copy.deepcopy(base) for _ in range(groups)]
+    opts = [make_inner_optimizer(inner, n.parameters()) for n in nets]
+    batches = [rank_batches(world, r) for r in range(world)]
+    names = [k for k, _ in base.named_parameters()]
+    sizes = [v.numel() for _, v in base.named_parameters()]
+    frags = reference_fragments(names, sizes, fragments)
+    theta_g = {k: v.detach().clone() for k, v in base.named_parameters()}
+    momentum = {k: {} for k in names}
+    in_flight = {}  # fragment -> per-group {name: sent value}
+    history = []
+
+    def params(g):
+        return dict(nets[g].named_parameters())
+
+    def start(f):
+        in_flight[f] = [{k: params(g)[k].detach().clone() for k in frags[f]} for g in range(groups)]
+
+    def apply(f, alpha):
+        sent = in_flight.pop(f)
+        for k in frags[f]:
+            mean = torch.stack([s[k] for s in sent]).mean(0)
+            theta_g[k] = _outer(theta_g[k], mean, outer, momentum[k])
+            for g in range(groups):
+                live = params(g)[k]
+                live.data.copy_(alpha * live.detach() + (1 - alpha) * theta_g[k] if alpha else theta_g[k])
+
+    def starts_at(t):
+        out = []
+        for f in range(fragments):
+            offset = (f + 1) * sync_every // fragments
+            if t >= offset and (t - offset) % sync_every == 0:
+                out.append(f)
+        return out
+
+    for b in range(steps):
+        for g, net in enumerate(nets):
+            losses = [F.mse_loss(net(batches[r][b][0]), batches[r][b][1])
+                      for r in range(g * group_size, (g + 1) * group_size)]
+            torch.stack(losses).mean().backward()
+        if b < warmup and groups > 1:
+            for ps in zip(*[list(n.parameters()) for n in nets]):
+                mean = torch.stack([p.grad for p in ps]).mean(0)
+                for p in ps:
+                    p.grad = mean.clone()
+        for g in range(groups):
+            opts[g].step()
+            opts[g].zero_grad()
+        if b < warmup:
+            if b + 1 == warmup:
+                theta_g.update({k: v.detach().clone() for k, v in nets[0].named_parameters()})
+            history.append([{k: v.detach().clone() for k, v in n.named_parameters()} for n in nets])
+            continue
+        t = b + 1 - warmup
+        for f in starts_at(t):
+            start(f)
+        if t > overlap:
+            for f in starts_at(t - overlap):
+                apply(f, mix)
+        history.append([{k: v.detach().clone() for k, v in n.named_parameters()} for n in nets])
+    for f in sorted(in_flight):
+        apply(f, mix)
+    streaming = fragments > 1 or overlap > 0  # F=1, τ=0 is plain local SGD: no sync at the end of a full interval
+    local = steps - warmup
+    if sync_on_train_end and local > 0 and (local % sync_every or streaming):
+        for f in range(fragments):
+            start(f)
+            apply(f, 0.0)
+    final = [{k: v.detach().clone() for k, v in n.named_parameters()} for n in nets]
+    return history, final, theta_g, {k: m.get("buf") for k, m in momentum.items()}

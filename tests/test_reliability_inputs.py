@@ -4,6 +4,7 @@ LocalSGDStrategy, combinations only the Trainer can judge, the TextDataModule an
 from __future__ import annotations
 
 import functools
+import importlib.util
 import inspect
 import subprocess
 import sys
@@ -52,6 +53,37 @@ STRATEGY_CASES = [
     ({"cluster_outer_optimizer": "adam", "cluster_size": 2, "cluster_sync_every": 128},
      "cluster_outer_optimizer: outer_optimizer='adam' is not a known name"),
     ({"compression": "zip"}, r"compression must be one of \('bf16', 'int8', 'int4'\) or None, got 'zip'"),
+    # streaming sync
+    ({"fragments": 0}, "fragments must be an integer >= 1, got 0"),
+    ({"fragments": "2"}, "fragments must be an integer >= 1, got '2'"),
+    ({"fragments": 2.0}, "fragments must be an integer >= 1, got 2.0"),
+    ({"fragments": True}, "fragments must be an integer >= 1, got True"),
+    ({"fragments": 3, "sync_every": 64}, "sync_every=64 must be a multiple of fragments=3"),
+    ({"overlap_steps": -1}, "overlap_steps must be an integer >= 0, got -1"),
+    ({"overlap_steps": 1.5}, "overlap_steps must be an integer >= 0, got 1.5"),
+    ({"overlap_steps": 64, "sync_every": 64}, "overlap_steps=64 must be smaller than sync_every=64"),
+    ({"overlap_steps": 9, "sync_every": 8, "fragments": 2}, "overlap_steps=9 must be smaller than sync_every=8"),
+    ({"overlap_mix": 1.0, "overlap_steps": 1}, r"overlap_mix must be a number in \[0, 1\), got 1.0"),
+    ({"overlap_mix": -0.1, "overlap_steps": 1}, r"overlap_mix must be a number in \[0, 1\), got -0.1"),
+    ({"overlap_mix": float("nan"), "overlap_steps": 1}, r"overlap_mix must be a number in \[0, 1\), got nan"),
+    ({"overlap_mix": "0.5", "overlap_steps": 1}, r"overlap_mix must be a number in \[0, 1\), got '0.5'"),
+    ({"overlap_mix": True, "overlap_steps": 1}, r"overlap_mix must be a number in \[0, 1\), got True"),
+    ({"overlap_mix": 0.5}, "overlap_mix=0.5 only acts when overlap_steps > 0"),
+    ({"fragments": 2, "cluster_size": 2, "cluster_sync_every": 128},
+     r"streaming sync \(fragments > 1 or overlap_steps > 0\) does not combine with two-stage sync"),
+    ({"overlap_steps": 1, "cluster_size": 2, "cluster_sync_every": 128}, "does not combine with two-stage sync"),
+    # time-based sync
+    ({"sync_every_seconds": 0}, "sync_every_seconds must be a positive number of seconds, got 0"),
+    ({"sync_every_seconds": -1}, "sync_every_seconds must be a positive number of seconds, got -1"),
+    ({"sync_every_seconds": "5"}, "sync_every_seconds must be a positive number of seconds, got '5'"),
+    ({"sync_every_seconds": float("nan")}, "sync_every_seconds must be a positive number of seconds, got nan"),
+    ({"sync_every_seconds": float("inf")}, "sync_every_seconds must be a positive number of seconds, got inf"),
+    ({"sync_every_seconds": True}, "sync_every_seconds must be a positive number of seconds, got True"),
+    ({"sync_every_seconds": 5, "compression": "bf16"}, "does not combine with compression='bf16'"),
+    ({"sync_every_seconds": 5, "fragments": 2}, "does not combine with fragments=2"),
+    ({"sync_every_seconds": 5, "overlap_steps": 1}, "does not combine with overlap_steps=1"),
+    ({"sync_every_seconds": 5, "cluster_size": 2, "cluster_sync_every": 128}, "does not combine with cluster_size=2"),
+    ({"sync_every_seconds": 5, "sync_on_train_end": False}, "sync_every_seconds needs sync_on_train_end=True"),
     # DDPStrategy's arguments that would otherwise fail only inside the launched processes, or be ignored
     ({"timeout": 30}, r"timeout must be a datetime.timedelta.*got 30.*use sync_timeout"),
     ({"timeout": timedelta(0)}, "timeout must be a positive duration"),
@@ -75,6 +107,30 @@ def test_every_strategy_argument_is_covered():
     own = {n for n, p in inspect.signature(LocalSGDStrategy.__init__).parameters.items()
            if n != "self" and p.kind is not p.VAR_KEYWORD}
     assert own <= {name for kwargs, _ in STRATEGY_CASES for name in kwargs}
+
+
+# LocalSGDDeepSpeedStrategy refuses streaming and time-based sync (any non-default value).
+DEEPSPEED_REFUSED = [("fragments", 2), ("overlap_steps", 1), ("overlap_mix", 0.5), ("sync_every_seconds", 30.0)]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed")
+@pytest.mark.parametrize("name,value", DEEPSPEED_REFUSED)
+def test_deepspeed_strategy_refuses_streaming_and_time_based(name, value, monkeypatch):
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    from lightning_localsgd import LocalSGDDeepSpeedStrategy
+
+    with pytest.raises(ValueError, match=rf"{name}={value!r} is not supported by LocalSGDDeepSpeedStrategy"):
+        LocalSGDDeepSpeedStrategy(stage=2, **{name: value})
+
+
+def test_streaming_and_time_based_good_values_are_accepted():
+    s = LocalSGDStrategy(sync_every=8, fragments=4, overlap_steps=7, overlap_mix=0.5)
+    assert (s.fragments, s.overlap_steps, s.overlap_mix) == (4, 7, 0.5)
+    s = LocalSGDStrategy(sync_every=8, fragments=8, overlap_steps=0, overlap_mix=0)
+    assert s.schedule.streaming and s.overlap_mix == 0.0
+    assert not LocalSGDStrategy(sync_every=8, fragments=1, overlap_steps=0).schedule.streaming
+    assert LocalSGDStrategy(sync_every_seconds=1).sync_every_seconds == 1.0
+    assert LocalSGDStrategy(sync_every_seconds=0.25, group_size=2).sync_every_seconds == 0.25
 
 
 def test_good_values_are_accepted():
