@@ -76,15 +76,24 @@ def main() -> None:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--sync-every", type=int)
     p.add_argument("--eval-every", type=int)
+    p.add_argument("--block-size", type=int)
+    p.add_argument("--learning-rate", type=float)
+    p.add_argument("--local-warmup", type=int, help="fully synchronous steps before local SGD starts (post-local SGD; "
+                   "a multiple of --sync-every)")
     p.add_argument("--links", nargs="+", help="subset of the links, by index 0..2 (default all)")
+    p.add_argument("--out-name", default="multi_cluster", help="file names under benchmarks/results/")
     p.add_argument("--replot", action="store_true", help="redraw the PNG from the CSVs of the last run")
     args = p.parse_args()
     if args.replot:
         return replot()
     cfg = dict(PRESETS["full" if args.full else "default"])
-    for key in ("size", "steps", "batch_size", "sync_every", "eval_every"):
+    for key in ("size", "steps", "batch_size", "sync_every", "eval_every", "block_size", "learning_rate",
+                "local_warmup"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
+    cfg.setdefault("local_warmup", 0)
+    if cfg["local_warmup"] % cfg["sync_every"]:
+        p.error("--local-warmup must be a multiple of --sync-every")
     if cfg["eval_every"] % cfg["sync_every"] or cfg["steps"] % cfg["eval_every"]:
         p.error("--eval-every must be a multiple of --sync-every and divide --steps")
     links = [LINKS[int(i)] for i in args.links] if args.links else LINKS
@@ -113,7 +122,8 @@ def main() -> None:
         ddp = h.launch(h.run_config(f"DDP {label}", "ddp", steps=cfg["steps"], net=net, **common), prefix=prefix)
         target = ddp["curve"][-1]["val_loss"]  # DDP's last periodic evaluation (= its final model)
         loc = h.launch(h.run_config(f"local SGD H={cfg['sync_every']} {label}", "average", steps=2 * cfg["steps"],
-                                    sync_every=cfg["sync_every"], net=net, stop_at_loss=target, **common),
+                                    sync_every=cfg["sync_every"], net=net, stop_at_loss=target,
+                                    local_warmup_steps=cfg["local_warmup"], **common),
                        prefix=prefix)
         t_ddp, s_ddp = time_to(ddp["curve"], target)
         t_loc, s_loc = time_to(loc["curve"], target)
@@ -135,7 +145,7 @@ def main() -> None:
                 collectives=n_comm, seconds_per_collective=comm_per,
                 compute_seconds_per_step=(r["train_seconds"] - r["sync_seconds"]) / r["steps"],
                 effective_mbit_s=wire * 8 / max(comm_per - 2 * (G - 1) * latency, 1e-9) / 1e6,
-                bytes_per_step=r["bytes_sent"] / r["steps"], model_bytes=model_bytes, params=r["params"],
+                bytes_per_step=(r["bytes_sent"] + r.get("warmup_bytes", 0)) / r["steps"], model_bytes=model_bytes, params=r["params"],
                 tokens_per_step=cfg["batch_size"] * cfg["block_size"],
                 outer_state_bytes=r["state_bytes"]))
             curves += [dict(link=label, run=r["name"], **c) for c in r["curve"]]
@@ -143,9 +153,9 @@ def main() -> None:
         print(f"{label}: DDP {t_ddp:.1f} s to {target:.4f} ({ddp['steps']} steps, "
               f"{ddp['train_seconds'] / ddp['steps'] * 1e3:.0f} ms/step); local SGD {t_loc:.1f} s ({s_loc:.0f} steps, "
               f"{loc['train_seconds'] / loc['steps'] * 1e3:.0f} ms/step); speed-up {speedup:.2f}x", flush=True)
-    h.write_csv(h.RESULTS / "multi_cluster.csv", rows)
-    h.write_csv(h.RESULTS / "multi_cluster_curves.csv", curves)
-    plot(runs, rows)
+    h.write_csv(h.RESULTS / f"{args.out_name}.csv", rows)
+    h.write_csv(h.RESULTS / f"{args.out_name}_curves.csv", curves)
+    plot(runs, rows, args.out_name)
 
     table = h.md_table(rows, [("link", "link"), ("mode", "run"), ("seconds_to_target", "s to target"),
                               ("step_at_target", "step at target"), ("speedup_vs_ddp", "speed-up vs DDP"),
@@ -155,7 +165,9 @@ def main() -> None:
     first = runs[0][1]
     text = (f"GPT `{cfg['size']}` ({first['params']:,} parameters, {first['ddp_bytes_per_step']:,} bytes of fp32 "
             f"gradients), {G} clusters of 1 process, batch {cfg['batch_size']} × {cfg['block_size']} tokens per "
-            f"process, DDP {cfg['steps']} steps (target = its final validation loss), local SGD H={cfg['sync_every']} "
+            f"process, AdamW lr {cfg['learning_rate']:g}"
+            + (f", local SGD's first {cfg['local_warmup']} steps fully synchronous" if cfg["local_warmup"] else "")
+            + f", DDP {cfg['steps']} steps (target = its final validation loss), local SGD H={cfg['sync_every']} "
             f"until it reaches the target (≤ {2 * cfg['steps']} steps), evaluation every {cfg['eval_every']} steps. "
             f"Emulation: `{emulation}`"
             + (" (unshare -n + tc tbf on lo at G × rate, latency slept per collective)." if emulation == "netns"
@@ -163,7 +175,7 @@ def main() -> None:
             + f"\n\n{table}\n")
     print(text)
     command = "python benchmarks/multi_cluster.py" + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else "")
-    h.write_summary("multi_cluster", text, started, command)
+    h.write_summary(args.out_name, text, started, command)
 
 
 def replot() -> None:
@@ -184,7 +196,7 @@ def replot() -> None:
     plot(runs, rows)
 
 
-def plot(runs: list, rows: list[dict]) -> None:
+def plot(runs: list, rows: list[dict], out_name: str = "multi_cluster") -> None:
     try:
         import matplotlib
 
@@ -217,7 +229,7 @@ def plot(runs: list, rows: list[dict]) -> None:
     ax.set_ylabel("speed-up to target (DDP time / local SGD time)")
     ax.set_title("time-to-target speed-up")
     fig.tight_layout()
-    fig.savefig(h.RESULTS / "multi_cluster.png", dpi=100)
+    fig.savefig(h.RESULTS / f"{out_name}.png", dpi=100)
 
 
 if __name__ == "__main__":
