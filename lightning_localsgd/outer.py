@@ -413,7 +413,12 @@ class OuterSync:
         n = ohi - olo
         views = self._owned_views()[plo:phi]
         pending = _Pending(fragment=fragment, numel=n, weighted=weight is not None, has_stop=stop is not None)
-        if self.compression is not None:
+        # A rank holding none of the fragment (a slice of a DDP group) pairs only with ranks holding none of it
+        # either (the same slice in every group): their collective would carry nothing, so none of them runs it.
+        talk = self.num_groups > 1 and (n > 0 or weight is not None or stop is not None)
+        if self.compression is not None and n == 0:
+            pending.buf = torch.zeros(0, dtype=torch.uint8, device=self.device)
+        elif self.compression is not None:
             if weight is not None or stop is not None:
                 raise ValueError("weighted or time-based syncs (heterogeneous workers) do not support compression.")
             local = torch.cat([v.float().reshape(-1) for v in views]) if n else torch.zeros(0, device=self.device)
@@ -430,7 +435,7 @@ class OuterSync:
             decoded = torch.cat([decode(q, self.compression, chunk) for q in payloads])
             pending.new_error = d - decoded[:n]
             send = torch.cat(payloads)
-            if self.num_groups > 1:
+            if talk:
                 pending.buf = torch.empty_like(send)
                 pending.works.append(dist.all_to_all_single(pending.buf, send, group=self.cross_group, async_op=True))
                 # bytes of one compressed copy of the rank's slice, as `M` counts one fp32 copy for an all-reduce
@@ -447,7 +452,7 @@ class OuterSync:
                 buf[:n].mul_(float(weight))
             if extras:
                 buf[n:] = torch.tensor(extras, dtype=torch.float32)
-            if self.num_groups > 1:
+            if talk:
                 # one all-reduce per bucket, all in flight together
                 for lo, hi in self._buckets(buf.numel()):
                     pending.works.append(dist.all_reduce(buf[lo:hi], op=dist.ReduceOp.SUM, group=self.cross_group,
@@ -498,6 +503,9 @@ class OuterSync:
     def _compressed_phase_two(self, fragment: Optional[int], pending: "_Pending") -> Tensor:
         """Average the received chunk, encode it (with error feedback), all-gather the means; return the new mean."""
         n = pending.numel
+        plo, phi = self._fragment_pieces(fragment)
+        if n == 0:
+            return self._flat_snapshot(plo, phi).to(self.device)
         chunk = self._chunk_numel(n)
         size = pending.payload_numel
         assert pending.buf is not None
@@ -514,7 +522,6 @@ class OuterSync:
             gathered = payload
         mean_delta = torch.cat([decode(gathered[j * size : (j + 1) * size], self.compression, chunk)
                                 for j in range(self.num_groups)])[:n]
-        plo, phi = self._fragment_pieces(fragment)
         return self._flat_snapshot(plo, phi).to(self.device) - mean_delta
 
     def _flat_snapshot(self, plo: int, phi: int) -> Tensor:

@@ -177,11 +177,16 @@ def test_streaming_with_worker_groups_of_two(tmp_path, strategy):
     for r, dump in enumerate(ranks):
         cross = [(c["batch"], c["numel"]) for c in dump["collectives"]
                  if c["batch"] >= 0 and c["op"] == "all_reduce" and c["ranks"] == [r % 2, r % 2 + 2]]
-        assert [b for b, _ in cross] == [1, 3, 5, 7, 9, 9]
+        # a rank holding none of a fragment (a DDP slice) skips that fragment's collective, as does its peer
+        assert all(n > 0 for _, n in cross)
+        assert {b for b, _ in cross} <= {1, 3, 5, 7, 9}
         # what the two ranks of a group send for one fragment adds up to the fragment
         if r % 2 == 0:
             mate = ranks[r + 1]
             theirs = [(c["batch"], c["numel"]) for c in mate["collectives"]
                       if c["batch"] >= 0 and c["op"] == "all_reduce" and c["ranks"] == [r % 2 + 1, r % 2 + 3]]
-            sums = [n + m for (_, n), (_, m) in zip(cross, theirs)]
-            assert sums == [32, 17, 32, 17, 32, TOTAL]
+            sent: dict[int, list[int]] = {}
+            for b, n in cross + theirs:
+                sent.setdefault(b, []).append(n)
+            # batches 1, 3, 5, 7: one fragment each; batch 9: fragment 0, then the train-end sync of everything
+            assert {b: sum(v) for b, v in sent.items()} == {1: 32, 3: 17, 5: 32, 7: 17, 9: 32 + TOTAL}

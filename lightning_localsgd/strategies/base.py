@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from contextlib import nullcontext
-from typing import Any, Callable, Mapping, Optional, Union
+from contextlib import contextmanager, nullcontext
+from typing import Any, Callable, Iterator, Mapping, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -490,9 +490,15 @@ class LocalSGDMixin:
     def _before_sync(self) -> None:
         """Called before any sync reads the parameters (FSDP refreshes its views of the shards here)."""
 
-    def _guarded_sync(self) -> Any:
+    @contextmanager
+    def _guarded_sync(self) -> Iterator[None]:
+        """Around every sync: refresh the views, apply ``sync_timeout``, name the step in a non-finite error."""
         self._before_sync()
-        return self._sync_guard.sync(self.schedule.steps_done) if self._sync_guard is not None else nullcontext()
+        try:
+            with self._sync_guard.sync(self.schedule.steps_done) if self._sync_guard is not None else nullcontext():
+                yield
+        except FloatingPointError as err:
+            raise type(err)(f"local SGD sync at step {self.schedule.steps_done}: {err}") from err
 
     def _record(self, trainer: Trainer, result: SyncResult, cluster_result: Optional[SyncResult] = None) -> None:
         self.last_sync = result
@@ -502,22 +508,19 @@ class LocalSGDMixin:
     def _run_sync(self, trainer: Trainer, all_levels: bool = False) -> None:
         assert self.outer_sync is not None
         cluster_result = None
-        try:
-            with self._guarded_sync():
-                result = self.outer_sync.sync()
-                if all_levels and self.cluster_sync is not None and not result.skipped:
-                    # two-stage: θ_c (level 1's snapshot) takes the level-2 outer step across clusters, then every
-                    # group of the cluster continues from it
-                    cluster_result = self.cluster_sync.sync()
-                    self.outer_sync._write_back()
-                    result = SyncResult(
-                        pseudo_grad_norm=result.pseudo_grad_norm,
-                        bytes_sent=result.bytes_sent + cluster_result.bytes_sent,
-                        seconds=result.seconds + cluster_result.seconds,
-                        skipped=cluster_result.skipped,
-                    )
-        except FloatingPointError as err:
-            raise type(err)(f"local SGD sync at step {self.schedule.steps_done}: {err}") from err
+        with self._guarded_sync():
+            result = self.outer_sync.sync()
+            if all_levels and self.cluster_sync is not None and not result.skipped:
+                # two-stage: θ_c (level 1's snapshot) takes the level-2 outer step across clusters, then every
+                # group of the cluster continues from it
+                cluster_result = self.cluster_sync.sync()
+                self.outer_sync._write_back()
+                result = SyncResult(
+                    pseudo_grad_norm=result.pseudo_grad_norm,
+                    bytes_sent=result.bytes_sent + cluster_result.bytes_sent,
+                    seconds=result.seconds + cluster_result.seconds,
+                    skipped=cluster_result.skipped,
+                )
         self._record(trainer, result, cluster_result)
 
     @property
