@@ -1,24 +1,31 @@
 """Compressed syncs: final loss and cross-group bytes for the codecs None / bf16 / int8 / int4.
 
-The strategy's ``compression=`` option compresses what crosses worker groups at a sync: each rank encodes its
-pseudo-gradient ``θ_g − θ_i`` plus the error its codec made at the previous sync (error feedback), the ranks
-all-gather the payloads and average the decoded values (``lightning_localsgd.comm``, ``OuterSync``). ``int8`` and
-``int4`` carry one fp32 scale per block of 256 values, so their payload is slightly more than ¼ and ⅛ of fp32.
+The strategy's ``compression=`` option compresses what crosses worker groups at a sync with a two-phase compressed
+all-reduce (``OuterSync.start_sync`` / ``_compressed_phase_two``, codecs in ``lightning_localsgd.comm``): each rank
+adds the error its codec made at the previous sync to its pseudo-gradient ``θ_g − θ_i`` (error feedback), splits it
+into G chunks (G worker groups), encodes them and sends chunk j to rank j of the cross-group (all-to-all); rank j
+decodes and averages the G copies of its chunk, re-encodes the mean chunk (with its own error feedback) and the ranks
+all-gather the encoded means. Per sync a rank hands over one compressed copy of its values, G chunk payloads
+(``G · payload_bytes(codec, ⌈n/G⌉)``), and sends 2(G − 1)/G of that on the wire, like a ring all-reduce of fp32.
+``int8`` and ``int4`` carry one fp32 scale per block of 256 values (per chunk), so their payload is slightly more
+than ¼ and ⅛ of fp32.
 
 Every run trains the example GPT with the same seed, data order, batch, learning-rate schedule, steps and H, on the
 same number of worker groups; only the codec (and, in a second series, the outer optimizer) differs. Reported per run:
 
 * the final validation loss on the fixed held-out windows, its ratio to the uncompressed run of the same outer
   optimizer, and a 95% paired bootstrap interval of that ratio over the held-out windows (evaluation noise only);
-* the bytes each rank sent across groups per sync, counted by the strategy (``outer_sync.bytes_sent``: the payload it
-  hands to the all-gather, or the fp32 buffer of the all-reduce), their ratio to the uncompressed run's, and the
-  payload size computed from the codec's format (``comm.payload_bytes``) as a cross-check;
-* the bytes counted independently on the Python collectives (``cross_bytes``, includes Lightning's 8-byte SIGTERM
-  broadcast before each sync step), syncs, training seconds and outer state bytes (the error-feedback buffer adds
-  one fp32 copy of the rank's parameters).
+* the bytes each rank sent across groups per sync, counted by the strategy (``outer_sync.bytes_sent``: the G encoded
+  chunks it hands to the all-to-all, or the fp32 buffer of the all-reduce), their ratio to the uncompressed run's,
+  and the size computed from the codec's format (``G · comm.payload_bytes(codec, ⌈n/G⌉)``) as a cross-check;
+* the bytes counted independently on the Python collectives (``cross_bytes``: the all-to-all's chunks for the other
+  ranks + the all-gather's input, or the all-reduce's buffer; includes Lightning's 8-byte SIGTERM broadcast before
+  each sync step), syncs, training seconds and outer state bytes (the error-feedback buffers add one fp32 copy of
+  the rank's parameters and one of its mean chunk).
 
     python benchmarks/compression.py                    # small default: GPT micro, 2 CPU processes, ~5 min
     python benchmarks/compression.py --outer average    # model averaging only (half the runs)
+    python benchmarks/compression.py --outer diloco --codecs none int8 --seed 1 --out-name compression_diloco_seed1
     python benchmarks/compression.py --full             # real hardware: GPT small, 2 groups of 4 GPUs, H = 64
 
 Writes benchmarks/results/compression.csv (one row per run), compression_curves.csv (every evaluation),
@@ -71,6 +78,7 @@ def main() -> None:  # noqa: C901
     p.add_argument("--accelerator", default=None, help="cpu (default) or gpu (NCCL)")
     p.add_argument("--outer", nargs="+", default=["average", "diloco"], choices=list(OUTER_NAMES))
     p.add_argument("--codecs", nargs="+", default=CODECS, choices=CODECS)
+    p.add_argument("--seed", type=int, default=1234, help="model init and data order (the harness default 1234)")
     p.add_argument("--out-name", default="compression", help="file names under benchmarks/results/")
     args = p.parse_args()
     cfg = dict(PRESETS["full" if args.full else "default"])
@@ -92,7 +100,7 @@ def main() -> None:  # noqa: C901
                  max_steps=cfg["steps"])
     common = dict(steps=cfg["steps"], model=model, batch_size=cfg["batch_size"], block_size=cfg["block_size"],
                   devices=cfg["devices"], group_size=cfg["group_size"], sync_every=H, eval_every=cfg["eval_every"],
-                  val_windows=cfg["val_windows"], accelerator=accelerator)
+                  val_windows=cfg["val_windows"], accelerator=accelerator, seed=args.seed)
     runs = []
     for outer in args.outer:
         for codec in codecs:
@@ -113,7 +121,8 @@ def main() -> None:  # noqa: C901
         per_sync = r["bytes_sent"] / r["num_syncs"]
         ref_per_sync = ref["bytes_sent"] / ref["num_syncs"]
         owned = -(-r["params"] // cfg["group_size"])  # values one rank syncs (its slice of the flat parameters)
-        expected = 4 * owned if r["codec"] == "none" else payload_bytes(r["codec"], owned)
+        # compressed: G encoded chunks of ⌈owned / G⌉ values (the all-to-all's input, one compressed copy)
+        expected = 4 * owned if r["codec"] == "none" else groups * payload_bytes(r["codec"], -(-owned // groups))
         lo, hi = paired_ratio_ci(r["per_window"], ref["per_window"])
         rows.append(dict(
             run=r["name"], outer=r["outer"], codec=r["codec"], H=H, groups=groups, steps=r["steps"],
@@ -143,17 +152,21 @@ def main() -> None:  # noqa: C901
         if row["codec"] != "int8" or row["outer"] != "average":
             continue
         within = row["loss_ratio"] <= 1.01
+        owned = -(-row["params"] // cfg["group_size"])
+        chunk = -(-owned // groups)  # values per chunk: ⌈⌈N / S⌉ / G⌉
         verdict.append(
             f"**int8 + error feedback within 1% of the uncompressed final loss at ¼ of the bytes ({row['run']})?** "
             f"{'Yes' if within else 'No'}: loss ratio {row['loss_ratio']:.4f} (95% window-bootstrap interval "
-            f"{row['ci']}), bytes ratio {row['bytes_ratio']:.5f} = (1 + 4/256) / 4 plus the padding of the last "
-            f"block: one byte per value and one fp32 scale per block of 256 values, "
-            f"{row['bytes_per_sync']:,.0f} of {row['bytes_per_sync'] / row['bytes_ratio']:,.0f} bytes.")
+            f"{row['ci']}), bytes ratio {row['bytes_ratio']:.5f} = (1 + 4/256) / 4 plus the padding of each chunk's "
+            f"last block: one byte per value and one fp32 scale per block of 256 values, in {groups} chunks, "
+            f"{row['bytes_per_sync']:,.0f} of {row['bytes_per_sync'] / row['bytes_ratio']:,.0f} bytes "
+            f"= {groups} × payload_bytes('int8', {chunk:,}) per sync per rank.")
     first = runs[0]
     text = (f"GPT `{cfg['size']}` ({first['params']:,} parameters), {groups} worker groups × {cfg['group_size']} "
             f"process(es), batch {cfg['batch_size']} × {cfg['block_size']} tokens per process, {cfg['steps']} steps "
             f"= {first['tokens']:,} tokens per run, H = {H}, AdamW lr {cfg['learning_rate']:g} (warm-up "
-            f"{cfg['warmup']}, cosine), validation on the same {cfg['val_windows']} held-out windows. Ratios are to "
+            f"{cfg['warmup']}, cosine), seed {args.seed} (model init and data order), validation on the same "
+            f"{cfg['val_windows']} held-out windows. Ratios are to "
             f"the fp32 (uncompressed) run of the same outer optimizer.\n\n{table}\n\n" + "\n".join(verdict) + "\n")
     command = "python benchmarks/compression.py" + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else "")
     print(text)

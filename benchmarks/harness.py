@@ -226,7 +226,8 @@ def _hops(op: str, n: int) -> int:
         return 0
     if op == "all_reduce":
         return 2 * (n - 1)
-    if op in ("all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "all_gather_object"):
+    if op in ("all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "all_gather_object",
+              "all_to_all_single"):
         return n - 1
     return max(1, (n - 1).bit_length())  # broadcast, reduce, barrier, gather: a tree
 
@@ -234,8 +235,8 @@ def _hops(op: str, n: int) -> int:
 def _wire_bytes(op: str, nbytes: int, n: int) -> float:
     """Bytes one rank sends in a bandwidth-optimal (ring) collective over ``n`` ranks.
 
-    ``nbytes``: the tensor of an all-reduce / broadcast, the *input* of an all-gather (one rank's part) or of a
-    reduce-scatter (the whole tensor).
+    ``nbytes``: the tensor of an all-reduce / broadcast, the *input* of an all-gather (one rank's part), of a
+    reduce-scatter or of an all-to-all (the whole tensor: one chunk per rank).
     """
     if n <= 1:
         return 0.0
@@ -243,7 +244,7 @@ def _wire_bytes(op: str, nbytes: int, n: int) -> float:
         return 2 * (n - 1) / n * nbytes
     if op in ("all_gather", "all_gather_into_tensor"):
         return (n - 1) * nbytes
-    if op == "reduce_scatter_tensor":
+    if op in ("reduce_scatter_tensor", "all_to_all_single"):
         return (n - 1) / n * nbytes
     return float(nbytes)
 
@@ -314,6 +315,10 @@ def install_network_model(counter: dict, net: Optional[dict]) -> tuple[dict, Opt
 
     Returns the original functions (the benchmark's own evaluation uses them: not counted, not delayed) and the model.
     The wrappers resolve ``dist.xxx`` at call time, so they see every collective of the strategy and of Lightning.
+    Counted bytes: the tensor handed to the collective (an all-reduce's buffer, an all-gather's input), except for
+    ``all_to_all_single``, which counts the (n − 1)/n of its input that goes to the other ranks (its own chunk stays);
+    so a compressed sync (all-to-all of G encoded chunks + all-gather of one) counts G chunk payloads, as
+    ``OuterSync.bytes_sent`` does.
     """
     import torch.distributed as dist
 
@@ -324,7 +329,7 @@ def install_network_model(counter: dict, net: Optional[dict]) -> tuple[dict, Opt
     async_overlap = bool(net and net.get("async_overlap"))
     originals = {}
     for op in ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "barrier",
-               "reduce", "gather"):
+               "reduce", "gather", "all_to_all_single"):
         fn = getattr(dist, op, None)
         if fn is None:
             continue
@@ -337,12 +342,15 @@ def install_network_model(counter: dict, net: Optional[dict]) -> tuple[dict, Opt
             n = dist.get_world_size(group) if group is not None else dist.get_world_size()
             if __op in ("all_gather", "all_gather_into_tensor", "reduce_scatter_tensor"):
                 tensor = args[1] if len(args) > 1 else kwargs.get("input_tensor", kwargs.get("tensor"))
+            elif __op == "all_to_all_single":
+                tensor = args[1] if len(args) > 1 else kwargs.get("input")
             else:
                 tensor = args[0] if args else kwargs.get("tensor")
             nbytes = tensor.numel() * tensor.element_size() if tensor is not None and hasattr(tensor, "numel") else 0
             if n > 1:
+                counted = nbytes * (n - 1) // n if __op == "all_to_all_single" else nbytes
                 counter["calls"] = counter.get("calls", 0) + 1
-                counter["bytes"] = counter.get("bytes", 0) + nbytes
+                counter["bytes"] = counter.get("bytes", 0) + counted
                 counter.setdefault("ops", {})[__op] = counter.setdefault("ops", {}).get(__op, 0) + 1
                 if model is not None:
                     if async_overlap and kwargs.get("async_op"):

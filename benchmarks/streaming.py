@@ -1,10 +1,11 @@
 """Streaming sync (Streaming DiLoCo) over an emulated slow link: peak bytes per step, final loss and wall clock.
 
 ``LocalSGDStrategy(fragments=F, overlap_steps=τ, overlap_mix=α)`` splits the parameters into F fragments (runs of
-whole parameter tensors of about equal size, ``outer.split_fragments``) that sync on a staggered schedule — fragment
-f at local steps ≡ (f+1)·H/F (mod H) — so a step moves at most one fragment across groups instead of the whole model
-every H steps. Each fragment's all-reduce is started asynchronously and applied τ inner steps later
-(θ_local ← α·θ_local + (1−α)·θ_global), so the communication can run behind τ steps of compute.
+whole parameter tensors; ``outer.split_fragments`` picks the contiguous split with the smallest largest fragment)
+that sync on a staggered schedule — fragment f at local steps ≡ (f+1)·H/F (mod H) — so a step moves at most one
+fragment across groups instead of the whole model every H steps. Each fragment's all-reduce is started
+asynchronously and applied τ inner steps later (θ_local ← α·θ_local + (1−α)·θ_global), so the communication can run
+behind τ steps of compute.
 
 Runs, all on the same model, seed, data order, batch, learning-rate schedule and steps (``multi_cluster.py``'s
 default setting: GPT micro, 2 worker groups of one process, batch 8 × 128 tokens, lr 2e-3, H = 32, 256 steps), over
