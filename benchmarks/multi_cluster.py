@@ -16,8 +16,10 @@ namespace (``unshare -n``) whose loopback is shaped with a token bucket (``tc qd
   collective sleeps ``wire bytes / rate + hops × latency`` and the bytes travel over the unshaped loopback.
 
 Protocol, per link: DDP trains S steps (its final validation loss is the target); local SGD (model averaging every H
-steps, same model, seed, data order, batch and learning-rate schedule — cosine over S steps, then the minimum rate)
-trains until its validation loss, checked every ``--eval-every`` steps (right after a sync), is at or below DDP's final
+steps, same model, seed, data order, batch, peak learning rate and warm-up; its cosine decay runs over
+``--local-lr-steps`` = 1.25·S by default, because local SGD is known to need more steps than DDP and with DDP's own
+S-step schedule it spends them at the minimum rate — ``--local-lr-steps S`` gives the shared schedule) trains until
+its validation loss, checked every ``--eval-every`` steps (right after a sync), is at or below DDP's final
 loss (at most 2S steps). Both are evaluated every ``--eval-every`` steps on the same held-out windows, evaluation time
 excluded from the clock. Reported: training wall clock to the target for each (linear interpolation between the two
 evaluations around it), and the speed-up DDP / local SGD. Lightning's per-batch SIGTERM
@@ -80,6 +82,11 @@ def main() -> None:
     p.add_argument("--learning-rate", type=float)
     p.add_argument("--local-warmup", type=int, help="fully synchronous steps before local SGD starts (post-local SGD; "
                    "a multiple of --sync-every)")
+    p.add_argument("--local-lr-steps", type=int, default=None,
+                   help="length of local SGD's warm-up + cosine learning-rate schedule (default: 1.25 × DDP's steps; "
+                        "give DDP's --steps for one shared schedule). Local "
+                        "SGD needs more steps than DDP to reach the same loss; with DDP's schedule it spends them at the "
+                        "minimum rate. Both methods still use the same peak rate, warm-up, batch and data.")
     p.add_argument("--links", nargs="+", help="subset of the links, by index 0..2 (default all)")
     p.add_argument("--out-name", default="multi_cluster", help="file names under benchmarks/results/")
     p.add_argument("--replot", action="store_true", help="redraw the PNG from the CSVs of the last run")
@@ -92,6 +99,8 @@ def main() -> None:
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
     cfg.setdefault("local_warmup", 0)
+    # local SGD's schedule: 1.25 × DDP's steps unless given (it needs more steps; see --local-lr-steps)
+    cfg["local_lr_steps"] = args.local_lr_steps or round(1.25 * cfg["steps"])
     if cfg["local_warmup"] % cfg["sync_every"]:
         p.error("--local-warmup must be a multiple of --sync-every")
     if cfg["eval_every"] % cfg["sync_every"] or cfg["steps"] % cfg["eval_every"]:
@@ -121,9 +130,10 @@ def main() -> None:
         prefix = h.netns_prefix(G * rate) if emulation == "netns" else None
         ddp = h.launch(h.run_config(f"DDP {label}", "ddp", steps=cfg["steps"], net=net, **common), prefix=prefix)
         target = ddp["curve"][-1]["val_loss"]  # DDP's last periodic evaluation (= its final model)
+        local_common = dict(common, model=dict(model, max_steps=cfg["local_lr_steps"]))
         loc = h.launch(h.run_config(f"local SGD H={cfg['sync_every']} {label}", "average", steps=2 * cfg["steps"],
                                     sync_every=cfg["sync_every"], net=net, stop_at_loss=target,
-                                    local_warmup_steps=cfg["local_warmup"], **common),
+                                    local_warmup_steps=cfg["local_warmup"], **local_common),
                        prefix=prefix)
         t_ddp, s_ddp = time_to(ddp["curve"], target)
         t_loc, s_loc = time_to(loc["curve"], target)
@@ -167,6 +177,8 @@ def main() -> None:
             f"gradients), {G} clusters of 1 process, batch {cfg['batch_size']} × {cfg['block_size']} tokens per "
             f"process, AdamW lr {cfg['learning_rate']:g}"
             + (f", local SGD's first {cfg['local_warmup']} steps fully synchronous" if cfg["local_warmup"] else "")
+            + (f", local SGD's learning-rate schedule over {cfg['local_lr_steps']} steps"
+               if cfg["local_lr_steps"] != cfg["steps"] else ", one shared learning-rate schedule")
             + f", DDP {cfg['steps']} steps (target = its final validation loss), local SGD H={cfg['sync_every']} "
             f"until it reaches the target (≤ {2 * cfg['steps']} steps), evaluation every {cfg['eval_every']} steps. "
             f"Emulation: `{emulation}`"
