@@ -63,10 +63,11 @@ def test_slow_worker_token_weighted_average(tmp_path):
     assert max(s["seconds"] for s in ranks[0]["syncs"]) < 0.6 + 5.0
 
 
-def test_groups_of_two_agree_on_the_sync_step(tmp_path):
-    # 4 processes, 2 DDP groups of 2; rank 3 (group 1) is slow, so all of group 1 is slow (DDP inside the group)
+@pytest.mark.parametrize("strategy", ["local_sgd", "fsdp"])
+def test_groups_of_two_agree_on_the_sync_step(tmp_path, strategy):
+    # 4 processes, 2 groups of 2 (DDP or FSDP inside); rank 3 (group 1) is slow, so all of group 1 is slow
     ranks = run_tiny(tmp_path, devices=4, group_size=2, sync_every_seconds=0.6, steps=80, slow_rank=3,
-                     slow_seconds=0.05, batches_per_epoch=60, timeout=300)
+                     slow_seconds=0.05, batches_per_epoch=60, timeout=300, strategy=strategy)
     check_weighted_syncs(ranks, group_size=2)
     assert ranks[0]["info"]["global_step"] == ranks[1]["info"]["global_step"]
     assert ranks[2]["info"]["global_step"] == ranks[3]["info"]["global_step"]

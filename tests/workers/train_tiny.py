@@ -255,6 +255,7 @@ def main() -> None:
             mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
             if args.mp_bf16 else None,
             fragments=args.fragments, overlap_steps=args.overlap_steps, overlap_mix=args.overlap_mix,
+            sync_every_seconds=args.sync_every_seconds,
         )
     elif args.strategy == "deepspeed":
         from lightning_localsgd import LocalSGDDeepSpeedStrategy
