@@ -53,7 +53,7 @@ def test_slow_worker_token_weighted_average(tmp_path):
     check_weighted_syncs(ranks, group_size=1)
     fast, slow = ranks[0]["info"], ranks[1]["info"]
     # the fast worker ran more steps than the slow one, and the slow one did not hold it back to its own pace
-    assert fast["global_step"] > 2 * slow["global_step"], (fast["global_step"], slow["global_step"])
+    assert fast["global_step"] > 1.5 * slow["global_step"], (fast["global_step"], slow["global_step"])
     # at least one sync mixed unequal weights (otherwise the weighting is not tested)
     assert any(a["weight"] != b["weight"] and b["weight"] > 0
                for a, b in zip(ranks[0]["syncs"], ranks[1]["syncs"]))
