@@ -113,6 +113,18 @@ def netns_available() -> tuple[bool, str]:
     return True, "unshare -n + tc tbf on lo"
 
 
+def choose_emulation(requested: str, parser: Any) -> str:
+    """Resolve ``--emulation auto|netns|sleep`` (error through ``parser`` if netns is asked for but unusable)."""
+    ok, why = netns_available()
+    emulation = ("netns" if ok else "sleep") if requested == "auto" else requested
+    if emulation == "netns" and not ok:
+        parser.error(f"network namespaces / tc are not usable here ({why}); use --emulation sleep")
+    if not ok:
+        print(f"note: network namespaces / tc are not usable here ({why}): software model (sleep = bytes / rate + "
+              "hops × latency per collective)")
+    return emulation
+
+
 def netns_prefix(rate_bit_s: float) -> list[str]:
     """Command prefix: a private network namespace whose loopback is shaped to ``rate_bit_s`` (token bucket).
 

@@ -108,15 +108,7 @@ def main() -> None:
     links = [LINKS[int(i)] for i in args.links] if args.links else LINKS
     G = cfg["groups"]
 
-    emulation = args.emulation
-    ok, why = h.netns_available()
-    if emulation == "auto":
-        emulation = "netns" if ok else "sleep"
-    if emulation == "netns" and not ok:
-        p.error(f"network namespaces / tc are not usable here ({why}); use --emulation sleep")
-    if not ok:
-        print(f"note: network namespaces / tc are not usable here ({why}): software model (sleep = bytes / rate + "
-              "hops × latency per collective)")
+    emulation = h.choose_emulation(args.emulation, p)
     print(f"emulation: {emulation}")
 
     started = time.time()

@@ -104,15 +104,7 @@ def main() -> None:  # noqa: C901  (one linear script)
     if any(t >= H for t in taus):
         p.error(f"--overlap-steps must be < H = {H}")
 
-    emulation = args.emulation
-    ok, why = h.netns_available()
-    if emulation == "auto":
-        emulation = "netns" if ok else "sleep"
-    if emulation == "netns" and not ok:
-        p.error(f"network namespaces / tc are not usable here ({why}); use --emulation sleep")
-    if not ok:
-        print(f"note: network namespaces / tc are not usable here ({why}): software model (sleep = bytes / rate + "
-              "hops × latency per collective)")
+    emulation = h.choose_emulation(args.emulation, p)
     rate, latency = cfg["bandwidth_mbit"] * 1e6, cfg["latency_ms"] / 1e3
     link = f"{cfg['bandwidth_mbit']:g} Mbit/s, {cfg['latency_ms']:g} ms"
     print(f"emulation: {emulation}; link {link}", flush=True)

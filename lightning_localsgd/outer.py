@@ -145,7 +145,7 @@ class _Pending:
 
     @classmethod
     def from_state(cls, state: dict[str, Any], device: torch.device) -> "_Pending":
-        pending = cls(**{k: v for k, v in state.items() if k not in ("buf", "new_error", "new_mean_error")})
+        pending = cls(**{k: v for k, v in state.items() if k not in ("buf", "new_error")})
         pending.buf = state["buf"].to(device)
         pending.new_error = state["new_error"].to(device) if state["new_error"] is not None else None
         return pending
@@ -348,11 +348,6 @@ class OuterSync:
             return 0, self.total_numel
         return self._tensor_offsets[self.fragment_bounds[fragment]], self._tensor_offsets[self.fragment_bounds[fragment + 1]]
 
-    def fragment_numel(self, fragment: Optional[int]) -> int:
-        """Elements of ``fragment`` this rank syncs."""
-        lo, hi = self._fragment_owned(fragment)
-        return hi - lo
-
     # ------------------------------------------------------------------ snapshot
     def _owned_views(self) -> list[Tensor]:
         return [self.tensors[p.index].detach().view(-1)[p.start : p.stop] for p in self.pieces]
@@ -407,6 +402,8 @@ class OuterSync:
         self._check_fragment(fragment)
         if fragment in self.pending:
             raise RuntimeError(f"the sync of fragment {fragment} was started twice without finish_sync in between.")
+        if self.compression is not None and (weight is not None or stop is not None):
+            raise ValueError("weighted or time-based syncs (heterogeneous workers) do not support compression.")
         start = time.perf_counter()
         plo, phi = self._fragment_pieces(fragment)
         olo, ohi = self._fragment_owned(fragment)
@@ -419,9 +416,7 @@ class OuterSync:
         if self.compression is not None and n == 0:
             pending.buf = torch.zeros(0, dtype=torch.uint8, device=self.device)
         elif self.compression is not None:
-            if weight is not None or stop is not None:
-                raise ValueError("weighted or time-based syncs (heterogeneous workers) do not support compression.")
-            local = torch.cat([v.float().reshape(-1) for v in views]) if n else torch.zeros(0, device=self.device)
+            local = torch.cat([v.float().reshape(-1) for v in views])
             snap = self._flat_snapshot(plo, phi).to(self.device)
             if self._error is None:
                 self._error = torch.zeros(self.owned_numel, dtype=torch.float32, device=self.device)

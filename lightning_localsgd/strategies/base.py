@@ -86,7 +86,8 @@ class _SyncAtStepEnd(Callback):
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        self.strategy._tokens_since_sync += _batch_tokens(batch)
+        if self.strategy.sync_every_seconds is not None:  # only time-based sync weighs groups by tokens
+            self.strategy._tokens_since_sync += _batch_tokens(batch)
         self.strategy._local_sgd_step_end(trainer)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -152,7 +153,6 @@ class LocalSGDMixin:
         self._sync_guard: Optional[SyncGuard] = None
         self._outer_factory = factory
         self._state_device = check_state_device(outer_state_device)
-        check_codec(compression)
         self.compression = compression
         self.cluster_size = cluster_size
         self.cluster_sync_every = cluster_sync_every
