@@ -1,5 +1,9 @@
 """Bad input everywhere fails before training with a message naming the argument: every public argument of
-LocalSGDStrategy, combinations only the Trainer can judge, the TextDataModule and the command line."""
+LocalSGDStrategy, combinations only the Trainer can judge, the TextDataModule and the command line.
+
+One table per kind of bad input: STRATEGY_CASES (a bad constructor value or combination -> the parameter named in
+the error), TRAINER_CASES (a strategy the Trainer's world size refutes), DATA_CASES and CLI_CASES. Bad values of the
+FSDP and DeepSpeed strategies' own arguments are in strategies/test_fsdp.py and strategies/test_deepspeed.py."""
 
 from __future__ import annotations
 
@@ -25,19 +29,29 @@ from lightning_localsgd.examples.data import TextDataModule
 STRATEGY_CASES = [
     # local-SGD arguments
     ({"sync_every": 0}, "sync_every must be an integer >= 1"),
+    ({"sync_every": -3}, "sync_every must be an integer >= 1"),
+    ({"sync_every": 2.5}, "sync_every must be an integer >= 1"),
+    ({"sync_every": True}, "sync_every must be an integer >= 1"),
     ({"sync_every": "64"}, "sync_every must be an integer >= 1, got '64'"),
-    ({"outer_optimizer": "adam"}, r"outer_optimizer='adam' is not a known name"),
+    ({"outer_optimizer": "adam"}, r"outer_optimizer='adam' is not a known name.*'average', 'diloco'"),
     ({"outer_optimizer": 0.7}, "outer_optimizer must be one of"),
+    ({"outer_optimizer": 3}, "outer_optimizer must be one of"),
     ({"outer_optimizer": functools.partial(torch.optim.SGD, lr=-1.0)},
      "outer_optimizer: calling it with a list of parameters failed"),
+    ({"outer_optimizer": lambda: None}, "outer_optimizer: calling it with a list of parameters failed"),
     ({"outer_optimizer": lambda params: params}, "must return a torch.optim.Optimizer, but it returned list"),
+    ({"outer_optimizer": lambda params: "not an optimizer"}, "must return a torch.optim.Optimizer.*returned str"),
     ({"group_size": 0}, "group_size must be an integer >= 1"),
     ({"group_size": 1.5}, "group_size must be an integer >= 1, got 1.5"),
     ({"warmup_steps": -1}, "warmup_steps must be an integer >= 0"),
     ({"warmup_steps": None}, "warmup_steps must be an integer >= 0, got None"),
     ({"outer_state_device": "gpu"}, "outer_state_device='gpu' is not a device"),
+    ({"outer_state_device": "nonsense"}, "outer_state_device='nonsense' is not a device"),
+    ({"outer_state_device": "meta"}, "outer_state_device='meta' holds no data"),
     ({"outer_state_device": "cuda:3"}, "outer_state_device='cuda:3'"),
+    ({"outer_state_device": "cuda:7"}, "outer_state_device='cuda:7'"),
     ({"on_nonfinite": "warn"}, "on_nonfinite must be 'raise' or 'skip', got 'warn'"),
+    ({"on_nonfinite": "ignore"}, "on_nonfinite must be 'raise' or 'skip'"),
     ({"sync_on_train_end": "yes"}, "sync_on_train_end must be True or False, got 'yes'"),
     ({"sync_timeout": 0}, "sync_timeout must be a positive number of seconds"),
     ({"sync_timeout": -5}, "sync_timeout must be a positive number of seconds"),
@@ -47,11 +61,16 @@ STRATEGY_CASES = [
     ({"sync_timeout": True}, "sync_timeout must be a positive number of seconds"),
     # two-stage sync
     ({"cluster_size": 0, "cluster_sync_every": 64}, "cluster_size must be an integer >= 1"),
+    ({"cluster_size": 0, "cluster_sync_every": 8}, "cluster_size must be an integer >= 1"),
     ({"cluster_size": 2}, "cluster_size is set but cluster_sync_every is not"),
     ({"cluster_sync_every": 128}, "cluster_sync_every is set but cluster_size is not"),
+    ({"cluster_sync_every": 8}, "cluster_size is not"),
     ({"cluster_sync_every": 100, "cluster_size": 2, "sync_every": 64}, "must be a multiple of sync_every=64"),
+    ({"cluster_size": 2, "cluster_sync_every": 6, "sync_every": 4}, "must be a multiple of sync_every=4"),
     ({"cluster_outer_optimizer": "adam", "cluster_size": 2, "cluster_sync_every": 128},
      "cluster_outer_optimizer: outer_optimizer='adam' is not a known name"),
+    ({"sync_every": 4, "cluster_size": 2, "cluster_sync_every": 8, "cluster_outer_optimizer": "sgd"},
+     "cluster_outer_optimizer: outer_optimizer='sgd' is not a known name"),
     ({"compression": "zip"}, r"compression must be one of \('bf16', 'int8', 'int4'\) or None, got 'zip'"),
     # streaming sync
     ({"fragments": 0}, "fragments must be an integer >= 1, got 0"),
@@ -133,6 +152,19 @@ def test_streaming_and_time_based_good_values_are_accepted():
     assert LocalSGDStrategy(sync_every_seconds=0.25, group_size=2).sync_every_seconds == 0.25
 
 
+def test_public_attributes_and_registered_names():
+    s = LocalSGDStrategy(sync_every=8, outer_optimizer="diloco", group_size=2, warmup_steps=5,
+                         outer_state_device="cpu", find_unused_parameters=True)
+    assert (s.sync_every, s.outer_optimizer, s.group_size, s.warmup_steps, s.outer_state_device) == (
+        8, "diloco", 2, 5, "cpu")
+    assert s._ddp_kwargs == {"find_unused_parameters": True}  # DDP's own arguments pass through
+    factory = functools.partial(torch.optim.SGD, lr=0.5)
+    assert LocalSGDStrategy(outer_optimizer=factory).outer_optimizer is factory
+    for name, outer in [("local_sgd", "average"), ("diloco", "diloco"), ("local_sgd_spawn", "average")]:
+        trainer = L.Trainer(accelerator="cpu", devices=2, strategy=name, logger=False)
+        assert isinstance(trainer.strategy, LocalSGDStrategy) and trainer.strategy.outer_optimizer == outer
+
+
 def test_good_values_are_accepted():
     s = LocalSGDStrategy(sync_timeout=2, timeout=timedelta(minutes=5), process_group_backend="cpu:gloo,cuda:nccl")
     assert s.sync_timeout == 2.0
@@ -147,6 +179,8 @@ TRAINER_CASES = [
     ({"devices": 2, "num_nodes": 2}, {"group_size": 3}, r"group_size=3 does not divide the world size 4"),
     ({"devices": 2}, {"start_method": "nope"}, "start method 'nope' is not available"),
     ({"devices": 3}, {"cluster_size": 2, "cluster_sync_every": 128}, "cluster_size=2 does not divide the 3 worker groups"),
+    ({"devices": 4}, {"sync_every": 2, "cluster_size": 3, "cluster_sync_every": 4},
+     r"cluster_size=3 does not divide the 4 worker groups"),
 ]
 if not dist.is_backend_available("nccl"):
     TRAINER_CASES.append(({"devices": 2}, {"process_group_backend": "nccl"}, "this torch build has no 'nccl' backend"))
@@ -156,7 +190,17 @@ if not dist.is_backend_available("nccl"):
 def test_incompatible_combinations_fail_when_the_trainer_is_built(trainer_kwargs, strategy_kwargs, match):
     with pytest.raises(ValueError, match=match):
         L.Trainer(accelerator="cpu", strategy=LocalSGDStrategy(**strategy_kwargs), logger=False, **trainer_kwargs)
-    # (sync_batchnorm=True is refused at setup, before the first step: tests/test_strategy_errors.py)
+
+
+def test_sync_batchnorm_is_rejected_before_training(tmp_path):
+    """A Trainer combination refused at setup, before the first step (the Trainer builds without complaint)."""
+    from torch.utils.data import DataLoader
+    from workers.tiny import TinyModule, make_dataset
+
+    trainer = L.Trainer(accelerator="cpu", devices=1, strategy=LocalSGDStrategy(), sync_batchnorm=True,
+                        logger=False, enable_checkpointing=False, max_steps=1, default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match="sync_batchnorm=False"):
+        trainer.fit(TinyModule(), DataLoader(make_dataset(), batch_size=2))
 
 
 # ------------------------------------------------------------------------------------------------ the data module

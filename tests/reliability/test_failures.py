@@ -4,6 +4,8 @@
   dead rank and the step; the last checkpoint is complete and resuming from it gives exactly the uninterrupted run;
 * a rank that hangs: the others stop after ``sync_timeout``, and the hung rank is stopped too;
 * resuming with another world size or another model shape fails before training, saying what changed;
+* a NaN pseudo-gradient (``on_nonfinite="raise"``) stops training with a ``NonFinitePseudoGradientError`` naming the
+  step and the worker group, and the checkpoint of the last good sync is intact;
 * ``on_nonfinite="skip"`` drops a NaN sync on every rank, logs it, and training goes on.
 
 The kill tests start every rank themselves with ``LOCAL_RANK`` set, as torchrun or SLURM do: with Lightning's own
@@ -25,9 +27,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from lightning_localsgd import NonFinitePseudoGradientError
 from _launch import WORKER, max_diff, run_tiny
 
-# The configuration of test_strategy_resume: a checkpoint at step 6 (end of epoch 2, mid-interval of 4).
+# The configuration of strategies/test_resume.py: a checkpoint at step 6 (end of epoch 2, mid-interval of 4).
 RESUME_OPTS = dict(devices=2, sync_every=4, steps=10, outer="diloco", inner="adamw", seed_by_rank=True,
                    batches_per_epoch=3)
 SYNC_TIMEOUT = 3.0
@@ -206,6 +209,16 @@ def test_resume_with_another_model_shape_fails_clearly(tmp_path, straight):
     assert "the checkpoint was written for another model" in err, err[-3000:]
     assert "model.net1.weight: checkpoint (8, 4), model (16, 4)" in err
     assert "Resume with the model configuration the checkpoint was written with" in err
+
+
+def test_nonfinite_pseudo_gradient_names_step_and_group(tmp_path):
+    out = run_tiny(tmp_path, devices=2, sync_every=2, steps=6, nan_at=2, ckpt_every=2, expect_fail=True)
+    err = out[0]["stderr"]
+    assert NonFinitePseudoGradientError.__name__ in err
+    assert "local SGD sync at step 4" in err and "worker groups with NaN/inf parameters: [1]" in err
+    # the checkpoint written at the last good sync is intact and finite
+    ckpt = torch.load(tmp_path / "ckpt" / "step=2.ckpt", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
 
 
 def test_nonfinite_skip_drops_the_sync_on_every_rank_and_logs_it(tmp_path):

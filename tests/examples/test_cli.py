@@ -20,7 +20,7 @@ import pytest
 import lightning_localsgd
 from lightning_localsgd.cli import CONFIG_DIR, DEFAULT_CONFIG, main
 
-CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "examples" / "configs"
 STRATEGY_ARGS = ("sync_every", "outer_optimizer", "group_size", "warmup_steps", "outer_state_device")
 STEPS, BATCH, BLOCK = 4, 4, 32
 TINY = [

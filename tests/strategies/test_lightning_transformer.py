@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-WORKER = Path(__file__).parent / "workers" / "train_transformer.py"
+WORKER = Path(__file__).resolve().parents[1] / "workers" / "train_transformer.py"
 
 
 def _write_corpus(tmp_path):
