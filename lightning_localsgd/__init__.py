@@ -12,12 +12,15 @@ Importing the package registers the strategy names with Lightning, so ``Trainer(
 from lightning.pytorch.strategies import StrategyRegistry
 
 from .checkpoint_io import AtomicCheckpointIO
-from .outer import NonFinitePseudoGradientError, OuterSync, SyncResult, resolve_outer_optimizer
+from .config import LocalSGDConfig
+from .controller import LocalSGDController
+from .engine import (Action, Codec, Communicator, NonFinitePseudoGradientError, OuterSync, ProcessGroupCommunicator,
+                     SyncResult, SyncSchedule, register_codec, register_outer_optimizer, register_schedule,
+                     resolve_outer_optimizer)
 from .planner import Plan, plan
 from .reliability import SyncFailedError
-from .schedule import SyncSchedule
 from .strategies import LocalSGDDeepSpeedStrategy, LocalSGDFSDPStrategy, LocalSGDMixin, LocalSGDStrategy
-from .topology import Topology, build_topology
+from .topology import Topology, build_mesh_topology, build_topology
 
 __version__ = "0.1.0"
 
@@ -26,7 +29,17 @@ LocalSGDFSDPStrategy.register_strategies(StrategyRegistry)
 LocalSGDDeepSpeedStrategy.register_strategies(StrategyRegistry)  # names only: deepspeed is imported on use
 
 __all__ = [
+    "Action",
     "AtomicCheckpointIO",
+    "Codec",
+    "Communicator",
+    "LocalSGDConfig",
+    "LocalSGDController",
+    "ProcessGroupCommunicator",
+    "build_mesh_topology",
+    "register_codec",
+    "register_outer_optimizer",
+    "register_schedule",
     "SyncFailedError",
     "LocalSGDDeepSpeedStrategy",
     "LocalSGDFSDPStrategy",

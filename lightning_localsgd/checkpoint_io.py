@@ -33,7 +33,7 @@ from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AtomicCheckpointIO", "with_atomic_default"]
+__all__ = ["AtomicCheckpointIO", "atomic_save", "with_atomic_default"]
 
 _TMP_SUFFIX = ".tmp"
 
@@ -74,24 +74,32 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if not _is_local(path):
             super().save_checkpoint(checkpoint, path)
             return
-        target = Path(os.fspath(path)).expanduser().absolute()
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=_TMP_SUFFIX, dir=target.parent)
+        atomic_save(checkpoint, path)
+
+
+def atomic_save(obj: Any, path: _PATH) -> None:
+    """``torch.save`` to a local path atomically: temp file in the same folder, fsync, ``os.replace``, fsync folder.
+
+    Every checkpoint file the strategies write goes through here (a reader sees the old file or the new one).
+    """
+    target = Path(os.fspath(path)).expanduser().absolute()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=_TMP_SUFFIX, dir=target.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode a plain open() would
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
         try:
-            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode a plain open() would
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-        _fsync_dir(target.parent)
-        _remove_stale_temps(target)
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(target.parent)
+    _remove_stale_temps(target)
 
 
 def _fsync_dir(folder: Path) -> None:

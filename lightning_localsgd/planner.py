@@ -37,7 +37,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Optional, Sequence, Union
 
-from .comm import CODECS, payload_bytes
+from .engine.codecs import check_codec, codec_names, payload_bytes
 from .costmodel import Calibration, Link, allreduce_seconds, compressed_allreduce_seconds, ddp_cost, local_sgd_cost
 
 __all__ = [
@@ -147,7 +147,7 @@ def parse_count(value: Union[Number, str], name: str = "params") -> float:
 
 
 def compressed_bytes_per_value(compression: str, params: float, groups: int = 1) -> float:
-    """Bytes per parameter of one compressed copy, from the codec's own size (:func:`.comm.payload_bytes`).
+    """Bytes per parameter of one compressed copy, from the codec's own size (:func:`.engine.codecs.payload_bytes`).
 
     A compressed sync over ``groups`` groups encodes G chunks of ``ceil(N/G)`` values each (the last zero-padded), so
     one copy is ``G · payload_bytes(codec, ceil(N/G))`` bytes, what ``OuterSync.bytes_sent`` counts per sync (exact
@@ -325,8 +325,7 @@ def plan(
     if isinstance(bytes_per_value, bool) or not isinstance(bytes_per_value, numbers.Real) \
             or not math.isfinite(bytes_per_value) or bytes_per_value <= 0:
         raise ValueError(f"bytes_per_value must be a number > 0, got {bytes_per_value!r}; 4 = fp32, 2 = bf16.")
-    if compression is not None and compression not in CODECS:
-        raise ValueError(f"compression must be one of {CODECS} or None, got {compression!r}.")
+    check_codec(compression)
     cal = _check_calibration(Calibration() if calibration is None else calibration)
 
     link = Link("planned link", bw, lat)
@@ -498,7 +497,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="utilization to reach, in (0, 1) (default: 0.95)")
     opt.add_argument("--bytes-per-value", type=float, default=4.0,
                      help="bytes per value of the uncompressed sync and of DDP's gradients (default: 4, fp32)")
-    opt.add_argument("--compression", choices=CODECS, default=None,
+    opt.add_argument("--compression", choices=codec_names(), default=None,
                      help="compressed sync (the strategies' compression=): a compressed all-reduce of the codec's "
                           "payload (all-to-all of encoded chunks, all-gather of the encoded means)")
     cal = Calibration()

@@ -13,7 +13,7 @@ rank nor the step. :class:`SyncGuard` wraps every sync:
   records and raises :class:`SyncFailedError` naming the ranks that never reached the sync, the step, and how to
   resume.
 
-The sync engine (:class:`~lightning_localsgd.outer.OuterSync`) reduces before it writes anything, so a sync that fails
+The sync engine (:class:`~lightning_localsgd.engine.OuterSync`) reduces before it writes anything, so a sync that fails
 in its reduce leaves the global parameters of the last good sync in place; checkpoints are written atomically (see
 :mod:`lightning_localsgd.checkpoint_io`), so the last checkpoint on disk is always a complete one.
 
@@ -220,18 +220,16 @@ class SyncGuard:
         self._warned_no_timeout = False
 
     @classmethod
-    def for_strategy(cls, strategy: Any) -> "SyncGuard":
-        """The guard of a local-SGD strategy: its ``sync_timeout`` and the process groups of its ``outer_sync``."""
-        groups: list[Optional[dist.ProcessGroup]] = [strategy.outer_sync.cross_group]
-        for engine in (strategy.outer_sync, getattr(strategy, "cluster_sync", None)):  # two-stage: both levels
-            if engine is not None:
-                groups += [v for v in vars(engine).values() if isinstance(v, dist.ProcessGroup)]
+    def for_engines(cls, timeout: Optional[float], engines: Sequence[Any],
+                    fallback_timeout: Optional[timedelta] = None) -> "SyncGuard":
+        """The guard of the sync engines of a rank: every process group their communicators talk over."""
+        groups = [g for engine in engines for comm in engine.communicators for g in comm.process_groups]
         return cls(
-            timeout=getattr(strategy, "sync_timeout", None),
-            groups=groups,
+            timeout=timeout,
+            groups=groups or [None],
             rank=dist.get_rank() if dist.is_initialized() else 0,
             world_size=dist.get_world_size() if dist.is_initialized() else 1,
-            fallback_timeout=getattr(strategy, "_timeout", None),
+            fallback_timeout=fallback_timeout,
         )
 
     # ------------------------------------------------------------------ timeouts

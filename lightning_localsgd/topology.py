@@ -8,11 +8,13 @@ cross group. With ``S`` = devices per node the per-step traffic stays inside a n
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 
 def check_group_size(world_size: int, group_size: int) -> None:
@@ -138,3 +140,33 @@ def add_cluster_groups(topology: Topology, cluster_size: int, timeout: Optional[
     topology.intra_cluster_group = intra
     topology.inter_cluster_group = inter
     return topology
+
+
+def build_mesh_topology(device_type: str, group_size: int,
+                        inner_dims: Optional[Sequence[tuple[str, int]]] = None,
+                        replicate_dim: str = "replicate") -> tuple[DeviceMesh, Topology]:
+    """A device mesh ``(replicate_dim, *inner_dims)`` and the :class:`Topology` it gives. Collective.
+
+    Row ``i`` of the mesh is worker group ``i`` (its inner dimensions, e.g. ``("shard", S)`` for FSDP or
+    ``("data_parallel", D), ("tensor_parallel", T)`` for a 2-D inner strategy, multiply to ``group_size``); column
+    ``k`` is cross group ``k``: the ranks holding the same place in every group. An inner strategy shards over the
+    inner dimensions; the outer sync runs over ``mesh[replicate_dim]``.
+    """
+    world_size, rank = dist.get_world_size(), dist.get_rank()
+    check_group_size(world_size, group_size)
+    dims = list(inner_dims) if inner_dims is not None else [("shard", group_size)]
+    if math.prod(size for _, size in dims) != group_size:
+        raise ValueError(f"the inner mesh dimensions {dims} must multiply to group_size={group_size}.")
+    names = tuple(name for name, _ in dims)
+    mesh = init_device_mesh(device_type, (world_size // group_size, *(size for _, size in dims)),
+                            mesh_dim_names=(replicate_dim, *names))
+    if len(dims) == 1:
+        inner = mesh[names[0]].get_group()
+    else:  # the whole worker group, over all its inner dimensions (new_group is collective over every rank)
+        inner = None
+        for ranks in group_ranks(world_size, group_size):
+            pg = dist.new_group(ranks)
+            if rank in ranks:
+                inner = pg
+    topology = Topology(world_size, rank, group_size, inner_group=inner, cross_group=mesh[replicate_dim].get_group())
+    return mesh, topology

@@ -17,11 +17,10 @@ persistent (small) parameters. Nobody gathers the full model to sync.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Generator, Mapping, Optional, Union
+from typing import Any, Generator, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -37,11 +36,11 @@ from torch import Tensor
 from torch.nn import Module
 from typing_extensions import override
 
-from ..outer import OuterOptimizerSpec
-from ..topology import Topology, build_topology, check_cluster_size, check_group_size, group_ranks
-from .base import CHECKPOINT_KEY, LocalSGDMixin, is_fitting
-
-log = logging.getLogger(__name__)
+from ..checkpoint_io import atomic_save
+from ..config import LocalSGDConfig, local_sgd_arguments
+from ..controller import CHECKPOINT_KEY
+from ..topology import Topology, build_topology, group_ranks
+from .base import LocalSGDMixin, is_fitting
 
 INSTALL_HINT = "pip install 'lightning-localsgd[deepspeed]'"
 _TAG = "checkpoint"  # Lightning's DeepSpeedStrategy tag: group 0's folder is a plain Lightning DeepSpeed checkpoint
@@ -164,6 +163,25 @@ def check_deepspeed_config(config: Mapping[str, Any]) -> int:
     return int(stage)
 
 
+_UNSUPPORTED = "ZeRO syncs flat partitions, and DeepSpeed's own collectives assume every group steps together"
+
+
+@local_sgd_arguments(
+    defaults={"group_size": None},
+    docs={"group_size": "ranks per worker group = ZeRO's data-parallel size; must divide the world size. Default "
+                        "``None``: the devices per node, so ZeRO's traffic stays inside a node and only syncs cross "
+                        "nodes.",
+          "warmup_steps": "must be 0: fully synchronous warm-up steps are not supported with DeepSpeed (ZeRO reduces "
+                          "the gradients into its own partitioned buffers inside the group).",
+          "outer_state_device": "where the snapshot and the outer optimizer state (of this rank's partition only) "
+                                "live: ``None`` (the partition's device) or ``\"cpu\"``. Default None.",
+          "fragments": "streaming sync (see ``LocalSGDStrategy``); not supported with DeepSpeed (ZeRO keeps the "
+                       "parameters as flat partitions, not per-tensor fragments): leave 1.",
+          "overlap_steps": "streaming sync; not supported with DeepSpeed: leave 0.",
+          "overlap_mix": "streaming sync; not supported with DeepSpeed: leave 0.",
+          "sync_every_seconds": "time-based sync (see ``LocalSGDStrategy``); not supported with DeepSpeed yet: leave "
+                                "None."},
+)
 class LocalSGDDeepSpeedStrategy(LocalSGDMixin, DeepSpeedStrategy):
     """Local SGD across worker groups with DeepSpeed ZeRO (stage 1, 2 or 3) inside each group.
 
@@ -174,27 +192,6 @@ class LocalSGDDeepSpeedStrategy(LocalSGDMixin, DeepSpeedStrategy):
     refreshed from it as after a ZeRO step.
 
     Args:
-        sync_every: ``H``, optimizer steps between two syncs (gradient accumulation does not change it). Default 64.
-        outer_optimizer: ``"average"``, ``"diloco"`` or a callable ``params -> torch.optim.Optimizer`` (see
-            ``LocalSGDStrategy``). Default ``"average"``.
-        group_size: ranks per worker group = ZeRO's data-parallel size; must divide the world size. Default ``None``:
-            the devices per node, so ZeRO's traffic stays inside a node and only syncs cross nodes.
-        warmup_steps: must be 0: fully synchronous warm-up steps are not supported with DeepSpeed (ZeRO reduces the
-            gradients into its own partitioned buffers inside the group).
-        outer_state_device: where the snapshot and the outer optimizer state (of this rank's partition only) live:
-            ``None`` (the partition's device) or ``"cpu"``. Default None.
-        on_nonfinite: ``"raise"`` or ``"skip"`` (see ``LocalSGDStrategy``). Default ``"raise"``.
-        sync_on_train_end: run a last sync when training ends mid-interval. Default True.
-        sync_timeout: seconds a sync may wait for the other groups before failing with an error naming the missing
-            ranks (see ``LocalSGDStrategy``). Default None (the process group's timeout).
-        cluster_size: two-stage sync: worker groups per cluster (see ``LocalSGDStrategy``). Default None.
-        cluster_sync_every: ``H2``, steps between syncs across clusters, a multiple of ``sync_every``.
-        cluster_outer_optimizer: outer optimizer across clusters. Default ``"diloco"``.
-        compression: compress what crosses groups at a sync: ``None`` (fp32 all-reduce), ``"bf16"``, ``"int8"`` or
-            ``"int4"``, with error feedback (see ``LocalSGDStrategy``). Default None.
-        fragments / overlap_steps / overlap_mix: streaming sync (see ``LocalSGDStrategy``); not supported with
-            DeepSpeed (ZeRO keeps the parameters as flat partitions, not per-tensor fragments): leave the defaults.
-        sync_every_seconds: time-based sync (see ``LocalSGDStrategy``); not supported with DeepSpeed yet: leave None.
         **kwargs: every argument of Lightning's ``DeepSpeedStrategy``: ``stage`` (default 2), ``config`` (a DeepSpeed
             config dict or JSON path; its ``zero_optimization`` must use stage 1–3), ``allgather_bucket_size``,
             ``reduce_bucket_size``, ``logging_level``, ``process_group_backend``, ``timeout``, ... ZeRO offloading
@@ -209,46 +206,24 @@ class LocalSGDDeepSpeedStrategy(LocalSGDMixin, DeepSpeedStrategy):
 
     strategy_name = "local_sgd_deepspeed"
 
-    def __init__(
-        self,
-        sync_every: int = 64,
-        outer_optimizer: OuterOptimizerSpec = "average",
-        group_size: Optional[int] = None,
-        warmup_steps: int = 0,
-        outer_state_device: Optional[Union[str, torch.device]] = None,
-        on_nonfinite: str = "raise",
-        sync_on_train_end: bool = True,
-        sync_timeout: Optional[float] = None,
-        cluster_size: Optional[int] = None,
-        cluster_sync_every: Optional[int] = None,
-        cluster_outer_optimizer: OuterOptimizerSpec = "diloco",
-        compression: Optional[str] = None,
-        fragments: int = 1,
-        overlap_steps: int = 0,
-        overlap_mix: float = 0.0,
-        sync_every_seconds: Optional[float] = None,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, **kwargs: Any) -> None:
         _require_deepspeed()
-        for name, value, default in (("fragments", fragments, 1), ("overlap_steps", overlap_steps, 0),
-                                      ("overlap_mix", overlap_mix, 0.0), ("sync_every_seconds", sync_every_seconds, None)):
-            if value != default:
-                raise ValueError(
-                    f"{name}={value!r} is not supported by LocalSGDDeepSpeedStrategy (ZeRO syncs flat partitions, and "
-                    f"DeepSpeed's own collectives assume every group steps together). Leave {name}={default!r}, or use "
-                    "LocalSGDStrategy / LocalSGDFSDPStrategy for streaming and time-based sync."
-                )
-        if "process_group" in kwargs or "mpu" in kwargs:
-            raise ValueError(
-                "LocalSGDDeepSpeedStrategy builds DeepSpeed's data-parallel groups itself (one per worker group): "
-                "remove `process_group`/`mpu` and set group_size instead."
-            )
+        warmup_steps = kwargs.get("warmup_steps", 0)
         if not isinstance(warmup_steps, int) or isinstance(warmup_steps, bool) or warmup_steps != 0:
             raise ValueError(
                 f"warmup_steps={warmup_steps!r}: fully synchronous warm-up steps are not supported with DeepSpeed "
                 "(ZeRO reduces the gradients into its own partitioned buffers inside the worker group, so there is no "
                 "clean place to average them across groups). Use warmup_steps=0, or warm up with LocalSGDStrategy / "
                 "LocalSGDFSDPStrategy."
+            )
+        LocalSGDConfig.refuse(kwargs, "LocalSGDDeepSpeedStrategy", _UNSUPPORTED, fix=", or use LocalSGDStrategy / "
+                              "LocalSGDFSDPStrategy for streaming and time-based sync", fragments=1, overlap_steps=0,
+                              overlap_mix=0.0, sync_every_seconds=None)
+        config = LocalSGDConfig.from_kwargs(kwargs, self.local_sgd_defaults)
+        if "process_group" in kwargs or "mpu" in kwargs:
+            raise ValueError(
+                "LocalSGDDeepSpeedStrategy builds DeepSpeed's data-parallel groups itself (one per worker group): "
+                "remove `process_group`/`mpu` and set group_size instead."
             )
         if kwargs.get("load_full_weights"):
             raise ValueError(
@@ -259,30 +234,10 @@ class LocalSGDDeepSpeedStrategy(LocalSGDMixin, DeepSpeedStrategy):
         super().__init__(**kwargs)
         assert isinstance(self.config, dict)
         self.zero_stage = check_deepspeed_config(self.config)
-        self._init_local_sgd(
-            sync_every, outer_optimizer, 1 if group_size is None else group_size, warmup_steps, outer_state_device,
-            on_nonfinite, sync_on_train_end, sync_timeout, cluster_size, cluster_sync_every, cluster_outer_optimizer,
-            compression,
-            fragments=fragments, overlap_steps=overlap_steps, overlap_mix=overlap_mix,
-            sync_every_seconds=sync_every_seconds,
-        )
-        self.group_size = group_size  # None until the launcher knows the devices per node
+        self._init_local_sgd(config)  # group_size None until the launcher knows the devices per node
         self._mpu: Optional[_WorkerGroupMPU] = None
 
     # ------------------------------------------------------------------ launch / process groups
-    @override
-    def _configure_launcher(self) -> None:
-        if self.group_size is None:
-            self.group_size = self.num_processes
-        self._check_world_size(self.num_nodes * self.num_processes)
-        super()._configure_launcher()
-
-    @override
-    def _check_world_size(self, world_size: int) -> None:
-        check_group_size(world_size, self.group_size if self.group_size is not None else 1)
-        if self.cluster_size is not None:
-            check_cluster_size(world_size // (self.group_size or 1), self.cluster_size)
-
     @override
     def setup_environment(self) -> None:
         # Lightning's DeepSpeedStrategy accepts CUDA only; DeepSpeed's CPU accelerator (gloo) works as well.
@@ -310,9 +265,7 @@ class LocalSGDDeepSpeedStrategy(LocalSGDMixin, DeepSpeedStrategy):
         reset_seed()
         self.set_world_ranks()
         self._init_deepspeed_distributed()
-        if self.group_size is None:
-            self.group_size = self.num_processes
-        check_group_size(self.world_size, self.group_size)
+        self._resolve_group_size()
         self.topology = build_topology(self.group_size, self._timeout)
         self._add_cluster_groups()
         # the model-parallel group of DeepSpeed's mpu: this rank alone (and the data-parallel group when group_size == 1)
@@ -396,7 +349,7 @@ class LocalSGDDeepSpeedStrategy(LocalSGDMixin, DeepSpeedStrategy):
         if fitting:
             self._zero_optimizer()  # fails early for an optimizer wrapper we cannot sync
             self._broadcast_group_zero_partitions()
-            self._setup_local_sgd(trainer)
+            self.setup_local_sgd(trainer)
 
     def _guard_reentrant_root_forward(self) -> None:
         """ZeRO-3: start DeepSpeed's per-forward parameter trace on the outermost call of the LightningModule only.
@@ -498,13 +451,13 @@ class LocalSGDDeepSpeedStrategy(LocalSGDMixin, DeepSpeedStrategy):
         self._refresh_module_params()
 
     @override
-    def _local_sgd_tensors(self) -> tuple[list[Tensor], list[Tensor]]:
+    def local_sgd_tensors(self) -> tuple[list[Tensor], list[Tensor]]:
         module = self.lightning_module
         buffers = [b for b in module.buffers() if torch.is_floating_point(b)]
         return self._master_partitions(), buffers
 
     @override
-    def _local_sgd_norm_group(self) -> Optional[dist.ProcessGroup]:
+    def local_sgd_norm_group(self) -> Optional[dist.ProcessGroup]:
         # the other partitions of this group's model live on the other ranks of the group
         return self.topology.inner_group if self.topology is not None else None
 
@@ -515,33 +468,22 @@ class LocalSGDDeepSpeedStrategy(LocalSGDMixin, DeepSpeedStrategy):
         return sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in module.parameters() if p.requires_grad)
 
     @override
-    def _run_sync(self, trainer: Trainer, *args: Any, **kwargs: Any) -> None:
+    def before_local_sgd_sync(self) -> None:
         assert self.outer_sync is not None
         self.outer_sync.tensors = self._master_partitions()  # a checkpoint load may have re-created them
-        super()._run_sync(trainer, *args, **kwargs)
+
+    @override
+    def after_local_sgd_sync(self) -> None:
         # the partitions hold θ_g now (also after a skipped sync): the module's parameters follow them
         self._refresh_module_params()
 
-    # ------------------------------------------------------------------ steps
     @override
-    def optimizer_step(self, optimizer: Any, closure: Any, model: Optional[Any] = None, **kwargs: Any) -> Any:
-        # DeepSpeed accumulates gradients itself: Lightning calls this on every micro-batch and the engine steps on
-        # the accumulation boundary only. H counts the real steps.
-        boundary = self.deepspeed_engine.is_gradient_accumulation_boundary()
-        out = super().optimizer_step(optimizer, closure, model, **kwargs)
-        if boundary:
-            self._stepped_this_batch = True
-        return out
+    def is_real_optimizer_step(self) -> bool:
+        # DeepSpeed accumulates gradients itself: Lightning calls optimizer_step on every micro-batch and the engine
+        # steps on the accumulation boundary only. H counts the real steps.
+        return self.deepspeed_engine.is_gradient_accumulation_boundary()
 
     # ------------------------------------------------------------------ checkpoints
-    def _layout(self) -> dict[str, Any]:
-        return {
-            "format_version": 1, "world_size": self.world_size, "group_size": self.group_size,
-            "sync_every": self.sync_every, "warmup_steps": self.warmup_steps, "outer_optimizer": self._outer_name(),
-            "zero_stage": self.zero_stage, "schedule": self.schedule.state_dict(),
-            "sync_seconds_total": self.sync_seconds_total,
-        }
-
     def _group_checkpoint_dir(self, path: Path) -> Path:
         assert self.topology is not None
         g = self.topology.group_index
@@ -557,11 +499,9 @@ class LocalSGDDeepSpeedStrategy(LocalSGDMixin, DeepSpeedStrategy):
         if self.outer_sync is None or self.topology is None:
             super().save_checkpoint(checkpoint, filepath)
             return
-        from .fsdp import _atomic_save
-
         path = Path(self.broadcast(str(filepath)))
         local_dir = path / _LOCAL_DIR
-        layout = self._layout()
+        layout = self.local_sgd.meta(self.world_size, zero_stage=self.zero_stage)
         # Lightning's DeepSpeed convention: the weights and optimizer states are in DeepSpeed's files
         client_state = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
         client_state[CHECKPOINT_KEY] = layout
@@ -577,12 +517,11 @@ class LocalSGDDeepSpeedStrategy(LocalSGDMixin, DeepSpeedStrategy):
             str(group_dir), client_state=client_state, tag=_TAG,
             exclude_frozen_parameters=self.exclude_frozen_parameters,
         )
-        _atomic_save({"outer": self.outer_sync.state_dict(), "rank": self.global_rank,
-                      "cluster": self.cluster_sync.state_dict() if self.cluster_sync is not None else None,
-                      "group": self.topology.group_index}, local_dir / _rank_file(self.global_rank))
+        atomic_save({**self.local_sgd.rank_state(), "rank": self.global_rank, "group": self.topology.group_index},
+                    local_dir / _rank_file(self.global_rank))
         self.barrier()
         if self.is_global_zero:
-            _atomic_save(layout, local_dir / _META_FILE)  # written last: its presence marks a complete checkpoint
+            atomic_save(layout, local_dir / _META_FILE)  # written last: its presence marks a complete checkpoint
         self.barrier()
 
     @override
@@ -601,7 +540,7 @@ class LocalSGDDeepSpeedStrategy(LocalSGDMixin, DeepSpeedStrategy):
                 "folder that ModelCheckpoint / Trainer.save_checkpoint wrote."
             )
         layout = torch.load(meta_file, map_location="cpu", weights_only=False)
-        self._check_restored_layout(layout, self.world_size)
+        self.local_sgd.check_meta(layout, self.world_size)
         if layout.get("zero_stage", self.zero_stage) != self.zero_stage:
             raise ValueError(
                 f"cannot resume: the checkpoint was written with ZeRO stage {layout['zero_stage']}, this run uses "
@@ -625,12 +564,8 @@ class LocalSGDDeepSpeedStrategy(LocalSGDMixin, DeepSpeedStrategy):
             raise MisconfigurationException(f"DeepSpeed could not load the checkpoint of this rank's group from {path}.")
         if fitting and self.outer_sync is not None:
             mine = torch.load(path / _LOCAL_DIR / _rank_file(self.global_rank), map_location="cpu", weights_only=False)
-            self.outer_sync.load_state_dict(mine["outer"])
-            if self.cluster_sync is not None and mine.get("cluster") is not None:
-                self.cluster_sync.load_state_dict(mine["cluster"])
+            self.local_sgd.restore(layout, mine["outer"], mine.get("cluster"))
             self.outer_sync.tensors = self._master_partitions()
-            self.schedule.load_state_dict(layout["schedule"])
-            self.sync_seconds_total = float(layout.get("sync_seconds_total", 0.0))
         client_state.pop(CHECKPOINT_KEY, None)
         return client_state
 

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from lightning_localsgd.comm import CODECS, decode, encode, payload_bytes
-from lightning_localsgd.outer import OuterSync
+from lightning_localsgd.engine.codecs import CODECS, decode, encode, payload_bytes
+from lightning_localsgd.engine import OuterSync
 from test_outer import initial, local_tensors, spawn
 
 

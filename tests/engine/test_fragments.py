@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from lightning_localsgd.outer import split_fragments
+from lightning_localsgd.engine import split_fragments
 
 
 def _largest(sizes, bounds):

@@ -1,4 +1,4 @@
-"""lightning_localsgd.outer on bare torch.distributed (gloo), against outer steps written out by hand."""
+"""lightning_localsgd.engine (OuterSync) on bare torch.distributed (gloo), against outer steps written out by hand."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lightning_localsgd.outer import NonFinitePseudoGradientError, OuterSync, resolve_outer_optimizer
+from lightning_localsgd.engine import NonFinitePseudoGradientError, OuterSync, resolve_outer_optimizer
 
 
 def _free_port() -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from lightning_localsgd.comm import payload_bytes
+from lightning_localsgd.engine.codecs import payload_bytes
 
 
 def test_strategy_int8_sync_sends_a_quarter(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from _launch import max_diff, run_tiny, strip
-from lightning_localsgd.outer import split_fragments
+from lightning_localsgd.engine import split_fragments
 from reference import initial_net, reference_fragments, simulate, simulate_streaming
 
 ATOL = 1e-6

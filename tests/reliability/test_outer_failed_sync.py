@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lightning_localsgd.outer import OuterSync, resolve_outer_optimizer
+from lightning_localsgd.engine import OuterSync, resolve_outer_optimizer
 
 
 def _free_port() -> int:

@@ -172,13 +172,13 @@ class SyncRecorder(Callback):
 
             engine.sync = sync
 
-        original_setup = outer._setup_local_sgd
+        original_setup = outer.setup_local_sgd
 
         def setup(trainer_):
             original_setup(trainer_)
             wrap_setup()
 
-        outer._setup_local_sgd = setup
+        outer.setup_local_sgd = setup
         if outer.outer_sync is not None:
             wrap_setup()
 
@@ -324,7 +324,7 @@ def main() -> None:
     if args.strategy == "deepspeed":
         info["ds_persistent"] = len(getattr(s.deepspeed_engine.optimizer, "persistent_parameters", None) or [])
         info["ds_optimizer"] = type(s.deepspeed_engine.optimizer).__name__
-    from lightning_localsgd.strategies.fsdp import _dtensor_to_local
+    from lightning_localsgd.tensors import dtensor_to_local as _dtensor_to_local
 
     if args.strategy == "deepspeed":
         optimizers = [_deepspeed_state(o) for o in trainer.optimizers]  # this rank's ZeRO partitions

@@ -1,0 +1,320 @@
+"""The local-SGD arguments: declared, documented and validated once, shared by every strategy.
+
+:class:`LocalSGDConfig` holds the arguments every local-SGD strategy takes. :func:`local_sgd_arguments` adds them to a
+strategy class: to its constructor's signature (so LightningCLI / jsonargparse build them from YAML and list them in
+``--help``) and to its docstring's ``Args:`` section, from :data:`ARGUMENT_DOCS`. A strategy's own ``__init__`` takes
+them in ``**kwargs`` and hands them to :meth:`LocalSGDConfig.from_kwargs`, which validates them before training.
+"""
+
+import inspect
+import math
+import textwrap
+import typing
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Mapping, Optional, TypeVar, Union
+
+import torch
+
+from .engine.codecs import check_codec
+from .engine.presets import (OuterOptimizerFactory, OuterOptimizerSpec, check_outer_optimizer_factory,
+                             outer_optimizer_name, resolve_outer_optimizer)
+from .engine.schedules import SyncSchedule, build_schedule
+from .reliability import check_sync_timeout
+
+__all__ = ["ARGUMENT_DOCS", "LocalSGDConfig", "check_state_device", "local_sgd_arguments"]
+
+#: The documentation of every local-SGD argument (``--help`` and the strategies' docstrings show it).
+ARGUMENT_DOCS: dict[str, str] = {
+    "sync_every": "``H``, optimizer steps between two syncs (a training step that steps several optimizers counts "
+                  "once; gradient accumulation does not change it). Larger ``H`` sends fewer bytes; the paper finds "
+                  "``H`` of 16–256 competitive with DDP. Default 64.",
+    "outer_optimizer": "``\"average\"`` (plain model averaging: outer SGD with lr 1.0, no momentum), ``\"diloco\"`` "
+                       "(outer SGD, Nesterov momentum 0.9, lr 0.7; use AdamW as the inner optimizer), the name of a "
+                       "preset added with ``register_outer_optimizer``, or a callable ``params -> "
+                       "torch.optim.Optimizer`` (e.g. ``functools.partial(torch.optim.SGD, lr=0.5)``). Default "
+                       "``\"average\"``.",
+    "group_size": "ranks per worker group; must divide the world size. Set it to the devices per node so only the "
+                  "periodic sync crosses nodes. Default 1 (every rank is its own worker).",
+    "warmup_steps": "fully synchronous steps (gradients averaged across all ranks) before local SGD starts "
+                    "(\"post-local SGD\"). Default 0.",
+    "outer_state_device": "where the global snapshot ``θ_g`` and the outer optimizer state live: ``None`` (the "
+                          "parameters' device) or e.g. ``\"cpu\"`` to keep accelerator memory free. Default None.",
+    "on_nonfinite": "what a NaN/inf pseudo-gradient does: ``\"raise\"`` (default) stops training with an error naming "
+                    "the step, leaving ``θ_g`` untouched; ``\"skip\"`` drops that sync and resets every group to "
+                    "``θ_g``.",
+    "sync_on_train_end": "run a last sync when training ends mid-interval, so every rank ends with the same model. "
+                         "Default True.",
+    "sync_timeout": "seconds a rank waits at a sync for the other ranks. When a rank crashed, was killed or hangs, "
+                    "every other rank stops after at most this long with a ``SyncFailedError`` naming the missing "
+                    "ranks and the step (a dead rank is usually reported at once). Must exceed the normal spread of "
+                    "arrival times at a sync (e.g. rank 0 writing a checkpoint while the others train on). Default "
+                    "None: the process group's ``timeout`` (30 min by default).",
+    "cluster_size": "two-stage sync for multi-cluster training: worker groups per cluster (groups ``[c·n, (c+1)·n)`` "
+                    "form cluster ``c``). Groups sync inside their cluster every ``sync_every`` steps with "
+                    "``outer_optimizer`` and clusters sync every ``cluster_sync_every`` steps with "
+                    "``cluster_outer_optimizer``. Default None: one level.",
+    "cluster_sync_every": "``H2``, steps between two syncs across clusters; a multiple of ``sync_every``.",
+    "cluster_outer_optimizer": "the outer optimizer across clusters (same forms as ``outer_optimizer``). Default "
+                               "``\"diloco\"``.",
+    "compression": "compress what crosses groups at a sync: ``None`` (fp32 all-reduce), ``\"bf16\"`` (½ the bytes), "
+                   "``\"int8\"`` (≈ ¼), ``\"int4\"`` (≈ ⅛) or a codec added with ``register_codec``, with per-block "
+                   "scales and error feedback (the quantization error of one sync is added to the next). Default "
+                   "None.",
+    "fragments": "streaming sync (Streaming DiLoCo): split the parameters into this many fragments of about equal "
+                 "size (runs of whole parameter tensors) that sync on a staggered schedule, fragment ``f`` at steps "
+                 "``(f+1)·sync_every/fragments`` mod ``sync_every``, so each sync moves about 1/fragments of the "
+                 "model and the peak bytes per step drop by that factor. ``sync_every`` must be a multiple. "
+                 "Default 1.",
+    "overlap_steps": "``τ``: a fragment's sync is started (its all-reduce launched asynchronously) and applied ``τ`` "
+                     "inner steps later, so the communication runs behind those steps. Must be below "
+                     "``sync_every``. Default 0 (applied at once).",
+    "overlap_mix": "``α`` of Streaming DiLoCo: with ``overlap_steps > 0`` a synced fragment continues from "
+                   "``α·θ_local + (1−α)·θ_global`` (its local parameters took ``τ`` steps since the sync started). 0 "
+                   "keeps only the global result; the paper uses 0.5. Default 0.",
+    "sync_every_seconds": "time-based sync for uneven workers: instead of every ``sync_every`` steps, each group "
+                          "syncs at its first step end after this many seconds since the last sync, running as many "
+                          "steps as it can in between, and the average is weighted by the tokens each group "
+                          "processed (the elements of each batch's first tensor). A slow group delays the others by "
+                          "at most one of its steps. Groups then take different numbers of steps, so nothing "
+                          "collective may run between syncs: validation, checkpoint and early-stopping callbacks "
+                          "during fit are refused (validate and save after fit), and training ends for all groups at "
+                          "the first sync after any group finishes. Default None (step-based).",
+    "sync_schedule": "the name of a sync schedule added with ``register_schedule`` (or a built-in: ``\"periodic\"``, "
+                "``\"two_stage\"``, ``\"streaming\"``, ``\"time_based\"``). Default None: chosen from the arguments "
+                "above.",
+}
+
+
+def _positive_int(name: str, value: Any, minimum: int, fix: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}. {fix}")
+
+
+def check_state_device(value: Optional[Union[str, torch.device]]) -> Optional[torch.device]:
+    """Parse ``outer_state_device`` and check the device exists on this machine."""
+    if value is None:
+        return None
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"outer_state_device={value!r} is not a device. Use 'cpu', 'cuda', 'cuda:0', ... or None "
+                         "(the parameters' device).") from err
+    if device.type == "meta":
+        raise ValueError("outer_state_device='meta' holds no data. Use 'cpu' or None (the parameters' device).")
+    if device.type == "cpu":
+        return device
+    backend = getattr(torch, device.type, None)
+    if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
+        raise ValueError(f"outer_state_device={value!r}: no {device.type} device is available on this machine. Use "
+                         "'cpu' or None (the parameters' device).")
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if device.index is not None and device.index >= count:
+        raise ValueError(f"outer_state_device={value!r}: this machine has {count} {device.type} device(s). Use an "
+                         f"index below {count}, or None (the parameters' device).")
+    return device
+
+
+@dataclass
+class LocalSGDConfig:
+    """Every local-SGD argument (documented in :data:`ARGUMENT_DOCS`), validated on construction."""
+
+    sync_every: int = 64
+    outer_optimizer: OuterOptimizerSpec = "average"
+    group_size: Optional[int] = 1
+    warmup_steps: int = 0
+    outer_state_device: Optional[Union[str, torch.device]] = None
+    on_nonfinite: str = "raise"
+    sync_on_train_end: bool = True
+    sync_timeout: Optional[float] = None
+    cluster_size: Optional[int] = None
+    cluster_sync_every: Optional[int] = None
+    cluster_outer_optimizer: OuterOptimizerSpec = "diloco"
+    compression: Optional[str] = None
+    fragments: int = 1
+    overlap_steps: int = 0
+    overlap_mix: float = 0.0
+    sync_every_seconds: Optional[float] = None
+    sync_schedule: Optional[str] = None
+    # derived on validation
+    outer_factory: Optional[OuterOptimizerFactory] = field(default=None, init=False, repr=False)
+    cluster_factory: Optional[OuterOptimizerFactory] = field(default=None, init=False, repr=False)
+    state_device: Optional[torch.device] = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        _positive_int("sync_every", self.sync_every, 1, "It is H, the optimizer steps between two syncs; e.g. 64.")
+        if self.group_size is not None:
+            _positive_int("group_size", self.group_size, 1, "It is the number of ranks per worker group; e.g. 1.")
+        _positive_int("warmup_steps", self.warmup_steps, 0, "Use 0 to start local SGD at the first step.")
+        if self.on_nonfinite not in ("raise", "skip"):
+            raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {self.on_nonfinite!r}.")
+        if not isinstance(self.sync_on_train_end, bool):
+            raise ValueError(f"sync_on_train_end must be True or False, got {self.sync_on_train_end!r}.")
+        self.outer_factory = resolve_outer_optimizer(self.outer_optimizer)
+        check_outer_optimizer_factory(self.outer_factory)
+        self._check_two_stage()
+        check_codec(self.compression)
+        self._check_streaming()
+        self._check_time_based()
+        self.sync_timeout = check_sync_timeout(self.sync_timeout)
+        self.state_device = check_state_device(self.outer_state_device)
+        self.overlap_mix = float(self.overlap_mix)
+        if self.sync_every_seconds is not None:
+            self.sync_every_seconds = float(self.sync_every_seconds)
+        if self.sync_schedule is not None:
+            build_schedule(self.sync_schedule, self)  # an unknown name fails here, before training
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_kwargs(cls, kwargs: dict[str, Any], defaults: Optional[Mapping[str, Any]] = None) -> "LocalSGDConfig":
+        """Pop the local-SGD arguments out of a strategy's ``kwargs`` (the rest stays) and validate them."""
+        values = {**(defaults or {})}
+        values.update({f.name: kwargs.pop(f.name) for f in fields(cls) if f.init and f.name in kwargs})
+        return cls(**values)
+
+    @staticmethod
+    def refuse(kwargs: Mapping[str, Any], owner: str, reason: str, fix: str = "", **supported: Any) -> None:
+        """Raise for an argument in ``kwargs`` that ``owner`` does not support (any value but the one given)."""
+        for name, default in supported.items():
+            value = kwargs.get(name, default)
+            if value != default:
+                raise ValueError(f"{name}={value!r} is not supported by {owner} ({reason}). Leave {name}={default!r}"
+                                 f"{fix}.")
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def streaming(self) -> bool:
+        return self.fragments > 1 or self.overlap_steps > 0
+
+    @property
+    def outer_name(self) -> str:
+        return outer_optimizer_name(self.outer_optimizer)
+
+    def build_schedule(self) -> SyncSchedule:
+        """The schedule named by ``sync_schedule``, or the one the arguments ask for."""
+        if self.sync_schedule is not None:
+            return build_schedule(self.sync_schedule, self)
+        if self.sync_every_seconds is not None:
+            return build_schedule("time_based", self)
+        if self.cluster_size is not None:
+            return build_schedule("two_stage", self)
+        return build_schedule("streaming" if self.streaming else "periodic", self)
+
+    def describe(self, num_groups: int) -> str:
+        """One line for the log at the start of training."""
+        when = f"every {self.sync_every} steps" if self.sync_every_seconds is None else \
+            f"every {self.sync_every_seconds:g} s (token-weighted)"
+        if self.streaming:
+            when += f" in {self.fragments} staggered fragment(s), applied {self.overlap_steps} step(s) later"
+        return (f"local SGD: {num_groups} worker group(s) of {self.group_size} rank(s), sync {when}, outer optimizer "
+                f"{self.outer_name}, warm-up {self.warmup_steps} steps.")
+
+    # ------------------------------------------------------------------ checks
+    def _check_two_stage(self) -> None:
+        H, size, H2 = self.sync_every, self.cluster_size, self.cluster_sync_every
+        if size is None:
+            if H2 is not None:
+                raise ValueError("cluster_sync_every is set but cluster_size is not: two-stage sync needs both. Set "
+                                 "cluster_size (worker groups per cluster), or remove cluster_sync_every for one "
+                                 "level of sync.")
+            return
+        _positive_int("cluster_size", size, 1, "It is the number of worker groups per cluster.")
+        if H2 is None:
+            raise ValueError("cluster_size is set but cluster_sync_every is not: give H2, the steps between two syncs "
+                             f"across clusters, a multiple of sync_every={H} (e.g. {4 * H}).")
+        _positive_int("cluster_sync_every", H2, 1, "It is H2, steps between cross-cluster syncs.")
+        if H2 % H:
+            raise ValueError(f"cluster_sync_every={H2} must be a multiple of sync_every={H}: the sync across clusters "
+                             f"happens on a sync inside the clusters. Use e.g. {H * max(1, round(H2 / H))}.")
+        try:
+            self.cluster_factory = resolve_outer_optimizer(self.cluster_outer_optimizer)
+            check_outer_optimizer_factory(self.cluster_factory)
+        except ValueError as err:
+            raise ValueError(f"cluster_outer_optimizer: {err}") from err
+
+    def _check_streaming(self) -> None:
+        H, F, tau, mix = self.sync_every, self.fragments, self.overlap_steps, self.overlap_mix
+        _positive_int("fragments", F, 1, "It is the number of parts the parameters are split into for streaming "
+                      "sync; 1 syncs them all at once.")
+        _positive_int("overlap_steps", tau, 0, "It is τ, inner steps a fragment's sync runs behind; 0 applies it at "
+                      "once.")
+        if H % F:
+            raise ValueError(f"sync_every={H} must be a multiple of fragments={F}: fragment f syncs every sync_every "
+                             f"steps, staggered by sync_every/fragments steps. Use e.g. sync_every="
+                             f"{F * max(1, round(H / F))}.")
+        if tau >= H:
+            raise ValueError(f"overlap_steps={tau} must be smaller than sync_every={H}: a fragment's sync must be "
+                             "applied before the next sync of that fragment starts.")
+        if isinstance(mix, bool) or not isinstance(mix, (int, float)) or not 0.0 <= mix < 1.0:
+            raise ValueError(f"overlap_mix must be a number in [0, 1), got {mix!r}. It is α of Streaming DiLoCo: the "
+                             "parameters continue from α·local + (1−α)·global; e.g. 0.5.")
+        if mix and not tau:
+            raise ValueError(f"overlap_mix={mix} only acts when overlap_steps > 0 (with no overlap the local "
+                             "parameters equal what was sent). Set overlap_steps, or remove overlap_mix.")
+        if self.streaming and self.cluster_size is not None:
+            raise ValueError("streaming sync (fragments > 1 or overlap_steps > 0) does not combine with two-stage sync "
+                             "(cluster_size). Use one of them.")
+
+    def _check_time_based(self) -> None:
+        T = self.sync_every_seconds
+        if T is None:
+            return
+        if isinstance(T, bool) or not isinstance(T, (int, float)) or not math.isfinite(T) or T <= 0:
+            raise ValueError(f"sync_every_seconds must be a positive number of seconds, got {T!r}; e.g. 30.0, or None "
+                             "to sync every sync_every steps.")
+        for name, value, bad in (("cluster_size", self.cluster_size, self.cluster_size is not None),
+                                 ("compression", self.compression, self.compression is not None),
+                                 ("fragments", self.fragments, self.fragments > 1),
+                                 ("overlap_steps", self.overlap_steps, self.overlap_steps > 0)):
+            if bad:
+                raise ValueError(f"sync_every_seconds (time-based sync of uneven workers) does not combine with "
+                                 f"{name}={value!r}. Remove one of them.")
+        if not self.sync_on_train_end:
+            raise ValueError("sync_every_seconds needs sync_on_train_end=True: a group that finishes tells the others "
+                             "to stop in its last sync, and they wait for it.")
+
+
+T = TypeVar("T", bound=type)
+
+
+def local_sgd_arguments(defaults: Optional[Mapping[str, Any]] = None,
+                        docs: Optional[Mapping[str, str]] = None) -> Callable[[T], T]:
+    """Class decorator: add the local-SGD arguments to a strategy's signature and docstring.
+
+    Args:
+        defaults: default values that differ for this strategy (e.g. ``{"group_size": None}``).
+        docs: argument docs that differ for this strategy (replacing those of :data:`ARGUMENT_DOCS`).
+    """
+    def decorate(cls: T) -> T:
+        init = cls.__init__
+        resolved = typing.get_type_hints(init)  # the strategy module may use `from __future__ import annotations`
+        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=resolved.get(p.name, p.annotation))
+               for p in inspect.signature(init).parameters.values()]
+        var_kw = [p for p in own if p.name == "kwargs" or p.kind is inspect.Parameter.VAR_KEYWORD]
+        own = [p for p in own if p.name not in ("self", "local_sgd") and p not in var_kw]
+        hints = {f.name: f.type for f in fields(LocalSGDConfig) if f.init}
+        base = {f.name: f.default for f in fields(LocalSGDConfig) if f.init}
+        values = {**base, **(defaults or {})}
+        ours = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=values[name],
+                                  annotation=hints[name]) for name in base]
+        keep_var_kw = [p.replace(kind=inspect.Parameter.VAR_KEYWORD) for p in var_kw if p.name == "kwargs"]
+        self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        init.__signature__ = inspect.Signature([self_param, *ours, *own, *keep_var_kw], return_annotation=None)
+        cls.__doc__ = _insert_docs(cls.__doc__ or "", {**ARGUMENT_DOCS, **(docs or {})})
+        cls.local_sgd_defaults = dict(defaults or {})
+        return cls
+
+    return decorate
+
+
+def _insert_docs(doc: str, arg_docs: Mapping[str, str]) -> str:
+    """Put the local-SGD arguments first in the ``Args:`` section of a Google-style class docstring."""
+    lines = doc.splitlines()
+    at = next((i for i, line in enumerate(lines) if line.strip() == "Args:"), None)
+    if at is None:
+        raise ValueError("local_sgd_arguments: the strategy's docstring needs an 'Args:' section.")
+    indent = lines[at][: len(lines[at]) - len(lines[at].lstrip())] + "    "
+    block = []
+    for name, text in arg_docs.items():
+        block += textwrap.wrap(f"{name}: {text}", 116, initial_indent=indent, subsequent_indent=indent + "    ",
+                               break_on_hyphens=False)
+    return "\n".join(lines[: at + 1] + block + lines[at + 1:]) + "\n"

@@ -1,0 +1,266 @@
+"""One rank's local SGD, without Lightning: the arguments, the schedule, the engines, the guard, the checkpoint state.
+
+A strategy builds a :class:`LocalSGDController` from its :class:`~.config.LocalSGDConfig`, calls :meth:`setup` once the
+process groups and the tensors to sync exist, :meth:`step_end` after every training step that stepped an optimizer
+and :meth:`train_end` when training ends. The controller asks the schedule what the step does and runs it through the
+engines (:class:`~.engine.OuterSync`, one per sync level) under the sync guard. Strategies plug in with four hooks:
+``before_sync`` / ``after_sync`` (refresh views of sharded storage), ``on_sync`` (log a result) and ``on_stop``
+(another group finished training). Checkpoints: :meth:`meta` (layout and every counter, the same for every strategy)
+and :meth:`rank_state` (this rank's engine state), restored with :meth:`restore`.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .config import LocalSGDConfig
+from .engine import OuterSync, ProcessGroupCommunicator, SyncResult
+from .engine.schedules import Action, TimeBasedSchedule
+from .reliability import SyncGuard
+from .topology import Topology
+
+__all__ = ["CHECKPOINT_KEY", "FORMAT_VERSION", "LocalSGDController"]
+
+#: Where a checkpoint keeps the local-SGD state (a key of the checkpoint dict, or of its ``meta.pt``).
+CHECKPOINT_KEY = "local_sgd"
+FORMAT_VERSION = 1
+
+
+class LocalSGDController:
+    """Runs local SGD for one rank: what each step does, the syncs, the counters, the checkpoint state."""
+
+    def __init__(self, config: LocalSGDConfig) -> None:
+        self.config = config
+        self.schedule = config.build_schedule()
+        self.topology: Optional[Topology] = None
+        self.outer_sync: Optional[OuterSync] = None
+        self.cluster_sync: Optional[OuterSync] = None
+        self.guard: Optional[SyncGuard] = None
+        self.last_sync: Optional[SyncResult] = None
+        self.sync_seconds_total = 0.0
+        self.stop_received = False
+        self.before_sync: Callable[[], None] = lambda: None
+        self.after_sync: Callable[[], None] = lambda: None
+        self.on_sync: Callable[[SyncResult, Optional[SyncResult]], None] = lambda result, cluster: None
+        self.on_stop: Callable[[], None] = lambda: None
+        self._restored: Optional[tuple[Mapping[str, Any], Any, Any]] = None
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, topology: Topology, tensors: Sequence[Tensor], buffers: Sequence[Tensor] = (),
+              shard_group: Any = None, norm_group: Any = None, fragment_sizes: Optional[Sequence[int]] = None,
+              fallback_timeout: Any = None) -> None:
+        """Build the engines over the topology's process groups (collective: every rank calls it)."""
+        c = self.config
+        if not tensors:
+            raise ValueError("local SGD: the LightningModule has no trainable parameters to synchronize.")
+        self.topology = topology
+        two_stage = c.cluster_size is not None
+        self.outer_sync = OuterSync(
+            tensors, buffers, outer_optimizer=c.outer_factory,
+            cross_group=topology.intra_cluster_group if two_stage else topology.cross_group,
+            shard_group=shard_group, norm_group=norm_group, state_device=c.state_device,
+            on_nonfinite=c.on_nonfinite, compression=c.compression, fragments=c.fragments,
+            fragment_sizes=fragment_sizes,
+        )
+        if two_stage:
+            # Level 2 reads and writes level 1's snapshot θ_c: the cluster's global parameters.
+            self.cluster_sync = OuterSync(
+                self.outer_sync.snapshot, outer_optimizer=c.cluster_factory, cross_group=topology.inter_cluster_group,
+                norm_group=self.outer_sync.norm, on_nonfinite=c.on_nonfinite, compression=c.compression,
+            )
+        if self._restored is not None:
+            self._apply_restored(*self._restored)
+            self._restored = None
+        if isinstance(self.schedule, TimeBasedSchedule) and topology.group_size > 1:
+            self.schedule.agree = self._group_agrees
+        self.guard = SyncGuard.for_engines(c.sync_timeout, self.engines, fallback_timeout)
+
+    @property
+    def engines(self) -> list[OuterSync]:
+        return [e for e in (self.outer_sync, self.cluster_sync) if e is not None]
+
+    def _group_agrees(self, due: bool) -> bool:
+        """The ranks of a group step together (DDP / FSDP inside it): they enter a timed sync at the same step."""
+        assert self.outer_sync is not None and self.topology is not None
+        flag = torch.tensor([float(due)], device=self.outer_sync.device)
+        ProcessGroupCommunicator(self.topology.inner_group).all_reduce(flag, op="max")
+        return bool(flag.item() > 0)
+
+    # ------------------------------------------------------------------ per step
+    def warmup_closure(self, optimizer: Any, closure: Callable[[], Any]) -> Callable[[], Any]:
+        """During warm-up, average the gradients across groups after backward, before clipping and the step."""
+        if not self.schedule.in_warmup or self.topology is None or self.topology.num_groups == 1:
+            return closure
+
+        def reduce_after(*args: Any, **kwargs: Any) -> Any:
+            out = closure(*args, **kwargs)
+            self._average_gradients(optimizer)
+            return out
+
+        return reduce_after
+
+    @torch.no_grad()
+    def _average_gradients(self, optimizer: Any) -> None:
+        grads = []
+        for p in (p for g in optimizer.param_groups for p in g["params"] if p.requires_grad):
+            if p.grad is None:  # as DDP with find_unused_parameters: an unused parameter gets a zero gradient
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad.detach().to_local() if hasattr(p.grad, "to_local") else p.grad)
+        if not grads:
+            return
+        assert self.topology is not None
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        ProcessGroupCommunicator(self.topology.cross_group).all_reduce(flat)
+        flat.div_(self.topology.num_groups)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def record_tokens(self, tokens: int) -> None:
+        if self.schedule.counts_tokens:
+            self.schedule.record_tokens(tokens)
+
+    def step_end(self) -> None:
+        """A training step that stepped an optimizer is over: do what the schedule says."""
+        action = self.schedule.step()
+        if action is Action.END_WARMUP:
+            for engine in self.engines:
+                engine.reset_snapshot()  # all ranks hold the same parameters after synchronous steps
+        elif action is Action.SYNC:
+            self.sync()
+        elif action is Action.SYNC_ALL:
+            self.sync(all_levels=True)
+        elif action is Action.STREAM:
+            self.stream(self.schedule.starting, self.schedule.finishing)
+        elif action is Action.TIMED_SYNC:
+            self.timed_sync(stop=False)
+
+    def train_end(self) -> None:
+        """Apply the fragments in flight, then a last sync of every parameter if some are unsynced."""
+        if self.outer_sync is None or self.schedule.in_warmup:
+            return
+        if isinstance(self.schedule, TimeBasedSchedule):
+            if not self.stop_received:  # the others learn in this sync that training is over
+                self.timed_sync(stop=True)
+            return
+        if self.outer_sync.pending:
+            with self._guarded():  # streaming: the fragments still in flight, in the order they were started
+                for f in sorted(self.outer_sync.pending, key=lambda f: -1 if f is None else f):
+                    self._record(self.outer_sync.finish_sync(f, mix=self.config.overlap_mix))
+        if self.config.sync_on_train_end and self.schedule.needs_final_sync():
+            self.schedule.synced()
+            self.sync(all_levels=True)
+
+    # ------------------------------------------------------------------ syncs
+    @contextmanager
+    def _guarded(self) -> Iterator[None]:
+        """Around every sync: refresh the views, apply ``sync_timeout``, name the step in a non-finite error."""
+        self.before_sync()
+        step = self.schedule.steps_done
+        try:
+            with self.guard.sync(step) if self.guard is not None else nullcontext():
+                yield
+        except FloatingPointError as err:
+            raise type(err)(f"local SGD sync at step {step}: {err}") from err
+        self.after_sync()
+
+    def sync(self, all_levels: bool = False) -> None:
+        """A sync of every parameter; with two-stage sync and ``all_levels``, then one across clusters."""
+        assert self.outer_sync is not None
+        cluster_result = None
+        with self._guarded():
+            result = self.outer_sync.sync()
+            if all_levels and self.cluster_sync is not None and not result.skipped:
+                # θ_c (level 1's snapshot) takes the level-2 outer step, then every group of the cluster follows it
+                cluster_result = self.cluster_sync.sync()
+                self.outer_sync.write_back()
+                result = SyncResult(pseudo_grad_norm=result.pseudo_grad_norm,
+                                    bytes_sent=result.bytes_sent + cluster_result.bytes_sent,
+                                    seconds=result.seconds + cluster_result.seconds, skipped=cluster_result.skipped)
+        self._record(result, cluster_result)
+
+    def stream(self, starting: list[int], finishing: list[int]) -> None:
+        """Streaming sync: launch the syncs of ``starting`` fragments, apply those of ``finishing``."""
+        assert self.outer_sync is not None
+        with self._guarded():
+            for f in starting:
+                self.outer_sync.start_sync(f)
+            for f in finishing:
+                self._record(self.outer_sync.finish_sync(f, mix=self.config.overlap_mix))
+
+    def timed_sync(self, stop: bool) -> None:
+        """Time-based sync: weight = tokens since the last sync; any group's ``stop`` ends training for all."""
+        assert self.outer_sync is not None
+        with self._guarded():
+            result = self.outer_sync.sync(weight=float(self.schedule.tokens_since_sync), stop=stop)
+        self.schedule.synced()
+        if result.stop_requested:
+            self.stop_received = True
+            self.on_stop()
+        self._record(result)
+
+    def _record(self, result: SyncResult, cluster_result: Optional[SyncResult] = None) -> None:
+        self.last_sync = result
+        self.sync_seconds_total += result.seconds
+        self.on_sync(result, cluster_result)
+
+    @property
+    def bytes_sent(self) -> int:
+        """Cumulative bytes this rank put into cross-group collectives (both levels with two-stage sync)."""
+        return sum(engine.bytes_sent for engine in self.engines)
+
+    # ------------------------------------------------------------------ checkpoints
+    def meta(self, world_size: int, **extra: Any) -> dict[str, Any]:
+        """The layout and every counter: what every strategy writes once per checkpoint."""
+        c = self.config
+        return {
+            "format_version": FORMAT_VERSION, "world_size": world_size, "group_size": c.group_size,
+            "sync_every": c.sync_every, "warmup_steps": c.warmup_steps, "outer_optimizer": c.outer_name,
+            "schedule": self.schedule.state_dict(), "sync_seconds_total": self.sync_seconds_total,
+            "tokens_since_sync": self.schedule.tokens_since_sync, **extra,
+        }
+
+    def rank_state(self) -> dict[str, Any]:
+        """This rank's engine states (snapshot slice, outer optimizer, error feedback, syncs in flight)."""
+        return {"outer": self.outer_sync.state_dict() if self.outer_sync is not None else None,
+                "cluster": self.cluster_sync.state_dict() if self.cluster_sync is not None else None}
+
+    def check_meta(self, meta: Mapping[str, Any], world_size: int) -> None:
+        """Raise a ``ValueError`` saying what changed when a checkpoint cannot be resumed exactly by this run."""
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"unknown local-SGD checkpoint format {meta.get('format_version')!r}.")
+        if meta["world_size"] != world_size or meta["group_size"] != self.config.group_size:
+            raise ValueError(
+                f"cannot resume local SGD exactly: the checkpoint was written by {meta['world_size']} ranks in worker "
+                f"groups of {meta['group_size']}, this run has {world_size} ranks and group_size="
+                f"{self.config.group_size}. Resume with the same devices, num_nodes and group_size; or load only the "
+                "weights into a new run (e.g. `LightningModule.load_from_checkpoint`) to start a fresh local-SGD run "
+                "from them."
+            )
+
+    def restore(self, meta: Mapping[str, Any], outer: Optional[dict], cluster: Optional[dict] = None) -> None:
+        """Restore the counters and this rank's engine states (now, or at :meth:`setup` if it has not run yet)."""
+        if self.outer_sync is None:
+            self._restored = (meta, outer, cluster)
+        else:
+            self._apply_restored(meta, outer, cluster)
+
+    @property
+    def restoring(self) -> bool:
+        """A checkpoint's state waits for :meth:`setup` (so the initial weights must not be broadcast)."""
+        return self._restored is not None
+
+    def _apply_restored(self, meta: Mapping[str, Any], outer: Optional[dict], cluster: Optional[dict]) -> None:
+        assert self.outer_sync is not None
+        if self.cluster_sync is not None and cluster is not None:
+            self.cluster_sync.load_state_dict(cluster)
+        if outer is not None:
+            self.outer_sync.load_state_dict(outer)
+        self.schedule.load_state_dict({"tokens_since_sync": meta.get("tokens_since_sync", 0), **meta["schedule"]})
+        self.sync_seconds_total = float(meta.get("sync_seconds_total", 0.0))
+

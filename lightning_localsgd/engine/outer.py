@@ -1,0 +1,370 @@
+"""The outer step of local SGD on one rank's parameters, framework-free.
+
+Every ``H`` inner steps the worker groups synchronize::
+
+    Δ    = θ_g − mean_i θ_i          pseudo-gradient
+    θ_g ← outer_optimizer.step(θ_g, grad=Δ)
+    θ_i ← θ_g                        for every group i
+
+:class:`OuterSync` holds ``θ_g`` (the *snapshot*) and the outer optimizer for the elements one rank owns (its
+:class:`~.layout.Layout`), reduces with a reducer (:mod:`.reducers`) over the rank's cross-group communicator, applies
+the non-finite policy and writes ``θ_g`` back. Callers decide *when* to call it and *which* tensors it sees (whole
+parameters, a slice of a DDP group, FSDP shards, ZeRO partitions).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence, Union
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .codecs import check_codec
+from .comm import Communicator, as_communicator
+from .layout import Fragment, Layout
+from .presets import OuterOptimizerFactory
+from .reducers import DEFAULT_BUCKET_BYTES, CompressedReducer, MeanReducer, Reduction, average_buffers, gather_slices
+
+__all__ = ["NonFinitePseudoGradientError", "OuterSync", "SyncResult"]
+
+GroupLike = Union[Communicator, dist.ProcessGroup, None]
+
+
+class NonFinitePseudoGradientError(FloatingPointError):
+    """The pseudo-gradient of a sync holds NaN or inf; the snapshot was left untouched."""
+
+
+@dataclass
+class SyncResult:
+    """What one sync did, as seen from the calling rank."""
+
+    pseudo_grad_norm: float
+    """L2 norm of the whole pseudo-gradient ``θ_g − mean_i θ_i`` (all shards of the model)."""
+    bytes_sent: int
+    """Bytes this rank put into cross-group collectives in this sync."""
+    seconds: float
+    """Wall time of the sync on this rank, communication included."""
+    skipped: bool = False
+    """True when a non-finite pseudo-gradient made the sync be dropped (``on_nonfinite="skip"``)."""
+    fragment: Optional[int] = None
+    """The fragment synced (streaming sync), or ``None`` for all parameters."""
+    stop_requested: bool = False
+    """Time-based sync: some group asked to stop training after this sync."""
+
+
+def _blend(live: Tensor, global_: Tensor, mix: float) -> None:
+    """``live ← mix·live + (1−mix)·global_`` in fp32 (``mix`` = 0: a plain copy)."""
+    if mix == 0.0:
+        live.copy_(global_)
+    else:
+        live.copy_(live.float().mul(mix).add_(global_.to(live.device), alpha=1.0 - mix))
+
+
+class OuterSync:
+    """Snapshot ``θ_g``, outer optimizer and the sync of one rank's parameters across worker groups.
+
+    Args:
+        tensors: the live parameters (or parameter shards) of this rank, in the same order on every rank. They are
+            read at each sync and overwritten with the new ``θ_g``.
+        buffers: floating-point buffers to average across groups at each sync (e.g. running statistics).
+        outer_optimizer: a factory ``params -> Optimizer`` or ``None`` for exact averaging (see
+            :func:`~.presets.resolve_outer_optimizer`).
+        cross_group: communicator (or process group; ``None`` = the default group) joining this rank with the ranks
+            that hold the same shard in the other groups.
+        shard_group: communicator / process group of this rank's worker group when its ranks hold identical replicas
+            and should each sync one slice (``None`` = the rank syncs all of ``tensors`` itself).
+        norm_group: communicator / process group whose ranks hold the other shards of the same replica (FSDP or ZeRO
+            inside a group): their squared norms are summed for the pseudo-gradient norm and the non-finite check.
+            Defaults to ``shard_group``.
+        state_device: where the snapshot and the outer optimizer state live (default: the tensors' device).
+        on_nonfinite: ``"raise"`` (default) raises :class:`NonFinitePseudoGradientError`; ``"skip"`` drops the sync
+            and resets every group to the previous ``θ_g``. In both cases the snapshot is left untouched.
+        bucket_bytes: size of one all-reduce bucket.
+        compression: ``None`` (all-reduce fp32 parameters) or a registered codec name (``"bf16"``, ``"int8"``,
+            ``"int4"``, ...): the two-phase compressed all-reduce with error feedback (:mod:`.reducers`).
+        fragments: split the tensors into this many contiguous fragments of about equal size, which
+            :meth:`start_sync` / :meth:`finish_sync` can sync separately (streaming sync). Default 1.
+        fragment_sizes: the sizes to balance the fragments by (default: the tensors' ``numel``).
+    """
+
+    def __init__(
+        self,
+        tensors: Sequence[Tensor],
+        buffers: Sequence[Tensor] = (),
+        outer_optimizer: Optional[OuterOptimizerFactory] = None,
+        cross_group: GroupLike = None,
+        shard_group: GroupLike = None,
+        norm_group: GroupLike = None,
+        state_device: Optional[Union[str, torch.device]] = None,
+        on_nonfinite: str = "raise",
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+        compression: Optional[str] = None,
+        fragments: int = 1,
+        fragment_sizes: Optional[Sequence[int]] = None,
+    ) -> None:
+        if not tensors:
+            raise ValueError("OuterSync needs at least one tensor to synchronize.")
+        if on_nonfinite not in ("raise", "skip"):
+            raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}.")
+        check_codec(compression)
+        self.tensors = list(tensors)
+        self.buffers = [b for b in buffers if torch.is_floating_point(b)]
+        self.cross = as_communicator(cross_group)
+        self.shard = as_communicator(shard_group) if shard_group is not None else None
+        self.norm = as_communicator(norm_group) if norm_group is not None else self.shard
+        self.on_nonfinite = on_nonfinite
+        self.compression = compression
+        self.device = self.tensors[0].device
+        self.state_device = torch.device(state_device) if state_device is not None else self.device
+        self.num_groups, self.group_index = self.cross.size, self.cross.rank
+        self.layout = Layout([t.numel() for t in self.tensors], self.shard.size if self.shard else 1,
+                             self.shard.rank if self.shard else 0, fragments, fragment_sizes)
+        self.pending: dict[Optional[int], Reduction] = {}
+        """Syncs started and not yet finished, by fragment (``None``: all parameters)."""
+        self.reducer = MeanReducer(self.cross, self.device, bucket_bytes)
+        self.compressor = CompressedReducer(self.cross, compression, self.layout.owned_numel, self.device) \
+            if compression is not None else None
+        # θ_g for the owned pieces, fp32 whatever the training precision, as parameters of the outer optimizer.
+        self.snapshot: list[torch.nn.Parameter] = [
+            torch.nn.Parameter(torch.empty(p.numel, dtype=torch.float32, device=self.state_device), requires_grad=False)
+            for p in self.layout.pieces
+        ]
+        self.outer_optimizer = outer_optimizer(self.snapshot) if outer_optimizer is not None else None
+        self.num_syncs = 0
+        self.bytes_sent = 0
+        self.reset_snapshot()
+
+    @property
+    def communicators(self) -> list[Communicator]:
+        """Every communicator a sync talks over (the sync guard bounds their collectives)."""
+        return [c for c in (self.cross, self.shard, self.norm) if c is not None]
+
+    @property
+    def total_numel(self) -> int:
+        return self.layout.total_numel
+
+    @property
+    def owned_numel(self) -> int:
+        return self.layout.owned_numel
+
+    @property
+    def num_fragments(self) -> int:
+        return self.layout.num_fragments
+
+    # ------------------------------------------------------------------ snapshot
+    def _owned_views(self, fragment: Optional[Fragment] = None) -> list[Tensor]:
+        lo, hi = fragment.pieces if fragment is not None else (0, len(self.layout.pieces))
+        return [self.tensors[p.index].detach().view(-1)[p.start : p.stop] for p in self.layout.pieces[lo:hi]]
+
+    def _flat_snapshot(self, fragment: Fragment) -> Tensor:
+        snaps = self.snapshot[slice(*fragment.pieces)]
+        return torch.cat([s.view(-1) for s in snaps]) if snaps else torch.zeros(0, device=self.state_device)
+
+    @torch.no_grad()
+    def reset_snapshot(self) -> None:
+        """Set ``θ_g`` to the current parameters (which must then be equal in every group)."""
+        for snap, view in zip(self.snapshot, self._owned_views()):
+            snap.copy_(view)
+
+    @property
+    def state_bytes(self) -> int:
+        """Bytes held by the snapshot, the outer optimizer state and the error feedback on this rank."""
+        total = sum(s.numel() * s.element_size() for s in self.snapshot)
+        total += self.compressor.state_bytes if self.compressor is not None else 0
+        if self.outer_optimizer is not None:
+            for state in self.outer_optimizer.state.values():
+                total += sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, Tensor))
+        return total
+
+    # ------------------------------------------------------------------ sync
+    @torch.no_grad()
+    def sync(self, weight: Optional[float] = None, stop: Optional[bool] = None) -> SyncResult:
+        """Run one outer step of every parameter: reduce, pseudo-gradient, outer optimizer, write back. Collective.
+
+        Args:
+            weight: this group's weight ``w_i`` in the mean (e.g. tokens processed since the last sync). ``None`` =
+                uniform ``1/G``, which sends nothing extra; a weight adds one float to the reduce.
+            stop: with time-based sync, whether this group stops training after this sync; every rank learns
+                whether any group asked (:attr:`SyncResult.stop_requested`). Adds one float to the reduce.
+        """
+        self.start_sync(None, weight=weight, stop=stop)
+        return self.finish_sync(None)
+
+    @torch.no_grad()
+    def start_sync(self, fragment: Optional[int] = None, weight: Optional[float] = None,
+                   stop: Optional[bool] = None) -> None:
+        """Start the sync of one fragment (``None``: all parameters): read ``θ_i`` and launch the cross-group
+        collective without waiting for it. :meth:`finish_sync` applies it, possibly some inner steps later
+        (streaming sync: the communication runs behind those steps). Collective on all ranks.
+        """
+        frag = self.layout.fragment(fragment)
+        if fragment in self.pending:
+            raise RuntimeError(f"the sync of fragment {fragment} was started twice without finish_sync in between.")
+        if self.compressor is not None and (weight is not None or stop is not None):
+            raise ValueError("weighted or time-based syncs (heterogeneous workers) do not support compression.")
+        start = time.perf_counter()
+        red = Reduction(fragment=fragment, numel=frag.numel, weighted=weight is not None, has_stop=stop is not None)
+        # A rank holding none of the fragment (a slice of a DDP group) pairs only with ranks holding none of it
+        # either (the same slice in every group): their collective would carry nothing, so none of them runs it.
+        talk = self.num_groups > 1 and (frag.numel > 0 or weight is not None or stop is not None)
+        if self.compressor is not None:
+            snap = self._flat_snapshot(frag).to(self.device) if frag.numel else None
+            self.compressor.start(red, frag, self._owned_views(frag), snap, talk)
+        else:
+            self.reducer.start(red, self._owned_views(frag), talk, weight, stop)
+        red.seconds = time.perf_counter() - start
+        self.pending[fragment] = red
+
+    @torch.no_grad()
+    def finish_sync(self, fragment: Optional[int] = None, mix: float = 0.0) -> SyncResult:
+        """Wait for the collective :meth:`start_sync` launched for ``fragment``, take the outer step and write back.
+
+        Args:
+            mix: ``α`` of Streaming DiLoCo: every group continues from ``α·θ_i + (1−α)·θ_g`` (``θ_i``: its current
+                parameters, which took inner steps since :meth:`start_sync`). 0 replaces them by ``θ_g``.
+        """
+        frag = self.layout.fragment(fragment)
+        if fragment not in self.pending:
+            raise RuntimeError(f"finish_sync({fragment}) without a started sync of that fragment.")
+        red = self.pending.pop(fragment)
+        start = time.perf_counter()
+        red.wait()
+        stop_requested = False
+        if self.compressor is not None:
+            mean = self.compressor.finish(red, frag, self._flat_snapshot(frag).to(self.device))
+        else:
+            mean, stop_requested = self.reducer.finish(red, lambda: self._flat_snapshot(frag).to(self.device))
+        result = self._outer_step(frag, mean.to(self.state_device), red, mix)
+        result.seconds = red.seconds + time.perf_counter() - start
+        result.stop_requested = stop_requested
+        return result
+
+    def _outer_step(self, frag: Fragment, mean: Tensor, red: Reduction, mix: float) -> SyncResult:
+        snapshots = self.snapshot[slice(*frag.pieces)]
+        # Pseudo-gradient norm over the whole fragment: the shards of a worker group add their squares.
+        delta = self._flat_snapshot(frag) - mean
+        sq = delta.double().pow(2).sum().reshape(1).to(self.device)
+        if self.norm is not None and self.norm.size > 1:
+            self.norm.all_reduce(sq)
+        sq_norm = float(sq.item())
+        if not math.isfinite(sq_norm):
+            return self._nonfinite(frag, red)
+        if self.compressor is not None:
+            self.compressor.commit(red, frag)
+        if self.outer_optimizer is None:
+            # Outer SGD with lr 1 and no momentum is the mean itself; copy it to stay exact.
+            offset = 0
+            for snap in snapshots:
+                snap.copy_(mean[offset : offset + snap.numel()])
+                offset += snap.numel()
+        else:
+            # Only this fragment's parameters get a gradient: torch optimizers skip (and keep the state of) the rest.
+            offset = 0
+            for snap in snapshots:
+                snap.grad = delta[offset : offset + snap.numel()].view_as(snap).clone()
+                offset += snap.numel()
+            self.outer_optimizer.step()
+            for snap in snapshots:
+                snap.grad = None
+        self.write_back(frag.index, mix)
+        sent = red.sent + (average_buffers(self.cross, self.buffers) if frag.is_last else 0)  # buffers go with the last fragment
+        return self._finish(sent, math.sqrt(sq_norm), frag)
+
+    def _nonfinite(self, frag: Fragment, red: Reduction) -> SyncResult:
+        """The non-finite policy: raise with the groups at fault, or skip: every group restarts from θ_g."""
+        bad = self._nonfinite_groups(frag)
+        if self.on_nonfinite == "raise":
+            raise NonFinitePseudoGradientError(
+                f"the pseudo-gradient is not finite (worker groups with NaN/inf parameters: {bad}); the global "
+                "parameters were left unchanged, so the last checkpoint is good. Lower the learning rate, enable "
+                "gradient clipping, or pass on_nonfinite='skip' to drop such syncs."
+            )
+        self.write_back(frag.index)
+        if self.compressor is not None:
+            self.compressor.drop(frag)
+        return self._finish(red.sent, float("nan"), frag, skipped=True)
+
+    def _finish(self, sent: int, norm: float, frag: Fragment, skipped: bool = False) -> SyncResult:
+        if not skipped and frag.is_last:
+            self.num_syncs += 1
+        self.bytes_sent += sent
+        return SyncResult(pseudo_grad_norm=norm, bytes_sent=sent, seconds=0.0, skipped=skipped, fragment=frag.index)
+
+    @torch.no_grad()
+    def write_back(self, fragment: Optional[int] = None, mix: float = 0.0) -> None:
+        """Copy ``θ_g`` of a fragment into the live tensors (``mix`` > 0: ``α·θ_i + (1−α)·θ_g``); with a shard
+        group, all-gather the ranks' pieces of the fragment first. Collective over the shard group."""
+        frag = self.layout.fragment(fragment)
+        if self.shard is None or self.shard.size == 1:
+            for snap, view in zip(self.snapshot[slice(*frag.pieces)], self._owned_views(frag)):
+                _blend(view, snap, mix)
+            return
+        a, b = frag.flat
+        flat = gather_slices(self.shard, self.layout.slice_counts(frag), self._flat_snapshot(frag).to(self.device))
+        for t, offset in zip(self.tensors, self.layout.offsets):  # flat = θ_g[a:b]
+            lo, hi = max(a, offset), min(b, offset + t.numel())
+            if lo < hi:
+                _blend(t.detach().view(-1)[lo - offset : hi - offset], flat[lo - a : hi - a], mix)
+
+    def _nonfinite_groups(self, frag: Fragment) -> list[int]:
+        """Indices of the worker groups whose local parameters hold NaN/inf (only run on the failure path)."""
+        local_bad = any(not bool(torch.isfinite(v).all()) for v in self._owned_views(frag))
+        flags = torch.zeros(self.num_groups, dtype=torch.float32, device=self.device)
+        flags[self.group_index] = float(local_bad)
+        if self.num_groups > 1:
+            self.cross.all_reduce(flags)
+        if self.norm is not None and self.norm.size > 1:
+            self.norm.all_reduce(flags)
+        return [i for i, f in enumerate(flags.tolist()) if f > 0]
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's snapshot slice, outer optimizer state, error feedback and counters (CPU tensors)."""
+        compressed = self.compressor.state_dict() if self.compressor is not None else \
+            {"compression_error": None, "compression_mean_error": {}}
+        return {
+            "snapshot": [s.detach().cpu().clone() for s in self.snapshot],
+            "outer_optimizer": self.outer_optimizer.state_dict() if self.outer_optimizer is not None else None,
+            "num_syncs": self.num_syncs,
+            "bytes_sent": self.bytes_sent,
+            "total_numel": self.total_numel,
+            "owned_numel": self.owned_numel,
+            **compressed,
+            # streaming sync: collectives in flight are waited for and their results kept, to apply after a resume
+            "pending": [p.state_dict() for p in self.pending.values()],
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned; the parameter layout must be the same."""
+        if state["total_numel"] != self.total_numel or state["owned_numel"] != self.owned_numel:
+            raise ValueError(
+                f"local-SGD state does not match the model: the checkpoint holds {state['owned_numel']} of "
+                f"{state['total_numel']} elements for this rank, the model has {self.owned_numel} of "
+                f"{self.total_numel}. Resume with the same model and the same world size and group_size."
+            )
+        for snap, saved in zip(self.snapshot, state["snapshot"]):
+            snap.copy_(saved)
+        if (state["outer_optimizer"] is None) != (self.outer_optimizer is None):
+            raise ValueError(
+                "the checkpoint's outer optimizer does not match this run's outer_optimizer (averaging vs. an "
+                "optimizer). Resume with the same outer_optimizer."
+            )
+        if self.outer_optimizer is not None:
+            self.outer_optimizer.load_state_dict(state["outer_optimizer"])
+            for st in self.outer_optimizer.state.values():
+                for k, v in st.items():
+                    if isinstance(v, Tensor) and v.dim() > 0:
+                        st[k] = v.to(self.state_device)
+        self.num_syncs = int(state["num_syncs"])
+        self.bytes_sent = int(state["bytes_sent"])
+        if self.compressor is not None:
+            self.compressor.load_state_dict(state)
+        self.pending = {}
+        for p in state.get("pending", []):
+            self.layout.fragment(p["fragment"])  # raises for a fragment this layout does not have
+            self.pending[p["fragment"]] = Reduction.from_state(p, self.device)

@@ -1,0 +1,240 @@
+"""The cross-group reduce of a sync, in two halves: ``start`` launches the collective, ``finish`` returns the mean.
+
+* :class:`MeanReducer`: the fp32 all-reduce of the owned parameters, cut in buckets that are all in flight together;
+  optionally weighted (``Σ w_i θ_i / Σ w_i``: one extra float) and carrying a stop flag (one more float).
+* :class:`CompressedReducer`: the two-phase compressed all-reduce. Each rank splits its pseudo-gradient ``θ_g − θ_i``
+  plus the codec's error at the previous sync (error feedback) in ``G`` chunks and encodes them; an all-to-all gives
+  rank ``j`` every group's chunk ``j``, which it decodes and averages; it encodes that mean (plus its own error
+  feedback of this second encoding) and an all-gather hands every rank all the mean chunks. Each rank sends
+  ``2(G−1)/G`` of one compressed copy, as a ring all-reduce does.
+
+Both talk only through a :class:`~lightning_localsgd.engine.comm.Communicator`. Between ``start`` and ``finish`` the
+collective runs behind the caller's inner steps (streaming sync); a :class:`Reduction` in flight can be saved.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
+
+from .codecs import get_codec
+from .comm import Communicator, Work
+from .layout import Fragment
+
+__all__ = ["CompressedReducer", "MeanReducer", "Reduction", "average_buffers", "gather_slices"]
+
+DEFAULT_BUCKET_BYTES = 25 * 1024 * 1024  # as DDP's default bucket_cap_mb
+
+
+@dataclass
+class Reduction:
+    """A reduce started and not yet finished (its collective may still be in flight)."""
+
+    fragment: Optional[int]
+    numel: int
+    weighted: bool
+    has_stop: bool
+    buf: Optional[Tensor] = None
+    """The reduce buffer (fp32 values, weight, stop flag) or the received compressed chunks (uint8)."""
+    payload_numel: int = 0
+    new_error: Optional[Tensor] = None
+    new_mean_error: Optional[Tensor] = None
+    sent: int = 0
+    seconds: float = 0.0
+    works: list[Work] = field(default_factory=list)
+
+    def wait(self) -> None:
+        for work in self.works:
+            work.wait()
+        self.works = []
+
+    def state_dict(self) -> dict[str, Any]:
+        self.wait()
+        assert self.buf is not None
+        state = {k: getattr(self, k) for k in ("fragment", "numel", "weighted", "has_stop", "payload_numel", "sent",
+                                               "seconds")}
+        state["buf"] = self.buf.detach().cpu().clone()
+        state["new_error"] = self.new_error.detach().cpu().clone() if self.new_error is not None else None
+        return state
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], device: torch.device) -> "Reduction":
+        reduction = cls(**{k: v for k, v in state.items() if k not in ("buf", "new_error")})
+        reduction.buf = state["buf"].to(device)
+        reduction.new_error = state["new_error"].to(device) if state["new_error"] is not None else None
+        return reduction
+
+
+class MeanReducer:
+    """fp32 all-reduce of the owned values, bucketed, optionally weighted, with an optional stop flag."""
+
+    def __init__(self, comm: Communicator, device: torch.device, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
+        self.comm = comm
+        self.device = device
+        self.bucket_bytes = int(bucket_bytes)
+
+    def _buckets(self, numel: int) -> list[tuple[int, int]]:
+        per_bucket = max(1, self.bucket_bytes // 4)
+        return [(lo, min(lo + per_bucket, numel)) for lo in range(0, numel, per_bucket)] or [(0, 0)]
+
+    def start(self, red: Reduction, local: list[Tensor], talk: bool, weight: Optional[float],
+              stop: Optional[bool]) -> None:
+        """Copy ``local`` (the owned views of the fragment) into the buffer and launch the all-reduce."""
+        n = red.numel
+        extras = [float(weight)] if weight is not None else []
+        extras += [float(bool(stop))] if stop is not None else []
+        buf = torch.empty(n + len(extras), dtype=torch.float32, device=self.device)
+        if n:
+            torch.cat([v.float().reshape(-1) for v in local], out=buf[:n])
+        if weight is not None:
+            buf[:n].mul_(float(weight))
+        if extras:
+            buf[n:] = torch.tensor(extras, dtype=torch.float32)
+        if talk:
+            for lo, hi in self._buckets(buf.numel()):  # one all-reduce per bucket, all in flight together
+                red.works.append(self.comm.all_reduce(buf[lo:hi], async_op=True))
+            red.sent = buf.numel() * buf.element_size()
+        red.buf = buf
+
+    def finish(self, red: Reduction, snapshot: Callable[[], Tensor]) -> tuple[Tensor, bool]:
+        """(mean of the groups' values, whether any group asked to stop); ``snapshot()``: θ_g of the fragment."""
+        buf, n = red.buf, red.numel
+        assert buf is not None
+        stop_requested = bool(buf[-1].item() > 0) if red.has_stop else False
+        if red.weighted:
+            total_weight = float(buf[n].item())
+            # every group's weight is 0 (e.g. a stop-sync right after a sync): nothing to average
+            mean = buf[:n] / total_weight if total_weight > 0 else snapshot()
+        else:
+            mean = buf[:n] / self.comm.size
+        return mean, stop_requested
+
+
+class CompressedReducer:
+    """Two-phase compressed all-reduce of the pseudo-gradient, with error feedback in both phases."""
+
+    def __init__(self, comm: Communicator, codec: str, owned_numel: int, device: torch.device) -> None:
+        self.comm = comm
+        self.codec_name = codec
+        self.codec = get_codec(codec)
+        self.owned_numel = owned_numel
+        self.device = device
+        self.error: Optional[Tensor] = None
+        """Error feedback of phase 1, on this rank's owned pseudo-gradient."""
+        self.mean_error: dict[Optional[int], Tensor] = {}
+        """Error feedback of phase 2, on the mean chunk this rank encodes, by fragment."""
+
+    def _chunk_numel(self, n: int) -> int:
+        """Elements per chunk of ``n`` values (the last chunk is zero-padded)."""
+        return max(1, math.ceil(n / self.comm.size))
+
+    def start(self, red: Reduction, fragment: Fragment, local: list[Tensor], snapshot: Tensor, talk: bool) -> None:
+        """Phase 1: encode the error-fed pseudo-gradient in chunks and launch the all-to-all."""
+        n = red.numel
+        if n == 0:
+            red.buf = torch.zeros(0, dtype=torch.uint8, device=self.device)
+            return
+        groups = self.comm.size
+        local_flat = torch.cat([v.float().reshape(-1) for v in local])
+        if self.error is None:
+            self.error = torch.zeros(self.owned_numel, dtype=torch.float32, device=self.device)
+        olo, ohi = fragment.owned
+        d = snapshot - local_flat + self.error[olo:ohi]
+        chunk = self._chunk_numel(n)
+        padded = torch.zeros(chunk * groups, dtype=torch.float32, device=self.device)
+        padded[:n] = d
+        payloads = [self.codec.encode(padded[j * chunk : (j + 1) * chunk]) for j in range(groups)]
+        red.payload_numel = payloads[0].numel()
+        decoded = torch.cat([self.codec.decode(q, chunk) for q in payloads])
+        red.new_error = d - decoded[:n]
+        send = torch.cat(payloads)
+        if talk:
+            red.buf = torch.empty_like(send)
+            red.works.append(self.comm.all_to_all(red.buf, send, async_op=True))
+            red.sent = send.numel()  # bytes of one compressed copy of the slice, as one fp32 copy for an all-reduce
+        else:
+            red.buf = send
+
+    def finish(self, red: Reduction, fragment: Fragment, snapshot: Tensor) -> Tensor:
+        """Phase 2: average the received chunk, encode it (error feedback), all-gather the means; the new mean."""
+        n = red.numel
+        if n == 0:
+            return snapshot
+        groups, chunk, size = self.comm.size, self._chunk_numel(n), red.payload_numel
+        assert red.buf is not None
+        total = torch.zeros(chunk, dtype=torch.float32, device=self.device)
+        for i in range(groups):
+            total += self.codec.decode(red.buf[i * size : (i + 1) * size], chunk)
+        mine = total / groups + self.mean_error.get(fragment.index, torch.zeros_like(total))
+        payload = self.codec.encode(mine)
+        red.new_mean_error = mine - self.codec.decode(payload, chunk)
+        if groups > 1:
+            gathered = torch.empty(groups * size, dtype=torch.uint8, device=self.device)
+            self.comm.all_gather(gathered, payload)
+        else:
+            gathered = payload
+        mean_delta = torch.cat([self.codec.decode(gathered[j * size : (j + 1) * size], chunk)
+                                for j in range(groups)])[:n]
+        return snapshot - mean_delta
+
+    def commit(self, red: Reduction, fragment: Fragment) -> None:
+        """The sync went through: keep the errors this reduce made for the next one."""
+        if red.new_error is not None:
+            assert self.error is not None
+            olo, ohi = fragment.owned
+            self.error[olo:ohi] = red.new_error
+        if red.new_mean_error is not None:
+            self.mean_error[fragment.index] = red.new_mean_error
+
+    def drop(self, fragment: Fragment) -> None:
+        """The sync was skipped (non-finite): forget the fragment's error feedback."""
+        if self.error is not None:
+            olo, ohi = fragment.owned
+            self.error[olo:ohi].zero_()
+        self.mean_error.pop(fragment.index, None)
+
+    @property
+    def state_bytes(self) -> int:
+        total = self.error.numel() * self.error.element_size() if self.error is not None else 0
+        return total + sum(e.numel() * e.element_size() for e in self.mean_error.values())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "compression_error": self.error.detach().cpu().clone() if self.error is not None else None,
+            "compression_mean_error": {k: v.detach().cpu().clone() for k, v in self.mean_error.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        error = state.get("compression_error")
+        self.error = error.to(self.device) if error is not None else None
+        self.mean_error = {k: v.to(self.device) for k, v in state.get("compression_mean_error", {}).items()}
+
+
+def gather_slices(shard: Communicator, counts: list[int], mine: Tensor) -> Tensor:
+    """All-gather the slices of a fragment held by the ranks of a DDP group (rank ``k`` holds ``counts[k]``
+    elements, ``mine`` on this rank) and return them concatenated in rank order."""
+    width = max(1, max(counts))
+    own = torch.zeros(width, dtype=torch.float32, device=mine.device)
+    if counts[shard.rank]:
+        own[: counts[shard.rank]] = mine
+    gathered = torch.empty(width * shard.size, dtype=torch.float32, device=mine.device)
+    shard.all_gather(gathered, own)
+    return torch.cat([gathered[k * width : k * width + c] for k, c in enumerate(counts)])
+
+
+def average_buffers(comm: Communicator, buffers: list[Tensor]) -> int:
+    """Average floating-point buffers over ``comm`` in place (one fp32 all-reduce); returns the bytes sent."""
+    if not buffers or comm.size == 1:
+        return 0
+    flat = torch.cat([b.detach().float().view(-1) for b in buffers])
+    comm.all_reduce(flat)
+    flat.div_(comm.size)
+    offset = 0
+    for b in buffers:
+        b.detach().view(-1).copy_(flat[offset : offset + b.numel()])
+        offset += b.numel()
+    return flat.numel() * flat.element_size()
