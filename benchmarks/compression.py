@@ -1,7 +1,7 @@
 """Compressed syncs: final loss and cross-group bytes for the codecs None / bf16 / int8 / int4.
 
 The strategy's ``compression=`` option compresses what crosses worker groups at a sync with a two-phase compressed
-all-reduce (``OuterSync.start_sync`` / ``_compressed_phase_two``, codecs in ``lightning_localsgd.comm``): each rank
+all-reduce (in ``OuterSync``; codecs in ``lightning_localsgd.engine.codecs``, formerly ``.comm``): each rank
 adds the error its codec made at the previous sync to its pseudo-gradient ``θ_g − θ_i`` (error feedback), splits it
 into G chunks (G worker groups), encodes them and sends chunk j to rank j of the cross-group (all-to-all); rank j
 decodes and averages the G copies of its chunk, re-encodes the mean chunk (with its own error feedback) and the ranks
@@ -49,17 +49,6 @@ PRESETS = {
     "full": dict(size="small", steps=8192, batch_size=32, block_size=256, sync_every=64, eval_every=256,
                  learning_rate=1.5e-3, warmup=400, devices=8, group_size=4, val_windows=1024),
 }
-
-
-def paired_ratio_ci(a: list, b: list, reps: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95% paired bootstrap interval of mean(a) / mean(b) over the held-out windows."""
-    import numpy as np
-
-    a, b = np.asarray(a), np.asarray(b)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(a), size=(reps, len(a)))
-    r = a[idx].mean(1) / b[idx].mean(1)
-    return float(np.quantile(r, 0.025)), float(np.quantile(r, 0.975))
 
 
 def main() -> None:  # noqa: C901
@@ -112,7 +101,10 @@ def main() -> None:  # noqa: C901
                   f"bytes/sync/rank, train {r['train_seconds']:.1f} s (process {time.time() - t0:.0f} s)", flush=True)
             runs.append(r)
 
-    from lightning_localsgd.comm import payload_bytes
+    try:  # the codecs' module is being renamed; both names work
+        from lightning_localsgd.engine.codecs import payload_bytes
+    except ImportError:
+        from lightning_localsgd.comm import payload_bytes
 
     groups = cfg["devices"] // cfg["group_size"]
     rows, curves = [], []
@@ -123,7 +115,7 @@ def main() -> None:  # noqa: C901
         owned = -(-r["params"] // cfg["group_size"])  # values one rank syncs (its slice of the flat parameters)
         # compressed: G encoded chunks of ⌈owned / G⌉ values (the all-to-all's input, one compressed copy)
         expected = 4 * owned if r["codec"] == "none" else groups * payload_bytes(r["codec"], -(-owned // groups))
-        lo, hi = paired_ratio_ci(r["per_window"], ref["per_window"])
+        lo, hi = h.paired_ratio_ci(r["per_window"], ref["per_window"])
         rows.append(dict(
             run=r["name"], outer=r["outer"], codec=r["codec"], H=H, groups=groups, steps=r["steps"],
             tokens=r["tokens"], params=r["params"], final_val_loss=r["final_val_loss"],
@@ -174,13 +166,8 @@ def main() -> None:  # noqa: C901
 
 
 def plot(runs: list[dict], rows: list[dict], out_name: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
+    plt = h.pyplot()
+    if plt is None:
         return
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
     colors = {c: f"C{i}" for i, c in enumerate(CODECS)}

@@ -186,13 +186,8 @@ def main() -> None:
 
 
 def plot(cluster: cm.Cluster, cal: cm.Calibration, args) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
+    plt = h.pyplot()
+    if plt is None:
         return
     tps, bpv = args.tokens_per_step, args.bytes_per_value
     fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4.2))

@@ -18,17 +18,18 @@ the namespace's loopback when available, else the software sleep model):
 * streaming, F fragments, τ = ``--overlap-steps`` (default H/F/2 = 4), α = ``--overlap-mix`` (default 0.5).
 
 The emulated latency of an *asynchronous* collective is applied when the training loop waits for it, counted from
-the collective's completion (netns) or issue (sleep model) — ``net["async_overlap"]`` in ``harness.py`` — so that
-compute between the start and the application of a sync hides it, as on a real link; blocking collectives sleep
-before they are issued, as in ``multi_cluster.py``. For blocking syncs the two are the same.
+the collective's completion (netns) or issue (sleep model) — ``net["async_overlap"]`` in ``harness/netmodel.py``
+— so that compute between the start and the application of a sync hides it, as on a real link; blocking
+collectives sleep before they are issued, as in ``multi_cluster.py``. For blocking syncs the two are the same.
 
 Reported per run: final validation loss (after the train-end sync) and its ratio to plain local SGD with a 95% paired
 bootstrap interval over the held-out windows; the largest number of cross-group bytes in any single training step
 (counted on the Python collectives, Lightning's 8-byte SIGTERM broadcast included) and its ratio to plain local SGD's
 (ideal: the largest fragment's share of the model, ≈ 1/F); total bytes during the training steps, and separately the
 train-end sync's (streaming always ends with one full sync: the staggered fragments have drifted since their last
-sync); training wall clock (median of ``--repeats`` interleaved runs) and the seconds the training loop spent blocked
-in syncs. Losses and bytes are deterministic; only the clock varies between repeats.
+sync); training wall clock (median of ``--repeats`` interleaved runs, ``harness.timing``: order reversed every other
+round; time / plain = the median of per-round ratios with its bootstrap interval) and the seconds the training loop
+spent blocked in syncs. Losses and bytes are deterministic; only the clock varies between repeats.
 
     python benchmarks/streaming.py                  # small default: GPT micro, 256 steps, 2 repeats, ~4-7 min on 2 cores
     python benchmarks/streaming.py --emulation sleep
@@ -42,6 +43,7 @@ streaming_steps.csv (cross-group bytes of every training step), streaming.png an
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -58,15 +60,14 @@ PRESETS = {
 }
 
 
-def paired_ratio_ci(a: list, b: list, reps: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95% paired bootstrap interval of mean(a) / mean(b) over the held-out windows."""
-    import numpy as np
-
-    a, b = np.asarray(a), np.asarray(b)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(a), size=(reps, len(a)))
-    r = a[idx].mean(1) / b[idx].mean(1)
-    return float(np.quantile(r, 0.025)), float(np.quantile(r, 0.975))
+def time_vs_plain(measured: h.Interleaved, name: str, is_ddp: bool, secs: list, plain: list) -> dict:
+    """Training time / plain local SGD's: the median of per-round ratios with its bootstrap interval and min / max
+    (``harness.timing``); DDP runs once, before the rounds, so its ratio is a single-pair figure (no interval)."""
+    if is_ddp:
+        return dict(time_vs_plain=statistics.median(secs) / statistics.median(x["train_seconds"] for x in plain))
+    est = h.ratio(measured, name, "plain local SGD", lambda r: r["train_seconds"])
+    return dict(time_vs_plain=est.median, time_vs_plain_lo=est.low, time_vs_plain_hi=est.high,
+                time_vs_plain_min=est.min, time_vs_plain_max=est.max)
 
 
 def main() -> None:  # noqa: C901  (one linear script)
@@ -127,15 +128,19 @@ def main() -> None:  # noqa: C901  (one linear script)
         runs["DDP"] = [r]
         print(f"DDP: loss {r['final_val_loss']:.4f}, train {r['train_seconds']:.1f} s "
               f"(process {time.time() - t0:.0f} s)", flush=True)
-    for rep in range(cfg["repeats"]):
-        for name, kw in variants:
-            t0 = time.time()
-            r = h.launch(h.run_config(name, "average", sync_every=H, **common, **kw), prefix=prefix)
-            r["repeat"] = rep
-            runs.setdefault(name, []).append(r)
-            print(f"{name} #{rep + 1}: loss {r['final_val_loss']:.4f}, train {r['train_seconds']:.2f} s, blocked in "
-                  f"syncs {r['sync_seconds']:.2f} s, peak {r['peak_step_cross_bytes']:,} B/step "
-                  f"(process {time.time() - t0:.0f} s)", flush=True)
+    def launch_variant(name: str, kw: dict) -> dict:
+        r = h.launch(h.run_config(name, "average", sync_every=H, **common, **kw), prefix=prefix)
+        print(f"{name}: loss {r['final_val_loss']:.4f}, train {r['train_seconds']:.2f} s, blocked in "
+              f"syncs {r['sync_seconds']:.2f} s, peak {r['peak_step_cross_bytes']:,} B/step "
+              f"(process {r['process_seconds']:.0f} s)", flush=True)
+        return r
+
+    # the harness's timing method: rounds of one run per variant, the order reversed every other round
+    measured = h.run_interleaved({name: functools.partial(launch_variant, name, kw) for name, kw in variants},
+                                 cfg["repeats"])
+    for rep, rnd in enumerate(measured.rounds):
+        for name, _ in variants:
+            runs.setdefault(name, []).append({**rnd[name].result, "repeat": rep})
 
     plain = runs["plain local SGD"][0]
     model_bytes = plain["ddp_bytes_per_step"]
@@ -146,7 +151,7 @@ def main() -> None:  # noqa: C901  (one linear script)
         losses = [x["final_val_loss"] for x in rs]
         if max(losses) != min(losses):
             print(f"warning: {name}: the final loss differs between repeats: {losses}")
-        lo, hi = paired_ratio_ci(r["per_window"], plain["per_window"])
+        lo, hi = h.paired_ratio_ci(r["per_window"], plain["per_window"])
         secs = [x["train_seconds"] for x in rs]
         blocked = [x["sync_seconds"] for x in rs]
         train_bytes = sum(r["step_cross_bytes"])
@@ -166,8 +171,7 @@ def main() -> None:  # noqa: C901  (one linear script)
                                                                         + plain["train_end_cross_bytes"]),
             repeats=len(rs), train_seconds=statistics.median(secs),
             train_seconds_each=";".join(f"{s:.3f}" for s in secs),
-            time_vs_plain=statistics.median(secs) / statistics.median([x["train_seconds"] for x in
-                                                                      runs["plain local SGD"]]),
+            **time_vs_plain(measured, name, is_ddp, secs, runs["plain local SGD"]),
             seconds_per_step=statistics.median(secs) / r["steps"],
             blocked_sync_seconds=statistics.median(blocked),
             blocked_sync_seconds_each=";".join(f"{s:.3f}" for s in blocked),
@@ -195,13 +199,15 @@ def main() -> None:  # noqa: C901  (one linear script)
                          "peak_step_bytes": f"{r['peak_step_bytes']:,}", "train_bytes": f"{r['train_bytes']:,}",
                          "train_end_bytes": f"{r['train_end_bytes']:,}",
                          "train_seconds": f"{r['train_seconds']:.2f} ({r['train_seconds_each'].replace(';', ', ')})",
-                         "time_vs_plain": round(r["time_vs_plain"], 3),
+                         "time_vs_plain": (f"{r['time_vs_plain']:.3f} [{r['time_vs_plain_lo']:.3f}, "
+                                           f"{r['time_vs_plain_hi']:.3f}]" if "time_vs_plain_lo" in r
+                                           else round(r["time_vs_plain"], 3)),
                          "blocked_sync_seconds": round(r["blocked_sync_seconds"], 3)} for r in rows],
                        [("run", "run"), ("final_val_loss", "final val loss"), ("loss_vs_plain", "loss / plain"),
                         ("loss_ci", "95% CI"), ("peak_step_bytes", "peak bytes in one step"),
                         ("peak_vs_plain", "peak / plain"), ("steps_with_traffic", "steps with traffic"),
                         ("train_bytes", "bytes in training steps"), ("train_end_bytes", "train-end sync bytes"),
-                        ("train_seconds", "train s, median (each)"), ("time_vs_plain", "time / plain"),
+                        ("train_seconds", "train s, median (each)"), ("time_vs_plain", "time / plain, median of rounds [95% bootstrap]"),
                         ("blocked_sync_seconds", "s blocked in syncs")])
     stream = [r for r in rows if r["run"].startswith("streaming")]
     worst_loss = max(abs(r["loss_vs_plain"] - 1) for r in stream)
@@ -242,13 +248,8 @@ def replot() -> None:
 
 
 def plot(rows: list[dict], step_rows: list[dict], F: int) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
+    plt = h.pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
     ax = axes[0]

@@ -47,6 +47,7 @@ __all__ = [
     "allgather_seconds",
     "allreduce_seconds",
     "calibrate",
+    "collective_hops",
     "compressed_allreduce_seconds",
     "compute_seconds",
     "cpu_cluster_from",
@@ -56,6 +57,7 @@ __all__ = [
     "local_sgd_cost",
     "local_sgd_step",
     "training_seconds",
+    "wire_bytes",
 ]
 
 
@@ -98,16 +100,67 @@ class Calibration:
     """Local work of a sync per byte of model (pseudo-gradient, outer step, write-back)."""
 
 
+def collective_hops(op: str, G: int, algorithm: str = "log") -> int:
+    """Message latencies λ one collective over G ranks waits for, one after the other: the one latency model.
+
+    ``algorithm="log"`` (the planner's, :func:`hops`): the latency-logarithmic schedules a tuned library picks for
+    small and latency-bound messages (recursive halving/doubling, Rabenseifner; trees): an all-reduce is a
+    reduce-scatter plus an all-gather of ``⌈log2 G⌉`` rounds each, ``2⌈log2 G⌉``. This is the right count for the
+    projection: it prices what a well-tuned cross-cluster all-reduce can reach, and NCCL's tree / MPI's
+    Rabenseifner come close to it.
+
+    ``algorithm="ring"``: what gloo actually runs on CPU (``ProcessGroupGloo``'s all-reduce is gloo's ring, all-gather
+    a ring, all-to-all G − 1 pairwise exchanges): ``2(G−1)`` for an all-reduce (G − 1 reduce-scatter + G − 1
+    all-gather steps), ``G − 1`` for an all-gather, reduce-scatter or all-to-all. The benchmarks' network emulation
+    (``benchmarks/harness``) must use this one: it adds latency to collectives gloo runs for real, so it has to
+    charge the round trips that gloo's schedule makes, not an ideal one.
+
+    The two agree at G ≤ 2 (2 latencies per all-reduce, 1 per all-gather), where every emulated benchmark runs;
+    from G = 3 on the ring pays more (G = 8: 14 vs 6). Broadcast, reduce, barrier and gather are trees in both:
+    ``⌈log2 G⌉``.
+    """
+    if algorithm not in ("log", "ring"):
+        raise ValueError(f"unknown algorithm {algorithm!r}: 'log' or 'ring'")
+    if G <= 1:
+        return 0
+    rounds = math.ceil(math.log2(G)) if algorithm == "log" else G - 1
+    if op == "all_reduce":
+        return 2 * rounds
+    if op in ("all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "all_gather_object",
+              "all_to_all_single"):
+        return rounds
+    return math.ceil(math.log2(G))  # broadcast, reduce, barrier, gather: a tree
+
+
 def hops(G: int) -> int:
-    """Latency terms of a latency-logarithmic all-reduce over G clusters (2 for G = 2)."""
-    return 0 if G <= 1 else 2 * math.ceil(math.log2(G))
+    """Latency terms of a latency-logarithmic all-reduce over G clusters (2 for G = 2); see :func:`collective_hops`."""
+    return collective_hops("all_reduce", G, "log")
+
+
+def wire_bytes(op: str, nbytes: float, G: int) -> float:
+    """Bytes one rank sends in a bandwidth-optimal (ring) collective over ``G`` ranks.
+
+    ``nbytes``: the tensor of an all-reduce / broadcast, the *input* of an all-gather (one rank's part), of a
+    reduce-scatter or of an all-to-all (the whole tensor: one chunk per rank). The same for both algorithms of
+    :func:`collective_hops` (both are bandwidth-optimal); used by :func:`allreduce_seconds` and by the benchmarks'
+    network emulation.
+    """
+    if G <= 1:
+        return 0.0
+    if op == "all_reduce":
+        return 2 * (G - 1) / G * nbytes
+    if op in ("all_gather", "all_gather_into_tensor"):
+        return (G - 1) * nbytes
+    if op in ("reduce_scatter_tensor", "all_to_all_single"):
+        return (G - 1) / G * nbytes
+    return float(nbytes)
 
 
 def allreduce_seconds(nbytes: float, G: int, link: Link, cal: Calibration = Calibration()) -> float:
     """One all-reduce of ``nbytes`` per cluster over G clusters: ``2(G−1)/G · 8·nbytes/(η·B) + hops(G)·λ + c0``."""
     if G <= 1:
         return 0.0
-    return (2 * (G - 1) / G * nbytes * 8 / (cal.efficiency * link.bandwidth_bit_s)
+    return (wire_bytes("all_reduce", nbytes, G) * 8 / (cal.efficiency * link.bandwidth_bit_s)
             + hops(G) * link.latency_s + cal.fixed_s)
 
 
@@ -120,7 +173,8 @@ def allgather_seconds(nbytes: float, G: int, link: Link, cal: Calibration = Cali
     """
     if G <= 1:
         return 0.0
-    return (G - 1) * nbytes * 8 / (cal.efficiency * link.bandwidth_bit_s) + hops(G) // 2 * link.latency_s + cal.fixed_s
+    return (wire_bytes("all_gather", nbytes, G) * 8 / (cal.efficiency * link.bandwidth_bit_s)
+            + collective_hops("all_gather", G, "log") * link.latency_s + cal.fixed_s)
 
 
 def compressed_allreduce_seconds(nbytes: float, G: int, link: Link, cal: Calibration = Calibration()) -> float:
