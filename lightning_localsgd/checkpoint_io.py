@@ -31,6 +31,8 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import CheckpointIO, TorchCheckpointIO
 from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 
+from . import integrity
+
 log = logging.getLogger(__name__)
 
 __all__ = ["AtomicCheckpointIO", "atomic_save", "with_atomic_default"]
@@ -59,11 +61,30 @@ def _umask() -> int:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """``TorchCheckpointIO`` whose local writes are atomic: temp file in the same folder, fsync, ``os.replace``.
+    """``TorchCheckpointIO`` whose local writes are atomic (temp file in the same folder, fsync, ``os.replace``) and
+    checksummed; a local checkpoint is verified before it is loaded (:mod:`lightning_localsgd.integrity`).
 
-    Loading and removing are ``TorchCheckpointIO``'s. A writer killed mid-save leaves a hidden
-    ``.<name>.<random>.tmp`` file next to the checkpoint; the next successful save of the same name removes it.
+    A writer killed mid-save leaves a hidden ``.<name>.<random>.tmp`` file next to the checkpoint; the next
+    successful save of the same name removes it.
     """
+
+    def load_checkpoint(self, path: _PATH, map_location: Optional[Any] = None,
+                        weights_only: Optional[bool] = None) -> dict[str, Any]:
+        kwargs = {"weights_only": weights_only} if map_location is None else \
+            {"map_location": map_location, "weights_only": weights_only}
+        if not _is_local(path) or not os.path.exists(path):
+            return super().load_checkpoint(path, **kwargs)  # remote, or Lightning's FileNotFoundError
+        integrity.verify(path)
+        with integrity.reading(path):
+            return super().load_checkpoint(path, **kwargs)
+
+    def remove_checkpoint(self, path: _PATH) -> None:
+        super().remove_checkpoint(path)
+        if _is_local(path):
+            try:
+                integrity.checksum_path(os.fspath(path)).unlink()
+            except OSError:
+                pass
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Optional[Any] = None) -> None:
         if storage_options is not None:
@@ -80,7 +101,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def atomic_save(obj: Any, path: _PATH) -> None:
     """``torch.save`` to a local path atomically: temp file in the same folder, fsync, ``os.replace``, fsync folder.
 
-    Every checkpoint file the strategies write goes through here (a reader sees the old file or the new one).
+    Every checkpoint file the strategies write goes through here (a reader sees the old file or the new one). The
+    SHA-256 of what was written goes into a sidecar (:mod:`lightning_localsgd.integrity`), replaced before the rename
+    and listing the previous digest too, so the file on disk verifies whenever a crash happens.
     """
     target = Path(os.fspath(path)).expanduser().absolute()
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -88,9 +111,12 @@ def atomic_save(obj: Any, path: _PATH) -> None:
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode a plain open() would
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            writer = integrity.HashingWriter(f)
+            torch.save(obj, writer)
             f.flush()
             os.fsync(f.fileno())
+        previous = (integrity.read_digests(target) or [])[:1] if target.exists() else []
+        integrity.write_digests(target, [writer.hexdigest(), *previous])
         os.replace(tmp, target)
     except BaseException:
         try:

@@ -42,6 +42,10 @@ ARGUMENT_DOCS: dict[str, str] = {
     "on_nonfinite": "what a NaN/inf pseudo-gradient does: ``\"raise\"`` (default) stops training with an error naming "
                     "the step, leaving ``θ_g`` untouched; ``\"skip\"`` drops that sync and resets every group to "
                     "``θ_g``.",
+    "max_consecutive_skips": "with ``on_nonfinite=\"skip\"``: raise after this many syncs in a row were skipped "
+                             "(training is not recovering). At a skipped sync every group restarts from ``θ_g`` and "
+                             "the groups with non-finite values also reset their inner optimizer state (e.g. AdamW's "
+                             "moments) and take the other groups' mean buffers. Default 3.",
     "sync_on_train_end": "run a last sync when training ends mid-interval, so every rank ends with the same model. "
                          "Default True.",
     "sync_timeout": "seconds a rank waits at a sync for the other ranks. When a rank crashed, was killed or hangs, "
@@ -124,6 +128,7 @@ class LocalSGDConfig:
     warmup_steps: int = 0
     outer_state_device: Optional[Union[str, torch.device]] = None
     on_nonfinite: str = "raise"
+    max_consecutive_skips: int = 3
     sync_on_train_end: bool = True
     sync_timeout: Optional[float] = None
     cluster_size: Optional[int] = None
@@ -147,6 +152,8 @@ class LocalSGDConfig:
         _positive_int("warmup_steps", self.warmup_steps, 0, "Use 0 to start local SGD at the first step.")
         if self.on_nonfinite not in ("raise", "skip"):
             raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {self.on_nonfinite!r}.")
+        _positive_int("max_consecutive_skips", self.max_consecutive_skips, 1, "It is how many skipped syncs in a row "
+                      "stop training; e.g. 3.")
         if not isinstance(self.sync_on_train_end, bool):
             raise ValueError(f"sync_on_train_end must be True or False, got {self.sync_on_train_end!r}.")
         self.outer_factory = resolve_outer_optimizer(self.outer_optimizer)

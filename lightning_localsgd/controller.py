@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .config import LocalSGDConfig
-from .engine import OuterSync, ProcessGroupCommunicator, SyncResult
+from .engine import NonFinitePseudoGradientError, OuterSync, ProcessGroupCommunicator, SyncResult
 from .engine.schedules import Action, TimeBasedSchedule
 from .reliability import SyncGuard
 from .topology import Topology
@@ -43,10 +43,13 @@ class LocalSGDController:
         self.last_sync: Optional[SyncResult] = None
         self.sync_seconds_total = 0.0
         self.stop_received = False
+        self.consecutive_skips = 0
         self.before_sync: Callable[[], None] = lambda: None
         self.after_sync: Callable[[], None] = lambda: None
         self.on_sync: Callable[[SyncResult, Optional[SyncResult]], None] = lambda result, cluster: None
         self.on_stop: Callable[[], None] = lambda: None
+        self.on_reset: Callable[[], None] = lambda: None
+        """Called on the ranks of a group whose values were not finite at a skipped sync (reset inner state)."""
         self._restored: Optional[tuple[Mapping[str, Any], Any, Any]] = None
 
     # ------------------------------------------------------------------ setup
@@ -208,6 +211,24 @@ class LocalSGDController:
         self.last_sync = result
         self.sync_seconds_total += result.seconds
         self.on_sync(result, cluster_result)
+        if result.skipped:
+            self._skipped(result)
+        elif result.fragment is None or result.fragment == self.config.fragments - 1:
+            self.consecutive_skips = 0
+
+    def _skipped(self, result: SyncResult) -> None:
+        """A sync was dropped for non-finite values: reset the groups at fault; stop when it keeps happening."""
+        assert self.outer_sync is not None
+        if self.outer_sync.group_index in result.nonfinite_groups:
+            self.on_reset()  # θ_i is back at θ_g, but e.g. AdamW's moments may hold the NaN that caused it
+        self.consecutive_skips += 1
+        if self.consecutive_skips >= self.config.max_consecutive_skips:
+            raise NonFinitePseudoGradientError(
+                f"{self.consecutive_skips} consecutive syncs were skipped (non-finite values in worker groups "
+                f"{result.nonfinite_groups}): training is not recovering. The global parameters are those of the last "
+                "good sync. Lower the learning rate or enable gradient clipping, then resume from the last checkpoint "
+                "(or raise max_consecutive_skips)."
+            )
 
     @property
     def bytes_sent(self) -> int:
@@ -222,7 +243,8 @@ class LocalSGDController:
             "format_version": FORMAT_VERSION, "world_size": world_size, "group_size": c.group_size,
             "sync_every": c.sync_every, "warmup_steps": c.warmup_steps, "outer_optimizer": c.outer_name,
             "schedule": self.schedule.state_dict(), "sync_seconds_total": self.sync_seconds_total,
-            "tokens_since_sync": self.schedule.tokens_since_sync, **extra,
+            "tokens_since_sync": self.schedule.tokens_since_sync, "fragments": c.fragments,
+            "consecutive_skips": self.consecutive_skips, **extra,
         }
 
     def rank_state(self) -> dict[str, Any]:
@@ -241,6 +263,12 @@ class LocalSGDController:
                 f"{self.config.group_size}. Resume with the same devices, num_nodes and group_size; or load only the "
                 "weights into a new run (e.g. `LightningModule.load_from_checkpoint`) to start a fresh local-SGD run "
                 "from them."
+            )
+        if meta.get("fragments", 1) != self.config.fragments:
+            raise ValueError(
+                f"cannot resume local SGD exactly: the checkpoint was written with fragments={meta.get('fragments', 1)}"
+                f", this run has fragments={self.config.fragments} (streaming syncs in flight belong to the old "
+                "fragments). Resume with the same fragments, or load only the weights into a new run."
             )
 
     def restore(self, meta: Mapping[str, Any], outer: Optional[dict], cluster: Optional[dict] = None) -> None:
@@ -263,4 +291,5 @@ class LocalSGDController:
             self.outer_sync.load_state_dict(outer)
         self.schedule.load_state_dict({"tokens_since_sync": meta.get("tokens_since_sync", 0), **meta["schedule"]})
         self.sync_seconds_total = float(meta.get("sync_seconds_total", 0.0))
+        self.consecutive_skips = int(meta.get("consecutive_skips", 0))
 

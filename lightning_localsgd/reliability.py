@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import signal
+import threading
 import time
 from contextlib import contextmanager
 from datetime import timedelta
@@ -50,6 +51,40 @@ _MARKER = "local_sgd/reached_sync/{rank}"
 #: other ranks' records, so that live ranks that are a little behind are not reported as missing.
 _MAX_POLL_SECONDS = 10.0
 _POLL_INTERVAL = 0.2
+#: How long one access to the rendezvous store may take. The store lives in one process (global rank 0, or the
+#: torchrun agent); when that process is frozen (SIGSTOP, a partition) a read blocks forever: every access is bounded.
+_STORE_SECONDS = 5.0
+#: Words in the message of a RuntimeError raised by a collective that failed (gloo / NCCL / the network); any other
+#: RuntimeError inside a sync is a bug and is raised as it is, not reported as a missing rank.
+_COMMUNICATION_WORDS = ("gloo", "nccl", "connection", "timed out", "timeout", "peer", "socket", "broken pipe",
+                        "closed", "reset", "unreachable", "abort", "store")
+
+
+def _is_communication_error(err: BaseException) -> bool:
+    if isinstance(err, getattr(dist, "DistError", ())):
+        return True
+    text = str(err).lower()
+    return any(word in text for word in _COMMUNICATION_WORDS)
+
+
+def _bounded(fn: Any, seconds: float) -> Any:
+    """``fn()`` in a daemon thread; raise ``TimeoutError`` when it has not returned within ``seconds``."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as err:  # handed to the caller
+            box["error"] = err
+
+    thread = threading.Thread(target=run, name="local-sgd-store", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise TimeoutError(f"the rendezvous store did not answer within {seconds:g} s (its host is frozen or cut off)")
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
 
 
 class SyncFailedError(RuntimeError):
@@ -273,19 +308,25 @@ class SyncGuard:
         except SyncFailedError:
             raise
         except RuntimeError as err:  # gloo/NCCL/network errors are RuntimeErrors (DistError included)
+            if not _is_communication_error(err):
+                raise  # a bug, not a lost rank: say what it is
             raise self.failure(step, start, err, store_error) from err
 
     def _mark(self, step: int) -> Optional[BaseException]:
         if self.store is None or self._marked_step == step:
             return None
         try:
-            self.store.set(_MARKER.format(rank=self.rank), str(step))
+            store = self.store
+            _bounded(lambda: store.set(_MARKER.format(rank=self.rank), str(step)), _STORE_SECONDS)
             self._marked_step = step
         except Exception as err:  # the store is gone: its host died. Say so if the sync then fails.
             return err
         return None
 
     def _read_marks(self) -> dict[int, Optional[int]]:
+        return _bounded(self._read_marks_unbounded, _STORE_SECONDS)
+
+    def _read_marks_unbounded(self) -> dict[int, Optional[int]]:
         assert self.store is not None
         keys = [_MARKER.format(rank=r) for r in range(self.world_size)]
         marks: dict[int, Optional[int]] = {}
@@ -351,7 +392,7 @@ class SyncGuard:
             what = ": the communication failed (no rendezvous store to tell which rank is missing)"
         message = (
             head + what + ". The global parameters of the last completed sync were left unchanged and the last "
-            "checkpoint on disk is complete: restart with `trainer.fit(..., ckpt_path=<last checkpoint>)` on the "
+            "checkpoint on disk was written atomically: restart with `trainer.fit(..., ckpt_path=<last checkpoint>)` on the "
             "same devices, num_nodes and group_size. Cause: " + f"{type(err).__name__}: {_first_line(err)}"
         )
         return SyncFailedError(message, step=step, rank=self.rank, missing_ranks=missing_ranks)

@@ -14,9 +14,10 @@ parameters, a slice of a DDP group, FSDP shards, ZeRO partitions).
 
 from __future__ import annotations
 
+import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
 import torch
@@ -27,11 +28,14 @@ from .codecs import check_codec
 from .comm import Communicator, as_communicator
 from .layout import Fragment, Layout
 from .presets import OuterOptimizerFactory
-from .reducers import DEFAULT_BUCKET_BYTES, CompressedReducer, MeanReducer, Reduction, average_buffers, gather_slices
+from .reducers import (DEFAULT_BUCKET_BYTES, CompressedReducer, MeanReducer, Reduction, assign_buffers,
+                       finite_buffer_mean, gather_slices, reduce_buffers)
 
 __all__ = ["NonFinitePseudoGradientError", "OuterSync", "SyncResult"]
 
 GroupLike = Union[Communicator, dist.ProcessGroup, None]
+
+log = logging.getLogger(__name__)
 
 
 class NonFinitePseudoGradientError(FloatingPointError):
@@ -54,6 +58,8 @@ class SyncResult:
     """The fragment synced (streaming sync), or ``None`` for all parameters."""
     stop_requested: bool = False
     """Time-based sync: some group asked to stop training after this sync."""
+    nonfinite_groups: list[int] = field(default_factory=list)
+    """A skipped sync: the indices (in the cross group) of the groups whose parameters or buffers were not finite."""
 
 
 def _blend(live: Tensor, global_: Tensor, mix: float) -> None:
@@ -245,14 +251,18 @@ class OuterSync:
 
     def _outer_step(self, frag: Fragment, mean: Tensor, red: Reduction, mix: float) -> SyncResult:
         snapshots = self.snapshot[slice(*frag.pieces)]
+        # Buffers go with the last fragment; they are reduced first, so that a non-finite one stops the sync before
+        # θ_g changes, as a non-finite parameter does.
+        buffer_sum = reduce_buffers(self.cross, self.buffers) if frag.is_last else None
         # Pseudo-gradient norm over the whole fragment: the shards of a worker group add their squares.
         delta = self._flat_snapshot(frag) - mean
         sq = delta.double().pow(2).sum().reshape(1).to(self.device)
         if self.norm is not None and self.norm.size > 1:
             self.norm.all_reduce(sq)
         sq_norm = float(sq.item())
-        if not math.isfinite(sq_norm):
-            return self._nonfinite(frag, red)
+        buffers_finite = buffer_sum is None or bool(torch.isfinite(buffer_sum).all())
+        if not math.isfinite(sq_norm) or not buffers_finite:
+            return self._nonfinite(frag, red, buffers_finite)
         if self.compressor is not None:
             self.compressor.commit(red, frag)
         if self.outer_optimizer is None:
@@ -271,22 +281,33 @@ class OuterSync:
             for snap in snapshots:
                 snap.grad = None
         self.write_back(frag.index, mix)
-        sent = red.sent + (average_buffers(self.cross, self.buffers) if frag.is_last else 0)  # buffers go with the last fragment
+        sent = red.sent
+        if buffer_sum is not None and self.num_groups > 1:
+            assign_buffers(self.buffers, buffer_sum / self.num_groups)
+            sent += buffer_sum.numel() * buffer_sum.element_size()
         return self._finish(sent, math.sqrt(sq_norm), frag)
 
-    def _nonfinite(self, frag: Fragment, red: Reduction) -> SyncResult:
-        """The non-finite policy: raise with the groups at fault, or skip: every group restarts from θ_g."""
+    def _nonfinite(self, frag: Fragment, red: Reduction, buffers_finite: bool = True) -> SyncResult:
+        """The non-finite policy: raise naming the groups at fault, or skip: every group restarts from θ_g and the
+        groups with non-finite buffers take the mean of the finite groups' buffers."""
         bad = self._nonfinite_groups(frag)
+        what = "parameters" if buffers_finite else "parameters or floating-point buffers"
         if self.on_nonfinite == "raise":
             raise NonFinitePseudoGradientError(
-                f"the pseudo-gradient is not finite (worker groups with NaN/inf parameters: {bad}); the global "
-                "parameters were left unchanged, so the last checkpoint is good. Lower the learning rate, enable "
-                "gradient clipping, or pass on_nonfinite='skip' to drop such syncs."
+                f"the pseudo-gradient is not finite (worker groups with NaN/inf {what}: {bad}); the global "
+                "parameters and buffers were left unchanged. Resume from the last checkpoint saved before this step, "
+                "lower the learning rate, enable gradient clipping, or pass on_nonfinite='skip' to drop such syncs."
             )
         self.write_back(frag.index)
+        if not buffers_finite:
+            finite_mean = finite_buffer_mean(self.cross, self.buffers)
+            if finite_mean is not None:
+                assign_buffers(self.buffers, finite_mean)
         if self.compressor is not None:
             self.compressor.drop(frag)
-        return self._finish(red.sent, float("nan"), frag, skipped=True)
+        result = self._finish(red.sent, float("nan"), frag, skipped=True)
+        result.nonfinite_groups = bad
+        return result
 
     def _finish(self, sent: int, norm: float, frag: Fragment, skipped: bool = False) -> SyncResult:
         if not skipped and frag.is_last:
@@ -312,7 +333,8 @@ class OuterSync:
 
     def _nonfinite_groups(self, frag: Fragment) -> list[int]:
         """Indices of the worker groups whose local parameters hold NaN/inf (only run on the failure path)."""
-        local_bad = any(not bool(torch.isfinite(v).all()) for v in self._owned_views(frag))
+        views = self._owned_views(frag) + (self.buffers if frag.is_last else [])
+        local_bad = any(not bool(torch.isfinite(v).all()) for v in views)
         flags = torch.zeros(self.num_groups, dtype=torch.float32, device=self.device)
         flags[self.group_index] = float(local_bad)
         if self.num_groups > 1:
@@ -322,6 +344,30 @@ class OuterSync:
         return [i for i, f in enumerate(flags.tolist()) if f > 0]
 
     # ------------------------------------------------------------------ checkpointing
+    def _load_outer_optimizer(self, saved: dict[str, Any], saved_class: Optional[str]) -> None:
+        """Load the outer optimizer's state; this run's hyper-parameters (lr, momentum, ...) win over the saved ones."""
+        optimizer = self.outer_optimizer
+        assert optimizer is not None
+        mine = type(optimizer).__name__
+        if saved_class is not None and saved_class != mine:
+            raise ValueError(
+                f"the checkpoint's outer optimizer is {saved_class}, this run's is {mine}: its state (e.g. momentum) "
+                "cannot be carried over. Resume with the same outer_optimizer, or start a new run from the weights."
+            )
+        fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        try:
+            optimizer.load_state_dict(saved)
+        except (KeyError, ValueError) as err:
+            raise ValueError(f"the checkpoint's outer optimizer state does not fit this run's {mine} ({err}). Resume "
+                             "with the same outer_optimizer.") from err
+        changed = sorted({f"{k}: {g[k]!r} -> {f[k]!r}" for g, f in zip(optimizer.param_groups, fresh)
+                          for k in f if k in g and g[k] != f[k]})
+        for group, hyper in zip(optimizer.param_groups, fresh):
+            group.update(hyper)
+        if changed:
+            log.warning(f"local SGD: the outer optimizer's hyper-parameters differ from the checkpoint's; this run's "
+                        f"are used ({', '.join(changed)}).")
+
     def state_dict(self) -> dict[str, Any]:
         """This rank's snapshot slice, outer optimizer state, error feedback and counters (CPU tensors)."""
         compressed = self.compressor.state_dict() if self.compressor is not None else \
@@ -329,6 +375,7 @@ class OuterSync:
         return {
             "snapshot": [s.detach().cpu().clone() for s in self.snapshot],
             "outer_optimizer": self.outer_optimizer.state_dict() if self.outer_optimizer is not None else None,
+            "outer_optimizer_class": type(self.outer_optimizer).__name__ if self.outer_optimizer is not None else None,
             "num_syncs": self.num_syncs,
             "bytes_sent": self.bytes_sent,
             "total_numel": self.total_numel,
@@ -355,7 +402,7 @@ class OuterSync:
                 "optimizer). Resume with the same outer_optimizer."
             )
         if self.outer_optimizer is not None:
-            self.outer_optimizer.load_state_dict(state["outer_optimizer"])
+            self._load_outer_optimizer(state["outer_optimizer"], state.get("outer_optimizer_class"))
             for st in self.outer_optimizer.state.values():
                 for k, v in st.items():
                     if isinstance(v, Tensor) and v.dim() > 0:

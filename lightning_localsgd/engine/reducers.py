@@ -25,7 +25,8 @@ from .codecs import get_codec
 from .comm import Communicator, Work
 from .layout import Fragment
 
-__all__ = ["CompressedReducer", "MeanReducer", "Reduction", "average_buffers", "gather_slices"]
+__all__ = ["CompressedReducer", "MeanReducer", "Reduction", "assign_buffers", "finite_buffer_mean", "gather_slices",
+           "reduce_buffers"]
 
 DEFAULT_BUCKET_BYTES = 25 * 1024 * 1024  # as DDP's default bucket_cap_mb
 
@@ -226,15 +227,31 @@ def gather_slices(shard: Communicator, counts: list[int], mine: Tensor) -> Tenso
     return torch.cat([gathered[k * width : k * width + c] for k, c in enumerate(counts)])
 
 
-def average_buffers(comm: Communicator, buffers: list[Tensor]) -> int:
-    """Average floating-point buffers over ``comm`` in place (one fp32 all-reduce); returns the bytes sent."""
-    if not buffers or comm.size == 1:
-        return 0
+def reduce_buffers(comm: Communicator, buffers: list[Tensor]) -> Optional[Tensor]:
+    """The sum over ``comm`` of the floating-point buffers, flat in fp32 (one all-reduce); ``None`` without any."""
+    if not buffers:
+        return None
     flat = torch.cat([b.detach().float().view(-1) for b in buffers])
-    comm.all_reduce(flat)
-    flat.div_(comm.size)
+    if comm.size > 1:
+        comm.all_reduce(flat)
+    return flat
+
+
+def finite_buffer_mean(comm: Communicator, buffers: list[Tensor]) -> Optional[Tensor]:
+    """The sum of the buffers of the members whose buffers are all finite, and how many they are (the failure path:
+    one more all-reduce). ``None`` when no member's buffers are finite."""
+    local = torch.cat([b.detach().float().view(-1) for b in buffers])
+    ok = bool(torch.isfinite(local).all())
+    flat = torch.cat([local if ok else torch.zeros_like(local), local.new_tensor([float(ok)])])
+    if comm.size > 1:
+        comm.all_reduce(flat)
+    count = float(flat[-1].item())
+    return flat[:-1] / count if count > 0 else None
+
+
+def assign_buffers(buffers: list[Tensor], flat: Tensor) -> None:
+    """Copy ``flat`` (as built by :func:`reduce_buffers`) back into the buffers."""
     offset = 0
     for b in buffers:
         b.detach().view(-1).copy_(flat[offset : offset + b.numel()])
         offset += b.numel()
-    return flat.numel() * flat.element_size()

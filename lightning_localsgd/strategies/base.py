@@ -127,6 +127,12 @@ class LocalSGDMixin:
     def after_local_sgd_sync(self) -> None:
         """Called after a sync wrote the tensors (DeepSpeed refreshes the module's parameters from them)."""
 
+    def reset_inner_optimizers(self) -> None:
+        """After a skipped sync on a group whose values were not finite: forget the inner optimizers' state (AdamW's
+        moments, momentum buffers), which the NaN reached; they start afresh from ``θ_g`` as at the first step."""
+        for optimizer in self.optimizers:  # type: ignore[attr-defined]
+            optimizer.state.clear()
+
     # ------------------------------------------------------------------ setup
     def _configure_launcher(self) -> None:
         # The world size is known here, before the processes start: fail early on a bad group_size.
@@ -160,6 +166,7 @@ class LocalSGDMixin:
         controller.after_sync = self.after_local_sgd_sync
         controller.on_sync = lambda result, cluster: self._log_sync(trainer, result, cluster)
         controller.on_stop = lambda: setattr(trainer, "should_stop", True)  # another group finished: stop too
+        controller.on_reset = self.reset_inner_optimizers
         controller.setup(self.topology, params, buffers, shard_group=self.local_sgd_shard_group(),
                          norm_group=self.local_sgd_norm_group(), fragment_sizes=self.local_sgd_fragment_sizes(),
                          fallback_timeout=getattr(self, "_timeout", None))

@@ -36,6 +36,7 @@ from torch import Tensor
 from torch.nn import Module
 from typing_extensions import override
 
+from .. import integrity
 from ..checkpoint_io import atomic_save
 from ..config import LocalSGDConfig, local_sgd_arguments
 from ..controller import CHECKPOINT_KEY
@@ -478,6 +479,13 @@ class LocalSGDDeepSpeedStrategy(LocalSGDMixin, DeepSpeedStrategy):
         self._refresh_module_params()
 
     @override
+    def reset_inner_optimizers(self) -> None:
+        # the torch optimizer that ZeRO runs on the fp32 master partitions holds the state (e.g. Adam's moments)
+        inner = getattr(self._zero_optimizer(), "optimizer", None)
+        if inner is not None and hasattr(inner, "state"):
+            inner.state.clear()
+
+    @override
     def is_real_optimizer_step(self) -> bool:
         # DeepSpeed accumulates gradients itself: Lightning calls optimizer_step on every micro-batch and the engine
         # steps on the accumulation boundary only. H counts the real steps.
@@ -539,7 +547,7 @@ class LocalSGDDeepSpeedStrategy(LocalSGDMixin, DeepSpeedStrategy):
                 f"{path} is not a LocalSGDDeepSpeedStrategy checkpoint folder (no {_LOCAL_DIR}/{_META_FILE}). Pass the "
                 "folder that ModelCheckpoint / Trainer.save_checkpoint wrote."
             )
-        layout = torch.load(meta_file, map_location="cpu", weights_only=False)
+        layout = integrity.load(meta_file, map_location="cpu", weights_only=False)
         self.local_sgd.check_meta(layout, self.world_size)
         if layout.get("zero_stage", self.zero_stage) != self.zero_stage:
             raise ValueError(
@@ -563,7 +571,7 @@ class LocalSGDDeepSpeedStrategy(LocalSGDMixin, DeepSpeedStrategy):
         if client_state is None:
             raise MisconfigurationException(f"DeepSpeed could not load the checkpoint of this rank's group from {path}.")
         if fitting and self.outer_sync is not None:
-            mine = torch.load(path / _LOCAL_DIR / _rank_file(self.global_rank), map_location="cpu", weights_only=False)
+            mine = integrity.load(path / _LOCAL_DIR / _rank_file(self.global_rank), map_location="cpu", weights_only=False)
             self.local_sgd.restore(layout, mine["outer"], mine.get("cluster"))
             self.outer_sync.tensors = self._master_partitions()
         client_state.pop(CHECKPOINT_KEY, None)

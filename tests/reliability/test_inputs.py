@@ -59,6 +59,7 @@ STRATEGY_CASES = [
     ({"sync_timeout": float("inf")}, "sync_timeout must be a positive number of seconds"),
     ({"sync_timeout": "600"}, "sync_timeout must be a positive number of seconds.*got '600'"),
     ({"sync_schedule": "hourly"}, "sync_schedule='hourly' is not a known schedule"),
+    ({"max_consecutive_skips": 0}, "max_consecutive_skips must be an integer >= 1"),
     ({"sync_timeout": True}, "sync_timeout must be a positive number of seconds"),
     # two-stage sync
     ({"cluster_size": 0, "cluster_sync_every": 64}, "cluster_size must be an integer >= 1"),

@@ -48,12 +48,14 @@ class TinyNet(nn.Module):
 
 class TinyModule(L.LightningModule):
     def __init__(self, inner: str = "sgd", manual: bool = False, buffer: bool = False, nan_at: int = -1,
-                 group_size: int = 1, shard: str = "", hidden: int = 8) -> None:
+                 group_size: int = 1, shard: str = "", hidden: int = 8, nan_from: int = -1, nan_loss_at: int = -1,
+                 nan_buffer_at: int = -1) -> None:
         super().__init__()
         self.model = TinyNet(buffer, hidden)
         self.shard = shard
         self.inner = inner
         self.nan_at = nan_at
+        self.nan_from, self.nan_loss_at, self.nan_buffer_at = nan_from, nan_loss_at, nan_buffer_at
         self.group_size = group_size
         self.automatic_optimization = not manual
 
@@ -77,10 +79,15 @@ class TinyModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        if self.nan_at >= 0 and self.trainer.global_step == self.nan_at and self.global_rank // self.group_size == 1:
+        step, group_1 = self.trainer.global_step, self.global_rank // self.group_size == 1
+        if group_1 and (step == self.nan_at or 0 <= self.nan_from <= step):
             with torch.no_grad():
                 self.model.net1.weight[0, 0] = float("nan")
+        if group_1 and step == self.nan_buffer_at:
+            self.model.running_mean[0] = float("nan")
         loss = F.mse_loss(self(x), y)
+        if group_1 and step == self.nan_loss_at:
+            loss = loss * float("nan")  # NaN gradients: the inner optimizer's state (AdamW's moments) turns NaN
         if not self.automatic_optimization:
             opt1, opt2 = self.optimizers()
             opt1.zero_grad()

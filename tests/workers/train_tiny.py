@@ -132,6 +132,9 @@ class Fault(Callback):
         if trainer.global_step == a.die_at:
             print(f"[fault] rank {a.fault_rank} killed at step {a.die_at}", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
+        if trainer.global_step == a.freeze_at:
+            print(f"[fault] rank {a.fault_rank} freezes at step {a.freeze_at}", flush=True)
+            os.kill(os.getpid(), signal.SIGSTOP)  # a frozen node: alive, but answers nothing
         if trainer.global_step == a.stall_at:
             print(f"[fault] rank {a.fault_rank} stalls at step {a.stall_at}", flush=True)
             time.sleep(a.stall_seconds)
@@ -224,6 +227,11 @@ def main() -> None:
     p.add_argument("--die-at", type=int, default=-1, help="SIGKILL --fault-rank at the start of this step")
     p.add_argument("--stall-at", type=int, default=-1, help="--fault-rank sleeps at the start of this step")
     p.add_argument("--stall-seconds", type=float, default=120.0)
+    p.add_argument("--freeze-at", type=int, default=-1, help="--fault-rank SIGSTOPs itself at the start of this step")
+    p.add_argument("--nan-from", type=int, default=-1, help="a NaN in group 1's weights at every batch from this one")
+    p.add_argument("--nan-loss-at", type=int, default=-1, help="group 1's loss is NaN at this batch")
+    p.add_argument("--nan-buffer-at", type=int, default=-1, help="a NaN in group 1's running_mean at this batch")
+    p.add_argument("--max-consecutive-skips", type=int, default=None)
     p.add_argument("--fault-rank", type=int, default=1)
     p.add_argument("--hidden", type=int, default=8, help="width of the tiny model's hidden layer")
     p.add_argument("--fragments", type=int, default=1, help="streaming sync: fragments")
@@ -237,7 +245,8 @@ def main() -> None:
     rank = int(os.environ.get("LOCAL_RANK", 0))
     L.seed_everything(1000 + rank if args.seed_by_rank else 0, verbose=False)
     model = TinyModule(inner=args.inner, manual=args.manual, buffer=args.buffer, nan_at=args.nan_at,
-                       group_size=args.group_size, shard=args.shard, hidden=args.hidden)
+                       group_size=args.group_size, shard=args.shard, hidden=args.hidden, nan_from=args.nan_from,
+                       nan_loss_at=args.nan_loss_at, nan_buffer_at=args.nan_buffer_at)
     L.seed_everything(0, verbose=False)
     data = DataLoader(make_dataset(), batch_size=2, shuffle=False)
 
@@ -277,8 +286,8 @@ def main() -> None:
     elif args.strategy == "registered":
         strategy = args.registered_name
     else:
-        extra = {k: v for k, v in (("on_nonfinite", args.on_nonfinite), ("sync_timeout", args.sync_timeout))
-                 if v is not None}
+        extra = {k: v for k, v in (("on_nonfinite", args.on_nonfinite), ("sync_timeout", args.sync_timeout),
+                                   ("max_consecutive_skips", args.max_consecutive_skips)) if v is not None}
         strategy = LocalSGDStrategy(
             sync_every=args.sync_every, outer_optimizer=args.outer, group_size=args.group_size,
             warmup_steps=args.warmup, outer_state_device=args.state_device, process_group_backend="gloo", **extra,
@@ -288,7 +297,7 @@ def main() -> None:
         )
     recorder = Recorder()
     callbacks = [recorder]
-    if args.die_at >= 0 or args.stall_at >= 0:
+    if args.die_at >= 0 or args.stall_at >= 0 or args.freeze_at >= 0:
         callbacks.append(Fault(args))
     if args.slow_rank >= 0:
         callbacks.append(Slow(args.slow_rank, args.slow_seconds))
