@@ -28,6 +28,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from lightning_localsgd.engine.presets import outer_optimizer_name
+
 from .gpt import decode_bytes, encode_bytes
 
 __all__ = ["TrainingSummary", "format_bytes"]
@@ -250,21 +252,12 @@ def _num_syncs(trainer: Trainer) -> int:
     return outer.num_syncs if outer is not None else 0
 
 
-def _outer_name(spec: Any) -> str:
-    """``"average"``, ``"diloco"``, or the optimizer class of a callable, e.g. ``SGD`` for ``partial(SGD, lr=0.5)``."""
-    if spec is None or isinstance(spec, str):
-        return spec or "average"
-    classes = [a for a in getattr(spec, "args", ()) if isinstance(a, type)]  # jsonargparse wraps the class
-    target = classes[-1] if classes else getattr(spec, "func", spec)
-    return getattr(target, "__name__", type(target).__name__)
-
-
 def _describe_strategy(trainer: Trainer) -> str:
     strategy = trainer.strategy
     name = type(strategy).__name__
     if getattr(strategy, "outer_sync", None) is not None or hasattr(strategy, "sync_every"):
         topology = getattr(strategy, "topology", None)
         groups = topology.num_groups if topology is not None else trainer.world_size // strategy.group_size
-        outer = _outer_name(strategy.outer_optimizer)
+        outer = outer_optimizer_name(strategy.outer_optimizer, arguments=False)
         return f"{name} ({groups} groups x {strategy.group_size}, H={strategy.sync_every}, {outer})"
     return f"{name} ({trainer.world_size} process{'es' if trainer.world_size > 1 else ''})"

@@ -19,7 +19,8 @@ from .engine import (Action, Codec, Communicator, NonFinitePseudoGradientError, 
                      resolve_outer_optimizer)
 from .planner import Plan, plan
 from .reliability import SyncFailedError
-from .strategies import LocalSGDDeepSpeedStrategy, LocalSGDFSDPStrategy, LocalSGDMixin, LocalSGDStrategy
+from .strategies import (LocalSGDDeepSpeedStrategy, LocalSGDFSDPStrategy, LocalSGDMixin, LocalSGDStrategy,
+                         convert_fsdp_checkpoint)
 from .topology import Topology, build_mesh_topology, build_topology
 
 __version__ = "0.1.0"
@@ -52,6 +53,7 @@ __all__ = [
     "SyncSchedule",
     "Topology",
     "build_topology",
+    "convert_fsdp_checkpoint",
     "plan",
     "resolve_outer_optimizer",
 ]

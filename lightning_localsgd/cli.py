@@ -9,6 +9,8 @@
     lightning-localsgd validate --config examples/configs/local_sgd.yaml --ckpt_path path/to/last.ckpt
     lightning-localsgd fit --trainer.strategy.help LocalSGDStrategy
     lightning-localsgd plan --params 1.3e9 --step-time 0.4 --bandwidth 1Gbit --latency 20ms --groups 8
+    lightning-localsgd lighthouse --port 29510 --min-groups 1   # federated worker groups (docs/multi_cluster.md)
+    lightning-localsgd convert path/to/last.ckpt model.ckpt   # an FSDP checkpoint folder -> one plain file
 
 ``data.block_size`` and ``data.vocab_size`` are linked to the model. Every setting not given on the command line or in
 a ``--config`` comes from :data:`DEFAULT_CONFIG` (``examples/configs/local_sgd.yaml``: the 2-process CPU local-SGD
@@ -21,7 +23,7 @@ import argparse
 import sys
 import textwrap
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
@@ -33,7 +35,7 @@ from .examples.data import TextDataModule
 from .examples.gpt import GPT
 from .strategies import LocalSGDStrategy
 
-__all__ = ["CONFIG_DIR", "DEFAULT_CONFIG", "LocalSGDCLI", "main"]
+__all__ = ["CONFIG_DIR", "DEFAULT_CONFIG", "LocalSGDCLI", "convert_main", "main"]
 
 #: The example configs (``examples/configs`` in the repository, installed with ``lightning_localsgd.examples``).
 CONFIG_DIR = Path(examples.__file__).resolve().parent / "configs"
@@ -99,6 +101,34 @@ class LocalSGDCLI(LightningCLI):
             raise SystemExit(2) from err
 
 
+def convert_main(argv: Optional[list[str]] = None) -> None:
+    """``lightning-localsgd convert``: an FSDP checkpoint folder to a plain Lightning checkpoint file.
+
+    Runs :func:`lightning_localsgd.strategies.fsdp.convert_fsdp_checkpoint`; the file loads with
+    ``LightningModule.load_from_checkpoint``. (A DeepSpeed folder: Lightning's
+    ``convert_zero_checkpoint_to_fp32_state_dict`` reads it, its group 0 is a plain Lightning DeepSpeed checkpoint.)
+    """
+    from .strategies.fsdp import convert_fsdp_checkpoint
+
+    parser = argparse.ArgumentParser(
+        prog="lightning-localsgd convert",
+        description="Write a LocalSGDFSDPStrategy checkpoint folder (one file per rank) as one plain Lightning "
+                    "checkpoint file: one worker group's full model under `state_dict` (no optimizer state), which "
+                    "LightningModule.load_from_checkpoint reads in a single process.",
+    )
+    parser.add_argument("checkpoint_dir", help="the folder ModelCheckpoint / Trainer.save_checkpoint wrote")
+    parser.add_argument("output_file", help="the checkpoint file to write")
+    parser.add_argument("--group", type=int, default=0,
+                        help="the worker group whose model to write (default 0; after the train-end sync every "
+                             "group holds the same model)")
+    args = parser.parse_args(argv)
+    try:
+        path = convert_fsdp_checkpoint(args.checkpoint_dir, args.output_file, group=args.group)
+    except ValueError as err:
+        parser.error(str(err))
+    print(f"wrote {path}")
+
+
 def main(args: ArgsType = None) -> None:
     """Entry point of ``lightning-localsgd`` and ``python -m lightning_localsgd``.
 
@@ -106,7 +136,8 @@ def main(args: ArgsType = None) -> None:
     here) to keep the trainer and model.
 
     ``lightning-localsgd plan ...`` is not a LightningCLI subcommand: it runs the planner's own command line
-    (:func:`lightning_localsgd.planner.main`), which needs no model, data or trainer.
+    (:func:`lightning_localsgd.planner.main`), which needs no model, data or trainer. Nor is
+    ``lightning-localsgd convert CHECKPOINT_DIR OUTPUT_FILE`` (:func:`convert_main`).
 
     Args:
         args: command line arguments (default: ``sys.argv[1:]``), e.g. ``["fit", "--config", "local_sgd.yaml"]``.
@@ -116,6 +147,14 @@ def main(args: ArgsType = None) -> None:
         from .planner import main as plan_main
 
         plan_main(list(argv[1:]))
+        return
+    if isinstance(argv, (list, tuple)) and argv and argv[0] == "lighthouse":  # federated groups meet there
+        from .federation import main_lighthouse
+
+        main_lighthouse(list(argv[1:]))
+        return
+    if isinstance(argv, (list, tuple)) and argv and argv[0] == "convert":
+        convert_main(list(argv[1:]))
         return
     defaults: dict[str, Any] = {"default_config_files": [str(DEFAULT_CONFIG)]}
     fit_description = (

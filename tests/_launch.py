@@ -12,10 +12,12 @@ import torch
 WORKER = Path(__file__).parent / "workers" / "train_tiny.py"
 
 
-def run_tiny(out: Path, devices: int = 2, expect_fail: bool = False, timeout: int = 240, **options) -> list[dict]:
-    """Run the worker with `--key value` options (True flags become `--key`); return the ranks' dumps."""
+def run_tiny(out: Path, devices: int = 2, expect_fail: bool = False, timeout: int = 240, worker: Path = WORKER,
+             **options) -> list[dict]:
+    """Run the worker (default: train_tiny.py) with `--key value` options (True flags become `--key`); return the
+    ranks' dumps (`out/rank{r}.pt`)."""
     out.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, str(WORKER), "--devices", str(devices), "--out", str(out)]
+    cmd = [sys.executable, str(worker), "--devices", str(devices), "--out", str(out)]
     for key, value in options.items():
         flag = "--" + key.replace("_", "-")
         if value is True:

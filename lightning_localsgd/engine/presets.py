@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import inspect
 from functools import partial
 from typing import Callable, Iterable, Optional, Union
 
@@ -94,11 +95,47 @@ def check_outer_optimizer_factory(factory: Optional[OuterOptimizerFactory]) -> N
         )
 
 
-def outer_optimizer_name(spec: OuterOptimizerSpec) -> str:
-    """A readable name of an ``outer_optimizer`` argument (for logs and checkpoints)."""
+def outer_optimizer_name(spec: OuterOptimizerSpec, arguments: bool = True) -> str:
+    """A readable name of an ``outer_optimizer`` argument (for logs and checkpoints).
+
+    A preset's name; for a class given with its arguments, ``functools.partial(torch.optim.SGD, lr=0.5)`` or a class
+    path in LightningCLI (which jsonargparse wraps as ``partial(<instantiator>, torch.optim.SGD, lr=0.5, ...)``), the
+    class and the arguments that differ from its defaults: ``"SGD(lr=0.5)"`` (``arguments=False``: ``"SGD"``); for
+    another callable, its name.
+    """
     if isinstance(spec, str):
         return spec
     if spec is None:
         return "average"
-    func = getattr(spec, "func", spec)  # functools.partial(torch.optim.SGD, ...)
-    return getattr(func, "__name__", None) or type(func).__name__
+    target: object = spec
+    args: tuple = ()
+    kwargs: dict = {}
+    if isinstance(spec, partial):
+        classes = [i for i, a in enumerate(spec.args) if isinstance(a, type)]
+        if classes:  # jsonargparse: partial(call_without_instantiate_context, instantiator, Class, **init_args)
+            target, args = spec.args[classes[-1]], spec.args[classes[-1] + 1:]
+        else:
+            target, args = spec.func, spec.args
+        kwargs = dict(spec.keywords)
+    name = getattr(target, "__name__", None) or type(target).__name__
+    if not arguments:
+        return name
+    defaults = _defaults(target)
+    shown = [repr(a) for a in args] + [f"{k}={v!r}" for k, v in kwargs.items()
+                                       if not (k in defaults and _same(defaults[k], v))]
+    return f"{name}({', '.join(shown)})" if shown else name
+
+
+def _defaults(target: object) -> dict[str, object]:
+    try:
+        params = inspect.signature(target).parameters.values()  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return {}
+    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+
+
+def _same(a: object, b: object) -> bool:
+    try:
+        return isinstance(a, bool) == isinstance(b, bool) and bool(a == b)  # 0 == 0.0, but not False == 0
+    except Exception:  # e.g. tensors
+        return False

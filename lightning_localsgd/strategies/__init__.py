@@ -3,6 +3,7 @@
 from .base import LocalSGDMixin
 from .ddp import LocalSGDStrategy
 from .deepspeed import LocalSGDDeepSpeedStrategy  # imports no deepspeed: that happens when one is created
-from .fsdp import LocalSGDFSDPStrategy
+from .fsdp import LocalSGDFSDPStrategy, convert_fsdp_checkpoint
 
-__all__ = ["LocalSGDDeepSpeedStrategy", "LocalSGDFSDPStrategy", "LocalSGDMixin", "LocalSGDStrategy"]
+__all__ = ["LocalSGDDeepSpeedStrategy", "LocalSGDFSDPStrategy", "LocalSGDMixin", "LocalSGDStrategy",
+           "convert_fsdp_checkpoint"]

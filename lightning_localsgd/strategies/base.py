@@ -8,6 +8,7 @@ decorates itself with :func:`~lightning_localsgd.config.local_sgd_arguments` and
 
 from __future__ import annotations
 
+import os
 from contextlib import nullcontext
 from dataclasses import fields
 from typing import Any, Callable, Optional
@@ -15,9 +16,11 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.loops.utilities import _is_max_limit_reached
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from ..config import LocalSGDConfig
@@ -27,7 +30,7 @@ from ..reliability import stop_local_ranks
 from ..tensors import batch_tokens
 from ..topology import Topology, add_cluster_groups, check_cluster_size, check_group_size
 
-__all__ = ["LocalSGDMixin", "is_fitting"]
+__all__ = ["LocalSGDMixin", "is_fitting", "training_ends_here"]
 
 
 def is_fitting(trainer: Optional[Trainer]) -> bool:
@@ -48,8 +51,71 @@ class _SyncAtStepEnd(Callback):
         self.strategy.local_sgd_step_end(batch)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # Runs before every other callback's and the LightningModule's on_train_end, so they see the synced model.
-        self.strategy.local_sgd.train_end()
+        # Runs before every other callback's and the LightningModule's on_train_end, so they see the synced model
+        # (a no-op when _SyncBeforeLastCheckpoint already ran it).
+        self.strategy.local_sgd_train_end(trainer)
+
+
+def training_ends_here(trainer: Trainer) -> bool:
+    """Whether the fit loop stops once the hook running now returns (the fit loop's own stop conditions).
+
+    Read in ``on_train_batch_end``, ``on_validation_end`` or ``on_train_epoch_end``: ``max_steps`` reached, the last
+    batch of the last epoch (``max_epochs``), or ``trainer.should_stop`` set (``EarlyStopping``, a ``Timer``, the
+    module) with ``min_steps`` / ``min_epochs`` met. The same on every rank: ``EarlyStopping`` reduces its decision.
+    """
+    if trainer.sanity_checking:
+        return False
+    fit_loop = trainer.fit_loop
+    epoch_loop = fit_loop.epoch_loop
+    if _is_max_limit_reached(epoch_loop.global_step, fit_loop.max_steps):
+        return True
+    if trainer.should_stop and fit_loop._can_stop_early:
+        return True
+    progress = fit_loop.epoch_progress.current
+    # at the last batch of an epoch the epoch counts as done; at on_train_epoch_end `processed` already counts it
+    epochs = progress.started if epoch_loop._num_ready_batches_reached() else progress.processed
+    return _is_max_limit_reached(epochs, fit_loop.max_epochs if fit_loop.max_epochs is not None else -1)
+
+
+class _SyncBeforeLastCheckpoint(Callback):
+    """Runs the train-end sync as soon as training is known to end, right before the checkpoint callbacks.
+
+    Inserted just before the first checkpoint callback (Lightning keeps those last), so it runs after the callbacks
+    that decide to stop (``EarlyStopping`` in ``on_validation_end`` / ``on_train_epoch_end``) and before any checkpoint
+    is written at the last step or epoch: the last checkpoint a ``fit`` writes holds the model ``fit`` returns, with
+    the counters of a finished interval, so a resume from it continues from that model.
+    """
+
+    def __init__(self, strategy: "LocalSGDMixin") -> None:
+        self.strategy = strategy
+
+    def _sync_if_ending(self, trainer: Trainer) -> None:
+        if training_ends_here(trainer):
+            self.strategy.local_sgd_train_end(trainer)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._sync_if_ending(trainer)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._sync_if_ending(trainer)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._sync_if_ending(trainer)
+
+
+def one_group_message(world_size: int, group_size: int) -> str:
+    """The warning for a run whose ranks form a single worker group: it trains, but no local SGD happens."""
+    if world_size == 1:
+        return ("local SGD on a single rank: there is one worker and no other to synchronize with, so this is plain "
+                "single-process training. Use devices (and/or num_nodes) >= 2.")
+    smaller = max((d for d in range(1, world_size) if world_size % d == 0), default=1)
+    return (f"local SGD: group_size={group_size} puts all {world_size} ranks into one worker group, so there is no "
+            "other group to synchronize with: every step is plain data parallelism (DDP / FSDP / ZeRO) inside the "
+            f"group and no local SGD happens. Pass group_size={smaller} ({world_size // smaller} worker groups) or "
+            f"another divisor of {world_size} below {world_size}. The FSDP and DeepSpeed strategies (and their "
+            "registered names, e.g. 'local_sgd_fsdp') default group_size to the devices per node, which on one "
+            "machine is every rank.")
 
 
 class LocalSGDMixin:
@@ -65,7 +131,9 @@ class LocalSGDMixin:
         self.local_sgd = LocalSGDController(config)
         self.topology = None
         self._stepped_this_batch = False
-        self._callback: Optional[_SyncAtStepEnd] = None
+        self._callbacks: list[Callback] = []
+        self._train_ended = False
+        self._saves: list[tuple[str, int, bool]] = []  # (path, global step, weights only) of this fit's checkpoints
         self._restore_sigterm: Optional[Callable[[], None]] = None
 
     # ------------------------------------------------------------------ what the controller holds
@@ -151,6 +219,8 @@ class LocalSGDMixin:
         check_group_size(world_size, group_size)
         if self.cluster_size is not None:
             check_cluster_size(world_size // group_size, self.cluster_size)
+        if world_size == group_size:
+            rank_zero_warn(one_group_message(world_size, group_size), category=UserWarning)
 
     def _add_cluster_groups(self) -> None:
         """Two-stage sync: create the level-1 and level-2 process groups (collective, right after the topology)."""
@@ -172,8 +242,14 @@ class LocalSGDMixin:
                          fallback_timeout=getattr(self, "_timeout", None))
         if not controller.schedule.lockstep:
             self._check_time_based_trainer(trainer)
-        self._callback = _SyncAtStepEnd(self)
-        trainer.callbacks.insert(0, self._callback)
+        self._train_ended = False
+        self._saves = []
+        last = _SyncBeforeLastCheckpoint(self)
+        at = next((i for i, c in enumerate(trainer.callbacks) if isinstance(c, Checkpoint)), len(trainer.callbacks))
+        trainer.callbacks.insert(at, last)
+        first = _SyncAtStepEnd(self)
+        trainer.callbacks.insert(0, first)
+        self._callbacks = [first, last]
         self._limit_sigterm_broadcast(trainer)
         rank_zero_info(controller.config.describe(self.topology.num_groups))
 
@@ -244,6 +320,34 @@ class LocalSGDMixin:
         self._stepped_this_batch = False
         self.local_sgd.step_end()
 
+    def local_sgd_train_end(self, trainer: Trainer) -> None:
+        """The train-end sync, once per ``fit``: as soon as training is known to end, or at ``on_train_end``.
+
+        A checkpoint written at this step before the sync (before the end of training was known: e.g. at the end of
+        validation, before ``EarlyStopping`` decides in ``on_train_epoch_end``) is written again after it, so that
+        every checkpoint of the last step holds the model ``fit`` returns. Collective, as saving is.
+        """
+        if self._train_ended:
+            return
+        self._train_ended = True
+        before = self.local_sgd.last_sync
+        self.local_sgd.train_end()
+        stale = dict.fromkeys((path, weights_only) for path, step, weights_only in self._saves
+                              if step == trainer.global_step)
+        self._saves = []
+        if self.local_sgd.last_sync is before:
+            return  # no sync ran: those checkpoints hold the final model already
+        for path, weights_only in stale:
+            if self.broadcast(os.path.exists(path)):  # type: ignore[attr-defined]  # not one top-k removed since
+                trainer.save_checkpoint(path, weights_only=weights_only)
+
+    def note_checkpoint(self, checkpoint: dict[str, Any], filepath: Any) -> None:
+        """Every strategy's ``save_checkpoint`` calls this first: what a ``fit`` saves before its train-end sync is
+        written again after it (see :meth:`local_sgd_train_end`)."""
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None  # type: ignore[attr-defined]
+        if is_fitting(trainer) and not self._train_ended:
+            self._saves.append((str(filepath), trainer.global_step, "optimizer_states" not in checkpoint))
+
     def _log_sync(self, trainer: Trainer, result: SyncResult, cluster_result: Optional[SyncResult] = None) -> None:
         if trainer.global_rank != 0 or not trainer.loggers:
             return
@@ -275,9 +379,10 @@ class LocalSGDMixin:
         super().teardown()  # type: ignore[misc]
 
     def _remove_hooks(self, trainer: Optional[Trainer]) -> None:
-        if trainer is not None and self._callback is not None and self._callback in trainer.callbacks:
-            trainer.callbacks.remove(self._callback)
-        self._callback = None
+        for callback in self._callbacks:
+            if trainer is not None and callback in trainer.callbacks:
+                trainer.callbacks.remove(callback)
+        self._callbacks = []
         if self._restore_sigterm is not None:
             self._restore_sigterm()
             self._restore_sigterm = None

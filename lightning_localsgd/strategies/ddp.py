@@ -141,6 +141,7 @@ class LocalSGDStrategy(LocalSGDMixin, DDPStrategy):
 
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
+        self.note_checkpoint(checkpoint, filepath)
         state = self._gather_checkpoint_state(checkpoint)  # collective: every rank takes part
         if self.is_global_zero and state is not None:
             checkpoint = {**checkpoint, CHECKPOINT_KEY: state}

@@ -504,6 +504,7 @@ class LocalSGDDeepSpeedStrategy(LocalSGDMixin, DeepSpeedStrategy):
                 "`Trainer.save_checkpoint(..., storage_options=...)` is not supported by LocalSGDDeepSpeedStrategy "
                 "(DeepSpeed writes the checkpoint, not a CheckpointIO)."
             )
+        self.note_checkpoint(checkpoint, filepath)
         if self.outer_sync is None or self.topology is None:
             super().save_checkpoint(checkpoint, filepath)
             return

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, ContextManager, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from typing_extensions import override
 
+from .. import integrity
 from ..checkpoint_io import atomic_save
 from ..config import LocalSGDConfig, local_sgd_arguments
 from ..controller import CHECKPOINT_KEY
@@ -43,6 +44,43 @@ def _is_fully_sharded(module: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return any(isinstance(m, FSDPModule) for m in module.modules())
+
+
+def _reshard(module: nn.Module) -> None:
+    """Put every FSDP unit back to its sharded parameters.
+
+    FSDP2 does not reshard the root unit after a forward (its backward would gather it again at once), so after a
+    forward-only pass (validation, test, predict) ``module.parameters()`` are the unsharded full tensors until the next
+    backward. Whatever reads the shards (the sync, the checkpoint, the sharding check) reshards first.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
+def _call_through_root(module: nn.Module, method: str, *args: Any, **kwargs: Any) -> Any:
+    """Run ``module.<method>(*args, **kwargs)`` (e.g. ``training_step``) inside ``module``'s own forward call.
+
+    When the LightningModule is the FSDP root, its forward hooks (lazy init, gathering the root unit's parameters:
+    embeddings, final norm, head) only run when ``module(...)`` is called. A step that calls a submodule directly
+    (``self.model(input_ids=x).logits``, as Hugging Face and litgpt modules are written) would then meet sharded
+    DTensors. Lightning reroutes the steps through the FSDP1 / DeepSpeed wrapper's forward in the same way. The root is
+    called with no arguments, so FSDP casts or moves none of the step's inputs (the step itself calls ``self(x)`` as
+    it likes); the step's own arguments go to it untouched.
+    """
+    step = getattr(module, method)
+
+    def forward() -> Any:
+        del module.forward  # the real forward again, for a step that calls self(x)
+        return step(*args, **kwargs)
+
+    module.forward = forward  # type: ignore[method-assign]
+    try:
+        return module()
+    finally:
+        module.__dict__.pop("forward", None)
 
 
 @local_sgd_arguments(
@@ -146,6 +184,7 @@ class LocalSGDFSDPStrategy(LocalSGDMixin, ModelParallelStrategy):
                 "or let the strategy shard the model."
             )
         if _is_fully_sharded(self.model):
+            _reshard(self.model)  # a validation pass at the end of a previous fit left the root unit unsharded
             self._check_user_sharding(self.model)
         else:
             if not any(p.device.type == "meta" for p in self.model.parameters()):
@@ -240,22 +279,68 @@ class LocalSGDFSDPStrategy(LocalSGDMixin, ModelParallelStrategy):
 
     @override
     def before_local_sgd_sync(self) -> None:
-        assert self.outer_sync is not None
+        assert self.outer_sync is not None and self.lightning_module is not None
+        _reshard(self.lightning_module)  # e.g. the train-end sync right after a validation pass
         self.outer_sync.tensors = self.local_sgd_tensors()[0]  # FSDP may re-view its sharded storage
+
+    # ------------------------------------------------------------------ steps
+    def _step(self, method: str, context: Callable[[], ContextManager[Any]], *args: Any, **kwargs: Any) -> Any:
+        """A step of the LightningModule; through the root's forward when the LightningModule is the FSDP root."""
+        from torch.distributed.fsdp import FSDPModule
+
+        args, kwargs = self.precision_plugin.convert_input((args, kwargs))
+        module = self.lightning_module
+        assert module is not None
+        with context():
+            if isinstance(module, FSDPModule):
+                return _call_through_root(module, method, *args, **kwargs)
+            return getattr(module, method)(*args, **kwargs)
+
+    @override
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        return self._step("training_step", self.precision_plugin.train_step_context, *args, **kwargs)
+
+    @override
+    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        return self._step("validation_step", self.precision_plugin.val_step_context, *args, **kwargs)
+
+    @override
+    def test_step(self, *args: Any, **kwargs: Any) -> Any:
+        return self._step("test_step", self.precision_plugin.test_step_context, *args, **kwargs)
+
+    @override
+    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
+        return self._step("predict_step", self.precision_plugin.predict_step_context, *args, **kwargs)
 
     # ------------------------------------------------------------------ checkpoints
     def _rank_state(self) -> dict[str, Any]:
         """This rank's exact training state: its parameter shards, inner optimizer states, outer state."""
         assert self.lightning_module is not None
+        _reshard(self.lightning_module)  # a checkpoint saved right after a validation pass
         params = {n: local_view(p.detach()).cpu().clone() for n, p in self.lightning_module.named_parameters()}
         buffers = {n: b.detach().cpu().clone() for n, b in self.lightning_module.named_buffers()}
         optimizers = [to_cpu(dtensor_to_local(o.state_dict())) for o in self.optimizers]
         return {"params": params, "buffers": buffers, "optimizers": optimizers, **self.local_sgd.rank_state()}
 
+    def _shard_layout(self) -> dict[str, Any]:
+        """What :func:`convert_fsdp_checkpoint` needs to rebuild the full model from a group's rank files: each
+        parameter's full shape and sharded dimension, and which parameter or buffer each ``state_dict`` key holds
+        (tied weights appear under several keys)."""
+        module = self.lightning_module
+        assert module is not None
+        params = {}
+        for name, p in module.named_parameters():
+            dims = [placement.dim for placement in getattr(p, "placements", ()) if hasattr(placement, "dim")]
+            params[name] = {"shape": list(p.shape), "dim": dims[0] if dims else None}
+        names = {id(t): n for n, t in [*module.named_buffers(), *module.named_parameters()]}
+        keys = {key: names[id(t)] for key, t in module.state_dict(keep_vars=True).items() if id(t) in names}
+        return {"params": params, "state_dict": keys}
+
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
         if storage_options is not None:
             raise TypeError("LocalSGDFSDPStrategy.save_checkpoint does not take storage_options.")
+        self.note_checkpoint(checkpoint, filepath)
         path = Path(self.broadcast(str(filepath)))
         mine = self._rank_state()
         checkpoint = dict(checkpoint)
@@ -270,7 +355,8 @@ class LocalSGDFSDPStrategy(LocalSGDMixin, ModelParallelStrategy):
             self.barrier()
             atomic_save(mine, path / _rank_file(self.global_rank))
             if self.is_global_zero:
-                atomic_save({**checkpoint, CHECKPOINT_KEY: self.local_sgd.meta(self.world_size)}, path / _META_FILE)
+                meta = self.local_sgd.meta(self.world_size, shards=self._shard_layout())
+                atomic_save({**checkpoint, CHECKPOINT_KEY: meta}, path / _META_FILE)
             self.barrier()
             return
         # one file: group 0's full model in Lightning's format, plus every rank's exact shards
@@ -362,3 +448,66 @@ def _local_to_dtensor(state: Mapping[str, Any], optimizer: Any) -> dict[str, Any
                 new[k] = v
         out["state"][idx] = new
     return out
+
+
+def convert_fsdp_checkpoint(checkpoint_dir: Any, output_file: Any, group: int = 0) -> Path:
+    """Turn a :class:`LocalSGDFSDPStrategy` checkpoint folder into a plain Lightning checkpoint file.
+
+    The folder (``save_distributed_checkpoint=True``, the default) holds every rank's shards; the file written here
+    holds one worker group's full model under ``state_dict``, in the LightningModule's own names, plus the rest of
+    the checkpoint (``epoch``, ``global_step``, hyper-parameters, loops, callbacks), so
+    ``LightningModule.load_from_checkpoint(output_file)`` or ``torch.load`` + ``load_state_dict`` read it in a plain
+    single process, as Lightning's ``convert_zero_checkpoint_to_fp32_state_dict`` does for DeepSpeed folders. No
+    optimizer state is written (it is sharded, and each group has its own): use it for inference, evaluation or to
+    start a new run, and the folder itself to resume a local-SGD run exactly.
+
+    The last checkpoint of a ``fit`` holds the synced model (the train-end sync runs before it is saved), so every
+    group gives the same weights; a checkpoint taken between two syncs holds each group's own model, ``group`` picks
+    which (the default, group 0, is also what a single-file checkpoint's ``state_dict`` holds).
+
+    Also on the command line: ``lightning-localsgd convert CHECKPOINT_DIR OUTPUT_FILE [--group N]``.
+
+    Args:
+        checkpoint_dir: the folder ``ModelCheckpoint`` / ``Trainer.save_checkpoint`` wrote (``meta.pt`` and one
+            ``rankNNNNN.pt`` per rank).
+        output_file: the checkpoint file to write (atomically).
+        group: which worker group's model to write, ``0 <= group < world_size / group_size``. Default 0.
+
+    Returns:
+        The path of the file written.
+
+    Raises:
+        ValueError: ``checkpoint_dir`` is not such a folder, or ``group`` is out of range.
+    """
+    folder, output = Path(checkpoint_dir), Path(output_file)
+    if folder.is_file():
+        raise ValueError(f"checkpoint_dir={str(folder)!r} is a file, not a LocalSGDFSDPStrategy checkpoint folder: a "
+                         "single-file checkpoint (save_distributed_checkpoint=False) already holds group 0's full "
+                         "model under `state_dict`; load it directly.")
+    if not (folder / _META_FILE).is_file():
+        raise ValueError(f"checkpoint_dir={str(folder)!r} is not a LocalSGDFSDPStrategy checkpoint folder (no "
+                         f"{_META_FILE}). Pass the folder that ModelCheckpoint / Trainer.save_checkpoint wrote.")
+    meta = integrity.load(folder / _META_FILE, map_location="cpu", weights_only=False)
+    layout = meta.pop(CHECKPOINT_KEY)
+    size = layout["group_size"]
+    num_groups = layout["world_size"] // size
+    if isinstance(group, bool) or not isinstance(group, int) or not 0 <= group < num_groups:
+        raise ValueError(f"group={group!r}: the checkpoint has {num_groups} worker group(s); pass 0 <= group < "
+                         f"{num_groups}.")
+    ranks = [integrity.load(folder / _rank_file(r), map_location="cpu", weights_only=False)
+             for r in range(group * size, (group + 1) * size)]  # row `group` of the mesh, in shard order
+    shards = layout.get("shards") or {}
+    tensors: dict[str, Tensor] = {}
+    for name, first in ranks[0]["params"].items():
+        info = shards.get("params", {}).get(name, {"dim": 0 if first.dim() else None})
+        full = first if info["dim"] is None else torch.cat([r["params"][name] for r in ranks], dim=info["dim"])
+        if "shape" in info and list(full.shape) != info["shape"]:
+            raise ValueError(f"{folder}: the shards of {name!r} make a tensor of shape {list(full.shape)}, the model's "
+                             f"is {info['shape']}; the folder is incomplete or was written by another layout.")
+        tensors[name] = full
+    tensors.update(ranks[0]["buffers"])
+    keys = shards.get("state_dict") or {name: name for name in tensors}
+    meta["state_dict"] = {key: tensors[name] for key, name in keys.items()}
+    output.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save(meta, output)
+    return output
