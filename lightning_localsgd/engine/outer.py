@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .codecs import check_codec
-from .comm import Communicator, as_communicator
+from .comm import Communicator, SyncAbortedError, as_communicator
 from .layout import Fragment, Layout
 from .presets import OuterOptimizerFactory
 from .reducers import (DEFAULT_BUCKET_BYTES, CompressedReducer, MeanReducer, Reduction, assign_buffers,
@@ -68,6 +68,29 @@ def _blend(live: Tensor, global_: Tensor, mix: float) -> None:
         live.copy_(global_)
     else:
         live.copy_(live.float().mul(mix).add_(global_.to(live.device), alpha=1.0 - mix))
+
+
+def load_outer_optimizer(optimizer: torch.optim.Optimizer, saved: dict[str, Any], saved_class: Optional[str]) -> None:
+    """Load the outer optimizer's state; this run's hyper-parameters (lr, momentum, ...) win over the saved ones."""
+    mine = type(optimizer).__name__
+    if saved_class is not None and saved_class != mine:
+        raise ValueError(
+            f"the checkpoint's outer optimizer is {saved_class}, this run's is {mine}: its state (e.g. momentum) "
+            "cannot be carried over. Resume with the same outer_optimizer, or start a new run from the weights."
+        )
+    fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    try:
+        optimizer.load_state_dict(saved)
+    except (KeyError, ValueError) as err:
+        raise ValueError(f"the checkpoint's outer optimizer state does not fit this run's {mine} ({err}). Resume "
+                         "with the same outer_optimizer.") from err
+    changed = sorted({f"{k}: {g[k]!r} -> {f[k]!r}" for g, f in zip(optimizer.param_groups, fresh)
+                      for k in f if k in g and g[k] != f[k]})
+    for group, hyper in zip(optimizer.param_groups, fresh):
+        group.update(hyper)
+    if changed:
+        log.warning(f"local SGD: the outer optimizer's hyper-parameters differ from the checkpoint's; this run's "
+                    f"are used ({', '.join(changed)}).")
 
 
 class OuterSync:
@@ -260,6 +283,9 @@ class OuterSync:
         if self.norm is not None and self.norm.size > 1:
             self.norm.all_reduce(sq)
         sq_norm = float(sq.item())
+        if not self.cross.commit():  # a fault-tolerant transport's vote: nothing has been written yet
+            raise SyncAbortedError("the sync was aborted (a collective failed, or too few groups took part); the "
+                                   "global parameters and the outer optimizer state are unchanged.")
         buffers_finite = buffer_sum is None or bool(torch.isfinite(buffer_sum).all())
         if not math.isfinite(sq_norm) or not buffers_finite:
             return self._nonfinite(frag, red, buffers_finite)
@@ -344,30 +370,6 @@ class OuterSync:
         return [i for i, f in enumerate(flags.tolist()) if f > 0]
 
     # ------------------------------------------------------------------ checkpointing
-    def _load_outer_optimizer(self, saved: dict[str, Any], saved_class: Optional[str]) -> None:
-        """Load the outer optimizer's state; this run's hyper-parameters (lr, momentum, ...) win over the saved ones."""
-        optimizer = self.outer_optimizer
-        assert optimizer is not None
-        mine = type(optimizer).__name__
-        if saved_class is not None and saved_class != mine:
-            raise ValueError(
-                f"the checkpoint's outer optimizer is {saved_class}, this run's is {mine}: its state (e.g. momentum) "
-                "cannot be carried over. Resume with the same outer_optimizer, or start a new run from the weights."
-            )
-        fresh = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-        try:
-            optimizer.load_state_dict(saved)
-        except (KeyError, ValueError) as err:
-            raise ValueError(f"the checkpoint's outer optimizer state does not fit this run's {mine} ({err}). Resume "
-                             "with the same outer_optimizer.") from err
-        changed = sorted({f"{k}: {g[k]!r} -> {f[k]!r}" for g, f in zip(optimizer.param_groups, fresh)
-                          for k in f if k in g and g[k] != f[k]})
-        for group, hyper in zip(optimizer.param_groups, fresh):
-            group.update(hyper)
-        if changed:
-            log.warning(f"local SGD: the outer optimizer's hyper-parameters differ from the checkpoint's; this run's "
-                        f"are used ({', '.join(changed)}).")
-
     def state_dict(self) -> dict[str, Any]:
         """This rank's snapshot slice, outer optimizer state, error feedback and counters (CPU tensors)."""
         compressed = self.compressor.state_dict() if self.compressor is not None else \
@@ -402,7 +404,7 @@ class OuterSync:
                 "optimizer). Resume with the same outer_optimizer."
             )
         if self.outer_optimizer is not None:
-            self._load_outer_optimizer(state["outer_optimizer"], state.get("outer_optimizer_class"))
+            load_outer_optimizer(self.outer_optimizer, state["outer_optimizer"], state.get("outer_optimizer_class"))
             for st in self.outer_optimizer.state.values():
                 for k, v in st.items():
                     if isinstance(v, Tensor) and v.dim() > 0:

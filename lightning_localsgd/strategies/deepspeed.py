@@ -167,6 +167,82 @@ def check_deepspeed_config(config: Mapping[str, Any]) -> int:
 _UNSUPPORTED = "ZeRO syncs flat partitions, and DeepSpeed's own collectives assume every group steps together"
 
 
+# ---------------------------------------------------------------------------------------------- ZeRO internals
+def guard_reentrant_root_forward(optimizer: Any) -> None:
+    """ZeRO-3: start DeepSpeed's per-forward parameter trace on the outermost call of the LightningModule only.
+
+    DeepSpeed resets its prefetch trace in a forward pre-hook on the root module. Lightning runs ``training_step``
+    through the engine's forward, and a ``training_step`` that calls ``self(x)`` enters the root module a second
+    time: the trace is reset mid-forward, never completes, and DeepSpeed then validates it at every step with
+    broadcasts from global rank 0 over *all* ranks (``assert_ints_same_as_other_ranks``), one cross-group round
+    trip per step. Re-entrant calls of the root module no longer reset the trace.
+    """
+    # training: the ZeRO-3 optimizer's parameter_offload; evaluation: DeepSpeedZeRoOffload itself
+    offload = getattr(optimizer, "parameter_offload", None) or optimizer
+    handle = getattr(offload, "fwd_pre_hook", None)
+    module = getattr(offload, "module", None)
+    if handle is None or module is None or not isinstance(getattr(offload, "forward_hooks", None), list):
+        return
+    handle.remove()
+    depth = [0]
+
+    def start_of_forward(mod: Module, *args: Any) -> None:
+        depth[0] += 1
+        if depth[0] == 1:
+            offload.get_param_coordinator().reset_step()
+
+    def end_of_forward(mod: Module, *args: Any) -> None:
+        depth[0] -= 1
+
+    offload.fwd_pre_hook = module.register_forward_pre_hook(start_of_forward, prepend=True)
+    offload.forward_hooks.append(module.register_forward_hook(end_of_forward, always_call=True))
+
+
+
+def zero_optimizer(engine: Any) -> Any:
+    """DeepSpeed's ZeRO optimizer of ``engine``, refused when we cannot find its fp32 master partitions."""
+    optimizer = getattr(engine, "optimizer", None)
+    for attr in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat_partition"):
+        if isinstance(getattr(optimizer, attr, None), list):
+            return optimizer
+    raise TypeError(
+        f"LocalSGDDeepSpeedStrategy cannot find the fp32 master partitions in DeepSpeed's optimizer "
+        f"{type(optimizer).__name__}: supported are ZeRO stage 1/2 (DeepSpeedZeroOptimizer), stage 3 "
+        "(DeepSpeedZeroOptimizer_Stage3) and DeepSpeed's BF16_Optimizer."
+    )
+
+def master_partitions(opt: Any) -> list[Tensor]:
+    """This rank's fp32 master partitions, one flat tensor per parameter (sub-)group; same layout in every group."""
+    if hasattr(opt, "fp32_partitioned_groups_flat"):  # stage 3
+        flats = opt.fp32_partitioned_groups_flat
+    elif hasattr(opt, "single_partition_of_fp32_groups"):  # stage 1/2
+        flats = opt.single_partition_of_fp32_groups
+    else:  # BF16_Optimizer (bf16 with stage 1)
+        flats = opt.fp32_groups_flat_partition
+    if any(t is None for t in flats):
+        raise RuntimeError("LocalSGDDeepSpeedStrategy: a master partition is swapped out (NVMe offload).")
+    return [t.detach() for t in flats]
+
+@torch.no_grad()
+def refresh_module_params(opt: Any) -> None:
+    """After the master partitions changed: make the module's (bit16) parameters equal to them again, as ZeRO
+    does at the end of its own ``step()``. Collective inside the worker group."""
+    if hasattr(opt, "fp32_partitioned_groups_flat"):  # stage 3
+        # release the gathered parameters (the persistent ones included), so the partitions are the source
+        opt._partition_all_parameters()
+        for i in range(len(opt.fp16_partitioned_groups_flat)):
+            # fp32 flat -> partitioned bit16 flat, which the parameters' ds_tensor views point into
+            opt._reassign_or_swap_out_partitioned_parameters(i)
+        persistent = getattr(opt, "persistent_parameters", None)
+        if persistent:
+            persistent[0].all_gather(persistent)
+        if hasattr(opt, "invalidate_secondary_tensor"):
+            opt.invalidate_secondary_tensor()
+    else:  # stage 1/2 and BF16_Optimizer: copy into the bit16 partition, all-gather inside the group
+        opt.update_lp_params()
+
+
+
 @local_sgd_arguments(
     defaults={"group_size": None},
     docs={"group_size": "ranks per worker group = ZeRO's data-parallel size; must divide the world size. Default "
@@ -346,44 +422,11 @@ class LocalSGDDeepSpeedStrategy(LocalSGDMixin, DeepSpeedStrategy):
             )
         self._broadcast_from_rank_zero()
         super().setup(trainer)
-        self._guard_reentrant_root_forward()
+        guard_reentrant_root_forward(getattr(self.model, "optimizer", None) if self.model is not None else None)
         if fitting:
-            self._zero_optimizer()  # fails early for an optimizer wrapper we cannot sync
+            self.zero_optimizer  # fails early for an optimizer wrapper we cannot sync
             self._broadcast_group_zero_partitions()
             self.setup_local_sgd(trainer)
-
-    def _guard_reentrant_root_forward(self) -> None:
-        """ZeRO-3: start DeepSpeed's per-forward parameter trace on the outermost call of the LightningModule only.
-
-        DeepSpeed resets its prefetch trace in a forward pre-hook on the root module. Lightning runs ``training_step``
-        through the engine's forward, and a ``training_step`` that calls ``self(x)`` enters the root module a second
-        time: the trace is reset mid-forward, never completes, and DeepSpeed then validates it at every step with
-        broadcasts from global rank 0 over *all* ranks (``assert_ints_same_as_other_ranks``), one cross-group round
-        trip per step. Re-entrant calls of the root module no longer reset the trace.
-        """
-        optimizer = self._deepspeed_optimizer_or_none()
-        # training: the ZeRO-3 optimizer's parameter_offload; evaluation: DeepSpeedZeRoOffload itself
-        offload = getattr(optimizer, "parameter_offload", None) or optimizer
-        handle = getattr(offload, "fwd_pre_hook", None)
-        module = getattr(offload, "module", None)
-        if handle is None or module is None or not isinstance(getattr(offload, "forward_hooks", None), list):
-            return
-        handle.remove()
-        depth = [0]
-
-        def start_of_forward(mod: Module, *args: Any) -> None:
-            depth[0] += 1
-            if depth[0] == 1:
-                offload.get_param_coordinator().reset_step()
-
-        def end_of_forward(mod: Module, *args: Any) -> None:
-            depth[0] -= 1
-
-        offload.fwd_pre_hook = module.register_forward_pre_hook(start_of_forward, prepend=True)
-        offload.forward_hooks.append(module.register_forward_hook(end_of_forward, always_call=True))
-
-    def _deepspeed_optimizer_or_none(self) -> Any:
-        return getattr(self.model, "optimizer", None) if self.model is not None else None
 
     @torch.no_grad()
     def _broadcast_from_rank_zero(self) -> None:
@@ -395,49 +438,10 @@ class LocalSGDDeepSpeedStrategy(LocalSGDMixin, DeepSpeedStrategy):
                 continue  # already partitioned by zero.Init: handled after the engine exists
             dist.broadcast(t.data, src=0)
 
-    def _zero_optimizer(self) -> Any:
-        engine = self.deepspeed_engine
-        optimizer = getattr(engine, "optimizer", None)
-        for attr in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat_partition"):
-            if isinstance(getattr(optimizer, attr, None), list):
-                return optimizer
-        raise TypeError(
-            f"LocalSGDDeepSpeedStrategy cannot find the fp32 master partitions in DeepSpeed's optimizer "
-            f"{type(optimizer).__name__}: supported are ZeRO stage 1/2 (DeepSpeedZeroOptimizer), stage 3 "
-            "(DeepSpeedZeroOptimizer_Stage3) and DeepSpeed's BF16_Optimizer."
-        )
-
-    def _master_partitions(self) -> list[Tensor]:
-        """This rank's fp32 master partitions, one flat tensor per parameter (sub-)group; same layout in every group."""
-        opt = self._zero_optimizer()
-        if hasattr(opt, "fp32_partitioned_groups_flat"):  # stage 3
-            flats = opt.fp32_partitioned_groups_flat
-        elif hasattr(opt, "single_partition_of_fp32_groups"):  # stage 1/2
-            flats = opt.single_partition_of_fp32_groups
-        else:  # BF16_Optimizer (bf16 with stage 1)
-            flats = opt.fp32_groups_flat_partition
-        if any(t is None for t in flats):
-            raise RuntimeError("LocalSGDDeepSpeedStrategy: a master partition is swapped out (NVMe offload).")
-        return [t.detach() for t in flats]
-
-    @torch.no_grad()
-    def _refresh_module_params(self) -> None:
-        """After the master partitions changed: make the module's (bit16) parameters equal to them again, as ZeRO
-        does at the end of its own ``step()``. Collective inside the worker group."""
-        opt = self._zero_optimizer()
-        if hasattr(opt, "fp32_partitioned_groups_flat"):  # stage 3
-            # release the gathered parameters (the persistent ones included), so the partitions are the source
-            opt._partition_all_parameters()
-            for i in range(len(opt.fp16_partitioned_groups_flat)):
-                # fp32 flat -> partitioned bit16 flat, which the parameters' ds_tensor views point into
-                opt._reassign_or_swap_out_partitioned_parameters(i)
-            persistent = getattr(opt, "persistent_parameters", None)
-            if persistent:
-                persistent[0].all_gather(persistent)
-            if hasattr(opt, "invalidate_secondary_tensor"):
-                opt.invalidate_secondary_tensor()
-        else:  # stage 1/2 and BF16_Optimizer: copy into the bit16 partition, all-gather inside the group
-            opt.update_lp_params()
+    @property
+    def zero_optimizer(self) -> Any:
+        """DeepSpeed's ZeRO optimizer, whose fp32 master partitions are what this rank syncs."""
+        return zero_optimizer(self.deepspeed_engine)
 
     @torch.no_grad()
     def _broadcast_group_zero_partitions(self) -> None:
@@ -446,16 +450,16 @@ class LocalSGDDeepSpeedStrategy(LocalSGDMixin, DeepSpeedStrategy):
         assert self.topology is not None
         if self.topology.num_groups == 1:
             return
-        for t in self._master_partitions():
+        for t in master_partitions(self.zero_optimizer):
             if t.numel():
                 dist.broadcast(t, src=self.topology.rank_in_group, group=self.topology.cross_group)
-        self._refresh_module_params()
+        refresh_module_params(self.zero_optimizer)
 
     @override
     def local_sgd_tensors(self) -> tuple[list[Tensor], list[Tensor]]:
         module = self.lightning_module
         buffers = [b for b in module.buffers() if torch.is_floating_point(b)]
-        return self._master_partitions(), buffers
+        return master_partitions(self.zero_optimizer), buffers
 
     @override
     def local_sgd_norm_group(self) -> Optional[dist.ProcessGroup]:
@@ -471,17 +475,17 @@ class LocalSGDDeepSpeedStrategy(LocalSGDMixin, DeepSpeedStrategy):
     @override
     def before_local_sgd_sync(self) -> None:
         assert self.outer_sync is not None
-        self.outer_sync.tensors = self._master_partitions()  # a checkpoint load may have re-created them
+        self.outer_sync.tensors = master_partitions(self.zero_optimizer)  # a checkpoint load may re-create them
 
     @override
     def after_local_sgd_sync(self) -> None:
         # the partitions hold θ_g now (also after a skipped sync): the module's parameters follow them
-        self._refresh_module_params()
+        refresh_module_params(self.zero_optimizer)
 
     @override
     def reset_inner_optimizers(self) -> None:
         # the torch optimizer that ZeRO runs on the fp32 master partitions holds the state (e.g. Adam's moments)
-        inner = getattr(self._zero_optimizer(), "optimizer", None)
+        inner = getattr(self.zero_optimizer, "optimizer", None)
         if inner is not None and hasattr(inner, "state"):
             inner.state.clear()
 
@@ -574,7 +578,7 @@ class LocalSGDDeepSpeedStrategy(LocalSGDMixin, DeepSpeedStrategy):
         if fitting and self.outer_sync is not None:
             mine = integrity.load(path / _LOCAL_DIR / _rank_file(self.global_rank), map_location="cpu", weights_only=False)
             self.local_sgd.restore(layout, mine["outer"], mine.get("cluster"))
-            self.outer_sync.tensors = self._master_partitions()
+            self.outer_sync.tensors = master_partitions(self.zero_optimizer)
         client_state.pop(CHECKPOINT_KEY, None)
         return client_state
 
