@@ -19,6 +19,7 @@ from .engine.codecs import check_codec
 from .engine.presets import (OuterOptimizerFactory, OuterOptimizerSpec, check_outer_optimizer_factory,
                              outer_optimizer_name, resolve_outer_optimizer)
 from .engine.schedules import SyncSchedule, build_schedule
+from .federation import check_lighthouse_address, refuse_unsupported
 from .reliability import check_sync_timeout
 
 __all__ = ["ARGUMENT_DOCS", "LocalSGDConfig", "check_state_device", "local_sgd_arguments"]
@@ -86,6 +87,16 @@ ARGUMENT_DOCS: dict[str, str] = {
     "sync_schedule": "the name of a sync schedule added with ``register_schedule`` (or a built-in: ``\"periodic\"``, "
                 "``\"two_stage\"``, ``\"streaming\"``, ``\"time_based\"``). Default None: chosen from the arguments "
                 "above.",
+    "lighthouse": "federated worker groups: the ``host:port`` of torchft's lighthouse (``lightning-localsgd "
+                  "lighthouse --port 29510``). Each job (its own SLURM job, torchrun or machine) is then one worker "
+                  "group (``group_size`` = the job's world size); groups join and leave between syncs, a sync averages "
+                  "over the groups present, a joining group heals from a live peer. ``sync_timeout`` bounds each sync "
+                  "(quorum, reduce, retries; default 600 s in this mode). See docs/multi_cluster.md. Default None: "
+                  "one world.",
+    "group_id": "with ``lighthouse``: this job's name among the groups (no ``:``); a job restarted with the same "
+                "name takes its place. Default None: the host name and a random suffix.",
+    "min_groups": "with ``lighthouse``: fewest groups a sync may average over; with fewer the sync waits (until "
+                  "``sync_timeout``) for more to join. Default 1.",
 }
 
 
@@ -140,6 +151,9 @@ class LocalSGDConfig:
     overlap_mix: float = 0.0
     sync_every_seconds: Optional[float] = None
     sync_schedule: Optional[str] = None
+    lighthouse: Optional[str] = None
+    group_id: Optional[str] = None
+    min_groups: int = 1
     # derived on validation
     outer_factory: Optional[OuterOptimizerFactory] = field(default=None, init=False, repr=False)
     cluster_factory: Optional[OuterOptimizerFactory] = field(default=None, init=False, repr=False)
@@ -169,6 +183,7 @@ class LocalSGDConfig:
             self.sync_every_seconds = float(self.sync_every_seconds)
         if self.sync_schedule is not None:
             build_schedule(self.sync_schedule, self)  # an unknown name fails here, before training
+        self._check_federated()
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -278,6 +293,23 @@ class LocalSGDConfig:
         if not self.sync_on_train_end:
             raise ValueError("sync_every_seconds needs sync_on_train_end=True: a group that finishes tells the others "
                              "to stop in its last sync, and they wait for it.")
+
+    def _check_federated(self) -> None:
+        _positive_int("min_groups", self.min_groups, 1, "It is the fewest worker groups a federated sync averages "
+                      "over; e.g. 1.")
+        if self.lighthouse is None:
+            for name, value, default in (("group_id", self.group_id, None), ("min_groups", self.min_groups, 1)):
+                if value != default:
+                    raise ValueError(f"{name}={value!r} only applies to federated worker groups: set lighthouse="
+                                     "'host:port' too (see docs/multi_cluster.md), or remove it.")
+            return
+        check_lighthouse_address(self.lighthouse)
+        gid = self.group_id
+        if gid is not None and (not isinstance(gid, str) or not gid or ":" in gid or gid != gid.strip()
+                                or any(c.isspace() for c in gid)):
+            raise ValueError(f"group_id must be a non-empty name without ':' or spaces (e.g. 'cluster-a'), got "
+                             f"{gid!r}.")
+        refuse_unsupported(self)
 
 
 T = TypeVar("T", bound=type)

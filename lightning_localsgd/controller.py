@@ -49,6 +49,8 @@ class LocalSGDController:
         self.on_sync: Callable[[SyncResult, Optional[SyncResult]], None] = lambda result, cluster: None
         self.on_stop: Callable[[], None] = lambda: None
         self.on_reset: Callable[[], None] = lambda: None
+        self.run_sync: Callable[[OuterSync], SyncResult] = lambda engine: engine.sync()
+        """How a sync of all parameters runs (federated groups: over a quorum, retried; see ``federation``)."""
         """Called on the ranks of a group whose values were not finite at a skipped sync (reset inner state)."""
         self._restored: Optional[tuple[Mapping[str, Any], Any, Any]] = None
 
@@ -177,7 +179,7 @@ class LocalSGDController:
         assert self.outer_sync is not None
         cluster_result = None
         with self._guarded():
-            result = self.outer_sync.sync()
+            result = self.run_sync(self.outer_sync)
             if all_levels and self.cluster_sync is not None and not result.skipped:
                 # θ_c (level 1's snapshot) takes the level-2 outer step, then every group of the cluster follows it
                 cluster_result = self.cluster_sync.sync()

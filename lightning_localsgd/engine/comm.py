@@ -15,7 +15,11 @@ from typing import Any, Optional, Protocol, Union
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["Communicator", "ProcessGroupCommunicator", "Work", "as_communicator"]
+__all__ = ["Communicator", "ProcessGroupCommunicator", "SyncAbortedError", "Work", "as_communicator"]
+
+
+class SyncAbortedError(RuntimeError):
+    """The members voted against applying a sync (:meth:`Communicator.commit`); nothing was written."""
 
 
 class Work(Protocol):
@@ -53,6 +57,11 @@ class Communicator(ABC):
     def process_groups(self) -> list[dist.ProcessGroup]:
         """The ``torch.distributed`` process groups underneath, for timeouts (none for other transports)."""
         return []
+
+    def commit(self) -> bool:
+        """Whether the sync's collectives succeeded everywhere they must agree; asked once per sync, after the reduce
+        and before anything is written. A fixed world always says yes; a fault-tolerant transport votes."""
+        return True
 
 
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from ..config import LocalSGDConfig
 from ..controller import LocalSGDController
+from ..federation import Federation, federated_group_size
 from ..engine import OuterSync, SyncResult, SyncSchedule
 from ..reliability import stop_local_ranks
 from ..tensors import batch_tokens
@@ -45,6 +46,8 @@ class _SyncAtStepEnd(Callback):
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.strategy.local_sgd.schedule.start()
+        if self.strategy.federation is not None:  # join the running groups (heal from one) before the first step
+            self.strategy.federation.join(self.strategy.local_sgd.outer_sync)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -127,8 +130,16 @@ class LocalSGDMixin:
     local_sgd: LocalSGDController
     topology: Optional[Topology] = None
 
+    #: Whether this strategy runs as a federated worker group (``lighthouse=``); see :mod:`..federation`.
+    supports_federation = False
+
     def _init_local_sgd(self, config: LocalSGDConfig) -> None:
+        if config.lighthouse is not None and not self.supports_federation:
+            raise ValueError(f"lighthouse= (federated worker groups) is supported by LocalSGDStrategy (DDP inside each "
+                             f"job), not yet by {type(self).__name__}. Use LocalSGDStrategy, or remove lighthouse.")
         self.local_sgd = LocalSGDController(config)
+        self.federation = Federation(config.lighthouse, config.group_id, config.min_groups, config.sync_timeout) \
+            if config.lighthouse is not None else None
         self.topology = None
         self._stepped_this_batch = False
         self._callbacks: list[Callback] = []
@@ -205,6 +216,8 @@ class LocalSGDMixin:
     def _configure_launcher(self) -> None:
         # The world size is known here, before the processes start: fail early on a bad group_size.
         self._resolve_group_size()
+        if self.lighthouse is not None:  # federated: the job's own world is the worker group
+            self.group_size = federated_group_size(self.group_size, self.num_nodes * self.num_processes)  # type: ignore[attr-defined]
         self._check_world_size(self.num_nodes * self.num_processes)  # type: ignore[attr-defined]
         super()._configure_launcher()  # type: ignore[misc]
 
@@ -219,7 +232,7 @@ class LocalSGDMixin:
         check_group_size(world_size, group_size)
         if self.cluster_size is not None:
             check_cluster_size(world_size // group_size, self.cluster_size)
-        if world_size == group_size:
+        if world_size == group_size and self.lighthouse is None:
             rank_zero_warn(one_group_message(world_size, group_size), category=UserWarning)
 
     def _add_cluster_groups(self) -> None:
@@ -237,6 +250,9 @@ class LocalSGDMixin:
         controller.on_sync = lambda result, cluster: self._log_sync(trainer, result, cluster)
         controller.on_stop = lambda: setattr(trainer, "should_stop", True)  # another group finished: stop too
         controller.on_reset = self.reset_inner_optimizers
+        if self.federation is not None:  # the other groups are other jobs, met through torchft's quorum
+            self.topology.cross_group = self.federation.start(self, trainer)
+            controller.run_sync = self.federation.sync
         controller.setup(self.topology, params, buffers, shard_group=self.local_sgd_shard_group(),
                          norm_group=self.local_sgd_norm_group(), fragment_sizes=self.local_sgd_fragment_sizes(),
                          fallback_timeout=getattr(self, "_timeout", None))
@@ -318,6 +334,8 @@ class LocalSGDMixin:
         if not self._stepped_this_batch:
             return  # an accumulation micro-batch, or a manual-optimization step that stepped nothing
         self._stepped_this_batch = False
+        if self.federation is not None:
+            self.federation.trained = True  # this group weighs in at the next sync
         self.local_sgd.step_end()
 
     def local_sgd_train_end(self, trainer: Trainer) -> None:
@@ -376,6 +394,8 @@ class LocalSGDMixin:
 
     def teardown(self) -> None:
         self._remove_hooks(self.lightning_module._trainer if self.lightning_module is not None else None)
+        if self.federation is not None:
+            self.federation.shutdown()
         super().teardown()  # type: ignore[misc]
 
     def _remove_hooks(self, trainer: Optional[Trainer]) -> None:

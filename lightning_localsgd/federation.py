@@ -1,0 +1,363 @@
+"""Federated worker groups: each job is one worker group; groups meet at syncs through torchft.
+
+Each job (its own SLURM job, torchrun or edge box, with its own ``torch.distributed`` world) is one worker group; DDP
+runs inside it as usual. Groups find each other through torchft's *lighthouse* (quorum, heartbeats) and sync over
+torchft's managed, reconfigurable process group, which pairs rank ``k`` of every live group (the same pairing as the
+cross groups of a single world). Nothing here is a home-made membership service or store: the lighthouse, the
+:class:`torchft.Manager` per job rank, its process group and its healing transport are torchft's.
+
+**Every quorum is one sync.** At each sync a group asks for a quorum, then takes part in one weighted mean over the
+groups in it: a group that trained the interval weighs 1, a group that just joined (or healed in that quorum) weighs
+0, so the mean is over the groups that did the work and the same outer step runs everywhere (``θ_g`` stays
+identical). The commit vote (``Manager.should_commit``) runs after the reduce and *before* anything is written
+(:meth:`~lightning_localsgd.engine.comm.Communicator.commit`), so a sync that fails mid-way leaves ``θ_g``, the outer
+state and ``θ_i`` untouched; it is then redone with a new quorum of the groups left, until ``sync_timeout``.
+
+**Healing.** A job starting while others run (new, or restarted with the same ``group_id``) joins at its
+``on_train_start``: its manager is behind the others', so torchft fetches one live peer's state (our
+:meth:`Federation.state_dict`: inner model and optimizers, LR schedulers, ``θ_g``, outer optimizer state, schedule and
+trainer counters) and loads it on the training thread before that quorum's sync, in which the joiner weighs 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import uuid
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+from torch import Tensor
+
+from .engine.comm import Communicator, SyncAbortedError, Work
+from .engine.outer import OuterSync, SyncResult
+from .tensors import _map
+
+if TYPE_CHECKING:
+    from lightning.pytorch import Trainer
+
+__all__ = ["Federation", "TorchftCommunicator", "check_lighthouse_reachable", "lighthouse_url", "main_lighthouse",
+           "refuse_unsupported"]
+
+log = logging.getLogger(__name__)
+
+#: Without ``sync_timeout``: how long a sync (quorum, reduce, healing, retries) may take in federated mode.
+DEFAULT_SYNC_TIMEOUT = 600.0
+#: How long connecting to the lighthouse may take at start (env ``TORCHFT_CONNECT_TIMEOUT_SEC`` overrides it).
+DEFAULT_CONNECT_TIMEOUT = 30.0
+
+
+def lighthouse_url(address: str) -> str:
+    """``host:port`` (or ``http://host:port``) as torchft wants it."""
+    return address if "://" in address else f"http://{address}"
+
+
+def check_lighthouse_address(value: Any) -> None:
+    """Raise a ``ValueError`` naming ``lighthouse`` unless it is ``host:port``."""
+    text = value.split("://", 1)[-1] if isinstance(value, str) else ""
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"lighthouse must be the lighthouse's 'host:port' (e.g. 'lighthouse-host:29510', started "
+                         f"with `lightning-localsgd lighthouse --port 29510`), got {value!r}.")
+
+
+def connect_timeout() -> float:
+    return float(os.environ.get("TORCHFT_CONNECT_TIMEOUT_SEC", DEFAULT_CONNECT_TIMEOUT))
+
+
+def check_lighthouse_reachable(address: str, timeout: float) -> None:
+    """Fail fast, naming the address, when nothing listens there (torchft would retry until its own timeouts)."""
+    text = address.split("://", 1)[-1]
+    host, _, port = text.rpartition(":")
+    host = host.strip("[]")
+    deadline = time.monotonic() + timeout
+    last: Optional[BaseException] = None
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, int(port)), timeout=max(0.1, deadline - time.monotonic())):
+                return
+        except OSError as err:
+            last = err
+            time.sleep(0.2)
+    raise ConnectionError(
+        f"local SGD: the lighthouse at {address!r} is unreachable ({last}); tried for {timeout:g} s. Start it with "
+        f"`lightning-localsgd lighthouse --port {port}` on a host every job reaches, check the address and firewall, "
+        "or raise the connect timeout with TORCHFT_CONNECT_TIMEOUT_SEC."
+    )
+
+
+def refuse_unsupported(config: Any) -> None:
+    """The sync features that federated mode does not support, refused before training with the fix."""
+    unsupported = {
+        "cluster_size": (config.cluster_size, None, "two-stage sync needs every cluster in one world; in federated "
+                         "mode each job is one group: run one job per cluster instead"),
+        "warmup_steps": (config.warmup_steps, 0, "warm-up averages gradients across groups at every step"),
+        "compression": (config.compression, None, "the weighted federated mean sends fp32"),
+        "fragments": (config.fragments, 1, "streaming syncs would straddle quorums"),
+        "overlap_steps": (config.overlap_steps, 0, "streaming syncs would straddle quorums"),
+        "sync_every_seconds": (config.sync_every_seconds, None, "time-based sync is not supported across jobs yet"),
+        "sync_schedule": (config.sync_schedule, None, "only the periodic schedule is supported across jobs"),
+    }
+    for name, (value, default, why) in unsupported.items():
+        if value != default:
+            raise ValueError(f"{name}={value!r} is not supported with lighthouse= (federated worker groups): {why}. "
+                             f"Leave {name}={default!r}, or train in one world without lighthouse.")
+
+
+def federated_group_size(group_size: Optional[int], world_size: int) -> int:
+    """In federated mode the job's own world is the worker group."""
+    if group_size not in (None, 1, world_size):
+        raise ValueError(f"group_size={group_size} with lighthouse=: in federated mode each job is one worker group, "
+                         f"so group_size is the job's world size ({world_size}). Leave group_size unset.")
+    return world_size
+
+
+class _CheckedWork:
+    """A torchft collective in flight; a failure is reported to the manager (so the commit vote says no) and raised."""
+
+    def __init__(self, manager: Any, work: Any, timeout: timedelta) -> None:
+        self.manager, self.work, self.timeout = manager, work, timeout
+
+    def wait(self) -> None:
+        try:
+            self.work.wait(self.timeout)
+        except Exception as err:
+            self.manager.report_error(err)
+            raise
+
+
+class TorchftCommunicator(Communicator):
+    """The cross-group communicator over torchft's managed process group: the groups of the current quorum.
+
+    ``rank`` is this group's index in the quorum and ``size`` the number of participants; both change from one
+    quorum to the next. :meth:`commit` is the manager's vote: False if any collective of this attempt failed on any
+    rank of this job, or fewer than ``min_groups`` groups took part.
+    """
+
+    def __init__(self, manager: Any, timeout: timedelta) -> None:
+        self.manager = manager
+        self.timeout = timeout
+
+    @property
+    def size(self) -> int:
+        return max(1, self.manager.num_participants())
+
+    @property
+    def rank(self) -> int:
+        rank = self.manager.participating_rank() if self.manager._quorum_future is not None else 0
+        return int(rank or 0)
+
+    def _run(self, launch: Any) -> _CheckedWork:
+        try:
+            return _CheckedWork(self.manager, launch(), self.timeout)
+        except Exception as err:
+            self.manager.report_error(err)
+            raise
+
+    def all_reduce(self, tensor: Tensor, op: str = "sum", async_op: bool = False) -> Optional[Work]:
+        from torch.distributed import AllreduceOptions, ReduceOp
+
+        opts = AllreduceOptions()
+        opts.reduceOp = {"sum": ReduceOp.SUM, "max": ReduceOp.MAX}[op]
+        work = self._run(lambda: self.manager._pg.allreduce([tensor], opts))
+        if async_op:
+            return work
+        work.wait()
+        return None
+
+    def all_to_all(self, output: Tensor, input: Tensor, async_op: bool = False) -> Optional[Work]:
+        raise NotImplementedError("compressed syncs are refused in federated mode (compression=None).")
+
+    def all_gather(self, output: Tensor, input: Tensor) -> None:
+        raise NotImplementedError("compressed syncs are refused in federated mode (compression=None).")
+
+    def commit(self) -> bool:
+        return bool(self.manager.should_commit())
+
+    def __repr__(self) -> str:
+        return "TorchftCommunicator()"
+
+
+def _clone(obj: Any) -> Any:
+    return _map(obj, lambda t: t.detach().cpu().clone())
+
+
+class Federation:
+    """One job rank's membership: its torchft Manager, the sync loop over quorums, healing state.
+
+    Built by the strategy once the job's own process group exists (the job's ``TCPStore`` at
+    ``MASTER_ADDR:MASTER_PORT`` is the store torchft's manager needs).
+    """
+
+    def __init__(self, lighthouse: str, group_id: Optional[str], min_groups: int,
+                 sync_timeout: Optional[float]) -> None:
+        self.lighthouse = lighthouse
+        self.group_id = group_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+        self.min_groups = min_groups
+        self.timeout = timedelta(seconds=sync_timeout or DEFAULT_SYNC_TIMEOUT)
+        self.manager: Any = None
+        self.comm: Optional[TorchftCommunicator] = None
+        self.strategy: Any = None
+        self.trainer: Optional["Trainer"] = None
+        self.trained = False
+        """Whether this group took inner steps since its last sync (its weight in the next mean)."""
+        self.healed_from_peer = 0
+        """How many times this group loaded a live peer's state."""
+        self.attempts: list[dict[str, Any]] = []
+        """Per sync attempt: step, participants, weight, committed, seconds (for logs and tests)."""
+
+    # ------------------------------------------------------------------ setup
+    def start(self, strategy: Any, trainer: "Trainer") -> TorchftCommunicator:
+        """Create this rank's Manager (rank k of the job joins torchft's replica rank k) and the communicator."""
+        from torchft import Manager, ProcessGroupGloo
+
+        self.strategy, self.trainer = strategy, trainer
+        check_lighthouse_reachable(self.lighthouse, connect_timeout())
+        store_addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
+        store_port = int(os.environ["MASTER_PORT"])
+        self.manager = Manager(
+            pg=ProcessGroupGloo(timeout=self.timeout), load_state_dict=self.load_state_dict,
+            state_dict=self.state_dict, min_replica_size=self.min_groups, use_async_quorum=False,
+            timeout=self.timeout, quorum_timeout=self.timeout,
+            connect_timeout=timedelta(seconds=connect_timeout()), rank=trainer.global_rank,
+            world_size=trainer.world_size, store_addr=store_addr, store_port=store_port,
+            lighthouse_addr=lighthouse_url(self.lighthouse), replica_id=self.group_id,
+            init_sync=False,  # every group of a fresh run starts from the same weights (rank 0's, by seed)
+        )
+        self.comm = TorchftCommunicator(self.manager, self.timeout)
+        return self.comm
+
+    def shutdown(self) -> None:
+        if self.manager is not None:
+            self.manager.shutdown(wait=False)
+            self.manager = None
+
+    # ------------------------------------------------------------------ syncs
+    def join(self, engine: OuterSync) -> None:
+        """At ``on_train_start``: one quorum, weight 0. Heals from a live peer when the others are ahead."""
+        self.trained = False
+        self.sync(engine)
+
+    def sync(self, engine: OuterSync) -> SyncResult:
+        """One sync over the groups of a quorum; a failed attempt is redone with a new quorum until the timeout."""
+        deadline = time.monotonic() + self.timeout.total_seconds()
+        while True:
+            start = time.perf_counter()
+            self._healed_now = False
+            self.manager.start_quorum(timeout=timedelta(seconds=max(1.0, deadline - time.monotonic())))
+            step = self._step()  # after healing: the peers' step
+            weight = 1.0 if self.trained and not self._healed_now else 0.0
+            assert self.comm is not None
+            engine.num_groups, engine.group_index = self.comm.size, self.comm.rank
+            record = {"step": step, "participants": self.comm.size, "weight": weight, "healed": self._healed_now}
+            try:
+                result = engine.sync(weight=weight)
+            except Exception as err:
+                if isinstance(err, SyncAbortedError):
+                    pass  # the vote said no (a collective failed here or on a rank of this job)
+                elif self.manager.errored() is not None:
+                    self.manager.should_commit()  # the other ranks of this job wait for this rank's vote
+                else:
+                    raise
+                record.update(committed=False, seconds=time.perf_counter() - start, error=str(err)[:200])
+                self.attempts.append(record)
+                log.warning(f"local SGD: federated sync at step {step} failed ({err}); retrying with the groups left")
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(
+                        f"local SGD: the federated sync at step {step} did not succeed within sync_timeout="
+                        f"{self.timeout.total_seconds():g} s (last error: {err}). Check that at least min_groups="
+                        f"{self.min_groups} groups are running and reach the lighthouse {self.lighthouse}."
+                    ) from err
+                continue
+            record.update(committed=True, seconds=time.perf_counter() - start)
+            self.attempts.append(record)
+            self.trained = False
+            return result
+
+    def _step(self) -> int:
+        return int(self.strategy.local_sgd.schedule.steps_done) if self.strategy is not None else 0
+
+    # ------------------------------------------------------------------ healing
+    def state_dict(self) -> dict[str, Any]:
+        """What a joining group receives: called by torchft only when a peer heals, while this rank's training
+        thread waits in the quorum (and before its commit vote, after which the state changes), cloned to the CPU."""
+        strategy, trainer = self.strategy, self.trainer
+        assert strategy is not None and trainer is not None
+        loop = trainer.fit_loop.epoch_loop
+        return _clone({
+            "module": strategy.lightning_module.state_dict(),
+            "optimizers": [o.state_dict() for o in trainer.optimizers],
+            "lr_schedulers": [c.scheduler.state_dict() for c in trainer.lr_scheduler_configs],
+            "meta": strategy.local_sgd.meta(trainer.world_size),
+            "rank_state": strategy.local_sgd.rank_state(),
+            "global_step": loop.global_step,
+            "batches_that_stepped": loop._batches_that_stepped,
+        })
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Apply a live peer's state on the training thread (torchft calls it inside ``start_quorum``)."""
+        strategy, trainer = self.strategy, self.trainer
+        assert strategy is not None and trainer is not None
+        strategy.lightning_module.load_state_dict(state["module"])
+        for optimizer, saved in zip(trainer.optimizers, state["optimizers"]):
+            optimizer.load_state_dict(saved)
+        for config, saved in zip(trainer.lr_scheduler_configs, state["lr_schedulers"]):
+            config.scheduler.load_state_dict(saved)
+        controller = strategy.local_sgd
+        controller.restore(state["meta"], state["rank_state"]["outer"])
+        set_global_step(trainer, int(state["global_step"]), int(state["batches_that_stepped"]))
+        self._healed_now = True
+        self.healed_from_peer += 1
+        log.info(f"local SGD: group {self.group_id} healed from a live peer at step {state['global_step']}")
+
+
+def set_global_step(trainer: "Trainer", global_step: int, batches_that_stepped: int) -> None:
+    """Lightning's step counters, which no state_dict of ours carries: ``max_steps`` and logging follow them."""
+    loop = trainer.fit_loop.epoch_loop
+    if trainer.lightning_module.automatic_optimization:
+        progress = loop.automatic_optimization.optim_progress.optimizer.step.total
+    else:
+        progress = loop.manual_optimization.optim_step_progress.total
+    progress.ready = progress.completed = global_step
+    loop._batches_that_stepped = batches_that_stepped
+
+
+# ---------------------------------------------------------------------------------------------------- lighthouse CLI
+def main_lighthouse(argv: list[str]) -> None:
+    """``lightning-localsgd lighthouse``: run torchft's lighthouse in this process until interrupted."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="lightning-localsgd lighthouse",
+        description="Start torchft's lighthouse: the quorum service federated worker groups (jobs started with "
+                    "lighthouse=HOST:PORT) meet at. Run it once, on a host every job reaches. See docs/multi_cluster.md.")
+    parser.add_argument("--port", type=int, default=29510, help="port to listen on (default 29510; 0: any free one)")
+    parser.add_argument("--bind", default="[::]", help="address to bind (default [::], every interface)")
+    parser.add_argument("--min-groups", type=int, default=1, help="fewest groups in a quorum (default 1)")
+    parser.add_argument("--join-timeout-ms", type=int, default=10000,
+                        help="how long a quorum waits for heartbeating groups to join (default 10000)")
+    parser.add_argument("--heartbeat-timeout-ms", type=int, default=5000,
+                        help="after this long without a heartbeat a group counts as gone (default 5000)")
+    parser.add_argument("--quorum-tick-ms", type=int, default=100, help="quorum check interval (default 100)")
+    args = parser.parse_args(argv)
+    if args.min_groups < 1:
+        parser.error("--min-groups must be >= 1")
+    from torchft._torchft import LighthouseServer
+
+    server = LighthouseServer(bind=f"{args.bind}:{args.port}", min_replicas=args.min_groups,
+                              join_timeout_ms=args.join_timeout_ms, quorum_tick_ms=args.quorum_tick_ms,
+                              heartbeat_timeout_ms=args.heartbeat_timeout_ms)
+    port = server.address().rsplit(":", 1)[-1]
+    print(f"lighthouse listening on {socket.gethostname()}:{port} ({server.address()}); pass "
+          f"lighthouse=\"{socket.gethostname()}:{port}\" to every job. Ctrl-C stops it.", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.shutdown()

@@ -1,0 +1,207 @@
+"""Federated worker groups: separately launched jobs meeting at syncs through torchft's lighthouse (CPU, gloo).
+
+Every job is one process (``tests/workers/train_federated.py``) reading the data in its own order. The reference is
+written out here: each group's inner SGD steps by hand, then at each sync the mean over the groups that took part
+(from the jobs' own sync records: a group weighs 1 when it trained the interval) and the outer step (exact mean, or
+Nesterov SGD lr 0.7 momentum 0.9 by hand).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+pytest.importorskip("torchft")  # the [ft] extra; installed with [dev]
+from torchft._torchft import LighthouseServer  # noqa: E402
+
+from reference import initial_net  # noqa: E402
+from workers.tiny import make_dataset  # noqa: E402
+
+WORKER = Path(__file__).parents[1] / "workers" / "train_federated.py"
+H, STEPS = 4, 12
+ATOL = 1e-5
+
+
+@pytest.fixture
+def lighthouse():
+    """An in-process lighthouse with fast test settings; yields ``(address, min_replicas -> server)``."""
+    servers = []
+
+    def start(min_replicas: int) -> str:
+        server = LighthouseServer(bind="[::]:0", min_replicas=min_replicas, join_timeout_ms=20000,
+                                  quorum_tick_ms=50, heartbeat_timeout_ms=1000)
+        servers.append(server)
+        return "127.0.0.1:" + server.address().rsplit(":", 1)[-1]
+
+    yield start
+    for server in servers:
+        server.shutdown()
+
+
+def launch(out: Path, address: str, group: int, name: str | None = None, **options) -> subprocess.Popen:
+    """Job ``g{group}`` (data order seed ``group``); ``name`` names its dump and log (default: the group id)."""
+    name = name or f"g{group}"
+    cmd = [sys.executable, str(WORKER), "--lighthouse", address, "--group-id", f"g{group}", "--seed", str(group),
+           "--out", str(out), "--sync-every", str(H), "--max-steps", str(STEPS), "--dump-name", name]
+    for key, value in options.items():
+        cmd += ["--" + key.replace("_", "-"), str(value)]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    for var in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "RANK"):
+        env.pop(var, None)
+    log = open(out / f"{name}.log", "w")
+    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_all(procs: list[subprocess.Popen], out: Path, timeout: float = 150) -> list[int]:
+    deadline = time.monotonic() + timeout
+    codes = []
+    for i, p in enumerate(procs):
+        try:
+            codes.append(p.wait(timeout=max(1.0, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail(f"job g{i} did not finish within {timeout} s:\n" + (out / f"g{i}.log").read_text()[-4000:])
+    return codes
+
+
+def load(out: Path, name: str) -> dict:
+    return torch.load(out / f"{name}.pt", weights_only=False)
+
+
+def group_batches(seed: int) -> list:
+    return list(DataLoader(make_dataset(), batch_size=2, shuffle=True, generator=torch.Generator().manual_seed(seed)))
+
+
+def committed(dump: dict, step: int) -> dict | None:
+    return next((a for a in dump["attempts"] if a["committed"] and a["step"] == step), None)
+
+
+def reference(dumps: dict[str, dict], outer: str) -> dict[int, dict[str, torch.Tensor]]:
+    """θ_g after each sync step, by hand, over the groups each sync's records say trained the interval."""
+    base = initial_net()
+    theta_g = {k: v.detach().clone() for k, v in base.named_parameters()}
+    nets = {g: copy.deepcopy(base) for g, d in dumps.items() if d["start_step"] == 0}
+    cursor = {g: 0 for g in dumps}
+    batches = {g: group_batches(d["seed"]) for g, d in dumps.items()}
+    momentum: dict[str, torch.Tensor] = {}
+    after: dict[int, dict[str, torch.Tensor]] = {}
+    for s in range(H, STEPS + 1, H):
+        for g, net in nets.items():  # the inner steps of the interval (up to a group's death)
+            last = dumps[g]["global_step"] if dumps[g]["killed"] else s
+            opt = torch.optim.SGD(net.parameters(), lr=0.1)
+            for _ in range(s - H, min(s, last)):
+                x, y = batches[g][cursor[g]]
+                cursor[g] += 1
+                opt.zero_grad()
+                F.mse_loss(net(x), y).backward()
+                opt.step()
+        weighed = [g for g, d in dumps.items() if (a := committed(d, s)) is not None and a["weight"] == 1.0]
+        for k in theta_g:
+            mean = torch.stack([dict(nets[g].named_parameters())[k].detach() for g in weighed]).mean(0)
+            if outer == "average":
+                theta_g[k] = mean
+            else:  # DiLoCo by hand: Nesterov SGD, lr 0.7, momentum 0.9
+                delta = theta_g[k] - mean
+                momentum[k] = delta.clone() if k not in momentum else 0.9 * momentum[k] + delta
+                theta_g[k] = theta_g[k] - 0.7 * (delta + 0.9 * momentum[k])
+        after[s] = {k: v.clone() for k, v in theta_g.items()}
+        for g, d in dumps.items():  # every group in the sync continues from θ_g (a joiner starts there)
+            if committed(d, s) is not None:
+                nets.setdefault(g, copy.deepcopy(base))
+                with torch.no_grad():
+                    for k, p in nets[g].named_parameters():
+                        p.copy_(theta_g[k])
+    return after
+
+
+def params_at(dump: dict, step: int) -> dict[str, torch.Tensor]:
+    return {k.removeprefix("model."): v for k, v in next(p for s, p in dump["steps"] if s == step).items()}
+
+
+def assert_matches(dump: dict, ref: dict[int, dict[str, torch.Tensor]], steps: range) -> None:
+    for s in steps:
+        got = params_at(dump, s)
+        diff = max(float((got[k] - ref[s][k]).abs().max()) for k in ref[s])
+        assert diff < ATOL, f"{dump['group_id']}: after the sync of step {s} off the reference by {diff:.3g}"
+
+
+def test_three_jobs_one_killed_mid_interval_then_restarted_heals(tmp_path, lighthouse):
+    """g0, g1, g2 start together (the first interval: no failure, mean over all three); g2 is SIGKILLed mid-interval
+    at step 6; g0 and g1 sync at step 8 over themselves; g2 restarted with the same group_id heals from a live peer
+    at that sync (weight 0) and the three jobs sync at step 12 and end identical."""
+    address = lighthouse(2)
+    die_at = H + 2
+    procs = [launch(tmp_path, address, g, outer="diloco", barrier=3, wait_for="g2r", wait_at_step=2 * H - 1,
+                    die_at_step=die_at if g == 2 else -1) for g in range(3)]
+    assert procs[2].wait(timeout=150) == -signal.SIGKILL, (tmp_path / "g2.log").read_text()[-3000:]
+    killed_at = time.monotonic()
+    procs.append(launch(tmp_path, address, 2, name="g2r", outer="diloco"))  # the same group_id, a fresh process
+    codes = wait_all([procs[0], procs[1], procs[3]], tmp_path)
+    assert codes == [0, 0, 0], "\n".join((tmp_path / f"{n}.log").read_text()[-2000:] for n in ("g0", "g1", "g2r"))
+    print(f"restarted job ran {time.monotonic() - killed_at:.1f} s")
+    dumps = {name: load(tmp_path, name) for name in ("g0", "g1", "g2", "g2r")}
+    survivors, killed, restarted = [dumps["g0"], dumps["g1"]], dumps["g2"], dumps["g2r"]
+
+    # who weighed in at each sync (the jobs' own records)
+    assert killed["killed"] and killed["global_step"] == die_at
+    for d in (*survivors, killed):  # the first interval: all three trained and weighed in
+        assert d["start_step"] == 0 and committed(d, H)["participants"] == 3 and committed(d, H)["weight"] == 1.0
+    for d in survivors:
+        assert d["global_step"] == STEPS and d["healed"] == 0
+        first_after = committed(d, 2 * H)  # the restarted job takes part with weight 0: survivors only are averaged
+        assert first_after["participants"] == 3 and first_after["weight"] == 1.0, d["attempts"]
+        assert committed(d, 3 * H)["participants"] == 3
+        print(f"{d['group_id']} sync attempts:", [(a["step"], round(a["seconds"], 3), a["committed"])
+                                                 for a in d["attempts"]])
+    heal = committed(restarted, 2 * H)
+    assert heal is not None and heal["healed"] and heal["weight"] == 0.0, restarted["attempts"]
+    assert restarted["healed"] == 1 and restarted["start_step"] == 2 * H and restarted["global_step"] == STEPS
+
+    # values: every sync equals the hand reference over the groups that weighed in
+    ref = reference(dumps, "diloco")
+    for d in (*survivors, restarted):
+        assert_matches(d, ref, range(restarted["start_step"] + H if d is restarted else H, STEPS + 1, H))
+    # healed before its first inner step: the survivors' parameters after the sync of step 8
+    start = {k.removeprefix("model."): v for k, v in restarted["start_params"].items()}
+    assert all(torch.equal(start[k], params_at(dumps["g0"], 2 * H)[k]) for k in start)
+    # all end identical: parameters, θ_g and the outer optimizer's momentum (healed from a peer)
+    for d in (dumps["g1"], restarted):
+        assert all(torch.equal(d["final"][k], dumps["g0"]["final"][k]) for k in d["final"])
+        assert all(torch.equal(x, y) for x, y in zip(d["snapshot"], dumps["g0"]["snapshot"]))
+        for key, state in d["outer_state"]["state"].items():
+            assert torch.equal(state["momentum_buffer"], dumps["g0"]["outer_state"]["state"][key]["momentum_buffer"])
+    # the groups really drift apart between syncs (so a wrong mean would show)
+    assert max(float((params_at(dumps["g0"], 2)[k] - params_at(dumps["g1"], 2)[k]).abs().max()) for k in start) > 1e-4
+
+
+def test_unreachable_lighthouse_fails_fast_naming_the_address(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address = f"127.0.0.1:{port}"
+    os.environ["TORCHFT_CONNECT_TIMEOUT_SEC"] = "2"
+    try:
+        start = time.monotonic()
+        proc = launch(tmp_path, address, 0)
+        code = wait_all([proc], tmp_path, timeout=90)[0]
+        elapsed = time.monotonic() - start
+    finally:
+        os.environ.pop("TORCHFT_CONNECT_TIMEOUT_SEC")
+    log = (tmp_path / "g0.log").read_text()
+    assert code != 0
+    assert f"the lighthouse at '{address}' is unreachable" in log, log[-3000:]
+    assert "tried for 2 s" in log
+    print(f"failed after {elapsed:.1f} s (process start included)")

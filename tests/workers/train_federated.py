@@ -1,0 +1,113 @@
+"""One federated worker group (one job, one CPU process) training the tiny model; dumps what the tests compare.
+
+    python tests/workers/train_federated.py --lighthouse HOST:PORT --group-id g0 --seed 0 --out DIR [options]
+
+Each group reads the dataset in its own order (``--seed``), so groups drift apart between syncs. The job writes
+``DIR/{group_id}.pt`` at the end (or right before ``--die-at-step`` SIGKILLs it): the parameters after every step,
+the sync attempts (step, participants, weight, committed, seconds) and the step the job started training from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+
+import torch
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from tiny import TinyModule, make_dataset  # noqa: E402
+
+from lightning_localsgd import LocalSGDStrategy  # noqa: E402
+
+
+class Recorder(Callback):
+    """Parameters after every step (after the strategy's own step-end sync); the dump; the self-kill."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.steps: list[tuple[int, dict[str, torch.Tensor]]] = []
+        self.start_step = -1
+        self.start_params: dict[str, torch.Tensor] = {}
+
+    def on_fit_start(self, trainer, pl_module):
+        """``--barrier N``: wait (after this job's manager started heartbeating) until N jobs got here, so that the
+        first quorum holds all of them whatever their start-up times."""
+        open(os.path.join(self.args.out, f"ready_{self.args.dump_name}"), "w").close()
+        if self.args.barrier:
+            deadline = time.monotonic() + 120
+            while sum(f.startswith("ready_") for f in os.listdir(self.args.out)) < self.args.barrier:
+                assert time.monotonic() < deadline, "the other jobs did not start"
+                time.sleep(0.1)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.args.wait_at_step:  # `--wait-for NAME`: until job NAME's manager runs
+            deadline = time.monotonic() + 120
+            while not os.path.exists(os.path.join(self.args.out, f"ready_{self.args.wait_for}")):
+                assert time.monotonic() < deadline, f"job {self.args.wait_for} did not start"
+                time.sleep(0.1)
+        if self.start_step < 0:  # after the join (healing) of on_train_start, before the first inner step
+            self.start_step = trainer.global_step
+            self.start_params = {k: v.detach().clone() for k, v in pl_module.named_parameters()}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.steps.append((trainer.global_step, {k: v.detach().clone() for k, v in pl_module.named_parameters()}))
+        if trainer.global_step == self.args.die_at_step:
+            self.dump(trainer, pl_module, killed=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def dump(self, trainer, pl_module, killed: bool = False) -> None:
+        fed = trainer.strategy.federation
+        outer = trainer.strategy.outer_sync
+        torch.save({
+            "group_id": self.args.group_id, "seed": self.args.seed, "killed": killed, "steps": self.steps,
+            "start_step": self.start_step, "start_params": self.start_params,
+            "final": {k: v.detach().clone() for k, v in pl_module.named_parameters()},
+            "attempts": fed.attempts, "healed": fed.healed_from_peer, "global_step": trainer.global_step,
+            "snapshot": [s.detach().clone() for s in outer.snapshot],
+            "outer_state": outer.state_dict()["outer_optimizer"],
+        }, os.path.join(self.args.out, f"{self.args.dump_name}.pt"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--lighthouse", required=True)
+    parser.add_argument("--group-id", required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--sync-every", type=int, default=4)
+    parser.add_argument("--max-steps", type=int, default=12)
+    parser.add_argument("--outer", default="average")
+    parser.add_argument("--min-groups", type=int, default=1)
+    parser.add_argument("--sync-timeout", type=float, default=60.0)
+    parser.add_argument("--die-at-step", type=int, default=-1)
+    parser.add_argument("--barrier", type=int, default=0)
+    parser.add_argument("--dump-name", default=None, help="default: the group id")
+    parser.add_argument("--wait-for", default=None)
+    parser.add_argument("--wait-at-step", type=int, default=-1)
+    args = parser.parse_args()
+    args.dump_name = args.dump_name or args.group_id
+    os.makedirs(args.out, exist_ok=True)
+    torch.manual_seed(0)  # every group starts from the same weights
+    model = TinyModule("sgd")
+    loader = DataLoader(make_dataset(), batch_size=2, shuffle=True,
+                        generator=torch.Generator().manual_seed(args.seed))
+    recorder = Recorder(args)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_steps=args.max_steps, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False, callbacks=[recorder],
+        strategy=LocalSGDStrategy(sync_every=args.sync_every, outer_optimizer=args.outer, lighthouse=args.lighthouse,
+                                  group_id=args.group_id, min_groups=args.min_groups, sync_timeout=args.sync_timeout,
+                                  process_group_backend="gloo"),
+    )
+    trainer.fit(model, loader)
+    recorder.dump(trainer, model)
+
+
+if __name__ == "__main__":
+    main()
