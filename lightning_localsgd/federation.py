@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 
 #: Without ``sync_timeout``: how long a sync (quorum, reduce, healing, retries) may take in federated mode.
 DEFAULT_SYNC_TIMEOUT = 600.0
+#: Pause before redoing a failed sync attempt (the quorum request itself then waits for the groups left).
+_RETRY_PAUSE = 0.05
 #: How long connecting to the lighthouse may take at start (env ``TORCHFT_CONNECT_TIMEOUT_SEC`` overrides it).
 DEFAULT_CONNECT_TIMEOUT = 30.0
 
@@ -271,6 +273,7 @@ class Federation:
                         f"{self.timeout.total_seconds():g} s (last error: {err}). Check that at least min_groups="
                         f"{self.min_groups} groups are running and reach the lighthouse {self.lighthouse}."
                     ) from err
+                time.sleep(_RETRY_PAUSE)
                 continue
             record.update(committed=True, seconds=time.perf_counter() - start)
             self.attempts.append(record)
