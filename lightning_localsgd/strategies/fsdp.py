@@ -96,8 +96,11 @@ class LocalSGDFSDPStrategy(LocalSGDMixin, ModelParallelStrategy):
 
     A LightningModule may shard itself in ``configure_model`` with ``fully_shard(module, mesh=self.device_mesh["shard"])``
     (the strategy exposes a 2-D mesh ``("replicate", "shard")``); if it does not, the strategy shards it: every element
-    of an ``nn.ModuleList`` (transformer blocks) or an instance of a class in ``auto_wrap_policy``, then every direct
-    child of the LightningModule, as Lightning's ``FSDPStrategy`` wraps modules for users.
+    of an ``nn.ModuleList`` (transformer blocks) or an instance of a class in ``auto_wrap_policy``, then the
+    LightningModule itself as the root unit. When the LightningModule is the root, each step runs inside its forward
+    call (as Lightning does for FSDP1 and DeepSpeed), so ``training_step`` may call a submodule directly
+    (``self.model(input_ids=x).logits``). A checkpoint folder converts to a plain Lightning checkpoint with
+    :func:`convert_fsdp_checkpoint` (``lightning-localsgd convert``).
 
     Args:
         auto_wrap_policy: module classes to shard as units when the strategy shards the model (e.g.

@@ -71,7 +71,7 @@ def test_hugging_face_gpt2(tmp_path, monkeypatch, strategy, devices):
         assert b["schedule"] == a["schedule"] and b["global_step"] == 4
         assert dump["b_end"]["global_step"] == 8
         assert max_diff(dump["b_end"]["params"], ranks[0]["b_end"]["params"]) == 0.0, r
-        assert torch.isfinite(torch.tensor(dump["val_loss"]))  # trainer.validate after the fit ran
+        assert torch.isfinite(torch.tensor(dump["val_loss"]))  # trainer.validate after fit B ran
     assert max_diff(ranks[0]["b_end"]["params"], first["params"]) > 0.0  # the resumed run trained on
 
     ckpt = _plain_checkpoint(tmp_path / "ckpt" / "last.ckpt", strategy, tmp_path)

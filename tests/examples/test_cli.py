@@ -177,3 +177,29 @@ def test_console_script_relaunches_ranks(tmp_path):
                 tmp_path, command=[shutil.which("lightning-localsgd")])
     assert proc.returncode == 0, _output(proc)
     assert "[rank: 1]" in proc.stderr + proc.stdout, _output(proc)
+
+
+def test_banner_names_a_class_path_outer_optimizer_with_its_arguments():
+    # LightningCLI (jsonargparse) hands the strategy `partial(call_without_instantiate_context, ..., SGD, lr=0.5, ...)`
+    from lightning_localsgd.cli import LocalSGDCLI
+    from lightning_localsgd.examples.data import TextDataModule
+    from lightning_localsgd.examples.gpt import GPT
+
+    cli = LocalSGDCLI(GPT, TextDataModule, run=False, auto_configure_optimizers=False,
+                      parser_kwargs={"default_config_files": [str(DEFAULT_CONFIG)]},
+                      args=["--trainer.strategy.outer_optimizer", "torch.optim.SGD",
+                            "--trainer.strategy.outer_optimizer.lr", "0.5",
+                            "--trainer.strategy.outer_optimizer.momentum", "0.9", "--trainer.logger", "false"])
+    banner = cli.trainer.strategy.local_sgd.config.describe(2)
+    assert "outer optimizer SGD(lr=0.5, momentum=0.9), warm-up" in banner, banner
+
+
+def test_convert_command_writes_a_plain_checkpoint_or_names_the_problem(tmp_path, capsys):
+    # the conversion itself is checked on real FSDP folders in tests/clients/test_hugging_face.py
+    with pytest.raises(SystemExit):
+        main(["convert", str(tmp_path), str(tmp_path / "model.ckpt")])
+    assert "is not a LocalSGDFSDPStrategy checkpoint folder (no meta.pt)" in capsys.readouterr().err
+    (tmp_path / "plain.ckpt").write_bytes(b"")
+    with pytest.raises(SystemExit):
+        main(["convert", str(tmp_path / "plain.ckpt"), str(tmp_path / "model.ckpt")])
+    assert "already holds group 0's full model" in capsys.readouterr().err

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import math
+import warnings
 
+import lightning as L
+import pytest
+
+from lightning_localsgd import LocalSGDFSDPStrategy, LocalSGDStrategy
 from _launch import max_diff, run_tiny
 from reference import simulate
 
@@ -59,3 +64,16 @@ def test_group_size_two_diloco_warmup_matches_reference(tmp_path):
     # warm-up steps are fully synchronous: every rank holds the same parameters
     for b in range(2):
         assert all(max_diff(d["steps"][b], ranks[0]["steps"][b]) == 0.0 for d in ranks)
+
+
+@pytest.mark.parametrize("strategy", ["local_sgd_fsdp", "diloco_fsdp", "group_size_2"])
+def test_one_worker_group_warns_naming_group_size(strategy):
+    # FSDP's registered names default group_size to the devices per node: on one machine, one group, no local SGD
+    strategy = LocalSGDStrategy(group_size=2) if strategy == "group_size_2" else strategy
+    with pytest.warns(UserWarning, match=r"group_size=2 puts all 2 ranks into one worker group, so there is no other "
+                                         r"group to synchronize with.*Pass group_size=1 \(2 worker groups\)"):
+        L.Trainer(accelerator="cpu", devices=2, strategy=strategy, logger=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        L.Trainer(accelerator="cpu", devices=2, strategy=LocalSGDFSDPStrategy(group_size=1), logger=False)
+    assert not [w for w in caught if "one worker group" in str(w.message)]

@@ -4,8 +4,8 @@
 
 Fit A: one epoch of 4 steps with a validation pass at its end and ``ModelCheckpoint(save_last=True)``; it ends
 between two syncs (sync_every 3, or 64 for the registered name), so the train-end sync makes the model ``fit``
-returns. Then ``trainer.validate`` on the same trainer. Fit B: a new Trainer resumes from A's ``last.ckpt`` for a
-second epoch. Every rank writes ``DIR/rank{r}.pt``: its state at the end of A, at the start of B (after the restore)
+returns. Fit B: a new Trainer resumes from A's ``last.ckpt`` for a second epoch (ending with a validation pass, no
+checkpoint), then ``trainer.validate`` on the same trainer. Every rank writes ``DIR/rank{r}.pt``: its state at the end of A, at the start of B (after the restore)
 and at the end of B.
 """
 
@@ -67,7 +67,9 @@ class AtTrainStart(Callback):
 def trainer_for(args, epochs: int, callbacks: list) -> L.Trainer:
     return L.Trainer(accelerator="cpu", devices=args.devices, strategy=make_strategy(args.strategy),
                      max_epochs=epochs, limit_train_batches=4, limit_val_batches=1, logger=False,
-                     enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
+                     enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+                     enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+                     default_root_dir=args.out)
 
 
 def main() -> None:
@@ -85,12 +87,13 @@ def main() -> None:
     trainer = trainer_for(args, 1, [ModelCheckpoint(dirpath=ckpt_dir, save_last=True)])
     trainer.fit(model, train, val)
     a_end = state(trainer, model)
-    val_loss = trainer.validate(model, val, verbose=False)[0]["val_loss"]  # after a fit that ended with validation
 
     resumed = HFGPT2(shard_self=args.strategy == "fsdp_self")
     start = AtTrainStart()
     trainer = trainer_for(args, 2, [start])
     trainer.fit(resumed, train, val, ckpt_path=os.path.join(ckpt_dir, "last.ckpt"))
+    # a fit that ended with a validation pass and saved nothing after it, then validate on the same trainer
+    val_loss = trainer.validate(resumed, val, verbose=False)[0]["val_loss"]
     torch.save({"a_end": a_end, "b_start": start.state, "b_end": state(trainer, resumed), "val_loss": val_loss},
                os.path.join(args.out, f"rank{trainer.global_rank}.pt"))
 
