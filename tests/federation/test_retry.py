@@ -149,3 +149,21 @@ def test_a_bug_inside_a_sync_is_raised_not_retried():
     sync.reducer.start = lambda *a, **k: (_ for _ in ()).throw(KeyError("bug"))
     with pytest.raises(KeyError, match="bug"):
         fed.sync(sync)
+
+
+def test_quorum_of_joiners_only_takes_no_outer_step():
+    """Every group weighs 0 (e.g. a job resumed alone from its checkpoint): DiLoCo's momentum must not move θ_g."""
+    from lightning_localsgd.engine.presets import resolve_outer_optimizer
+
+    fed = federation([(1, True)])
+    param = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    sync = OuterSync([param], outer_optimizer=resolve_outer_optimizer("diloco"), cross_group=fed.comm)
+    fed.manager.engine = sync
+    sync.snapshot[0].grad = torch.tensor([0.5, -0.5])
+    sync.outer_optimizer.step()  # momentum from an earlier sync
+    sync.snapshot[0].grad = None
+    before = sync.snapshot[0].detach().clone()
+    momentum = sync.outer_optimizer.state[sync.snapshot[0]]["momentum_buffer"].clone()
+    fed.join(sync)
+    assert torch.equal(sync.snapshot[0].detach(), before) and torch.equal(param.detach(), before)
+    assert torch.equal(sync.outer_optimizer.state[sync.snapshot[0]]["momentum_buffer"], momentum)
