@@ -9,7 +9,11 @@ Importing the package registers the strategy names with Lightning, so ``Trainer(
     trainer = L.Trainer(strategy="local_sgd", devices=4)
 """
 
-from lightning.pytorch.strategies import StrategyRegistry
+from ._versions import check_versions as _check_versions
+
+_check_versions()  # first: an unsupported torch / Lightning fails here with one line naming the minimum
+
+from lightning.pytorch.strategies import StrategyRegistry  # noqa: E402
 
 from .checkpoint_io import AtomicCheckpointIO
 from .config import LocalSGDConfig
