@@ -63,7 +63,7 @@ def _require_deepspeed() -> None:
     except ImportError as err:
         raise ModuleNotFoundError(
             f"LocalSGDDeepSpeedStrategy needs DeepSpeed, which is not installed ({err}). Install it with "
-            f"`{INSTALL_HINT}` (or `pip install 'deepspeed>=0.14'`)."
+            f"`{INSTALL_HINT}` (or `pip install 'deepspeed>=0.16'`)."
         ) from err
 
 
