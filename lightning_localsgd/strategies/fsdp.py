@@ -377,12 +377,12 @@ class LocalSGDFSDPStrategy(LocalSGDMixin, ModelParallelStrategy):
     def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
         path = Path(self.broadcast(str(checkpoint_path)))
         if path.is_dir():
-            meta = torch.load(path / _META_FILE, map_location="cpu", weights_only=False)
+            meta = integrity.load(path / _META_FILE, map_location="cpu", weights_only=False)
             layout = meta[CHECKPOINT_KEY]
             self.local_sgd.check_meta(layout, self.world_size)
-            mine = torch.load(path / _rank_file(self.global_rank), map_location="cpu", weights_only=False)
+            mine = integrity.load(path / _rank_file(self.global_rank), map_location="cpu", weights_only=False)
         else:
-            meta = torch.load(path, map_location="cpu", weights_only=False)
+            meta = integrity.load(path, map_location="cpu", weights_only=False)
             layout = meta.get(CHECKPOINT_KEY)
             if layout is None:
                 self._load_full_state_dict(meta)  # a plain (e.g. DDP) checkpoint: weights only
