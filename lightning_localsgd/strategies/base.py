@@ -130,6 +130,8 @@ class LocalSGDMixin:
     local_sgd: LocalSGDController
     topology: Optional[Topology] = None
 
+    #: The ranks of a worker group hold different shards of one replica (FSDP, ZeRO), not identical replicas (DDP).
+    shards_within_group = False
     #: Whether this strategy runs as a federated worker group (``lighthouse=``); see :mod:`..federation`.
     supports_federation = False
 
@@ -177,8 +179,10 @@ class LocalSGDMixin:
 
     @property
     def ddp_bytes_per_step(self) -> int:
-        """Bytes DDP would all-reduce per optimizer step on each rank (the gradients of the synced parameters)."""
-        return sum(p.numel() * p.element_size() for p in self.local_sgd_tensors()[0])
+        """Bytes DDP would all-reduce per optimizer step on each rank: the gradients of the full model (a ZeRO-3
+        parameter's full size is its ``ds_numel``)."""
+        return sum(getattr(p, "ds_numel", p.numel()) * p.element_size()
+                   for p in self.lightning_module.parameters() if p.requires_grad)
 
     # ------------------------------------------------------------------ hooks for the concrete strategy
     def local_sgd_tensors(self) -> tuple[list[Tensor], list[Tensor]]:
@@ -194,7 +198,7 @@ class LocalSGDMixin:
 
     def local_sgd_norm_group(self) -> Optional[dist.ProcessGroup]:
         """Process group whose ranks hold the other shards of one replica (FSDP or ZeRO inside a group), or None."""
-        return None
+        return self.topology.inner_group if self.shards_within_group and self.topology is not None else None
 
     def local_sgd_fragment_sizes(self) -> Optional[list[int]]:
         """Sizes to balance streaming fragments by (None: the synced tensors' own sizes)."""

@@ -282,6 +282,7 @@ class LocalSGDDeepSpeedStrategy(LocalSGDMixin, DeepSpeedStrategy):
     """
 
     strategy_name = "local_sgd_deepspeed"
+    shards_within_group = True  # the other partitions of this group's model live on the other ranks of the group
 
     def __init__(self, **kwargs: Any) -> None:
         _require_deepspeed()
@@ -460,17 +461,6 @@ class LocalSGDDeepSpeedStrategy(LocalSGDMixin, DeepSpeedStrategy):
         module = self.lightning_module
         buffers = [b for b in module.buffers() if torch.is_floating_point(b)]
         return master_partitions(self.zero_optimizer), buffers
-
-    @override
-    def local_sgd_norm_group(self) -> Optional[dist.ProcessGroup]:
-        # the other partitions of this group's model live on the other ranks of the group
-        return self.topology.inner_group if self.topology is not None else None
-
-    @property
-    def ddp_bytes_per_step(self) -> int:
-        """Bytes DDP would all-reduce per optimizer step on each rank: the full gradients of the model."""
-        module = self.lightning_module
-        return sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in module.parameters() if p.requires_grad)
 
     @override
     def before_local_sgd_sync(self) -> None:

@@ -116,6 +116,7 @@ class LocalSGDFSDPStrategy(LocalSGDMixin, ModelParallelStrategy):
     """
 
     strategy_name = "local_sgd_fsdp"
+    shards_within_group = True
 
     def __init__(
         self,
@@ -269,16 +270,6 @@ class LocalSGDFSDPStrategy(LocalSGDMixin, ModelParallelStrategy):
     def local_sgd_fragment_sizes(self) -> Optional[list[int]]:
         # balance streaming fragments by the full parameters, so every shard of a group cuts at the same tensors
         return [p.numel() for p in self.lightning_module.parameters() if p.requires_grad]
-
-    @override
-    def local_sgd_norm_group(self) -> Optional[dist.ProcessGroup]:
-        return self.topology.inner_group if self.topology is not None else None
-
-    @property
-    def ddp_bytes_per_step(self) -> int:
-        """Bytes DDP would all-reduce per optimizer step on each rank: the full gradients of the model."""
-        module = self.lightning_module
-        return sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
 
     @override
     def before_local_sgd_sync(self) -> None:

@@ -15,12 +15,9 @@ from __future__ import annotations
 
 import copy
 import functools
-import os
-import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
