@@ -66,7 +66,8 @@ def test_writer_killed_mid_save_leaves_the_old_checkpoint(tmp_path, stall):
     # the next save replaces it and removes the leftover of the killed one
     AtomicCheckpointIO().save_checkpoint({"version": "next"}, path)
     assert torch.load(path, weights_only=True)["version"] == "next"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    # the checkpoint and its checksum sidecar (lightning_localsgd.integrity), nothing else
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".last.ckpt.sha256", "last.ckpt"]
 
 
 def test_save_load_remove_and_file_mode(tmp_path):
@@ -79,9 +80,9 @@ def test_save_load_remove_and_file_mode(tmp_path):
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # as a plain open() would create it, not mkstemp's 0600
     io.save_checkpoint({"w": torch.zeros(3)}, str(path))  # overwrite, str path
     assert torch.equal(io.load_checkpoint(path)["w"], torch.zeros(3))
-    assert [p.name for p in path.parent.iterdir()] == ["a.ckpt"]
+    assert sorted(p.name for p in path.parent.iterdir()) == [".a.ckpt.sha256", "a.ckpt"]
     io.remove_checkpoint(path)
-    assert not path.exists()
+    assert not path.exists() and list(path.parent.iterdir()) == []  # the sidecar goes with it
     with pytest.raises(TypeError, match="storage_options"):
         io.save_checkpoint({}, path, storage_options={"x": 1})
 
