@@ -21,13 +21,12 @@ import time
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from _launch import WORKER, max_diff, run_tiny
 from reference import initial_net, rank_batches
 
-from lightning_localsgd import AtomicCheckpointIO, LocalSGDConfig, LocalSGDController, OuterSync
+from lightning_localsgd import AtomicCheckpointIO, Communicator, LocalSGDConfig, LocalSGDController, OuterSync
 from lightning_localsgd.checkpoint_io import atomic_save
 from lightning_localsgd.integrity import CorruptCheckpointError, checksum_path, verify
 from lightning_localsgd.reliability import SyncGuard
@@ -177,24 +176,34 @@ def test_crash_between_sidecar_and_rename_leaves_a_verifiable_checkpoint(tmp_pat
 
 
 # ------------------------------------------------------------------------------------------------ 5, 7. resume
-@pytest.fixture
-def world_of_one(tmp_path):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
+class Alone(Communicator):
+    """A cross group of one (no process group needed): the engine never talks with a single group."""
+
+    size, rank = 1, 0
+
+    def all_reduce(self, tensor, op="sum", async_op=False):
+        return None
+
+    def all_to_all(self, output, input, async_op=False):
+        output.copy_(input)
+
+    def all_gather(self, output, input):
+        output.copy_(input)
 
 
-def test_new_outer_learning_rate_wins_on_resume(world_of_one, caplog):
+def test_new_outer_learning_rate_wins_on_resume(caplog):
     params = [torch.zeros(3)]
-    engine = OuterSync(params, outer_optimizer=functools.partial(torch.optim.SGD, lr=0.7, momentum=0.9))
+    engine = OuterSync(params, outer_optimizer=functools.partial(torch.optim.SGD, lr=0.7, momentum=0.9),
+                       cross_group=Alone())
     params[0].add_(1.0)
     engine.sync()
-    resumed = OuterSync([torch.zeros(3)], outer_optimizer=functools.partial(torch.optim.SGD, lr=0.3, momentum=0.9))
+    resumed = OuterSync([torch.zeros(3)], outer_optimizer=functools.partial(torch.optim.SGD, lr=0.3, momentum=0.9),
+                        cross_group=Alone())
     with caplog.at_level("WARNING"):
         resumed.load_state_dict(engine.state_dict())
     assert resumed.outer_optimizer.param_groups[0]["lr"] == 0.3
     assert "lr: 0.7 -> 0.3" in caplog.text
-    adam = OuterSync([torch.zeros(3)], outer_optimizer=torch.optim.Adam)
+    adam = OuterSync([torch.zeros(3)], outer_optimizer=torch.optim.Adam, cross_group=Alone())
     with pytest.raises(ValueError, match="outer optimizer is SGD.*this run's is Adam"):
         adam.load_state_dict(engine.state_dict())
 
