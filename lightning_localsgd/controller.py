@@ -49,9 +49,9 @@ class LocalSGDController:
         self.on_sync: Callable[[SyncResult, Optional[SyncResult]], None] = lambda result, cluster: None
         self.on_stop: Callable[[], None] = lambda: None
         self.on_reset: Callable[[], None] = lambda: None
+        """Called on the ranks of a group whose values were not finite at a skipped sync (reset inner state)."""
         self.run_sync: Callable[[OuterSync], SyncResult] = lambda engine: engine.sync()
         """How a sync of all parameters runs (federated groups: over a quorum, retried; see ``federation``)."""
-        """Called on the ranks of a group whose values were not finite at a skipped sync (reset inner state)."""
         self._restored: Optional[tuple[Mapping[str, Any], Any, Any]] = None
 
     # ------------------------------------------------------------------ setup

@@ -297,7 +297,7 @@ class OuterSync:
             for snap in snapshots:
                 snap.copy_(mean[offset : offset + snap.numel()])
                 offset += snap.numel()
-        elif red.weighted and red.buf is not None and float(red.buf[red.numel].item()) == 0.0:
+        elif red.total_weight == 0.0:
             pass  # no group weighed in (e.g. groups that all just joined): no outer step, momentum must not act
         else:
             # Only this fragment's parameters get a gradient: torch optimizers skip (and keep the state of) the rest.

@@ -46,6 +46,8 @@ class Reduction:
     new_mean_error: Optional[Tensor] = None
     sent: int = 0
     seconds: float = 0.0
+    total_weight: Optional[float] = None
+    """A weighted reduce, once finished: ``Σ_i w_i`` over the groups (0: no group weighed in)."""
     works: list[Work] = field(default_factory=list)
 
     def wait(self) -> None:
@@ -107,7 +109,7 @@ class MeanReducer:
         assert buf is not None
         stop_requested = bool(buf[-1].item() > 0) if red.has_stop else False
         if red.weighted:
-            total_weight = float(buf[n].item())
+            red.total_weight = total_weight = float(buf[n].item())
             # every group's weight is 0 (e.g. a stop-sync right after a sync): nothing to average
             mean = buf[:n] / total_weight if total_weight > 0 else snapshot()
         else:
