@@ -24,6 +24,10 @@ Per optimizer step of one group, with compute t_c (``step_time``), N parameters,
 
 Utilization ≥ T holds exactly when ``H ≥ s · T / (t_c · (1 − T))``; :attr:`Plan.min_h` is that bound rounded up.
 See ``docs/planner.md`` for the assumptions.
+
+Federated worker groups (``lighthouse=``, ``plan --federated``): :func:`federated_timeouts` derives ``sync_timeout``
+and the lighthouse's timeouts from the schedule (H × step time), the sync and one healing transfer; see
+``docs/multi_cluster.md``.
 """
 
 from __future__ import annotations
@@ -42,9 +46,11 @@ from .costmodel import Calibration, Link, allreduce_seconds, compressed_allreduc
 
 __all__ = [
     "DEFAULT_CANDIDATES",
+    "FederatedTimeouts",
     "Plan",
     "PlanRow",
     "compressed_bytes_per_value",
+    "federated_timeouts",
     "main",
     "parse_bandwidth",
     "parse_count",
@@ -390,6 +396,117 @@ def plan(
                 recommended_h=recommended, min_h=min_h, reason=reason, notes=tuple(notes))
 
 
+# ----------------------------------------------------------------------------------------------------- federated
+#: torchft's lighthouse defaults (also ``lightning-localsgd lighthouse``'s): heartbeat and join timeouts.
+DEFAULT_HEARTBEAT_TIMEOUT_S = 5.0
+DEFAULT_JOIN_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class FederatedTimeouts:
+    """Timeouts for federated worker groups (``lighthouse=``), derived from the schedule (H × step time).
+
+    Per sync of one group, with compute ``t_c`` per step, spread ``σ`` (the slowest group's step is ``(1 + σ) t_c``),
+    pauses ``p`` (checkpoint, validation), one sync ``s`` (the plan's cost model), heartbeat timeout ``b``, margin
+    ``m``::
+
+        interval        I = H · t_c
+        arrival spread  A = H · t_c · σ + p              how far apart the groups reach a sync
+        healing         T = 8 · bytes / (η · B) + λ      one copy of model + inner optimizer state + θ_g + outer state
+        sync_timeout      = ⌈m · (I + A + b + T + s)⌉    a joining (or restarted) group waits at its first quorum up
+                                                        to one interval for the running groups, then heals and syncs
+        join timeout      = max(10 s, ⌈m · A⌉)           a quorum waits that long for a late but live group
+        stall / failure   = b + s                        survivors of a death (between or inside a sync)
+    """
+
+    h: int
+    """The sync interval priced."""
+    interval_s: float
+    """``H · t_c``: compute seconds of one interval."""
+    arrival_spread_s: float
+    """``H · t_c · σ + p``: how far apart the groups reach a sync."""
+    sync_s: float
+    """One sync over the link (the plan's cost model)."""
+    heal_bytes: float
+    """What one healing moves: the model, the inner optimizer state, ``θ_g`` (fp32) and the outer optimizer state."""
+    heal_s: float
+    """One healing transfer over the link."""
+    heartbeat_timeout_s: float
+    """The lighthouse's heartbeat timeout (given): how long a dead group still counts as live."""
+    sync_timeout_s: float
+    """``sync_timeout=`` to pass to the strategy (seconds, a whole number)."""
+    join_timeout_s: float
+    """The lighthouse's ``--join-timeout-ms`` / 1000."""
+    stall_per_failure_s: float
+    """What one group's death costs the survivors: the heartbeat timeout plus one sync."""
+    margin: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def federated_timeouts(p: Plan, h: Optional[int] = None, step_time_spread: float = 0.1,
+                       pause: Union[Number, str] = 0.0, inner_state_copies: float = 2.0,
+                       outer_state_copies: float = 1.0, heartbeat_timeout: Union[Number, str] =
+                       DEFAULT_HEARTBEAT_TIMEOUT_S, margin: float = 2.0) -> FederatedTimeouts:
+    """Timeouts for federated worker groups from a plan's schedule: see :class:`FederatedTimeouts` for the formulas.
+
+    Args:
+        p: the :func:`plan` of the link between the jobs.
+        h: the sync interval (default: the plan's recommended H, or its :attr:`Plan.min_h` when none is).
+        step_time_spread: σ, how much slower the slowest group's step is than ``step_time`` (0.1 = 10%).
+        pause: seconds a group may pause between two syncs besides its steps (a checkpoint write, validation).
+        inner_state_copies: fp32 copies of the parameters in the inner optimizer state (AdamW 2, SGD with momentum
+            1, plain SGD 0).
+        outer_state_copies: fp32 copies in the outer optimizer state (DiLoCo's Nesterov momentum 1, averaging 0).
+        heartbeat_timeout: the lighthouse's ``--heartbeat-timeout-ms`` (as seconds, or ``"5s"``).
+        margin: safety factor on the derived bounds (>= 1).
+    """
+    if h is None:
+        h = p.recommended_h if p.recommended_h is not None else p.min_h
+    if isinstance(h, bool) or not isinstance(h, numbers.Integral) or h < 1:
+        raise ValueError(f"sync_every must be an integer >= 1 (H, optimizer steps between syncs), got {h!r}.")
+    sigma = _check_fraction(step_time_spread, "step_time_spread", 0, math.inf, False, True,
+                            "give how much slower the slowest group's step is, e.g. 0.1 for 10%")
+    pause_s = parse_duration(pause, "pause", allow_zero=True)
+    for name, value in (("inner_state_copies", inner_state_copies), ("outer_state_copies", outer_state_copies)):
+        _check_fraction(value, name, 0, math.inf, False, True, "give a count of fp32 copies of the parameters, e.g. 2")
+    beat = parse_duration(heartbeat_timeout, "heartbeat_timeout")
+    m = _check_fraction(margin, "margin", 1, math.inf, False, True, "give a safety factor >= 1, e.g. 2")
+    h = int(h)
+    interval = h * p.step_time_s
+    spread = interval * sigma + pause_s
+    sync = (p.row(h) if h in [r.h for r in p.rows] else _sync_row(p, h)).sync_seconds
+    heal_bytes = p.params * (p.bytes_per_value + 4.0 * (1.0 + inner_state_copies + outer_state_copies))
+    heal = heal_bytes * 8 / (p.calibration.efficiency * p.bandwidth_bit_s) + p.latency_s
+    return FederatedTimeouts(
+        h=h, interval_s=interval, arrival_spread_s=spread, sync_s=sync, heal_bytes=heal_bytes, heal_s=heal,
+        heartbeat_timeout_s=beat, sync_timeout_s=float(math.ceil(m * (interval + spread + beat + heal + sync))),
+        join_timeout_s=max(DEFAULT_JOIN_TIMEOUT_S, float(math.ceil(m * spread))),
+        stall_per_failure_s=beat + sync, margin=m)
+
+
+def _sync_row(p: Plan, h: int) -> PlanRow:
+    """The row of an H that is not among the plan's candidates (the same model, one more candidate)."""
+    return plan(p.params, p.step_time_s, p.bandwidth_bit_s, p.latency_s, p.groups, candidates=[h],
+                target_utilization=p.target_utilization, bytes_per_value=p.bytes_per_value,
+                compression=p.compression, calibration=p.calibration).rows[0]
+
+
+def print_federated_timeouts(t: FederatedTimeouts, file=None) -> None:
+    """Print the federated timeouts and where each one goes."""
+    out = file if file is not None else sys.stdout
+    print(f"federated worker groups (lighthouse=), H={t.h}: one interval {_fmt_seconds(t.interval_s)}, arrival spread "
+          f"{_fmt_seconds(t.arrival_spread_s)}, sync {_fmt_seconds(t.sync_s)}, one healing {_fmt_bytes(t.heal_bytes)} "
+          f"in {_fmt_seconds(t.heal_s)} (margin {t.margin:g}):", file=out)
+    print(f"  strategy:   sync_timeout={t.sync_timeout_s:.0f}  (a joining group waits up to one interval for the "
+          "others, then heals and syncs)", file=out)
+    print(f"  lighthouse: lightning-localsgd lighthouse --join-timeout-ms {t.join_timeout_s * 1000:.0f} "
+          f"--heartbeat-timeout-ms {t.heartbeat_timeout_s * 1000:.0f}", file=out)
+    print(f"  a group's death stalls the survivors ~{_fmt_seconds(t.stall_per_failure_s)} (heartbeat timeout + one "
+          "sync)", file=out)
+
+
 # ----------------------------------------------------------------------------------------------------- output
 def _fmt_bytes(n: float) -> str:
     for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
@@ -508,6 +625,22 @@ def _parser() -> argparse.ArgumentParser:
     opt.add_argument("--overlap", type=float, default=cal.overlap,
                      help=f"φ, part of DDP's compute its all-reduce hides behind (default: {cal.overlap:.3g})")
     opt.add_argument("--json", action="store_true", help="print the plan as JSON instead of a table")
+    fed = parser.add_argument_group("federated worker groups (lighthouse=): timeouts from H x step time")
+    fed.add_argument("--federated", action="store_true",
+                     help="also print sync_timeout and the lighthouse's timeouts (docs/multi_cluster.md)")
+    fed.add_argument("--sync-every", type=int, default=None,
+                     help="the H to derive them for (default: the recommended H)")
+    fed.add_argument("--step-time-spread", type=float, default=0.1,
+                     help="how much slower the slowest group's step is, as a fraction (default: 0.1)")
+    fed.add_argument("--pause", default="0",
+                     help="pauses between two syncs besides the steps: checkpoint, validation (default: 0)")
+    fed.add_argument("--inner-state", type=float, default=2.0,
+                     help="fp32 copies of the parameters in the inner optimizer state: AdamW 2, SGD 0 (default: 2)")
+    fed.add_argument("--outer-state", type=float, default=1.0,
+                     help="fp32 copies in the outer optimizer state: DiLoCo 1, averaging 0 (default: 1)")
+    fed.add_argument("--heartbeat-timeout", default=str(DEFAULT_HEARTBEAT_TIMEOUT_S),
+                     help=f"the lighthouse's heartbeat timeout (default: {DEFAULT_HEARTBEAT_TIMEOUT_S:g} s)")
+    fed.add_argument("--margin", type=float, default=2.0, help="safety factor on the derived bounds (default: 2)")
     return parser
 
 
@@ -515,7 +648,10 @@ def _parser() -> argparse.ArgumentParser:
 _FLAGS = {"params": "--params", "step_time": "--step-time", "bandwidth": "--bandwidth", "latency": "--latency",
           "groups": "--groups", "candidates": "--candidates", "target_utilization": "--target",
           "bytes_per_value": "--bytes-per-value", "compression": "--compression", "fixed_cost": "--fixed-cost",
-          "calibration.efficiency": "--efficiency", "calibration.overlap": "--overlap"}
+          "calibration.efficiency": "--efficiency", "calibration.overlap": "--overlap",
+          "sync_every": "--sync-every", "step_time_spread": "--step-time-spread", "pause": "--pause",
+          "inner_state_copies": "--inner-state", "outer_state_copies": "--outer-state",
+          "heartbeat_timeout": "--heartbeat-timeout", "margin": "--margin"}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -540,6 +676,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         result = plan(args.params, args.step_time, args.bandwidth, args.latency, args.groups, candidates=candidates,
                       target_utilization=args.target, bytes_per_value=args.bytes_per_value,
                       compression=args.compression, calibration=calibration)
+        timeouts = federated_timeouts(result, args.sync_every, args.step_time_spread, args.pause, args.inner_state,
+                                      args.outer_state, args.heartbeat_timeout, args.margin) \
+            if args.federated else None
     except ValueError as err:
         message = str(err)
         name = re.split(r"[ :]", message, maxsplit=1)[0]
@@ -547,9 +686,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             message = _FLAGS[name] + message[len(name):]
         parser.error(message)
     if args.json:
-        print(json.dumps(result.to_dict(), indent=2))
+        out = result.to_dict()
+        if timeouts is not None:
+            out["federated"] = timeouts.to_dict()
+        print(json.dumps(out, indent=2))
     else:
         print_plan(result)
+        if timeouts is not None:
+            print_federated_timeouts(timeouts)
 
 
 if __name__ == "__main__":

@@ -253,5 +253,53 @@ def test_cli_help_describes_every_flag(capsys):
     assert info.value.code == 0
     out = capsys.readouterr().out
     for flag in ("--params", "--step-time", "--bandwidth", "--latency", "--groups", "--candidates", "--target",
-                 "--bytes-per-value", "--compression", "--efficiency", "--fixed-cost", "--overlap", "--json"):
+                 "--bytes-per-value", "--compression", "--efficiency", "--fixed-cost", "--overlap", "--json",
+                 "--federated", "--sync-every", "--step-time-spread", "--pause", "--inner-state", "--outer-state",
+                 "--heartbeat-timeout", "--margin"):
         assert flag in out
+
+
+# ------------------------------------------------------------------------------------------- federated timeouts
+def test_federated_timeouts_match_hand_computation():
+    """sync_timeout and the lighthouse's timeouts from H × step time (docs/multi_cluster.md), written out by hand."""
+    from lightning_localsgd.planner import federated_timeouts
+
+    p = plan(**EXAMPLE)
+    t = federated_timeouts(p)  # the recommended H = 4096; σ = 0.1, no pause, AdamW inside, DiLoCo outside
+    sync = hand_sync_seconds(1.3e9, 8, 1e9, 0.02)
+    interval = 4096 * 0.4  # 27.3 min of compute per interval
+    spread = 0.1 * interval
+    heal_bytes = 1.3e9 * (4 + 4 * 2 + 4 + 4)  # model, AdamW's two moments, θ_g, DiLoCo's momentum: 26 GB
+    heal = 8 * heal_bytes / (ETA * 1e9) + 0.02
+    assert t.h == 4096 and t.interval_s == pytest.approx(interval) and t.arrival_spread_s == pytest.approx(spread)
+    assert t.sync_s == pytest.approx(sync, rel=1e-12)
+    assert t.heal_bytes == pytest.approx(26e9) and t.heal_s == pytest.approx(heal, rel=1e-12)
+    assert t.sync_timeout_s == math.ceil(2 * (interval + spread + 5 + heal + sync)) == 4239
+    assert t.join_timeout_s == math.ceil(2 * spread) == 328
+    assert t.stall_per_failure_s == pytest.approx(5 + sync)
+    # an H that is not a candidate, plain SGD inside and averaging outside, a 30 s checkpoint pause, a 1 s heartbeat:
+    # the join timeout keeps torchft's 10 s floor when the spread is small
+    t = federated_timeouts(p, h=100, step_time_spread=0.05, pause="30s", inner_state_copies=0, outer_state_copies=0,
+                           heartbeat_timeout="1s", margin=1.5)
+    heal = 8 * 1.3e9 * 8 / (ETA * 1e9) + 0.02  # model + θ_g
+    assert t.heal_bytes == pytest.approx(1.3e9 * 8) and t.sync_s == pytest.approx(sync, rel=1e-12)
+    assert t.sync_timeout_s == math.ceil(1.5 * (40 + (2 + 30) + 1 + heal + sync))
+    assert t.join_timeout_s == math.ceil(1.5 * 32) == 48
+    assert federated_timeouts(p, h=10, step_time_spread=0.0).join_timeout_s == 10  # the 10 s floor
+    with pytest.raises(ValueError, match="margin must be in"):
+        federated_timeouts(p, margin=0.5)
+    with pytest.raises(ValueError, match="sync_every must be an integer >= 1"):
+        federated_timeouts(p, h=0)
+
+
+def test_cli_prints_federated_timeouts(capsys):
+    cli_main(ARGS + ["--federated"])
+    out = capsys.readouterr().out
+    assert "sync_timeout=4239" in out
+    assert "lightning-localsgd lighthouse --join-timeout-ms 328000 --heartbeat-timeout-ms 5000" in out
+    cli_main(ARGS + ["--federated", "--json", "--sync-every", "100", "--inner-state", "0", "--outer-state", "0"])
+    data = json.loads(capsys.readouterr().out)
+    assert data["federated"]["h"] == 100 and data["federated"]["heal_bytes"] == pytest.approx(1.3e9 * 8)
+    with pytest.raises(SystemExit):
+        cli_main(ARGS + ["--federated", "--step-time-spread=-1"])
+    assert "error: --step-time-spread" in capsys.readouterr().err

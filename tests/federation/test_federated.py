@@ -22,14 +22,15 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 pytest.importorskip("torchft")  # the [ft] extra; installed with [dev]
-from torchft._torchft import LighthouseServer  # noqa: E402
-
-from reference import initial_net  # noqa: E402
-from workers.tiny import make_dataset  # noqa: E402
+from reference import initial_net
+from torchft._torchft import LighthouseServer
+from workers.tiny import make_dataset
 
 WORKER = Path(__file__).parents[1] / "workers" / "train_federated.py"
 H, STEPS = 4, 12
 ATOL = 1e-5
+HEARTBEAT_S = 1.0  # the test lighthouse's heartbeat timeout
+SYNC_SLACK_S = 2.0  # one sync of the tiny model (~50 ms) plus quorum ticks, on 2 shared cores
 
 
 @pytest.fixture
@@ -39,7 +40,7 @@ def lighthouse():
 
     def start(min_replicas: int) -> str:
         server = LighthouseServer(bind="[::]:0", min_replicas=min_replicas, join_timeout_ms=20000,
-                                  quorum_tick_ms=50, heartbeat_timeout_ms=1000)
+                                  quorum_tick_ms=50, heartbeat_timeout_ms=int(HEARTBEAT_S * 1000))
         servers.append(server)
         return "127.0.0.1:" + server.address().rsplit(":", 1)[-1]
 
@@ -58,7 +59,7 @@ def launch(out: Path, address: str, group: int, name: str | None = None, **optio
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     for var in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "RANK"):
         env.pop(var, None)
-    log = open(out / f"{name}.log", "w")
+    log = open(out / f"{name}.log", "w")  # noqa: SIM115 (the job's log, open while it runs)
     return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -87,8 +88,10 @@ def committed(dump: dict, step: int) -> dict | None:
     return next((a for a in dump["attempts"] if a["committed"] and a["step"] == step), None)
 
 
-def reference(dumps: dict[str, dict], outer: str) -> dict[int, dict[str, torch.Tensor]]:
-    """θ_g after each sync step, by hand, over the groups each sync's records say trained the interval."""
+def reference(dumps: dict[str, dict], outer: str,
+              momenta: dict[int, dict[str, torch.Tensor]] | None = None) -> dict[int, dict[str, torch.Tensor]]:
+    """θ_g after each sync step, by hand, over the groups each sync's records say trained the interval (and DiLoCo's
+    momentum after each sync step in ``momenta``)."""
     base = initial_net()
     theta_g = {k: v.detach().clone() for k, v in base.named_parameters()}
     nets = {g: copy.deepcopy(base) for g, d in dumps.items() if d["start_step"] == 0}
@@ -107,15 +110,17 @@ def reference(dumps: dict[str, dict], outer: str) -> dict[int, dict[str, torch.T
                 F.mse_loss(net(x), y).backward()
                 opt.step()
         weighed = [g for g, d in dumps.items() if (a := committed(d, s)) is not None and a["weight"] == 1.0]
-        for k in theta_g:
+        for k, old in list(theta_g.items()):
             mean = torch.stack([dict(nets[g].named_parameters())[k].detach() for g in weighed]).mean(0)
             if outer == "average":
                 theta_g[k] = mean
             else:  # DiLoCo by hand: Nesterov SGD, lr 0.7, momentum 0.9
-                delta = theta_g[k] - mean
+                delta = old - mean
                 momentum[k] = delta.clone() if k not in momentum else 0.9 * momentum[k] + delta
-                theta_g[k] = theta_g[k] - 0.7 * (delta + 0.9 * momentum[k])
+                theta_g[k] = old - 0.7 * (delta + 0.9 * momentum[k])
         after[s] = {k: v.clone() for k, v in theta_g.items()}
+        if momenta is not None:
+            momenta[s] = {k: v.clone() for k, v in momentum.items()}
         for g, d in dumps.items():  # every group in the sync continues from θ_g (a joiner starts there)
             if committed(d, s) is not None:
                 nets.setdefault(g, copy.deepcopy(base))
@@ -183,6 +188,66 @@ def test_three_jobs_one_killed_mid_interval_then_restarted_heals(tmp_path, light
             assert torch.equal(state["momentum_buffer"], dumps["g0"]["outer_state"]["state"][key]["momentum_buffer"])
     # the groups really drift apart between syncs (so a wrong mean would show)
     assert max(float((params_at(dumps["g0"], 2)[k] - params_at(dumps["g1"], 2)[k]).abs().max()) for k in start) > 1e-4
+
+
+def test_job_killed_inside_a_sync_survivors_redo_it_over_the_groups_left(tmp_path, lighthouse):
+    """g0, g1, g2 sync at step 4; at the sync of step 8, g2 SIGKILLs itself inside the cross-group all-reduce (the
+    quorum of that attempt holds all three). g0 and g1: their attempt fails before anything is written (θ_g, the
+    outer momentum and θ_i as they were), they redo it over the two of them, reach max_steps, and every sync equals
+    the hand reference (step 8 and 12: the mean over g0 and g1); the redo costs them about the heartbeat timeout."""
+    address = lighthouse(2)
+    procs = [launch(tmp_path, address, g, outer="diloco", barrier=3, die_in_sync_at_step=2 * H if g == 2 else -1)
+             for g in range(3)]
+    try:
+        assert procs[2].wait(timeout=150) == -signal.SIGKILL, (tmp_path / "g2.log").read_text()[-3000:]
+        codes = wait_all(procs[:2], tmp_path)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(timeout=30)
+    assert codes == [0, 0], "\n".join((tmp_path / f"g{g}.log").read_text()[-2000:] for g in range(2))
+    dumps = {f"g{g}": load(tmp_path, f"g{g}") for g in range(3)}
+    survivors, killed = [dumps["g0"], dumps["g1"]], dumps["g2"]
+
+    # g2 died inside the all-reduce of the sync of step 8, in a quorum of all three
+    assert killed["killed"] and killed["global_step"] == 2 * H
+    assert killed["reduces"][-1]["step"] == 2 * H and killed["reduces"][-1]["participants"] == 3
+    assert committed(killed, 2 * H) is None
+    momenta: dict[int, dict[str, torch.Tensor]] = {}
+    ref = reference(dumps, "diloco", momenta)
+    for d in survivors:
+        assert d["global_step"] == STEPS and d["healed"] == 0
+        tries = [a for a in d["attempts"] if a["step"] == 2 * H]
+        print(f"{d['group_id']} attempts at step {2 * H}:",
+              [(a["participants"], a["committed"], round(a["seconds"], 3), a.get("error", "")[:60]) for a in tries])
+        assert tries[0]["participants"] == 3 and not tries[0]["committed"], tries  # the attempt g2 died in
+        assert "by peer" in tries[0]["error"], tries  # its collective failed ("Connection closed/reset by peer")
+        assert tries[-1]["participants"] == 2 and tries[-1]["committed"] and tries[-1]["weight"] == 1.0, tries
+        assert not any(a["committed"] for a in tries[:-1])
+        assert committed(d, 3 * H)["participants"] == 2
+        # θ_g, the outer momentum and θ_i untouched by the failed attempt: the redo starts from the same values,
+        # which are θ_g and the momentum after the sync of step 4 (by hand)
+        reduces = [r for r in d["reduces"] if r["step"] == 2 * H]
+        failed, redo = reduces[0], reduces[-1]
+        assert failed["participants"] == 3 and redo["participants"] == 2 and redo["attempt"] > failed["attempt"]
+        names = list(ref[H])
+        for name, got_failed, got_redo in zip(names, failed["snapshot"], redo["snapshot"]):
+            assert torch.equal(got_failed, got_redo), name
+            assert float((got_redo - ref[H][name].view(-1)).abs().max()) < ATOL, name  # θ_g is kept flat
+        assert all(torch.equal(failed["params"][k], redo["params"][k]) for k in failed["params"])
+        assert len(redo["momentum"]) == len(names)
+        for key, buf in redo["momentum"].items():
+            assert torch.equal(buf, failed["momentum"][key])
+            assert float((buf - momenta[H][names[key]].view(-1)).abs().max()) < ATOL
+        # the synced values: the hand reference, over all three at step 4, over the survivors at steps 8 and 12
+        assert_matches(d, ref, range(H, STEPS + 1, H))
+        stall = sum(a["seconds"] for a in tries)
+        print(f"{d['group_id']}: sync of step {2 * H} with the failed attempt took {stall:.2f} s")
+        assert stall < HEARTBEAT_S + SYNC_SLACK_S, tries
+    assert all(torch.equal(dumps["g1"]["final"][k], dumps["g0"]["final"][k]) for k in dumps["g0"]["final"])
+    # θ_i really differ between groups at a sync (so a mean over the wrong groups would show)
+    assert max(float((killed["reduces"][-1]["params"][k] - survivors[0]["reduces"][-1]["params"][k]).abs().max())
+               for k in survivors[0]["final"]) > 1e-4
 
 
 def test_unreachable_lighthouse_fails_fast_naming_the_address(tmp_path):

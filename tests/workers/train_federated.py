@@ -5,6 +5,11 @@
 Each group reads the dataset in its own order (``--seed``), so groups drift apart between syncs. The job writes
 ``DIR/{group_id}.pt`` at the end (or right before ``--die-at-step`` SIGKILLs it): the parameters after every step,
 the sync attempts (step, participants, weight, committed, seconds) and the step the job started training from.
+
+``--die-in-sync-at-step N`` SIGKILLs the job *inside* the sync of step N: in its cross-group all-reduce, after the
+quorum of that attempt formed (the others already count it in) and before its data goes out, so the others' reduce
+cannot complete and their attempt fails. Every all-reduce records what the sync reads and must not have written yet
+(``θ_g``, ``θ_i``, the outer optimizer state) under ``reduces`` in the dump.
 """
 
 from __future__ import annotations
@@ -15,15 +20,16 @@ import signal
 import sys
 import time
 
-import torch
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from tiny import TinyModule, make_dataset  # noqa: E402
+from tiny import TinyModule, make_dataset
 
-from lightning_localsgd import LocalSGDStrategy  # noqa: E402
+from lightning_localsgd import LocalSGDStrategy
+from lightning_localsgd.federation import TorchftCommunicator
 
 
 class Recorder(Callback):
@@ -34,6 +40,27 @@ class Recorder(Callback):
         self.steps: list[tuple[int, dict[str, torch.Tensor]]] = []
         self.start_step = -1
         self.start_params: dict[str, torch.Tensor] = {}
+        self.reduces: list[dict] = []
+        self.trainer = None
+
+    def on_all_reduce(self, comm: TorchftCommunicator) -> None:
+        """Entering a cross-group all-reduce: record the state it starts from; the self-kill inside a sync."""
+        strategy = self.trainer.strategy
+        fed, outer = strategy.federation, strategy.outer_sync
+        state = outer.state_dict()["outer_optimizer"]
+        self.reduces.append({
+            "attempt": len(fed.attempts), "step": strategy.local_sgd.schedule.steps_done,
+            "participants": comm.size, "trained": fed.trained,
+            "snapshot": [s.detach().clone() for s in outer.snapshot],
+            "params": {k: v.detach().clone() for k, v in self.trainer.lightning_module.named_parameters()},
+            "momentum": {k: v["momentum_buffer"].clone() for k, v in state["state"].items()} if state else {},
+        })
+        if self.reduces[-1]["step"] == self.args.die_in_sync_at_step and fed.trained:
+            self.dump(self.trainer, self.trainer.lightning_module, killed=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def setup(self, trainer, pl_module, stage):
+        self.trainer = trainer
 
     def on_fit_start(self, trainer, pl_module):
         """``--barrier N``: wait (after this job's manager started heartbeating) until N jobs got here, so that the
@@ -70,7 +97,7 @@ class Recorder(Callback):
             "final": {k: v.detach().clone() for k, v in pl_module.named_parameters()},
             "attempts": fed.attempts, "healed": fed.healed_from_peer, "global_step": trainer.global_step,
             "snapshot": [s.detach().clone() for s in outer.snapshot],
-            "outer_state": outer.state_dict()["outer_optimizer"],
+            "outer_state": outer.state_dict()["outer_optimizer"], "reduces": self.reduces,
         }, os.path.join(self.args.out, f"{self.args.dump_name}.pt"))
 
 
@@ -86,6 +113,7 @@ def main() -> None:
     parser.add_argument("--min-groups", type=int, default=1)
     parser.add_argument("--sync-timeout", type=float, default=60.0)
     parser.add_argument("--die-at-step", type=int, default=-1)
+    parser.add_argument("--die-in-sync-at-step", type=int, default=-1)
     parser.add_argument("--barrier", type=int, default=0)
     parser.add_argument("--dump-name", default=None, help="default: the group id")
     parser.add_argument("--wait-for", default=None)
@@ -98,6 +126,13 @@ def main() -> None:
     loader = DataLoader(make_dataset(), batch_size=2, shuffle=True,
                         generator=torch.Generator().manual_seed(args.seed))
     recorder = Recorder(args)
+    all_reduce = TorchftCommunicator.all_reduce
+
+    def recorded_all_reduce(comm, tensor, op="sum", async_op=False):
+        recorder.on_all_reduce(comm)
+        return all_reduce(comm, tensor, op, async_op)
+
+    TorchftCommunicator.all_reduce = recorded_all_reduce  # this job's own communicator (fault injection, records)
     trainer = L.Trainer(
         accelerator="cpu", devices=1, max_steps=args.max_steps, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False, callbacks=[recorder],
