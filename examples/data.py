@@ -128,6 +128,25 @@ def _token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint8 if vocab_size <= 256 else np.uint16 if vocab_size <= 65536 else np.uint32)
 
 
+def _check_is_text(path: Path, probe: int = 1 << 16) -> None:
+    """Refuse a binary file given as text (a checkpoint, an archive, token ids): it would train on its bytes."""
+    with open(path, "rb") as f:
+        head = f.read(probe)
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as err:
+        if err.start < len(head) - 4:  # not merely a character cut at the end of the probe
+            raise ValueError(
+                f"TextDataModule path={os.fspath(path)!r} is not a UTF-8 text file (byte {err.start} is not text): "
+                "pass a .txt file or a folder of them; token ids go in a .bin file (source='bin')."
+            ) from None
+    if b"\x00" in head:
+        raise ValueError(
+            f"TextDataModule path={os.fspath(path)!r} is a binary file (it contains NUL bytes), not text: pass a .txt "
+            "file or a folder of them; token ids go in a .bin file (source='bin')."
+        )
+
+
 class TextDataModule(LightningDataModule):
     """Token-stream language-modelling data for :class:`~lightning_localsgd.examples.gpt.GPT`.
 
@@ -235,6 +254,8 @@ class TextDataModule(LightningDataModule):
                 raise ValueError(f"TextDataModule source={source!r} needs `path` ({what}).")
             if not path.exists():
                 raise FileNotFoundError(f"TextDataModule path={self.path!r} does not exist (source={source!r}).")
+            if source == "text" and path.is_file():
+                _check_is_text(path)
         if source == "hf" and path is None and self.hf_name is None:
             raise ValueError("TextDataModule source='hf' needs `hf_name` (a hub dataset such as 'allenai/c4') "
                              "or `path` (a directory written by `Dataset.save_to_disk`).")
@@ -326,6 +347,8 @@ class TextDataModule(LightningDataModule):
             files = [path]
         if all(p.stat().st_size == 0 for p in files):
             raise ValueError(f"TextDataModule path={self.path!r} contains no text (empty .txt file(s)).")
+        for p in files:
+            _check_is_text(p)
         return self._tokens_from_texts((p.read_text("utf-8", errors="replace") for p in files), self.max_tokens)
 
     def _load_bin(self) -> np.ndarray:

@@ -20,10 +20,14 @@ demo). See ``docs/cli.md``.
 from __future__ import annotations
 
 import argparse
+import difflib
+import inspect
+import os
+import re
 import sys
 import textwrap
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
@@ -35,7 +39,7 @@ from .examples.data import TextDataModule
 from .examples.gpt import GPT
 from .strategies import LocalSGDStrategy
 
-__all__ = ["CONFIG_DIR", "DEFAULT_CONFIG", "LocalSGDCLI", "convert_main", "main"]
+__all__ = ["CONFIG_DIR", "DEFAULT_CONFIG", "TRACEBACK_ENV", "LocalSGDCLI", "convert_main", "main", "short_parse_error"]
 
 #: The example configs (``examples/configs`` in the repository, installed with ``lightning_localsgd.examples``).
 CONFIG_DIR = Path(examples.__file__).resolve().parent / "configs"
@@ -69,8 +73,90 @@ def _strategy_epilog(width: int = 79) -> str:
     return "\n".join(lines)
 
 
+#: Set to 1 to see the full traceback of an error in the configuration (by default: one line naming the argument).
+TRACEBACK_ENV = "LIGHTNING_LOCALSGD_TRACEBACK"
+#: Errors that a wrong argument raises while the classes are built or ``fit`` prepares (before the first step).
+_CONFIG_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def _exit_with(err: BaseException) -> NoReturn:
+    """One line naming the problem and the fix instead of a traceback (the checks' messages say both)."""
+    if os.environ.get(TRACEBACK_ENV) == "1":
+        raise err
+    text = " ".join(str(err).split()) or type(err).__name__
+    sys.stderr.write(f"lightning-localsgd: error: {text}\n(the traceback: set {TRACEBACK_ENV}=1)\n")
+    raise SystemExit(2) from err
+
+
+def short_parse_error(message: str) -> Optional[str]:
+    """The one line that matters in a jsonargparse error about a class argument, e.g. ``--trainer.strategy.X``.
+
+    jsonargparse reports a bad value of a class given as ``Union[str, Class]`` with every alternative of the union and
+    the whole value; the reason is in the innermost ``Parser key`` / ``Option ... is not accepted`` line. ``None`` when
+    the message is not of that shape.
+    """
+    outer = re.match(r'\s*Parser key "([^"]+)":', message)
+    cls_match = re.search(r"Problem with given class_path '([^']+)':", message)
+    if outer is None or cls_match is None:
+        return None
+    class_path = cls_match.group(1)
+    inner = message[cls_match.end():]
+    cls_name = class_path.rsplit(".", 1)[-1]
+    help_hint = f"see --{outer.group(1)}.help {cls_name}"
+    unknown = re.search(r"[Oo]ption '([^']+)' is not accepted", inner) or re.search(r"Key '([^']+)' is not expected", inner)
+    if unknown:
+        name = unknown.group(1)
+        known = _init_parameters(class_path)
+        close = difflib.get_close_matches(name, known, n=1)
+        guess = f"; did you mean {close[0]!r}?" if close else ""
+        return f"{outer.group(1)}.{name}: {cls_name} has no argument {name!r}{guess} ({help_hint})"
+    key = re.search(r'Parser key "([^"]+)":\s*\n\s*(.+)', inner)
+    if key:
+        reason = key.group(2).strip()
+        expected = re.match(r"Expected a <class '(\w+)'>\. Got value: (.*)", reason)
+        if expected:
+            reason = f"expected {_TYPE_WORDS.get(expected.group(1), expected.group(1))}, got {expected.group(2)}"
+        return f"{outer.group(1)}.{key.group(1)}: {reason} ({help_hint})"
+    return None
+
+
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
+
+
+def _init_parameters(class_path: str) -> list[str]:
+    try:
+        from jsonargparse._util import import_object
+
+        return [n for n in inspect.signature(import_object(class_path)).parameters if n not in ("self", "args", "kwargs")]
+    except Exception:  # an unimportable class: no suggestion
+        return []
+
+
+class _ArgumentParser(LightningArgumentParser):
+    """Lightning's parser, whose errors are one line (no usage dump of every option, no union listing)."""
+
+    def error(self, message: str, ex: Optional[Exception] = None) -> NoReturn:
+        if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG") or os.environ.get(TRACEBACK_ENV) == "1":
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        line = short_parse_error(message) or " ".join(message.split())
+        prog = parser.prog.replace(" [options]", "")
+        sys.stderr.write(f"{prog}: error: {line}\ntip: every option: {prog} --help\n")
+        raise SystemExit(2)
+
+
 class LocalSGDCLI(LightningCLI):
-    """``LightningCLI`` for the GPT example: links ``data.block_size`` / ``data.vocab_size`` to the model."""
+    """``LightningCLI`` for the GPT example: links ``data.block_size`` / ``data.vocab_size`` to the model.
+
+    Errors in the configuration (a bad value, a typo in an argument name, a missing data file, a ``group_size`` that
+    does not fit the devices, a checkpoint that cannot be resumed) print one line naming the argument and the fix and
+    exit with code 2, before training starts; set ``LIGHTNING_LOCALSGD_TRACEBACK=1`` for the traceback.
+    """
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        parser = super().init_parser(**kwargs)
+        parser.__class__ = _ArgumentParser  # (adds only `error`: works whatever Lightning passes to the parser)
+        return parser
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -87,18 +173,23 @@ class LocalSGDCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
-        except ValueError as err:
+        except _CONFIG_ERRORS as err:  # e.g. the Trainer's check of group_size against the devices
             # A class given as `Union[str, SomeClass]` (trainer.strategy, trainer.accelerator, ...) whose __init__
             # raised: jsonargparse buries the message among the union's alternatives and the whole config. Show it.
-            message = str(err)
-            if "Does not validate against any of the Union subtypes" not in message:
-                raise
-            reasons = [line[4:] for line in message.splitlines()
+            reasons = [line[4:] for line in str(err).splitlines()
                        if line.startswith("  - ") and not line.startswith("  - Expected a ")]
-            if not reasons:
+            if "Does not validate against any of the Union subtypes" in str(err) and reasons:
+                sys.stderr.write("".join(f"lightning-localsgd: error: {reason}\n" for reason in reasons))
+                raise SystemExit(2) from err
+            _exit_with(err)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except _CONFIG_ERRORS as err:
+            if self.trainer.state.stage is not None:  # training (or validation) had started: keep the traceback
                 raise
-            sys.stderr.write("".join(f"error: {reason}\n" for reason in reasons))
-            raise SystemExit(2) from err
+            _exit_with(err)
 
 
 def convert_main(argv: Optional[list[str]] = None) -> None:

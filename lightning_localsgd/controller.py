@@ -49,6 +49,8 @@ class LocalSGDController:
         self.on_sync: Callable[[SyncResult, Optional[SyncResult]], None] = lambda result, cluster: None
         self.on_stop: Callable[[], None] = lambda: None
         self.on_reset: Callable[[], None] = lambda: None
+        self.wants_to_stop: Callable[[], bool] = lambda: False
+        """Time-based sync: whether this rank asks every group to stop at the next sync (a SIGTERM arrived)."""
         """Called on the ranks of a group whose values were not finite at a skipped sync (reset inner state)."""
         self.run_sync: Callable[[OuterSync], SyncResult] = lambda engine: engine.sync()
         """How a sync of all parameters runs (federated groups: over a quorum, retried; see ``federation``)."""
@@ -143,7 +145,7 @@ class LocalSGDController:
         elif action is Action.STREAM:
             self.stream(self.schedule.starting, self.schedule.finishing)
         elif action is Action.TIMED_SYNC:
-            self.timed_sync(stop=False)
+            self.timed_sync(stop=self.wants_to_stop())
 
     def train_end(self) -> None:
         """Apply the fragments in flight, then a last sync of every parameter if some are unsynced."""

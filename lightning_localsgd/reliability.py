@@ -46,7 +46,12 @@ __all__ = [
     "check_sync_timeout",
 ]
 
+#: Store keys: "rank r reached the sync of step S" (value S), and "rank r started step S, which ends in a sync" (written
+#: where the ranks agree on a stop signal before that step, see :mod:`.preemption`), and "rank r read the records of
+#: the failed sync of step S" (lets the host of the store wait for the others before it exits, taking the store along).
 _MARKER = "local_sgd/reached_sync/{rank}"
+_STEP_MARKER = "local_sgd/started_step/{rank}"
+_READ_MARKER = "local_sgd/read_failure/{rank}"
 #: After a failure that was not a timeout (e.g. a peer's connection closed), how long at most to keep reading the
 #: other ranks' records, so that live ranks that are a little behind are not reported as missing.
 _MAX_POLL_SECONDS = 10.0
@@ -251,7 +256,8 @@ class SyncGuard:
         self.world_size = world_size
         self.fallback_timeout = fallback_timeout
         self.store = store if store is not None else _default_store()
-        self._marked_step: Optional[int] = None
+        self._store_is_default = store is None
+        self._marked: dict[str, int] = {}
         self._warned_no_timeout = False
 
     @classmethod
@@ -298,10 +304,15 @@ class SyncGuard:
 
     # ------------------------------------------------------------------ the sync
     @contextmanager
-    def sync(self, step: int) -> Iterator[None]:
-        """Record that this rank reached the sync of ``step``, run it under the timeout, explain a failure."""
+    def sync(self, step: int, before_step: bool = False) -> Iterator[None]:
+        """Record that this rank reached the sync of ``step``, run it under the timeout, explain a failure.
+
+        ``before_step``: the collectives run at the start of step ``step`` (which ends in a sync), not at its sync:
+        ranks are then named by whether they started that step.
+        """
         start = time.monotonic()
-        store_error = self._mark(step)
+        key = _STEP_MARKER if before_step else _MARKER
+        store_error = self._mark(step, key)
         try:
             with self.timeouts():
                 yield
@@ -310,25 +321,29 @@ class SyncGuard:
         except RuntimeError as err:  # gloo/NCCL/network errors are RuntimeErrors (DistError included)
             if not _is_communication_error(err):
                 raise  # a bug, not a lost rank: say what it is
-            raise self.failure(step, start, err, store_error) from err
+            raise self.failure(step, start, err, store_error, key=key) from err
 
-    def _mark(self, step: int) -> Optional[BaseException]:
-        if self.store is None or self._marked_step == step:
+    def _mark(self, step: int, key: str = _MARKER) -> Optional[BaseException]:
+        if self.store is None or self._marked.get(key) == step:
             return None
         try:
-            store = self.store
-            _bounded(lambda: store.set(_MARKER.format(rank=self.rank), str(step)), _STORE_SECONDS)
-            self._marked_step = step
+            self._set(key, step)
+            self._marked[key] = step
         except Exception as err:  # the store is gone: its host died. Say so if the sync then fails.
             return err
         return None
 
-    def _read_marks(self) -> dict[int, Optional[int]]:
-        return _bounded(self._read_marks_unbounded, _STORE_SECONDS)
+    def _set(self, key: str, step: int) -> None:
+        store = self.store
+        assert store is not None
+        _bounded(lambda: store.set(key.format(rank=self.rank), str(step)), _STORE_SECONDS)
 
-    def _read_marks_unbounded(self) -> dict[int, Optional[int]]:
+    def _read_marks(self, key: str = _MARKER) -> dict[int, Optional[int]]:
+        return _bounded(lambda: self._read_marks_unbounded(key), _STORE_SECONDS)
+
+    def _read_marks_unbounded(self, key: str = _MARKER) -> dict[int, Optional[int]]:
         assert self.store is not None
-        keys = [_MARKER.format(rank=r) for r in range(self.world_size)]
+        keys = [key.format(rank=r) for r in range(self.world_size)]
         marks: dict[int, Optional[int]] = {}
         if self.store.check(keys) and hasattr(self.store, "multi_get"):
             for r, value in enumerate(self.store.multi_get(keys)):
@@ -339,7 +354,8 @@ class SyncGuard:
         return marks
 
     def failure(
-        self, step: int, start: float, err: BaseException, store_error: Optional[BaseException] = None
+        self, step: int, start: float, err: BaseException, store_error: Optional[BaseException] = None,
+        key: str = _MARKER,
     ) -> SyncFailedError:
         """Build the error for a sync of ``step`` that failed with ``err`` after this rank reached it at ``start``."""
         timed_out = "timed out" in str(err).lower() or "timeout" in str(err).lower()
@@ -350,27 +366,31 @@ class SyncGuard:
         deadline = start + self.timeout if self.timeout is not None else now + _MAX_POLL_SECONDS
         poll_until = min(max(deadline, now), now + _MAX_POLL_SECONDS)
         marks: Optional[dict[int, Optional[int]]] = None
+        synced: Optional[dict[int, Optional[int]]] = None
         if self.store is not None and store_error is None:
             try:
                 while True:
-                    marks = self._read_marks()
+                    marks = self._read_marks(key)
                     missing = [r for r, s in marks.items() if s is None or s < step]
                     if not missing or time.monotonic() >= poll_until:
                         break
                     time.sleep(_POLL_INTERVAL)
+                synced = marks if key == _MARKER else self._read_marks(_MARKER)
+                self._set(_READ_MARKER, step)
             except Exception as read_err:
-                store_error = read_err
-                marks = None
+                # The store's host left while we polled (it is rank 0, which may have given up first): what was
+                # read before still tells who had not arrived. Only without any read is the host itself to blame.
+                if marks is None:
+                    store_error = read_err
+        if marks is not None and self._hosts_store():
+            self._wait_for_readers(step, marks, poll_until + _STORE_SECONDS)
         head = f"local SGD sync at step {step} failed on rank {self.rank}"
         within = f" within sync_timeout={self.timeout:g} s" if self.timeout is not None and timed_out else ""
         missing_ranks: Optional[list[int]]
         if marks is not None:
             missing_ranks = sorted(r for r, s in marks.items() if s is None or s < step)
             if missing_ranks:
-                last = ", ".join(
-                    f"rank {r}: " + (f"last sync at step {marks[r]}" if marks[r] is not None else "no sync reached")
-                    for r in missing_ranks[:8]
-                )
+                last = ", ".join(f"rank {r}: " + _last_sync(synced, r) for r in missing_ranks[:8])
                 what = (f": rank(s) {missing_ranks} did not reach it{within} - crashed, killed or hanging "
                         f"({last}{', ...' if len(missing_ranks) > 8 else ''})")
             else:
@@ -379,7 +399,7 @@ class SyncGuard:
         elif store_error is not None:
             host = (os.environ.get("MASTER_ADDR", "?") + ":" + os.environ.get("MASTER_PORT", "?"))
             reason = _first_line(store_error, 120)
-            if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":  # torchrun: its agent hosts the store
+            if _agent_hosts_store():  # torchrun: its agent hosts the store
                 missing_ranks = None
                 what = (f": the rendezvous store at {host} cannot be reached ({reason}), so the torchrun agent "
                         "hosting it is gone")
@@ -396,6 +416,33 @@ class SyncGuard:
             "same devices, num_nodes and group_size. Cause: " + f"{type(err).__name__}: {_first_line(err)}"
         )
         return SyncFailedError(message, step=step, rank=self.rank, missing_ranks=missing_ranks)
+
+    def _hosts_store(self) -> bool:
+        """Whether the store lives in this process (global rank 0 under Lightning's launcher or plain
+        ``init_process_group``; under torchrun its agent hosts it)."""
+        return self.rank == 0 and self._store_is_default and self.store is not None and not _agent_hosts_store()
+
+    def _wait_for_readers(self, step: int, marks: dict[int, Optional[int]], until: float) -> None:
+        """Keep the store up until the ranks that reached the sync have read who did not (bounded by ``until``):
+        when this process exits first, the store goes with it and the others could only blame rank 0."""
+        expected = [r for r, s in marks.items() if r != self.rank and s is not None and s >= step]
+        while expected and time.monotonic() < until:
+            try:
+                done = self._read_marks(_READ_MARKER)
+            except Exception:
+                return
+            expected = [r for r in expected if (done.get(r) or -1) < step]
+            if expected:
+                time.sleep(_POLL_INTERVAL)
+
+
+def _last_sync(synced: Optional[dict[int, Optional[int]]], rank: int) -> str:
+    step = synced.get(rank) if synced is not None else None
+    return f"last sync at step {step}" if step is not None else "no sync reached"
+
+
+def _agent_hosts_store() -> bool:
+    return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
 
 
 def _first_line(err: BaseException, limit: int = 300) -> str:

@@ -9,7 +9,6 @@ decorates itself with :func:`~lightning_localsgd.config.local_sgd_arguments` and
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext
 from dataclasses import fields
 from typing import Any, Callable, Optional
 
@@ -27,6 +26,7 @@ from ..config import LocalSGDConfig
 from ..controller import LocalSGDController
 from ..federation import Federation, federated_group_size
 from ..engine import OuterSync, SyncResult, SyncSchedule
+from ..preemption import stop_at_sync_steps
 from ..reliability import stop_local_ranks
 from ..tensors import batch_tokens
 from ..topology import Topology, add_cluster_groups, check_cluster_size, check_group_size
@@ -292,30 +292,11 @@ class LocalSGDMixin:
             )
 
     def _limit_sigterm_broadcast(self, trainer: Trainer) -> None:
-        """Keep Lightning's per-batch SIGTERM broadcast off the cross-group links between syncs.
-
-        Lightning (>= 2.5) broadcasts a one-element tensor from rank 0 to all ranks before every training batch so
-        that a SIGTERM stops all ranks together. Across slow links that is one latency-bound collective per step,
-        the very cost local SGD removes. We run it only on steps that cross groups anyway (the schedule's
-        ``communicates_next``): a SIGTERM on rank 0 then stops every rank within ``sync_every`` steps. A schedule
-        whose groups take different steps between syncs (time-based) gets no broadcast at all: it would pair with
-        another group's sync.
-        """
-        loop = trainer.fit_loop.epoch_loop
-        original = getattr(loop, "_broadcast_sigterm_tensor", None)
-        if original is None or self.topology is None or self.topology.num_groups == 1:
+        """SIGTERM: no collective in the signal handler nor between syncs; every rank stops at one step (see
+        :mod:`~lightning_localsgd.preemption`)."""
+        if self.topology is None or self.topology.num_groups == 1:
             return
-        controller = self.local_sgd
-
-        def broadcast_at_sync_steps() -> None:
-            schedule = controller.schedule
-            if schedule.lockstep and schedule.communicates_next():
-                guard = controller.guard if not schedule.in_warmup else None  # sync_timeout: sync steps only
-                with guard.timeouts() if guard is not None else nullcontext():
-                    original()
-
-        loop._broadcast_sigterm_tensor = broadcast_at_sync_steps
-        self._restore_sigterm = lambda: setattr(loop, "_broadcast_sigterm_tensor", original)
+        self._restore_sigterm = stop_at_sync_steps(trainer, self.local_sgd)
 
     # ------------------------------------------------------------------ per step
     def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], model: Optional[Any] = None,

@@ -60,9 +60,10 @@ def _flags(options: dict) -> list[str]:
     return out
 
 
-def launch_each_rank(out: Path, world: int, timeout: float = 150, **options) -> list[dict]:
+def launch_each_rank(out: Path, world: int, timeout: float = 150, frozen: tuple[int, ...] = (), **options) -> list[dict]:
     """Start all ranks as separate processes (LOCAL_RANK set: no Lightning launcher); return per rank its exit code,
-    its output and the time it exited (monotonic)."""
+    its output and the time it exited (monotonic). The ranks in ``frozen`` (they SIGSTOP themselves) are not waited
+    for: they are killed once the others have ended."""
     out.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     procs, logs = [], []
@@ -76,7 +77,7 @@ def launch_each_rank(out: Path, world: int, timeout: float = 150, **options) -> 
     ended: list[float | None] = [None] * world
     deadline = time.monotonic() + timeout
     try:
-        while any(t is None for t in ended) and time.monotonic() < deadline:
+        while any(t is None for r, t in enumerate(ended) if r not in frozen) and time.monotonic() < deadline:
             for r, p in enumerate(procs):
                 if ended[r] is None and p.poll() is not None:
                     ended[r] = time.monotonic()
@@ -88,7 +89,7 @@ def launch_each_rank(out: Path, world: int, timeout: float = 150, **options) -> 
                 p.wait()
         for log in logs:
             log.close()
-    assert all(t is not None for t in ended), f"ranks still running after {timeout} s: a hang"
+    assert all(t is not None for r, t in enumerate(ended) if r not in frozen), f"ranks still running after {timeout} s: a hang"
     return [{"rc": p.returncode, "log": (out / f"log{r}.txt").read_text(), "ended": ended[r]}
             for r, p in enumerate(procs)]
 

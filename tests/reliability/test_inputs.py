@@ -287,6 +287,44 @@ def test_cli_rejects_before_training(args, match, monkeypatch, capsys):
     assert re.search(match, text), text[-2000:]
 
 
+BINARY = "binary.ckpt"
+ONE_LINE_CASES = [
+    (["--trainer.strategy.group_size", "3"], "group_size=3 is larger than the world size 2"),
+    (["--trainer.strategy.cluster_size", "3", "--trainer.strategy.cluster_sync_every", "32"],
+     r"cluster_size=3 does not divide the 2 worker groups"),
+    (["--trainer.strategy.sync_every", "1.5"], r"trainer\.strategy\.sync_every: expected an integer, got 1\.5"),
+    (["--trainer.strategy.sync_evry", "4"],
+     r"trainer\.strategy\.sync_evry: LocalSGDStrategy has no argument 'sync_evry'; did you mean 'sync_every'\?"),
+    (["--data.path", "missing.txt"], r"TextDataModule path='missing\.txt' does not exist"),
+    (["--data.source", "text"], r"TextDataModule source='text' needs `path`"),
+    (["--data.path", BINARY], r"binary\.ckpt' is not a UTF-8 text file"),
+]
+
+
+@pytest.mark.parametrize("args,match", ONE_LINE_CASES, ids=[" ".join(a) for a, _ in ONE_LINE_CASES])
+def test_cli_errors_are_one_line_naming_the_argument(args, match, tmp_path, monkeypatch, capsys):
+    # The probe of issue 16 got 35-70-line tracebacks or union dumps for these (and a binary file was read as text).
+    def not_reached(*a, **k):
+        raise AssertionError("training started")
+
+    torch.save({"w": torch.randn(256)}, tmp_path / BINARY)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(L.Trainer, "fit", not_reached)
+    monkeypatch.setattr(sys, "argv", ["lightning-localsgd"])
+    monkeypatch.delenv("LIGHTNING_LOCALSGD_TRACEBACK", raising=False)
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--config", str(DEFAULT_CONFIG), *args])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    errors = [line for line in lines if "error:" in line]
+    assert len(errors) == 1 and len(lines) <= 2, err[-3000:]
+    assert "Traceback" not in err and "Union" not in err
+    import re
+
+    assert re.search(match, errors[0]), err[-2000:]
+
+
 def test_cli_incompatible_group_size_end_to_end(tmp_path):
     """One real `python -m lightning_localsgd fit` (default config: 2 CPU processes) with group_size 4 > 2 ranks."""
     proc = subprocess.run([sys.executable, "-m", "lightning_localsgd", "fit", "--trainer.strategy.group_size", "4"],
@@ -294,4 +332,5 @@ def test_cli_incompatible_group_size_end_to_end(tmp_path):
                           env={**__import__("os").environ, "PYTHONWARNINGS": "ignore"})
     assert proc.returncode != 0
     assert "group_size=4 is larger than the world size 2" in proc.stderr + proc.stdout, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and proc.returncode == 2, proc.stderr[-3000:]
     assert not (tmp_path / "logs").exists()  # nothing was started

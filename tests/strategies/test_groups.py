@@ -31,9 +31,11 @@ def test_group_size_two_collectives_and_reference(tmp_path):
             assert max_diff(got, want[g]) <= ATOL, (r, b)
         in_training = [c for c in dump["collectives"] if c["batch"] >= 0]
         cross = [c for c in in_training if c["ranks"] is None or not set(c["ranks"]) <= own_group]
-        # Lightning's SIGTERM broadcast runs before the batch's first hook, so it is logged under the previous
-        # batch; the strategy lets it through only before a batch that ends in a sync.
-        sigterm = [c for c in cross if c["op"] == "broadcast" and c["numel"] == 1]
+        # The ranks agree on a SIGTERM (a one-element all-reduce of their flags, where Lightning broadcasts one before
+        # every batch) before the batch's first hook, so it is logged under the previous batch; the strategy runs it
+        # only before a batch that ends in a sync, over every rank.
+        sigterm = [c for c in cross if c["op"] == "all_reduce" and c["numel"] == 1]
+        assert all(c["ranks"] in (None, [0, 1, 2, 3]) for c in sigterm), sigterm
         assert {c["batch"] + 1 for c in sigterm} == sync_batches
         cross = [c for c in cross if c not in sigterm]
         # between syncs nothing leaves the worker group

@@ -16,6 +16,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 
 import torch
@@ -140,6 +141,22 @@ class Fault(Callback):
             time.sleep(a.stall_seconds)
 
 
+class Preempt(Callback):
+    """Sends SIGTERM to one rank ``delay`` seconds after it starts a step, as a scheduler would (e.g. while it waits
+    in that step's sync for a slower rank)."""
+
+    def __init__(self, rank: int, step: int, delay: float) -> None:
+        self.rank, self.step, self.delay = rank, step, delay
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_rank == self.rank and trainer.global_step == self.step:
+            print(f"[fault] SIGTERM to rank {self.rank} in {self.delay:g} s (step {self.step})", flush=True)
+            threading.Timer(self.delay, os.kill, args=(os.getpid(), signal.SIGTERM)).start()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        print(f"[step] rank {trainer.global_rank} finished step {trainer.global_step}", flush=True)
+
+
 class Slow(Callback):
     """Makes one rank slow (a heterogeneous / edge worker): it sleeps at the start of every training step."""
 
@@ -233,6 +250,9 @@ def main() -> None:
     p.add_argument("--nan-buffer-at", type=int, default=-1, help="a NaN in group 1's running_mean at this batch")
     p.add_argument("--max-consecutive-skips", type=int, default=None)
     p.add_argument("--fault-rank", type=int, default=1)
+    p.add_argument("--term-at", type=int, default=-1, help="SIGTERM --term-rank --term-delay s after this step starts")
+    p.add_argument("--term-rank", type=int, default=0)
+    p.add_argument("--term-delay", type=float, default=1.0)
     p.add_argument("--hidden", type=int, default=8, help="width of the tiny model's hidden layer")
     p.add_argument("--fragments", type=int, default=1, help="streaming sync: fragments")
     p.add_argument("--overlap-steps", type=int, default=0, help="streaming sync: τ")
@@ -301,6 +321,8 @@ def main() -> None:
         callbacks.append(Fault(args))
     if args.slow_rank >= 0:
         callbacks.append(Slow(args.slow_rank, args.slow_seconds))
+    if args.term_at >= 0:
+        callbacks.append(Preempt(args.term_rank, args.term_at, args.term_delay))
     syncs: list[dict] = []
     if args.sync_every_seconds is not None:
         callbacks.append(SyncRecorder(syncs))

@@ -1,0 +1,93 @@
+"""A stop signal (SIGTERM: SLURM preemption, ``kill``, a scheduler) under local SGD: every rank stops at one step.
+
+Lightning (>= 2.5) makes a SIGTERM stop every rank of a run together in two places, and both clash with local SGD:
+
+* its signal handler broadcasts a flag from rank 0 *inside the handler*. Python runs the handler when the rank is back
+  in Python after the signal, e.g. between two collectives of a sync; the broadcast then pairs with the sync's next
+  collective on the other ranks and the sync fails on every rank (``SyncFailedError``, exit code 1) instead of
+  stopping cleanly;
+* its training loop broadcasts the flag before every batch: one latency-bound collective per step across the slow
+  links, the very cost local SGD removes.
+
+:func:`stop_at_sync_steps` replaces both, on the ranks of a run with more than one worker group:
+
+* the handler only records the signal (and forwards it to the ranks this process launched, as Lightning does): no
+  collective, so a signal is harmless wherever it lands, in a sync included. It is recorded aside, not in
+  ``trainer.received_sigterm``: Lightning stops a rank that has that flag at the end of an epoch on its own, which
+  would leave the other ranks waiting at their next sync;
+* before a step that crosses groups anyway (the schedule's ``communicates_next``: a step ending in a sync, a warm-up
+  step), every rank all-reduces its flag (MAX): a SIGTERM on *any* rank stops every rank before the same step with
+  Lightning's ``SIGTERMException`` (exit code 0), at most ``sync_every`` steps after it arrived. At a step ending in a
+  sync the exchange runs under the sync guard: a rank that is gone or hangs is named there as at the sync itself
+  (:class:`~lightning_localsgd.reliability.SyncFailedError`, within ``sync_timeout``), not silently ignored;
+* time-based sync (groups take different numbers of steps): the flag rides on the next timed sync (its stop flag),
+  and every group then ends training normally (its last checkpoint and ``on_train_end`` run).
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import nullcontext
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch import Trainer
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_prefixed_message
+
+from .controller import LocalSGDController
+
+__all__ = ["stop_at_sync_steps"]
+
+log = logging.getLogger(__name__)
+
+
+def stop_at_sync_steps(trainer: Trainer, controller: LocalSGDController) -> Callable[[], None]:
+    """Install the SIGTERM handling described above for ``trainer``; return the function that removes it.
+
+    Call it in the strategy's setup: Lightning registers its signal handlers after the strategy's setup and takes the
+    handler from its connector then.
+    """
+    connector = trainer._signal_connector
+    loop = trainer.fit_loop.epoch_loop
+    original = getattr(loop, "_broadcast_sigterm_tensor", None)
+
+    received = [False]  # set by the handler; trainer.received_sigterm only once every rank knows
+
+    def record_signal(signum: Any, _frame: Any) -> None:
+        log.info(rank_prefixed_message(f"Received SIGTERM: {signum}", trainer.local_rank))
+        if not received[0] and trainer.strategy.launcher is not None:
+            trainer.strategy.launcher.kill(signum)  # the ranks this process started get it too
+        received[0] = True
+
+    def agree_at_sync_steps() -> None:
+        schedule = controller.schedule
+        if not (schedule.lockstep and schedule.communicates_next()):
+            return
+        step = schedule.steps_done + 1
+        guard = controller.guard if not schedule.in_warmup else None  # sync_timeout applies to syncs only
+        flag = torch.tensor([1.0 if received[0] else 0.0], device=trainer.strategy.root_device)
+        with guard.sync(step, before_step=True) if guard is not None else nullcontext():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() > 0:
+            connector.received_sigterm = True
+            raise SIGTERMException()
+
+    controller.wants_to_stop = lambda: received[0]
+    connector._sigterm_notifier_fn = record_signal  # (an instance attribute: Lightning's bound method stays intact)
+    if original is not None:
+        loop._broadcast_sigterm_tensor = agree_at_sync_steps
+
+    def remove() -> None:
+        connector.__dict__.pop("_sigterm_notifier_fn", None)
+        if original is not None:
+            loop._broadcast_sigterm_tensor = original
+        controller.wants_to_stop = _never
+
+    return remove
+
+
+def _never() -> bool:
+    return False
+
