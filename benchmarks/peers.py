@@ -377,13 +377,17 @@ def timed_sync(impl: SyncImpl, rank: int, r: int) -> dict:
             p.add_(1e-3 * (rank + 1) * (1 if r % 2 else -1))
     dist.barrier()
     q0 = impl.manager.quorum_seconds if impl.manager is not None else 0.0
+    peak_rss_reset()
+    before = rss_mb()
     COUNT.update(on=True, bytes=0, calls=0)
     t0 = time.perf_counter()
     impl.run()
     seconds = time.perf_counter() - t0
     COUNT["on"] = False
+    peak = vm_hwm_mb() - before
     quorum = (impl.manager.quorum_seconds - q0) if impl.manager is not None else 0.0
-    return dict(seconds=seconds, bytes=COUNT["bytes"], calls=COUNT["calls"], quorum_seconds=quorum)
+    return dict(seconds=seconds, bytes=COUNT["bytes"], calls=COUNT["calls"], quorum_seconds=quorum,
+                peak_rss_over_start_mb=peak)
 
 
 def sync_job(job: dict, rank: int) -> dict:
@@ -1141,6 +1145,7 @@ def sync_rows(result: dict, modes: list[str], part: str, rate: float | None = No
                            seconds_max=max(secs), bytes_per_sync=runs[name][0]["bytes"],
                            calls_per_sync=runs[name][0]["calls"],
                            quorum_seconds_median=statistics.median(x["quorum_seconds"] for x in runs[name]),
+                           sync_peak_rss_mb_median=statistics.median(x["peak_rss_over_start_mb"] for x in runs[name]),
                            outer_state_bytes=r["state"][name], outer_state_where=r["where"][name])
                 base = ours
                 if base is not None and name != base:
@@ -1340,7 +1345,8 @@ def summary_text(cfg: dict, args: argparse.Namespace, parts: dict, targets: list
                            [("size", "size"), ("params", "params"), ("mode", "mode"), ("label", "implementation"),
                             ("ms", "ms / sync (median)"), ("ratio", "ours / this"), ("bytes_per_sync", "bytes / sync"),
                             ("calls_per_sync", "collective calls"), ("q", "of which quorum ms"),
-                            ("outer_state_bytes", "outer-state bytes / rank"), ("outer_state_where", "where")]), ""]
+                            ("outer_state_bytes", "outer-state bytes / rank"), ("outer_state_where", "where"),
+                            ("sync_peak_rss_mb_median", "peak RSS during the sync above its start, MiB")]), ""]
     if train:
         out += [(f"## 2. End-to-end training ({cfg['steps']} steps, H = {cfg['sync_every']}, size "
                 f"{cfg['train_size']}; {parts.get('train_load', '')})\n"),
