@@ -56,6 +56,9 @@ _READ_MARKER = "local_sgd/read_failure/{rank}"
 #: other ranks' records, so that live ranks that are a little behind are not reported as missing.
 _MAX_POLL_SECONDS = 10.0
 _POLL_INTERVAL = 0.2
+#: After a failure inside a sync that every rank had reached, how long past the sync's deadline the live ranks are
+#: given to report it (a rank that does not is named as the one that failed).
+_REPORT_SECONDS = 2.0
 #: How long one access to the rendezvous store may take. The store lives in one process (global rank 0, or the
 #: torchrun agent); when that process is frozen (SIGSTOP, a partition) a read blocks forever: every access is bounded.
 _STORE_SECONDS = 5.0
@@ -382,7 +385,12 @@ class SyncGuard:
                 # read before still tells who had not arrived. Only without any read is the host itself to blame.
                 if marks is None:
                     store_error = read_err
-        if marks is not None and self._hosts_store():
+        silent: list[int] = []
+        if marks is not None and not [r for r, s in marks.items() if s is None or s < step]:
+            # Every rank reached the sync, so one died or lost its network inside it: it is the one that does not
+            # report the failure (the live ones do, within the sync's deadline).
+            silent = self._wait_for_readers(step, marks, poll_until + _REPORT_SECONDS)
+        elif marks is not None and self._hosts_store():
             self._wait_for_readers(step, marks, poll_until + _STORE_SECONDS)
         head = f"local SGD sync at step {step} failed on rank {self.rank}"
         within = f" within sync_timeout={self.timeout:g} s" if self.timeout is not None and timed_out else ""
@@ -393,6 +401,10 @@ class SyncGuard:
                 last = ", ".join(f"rank {r}: " + _last_sync(synced, r) for r in missing_ranks[:8])
                 what = (f": rank(s) {missing_ranks} did not reach it{within} - crashed, killed or hanging "
                         f"({last}{', ...' if len(missing_ranks) > 8 else ''})")
+            elif silent:
+                missing_ranks = silent
+                what = (f": every rank reached it, then rank(s) {silent} stopped answering during the sync{within} - "
+                        "crashed, killed or lost its network")
             else:
                 what = (f": every rank reached it, then its communication failed{within} - a rank crashed or lost "
                         "its network during the sync")
@@ -422,18 +434,20 @@ class SyncGuard:
         ``init_process_group``; under torchrun its agent hosts it)."""
         return self.rank == 0 and self._store_is_default and self.store is not None and not _agent_hosts_store()
 
-    def _wait_for_readers(self, step: int, marks: dict[int, Optional[int]], until: float) -> None:
-        """Keep the store up until the ranks that reached the sync have read who did not (bounded by ``until``):
-        when this process exits first, the store goes with it and the others could only blame rank 0."""
+    def _wait_for_readers(self, step: int, marks: dict[int, Optional[int]], until: float) -> list[int]:
+        """Wait (until ``until`` at most) for the ranks that reached the sync to report its failure; return those
+        that did not. On the host of the store this also keeps the store up for them: when this process exits first,
+        the store goes with it and the others could only blame rank 0."""
         expected = [r for r, s in marks.items() if r != self.rank and s is not None and s >= step]
         while expected and time.monotonic() < until:
             try:
                 done = self._read_marks(_READ_MARKER)
             except Exception:
-                return
+                return []
             expected = [r for r in expected if (done.get(r) or -1) < step]
             if expected:
                 time.sleep(_POLL_INTERVAL)
+        return expected
 
 
 def _last_sync(synced: Optional[dict[int, Optional[int]]], rank: int) -> str:

@@ -40,12 +40,29 @@ def test_names_the_rank_that_did_not_reach_the_sync():
 def test_a_late_but_live_rank_is_not_named():
     store = dist.HashStore()
     guards = [_guard(r, world=2, timeout=5.0, store=store) for r in range(2)]
-    late = threading.Timer(0.5, guards[1]._mark, args=(8,))
+    # rank 1 arrives 0.5 s late, then sees the failure too (a live rank reports it)
+    late = threading.Timer(0.5, lambda: _fail(guards[1], 8))
     late.start()
     start = time.monotonic()
     err = _fail(guards[0], 8)
-    assert err.missing_ranks == [] and "every rank reached it" in str(err)
+    late.join()
+    assert err.missing_ranks == [] and "every rank reached it, then its communication failed" in str(err)
     assert time.monotonic() - start < 4  # stopped waiting as soon as everyone was there
+
+
+def test_a_rank_that_dies_inside_the_sync_is_named():
+    # Every rank reached the sync of step 8; rank 2 then died in it (it never reports the failure), rank 1 reports it.
+    store = dist.HashStore()
+    guards = [_guard(r, world=3, timeout=1.0, store=store) for r in range(3)]
+    guards[2]._mark(8)
+    other = threading.Thread(target=lambda: _fail(guards[1], 8))
+    other.start()
+    start = time.monotonic()
+    err = _fail(guards[0], 8)
+    other.join()
+    assert err.missing_ranks == [2], str(err)
+    assert "every rank reached it, then rank(s) [2] stopped answering during the sync" in str(err)
+    assert time.monotonic() - start < 1.0 + 2.0 + 1.5  # the sync's deadline + the time to report, + slack
 
 
 def test_timeout_wording_and_no_wait_after_the_deadline():
