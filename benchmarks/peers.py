@@ -1159,6 +1159,8 @@ def sync_rows(result: dict, modes: list[str], part: str, rate: float | None = No
                         wire = costmodel.wire_bytes("all_reduce", r["model_bytes"], G)
                     row.update(rate_mbit_s=rate / 1e6, wire_bytes=wire, limit_seconds=wire * 8 / rate)
                     row["over_limit"] = row["seconds_median"] / row["limit_seconds"]
+                    row["over_limit_min"] = row["seconds_min"] / row["limit_seconds"]
+                    row["over_limit_max"] = row["seconds_max"] / row["limit_seconds"]
                 rows.append(row)
     return rows
 
@@ -1177,7 +1179,7 @@ def train_rows(measured: h.Interleaved, params_dir: str) -> tuple[list[dict], li
                    tokens_per_s_median=statistics.median(tps), tokens_per_s_min=min(tps), tokens_per_s_max=max(tps),
                    train_seconds_median=statistics.median(x["train_seconds"] for x in r0),
                    final_loss_rank0=r0[0]["losses"][-1], syncs=r0[0]["syncs"],
-                   bytes_per_sync=r0[0]["bytes"] / max(1, r0[0]["syncs"]), calls=r0[0]["calls"],
+                   bytes_per_sync=r0[0]["bytes"] // max(1, r0[0]["syncs"]), calls=r0[0]["calls"],
                    outer_state_bytes=r0[0]["state_bytes"],
                    peak_rss_over_start_mb_max=max(x["peak_rss_over_start_mb"] for rnd in res for x in rnd),
                    quorum_seconds=r0[0].get("quorum_seconds", 0.0))
@@ -1300,9 +1302,12 @@ def summarize(sync: list[dict], train: list[dict], link: list[dict]) -> list[dic
                             holds="shown" if lo >= 1 else ("median only" if med >= 1 else "no")))
     for r in link:
         if r["impl"] == "ours_engine":
-            out.append(dict(target=f"ours within 1.2× of the link limit ({r['size']}, {r['rate_mbit_s']:g} Mbit/s)",
-                            fastest_peer="", ratio=r["over_limit"], low="", high="",
-                            holds="yes" if r["over_limit"] <= 1.2 else "no"))
+            # shown: every round within 1.2× (the limit is a constant: the rounds' min / max is the interval)
+            lo, med, hi = r["over_limit_min"], r["over_limit"], r["over_limit_max"]
+            out.append(dict(target=f"ours within 1.2× of the link limit ({r['size']}, {r['rate_mbit_s']:g} Mbit/s; "
+                                   f"min, max over {r['rounds']} rounds)",
+                            fastest_peer="", ratio=med, low=lo, high=hi,
+                            holds="shown" if hi <= 1.2 else ("median only" if med <= 1.2 else "no")))
     return out
 
 
@@ -1364,10 +1369,11 @@ def summary_text(cfg: dict, args: argparse.Namespace, parts: dict, targets: list
     if link:
         out += [f"## 3. Over the emulated link ({parts.get('link_load', '')})\n",
                 h.md_table([{**r, "ms": 1e3 * r["seconds_median"], "lim": 1e3 * r["limit_seconds"],
-                             "ratio": fmt_ratio(r)} for r in link],
+                             "ol": f"{r['over_limit']:.3f} ({r['over_limit_min']:.3f}-{r['over_limit_max']:.3f})",
+                             "wire_bytes": int(r["wire_bytes"]), "ratio": fmt_ratio(r)} for r in link],
                            [("rate_mbit_s", "Mbit/s"), ("size", "size"), ("mode", "mode"), ("label", "implementation"),
                             ("ms", "ms / sync"), ("wire_bytes", "wire bytes / rank"), ("lim", "limit ms"),
-                            ("over_limit", "sync / limit"), ("ratio", "ours / this")]), ""]
+                            ("ol", "sync / limit (min-max)"), ("ratio", "ours / this")]), ""]
     elif parts.get("link_note"):
         out += ["## 3. Over the emulated link\n", parts["link_note"][0]["note"], ""]
     if feats:
