@@ -80,23 +80,32 @@ def load(out: Path, name: str) -> dict:
     return torch.load(out / f"{name}.pt", weights_only=False)
 
 
-def group_batches(seed: int) -> list:
-    return list(DataLoader(make_dataset(), batch_size=2, shuffle=True, generator=torch.Generator().manual_seed(seed)))
+def group_batches(seed: int, ranks: int = 1) -> list:
+    """Per step, the batch of every rank of the job: one shuffled loader, or (``ranks > 1``) a DistributedSampler of
+    seed ``seed`` split over the ranks (permutation of seed + epoch 0, rank r takes every ``ranks``-th index)."""
+    data = make_dataset()
+    if ranks == 1:
+        return [[b] for b in DataLoader(data, batch_size=2, shuffle=True,
+                                        generator=torch.Generator().manual_seed(seed))]
+    perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)).tolist()
+    per_rank = [perm[r::ranks] for r in range(ranks)]
+    return [[data[per_rank[r][i:i + 2]] for r in range(ranks)] for i in range(0, len(per_rank[0]), 2)]
 
 
 def committed(dump: dict, step: int) -> dict | None:
     return next((a for a in dump["attempts"] if a["committed"] and a["step"] == step), None)
 
 
-def reference(dumps: dict[str, dict], outer: str,
-              momenta: dict[int, dict[str, torch.Tensor]] | None = None) -> dict[int, dict[str, torch.Tensor]]:
+def reference(dumps: dict[str, dict], outer: str, momenta: dict[int, dict[str, torch.Tensor]] | None = None,
+              ranks: int = 1) -> dict[int, dict[str, torch.Tensor]]:
     """θ_g after each sync step, by hand, over the groups each sync's records say trained the interval (and DiLoCo's
-    momentum after each sync step in ``momenta``)."""
+    momentum after each sync step in ``momenta``). With ``ranks > 1`` a job's inner step is DDP's: the gradient of
+    the mean of its ranks' losses."""
     base = initial_net()
     theta_g = {k: v.detach().clone() for k, v in base.named_parameters()}
     nets = {g: copy.deepcopy(base) for g, d in dumps.items() if d["start_step"] == 0}
     cursor = {g: 0 for g in dumps}
-    batches = {g: group_batches(d["seed"]) for g, d in dumps.items()}
+    batches = {g: group_batches(d["seed"], ranks) for g, d in dumps.items()}
     momentum: dict[str, torch.Tensor] = {}
     after: dict[int, dict[str, torch.Tensor]] = {}
     for s in range(H, STEPS + 1, H):
@@ -104,10 +113,11 @@ def reference(dumps: dict[str, dict], outer: str,
             last = dumps[g]["global_step"] if dumps[g]["killed"] else s
             opt = torch.optim.SGD(net.parameters(), lr=0.1)
             for _ in range(s - H, min(s, last)):
-                x, y = batches[g][cursor[g]]
+                per_rank = batches[g][cursor[g]]
                 cursor[g] += 1
                 opt.zero_grad()
-                F.mse_loss(net(x), y).backward()
+                losses = [F.mse_loss(net(x), y) for x, y in per_rank]
+                (losses[0] if len(losses) == 1 else torch.stack(losses).mean()).backward()
                 opt.step()
         weighed = [g for g, d in dumps.items() if (a := committed(d, s)) is not None and a["weight"] == 1.0]
         for k, old in list(theta_g.items()):
@@ -248,6 +258,49 @@ def test_job_killed_inside_a_sync_survivors_redo_it_over_the_groups_left(tmp_pat
     # θ_i really differ between groups at a sync (so a mean over the wrong groups would show)
     assert max(float((killed["reduces"][-1]["params"][k] - survivors[0]["reduces"][-1]["params"][k]).abs().max())
                for k in survivors[0]["final"]) > 1e-4
+
+
+def test_two_jobs_of_two_ranks_ddp_inside_each_match_the_hand_reference(tmp_path, lighthouse):
+    """2 jobs × 2 ranks: DDP inside each job (its ranks read halves of the job's own order), rank k of each job syncs
+    its slice with rank k of the other; every sync equals the hand reference (each job's inner step = the mean
+    gradient of its two ranks' batches; DiLoCo over the two jobs), and all four ranks end identical."""
+    address = lighthouse(2)
+    procs = [launch(tmp_path, address, g, outer="diloco", barrier=2, devices=2) for g in range(2)]
+    try:
+        codes = wait_all(procs, tmp_path)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(timeout=30)
+    assert codes == [0, 0], "\n".join((tmp_path / f"g{g}.log").read_text()[-3000:] for g in range(2))
+    dumps = {f"g{g}": load(tmp_path, f"g{g}") for g in range(2)}
+    ref = reference(dumps, "diloco", ranks=2)
+    for name in ("g0", "g1"):
+        rank1 = load(tmp_path, f"{name}_r1")
+        for d in (dumps[name], rank1):
+            assert d["global_step"] == STEPS
+            assert all(committed(d, s)["participants"] == 2 and committed(d, s)["weight"] == 1.0
+                       for s in range(H, STEPS + 1, H)), d["attempts"]
+            assert_matches(d, ref, range(H, STEPS + 1, H))
+            assert all(torch.equal(d["final"][k], dumps["g0"]["final"][k]) for k in d["final"])
+        # each rank reduced only its own slice of the model: the two slices make one copy
+        sizes = [sum(t.numel() for t in x["snapshot"]) for x in (dumps[name], rank1)]
+        assert sum(sizes) == sum(v.numel() for v in dumps[name]["final"].values()) and min(sizes) > 0
+    # the jobs' ranks really saw different data (so a job that ignored its second rank would show)
+    g0 = dumps["g0"]
+    assert max(float((params_at(g0, 1)[k] - reference_one_rank_step(k)).abs().max()) for k in params_at(g0, 1)) > 1e-4
+
+
+def reference_one_rank_step(name: str) -> torch.Tensor:
+    """Job g0's parameters after one inner step on its rank 0's batch alone (what a job ignoring rank 1 would do)."""
+    net = initial_net()
+    x, y = group_batches(0, ranks=2)[0][0]
+    torch.optim.SGD(net.parameters(), lr=0.1).zero_grad()
+    F.mse_loss(net(x), y).backward()
+    with torch.no_grad():
+        for p in net.parameters():
+            p -= 0.1 * p.grad
+    return dict(net.named_parameters())[name].detach()
 
 
 def test_unreachable_lighthouse_fails_fast_naming_the_address(tmp_path):

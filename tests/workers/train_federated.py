@@ -118,13 +118,18 @@ def main() -> None:
     parser.add_argument("--dump-name", default=None, help="default: the group id")
     parser.add_argument("--wait-for", default=None)
     parser.add_argument("--wait-at-step", type=int, default=-1)
+    parser.add_argument("--devices", type=int, default=1, help="ranks of this job (DDP inside it)")
     args = parser.parse_args()
     args.dump_name = args.dump_name or args.group_id
+    if args.devices > 1:  # Lightning's DistributedSampler splits this job's own order (seed --seed) over its ranks
+        os.environ["PL_GLOBAL_SEED"] = str(args.seed)
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(0)  # every group starts from the same weights
     model = TinyModule("sgd")
     loader = DataLoader(make_dataset(), batch_size=2, shuffle=True,
                         generator=torch.Generator().manual_seed(args.seed))
+    if args.devices > 1:
+        loader = DataLoader(make_dataset(), batch_size=2, shuffle=True)
     recorder = Recorder(args)
     all_reduce = TorchftCommunicator.all_reduce
 
@@ -134,13 +139,16 @@ def main() -> None:
 
     TorchftCommunicator.all_reduce = recorded_all_reduce  # this job's own communicator (fault injection, records)
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_steps=args.max_steps, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False, callbacks=[recorder],
+        accelerator="cpu", devices=args.devices, max_steps=args.max_steps, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=args.devices > 1,
+        callbacks=[recorder],
         strategy=LocalSGDStrategy(sync_every=args.sync_every, outer_optimizer=args.outer, lighthouse=args.lighthouse,
                                   group_id=args.group_id, min_groups=args.min_groups, sync_timeout=args.sync_timeout,
                                   process_group_backend="gloo"),
     )
     trainer.fit(model, loader)
+    if trainer.global_rank > 0:
+        args.dump_name += f"_r{trainer.global_rank}"
     recorder.dump(trainer, model)
 
 
