@@ -33,8 +33,8 @@ def _attempt(step: int, weight: float, committed: bool = True) -> dict:
 def test_useful_and_lost_steps_by_hand():
     # H = 4; trained from 0, synced at 4 and 8, killed mid-interval at step 10: 8 useful, 2 lost
     killed = {"start_step": 0, "killed": {"kind": "interval", "step": 10},
-                  "attempts": [_attempt(0, 0.0), _attempt(4, 1.0), _attempt(8, 1.0)],
-                  "steps": [[0.1 * s, s] for s in range(1, 11)]}
+              "attempts": [_attempt(0, 0.0), _attempt(4, 1.0), _attempt(8, 1.0)],
+              "steps": [[0.1 * s, s] for s in range(1, 11)]}
     assert chaos.useful_and_lost(killed) == (8, 2)
     # killed inside the sync of step 12 (its step 12 ran but was not recorded yet): 4 lost
     in_sync = dict(killed, killed={"kind": "sync", "step": 12}, steps=[[0.1 * s, s] for s in range(1, 12)])
