@@ -40,6 +40,7 @@ Parts (``--parts``, all by default):
     python benchmarks/peers.py                  # small default: 2 CPU processes, ~10 minutes on 2 loaded cores
     python benchmarks/peers.py --full           # longer runs, sizes up to 85M, 1 Gbit/s and 100 Mbit/s links
     python benchmarks/peers.py --parts sync train
+    python benchmarks/peers.py --profile 10M    # cProfile of one sync of ours (engine) at 10M, beside torch's
 
 Writes benchmarks/results/peers_sync.csv, peers_train.csv, peers_link.csv, peers_features.csv, peers_rounds.csv,
 peers.png and peers.md.
@@ -631,6 +632,36 @@ def agree_job(job: dict, rank: int) -> dict:
     return {peer: float((torch.load(path) - ref).abs().max()) for peer, path in paths.items()}
 
 
+def profile_job(job: dict, rank: int) -> dict:
+    """cProfile of one ``OuterSync.sync()`` (averaging) at ``job['size']`` on rank 0, after one warm-up sync; the
+    torch averager's sync timed beside it. Rank 0 returns the top functions by own time."""
+    import cProfile
+    import io
+    import pstats
+
+    import torch
+    import torch.distributed as dist
+
+    from lightning_localsgd.engine.outer import OuterSync
+
+    torch.set_num_threads(1)
+    init_default_group()
+    ours = build_sync_impl("ours_engine", job, job["size"], None, None)
+    theirs = build_sync_impl("torch_averager", job, job["size"], None, None)
+    times = {}
+    for name, impl in (("ours_engine", ours), ("torch_averager", theirs)):
+        times[name] = [timed_sync(impl, rank, i)["seconds"] for i in range(3)]
+    assert isinstance(ours.engine, OuterSync)
+    dist.barrier()
+    prof = cProfile.Profile()
+    prof.enable()
+    ours.run()
+    prof.disable()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(12)
+    return dict(times=times, profile=out.getvalue())
+
+
 # ====================================================================================================== entry points
 def rank_worker(job_path: str) -> None:
     job = json.loads(Path(job_path).read_text())
@@ -638,7 +669,7 @@ def rank_worker(job_path: str) -> None:
     kind = job["kind"]
     try:
         result = {"sync": sync_job, "train": train_job, "features": features_job,
-                  "agree": agree_job}[kind](job, rank)
+                  "agree": agree_job, "profile": profile_job}[kind](job, rank)
     except Exception:  # noqa: BLE001  (any failure: print it and exit non-zero)
         traceback.print_exc()
         sys.stdout.flush()
@@ -1428,7 +1459,17 @@ def driver() -> None:
     p.add_argument("--quorum-tick-ms", type=int, default=10, help="torchft lighthouse quorum tick (default 10)")
     p.add_argument("--job-timeout", type=float, default=240, help="seconds one job may take (default 240)")
     p.add_argument("--out-name", default="peers")
+    p.add_argument("--profile", choices=list(SIZES), help="instead: cProfile one sync of ours (engine, averaging) at "
+                   "this size on rank 0, and time it beside the torch averager's (3 syncs each); prints only")
     args = p.parse_args()
+    if args.profile:
+        cfg = PRESETS["default"]
+        res = launch_job(dict(kind="profile", size=args.profile, seed=SEED, block_size=cfg["block_size"],
+                              steps=cfg["steps"], timeout=args.job_timeout), timeout=args.job_timeout + 60)[0]
+        for name, ts in res["times"].items():
+            print(f"{LABELS[name]}: " + ", ".join(f"{1e3 * t:.1f}" for t in ts) + " ms per sync")
+        print(res["profile"])
+        return
     args.started, args.argv = time.time(), sys.argv[1:]
     cfg = dict(PRESETS["full" if args.full else "default"], quorum_tick_ms=args.quorum_tick_ms,
                job_timeout=args.job_timeout)
