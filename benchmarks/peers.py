@@ -242,8 +242,9 @@ def make_batches(job: dict, rank: int, steps: int) -> list:
     from lightning_localsgd.examples.data import TextDataModule
     from torch.utils.data import DistributedSampler
 
-    dm = TextDataModule(block_size=job["block_size"], batch_size=job["batch_size"], max_tokens=1_000_000,
-                        seed=job["seed"])
+    need = steps * job["batch_size"] * WORLD * job["block_size"]  # one epoch must hold every rank's batches
+    dm = TextDataModule(block_size=job["block_size"], batch_size=job["batch_size"],
+                        max_tokens=max(1_000_000, int(1.2 * need)), seed=job["seed"])
     dm.setup("fit")
     ds = dm.train_dataset
     sampler = DistributedSampler(ds, num_replicas=WORLD, rank=rank, shuffle=True, seed=job["seed"])
