@@ -518,7 +518,7 @@ def main() -> None:
     shown = [a for a in sys.argv[1:] if a != "--in-netns"]
     if args.keep:
         shown = [a for a in shown if a not in ("--keep", args.keep)]
-    if args.link and shown[-2:] == ["--out-name", out_name] and out_name == f"chaos_{args.link.removesuffix('bit')}":
+    if args.in_netns and shown[-2:] == ["--out-name", out_name]:
         shown = shown[:-2]  # added by the re-run inside the namespace
     command = "python benchmarks/chaos.py" + (" " + " ".join(shown) if shown else "")
     h.write_summary(out_name, text, started, command)
