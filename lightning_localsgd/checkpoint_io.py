@@ -19,6 +19,7 @@ memory (a local-SGD checkpoint holds one model per worker group). Remote paths (
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import tempfile
@@ -126,6 +127,27 @@ def atomic_save(obj: Any, path: _PATH) -> None:
         raise
     _fsync_dir(target.parent)
     _remove_stale_temps(target)
+
+
+def release_freed_memory() -> None:
+    """Return the heap freed after a checkpoint to the OS (glibc's ``malloc_trim``; a no-op elsewhere).
+
+    Global rank 0 receives and serializes every group's model and optimizer state at each save; glibc keeps the
+    freed memory in its arenas, so rank 0's resident memory would stay at the peak of the largest save (measured:
+    ``benchmarks/soak.py``, docs/reliability.md).
+    """
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):  # not glibc (macOS, musl, Windows)
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC: Any = None
 
 
 def _fsync_dir(folder: Path) -> None:

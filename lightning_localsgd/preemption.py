@@ -74,18 +74,22 @@ def stop_at_sync_steps(trainer: Trainer, controller: LocalSGDController) -> Call
             connector.received_sigterm = True
             raise SIGTERMException()
 
+    if original is None:  # Lightning < 2.5 exchanges no stop flag: its own handling (no collective) stays
+        return _nothing
     controller.wants_to_stop = lambda: received[0]
     connector._sigterm_notifier_fn = record_signal  # (an instance attribute: Lightning's bound method stays intact)
-    if original is not None:
-        loop._broadcast_sigterm_tensor = agree_at_sync_steps
+    loop._broadcast_sigterm_tensor = agree_at_sync_steps
 
     def remove() -> None:
         connector.__dict__.pop("_sigterm_notifier_fn", None)
-        if original is not None:
-            loop._broadcast_sigterm_tensor = original
+        loop._broadcast_sigterm_tensor = original
         controller.wants_to_stop = _never
 
     return remove
+
+
+def _nothing() -> None:
+    return None
 
 
 def _never() -> bool:

@@ -17,7 +17,7 @@ from torch.nn import Module
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
-from ..checkpoint_io import with_atomic_default
+from ..checkpoint_io import release_freed_memory, with_atomic_default
 from ..config import LocalSGDConfig, local_sgd_arguments
 from ..controller import CHECKPOINT_KEY
 from ..reliability import check_backend_available, check_ddp_arguments, check_model_matches_checkpoint
@@ -147,6 +147,9 @@ class LocalSGDStrategy(LocalSGDMixin, DDPStrategy):
         if self.is_global_zero and state is not None:
             checkpoint = {**checkpoint, CHECKPOINT_KEY: state}
         super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+        if state is not None:
+            del checkpoint, state
+            release_freed_memory()  # the other groups' states gathered for this file
 
     def _own_group_state(self, checkpoint: Mapping[str, Any]) -> Optional[Mapping[str, Any]]:
         state = checkpoint.get(CHECKPOINT_KEY)
