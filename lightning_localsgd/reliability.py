@@ -58,7 +58,7 @@ _MAX_POLL_SECONDS = 10.0
 _POLL_INTERVAL = 0.2
 #: After a failure inside a sync that every rank had reached, how long past the sync's deadline the live ranks are
 #: given to report it (a rank that does not is named as the one that failed).
-_REPORT_SECONDS = 2.0
+_REPORT_SECONDS = 5.0
 #: How long one access to the rendezvous store may take. The store lives in one process (global rank 0, or the
 #: torchrun agent); when that process is frozen (SIGSTOP, a partition) a read blocks forever: every access is bounded.
 _STORE_SECONDS = 5.0
@@ -451,7 +451,9 @@ class SyncGuard:
 
 
 def _last_sync(synced: Optional[dict[int, Optional[int]]], rank: int) -> str:
-    step = synced.get(rank) if synced is not None else None
+    if synced is None:
+        return "its last sync could not be read"
+    step = synced.get(rank)
     return f"last sync at step {step}" if step is not None else "no sync reached"
 
 

@@ -62,7 +62,7 @@ def test_a_rank_that_dies_inside_the_sync_is_named():
     other.join()
     assert err.missing_ranks == [2], str(err)
     assert "every rank reached it, then rank(s) [2] stopped answering during the sync" in str(err)
-    assert time.monotonic() - start < 1.0 + 2.0 + 1.5  # the sync's deadline + the time to report, + slack
+    assert time.monotonic() - start < 1.0 + 5.0 + 1.5  # the sync's deadline + the time to report, + slack
 
 
 def test_timeout_wording_and_no_wait_after_the_deadline():
