@@ -62,6 +62,44 @@ class SyncResult:
     """A skipped sync: the indices (in the cross group) of the groups whose parameters or buffers were not finite."""
 
 
+_NORM_CHUNK = {"cpu": 1 << 16}
+"""Elements per chunk of the pseudo-gradient norm, by device type (default below): on a CPU a chunk of 256 KB stays in
+the cache and keeps fp32 accumulation close to float64 (relative error ~2e-7 at 10M elements, where one fp32 pass over
+all of them is off by ~1e-3)."""
+_NORM_CHUNK_DEFAULT = 1 << 22
+
+
+def squared_norm(a: Tensor, b: Optional[Tensor] = None) -> float:
+    """``Σ (a − b)²`` (``b`` = ``None``: ``Σ a²``) of flat fp32 tensors, without a tensor of their size.
+
+    One fp32 pass per chunk (``a − b`` of a chunk goes into a small scratch tensor), the chunks' norms added in float64.
+    A chunk whose fp32 norm is not finite is redone in float64, so the result is non-finite exactly when an element of
+    ``a − b`` (in fp32) is, as a float64 sum of squares over the whole tensor would be; the value differs from that sum
+    by fp32 rounding only.
+    """
+    n = a.numel()
+    if n == 0:
+        return 0.0
+    chunk = _NORM_CHUNK.get(a.device.type, _NORM_CHUNK_DEFAULT)
+    scratch = torch.empty(min(chunk, n), dtype=a.dtype, device=a.device) if b is not None else None
+
+    def piece(lo: int, hi: int) -> Tensor:
+        if b is None:
+            return a[lo:hi]
+        assert scratch is not None
+        return torch.sub(a[lo:hi], b[lo:hi], out=scratch[: hi - lo])
+
+    bounds = [(lo, min(lo + chunk, n)) for lo in range(0, n, chunk)]
+    norms = torch.stack([torch.linalg.vector_norm(piece(lo, hi)) for lo, hi in bounds]).double()
+    total = float(norms.pow(2).sum().item())
+    if not math.isfinite(total):  # an fp32 overflow, or a NaN / inf element: redo those chunks in float64
+        squares = norms.pow(2)
+        for k in torch.nonzero(~torch.isfinite(squares)).view(-1).tolist():
+            squares[k] = piece(*bounds[k]).double().pow(2).sum()
+        total = float(squares.sum().item())
+    return total
+
+
 def _blend(live: Tensor, global_: Tensor, mix: float) -> None:
     """``live ← mix·live + (1−mix)·global_`` in fp32 (``mix`` = 0: a plain copy)."""
     if mix == 0.0:
@@ -154,14 +192,17 @@ class OuterSync:
                              self.shard.rank if self.shard else 0, fragments, fragment_sizes)
         self.pending: dict[Optional[int], Reduction] = {}
         """Syncs started and not yet finished, by fragment (``None``: all parameters)."""
-        self.reducer = MeanReducer(self.cross, self.device, bucket_bytes)
+        self.reducer = MeanReducer(self.cross, self.device, bucket_bytes, numel=self.layout.owned_numel)
         self.compressor = CompressedReducer(self.cross, compression, self.layout.owned_numel, self.device) \
             if compression is not None else None
-        # θ_g for the owned pieces, fp32 whatever the training precision, as parameters of the outer optimizer.
-        self.snapshot: list[torch.nn.Parameter] = [
-            torch.nn.Parameter(torch.empty(p.numel, dtype=torch.float32, device=self.state_device), requires_grad=False)
-            for p in self.layout.pieces
-        ]
+        # θ_g for the owned pieces, fp32 whatever the training precision, as parameters of the outer optimizer: views
+        # of one flat tensor (a fragment's θ_g is a view of it, never a copy).
+        self._flat = torch.empty(self.layout.owned_numel, dtype=torch.float32, device=self.state_device)
+        self.snapshot: list[torch.nn.Parameter] = []
+        offset = 0
+        for p in self.layout.pieces:
+            self.snapshot.append(torch.nn.Parameter(self._flat[offset : offset + p.numel], requires_grad=False))
+            offset += p.numel
         self.outer_optimizer = outer_optimizer(self.snapshot) if outer_optimizer is not None else None
         self.num_syncs = 0
         self.bytes_sent = 0
@@ -190,14 +231,20 @@ class OuterSync:
         return [self.tensors[p.index].detach().view(-1)[p.start : p.stop] for p in self.layout.pieces[lo:hi]]
 
     def _flat_snapshot(self, fragment: Fragment) -> Tensor:
-        snaps = self.snapshot[slice(*fragment.pieces)]
-        return torch.cat([s.view(-1) for s in snaps]) if snaps else torch.zeros(0, device=self.state_device)
+        """θ_g of the fragment: a view of the flat snapshot (write into it only to change θ_g)."""
+        return self._flat[fragment.owned[0] : fragment.owned[1]]
 
     @torch.no_grad()
     def reset_snapshot(self) -> None:
         """Set ``θ_g`` to the current parameters (which must then be equal in every group)."""
         for snap, view in zip(self.snapshot, self._owned_views()):
             snap.copy_(view)
+
+    @property
+    def workspace_bytes(self) -> int:
+        """Bytes of the persistent reduce buffer (one fp32 copy of the owned elements + 8, from the first
+        uncompressed sync on); not part of :attr:`state_bytes` (nothing in it is kept from one sync to the next)."""
+        return self.reducer.workspace_bytes
 
     @property
     def state_bytes(self) -> int:
@@ -244,7 +291,8 @@ class OuterSync:
             snap = self._flat_snapshot(frag).to(self.device) if frag.numel else None
             self.compressor.start(red, frag, self._owned_views(frag), snap, talk)
         else:
-            self.reducer.start(red, self._owned_views(frag), talk, weight, stop)
+            busy = [r.region for r in self.pending.values() if r.region is not None]
+            self.reducer.start(red, self._owned_views(frag), talk, weight, stop, offset=frag.owned[0], busy=busy)
         red.seconds = time.perf_counter() - start
         self.pending[fragment] = red
 
@@ -261,25 +309,40 @@ class OuterSync:
             raise RuntimeError(f"finish_sync({fragment}) without a started sync of that fragment.")
         red = self.pending.pop(fragment)
         start = time.perf_counter()
-        red.wait()
+        try:
+            red.wait()
+        except BaseException:
+            self.reducer.discard(red)  # a bucket may still be in flight
+            raise
         stop_requested = False
         if self.compressor is not None:
             mean = self.compressor.finish(red, frag, self._flat_snapshot(frag).to(self.device))
         else:
-            mean, stop_requested = self.reducer.finish(red, lambda: self._flat_snapshot(frag).to(self.device))
+            mean, stop_requested = self.reducer.finish(red, lambda: self._flat_snapshot(frag))
         result = self._outer_step(frag, mean.to(self.state_device), red, mix)
         result.seconds = red.seconds + time.perf_counter() - start
         result.stop_requested = stop_requested
         return result
 
     def _outer_step(self, frag: Fragment, mean: Tensor, red: Reduction, mix: float) -> SyncResult:
+        """``mean``: the groups' mean of the fragment, on the state device, a tensor this sync may overwrite."""
         snapshots = self.snapshot[slice(*frag.pieces)]
+        theta = self._flat_snapshot(frag)
+        if mean.numel() and mean.untyped_storage().data_ptr() == theta.untyped_storage().data_ptr():
+            mean = mean.clone()  # never scratch in θ_g itself
         # Buffers go with the last fragment; they are reduced first, so that a non-finite one stops the sync before
         # θ_g changes, as a non-finite parameter does.
         buffer_sum = reduce_buffers(self.cross, self.buffers) if frag.is_last else None
-        # Pseudo-gradient norm over the whole fragment: the shards of a worker group add their squares.
-        delta = self._flat_snapshot(frag) - mean
-        sq = delta.double().pow(2).sum().reshape(1).to(self.device)
+        # Pseudo-gradient Δ = θ_g − mean: for an outer optimizer formed in place of the mean (the reduce buffer, which
+        # becomes the gradient); for averaging never formed, only its norm. The norm over the whole fragment: the
+        # shards of a worker group add their squares.
+        if self.outer_optimizer is None:
+            delta = None
+            sq_local = squared_norm(theta, mean)
+        else:
+            delta = torch.sub(theta, mean, out=mean)
+            sq_local = squared_norm(delta)
+        sq = torch.tensor([sq_local], dtype=torch.float64, device=self.device)
         if self.norm is not None and self.norm.size > 1:
             self.norm.all_reduce(sq)
         sq_norm = float(sq.item())
@@ -293,17 +356,19 @@ class OuterSync:
             self.compressor.commit(red, frag)
         if self.outer_optimizer is None:
             # Outer SGD with lr 1 and no momentum is the mean itself; copy it to stay exact.
-            offset = 0
-            for snap in snapshots:
-                snap.copy_(mean[offset : offset + snap.numel()])
-                offset += snap.numel()
+            theta.copy_(mean)
         elif red.total_weight == 0.0:
             pass  # no group weighed in (e.g. groups that all just joined): no outer step, momentum must not act
         else:
             # Only this fragment's parameters get a gradient: torch optimizers skip (and keep the state of) the rest.
+            # torch.optim's own optimizers copy what they keep of a gradient, so theirs are views of Δ (scratch after
+            # this step); another optimizer gets copies, in case it keeps a reference.
+            views = type(self.outer_optimizer).__module__.startswith("torch.optim")
+            assert delta is not None
             offset = 0
             for snap in snapshots:
-                snap.grad = delta[offset : offset + snap.numel()].view_as(snap).clone()
+                grad = delta[offset : offset + snap.numel()].view_as(snap)
+                snap.grad = grad if views else grad.clone()
                 offset += snap.numel()
             self.outer_optimizer.step()
             for snap in snapshots:
@@ -415,6 +480,9 @@ class OuterSync:
         self.bytes_sent = int(state["bytes_sent"])
         if self.compressor is not None:
             self.compressor.load_state_dict(state)
+        for red in self.pending.values():
+            if red.works:  # dropped while in flight
+                self.reducer.discard(red)
         self.pending = {}
         for p in state.get("pending", []):
             self.layout.fragment(p["fragment"])  # raises for a fragment this layout does not have

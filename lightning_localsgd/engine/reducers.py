@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -49,6 +49,8 @@ class Reduction:
     total_weight: Optional[float] = None
     """A weighted reduce, once finished: ``Σ_i w_i`` over the groups (0: no group weighed in)."""
     works: list[Work] = field(default_factory=list)
+    region: Optional[tuple[int, int]] = None
+    """The range of :attr:`MeanReducer.workspace` that ``buf`` is (``None``: a buffer of its own); not saved."""
 
     def wait(self) -> None:
         for work in self.works:
@@ -73,47 +75,93 @@ class Reduction:
 
 
 class MeanReducer:
-    """fp32 all-reduce of the owned values, bucketed, optionally weighted, with an optional stop flag."""
+    """fp32 all-reduce of the owned values, bucketed, optionally weighted, with an optional stop flag.
 
-    def __init__(self, comm: Communicator, device: torch.device, bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
+    With ``numel`` (the rank's owned elements) the reduce runs in a persistent *workspace* of ``numel + 2`` fp32
+    values, allocated at the first sync: a fragment's reduce uses the workspace at its place in the owned elements
+    (its weight / stop flag right after its values), so no sync allocates (nor page-faults) a model-sized buffer. A
+    reduce whose range overlaps one still in flight (``busy``) gets a buffer of its own, as every reduce did before.
+    """
+
+    def __init__(self, comm: Communicator, device: torch.device, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                 numel: Optional[int] = None) -> None:
         self.comm = comm
         self.device = device
         self.bucket_bytes = int(bucket_bytes)
+        self.numel = numel
+        self.workspace: Optional[Tensor] = None
+        """The persistent reduce buffer (``numel + 2`` fp32 values), once a sync has used it."""
+
+    @property
+    def workspace_bytes(self) -> int:
+        return self.workspace.numel() * self.workspace.element_size() if self.workspace is not None else 0
 
     def _buckets(self, numel: int) -> list[tuple[int, int]]:
         per_bucket = max(1, self.bucket_bytes // 4)
         return [(lo, min(lo + per_bucket, numel)) for lo in range(0, numel, per_bucket)] or [(0, 0)]
 
+    def _buffer(self, red: Reduction, size: int, offset: Optional[int],
+                busy: Sequence[tuple[int, int]]) -> Tensor:
+        """``size`` fp32 values for ``red``: the workspace at ``offset`` where that range is free, else a new tensor."""
+        lo, hi = (offset, offset + size) if offset is not None else (0, 0)
+        if (offset is None or self.numel is None or hi > self.numel + 2
+                or any(lo < b and a < hi for a, b in busy)):
+            return torch.empty(size, dtype=torch.float32, device=self.device)
+        if self.workspace is None:
+            self.workspace = torch.empty(self.numel + 2, dtype=torch.float32, device=self.device)
+        red.region = (lo, hi)
+        return self.workspace[lo:hi]
+
     def start(self, red: Reduction, local: list[Tensor], talk: bool, weight: Optional[float],
-              stop: Optional[bool]) -> None:
-        """Copy ``local`` (the owned views of the fragment) into the buffer and launch the all-reduce."""
+              stop: Optional[bool], offset: Optional[int] = None, busy: Sequence[tuple[int, int]] = ()) -> None:
+        """Copy ``local`` (the owned views of the fragment) into the buffer and launch the all-reduce.
+
+        ``offset``: where the fragment starts in the owned elements (``None``: no workspace); ``busy``: the workspace
+        ranges of the reduces still in flight."""
         n = red.numel
         extras = [float(weight)] if weight is not None else []
         extras += [float(bool(stop))] if stop is not None else []
-        buf = torch.empty(n + len(extras), dtype=torch.float32, device=self.device)
+        buf = self._buffer(red, n + len(extras), offset, busy)
         if n:
             torch.cat([v.float().reshape(-1) for v in local], out=buf[:n])
         if weight is not None:
             buf[:n].mul_(float(weight))
         if extras:
             buf[n:] = torch.tensor(extras, dtype=torch.float32)
-        if talk:
-            for lo, hi in self._buckets(buf.numel()):  # one all-reduce per bucket, all in flight together
-                red.works.append(self.comm.all_reduce(buf[lo:hi], async_op=True))
-            red.sent = buf.numel() * buf.element_size()
         red.buf = buf
+        if talk:
+            try:
+                for lo, hi in self._buckets(buf.numel()):  # one all-reduce per bucket, all in flight together
+                    red.works.append(self.comm.all_reduce(buf[lo:hi], async_op=True))
+            except BaseException:
+                self.discard(red)
+                raise
+            red.sent = buf.numel() * buf.element_size()
+
+    def discard(self, red: Reduction) -> None:
+        """``red`` ends without its collectives waited for (a failure, a dropped pending sync): they may still write
+        into its buffer, so a workspace it used is left to them and the next sync allocates a new one."""
+        if red.region is not None:
+            self.workspace = None
 
     def finish(self, red: Reduction, snapshot: Callable[[], Tensor]) -> tuple[Tensor, bool]:
-        """(mean of the groups' values, whether any group asked to stop); ``snapshot()``: θ_g of the fragment."""
+        """(mean of the groups' values, whether any group asked to stop); ``snapshot()``: θ_g of the fragment.
+
+        The mean is computed in place in the reduce buffer (no new tensor): the caller may use that buffer as
+        scratch; it never aliases ``snapshot()`` (an all-zero-weight reduce copies θ_g into the buffer)."""
         buf, n = red.buf, red.numel
         assert buf is not None
         stop_requested = bool(buf[-1].item() > 0) if red.has_stop else False
+        mean = buf[:n]
         if red.weighted:
             red.total_weight = total_weight = float(buf[n].item())
             # every group's weight is 0 (e.g. a stop-sync right after a sync): nothing to average
-            mean = buf[:n] / total_weight if total_weight > 0 else snapshot()
+            if total_weight > 0:
+                mean.div_(total_weight)
+            else:
+                mean.copy_(snapshot())
         else:
-            mean = buf[:n] / self.comm.size
+            mean.div_(self.comm.size)
         return mean, stop_requested
 
 
