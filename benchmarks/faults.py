@@ -4,7 +4,7 @@ Every rank is started as its own process (``LOCAL_RANK`` set, as torchrun or SLU
 small MLP with ``LocalSGDStrategy(sync_every=4, sync_timeout=T)`` for 16 steps, a checkpoint every 3 steps. One rank
 (global rank 0, or another: rank 1 of 2, rank 2 of 4) gets one signal at one moment:
 
-* ``interval``: at the start of step 6 (mid-interval: the next sync is at step 8);
+* ``interval``: at the start of step 7 (mid-interval, after the checkpoint of step 6: the next sync is at step 8);
 * ``sync``: 1 s after it started step 8, while it waits in the sync of step 8 (the next rank stalls 2 s before it);
 * ``save``: 0.5 s into the checkpoint save of step 6 (rank 0's write is held 2 s between writing the temp file and
   renaming it; the other ranks wait for it).
@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 RESULTS = Path(__file__).parent / "results"
 SYNC_EVERY, STEPS, CKPT_EVERY = 4, 16, 3
-MOMENTS = {"interval": 5, "sync": 7, "save": 6}  # global_step at which the fault is armed (0-based)
+MOMENTS = {"interval": 6, "sync": 7, "save": 6}  # global_step at which the fault is armed (0-based)
 
 
 # ----------------------------------------------------------------------------------------------------- the worker
@@ -80,7 +80,7 @@ def worker(args: argparse.Namespace) -> None:
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             step = trainer.global_step
             if args.moment == "interval" and rank == args.fault_rank and step == MOMENTS["interval"]:
-                fire("mid-interval, start of step 6")
+                fire("mid-interval, start of step 7")
             if args.moment == "sync" and step == MOMENTS["sync"]:
                 if rank == (args.fault_rank + 1) % args.world:
                     time.sleep(2.0)  # the fault rank reaches the sync of step 8 first and waits there
@@ -172,7 +172,8 @@ def run_case(world: int, sig: str, who: str, moment: str, sync_timeout: float, o
     texts = [(out / f"log{r}.txt").read_text(errors="replace") for r in range(world)]
     fired = re.search(r"\[fault\] t=([\d.]+)", texts[fault_rank])
     t_fault = float(fired.group(1)) if fired else None
-    named = sorted({m for r in survivors for m in re.findall(r"rank\(s\) (\[[\d, ]*\]) did not reach it", texts[r])})
+    named = sorted({m for r in survivors for m in re.findall(
+        r"rank\(s\) (\[[\d, ]*\]) (?:did not reach it|stopped answering during the sync)", texts[r])})
     codes = [procs[r].returncode for r in survivors]
     detect = max(ended[r] for r in survivors if r in ended) - t_fault if t_fault and not hung else None
     ckpt, verifies = last_checkpoint(out / "ckpt")
