@@ -374,8 +374,7 @@ class SyncGuard:
             try:
                 while True:
                     marks = self._read_marks(key)
-                    missing = [r for r, s in marks.items() if s is None or s < step]
-                    if not missing or time.monotonic() >= poll_until:
+                    if not _not_at(marks, step) or time.monotonic() >= poll_until:
                         break
                     time.sleep(_POLL_INTERVAL)
                 synced = marks if key == _MARKER else self._read_marks(_MARKER)
@@ -386,7 +385,8 @@ class SyncGuard:
                 if marks is None:
                     store_error = read_err
         silent: list[int] = []
-        if marks is not None and not [r for r, s in marks.items() if s is None or s < step]:
+        missing_ranks: Optional[list[int]] = _not_at(marks, step) if marks is not None else None
+        if marks is not None and not missing_ranks:
             # Every rank reached the sync, so one died or lost its network inside it: it is the one that does not
             # report the failure (the live ones do, within the sync's deadline).
             silent = self._wait_for_readers(step, marks, poll_until + _REPORT_SECONDS)
@@ -394,9 +394,7 @@ class SyncGuard:
             self._wait_for_readers(step, marks, poll_until + _STORE_SECONDS)
         head = f"local SGD sync at step {step} failed on rank {self.rank}"
         within = f" within sync_timeout={self.timeout:g} s" if self.timeout is not None and timed_out else ""
-        missing_ranks: Optional[list[int]]
         if marks is not None:
-            missing_ranks = sorted(r for r, s in marks.items() if s is None or s < step)
             if missing_ranks:
                 last = ", ".join(f"rank {r}: " + _last_sync(synced, r) for r in missing_ranks[:8])
                 what = (f": rank(s) {missing_ranks} did not reach it{within} - crashed, killed or hanging "
@@ -448,6 +446,11 @@ class SyncGuard:
             if expected:
                 time.sleep(_POLL_INTERVAL)
         return expected
+
+
+def _not_at(marks: dict[int, Optional[int]], step: int) -> list[int]:
+    """The ranks whose mark is missing or older than ``step``, in order."""
+    return sorted(r for r, s in marks.items() if s is None or s < step)
 
 
 def _last_sync(synced: Optional[dict[int, Optional[int]]], rank: int) -> str:
