@@ -9,7 +9,7 @@ DEFAULT_DATA = dict(max_tokens=8_000_000, val_fraction=0.05)
 # Optional strategy settings: written to the config only when they differ from the default, so that configurations
 # (and their JSON) of runs that do not use a feature stay as they were.
 _OPTIONAL_DEFAULTS = dict(compression=None, local_warmup_steps=0, outer=None, fragments=1, overlap_steps=0,
-                          overlap_mix=0.0, step_bytes=False)
+                          overlap_mix=0.0, step_bytes=False, precision=None, share_gpu=False)
 
 
 def run_config(
@@ -37,6 +37,8 @@ def run_config(
     overlap_steps: int = 0,
     overlap_mix: float = 0.0,
     step_bytes: bool = False,
+    precision: Optional[str] = None,
+    share_gpu: bool = False,
 ) -> dict:
     """A run configuration. ``mode``: ``ddp``, ``average`` (local SGD) or ``diloco``.
 
@@ -50,12 +52,16 @@ def run_config(
     * ``fragments``, ``overlap_steps``, ``overlap_mix``: the strategy's streaming sync.
     * ``step_bytes``: also return the cross-group bytes of every training step (``step_cross_bytes``), their maximum
       (``peak_step_cross_bytes``) and the bytes of the train-end sync (``train_end_cross_bytes``).
+    * ``precision``: Lightning's ``Trainer(precision=...)``, e.g. ``"bf16-mixed"``; ``None`` = fp32.
+    * ``share_gpu``: all ``devices`` processes on one GPU (``cuda:0``), joined over gloo (NCCL refuses two ranks on
+      one device); see :func:`harness.launch.launch`.
     """
     if mode not in ("ddp", "average", "diloco"):
         raise ValueError(f"unknown mode {mode!r}")
     optional = dict(compression=compression, local_warmup_steps=local_warmup_steps,
                     outer=dict(outer) if outer is not None else None, fragments=fragments,
-                    overlap_steps=overlap_steps, overlap_mix=overlap_mix, step_bytes=bool(step_bytes))
+                    overlap_steps=overlap_steps, overlap_mix=overlap_mix, step_bytes=bool(step_bytes),
+                    precision=precision, share_gpu=bool(share_gpu))
     return dict(
         name=name, mode=mode, steps=steps, model=model, batch_size=batch_size, block_size=block_size,
         devices=devices, group_size=group_size, sync_every=sync_every, eval_every=eval_every,

@@ -67,10 +67,41 @@ def worker_env() -> dict:
     return env
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_shared(cmd: list[str], world: int, timeout: float) -> tuple[int, str]:
+    """``world`` copies of ``cmd`` as the ranks of one job on one machine, each told it is the only rank of its node
+    (torchelastic's variables), so that every rank takes ``cuda:0``: :func:`launch` with ``share_gpu``."""
+    port = str(free_port())
+    procs = []
+    for rank in range(world):
+        env = {**worker_env(), "MASTER_PORT": port, "WORLD_SIZE": str(world), "RANK": str(rank),
+               "GROUP_RANK": str(rank), "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "NODE_RANK": str(rank)}
+        procs.append(subprocess.Popen(cmd, env=env, cwd=str(ROOT), stdout=subprocess.PIPE if rank == 0 else
+                                      subprocess.DEVNULL, stderr=subprocess.STDOUT))
+    try:
+        out, _ = procs[0].communicate(timeout=timeout)
+        codes = [procs[0].returncode] + [p.wait(timeout=max(1.0, timeout / 10)) for p in procs[1:]]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return next((c for c in codes if c), 0), out.decode(errors="replace")
+
+
 def launch(config: dict, prefix: Optional[list[str]] = None, timeout: float = 1800) -> dict:
     """Run one training run in a subprocess (``prefix`` e.g. :func:`netns_prefix`) and return rank 0's result.
 
     The subprocess is ``python -m harness CONFIG.json``; Lightning's popen launcher re-runs it once per extra rank.
+    With ``config["share_gpu"]`` the ``devices`` ranks are started here instead, each as the single rank of a
+    "node" (``Trainer(devices=1, num_nodes=devices)``), so that all of them run on ``cuda:0`` (or the CPU).
     """
     with tempfile.TemporaryDirectory(prefix="lsgd_bench_") as tmp:
         cfg_path = Path(tmp) / "config.json"
@@ -78,11 +109,14 @@ def launch(config: dict, prefix: Optional[list[str]] = None, timeout: float = 18
         cfg_path.write_text(json.dumps({**config, "out": str(out_path)}))
         cmd = list(prefix or []) + [sys.executable, "-m", "harness", str(cfg_path)]
         t0 = time.time()
-        proc = subprocess.run(cmd, env=worker_env(), cwd=str(ROOT), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, timeout=timeout)
-        if proc.returncode or not out_path.exists():
-            tail = proc.stdout.decode(errors="replace")[-4000:]
-            raise RuntimeError(f"run {config['name']!r} failed (exit {proc.returncode}):\n{tail}")
+        if config.get("share_gpu"):
+            code, text = _run_shared(cmd, config["devices"], timeout)
+        else:
+            proc = subprocess.run(cmd, env=worker_env(), cwd=str(ROOT), stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, timeout=timeout)
+            code, text = proc.returncode, proc.stdout.decode(errors="replace")
+        if code or not out_path.exists():
+            raise RuntimeError(f"run {config['name']!r} failed (exit {code}):\n{text[-4000:]}")
         result = json.loads(out_path.read_text())
         result["process_seconds"] = time.time() - t0
         return result

@@ -22,7 +22,8 @@ STREAMING_KEYS = ("fragments", "overlap_steps", "overlap_mix")
 
 def build_strategy(cfg: dict) -> Any:
     """DDP, or the local-SGD strategy with the configuration's outer optimizer, warm-up, codec and streaming."""
-    backend = "gloo" if cfg.get("accelerator", "cpu") == "cpu" else "nccl"
+    # gloo on the CPU and for ranks sharing one GPU (NCCL refuses two ranks on one device)
+    backend = "gloo" if cfg.get("accelerator", "cpu") == "cpu" or cfg.get("share_gpu") else "nccl"
     if cfg["mode"] == "ddp":
         return DDPStrategy(process_group_backend=backend)
     outer_optimizer: Any = cfg["mode"]
@@ -38,8 +39,11 @@ def build_strategy(cfg: dict) -> Any:
 
 def build_trainer(cfg: dict, measure: Measure) -> L.Trainer:
     """A quiet Trainer: no logger, checkpoints, progress bar or Lightning validation (the harness evaluates)."""
+    # share_gpu: every rank is the one rank of its own "node" (see harness.launch.launch), on device 0
+    devices, num_nodes = (1, cfg["devices"]) if cfg.get("share_gpu") else (cfg["devices"], 1)
     return L.Trainer(
-        accelerator=cfg.get("accelerator", "cpu"), devices=cfg["devices"], strategy=build_strategy(cfg),
+        accelerator=cfg.get("accelerator", "cpu"), devices=devices, num_nodes=num_nodes,
+        strategy=build_strategy(cfg), precision=cfg.get("precision") or "32-true",
         max_steps=cfg["steps"], logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, callbacks=[measure],
         use_distributed_sampler=True,
