@@ -30,7 +30,6 @@ import argparse
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -38,6 +37,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness import free_port  # noqa: E402  (benchmarks/ on the path first)
 
 RESULTS = Path(__file__).parent / "results"
 SYNC_EVERY, STEPS, CKPT_EVERY = 4, 16, 3
@@ -116,12 +117,6 @@ def worker(args: argparse.Namespace) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------- the driver
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def last_checkpoint(folder: Path) -> tuple[str, bool]:
     """The newest ``step=N.ckpt`` and whether it verifies against its checksum and loads."""
     import torch
@@ -143,7 +138,7 @@ def run_case(world: int, sig: str, who: str, moment: str, sync_timeout: float, o
              bound: float = 150) -> dict:
     fault_rank = 0 if who == "rank 0" else (1 if world == 2 else 2)
     out.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = free_port()
     procs, logs = [], []
     for r in range(world):
         env = {**os.environ, "LOCAL_RANK": str(r), "NODE_RANK": "0", "WORLD_SIZE": str(world),

@@ -52,7 +52,6 @@ import argparse
 import json
 import os
 import resource
-import socket
 import statistics
 import subprocess
 import sys
@@ -101,12 +100,6 @@ WORLD = 2
 
 
 # ====================================================================================================== launching
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch_job(job: dict, prefix: list[str] | None = None, timeout: float = 600) -> list[dict]:
     """Run ``job`` on WORLD ranks (through ``--launch`` in one process, optionally inside ``prefix``, e.g. a network
     namespace); the ranks' results, by rank."""
@@ -129,7 +122,7 @@ def launch_job(job: dict, prefix: list[str] | None = None, timeout: float = 600)
 def launcher(job_path: str) -> None:
     """Start the lighthouse (torchft jobs) and the ranks; wait for them within the job's time bound."""
     job = json.loads(Path(job_path).read_text())
-    job["master_port"] = free_port()
+    job["master_port"] = h.free_port()
     server = None
     if job.get("torchft"):
         from torchft._torchft import LighthouseServer

@@ -259,6 +259,9 @@ def main() -> None:
     p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "lightning_localsgd" / "scaling_law",
                    help="finished runs, keyed by configuration (resume; rerun the analysis without training)")
     p.add_argument("--out-name", default="scaling_law", help="file names under benchmarks/results/")
+    p.add_argument("--local-lr-factors", type=float, nargs="+", metavar="F",
+                   help="instead of the report: local SGD / DiLoCo at H=16 with the DDP-tuned lr × each F "
+                   "(writes scaling_law_local_lr.*; the default runs come from the cache)")
     p.add_argument("--estimate", action="store_true", help="print the preset's estimated runtime and stop")
     p.add_argument("--replot", action="store_true", help="redraw the PNG from the CSVs of the last run")
     args = p.parse_args()
@@ -331,7 +334,37 @@ def main() -> None:
             for _, rs in pool.map(lambda t: train_size(t[0], t[1], cfg["lr_start"]), enumerate(sizes)):
                 runs += rs
         sweep_rows.sort(key=lambda r: (sizes.index(r["size"]), r["lr"]))
+    if args.local_lr_factors:
+        return local_lr_table(runs, args.local_lr_factors, launch, cfg, started)
     report(runs, sweep_rows, series, sizes, cfg, preset, args, started)
+
+
+def local_lr_table(runs: list[dict], factors: list[float], launch: Callable, cfg: dict, started: float) -> None:
+    """Where the gap comes from (not part of the default, nothing here feeds the targets): local SGD and DiLoCo at
+    H = 16 with the DDP-tuned learning rate scaled by each factor, against DDP at its tuned rate."""
+    base, rows = cfg["seeds"][0], []
+    for ddp in [r for r in runs if r["mode"] == "ddp" and r["seed"] == base]:
+        for mode in ("average", "diloco"):
+            tuned = next(r for r in runs if r["mode"] == mode and r["H"] == 16 and r["size"] == ddp["size"]
+                         and r["seed"] == base)
+            for f in sorted({1.0, *factors}, reverse=True):
+                lr = float(f"{ddp['lr'] * f:.3g}")
+                r = tuned if f == 1.0 else launch(f"{series_label(mode, 16)} {ddp['size']} lr {lr:g}", mode, 16,
+                                                  ddp["size"], lr, base)
+                rows.append(dict(size=ddp["size"], non_embedding_params=ddp["non_embedding_params"], mode=mode,
+                                 H=16, lr_factor=f, lr=lr, final_val_loss=r["final_val_loss"],
+                                 loss_ratio_to_ddp=r["final_val_loss"] / ddp["final_val_loss"]))
+                print(f"  {series_label(mode, 16)} {ddp['size']} lr {lr:g} (×{f:g}): "
+                      f"{rows[-1]['loss_ratio_to_ddp']:.4f} of DDP", flush=True)
+    h.write_csv(h.RESULTS / "scaling_law_local_lr.csv", rows)
+    text = ("Local SGD and DiLoCo (H = 16, the same recipe otherwise) at the DDP-tuned learning rate × factor, seed "
+            f"{base}; DDP at its tuned rate. Not tuned for the targets: this shows how much of the gap is the "
+            "learning rate.\n\n" + h.md_table(rows, [("size", "size"), ("mode", "mode"), ("lr_factor", "lr factor"),
+                                                  ("lr", "lr"), ("final_val_loss", "final val loss"),
+                                                  ("loss_ratio_to_ddp", "loss / DDP (tuned)")]) + "\n")
+    print(text)
+    command = "python benchmarks/scaling_law.py " + " ".join(sys.argv[1:])
+    h.write_summary("scaling_law_local_lr", text, started, command)
 
 
 def report(runs: list[dict], sweep_rows: list[dict], series: list, sizes: list[str], cfg: dict, preset: str,

@@ -111,3 +111,22 @@ def test_report_states_the_gap_its_trend_and_the_targets(tmp_path: Path, monkeyp
     assert "| Charles et al. 2025 | data-parallel | A·N^α | -0.095 |" in md
     assert "runs' process time in total: 0.1 min" in md
     assert (tmp_path / "sl.png").exists()
+
+
+def test_local_lr_table_scales_only_the_local_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(harness, "RESULTS", tmp_path)
+    monkeypatch.setattr(harness.output, "RESULTS", tmp_path)
+    runs = synthetic_runs({"25K": 2.5e4}, {("average", 16): lambda n: 1.05, ("diloco", 16): lambda n: 1.04})
+    launched = []
+
+    def launch(name: str, mode: str, H: int, size: str, lr: float, seed: int) -> dict:
+        launched.append((mode, H, size, lr, seed))
+        ddp = next(r for r in runs if r["mode"] == "ddp")
+        return dict(final_val_loss=ddp["final_val_loss"] * (1 + lr))  # a known loss per lr
+
+    sl.local_lr_table(runs, [0.5], launch, dict(sl.PRESETS["cpu"]), started=0.0)
+    assert sorted(launched) == [("average", 16, "25K", 5e-4, 1234), ("diloco", 16, "25K", 5e-4, 1234)]
+    rows = harness.read_csv(tmp_path / "scaling_law_local_lr.csv")
+    ratio = {(r["mode"], float(r["lr_factor"])): float(r["loss_ratio_to_ddp"]) for r in rows}
+    assert ratio == pytest.approx({("average", 1.0): 1.05, ("average", 0.5): 1.0005, ("diloco", 1.0): 1.04,
+                                   ("diloco", 0.5): 1.0005})
