@@ -157,7 +157,7 @@ def fit_offset(N: np.ndarray, L: np.ndarray) -> tuple[float, float, float]:
         (E, B, alpha), _ = curve_fit(f, x, L, p0=p0, bounds=([0.0, 0.0, -5.0], [L.min() * 0.999, np.inf, 0.0]),
                                      maxfev=20000)
         return float(E), float(B / N[0] ** alpha), float(alpha)
-    except Exception:  # noqa: BLE001
+    except (RuntimeError, ValueError):  # no convergence (counted as a failed fit), not a missing scipy
         return float("nan"), float("nan"), float("nan")
 
 
