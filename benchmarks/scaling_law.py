@@ -277,7 +277,7 @@ def main() -> None:
     unknown = [s for s in sizes if s not in ladder]
     if unknown:
         p.error(f"--sizes {' '.join(unknown)}: not in the {preset!r} ladder; choose from {' '.join(ladder)}")
-    if len(sizes) < 3:
+    if len(sizes) < 3 and not args.local_lr_factors:
         p.error("--sizes: at least 3 sizes are needed for the fit with an offset")
     if args.estimate:
         tflops = GPU_TFLOPS if cfg["accelerator"] == "gpu" else CPU_TFLOPS
