@@ -72,8 +72,10 @@ LADDERS = {
 #: local-SGD series of every preset: (mode, H)
 SERIES = [("average", 16), ("average", 64), ("diloco", 16), ("diloco", 64)]
 PRESETS = {
+    # the builtin corpus' default 8M tokens (7.6M for training): the 0.39M runs (8.4M tokens) see 10% of it twice
     "cpu": dict(ladder="cpu", tokens_per_param=20.0, block_size=128, devices=2, val_windows=512, lr_start=1.6e-2,
-                sweep=True, seed_sizes=2, seeds=[1234, 1], accelerator="cpu", precision=None),
+                sweep=True, seed_sizes=2, seeds=[1234, 1], accelerator="cpu", precision=None,
+                corpus_tokens=8_000_000),
     "smoke": dict(ladder="smoke", tokens_per_param=0.5, block_size=128, devices=2, val_windows=256, lr_start=3e-3,
                   sweep=False, seed_sizes=0, seeds=[1234], accelerator="cpu", precision=None, series=[("average", 16)]),
     # 2 ranks per run on one GPU (gloo), 6 runs at a time
@@ -230,6 +232,17 @@ def estimate_seconds(cfg: dict, tflops: float, startup_s: float) -> float:
     return total + startup_s * math.ceil(count / cfg.get("jobs", 1))
 
 
+def corpus_tokens(cfg: dict) -> int:
+    """The corpus cap of every run of a preset: one cap for all sizes, because the held-out windows are the start of
+    the corpus' last 5% and must be the same for every model. ``cfg["corpus_tokens"]``, else the least cap with
+    which no run of the ladder sees a token twice."""
+    if cfg.get("corpus_tokens"):
+        return int(cfg["corpus_tokens"])
+    need = max(plan_size(n_layer, n_embd, batch, cfg)["tokens"] for n_layer, _, n_embd, batch in
+               LADDERS[cfg["ladder"]].values())
+    return max(h.DEFAULT_DATA["max_tokens"], math.ceil(need / (1 - h.DEFAULT_DATA["val_fraction"])) + 1)
+
+
 def run_config(name: str, mode: str, H: int, size: str, lr: float, seed: int, cfg: dict) -> dict:
     """One run of the ladder: size ``size`` at learning rate ``lr``, the size's planned steps and batch."""
     n_layer, n_head, n_embd, batch = LADDERS[cfg["ladder"]][size]
@@ -238,8 +251,7 @@ def run_config(name: str, mode: str, H: int, size: str, lr: float, seed: int, cf
                  max_steps=p["steps"])
     local = dict(local_warmup_steps=p["local_warmup"]) if mode != "ddp" else {}
     extra = {k: cfg[k] for k in ("precision", "share_gpu") if cfg.get(k)}
-    # enough of the corpus that no run sees a token twice (the held-out split is its last 5%)
-    data = dict(max_tokens=max(h.DEFAULT_DATA["max_tokens"], int(p["tokens"] / 0.94) + 1))
+    data = dict(max_tokens=corpus_tokens(cfg))
     return h.run_config(name, mode, steps=p["steps"], model=model, batch_size=batch, block_size=cfg["block_size"],
                         devices=cfg["devices"], sync_every=H, eval_every=0, val_windows=cfg["val_windows"],
                         seed=seed, accelerator=cfg["accelerator"], data=data, **local, **extra)

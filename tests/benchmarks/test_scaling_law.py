@@ -58,6 +58,15 @@ def test_every_run_is_in_the_papers_regime(preset: str) -> None:
         assert p["steps"] % 64 == 0 and p["local_warmup"] % 64 == 0  # whole intervals at H = 16 and 64
         assert 0 < p["local_warmup"] <= p["steps"] / 8
     assert len(sl.LADDERS[cfg["ladder"]]) >= 4
+    # one corpus cap for every size: the held-out windows (the start of its last 5%) are the same for every model
+    caps = {sl.run_config("x", "ddp", 1, size, 1e-3, 1234, cfg)["data"]["max_tokens"] for size in
+            sl.LADDERS[cfg["ladder"]]}
+    assert caps == {sl.corpus_tokens(cfg)}
+    train_tokens = sl.corpus_tokens(cfg) * (1 - harness.DEFAULT_DATA["val_fraction"])
+    largest = max(sl.plan_size(n_layer, n_embd, batch, cfg)["tokens"]
+                  for n_layer, _, n_embd, batch in sl.LADDERS[cfg["ladder"]].values())
+    # no run sees a token twice, but on the CPU: the largest size takes 1.1 passes over the 8M-token default corpus
+    assert largest <= train_tokens * (1.11 if preset == "cpu" else 1.0)
 
 
 def test_gpu_preset_is_sized_for_eight_minutes() -> None:
