@@ -189,7 +189,7 @@ def main() -> None:
 def run_name(mode: str, H: int, lr: Optional[float] = None, outer_lr: Optional[float] = None,
              seed: Optional[int] = None) -> str:
     """``DDP``, ``local SGD H=16``, ``DiLoCo H=64, outer lr 1``, with the lr and seed where several are run."""
-    name = "DDP" if mode == "ddp" else f"{'local SGD' if mode == 'average' else 'DiLoCo'} H={H}"
+    name = h.run_label(mode, H)
     if outer_lr is not None:
         name += f", outer lr {outer_lr:g}"
     if lr is not None:

@@ -194,10 +194,6 @@ def bootstrap(N: np.ndarray, per_window: np.ndarray, ref_window: Optional[np.nda
     return out
 
 
-def series_label(mode: str, H: int) -> str:
-    return "DDP" if mode == "ddp" else f"{'local SGD' if mode == 'average' else 'DiLoCo'} H={H}"
-
-
 #: process seconds of every distinct run this invocation used (cached ones with their original time)
 PROCESS_SECONDS: dict[str, float] = {}
 
@@ -326,7 +322,7 @@ def main() -> None:
                 for mode, H in [("ddp", 1)] + series]
 
         def one(seed: int, mode: str, H: int) -> dict:
-            name = f"{series_label(mode, H)} {size} seed {seed}"
+            name = f"{h.run_label(mode, H)} {size} seed {seed}"
             r = launch(name, mode, H, size, lr, seed)
             r.update(size=size, lr=lr, seed=seed, H=H, local_warmup=plan["local_warmup"] if mode != "ddp" else 0)
             print(f"  {name}: loss {r['final_val_loss']:.4f}, train {r['train_seconds']:.0f} s", flush=True)
@@ -361,12 +357,12 @@ def local_lr_table(runs: list[dict], factors: list[float], launch: Callable, cfg
                          and r["seed"] == base)
             for f in sorted({1.0, *factors}, reverse=True):
                 lr = float(f"{ddp['lr'] * f:.3g}")
-                r = tuned if f == 1.0 else launch(f"{series_label(mode, 16)} {ddp['size']} lr {lr:g}", mode, 16,
+                r = tuned if f == 1.0 else launch(f"{h.run_label(mode, 16)} {ddp['size']} lr {lr:g}", mode, 16,
                                                   ddp["size"], lr, base)
                 rows.append(dict(size=ddp["size"], non_embedding_params=ddp["non_embedding_params"], mode=mode,
                                  H=16, lr_factor=f, lr=lr, final_val_loss=r["final_val_loss"],
                                  loss_ratio_to_ddp=r["final_val_loss"] / ddp["final_val_loss"]))
-                print(f"  {series_label(mode, 16)} {ddp['size']} lr {lr:g} (×{f:g}): "
+                print(f"  {h.run_label(mode, 16)} {ddp['size']} lr {lr:g} (×{f:g}): "
                       f"{rows[-1]['loss_ratio_to_ddp']:.4f} of DDP", flush=True)
     h.write_csv(h.RESULTS / "scaling_law_local_lr.csv", rows)
     text = ("Local SGD and DiLoCo (H = 16, the same recipe otherwise) at the DDP-tuned learning rate × factor, seed "
@@ -409,7 +405,7 @@ def report(runs: list[dict], sweep_rows: list[dict], series: list, sizes: list[s
         A, alpha = fit_power(N, L)
         E, A2, alpha2 = fit_offset(N, L)
         ci = bootstrap(N, W, None if mode == "ddp" else W_ddp, reps=args.bootstrap)
-        label = series_label(mode, H)
+        label = h.run_label(mode, H)
         fits.append(dict(source="this run", mode=label, form="A·N^α", A=A, E="", alpha=alpha, ci_lo=ci["pow"][0],
                          ci_hi=ci["pow"][1]))
         fits.append(dict(source="this run", mode=label, form="E + A·N^α", A=A2, E=E, alpha=alpha2,
@@ -488,7 +484,7 @@ def check_targets(rows: list[dict], fits: list[dict], trend: list[dict], sizes: 
     for mode in ("average", "diloco"):
         rs = [r for r in big if r["mode"] == mode]
         worst = max((r["loss_ratio_to_ddp"] for r in rs), default=math.nan)
-        out.append(dict(target=f"{series_label(mode, 16)} / DDP ≤ 1.02 at every size ≥ 0.1M",
+        out.append(dict(target=f"{h.run_label(mode, 16)} / DDP ≤ 1.02 at every size ≥ 0.1M",
                         result=", ".join(f"{r['size']} {r['loss_ratio_to_ddp']:.4f}" for r in rs) or "no size ≥ 0.1M",
                         holds="yes" if worst <= 1.02 else "no"))
     for t in trend:
@@ -524,7 +520,7 @@ def plot(rows: list[dict], fits: list[dict], series: list, sizes: list[str], bas
         return
     fig, (a, b) = plt.subplots(1, 2, figsize=(13, 5))
     for i, (mode, H) in enumerate([("ddp", "")] + list(series)):
-        color, label = f"C{i}", series_label(mode, H or 1)
+        color, label = f"C{i}", h.run_label(mode, H or 1)
         rs = [r for r in rows if r["mode"] == mode and (r["H"] == H) and r["seed"] == base]
         N = np.array([r["non_embedding_params"] for r in rs], dtype=float)
         a.plot(N, [r["final_val_loss"] for r in rs], "o", color=color)

@@ -14,7 +14,7 @@ intervals), :mod:`~harness.timing` (interleaved repetitions, median ratios). Onl
 torch and Lightning load in the worker.
 """
 
-from .config import DEFAULT_DATA, run_config
+from .config import DEFAULT_DATA, run_config, run_label
 from .launch import (BENCHMARKS, ROOT, choose_emulation, free_port, launch, netns_available, netns_prefix,
                      worker_env)
 from .output import RESULTS, loadavg, machine_info, md_table, pyplot, read_csv, write_csv, write_summary
@@ -25,6 +25,7 @@ __all__ = [
     "BENCHMARKS", "DEFAULT_DATA", "Interleaved", "RESULTS", "ROOT", "RatioEstimate", "choose_emulation", "free_port",
     "launch",
     "loadavg", "machine_info", "md_table", "netns_available", "netns_prefix", "paired_ratio_ci", "pyplot", "ratio",
-    "ratio_of", "read_csv", "round_orders", "run_config", "run_interleaved", "timed", "worker_env", "write_csv",
+    "ratio_of", "read_csv", "round_orders", "run_config", "run_label", "run_interleaved", "timed", "worker_env",
+    "write_csv",
     "write_summary",
 ]

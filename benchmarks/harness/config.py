@@ -12,6 +12,11 @@ _OPTIONAL_DEFAULTS = dict(compression=None, local_warmup_steps=0, outer=None, fr
                           overlap_mix=0.0, step_bytes=False, precision=None, share_gpu=False)
 
 
+def run_label(mode: str, H: int) -> str:
+    """How tables name a run of ``mode``: ``DDP``, ``local SGD H=16`` (averaging), ``DiLoCo H=64``."""
+    return "DDP" if mode == "ddp" else f"{'local SGD' if mode == 'average' else 'DiLoCo'} H={H}"
+
+
 def run_config(
     name: str,
     mode: str,
