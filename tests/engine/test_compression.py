@@ -68,17 +68,17 @@ def scenario_compressed(rank, world, codec):
     return {"after": out, "state": engine.state_dict()}
 
 
-@pytest.mark.parametrize("codec,world", [("bf16", 2), ("int8", 2), ("int4", 2), ("int8", 3)])
-def test_compressed_average_matches_hand_reference(tmp_path, codec, world):
+def compressed_reference(codec, world, syncs=2):
     """The two-phase compressed all-reduce, written out: chunk j of every rank's encoded pseudo-gradient is averaged
-    by rank j, which encodes the mean (with its own error feedback); every rank decodes all the mean chunks."""
-    got = spawn(functools.partial(scenario_compressed, codec=codec), world, tmp_path)
+    by rank j, which encodes the mean (with its own error feedback); every rank decodes all the mean chunks.
+    Returns θ after each sync, the ranks' error feedback and the mean-chunk error feedback."""
     theta = torch.cat([t.reshape(-1) for t in initial()])
     n = theta.numel()
     chunk = math.ceil(n / world)
     errors = [torch.zeros_like(theta) for _ in range(world)]
     mean_errors = [torch.zeros(chunk) for _ in range(world)]
-    for sync in range(2):
+    thetas = []
+    for sync in range(syncs):
         decoded = []  # decoded[r][j]: rank r's chunk j as rank j decodes it
         for r in range(world):
             local = torch.cat([t.reshape(-1) for t in local_tensors(r, sync)])
@@ -93,6 +93,16 @@ def test_compressed_average_matches_hand_reference(tmp_path, codec, world):
             mean_errors[j] = m - sent_mean
             mean_delta.append(sent_mean)
         theta = theta - torch.cat(mean_delta)[:n]
+        thetas.append(theta)
+    return thetas, errors, mean_errors
+
+
+@pytest.mark.parametrize("codec,world", [("bf16", 2), ("int8", 2), ("int4", 2), ("int8", 3)])
+def test_compressed_average_matches_hand_reference(tmp_path, codec, world):
+    got = spawn(functools.partial(scenario_compressed, codec=codec), world, tmp_path)
+    thetas, errors, mean_errors = compressed_reference(codec, world)
+    chunk = math.ceil(thetas[0].numel() / world)
+    for sync, theta in enumerate(thetas):
         for rank in got:
             params, sent = rank["after"][sync]
             assert torch.allclose(torch.cat([p.reshape(-1) for p in params]), theta, atol=1e-6)

@@ -260,9 +260,12 @@ def main() -> None:
     p.add_argument("--sync-every-seconds", type=float, default=None, help="time-based sync")
     p.add_argument("--slow-rank", type=int, default=-1, help="this rank sleeps --slow-seconds per step")
     p.add_argument("--slow-seconds", type=float, default=0.0)
+    p.add_argument("--accelerator", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--num-nodes", type=int, default=1,
+                   help="ranks sharing one GPU are started as the one rank of their own node (tests/cuda)")
     args = p.parse_args()
 
-    rank = int(os.environ.get("LOCAL_RANK", 0))
+    rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))
     L.seed_everything(1000 + rank if args.seed_by_rank else 0, verbose=False)
     model = TinyModule(inner=args.inner, manual=args.manual, buffer=args.buffer, nan_at=args.nan_at,
                        group_size=args.group_size, shard=args.shard, hidden=args.hidden, nan_from=args.nan_from,
@@ -330,7 +333,7 @@ def main() -> None:
         callbacks.append(ModelCheckpoint(dirpath=os.path.join(args.out, "ckpt"), every_n_train_steps=args.ckpt_every,
                                          save_top_k=-1, filename="{step}"))
     trainer = L.Trainer(
-        accelerator="cpu", devices=args.devices, strategy=strategy, max_steps=args.steps,
+        accelerator=args.accelerator, devices=args.devices, num_nodes=args.num_nodes, strategy=strategy, max_steps=args.steps,
         logger=L.pytorch.loggers.CSVLogger(args.csv_dir, name="", version="") if args.csv_dir else False,
         precision=args.precision, log_every_n_steps=1,
         enable_checkpointing=bool(args.ckpt_every), enable_progress_bar=False, enable_model_summary=False,
@@ -342,7 +345,8 @@ def main() -> None:
     trainer.fit(model, data, ckpt_path=args.resume)
 
     s = trainer.strategy
-    info = {"global_rank": trainer.global_rank, "global_step": trainer.global_step}
+    info = {"global_rank": trainer.global_rank, "global_step": trainer.global_step,
+            "param_device": str(next(model.parameters()).device)}
     if hasattr(s, "outer_sync"):
         info.update(num_syncs=s.outer_sync.num_syncs, bytes_sent=s.outer_sync.bytes_sent,
                     cluster_syncs=s.cluster_sync.num_syncs if getattr(s, "cluster_sync", None) else None,

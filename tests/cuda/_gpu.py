@@ -1,0 +1,69 @@
+"""Ranks sharing one GPU: the multi-process CUDA tests start every rank as the one rank of its own "node"
+(``Trainer(devices=1, num_nodes=W)``) so that all of them take ``cuda:0``, joined over gloo, as the benchmarks'
+``--gpu`` presets do (NCCL refuses two ranks on one device)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+WORKER = Path(__file__).resolve().parent.parent / "workers" / "train_tiny.py"
+ON_CPU = os.environ.get("LOCALSGD_CUDA_TESTS_ON_CPU") == "1"
+"""Run this folder's tests on the CPU instead (checks the tests themselves, e.g. before spending GPU time)."""
+DEVICE = "cpu" if ON_CPU else "cuda:0"
+
+
+def use_device() -> None:
+    """In a spawned rank: make ``cuda:0`` the current device (nothing on the CPU)."""
+    if not ON_CPU:
+        torch.cuda.set_device(0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _flags(options: dict) -> list[str]:
+    out = []
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            out.append(flag)
+        elif value not in (None, False):
+            out += [flag, str(value)]
+    return out
+
+
+def run_on_gpu(out: Path, world: int = 2, timeout: float = 240, **options) -> list[dict]:
+    """Run tests/workers/train_tiny.py as ``world`` ranks that share ``cuda:0`` (gloo between them); return each
+    rank's dump (tensors moved to the CPU, so that the CPU hand references compare with them)."""
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, str(WORKER), "--accelerator", "cpu" if ON_CPU else "cuda", "--devices", "1", "--num-nodes", str(world),
+           "--out", str(out), *_flags(options)]
+    port = str(_free_port())
+    procs = []
+    for rank in range(world):
+        # torchelastic's variables: every rank is local rank 0 of its node, hence on cuda:0
+        env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": port, "WORLD_SIZE": str(world), "RANK": str(rank), "GROUP_RANK": str(rank),
+               "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "NODE_RANK": str(rank)}
+        if ON_CPU:
+            env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed's CPU accelerator, as tests/strategies/test_deepspeed.py
+        log = open(out / f"log{rank}.txt", "w")
+        procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
+    try:
+        codes = [p.wait(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    logs = "\n".join(f"--- rank {r}\n" + (out / f"log{r}.txt").read_text()[-4000:] for r in range(world))
+    assert not any(codes), f"ranks exited with {codes}:\n{logs}"
+    return [torch.load(out / f"rank{r}.pt", weights_only=False, map_location="cpu") for r in range(world)]
