@@ -102,8 +102,23 @@ class Topology:
         return self.rank % self.group_size
 
 
+def unbind_gloo_default_group() -> None:
+    """Let sub-groups be created when the default process group is gloo bound to a GPU (ranks sharing one GPU).
+
+    Lightning binds the default group to the rank's CUDA device (``init_process_group(device_id=...)``), and torch then
+    creates every sub-group by *splitting* the default group: ``new_group`` calls ``perform_nocolor_split``, which
+    ``ProcessGroupGloo`` does not have, and ``init_device_mesh`` deep-copies gloo's options, which do not pickle (both
+    seen on torch 2.11 with an H200: docs/gpu.md). The binding only serves NCCL's eager, splittable communicators, so
+    for a gloo default group it is dropped before the first sub-group is made; NCCL groups keep it.
+    """
+    group = dist.group.WORLD
+    if getattr(group, "bound_device_id", None) is not None and dist.get_backend(group) == "gloo":
+        group.bound_device_id = None
+
+
 def build_topology(group_size: int, timeout: Optional[timedelta] = None) -> Topology:
     """Create the inner and cross process groups. Collective: every rank must call it, in the same order."""
+    unbind_gloo_default_group()
     world_size, rank = dist.get_world_size(), dist.get_rank()
     check_group_size(world_size, group_size)
     if group_size == 1:
@@ -152,6 +167,7 @@ def build_mesh_topology(device_type: str, group_size: int,
     ``k`` is cross group ``k``: the ranks holding the same place in every group. An inner strategy shards over the
     inner dimensions; the outer sync runs over ``mesh[replicate_dim]``.
     """
+    unbind_gloo_default_group()
     world_size, rank = dist.get_world_size(), dist.get_rank()
     check_group_size(world_size, group_size)
     dims = list(inner_dims) if inner_dims is not None else [("shard", group_size)]

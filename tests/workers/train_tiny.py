@@ -116,6 +116,7 @@ class Recorder(Callback):
         self.train_end = _params(pl_module)  # what a user's on_train_end hook sees
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.device = str(next(pl_module.parameters()).device)  # where training ran (teardown moves it to the CPU)
         self.steps.append(_params(pl_module))
         self.buffers.append({k: v.detach().clone() for k, v in pl_module.named_buffers()})
 
@@ -346,7 +347,7 @@ def main() -> None:
 
     s = trainer.strategy
     info = {"global_rank": trainer.global_rank, "global_step": trainer.global_step,
-            "param_device": str(next(model.parameters()).device)}
+            "param_device": getattr(recorder, "device", None)}
     if hasattr(s, "outer_sync"):
         info.update(num_syncs=s.outer_sync.num_syncs, bytes_sent=s.outer_sync.bytes_sent,
                     cluster_syncs=s.cluster_sync.num_syncs if getattr(s, "cluster_sync", None) else None,

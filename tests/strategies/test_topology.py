@@ -1,0 +1,61 @@
+"""Process groups of worker groups (lightning_localsgd/topology.py) on bare torch.distributed (gloo, 2 ranks)."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from lightning_localsgd.topology import build_mesh_topology, build_topology
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _bound_gloo(rank: int, port: int, out: str, unbind: bool) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    # what Lightning's init_process_group(device_id=cuda:i) does on a GPU, here with a CPU device (torch accepts only
+    # an accelerator at init): the same sub-group code path in torch
+    dist.group.WORLD.bound_device_id = torch.device("cpu", 0)
+    result = {}
+    try:
+        if unbind:
+            topo = build_topology(2)  # inner group [0, 1], cross groups [0] and [1]: each rank is outside one
+            x = torch.ones(1) * (rank + 1)
+            dist.all_reduce(x, group=topo.inner_group)
+            result["inner_sum"] = float(x)
+            _, mesh_topo = build_mesh_topology("cpu", 2)
+            result["mesh_cross_size"] = dist.get_world_size(mesh_topo.cross_group)
+        else:  # torch alone: a sub-group that leaves a rank out fails on that rank
+            try:
+                dist.new_group([0])
+                dist.new_group([1])
+                result["error"] = None
+            except (AttributeError, ValueError) as err:  # GPU: no perform_nocolor_split; CPU: not an accelerator
+                result["error"] = str(err)
+        result["bound"] = dist.group.WORLD.bound_device_id
+    finally:
+        torch.save(result, os.path.join(out, f"{rank}.pt"))
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("unbind", [False, True], ids=["torch_alone", "build_topology"])
+def test_groups_of_a_gloo_default_group_bound_to_a_device(tmp_path, unbind):
+    """Ranks sharing one GPU over gloo (tests/cuda, the --gpu benchmarks): Lightning binds the default group to the
+    device, torch then splits sub-groups from it, which gloo cannot do; build_topology drops the binding first."""
+    mp.spawn(_bound_gloo, args=(_free_port(), str(tmp_path), unbind), nprocs=2)
+    got = [torch.load(tmp_path / f"{r}.pt", weights_only=False) for r in range(2)]
+    if unbind:
+        assert [g["inner_sum"] for g in got] == [3.0, 3.0]
+        assert [g["mesh_cross_size"] for g in got] == [1, 1]
+        assert all(g["bound"] is None for g in got)
+    else:  # the torch behaviour the workaround is for; if a torch release fixes it, this says so
+        assert all(g["error"] for g in got), got
