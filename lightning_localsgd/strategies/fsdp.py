@@ -67,18 +67,19 @@ def _call_through_root(module: nn.Module, method: str, *args: Any, **kwargs: Any
     embeddings, final norm, head) only run when ``module(...)`` is called. A step that calls a submodule directly
     (``self.model(input_ids=x).logits``, as Hugging Face and litgpt modules are written) would then meet sharded
     DTensors. Lightning reroutes the steps through the FSDP1 / DeepSpeed wrapper's forward in the same way. The root is
-    called with no arguments, so FSDP casts or moves none of the step's inputs (the step itself calls ``self(x)`` as
-    it likes); the step's own arguments go to it untouched.
+    called with one keyword that is no tensor (the method's name), so FSDP casts or moves none of the step's inputs
+    (the step itself calls ``self(x)`` as it likes); the step's own arguments go to it untouched. (Not with no argument
+    at all: on a GPU, torch 2.11's root pre-forward indexes the moved inputs and fails on an empty call.)
     """
     step = getattr(module, method)
 
-    def forward() -> Any:
+    def forward(_localsgd_step: str) -> Any:
         del module.forward  # the real forward again, for a step that calls self(x)
         return step(*args, **kwargs)
 
     module.forward = forward  # type: ignore[method-assign]
     try:
-        return module()
+        return module(_localsgd_step=method)
     finally:
         module.__dict__.pop("forward", None)
 
