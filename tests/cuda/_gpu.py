@@ -41,6 +41,25 @@ def _flags(options: dict) -> list[str]:
     return out
 
 
+def run_on_gpus(out: Path, world: int, timeout: float = 240, **options) -> list[dict]:
+    """Run tests/workers/train_tiny.py on ``world`` GPUs, one rank each, over NCCL (Lightning's launcher starts the
+    ranks); on the CPU (``ON_CPU``) over gloo. Returns each rank's dump with its tensors on the CPU."""
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, str(WORKER), "--accelerator", "cpu" if ON_CPU else "cuda", "--devices", str(world),
+           "--backend", "gloo" if ON_CPU else "nccl", "--out", str(out), *_flags(options)]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    for var in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "RANK"):
+        env.pop(var, None)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return [torch.load(out / f"rank{r}.pt", weights_only=False, map_location="cpu") for r in range(world)]
+
+
+def gpus_available(n: int) -> bool:
+    """Whether ``n`` GPUs are there for one rank each (always, when the tests run on the CPU)."""
+    return ON_CPU or torch.cuda.device_count() >= n
+
+
 def run_on_gpu(out: Path, world: int = 2, timeout: float = 240, **options) -> list[dict]:
     """Run tests/workers/train_tiny.py as ``world`` ranks that share ``cuda:0`` (gloo between them); return each
     rank's dump (tensors moved to the CPU, so that the CPU hand references compare with them)."""

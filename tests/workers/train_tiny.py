@@ -262,6 +262,7 @@ def main() -> None:
     p.add_argument("--slow-rank", type=int, default=-1, help="this rank sleeps --slow-seconds per step")
     p.add_argument("--slow-seconds", type=float, default=0.0)
     p.add_argument("--accelerator", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--backend", default="gloo", help="process group backend (nccl: tests/cuda on several GPUs)")
     p.add_argument("--num-nodes", type=int, default=1,
                    help="ranks sharing one GPU are started as the one rank of their own node (tests/cuda)")
     args = p.parse_args()
@@ -275,7 +276,7 @@ def main() -> None:
     data = DataLoader(make_dataset(), batch_size=2, shuffle=False)
 
     if args.strategy == "ddp":
-        strategy = DDPStrategy(process_group_backend="gloo")
+        strategy = DDPStrategy(process_group_backend=args.backend)
     elif args.strategy == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy
 
@@ -283,7 +284,7 @@ def main() -> None:
 
         strategy = LocalSGDFSDPStrategy(
             sync_every=args.sync_every, outer_optimizer=args.outer, group_size=args.group_size,
-            warmup_steps=args.warmup, outer_state_device=args.state_device, process_group_backend="gloo",
+            warmup_steps=args.warmup, outer_state_device=args.state_device, process_group_backend=args.backend,
             save_distributed_checkpoint=not args.full_checkpoint,
             mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
             if args.mp_bf16 else None,
@@ -303,7 +304,7 @@ def main() -> None:
                 ds["config"]["data_types"] = {"grad_accum_dtype": "fp32"}
         strategy = LocalSGDDeepSpeedStrategy(
             sync_every=args.sync_every, outer_optimizer=args.outer, group_size=args.group_size,
-            warmup_steps=args.warmup, outer_state_device=args.state_device, process_group_backend="gloo",
+            warmup_steps=args.warmup, outer_state_device=args.state_device, process_group_backend=args.backend,
             logging_batch_size_per_gpu=2, cluster_size=args.cluster_size, cluster_sync_every=args.cluster_sync_every,
             cluster_outer_optimizer=args.cluster_outer, compression=args.compression, **ds,
         )
@@ -314,7 +315,7 @@ def main() -> None:
                                    ("max_consecutive_skips", args.max_consecutive_skips)) if v is not None}
         strategy = LocalSGDStrategy(
             sync_every=args.sync_every, outer_optimizer=args.outer, group_size=args.group_size,
-            warmup_steps=args.warmup, outer_state_device=args.state_device, process_group_backend="gloo", **extra,
+            warmup_steps=args.warmup, outer_state_device=args.state_device, process_group_backend=args.backend, **extra,
             cluster_size=args.cluster_size, cluster_sync_every=args.cluster_sync_every,
             cluster_outer_optimizer=args.cluster_outer, compression=args.compression, fragments=args.fragments,
             overlap_steps=args.overlap_steps, overlap_mix=args.overlap_mix, sync_every_seconds=args.sync_every_seconds,
