@@ -36,7 +36,7 @@ def _flags(options: dict) -> list[str]:
         flag = "--" + key.replace("_", "-")
         if value is True:
             out.append(flag)
-        elif value not in (None, False):
+        elif value is not None and value is not False:  # (0 is a value: `0 in (None, False)` is True)
             out += [flag, str(value)]
     return out
 

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from lightning_localsgd.engine import NonFinitePseudoGradientError, OuterSync, resolve_outer_optimizer
 from lightning_localsgd.engine.codecs import CODECS, decode, encode, payload_bytes
 from lightning_localsgd.engine.outer import squared_norm
-from test_compression import compressed_reference
+from test_compression import assert_round_trip_bounds, compressed_reference, quantization_step
 from _gpu import DEVICE as CUDA, use_device
 from test_outer import _close, initial, local_tensors, reference, spawn
 
@@ -142,16 +142,11 @@ def test_codecs_on_cuda_keep_the_cpu_bounds(n):
         y = decode(payload, codec, n)
         assert y.device == torch.device(CUDA)
         y = y.cpu()
-        if codec == "bf16":
-            assert torch.all((x - y).abs() <= x.abs() * 2.0**-8)
-            continue
-        levels = 127 if codec == "int8" else 7
-        blocks = torch.nn.functional.pad(x, (0, (-n) % 256)).view(-1, 256)
-        step = (blocks.abs().amax(1) / levels).repeat_interleave(256)[:n]
-        assert torch.all((x - y).abs() <= step / 2 + 1e-7 * x.abs().max())
-        # the same input decodes to the same values on the GPU as on the CPU, up to one step where rounding ties
-        cpu = decode(encode(x, codec), codec, n)
-        assert torch.all((cpu - y).abs() <= step + 1e-7 * x.abs().max())
+        assert_round_trip_bounds(x, y, codec)
+        if codec != "bf16":
+            # the same input decodes to the same values on the GPU as on the CPU, up to one step where rounding ties
+            cpu = decode(encode(x, codec), codec, n)
+            assert torch.all((cpu - y).abs() <= quantization_step(x, codec) + 1e-7 * x.abs().max())
 
 
 def test_squared_norm_on_cuda_matches_float64():
