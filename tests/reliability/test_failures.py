@@ -28,6 +28,7 @@ import pytest
 import torch
 
 from lightning_localsgd import NonFinitePseudoGradientError
+from lightning_localsgd.checkpoint import read_checkpoint
 from _launch import WORKER, max_diff, run_tiny
 
 # The configuration of strategies/test_resume.py: a checkpoint at step 6 (end of epoch 2, mid-interval of 4).
@@ -103,10 +104,10 @@ def straight(tmp_path_factory) -> tuple[list[dict], Path]:
 
 
 def _assert_complete_checkpoint(path: Path, world: int) -> None:
-    ckpt = torch.load(path, weights_only=False)
+    ckpt = read_checkpoint(path)
     assert ckpt["local_sgd"]["world_size"] == world and ckpt["local_sgd"]["schedule"]["steps_done"] == 6
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
-    assert not [p.name for p in path.parent.iterdir() if p.name.endswith(".tmp")]  # no half-written leftovers
+    assert not [p.name for p in path.parent.rglob("*") if p.name.endswith(".tmp")]  # no half-written leftovers
 
 
 def test_killed_rank_stops_the_others_naming_it_and_the_step(tmp_path):
@@ -141,7 +142,7 @@ def test_killed_rank_0_then_resume_continues_exactly(tmp_path, straight):
     ckpt = crash / "ckpt" / "step=6.ckpt"
     _assert_complete_checkpoint(ckpt, world=2)
     # the checkpoint is the one the uninterrupted run wrote at step 6, tensor for tensor
-    a, b = torch.load(ckpt, weights_only=False), torch.load(straight_ckpt, weights_only=False)
+    a, b = read_checkpoint(ckpt), read_checkpoint(straight_ckpt)
     assert max_diff(a["state_dict"], b["state_dict"]) == 0.0
     assert max_diff(a["local_sgd"]["groups"][1]["state_dict"], b["local_sgd"]["groups"][1]["state_dict"]) == 0.0
 
