@@ -170,6 +170,22 @@ class LocalSGDCLI(LightningCLI):
         parser.link_arguments("data.block_size", "model.block_size")
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
 
+    def _parse_ckpt_path(self) -> None:
+        # Lightning reads the model's hyper-parameters from a checkpoint *file*; a local-SGD checkpoint is a folder
+        # whose meta.pt holds them (lightning_localsgd.checkpoint): parse them from there.
+        from .checkpoint import META_FILE, is_checkpoint_folder
+
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or not is_checkpoint_folder(ckpt_path):
+            super()._parse_ckpt_path()
+            return
+        self.config[subcommand]["ckpt_path"] = os.path.join(str(ckpt_path), META_FILE)
+        try:
+            super()._parse_ckpt_path()
+        finally:
+            self.config[subcommand]["ckpt_path"] = ckpt_path
+
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
