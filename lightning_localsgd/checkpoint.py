@@ -38,6 +38,7 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from . import integrity
 from .checkpoint_io import _is_local, atomic_save
 from .controller import CHECKPOINT_KEY
+from .engine.outer import merge_outer_states
 
 __all__ = ["LAYOUT_VERSION", "META_FILE", "convert_checkpoint", "is_checkpoint_folder", "load_checkpoint",
            "read_checkpoint", "save_checkpoint", "save_folder", "split_single_file"]
@@ -156,8 +157,9 @@ def load_checkpoint(path: Any, rank: int, group_size: int, check: Optional[Calla
         path: the folder.
         rank: the reading rank's global rank.
         group_size: ranks per worker group of the reading run.
-        check: called with the local-SGD layout before any per-group or per-rank file is read (raises on a
-            layout this run cannot resume).
+        check: called with the local-SGD layout before any per-group or per-rank file is read: raises on a
+            layout this run cannot resume; returns ``False`` for another layout it resumes from ``θ_g`` (elastic
+            resume, DDP replicas only: :func:`_load_other_layout`).
         rank_state: whether to read the rank's own file (``False``: validate / test / predict: group 0's model).
 
     Returns:
@@ -169,14 +171,30 @@ def load_checkpoint(path: Any, rank: int, group_size: int, check: Optional[Calla
     checkpoint = dict(_read(_join(path, META_FILE)))
     layout = checkpoint[CHECKPOINT_KEY]
     _check_layout_version(layout, path)
-    if check is not None and rank_state:
-        check(layout)
     folder = save_folder(path, layout)
+    if check is not None and rank_state and check(layout) is False:
+        return _load_other_layout(folder, checkpoint, layout, rank, group_size)
     group = rank // group_size if rank_state else 0
     if layout.get("group_files"):
         checkpoint.update(_read(_join(folder, group_file(group))))
     mine = _read(_join(folder, rank_file(rank))) if rank_state and layout.get("rank_files", True) else None
     return checkpoint, layout, mine
+
+
+def _load_other_layout(folder: str, checkpoint: dict[str, Any], layout: Mapping[str, Any], rank: int,
+                       group_size: int) -> tuple[dict[str, Any], Mapping[str, Any], dict[str, Any]]:
+    """Elastic resume of DDP replicas on another world size / ``group_size``: ``θ_g`` and the outer state, whole,
+    from the rank files of the old group 0 (together they hold every slice of them); the inner optimizer and LR
+    scheduler states from old group ``new group mod old groups``. The caller starts the model from ``θ_g``."""
+    if layout.get("kind", "replica") != "replica" or not layout.get("group_files") or not layout.get("rank_files"):
+        raise ValueError("cannot resume this checkpoint on another world size or group_size: it holds no "
+                         "per-group replicas and global parameters (a sharded or weights-only checkpoint).")
+    old_size = layout["group_size"] or layout["world_size"]
+    old_groups = layout["world_size"] // old_size
+    checkpoint.update(_read(_join(folder, group_file((rank // group_size) % old_groups))))
+    ranks = [_read(_join(folder, rank_file(r))) for r in range(old_size)]
+    merged = merge_outer_states([r["outer"] for r in ranks])
+    return checkpoint, layout, {"outer": merged, "cluster": None}
 
 
 def save_folder(path: Any, layout: Mapping[str, Any]) -> str:

@@ -110,6 +110,20 @@ class TrainingState:
 class ReplicaState(TrainingState):
     """DDP inside each worker group: the group's ranks hold one replica; each rank syncs its own slice of it."""
 
+    def start_from_global(self, checkpoint: dict[str, Any], merged: Mapping[str, Any]) -> None:
+        """Elastic resume: the trainable parameters of ``checkpoint["state_dict"]`` become ``θ_g`` (the merged
+        snapshot of :func:`~lightning_localsgd.engine.outer.merge_outer_states`), so every group starts from it."""
+        module = self.strategy.lightning_module
+        snapshot, offset, values = merged["snapshot"], 0, {}
+        for p in (p for p in module.parameters() if p.requires_grad):  # the order the engine flattens them in
+            values[id(p)] = snapshot[offset : offset + p.numel()].view_as(p).to(p.dtype)
+            offset += p.numel()
+        state_dict = dict(checkpoint["state_dict"])
+        for key, t in module.state_dict(keep_vars=True).items():  # tied parameters appear under several keys
+            if id(t) in values:
+                state_dict[key] = values[id(t)]
+        checkpoint["state_dict"] = state_dict
+
 
 class ShardedState(TrainingState):
     """FSDP2 inside each worker group: each rank holds its parameter shards and their inner optimizer state."""

@@ -131,14 +131,15 @@ class LocalSGDStrategy(LocalSGDMixin, DDPStrategy):
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
         fitting = is_fitting(self.lightning_module.trainer if self.lightning_module is not None else None)
-        check = lambda layout: self.local_sgd.check_meta(layout, self.world_size)  # noqa: E731
         if is_checkpoint_folder(checkpoint_path):
-            checkpoint, layout, mine = load_checkpoint(checkpoint_path, self.global_rank, self.group_size, check,
-                                                       rank_state=fitting)
+            checkpoint, layout, mine = load_checkpoint(checkpoint_path, self.global_rank, self.group_size,
+                                                       self._check_resume_layout, rank_state=fitting)
+            if mine is not None and mine["outer"] is not None and mine["outer"].get("merged"):
+                self.training_state.start_from_global(checkpoint, mine["outer"])
         else:  # a single file: written by an earlier version (every group in it) or by plain DDP
             checkpoint = self.checkpoint_io.load_checkpoint(checkpoint_path, weights_only=weights_only)
             if fitting and checkpoint.get(CHECKPOINT_KEY) is not None:
-                check(checkpoint[CHECKPOINT_KEY])
+                self.local_sgd.check_meta(checkpoint[CHECKPOINT_KEY], self.world_size)
             checkpoint, layout, mine = split_single_file(checkpoint, self.global_rank if fitting else 0,
                                                          self.group_size)
         if fitting and layout is not None:
@@ -149,6 +150,23 @@ class LocalSGDStrategy(LocalSGDMixin, DDPStrategy):
                 "new interval from rank 0's weights."
             )
         return checkpoint
+
+    def _check_resume_layout(self, layout: Mapping[str, Any]) -> bool:
+        """``True``: the checkpoint's layout is this run's (exact resume); ``False``: another world size or
+        ``group_size``, resumed from ``θ_g`` with a warning; raises where neither works."""
+        if layout["world_size"] == self.world_size and layout["group_size"] == self.group_size:
+            self.local_sgd.check_meta(layout, self.world_size)
+            return True
+        self.local_sgd.check_elastic(layout)
+        rank_zero_warn(
+            f"Resuming local SGD on another layout: the checkpoint was written by {layout['world_size']} ranks in "
+            f"worker groups of {layout['group_size']}, this run has {self.world_size} ranks and group_size="
+            f"{self.group_size}. Every group starts from the global parameters θ_g of the last sync and the outer "
+            f"optimizer state; the inner progress since that sync ({layout['schedule'].get('steps_since_sync', 0)} "
+            "step(s) per group) is dropped. Inner optimizer and LR scheduler states come from the old groups; the "
+            "step counters continue.", category=UserWarning,
+        )
+        return False
 
     @override
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:

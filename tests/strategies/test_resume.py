@@ -54,8 +54,10 @@ def test_mid_interval_resume_is_exact_and_loads_into_ddp(tmp_path):
     run_tiny(tmp_path / "c", devices=2, strategy="ddp", inner="adamw", steps=8, resume=plain)
 
 
-def test_resume_with_other_group_size_fails_clearly(tmp_path):
-    run_tiny(tmp_path / "a", devices=2, sync_every=4, steps=6, ckpt_every=6)
+def test_resume_with_other_group_size_fails_clearly_where_shards_cannot_be_recut(tmp_path):
+    # DDP replicas resume on another layout from θ_g (test_elastic_resume.py); FSDP's shards cannot be re-cut
+    run_tiny(tmp_path / "a", devices=2, strategy="fsdp", group_size=1, sync_every=4, steps=6, ckpt_every=6)
     ckpt = tmp_path / "a" / "ckpt" / "step=6.ckpt"
-    out = run_tiny(tmp_path / "b", devices=2, group_size=2, sync_every=4, steps=8, resume=ckpt, expect_fail=True)
+    out = run_tiny(tmp_path / "b", devices=2, strategy="fsdp", group_size=2, sync_every=4, steps=8, resume=ckpt,
+                   expect_fail=True)
     assert "group_size=2" in out[0]["stderr"] and "worker groups of 1" in out[0]["stderr"]
