@@ -219,7 +219,7 @@ def test_nonfinite_pseudo_gradient_names_step_and_group(tmp_path):
     assert NonFinitePseudoGradientError.__name__ in err
     assert "local SGD sync at step 4" in err and "worker groups with NaN/inf parameters: [1]" in err
     # the checkpoint written at the last good sync is intact and finite
-    ckpt = torch.load(tmp_path / "ckpt" / "step=2.ckpt", weights_only=False)
+    ckpt = read_checkpoint(tmp_path / "ckpt" / "step=2.ckpt")
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
 
 
