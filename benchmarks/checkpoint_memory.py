@@ -81,8 +81,9 @@ def files_by_writer(folder: Path, devices: int, group_size: int) -> dict[int, in
         name = path.name
         if name.startswith("rank") and name.endswith(".pt"):
             written[int(name[4:9])] += path.stat().st_size
-        elif name.startswith("group") and name.endswith(".pt"):
-            written[int(name[5:10]) * group_size] += path.stat().st_size
+        elif name.startswith("group") and name.endswith(".pt"):  # groupGGGGG.pt or groupGGGGG.partKKKKK.pt
+            part = int(name[15:20]) if ".part" in name else 0
+            written[int(name[5:10]) * group_size + part] += path.stat().st_size
         else:  # meta.pt, checksum sidecars
             written[0] += path.stat().st_size
     return written

@@ -7,7 +7,8 @@ A checkpoint is a folder at the path ``ModelCheckpoint`` / ``Trainer.save_checkp
                                 hyper-parameters) + the local-SGD layout and counters under ``local_sgd``.
                                 Written last, by global rank 0: it names the save it completes.
       <save>/group00001.pt      worker group 1's replica (DDP): state_dict, optimizer_states, lr_schedulers; written
-                                once per group, by the group's first rank
+                                once per group; with groups of S ranks as S parts of about equal bytes
+                                (group00001.part00000.pt, ...), part k by rank k of the group
       <save>/rank00003.pt       rank 3's own TrainingState: its θ_g slice, outer optimizer state, error feedback
                                 (FSDP: also its parameter shards and their optimizer state)
       <save>/deepspeed/group00001/   DeepSpeed: group 1's ZeRO partitions, written by DeepSpeed on the group's ranks
@@ -52,8 +53,8 @@ _DEEPSPEED_DIR = "deepspeed"
 _MODEL_KEYS = ("state_dict", "optimizer_states")
 
 
-def group_file(group: int) -> str:
-    return f"group{group:05d}.pt"
+def group_file(group: int, part: int = 0, parts: int = 1) -> str:
+    return f"group{group:05d}.pt" if parts == 1 else f"group{group:05d}.part{part:05d}.pt"
 
 
 def rank_file(rank: int) -> str:
@@ -117,26 +118,99 @@ def save_checkpoint(strategy: Any, checkpoint: Mapping[str, Any], filepath: Any,
     strategy.barrier("local_sgd.save_checkpoint")
     if state.holds_model_per_rank:
         group_state = None
-    else:  # DDP: the group's ranks hold one replica; its first rank writes it, once per group
+    else:  # DDP: the group's ranks hold one replica, written once per group, split across the group's ranks
         group_state = {k: checkpoint[k] for k in ("state_dict", "optimizer_states", "lr_schedulers")
                        if k in checkpoint}
-    if group_state is not None and rank % group_size == 0:
-        _write(group_state, _join(folder, group_file(group)))
+    # outside fit (no engines) a DDP rank has nothing of its own to write
+    rank_files = strategy.local_sgd.outer_sync is not None or state.holds_model_per_rank
+    if group_state is not None:  # rank k of the group writes part k of the replica
+        part = rank % group_size
+        _write(split_group_state(group_state, group_size)[part], _join(folder, group_file(group, part, group_size)))
     if write_partitions is not None:
         write_partitions(deepspeed_dir(folder, group))
-    if strategy.local_sgd.outer_sync is not None or state.holds_model_per_rank:
+    if rank_files:
         _write(state.rank_state(), _join(folder, rank_file(rank)))
     strategy.barrier("local_sgd.save_checkpoint")
     if strategy.is_global_zero:
-        keep = _MODEL_KEYS if group_state is None else (*_MODEL_KEYS, "lr_schedulers")
-        meta = {k: v for k, v in checkpoint.items() if k not in keep}
+        in_files = _MODEL_KEYS if group_state is None else (*_MODEL_KEYS, "lr_schedulers")
+        meta = {k: v for k, v in checkpoint.items() if k not in in_files}
         meta[CHECKPOINT_KEY] = strategy.local_sgd.meta(
             strategy.world_size, kind=state.kind, layout_version=LAYOUT_VERSION, save=save,
-            group_files=group_state is not None, rank_files=strategy.local_sgd.outer_sync is not None
-            or state.holds_model_per_rank, **layout)
+            group_files=group_state is not None, group_parts=group_size, rank_files=rank_files, **layout)
         _write(meta, _join(path, META_FILE))  # the commit: from here on the checkpoint is the new one
         _remove_other_saves(path, keep=save)
     strategy.barrier("local_sgd.save_checkpoint")
+
+
+def split_group_state(group_state: Mapping[str, Any], parts: int) -> list[dict[str, Any]]:
+    """Cut a group state into ``parts`` pieces of about equal bytes, whole tensors each: the model's tensors and each
+    optimizer state tensor (e.g. AdamW's ``exp_avg`` of one parameter) go to the lightest part so far, largest first;
+    part 0 also holds the rest (parameter groups, LR schedulers) and the order of the keys. :func:`merge_group_parts`
+    puts it together."""
+    if parts == 1:
+        return [dict(group_state)]
+    out: list[dict[str, Any]] = [{"state_dict": {}, "optimizer_states": []} for _ in range(parts)]
+    optimizers = group_state.get("optimizer_states") or []
+    for piece in out:
+        piece["optimizer_states"] = [{"state": {}} for _ in optimizers]
+    out[0].update(lr_schedulers=group_state.get("lr_schedulers"), order=list(group_state.get("state_dict", {})),
+                  param_groups=[o["param_groups"] for o in optimizers], has_optimizers="optimizer_states" in group_state)
+    items: list[tuple[int, tuple, Any]] = [(_nbytes(v), ("state_dict", k), v)
+                                           for k, v in group_state.get("state_dict", {}).items()]
+    items += [(_nbytes(v), ("optimizer", i, idx, key), v) for i, o in enumerate(optimizers)
+              for idx, st in o["state"].items() for key, v in st.items()]  # e.g. exp_avg, exp_avg_sq apart
+    load = [0] * parts
+    placed: dict[int, int] = {}  # storage -> part: tensors sharing storage (tied weights) stay in one file, saved once
+    for nbytes, where, value in sorted(items, key=lambda item: -item[0]):
+        storage = value.untyped_storage().data_ptr() if isinstance(value, torch.Tensor) and nbytes else None
+        if storage in placed:
+            k = placed[storage]
+        else:
+            k = load.index(min(load))
+            load[k] += nbytes
+            if storage is not None:
+                placed[storage] = k
+        if where[0] == "state_dict":
+            out[k]["state_dict"][where[1]] = value
+        else:
+            out[k]["optimizer_states"][where[1]]["state"].setdefault(where[2], {})[where[3]] = value
+    return out
+
+
+def merge_group_parts(parts: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """The group state that :func:`split_group_state` cut into ``parts``."""
+    if len(parts) == 1:
+        return dict(parts[0])
+    first = parts[0]
+    tensors = {k: v for p in parts for k, v in p["state_dict"].items()}
+    merged: dict[str, Any] = {"state_dict": {k: tensors[k] for k in first["order"]},
+                              "lr_schedulers": first["lr_schedulers"]}
+    if first["has_optimizers"]:
+        merged["optimizer_states"] = []
+        for i, groups in enumerate(first["param_groups"]):
+            state: dict[Any, dict[str, Any]] = {}
+            for p in parts:
+                for idx, values in p["optimizer_states"][i]["state"].items():
+                    state.setdefault(idx, {}).update(values)
+            merged["optimizer_states"].append({"state": dict(sorted(state.items())), "param_groups": groups})
+    return merged
+
+
+def _nbytes(obj: Any) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, Mapping):
+        return sum(_nbytes(v) for v in obj.values())
+    return 0
+
+
+def _read_group(folder: str, group: int, layout: Mapping[str, Any]) -> dict[str, Any]:
+    """Worker group ``group``'s replica, from its one file or the parts its ranks wrote."""
+    parts = int(layout.get("group_parts", 1))
+    state = merge_group_parts([_read(_join(folder, group_file(group, k, parts))) for k in range(parts)])
+    if state.get("lr_schedulers") is None:
+        state.pop("lr_schedulers", None)
+    return state
 
 
 def _remove_other_saves(path: str, keep: str) -> None:
@@ -149,9 +223,11 @@ def _remove_other_saves(path: str, keep: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------- load
-def load_checkpoint(path: Any, rank: int, group_size: int, check: Optional[Callable[[Mapping[str, Any]], None]] = None,
-                    rank_state: bool = True) -> tuple[dict[str, Any], Optional[dict[str, Any]], Optional[dict[str, Any]]]:
-    """Read what rank ``rank`` needs from a checkpoint folder: no rank reads another group's or rank's files.
+def load_checkpoint(path: Any, rank: int, group_size: int,
+                    check: Optional[Callable[[Mapping[str, Any]], Optional[bool]]] = None, rank_state: bool = True,
+                    ) -> tuple[dict[str, Any], Optional[dict[str, Any]], Optional[dict[str, Any]]]:
+    """Read what rank ``rank`` needs from a checkpoint folder: in an exact resume, no rank reads another group's or
+    another rank's files.
 
     Args:
         path: the folder.
@@ -176,7 +252,7 @@ def load_checkpoint(path: Any, rank: int, group_size: int, check: Optional[Calla
         return _load_other_layout(folder, checkpoint, layout, rank, group_size)
     group = rank // group_size if rank_state else 0
     if layout.get("group_files"):
-        checkpoint.update(_read(_join(folder, group_file(group))))
+        checkpoint.update(_read_group(folder, group, layout))
     mine = _read(_join(folder, rank_file(rank))) if rank_state and layout.get("rank_files", True) else None
     return checkpoint, layout, mine
 
@@ -185,13 +261,14 @@ def _load_other_layout(folder: str, checkpoint: dict[str, Any], layout: Mapping[
                        group_size: int) -> tuple[dict[str, Any], Mapping[str, Any], dict[str, Any]]:
     """Elastic resume of DDP replicas on another world size / ``group_size``: ``θ_g`` and the outer state, whole,
     from the rank files of the old group 0 (together they hold every slice of them); the inner optimizer and LR
-    scheduler states from old group ``new group mod old groups``. The caller starts the model from ``θ_g``."""
+    scheduler states from old group ``new group mod old groups``. The caller starts the model from ``θ_g``. Each rank
+    reads ``θ_g`` whole (one model's worth) and keeps its slice."""
     if layout.get("kind", "replica") != "replica" or not layout.get("group_files") or not layout.get("rank_files"):
         raise ValueError("cannot resume this checkpoint on another world size or group_size: it holds no "
                          "per-group replicas and global parameters (a sharded or weights-only checkpoint).")
     old_size = layout["group_size"] or layout["world_size"]
     old_groups = layout["world_size"] // old_size
-    checkpoint.update(_read(_join(folder, group_file((rank // group_size) % old_groups))))
+    checkpoint.update(_read_group(folder, (rank // group_size) % old_groups, layout))
     ranks = [_read(_join(folder, rank_file(r))) for r in range(old_size)]
     merged = merge_outer_states([r["outer"] for r in ranks])
     return checkpoint, layout, {"outer": merged, "cluster": None}
@@ -249,7 +326,7 @@ def read_checkpoint(path: Any) -> dict[str, Any]:
     folder = save_folder(path, layout)
     world, size = layout["world_size"], layout["group_size"] or layout["world_size"]
     if layout.get("group_files"):
-        groups = [_read(_join(folder, group_file(g))) for g in range(world // size)]
+        groups = [_read_group(folder, g, layout) for g in range(world // size)]
         checkpoint.update(groups[0])
         layout["groups"] = [None] + [{k: g.get(k) for k in _MODEL_KEYS} for g in groups[1:]]
     ranks = [_read(_join(folder, rank_file(r))) for r in range(world)] if layout.get("rank_files", True) else []
@@ -311,7 +388,7 @@ def convert_checkpoint(checkpoint_path: Any, output_file: Any, group: int = 0) -
     _check_group(group, layout["world_size"] // size)
     kind = layout.get("kind", "sharded" if "shards" in layout else "replica")
     if kind == "replica":
-        checkpoint.update(_read(_join(folder, group_file(group))))
+        checkpoint.update(_read_group(folder, group, layout))
     elif kind == "sharded":
         ranks = [_read(_join(folder, rank_file(r))) for r in range(group * size, (group + 1) * size)]
         shards = layout.get("shards") or {}

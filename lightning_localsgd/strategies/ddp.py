@@ -35,8 +35,8 @@ class LocalSGDStrategy(LocalSGDMixin, DDPStrategy):
     pseudo-gradient ``Δ = θ_g − mean_i θ_i``, ``θ_g ← outer_optimizer(θ_g, Δ)``, every group continues from ``θ_g``.
     Inner optimizer states stay local to each group. Floating-point buffers are averaged at each sync.
 
-    Checkpoints are folders (:mod:`lightning_localsgd.checkpoint`): each group's replica written once, by the group's
-    first rank, and every rank's local-SGD state by that rank, in parallel; nothing is gathered on rank 0.
+    Checkpoints are folders (:mod:`lightning_localsgd.checkpoint`): each group's replica written once, split across
+    the group's ranks, and every rank's local-SGD state by that rank, in parallel; nothing is gathered on rank 0.
     ``lightning-localsgd convert FOLDER model.ckpt`` turns one into a plain Lightning checkpoint.
 
     Args:

@@ -11,8 +11,8 @@ import torch
 
 from _launch import max_diff, run_tiny
 from lightning_localsgd import checkpoint as ckpt_module
-from lightning_localsgd.checkpoint import (convert_checkpoint, is_checkpoint_folder, load_checkpoint, read_checkpoint,
-                                           save_checkpoint)
+from lightning_localsgd.checkpoint import (convert_checkpoint, is_checkpoint_folder, load_checkpoint, merge_group_parts,
+                                           read_checkpoint, save_checkpoint, split_group_state)
 from lightning_localsgd.config import LocalSGDConfig
 from lightning_localsgd.controller import LocalSGDController
 from lightning_localsgd.state import ReplicaState
@@ -39,15 +39,13 @@ def test_save_gathers_nothing_each_group_writes_its_replica_once(tmp_path):
         assert not [c for c in during_save if c["op"] in RECEIVING], r
     folder = tmp_path / "ckpt" / "step=6.ckpt"
     (save,) = [p for p in folder.iterdir() if p.is_dir()]
-    assert sorted(p.name for p in save.glob("*.pt")) == ["group00000.pt", "group00001.pt"] + \
-        [f"rank{r:05d}.pt" for r in range(4)]
-    # a group file is the group's replica; each rank file only that rank's slice of θ_g and outer state
+    # each group's replica written once, in 2 parts (one per rank of the group); every rank its own outer state
+    assert sorted(p.name for p in save.glob("*.pt")) == [f"group{g:05d}.part{k:05d}.pt" for g in range(2)
+                                                         for k in range(2)] + [f"rank{r:05d}.pt" for r in range(4)]
     whole = read_checkpoint(folder)
     assert max_diff(whole["local_sgd"]["groups"][1]["state_dict"], ranks[2]["steps"][5]) == 0.0
     assert max_diff(whole["state_dict"], ranks[0]["steps"][5]) == 0.0
     assert max_diff(ranks[0]["steps"][5], ranks[2]["steps"][5]) > 0.0
-    group_bytes = (save / "group00000.pt").stat().st_size
-    assert all((save / f"rank{r:05d}.pt").stat().st_size < group_bytes for r in range(4))
 
 
 def test_old_single_file_checkpoint_still_resumes_exactly(tmp_path):
@@ -121,3 +119,25 @@ def test_fsspec_paths_write_and_read_the_same_folder():
     assert torch.equal(checkpoint["state_dict"]["w"], torch.full((3,), 5.0)) and layout["layout_version"] == 1
     _save(path, 6.0)
     assert read_checkpoint(path)["global_step"] == 6
+
+
+def test_a_replica_split_across_the_group_ranks_merges_back_whole():
+    state = {"state_dict": {f"w{i}": torch.full((i + 1, 3), float(i)) for i in range(7)},
+             "optimizer_states": [{"state": {i: {"exp_avg": torch.ones(i + 1, 3), "step": torch.tensor(5.0)}
+                                             for i in range(7)}, "param_groups": [{"lr": 0.1, "params": list(range(7))}]}],
+             "lr_schedulers": [{"last_epoch": 3}]}
+    parts = split_group_state(state, 3)
+    sizes = [sum(t.numel() for t in p["state_dict"].values())
+             + sum(t.numel() for st in p["optimizer_states"][0]["state"].values() for t in st.values()) for p in parts]
+    assert len(parts) == 3 and max(sizes) - min(sizes) <= 22  # about equal: within the largest single item
+    merged = merge_group_parts(parts)
+    assert list(merged["state_dict"]) == list(state["state_dict"])  # the key order too
+    assert all(torch.equal(merged["state_dict"][k], v) for k, v in state["state_dict"].items())
+    assert sorted(merged["optimizer_states"][0]["state"]) == list(range(7))
+    assert merged["optimizer_states"][0]["param_groups"] == state["optimizer_states"][0]["param_groups"]
+    assert merged["lr_schedulers"] == state["lr_schedulers"]
+    # tied weights (one storage under two keys) stay in one part, so the files hold them once
+    tied = {"state_dict": {"wte": torch.ones(50, 4), "x": torch.zeros(60, 4)}}
+    tied["state_dict"]["lm_head"] = tied["state_dict"]["wte"]
+    a, b = split_group_state(tied, 2)
+    assert ("wte" in a["state_dict"]) == ("lm_head" in a["state_dict"])
