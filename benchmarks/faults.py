@@ -119,8 +119,7 @@ def worker(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------------------------------- the driver
 def last_checkpoint(folder: Path) -> tuple[str, bool]:
     """The newest ``step=N.ckpt`` and whether it verifies against its checksum and loads."""
-    import torch
-
+    from lightning_localsgd.checkpoint import read_checkpoint
     from lightning_localsgd.integrity import verify
 
     files = sorted(folder.glob("step=*.ckpt"), key=lambda p: int(re.findall(r"\d+", p.name)[0]))
@@ -128,7 +127,7 @@ def last_checkpoint(folder: Path) -> tuple[str, bool]:
         return "-", False
     try:
         ok = verify(files[-1])
-        torch.load(files[-1], map_location="cpu", weights_only=False)
+        read_checkpoint(files[-1])  # a folder: every group's and rank's files
     except Exception:
         ok = False
     return files[-1].name, ok

@@ -27,6 +27,12 @@ number of processes or the seed - so differently distributed runs (DDP, local
 SGD, ...) are evaluated on the same held-out tokens. The training windows are
 shuffled; under multi-process training Lightning wraps the train loader in a
 ``DistributedSampler`` so each rank trains on its own disjoint part.
+
+Exact data position on resume: the order of an epoch's training windows depends
+only on the seed and the epoch (``EpochShuffleSampler``, or Lightning's
+``DistributedSampler``), and a resumed fit skips the batches of the current epoch
+that the checkpoint's ``fit_loop`` already counted (``ResumableDataLoader``), so it
+sees exactly the batches an uninterrupted run would.
 """
 
 from __future__ import annotations
@@ -35,15 +41,16 @@ import os
 import pickle
 import sysconfig
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-__all__ = ["TextDataModule", "TokenWindowDataset", "BYTE_EOS", "SOURCES"]
+__all__ = ["TextDataModule", "TokenWindowDataset", "BYTE_EOS", "SOURCES", "EpochShuffleSampler",
+           "ResumableDataLoader"]
 
 #: Valid values of ``TextDataModule(source=...)``.
 SOURCES = ("auto", "builtin", "text", "bin", "hf")
@@ -147,6 +154,48 @@ def _check_is_text(path: Path, probe: int = 1 << 16) -> None:
         )
 
 
+class EpochShuffleSampler(RandomSampler):
+    """A shuffle whose order is a function of ``seed`` and the epoch only (Lightning calls ``set_epoch``), so the
+    epoch a run resumes in is shuffled as it was before the interruption. A ``RandomSampler``: under several
+    processes Lightning replaces it by a shuffling ``DistributedSampler``, which is ordered the same way."""
+
+    def __init__(self, data_source: Dataset, seed: int) -> None:
+        super().__init__(data_source)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(len(self.data_source), generator=generator).tolist())
+
+
+class ResumableDataLoader(DataLoader):
+    """A ``DataLoader`` that resumes mid-epoch: each epoch's iteration first skips ``batches_done()`` batches.
+
+    ``batches_done`` returns how many batches of the current epoch the trainer has already trained on: 0 at the
+    start of an epoch, the checkpoint's count when a fit resumes in the middle of one (Lightning restores the
+    count, but restarts a plain loader from the first batch). The skipped batches are read and dropped (cheap for
+    token windows; a loader whose batches are costly to read would skip in its sampler instead).
+    """
+
+    def __init__(self, *args: Any, batches_done: Optional[Callable[[], int]] = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.batches_done = batches_done
+
+    def __iter__(self) -> Iterator[Any]:
+        iterator = super().__iter__()
+        return iterator if self.batches_done is None else self._skipping(iterator)
+
+    def _skipping(self, iterator: Iterator[Any]) -> Iterator[Any]:
+        # At the first batch, not in __iter__: Lightning creates the iterator before it sets the epoch and restores
+        # the batch count; the sampler's order is drawn at the first batch.
+        for _ in range(self.batches_done()):
+            next(iterator, None)
+        yield from iterator
+
+
 class TextDataModule(LightningDataModule):
     """Token-stream language-modelling data for :class:`~lightning_localsgd.examples.gpt.GPT`.
 
@@ -174,8 +223,8 @@ class TextDataModule(LightningDataModule):
         val_fraction: Fraction at the end of the token stream held out for validation,
             in (0, 1).
         num_workers: DataLoader worker processes.
-        seed: Seed of the training-set shuffle (single process; under a distributed
-            sampler Lightning uses the global seed).
+        seed: Seed of the training-set shuffle (single process: epoch ``e`` is shuffled
+            with ``seed + e``; under a distributed sampler Lightning uses the global seed).
     """
 
     def __init__(
@@ -443,16 +492,19 @@ class TextDataModule(LightningDataModule):
         )
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            generator=generator,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )
+        common = dict(batch_size=self.batch_size, num_workers=self.num_workers,
+                      persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())
+        if not shuffle:
+            return DataLoader(dataset, shuffle=False, **common)
+        return ResumableDataLoader(dataset, sampler=EpochShuffleSampler(dataset, self.seed),
+                                   batches_done=self._train_batches_done, **common)
+
+    def _train_batches_done(self) -> int:
+        """Batches of the current epoch the trainer has trained on (non-zero only when a fit resumes mid-epoch)."""
+        trainer = self.trainer
+        if trainer is None or not trainer.training:
+            return 0
+        return int(trainer.fit_loop.epoch_loop.batch_progress.current.ready)
 
     def train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:

@@ -15,9 +15,11 @@ _check_versions()  # first: an unsupported torch / Lightning fails here with one
 
 from lightning.pytorch.strategies import StrategyRegistry  # noqa: E402
 
+from .checkpoint import convert_checkpoint, read_checkpoint
 from .checkpoint_io import AtomicCheckpointIO
 from .config import LocalSGDConfig
 from .controller import LocalSGDController
+from .state import TrainingState
 from .engine import (Action, Codec, Communicator, NonFinitePseudoGradientError, OuterSync, ProcessGroupCommunicator,
                      SyncResult, SyncSchedule, register_codec, register_outer_optimizer, register_schedule,
                      resolve_outer_optimizer)
@@ -56,8 +58,11 @@ __all__ = [
     "SyncResult",
     "SyncSchedule",
     "Topology",
+    "TrainingState",
     "build_topology",
+    "convert_checkpoint",
     "convert_fsdp_checkpoint",
     "plan",
+    "read_checkpoint",
     "resolve_outer_optimizer",
 ]

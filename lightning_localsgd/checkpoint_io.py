@@ -10,7 +10,7 @@ checkpoint; nothing is flushed to disk either.
 *same* folder, the file is flushed and ``fsync``-ed, then ``os.replace`` swaps it in (atomic on one file system) and
 the folder is ``fsync``-ed so the rename itself survives a power loss. A reader sees either the old complete file or
 the new complete file, never a partial one. It also does not hold a second, serialized copy of the checkpoint in
-memory (a local-SGD checkpoint holds one model per worker group). Remote paths (``s3://``, ...) go to
+memory. Remote paths (``s3://``, ...) go to
 ``TorchCheckpointIO``: object stores replace objects atomically.
 
 :class:`~lightning_localsgd.LocalSGDStrategy` uses it unless you pass your own ``checkpoint_io`` (to the strategy or in
@@ -19,7 +19,6 @@ memory (a local-SGD checkpoint holds one model per worker group). Remote paths (
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import tempfile
@@ -102,7 +101,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def atomic_save(obj: Any, path: _PATH) -> None:
     """``torch.save`` to a local path atomically: temp file in the same folder, fsync, ``os.replace``, fsync folder.
 
-    Every checkpoint file the strategies write goes through here (a reader sees the old file or the new one). The
+    Every local checkpoint file of :mod:`lightning_localsgd.checkpoint` goes through here (a reader sees the old file
+    or the new one). The
     SHA-256 of what was written goes into a sidecar (:mod:`lightning_localsgd.integrity`), replaced before the rename
     and listing the previous digest too, so the file on disk verifies whenever a crash happens.
     """
@@ -127,27 +127,6 @@ def atomic_save(obj: Any, path: _PATH) -> None:
         raise
     _fsync_dir(target.parent)
     _remove_stale_temps(target)
-
-
-def release_freed_memory() -> None:
-    """Return the heap freed after a checkpoint to the OS (glibc's ``malloc_trim``; a no-op elsewhere).
-
-    Global rank 0 receives and serializes every group's model and optimizer state at each save; glibc keeps the
-    freed memory in its arenas, so rank 0's resident memory would stay at the peak of the largest save (measured:
-    ``benchmarks/soak.py``, docs/reliability.md).
-    """
-    global _LIBC
-    if _LIBC is None:
-        try:
-            _LIBC = ctypes.CDLL("libc.so.6")
-            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
-        except (OSError, AttributeError):  # not glibc (macOS, musl, Windows)
-            _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
-
-
-_LIBC: Any = None
 
 
 def _fsync_dir(folder: Path) -> None:

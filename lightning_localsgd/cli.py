@@ -170,6 +170,22 @@ class LocalSGDCLI(LightningCLI):
         parser.link_arguments("data.block_size", "model.block_size")
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
 
+    def _parse_ckpt_path(self) -> None:
+        # Lightning reads the model's hyper-parameters from a checkpoint *file*; a local-SGD checkpoint is a folder
+        # whose meta.pt holds them (lightning_localsgd.checkpoint): parse them from there.
+        from .checkpoint import META_FILE, is_checkpoint_folder
+
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or not is_checkpoint_folder(ckpt_path):
+            super()._parse_ckpt_path()
+            return
+        self.config[subcommand]["ckpt_path"] = os.path.join(str(ckpt_path), META_FILE)
+        try:
+            super()._parse_ckpt_path()
+        finally:
+            self.config[subcommand]["ckpt_path"] = ckpt_path
+
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
@@ -193,19 +209,18 @@ class LocalSGDCLI(LightningCLI):
 
 
 def convert_main(argv: Optional[list[str]] = None) -> None:
-    """``lightning-localsgd convert``: an FSDP checkpoint folder to a plain Lightning checkpoint file.
+    """``lightning-localsgd convert``: a checkpoint folder of any local-SGD strategy to a plain Lightning checkpoint.
 
-    Runs :func:`lightning_localsgd.strategies.fsdp.convert_fsdp_checkpoint`; the file loads with
-    ``LightningModule.load_from_checkpoint``. (A DeepSpeed folder: Lightning's
-    ``convert_zero_checkpoint_to_fp32_state_dict`` reads it, its group 0 is a plain Lightning DeepSpeed checkpoint.)
+    Runs :func:`lightning_localsgd.checkpoint.convert_checkpoint`; the file loads with
+    ``LightningModule.load_from_checkpoint``.
     """
-    from .strategies.fsdp import convert_fsdp_checkpoint
+    from .checkpoint import convert_checkpoint
 
     parser = argparse.ArgumentParser(
         prog="lightning-localsgd convert",
-        description="Write a LocalSGDFSDPStrategy checkpoint folder (one file per rank) as one plain Lightning "
-                    "checkpoint file: one worker group's full model under `state_dict` (no optimizer state), which "
-                    "LightningModule.load_from_checkpoint reads in a single process.",
+        description="Write a local-SGD checkpoint folder (DDP, FSDP or DeepSpeed inside the groups; every rank wrote "
+                    "its own files) as one plain Lightning checkpoint file: one worker group's full model under "
+                    "`state_dict`, which LightningModule.load_from_checkpoint reads in a single process.",
     )
     parser.add_argument("checkpoint_dir", help="the folder ModelCheckpoint / Trainer.save_checkpoint wrote")
     parser.add_argument("output_file", help="the checkpoint file to write")
@@ -214,7 +229,7 @@ def convert_main(argv: Optional[list[str]] = None) -> None:
                              "group holds the same model)")
     args = parser.parse_args(argv)
     try:
-        path = convert_fsdp_checkpoint(args.checkpoint_dir, args.output_file, group=args.group)
+        path = convert_checkpoint(args.checkpoint_dir, args.output_file, group=args.group)
     except ValueError as err:
         parser.error(str(err))
     print(f"wrote {path}")

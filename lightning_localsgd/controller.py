@@ -275,6 +275,22 @@ class LocalSGDController:
                 "fragments). Resume with the same fragments, or load only the weights into a new run."
             )
 
+    def check_elastic(self, meta: Mapping[str, Any]) -> None:
+        """Raise a ``ValueError`` when a checkpoint of another layout cannot be resumed from its ``θ_g``."""
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"unknown local-SGD checkpoint format {meta.get('format_version')!r}.")
+        c = self.config
+        features = {"cluster_size": c.cluster_size, "fragments": c.fragments if c.fragments != 1 else None,
+                    "sync_every_seconds": c.sync_every_seconds}
+        used = {k: v for k, v in features.items() if v is not None}
+        if used or meta.get("fragments", 1) != 1:
+            raise ValueError(
+                f"cannot resume local SGD on another world size or group_size with {used or {'fragments': meta.get('fragments')}}: "
+                f"the checkpoint was written by {meta['world_size']} ranks in worker groups of {meta['group_size']}, "
+                f"this run has group_size={c.group_size}. Resume with the same devices, num_nodes and group_size; "
+                "elastic resume supports the periodic sync of one level."
+            )
+
     def restore(self, meta: Mapping[str, Any], outer: Optional[dict], cluster: Optional[dict] = None) -> None:
         """Restore the counters and this rank's engine states (now, or at :meth:`setup` if it has not run yet)."""
         if self.outer_sync is None:
@@ -291,7 +307,9 @@ class LocalSGDController:
         assert self.outer_sync is not None
         if self.cluster_sync is not None and cluster is not None:
             self.cluster_sync.load_state_dict(cluster)
-        if outer is not None:
+        if outer is not None and outer.get("merged"):  # another layout: this rank's slice of the whole θ_g
+            self.outer_sync.load_merged_state(outer)
+        elif outer is not None:
             self.outer_sync.load_state_dict(outer)
         self.schedule.load_state_dict({"tokens_since_sync": meta.get("tokens_since_sync", 0), **meta["schedule"]})
         self.sync_seconds_total = float(meta.get("sync_seconds_total", 0.0))

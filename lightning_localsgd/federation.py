@@ -14,9 +14,9 @@ identical). The commit vote (``Manager.should_commit``) runs after the reduce an
 state and ``θ_i`` untouched; it is then redone with a new quorum of the groups left, until ``sync_timeout``.
 
 **Healing.** A job starting while others run (new, or restarted with the same ``group_id``) joins at its
-``on_train_start``: its manager is behind the others', so torchft fetches one live peer's state (our
-:meth:`Federation.state_dict`: inner model and optimizers, LR schedulers, ``θ_g``, outer optimizer state, schedule and
-trainer counters) and loads it on the training thread before that quorum's sync, in which the joiner weighs 0.
+``on_train_start``: its manager is behind the others', so torchft fetches one live peer's state (its
+:class:`~lightning_localsgd.state.TrainingState`, the same state a checkpoint holds: inner model and optimizers, LR
+schedulers, ``θ_g``, outer optimizer state, schedule and trainer counters) and loads it on the training thread before that quorum's sync, in which the joiner weighs 0.
 """
 
 from __future__ import annotations
@@ -29,12 +29,10 @@ import uuid
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Optional
 
-import torch
 from torch import Tensor
 
 from .engine.comm import Communicator, SyncAbortedError, Work
 from .engine.outer import OuterSync, SyncResult
-from .tensors import _map
 
 if TYPE_CHECKING:
     from lightning.pytorch import Trainer
@@ -183,10 +181,6 @@ class TorchftCommunicator(Communicator):
         return "TorchftCommunicator()"
 
 
-def _clone(obj: Any) -> Any:
-    return _map(obj, lambda t: t.detach().cpu().clone())
-
-
 class Federation:
     """One job rank's membership: its torchft Manager, the sync loop over quorums, healing state.
 
@@ -285,48 +279,20 @@ class Federation:
 
     # ------------------------------------------------------------------ healing
     def state_dict(self) -> dict[str, Any]:
-        """What a joining group receives: called by torchft only when a peer heals, while this rank's training
-        thread waits in the quorum (and before its commit vote, after which the state changes), cloned to the CPU."""
-        strategy, trainer = self.strategy, self.trainer
-        assert strategy is not None and trainer is not None
-        loop = trainer.fit_loop.epoch_loop
-        return _clone({
-            "module": strategy.lightning_module.state_dict(),
-            "optimizers": [o.state_dict() for o in trainer.optimizers],
-            "lr_schedulers": [c.scheduler.state_dict() for c in trainer.lr_scheduler_configs],
-            "meta": strategy.local_sgd.meta(trainer.world_size),
-            "rank_state": strategy.local_sgd.rank_state(),
-            "global_step": loop.global_step,
-            "batches_that_stepped": loop._batches_that_stepped,
-        })
+        """What a joining group receives: this rank's :class:`~lightning_localsgd.state.TrainingState` (the same
+        parts a checkpoint holds), cloned to the CPU. torchft calls it only when a peer heals, while this rank's
+        training thread waits in the quorum (before its commit vote, after which the state changes)."""
+        assert self.strategy is not None
+        return self.strategy.training_state.capture()
 
-    @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Apply a live peer's state on the training thread (torchft calls it inside ``start_quorum``)."""
-        strategy, trainer = self.strategy, self.trainer
-        assert strategy is not None and trainer is not None
-        strategy.lightning_module.load_state_dict(state["module"])
-        for optimizer, saved in zip(trainer.optimizers, state["optimizers"]):
-            optimizer.load_state_dict(saved)
-        for config, saved in zip(trainer.lr_scheduler_configs, state["lr_schedulers"]):
-            config.scheduler.load_state_dict(saved)
-        controller = strategy.local_sgd
-        controller.restore(state["meta"], state["rank_state"]["outer"])
-        set_global_step(trainer, int(state["global_step"]), int(state["batches_that_stepped"]))
+        assert self.strategy is not None
+        self.strategy.training_state.load(state)
         self._healed_now = True
         self.healed_from_peer += 1
-        log.info(f"local SGD: group {self.group_id} healed from a live peer at step {state['global_step']}")
-
-
-def set_global_step(trainer: "Trainer", global_step: int, batches_that_stepped: int) -> None:
-    """Lightning's step counters, which no state_dict of ours carries: ``max_steps`` and logging follow them."""
-    loop = trainer.fit_loop.epoch_loop
-    if trainer.lightning_module.automatic_optimization:
-        progress = loop.automatic_optimization.optim_progress.optimizer.step.total
-    else:
-        progress = loop.manual_optimization.optim_step_progress.total
-    progress.ready = progress.completed = global_step
-    loop._batches_that_stepped = batches_that_stepped
+        log.info(f"local SGD: group {self.group_id} healed from a live peer at step "
+                 f"{state['counters']['global_step']}")
 
 
 # ---------------------------------------------------------------------------------------------------- lighthouse CLI

@@ -82,7 +82,16 @@ def file_digest(path: PathLike) -> str:
 
 
 def verify(path: PathLike) -> bool:
-    """``True`` when ``path`` matches its sidecar, ``False`` when it has none; raise when it does not match."""
+    """``True`` when ``path`` matches its sidecar, ``False`` when it has none; raise when it does not match.
+
+    A checkpoint folder (:mod:`lightning_localsgd.checkpoint`) verifies when its ``meta.pt`` does and every file of
+    it that has a sidecar matches it (DeepSpeed's own files have none)."""
+    if os.path.isdir(path):
+        for f in Path(path).rglob("*"):
+            if f.is_file() and not f.name.startswith("."):  # not the sidecars and temp files
+                verify(f)  # raises at a damaged file
+        meta = Path(path) / "meta.pt"
+        return meta.is_file() and verify(meta)
     digests = read_digests(path)
     if digests is None:
         return False

@@ -18,7 +18,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -31,7 +31,7 @@ from .presets import OuterOptimizerFactory
 from .reducers import (DEFAULT_BUCKET_BYTES, CompressedReducer, MeanReducer, Reduction, assign_buffers,
                        finite_buffer_mean, gather_slices, reduce_buffers)
 
-__all__ = ["NonFinitePseudoGradientError", "OuterSync", "SyncResult"]
+__all__ = ["NonFinitePseudoGradientError", "OuterSync", "SyncResult", "merge_outer_states"]
 
 GroupLike = Union[Communicator, dist.ProcessGroup, None]
 
@@ -470,6 +470,28 @@ class OuterSync:
         }
 
     @torch.no_grad()
+    def load_merged_state(self, merged: Mapping[str, Any]) -> None:
+        """Restore ``θ_g`` and the outer optimizer state from :func:`merge_outer_states` (the whole flattened model),
+        taking this rank's slice of it: a resume on another layout (world size, ``group_size``)."""
+        if merged["total_numel"] != self.total_numel:
+            raise ValueError(f"local-SGD state does not match the model: the checkpoint's global parameters hold "
+                             f"{merged['total_numel']} elements, the model has {self.total_numel}.")
+        ranges = [(self.layout.offsets[p.index] + p.start, self.layout.offsets[p.index] + p.stop)
+                  for p in self.layout.pieces]
+        outer = merged["outer_optimizer"]
+        if outer is not None:
+            pieces = {i: {**outer["scalars"], **{k: v[a:b].clone() for k, v in outer["flat"].items()}}
+                      for i, (a, b) in enumerate(ranges)} if outer["flat"] or outer["scalars"] else {}
+            outer = {"state": pieces,
+                     "param_groups": [{**g, "params": list(range(len(ranges)))} for g in outer["param_groups"]]}
+        self.load_state_dict({
+            "snapshot": [merged["snapshot"][a:b] for a, b in ranges], "outer_optimizer": outer,
+            "outer_optimizer_class": merged["outer_optimizer_class"], "num_syncs": merged["num_syncs"],
+            "bytes_sent": merged["bytes_sent"], "total_numel": self.total_numel, "owned_numel": self.owned_numel,
+            "compression_error": None, "compression_mean_error": {}, "pending": [],
+        })
+
+    @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned; the parameter layout must be the same."""
         if state["total_numel"] != self.total_numel or state["owned_numel"] != self.owned_numel:
@@ -502,3 +524,28 @@ class OuterSync:
         for p in state.get("pending", []):
             self.layout.fragment(p["fragment"])  # raises for a fragment this layout does not have
             self.pending[p["fragment"]] = Reduction.from_state(p, self.device)
+
+
+def merge_outer_states(states: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The :meth:`OuterSync.state_dict` of the ranks of one worker group (slices ``0..S-1`` of the flattened model,
+    in rank order) as one state of the whole model: ``θ_g`` flat, each per-element outer-optimizer state (e.g. the
+    momentum buffer) flat, the rest (e.g. a step count) from slice 0. Syncs in flight and error feedback are left out.
+    :meth:`OuterSync.load_merged_state` takes a rank's slice of it on any layout."""
+    first = states[0]
+    snapshot = torch.cat([s.reshape(-1).float() for st in states for s in st["snapshot"]])
+    if snapshot.numel() != first["total_numel"]:
+        raise ValueError(f"the outer states cover {snapshot.numel()} of the model's {first['total_numel']} elements: "
+                         "pass every slice of one worker group, in rank order.")
+    outer = None
+    if first["outer_optimizer"] is not None:
+        pieces = [(st["outer_optimizer"]["state"], i, s.numel()) for st in states for i, s in enumerate(st["snapshot"])]
+        per_piece = [state.get(i, state.get(str(i), {})) for state, i, _ in pieces]
+        flat_keys = {k for k, v in per_piece[0].items() if isinstance(v, Tensor) and v.numel() == pieces[0][2]}
+        flat_keys = {k for k in flat_keys if all(k in st for st in per_piece)}
+        outer = {"flat": {k: torch.cat([st[k].reshape(-1) for st in per_piece]) for k in sorted(flat_keys)},
+                 "scalars": {k: v for k, v in per_piece[0].items() if k not in flat_keys},
+                 "param_groups": [{k: v for k, v in g.items() if k != "params"}
+                                  for g in first["outer_optimizer"]["param_groups"]]}
+    return {"merged": True, "snapshot": snapshot, "outer_optimizer": outer,
+            "outer_optimizer_class": first.get("outer_optimizer_class"),
+            "num_syncs": first["num_syncs"], "bytes_sent": first["bytes_sent"], "total_numel": first["total_numel"]}

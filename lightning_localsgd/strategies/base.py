@@ -27,6 +27,7 @@ from ..controller import LocalSGDController
 from ..federation import Federation, federated_group_size
 from ..engine import OuterSync, SyncResult, SyncSchedule
 from ..preemption import stop_at_sync_steps
+from ..state import ReplicaState, TrainingState
 from ..reliability import stop_local_ranks
 from ..tensors import batch_tokens
 from ..topology import Topology, add_cluster_groups, check_cluster_size, check_group_size
@@ -134,6 +135,8 @@ class LocalSGDMixin:
     shards_within_group = False
     #: Whether this strategy runs as a federated worker group (``lighthouse=``); see :mod:`..federation`.
     supports_federation = False
+    #: What one rank's exact training state is for this strategy kind (checkpoints and healing).
+    training_state_class: type[TrainingState] = ReplicaState
 
     def _init_local_sgd(self, config: LocalSGDConfig) -> None:
         if config.lighthouse is not None and not self.supports_federation:
@@ -148,6 +151,11 @@ class LocalSGDMixin:
         self._train_ended = False
         self._saves: list[tuple[str, int, bool]] = []  # (path, global step, weights only) of this fit's checkpoints
         self._restore_sigterm: Optional[Callable[[], None]] = None
+
+    @property
+    def training_state(self) -> TrainingState:
+        """This rank's exact training state, as checkpoints and federated healing read and restore it."""
+        return self.training_state_class(self)
 
     # ------------------------------------------------------------------ what the controller holds
     @property

@@ -17,11 +17,11 @@ from torch.nn import Module
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
-from ..checkpoint_io import release_freed_memory, with_atomic_default
+from ..checkpoint import is_checkpoint_folder, load_checkpoint, save_checkpoint, split_single_file
+from ..checkpoint_io import with_atomic_default
 from ..config import LocalSGDConfig, local_sgd_arguments
 from ..controller import CHECKPOINT_KEY
 from ..reliability import check_backend_available, check_ddp_arguments, check_model_matches_checkpoint
-from ..tensors import to_cpu
 from ..topology import build_topology
 from .base import LocalSGDMixin, is_fitting
 
@@ -35,8 +35,9 @@ class LocalSGDStrategy(LocalSGDMixin, DDPStrategy):
     pseudo-gradient ``Δ = θ_g − mean_i θ_i``, ``θ_g ← outer_optimizer(θ_g, Δ)``, every group continues from ``θ_g``.
     Inner optimizer states stay local to each group. Floating-point buffers are averaged at each sync.
 
-    Checkpoints are one file: group 0's model and optimizers under the usual ``state_dict`` / ``optimizer_states``
-    (it loads into a plain DDP run), every other group's and every rank's local-SGD state under ``local_sgd``.
+    Checkpoints are folders (:mod:`lightning_localsgd.checkpoint`): each group's replica written once, split across
+    the group's ranks, and every rank's local-SGD state by that rank, in parallel; nothing is gathered on rank 0.
+    ``lightning-localsgd convert FOLDER model.ckpt`` turns one into a plain Lightning checkpoint.
 
     Args:
         **kwargs: every argument of Lightning's ``DDPStrategy`` (``process_group_backend``, ``timeout``,
@@ -119,71 +120,58 @@ class LocalSGDStrategy(LocalSGDMixin, DDPStrategy):
         return self.topology.inner_group if self.topology is not None else None
 
     # ------------------------------------------------------------------ checkpoints
-    def _gather_checkpoint_state(self, checkpoint: dict[str, Any]) -> Optional[dict[str, Any]]:
-        """Gather every group's model/optimizer state and every rank's engine state to global rank 0. Collective."""
-        topo = self.topology
-        if self.outer_sync is None or topo is None:
-            return None
-        mine: dict[str, Any] = {**self.local_sgd.rank_state(), "group": None}
-        if topo.rank_in_group == 0 and topo.group_index > 0:
-            # group 0's state is the checkpoint's own `state_dict` / `optimizer_states`
-            mine["group"] = {"state_dict": checkpoint["state_dict"],
-                             "optimizer_states": checkpoint.get("optimizer_states")}
-        gathered: Optional[list[Any]] = [None] * topo.world_size if topo.rank == 0 else None
-        dist.gather_object(to_cpu(mine), gathered, dst=0)
-        if gathered is None:
-            return None
-        return self.local_sgd.meta(
-            topo.world_size,
-            groups=[None] + [gathered[i * topo.group_size]["group"] for i in range(1, topo.num_groups)],
-            ranks=[g["outer"] for g in gathered],
-            clusters=[g["cluster"] for g in gathered],
-        )
-
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
+        if storage_options is not None:
+            raise TypeError("LocalSGDStrategy.save_checkpoint does not take storage_options: every rank writes its "
+                            "own files of the checkpoint folder (lightning_localsgd.checkpoint).")
         self.note_checkpoint(checkpoint, filepath)
-        state = self._gather_checkpoint_state(checkpoint)  # collective: every rank takes part
-        if self.is_global_zero and state is not None:
-            checkpoint = {**checkpoint, CHECKPOINT_KEY: state}
-        super().save_checkpoint(checkpoint, filepath, storage_options=storage_options)
-        if state is not None:
-            del checkpoint, state
-            release_freed_memory()  # the other groups' states gathered for this file
-
-    def _own_group_state(self, checkpoint: Mapping[str, Any]) -> Optional[Mapping[str, Any]]:
-        state = checkpoint.get(CHECKPOINT_KEY)
-        if state is None:
-            return None
-        self.local_sgd.check_meta(state, self.world_size)
-        return state["groups"][self.global_rank // self.group_size]
+        save_checkpoint(self, checkpoint, filepath, self.training_state)
 
     @override
-    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
-        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
-        fitting = is_fitting(trainer)
-        group = self._own_group_state(checkpoint) if fitting else None
-        state = checkpoint.get(CHECKPOINT_KEY)
-        if fitting and state is not None:
-            rank = self.global_rank
-            clusters = state.get("clusters") or [None] * self.world_size
-            self.local_sgd.restore(state, state["ranks"][rank], clusters[rank])
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        fitting = is_fitting(self.lightning_module.trainer if self.lightning_module is not None else None)
+        if is_checkpoint_folder(checkpoint_path):
+            checkpoint, layout, mine = load_checkpoint(checkpoint_path, self.global_rank, self.group_size,
+                                                       self._check_resume_layout, rank_state=fitting)
+            if mine is not None and mine["outer"] is not None and mine["outer"].get("merged"):
+                self.training_state.start_from_global(checkpoint, mine["outer"])
+        else:  # a single file: written by an earlier version (every group in it) or by plain DDP
+            checkpoint = self.checkpoint_io.load_checkpoint(checkpoint_path, weights_only=weights_only)
+            if fitting and checkpoint.get(CHECKPOINT_KEY) is not None:
+                self.local_sgd.check_meta(checkpoint[CHECKPOINT_KEY], self.world_size)
+            checkpoint, layout, mine = split_single_file(checkpoint, self.global_rank if fitting else 0,
+                                                         self.group_size)
+        if fitting and layout is not None:
+            self.training_state.load_rank_state(mine or {}, layout)
         elif fitting and checkpoint.get("loops") is not None and self.world_size > 1:
             rank_zero_warn(
                 "Resuming from a checkpoint without local-SGD state (e.g. written by plain DDP): local SGD starts a "
                 "new interval from rank 0's weights."
             )
-        if group is not None:
-            checkpoint = {**checkpoint, "state_dict": group["state_dict"]}
-        check_model_matches_checkpoint(self.lightning_module, checkpoint, strict=strict)
-        super().load_model_state_dict(checkpoint, strict=strict)
+        return checkpoint
+
+    def _check_resume_layout(self, layout: Mapping[str, Any]) -> bool:
+        """``True``: the checkpoint's layout is this run's (exact resume); ``False``: another world size or
+        ``group_size``, resumed from ``θ_g`` with a warning; raises where neither works."""
+        if layout["world_size"] == self.world_size and layout["group_size"] == self.group_size:
+            self.local_sgd.check_meta(layout, self.world_size)
+            return True
+        self.local_sgd.check_elastic(layout)
+        rank_zero_warn(
+            f"Resuming local SGD on another layout: the checkpoint was written by {layout['world_size']} ranks in "
+            f"worker groups of {layout['group_size']}, this run has {self.world_size} ranks and group_size="
+            f"{self.group_size}. Every group starts from the global parameters θ_g of the last sync and the outer "
+            f"optimizer state; the inner progress since that sync ({layout['schedule'].get('steps_since_sync', 0)} "
+            "step(s) per group) is dropped. Inner optimizer and LR scheduler states come from the old groups; the "
+            "step counters continue.", category=UserWarning,
+        )
+        return False
 
     @override
-    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
-        group = self._own_group_state(checkpoint)
-        if group is not None and group.get("optimizer_states") is not None:
-            checkpoint = {**checkpoint, "optimizer_states": group["optimizer_states"]}
-        super().load_optimizer_state_dict(checkpoint)
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        check_model_matches_checkpoint(self.lightning_module, checkpoint, strict=strict)
+        super().load_model_state_dict(checkpoint, strict=strict)
 
     @classmethod
     @override

@@ -36,25 +36,14 @@ from torch import Tensor
 from torch.nn import Module
 from typing_extensions import override
 
-from .. import integrity
-from ..checkpoint_io import atomic_save
+from ..checkpoint import deepspeed_dir, is_checkpoint_folder, load_checkpoint, save_checkpoint, save_folder
 from ..config import LocalSGDConfig, local_sgd_arguments
-from ..controller import CHECKPOINT_KEY
+from ..state import ZeroState
 from ..topology import Topology, build_topology, group_ranks
 from .base import LocalSGDMixin, is_fitting
 
 INSTALL_HINT = "pip install 'lightning-localsgd[deepspeed]'"
-_TAG = "checkpoint"  # Lightning's DeepSpeedStrategy tag: group 0's folder is a plain Lightning DeepSpeed checkpoint
-_LOCAL_DIR = "local_sgd"
-_META_FILE = "meta.pt"
-
-
-def _rank_file(rank: int) -> str:
-    return f"rank{rank:05d}.pt"
-
-
-def _group_dir(group: int) -> str:
-    return f"group{group:05d}"
+_TAG = "checkpoint"  # Lightning's DeepSpeedStrategy tag, inside each group's DeepSpeed folder
 
 
 def _require_deepspeed() -> None:
@@ -275,13 +264,14 @@ class LocalSGDDeepSpeedStrategy(LocalSGDMixin, DeepSpeedStrategy):
             (``offload_optimizer``/``offload_parameters``) is refused: the master weights would live outside the
             sync's process groups.
 
-    Checkpoints are folders: group 0's DeepSpeed checkpoint where Lightning's ``DeepSpeedStrategy`` puts it
-    (``<path>/checkpoint``, ``<path>/latest``), every other group's under ``<path>/local_sgd/groupNNNNN`` (between
-    syncs the groups' weights and optimizer states differ, and DeepSpeed writes one copy per data-parallel rank), and
-    every rank's outer state in ``<path>/local_sgd/rankNNNNN.pt``. ``fit(ckpt_path=...)`` resumes exactly.
+    Checkpoints are the folders of :mod:`lightning_localsgd.checkpoint`: each group's ZeRO partitions written by
+    DeepSpeed on the group's ranks (between syncs the groups' weights and optimizer states differ), every rank's
+    outer state by that rank, nothing gathered. ``fit(ckpt_path=...)`` resumes exactly; ``lightning-localsgd convert
+    FOLDER model.ckpt`` writes one group's full weights as a plain Lightning checkpoint.
     """
 
     strategy_name = "local_sgd_deepspeed"
+    training_state_class = ZeroState
     shards_within_group = True  # the other partitions of this group's model live on the other ranks of the group
 
     def __init__(self, **kwargs: Any) -> None:
@@ -486,11 +476,6 @@ class LocalSGDDeepSpeedStrategy(LocalSGDMixin, DeepSpeedStrategy):
         return self.deepspeed_engine.is_gradient_accumulation_boundary()
 
     # ------------------------------------------------------------------ checkpoints
-    def _group_checkpoint_dir(self, path: Path) -> Path:
-        assert self.topology is not None
-        g = self.topology.group_index
-        return path if g == 0 else path / _LOCAL_DIR / _group_dir(g)
-
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
         if storage_options is not None:
@@ -500,77 +485,65 @@ class LocalSGDDeepSpeedStrategy(LocalSGDMixin, DeepSpeedStrategy):
             )
         self.note_checkpoint(checkpoint, filepath)
         if self.outer_sync is None or self.topology is None:
-            super().save_checkpoint(checkpoint, filepath)
+            super().save_checkpoint(checkpoint, filepath)  # outside fit: Lightning's own DeepSpeed folder
             return
-        path = Path(self.broadcast(str(filepath)))
-        local_dir = path / _LOCAL_DIR
-        layout = self.local_sgd.meta(self.world_size, zero_stage=self.zero_stage)
-        # Lightning's DeepSpeed convention: the weights and optimizer states are in DeepSpeed's files
-        client_state = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
-        client_state[CHECKPOINT_KEY] = layout
-        if self.is_global_zero and path.is_file():
-            path.unlink()
-        self.barrier()
-        group_dir = self._group_checkpoint_dir(path)
-        group_dir.mkdir(parents=True, exist_ok=True)
-        local_dir.mkdir(parents=True, exist_ok=True)
-        # Between syncs every group has its own weights and optimizer partitions, and DeepSpeed writes one copy per
-        # data-parallel rank: each group writes its own DeepSpeed checkpoint (collective over all ranks).
-        self.deepspeed_engine.save_checkpoint(
-            str(group_dir), client_state=client_state, tag=_TAG,
-            exclude_frozen_parameters=self.exclude_frozen_parameters,
-        )
-        atomic_save({**self.local_sgd.rank_state(), "rank": self.global_rank, "group": self.topology.group_index},
-                    local_dir / _rank_file(self.global_rank))
-        self.barrier()
-        if self.is_global_zero:
-            atomic_save(layout, local_dir / _META_FILE)  # written last: its presence marks a complete checkpoint
-        self.barrier()
 
-    @override
-    def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
-        path = Path(self.broadcast(str(checkpoint_path)))
-        meta_file = path / _LOCAL_DIR / _META_FILE
-        if not meta_file.is_file():
-            if path.is_dir() and (path / _TAG).is_dir():
-                rank_zero_warn(
-                    "Resuming from a DeepSpeed checkpoint without local-SGD state (e.g. written by plain "
-                    "DeepSpeedStrategy): every group loads it and local SGD starts a new interval."
-                )
-                return super().load_checkpoint(checkpoint_path, weights_only)
-            raise FileNotFoundError(
-                f"{path} is not a LocalSGDDeepSpeedStrategy checkpoint folder (no {_LOCAL_DIR}/{_META_FILE}). Pass the "
-                "folder that ModelCheckpoint / Trainer.save_checkpoint wrote."
-            )
-        layout = integrity.load(meta_file, map_location="cpu", weights_only=False)
+        def write_partitions(folder: str) -> None:
+            # Between syncs every group has its own weights and optimizer partitions: each group's ranks write its
+            # own DeepSpeed checkpoint (one file per data-parallel rank); Lightning's state is in meta.pt.
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            self.deepspeed_engine.save_checkpoint(folder, client_state={}, tag=_TAG,
+                                                  exclude_frozen_parameters=self.exclude_frozen_parameters)
+
+        save_checkpoint(self, checkpoint, filepath, self.training_state, write_partitions=write_partitions,
+                        zero_stage=self.zero_stage)
+
+    def _check_layout(self, layout: Mapping[str, Any]) -> None:
         self.local_sgd.check_meta(layout, self.world_size)
         if layout.get("zero_stage", self.zero_stage) != self.zero_stage:
             raise ValueError(
                 f"cannot resume: the checkpoint was written with ZeRO stage {layout['zero_stage']}, this run uses "
                 f"stage {self.zero_stage}. Resume with the same stage."
             )
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        path = str(checkpoint_path)
+        if not is_checkpoint_folder(path):
+            if os.path.isdir(os.path.join(path, _TAG)):
+                rank_zero_warn(
+                    "Resuming from a DeepSpeed checkpoint without local-SGD state (e.g. written by plain "
+                    "DeepSpeedStrategy): every group loads it and local SGD starts a new interval."
+                )
+                return super().load_checkpoint(checkpoint_path, weights_only)
+            raise FileNotFoundError(
+                f"{path} is not a LocalSGDDeepSpeedStrategy checkpoint folder (no meta.pt). Pass the folder that "
+                "ModelCheckpoint / Trainer.save_checkpoint wrote."
+            )
         assert self.lightning_module is not None
         fitting = is_fitting(self.lightning_module.trainer)
         if not fitting and self.zero_stage_3:
             raise NotImplementedError(
                 "validate/test/predict from a ZeRO-3 checkpoint folder in a new Trainer: DeepSpeed's ZeRO-3 inference "
-                "engine cannot load partitions written by a data-parallel subgroup (the worker group). Convert group "
-                f"0's checkpoint into one weights file with `lightning.pytorch.utilities.deepspeed."
-                f"convert_zero_checkpoint_to_fp32_state_dict('{path}', 'model.pt')` and load that, or evaluate "
-                "inside trainer.fit (the validation loop)."
+                "engine cannot load partitions written by a data-parallel subgroup (the worker group). Convert it "
+                f"into one weights file with `lightning-localsgd convert {path} model.ckpt` and load that, or "
+                "evaluate inside trainer.fit (the validation loop)."
             )
+        checkpoint, layout, mine = load_checkpoint(path, self.global_rank, self.group_size, self._check_layout,
+                                                   rank_state=fitting)
+        assert layout is not None
+        group = self.global_rank // self.group_size if fitting else 0
         _, client_state = self.deepspeed_engine.load_checkpoint(
-            str(self._group_checkpoint_dir(path)), tag=_TAG, load_optimizer_states=fitting,
+            deepspeed_dir(save_folder(path, layout), group), tag=_TAG, load_optimizer_states=fitting,
             load_lr_scheduler_states=False, load_module_strict=self.lightning_module.strict_loading,
         )
         if client_state is None:
             raise MisconfigurationException(f"DeepSpeed could not load the checkpoint of this rank's group from {path}.")
-        if fitting and self.outer_sync is not None:
-            mine = integrity.load(path / _LOCAL_DIR / _rank_file(self.global_rank), map_location="cpu", weights_only=False)
-            self.local_sgd.restore(layout, mine["outer"], mine.get("cluster"))
-            self.outer_sync.tensors = master_partitions(self.zero_optimizer)
-        client_state.pop(CHECKPOINT_KEY, None)
-        return client_state
+        if fitting and mine is not None:
+            self.training_state.load_rank_state(mine, layout)
+            if self.outer_sync is not None:
+                self.outer_sync.tensors = master_partitions(self.zero_optimizer)
+        return checkpoint
 
     @classmethod
     @override

@@ -10,8 +10,7 @@ model to sync.
 from __future__ import annotations
 
 from datetime import timedelta
-from pathlib import Path
-from typing import Any, Callable, ContextManager, Mapping, Optional
+from typing import Any, Callable, ContextManager, Optional
 
 import torch
 import torch.distributed as dist
@@ -26,19 +25,13 @@ from torch.distributed.tensor import DTensor
 from typing_extensions import override
 
 from .. import integrity
-from ..checkpoint_io import atomic_save
+from ..checkpoint import convert_checkpoint, is_checkpoint_folder, load_checkpoint, save_checkpoint, split_single_file
 from ..config import LocalSGDConfig, local_sgd_arguments
 from ..controller import CHECKPOINT_KEY
-from ..tensors import dtensor_to_local, local_view, to_cpu
+from ..state import ShardedState
+from ..tensors import local_view
 from ..topology import build_mesh_topology
 from .base import LocalSGDMixin, is_fitting
-
-_META_FILE = "meta.pt"
-
-
-def _rank_file(rank: int) -> str:
-    return f"rank{rank:05d}.pt"
-
 
 def _is_fully_sharded(module: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
@@ -46,7 +39,7 @@ def _is_fully_sharded(module: nn.Module) -> bool:
     return any(isinstance(m, FSDPModule) for m in module.modules())
 
 
-def _reshard(module: nn.Module) -> None:
+def reshard(module: nn.Module) -> None:
     """Put every FSDP unit back to its sharded parameters.
 
     FSDP2 does not reshard the root unit after a forward (its backward would gather it again at once), so after a
@@ -100,8 +93,9 @@ class LocalSGDFSDPStrategy(LocalSGDMixin, ModelParallelStrategy):
     of an ``nn.ModuleList`` (transformer blocks) or an instance of a class in ``auto_wrap_policy``, then the
     LightningModule itself as the root unit. When the LightningModule is the root, each step runs inside its forward
     call (as Lightning does for FSDP1 and DeepSpeed), so ``training_step`` may call a submodule directly
-    (``self.model(input_ids=x).logits``). A checkpoint folder converts to a plain Lightning checkpoint with
-    :func:`convert_fsdp_checkpoint` (``lightning-localsgd convert``).
+    (``self.model(input_ids=x).logits``). A checkpoint is a folder where every rank writes its own shards
+    (:mod:`lightning_localsgd.checkpoint`); it converts to a plain Lightning checkpoint with
+    :func:`~lightning_localsgd.checkpoint.convert_checkpoint` (``lightning-localsgd convert``).
 
     Args:
         auto_wrap_policy: module classes to shard as units when the strategy shards the model (e.g.
@@ -109,15 +103,16 @@ class LocalSGDFSDPStrategy(LocalSGDMixin, ModelParallelStrategy):
         mp_policy: a ``torch.distributed.fsdp.MixedPrecisionPolicy`` for the strategy's own sharding (e.g.
             bf16 parameters with fp32 reduce). The snapshot and the outer step stay fp32.
         reshard_after_forward: FSDP2's ``reshard_after_forward`` for the strategy's own sharding. Default True.
-        save_distributed_checkpoint: ``True`` (default): a checkpoint is a folder with one file per rank (its shards,
-            its inner optimizer state, its outer state) and ``meta.pt``; ``False``: one file whose ``state_dict`` is
-            group 0's full model (loads into a plain FSDP or DDP run) with every rank's shards under ``local_sgd``.
+        save_distributed_checkpoint: must be ``True`` (the default): a checkpoint is a folder with one file per rank
+            (its shards, its inner optimizer state, its outer state). One full file would gather every rank's shards
+            on rank 0; convert a folder into one with ``lightning-localsgd convert FOLDER model.ckpt`` instead.
         process_group_backend: ``"gloo"`` (CPU), ``"nccl"`` (CUDA), or None for the device's default.
         timeout: timeout of the process groups.
     """
 
     strategy_name = "local_sgd_fsdp"
     shards_within_group = True
+    training_state_class = ShardedState
 
     def __init__(
         self,
@@ -132,6 +127,13 @@ class LocalSGDFSDPStrategy(LocalSGDMixin, ModelParallelStrategy):
         config = LocalSGDConfig.from_kwargs(local_sgd, self.local_sgd_defaults)
         if local_sgd:
             raise TypeError(f"LocalSGDFSDPStrategy got unexpected keyword argument(s): {sorted(local_sgd)}.")
+        if save_distributed_checkpoint is not True:
+            raise ValueError(
+                f"save_distributed_checkpoint={save_distributed_checkpoint!r}: one full checkpoint file would gather "
+                "every rank's shards on rank 0. Leave save_distributed_checkpoint=True (every rank writes its own "
+                "files of the checkpoint folder) and convert the folder into one file with `lightning-localsgd "
+                "convert FOLDER model.ckpt` when you need one."
+            )
         super().__init__(
             save_distributed_checkpoint=save_distributed_checkpoint,
             process_group_backend=process_group_backend,
@@ -189,7 +191,7 @@ class LocalSGDFSDPStrategy(LocalSGDMixin, ModelParallelStrategy):
                 "or let the strategy shard the model."
             )
         if _is_fully_sharded(self.model):
-            _reshard(self.model)  # a validation pass at the end of a previous fit left the root unit unsharded
+            reshard(self.model)  # a validation pass at the end of a previous fit left the root unit unsharded
             self._check_user_sharding(self.model)
         else:
             if not any(p.device.type == "meta" for p in self.model.parameters()):
@@ -275,7 +277,7 @@ class LocalSGDFSDPStrategy(LocalSGDMixin, ModelParallelStrategy):
     @override
     def before_local_sgd_sync(self) -> None:
         assert self.outer_sync is not None and self.lightning_module is not None
-        _reshard(self.lightning_module)  # e.g. the train-end sync right after a validation pass
+        reshard(self.lightning_module)  # e.g. the train-end sync right after a validation pass
         self.outer_sync.tensors = self.local_sgd_tensors()[0]  # FSDP may re-view its sharded storage
 
     # ------------------------------------------------------------------ steps
@@ -308,112 +310,34 @@ class LocalSGDFSDPStrategy(LocalSGDMixin, ModelParallelStrategy):
         return self._step("predict_step", self.precision_plugin.predict_step_context, *args, **kwargs)
 
     # ------------------------------------------------------------------ checkpoints
-    def _rank_state(self) -> dict[str, Any]:
-        """This rank's exact training state: its parameter shards, inner optimizer states, outer state."""
-        assert self.lightning_module is not None
-        _reshard(self.lightning_module)  # a checkpoint saved right after a validation pass
-        params = {n: local_view(p.detach()).cpu().clone() for n, p in self.lightning_module.named_parameters()}
-        buffers = {n: b.detach().cpu().clone() for n, b in self.lightning_module.named_buffers()}
-        optimizers = [to_cpu(dtensor_to_local(o.state_dict())) for o in self.optimizers]
-        return {"params": params, "buffers": buffers, "optimizers": optimizers, **self.local_sgd.rank_state()}
-
-    def _shard_layout(self) -> dict[str, Any]:
-        """What :func:`convert_fsdp_checkpoint` needs to rebuild the full model from a group's rank files: each
-        parameter's full shape and sharded dimension, and which parameter or buffer each ``state_dict`` key holds
-        (tied weights appear under several keys)."""
-        module = self.lightning_module
-        assert module is not None
-        params = {}
-        for name, p in module.named_parameters():
-            dims = [placement.dim for placement in getattr(p, "placements", ()) if hasattr(placement, "dim")]
-            params[name] = {"shape": list(p.shape), "dim": dims[0] if dims else None}
-        names = {id(t): n for n, t in [*module.named_buffers(), *module.named_parameters()]}
-        keys = {key: names[id(t)] for key, t in module.state_dict(keep_vars=True).items() if id(t) in names}
-        return {"params": params, "state_dict": keys}
-
     @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
         if storage_options is not None:
             raise TypeError("LocalSGDFSDPStrategy.save_checkpoint does not take storage_options.")
         self.note_checkpoint(checkpoint, filepath)
-        path = Path(self.broadcast(str(filepath)))
-        mine = self._rank_state()
-        checkpoint = dict(checkpoint)
-        if self.save_distributed_checkpoint:
-            # One file per rank: between syncs the groups' replicas differ, so no rank's shard is redundant.
-            checkpoint.pop("state_dict", None)
-            checkpoint.pop("optimizer_states", None)
-            if self.is_global_zero:
-                if path.is_file():
-                    path.unlink()
-                path.mkdir(parents=True, exist_ok=True)
-            self.barrier()
-            atomic_save(mine, path / _rank_file(self.global_rank))
-            if self.is_global_zero:
-                meta = self.local_sgd.meta(self.world_size, shards=self._shard_layout())
-                atomic_save({**checkpoint, CHECKPOINT_KEY: meta}, path / _META_FILE)
-            self.barrier()
-            return
-        # one file: group 0's full model in Lightning's format, plus every rank's exact shards
-        gathered: Optional[list[Any]] = [None] * self.world_size if self.is_global_zero else None
-        dist.gather_object(mine, gathered, dst=0)
-        if self.is_global_zero:
-            assert gathered is not None
-            checkpoint[CHECKPOINT_KEY] = self.local_sgd.meta(self.world_size, ranks=gathered)
-            if path.is_dir():
-                raise IsADirectoryError(f"The checkpoint path exists and is a directory: {path}")
-            atomic_save(checkpoint, path)
-        self.barrier()
+        state = self.training_state
+        save_checkpoint(self, checkpoint, filepath, state, shards=state.shard_layout())
 
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
-        path = Path(self.broadcast(str(checkpoint_path)))
-        if path.is_dir():
-            meta = integrity.load(path / _META_FILE, map_location="cpu", weights_only=False)
-            layout = meta[CHECKPOINT_KEY]
-            self.local_sgd.check_meta(layout, self.world_size)
-            mine = integrity.load(path / _rank_file(self.global_rank), map_location="cpu", weights_only=False)
-        else:
-            meta = integrity.load(path, map_location="cpu", weights_only=False)
-            layout = meta.get(CHECKPOINT_KEY)
-            if layout is None:
-                self._load_full_state_dict(meta)  # a plain (e.g. DDP) checkpoint: weights only
-                meta.pop("optimizer_states", None)
-                return meta
-            self.local_sgd.check_meta(layout, self.world_size)
-            mine = layout["ranks"][self.global_rank]
-            meta.pop("state_dict", None)
-            meta.pop("optimizer_states", None)
-        self._restore_rank_state(mine)
-        self.local_sgd.restore(layout, mine["outer"], mine.get("cluster"))
-        return meta
-
-    @torch.no_grad()
-    def _restore_rank_state(self, state: Mapping[str, Any]) -> None:
-        module = self.lightning_module
-        assert module is not None
-        for name, p in module.named_parameters():
-            local_view(p.detach()).copy_(state["params"][name])
-        for name, b in module.named_buffers():
-            if name in state["buffers"]:
-                b.copy_(state["buffers"][name])
-        if is_fitting(module.trainer):
-            for optimizer, saved in zip(self.optimizers, state["optimizers"]):
-                optimizer.load_state_dict(_local_to_dtensor(saved, optimizer))
-
-    def _load_full_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-        assert self.model is not None
-        set_model_state_dict(self.model, checkpoint["state_dict"], options=StateDictOptions(full_state_dict=True))
-
-    @override
-    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
-        pass  # load_checkpoint restored the shards
-
-    @override
-    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
-        pass  # load_checkpoint restored each rank's own optimizer state
+        assert self.lightning_module is not None
+        fitting = is_fitting(self.lightning_module.trainer)
+        check = lambda layout: self.local_sgd.check_meta(layout, self.world_size)  # noqa: E731
+        if is_checkpoint_folder(checkpoint_path):
+            checkpoint, layout, mine = load_checkpoint(checkpoint_path, self.global_rank, self.group_size, check)
+        else:  # a single file: an earlier version's (every rank's shards in it) or a plain (e.g. DDP) checkpoint
+            checkpoint = integrity.load(checkpoint_path, map_location="cpu", weights_only=False)
+            if checkpoint.get(CHECKPOINT_KEY) is None:
+                self._load_full_state_dict(checkpoint)  # weights only
+                checkpoint.pop("optimizer_states", None)
+                return checkpoint
+            check(checkpoint[CHECKPOINT_KEY])
+            checkpoint, layout, mine = split_single_file(checkpoint, self.global_rank, self.group_size)
+        assert layout is not None and mine is not None
+        self.training_state.load_rank_state(mine, layout, fitting=fitting)
+        for key in ("state_dict", "optimizer_states"):
+            checkpoint.pop(key, None)  # restored above, shard by shard
+        return checkpoint
 
     @classmethod
     @override
@@ -428,81 +352,7 @@ class LocalSGDFSDPStrategy(LocalSGDMixin, ModelParallelStrategy):
         )
 
 
-def _local_to_dtensor(state: Mapping[str, Any], optimizer: Any) -> dict[str, Any]:
-    """Turn the local shards of a saved optimizer state back into DTensors shaped like the parameters."""
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    out = {"param_groups": state["param_groups"], "state": {}}
-    for idx, st in state["state"].items():
-        p = params[int(idx)]
-        new = {}
-        for k, v in st.items():
-            if isinstance(p, DTensor) and isinstance(v, Tensor) and v.dim() > 0 and v.shape == p.to_local().shape:
-                new[k] = DTensor.from_local(v.to(p.device), p.device_mesh, p.placements, shape=p.shape,
-                                            stride=p.stride(), run_check=False)
-            else:
-                new[k] = v
-        out["state"][idx] = new
-    return out
-
-
-def convert_fsdp_checkpoint(checkpoint_dir: Any, output_file: Any, group: int = 0) -> Path:
-    """Turn a :class:`LocalSGDFSDPStrategy` checkpoint folder into a plain Lightning checkpoint file.
-
-    The folder (``save_distributed_checkpoint=True``, the default) holds every rank's shards; the file written here
-    holds one worker group's full model under ``state_dict``, in the LightningModule's own names, plus the rest of
-    the checkpoint (``epoch``, ``global_step``, hyper-parameters, loops, callbacks), so
-    ``LightningModule.load_from_checkpoint(output_file)`` or ``torch.load`` + ``load_state_dict`` read it in a plain
-    single process, as Lightning's ``convert_zero_checkpoint_to_fp32_state_dict`` does for DeepSpeed folders. No
-    optimizer state is written (it is sharded, and each group has its own): use it for inference, evaluation or to
-    start a new run, and the folder itself to resume a local-SGD run exactly.
-
-    The last checkpoint of a ``fit`` holds the synced model (the train-end sync runs before it is saved), so every
-    group gives the same weights; a checkpoint taken between two syncs holds each group's own model, ``group`` picks
-    which (the default, group 0, is also what a single-file checkpoint's ``state_dict`` holds).
-
-    Also on the command line: ``lightning-localsgd convert CHECKPOINT_DIR OUTPUT_FILE [--group N]``.
-
-    Args:
-        checkpoint_dir: the folder ``ModelCheckpoint`` / ``Trainer.save_checkpoint`` wrote (``meta.pt`` and one
-            ``rankNNNNN.pt`` per rank).
-        output_file: the checkpoint file to write (atomically).
-        group: which worker group's model to write, ``0 <= group < world_size / group_size``. Default 0.
-
-    Returns:
-        The path of the file written.
-
-    Raises:
-        ValueError: ``checkpoint_dir`` is not such a folder, or ``group`` is out of range.
-    """
-    folder, output = Path(checkpoint_dir), Path(output_file)
-    if folder.is_file():
-        raise ValueError(f"checkpoint_dir={str(folder)!r} is a file, not a LocalSGDFSDPStrategy checkpoint folder: a "
-                         "single-file checkpoint (save_distributed_checkpoint=False) already holds group 0's full "
-                         "model under `state_dict`; load it directly.")
-    if not (folder / _META_FILE).is_file():
-        raise ValueError(f"checkpoint_dir={str(folder)!r} is not a LocalSGDFSDPStrategy checkpoint folder (no "
-                         f"{_META_FILE}). Pass the folder that ModelCheckpoint / Trainer.save_checkpoint wrote.")
-    meta = integrity.load(folder / _META_FILE, map_location="cpu", weights_only=False)
-    layout = meta.pop(CHECKPOINT_KEY)
-    size = layout["group_size"]
-    num_groups = layout["world_size"] // size
-    if isinstance(group, bool) or not isinstance(group, int) or not 0 <= group < num_groups:
-        raise ValueError(f"group={group!r}: the checkpoint has {num_groups} worker group(s); pass 0 <= group < "
-                         f"{num_groups}.")
-    ranks = [integrity.load(folder / _rank_file(r), map_location="cpu", weights_only=False)
-             for r in range(group * size, (group + 1) * size)]  # row `group` of the mesh, in shard order
-    shards = layout.get("shards") or {}
-    tensors: dict[str, Tensor] = {}
-    for name, first in ranks[0]["params"].items():
-        info = shards.get("params", {}).get(name, {"dim": 0 if first.dim() else None})
-        full = first if info["dim"] is None else torch.cat([r["params"][name] for r in ranks], dim=info["dim"])
-        if "shape" in info and list(full.shape) != info["shape"]:
-            raise ValueError(f"{folder}: the shards of {name!r} make a tensor of shape {list(full.shape)}, the model's "
-                             f"is {info['shape']}; the folder is incomplete or was written by another layout.")
-        tensors[name] = full
-    tensors.update(ranks[0]["buffers"])
-    keys = shards.get("state_dict") or {name: name for name in tensors}
-    meta["state_dict"] = {key: tensors[name] for key, name in keys.items()}
-    output.parent.mkdir(parents=True, exist_ok=True)
-    atomic_save(meta, output)
-    return output
+def convert_fsdp_checkpoint(checkpoint_dir: Any, output_file: Any, group: int = 0) -> Any:
+    """Kept for compatibility: :func:`lightning_localsgd.checkpoint.convert_checkpoint`, which converts the checkpoint
+    folder of every strategy."""
+    return convert_checkpoint(checkpoint_dir, output_file, group=group)

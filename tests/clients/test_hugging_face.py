@@ -36,17 +36,10 @@ def _equal(a, b) -> bool:
 
 
 def _plain_checkpoint(ckpt: Path, strategy: str, tmp_path: Path) -> Path:
-    """The file `load_from_checkpoint` reads: DDP writes one; FSDP and DeepSpeed folders go through a converter."""
-    if strategy.startswith("fsdp"):
-        from lightning_localsgd import convert_fsdp_checkpoint
+    """The file `load_from_checkpoint` reads: every strategy's checkpoint folder goes through the one converter."""
+    from lightning_localsgd import convert_checkpoint
 
-        return convert_fsdp_checkpoint(ckpt, tmp_path / "model.ckpt")
-    if strategy == "deepspeed":
-        from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
-
-        convert_zero_checkpoint_to_fp32_state_dict(ckpt, tmp_path / "model.ckpt")
-        return tmp_path / "model.ckpt"
-    return ckpt
+    return convert_checkpoint(ckpt, tmp_path / "model.ckpt")
 
 
 @pytest.mark.parametrize("strategy, devices", [

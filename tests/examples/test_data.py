@@ -312,3 +312,46 @@ def test_corpus_too_short_errors(tmp_path):
         TextDataModule(path=str(path), block_size=1024, val_fraction=0.1).setup()
     with pytest.raises(ValueError, match=r"the validation split has 10 tokens but needs at least block_size \+ 1 = 65"):
         TextDataModule(path=str(path), block_size=64, val_fraction=0.01).setup()
+
+
+# ---------------------------------------------------------------- data position on resume
+
+
+def _fit(tmp_path, steps: int, ckpt_path=None, every: int = 0) -> list[str]:
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from workers.train_data_position import BatchRecorder  # records a hash of every training batch
+
+    dm = TextDataModule(source="builtin", max_tokens=40_000, block_size=16, batch_size=4, seed=3)
+    model = BatchRecorder()
+    callbacks = [ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=every, save_top_k=-1, filename="{step}")] \
+        if every else []
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, limit_train_batches=5, limit_val_batches=0,
+                        logger=False, enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+                        enable_checkpointing=bool(every))
+    trainer.fit(model, dm, ckpt_path=ckpt_path)
+    return model.seen
+
+
+def test_resume_mid_epoch_sees_the_batches_of_an_uninterrupted_run(tmp_path):
+    # epochs of 5 batches; the checkpoint at step 7 is in the middle of the second epoch
+    straight = _fit(tmp_path / "a", steps=13, every=7)
+    assert len(straight) == 13 and len(set(straight[:5])) == 5 and straight[:5] != straight[5:10]  # reshuffled
+    resumed = _fit(tmp_path / "b", steps=13, ckpt_path=tmp_path / "a" / "step=7.ckpt")
+    assert resumed == straight[7:]
+
+
+def test_local_sgd_resume_mid_epoch_sees_the_batches_of_an_uninterrupted_run(tmp_path):
+    # 2 processes: Lightning's DistributedSampler replaces the shuffle, the checkpoint is a local-SGD folder
+    from pathlib import Path
+
+    from _launch import run_tiny
+
+    worker = Path(__file__).resolve().parents[1] / "workers" / "train_data_position.py"
+    straight = run_tiny(tmp_path / "a", devices=2, worker=worker, steps=13, ckpt_every=7)
+    resumed = run_tiny(tmp_path / "b", devices=2, worker=worker, steps=13,
+                       resume=tmp_path / "a" / "ckpt" / "step=7.ckpt")
+    for a, b in zip(straight, resumed):
+        assert len(a["seen"]) == 13 and b["seen"] == a["seen"][7:]
+    assert straight[0]["seen"] != straight[1]["seen"]  # each rank its own part of the data

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from _launch import max_diff, run_tiny, strip
+from lightning_localsgd.checkpoint import read_checkpoint
 from lightning_localsgd.engine import split_fragments
 from reference import initial_net, reference_fragments, simulate, simulate_streaming
 
@@ -142,7 +143,7 @@ def test_resume_with_a_fragment_in_flight_is_exact(tmp_path):
                 inner="adamw", seed_by_rank=True, batches_per_epoch=3)
     straight = run_tiny(tmp_path / "a", ckpt_every=6, **opts)
     ckpt = tmp_path / "a" / "ckpt" / "step=6.ckpt"
-    state = torch.load(ckpt, weights_only=False)["local_sgd"]
+    state = read_checkpoint(ckpt)["local_sgd"]
     assert state["schedule"]["steps_done"] == 6
     for rank_state in state["ranks"]:
         assert [p["fragment"] for p in rank_state["pending"]] == [0]

@@ -73,9 +73,11 @@ def test_deepspeed_mid_interval_resume_is_exact(tmp_path):
                 steps=10, outer="diloco", inner="adamw", seed_by_rank=True, batches_per_epoch=3)
     straight = run_tiny(tmp_path / "a", ckpt_every=6, **opts)
     ckpt = tmp_path / "a" / "ckpt" / "step=6.ckpt"  # 2 steps after the sync at step 4
-    # group 0 where Lightning's DeepSpeedStrategy puts it, group 1 and every rank's outer state under local_sgd/
-    assert (ckpt / "checkpoint").is_dir() and (ckpt / "local_sgd" / "group00001" / "checkpoint").is_dir()
-    assert sorted(p.name for p in (ckpt / "local_sgd").glob("rank*.pt")) == [f"rank{r:05d}.pt" for r in range(4)]
+    # the one folder layout: each group's DeepSpeed partitions and every rank's outer state in the save's sub-folder
+    (save,) = [p for p in ckpt.iterdir() if p.is_dir()]
+    assert (ckpt / "meta.pt").is_file()
+    assert all((save / "deepspeed" / f"group{g:05d}" / "checkpoint").is_dir() for g in range(2))
+    assert sorted(p.name for p in save.glob("rank*.pt")) == [f"rank{r:05d}.pt" for r in range(4)]
     resumed = run_tiny(tmp_path / "b", resume=ckpt, **opts)
     for a, b in zip(straight, resumed):
         assert b["info"]["global_step"] == 10
@@ -90,12 +92,13 @@ def test_deepspeed_mid_interval_resume_is_exact(tmp_path):
         assert a["outer_state"]["num_syncs"] == b["outer_state"]["num_syncs"]
     # between syncs the groups differed, so the resumed run must have restored each group's own state
     assert max_diff(straight[0]["steps"][5], straight[2]["steps"][5]) > 0.0
-    # group 0's folder is a plain Lightning DeepSpeed checkpoint: Lightning's converter gives group 0's weights
-    from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+    # the one converter gives each group's weights (DeepSpeed's own zero_to_fp32 on the group's partitions)
+    from lightning_localsgd import convert_checkpoint
 
-    convert_zero_checkpoint_to_fp32_state_dict(ckpt, tmp_path / "model.pt")
-    weights = torch.load(tmp_path / "model.pt", weights_only=False)["state_dict"]
-    assert max_diff(weights, straight[0]["steps"][5]) == 0.0
+    for group, rank in ((0, 0), (1, 2)):
+        convert_checkpoint(ckpt, tmp_path / "model.pt", group=group)
+        weights = torch.load(tmp_path / "model.pt", weights_only=False)["state_dict"]
+        assert max_diff(weights, straight[rank]["steps"][5]) == 0.0
 
 
 @needs_deepspeed

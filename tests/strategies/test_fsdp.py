@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lightning_localsgd import LocalSGDFSDPStrategy
+from lightning_localsgd.checkpoint import convert_checkpoint
 from _launch import max_diff, run_tiny
 from reference import simulate
 
@@ -38,13 +39,12 @@ def test_fsdp_groups_match_reference_and_only_shards_cross_groups(tmp_path):
     assert [d["info"]["state_bytes"] for d in ranks] == [2 * 29 * 4, 2 * 20 * 4, 2 * 29 * 4, 2 * 20 * 4]
 
 
-@pytest.mark.parametrize("full", [False, True])
-def test_fsdp_mid_interval_resume_is_exact(tmp_path, full):
+def test_fsdp_mid_interval_resume_is_exact(tmp_path):
     opts = dict(devices=4, strategy="fsdp", group_size=2, sync_every=4, steps=10, outer="diloco", inner="adamw",
-                seed_by_rank=True, batches_per_epoch=3, full_checkpoint=full)
+                seed_by_rank=True, batches_per_epoch=3)
     straight = run_tiny(tmp_path / "a", ckpt_every=6, **opts)
     ckpt = tmp_path / "a" / "ckpt" / "step=6.ckpt"
-    assert ckpt.is_dir() != full
+    assert ckpt.is_dir()
     resumed = run_tiny(tmp_path / "b", resume=ckpt, **opts)
     for a, b in zip(straight, resumed):
         assert max_diff(a["final"], b["final"]) == 0.0
@@ -52,11 +52,11 @@ def test_fsdp_mid_interval_resume_is_exact(tmp_path, full):
             for sa, sb in zip(oa["state"].values(), ob["state"].values()):
                 assert all(torch.equal(sa[k], sb[k]) for k in sa)
         assert all(torch.equal(x, y) for x, y in zip(a["outer_state"]["snapshot"], b["outer_state"]["snapshot"]))
-    if full:
-        # group 0's full weights in Lightning's format: a plain DDP run resumes from the file
-        saved = torch.load(ckpt, weights_only=False)
-        assert max_diff(saved["state_dict"], straight[0]["steps"][5]) == 0.0
-        run_tiny(tmp_path / "c", devices=2, strategy="ddp", inner="adamw", steps=8, resume=ckpt)
+    # converted: group 0's full weights in Lightning's format, and a plain DDP run resumes from the file
+    plain = convert_checkpoint(ckpt, tmp_path / "model.ckpt")
+    saved = torch.load(plain, weights_only=False)
+    assert max_diff(saved["state_dict"], straight[0]["steps"][5]) == 0.0
+    run_tiny(tmp_path / "c", devices=2, strategy="ddp", inner="adamw", steps=8, resume=plain)
 
 
 def test_fsdp_configure_model_sharding_and_bf16_policy(tmp_path):
@@ -89,5 +89,7 @@ def test_fsdp_errors_before_training():
         LocalSGDFSDPStrategy(mp_policy="bf16")
     with pytest.raises(ValueError, match="sync_every must be an integer >= 1"):
         LocalSGDFSDPStrategy(sync_every=0)
+    with pytest.raises(ValueError, match="save_distributed_checkpoint=False: one full checkpoint file would gather"):
+        LocalSGDFSDPStrategy(save_distributed_checkpoint=False)
     trainer = L.Trainer(accelerator="cpu", devices=4, strategy="diloco_fsdp", logger=False)
     assert isinstance(trainer.strategy, LocalSGDFSDPStrategy) and trainer.strategy.group_size == 4

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from _launch import max_diff, run_tiny
+from lightning_localsgd.checkpoint import convert_checkpoint, read_checkpoint
 from workers.tiny import TinyModule
 
 
@@ -24,8 +25,8 @@ def test_mid_interval_resume_is_exact_and_loads_into_ddp(tmp_path):
                 batches_per_epoch=3)
     straight = run_tiny(tmp_path / "a", ckpt_every=6, **opts)
     ckpt = tmp_path / "a" / "ckpt" / "step=6.ckpt"
-    assert ckpt.exists()
-    saved = torch.load(ckpt, weights_only=False)
+    assert ckpt.is_dir()  # a folder: every rank wrote its own files
+    saved = read_checkpoint(ckpt)
     state = saved["local_sgd"]
     assert state["schedule"] == {"steps_done": 6, "steps_since_sync": 2}  # mid-interval
     assert state["groups"][1] is not None and len(state["ranks"]) == 2
@@ -46,14 +47,17 @@ def test_mid_interval_resume_is_exact_and_loads_into_ddp(tmp_path):
         mom_b = [s["momentum_buffer"] for s in sb["outer_optimizer"]["state"].values()]
         assert all(torch.equal(x, y) for x, y in zip(mom_a, mom_b))
 
-    # weights in Lightning's own format: a plain module and a plain DDP run read them
-    module = TinyModule.load_from_checkpoint(ckpt)
+    # converted to Lightning's own format: a plain module and a plain DDP run read it
+    plain = convert_checkpoint(ckpt, tmp_path / "model.ckpt")
+    module = TinyModule.load_from_checkpoint(plain)
     assert max_diff(dict(module.named_parameters()), straight[0]["steps"][5]) == 0.0
-    run_tiny(tmp_path / "c", devices=2, strategy="ddp", inner="adamw", steps=8, resume=ckpt)
+    run_tiny(tmp_path / "c", devices=2, strategy="ddp", inner="adamw", steps=8, resume=plain)
 
 
-def test_resume_with_other_group_size_fails_clearly(tmp_path):
-    run_tiny(tmp_path / "a", devices=2, sync_every=4, steps=6, ckpt_every=6)
+def test_resume_with_other_group_size_fails_clearly_where_shards_cannot_be_recut(tmp_path):
+    # DDP replicas resume on another layout from θ_g (test_elastic_resume.py); FSDP's shards cannot be re-cut
+    run_tiny(tmp_path / "a", devices=2, strategy="fsdp", group_size=1, sync_every=4, steps=6, ckpt_every=6)
     ckpt = tmp_path / "a" / "ckpt" / "step=6.ckpt"
-    out = run_tiny(tmp_path / "b", devices=2, group_size=2, sync_every=4, steps=8, resume=ckpt, expect_fail=True)
+    out = run_tiny(tmp_path / "b", devices=2, strategy="fsdp", group_size=2, sync_every=4, steps=8, resume=ckpt,
+                   expect_fail=True)
     assert "group_size=2" in out[0]["stderr"] and "worker groups of 1" in out[0]["stderr"]

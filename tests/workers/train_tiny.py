@@ -62,10 +62,25 @@ def install_collective_counter() -> None:
             if os.environ.get("TRACE_COLLECTIVE") == __name and CURRENT["batch"] >= 0:
                 import traceback; traceback.print_stack(limit=8)
             LOG.append({"op": __name, "batch": CURRENT["batch"], "ranks": _ranks(group),
-                        "numel": tensor.numel() if tensor is not None else 0})
+                        "numel": tensor.numel() if tensor is not None else 0, "saving": CURRENT.get("saving", False)})
             return __orig(*args, **kwargs)
 
         setattr(dist, name, wrapper)
+
+
+def mark_saves(strategy) -> None:
+    """Collectives logged while the strategy saves a checkpoint carry ``saving: True``."""
+    original = strategy.save_checkpoint
+
+    @functools.wraps(original)
+    def save_checkpoint(*args, **kwargs):
+        CURRENT["saving"] = True
+        try:
+            return original(*args, **kwargs)
+        finally:
+            CURRENT["saving"] = False
+
+    strategy.save_checkpoint = save_checkpoint
 
 
 def _full(named) -> dict[str, torch.Tensor]:
@@ -344,6 +359,7 @@ def main() -> None:
     )
     if args.count_collectives:
         install_collective_counter()
+        mark_saves(trainer.strategy)
     trainer.fit(model, data, ckpt_path=args.resume)
 
     s = trainer.strategy

@@ -1,0 +1,226 @@
+"""``TrainingState``: the exact training state of one rank, used by checkpoints and by federated healing alike.
+
+A rank's state falls into three parts, by who else holds the same copy:
+
+- the **group state**: identical on every rank of a worker group (DDP inside the group: the model replica, the inner
+  optimizers, the LR schedulers). Lightning's checkpoint keys, ``state_dict`` / ``optimizer_states`` /
+  ``lr_schedulers``, so a group state is a piece of a plain Lightning checkpoint.
+- the **rank state**: this rank's own. The local-SGD engines (its slice of ``θ_g``, the outer optimizer state, the
+  error-feedback buffers, streaming syncs in flight) and, with sharding inside the group (FSDP), the parameter shards
+  and their inner optimizer state.
+- the **counters**: the layout and the schedule (:meth:`LocalSGDController.meta`), the same on every rank at a sync
+  boundary, plus Lightning's step counters, which a checkpoint carries in its ``loops`` and healing sets by hand.
+
+One subclass per strategy kind says where each part lives (:class:`ReplicaState` for DDP, :class:`ShardedState` for
+FSDP2, :class:`ZeroState` for DeepSpeed). Checkpoints (:mod:`lightning_localsgd.checkpoint`) write the group state once
+per group and the rank state once per rank; healing (:class:`~lightning_localsgd.federation.Federation`) sends all
+three parts of one live peer with :meth:`TrainingState.capture` and applies them with :meth:`TrainingState.load`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Mapping
+
+import torch
+from torch import Tensor
+
+from .tensors import _map, dtensor_to_local, local_view, to_cpu
+
+if TYPE_CHECKING:
+    from lightning.pytorch import Trainer
+
+__all__ = ["GROUP_KEYS", "ReplicaState", "ShardedState", "TrainingState", "ZeroState", "set_trainer_counters"]
+
+#: The keys of Lightning's checkpoint dict that hold a worker group's replica (identical on the group's ranks).
+GROUP_KEYS = ("state_dict", "optimizer_states", "lr_schedulers")
+
+
+class TrainingState:
+    """The exact training state of one rank of a local-SGD strategy (see the module docstring for its three parts).
+
+    Args:
+        strategy: the local-SGD strategy (a :class:`~lightning_localsgd.strategies.base.LocalSGDMixin`) whose rank
+            this is; only read, when a part is asked for.
+    """
+
+    kind = "replica"
+    #: Whether the rank states hold the model (sharded inside the group) rather than one group state per group.
+    holds_model_per_rank = False
+
+    def __init__(self, strategy: Any) -> None:
+        self.strategy = strategy
+
+    # ------------------------------------------------------------------ parts
+    @property
+    def trainer(self) -> "Trainer":
+        return self.strategy.lightning_module.trainer
+
+    def group_state(self) -> dict[str, Any]:
+        """The worker group's replica, under Lightning's checkpoint keys (live references, not copies)."""
+        trainer = self.trainer
+        return {
+            "state_dict": self.strategy.lightning_module.state_dict(),
+            "optimizer_states": [o.state_dict() for o in trainer.optimizers],
+            "lr_schedulers": [c.scheduler.state_dict() for c in trainer.lr_scheduler_configs],
+        }
+
+    def rank_state(self) -> dict[str, Any]:
+        """This rank's own state: the local-SGD engines (``θ_g`` slice, outer optimizer, error feedback)."""
+        return dict(self.strategy.local_sgd.rank_state())
+
+    def counters(self) -> dict[str, Any]:
+        """The layout, the schedule and Lightning's step counters."""
+        trainer = self.trainer
+        loop = trainer.fit_loop.epoch_loop
+        return {"local_sgd": self.strategy.local_sgd.meta(trainer.world_size, kind=self.kind),
+                "global_step": loop.global_step, "batches_that_stepped": loop._batches_that_stepped}
+
+    # ------------------------------------------------------------------ restore
+    @torch.no_grad()
+    def load_group_state(self, state: Mapping[str, Any]) -> None:
+        """Apply a group state (healing; a checkpoint's goes through Lightning's own restore)."""
+        trainer = self.trainer
+        self.strategy.lightning_module.load_state_dict(state["state_dict"])
+        for optimizer, saved in zip(trainer.optimizers, state.get("optimizer_states") or []):
+            optimizer.load_state_dict(saved)
+        for config, saved in zip(trainer.lr_scheduler_configs, state.get("lr_schedulers") or []):
+            config.scheduler.load_state_dict(saved)
+
+    def load_rank_state(self, state: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
+        """Restore this rank's engines and the local-SGD counters of ``meta`` (now, or once the engines exist)."""
+        self.strategy.local_sgd.restore(meta, state.get("outer"), state.get("cluster"))
+
+    # ------------------------------------------------------------------ healing
+    def capture(self) -> dict[str, Any]:
+        """All three parts, cloned to the CPU: what a live peer sends a healing group (see ``federation``)."""
+        return _map({"kind": self.kind, "group": self.group_state(), "rank": self.rank_state(),
+                     "counters": self.counters()}, lambda t: t.detach().cpu().clone())
+
+    def load(self, state: Mapping[str, Any]) -> None:
+        """Apply what :meth:`capture` returned on a peer (same strategy kind and layout)."""
+        if state.get("kind") != self.kind:
+            raise ValueError(f"cannot load the training state of a {state.get('kind')!r} strategy into a "
+                             f"{self.kind!r} one: every group of a run must use the same strategy.")
+        self.load_group_state(state["group"])
+        counters = state["counters"]
+        self.load_rank_state(state["rank"], counters["local_sgd"])
+        set_trainer_counters(self.trainer, int(counters["global_step"]), int(counters["batches_that_stepped"]))
+
+
+class ReplicaState(TrainingState):
+    """DDP inside each worker group: the group's ranks hold one replica; each rank syncs its own slice of it."""
+
+    def start_from_global(self, checkpoint: dict[str, Any], merged: Mapping[str, Any]) -> None:
+        """Elastic resume: the trainable parameters of ``checkpoint["state_dict"]`` become ``θ_g`` (the merged
+        snapshot of :func:`~lightning_localsgd.engine.outer.merge_outer_states`), so every group starts from it."""
+        module = self.strategy.lightning_module
+        snapshot, offset, values = merged["snapshot"], 0, {}
+        for p in (p for p in module.parameters() if p.requires_grad):  # the order the engine flattens them in
+            values[id(p)] = snapshot[offset : offset + p.numel()].view_as(p).to(p.dtype)
+            offset += p.numel()
+        state_dict = dict(checkpoint["state_dict"])
+        for key, t in module.state_dict(keep_vars=True).items():  # tied parameters appear under several keys
+            if id(t) in values:
+                state_dict[key] = values[id(t)]
+        checkpoint["state_dict"] = state_dict
+
+
+class ShardedState(TrainingState):
+    """FSDP2 inside each worker group: each rank holds its parameter shards and their inner optimizer state."""
+
+    kind = "sharded"
+    holds_model_per_rank = True
+
+    def group_state(self) -> dict[str, Any]:
+        # the model and the optimizers are sharded: they are in the rank state
+        return {"lr_schedulers": [c.scheduler.state_dict() for c in self.trainer.lr_scheduler_configs]}
+
+    def rank_state(self) -> dict[str, Any]:
+        from .strategies.fsdp import reshard
+
+        module = self.strategy.lightning_module
+        reshard(module)  # a checkpoint right after a validation pass: read the shards, not the gathered tensors
+        return {
+            "params": {n: local_view(p.detach()).cpu().clone() for n, p in module.named_parameters()},
+            "buffers": {n: b.detach().cpu().clone() for n, b in module.named_buffers()},
+            "optimizers": [to_cpu(dtensor_to_local(o.state_dict())) for o in self.strategy.optimizers],
+            **super().rank_state(),
+        }
+
+    @torch.no_grad()
+    def load_group_state(self, state: Mapping[str, Any]) -> None:
+        for config, saved in zip(self.trainer.lr_scheduler_configs, state.get("lr_schedulers") or []):
+            config.scheduler.load_state_dict(saved)
+
+    @torch.no_grad()
+    def load_rank_state(self, state: Mapping[str, Any], meta: Mapping[str, Any], fitting: bool = True) -> None:
+        module = self.strategy.lightning_module
+        for name, p in module.named_parameters():
+            local_view(p.detach()).copy_(state["params"][name])
+        for name, b in module.named_buffers():
+            if name in state["buffers"]:
+                b.copy_(state["buffers"][name])
+        if fitting:
+            for optimizer, saved in zip(self.strategy.optimizers, state["optimizers"]):
+                optimizer.load_state_dict(_local_to_dtensor(saved, optimizer))
+            super().load_rank_state(state, meta)
+
+    def shard_layout(self) -> dict[str, Any]:
+        """What the converter needs to rebuild the full model from a group's rank states: each parameter's full
+        shape and sharded dimension, which parameter or buffer each ``state_dict`` key holds (tied weights appear
+        under several keys) and which parameter each inner optimizer's state index is."""
+        module = self.strategy.lightning_module
+        params = {}
+        for name, p in module.named_parameters():
+            dims = [placement.dim for placement in getattr(p, "placements", ()) if hasattr(placement, "dim")]
+            params[name] = {"shape": list(p.shape), "dim": dims[0] if dims else None}
+        names = {id(t): n for n, t in [*module.named_buffers(), *module.named_parameters()]}
+        keys = {key: names[id(t)] for key, t in module.state_dict(keep_vars=True).items() if id(t) in names}
+        optimizers = [[names.get(id(p)) for g in o.param_groups for p in g["params"]] for o in self.strategy.optimizers]
+        return {"params": params, "state_dict": keys, "optimizers": optimizers}
+
+
+class ZeroState(TrainingState):
+    """DeepSpeed ZeRO inside each worker group: the model and optimizer partitions are in DeepSpeed's own files
+    (written per rank by DeepSpeed); the rank state holds the local-SGD engines."""
+
+    kind = "zero"
+    holds_model_per_rank = True
+
+    def group_state(self) -> dict[str, Any]:
+        return {}
+
+    def capture(self) -> dict[str, Any]:
+        raise NotImplementedError("healing a DeepSpeed group from a live peer is not supported: federated groups "
+                                  "(lighthouse=) run DDP inside each job (LocalSGDStrategy).")
+
+
+def set_trainer_counters(trainer: "Trainer", global_step: int, batches_that_stepped: int) -> None:
+    """Lightning's step counters, which no state_dict carries outside a checkpoint's ``loops``: ``max_steps`` and
+    logging follow them."""
+    loop = trainer.fit_loop.epoch_loop
+    if trainer.lightning_module.automatic_optimization:
+        progress = loop.automatic_optimization.optim_progress.optimizer.step.total
+    else:
+        progress = loop.manual_optimization.optim_step_progress.total
+    progress.ready = progress.completed = global_step
+    loop._batches_that_stepped = batches_that_stepped
+
+
+def _local_to_dtensor(state: Mapping[str, Any], optimizer: Any) -> dict[str, Any]:
+    """Turn the local shards of a saved optimizer state back into DTensors shaped like the parameters."""
+    from torch.distributed.tensor import DTensor
+
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    out: dict[str, Any] = {"param_groups": state["param_groups"], "state": {}}
+    for idx, st in state["state"].items():
+        p = params[int(idx)]
+        new = {}
+        for k, v in st.items():
+            if isinstance(p, DTensor) and isinstance(v, Tensor) and v.dim() > 0 and v.shape == p.to_local().shape:
+                new[k] = DTensor.from_local(v.to(p.device), p.device_mesh, p.placements, shape=p.shape,
+                                            stride=p.stride(), run_check=False)
+            else:
+                new[k] = v
+        out["state"][idx] = new
+    return out
