@@ -26,6 +26,7 @@ import atexit
 import json
 import os
 import select
+import shutil
 import signal
 import socket
 import struct
@@ -44,17 +45,24 @@ PRELOAD = (
     "lightning", "lightning.pytorch", "lightning.pytorch.callbacks", "lightning.pytorch.loggers",
     "lightning.pytorch.strategies", "lightning.pytorch.cli",
     "lightning_localsgd", "lightning_localsgd.cli", "lightning_localsgd.examples.gpt",
-    "lightning_localsgd.examples.data", "lightning_localsgd.federation",
+    "lightning_localsgd.examples.data", "lightning_localsgd.federation", "lightning.pytorch.demos.transformer",
+    "torchft", "deepspeed", "transformers.models.gpt2.modeling_gpt2",
 )
 #: environment variables read when an interpreter or a native library starts: a request that sets them otherwise
 #: than the server's environment runs as a fresh process (PYTHONWARNINGS is applied in the child)
 _STARTUP_PREFIXES = ("PYTHON", "OMP_", "MKL_", "KMP_", "GOMP_", "LD_", "CUDA_", "TORCH", "PYTORCH_", "DS_", "HF_",
                      "TRANSFORMERS_", "TOKENIZERS_", "NCCL_", "GLOO_", "MALLOC_")
 _STARTUP_EXEMPT = {"PYTHONWARNINGS", "TORCHFT_CONNECT_TIMEOUT_SEC"}  # applied in the child / read when used
+#: DeepSpeed picks its accelerator when imported (the server's import: CPU here); DS_ACCELERATOR naming that one is
+#: the same start-up, another one is not
+_DS_ACCELERATOR = "DS_ACCELERATOR"
 #: the server's own environment: the pytest process's, with the settings every worker launch uses
 _SERVER_ENV_SET = {"OMP_NUM_THREADS": "1"}
 _SERVER_ENV_DROP = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "RANK", "GROUP_RANK",
-                    "PL_GLOBAL_SEED", "PYTHONWARNINGS")
+                    "PL_GLOBAL_SEED", "PYTHONWARNINGS", _DS_ACCELERATOR)
+#: the environment the server starts from; tests/conftest.py sets it when the session starts (before any test's
+#: monkeypatch), else the environment of the first use
+BASE_ENV: dict[str, str] | None = None
 
 PIPE, STDOUT, DEVNULL = subprocess.PIPE, subprocess.STDOUT, subprocess.DEVNULL
 TimeoutExpired, CompletedProcess = subprocess.TimeoutExpired, subprocess.CompletedProcess
@@ -65,6 +73,7 @@ def _server_main(sock_path: str) -> None:
     import warnings
 
     base = list(warnings.filters)  # the interpreter's own filters (the server runs without -W / PYTHONWARNINGS)
+    env_before = dict(os.environ)
     for name in PRELOAD:
         try:
             __import__(name)
@@ -78,7 +87,12 @@ def _server_main(sock_path: str) -> None:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(sock_path)
     listener.listen(64)
-    sys.stdout.write("ready\n")
+    ds = sys.modules.get("deepspeed.accelerator.real_accelerator")
+    ds_name = ds.ds_accelerator.device_name() if ds is not None and ds.ds_accelerator is not None else None
+    # what the imports set in os.environ (DeepSpeed: TORCHINDUCTOR_CACHE_DIR, ...), as they would in a fresh process
+    added = {k: v for k, v in os.environ.items() if env_before.get(k) != v}
+    _ADDED_ENV.update(added)
+    sys.stdout.write("ready " + json.dumps({"ds_accelerator": ds_name, "added_env": added}) + "\n")
     sys.stdout.flush()
     children: dict[int, socket.socket] = {}  # pid -> the connection of its requester
     conns: dict[socket.socket, int] = {}
@@ -177,7 +191,7 @@ def _child_main(request: dict, fds: list[int]) -> int:
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     os.chdir(request["cwd"])
     os.environ.clear()
-    os.environ.update(request["env"])
+    os.environ.update({**_ADDED_ENV, **request["env"]})
     import random
     import warnings
 
@@ -193,9 +207,9 @@ def _child_main(request: dict, fds: list[int]) -> int:
     warnings._filters_mutated()
     kind, target, args = request["kind"], request["target"], request["args"]
     code = 0
-    try:
-        import runpy
+    import runpy
 
+    try:
         if kind == "script":
             sys.argv = [target, *args]
             sys.path[0] = os.path.dirname(os.path.realpath(target))
@@ -222,7 +236,10 @@ def _child_main(request: dict, fds: list[int]) -> int:
             print(e.code, file=sys.stderr)
             code = 1
     except BaseException:  # noqa: BLE001 (what the interpreter does with an uncaught exception)
-        sys.excepthook(*sys.exc_info())
+        kind_, value, tb = sys.exc_info()
+        while tb is not None and tb.tb_frame.f_code.co_filename in (__file__, runpy.__file__):
+            tb = tb.tb_next  # the traceback starts in the script, as a fresh interpreter's does
+        sys.excepthook(kind_, value.with_traceback(tb), tb)
         code = 1
     try:
         threading._shutdown()  # wait for non-daemon threads, as interpreter shutdown does
@@ -241,6 +258,7 @@ def _child_main(request: dict, fds: list[int]) -> int:
 
 
 _FILTERS: dict[str, list] = {"base": [], "prefix": [], "suffix": []}
+_ADDED_ENV: dict[str, str] = {}
 
 
 def _split_filters(now: list, base: list) -> tuple[list, list]:
@@ -257,17 +275,37 @@ class _Server:
     def __init__(self) -> None:
         self.dir = tempfile.mkdtemp(prefix="localsgd-forkserver-")
         self.sock = os.path.join(self.dir, "sock")
-        env = {k: v for k, v in os.environ.items() if k not in _SERVER_ENV_DROP}
+        env = {k: v for k, v in (os.environ if BASE_ENV is None else BASE_ENV).items() if k not in _SERVER_ENV_DROP}
         env.update(_SERVER_ENV_SET)
         self.env = env
+        self.info: dict | None = None
         self.log = open(os.path.join(self.dir, "server.log"), "w")  # noqa: SIM115
-        self.proc = subprocess.Popen([sys.executable, __file__, self.sock], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), self.sock], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self.log, env=env, cwd=self.dir)
-        line = self.proc.stdout.readline()
-        if line.strip() != b"ready":
+        atexit.register(self.close)
+
+    def wait_ready(self) -> None:
+        if self.info is not None:
+            return
+        line = " "
+        while line and not line.startswith("ready "):  # (an import may print to stdout: DeepSpeed's logger does)
+            line = self.proc.stdout.readline().decode()
+        if not line.startswith("ready "):
             self.proc.kill()
             raise RuntimeError("fork server did not start: " + Path(self.log.name).read_text()[-2000:])
-        atexit.register(self.close)
+        self.info = json.loads(line[len("ready "):])
+
+    def refuses(self, env: dict[str, str]) -> str | None:
+        """Why a process with ``env`` would not start as a fork of the server as it would as a fresh interpreter
+        (None: it would)."""
+        added = self.info["added_env"]  # set by the server's imports: a fresh process's imports set them too
+        keys = {k for k in (*env, *self.env) if k.startswith(_STARTUP_PREFIXES) and k not in _STARTUP_EXEMPT}
+        keys -= {_DS_ACCELERATOR, *added}
+        if env.get(_DS_ACCELERATOR) not in (None, self.info["ds_accelerator"]):
+            return _DS_ACCELERATOR
+        differ = sorted(k for k in keys if env.get(k) != self.env.get(k))
+        differ += sorted(k for k, v in added.items() if env.get(k) not in (None, v))
+        return ",".join(differ) or None
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -279,9 +317,13 @@ class _Server:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+        self.log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 _server: _Server | None = None
+#: processes started by the server / as fresh interpreters (with why) in this session: tests/conftest.py reports them
+STATS: dict = {"forked": 0, "fresh": 0, "reasons": {}}
 _server_failed = False
 
 
@@ -289,17 +331,24 @@ def enabled() -> bool:
     return os.environ.get(DISABLE_ENV, "") in ("", "0")
 
 
+def start() -> None:
+    """Start the server in the background (its imports overlap with whatever runs until its first use)."""
+    global _server
+    if enabled() and not _server_failed and (_server is None or not _server.alive()):
+        _server = _Server()
+
+
 def _get_server() -> _Server | None:
-    global _server, _server_failed
+    global _server_failed
     if not enabled() or _server_failed:
         return None
-    if _server is None or not _server.alive():
-        try:
-            _server = _Server()
-        except Exception as e:  # noqa: BLE001 (fall back to fresh processes)
-            print(f"fork server unavailable, using fresh processes: {e}", file=sys.stderr)
-            _server_failed = True
-            return None
+    try:
+        start()
+        _server.wait_ready()
+    except Exception as e:  # noqa: BLE001 (fall back to fresh processes)
+        print(f"fork server unavailable, using fresh processes: {e}", file=sys.stderr)
+        _server_failed = True
+        return None
     return _server
 
 
@@ -317,11 +366,6 @@ def _parse(cmd: list[str]) -> tuple[str, str, list[str]] | None:
     return "script", os.path.abspath(cmd[1]), cmd[2:]
 
 
-def _startup_env_differs(env: dict[str, str], server_env: dict[str, str]) -> bool:
-    keys = {k for k in (*env, *server_env) if k.startswith(_STARTUP_PREFIXES) and k not in _STARTUP_EXEMPT}
-    return any(env.get(k) != server_env.get(k) for k in keys)
-
-
 class Popen:
     """``subprocess.Popen`` for a ``[sys.executable, ...]`` command, started by the fork server when it can be
     (otherwise a plain ``subprocess.Popen``). Supports stdin/stdout/stderr as None, DEVNULL, PIPE (stdout/stderr),
@@ -336,9 +380,15 @@ class Popen:
         env = dict(os.environ if env is None else env)
         parsed = None if _force_fresh else _parse(cmd)
         server = _get_server() if parsed is not None else None
-        if server is not None and _startup_env_differs(env, server.env):
-            server = None
+        reason = "not [sys.executable, script|-m|-c]" if parsed is None else "no server" if server is None else None
+        if server is not None:
+            reason = server.refuses(env)
+            if reason is not None:
+                reason, server = "environment: " + reason, None
         self.forked = server is not None
+        STATS["forked" if self.forked else "fresh"] += 1
+        if reason is not None:
+            STATS["reasons"][reason] = STATS["reasons"].get(reason, 0) + 1
         if not self.forked:
             self._proc = subprocess.Popen(cmd, stdin=stdin, stdout=stdout, stderr=stderr, env=env, cwd=cwd,
                                           text=text, start_new_session=start_new_session)

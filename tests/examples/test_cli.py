@@ -1,7 +1,8 @@
 """The command line: help, fit from each runnable example config on 2 CPU processes, validate, argument errors.
 
-Every run is a subprocess in ``tmp_path`` (``python -m lightning_localsgd ...``), so Lightning's popen launcher
-re-runs the same command for rank 1, as it does for users.
+Every run is a subprocess in ``tmp_path`` (``python -m lightning_localsgd ...``, forked by the tests' fork server,
+``tests/_forkserver.py``), so Lightning's popen launcher re-runs the same command for rank 1 (a fresh interpreter), as
+it does for users.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+import _forkserver
 import lightning_localsgd
 from lightning_localsgd.cli import CONFIG_DIR, DEFAULT_CONFIG, main
 
@@ -49,7 +51,7 @@ def _env() -> dict[str, str]:
 
 def _cli(args: list[str], cwd: Path, command: list[str] | None = None, timeout: int = 240) -> subprocess.CompletedProcess:
     command = command or [sys.executable, "-m", "lightning_localsgd"]
-    return subprocess.run(command + args, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    return _forkserver.run(command + args, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def _output(proc: subprocess.CompletedProcess) -> str:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 pytest.importorskip("torchft")  # the [ft] extra; installed with [dev]
+import _forkserver
 from reference import initial_net
 from torchft._torchft import LighthouseServer
 from workers.tiny import make_dataset
@@ -49,7 +50,7 @@ def lighthouse():
         server.shutdown()
 
 
-def launch(out: Path, address: str, group: int, name: str | None = None, **options) -> subprocess.Popen:
+def launch(out: Path, address: str, group: int, name: str | None = None, **options) -> _forkserver.Popen:
     """Job ``g{group}`` (data order seed ``group``); ``name`` names its dump and log (default: the group id)."""
     name = name or f"g{group}"
     cmd = [sys.executable, str(WORKER), "--lighthouse", address, "--group-id", f"g{group}", "--seed", str(group),
@@ -60,10 +61,10 @@ def launch(out: Path, address: str, group: int, name: str | None = None, **optio
     for var in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "RANK"):
         env.pop(var, None)
     log = open(out / f"{name}.log", "w")  # noqa: SIM115 (the job's log, open while it runs)
-    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    return _forkserver.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
-def wait_all(procs: list[subprocess.Popen], out: Path, timeout: float = 150) -> list[int]:
+def wait_all(procs: list[_forkserver.Popen], out: Path, timeout: float = 150) -> list[int]:
     deadline = time.monotonic() + timeout
     codes = []
     for i, p in enumerate(procs):

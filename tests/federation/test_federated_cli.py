@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+import _forkserver
+
 pytest.importorskip("torchft")
 
 CONFIG = Path(__file__).resolve().parents[2] / "examples" / "configs" / "federated.yaml"
@@ -30,7 +32,7 @@ def _env() -> dict[str, str]:
 
 
 def test_lighthouse_command_and_federated_config(tmp_path):
-    lighthouse = subprocess.Popen(
+    lighthouse = _forkserver.Popen(
         [sys.executable, "-m", "lightning_localsgd", "lighthouse", "--port", "0", "--min-groups", "1",
          "--join-timeout-ms", "1000", "--heartbeat-timeout-ms", "1000"],
         env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -41,7 +43,7 @@ def test_lighthouse_command_and_federated_config(tmp_path):
         match = re.match(r"lighthouse listening on (\S+):(\d+) ", first)
         assert match, first
         port = match.group(2)
-        fit = subprocess.run(
+        fit = _forkserver.run(
             [sys.executable, "-m", "lightning_localsgd", "fit", "--config", str(CONFIG), *TINY,
              "--trainer.strategy.init_args.lighthouse", f"127.0.0.1:{port}",
              "--trainer.strategy.init_args.group_id", "cli-a"],

@@ -28,6 +28,7 @@ import pytest
 import torch
 
 from lightning_localsgd import NonFinitePseudoGradientError
+import _forkserver
 from _launch import WORKER, max_diff, run_tiny
 
 # The configuration of strategies/test_resume.py: a checkpoint at step 6 (end of epoch 2, mid-interval of 4).
@@ -73,7 +74,7 @@ def launch_each_rank(out: Path, world: int, timeout: float = 150, frozen: tuple[
         log = open(out / f"log{r}.txt", "w")
         logs.append(log)
         cmd = [sys.executable, str(WORKER), "--devices", str(world), "--out", str(out), *_flags(options)]
-        procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env))
+        procs.append(_forkserver.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env))
     ended: list[float | None] = [None] * world
     deadline = time.monotonic() + timeout
     try:

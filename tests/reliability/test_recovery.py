@@ -23,6 +23,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import _forkserver
 from _launch import WORKER, max_diff, run_tiny
 from reference import initial_net, rank_batches
 
@@ -45,7 +46,7 @@ def test_frozen_rank_0_does_not_hang_the_others(tmp_path):
         cmd = [sys.executable, str(WORKER), "--devices", str(world), "--out", str(tmp_path),
                *_flags(dict(sync_every=4, steps=10, freeze_at=5, fault_rank=0, sync_timeout=timeout))]
         log = open(tmp_path / f"log{r}.txt", "w")
-        procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
+        procs.append((_forkserver.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
     try:
         frozen_since = None
         deadline = time.monotonic() + 150
