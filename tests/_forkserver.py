@@ -46,7 +46,7 @@ PRELOAD = (
     "lightning.pytorch.strategies", "lightning.pytorch.cli",
     "lightning_localsgd", "lightning_localsgd.cli", "lightning_localsgd.examples.gpt",
     "lightning_localsgd.examples.data", "lightning_localsgd.federation", "lightning.pytorch.demos.transformer",
-    "torchft", "deepspeed", "transformers.models.gpt2.modeling_gpt2",
+    "torchft", "deepspeed", "transformers.models.gpt2.modeling_gpt2", "pytest",
 )
 #: environment variables read when an interpreter or a native library starts: a request that sets them otherwise
 #: than the server's environment runs as a fresh process (PYTHONWARNINGS is applied in the child)
@@ -608,6 +608,54 @@ def run_ranks(cmd, world: int, *, env=None, cwd=None, timeout: float | None = No
                 f.close()
                 out.append(data.decode("utf-8", "replace") if text else data)
     return CompletedProcess(cmd, procs[0].returncode, *(out if capture_output else (None, None)))
+
+
+_SPAWN_CODE = """
+import pickle, sys
+with open(sys.argv[1], "rb") as f:
+    sys.path[:] = pickle.load(f)  # the parent's (pytest's) path: the function's module imports by the same name
+    fn, args = pickle.load(f)
+fn(int(sys.argv[2]), *args)
+"""
+
+
+def spawn_processes(fn, args: tuple = (), nprocs: int = 1, env: dict[str, str] | None = None) -> list[Popen]:
+    """Start ``fn(rank, *args)`` for rank 0..nprocs-1, each in its own process forked by the server, as
+    ``torch.multiprocessing.start_processes(start_method="spawn")`` starts them in fresh interpreters (``fn`` and
+    ``args`` pickled, by reference for functions; the child's ``sys.path`` the parent's); return the processes."""
+    tmp = tempfile.mkdtemp(prefix="localsgd-spawn-")
+    atexit.register(shutil.rmtree, tmp, True)
+    path = os.path.join(tmp, "call.pkl")
+    import pickle
+
+    with open(path, "wb") as f:
+        pickle.dump(list(sys.path), f)
+        pickle.dump((fn, tuple(args)), f)
+    env = {**(os.environ if env is None else env), "OMP_NUM_THREADS": "1"}
+    return [Popen([sys.executable, "-c", _SPAWN_CODE, path, str(rank)], env=env) for rank in range(nprocs)]
+
+
+def spawn(fn, args: tuple = (), nprocs: int = 1, timeout: float = 300) -> None:
+    """``torch.multiprocessing.spawn(fn, args, nprocs)`` through the fork server: waits for every process; when one
+    fails, kills the others and raises with its exit code (its traceback is on stderr, as with ``mp.spawn``)."""
+    procs = spawn_processes(fn, args, nprocs)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            codes = [p.poll() for p in procs]
+            failed = [(r, c) for r, c in enumerate(codes) if c not in (None, 0)]
+            if failed:
+                raise RuntimeError(f"process {failed[0][0]} terminated with exit code {failed[0][1]}")
+            if all(c == 0 for c in codes):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutExpired(f"spawn({fn})", timeout)
+            time.sleep(0.02)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
 
 
 if __name__ == "__main__":
