@@ -237,7 +237,7 @@ def _child_main(request: dict, fds: list[int]) -> int:
             code = 1
     except BaseException:  # noqa: BLE001 (what the interpreter does with an uncaught exception)
         kind_, value, tb = sys.exc_info()
-        while tb is not None and tb.tb_frame.f_code.co_filename in (__file__, runpy.__file__):
+        while tb is not None and tb.tb_frame.f_code.co_filename in (__file__, runpy.__file__, "<frozen runpy>"):
             tb = tb.tb_next  # the traceback starts in the script, as a fresh interpreter's does
         sys.excepthook(kind_, value.with_traceback(tb), tb)
         code = 1
