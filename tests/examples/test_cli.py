@@ -119,6 +119,7 @@ def fit_run(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", list(RUNS))
+@pytest.mark.slow
 def test_fit_from_config(fit_run, name):
     proc, cwd = fit_run(name)
     assert proc.returncode == 0, _output(proc)
@@ -147,6 +148,7 @@ def test_fit_from_config(fit_run, name):
         assert summary["bytes_ratio"] == pytest.approx(summary["ddp_bytes_per_rank"] / summary["bytes_sent_per_rank"])
 
 
+@pytest.mark.slow
 def test_validate_from_checkpoint(fit_run):
     proc, cwd = fit_run("local_sgd")
     assert proc.returncode == 0, _output(proc)
@@ -162,6 +164,7 @@ def test_validate_from_checkpoint(fit_run):
 
 
 # ---------------------------------------------------------------------------------------------------------- errors
+@pytest.mark.slow
 def test_bad_strategy_argument_names_it(tmp_path):
     proc = _cli(["fit", "--config", str(CONFIGS / "local_sgd.yaml"), "--trainer.strategy.sync_every", "0"], tmp_path,
                 timeout=120)
@@ -172,6 +175,7 @@ def test_bad_strategy_argument_names_it(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("lightning-localsgd") is None, reason="console script not installed")
+@pytest.mark.slow
 def test_console_script_relaunches_ranks(tmp_path):
     """Lightning's popen launcher re-runs `lightning-localsgd ...` (a script path) for rank 1."""
     proc = _cli(["fit", *TINY, "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false",

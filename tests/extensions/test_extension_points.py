@@ -49,6 +49,7 @@ def simulate() -> dict[str, torch.Tensor]:
     return snapshot
 
 
+@pytest.mark.slow
 def test_registered_preset_codec_and_schedule_train(tmp_path):
     out = tmp_path / "rank0.pt"
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}

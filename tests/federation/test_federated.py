@@ -152,6 +152,7 @@ def assert_matches(dump: dict, ref: dict[int, dict[str, torch.Tensor]], steps: r
         assert diff < ATOL, f"{dump['group_id']}: after the sync of step {s} off the reference by {diff:.3g}"
 
 
+@pytest.mark.slow
 def test_three_jobs_one_killed_mid_interval_then_restarted_heals(tmp_path, lighthouse):
     """g0, g1, g2 start together (the first interval: no failure, mean over all three); g2 is SIGKILLed mid-interval
     at step 6; g0 and g1 sync at step 8 over themselves; g2 restarted with the same group_id heals from a live peer
@@ -261,6 +262,7 @@ def test_job_killed_inside_a_sync_survivors_redo_it_over_the_groups_left(tmp_pat
                for k in survivors[0]["final"]) > 1e-4
 
 
+@pytest.mark.slow
 def test_two_jobs_of_two_ranks_ddp_inside_each_match_the_hand_reference(tmp_path, lighthouse):
     """2 jobs × 2 ranks: DDP inside each job (its ranks read halves of the job's own order), rank k of each job syncs
     its slice with rank k of the other; every sync equals the hand reference (each job's inner step = the mean
@@ -304,6 +306,7 @@ def reference_one_rank_step(name: str) -> torch.Tensor:
     return dict(net.named_parameters())[name].detach()
 
 
+@pytest.mark.slow
 def test_unreachable_lighthouse_fails_fast_naming_the_address(tmp_path):
     import socket
 

@@ -36,6 +36,7 @@ from test_failures import _env, _flags, _free_port
 
 
 # ------------------------------------------------------------------------------------------------ 1. frozen rank 0
+@pytest.mark.slow
 def test_frozen_rank_0_does_not_hang_the_others(tmp_path):
     world, timeout = 2, 3.0
     port = _free_port()
