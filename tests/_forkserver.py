@@ -17,7 +17,13 @@ code, ...]``, or whose environment changes what an interpreter reads at start-up
 ...: ``_STARTUP_PREFIXES``), runs as a fresh process as before; so does everything with
 ``LOCALSGD_TESTS_NO_FORKSERVER=1``.
 
-The server forks only while single-threaded: it imports modules and never runs a torch operation.
+The server forks only while single-threaded: it imports modules and never runs a torch operation (it refuses to
+start, and every process then starts fresh, if the imports left a thread or an initialized CUDA behind).
+
+Where a forked process differs from a fresh one: it shares the server's string-hash seed (``PYTHONHASHSEED``) with
+its sibling ranks, and the modules come imported from the server's start (an edit to the package during a session
+is not seen). Tests whose subject is start-up itself (what an import pulls in, a console script, Lightning's own
+launcher) start fresh interpreters with ``subprocess``.
 """
 
 from __future__ import annotations
@@ -84,6 +90,10 @@ def _server_main(sock_path: str) -> None:
     if threads != 1:
         print(f"[forkserver] {threads} threads after the imports: refusing to fork", file=sys.stderr, flush=True)
         sys.exit(3)
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():  # a forked child could not use CUDA
+        print("[forkserver] CUDA initialized by the imports: refusing to fork", file=sys.stderr, flush=True)
+        sys.exit(3)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(sock_path)
     listener.listen(64)
@@ -121,6 +131,10 @@ def _server_main(sock_path: str) -> None:
                             for c in (*conns, conn):
                                 c.close()
                             code = _child_main(request, fds)
+                        except BaseException:  # noqa: BLE001 (setting up the child failed: say why)
+                            import traceback
+
+                            traceback.print_exc()
                         finally:
                             os._exit(code)
                     for fd in fds:
