@@ -209,9 +209,11 @@ def _child_main(request: dict, fds: list[int]) -> int:
     import random
     import warnings
 
-    random.seed()  # a fresh interpreter's random state, not the server's copy
+    random.seed()  # a fresh interpreter's random states (each process its own), not the server's copy
     if "numpy" in sys.modules:
         sys.modules["numpy"].random.seed()
+    if "torch" in sys.modules:  # `import torch` seeds its CPU generator nondeterministically
+        sys.modules["torch"].default_generator.seed()
     # a fresh interpreter: its own filters, then PYTHONWARNINGS's in front of them, then what the imports added
     options = [o for o in os.environ.get("PYTHONWARNINGS", "").split(",") if o]
     sys.warnoptions[:] = options

@@ -38,6 +38,14 @@ def test_a_forked_process_is_what_python_would_start(tmp_path):
     assert _forkserver.STATS["forked"] >= (2 if _forkserver.enabled() else 0)
 
 
+def test_each_process_gets_its_own_random_seeds():
+    code = "import random, numpy, torch; print(torch.initial_seed(), random.random(), numpy.random.rand())"
+    outs = [_forkserver.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=60).stdout
+            for _ in range(2)]
+    a, b = (out.split() for out in outs)
+    assert len(a) == 3 and all(x != y for x, y in zip(a, b)), outs
+
+
 def test_startup_environment_changes_start_a_fresh_interpreter():
     proc = _forkserver.Popen([sys.executable, "-c", "import os; print(os.environ['OMP_NUM_THREADS'])"],
                              env={**ENV, "OMP_NUM_THREADS": "2"}, stdout=subprocess.PIPE, text=True)
