@@ -119,12 +119,13 @@ def test_failed_sync_leaves_the_previous_global_state(tmp_path):
     args = (2, _free_port(), str(tmp_path))
     if _forkserver.enabled():  # forked by the tests' fork server, as start_method="spawn" would start them
         procs = _forkserver.spawn_processes(_worker, args=args, nprocs=2)
-        for p in procs:
-            try:
+        try:
+            for p in procs:
                 p.wait(120)
-            finally:
+                assert p.returncode == 0
+        finally:
+            for p in procs:
                 p.kill()
-            assert p.returncode == 0
     else:
         ctx = mp.start_processes(_worker, args=args, nprocs=2, join=False, start_method="spawn")
         for p in ctx.processes:
