@@ -308,7 +308,10 @@ class _Server:
             line = self.proc.stdout.readline().decode()
         if not line.startswith("ready "):
             self.proc.kill()
-            raise RuntimeError("fork server did not start: " + Path(self.log.name).read_text()[-2000:])
+            self.proc.wait()
+            why = Path(self.log.name).read_text()[-2000:]
+            self.close()
+            raise RuntimeError("fork server did not start: " + why)
         self.info = json.loads(line[len("ready "):])
 
     def refuses(self, env: dict[str, str]) -> str | None:
