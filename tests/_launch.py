@@ -1,4 +1,9 @@
-"""Launch tests/workers/train_tiny.py on N CPU processes and load what each rank wrote."""
+"""Launch tests/workers/train_tiny.py on N CPU processes and load what each rank wrote.
+
+The N ranks are forked by the tests' fork server (``_forkserver.run_ranks``: started together with ``LOCAL_RANK``
+set, as torchrun does, from a process that has imported torch and Lightning already); with
+``LOCALSGD_TESTS_NO_FORKSERVER=1`` the worker runs as before, a fresh ``python`` whose Lightning launcher re-runs it
+for ranks 1..N-1."""
 
 from __future__ import annotations
 
@@ -8,6 +13,8 @@ import sys
 from pathlib import Path
 
 import torch
+
+import _forkserver
 
 WORKER = Path(__file__).parent / "workers" / "train_tiny.py"
 
@@ -27,7 +34,10 @@ def run_tiny(out: Path, devices: int = 2, expect_fail: bool = False, timeout: in
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     for var in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if _forkserver.enabled():
+        proc = _forkserver.run_ranks(cmd, devices, capture_output=True, text=True, timeout=timeout, env=env)
+    else:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if expect_fail:
         assert proc.returncode != 0, proc.stdout[-3000:]
         return [{"stderr": proc.stderr, "stdout": proc.stdout}]

@@ -20,6 +20,7 @@ import harness
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("mode", ["ddp", "average"])
+@pytest.mark.slow
 def test_shared_launch_trains_what_the_launcher_trains(mode: str) -> None:
     model = dict(size="nano", learning_rate=3e-3, warmup_steps=2, max_steps=8)
     common = dict(steps=8, model=model, batch_size=2, block_size=32, devices=2, sync_every=4, val_windows=16,

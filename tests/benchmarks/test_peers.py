@@ -18,6 +18,7 @@ import peers
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.slow
 def test_ours_engine_and_torch_averager_agree(tmp_path: Path) -> None:
     import torch
 

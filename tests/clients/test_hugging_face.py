@@ -49,6 +49,7 @@ def _plain_checkpoint(ckpt: Path, strategy: str, tmp_path: Path) -> Path:
     ("fsdp_self", 2),      # LocalSGDFSDPStrategy, the module shards itself (blocks, then itself as root)
     pytest.param("deepspeed", 2, marks=pytest.mark.skipif(not HAS_DEEPSPEED, reason="DeepSpeed is not installed")),
 ])
+@pytest.mark.slow
 def test_hugging_face_gpt2(tmp_path, monkeypatch, strategy, devices):
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator in the workers
     ranks = run_tiny(tmp_path, devices=devices, worker=WORKER, timeout=400, strategy=strategy)

@@ -8,6 +8,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 OPTIONAL = ("deepspeed", "torchft", "transformers")
 
 
@@ -24,6 +26,7 @@ def _run(body: str, hide: bool) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_import_does_not_import_optional_packages():
     """Lightning itself may import transformers (torchmetrics' BERTScore, when it is installed): only what the package
     adds to what ``import lightning.pytorch, torchmetrics`` loaded counts."""
@@ -39,6 +42,7 @@ def test_import_does_not_import_optional_packages():
     assert out["loaded"] == []
 
 
+@pytest.mark.slow
 def test_import_and_messages_with_optional_packages_missing():
     out = _run(
         """

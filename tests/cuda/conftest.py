@@ -28,3 +28,10 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if here in Path(str(item.fspath)).resolve().parents:
             item.add_marker(pytest.mark.skip(reason=NO_CUDA))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_processes(monkeypatch):
+    """The ranks of these tests start as fresh interpreters (torch.multiprocessing.spawn, subprocess), as they ran on
+    the H200 (docs/gpu.md), not from the tests' fork server: a process that has touched CUDA must never be forked."""
+    monkeypatch.setenv("LOCALSGD_TESTS_NO_FORKSERVER", "1")

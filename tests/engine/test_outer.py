@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import _forkserver
 from lightning_localsgd.engine import NonFinitePseudoGradientError, OuterSync, resolve_outer_optimizer
 
 
@@ -42,7 +43,12 @@ def _worker(rank, world, port, scenario, out):
 
 
 def spawn(scenario, world, tmp_path):
-    mp.spawn(_worker, args=(world, _free_port(), scenario, str(tmp_path)), nprocs=world)
+    """Run ``scenario(rank, world)`` on ``world`` processes (forked by the tests' fork server; with
+    LOCALSGD_TESTS_NO_FORKSERVER=1 fresh ones from ``torch.multiprocessing.spawn``) meeting over gloo."""
+    if _forkserver.enabled():
+        _forkserver.spawn(_worker, args=(world, _free_port(), scenario, str(tmp_path)), nprocs=world)
+    else:
+        mp.spawn(_worker, args=(world, _free_port(), scenario, str(tmp_path)), nprocs=world)
     return [torch.load(tmp_path / f"{r}.pt", weights_only=False) for r in range(world)]
 
 

@@ -1,7 +1,8 @@
 """The command line: help, fit from each runnable example config on 2 CPU processes, validate, argument errors.
 
-Every run is a subprocess in ``tmp_path`` (``python -m lightning_localsgd ...``), so Lightning's popen launcher
-re-runs the same command for rank 1, as it does for users.
+Every run is a subprocess in ``tmp_path`` (``python -m lightning_localsgd ...``, forked by the tests' fork server,
+``tests/_forkserver.py``), so Lightning's popen launcher re-runs the same command for rank 1 (a fresh interpreter), as
+it does for users.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+import _forkserver
 import lightning_localsgd
 from lightning_localsgd.cli import CONFIG_DIR, DEFAULT_CONFIG, main
 
@@ -49,7 +51,7 @@ def _env() -> dict[str, str]:
 
 def _cli(args: list[str], cwd: Path, command: list[str] | None = None, timeout: int = 240) -> subprocess.CompletedProcess:
     command = command or [sys.executable, "-m", "lightning_localsgd"]
-    return subprocess.run(command + args, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    return _forkserver.run(command + args, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def _output(proc: subprocess.CompletedProcess) -> str:
@@ -117,6 +119,7 @@ def fit_run(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", list(RUNS))
+@pytest.mark.slow
 def test_fit_from_config(fit_run, name):
     proc, cwd = fit_run(name)
     assert proc.returncode == 0, _output(proc)
@@ -145,6 +148,7 @@ def test_fit_from_config(fit_run, name):
         assert summary["bytes_ratio"] == pytest.approx(summary["ddp_bytes_per_rank"] / summary["bytes_sent_per_rank"])
 
 
+@pytest.mark.slow
 def test_validate_from_checkpoint(fit_run):
     proc, cwd = fit_run("local_sgd")
     assert proc.returncode == 0, _output(proc)
@@ -160,6 +164,7 @@ def test_validate_from_checkpoint(fit_run):
 
 
 # ---------------------------------------------------------------------------------------------------------- errors
+@pytest.mark.slow
 def test_bad_strategy_argument_names_it(tmp_path):
     proc = _cli(["fit", "--config", str(CONFIGS / "local_sgd.yaml"), "--trainer.strategy.sync_every", "0"], tmp_path,
                 timeout=120)
@@ -170,6 +175,7 @@ def test_bad_strategy_argument_names_it(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("lightning-localsgd") is None, reason="console script not installed")
+@pytest.mark.slow
 def test_console_script_relaunches_ranks(tmp_path):
     """Lightning's popen launcher re-runs `lightning-localsgd ...` (a script path) for rank 1."""
     proc = _cli(["fit", *TINY, "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false",

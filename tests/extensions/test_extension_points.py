@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import _forkserver
 from reference import initial_net, rank_batches
 
 import lightning_localsgd
@@ -48,12 +49,13 @@ def simulate() -> dict[str, torch.Tensor]:
     return snapshot
 
 
+@pytest.mark.slow
 def test_registered_preset_codec_and_schedule_train(tmp_path):
     out = tmp_path / "rank0.pt"
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     for var in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
-    proc = subprocess.run([sys.executable, str(WORKER), "--out", str(out)], capture_output=True, text=True,
+    proc = _forkserver.run([sys.executable, str(WORKER), "--out", str(out)], capture_output=True, text=True,
                           timeout=240, env=env)
     assert proc.returncode == 0, proc.stderr[-6000:]
     got = torch.load(out, weights_only=False)

@@ -64,6 +64,7 @@ def test_slow_worker_token_weighted_average(tmp_path):
 
 
 @pytest.mark.parametrize("strategy", ["local_sgd", "fsdp"])
+@pytest.mark.slow
 def test_groups_of_two_agree_on_the_sync_step(tmp_path, strategy):
     # 4 processes, 2 groups of 2 (DDP or FSDP inside); rank 3 (group 1) is slow, so all of group 1 is slow
     ranks = run_tiny(tmp_path, devices=4, group_size=2, sync_every_seconds=0.6, steps=80, slow_rank=3,

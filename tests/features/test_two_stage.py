@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from lightning_localsgd import LocalSGDStrategy
 from _launch import max_diff, run_tiny
 from reference import simulate_two_stage
@@ -29,6 +31,7 @@ def test_two_stage_matches_reference(tmp_path):
         assert reduces == [cluster, cluster, across, cluster, cluster, across, cluster, across]
 
 
+@pytest.mark.slow
 def test_two_stage_mid_interval_resume_is_exact(tmp_path):
     # checkpoint at step 6: after a level-1 sync, between two level-2 syncs (H1=2, H2=4); epochs of 3 batches so
     # that Lightning's dataloader restart feeds both runs the same data

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 pytest.importorskip("torchft")  # the [ft] extra; installed with [dev]
+import _forkserver
 from reference import initial_net
 from torchft._torchft import LighthouseServer
 from workers.tiny import make_dataset
@@ -49,7 +50,7 @@ def lighthouse():
         server.shutdown()
 
 
-def launch(out: Path, address: str, group: int, name: str | None = None, **options) -> subprocess.Popen:
+def launch(out: Path, address: str, group: int, name: str | None = None, **options) -> _forkserver.Popen:
     """Job ``g{group}`` (data order seed ``group``); ``name`` names its dump and log (default: the group id)."""
     name = name or f"g{group}"
     cmd = [sys.executable, str(WORKER), "--lighthouse", address, "--group-id", f"g{group}", "--seed", str(group),
@@ -60,10 +61,10 @@ def launch(out: Path, address: str, group: int, name: str | None = None, **optio
     for var in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "RANK"):
         env.pop(var, None)
     log = open(out / f"{name}.log", "w")  # noqa: SIM115 (the job's log, open while it runs)
-    return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    return _forkserver.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
-def wait_all(procs: list[subprocess.Popen], out: Path, timeout: float = 150) -> list[int]:
+def wait_all(procs: list[_forkserver.Popen], out: Path, timeout: float = 150) -> list[int]:
     deadline = time.monotonic() + timeout
     codes = []
     for i, p in enumerate(procs):
@@ -151,6 +152,7 @@ def assert_matches(dump: dict, ref: dict[int, dict[str, torch.Tensor]], steps: r
         assert diff < ATOL, f"{dump['group_id']}: after the sync of step {s} off the reference by {diff:.3g}"
 
 
+@pytest.mark.slow
 def test_three_jobs_one_killed_mid_interval_then_restarted_heals(tmp_path, lighthouse):
     """g0, g1, g2 start together (the first interval: no failure, mean over all three); g2 is SIGKILLed mid-interval
     at step 6; g0 and g1 sync at step 8 over themselves; g2 restarted with the same group_id heals from a live peer
@@ -260,6 +262,7 @@ def test_job_killed_inside_a_sync_survivors_redo_it_over_the_groups_left(tmp_pat
                for k in survivors[0]["final"]) > 1e-4
 
 
+@pytest.mark.slow
 def test_two_jobs_of_two_ranks_ddp_inside_each_match_the_hand_reference(tmp_path, lighthouse):
     """2 jobs × 2 ranks: DDP inside each job (its ranks read halves of the job's own order), rank k of each job syncs
     its slice with rank k of the other; every sync equals the hand reference (each job's inner step = the mean
@@ -303,6 +306,7 @@ def reference_one_rank_step(name: str) -> torch.Tensor:
     return dict(net.named_parameters())[name].detach()
 
 
+@pytest.mark.slow
 def test_unreachable_lighthouse_fails_fast_naming_the_address(tmp_path):
     import socket
 

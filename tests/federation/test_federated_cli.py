@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+import _forkserver
+
 pytest.importorskip("torchft")
 
 CONFIG = Path(__file__).resolve().parents[2] / "examples" / "configs" / "federated.yaml"
@@ -30,10 +32,13 @@ def _env() -> dict[str, str]:
 
 
 def test_lighthouse_command_and_federated_config(tmp_path):
-    lighthouse = subprocess.Popen(
+    # stderr apart from stdout: torchft's (Rust) log lines go to stderr in several writes, which could land inside
+    # the announcement line on a shared stream
+    errors = open(tmp_path / "lighthouse.err", "w")  # noqa: SIM115 (the lighthouse's stderr while it runs)
+    lighthouse = _forkserver.Popen(
         [sys.executable, "-m", "lightning_localsgd", "lighthouse", "--port", "0", "--min-groups", "1",
          "--join-timeout-ms", "1000", "--heartbeat-timeout-ms", "1000"],
-        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        env=_env(), stdout=subprocess.PIPE, stderr=errors, text=True)
     try:
         deadline = time.monotonic() + 60
         first = lighthouse.stdout.readline()
@@ -41,7 +46,7 @@ def test_lighthouse_command_and_federated_config(tmp_path):
         match = re.match(r"lighthouse listening on (\S+):(\d+) ", first)
         assert match, first
         port = match.group(2)
-        fit = subprocess.run(
+        fit = _forkserver.run(
             [sys.executable, "-m", "lightning_localsgd", "fit", "--config", str(CONFIG), *TINY,
              "--trainer.strategy.init_args.lighthouse", f"127.0.0.1:{port}",
              "--trainer.strategy.init_args.group_id", "cli-a"],
@@ -50,6 +55,8 @@ def test_lighthouse_command_and_federated_config(tmp_path):
     finally:
         lighthouse.terminate()
         log = lighthouse.communicate(timeout=30)[0]
+        errors.close()
+        log += (tmp_path / "lighthouse.err").read_text()
     # the group formed quorums at the lighthouse: the join at the start and the syncs of steps 2 and 4
     quorums = re.findall(r'Quorum! .*?replica_id: "cli-a:', log)
     assert len(quorums) >= 3, log[-3000:]

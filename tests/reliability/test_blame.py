@@ -70,6 +70,7 @@ def test_a_store_that_leaves_while_polling_keeps_the_ranks_it_showed_missing():
     assert "rank(s) [2] did not reach it" in str(err) and "global rank 0 is gone" not in str(err)
 
 
+@pytest.mark.slow
 def test_the_store_host_waits_until_the_others_have_read_who_is_missing():
     store = dist.HashStore()
     guards = [_guard(r, store, timeout=1.0) for r in range(3)]
@@ -96,6 +97,7 @@ def test_the_store_host_waits_until_the_others_have_read_who_is_missing():
     assert returned - start < 10
 
 
+@pytest.mark.slow
 def test_the_stop_flag_exchange_names_the_ranks_that_did_not_start_the_step():
     store = dist.HashStore()
     guards = [_guard(r, store) for r in range(3)]
@@ -111,6 +113,7 @@ def test_the_stop_flag_exchange_names_the_ranks_that_did_not_start_the_step():
 
 
 @pytest.mark.parametrize("fault", ["sigkill", "sigstop"])
+@pytest.mark.slow
 def test_every_survivor_of_four_names_rank_2(tmp_path, fault):
     # 4 ranks, a sync every 4 steps; rank 2 is SIGKILLed / SIGSTOPped at the start of step 6 (mid-interval). Ranks 0, 1
     # and 3 stop at the next sync-step (step 8), each naming rank 2 alone.

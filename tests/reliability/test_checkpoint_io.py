@@ -13,6 +13,7 @@ import pytest
 import torch
 from lightning.pytorch.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
 
+import _forkserver
 import lightning_localsgd  # noqa: F401
 from lightning_localsgd import LocalSGDStrategy
 from lightning_localsgd.checkpoint_io import AtomicCheckpointIO
@@ -51,8 +52,8 @@ CHILD = textwrap.dedent("""
 @pytest.mark.parametrize("stall", ["pickling", "before_rename"])
 def test_writer_killed_mid_save_leaves_the_old_checkpoint(tmp_path, stall):
     path = tmp_path / "last.ckpt"
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(path), stall], stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    proc = _forkserver.Popen([sys.executable, "-c", CHILD, str(path), stall], stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"})
     try:
         assert proc.stdout.readline().strip() == "stalled"
         if stall == "before_rename":  # the new bytes are all in the temp file, flushed to disk

@@ -29,6 +29,7 @@ import torch
 
 from lightning_localsgd import NonFinitePseudoGradientError
 from lightning_localsgd.checkpoint import read_checkpoint
+import _forkserver
 from _launch import WORKER, max_diff, run_tiny
 
 # The configuration of strategies/test_resume.py: a checkpoint at step 6 (end of epoch 2, mid-interval of 4).
@@ -74,7 +75,7 @@ def launch_each_rank(out: Path, world: int, timeout: float = 150, frozen: tuple[
         log = open(out / f"log{r}.txt", "w")
         logs.append(log)
         cmd = [sys.executable, str(WORKER), "--devices", str(world), "--out", str(out), *_flags(options)]
-        procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env))
+        procs.append(_forkserver.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env))
     ended: list[float | None] = [None] * world
     deadline = time.monotonic() + timeout
     try:
@@ -110,6 +111,7 @@ def _assert_complete_checkpoint(path: Path, world: int) -> None:
     assert not [p.name for p in path.parent.rglob("*") if p.name.endswith(".tmp")]  # no half-written leftovers
 
 
+@pytest.mark.slow
 def test_killed_rank_stops_the_others_naming_it_and_the_step(tmp_path):
     # 3 ranks, sync every 4 steps; rank 1 is SIGKILLed at the start of step 7 (mid-interval): ranks 0 and 2 reach
     # the sync at the end of step 8 and stop there.
@@ -157,6 +159,7 @@ def test_killed_rank_0_then_resume_continues_exactly(tmp_path, straight):
         assert s["info"]["num_syncs"] == r["info"]["num_syncs"] == 3
 
 
+@pytest.mark.slow
 def test_hung_rank_times_out_and_every_rank_stops(tmp_path):
     # Lightning's own launcher: rank 1 (a child of rank 0) sleeps 120 s at step 5; rank 0 waits at the sync of
     # step 8 for sync_timeout, then fails naming rank 1, and stops the hung child instead of leaving it behind.

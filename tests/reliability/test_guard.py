@@ -50,6 +50,7 @@ def test_a_late_but_live_rank_is_not_named():
     assert time.monotonic() - start < 4  # stopped waiting as soon as everyone was there
 
 
+@pytest.mark.slow
 def test_a_rank_that_dies_inside_the_sync_is_named():
     # Every rank reached the sync of step 8; rank 2 then died in it (it never reports the failure), rank 1 reports it.
     store = dist.HashStore()

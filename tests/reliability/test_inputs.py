@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import _forkserver
 import lightning_localsgd  # noqa: F401
 from lightning_localsgd import LocalSGDStrategy
 from lightning_localsgd.cli import DEFAULT_CONFIG, main
@@ -327,9 +328,9 @@ def test_cli_errors_are_one_line_naming_the_argument(args, match, tmp_path, monk
 
 def test_cli_incompatible_group_size_end_to_end(tmp_path):
     """One real `python -m lightning_localsgd fit` (default config: 2 CPU processes) with group_size 4 > 2 ranks."""
-    proc = subprocess.run([sys.executable, "-m", "lightning_localsgd", "fit", "--trainer.strategy.group_size", "4"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=180,
-                          env={**__import__("os").environ, "PYTHONWARNINGS": "ignore"})
+    proc = _forkserver.run([sys.executable, "-m", "lightning_localsgd", "fit", "--trainer.strategy.group_size", "4"],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=180,
+                           env={**__import__("os").environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"})
     assert proc.returncode != 0
     assert "group_size=4 is larger than the world size 2" in proc.stderr + proc.stdout, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and proc.returncode == 2, proc.stderr[-3000:]

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import _forkserver
 from lightning_localsgd.engine import OuterSync, resolve_outer_optimizer
 
 
@@ -115,11 +116,21 @@ SCENARIOS = ("bucket1", "bucket2", "peer_dies")
 
 
 def test_failed_sync_leaves_the_previous_global_state(tmp_path):
-    ctx = mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False,
-                             start_method="spawn")
-    for p in ctx.processes:
-        p.join(120)
-        assert p.exitcode == 0
+    args = (2, _free_port(), str(tmp_path))
+    if _forkserver.enabled():  # forked by the tests' fork server, as start_method="spawn" would start them
+        procs = _forkserver.spawn_processes(_worker, args=args, nprocs=2)
+        try:
+            for p in procs:
+                p.wait(120)
+                assert p.returncode == 0
+        finally:
+            for p in procs:
+                p.kill()
+    else:
+        ctx = mp.start_processes(_worker, args=args, nprocs=2, join=False, start_method="spawn")
+        for p in ctx.processes:
+            p.join(120)
+            assert p.exitcode == 0
     for r in (0, 1):
         results = torch.load(tmp_path / f"{r}.pt", weights_only=False)
         for fail in SCENARIOS:

@@ -16,6 +16,7 @@ from test_failures import launch_each_rank
 
 
 @pytest.mark.parametrize("term_rank", [0, 1])
+@pytest.mark.slow
 def test_sigterm_while_waiting_in_a_sync_stops_every_rank_cleanly(tmp_path, term_rank):
     # Sync every 4 steps. The other rank stalls 4 s at the start of step 8, so `term_rank` finishes step 8 first and
     # waits in its sync; its SIGTERM arrives 1 s after it started step 8, inside that wait. A checkpoint every 4 steps.

@@ -23,6 +23,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import _forkserver
 from _launch import WORKER, max_diff, run_tiny
 from reference import initial_net, rank_batches
 
@@ -35,6 +36,7 @@ from test_failures import _env, _flags, _free_port
 
 
 # ------------------------------------------------------------------------------------------------ 1. frozen rank 0
+@pytest.mark.slow
 def test_frozen_rank_0_does_not_hang_the_others(tmp_path):
     world, timeout = 2, 3.0
     port = _free_port()
@@ -45,7 +47,7 @@ def test_frozen_rank_0_does_not_hang_the_others(tmp_path):
         cmd = [sys.executable, str(WORKER), "--devices", str(world), "--out", str(tmp_path),
                *_flags(dict(sync_every=4, steps=10, freeze_at=5, fault_rank=0, sync_timeout=timeout))]
         log = open(tmp_path / f"log{r}.txt", "w")
-        procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
+        procs.append((_forkserver.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
     try:
         frozen_since = None
         deadline = time.monotonic() + 150

@@ -28,6 +28,7 @@ def _deepspeed_on_cpu(monkeypatch):
 
 @needs_deepspeed
 @pytest.mark.parametrize("stage, accumulate", [(1, 2), (2, 1), (3, 1)])
+@pytest.mark.slow
 def test_deepspeed_stages_match_reference_and_only_partitions_cross_groups(tmp_path, stage, accumulate):
     H, steps = 3, 6
     # ZeRO-3: with a persistence threshold of 10 elements net1.weight (32) stays partitioned between forwards and
@@ -68,6 +69,7 @@ def test_deepspeed_stages_match_reference_and_only_partitions_cross_groups(tmp_p
 
 
 @needs_deepspeed
+@pytest.mark.slow
 def test_deepspeed_mid_interval_resume_is_exact(tmp_path):
     opts = dict(devices=4, strategy="deepspeed", stage=3, ds_persist_threshold=10, group_size=2, sync_every=4,
                 steps=10, outer="diloco", inner="adamw", seed_by_rank=True, batches_per_epoch=3)
@@ -102,6 +104,7 @@ def test_deepspeed_mid_interval_resume_is_exact(tmp_path):
 
 
 @needs_deepspeed
+@pytest.mark.slow
 def test_deepspeed_bf16_mixed_syncs_fp32_master_weights(tmp_path):
     # bf16 with ZeRO stage 1 and fp32 gradient accumulation runs DeepSpeed's BF16_Optimizer (otherwise the ZeRO
     # optimizer of the fp32 tests, with bf16 bit16 partitions): the fp32 master partitions are the ones synced
@@ -152,6 +155,7 @@ def test_deepspeed_missing_names_the_extra(monkeypatch):
         LocalSGDDeepSpeedStrategy(stage=2)
 
 
+@pytest.mark.slow
 def test_package_imports_and_registers_without_deepspeed():
     code = (
         "import sys; sys.modules['deepspeed'] = None\n"

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+import _forkserver
+
 WORKER = Path(__file__).resolve().parents[1] / "workers" / "train_transformer.py"
 
 
@@ -25,10 +27,15 @@ def _write_corpus(tmp_path):
 def _run(tmp_path, *extra):
     _write_corpus(tmp_path)
     env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
-    proc = subprocess.run([sys.executable, str(WORKER), str(tmp_path), *extra], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=300, env={**env, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-5000:]
     n = 4 if extra else 2
+    cmd = [sys.executable, str(WORKER), str(tmp_path), *extra]
+    if _forkserver.enabled():  # the n ranks forked together (LOCAL_RANK set), as torchrun starts them
+        proc = _forkserver.run_ranks(cmd, n, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                                     env={**env, "OMP_NUM_THREADS": "1"})
+    else:  # Lightning's launcher re-runs the script for ranks 1..n-1
+        proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                              env={**env, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-5000:]
     return ([json.loads((tmp_path / f"info{r}.json").read_text()) for r in range(n)],
             [torch.load(tmp_path / f"params{r}.pt") for r in range(n)])
 
