@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import _forkserver
 from lightning_localsgd.topology import build_mesh_topology, build_topology
 
 
@@ -51,7 +52,8 @@ def _bound_gloo(rank: int, port: int, out: str, unbind: bool) -> None:
 def test_groups_of_a_gloo_default_group_bound_to_a_device(tmp_path, unbind):
     """Ranks sharing one GPU over gloo (tests/cuda, the --gpu benchmarks): Lightning binds the default group to the
     device, torch then splits sub-groups from it, which gloo cannot do; build_topology drops the binding first."""
-    mp.spawn(_bound_gloo, args=(_free_port(), str(tmp_path), unbind), nprocs=2)
+    launch = _forkserver.spawn if _forkserver.enabled() else mp.spawn
+    launch(_bound_gloo, args=(_free_port(), str(tmp_path), unbind), nprocs=2)
     got = [torch.load(tmp_path / f"{r}.pt", weights_only=False) for r in range(2)]
     if unbind:
         assert [g["inner_sum"] for g in got] == [3.0, 3.0]
