@@ -19,18 +19,24 @@ import _forkserver
 WORKER = Path(__file__).parent / "workers" / "train_tiny.py"
 
 
+def worker_flags(options: dict) -> list[str]:
+    """``--key value`` command-line flags of a worker (True: ``--key``; None / False: left out; 0 is a value)."""
+    out: list[str] = []
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            out.append(flag)
+        elif value is not None and value is not False:  # not `value in (None, False)`: 0 == False
+            out += [flag, str(value)]
+    return out
+
+
 def run_tiny(out: Path, devices: int = 2, expect_fail: bool = False, timeout: int = 240, worker: Path = WORKER,
              **options) -> list[dict]:
     """Run the worker (default: train_tiny.py) with `--key value` options (True flags become `--key`); return the
     ranks' dumps (`out/rank{r}.pt`)."""
     out.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, str(worker), "--devices", str(devices), "--out", str(out)]
-    for key, value in options.items():
-        flag = "--" + key.replace("_", "-")
-        if value is True:
-            cmd.append(flag)
-        elif value not in (None, False):
-            cmd += [flag, str(value)]
+    cmd = [sys.executable, str(worker), "--devices", str(devices), "--out", str(out), *worker_flags(options)]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     for var in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)

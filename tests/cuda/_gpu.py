@@ -5,12 +5,14 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+
+from _forkserver import free_port
+from _launch import worker_flags
 
 WORKER = Path(__file__).resolve().parent.parent / "workers" / "train_tiny.py"
 ON_CPU = os.environ.get("LOCALSGD_CUDA_TESTS_ON_CPU") == "1"
@@ -24,21 +26,6 @@ def use_device() -> None:
         torch.cuda.set_device(0)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _flags(options: dict) -> list[str]:
-    out = []
-    for key, value in options.items():
-        flag = "--" + key.replace("_", "-")
-        if value is True:
-            out.append(flag)
-        elif value is not None and value is not False:  # (0 is a value: `0 in (None, False)` is True)
-            out += [flag, str(value)]
-    return out
 
 
 def run_on_gpus(out: Path, world: int, timeout: float = 240, **options) -> list[dict]:
@@ -46,7 +33,7 @@ def run_on_gpus(out: Path, world: int, timeout: float = 240, **options) -> list[
     ranks); on the CPU (``ON_CPU``) over gloo. Returns each rank's dump with its tensors on the CPU."""
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, str(WORKER), "--accelerator", "cpu" if ON_CPU else "cuda", "--devices", str(world),
-           "--backend", "gloo" if ON_CPU else "nccl", "--out", str(out), *_flags(options)]
+           "--backend", "gloo" if ON_CPU else "nccl", "--out", str(out), *worker_flags(options)]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     for var in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "RANK"):
         env.pop(var, None)
@@ -65,8 +52,8 @@ def run_on_gpu(out: Path, world: int = 2, timeout: float = 240, **options) -> li
     rank's dump (tensors moved to the CPU, so that the CPU hand references compare with them)."""
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, str(WORKER), "--accelerator", "cpu" if ON_CPU else "cuda", "--devices", "1", "--num-nodes", str(world),
-           "--out", str(out), *_flags(options)]
-    port = str(_free_port())
+           "--out", str(out), *worker_flags(options)]
+    port = str(free_port())
     procs = []
     for rank in range(world):
         # torchelastic's variables: every rank is local rank 0 of its node, hence on cuda:0

@@ -18,7 +18,6 @@ from __future__ import annotations
 import csv
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,7 +29,8 @@ import torch
 from lightning_localsgd import NonFinitePseudoGradientError
 from lightning_localsgd.checkpoint import read_checkpoint
 import _forkserver
-from _launch import WORKER, max_diff, run_tiny
+from _forkserver import free_port
+from _launch import WORKER, max_diff, run_tiny, worker_flags
 
 # The configuration of strategies/test_resume.py: a checkpoint at step 6 (end of epoch 2, mid-interval of 4).
 RESUME_OPTS = dict(devices=2, sync_every=4, steps=10, outer="diloco", inner="adamw", seed_by_rank=True,
@@ -45,21 +45,6 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _flags(options: dict) -> list[str]:
-    out = []
-    for key, value in options.items():
-        flag = "--" + key.replace("_", "-")
-        if value is True:
-            out.append(flag)
-        elif value is not None and value is not False:  # (0 is a value: `0 in (None, False)` is True)
-            out += [flag, str(value)]
-    return out
 
 
 def launch_each_rank(out: Path, world: int, timeout: float = 150, frozen: tuple[int, ...] = (), **options) -> list[dict]:
@@ -67,14 +52,14 @@ def launch_each_rank(out: Path, world: int, timeout: float = 150, frozen: tuple[
     its output and the time it exited (monotonic). The ranks in ``frozen`` (they SIGSTOP themselves) are not waited
     for: they are killed once the others have ended."""
     out.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = free_port()
     procs, logs = [], []
     for r in range(world):
         env = {**_env(), "LOCAL_RANK": str(r), "NODE_RANK": "0", "WORLD_SIZE": str(world),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
         log = open(out / f"log{r}.txt", "w")
         logs.append(log)
-        cmd = [sys.executable, str(WORKER), "--devices", str(world), "--out", str(out), *_flags(options)]
+        cmd = [sys.executable, str(WORKER), "--devices", str(world), "--out", str(out), *worker_flags(options)]
         procs.append(_forkserver.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env))
     ended: list[float | None] = [None] * world
     deadline = time.monotonic() + timeout
@@ -164,7 +149,7 @@ def test_hung_rank_times_out_and_every_rank_stops(tmp_path):
     # Lightning's own launcher: rank 1 (a child of rank 0) sleeps 120 s at step 5; rank 0 waits at the sync of
     # step 8 for sync_timeout, then fails naming rank 1, and stops the hung child instead of leaving it behind.
     cmd = [sys.executable, str(WORKER), "--devices", "2", "--out", str(tmp_path),
-           *_flags(dict(sync_every=4, steps=10, stall_at=5, stall_seconds=120, fault_rank=1,
+           *worker_flags(dict(sync_every=4, steps=10, stall_at=5, stall_seconds=120, fault_rank=1,
                         sync_timeout=SYNC_TIMEOUT))]
     start = time.monotonic()
     with open(tmp_path / "log.txt", "w") as log:

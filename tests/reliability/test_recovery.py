@@ -32,20 +32,22 @@ from lightning_localsgd.checkpoint_io import atomic_save
 from lightning_localsgd.integrity import CorruptCheckpointError, checksum_path, verify
 from lightning_localsgd.reliability import SyncGuard
 
-from test_failures import _env, _flags, _free_port
+from _forkserver import free_port
+from _launch import worker_flags
+from test_failures import _env
 
 
 # ------------------------------------------------------------------------------------------------ 1. frozen rank 0
 @pytest.mark.slow
 def test_frozen_rank_0_does_not_hang_the_others(tmp_path):
     world, timeout = 2, 3.0
-    port = _free_port()
+    port = free_port()
     procs = []
     for r in range(world):
         env = {**_env(), "LOCAL_RANK": str(r), "NODE_RANK": "0", "WORLD_SIZE": str(world),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
         cmd = [sys.executable, str(WORKER), "--devices", str(world), "--out", str(tmp_path),
-               *_flags(dict(sync_every=4, steps=10, freeze_at=5, fault_rank=0, sync_timeout=timeout))]
+               *worker_flags(dict(sync_every=4, steps=10, freeze_at=5, fault_rank=0, sync_timeout=timeout))]
         log = open(tmp_path / f"log{r}.txt", "w")
         procs.append((_forkserver.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
     try:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -11,13 +10,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import _forkserver
+from _forkserver import free_port
 from lightning_localsgd.topology import build_mesh_topology, build_topology
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _bound_gloo(rank: int, port: int, out: str, unbind: bool) -> None:
@@ -53,7 +48,7 @@ def test_groups_of_a_gloo_default_group_bound_to_a_device(tmp_path, unbind):
     """Ranks sharing one GPU over gloo (tests/cuda, the --gpu benchmarks): Lightning binds the default group to the
     device, torch then splits sub-groups from it, which gloo cannot do; build_topology drops the binding first."""
     launch = _forkserver.spawn if _forkserver.enabled() else mp.spawn
-    launch(_bound_gloo, args=(_free_port(), str(tmp_path), unbind), nprocs=2)
+    launch(_bound_gloo, args=(free_port(), str(tmp_path), unbind), nprocs=2)
     got = [torch.load(tmp_path / f"{r}.pt", weights_only=False) for r in range(2)]
     if unbind:
         assert [g["inner_sum"] for g in got] == [3.0, 3.0]
