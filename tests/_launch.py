@@ -61,3 +61,14 @@ def max_diff(a: dict, b: dict) -> float:
     a, b = strip(a), strip(b)
     assert set(b) <= set(a), (a.keys(), b.keys())
     return max(float((a[k] - b[k]).abs().max()) for k in b)
+
+
+def assert_resume_exact(straight: list[dict], resumed: list[dict]) -> None:
+    """Every rank of a resumed run ends bit for bit as the uninterrupted run: parameters, the inner optimizers' state
+    (this rank's shards) and θ_g."""
+    for a, b in zip(straight, resumed):
+        assert max_diff(a["final"], b["final"]) == 0.0
+        for oa, ob in zip(a["optimizers"], b["optimizers"]):
+            for sa, sb in zip(oa["state"].values(), ob["state"].values()):
+                assert all(torch.equal(sa[k], sb[k]) for k in sa)
+        assert all(torch.equal(x, y) for x, y in zip(a["outer_state"]["snapshot"], b["outer_state"]["snapshot"]))

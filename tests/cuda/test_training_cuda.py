@@ -15,7 +15,7 @@ import importlib.util
 import pytest
 import torch
 
-from _launch import max_diff, run_tiny, strip
+from _launch import assert_resume_exact, max_diff, run_tiny, strip
 from _gpu import DEVICE, gpus_available, run_on_gpu, run_on_gpus
 from reference import simulate, simulate_streaming
 
@@ -127,9 +127,4 @@ def test_mid_interval_resume_on_cuda_is_exact(tmp_path):
     ckpt = tmp_path / "a" / "ckpt" / "step=6.ckpt"
     assert ckpt.exists()
     resumed = run_on_gpu(tmp_path / "b", resume=ckpt, **opts)
-    for a, b in zip(straight, resumed):
-        assert max_diff(a["final"], b["final"]) == 0.0
-        for oa, ob in zip(a["optimizers"], b["optimizers"]):
-            for sa, sb in zip(oa["state"].values(), ob["state"].values()):
-                assert all(torch.equal(sa[k], sb[k]) for k in sa)
-        assert all(torch.equal(x, y) for x, y in zip(a["outer_state"]["snapshot"], b["outer_state"]["snapshot"]))
+    assert_resume_exact(straight, resumed)
