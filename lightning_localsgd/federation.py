@@ -246,8 +246,7 @@ class Federation:
             self.manager.start_quorum(timeout=timedelta(seconds=max(1.0, deadline - time.monotonic())))
             step = self._step()  # after healing: the peers' step
             weight = 1.0 if self.trained and not self._healed_now else 0.0
-            assert self.comm is not None
-            engine.num_groups, engine.group_index = self.comm.size, self.comm.rank
+            assert self.comm is not None and engine.cross is self.comm  # the engine reads the quorum from it
             record = {"step": step, "participants": self.comm.size, "weight": weight, "healed": self._healed_now}
             try:
                 result = engine.sync(weight=weight)

@@ -187,7 +187,6 @@ class OuterSync:
         self.compression = compression
         self.device = self.tensors[0].device
         self.state_device = torch.device(state_device) if state_device is not None else self.device
-        self.num_groups, self.group_index = self.cross.size, self.cross.rank
         self.layout = Layout([t.numel() for t in self.tensors], self.shard.size if self.shard else 1,
                              self.shard.rank if self.shard else 0, fragments, fragment_sizes)
         self.pending: dict[Optional[int], Reduction] = {}
@@ -213,6 +212,17 @@ class OuterSync:
         self.num_syncs = 0
         self.bytes_sent = 0
         self.reset_snapshot()
+
+    @property
+    def num_groups(self) -> int:
+        """Worker groups taking part in a sync: the cross communicator's size. The communicator owns membership (a
+        fault-tolerant transport's changes from one quorum to the next); nothing else sets it."""
+        return self.cross.size
+
+    @property
+    def group_index(self) -> int:
+        """This group's index among them: the cross communicator's rank."""
+        return self.cross.rank
 
     @property
     def communicators(self) -> list[Communicator]:
