@@ -213,6 +213,21 @@ class OuterSync:
         self.bytes_sent = 0
         self.reset_snapshot()
 
+    def rebind(self, tensors: Sequence[Tensor]) -> None:
+        """Point the sync at new live tensors holding the same elements, e.g. partitions or shards an inner strategy
+        re-created (a checkpoint load, a re-view of sharded storage). Refused unless they match the layout: the same
+        number of tensors, each with the same number of elements, on the same device."""
+        tensors = list(tensors)
+        numels = [t.numel() for t in tensors]
+        if numels != self.layout.numels:
+            raise ValueError(f"OuterSync.rebind: the new tensors hold {numels} elements, the sync was built for "
+                             f"{self.layout.numels}; build a new OuterSync for another model or layout.")
+        devices = {t.device for t in tensors}
+        if devices != {self.device}:
+            raise ValueError(f"OuterSync.rebind: the new tensors are on {sorted(map(str, devices))}, the sync's "
+                             f"workspace on {self.device}.")
+        self.tensors = tensors
+
     @property
     def num_groups(self) -> int:
         """Worker groups taking part in a sync: the cross communicator's size. The communicator owns membership (a

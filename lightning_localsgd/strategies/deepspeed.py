@@ -455,7 +455,7 @@ class LocalSGDDeepSpeedStrategy(LocalSGDMixin, DeepSpeedStrategy):
     @override
     def before_local_sgd_sync(self) -> None:
         assert self.outer_sync is not None
-        self.outer_sync.tensors = master_partitions(self.zero_optimizer)  # a checkpoint load may re-create them
+        self.outer_sync.rebind(master_partitions(self.zero_optimizer))  # a checkpoint load may re-create them
 
     @override
     def after_local_sgd_sync(self) -> None:
@@ -542,7 +542,7 @@ class LocalSGDDeepSpeedStrategy(LocalSGDMixin, DeepSpeedStrategy):
         if fitting and mine is not None:
             self.training_state.load_rank_state(mine, layout)
             if self.outer_sync is not None:
-                self.outer_sync.tensors = master_partitions(self.zero_optimizer)
+                self.outer_sync.rebind(master_partitions(self.zero_optimizer))
         return checkpoint
 
     @classmethod

@@ -278,7 +278,7 @@ class LocalSGDFSDPStrategy(LocalSGDMixin, ModelParallelStrategy):
     def before_local_sgd_sync(self) -> None:
         assert self.outer_sync is not None and self.lightning_module is not None
         reshard(self.lightning_module)  # e.g. the train-end sync right after a validation pass
-        self.outer_sync.tensors = self.local_sgd_tensors()[0]  # FSDP may re-view its sharded storage
+        self.outer_sync.rebind(self.local_sgd_tensors()[0])  # FSDP may re-view its sharded storage
 
     # ------------------------------------------------------------------ steps
     def _step(self, method: str, context: Callable[[], ContextManager[Any]], *args: Any, **kwargs: Any) -> Any:

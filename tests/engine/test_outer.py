@@ -205,3 +205,24 @@ def test_state_dict_round_trip_and_layout_check():
             OuterSync([t.clone() for t in initial()]).load_state_dict(engine.state_dict())
     finally:
         dist.destroy_process_group()
+
+
+def test_rebind_takes_new_tensors_of_the_same_layout_only():
+    if not dist.is_initialized():
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        params = [t.clone() for t in initial()]
+        engine = OuterSync(params, outer_optimizer=resolve_outer_optimizer("average"))
+        fresh = [t.clone() + 1.0 for t in initial()]  # e.g. partitions re-created by a checkpoint load
+        engine.rebind(fresh)
+        engine.sync()  # one group: θ_g becomes the new tensors' values, written back into them
+        assert _close(engine.snapshot, [t + 1.0 for t in initial()], 0)
+        assert _close(fresh, [t + 1.0 for t in initial()], 0) and _close(params, initial(), 0)
+        with pytest.raises(ValueError, match=r"hold \[15, 6\] elements, the sync was built for \[15, 7\]"):
+            engine.rebind([torch.zeros(5, 3), torch.zeros(6)])
+        with pytest.raises(ValueError, match="on \\['meta'\\]"):
+            engine.rebind([torch.zeros(5, 3, device="meta"), torch.zeros(7, device="meta")])
+    finally:
+        dist.destroy_process_group()
+
