@@ -38,7 +38,7 @@ def run_tiny(out: Path, devices: int = 2, expect_fail: bool = False, timeout: in
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, str(worker), "--devices", str(devices), "--out", str(out), *worker_flags(options)]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    for var in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+    for var in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "RANK"):
         env.pop(var, None)
     if _forkserver.enabled():
         proc = _forkserver.run_ranks(cmd, devices, capture_output=True, text=True, timeout=timeout, env=env)
@@ -48,7 +48,7 @@ def run_tiny(out: Path, devices: int = 2, expect_fail: bool = False, timeout: in
         assert proc.returncode != 0, proc.stdout[-3000:]
         return [{"stderr": proc.stderr, "stdout": proc.stdout}]
     assert proc.returncode == 0, f"worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(devices)]
+    return [torch.load(out / f"rank{r}.pt", weights_only=False, map_location="cpu") for r in range(devices)]
 
 
 def strip(params: dict) -> dict:

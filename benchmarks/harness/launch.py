@@ -76,14 +76,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def shared_gpu_rank_env(rank: int, world: int, port: int | str) -> dict[str, str]:
+    """torchelastic's variables for rank ``rank`` of ``world`` ranks sharing one GPU: each is told it is the only rank
+    (local rank 0) of its own node, so that ``Trainer(devices=1, num_nodes=world)`` puts every rank on ``cuda:0``."""
+    return {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world), "RANK": str(rank),
+            "GROUP_RANK": str(rank), "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "NODE_RANK": str(rank)}
+
+
 def _run_shared(cmd: list[str], world: int, timeout: float) -> tuple[int, str]:
     """``world`` copies of ``cmd`` as the ranks of one job on one machine, each told it is the only rank of its node
     (torchelastic's variables), so that every rank takes ``cuda:0``: :func:`launch` with ``share_gpu``."""
     port = str(free_port())
     procs = []
     for rank in range(world):
-        env = {**worker_env(), "MASTER_PORT": port, "WORLD_SIZE": str(world), "RANK": str(rank),
-               "GROUP_RANK": str(rank), "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "NODE_RANK": str(rank)}
+        env = {**worker_env(), **shared_gpu_rank_env(rank, world, port)}
         procs.append(subprocess.Popen(cmd, env=env, cwd=str(ROOT), stdout=subprocess.PIPE if rank == 0 else
                                       subprocess.DEVNULL, stderr=subprocess.STDOUT))
     try:

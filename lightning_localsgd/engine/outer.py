@@ -198,9 +198,9 @@ class OuterSync:
         # of one flat tensor (a fragment's θ_g is a view of it, never a copy).
         # θ_g in host memory for an accelerator's parameters: page-locked, so that the copies to and from the device
         # are direct transfers (pageable memory measured 26x slower than the bandwidth limit on an H200: docs/gpu.md)
-        pin = self.state_device.type == "cpu" and self.device.type != "cpu"
+        self._host_state = self.state_device.type == "cpu" and self.device.type != "cpu"
         self._flat = torch.empty(self.layout.owned_numel, dtype=torch.float32, device=self.state_device,
-                                 pin_memory=pin)
+                                 pin_memory=self._host_state)
         self._host_mean: Optional[Tensor] = None
         """Host-resident state: the page-locked buffer the mean is copied into (allocated at the first sync)."""
         self.snapshot: list[torch.nn.Parameter] = []
@@ -358,7 +358,7 @@ class OuterSync:
     def _to_state_device(self, mean: Tensor, frag: Fragment) -> Tensor:
         """The mean on the state device. Host-resident state: copied into one persistent page-locked buffer (a new
         pageable tensor per sync costs its page faults at every sync, seconds at 1B parameters)."""
-        if mean.device == self.state_device or self.state_device.type != "cpu":
+        if not self._host_state:
             return mean.to(self.state_device)
         if self._host_mean is None:
             self._host_mean = torch.empty(self.layout.owned_numel, dtype=torch.float32, pin_memory=True)

@@ -12,7 +12,10 @@ from pathlib import Path
 import torch
 
 from _forkserver import free_port
-from _launch import worker_flags
+from _launch import run_tiny, worker_flags
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from harness.launch import shared_gpu_rank_env  # noqa: E402  (one definition of a shared-GPU rank's variables)
 
 WORKER = Path(__file__).resolve().parent.parent / "workers" / "train_tiny.py"
 ON_CPU = os.environ.get("LOCALSGD_CUDA_TESTS_ON_CPU") == "1"
@@ -26,20 +29,10 @@ def use_device() -> None:
         torch.cuda.set_device(0)
 
 
-
-
 def run_on_gpus(out: Path, world: int, timeout: float = 240, **options) -> list[dict]:
-    """Run tests/workers/train_tiny.py on ``world`` GPUs, one rank each, over NCCL (Lightning's launcher starts the
-    ranks); on the CPU (``ON_CPU``) over gloo. Returns each rank's dump with its tensors on the CPU."""
-    out.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, str(WORKER), "--accelerator", "cpu" if ON_CPU else "cuda", "--devices", str(world),
-           "--backend", "gloo" if ON_CPU else "nccl", "--out", str(out), *worker_flags(options)]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    for var in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "RANK"):
-        env.pop(var, None)
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return [torch.load(out / f"rank{r}.pt", weights_only=False, map_location="cpu") for r in range(world)]
+    """Run tests/workers/train_tiny.py on ``world`` GPUs, one rank each, over NCCL (on the CPU, ``ON_CPU``: gloo)."""
+    return run_tiny(out, devices=world, timeout=timeout, accelerator="cpu" if ON_CPU else "cuda",
+                    backend="gloo" if ON_CPU else "nccl", **options)
 
 
 def gpus_available(n: int) -> bool:
@@ -53,23 +46,23 @@ def run_on_gpu(out: Path, world: int = 2, timeout: float = 240, **options) -> li
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, str(WORKER), "--accelerator", "cpu" if ON_CPU else "cuda", "--devices", "1", "--num-nodes", str(world),
            "--out", str(out), *worker_flags(options)]
-    port = str(free_port())
-    procs = []
+    port = free_port()
+    procs, logs = [], []
     for rank in range(world):
-        # torchelastic's variables: every rank is local rank 0 of its node, hence on cuda:0
-        env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": port, "WORLD_SIZE": str(world), "RANK": str(rank), "GROUP_RANK": str(rank),
-               "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "NODE_RANK": str(rank)}
+        env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1",
+               **shared_gpu_rank_env(rank, world, port)}
         if ON_CPU:
             env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed's CPU accelerator, as tests/strategies/test_deepspeed.py
-        log = open(out / f"log{rank}.txt", "w")
-        procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
+        logs.append(open(out / f"log{rank}.txt", "w"))
+        procs.append(subprocess.Popen(cmd, env=env, stdout=logs[-1], stderr=subprocess.STDOUT))
     try:
         codes = [p.wait(timeout=timeout) for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    logs = "\n".join(f"--- rank {r}\n" + (out / f"log{r}.txt").read_text()[-4000:] for r in range(world))
-    assert not any(codes), f"ranks exited with {codes}:\n{logs}"
+        for log in logs:
+            log.close()
+    text = "\n".join(f"--- rank {r}\n" + (out / f"log{r}.txt").read_text()[-4000:] for r in range(world))
+    assert not any(codes), f"ranks exited with {codes}:\n{text}"
     return [torch.load(out / f"rank{r}.pt", weights_only=False, map_location="cpu") for r in range(world)]

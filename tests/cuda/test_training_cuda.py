@@ -11,10 +11,12 @@ the largest difference seen, so that docs/gpu.md can report it.
 from __future__ import annotations
 
 import importlib.util
+import math
 
 import pytest
 import torch
 
+from lightning_localsgd.engine.codecs import payload_bytes
 from _launch import assert_resume_exact, max_diff, run_tiny, strip
 from _gpu import DEVICE, gpus_available, run_on_gpu, run_on_gpus
 from reference import simulate, simulate_streaming
@@ -81,10 +83,6 @@ def test_compressed_sync_on_one_gpu_matches_the_cpu_run(tmp_path):
     opts = dict(sync_every=2, steps=6, compression="int8", outer="diloco", inner="adamw", seed_by_rank=True)
     gpu = run_on_gpu(tmp_path / "gpu", world=2, **opts)
     cpu = run_tiny(tmp_path / "cpu", devices=2, **opts)
-    import math
-
-    from lightning_localsgd.engine.codecs import payload_bytes
-
     assert gpu[0]["info"]["bytes_sent"] == cpu[0]["info"]["bytes_sent"] == 3 * 2 * payload_bytes("int8", math.ceil(49 / 2))
     assert max_diff(gpu[0]["final"], gpu[1]["final"]) == 0.0
     diff = max_diff(gpu[0]["final"], cpu[0]["final"])
