@@ -417,33 +417,28 @@ class Popen:
         self._proc = None
         to_close: list[int] = []
 
-        def fd_for(spec, default: int, mode: str) -> int:
+        pipes: dict[str, int] = {}
+
+        def fd_for(spec, default: int, name: str) -> int:
+            """The child's descriptor for ``name`` (stdin / stdout / stderr), as subprocess reads ``spec``."""
             if spec is None:
                 return default
             if spec == DEVNULL:
                 fd = os.open(os.devnull, os.O_RDWR)
                 to_close.append(fd)
                 return fd
+            if spec == PIPE:  # the parent reads the other end
+                r, w = os.pipe()
+                pipes[name] = r
+                to_close.append(w)
+                return w
             if isinstance(spec, int):
                 return spec
             return spec.fileno()
 
-        pipes: dict[str, int] = {}
-        in_fd = fd_for(stdin if stdin is not None else DEVNULL, 0, "r")
-        if stdout == PIPE:
-            r, w = os.pipe()
-            pipes["stdout"], out_fd = r, w
-            to_close.append(w)
-        else:
-            out_fd = fd_for(stdout, 1, "w")
-        if stderr == STDOUT:
-            err_fd = out_fd
-        elif stderr == PIPE:
-            r, w = os.pipe()
-            pipes["stderr"], err_fd = r, w
-            to_close.append(w)
-        else:
-            err_fd = fd_for(stderr, 2, "w")
+        in_fd = fd_for(stdin if stdin is not None else DEVNULL, 0, "stdin")
+        out_fd = fd_for(stdout, 1, "stdout")
+        err_fd = out_fd if stderr == STDOUT else fd_for(stderr, 2, "stderr")
         kind, target, args = parsed
         request = {"kind": kind, "target": target, "args": args, "env": env,
                    "cwd": os.path.abspath(cwd) if cwd is not None else os.getcwd()}
