@@ -37,12 +37,12 @@ class DirectSyncs:
     :class:`~lightning_localsgd.federation.Federation` is the other one (each attempt over a quorum, its commit voted,
     a failed attempt redone or dropped). A feature (compression, streaming, ...) is written once, against them."""
 
-    def start(self, engine: OuterSync, fragment: Optional[int] = None, weight: Optional[float] = None,
+    def start_sync(self, engine: OuterSync, fragment: Optional[int] = None, weight: Optional[float] = None,
               stop: Optional[bool] = None) -> None:
         """Launch the sync of ``fragment`` (``None``: every parameter)."""
         engine.start_sync(fragment, weight=weight, stop=stop)
 
-    def finish(self, engine: OuterSync, fragment: Optional[int] = None, mix: float = 0.0) -> Optional[SyncResult]:
+    def finish_sync(self, engine: OuterSync, fragment: Optional[int] = None, mix: float = 0.0) -> Optional[SyncResult]:
         """Apply it; ``None`` when the transport dropped it (θ_g and the parameters untouched)."""
         return engine.finish_sync(fragment, mix=mix)
 
@@ -179,7 +179,7 @@ class LocalSGDController:
         if self.outer_sync.pending:
             with self._guarded():  # streaming: the fragments still in flight, in the order they were started
                 for f in sorted(self.outer_sync.pending, key=lambda f: -1 if f is None else f):
-                    result = self.syncs.finish(self.outer_sync, f, mix=self.config.overlap_mix)
+                    result = self.syncs.finish_sync(self.outer_sync, f, mix=self.config.overlap_mix)
                     if result is not None:
                         self._record(result)
         if self.config.sync_on_train_end and self.schedule.needs_final_sync():
@@ -219,9 +219,9 @@ class LocalSGDController:
         assert self.outer_sync is not None
         with self._guarded():
             for f in starting:
-                self.syncs.start(self.outer_sync, f)
+                self.syncs.start_sync(self.outer_sync, f)
             for f in finishing:
-                result = self.syncs.finish(self.outer_sync, f, mix=self.config.overlap_mix)
+                result = self.syncs.finish_sync(self.outer_sync, f, mix=self.config.overlap_mix)
                 if result is not None:  # None: dropped by the transport, the fragment syncs again at its next turn
                     self._record(result)
 

@@ -184,7 +184,7 @@ class TorchftCommunicator(Communicator):
         return None
 
     def all_gather(self, output: Tensor, input: Tensor) -> None:
-        from torch.distributed import AllgatherOptions
+        from torch.distributed.distributed_c10d import AllgatherOptions
 
         # gloo's allgather into one list of views of ``output``, in member order (the managed PG's ranks are the
         # quorum's participating ranks)
@@ -207,6 +207,7 @@ class _Attempt:
     stop: Optional[bool]
     deadline: float
     began: float
+    inner_steps: int
 
 
 class Federation:
@@ -226,8 +227,10 @@ class Federation:
         self.comm: Optional[TorchftCommunicator] = None
         self.strategy: Any = None
         self.trainer: Optional["Trainer"] = None
-        self.trained = False
-        """Whether this group took inner steps since its last sync (its weight in the next mean)."""
+        self.inner_steps = 0
+        """Inner steps this group took (``trained = True`` after each one counts it)."""
+        self._synced_at: dict[Optional[int], int] = {None: 0}
+        """:attr:`inner_steps` when each fragment's last committed sync started (``None``: every parameter's)."""
         self.healed_from_peer = 0
         """How many times this group loaded a live peer's state."""
         self.attempts: list[dict[str, Any]] = []
@@ -264,10 +267,36 @@ class Federation:
             self.manager.shutdown(wait=False)
             self.manager = None
 
+    # ------------------------------------------------------------------ weights
+    @property
+    def trained(self) -> bool:
+        """Whether this group took inner steps since its last sync. Set it True after every inner step; False
+        forgets them (a group that joins weighs 0 until it trains)."""
+        return self.inner_steps > max(self._synced_at.values())
+
+    @trained.setter
+    def trained(self, value: bool) -> None:
+        if value:
+            self.inner_steps += 1
+        else:
+            self._synced_at = {None: self.inner_steps}
+
+    def _trained_for(self, engine: OuterSync, fragment: Optional[int]) -> bool:
+        """Whether the values this sync sends moved since they were last synced: one fragment's, or (a sync of every
+        parameter) any fragment's. This group's weight in that sync is 0 otherwise."""
+        units = [fragment] if fragment is not None else range(engine.num_fragments)
+        since_all = self._synced_at.get(None, -1)
+        return any(self.inner_steps > max(self._synced_at.get(u, -1), since_all) for u in units)
+
+    def _committed(self, fragment: Optional[int], inner_steps: int) -> None:
+        if fragment is None:
+            self._synced_at = {None: inner_steps}
+        else:
+            self._synced_at[fragment] = inner_steps
+
     # ------------------------------------------------------------------ syncs
-    # The controller runs every sync through start / finish / sync (as it does :class:`~..controller.DirectSyncs`'s
-    # in one world): each started sync is one quorum and one commit vote, whether it is a sync of every parameter or
-    # one fragment's (streaming). A failed attempt leaves θ_g, the outer state and the error feedback as they were;
+    # The controller runs every sync through start_sync / finish_sync / sync (as it does DirectSyncs' in one world):
+    # each started sync is one quorum and one commit vote, whether it is a sync of every parameter or one fragment's. A failed attempt leaves θ_g, the outer state and the error feedback as they were;
     # it is redone over a new quorum when no inner step ran since it started (a whole sync, a fragment without
     # overlap), and dropped otherwise (a fragment with overlap: θ_i moved on; that fragment syncs at its next turn).
     def join(self, engine: OuterSync) -> None:
@@ -277,19 +306,19 @@ class Federation:
         self.trained = False
         for fragment in list(engine.pending):  # syncs in flight from a checkpoint: their quorum is gone
             engine.drop_sync(fragment)
-        fragment = self.start(engine, joining=True)
+        fragment = self.start_sync(engine, joining=True)
         if fragment is None or not self._overlaps():
-            self.finish(engine, fragment)
+            self.finish_sync(engine, fragment)
 
     def sync(self, engine: OuterSync, weight: Optional[float] = None, stop: Optional[bool] = None) -> SyncResult:
         """One sync of every parameter over the groups of a quorum; a failed attempt is redone with a new quorum
         until the timeout."""
-        self.start(engine, None, weight, stop)
-        result = self.finish(engine, None)
+        self.start_sync(engine, None, weight, stop)
+        result = self.finish_sync(engine, None)
         assert result is not None  # no inner step between its start and finish: redone, never dropped
         return result
 
-    def start(self, engine: OuterSync, fragment: Optional[int] = None, weight: Optional[float] = None,
+    def start_sync(self, engine: OuterSync, fragment: Optional[int] = None, weight: Optional[float] = None,
               stop: Optional[bool] = None, joining: bool = False, deadline: Optional[float] = None) -> Optional[int]:
         """Form a quorum and launch the sync of ``fragment`` over it (``joining``: of what the peers sync, if this
         quorum healed this group); redone with a new quorum until it launches or ``sync_timeout`` passes. This
@@ -304,10 +333,11 @@ class Federation:
             if joining and self._healed_now:
                 fragment = self._unit = self._peer_unit
             assert self.comm is not None and engine.cross is self.comm  # the engine reads the quorum from it
-            trained = self.trained and not self._healed_now
+            trained = self._trained_for(engine, fragment) and not self._healed_now
             own = (1.0 if weight is None else float(weight)) if trained else 0.0
             attempt = _Attempt({"step": self._step(), "fragment": fragment, "participants": self.comm.size,
-                                "weight": own, "healed": self._healed_now}, weight, stop, deadline, began)
+                                "rank": self.comm.rank, "weight": own, "healed": self._healed_now}, weight, stop,
+                               deadline, began, self.inner_steps)
             try:
                 engine.start_sync(fragment, weight=own, stop=stop)
             except Exception as err:
@@ -318,9 +348,10 @@ class Federation:
             self._open[fragment] = attempt
             return fragment
 
-    def finish(self, engine: OuterSync, fragment: Optional[int] = None, mix: float = 0.0) -> Optional[SyncResult]:
-        """Apply the sync :meth:`start` launched, if the quorum's vote says so. A failed attempt is redone (no inner
-        step since its start) or dropped (``None``: θ_g, the outer state, the error feedback and the parameters as
+    def finish_sync(self, engine: OuterSync, fragment: Optional[int] = None,
+                    mix: float = 0.0) -> Optional[SyncResult]:
+        """Apply the sync :meth:`start_sync` launched, if the quorum's vote says so. A failed attempt is redone (no
+        inner step since its start) or dropped (``None``: θ_g, the outer state, the error feedback and the parameters as
         they were)."""
         while True:
             attempt = self._open.pop(fragment)
@@ -335,11 +366,11 @@ class Federation:
                                 "at its next turn")
                     return None
                 self._pause_or_give_up(attempt, err)
-                self.start(engine, fragment, attempt.weight, attempt.stop, deadline=attempt.deadline)
+                self.start_sync(engine, fragment, attempt.weight, attempt.stop, deadline=attempt.deadline)
                 continue
             attempt.record.update(committed=True, seconds=time.perf_counter() - attempt.began)
             self.attempts.append(attempt.record)
-            self.trained = False
+            self._committed(fragment, attempt.inner_steps)
             return result
 
     def _failed(self, attempt: "_Attempt", err: BaseException) -> bool:
