@@ -134,22 +134,24 @@ def federated_reference(dumps: dict[str, dict], codec: str | None = None, fragme
                     if k in names:
                         p.copy_(alpha * p + (1 - alpha) * theta_g[k] if alpha else theta_g[k])
 
+    for g, d in dumps.items():
+        if d["start_step"] == 0:
+            nets[g] = copy.deepcopy(base)
     for t in range(1, STEPS + 1):
-        for g, d in dumps.items():  # a restarted group enters with its healed parameters, at its start step
-            if d["start_step"] == t - 1 and g not in nets:
-                net = copy.deepcopy(base)
-                with torch.no_grad():
-                    for k, p in net.named_parameters():
-                        p.copy_(d["start_params"]["model." + k])
-                nets[g] = net
         for g, net in nets.items():
-            if t <= last_step(g) and dumps[g]["start_step"] < t:
+            if t <= last_step(g):
                 opt = torch.optim.SGD(net.parameters(), lr=0.1)
                 x, y = batches[g][cursor[g]][0]
                 cursor[g] += 1
                 opt.zero_grad()
                 F.mse_loss(net(x), y).backward()
                 opt.step()
+        for g, d in dumps.items():  # a restarted group enters at the sync it healed in, with a live peer's θ_i
+            if d["start_step"] == t and t > 0:
+                nets[g] = copy.deepcopy(base)
+                with torch.no_grad():
+                    for k, p in nets[g].named_parameters():
+                        p.copy_(d["start_params"]["model." + k])
         if streaming:
             for f in starts_at(t, fragments):
                 in_flight[f] = (frags[f], *start(t, f, frags[f]))
@@ -236,3 +238,62 @@ def test_two_jobs_streaming_with_overlap_match_the_hand_reference(tmp_path, ligh
     check(dumps, ref, ["g0", "g1"])
     # a fragment's parameters really moved on between its start and its application (so τ and α matter)
     assert max_diff(params_at(dumps["g0"], 3), params_at(dumps["g1"], 3)) > 1e-4
+
+
+@pytest.mark.slow
+def test_three_jobs_one_killed_inside_a_compressed_fragment_sync_then_restarted_heals(tmp_path, lighthouse):
+    """int8 + 2 fragments, τ=1, α=0.5, DiLoCo, H=4, 12 steps, 3 jobs. g2 SIGKILLs itself inside the all-to-all of
+    fragment 0's sync started at step 6 (a quorum of all three). g0 and g1: that attempt fails when they apply it at
+    step 7 and is dropped (θ_g, the outer momentum and the error feedback as they were; inner steps had run since its
+    start); g2 restarted with the same group_id heals at fragment 1's sync of step 8 from a live peer (its θ_i, with
+    zero error feedback), takes part in it with weight 0 and applies it at step 9 like the others. Every step of
+    every job equals the hand reference and the three jobs end identical."""
+    address = lighthouse(2)
+    opts = dict(outer="diloco", compression="int8", fragments=2, overlap_steps=1, overlap_mix=0.5)
+    procs = [launch(tmp_path, address, g, barrier=3, wait_for="g2r", wait_at_step=7,
+                    die_in_sync_at_step=6 if g == 2 else -1, **opts) for g in range(3)]
+    try:
+        assert procs[2].wait(timeout=150) == -signal.SIGKILL, (tmp_path / "g2.log").read_text()[-3000:]
+        killed_at = time.monotonic()
+        procs.append(launch(tmp_path, address, 2, name="g2r", **opts))
+        codes = wait_all([procs[0], procs[1], procs[3]], tmp_path)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(timeout=30)
+    assert codes == [0, 0, 0], "\n".join((tmp_path / f"{n}.log").read_text()[-2000:] for n in ("g0", "g1", "g2r"))
+    print(f"restarted job ran {time.monotonic() - killed_at:.1f} s")
+    dumps = {name: load(tmp_path, name) for name in ("g0", "g1", "g2", "g2r")}
+    killed, restarted = dumps["g2"], dumps["g2r"]
+
+    assert killed["killed"] and killed["global_step"] == 6 and killed["reduces"][-1]["participants"] == 3
+    f0 = slice(0, sum(SIZES[: len(reference_fragments(NAMES, SIZES, 2)[0])]))  # fragment 0's elements
+    for name in ("g0", "g1"):
+        d = dumps[name]
+        assert d["global_step"] == STEPS and d["healed"] == 0
+        failed = records(d, 6, 0)
+        assert len(failed) == 1 and not failed[0]["committed"] and failed[0]["participants"] == 3, d["attempts"]
+        assert "by peer" in failed[0]["error"] or "Connection" in failed[0]["error"], failed
+        joined = records(d, 8, 1)
+        assert [(a["participants"], a["weight"], a["committed"]) for a in joined] == [(3, 1.0, True)], joined
+        # θ_g, momentum and error feedback of fragment 0 untouched by the dropped attempt: at fragment 0's next
+        # start (step 10) as they were when the failed one started (step 6)
+        at6, at10 = ([r for r in d["reduces"] if r["step"] == s][0] for s in (6, 10))
+        assert torch.equal(at6["snapshot"][0], at10["snapshot"][0])  # net1.weight: fragment 0
+        assert torch.equal(at6["momentum"][0], at10["momentum"][0])
+        assert torch.equal(at6["error"][f0], at10["error"][f0]) and float(at6["error"][f0].abs().max()) > 0
+    # the restarted job healed before its first step, from a live peer's parameters, with zero error feedback
+    heal = records(restarted, 8, 1)
+    assert [(a["healed"], a["weight"], a["committed"]) for a in heal] == [(True, 0.0, True)], restarted["attempts"]
+    assert restarted["healed"] == 1 and restarted["start_step"] == 8 and restarted["global_step"] == STEPS
+    start = {k.removeprefix("model."): v for k, v in restarted["start_params"].items()}
+    assert any(max_diff(start, params_at(dumps[p], 8)) == 0.0 for p in ("g0", "g1"))
+    assert restarted["start_error"] is not None and float(restarted["start_error"].abs().max()) == 0.0
+    assert float(dumps["g0"]["reduces"][-1]["error"].abs().max()) > 0  # the peers' own is not zero
+    assert records(restarted, 10, 0)[0]["weight"] == 1.0  # then it weighs in
+    # values: every step equals the hand reference; all end identical
+    ref = federated_reference(dumps, codec="int8", fragments=2, overlap=1, mix=0.5)
+    check(dumps, ref, ["g0", "g1", "g2r"])
+    for name in ("g1", "g2r"):
+        assert all(torch.equal(dumps[name]["final"][k], dumps["g0"]["final"][k]) for k in dumps["g0"]["final"])
+        assert all(torch.equal(x, y) for x, y in zip(dumps[name]["snapshot"], dumps["g0"]["snapshot"]))
