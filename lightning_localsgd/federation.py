@@ -16,7 +16,17 @@ state and ``θ_i`` untouched; it is then redone with a new quorum of the groups 
 **Healing.** A job starting while others run (new, or restarted with the same ``group_id``) joins at its
 ``on_train_start``: its manager is behind the others', so torchft fetches one live peer's state (its
 :class:`~lightning_localsgd.state.TrainingState`, the same state a checkpoint holds: inner model and optimizers, LR
-schedulers, ``θ_g``, outer optimizer state, schedule and trainer counters) and loads it on the training thread before that quorum's sync, in which the joiner weighs 0.
+schedulers, ``θ_g``, outer optimizer state, schedule and trainer counters; not the error feedback of compressed
+syncs, which starts from zero) and loads it on the training thread before that quorum's sync, in which the joiner
+weighs 0.
+
+**Every feature, one code path.** :class:`TorchftCommunicator` implements the whole
+:class:`~lightning_localsgd.engine.comm.Communicator` interface (all-reduce, all-to-all, all-gather, commit vote), so
+compressed syncs (the two-phase compressed all-reduce) and streaming syncs run on the engine unchanged. The
+controller starts and applies every sync through :meth:`Federation.start_sync` / :meth:`Federation.finish_sync`:
+each started sync (every parameter, or one streaming fragment) is one quorum and one commit; a failed attempt is
+redone when no inner step ran since it started and dropped otherwise (``θ_g`` untouched; the fragment syncs at its
+next turn).
 """
 
 from __future__ import annotations
