@@ -306,9 +306,10 @@ class Federation:
 
     # ------------------------------------------------------------------ syncs
     # The controller runs every sync through start_sync / finish_sync / sync (as it does DirectSyncs' in one world):
-    # each started sync is one quorum and one commit vote, whether it is a sync of every parameter or one fragment's. A failed attempt leaves θ_g, the outer state and the error feedback as they were;
-    # it is redone over a new quorum when no inner step ran since it started (a whole sync, a fragment without
-    # overlap), and dropped otherwise (a fragment with overlap: θ_i moved on; that fragment syncs at its next turn).
+    # each started sync is one quorum and one commit vote, whether it is a sync of every parameter or one fragment's.
+    # A failed attempt leaves θ_g, the outer state and the error feedback as they were; it is redone over a new quorum
+    # when no inner step ran since it started (a whole sync, a fragment without overlap), and dropped otherwise (a
+    # fragment with overlap: θ_i moved on; that fragment syncs at its next turn).
     def join(self, engine: OuterSync) -> None:
         """At ``on_train_start``: one quorum, weight 0. Heals from a live peer when the others are ahead, then takes
         part in what the others sync in that quorum: every parameter, or, mid-stream, the fragment they start (then
@@ -329,7 +330,8 @@ class Federation:
         return result
 
     def start_sync(self, engine: OuterSync, fragment: Optional[int] = None, weight: Optional[float] = None,
-              stop: Optional[bool] = None, joining: bool = False, deadline: Optional[float] = None) -> Optional[int]:
+                   stop: Optional[bool] = None, joining: bool = False,
+                   deadline: Optional[float] = None) -> Optional[int]:
         """Form a quorum and launch the sync of ``fragment`` over it (``joining``: of what the peers sync, if this
         quorum healed this group); redone with a new quorum until it launches or ``sync_timeout`` passes. This
         group's weight: ``weight`` (``None``: 1) if it trained since its last sync and did not heal now, else 0.

@@ -40,13 +40,15 @@ class PeerPG:
     def alltoall_base(self, output, input, output_split_sizes, input_split_sizes, opts):
         self.calls.append(("alltoall_base", output_split_sizes, input_split_sizes))
         half = input.numel() // 2
-        mine, theirs = input[self.rank * half : (self.rank + 1) * half], self.peer[self.rank * half : (self.rank + 1) * half]
+        lo, hi = self.rank * half, (self.rank + 1) * half
+        mine, theirs = input[lo:hi], self.peer[lo:hi]
         output.copy_(torch.cat([mine, theirs] if self.rank == 0 else [theirs, mine]))
         return _Work(self.fail)
 
     def allgather(self, output_lists, input_list, opts):
         self.calls.append(("allgather", len(output_lists[0])))
-        for out, value in zip(output_lists[0], [input_list[0], self.peer] if self.rank == 0 else [self.peer, input_list[0]]):
+        values = [input_list[0], self.peer] if self.rank == 0 else [self.peer, input_list[0]]
+        for out, value in zip(output_lists[0], values):
             out.copy_(value)
         return _Work(self.fail)
 
@@ -300,8 +302,10 @@ def test_healing_state_sends_no_error_feedback_and_names_the_fragment_of_the_quo
     engine.tensors[0].data.add_(torch.linspace(-1, 1, N))
     engine.sync(weight=1.0)  # alone: the codec's residuals are kept all the same
     assert float(engine.compressor.error.abs().max()) > 0 and engine.compressor.mean_error
-    capture = lambda: {"kind": "replica", "group": {}, "rank": {"outer": engine.state_dict(), "cluster": None},  # noqa: E731
-                       "counters": {}}
+    def capture():
+        return {"kind": "replica", "group": {}, "rank": {"outer": engine.state_dict(), "cluster": None},
+                "counters": {}}
+
     fed = Federation("127.0.0.1:1", "g0", 1, 30.0)
     fed.strategy = SimpleNamespace(training_state=SimpleNamespace(capture=capture))
     fed._unit = 1  # this rank is starting fragment 1's sync
