@@ -72,7 +72,8 @@ ARGUMENT_DOCS: dict[str, str] = {
                  "Default 1.",
     "overlap_steps": "``τ``: a fragment's sync is started (its all-reduce launched asynchronously) and applied ``τ`` "
                      "inner steps later, so the communication runs behind those steps. Must be below "
-                     "``sync_every``. Default 0 (applied at once).",
+                     "``sync_every`` (with ``lighthouse``: below ``sync_every/fragments``, one quorum at a time). "
+                     "Default 0 (applied at once).",
     "overlap_mix": "``α`` of Streaming DiLoCo: with ``overlap_steps > 0`` a synced fragment continues from "
                    "``α·θ_local + (1−α)·θ_global`` (its local parameters took ``τ`` steps since the sync started). 0 "
                    "keeps only the global result; the paper uses 0.5. Default 0.",

@@ -23,11 +23,32 @@ from .engine.schedules import Action, TimeBasedSchedule
 from .reliability import SyncGuard
 from .topology import Topology
 
-__all__ = ["CHECKPOINT_KEY", "FORMAT_VERSION", "LocalSGDController"]
+__all__ = ["CHECKPOINT_KEY", "FORMAT_VERSION", "DirectSyncs", "LocalSGDController"]
 
 #: Where a checkpoint keeps the local-SGD state (a key of the checkpoint dict, or of its ``meta.pt``).
 CHECKPOINT_KEY = "local_sgd"
 FORMAT_VERSION = 1
+
+
+class DirectSyncs:
+    """How a sync runs over a fixed set of groups (one world): every attempt goes through, a failure is an error.
+
+    The controller runs every sync through an object with these three methods, whichever transport carries it;
+    :class:`~lightning_localsgd.federation.Federation` is the other one (each attempt over a quorum, its commit voted,
+    a failed attempt redone or dropped). A feature (compression, streaming, ...) is written once, against them."""
+
+    def start_sync(self, engine: OuterSync, fragment: Optional[int] = None, weight: Optional[float] = None,
+              stop: Optional[bool] = None) -> None:
+        """Launch the sync of ``fragment`` (``None``: every parameter)."""
+        engine.start_sync(fragment, weight=weight, stop=stop)
+
+    def finish_sync(self, engine: OuterSync, fragment: Optional[int] = None, mix: float = 0.0) -> Optional[SyncResult]:
+        """Apply it; ``None`` when the transport dropped it (θ_g and the parameters untouched)."""
+        return engine.finish_sync(fragment, mix=mix)
+
+    def sync(self, engine: OuterSync, weight: Optional[float] = None, stop: Optional[bool] = None) -> SyncResult:
+        """A sync of every parameter, started and applied now."""
+        return engine.sync(weight=weight, stop=stop)
 
 
 class LocalSGDController:
@@ -52,8 +73,8 @@ class LocalSGDController:
         self.wants_to_stop: Callable[[], bool] = lambda: False
         """Time-based sync: whether this rank asks every group to stop at the next sync (a SIGTERM arrived)."""
         """Called on the ranks of a group whose values were not finite at a skipped sync (reset inner state)."""
-        self.run_sync: Callable[[OuterSync], SyncResult] = lambda engine: engine.sync()
-        """How a sync of all parameters runs (federated groups: over a quorum, retried; see ``federation``)."""
+        self.syncs: DirectSyncs = DirectSyncs()
+        """How the syncs of the cross-group level run: :class:`DirectSyncs`, or a federation's (over quorums)."""
         self._restored: Optional[tuple[Mapping[str, Any], Any, Any]] = None
 
     # ------------------------------------------------------------------ setup
@@ -158,7 +179,9 @@ class LocalSGDController:
         if self.outer_sync.pending:
             with self._guarded():  # streaming: the fragments still in flight, in the order they were started
                 for f in sorted(self.outer_sync.pending, key=lambda f: -1 if f is None else f):
-                    self._record(self.outer_sync.finish_sync(f, mix=self.config.overlap_mix))
+                    result = self.syncs.finish_sync(self.outer_sync, f, mix=self.config.overlap_mix)
+                    if result is not None:
+                        self._record(result)
         if self.config.sync_on_train_end and self.schedule.needs_final_sync():
             self.schedule.synced()
             self.sync(all_levels=True)
@@ -181,7 +204,7 @@ class LocalSGDController:
         assert self.outer_sync is not None
         cluster_result = None
         with self._guarded():
-            result = self.run_sync(self.outer_sync)
+            result = self.syncs.sync(self.outer_sync)
             if all_levels and self.cluster_sync is not None and not result.skipped:
                 # θ_c (level 1's snapshot) takes the level-2 outer step, then every group of the cluster follows it
                 cluster_result = self.cluster_sync.sync()
@@ -196,15 +219,17 @@ class LocalSGDController:
         assert self.outer_sync is not None
         with self._guarded():
             for f in starting:
-                self.outer_sync.start_sync(f)
+                self.syncs.start_sync(self.outer_sync, f)
             for f in finishing:
-                self._record(self.outer_sync.finish_sync(f, mix=self.config.overlap_mix))
+                result = self.syncs.finish_sync(self.outer_sync, f, mix=self.config.overlap_mix)
+                if result is not None:  # None: dropped by the transport, the fragment syncs again at its next turn
+                    self._record(result)
 
     def timed_sync(self, stop: bool) -> None:
         """Time-based sync: weight = tokens since the last sync; any group's ``stop`` ends training for all."""
         assert self.outer_sync is not None
         with self._guarded():
-            result = self.outer_sync.sync(weight=float(self.schedule.tokens_since_sync), stop=stop)
+            result = self.syncs.sync(self.outer_sync, weight=float(self.schedule.tokens_since_sync), stop=stop)
         self.schedule.synced()
         if result.stop_requested:
             self.stop_received = True

@@ -16,7 +16,17 @@ state and ``θ_i`` untouched; it is then redone with a new quorum of the groups 
 **Healing.** A job starting while others run (new, or restarted with the same ``group_id``) joins at its
 ``on_train_start``: its manager is behind the others', so torchft fetches one live peer's state (its
 :class:`~lightning_localsgd.state.TrainingState`, the same state a checkpoint holds: inner model and optimizers, LR
-schedulers, ``θ_g``, outer optimizer state, schedule and trainer counters) and loads it on the training thread before that quorum's sync, in which the joiner weighs 0.
+schedulers, ``θ_g``, outer optimizer state, schedule and trainer counters; not the error feedback of compressed
+syncs, which starts from zero) and loads it on the training thread before that quorum's sync, in which the joiner
+weighs 0.
+
+**Every feature, one code path.** :class:`TorchftCommunicator` implements the whole
+:class:`~lightning_localsgd.engine.comm.Communicator` interface (all-reduce, all-to-all, all-gather, commit vote), so
+compressed syncs (the two-phase compressed all-reduce) and streaming syncs run on the engine unchanged. The
+controller starts and applies every sync through :meth:`Federation.start_sync` / :meth:`Federation.finish_sync`:
+each started sync (every parameter, or one streaming fragment) is one quorum and one commit; a failed attempt is
+redone when no inner step ran since it started and dropped otherwise (``θ_g`` untouched; the fragment syncs at its
+next turn).
 """
 
 from __future__ import annotations
@@ -26,6 +36,7 @@ import os
 import socket
 import time
 import uuid
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -95,9 +106,6 @@ def refuse_unsupported(config: Any) -> None:
         "cluster_size": (config.cluster_size, None, "two-stage sync needs every cluster in one world; in federated "
                          "mode each job is one group: run one job per cluster instead"),
         "warmup_steps": (config.warmup_steps, 0, "warm-up averages gradients across groups at every step"),
-        "compression": (config.compression, None, "the weighted federated mean sends fp32"),
-        "fragments": (config.fragments, 1, "streaming syncs would straddle quorums"),
-        "overlap_steps": (config.overlap_steps, 0, "streaming syncs would straddle quorums"),
         "sync_every_seconds": (config.sync_every_seconds, None, "time-based sync is not supported across jobs yet"),
         "sync_schedule": (config.sync_schedule, None, "only the periodic schedule is supported across jobs"),
     }
@@ -105,6 +113,13 @@ def refuse_unsupported(config: Any) -> None:
         if value != default:
             raise ValueError(f"{name}={value!r} is not supported with lighthouse= (federated worker groups): {why}. "
                              f"Leave {name}={default!r}, or train in one world without lighthouse.")
+    gap = config.sync_every // max(1, config.fragments)  # steps between two fragments' starts
+    if config.overlap_steps >= gap:
+        raise ValueError(
+            f"overlap_steps={config.overlap_steps} with lighthouse= (federated worker groups) must be smaller than "
+            f"sync_every/fragments={gap}: each fragment's sync is one quorum of torchft's manager, which holds one "
+            f"quorum at a time, so a fragment's sync must be applied before the next one starts. Use overlap_steps <= "
+            f"{gap - 1}, or fewer fragments.")
 
 
 def federated_group_size(group_size: Optional[int], world_size: int) -> int:
@@ -169,16 +184,40 @@ class TorchftCommunicator(Communicator):
         return None
 
     def all_to_all(self, output: Tensor, input: Tensor, async_op: bool = False) -> Optional[Work]:
-        raise NotImplementedError("compressed syncs are refused in federated mode (compression=None).")
+        from torch.distributed import AllToAllOptions
+
+        # equal splits (empty split lists), as all_to_all_single: member j gets the j-th chunk of every input
+        work = self._run(lambda: self.manager._pg.alltoall_base(output, input, [], [], AllToAllOptions()))
+        if async_op:
+            return work
+        work.wait()
+        return None
 
     def all_gather(self, output: Tensor, input: Tensor) -> None:
-        raise NotImplementedError("compressed syncs are refused in federated mode (compression=None).")
+        from torch.distributed.distributed_c10d import AllgatherOptions
+
+        # gloo's allgather into one list of views of ``output``, in member order (the managed PG's ranks are the
+        # quorum's participating ranks)
+        views = list(output.split(input.numel()))
+        self._run(lambda: self.manager._pg.allgather([views], [input], AllgatherOptions())).wait()
 
     def commit(self) -> bool:
         return bool(self.manager.should_commit())
 
     def __repr__(self) -> str:
         return "TorchftCommunicator()"
+
+
+@dataclass
+class _Attempt:
+    """One sync attempt over a quorum: its record (see :attr:`Federation.attempts`), what a redo needs."""
+
+    record: dict[str, Any]
+    weight: Optional[float]
+    stop: Optional[bool]
+    deadline: float
+    began: float
+    inner_steps: int
 
 
 class Federation:
@@ -198,12 +237,19 @@ class Federation:
         self.comm: Optional[TorchftCommunicator] = None
         self.strategy: Any = None
         self.trainer: Optional["Trainer"] = None
-        self.trained = False
-        """Whether this group took inner steps since its last sync (its weight in the next mean)."""
+        self.inner_steps = 0
+        """Inner steps this group took (``trained = True`` after each one counts it)."""
+        self._synced_at: dict[Optional[int], int] = {None: 0}
+        """:attr:`inner_steps` when each fragment's last committed sync started (``None``: every parameter's)."""
         self.healed_from_peer = 0
         """How many times this group loaded a live peer's state."""
         self.attempts: list[dict[str, Any]] = []
-        """Per sync attempt: step, participants, weight, committed, seconds (for logs and tests)."""
+        """Per sync attempt: step, fragment, participants, weight, healed, committed, seconds (for logs and tests)."""
+        self._open: dict[Optional[int], _Attempt] = {}
+        """Syncs started over a quorum and not yet finished, by fragment (``None``: every parameter)."""
+        self._unit: Optional[int] = None
+        self._peer_unit: Optional[int] = None
+        self._healed_now = False
 
     # ------------------------------------------------------------------ setup
     def start(self, strategy: Any, trainer: "Trainer") -> TorchftCommunicator:
@@ -231,63 +277,163 @@ class Federation:
             self.manager.shutdown(wait=False)
             self.manager = None
 
-    # ------------------------------------------------------------------ syncs
-    def join(self, engine: OuterSync) -> None:
-        """At ``on_train_start``: one quorum, weight 0. Heals from a live peer when the others are ahead."""
-        self.trained = False
-        self.sync(engine)
+    # ------------------------------------------------------------------ weights
+    @property
+    def trained(self) -> bool:
+        """Whether this group took inner steps since its last sync. Set it True after every inner step; False
+        forgets them (a group that joins weighs 0 until it trains)."""
+        return self.inner_steps > max(self._synced_at.values())
 
-    def sync(self, engine: OuterSync) -> SyncResult:
-        """One sync over the groups of a quorum; a failed attempt is redone with a new quorum until the timeout."""
-        deadline = time.monotonic() + self.timeout.total_seconds()
+    @trained.setter
+    def trained(self, value: bool) -> None:
+        if value:
+            self.inner_steps += 1
+        else:
+            self._synced_at = {None: self.inner_steps}
+
+    def _trained_for(self, engine: OuterSync, fragment: Optional[int]) -> bool:
+        """Whether the values this sync sends moved since they were last synced: one fragment's, or (a sync of every
+        parameter) any fragment's. This group's weight in that sync is 0 otherwise."""
+        units = [fragment] if fragment is not None else range(engine.num_fragments)
+        since_all = self._synced_at.get(None, -1)
+        return any(self.inner_steps > max(self._synced_at.get(u, -1), since_all) for u in units)
+
+    def _committed(self, fragment: Optional[int], inner_steps: int) -> None:
+        if fragment is None:
+            self._synced_at = {None: inner_steps}
+        else:
+            self._synced_at[fragment] = inner_steps
+
+    # ------------------------------------------------------------------ syncs
+    # The controller runs every sync through start_sync / finish_sync / sync (as it does DirectSyncs' in one world):
+    # each started sync is one quorum and one commit vote, whether it is a sync of every parameter or one fragment's.
+    # A failed attempt leaves θ_g, the outer state and the error feedback as they were; it is redone over a new quorum
+    # when no inner step ran since it started (a whole sync, a fragment without overlap), and dropped otherwise (a
+    # fragment with overlap: θ_i moved on; that fragment syncs at its next turn).
+    def join(self, engine: OuterSync) -> None:
+        """At ``on_train_start``: one quorum, weight 0. Heals from a live peer when the others are ahead, then takes
+        part in what the others sync in that quorum: every parameter, or, mid-stream, the fragment they start (then
+        applied when this group's schedule, now the peers', applies it)."""
+        self.trained = False
+        for fragment in list(engine.pending):  # syncs in flight from a checkpoint: their quorum is gone
+            engine.drop_sync(fragment)
+        fragment = self.start_sync(engine, joining=True)
+        if fragment is None or not self._overlaps():
+            self.finish_sync(engine, fragment)
+
+    def sync(self, engine: OuterSync, weight: Optional[float] = None, stop: Optional[bool] = None) -> SyncResult:
+        """One sync of every parameter over the groups of a quorum; a failed attempt is redone with a new quorum
+        until the timeout."""
+        self.start_sync(engine, None, weight, stop)
+        result = self.finish_sync(engine, None)
+        assert result is not None  # no inner step between its start and finish: redone, never dropped
+        return result
+
+    def start_sync(self, engine: OuterSync, fragment: Optional[int] = None, weight: Optional[float] = None,
+                   stop: Optional[bool] = None, joining: bool = False,
+                   deadline: Optional[float] = None) -> Optional[int]:
+        """Form a quorum and launch the sync of ``fragment`` over it (``joining``: of what the peers sync, if this
+        quorum healed this group); redone with a new quorum until it launches or ``sync_timeout`` passes. This
+        group's weight: ``weight`` (``None``: 1) if it trained since its last sync and did not heal now, else 0.
+        Returns the fragment started."""
+        deadline = deadline if deadline is not None else time.monotonic() + self.timeout.total_seconds()
         while True:
-            start = time.perf_counter()
+            began = time.perf_counter()
             self._healed_now = False
+            self._unit = fragment  # what a peer healing in this quorum takes part in (see state_dict)
             self.manager.start_quorum(timeout=timedelta(seconds=max(1.0, deadline - time.monotonic())))
-            step = self._step()  # after healing: the peers' step
-            weight = 1.0 if self.trained and not self._healed_now else 0.0
+            if joining and self._healed_now:
+                fragment = self._unit = self._peer_unit
             assert self.comm is not None and engine.cross is self.comm  # the engine reads the quorum from it
-            record = {"step": step, "participants": self.comm.size, "weight": weight, "healed": self._healed_now}
+            trained = self._trained_for(engine, fragment) and not self._healed_now
+            own = (1.0 if weight is None else float(weight)) if trained else 0.0
+            attempt = _Attempt({"step": self._step(), "fragment": fragment, "participants": self.comm.size,
+                                "rank": self.comm.rank, "weight": own, "healed": self._healed_now}, weight, stop,
+                               deadline, began, self.inner_steps)
             try:
-                result = engine.sync(weight=weight)
+                engine.start_sync(fragment, weight=own, stop=stop)
             except Exception as err:
-                if isinstance(err, SyncAbortedError):
-                    pass  # the vote said no (a collective failed here or on a rank of this job)
-                elif self.manager.errored() is not None:
-                    self.manager.should_commit()  # the other ranks of this job wait for this rank's vote
-                else:
+                if not self._failed(attempt, err):
                     raise
-                record.update(committed=False, seconds=time.perf_counter() - start, error=str(err)[:200])
-                self.attempts.append(record)
-                log.warning(f"local SGD: federated sync at step {step} failed ({err}); retrying with the groups left")
-                if time.monotonic() >= deadline:
-                    raise TimeoutError(
-                        f"local SGD: the federated sync at step {step} did not succeed within sync_timeout="
-                        f"{self.timeout.total_seconds():g} s (last error: {err}). Check that at least min_groups="
-                        f"{self.min_groups} groups are running and reach the lighthouse {self.lighthouse}."
-                    ) from err
-                time.sleep(_RETRY_PAUSE)
+                self._pause_or_give_up(attempt, err)
                 continue
-            record.update(committed=True, seconds=time.perf_counter() - start)
-            self.attempts.append(record)
-            self.trained = False
+            self._open[fragment] = attempt
+            return fragment
+
+    def finish_sync(self, engine: OuterSync, fragment: Optional[int] = None,
+                    mix: float = 0.0) -> Optional[SyncResult]:
+        """Apply the sync :meth:`start_sync` launched, if the quorum's vote says so. A failed attempt is redone (no
+        inner step since its start) or dropped (``None``: θ_g, the outer state, the error feedback and the parameters as
+        they were)."""
+        while True:
+            attempt = self._open.pop(fragment)
+            try:
+                result = engine.finish_sync(fragment, mix=mix)
+            except Exception as err:
+                if not self._failed(attempt, err):
+                    raise
+                if self._step() != attempt.record["step"]:  # inner steps since the start: θ_i moved on
+                    log.warning(f"local SGD: the federated sync of fragment {fragment} started at step "
+                                f"{attempt.record['step']} failed ({err}); dropped (θ_g untouched), it syncs again "
+                                "at its next turn")
+                    return None
+                self._pause_or_give_up(attempt, err)
+                self.start_sync(engine, fragment, attempt.weight, attempt.stop, deadline=attempt.deadline)
+                continue
+            attempt.record.update(committed=True, seconds=time.perf_counter() - attempt.began)
+            self.attempts.append(attempt.record)
+            self._committed(fragment, attempt.inner_steps)
             return result
+
+    def _failed(self, attempt: "_Attempt", err: BaseException) -> bool:
+        """Record a failed attempt and cast this rank's vote; False: not a transport failure (a bug: raise it)."""
+        if isinstance(err, SyncAbortedError):
+            pass  # the vote said no (a collective failed here or on a rank of this job)
+        elif self.manager.errored() is not None:
+            self.manager.should_commit()  # the other ranks of this job wait for this rank's vote
+        else:
+            return False
+        attempt.record.update(committed=False, seconds=time.perf_counter() - attempt.began, error=str(err)[:200])
+        self.attempts.append(attempt.record)
+        log.warning(f"local SGD: federated sync at step {attempt.record['step']} failed ({err})")
+        return True
+
+    def _pause_or_give_up(self, attempt: "_Attempt", err: BaseException) -> None:
+        if time.monotonic() >= attempt.deadline:
+            raise TimeoutError(
+                f"local SGD: the federated sync at step {attempt.record['step']} did not succeed within sync_timeout="
+                f"{self.timeout.total_seconds():g} s (last error: {err}). Check that at least min_groups="
+                f"{self.min_groups} groups are running and reach the lighthouse {self.lighthouse}."
+            ) from err
+        time.sleep(_RETRY_PAUSE)
 
     def _step(self) -> int:
         return int(self.strategy.local_sgd.schedule.steps_done) if self.strategy is not None else 0
 
+    def _overlaps(self) -> bool:
+        """Whether a fragment's sync is applied some steps after it starts (streaming with ``overlap_steps``)."""
+        return self.strategy is not None and self.strategy.local_sgd.config.overlap_steps > 0
+
     # ------------------------------------------------------------------ healing
     def state_dict(self) -> dict[str, Any]:
         """What a joining group receives: this rank's :class:`~lightning_localsgd.state.TrainingState` (the same
-        parts a checkpoint holds), cloned to the CPU. torchft calls it only when a peer heals, while this rank's
-        training thread waits in the quorum (before its commit vote, after which the state changes)."""
+        parts a checkpoint holds), cloned to the CPU, without the error feedback of compressed syncs (a joiner
+        starts from zero: the residuals are this group's own), and which fragment this quorum syncs (``None``:
+        every parameter). torchft calls it only when a peer heals, while this rank's training thread waits in the
+        quorum (before anything of this sync is launched, so no sync is in flight)."""
         assert self.strategy is not None
-        return self.strategy.training_state.capture()
+        state = self.strategy.training_state.capture()
+        outer = state["rank"].get("outer")
+        if outer is not None:
+            outer.update(compression_error=None, compression_mean_error={}, compression_mean_error_owner={})
+        state["federation"] = {"fragment": self._unit}
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Apply a live peer's state on the training thread (torchft calls it inside ``start_quorum``)."""
         assert self.strategy is not None
         self.strategy.training_state.load(state)
+        self._peer_unit = state.get("federation", {}).get("fragment")
         self._healed_now = True
         self.healed_from_peer += 1
         log.info(f"local SGD: group {self.group_id} healed from a live peer at step "

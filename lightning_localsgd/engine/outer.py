@@ -294,7 +294,9 @@ class OuterSync:
 
         Args:
             weight: this group's weight ``w_i`` in the mean (e.g. tokens processed since the last sync). ``None`` =
-                uniform ``1/G``, which sends nothing extra; a weight adds one float to the reduce.
+                uniform ``1/G``, which sends nothing extra; a weight adds one float to the reduce (compressed: 4 bytes
+                to every chunk; the error feedback stays that of the unweighted pseudo-gradient, and a member of
+                weight 0 keeps its own as it was).
             stop: with time-based sync, whether this group stops training after this sync; every rank learns
                 whether any group asked (:attr:`SyncResult.stop_requested`). Adds one float to the reduce.
         """
@@ -311,8 +313,6 @@ class OuterSync:
         frag = self.layout.fragment(fragment)
         if fragment in self.pending:
             raise RuntimeError(f"the sync of fragment {fragment} was started twice without finish_sync in between.")
-        if self.compressor is not None and (weight is not None or stop is not None):
-            raise ValueError("weighted or time-based syncs (heterogeneous workers) do not support compression.")
         start = time.perf_counter()
         red = Reduction(fragment=fragment, numel=frag.numel, weighted=weight is not None, has_stop=stop is not None)
         # A rank holding none of the fragment (a slice of a DDP group) pairs only with ranks holding none of it
@@ -320,7 +320,7 @@ class OuterSync:
         talk = self.num_groups > 1 and (frag.numel > 0 or weight is not None or stop is not None)
         if self.compressor is not None:
             snap = self._flat_snapshot(frag).to(self.device) if frag.numel else None
-            self.compressor.start(red, frag, self._owned_views(frag), snap, talk)
+            self.compressor.start(red, frag, self._owned_views(frag), snap, talk, weight=weight, stop=stop)
         else:
             busy = [r.region for r in self.pending.values() if r.region is not None]
             self.reducer.start(red, self._owned_views(frag), talk, weight, stop, offset=frag.owned[0], busy=busy)
@@ -345,15 +345,21 @@ class OuterSync:
         except BaseException:
             self.reducer.discard(red)  # a bucket may still be in flight
             raise
-        stop_requested = False
         if self.compressor is not None:
-            mean = self.compressor.finish(red, frag, self._flat_snapshot(frag).to(self.device))
+            mean, stop_requested = self.compressor.finish(red, frag, self._flat_snapshot(frag).to(self.device))
         else:
             mean, stop_requested = self.reducer.finish(red, lambda: self._flat_snapshot(frag))
         result = self._outer_step(frag, self._to_state_device(mean, frag), red, mix)
         result.seconds = red.seconds + time.perf_counter() - start
         result.stop_requested = stop_requested
         return result
+
+    def drop_sync(self, fragment: Optional[int] = None) -> None:
+        """Forget a started sync without applying it (θ_g, the outer state and the error feedback unchanged); a
+        collective of it still in flight is left to finish into its own buffer."""
+        red = self.pending.pop(fragment, None)
+        if red is not None and red.works:
+            self.reducer.discard(red)
 
     def _to_state_device(self, mean: Tensor, frag: Fragment) -> Tensor:
         """The mean on the state device. Host-resident state: copied into one persistent page-locked buffer (a new
@@ -480,7 +486,7 @@ class OuterSync:
     def state_dict(self) -> dict[str, Any]:
         """This rank's snapshot slice, outer optimizer state, error feedback and counters (CPU tensors)."""
         compressed = self.compressor.state_dict() if self.compressor is not None else \
-            {"compression_error": None, "compression_mean_error": {}}
+            {"compression_error": None, "compression_mean_error": {}, "compression_mean_error_owner": {}}
         return {
             "snapshot": [s.detach().cpu().clone() for s in self.snapshot],
             "outer_optimizer": self.outer_optimizer.state_dict() if self.outer_optimizer is not None else None,

@@ -6,7 +6,10 @@
   plus the codec's error at the previous sync (error feedback) in ``G`` chunks and encodes them; an all-to-all gives
   rank ``j`` every group's chunk ``j``, which it decodes and averages; it encodes that mean (plus its own error
   feedback of this second encoding) and an all-gather hands every rank all the mean chunks. Each rank sends
-  ``2(G−1)/G`` of one compressed copy, as a ring all-reduce does.
+  ``2(G−1)/G`` of one compressed copy, as a ring all-reduce does. A weighted reduce (``Σ w_i d_i / Σ w_i``) appends
+  the sender's weight (and a stop flag) to every chunk it sends, so each chunk owner, and every rank, knows every
+  weight; the chunks are weighted where they are decoded, so what is encoded (and the error feedback) does not
+  depend on the weights.
 
 Both talk only through a :class:`~lightning_localsgd.engine.comm.Communicator`. Between ``start`` and ``finish`` the
 collective runs behind the caller's inner steps (streaming sync); a :class:`Reduction` in flight can be saved.
@@ -48,6 +51,8 @@ class Reduction:
     seconds: float = 0.0
     total_weight: Optional[float] = None
     """A weighted reduce, once finished: ``Σ_i w_i`` over the groups (0: no group weighed in)."""
+    chunk_owner: Optional[tuple[int, int]] = None
+    """A compressed reduce, once finished: ``(members, this rank)`` of the quorum that owned its mean chunks."""
     works: list[Work] = field(default_factory=list)
     region: Optional[tuple[int, int]] = None
     """The range of :attr:`MeanReducer.workspace` that ``buf`` is (``None``: a buffer of its own); not saved."""
@@ -166,7 +171,21 @@ class MeanReducer:
 
 
 class CompressedReducer:
-    """Two-phase compressed all-reduce of the pseudo-gradient, with error feedback in both phases."""
+    """Two-phase compressed all-reduce of the pseudo-gradient, with error feedback in both phases.
+
+    Error feedback, and what changes it:
+
+    * phase 1 (:attr:`error`): this rank's own residual, in the units of its unweighted pseudo-gradient. A weighted
+      reduce weighs the decoded chunks at the receiver, so the residual is the same whatever the weight; a member of
+      weight 0 (a group that did not train the interval) sends no usable values and keeps its residual as it was.
+    * phase 2 (:attr:`mean_error`): the residual of the mean chunk this rank encodes, which depends on which chunk
+      that is: the members' number and this rank's index among them. A residual kept from a sync of another
+      membership (a fault-tolerant transport's quorum changed) is dropped, not applied to another chunk.
+    * both change only in :meth:`commit` (the sync went through); an aborted sync leaves them as they were.
+    """
+
+    #: Bytes appended to every chunk of a weighted reduce (the sender's weight) and one carrying a stop flag.
+    EXTRA_BYTES = 4
 
     def __init__(self, comm: Communicator, codec: str, owned_numel: int, device: torch.device) -> None:
         self.comm = comm
@@ -178,13 +197,23 @@ class CompressedReducer:
         """Error feedback of phase 1, on this rank's owned pseudo-gradient."""
         self.mean_error: dict[Optional[int], Tensor] = {}
         """Error feedback of phase 2, on the mean chunk this rank encodes, by fragment."""
+        self.mean_error_owner: dict[Optional[int], tuple[int, int]] = {}
+        """``(members, rank)`` of the sync that made each :attr:`mean_error` (absent: any, as a checkpoint's)."""
 
     def _chunk_numel(self, n: int) -> int:
         """Elements per chunk of ``n`` values (the last chunk is zero-padded)."""
         return max(1, math.ceil(n / self.comm.size))
 
-    def start(self, red: Reduction, fragment: Fragment, local: list[Tensor], snapshot: Tensor, talk: bool) -> None:
-        """Phase 1: encode the error-fed pseudo-gradient in chunks and launch the all-to-all."""
+    @staticmethod
+    def _extras(red: Reduction) -> int:
+        return CompressedReducer.EXTRA_BYTES * (int(red.weighted) + int(red.has_stop))
+
+    def start(self, red: Reduction, fragment: Fragment, local: list[Tensor], snapshot: Tensor, talk: bool,
+              weight: Optional[float] = None, stop: Optional[bool] = None) -> None:
+        """Phase 1: encode the error-fed pseudo-gradient in chunks and launch the all-to-all.
+
+        ``weight``: this member's weight in a weighted mean (``None``: uniform); ``stop``: its stop flag. Both ride
+        with every chunk (4 bytes each)."""
         n = red.numel
         if n == 0:
             red.buf = torch.zeros(0, dtype=torch.uint8, device=self.device)
@@ -199,9 +228,17 @@ class CompressedReducer:
         padded = torch.zeros(chunk * groups, dtype=torch.float32, device=self.device)
         padded[:n] = d
         payloads = [self.codec.encode(padded[j * chunk : (j + 1) * chunk]) for j in range(groups)]
+        if weight == 0.0:
+            red.new_error = None  # nothing of this member's values counts: its residual stays as it was
+        else:
+            decoded = torch.cat([self.codec.decode(q, chunk) for q in payloads])
+            red.new_error = d - decoded[:n]
+        extras = [float(weight)] if weight is not None else []
+        extras += [float(bool(stop))] if stop is not None else []
+        if extras:  # the same few bytes after every chunk: each chunk owner learns every member's weight
+            tail = torch.tensor(extras, dtype=torch.float32, device=self.device).view(torch.uint8)
+            payloads = [torch.cat([q, tail]) for q in payloads]
         red.payload_numel = payloads[0].numel()
-        decoded = torch.cat([self.codec.decode(q, chunk) for q in payloads])
-        red.new_error = d - decoded[:n]
         send = torch.cat(payloads)
         if talk:
             red.buf = torch.empty_like(send)
@@ -210,17 +247,38 @@ class CompressedReducer:
         else:
             red.buf = send
 
-    def finish(self, red: Reduction, fragment: Fragment, snapshot: Tensor) -> Tensor:
-        """Phase 2: average the received chunk, encode it (error feedback), all-gather the means; the new mean."""
+    def finish(self, red: Reduction, fragment: Fragment, snapshot: Tensor) -> tuple[Tensor, bool]:
+        """Phase 2: average the received chunk, encode it (error feedback), all-gather the means.
+
+        Returns (the new mean, whether any member asked to stop). A weighted reduce sets ``red.total_weight``; when
+        it is 0 (no member weighed in) every member knows it from phase 1 and the mean is ``snapshot`` (no phase 2)."""
         n = red.numel
         if n == 0:
-            return snapshot
-        groups, chunk, size = self.comm.size, self._chunk_numel(n), red.payload_numel
+            return snapshot, False
+        groups, chunk, stride = self.comm.size, self._chunk_numel(n), red.payload_numel
+        size = stride - self._extras(red)
         assert red.buf is not None
+        received = [red.buf[i * stride : (i + 1) * stride] for i in range(groups)]
+        tails = [r[size:].clone().view(torch.float32).tolist() for r in received] if self._extras(red) else []
+        weights = [t[0] for t in tails] if red.weighted else []
+        stop_requested = any(t[-1] > 0 for t in tails) if red.has_stop else False
         total = torch.zeros(chunk, dtype=torch.float32, device=self.device)
-        for i in range(groups):
-            total += self.codec.decode(red.buf[i * size : (i + 1) * size], chunk)
-        mine = total / groups + self.mean_error.get(fragment.index, torch.zeros_like(total))
+        if red.weighted:
+            red.total_weight = total_weight = float(sum(weights))
+            if total_weight <= 0:  # every member weighs 0 (e.g. all just joined): no mean, θ_g stays
+                return snapshot, stop_requested
+            for r, w in zip(received, weights):
+                if w != 0:  # a member of weight 0 may send anything (even non-finite): it is not read
+                    total += w * self.codec.decode(r[:size], chunk)
+            mine = total / total_weight
+        else:
+            for r in received:
+                total += self.codec.decode(r[:size], chunk)
+            mine = total / groups
+        red.chunk_owner = owner = (groups, self.comm.rank)
+        kept = self.mean_error.get(fragment.index)
+        if kept is not None and self.mean_error_owner.get(fragment.index, owner) == owner:
+            mine = mine + kept
         payload = self.codec.encode(mine)
         red.new_mean_error = mine - self.codec.decode(payload, chunk)
         if groups > 1:
@@ -230,7 +288,7 @@ class CompressedReducer:
             gathered = payload
         mean_delta = torch.cat([self.codec.decode(gathered[j * size : (j + 1) * size], chunk)
                                 for j in range(groups)])[:n]
-        return snapshot - mean_delta
+        return snapshot - mean_delta, stop_requested
 
     def commit(self, red: Reduction, fragment: Fragment) -> None:
         """The sync went through: keep the errors this reduce made for the next one."""
@@ -240,6 +298,8 @@ class CompressedReducer:
             self.error[olo:ohi] = red.new_error
         if red.new_mean_error is not None:
             self.mean_error[fragment.index] = red.new_mean_error
+            if red.chunk_owner is not None:
+                self.mean_error_owner[fragment.index] = red.chunk_owner
 
     def drop(self, fragment: Fragment) -> None:
         """The sync was skipped (non-finite): forget the fragment's error feedback."""
@@ -247,6 +307,12 @@ class CompressedReducer:
             olo, ohi = fragment.owned
             self.error[olo:ohi].zero_()
         self.mean_error.pop(fragment.index, None)
+        self.mean_error_owner.pop(fragment.index, None)
+
+    def reset(self) -> None:
+        """Forget all error feedback (a group that joins a running federation starts from zero)."""
+        self.error = None
+        self.mean_error, self.mean_error_owner = {}, {}
 
     @property
     def state_bytes(self) -> int:
@@ -257,12 +323,15 @@ class CompressedReducer:
         return {
             "compression_error": self.error.detach().cpu().clone() if self.error is not None else None,
             "compression_mean_error": {k: v.detach().cpu().clone() for k, v in self.mean_error.items()},
+            "compression_mean_error_owner": dict(self.mean_error_owner),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         error = state.get("compression_error")
         self.error = error.to(self.device) if error is not None else None
         self.mean_error = {k: v.to(self.device) for k, v in state.get("compression_mean_error", {}).items()}
+        self.mean_error_owner = {k: tuple(v) for k, v in (state.get("compression_mean_error_owner") or {}).items()
+                                 if k in self.mean_error}
 
 
 def gather_slices(shard: Communicator, counts: list[int], mine: Tensor) -> Tensor:

@@ -264,7 +264,7 @@ class LocalSGDMixin:
         controller.on_reset = self.reset_inner_optimizers
         if self.federation is not None:  # the other groups are other jobs, met through torchft's quorum
             self.topology.cross_group = self.federation.start(self, trainer)
-            controller.run_sync = self.federation.sync
+            controller.syncs = self.federation
         controller.setup(self.topology, params, buffers, shard_group=self.local_sgd_shard_group(),
                          norm_group=self.local_sgd_norm_group(), fragment_sizes=self.local_sgd_fragment_sizes(),
                          fallback_timeout=getattr(self, "_timeout", None))

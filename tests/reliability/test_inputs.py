@@ -117,9 +117,11 @@ STRATEGY_CASES = [
     ({"group_id": "", "lighthouse": "h:29510"}, "group_id must be a non-empty name"),
     ({"lighthouse": "h:29510", "cluster_size": 2, "cluster_sync_every": 128},
      r"cluster_size=2 is not supported with lighthouse= \(federated worker groups\).*one job per cluster"),
-    ({"lighthouse": "h:29510", "compression": "int8"}, "compression='int8' is not supported with lighthouse="),
     ({"lighthouse": "h:29510", "warmup_steps": 10}, "warmup_steps=10 is not supported with lighthouse="),
-    ({"lighthouse": "h:29510", "fragments": 2}, "fragments=2 is not supported with lighthouse="),
+    ({"lighthouse": "h:29510", "sync_every": 4, "fragments": 2, "overlap_steps": 2},
+     r"overlap_steps=2 with lighthouse= .* must be smaller than sync_every/fragments=2: .*one quorum at a time"),
+    ({"lighthouse": "h:29510", "sync_every": 4, "overlap_steps": 4},
+     "overlap_steps=4 must be smaller than sync_every=4"),
     ({"lighthouse": "h:29510", "sync_every_seconds": 5}, "sync_every_seconds=5.0 is not supported with lighthouse="),
     # DDPStrategy's arguments that would otherwise fail only inside the launched processes, or be ignored
     ({"timeout": 30}, r"timeout must be a datetime.timedelta.*got 30.*use sync_timeout"),

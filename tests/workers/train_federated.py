@@ -6,10 +6,12 @@ Each group reads the dataset in its own order (``--seed``), so groups drift apar
 ``DIR/{group_id}.pt`` at the end (or right before ``--die-at-step`` SIGKILLs it): the parameters after every step,
 the sync attempts (step, participants, weight, committed, seconds) and the step the job started training from.
 
-``--die-in-sync-at-step N`` SIGKILLs the job *inside* the sync of step N: in its cross-group all-reduce, after the
-quorum of that attempt formed (the others already count it in) and before its data goes out, so the others' reduce
-cannot complete and their attempt fails. Every all-reduce records what the sync reads and must not have written yet
-(``θ_g``, ``θ_i``, the outer optimizer state) under ``reduces`` in the dump.
+``--die-in-sync-at-step N`` SIGKILLs the job *inside* the sync of step N: in its cross-group all-reduce (or, with
+``--compression``, the all-to-all of phase 1), after the quorum of that attempt formed (the others already count it
+in) and before its data goes out, so the others' reduce cannot complete and their attempt fails. With streaming
+(``--fragments``, ``--overlap-steps``) that is the sync a fragment starts at step N. Every all-reduce / all-to-all
+records what the sync reads and must not have written yet (``θ_g``, ``θ_i``, the outer optimizer state, the error
+feedback of compressed syncs) under ``reduces`` in the dump.
 """
 
 from __future__ import annotations
@@ -41,19 +43,22 @@ class Recorder(Callback):
         self.start_step = -1
         self.start_params: dict[str, torch.Tensor] = {}
         self.reduces: list[dict] = []
+        self.start_error = None
         self.trainer = None
 
     def on_all_reduce(self, comm: TorchftCommunicator) -> None:
         """Entering a cross-group all-reduce: record the state it starts from; the self-kill inside a sync."""
         strategy = self.trainer.strategy
         fed, outer = strategy.federation, strategy.outer_sync
-        state = outer.state_dict()["outer_optimizer"]
+        full = outer.state_dict()
+        state = full["outer_optimizer"]
         self.reduces.append({
             "attempt": len(fed.attempts), "step": strategy.local_sgd.schedule.steps_done,
             "participants": comm.size, "trained": fed.trained,
             "snapshot": [s.detach().clone() for s in outer.snapshot],
             "params": {k: v.detach().clone() for k, v in self.trainer.lightning_module.named_parameters()},
             "momentum": {k: v["momentum_buffer"].clone() for k, v in state["state"].items()} if state else {},
+            "error": full["compression_error"], "mean_error": full["compression_mean_error"],
         })
         if self.reduces[-1]["step"] == self.args.die_in_sync_at_step and fed.trained:
             self.dump(self.trainer, self.trainer.lightning_module, killed=True)
@@ -81,6 +86,7 @@ class Recorder(Callback):
         if self.start_step < 0:  # after the join (healing) of on_train_start, before the first inner step
             self.start_step = trainer.global_step
             self.start_params = {k: v.detach().clone() for k, v in pl_module.named_parameters()}
+            self.start_error = trainer.strategy.outer_sync.state_dict()["compression_error"]
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.steps.append((trainer.global_step, {k: v.detach().clone() for k, v in pl_module.named_parameters()}))
@@ -98,6 +104,8 @@ class Recorder(Callback):
             "attempts": fed.attempts, "healed": fed.healed_from_peer, "global_step": trainer.global_step,
             "snapshot": [s.detach().clone() for s in outer.snapshot],
             "outer_state": outer.state_dict()["outer_optimizer"], "reduces": self.reduces,
+            "compression_error": outer.state_dict()["compression_error"], "start_error": self.start_error,
+            "pending": sorted(outer.pending, key=lambda f: -1 if f is None else f),
         }, os.path.join(self.args.out, f"{self.args.dump_name}.pt"))
 
 
@@ -119,6 +127,10 @@ def main() -> None:
     parser.add_argument("--wait-for", default=None)
     parser.add_argument("--wait-at-step", type=int, default=-1)
     parser.add_argument("--devices", type=int, default=1, help="ranks of this job (DDP inside it)")
+    parser.add_argument("--compression", default=None)
+    parser.add_argument("--fragments", type=int, default=1)
+    parser.add_argument("--overlap-steps", type=int, default=0)
+    parser.add_argument("--overlap-mix", type=float, default=0.0)
     args = parser.parse_args()
     args.dump_name = args.dump_name or args.group_id
     if args.devices > 1:  # Lightning's DistributedSampler splits this job's own order (seed --seed) over its ranks
@@ -131,20 +143,27 @@ def main() -> None:
     if args.devices > 1:
         loader = DataLoader(make_dataset(), batch_size=2, shuffle=True)
     recorder = Recorder(args)
-    all_reduce = TorchftCommunicator.all_reduce
+    all_reduce, all_to_all = TorchftCommunicator.all_reduce, TorchftCommunicator.all_to_all
 
     def recorded_all_reduce(comm, tensor, op="sum", async_op=False):
         recorder.on_all_reduce(comm)
         return all_reduce(comm, tensor, op, async_op)
 
-    TorchftCommunicator.all_reduce = recorded_all_reduce  # this job's own communicator (fault injection, records)
+    def recorded_all_to_all(comm, output, input, async_op=False):
+        recorder.on_all_reduce(comm)
+        return all_to_all(comm, output, input, async_op)
+
+    # this job's own communicator (fault injection, records)
+    TorchftCommunicator.all_reduce, TorchftCommunicator.all_to_all = recorded_all_reduce, recorded_all_to_all
     trainer = L.Trainer(
         accelerator="cpu", devices=args.devices, max_steps=args.max_steps, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=args.devices > 1,
         callbacks=[recorder],
         strategy=LocalSGDStrategy(sync_every=args.sync_every, outer_optimizer=args.outer, lighthouse=args.lighthouse,
                                   group_id=args.group_id, min_groups=args.min_groups, sync_timeout=args.sync_timeout,
-                                  process_group_backend="gloo"),
+                                  process_group_backend="gloo", compression=args.compression,
+                                  fragments=args.fragments, overlap_steps=args.overlap_steps,
+                                  **({"overlap_mix": args.overlap_mix} if args.overlap_steps else {})),
     )
     trainer.fit(model, loader)
     if trainer.global_rank > 0:
