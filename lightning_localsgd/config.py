@@ -204,6 +204,12 @@ class LocalSGDConfig:
 
     # ------------------------------------------------------------------ derived
     @property
+    def two_stage(self) -> bool:
+        """Two sync levels: ``cluster_size`` in one world; in federated mode ``cluster_sync_every`` (the job is the
+        cluster, its ``cluster_size`` is set once the job's world size is known)."""
+        return self.cluster_size is not None or self.cluster_sync_every is not None
+
+    @property
     def streaming(self) -> bool:
         return self.fragments > 1 or self.overlap_steps > 0
 
@@ -217,7 +223,7 @@ class LocalSGDConfig:
             return build_schedule(self.sync_schedule, self)
         if self.sync_every_seconds is not None:
             return build_schedule("time_based", self)
-        if self.cluster_size is not None:
+        if self.two_stage:
             return build_schedule("two_stage", self)
         return build_schedule("streaming" if self.streaming else "periodic", self)
 
@@ -227,19 +233,28 @@ class LocalSGDConfig:
             f"every {self.sync_every_seconds:g} s (token-weighted)"
         if self.streaming:
             when += f" in {self.fragments} staggered fragment(s), applied {self.overlap_steps} step(s) later"
+        levels = ""
+        if self.two_stage:
+            where = "jobs (through the lighthouse)" if self.lighthouse is not None else "clusters"
+            levels = (f" inside each {'job' if self.lighthouse is not None else 'cluster'}; across {where} every "
+                      f"{self.cluster_sync_every} steps, outer optimizer {outer_optimizer_name(self.cluster_outer_optimizer)}")
         return (f"local SGD: {num_groups} worker group(s) of {self.group_size} rank(s), sync {when}, outer optimizer "
-                f"{self.outer_name}, warm-up {self.warmup_steps} steps.")
+                f"{self.outer_name}{levels}, warm-up {self.warmup_steps} steps.")
 
     # ------------------------------------------------------------------ checks
     def _check_two_stage(self) -> None:
         H, size, H2 = self.sync_every, self.cluster_size, self.cluster_sync_every
-        if size is None:
+        if size is not None and self.lighthouse is not None:
+            return  # refused by _check_federated: in federated mode the job is the cluster
+        if size is None and (H2 is None or self.lighthouse is None):
             if H2 is not None:
                 raise ValueError("cluster_sync_every is set but cluster_size is not: two-stage sync needs both. Set "
                                  "cluster_size (worker groups per cluster), or remove cluster_sync_every for one "
-                                 "level of sync.")
+                                 "level of sync. (With lighthouse= the job is the cluster and cluster_size is "
+                                 "implied: see docs/multi_cluster.md.)")
             return
-        _positive_int("cluster_size", size, 1, "It is the number of worker groups per cluster.")
+        if size is not None:
+            _positive_int("cluster_size", size, 1, "It is the number of worker groups per cluster.")
         if H2 is None:
             raise ValueError("cluster_size is set but cluster_sync_every is not: give H2, the steps between two syncs "
                              f"across clusters, a multiple of sync_every={H} (e.g. {4 * H}).")

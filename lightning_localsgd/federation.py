@@ -33,12 +33,13 @@ from torch import Tensor
 
 from .engine.comm import Communicator, SyncAbortedError, Work
 from .engine.outer import OuterSync, SyncResult
+from .topology import check_group_size
 
 if TYPE_CHECKING:
     from lightning.pytorch import Trainer
 
-__all__ = ["Federation", "TorchftCommunicator", "check_lighthouse_reachable", "lighthouse_url", "main_lighthouse",
-           "refuse_unsupported"]
+__all__ = ["Federation", "TorchftCommunicator", "check_lighthouse_reachable", "federated_cluster_size",
+           "federated_group_size", "lighthouse_url", "main_lighthouse", "refuse_unsupported"]
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +93,10 @@ def check_lighthouse_reachable(address: str, timeout: float) -> None:
 def refuse_unsupported(config: Any) -> None:
     """The sync features that federated mode does not support, refused before training with the fix."""
     unsupported = {
-        "cluster_size": (config.cluster_size, None, "two-stage sync needs every cluster in one world; in federated "
-                         "mode each job is one group: run one job per cluster instead"),
+        "cluster_size": (config.cluster_size, None, "in federated mode the job is the cluster, so cluster_size is "
+                         "implied (the job's worker groups: its world size / group_size). Run one job per cluster; for "
+                         "several worker groups per job set group_size below the job's world size and "
+                         "cluster_sync_every for the sync across jobs"),
         "warmup_steps": (config.warmup_steps, 0, "warm-up averages gradients across groups at every step"),
         "compression": (config.compression, None, "the weighted federated mean sends fp32"),
         "fragments": (config.fragments, 1, "streaming syncs would straddle quorums"),
@@ -108,11 +111,28 @@ def refuse_unsupported(config: Any) -> None:
 
 
 def federated_group_size(group_size: Optional[int], world_size: int) -> int:
-    """In federated mode the job's own world is the worker group."""
+    """One level (no ``cluster_sync_every``): the job's own world is the worker group."""
     if group_size not in (None, 1, world_size):
-        raise ValueError(f"group_size={group_size} with lighthouse=: in federated mode each job is one worker group, "
-                         f"so group_size is the job's world size ({world_size}). Leave group_size unset.")
+        raise ValueError(
+            f"group_size={group_size} with lighthouse= and no cluster_sync_every: without a sync across jobs each job "
+            f"is one worker group, so group_size is the job's world size ({world_size}). For several worker groups "
+            "per job (syncing every sync_every steps inside it) set cluster_sync_every, a multiple of sync_every, for "
+            "the sync across jobs; or leave group_size unset.")
     return world_size
+
+
+def federated_cluster_size(group_size: int, world_size: int, cluster_sync_every: int) -> int:
+    """Two levels (``cluster_sync_every``): the job is the cluster; returns its number of worker groups."""
+    check_group_size(world_size, group_size)
+    if group_size == world_size:
+        below = [d for d in range(1, world_size) if world_size % d == 0]
+        fix = (f"set group_size to a divisor of {world_size} below it (e.g. {below[-1]}, or the devices per node for "
+               "a group per node)") if below else "run the job on more ranks (devices, num_nodes)"
+        raise ValueError(
+            f"cluster_sync_every={cluster_sync_every} with lighthouse= needs several worker groups per job, but "
+            f"group_size={group_size} makes the job's {world_size} rank(s) one worker group (then the jobs sync every "
+            f"sync_every steps and there is no second level). Either {fix}, or remove cluster_sync_every.")
+    return world_size // group_size
 
 
 class _CheckedWork:

@@ -2,7 +2,9 @@
 
     python tests/workers/train_federated.py --lighthouse HOST:PORT --group-id g0 --seed 0 --out DIR [options]
 
-Each group reads the dataset in its own order (``--seed``), so groups drift apart between syncs. The job writes
+Each group reads the dataset in its own order (``--seed``), so groups drift apart between syncs. With ``--cluster-sync-every`` the job holds several
+worker groups (``--group-size`` ranks each) syncing inside it every ``--sync-every`` steps and across jobs every
+``--cluster-sync-every`` (two levels). The job writes
 ``DIR/{group_id}.pt`` at the end (or right before ``--die-at-step`` SIGKILLs it): the parameters after every step,
 the sync attempts (step, participants, weight, committed, seconds) and the step the job started training from.
 
@@ -88,6 +90,16 @@ class Recorder(Callback):
             self.dump(trainer, pl_module, killed=True)
             os.kill(os.getpid(), signal.SIGKILL)
 
+    @staticmethod
+    def cluster_record(strategy) -> dict:
+        """Two levels (``--cluster-sync-every``): the level-2 engine's piece of θ_g, its syncs and bytes."""
+        cluster = strategy.cluster_sync
+        if cluster is None:
+            return {}
+        return {"cluster_snapshot": [s.detach().clone() for s in cluster.snapshot], "cluster_syncs": cluster.num_syncs,
+                "cluster_bytes": cluster.bytes_sent, "group_size": strategy.group_size,
+                "cluster_size": strategy.cluster_size}
+
     def dump(self, trainer, pl_module, killed: bool = False) -> None:
         fed = trainer.strategy.federation
         outer = trainer.strategy.outer_sync
@@ -98,6 +110,7 @@ class Recorder(Callback):
             "attempts": fed.attempts, "healed": fed.healed_from_peer, "global_step": trainer.global_step,
             "snapshot": [s.detach().clone() for s in outer.snapshot],
             "outer_state": outer.state_dict()["outer_optimizer"], "reduces": self.reduces,
+            "num_syncs": outer.num_syncs, **self.cluster_record(trainer.strategy),
         }, os.path.join(self.args.out, f"{self.args.dump_name}.pt"))
 
 
@@ -119,6 +132,9 @@ def main() -> None:
     parser.add_argument("--wait-for", default=None)
     parser.add_argument("--wait-at-step", type=int, default=-1)
     parser.add_argument("--devices", type=int, default=1, help="ranks of this job (DDP inside it)")
+    parser.add_argument("--group-size", type=int, default=None, help="ranks per worker group inside the job")
+    parser.add_argument("--cluster-sync-every", type=int, default=None, help="several groups per job: H2 across jobs")
+    parser.add_argument("--cluster-outer", default="diloco")
     args = parser.parse_args()
     args.dump_name = args.dump_name or args.group_id
     if args.devices > 1:  # Lightning's DistributedSampler splits this job's own order (seed --seed) over its ranks
@@ -126,6 +142,9 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(0)  # every group starts from the same weights
     model = TinyModule("sgd")
+    layout = {"group_size": args.group_size} if args.group_size is not None else {}
+    if args.cluster_sync_every is not None:
+        layout.update(cluster_sync_every=args.cluster_sync_every, cluster_outer_optimizer=args.cluster_outer)
     loader = DataLoader(make_dataset(), batch_size=2, shuffle=True,
                         generator=torch.Generator().manual_seed(args.seed))
     if args.devices > 1:
@@ -144,7 +163,7 @@ def main() -> None:
         callbacks=[recorder],
         strategy=LocalSGDStrategy(sync_every=args.sync_every, outer_optimizer=args.outer, lighthouse=args.lighthouse,
                                   group_id=args.group_id, min_groups=args.min_groups, sync_timeout=args.sync_timeout,
-                                  process_group_backend="gloo"),
+                                  process_group_backend="gloo", **layout),
     )
     trainer.fit(model, loader)
     if trainer.global_rank > 0:
