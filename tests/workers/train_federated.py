@@ -5,7 +5,7 @@
 Each group reads the dataset in its own order (``--seed``), so groups drift apart between syncs. With ``--cluster-sync-every`` the job holds several
 worker groups (``--group-size`` ranks each) syncing inside it every ``--sync-every`` steps and across jobs every
 ``--cluster-sync-every`` (two levels). The job writes
-``DIR/{group_id}.pt`` at the end (or right before ``--die-at-step`` SIGKILLs it): the parameters after every step,
+``DIR/{group_id}.pt`` (rank ``r > 0``: ``DIR/{group_id}_r{r}.pt``) at the end (or right before ``--die-at-step`` SIGKILLs it): the parameters after every step,
 the sync attempts (step, participants, weight, committed, seconds) and the step the job started training from.
 
 ``--die-in-sync-at-step N`` SIGKILLs the job *inside* the sync of step N: in its cross-group all-reduce, after the
@@ -17,6 +17,7 @@ cannot complete and their attempt fails. Every all-reduce records what the sync 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import signal
 import sys
@@ -43,6 +44,9 @@ class Recorder(Callback):
         self.start_step = -1
         self.start_params: dict[str, torch.Tensor] = {}
         self.reduces: list[dict] = []
+        self.start_engines: dict = {}
+        self.engines: list[tuple[int, dict]] = []
+        """With two levels: both engines' states after every step."""
         self.trainer = None
 
     def on_all_reduce(self, comm: TorchftCommunicator) -> None:
@@ -63,6 +67,7 @@ class Recorder(Callback):
 
     def setup(self, trainer, pl_module, stage):
         self.trainer = trainer
+        self.dump_name = self.args.dump_name + (f"_r{trainer.global_rank}" if trainer.global_rank > 0 else "")
 
     def on_fit_start(self, trainer, pl_module):
         """``--barrier N``: wait (after this job's manager started heartbeating) until N jobs got here, so that the
@@ -83,12 +88,22 @@ class Recorder(Callback):
         if self.start_step < 0:  # after the join (healing) of on_train_start, before the first inner step
             self.start_step = trainer.global_step
             self.start_params = {k: v.detach().clone() for k, v in pl_module.named_parameters()}
+            self.start_engines = self.engine_states(trainer.strategy)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.steps.append((trainer.global_step, {k: v.detach().clone() for k, v in pl_module.named_parameters()}))
+        if trainer.strategy.cluster_sync is not None:
+            self.engines.append((trainer.global_step, self.engine_states(trainer.strategy)))
         if trainer.global_step == self.args.die_at_step:
             self.dump(trainer, pl_module, killed=True)
             os.kill(os.getpid(), signal.SIGKILL)
+
+    @staticmethod
+    def engine_states(strategy) -> dict:
+        """Both levels' engine states (θ_c slice / θ_g piece, outer optimizer state), with two levels."""
+        # deep copies: an optimizer's state_dict holds its live state tensors
+        return copy.deepcopy({"outer": strategy.outer_sync.state_dict(),
+                              "cluster": strategy.cluster_sync.state_dict() if strategy.cluster_sync else None})
 
     @staticmethod
     def cluster_record(strategy) -> dict:
@@ -98,6 +113,7 @@ class Recorder(Callback):
             return {}
         return {"cluster_snapshot": [s.detach().clone() for s in cluster.snapshot], "cluster_syncs": cluster.num_syncs,
                 "cluster_bytes": cluster.bytes_sent, "group_size": strategy.group_size,
+                "cluster_state": cluster.state_dict()["outer_optimizer"],
                 "cluster_size": strategy.cluster_size}
 
     def dump(self, trainer, pl_module, killed: bool = False) -> None:
@@ -111,7 +127,8 @@ class Recorder(Callback):
             "snapshot": [s.detach().clone() for s in outer.snapshot],
             "outer_state": outer.state_dict()["outer_optimizer"], "reduces": self.reduces,
             "num_syncs": outer.num_syncs, **self.cluster_record(trainer.strategy),
-        }, os.path.join(self.args.out, f"{self.args.dump_name}.pt"))
+            "start_engines": self.start_engines, "engines": self.engines,
+        }, os.path.join(self.args.out, f"{self.dump_name}.pt"))
 
 
 def main() -> None:
@@ -166,8 +183,6 @@ def main() -> None:
                                   process_group_backend="gloo", **layout),
     )
     trainer.fit(model, loader)
-    if trainer.global_rank > 0:
-        args.dump_name += f"_r{trainer.global_rank}"
     recorder.dump(trainer, model)
 
 
