@@ -57,9 +57,15 @@ ARGUMENT_DOCS: dict[str, str] = {
     "cluster_size": "two-stage sync for multi-cluster training: worker groups per cluster (groups ``[c·n, (c+1)·n)`` "
                     "form cluster ``c``). Groups sync inside their cluster every ``sync_every`` steps with "
                     "``outer_optimizer`` and clusters sync every ``cluster_sync_every`` steps with "
-                    "``cluster_outer_optimizer``. Default None: one level.",
-    "cluster_sync_every": "``H2``, steps between two syncs across clusters; a multiple of ``sync_every``.",
-    "cluster_outer_optimizer": "the outer optimizer across clusters (same forms as ``outer_optimizer``). Default "
+                    "``cluster_outer_optimizer``. Default None: one level. With ``lighthouse`` it is implied (the job "
+                    "is the cluster) and refused: set ``cluster_sync_every``.",
+    "cluster_sync_every": "``H2``, steps between two syncs across clusters; a multiple of ``sync_every``. With "
+                          "``lighthouse`` the job is the cluster: ``group_size`` below the job's world size gives "
+                          "several worker groups per job that sync inside it every ``sync_every`` steps, and the "
+                          "jobs sync every ``cluster_sync_every`` steps through the lighthouse "
+                          "(docs/multi_cluster.md).",
+    "cluster_outer_optimizer": "the outer optimizer across clusters (with ``lighthouse``: across jobs; same forms as "
+                               "``outer_optimizer``). Default "
                                "``\"diloco\"``.",
     "compression": "compress what crosses groups at a sync: ``None`` (fp32 all-reduce), ``\"bf16\"`` (½ the bytes), "
                    "``\"int8\"`` (≈ ¼), ``\"int4\"`` (≈ ⅛) or a codec added with ``register_codec``, with per-block "
@@ -88,10 +94,11 @@ ARGUMENT_DOCS: dict[str, str] = {
                 "``\"two_stage\"``, ``\"streaming\"``, ``\"time_based\"``). Default None: chosen from the arguments "
                 "above.",
     "lighthouse": "federated worker groups: the ``host:port`` of torchft's lighthouse (``lightning-localsgd "
-                  "lighthouse --port 29510``). Each job (its own SLURM job, torchrun or machine) is then one worker "
-                  "group (``group_size`` = the job's world size); groups join and leave between syncs, a sync averages "
-                  "over the groups present, a joining group heals from a live peer. ``sync_timeout`` bounds each sync "
-                  "(quorum, reduce, retries; default 600 s in this mode). See docs/multi_cluster.md. Default None: "
+                  "lighthouse --port 29510``). Each job (its own SLURM job, torchrun or machine) is then one "
+                  "cluster: one worker group (``group_size`` = the job's world size), or several with "
+                  "``cluster_sync_every``; jobs join and leave between syncs, a sync averages over the jobs "
+                  "present, a joining job heals from a live peer. ``sync_timeout`` bounds each sync (quorum, reduce, "
+                  "retries; default 600 s in this mode). See docs/multi_cluster.md. Default None: "
                   "one world.",
     "group_id": "with ``lighthouse``: this job's name among the groups (no ``:``); a job restarted with the same "
                 "name takes its place. Default None: the host name and a random suffix.",

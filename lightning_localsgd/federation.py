@@ -1,22 +1,27 @@
-"""Federated worker groups: each job is one worker group; groups meet at syncs through torchft.
+"""Federated worker groups: each job is one cluster; jobs meet at syncs through torchft.
 
-Each job (its own SLURM job, torchrun or edge box, with its own ``torch.distributed`` world) is one worker group; DDP
-runs inside it as usual. Groups find each other through torchft's *lighthouse* (quorum, heartbeats) and sync over
-torchft's managed, reconfigurable process group, which pairs rank ``k`` of every live group (the same pairing as the
-cross groups of a single world). Nothing here is a home-made membership service or store: the lighthouse, the
-:class:`torchft.Manager` per job rank, its process group and its healing transport are torchft's.
+Each job (its own SLURM job, torchrun or edge box, with its own ``torch.distributed`` world) is one worker group (DDP
+inside it), or, with ``cluster_sync_every``, several worker groups that sync inside the job every ``sync_every`` steps
+over its own process groups (level 1 of two-stage sync, the one-world machinery) while the jobs sync every
+``cluster_sync_every`` steps here (level 2; :func:`~lightning_localsgd.topology.job_cluster_groups`). What crosses jobs
+is the outermost level (:attr:`LocalSGDController.outermost_sync`). Groups find each other through torchft's
+*lighthouse* (quorum, heartbeats) and sync over torchft's managed, reconfigurable process group, which pairs rank ``k``
+of every live job (the same pairing as the cross groups of a single world). Nothing here is a home-made membership
+service or store: the lighthouse, the :class:`torchft.Manager` per job rank, its process group and its healing transport
+are torchft's.
 
-**Every quorum is one sync.** At each sync a group asks for a quorum, then takes part in one weighted mean over the
-groups in it: a group that trained the interval weighs 1, a group that just joined (or healed in that quorum) weighs
-0, so the mean is over the groups that did the work and the same outer step runs everywhere (``θ_g`` stays
-identical). The commit vote (``Manager.should_commit``) runs after the reduce and *before* anything is written
+**Every quorum is one sync** (of the outermost level). At each sync a group asks for a quorum, then takes part in one
+weighted mean over the groups in it: a group that trained the interval weighs 1, a group that just joined (or healed in
+that quorum) weighs 0, so the mean is over the groups that did the work and the same outer step runs everywhere (``θ_g``
+stays identical). The commit vote (``Manager.should_commit``) runs after the reduce and *before* anything is written
 (:meth:`~lightning_localsgd.engine.comm.Communicator.commit`), so a sync that fails mid-way leaves ``θ_g``, the outer
 state and ``θ_i`` untouched; it is then redone with a new quorum of the groups left, until ``sync_timeout``.
 
 **Healing.** A job starting while others run (new, or restarted with the same ``group_id``) joins at its
 ``on_train_start``: its manager is behind the others', so torchft fetches one live peer's state (its
 :class:`~lightning_localsgd.state.TrainingState`, the same state a checkpoint holds: inner model and optimizers, LR
-schedulers, ``θ_g``, outer optimizer state, schedule and trainer counters) and loads it on the training thread before that quorum's sync, in which the joiner weighs 0.
+schedulers, ``θ_g``, outer optimizer state, schedule and trainer counters; with two levels both levels' engine states)
+and loads it on the training thread before that quorum's sync, in which the joiner weighs 0.
 """
 
 from __future__ import annotations
