@@ -242,9 +242,10 @@ class LocalSGDConfig:
             when += f" in {self.fragments} staggered fragment(s), applied {self.overlap_steps} step(s) later"
         levels = ""
         if self.two_stage:
-            where = "jobs (through the lighthouse)" if self.lighthouse is not None else "clusters"
-            levels = (f" inside each {'job' if self.lighthouse is not None else 'cluster'}; across {where} every "
-                      f"{self.cluster_sync_every} steps, outer optimizer {outer_optimizer_name(self.cluster_outer_optimizer)}")
+            inside, across = ("job", "jobs (through the lighthouse)") if self.lighthouse is not None else \
+                ("cluster", "clusters")
+            levels = (f" inside each {inside}; across {across} every {self.cluster_sync_every} steps, outer optimizer "
+                      f"{outer_optimizer_name(self.cluster_outer_optimizer)}")
         return (f"local SGD: {num_groups} worker group(s) of {self.group_size} rank(s), sync {when}, outer optimizer "
                 f"{self.outer_name}{levels}, warm-up {self.warmup_steps} steps.")
 

@@ -2,11 +2,12 @@
 
     python tests/workers/train_federated.py --lighthouse HOST:PORT --group-id g0 --seed 0 --out DIR [options]
 
-Each group reads the dataset in its own order (``--seed``), so groups drift apart between syncs. With ``--cluster-sync-every`` the job holds several
-worker groups (``--group-size`` ranks each) syncing inside it every ``--sync-every`` steps and across jobs every
-``--cluster-sync-every`` (two levels). The job writes
-``DIR/{group_id}.pt`` (rank ``r > 0``: ``DIR/{group_id}_r{r}.pt``) at the end (or right before ``--die-at-step`` SIGKILLs it): the parameters after every step,
-the sync attempts (step, participants, weight, committed, seconds) and the step the job started training from.
+Each group reads the dataset in its own order (``--seed``), so groups drift apart between syncs. With
+``--cluster-sync-every`` the job holds several worker groups (``--group-size`` ranks each) syncing inside it every
+``--sync-every`` steps and across jobs every ``--cluster-sync-every`` (two levels). The job writes ``DIR/{group_id}.pt``
+(rank ``r > 0``: ``DIR/{group_id}_r{r}.pt``) at the end (or right before ``--die-at-step`` SIGKILLs it): the parameters
+after every step, the sync attempts (step, participants, weight, committed, seconds) and the step the job started
+training from.
 
 ``--die-in-sync-at-step N`` SIGKILLs the job *inside* the sync of step N: in its cross-group all-reduce, after the
 quorum of that attempt formed (the others already count it in) and before its data goes out, so the others' reduce
