@@ -57,9 +57,15 @@ ARGUMENT_DOCS: dict[str, str] = {
     "cluster_size": "two-stage sync for multi-cluster training: worker groups per cluster (groups ``[c·n, (c+1)·n)`` "
                     "form cluster ``c``). Groups sync inside their cluster every ``sync_every`` steps with "
                     "``outer_optimizer`` and clusters sync every ``cluster_sync_every`` steps with "
-                    "``cluster_outer_optimizer``. Default None: one level.",
-    "cluster_sync_every": "``H2``, steps between two syncs across clusters; a multiple of ``sync_every``.",
-    "cluster_outer_optimizer": "the outer optimizer across clusters (same forms as ``outer_optimizer``). Default "
+                    "``cluster_outer_optimizer``. Default None: one level. With ``lighthouse`` it is implied (the job "
+                    "is the cluster) and refused: set ``cluster_sync_every``.",
+    "cluster_sync_every": "``H2``, steps between two syncs across clusters; a multiple of ``sync_every``. With "
+                          "``lighthouse`` the job is the cluster: ``group_size`` below the job's world size gives "
+                          "several worker groups per job that sync inside it every ``sync_every`` steps, and the "
+                          "jobs sync every ``cluster_sync_every`` steps through the lighthouse "
+                          "(docs/multi_cluster.md).",
+    "cluster_outer_optimizer": "the outer optimizer across clusters (with ``lighthouse``: across jobs; same forms as "
+                               "``outer_optimizer``). Default "
                                "``\"diloco\"``.",
     "compression": "compress what crosses groups at a sync: ``None`` (fp32 all-reduce), ``\"bf16\"`` (½ the bytes), "
                    "``\"int8\"`` (≈ ¼), ``\"int4\"`` (≈ ⅛) or a codec added with ``register_codec``, with per-block "
@@ -89,10 +95,11 @@ ARGUMENT_DOCS: dict[str, str] = {
                 "``\"two_stage\"``, ``\"streaming\"``, ``\"time_based\"``). Default None: chosen from the arguments "
                 "above.",
     "lighthouse": "federated worker groups: the ``host:port`` of torchft's lighthouse (``lightning-localsgd "
-                  "lighthouse --port 29510``). Each job (its own SLURM job, torchrun or machine) is then one worker "
-                  "group (``group_size`` = the job's world size); groups join and leave between syncs, a sync averages "
-                  "over the groups present, a joining group heals from a live peer. ``sync_timeout`` bounds each sync "
-                  "(quorum, reduce, retries; default 600 s in this mode). See docs/multi_cluster.md. Default None: "
+                  "lighthouse --port 29510``). Each job (its own SLURM job, torchrun or machine) is then one "
+                  "cluster: one worker group (``group_size`` = the job's world size), or several with "
+                  "``cluster_sync_every``; jobs join and leave between syncs, a sync averages over the jobs "
+                  "present, a joining job heals from a live peer. ``sync_timeout`` bounds each sync (quorum, reduce, "
+                  "retries; default 600 s in this mode). See docs/multi_cluster.md. Default None: "
                   "one world.",
     "group_id": "with ``lighthouse``: this job's name among the groups (no ``:``); a job restarted with the same "
                 "name takes its place. Default None: the host name and a random suffix.",
@@ -205,6 +212,12 @@ class LocalSGDConfig:
 
     # ------------------------------------------------------------------ derived
     @property
+    def two_stage(self) -> bool:
+        """Two sync levels: ``cluster_size`` in one world; in federated mode ``cluster_sync_every`` (the job is the
+        cluster, its ``cluster_size`` is set once the job's world size is known)."""
+        return self.cluster_size is not None or self.cluster_sync_every is not None
+
+    @property
     def streaming(self) -> bool:
         return self.fragments > 1 or self.overlap_steps > 0
 
@@ -218,7 +231,7 @@ class LocalSGDConfig:
             return build_schedule(self.sync_schedule, self)
         if self.sync_every_seconds is not None:
             return build_schedule("time_based", self)
-        if self.cluster_size is not None:
+        if self.two_stage:
             return build_schedule("two_stage", self)
         return build_schedule("streaming" if self.streaming else "periodic", self)
 
@@ -228,19 +241,29 @@ class LocalSGDConfig:
             f"every {self.sync_every_seconds:g} s (token-weighted)"
         if self.streaming:
             when += f" in {self.fragments} staggered fragment(s), applied {self.overlap_steps} step(s) later"
+        levels = ""
+        if self.two_stage:
+            inside, across = ("job", "jobs (through the lighthouse)") if self.lighthouse is not None else \
+                ("cluster", "clusters")
+            levels = (f" inside each {inside}; across {across} every {self.cluster_sync_every} steps, outer optimizer "
+                      f"{outer_optimizer_name(self.cluster_outer_optimizer)}")
         return (f"local SGD: {num_groups} worker group(s) of {self.group_size} rank(s), sync {when}, outer optimizer "
-                f"{self.outer_name}, warm-up {self.warmup_steps} steps.")
+                f"{self.outer_name}{levels}, warm-up {self.warmup_steps} steps.")
 
     # ------------------------------------------------------------------ checks
     def _check_two_stage(self) -> None:
         H, size, H2 = self.sync_every, self.cluster_size, self.cluster_sync_every
-        if size is None:
+        if size is not None and self.lighthouse is not None:
+            return  # refused by _check_federated: in federated mode the job is the cluster
+        if size is None and (H2 is None or self.lighthouse is None):
             if H2 is not None:
                 raise ValueError("cluster_sync_every is set but cluster_size is not: two-stage sync needs both. Set "
                                  "cluster_size (worker groups per cluster), or remove cluster_sync_every for one "
-                                 "level of sync.")
+                                 "level of sync. (With lighthouse= the job is the cluster and cluster_size is "
+                                 "implied: see docs/multi_cluster.md.)")
             return
-        _positive_int("cluster_size", size, 1, "It is the number of worker groups per cluster.")
+        if size is not None:
+            _positive_int("cluster_size", size, 1, "It is the number of worker groups per cluster.")
         if H2 is None:
             raise ValueError("cluster_size is set but cluster_sync_every is not: give H2, the steps between two syncs "
                              f"across clusters, a multiple of sync_every={H} (e.g. {4 * H}).")

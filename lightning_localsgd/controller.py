@@ -74,7 +74,8 @@ class LocalSGDController:
         """Time-based sync: whether this rank asks every group to stop at the next sync (a SIGTERM arrived)."""
         """Called on the ranks of a group whose values were not finite at a skipped sync (reset inner state)."""
         self.syncs: DirectSyncs = DirectSyncs()
-        """How the syncs of the cross-group level run: :class:`DirectSyncs`, or a federation's (over quorums)."""
+        """How the syncs of the outermost level run (:attr:`outermost_sync`): :class:`DirectSyncs`, or a federation's
+        (over quorums of jobs, a failed attempt redone or dropped). Level 1 of two-stage sync runs directly."""
         self._restored: Optional[tuple[Mapping[str, Any], Any, Any]] = None
 
     # ------------------------------------------------------------------ setup
@@ -96,9 +97,12 @@ class LocalSGDController:
         )
         if two_stage:
             # Level 2 reads and writes level 1's snapshot θ_c: the cluster's global parameters.
+            # Split over the cluster's groups (federated: the job's), each rank reduces a piece of its slice.
+            split = topology.inter_cluster_shard_group
             self.cluster_sync = OuterSync(
                 self.outer_sync.snapshot, outer_optimizer=c.cluster_factory, cross_group=topology.inter_cluster_group,
-                norm_group=self.outer_sync.norm, on_nonfinite=c.on_nonfinite, compression=c.compression,
+                shard_group=split, norm_group=topology.cluster_group if split is not None else self.outer_sync.norm,
+                on_nonfinite=c.on_nonfinite, compression=c.compression,
             )
         if self._restored is not None:
             self._apply_restored(*self._restored)
@@ -110,6 +114,22 @@ class LocalSGDController:
     @property
     def engines(self) -> list[OuterSync]:
         return [e for e in (self.outer_sync, self.cluster_sync) if e is not None]
+
+    @property
+    def outermost_sync(self) -> Optional[OuterSync]:
+        """The engine of the outermost level: across clusters with two-stage sync, else the only one. In federated
+        mode it is the level that crosses jobs (its communicator is torchft's)."""
+        return self.cluster_sync if self.cluster_sync is not None else self.outer_sync
+
+    def join(self, run_join: Callable[[OuterSync], Any]) -> None:
+        """Federated mode, before the first inner step: ``run_join`` meets the running jobs on the outermost level
+        (healing from one when they are ahead); with two levels every group of the job then continues from ``θ_c``,
+        which that level wrote."""
+        engine = self.outermost_sync
+        assert engine is not None and self.outer_sync is not None
+        run_join(engine)
+        if engine is not self.outer_sync:
+            self.outer_sync.write_back()
 
     def _group_agrees(self, due: bool) -> bool:
         """The ranks of a group step together (DDP / FSDP inside it): they enter a timed sync at the same step."""
@@ -204,10 +224,13 @@ class LocalSGDController:
         assert self.outer_sync is not None
         cluster_result = None
         with self._guarded():
-            result = self.syncs.sync(self.outer_sync)
+            if self.cluster_sync is None:
+                result = self.syncs.sync(self.outer_sync)
+            else:
+                result = self.outer_sync.sync()
             if all_levels and self.cluster_sync is not None and not result.skipped:
                 # θ_c (level 1's snapshot) takes the level-2 outer step, then every group of the cluster follows it
-                cluster_result = self.cluster_sync.sync()
+                cluster_result = self.syncs.sync(self.cluster_sync)
                 self.outer_sync.write_back()
                 result = SyncResult(pseudo_grad_norm=result.pseudo_grad_norm,
                                     bytes_sent=result.bytes_sent + cluster_result.bytes_sent,

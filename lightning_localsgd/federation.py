@@ -1,24 +1,28 @@
-"""Federated worker groups: each job is one worker group; groups meet at syncs through torchft.
+"""Federated worker groups: each job is one cluster; jobs meet at syncs through torchft.
 
-Each job (its own SLURM job, torchrun or edge box, with its own ``torch.distributed`` world) is one worker group; DDP
-runs inside it as usual. Groups find each other through torchft's *lighthouse* (quorum, heartbeats) and sync over
-torchft's managed, reconfigurable process group, which pairs rank ``k`` of every live group (the same pairing as the
-cross groups of a single world). Nothing here is a home-made membership service or store: the lighthouse, the
-:class:`torchft.Manager` per job rank, its process group and its healing transport are torchft's.
+Each job (its own SLURM job, torchrun or edge box, with its own ``torch.distributed`` world) is one worker group (DDP
+inside it), or, with ``cluster_sync_every``, several worker groups that sync inside the job every ``sync_every`` steps
+over its own process groups (level 1 of two-stage sync, the one-world machinery) while the jobs sync every
+``cluster_sync_every`` steps here (level 2; :func:`~lightning_localsgd.topology.job_cluster_groups`). What crosses jobs
+is the outermost level (:attr:`LocalSGDController.outermost_sync`). Groups find each other through torchft's
+*lighthouse* (quorum, heartbeats) and sync over torchft's managed, reconfigurable process group, which pairs rank ``k``
+of every live job (the same pairing as the cross groups of a single world). Nothing here is a home-made membership
+service or store: the lighthouse, the :class:`torchft.Manager` per job rank, its process group and its healing transport
+are torchft's.
 
-**Every quorum is one sync.** At each sync a group asks for a quorum, then takes part in one weighted mean over the
-groups in it: a group that trained the interval weighs 1, a group that just joined (or healed in that quorum) weighs
-0, so the mean is over the groups that did the work and the same outer step runs everywhere (``θ_g`` stays
-identical). The commit vote (``Manager.should_commit``) runs after the reduce and *before* anything is written
+**Every quorum is one sync** (of the outermost level). At each sync a group asks for a quorum, then takes part in one
+weighted mean over the groups in it: a group that trained the interval weighs 1, a group that just joined (or healed in
+that quorum) weighs 0, so the mean is over the groups that did the work and the same outer step runs everywhere (``θ_g``
+stays identical). The commit vote (``Manager.should_commit``) runs after the reduce and *before* anything is written
 (:meth:`~lightning_localsgd.engine.comm.Communicator.commit`), so a sync that fails mid-way leaves ``θ_g``, the outer
 state and ``θ_i`` untouched; it is then redone with a new quorum of the groups left, until ``sync_timeout``.
 
 **Healing.** A job starting while others run (new, or restarted with the same ``group_id``) joins at its
 ``on_train_start``: its manager is behind the others', so torchft fetches one live peer's state (its
 :class:`~lightning_localsgd.state.TrainingState`, the same state a checkpoint holds: inner model and optimizers, LR
-schedulers, ``θ_g``, outer optimizer state, schedule and trainer counters; not the error feedback of compressed
-syncs, which starts from zero) and loads it on the training thread before that quorum's sync, in which the joiner
-weighs 0.
+schedulers, ``θ_g``, outer optimizer state, schedule and trainer counters; with two levels both levels' engine
+states; not the error feedback of compressed syncs, which starts from zero) and loads it on the training thread before
+that quorum's sync, in which the joiner weighs 0.
 
 **Every feature, one code path.** :class:`TorchftCommunicator` implements the whole
 :class:`~lightning_localsgd.engine.comm.Communicator` interface (all-reduce, all-to-all, all-gather, commit vote), so
@@ -44,12 +48,13 @@ from torch import Tensor
 
 from .engine.comm import Communicator, SyncAbortedError, Work
 from .engine.outer import OuterSync, SyncResult
+from .topology import check_group_size
 
 if TYPE_CHECKING:
     from lightning.pytorch import Trainer
 
-__all__ = ["Federation", "TorchftCommunicator", "check_lighthouse_reachable", "lighthouse_url", "main_lighthouse",
-           "refuse_unsupported"]
+__all__ = ["Federation", "TorchftCommunicator", "check_lighthouse_reachable", "federated_cluster_size",
+           "federated_group_size", "lighthouse_url", "main_lighthouse", "refuse_unsupported"]
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +108,10 @@ def check_lighthouse_reachable(address: str, timeout: float) -> None:
 def refuse_unsupported(config: Any) -> None:
     """The sync features that federated mode does not support, refused before training with the fix."""
     unsupported = {
-        "cluster_size": (config.cluster_size, None, "two-stage sync needs every cluster in one world; in federated "
-                         "mode each job is one group: run one job per cluster instead"),
+        "cluster_size": (config.cluster_size, None, "in federated mode the job is the cluster, so cluster_size is "
+                         "implied (the job's worker groups: its world size / group_size). Run one job per cluster; for "
+                         "several worker groups per job set group_size below the job's world size and "
+                         "cluster_sync_every for the sync across jobs"),
         "warmup_steps": (config.warmup_steps, 0, "warm-up averages gradients across groups at every step"),
         "sync_every_seconds": (config.sync_every_seconds, None, "time-based sync is not supported across jobs yet"),
         "sync_schedule": (config.sync_schedule, None, "only the periodic schedule is supported across jobs"),
@@ -123,11 +130,28 @@ def refuse_unsupported(config: Any) -> None:
 
 
 def federated_group_size(group_size: Optional[int], world_size: int) -> int:
-    """In federated mode the job's own world is the worker group."""
+    """One level (no ``cluster_sync_every``): the job's own world is the worker group."""
     if group_size not in (None, 1, world_size):
-        raise ValueError(f"group_size={group_size} with lighthouse=: in federated mode each job is one worker group, "
-                         f"so group_size is the job's world size ({world_size}). Leave group_size unset.")
+        raise ValueError(
+            f"group_size={group_size} with lighthouse= and no cluster_sync_every: without a sync across jobs each job "
+            f"is one worker group, so group_size is the job's world size ({world_size}). For several worker groups "
+            "per job (syncing every sync_every steps inside it) set cluster_sync_every, a multiple of sync_every, for "
+            "the sync across jobs; or leave group_size unset.")
     return world_size
+
+
+def federated_cluster_size(group_size: int, world_size: int, cluster_sync_every: int) -> int:
+    """Two levels (``cluster_sync_every``): the job is the cluster; returns its number of worker groups."""
+    check_group_size(world_size, group_size)
+    if group_size == world_size:
+        below = [d for d in range(1, world_size) if world_size % d == 0]
+        fix = (f"set group_size to a divisor of {world_size} below it (e.g. {below[-1]}, or the devices per node for "
+               "a group per node)") if below else "run the job on more ranks (devices, num_nodes)"
+        raise ValueError(
+            f"cluster_sync_every={cluster_sync_every} with lighthouse= needs several worker groups per job, but "
+            f"group_size={group_size} makes the job's {world_size} rank(s) one worker group (then the jobs sync every "
+            f"sync_every steps and there is no second level). Either {fix}, or remove cluster_sync_every.")
+    return world_size // group_size
 
 
 class _CheckedWork:
@@ -423,9 +447,11 @@ class Federation:
         quorum (before anything of this sync is launched, so no sync is in flight)."""
         assert self.strategy is not None
         state = self.strategy.training_state.capture()
-        outer = state["rank"].get("outer")
-        if outer is not None:
-            outer.update(compression_error=None, compression_mean_error={}, compression_mean_error_owner={})
+        for level in ("outer", "cluster"):  # both levels' engines (two levels: the job's and the jobs')
+            engine_state = state["rank"].get(level)
+            if engine_state is not None:
+                engine_state.update(compression_error=None, compression_mean_error={},
+                                    compression_mean_error_owner={})
         state["federation"] = {"fragment": self._unit}
         return state
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -86,8 +86,24 @@ class Topology:
     """Worker groups per cluster for two-stage sync; ``None`` = one level."""
     intra_cluster_group: Optional[dist.ProcessGroup] = None
     """Level 1 of two-stage sync: this rank's shard in every group of its cluster."""
-    inter_cluster_group: Optional[dist.ProcessGroup] = None
-    """Level 2 of two-stage sync: this rank's place in every cluster."""
+    inter_cluster_group: Any = None
+    """Level 2 of two-stage sync: this rank's place in every cluster (a process group, or in federated mode the
+    torchft communicator across jobs: see :func:`job_cluster_groups`)."""
+    inter_cluster_shard_group: Optional[dist.ProcessGroup] = None
+    """Level 2 split over the cluster's groups: the ranks of the cluster holding the same slice of ``θ_c``, each of
+    which reduces ``1/cluster_size`` of that slice across clusters and all-gathers the rest from the others, so a
+    cluster sends one copy of the model per level-2 sync. ``None``: every rank reduces its whole slice."""
+    cluster_group: Optional[dist.ProcessGroup] = None
+    """With :attr:`inter_cluster_shard_group`: every rank of this rank's cluster (their level-2 pieces make one copy
+    of the model, so the pseudo-gradient norm adds their squares)."""
+
+    def federate(self, comm: Any) -> None:
+        """Federated mode: the outermost level crosses jobs over ``comm`` (torchft's communicator): level 2 when the
+        job holds several worker groups (:func:`job_cluster_groups`), else the cross group."""
+        if self.cluster_size is not None:
+            self.inter_cluster_group = comm
+        else:
+            self.cross_group = comm
 
     @property
     def num_groups(self) -> int:
@@ -154,6 +170,23 @@ def add_cluster_groups(topology: Topology, cluster_size: int, timeout: Optional[
     topology.cluster_size = cluster_size
     topology.intra_cluster_group = intra
     topology.inter_cluster_group = inter
+    return topology
+
+
+def job_cluster_groups(topology: Topology) -> Topology:
+    """Federated mode with several worker groups per job: the job is the cluster. Not collective (no new group).
+
+    Level 1 is the job's own cross groups (rank ``k`` of every group of the job: fast links). Level 2 crosses jobs
+    over torchft's communicator, set by :meth:`Topology.federate` once the federation starts; it pairs rank ``r`` of
+    every job. Rank ``r = i·S + k`` holds slice ``k`` of ``θ_c`` like the other groups' rank ``k``, so level 2 is
+    split over them: it reduces piece ``i`` of slice ``k`` across jobs and all-gathers the other pieces over its level-1
+    cross group, and every job sends one copy of the model per level-2 sync over the slow links (not one per group).
+    """
+    job_cross = topology.cross_group if topology.cross_group is not None else dist.group.WORLD
+    topology.cluster_size = topology.num_groups
+    topology.intra_cluster_group = topology.cross_group
+    topology.inter_cluster_shard_group = job_cross
+    topology.cluster_group = dist.group.WORLD  # the job's world
     return topology
 
 

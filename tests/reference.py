@@ -114,16 +114,21 @@ def _outer(theta, mean, kind, momentum):
 
 
 def simulate_two_stage(world, cluster_size, sync_every, cluster_sync_every, outer, cluster_outer, steps,
-                       inner="sgd", seed=0):
-    """Two-stage local SGD with one rank per group: groups sync inside their cluster every `sync_every` steps
-    (θ_c ← outer(θ_c, θ_c − mean θ_i)), clusters every `cluster_sync_every` (θ_g ← cluster_outer(θ_g, θ_g − mean θ_c),
-    then θ_c ← θ_g and θ_i ← θ_g). Returns per-batch per-group parameters and the final ones."""
-    groups = world
+                       inner="sgd", seed=0, group_size=1, batches=None):
+    """Two-stage local SGD: groups sync inside their cluster every `sync_every` steps (θ_c ← outer(θ_c, θ_c − mean
+    θ_i)), clusters every `cluster_sync_every` (θ_g ← cluster_outer(θ_g, θ_g − mean θ_c), then θ_c ← θ_g and θ_i ← θ_g).
+    Groups of `group_size` ranks (a group's gradient: of the mean of its ranks' losses, DDP inside it); `batches[g][b]`
+    the list of group g's per-rank batches at step b (default: Lightning's sampler over the whole world). Returns
+    per-batch per-group parameters and the final ones."""
+    groups = world // group_size
     clusters = groups // cluster_size
     base = initial_net(False, seed)
     nets = [copy.deepcopy(base) for _ in range(groups)]
     opts = [make_inner_optimizer(inner, n.parameters()) for n in nets]
-    batches = [rank_batches(world, r) for r in range(world)]
+    if batches is None:
+        per_rank = [rank_batches(world, r) for r in range(world)]
+        batches = [[[per_rank[r][b] for r in range(g * group_size, (g + 1) * group_size)]
+                    for b in range(len(per_rank[0]))] for g in range(groups)]
     names = [k for k, _ in base.named_parameters()]
     theta_c = [{k: v.detach().clone() for k, v in base.named_parameters()} for _ in range(clusters)]
     theta_g = {k: v.detach().clone() for k, v in base.named_parameters()}
@@ -151,7 +156,8 @@ def simulate_two_stage(world, cluster_size, sync_every, cluster_sync_every, oute
 
     for b in range(steps):
         for g, net in enumerate(nets):
-            F.mse_loss(net(batches[g][b][0]), batches[g][b][1]).backward()
+            losses = [F.mse_loss(net(x), y) for x, y in batches[g][b]]
+            (losses[0] if len(losses) == 1 else torch.stack(losses).mean()).backward()
             opts[g].step()
             opts[g].zero_grad()
         if (b + 1) % sync_every == 0:

@@ -24,13 +24,13 @@ from torch import Tensor
 
 from ..config import LocalSGDConfig
 from ..controller import LocalSGDController
-from ..federation import Federation, federated_group_size
+from ..federation import Federation, federated_cluster_size, federated_group_size
 from ..engine import OuterSync, SyncResult, SyncSchedule
 from ..preemption import stop_at_sync_steps
 from ..state import ReplicaState, TrainingState
 from ..reliability import stop_local_ranks
 from ..tensors import batch_tokens
-from ..topology import Topology, add_cluster_groups, check_cluster_size, check_group_size
+from ..topology import Topology, add_cluster_groups, check_cluster_size, check_group_size, job_cluster_groups
 
 __all__ = ["LocalSGDMixin", "is_fitting", "training_ends_here"]
 
@@ -47,8 +47,8 @@ class _SyncAtStepEnd(Callback):
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.strategy.local_sgd.schedule.start()
-        if self.strategy.federation is not None:  # join the running groups (heal from one) before the first step
-            self.strategy.federation.join(self.strategy.local_sgd.outer_sync)
+        if self.strategy.federation is not None:  # join the running jobs (heal from one) before the first step
+            self.strategy.local_sgd.join(self.strategy.federation.join)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -227,10 +227,15 @@ class LocalSGDMixin:
     # ------------------------------------------------------------------ setup
     def _configure_launcher(self) -> None:
         # The world size is known here, before the processes start: fail early on a bad group_size.
+        world_size = self.num_nodes * self.num_processes  # type: ignore[attr-defined]
+        if self.lighthouse is not None and self.cluster_sync_every is None:
+            # federated, one level: the job's own world is the worker group
+            self.group_size = federated_group_size(self.group_size, world_size)
         self._resolve_group_size()
-        if self.lighthouse is not None:  # federated: the job's own world is the worker group
-            self.group_size = federated_group_size(self.group_size, self.num_nodes * self.num_processes)  # type: ignore[attr-defined]
-        self._check_world_size(self.num_nodes * self.num_processes)  # type: ignore[attr-defined]
+        if self.lighthouse is not None and self.cluster_sync_every is not None:
+            # federated, two levels: the job is the cluster; its groups sync inside it, the jobs through torchft
+            self.cluster_size = federated_cluster_size(self.group_size, world_size, self.cluster_sync_every)
+        self._check_world_size(world_size)
         super()._configure_launcher()  # type: ignore[misc]
 
     def _resolve_group_size(self) -> None:
@@ -248,8 +253,13 @@ class LocalSGDMixin:
             rank_zero_warn(one_group_message(world_size, group_size), category=UserWarning)
 
     def _add_cluster_groups(self) -> None:
-        """Two-stage sync: create the level-1 and level-2 process groups (collective, right after the topology)."""
-        if self.cluster_size is not None and self.topology is not None:
+        """Two-stage sync: create the level-1 and level-2 process groups (collective, right after the topology).
+        Federated: the job is the cluster; level 2 is torchft's communicator (set in :meth:`setup_local_sgd`)."""
+        if self.cluster_size is None or self.topology is None:
+            return
+        if self.federation is not None:
+            job_cluster_groups(self.topology)
+        else:
             add_cluster_groups(self.topology, self.cluster_size, getattr(self, "_timeout", None))
 
     def setup_local_sgd(self, trainer: Trainer) -> None:
@@ -262,8 +272,8 @@ class LocalSGDMixin:
         controller.on_sync = lambda result, cluster: self._log_sync(trainer, result, cluster)
         controller.on_stop = lambda: setattr(trainer, "should_stop", True)  # another group finished: stop too
         controller.on_reset = self.reset_inner_optimizers
-        if self.federation is not None:  # the other groups are other jobs, met through torchft's quorum
-            self.topology.cross_group = self.federation.start(self, trainer)
+        if self.federation is not None:  # the outermost level crosses jobs, met through torchft's quorum
+            self.topology.federate(self.federation.start(self, trainer))
             controller.syncs = self.federation
         controller.setup(self.topology, params, buffers, shard_group=self.local_sgd_shard_group(),
                          norm_group=self.local_sgd_norm_group(), fragment_sizes=self.local_sgd_fragment_sizes(),

@@ -2,9 +2,12 @@
 
     python tests/workers/train_federated.py --lighthouse HOST:PORT --group-id g0 --seed 0 --out DIR [options]
 
-Each group reads the dataset in its own order (``--seed``), so groups drift apart between syncs. The job writes
-``DIR/{group_id}.pt`` at the end (or right before ``--die-at-step`` SIGKILLs it): the parameters after every step,
-the sync attempts (step, participants, weight, committed, seconds) and the step the job started training from.
+Each group reads the dataset in its own order (``--seed``), so groups drift apart between syncs. With
+``--cluster-sync-every`` the job holds several worker groups (``--group-size`` ranks each) syncing inside it every
+``--sync-every`` steps and across jobs every ``--cluster-sync-every`` (two levels). The job writes ``DIR/{group_id}.pt``
+(rank ``r > 0``: ``DIR/{group_id}_r{r}.pt``) at the end (or right before ``--die-at-step`` SIGKILLs it): the parameters
+after every step, the sync attempts (step, participants, weight, committed, seconds) and the step the job started
+training from.
 
 ``--die-in-sync-at-step N`` SIGKILLs the job *inside* the sync of step N: in its cross-group all-reduce (or, with
 ``--compression``, the all-to-all of phase 1), after the quorum of that attempt formed (the others already count it
@@ -17,6 +20,7 @@ feedback of compressed syncs) under ``reduces`` in the dump.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import signal
 import sys
@@ -44,6 +48,9 @@ class Recorder(Callback):
         self.start_params: dict[str, torch.Tensor] = {}
         self.reduces: list[dict] = []
         self.start_error = None
+        self.start_engines: dict = {}
+        self.engines: list[tuple[int, dict]] = []
+        """With two levels: both engines' states after every step."""
         self.trainer = None
 
     def on_all_reduce(self, comm: TorchftCommunicator) -> None:
@@ -66,6 +73,7 @@ class Recorder(Callback):
 
     def setup(self, trainer, pl_module, stage):
         self.trainer = trainer
+        self.dump_name = self.args.dump_name + (f"_r{trainer.global_rank}" if trainer.global_rank > 0 else "")
 
     def on_fit_start(self, trainer, pl_module):
         """``--barrier N``: wait (after this job's manager started heartbeating) until N jobs got here, so that the
@@ -87,12 +95,33 @@ class Recorder(Callback):
             self.start_step = trainer.global_step
             self.start_params = {k: v.detach().clone() for k, v in pl_module.named_parameters()}
             self.start_error = trainer.strategy.outer_sync.state_dict()["compression_error"]
+            self.start_engines = self.engine_states(trainer.strategy)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.steps.append((trainer.global_step, {k: v.detach().clone() for k, v in pl_module.named_parameters()}))
+        if trainer.strategy.cluster_sync is not None:
+            self.engines.append((trainer.global_step, self.engine_states(trainer.strategy)))
         if trainer.global_step == self.args.die_at_step:
             self.dump(trainer, pl_module, killed=True)
             os.kill(os.getpid(), signal.SIGKILL)
+
+    @staticmethod
+    def engine_states(strategy) -> dict:
+        """Both levels' engine states (θ_c slice / θ_g piece, outer optimizer state), with two levels."""
+        # deep copies: an optimizer's state_dict holds its live state tensors
+        return copy.deepcopy({"outer": strategy.outer_sync.state_dict(),
+                              "cluster": strategy.cluster_sync.state_dict() if strategy.cluster_sync else None})
+
+    @staticmethod
+    def cluster_record(strategy) -> dict:
+        """Two levels (``--cluster-sync-every``): the level-2 engine's piece of θ_g, its syncs and bytes."""
+        cluster = strategy.cluster_sync
+        if cluster is None:
+            return {}
+        return {"cluster_snapshot": [s.detach().clone() for s in cluster.snapshot], "cluster_syncs": cluster.num_syncs,
+                "cluster_bytes": cluster.bytes_sent, "group_size": strategy.group_size,
+                "cluster_state": cluster.state_dict()["outer_optimizer"],
+                "cluster_size": strategy.cluster_size}
 
     def dump(self, trainer, pl_module, killed: bool = False) -> None:
         fed = trainer.strategy.federation
@@ -106,7 +135,9 @@ class Recorder(Callback):
             "outer_state": outer.state_dict()["outer_optimizer"], "reduces": self.reduces,
             "compression_error": outer.state_dict()["compression_error"], "start_error": self.start_error,
             "pending": sorted(outer.pending, key=lambda f: -1 if f is None else f),
-        }, os.path.join(self.args.out, f"{self.args.dump_name}.pt"))
+            "num_syncs": outer.num_syncs, **self.cluster_record(trainer.strategy),
+            "start_engines": self.start_engines, "engines": self.engines,
+        }, os.path.join(self.args.out, f"{self.dump_name}.pt"))
 
 
 def main() -> None:
@@ -131,6 +162,9 @@ def main() -> None:
     parser.add_argument("--fragments", type=int, default=1)
     parser.add_argument("--overlap-steps", type=int, default=0)
     parser.add_argument("--overlap-mix", type=float, default=0.0)
+    parser.add_argument("--group-size", type=int, default=None, help="ranks per worker group inside the job")
+    parser.add_argument("--cluster-sync-every", type=int, default=None, help="several groups per job: H2 across jobs")
+    parser.add_argument("--cluster-outer", default="diloco")
     args = parser.parse_args()
     args.dump_name = args.dump_name or args.group_id
     if args.devices > 1:  # Lightning's DistributedSampler splits this job's own order (seed --seed) over its ranks
@@ -138,6 +172,9 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(0)  # every group starts from the same weights
     model = TinyModule("sgd")
+    layout = {"group_size": args.group_size} if args.group_size is not None else {}
+    if args.cluster_sync_every is not None:
+        layout.update(cluster_sync_every=args.cluster_sync_every, cluster_outer_optimizer=args.cluster_outer)
     loader = DataLoader(make_dataset(), batch_size=2, shuffle=True,
                         generator=torch.Generator().manual_seed(args.seed))
     if args.devices > 1:
@@ -163,11 +200,9 @@ def main() -> None:
                                   group_id=args.group_id, min_groups=args.min_groups, sync_timeout=args.sync_timeout,
                                   process_group_backend="gloo", compression=args.compression,
                                   fragments=args.fragments, overlap_steps=args.overlap_steps,
-                                  **({"overlap_mix": args.overlap_mix} if args.overlap_steps else {})),
+                                  **({"overlap_mix": args.overlap_mix} if args.overlap_steps else {}), **layout),
     )
     trainer.fit(model, loader)
-    if trainer.global_rank > 0:
-        args.dump_name += f"_r{trainer.global_rank}"
     recorder.dump(trainer, model)
 
 
