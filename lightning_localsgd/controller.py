@@ -19,6 +19,7 @@ from torch import Tensor
 
 from .config import LocalSGDConfig
 from .engine import NonFinitePseudoGradientError, OuterSync, ProcessGroupCommunicator, SyncResult
+from .engine.comm import Communicator, as_communicator
 from .engine.schedules import Action, TimeBasedSchedule
 from .reliability import SyncGuard
 from .topology import Topology
@@ -52,8 +53,16 @@ class LocalSGDController:
         self.wants_to_stop: Callable[[], bool] = lambda: False
         """Time-based sync: whether this rank asks every group to stop at the next sync (a SIGTERM arrived)."""
         """Called on the ranks of a group whose values were not finite at a skipped sync (reset inner state)."""
-        self.run_sync: Callable[[OuterSync], SyncResult] = lambda engine: engine.sync()
-        """How a sync of all parameters runs (federated groups: over a quorum, retried; see ``federation``)."""
+        self.run_sync: Callable[[OuterSync, Optional[float], Optional[bool]], SyncResult] = \
+            lambda engine, weight, stop: engine.sync(weight=weight, stop=stop)
+        """How a sync of all parameters runs, given the schedule's weight and stop flag (federated groups: over a
+        quorum, retried, the weight times 0 for a group that just joined; see ``federation``)."""
+        self.start_round: Callable[[], None] = lambda: None
+        """A warm-up step starts (federated groups: its quorum, which heals a joining group before its forward)."""
+        self.end_round: Callable[[bool], None] = lambda committed: None
+        """The vote on a warm-up step's gradient mean was taken (federated groups: records it)."""
+        self.warmup_comm: Optional[Communicator] = None
+        """Warm-up: the communicator over every group (one world's cross group, or the federated quorum's)."""
         self._restored: Optional[tuple[Mapping[str, Any], Any, Any]] = None
 
     # ------------------------------------------------------------------ setup
@@ -65,6 +74,7 @@ class LocalSGDController:
         if not tensors:
             raise ValueError("local SGD: the LightningModule has no trainable parameters to synchronize.")
         self.topology = topology
+        self.warmup_comm = as_communicator(topology.cross_group)  # every group, also with two-stage sync
         two_stage = c.cluster_size is not None
         self.outer_sync = OuterSync(
             tensors, buffers, outer_optimizer=c.outer_factory,
@@ -98,9 +108,15 @@ class LocalSGDController:
         return bool(flag.item() > 0)
 
     # ------------------------------------------------------------------ per step
+    def step_start(self) -> None:
+        """A training step starts (its first micro-batch): a warm-up step opens a round of collectives (federated
+        groups form the step's quorum here, so a joining group heals before it computes its gradient)."""
+        if self.schedule.in_warmup:
+            self.start_round()
+
     def warmup_closure(self, optimizer: Any, closure: Callable[[], Any]) -> Callable[[], Any]:
         """During warm-up, average the gradients across groups after backward, before clipping and the step."""
-        if not self.schedule.in_warmup or self.topology is None or self.topology.num_groups == 1:
+        if not self.schedule.in_warmup or self.warmup_comm is None:
             return closure
 
         def reduce_after(*args: Any, **kwargs: Any) -> Any:
@@ -112,17 +128,36 @@ class LocalSGDController:
 
     @torch.no_grad()
     def _average_gradients(self, optimizer: Any) -> None:
+        """The mean gradient over the groups of this step, or, when the members vote against the step (a fault-
+        tolerant transport whose collective failed), no gradient at all: the optimizer then skips every parameter."""
+        comm = self.warmup_comm
+        assert comm is not None
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+        failed: Optional[BaseException] = None
         grads = []
-        for p in (p for g in optimizer.param_groups for p in g["params"] if p.requires_grad):
-            if p.grad is None:  # as DDP with find_unused_parameters: an unused parameter gets a zero gradient
-                p.grad = torch.zeros_like(p)
-            grads.append(p.grad.detach().to_local() if hasattr(p.grad, "to_local") else p.grad)
-        if not grads:
+        flat = None
+        if comm.size > 1:
+            for p in params:
+                if p.grad is None:  # as DDP with find_unused_parameters: an unused parameter gets a zero gradient
+                    p.grad = torch.zeros_like(p)
+                grads.append(p.grad.detach().to_local() if hasattr(p.grad, "to_local") else p.grad)
+            if grads:
+                flat = torch.cat([g.reshape(-1) for g in grads])
+                try:
+                    comm.all_reduce(flat)
+                except Exception as err:  # noqa: BLE001 (fatal unless the members vote to drop the step)
+                    failed = err
+        committed = comm.commit()
+        if failed is not None and committed:
+            raise failed  # a transport without a vote (one world): a failed collective ends training
+        self.end_round(committed)
+        if not committed:  # as torchft's OptimizerWrapper: the step is not applied
+            for p in params:
+                p.grad = None
             return
-        assert self.topology is not None
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        ProcessGroupCommunicator(self.topology.cross_group).all_reduce(flat)
-        flat.div_(self.topology.num_groups)
+        if flat is None:
+            return
+        flat.div_(comm.size)
         offset = 0
         for g in grads:
             g.copy_(flat[offset : offset + g.numel()].view_as(g))
@@ -181,7 +216,7 @@ class LocalSGDController:
         assert self.outer_sync is not None
         cluster_result = None
         with self._guarded():
-            result = self.run_sync(self.outer_sync)
+            result = self.run_sync(self.outer_sync, None, None)
             if all_levels and self.cluster_sync is not None and not result.skipped:
                 # θ_c (level 1's snapshot) takes the level-2 outer step, then every group of the cluster follows it
                 cluster_result = self.cluster_sync.sync()
@@ -204,7 +239,7 @@ class LocalSGDController:
         """Time-based sync: weight = tokens since the last sync; any group's ``stop`` ends training for all."""
         assert self.outer_sync is not None
         with self._guarded():
-            result = self.outer_sync.sync(weight=float(self.schedule.tokens_since_sync), stop=stop)
+            result = self.run_sync(self.outer_sync, float(self.schedule.tokens_since_sync), stop)
         self.schedule.synced()
         if result.stop_requested:
             self.stop_received = True

@@ -37,6 +37,8 @@ from .engine.outer import OuterSync, SyncResult
 if TYPE_CHECKING:
     from lightning.pytorch import Trainer
 
+    from .controller import LocalSGDController
+
 __all__ = ["Federation", "TorchftCommunicator", "check_lighthouse_reachable", "lighthouse_url", "main_lighthouse",
            "refuse_unsupported"]
 
@@ -94,12 +96,9 @@ def refuse_unsupported(config: Any) -> None:
     unsupported = {
         "cluster_size": (config.cluster_size, None, "two-stage sync needs every cluster in one world; in federated "
                          "mode each job is one group: run one job per cluster instead"),
-        "warmup_steps": (config.warmup_steps, 0, "warm-up averages gradients across groups at every step"),
         "compression": (config.compression, None, "the weighted federated mean sends fp32"),
         "fragments": (config.fragments, 1, "streaming syncs would straddle quorums"),
         "overlap_steps": (config.overlap_steps, 0, "streaming syncs would straddle quorums"),
-        "sync_every_seconds": (config.sync_every_seconds, None, "time-based sync is not supported across jobs yet"),
-        "sync_schedule": (config.sync_schedule, None, "only the periodic schedule is supported across jobs"),
     }
     for name, (value, default, why) in unsupported.items():
         if value != default:
@@ -203,7 +202,13 @@ class Federation:
         self.healed_from_peer = 0
         """How many times this group loaded a live peer's state."""
         self.attempts: list[dict[str, Any]] = []
-        """Per sync attempt: step, participants, weight, committed, seconds (for logs and tests)."""
+        """Per quorum: kind (join, sync, warmup), step, participants, weight sent, healed, committed, seconds in all
+        and quorum_seconds waiting for the quorum (for logs and tests)."""
+        self.dropped_weight = 0.0
+        """The weight (tokens with time-based sync, else intervals) of work this group lost by missing a sync."""
+        self._healed_now = False
+        self._open_round: Optional[dict[str, Any]] = None
+        """A warm-up step's quorum whose vote is still to come (:meth:`end_round`)."""
 
     # ------------------------------------------------------------------ setup
     def start(self, strategy: Any, trainer: "Trainer") -> TorchftCommunicator:
@@ -232,24 +237,88 @@ class Federation:
             self.manager = None
 
     # ------------------------------------------------------------------ syncs
-    def join(self, engine: OuterSync) -> None:
-        """At ``on_train_start``: one quorum, weight 0. Heals from a live peer when the others are ahead."""
+    def join(self, controller: "LocalSGDController") -> None:
+        """At ``on_train_start``: this group's first quorum, in which it heals from a live peer when the others are
+        ahead. What follows is what the others run in that quorum, as this group's schedule (a peer's, once healed)
+        says: in warm-up the quorum is the next warm-up step's (this group computes its gradient on the healed
+        parameters and weighs in like the others); after it, a sync in which this group weighs 0."""
         self.trained = False
-        self.sync(engine)
+        stop = False if not controller.schedule.lockstep else None  # a time-based sync carries the stop flag
 
-    def sync(self, engine: OuterSync) -> SyncResult:
-        """One sync over the groups of a quorum; a failed attempt is redone with a new quorum until the timeout."""
+        def attempt(record: dict[str, Any]) -> Optional[SyncResult]:
+            if controller.schedule.in_warmup:  # the quorum of the next warm-up step: its vote comes after backward
+                record["kind"] = "warmup"
+                self._open_round = record
+                return None
+            assert controller.outer_sync is not None
+            record.update(weight=0.0, stop=stop)
+            return controller.outer_sync.sync(weight=0.0, stop=stop)
+
+        if self._rounds("join", attempt) is not None and stop is not None:
+            controller.schedule.synced()  # the interval (clock, tokens; a peer's, once healed) starts now
+
+    def sync(self, engine: OuterSync, weight: Optional[float] = None, stop: Optional[bool] = None) -> SyncResult:
+        """One sync over the groups of a quorum; a failed attempt is redone with a new quorum until the timeout.
+
+        The weight sent is the schedule's (``weight``: tokens since the last sync with time-based sync, ``None``: 1)
+        times 1 for a group that trained since its last sync and did not heal in this quorum, 0 otherwise (a joiner
+        holds a peer's parameters, not its own work)."""
+        def attempt(record: dict[str, Any]) -> SyncResult:
+            share = 1.0 if self.trained and not self._healed_now else 0.0
+            sent = share * (1.0 if weight is None else float(weight))
+            record.update(weight=sent, stop=stop)
+            if self.trained and self._healed_now:  # it missed a quorum the others committed: its work is replaced
+                record["dropped_weight"] = 1.0 if weight is None else float(weight)
+                self.dropped_weight += record["dropped_weight"]
+                log.warning(f"local SGD: group {self.group_id} missed a sync of the other groups and healed from a "
+                            f"live peer; the work since its last sync (weight {record['dropped_weight']:g}) is dropped")
+            return engine.sync(weight=sent, stop=stop)
+
+        result = self._rounds("sync", attempt)
+        self.trained = False
+        return result
+
+    def start_round(self) -> None:
+        """A warm-up step starts: its quorum (healing a joining group before its forward). The vote on applying the
+        step comes after the gradient mean (:meth:`end_round`). No retry: a step whose vote fails is not applied."""
+        if self._open_round is not None:
+            return  # the join's quorum is this step's
+        self._healed_now = False
+        record = self._record("warmup")
+        waited = time.perf_counter()
+        self.manager.start_quorum(timeout=self.timeout)
+        record.update(participants=self.comm.size if self.comm is not None else 1, healed=self._healed_now,
+                      step=self._step(), quorum_seconds=time.perf_counter() - waited)
+        self._open_round = record
+
+    def end_round(self, committed: bool) -> None:
+        """The vote of the warm-up step :meth:`start_round` (or the join) opened."""
+        record, self._open_round = self._open_round, None
+        if record is None:
+            return
+        record.update(committed=committed, seconds=time.perf_counter() - record.pop("_start"))
+        self.attempts.append(record)
+        if not committed:
+            log.warning(f"local SGD: the federated warm-up step {record['step']} failed (a collective failed or too "
+                        "few groups took part); its update is not applied")
+
+    def _record(self, kind: str) -> dict[str, Any]:
+        return {"kind": kind, "step": self._step(), "_start": time.perf_counter()}
+
+    def _rounds(self, kind: str, attempt: Any) -> Any:
+        """Quorum + ``attempt(record)`` until it commits (redone with a new quorum after a failure) or the timeout.
+        ``attempt`` returning ``None`` leaves the round open (its vote comes later: :meth:`end_round`)."""
         deadline = time.monotonic() + self.timeout.total_seconds()
         while True:
-            start = time.perf_counter()
             self._healed_now = False
+            record = self._record(kind)
+            waited = time.perf_counter()
             self.manager.start_quorum(timeout=timedelta(seconds=max(1.0, deadline - time.monotonic())))
-            step = self._step()  # after healing: the peers' step
-            weight = 1.0 if self.trained and not self._healed_now else 0.0
-            assert self.comm is not None and engine.cross is self.comm  # the engine reads the quorum from it
-            record = {"step": step, "participants": self.comm.size, "weight": weight, "healed": self._healed_now}
+            assert self.comm is not None
+            record.update(step=self._step(), participants=self.comm.size, healed=self._healed_now,  # after healing
+                          quorum_seconds=time.perf_counter() - waited)
             try:
-                result = engine.sync(weight=weight)
+                result = attempt(record)
             except Exception as err:
                 if isinstance(err, SyncAbortedError):
                     pass  # the vote said no (a collective failed here or on a rank of this job)
@@ -257,8 +326,10 @@ class Federation:
                     self.manager.should_commit()  # the other ranks of this job wait for this rank's vote
                 else:
                     raise
-                record.update(committed=False, seconds=time.perf_counter() - start, error=str(err)[:200])
+                record.update(committed=False, seconds=time.perf_counter() - record.pop("_start"),
+                              error=str(err)[:200])
                 self.attempts.append(record)
+                step = record["step"]
                 log.warning(f"local SGD: federated sync at step {step} failed ({err}); retrying with the groups left")
                 if time.monotonic() >= deadline:
                     raise TimeoutError(
@@ -268,9 +339,10 @@ class Federation:
                     ) from err
                 time.sleep(_RETRY_PAUSE)
                 continue
-            record.update(committed=True, seconds=time.perf_counter() - start)
+            if result is None:
+                return None
+            record.update(committed=True, seconds=time.perf_counter() - record.pop("_start"))
             self.attempts.append(record)
-            self.trained = False
             return result
 
     def _step(self) -> int:

@@ -1,0 +1,170 @@
+"""Warm-up, registered schedules and time-based token-weighted syncs across federated jobs (CPU, gloo).
+
+The jobs are ``tests/workers/train_federated.py`` processes meeting at torchft's lighthouse, as in
+``test_federated.py``. References by hand:
+
+- warm-up: one process, one network; at each warm-up step the mean of the two jobs' gradients (each on its own batch)
+  and one SGD step: synchronous data parallelism over both jobs;
+- a registered schedule (``growing``: intervals H, H+1, H+2 after the warm-up): each job's inner SGD steps, then
+  DiLoCo's outer step (Nesterov, lr 0.7, momentum 0.9) on the mean at each of the schedule's sync steps;
+- time-based: at every sync, ``Σ_i w_i θ_i / Σ_i w_i`` over the θ_i the jobs sent, ``w_i`` = the tokens job ``i``
+  processed since its previous sync (8 per step: batch 2 × 4 features).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("torchft")
+from reference import initial_net
+from test_federated import group_batches, launch, lighthouse, load, wait_all  # noqa: F401 (lighthouse: a fixture)
+
+ATOL = 1e-5
+TOKENS_PER_STEP = 2 * 4
+
+
+def run_jobs(tmp_path, address: str, jobs: int, timeout: float = 150, **options) -> dict[str, dict]:
+    procs = [launch(tmp_path, address, g, barrier=jobs, **options.get(f"g{g}", {}),
+                    **{k: v for k, v in options.items() if not k.startswith("g")}) for g in range(jobs)]
+    try:
+        codes = wait_all(procs, tmp_path, timeout=timeout)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(timeout=30)
+    assert codes == [0] * jobs, "\n".join((tmp_path / f"g{g}.log").read_text()[-3000:] for g in range(jobs))
+    return {f"g{g}": load(tmp_path, f"g{g}") for g in range(jobs)}
+
+
+def params_after(dump: dict, step: int) -> dict[str, torch.Tensor]:
+    return {k.removeprefix("model."): v for k, v in next(p for s, p in dump["steps"] if s == step).items()}
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return max(float((a[k] - b[k]).abs().max()) for k in b)
+
+
+def sgd_step(net: torch.nn.Module, grads: list[dict[str, torch.Tensor]]) -> None:
+    """One SGD step (lr 0.1, the tiny module's) with the mean of ``grads``."""
+    with torch.no_grad():
+        for k, p in net.named_parameters():
+            p -= 0.1 * torch.stack([g[k] for g in grads]).mean(0)
+
+
+def grad_of(net: torch.nn.Module, batch) -> dict[str, torch.Tensor]:
+    net.zero_grad()
+    x, y = batch
+    F.mse_loss(net(x), y).backward()
+    return {k: p.grad.detach().clone() for k, p in net.named_parameters()}
+
+
+@pytest.mark.slow
+def test_warmup_then_a_registered_schedule_across_two_jobs(tmp_path, lighthouse):
+    """2 jobs, warmup_steps=3 then the registered ``growing`` schedule (syncs at steps 5, 8, 12), DiLoCo outside.
+    Every warm-up step equals synchronous data parallelism over both jobs (one quorum and one commit per step, the
+    first one the join's); every sync of the registered schedule equals the hand reference; both end identical."""
+    warmup, h, steps = 3, 2, 12
+    sync_steps = [5, 8, 12]  # intervals 2, 3, 4 after the warm-up
+    dumps = run_jobs(tmp_path, lighthouse(2), 2, warmup_steps=warmup, schedule="growing", sync_every=h,
+                     max_steps=steps, outer="diloco")
+
+    # the reference: warm-up as one network on both jobs' mean gradient, then local SGD with DiLoCo at the syncs
+    batches = {g: [b[0] for b in group_batches(dumps[g]["seed"])] for g in dumps}
+    net = initial_net()
+    expected: dict[int, dict[str, torch.Tensor]] = {}
+    for s in range(warmup):
+        sgd_step(net, [grad_of(net, batches[g][s]) for g in dumps])
+        expected[s + 1] = {k: v.detach().clone() for k, v in net.named_parameters()}
+    theta_g = {k: v.detach().clone() for k, v in net.named_parameters()}
+    nets = {g: copy.deepcopy(net) for g in dumps}
+    momentum: dict[str, torch.Tensor] = {}
+    previous = warmup
+    for s in sync_steps:
+        for g, local in nets.items():
+            for i in range(previous, s):
+                sgd_step(local, [grad_of(local, batches[g][i])])
+        for k, old in theta_g.items():
+            mean = torch.stack([dict(nets[g].named_parameters())[k].detach() for g in dumps]).mean(0)
+            delta = old - mean
+            momentum[k] = delta.clone() if k not in momentum else 0.9 * momentum[k] + delta
+            theta_g[k] = old - 0.7 * (delta + 0.9 * momentum[k])
+        expected[s] = {k: v.clone() for k, v in theta_g.items()}
+        for local in nets.values():
+            with torch.no_grad():
+                for k, p in local.named_parameters():
+                    p.copy_(theta_g[k])
+        previous = s
+
+    for g, d in dumps.items():
+        assert d["global_step"] == steps
+        rounds = [a for a in d["attempts"] if a["kind"] == "warmup"]
+        print(g, "warm-up rounds:", [(a["step"], a["participants"], round(a["seconds"], 3)) for a in rounds])
+        assert [(a["step"], a["participants"], a["committed"]) for a in rounds] == \
+            [(s, 2, True) for s in range(warmup)], d["attempts"]
+        syncs = [a for a in d["attempts"] if a["kind"] == "sync"]
+        assert [(a["step"], a["participants"], a["weight"], a["committed"]) for a in syncs] == \
+            [(s, 2, 1.0, True) for s in sync_steps], d["attempts"]
+        for s, ref in expected.items():
+            diff = max_diff(params_after(d, s), ref)
+            assert diff < ATOL, f"{g}: after step {s} off the hand reference by {diff:.3g}"
+    assert all(torch.equal(dumps["g0"]["final"][k], dumps["g1"]["final"][k]) for k in dumps["g0"]["final"])
+    # the jobs' batches really differ (a job averaging with itself would show) and they drift apart between syncs
+    assert max_diff(params_after(dumps["g0"], warmup + 1), params_after(dumps["g1"], warmup + 1)) > 1e-4
+
+
+def sync_records(dump: dict) -> list[tuple[dict, dict]]:
+    """The committed syncs after the join, each with the reduce it sent (the job's θ_i going in)."""
+    out = []
+    for i, a in enumerate(dump["attempts"]):
+        if a["kind"] == "sync" and a["committed"]:
+            reduce = next(r for r in dump["reduces"] if r["attempt"] == i)
+            out.append((a, reduce))
+    return out
+
+
+@pytest.mark.slow
+def test_time_based_token_weighted_syncs_with_a_three_times_slower_job(tmp_path, lighthouse):
+    """2 jobs, sync_every_seconds=1.2; g1 sleeps 3× as long per step as g0. Every sync's weights are the tokens each
+    job processed since its previous sync, and its result is the token-weighted mean of what the jobs sent; the fast
+    job waits for the slow one at most about one slow step per sync; g0 reaches max_steps, its last sync carries the
+    stop, and both end with the same model."""
+    fast_s, slow_s, period, steps = 0.1, 0.3, 1.2, 40
+    dumps = run_jobs(tmp_path, lighthouse(2), 2, sync_every_seconds=period, max_steps=steps, outer="average",
+                     g0={"step_sleep": fast_s}, g1={"step_sleep": slow_s})
+    fast, slow = dumps["g0"], dumps["g1"]
+    assert fast["global_step"] == steps and slow["global_step"] < steps / 2, (fast["global_step"],
+                                                                              slow["global_step"])
+    fs, ss = sync_records(fast), sync_records(slow)
+    assert len(fs) == len(ss) >= 3, (fast["attempts"], slow["attempts"])
+    previous = {"g0": 0, "g1": 0}
+    unequal = False
+    for k, ((fa, fr), (sa, sr)) in enumerate(zip(fs, ss)):
+        weights = []
+        for name, (a, _) in (("g0", (fa, fr)), ("g1", (sa, sr))):
+            assert a["weight"] == TOKENS_PER_STEP * (a["step"] - previous[name]), (name, k, a)
+            assert a["participants"] == 2
+            previous[name] = a["step"]
+            weights.append(a["weight"])
+        unequal |= weights[0] != weights[1]
+        expected = {n: (weights[0] * fr["params"][n] + weights[1] * sr["params"][n]) / sum(weights)
+                    for n in fr["params"]}
+        for name, a in (("g0", fa), ("g1", sa)):
+            got = {f"model.{n}": v for n, v in params_after(dumps[name], a["step"]).items()}
+            diff = max(float((got[n] - expected[n]).abs().max()) for n in expected)
+            assert diff < ATOL, f"{name}: sync {k} (step {a['step']}) off the token-weighted mean by {diff:.3g}"
+    assert unequal, "no sync mixed unequal weights"
+    # the stop: g0's last sync asked for it, both jobs' last syncs were that one, and they end identical
+    assert fs[-1][0]["stop"] is True and fast["global_step"] == fs[-1][0]["step"]
+    assert slow["global_step"] == ss[-1][0]["step"]
+    assert all(torch.equal(fast["final"][n], slow["final"][n]) for n in fast["final"])
+    # the fast job waits for the slow one at most one slow step (+ quorum ticks, the sync, 2 shared cores) per sync;
+    # its last, stopping sync waits for the slow job's next timed sync (as in one world)
+    waits = [a["quorum_seconds"] for a, _ in fs[:-1]]
+    print("fast job's waits in the quorum:", [round(w, 3) for w in waits], "slow:",
+          [round(a["quorum_seconds"], 3) for a, _ in ss])
+    assert max(waits) < slow_s + 0.6, waits
+    assert fast["dropped"] == 0.0 and slow["dropped"] == 0.0
