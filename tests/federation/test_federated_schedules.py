@@ -128,15 +128,15 @@ def sync_records(dump: dict) -> list[tuple[dict, dict]]:
 
 @pytest.mark.slow
 def test_time_based_token_weighted_syncs_with_a_three_times_slower_job(tmp_path, lighthouse):
-    """2 jobs, sync_every_seconds=1.2; g1 sleeps 3× as long per step as g0. Every sync's weights are the tokens each
+    """2 jobs, sync_every_seconds=1.0; g1 sleeps 3× as long per step as g0. Every sync's weights are the tokens each
     job processed since its previous sync, and its result is the token-weighted mean of what the jobs sent; the fast
     job waits for the slow one at most about one slow step per sync; g0 reaches max_steps, its last sync carries the
     stop, and both end with the same model."""
-    fast_s, slow_s, period, steps = 0.1, 0.3, 1.2, 40
+    fast_s, slow_s, period, steps = 0.1, 0.3, 1.0, 40
     dumps = run_jobs(tmp_path, lighthouse(2), 2, sync_every_seconds=period, max_steps=steps, outer="average",
                      g0={"step_sleep": fast_s}, g1={"step_sleep": slow_s})
     fast, slow = dumps["g0"], dumps["g1"]
-    assert fast["global_step"] == steps and slow["global_step"] < steps / 2, (fast["global_step"],
+    assert fast["global_step"] == steps and slow["global_step"] <= 0.6 * steps, (fast["global_step"],
                                                                               slow["global_step"])
     fs, ss = sync_records(fast), sync_records(slow)
     assert len(fs) == len(ss) >= 3, (fast["attempts"], slow["attempts"])
@@ -153,7 +153,9 @@ def test_time_based_token_weighted_syncs_with_a_three_times_slower_job(tmp_path,
         expected = {n: (weights[0] * fr["params"][n] + weights[1] * sr["params"][n]) / sum(weights)
                     for n in fr["params"]}
         for name, a in (("g0", fa), ("g1", sa)):
-            got = {f"model.{n}": v for n, v in params_after(dumps[name], a["step"]).items()}
+            # the stopping sync runs at the train end, after the step's own record: the final parameters
+            got = dumps[name]["final"] if k == len(fs) - 1 else \
+                {f"model.{n}": v for n, v in params_after(dumps[name], a["step"]).items()}
             diff = max(float((got[n] - expected[n]).abs().max()) for n in expected)
             assert diff < ATOL, f"{name}: sync {k} (step {a['step']}) off the token-weighted mean by {diff:.3g}"
     assert unequal, "no sync mixed unequal weights"
@@ -163,6 +165,8 @@ def test_time_based_token_weighted_syncs_with_a_three_times_slower_job(tmp_path,
     assert all(torch.equal(fast["final"][n], slow["final"][n]) for n in fast["final"])
     # the fast job waits for the slow one at most one slow step (+ quorum ticks, the sync, 2 shared cores) per sync;
     # its last, stopping sync waits for the slow job's next timed sync (as in one world)
+    for name, d in dumps.items():
+        print(name, [(a["step"], round(a["quorum_seconds"], 3), round(a["seconds"], 3)) for a, _ in sync_records(d)])
     waits = [a["quorum_seconds"] for a, _ in fs[:-1]]
     print("fast job's waits in the quorum:", [round(w, 3) for w in waits], "slow:",
           [round(a["quorum_seconds"], 3) for a, _ in ss])
