@@ -37,7 +37,7 @@ from .engine.outer import OuterSync, SyncResult
 if TYPE_CHECKING:
     from lightning.pytorch import Trainer
 
-    from .controller import LocalSGDController
+    from .engine.schedules import SyncSchedule
 
 __all__ = ["Federation", "TorchftCommunicator", "check_lighthouse_reachable", "lighthouse_url", "main_lighthouse",
            "refuse_unsupported"]
@@ -237,25 +237,25 @@ class Federation:
             self.manager = None
 
     # ------------------------------------------------------------------ syncs
-    def join(self, controller: "LocalSGDController") -> None:
+    def join(self, engine: OuterSync, schedule: Optional["SyncSchedule"] = None) -> None:
         """At ``on_train_start``: this group's first quorum, in which it heals from a live peer when the others are
-        ahead. What follows is what the others run in that quorum, as this group's schedule (a peer's, once healed)
-        says: in warm-up the quorum is the next warm-up step's (this group computes its gradient on the healed
-        parameters and weighs in like the others); after it, a sync in which this group weighs 0."""
+        ahead. What follows is what the others run in that quorum, as this group's ``schedule`` (a peer's, once
+        healed) says: in warm-up the quorum is the next warm-up step's (this group computes its gradient on the
+        healed parameters and weighs in like the others; the vote comes after backward); after it, a sync in which
+        this group weighs 0 (with the stop flag of a time-based sync)."""
         self.trained = False
-        stop = False if not controller.schedule.lockstep else None  # a time-based sync carries the stop flag
+        stop = False if schedule is not None and not schedule.lockstep else None
 
         def attempt(record: dict[str, Any]) -> Optional[SyncResult]:
-            if controller.schedule.in_warmup:  # the quorum of the next warm-up step: its vote comes after backward
+            if schedule is not None and schedule.in_warmup:
                 record["kind"] = "warmup"
                 self._open_round = record
                 return None
-            assert controller.outer_sync is not None
             record.update(weight=0.0, stop=stop)
-            return controller.outer_sync.sync(weight=0.0, stop=stop)
+            return engine.sync(weight=0.0, stop=stop)
 
-        if self._rounds("join", attempt) is not None and stop is not None:
-            controller.schedule.synced()  # the interval (clock, tokens; a peer's, once healed) starts now
+        if self._rounds("join", attempt) is not None and schedule is not None and stop is not None:
+            schedule.synced()  # the interval (its clock and tokens; a peer's, once healed) starts now
 
     def sync(self, engine: OuterSync, weight: Optional[float] = None, stop: Optional[bool] = None) -> SyncResult:
         """One sync over the groups of a quorum; a failed attempt is redone with a new quorum until the timeout.

@@ -48,7 +48,7 @@ class _SyncAtStepEnd(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.strategy.local_sgd.schedule.start()
         if self.strategy.federation is not None:  # join the running groups (heal from one) before the first step
-            self.strategy.federation.join(self.strategy.local_sgd)
+            self.strategy.federation.join(self.strategy.local_sgd.outer_sync, self.strategy.local_sgd.schedule)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         self.strategy.local_sgd_step_start()

@@ -62,6 +62,57 @@ def grad_of(net: torch.nn.Module, batch) -> dict[str, torch.Tensor]:
     return {k: p.grad.detach().clone() for k, p in net.named_parameters()}
 
 
+def test_a_warmup_step_whose_vote_fails_is_not_applied():
+    """The warm-up step's round without processes (torchft's manager scripted, as in test_retry): a step's gradient
+    is the mean over the quorum; a step whose collective fails gets no gradient (the commit vote says no), so the
+    optimizer leaves the parameters as they were, as torchft's OptimizerWrapper does; both rounds are recorded."""
+    from datetime import timedelta
+
+    from test_retry import FakeManager
+
+    from lightning_localsgd.config import LocalSGDConfig
+    from lightning_localsgd.controller import LocalSGDController
+    from lightning_localsgd.federation import Federation, TorchftCommunicator
+
+    fed = Federation("127.0.0.1:1", "g0", 1, 30.0)
+    fed.manager = FakeManager([(2, True)])
+    fed.comm = TorchftCommunicator(fed.manager, timedelta(seconds=30))
+    controller = LocalSGDController(LocalSGDConfig(sync_every=4, warmup_steps=2))
+    controller.warmup_comm = fed.comm
+    controller.start_round, controller.end_round = fed.start_round, fed.end_round
+    net = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
+    x, y = torch.tensor([[1.0, 2.0]]), torch.tensor([[0.5]])
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.mse_loss(net(x), y)
+        loss.backward()
+        return loss
+
+    def warmup_step() -> None:
+        controller.step_start()
+        optimizer.step(controller.warmup_closure(optimizer, closure))
+        controller.schedule.step()
+
+    before = [p.detach().clone() for p in net.parameters()]
+    closure()
+    mine = [p.grad.clone() for p in net.parameters()]
+    peer = [torch.full_like(g, 0.25) for g in mine]
+    fed.manager._pg.others = [torch.cat([g.reshape(-1) for g in peer])]
+    warmup_step()
+    after_first = [p.detach().clone() for p in net.parameters()]
+    for b, a, g, h in zip(before, after_first, mine, peer):
+        assert torch.allclose(a, b - 0.1 * (g + h) / 2, atol=1e-7)
+    fed.manager._pg.fail = ConnectionError("Connection reset by peer")
+    warmup_step()
+    assert all(torch.equal(a, p.detach()) for a, p in zip(after_first, net.parameters()))
+    assert fed.manager.votes == [True, False]
+    assert [(a["kind"], a["participants"], a["committed"]) for a in fed.attempts] == \
+        [("warmup", 2, True), ("warmup", 2, False)]
+    assert not controller.schedule.in_warmup
+
+
 @pytest.mark.slow
 def test_warmup_then_a_registered_schedule_across_two_jobs(tmp_path, lighthouse):
     """2 jobs, warmup_steps=3 then the registered ``growing`` schedule (syncs at steps 5, 8, 12), DiLoCo outside.
