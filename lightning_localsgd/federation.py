@@ -6,10 +6,13 @@ torchft's managed, reconfigurable process group, which pairs rank ``k`` of every
 cross groups of a single world). Nothing here is a home-made membership service or store: the lighthouse, the
 :class:`torchft.Manager` per job rank, its process group and its healing transport are torchft's.
 
-**Every quorum is one sync.** At each sync a group asks for a quorum, then takes part in one weighted mean over the
-groups in it: a group that trained the interval weighs 1, a group that just joined (or healed in that quorum) weighs
-0, so the mean is over the groups that did the work and the same outer step runs everywhere (``θ_g`` stays
-identical). The commit vote (``Manager.should_commit``) runs after the reduce and *before* anything is written
+**Every quorum is one sync, or one warm-up step.** At each sync a group asks for a quorum, then takes part in one
+weighted mean over the groups in it: a group weighs what its schedule says (1, or with time-based sync the tokens it
+processed since its last sync) if it trained since its last sync, and 0 if it just joined (or healed in that
+quorum), so the mean is over the groups that did the work and the same outer step runs everywhere (``θ_g`` stays
+identical). A warm-up step is a round as torchft's DDP runs it: the quorum at the step's start (a joiner heals before
+its forward), the gradient mean after backward (the controller's, over :class:`TorchftCommunicator`), then the commit
+vote; a step whose vote fails is not applied. The commit vote (``Manager.should_commit``) runs after the reduce and *before* anything is written
 (:meth:`~lightning_localsgd.engine.comm.Communicator.commit`), so a sync that fails mid-way leaves ``θ_g``, the outer
 state and ``θ_i`` untouched; it is then redone with a new quorum of the groups left, until ``sync_timeout``.
 
