@@ -62,6 +62,17 @@ def grad_of(net: torch.nn.Module, batch) -> dict[str, torch.Tensor]:
     return {k: p.grad.detach().clone() for k, p in net.named_parameters()}
 
 
+def test_warmup_time_based_and_registered_schedules_are_accepted_with_a_lighthouse():
+    from lightning_localsgd.config import LocalSGDConfig
+    from lightning_localsgd.engine.schedules import TimeBasedSchedule
+
+    config = LocalSGDConfig(lighthouse="h:29510", warmup_steps=10, sync_every_seconds=5)
+    assert isinstance(config.build_schedule(), TimeBasedSchedule) and config.build_schedule().warmup_steps == 10
+    assert LocalSGDConfig(lighthouse="h:29510", sync_schedule="periodic").build_schedule().sync_every == 64
+    with pytest.raises(ValueError, match="cluster_size=2 is not supported with lighthouse="):
+        LocalSGDConfig(lighthouse="h:29510", cluster_size=2)  # still refused: one job per cluster
+
+
 def test_a_warmup_step_whose_vote_fails_is_not_applied():
     """The warm-up step's round without processes (torchft's manager scripted, as in test_retry): a step's gradient
     is the mean over the quorum; a step whose collective fails gets no gradient (the commit vote says no), so the

@@ -118,9 +118,7 @@ STRATEGY_CASES = [
     ({"lighthouse": "h:29510", "cluster_size": 2, "cluster_sync_every": 128},
      r"cluster_size=2 is not supported with lighthouse= \(federated worker groups\).*one job per cluster"),
     ({"lighthouse": "h:29510", "compression": "int8"}, "compression='int8' is not supported with lighthouse="),
-    ({"lighthouse": "h:29510", "warmup_steps": 10}, "warmup_steps=10 is not supported with lighthouse="),
     ({"lighthouse": "h:29510", "fragments": 2}, "fragments=2 is not supported with lighthouse="),
-    ({"lighthouse": "h:29510", "sync_every_seconds": 5}, "sync_every_seconds=5.0 is not supported with lighthouse="),
     # DDPStrategy's arguments that would otherwise fail only inside the launched processes, or be ignored
     ({"timeout": 30}, r"timeout must be a datetime.timedelta.*got 30.*use sync_timeout"),
     ({"timeout": timedelta(0)}, "timeout must be a positive duration"),
