@@ -70,7 +70,7 @@ def test_warmup_time_based_and_registered_schedules_are_accepted_with_a_lighthou
     assert isinstance(config.build_schedule(), TimeBasedSchedule) and config.build_schedule().warmup_steps == 10
     assert LocalSGDConfig(lighthouse="h:29510", sync_schedule="periodic").build_schedule().sync_every == 64
     with pytest.raises(ValueError, match="cluster_size=2 is not supported with lighthouse="):
-        LocalSGDConfig(lighthouse="h:29510", cluster_size=2)  # still refused: one job per cluster
+        LocalSGDConfig(lighthouse="h:29510", cluster_size=2, cluster_sync_every=128)  # refused: one job per cluster
 
 
 def test_a_warmup_step_whose_vote_fails_is_not_applied():
