@@ -10,11 +10,12 @@ cross groups of a single world). Nothing here is a home-made membership service 
 weighted mean over the groups in it: a group weighs what its schedule says (1, or with time-based sync the tokens it
 processed since its last sync) if it trained since its last sync, and 0 if it just joined (or healed in that
 quorum), so the mean is over the groups that did the work and the same outer step runs everywhere (``θ_g`` stays
-identical). A warm-up step is a round as torchft's DDP runs it: the quorum at the step's start (a joiner heals before
-its forward), the gradient mean after backward (the controller's, over :class:`TorchftCommunicator`), then the commit
-vote; a step whose vote fails is not applied. The commit vote (``Manager.should_commit``) runs after the reduce and *before* anything is written
+identical). The commit vote (``Manager.should_commit``) runs after the reduce and *before* anything is written
 (:meth:`~lightning_localsgd.engine.comm.Communicator.commit`), so a sync that fails mid-way leaves ``θ_g``, the outer
-state and ``θ_i`` untouched; it is then redone with a new quorum of the groups left, until ``sync_timeout``.
+state and ``θ_i`` untouched; it is then redone with a new quorum of the groups left, until ``sync_timeout``. A warm-up
+step is one round as torchft's DDP runs it: the quorum at the step's start (a joiner heals before its forward), the
+gradient mean after backward (the controller's, over :class:`TorchftCommunicator`), then the commit vote; a step
+whose vote fails is not applied (no retry).
 
 **Healing.** A job starting while others run (new, or restarted with the same ``group_id``) joins at its
 ``on_train_start``: its manager is behind the others', so torchft fetches one live peer's state (its
@@ -270,6 +271,7 @@ class Federation:
             share = 1.0 if self.trained and not self._healed_now else 0.0
             sent = share * (1.0 if weight is None else float(weight))
             record.update(weight=sent, stop=stop)
+            assert engine.cross is self.comm  # the engine reads the quorum from it
             if self.trained and self._healed_now:  # it missed a quorum the others committed: its work is replaced
                 record["dropped_weight"] = 1.0 if weight is None else float(weight)
                 self.dropped_weight += record["dropped_weight"]
