@@ -234,3 +234,39 @@ def test_time_based_token_weighted_syncs_with_a_three_times_slower_job(tmp_path,
           [round(a["quorum_seconds"], 3) for a, _ in ss])
     assert max(waits) < slow_s + 0.6, waits
     assert fast["dropped"] == 0.0 and slow["dropped"] == 0.0
+
+
+@pytest.mark.slow
+def test_job_killed_inside_a_warmup_step_does_not_stop_the_other(tmp_path, lighthouse):
+    """2 jobs, warmup_steps=4; g1 SIGKILLs itself inside the gradient all-reduce of the third warm-up step. g0: that
+    step's vote fails, so it is not applied (the parameters stay those after step 2); the next step's quorum holds
+    g0 alone and its mean gradient is g0's own; g0 trains on to max_steps. Reference by hand."""
+    import signal
+
+    warmup, steps = 4, 8
+    address = lighthouse(1)
+    procs = [launch(tmp_path, address, g, barrier=2, warmup_steps=warmup, sync_every=2, max_steps=steps,
+                    die_in_sync_at_step=2 if g == 1 else -1) for g in range(2)]
+    try:
+        assert procs[1].wait(timeout=150) == -signal.SIGKILL, (tmp_path / "g1.log").read_text()[-3000:]
+        assert wait_all(procs[:1], tmp_path) == [0], (tmp_path / "g0.log").read_text()[-3000:]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(timeout=30)
+    d, killed = load(tmp_path, "g0"), load(tmp_path, "g1")
+    rounds = [a for a in d["attempts"] if a["kind"] == "warmup"]
+    print("g0 warm-up rounds:", [(a["step"], a["participants"], a["committed"], round(a["seconds"], 2)) for a in rounds])
+    assert [(a["step"], a["participants"], a["committed"]) for a in rounds] == \
+        [(0, 2, True), (1, 2, True), (2, 2, False), (3, 1, True)], d["attempts"]
+    assert killed["killed"] and d["global_step"] == steps
+
+    batches = {g: [b[0] for b in group_batches(g)] for g in range(2)}
+    net = initial_net()
+    for s in range(2):  # both jobs
+        sgd_step(net, [grad_of(net, batches[g][s]) for g in range(2)])
+    assert max_diff(params_after(d, 2), dict(net.named_parameters())) < ATOL
+    assert max_diff(params_after(d, 3), params_after(d, 2)) == 0.0  # the failed step is not applied
+    for s in range(3, steps):  # g0 alone: its own gradient in warm-up, then local SGD over a quorum of one
+        sgd_step(net, [grad_of(net, batches[0][s])])
+    assert max_diff(d["final"], {f"model.{k}": v for k, v in net.named_parameters()}) < ATOL
