@@ -256,7 +256,8 @@ def test_job_killed_inside_a_warmup_step_does_not_stop_the_other(tmp_path, light
             p.wait(timeout=30)
     d, killed = load(tmp_path, "g0"), load(tmp_path, "g1")
     rounds = [a for a in d["attempts"] if a["kind"] == "warmup"]
-    print("g0 warm-up rounds:", [(a["step"], a["participants"], a["committed"], round(a["seconds"], 2)) for a in rounds])
+    print("g0 warm-up rounds:", [(a["step"], a["participants"], a["committed"], round(a["seconds"], 2))
+                                 for a in rounds])
     assert [(a["step"], a["participants"], a["committed"]) for a in rounds] == \
         [(0, 2, True), (1, 2, True), (2, 2, False), (3, 1, True)], d["attempts"]
     assert killed["killed"] and d["global_step"] == steps

@@ -126,7 +126,8 @@ class Recorder(Callback):
             "group_id": self.args.group_id, "seed": self.args.seed, "killed": killed, "steps": self.steps,
             "start_step": self.start_step, "start_params": self.start_params,
             "final": {k: v.detach().clone() for k, v in pl_module.named_parameters()},
-            "attempts": fed.attempts, "healed": fed.healed_from_peer, "dropped": fed.dropped_weight, "global_step": trainer.global_step,
+            "attempts": fed.attempts, "healed": fed.healed_from_peer,
+            "dropped": fed.dropped_weight, "global_step": trainer.global_step,
             "snapshot": [s.detach().clone() for s in outer.snapshot],
             "outer_state": outer.state_dict()["outer_optimizer"], "reduces": self.reduces,
         }, os.path.join(self.args.out, f"{self.args.dump_name}.pt"))
