@@ -271,3 +271,62 @@ def test_job_killed_inside_a_warmup_step_does_not_stop_the_other(tmp_path, light
     for s in range(3, steps):  # g0 alone: its own gradient in warm-up, then local SGD over a quorum of one
         sgd_step(net, [grad_of(net, batches[0][s])])
     assert max_diff(d["final"], {f"model.{k}": v for k, v in net.named_parameters()}) < ATOL
+
+
+@pytest.mark.slow
+def test_time_based_job_joining_late_heals_weighs_zero_then_its_tokens(tmp_path, lighthouse):
+    """Time-based syncs, g0 (fast) and g1 (3× slower) start together; g2 starts once they trained (g0 waits for it
+    at step 15). g2 heals at its first quorum and weighs 0 there (it sends the stop flag's slot too, so the reduce
+    matches the others'); every later sync is the token-weighted mean over the three; all end identical."""
+    import time
+
+    address = lighthouse(2)
+    common = dict(sync_every_seconds=1.0, max_steps=40, outer="average")
+    procs = [launch(tmp_path, address, 0, barrier=2, step_sleep=0.1, wait_for="g2", wait_at_step=15, **common),
+             launch(tmp_path, address, 1, barrier=2, step_sleep=0.3, **common)]
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / f"ready_g{g}").exists() for g in range(2)):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    time.sleep(1.5)  # past their join
+    procs.append(launch(tmp_path, address, 2, step_sleep=0.2, **common))
+    try:
+        assert wait_all(procs, tmp_path) == [0, 0, 0], \
+            "\n".join((tmp_path / f"g{g}.log").read_text()[-2000:] for g in range(3))
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(timeout=30)
+    dumps = {f"g{g}": load(tmp_path, f"g{g}") for g in range(3)}
+    joined = next(a for a in dumps["g2"]["attempts"] if a["kind"] == "join" and a["committed"])
+    assert joined["healed"] and joined["weight"] == 0.0 and joined["participants"] == 3, dumps["g2"]["attempts"]
+    assert dumps["g2"]["healed"] == 1 and dumps["g2"]["dropped"] == 0.0
+    # the syncs of the three jobs, in quorum order from g2's join on (g2's first one is its join)
+    per_job = {}
+    for name, d in dumps.items():
+        records = [(i, a) for i, a in enumerate(d["attempts"]) if a["committed"] and a["kind"] in ("join", "sync")
+                   and a["participants"] == 3]
+        per_job[name] = [(a, next(r for r in d["reduces"] if r["attempt"] == i)) for i, a in records]
+    counts = {name: len(v) for name, v in per_job.items()}
+    assert len(set(counts.values())) == 1 and counts["g0"] >= 3, (counts, dumps["g0"]["attempts"])
+    for k in range(counts["g0"]):
+        weights = [per_job[n][k][0]["weight"] for n in dumps]
+        assert (k == 0) == (weights[2] == 0.0), weights  # g2 weighs 0 only in its join
+        if k > 0:
+            for n in dumps:
+                previous = per_job[n][k - 1][0]["step"]
+                assert per_job[n][k][0]["weight"] == TOKENS_PER_STEP * (per_job[n][k][0]["step"] - previous)
+        expected = {p: sum(w * per_job[n][k][1]["params"][p] for w, n in zip(weights, dumps)) / sum(weights)
+                    for p in per_job["g0"][k][1]["params"]}
+        last = k == counts["g0"] - 1
+        for n, d in dumps.items():
+            if last:
+                got = d["final"]
+            elif per_job[n][k][0]["kind"] == "join":  # g2's join at on_train_start: its parameters at its first step
+                got = d["start_params"]
+            else:
+                got = {f"model.{p}": v for p, v in params_after(d, per_job[n][k][0]["step"]).items()}
+            diff = max(float((got[p] - expected[p]).abs().max()) for p in expected)
+            assert diff < ATOL, f"{n}: sync {k} off the token-weighted mean by {diff:.3g}"
+    for n in ("g1", "g2"):
+        assert all(torch.equal(dumps[n]["final"][p], dumps["g0"]["final"][p]) for p in dumps["g0"]["final"])
