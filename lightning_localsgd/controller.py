@@ -19,6 +19,7 @@ from torch import Tensor
 
 from .config import LocalSGDConfig
 from .engine import NonFinitePseudoGradientError, OuterSync, ProcessGroupCommunicator, SyncResult
+from .engine.comm import Communicator, as_communicator
 from .engine.schedules import Action, TimeBasedSchedule
 from .reliability import SyncGuard
 from .topology import Topology
@@ -76,6 +77,12 @@ class LocalSGDController:
         self.syncs: DirectSyncs = DirectSyncs()
         """How the syncs of the outermost level run (:attr:`outermost_sync`): :class:`DirectSyncs`, or a federation's
         (over quorums of jobs, a failed attempt redone or dropped). Level 1 of two-stage sync runs directly."""
+        self.start_round: Callable[[], None] = lambda: None
+        """A warm-up step starts (federated groups: its quorum, which heals a joining group before its forward)."""
+        self.end_round: Callable[[bool], None] = lambda committed: None
+        """The vote on a warm-up step's gradient mean was taken (federated groups: records it)."""
+        self.warmup_comm: Optional[Communicator] = None
+        """Warm-up: the communicator over every group (one world's cross group, or the federated quorum's)."""
         self._restored: Optional[tuple[Mapping[str, Any], Any, Any]] = None
 
     # ------------------------------------------------------------------ setup
@@ -87,6 +94,7 @@ class LocalSGDController:
         if not tensors:
             raise ValueError("local SGD: the LightningModule has no trainable parameters to synchronize.")
         self.topology = topology
+        self.warmup_comm = as_communicator(topology.cross_group)  # every group, also with two-stage sync
         two_stage = c.cluster_size is not None
         self.outer_sync = OuterSync(
             tensors, buffers, outer_optimizer=c.outer_factory,
@@ -139,9 +147,15 @@ class LocalSGDController:
         return bool(flag.item() > 0)
 
     # ------------------------------------------------------------------ per step
+    def step_start(self) -> None:
+        """A training step starts (its first micro-batch): a warm-up step opens a round of collectives (federated
+        groups form the step's quorum here, so a joining group heals before it computes its gradient)."""
+        if self.schedule.in_warmup:
+            self.start_round()
+
     def warmup_closure(self, optimizer: Any, closure: Callable[[], Any]) -> Callable[[], Any]:
         """During warm-up, average the gradients across groups after backward, before clipping and the step."""
-        if not self.schedule.in_warmup or self.topology is None or self.topology.num_groups == 1:
+        if not self.schedule.in_warmup or self.warmup_comm is None:
             return closure
 
         def reduce_after(*args: Any, **kwargs: Any) -> Any:
@@ -153,17 +167,36 @@ class LocalSGDController:
 
     @torch.no_grad()
     def _average_gradients(self, optimizer: Any) -> None:
+        """The mean gradient over the groups of this step, or, when the members vote against the step (a fault-
+        tolerant transport whose collective failed), no gradient at all: the optimizer then skips every parameter."""
+        comm = self.warmup_comm
+        assert comm is not None
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+        failed: Optional[BaseException] = None
         grads = []
-        for p in (p for g in optimizer.param_groups for p in g["params"] if p.requires_grad):
-            if p.grad is None:  # as DDP with find_unused_parameters: an unused parameter gets a zero gradient
-                p.grad = torch.zeros_like(p)
-            grads.append(p.grad.detach().to_local() if hasattr(p.grad, "to_local") else p.grad)
-        if not grads:
+        flat = None
+        if comm.size > 1:
+            for p in params:
+                if p.grad is None:  # as DDP with find_unused_parameters: an unused parameter gets a zero gradient
+                    p.grad = torch.zeros_like(p)
+                grads.append(p.grad.detach().to_local() if hasattr(p.grad, "to_local") else p.grad)
+            if grads:
+                flat = torch.cat([g.reshape(-1) for g in grads])
+                try:
+                    comm.all_reduce(flat)
+                except Exception as err:  # noqa: BLE001 (fatal unless the members vote to drop the step)
+                    failed = err
+        committed = comm.commit()
+        if failed is not None and committed:
+            raise failed  # a transport without a vote (one world): a failed collective ends training
+        self.end_round(committed)
+        if not committed:  # as torchft's OptimizerWrapper: the step is not applied
+            for p in params:
+                p.grad = None
             return
-        assert self.topology is not None
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        ProcessGroupCommunicator(self.topology.cross_group).all_reduce(flat)
-        flat.div_(self.topology.num_groups)
+        if flat is None:
+            return
+        flat.div_(comm.size)
         offset = 0
         for g in grads:
             g.copy_(flat[offset : offset + g.numel()].view_as(g))

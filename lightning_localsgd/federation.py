@@ -10,12 +10,17 @@ of every live job (the same pairing as the cross groups of a single world). Noth
 service or store: the lighthouse, the :class:`torchft.Manager` per job rank, its process group and its healing transport
 are torchft's.
 
-**Every quorum is one sync** (of the outermost level). At each sync a group asks for a quorum, then takes part in one
-weighted mean over the groups in it: a group that trained the interval weighs 1, a group that just joined (or healed in
-that quorum) weighs 0, so the mean is over the groups that did the work and the same outer step runs everywhere (``θ_g``
-stays identical). The commit vote (``Manager.should_commit``) runs after the reduce and *before* anything is written
-(:meth:`~lightning_localsgd.engine.comm.Communicator.commit`), so a sync that fails mid-way leaves ``θ_g``, the outer
-state and ``θ_i`` untouched; it is then redone with a new quorum of the groups left, until ``sync_timeout``.
+**Every quorum is one sync (of the outermost level), or one warm-up step.** At each sync a group asks for a quorum,
+then takes part in one weighted mean over the groups in it: a group weighs what its schedule says (1, or with
+time-based sync the tokens it processed since its last sync) if it trained since its last sync, and 0 if it just
+joined (or healed in that quorum), so the mean is over the groups that did the work and the same outer step runs
+everywhere (``θ_g`` stays identical). The commit vote (``Manager.should_commit``) runs after the reduce and *before*
+anything is written (:meth:`~lightning_localsgd.engine.comm.Communicator.commit`), so a sync that fails mid-way leaves
+``θ_g``, the outer state and ``θ_i`` untouched; it is then redone with a new quorum of the groups left, until
+``sync_timeout``. A warm-up step is one round as torchft's DDP runs it: the quorum at the step's start (a joiner heals
+before its forward), the gradient mean after backward (the controller's, over :class:`TorchftCommunicator`), then the
+commit vote; a step whose vote fails is not applied (no retry). A group that misses a sync the others committed heals
+at its next quorum: its work since its last sync is dropped, counted in :attr:`Federation.dropped_weight` and logged.
 
 **Healing.** A job starting while others run (new, or restarted with the same ``group_id``) joins at its
 ``on_train_start``: its manager is behind the others', so torchft fetches one live peer's state (its
@@ -52,6 +57,8 @@ from .topology import check_group_size
 
 if TYPE_CHECKING:
     from lightning.pytorch import Trainer
+
+    from .engine.schedules import SyncSchedule
 
 __all__ = ["Federation", "TorchftCommunicator", "check_lighthouse_reachable", "federated_cluster_size",
            "federated_group_size", "lighthouse_url", "main_lighthouse", "refuse_unsupported"]
@@ -112,10 +119,11 @@ def refuse_unsupported(config: Any) -> None:
                          "implied (the job's worker groups: its world size / group_size). Run one job per cluster; for "
                          "several worker groups per job set group_size below the job's world size and "
                          "cluster_sync_every for the sync across jobs"),
-        "warmup_steps": (config.warmup_steps, 0, "warm-up averages gradients across groups at every step"),
-        "sync_every_seconds": (config.sync_every_seconds, None, "time-based sync is not supported across jobs yet"),
-        "sync_schedule": (config.sync_schedule, None, "only the periodic schedule is supported across jobs"),
     }
+    if config.cluster_sync_every is not None:  # several groups per job
+        unsupported["warmup_steps"] = (config.warmup_steps, 0, "with several worker groups per job a warm-up step "
+                                       "would average gradients inside the job and across jobs in one vote, which "
+                                       "federated warm-up does not do; use one group per job for warm-up")
     for name, (value, default, why) in unsupported.items():
         if value != default:
             raise ValueError(f"{name}={value!r} is not supported with lighthouse= (federated worker groups): {why}. "
@@ -268,7 +276,12 @@ class Federation:
         self.healed_from_peer = 0
         """How many times this group loaded a live peer's state."""
         self.attempts: list[dict[str, Any]] = []
-        """Per sync attempt: step, fragment, participants, weight, healed, committed, seconds (for logs and tests)."""
+        """Per quorum: kind (join, sync, warmup), step, fragment, participants, rank, weight sent, stop, healed,
+        committed, seconds in all and quorum_seconds waiting for the quorum (for logs and tests)."""
+        self.dropped_weight = 0.0
+        """The weight (tokens with time-based sync, else intervals) of work this group lost by missing a sync."""
+        self._open_round: Optional[dict[str, Any]] = None
+        """A warm-up step's quorum whose vote is still to come (:meth:`end_round`)."""
         self._open: dict[Optional[int], _Attempt] = {}
         """Syncs started over a quorum and not yet finished, by fragment (``None``: every parameter)."""
         self._unit: Optional[int] = None
@@ -334,16 +347,30 @@ class Federation:
     # A failed attempt leaves θ_g, the outer state and the error feedback as they were; it is redone over a new quorum
     # when no inner step ran since it started (a whole sync, a fragment without overlap), and dropped otherwise (a
     # fragment with overlap: θ_i moved on; that fragment syncs at its next turn).
-    def join(self, engine: OuterSync) -> None:
-        """At ``on_train_start``: one quorum, weight 0. Heals from a live peer when the others are ahead, then takes
-        part in what the others sync in that quorum: every parameter, or, mid-stream, the fragment they start (then
-        applied when this group's schedule, now the peers', applies it)."""
+    def join(self, engine: OuterSync, schedule: Optional["SyncSchedule"] = None) -> None:
+        """At ``on_train_start``: this group's first quorum, weight 0, in which it heals from a live peer when the
+        others are ahead. Then it does what the others do in that quorum, as its ``schedule`` (a peer's, once healed)
+        says: in warm-up the quorum is the next warm-up step's (the vote comes after backward, :meth:`end_round`);
+        after it, the sync the others run: every parameter, or, mid-stream, the fragment they start (applied when
+        this group's schedule, now the peers', applies it), with the stop flag of a time-based sync."""
         self.trained = False
         for fragment in list(engine.pending):  # syncs in flight from a checkpoint: their quorum is gone
             engine.drop_sync(fragment)
-        fragment = self.start_sync(engine, joining=True)
+        stop = False if schedule is not None and not schedule.lockstep else None
+        deadline = time.monotonic() + self.timeout.total_seconds()
+        while True:
+            began = time.perf_counter()
+            record = self._quorum("join", None, deadline)
+            if schedule is not None and schedule.in_warmup:
+                self._open_round = dict(record, kind="warmup", _start=began)
+                return
+            fragment = self._unit = self._peer_unit if self._healed_now else None
+            if self._launch(engine, record, fragment, 0.0, stop, deadline, began):
+                break
         if fragment is None or not self._overlaps():
             self.finish_sync(engine, fragment)
+        if stop is not None and schedule is not None:
+            schedule.synced()  # the interval (its clock and tokens; a peer's, once healed) starts now
 
     def sync(self, engine: OuterSync, weight: Optional[float] = None, stop: Optional[bool] = None) -> SyncResult:
         """One sync of every parameter over the groups of a quorum; a failed attempt is redone with a new quorum
@@ -354,35 +381,51 @@ class Federation:
         return result
 
     def start_sync(self, engine: OuterSync, fragment: Optional[int] = None, weight: Optional[float] = None,
-                   stop: Optional[bool] = None, joining: bool = False,
-                   deadline: Optional[float] = None) -> Optional[int]:
-        """Form a quorum and launch the sync of ``fragment`` over it (``joining``: of what the peers sync, if this
-        quorum healed this group); redone with a new quorum until it launches or ``sync_timeout`` passes. This
-        group's weight: ``weight`` (``None``: 1) if it trained since its last sync and did not heal now, else 0.
-        Returns the fragment started."""
+                   stop: Optional[bool] = None, deadline: Optional[float] = None) -> None:
+        """Form a quorum and launch the sync of ``fragment`` over it; redone with a new quorum until it launches or
+        ``sync_timeout`` passes. This group's weight: ``weight`` (the schedule's; ``None``: 1) if it trained since its
+        last sync and did not heal now, else 0."""
         deadline = deadline if deadline is not None else time.monotonic() + self.timeout.total_seconds()
         while True:
             began = time.perf_counter()
-            self._healed_now = False
-            self._unit = fragment  # what a peer healing in this quorum takes part in (see state_dict)
-            self.manager.start_quorum(timeout=timedelta(seconds=max(1.0, deadline - time.monotonic())))
-            if joining and self._healed_now:
-                fragment = self._unit = self._peer_unit
-            assert self.comm is not None and engine.cross is self.comm  # the engine reads the quorum from it
-            trained = self._trained_for(engine, fragment) and not self._healed_now
-            own = (1.0 if weight is None else float(weight)) if trained else 0.0
-            attempt = _Attempt({"step": self._step(), "fragment": fragment, "participants": self.comm.size,
-                                "rank": self.comm.rank, "weight": own, "healed": self._healed_now}, weight, stop,
-                               deadline, began, self.inner_steps)
-            try:
-                engine.start_sync(fragment, weight=own, stop=stop)
-            except Exception as err:
-                if not self._failed(attempt, err):
-                    raise
-                self._pause_or_give_up(attempt, err)
-                continue
-            self._open[fragment] = attempt
-            return fragment
+            record = self._quorum("sync", fragment, deadline)
+            if self._launch(engine, record, fragment, weight, stop, deadline, began):
+                return
+
+    def _quorum(self, kind: str, fragment: Optional[int], deadline: float) -> dict[str, Any]:
+        """One quorum (healing this group when the others are ahead); the start of its record."""
+        self._healed_now = False
+        self._unit = fragment  # what a peer healing in this quorum takes part in (see state_dict)
+        waited = time.perf_counter()
+        self.manager.start_quorum(timeout=timedelta(seconds=max(1.0, deadline - time.monotonic())))
+        assert self.comm is not None
+        return {"kind": kind, "step": self._step(), "participants": self.comm.size, "rank": self.comm.rank,
+                "healed": self._healed_now, "quorum_seconds": time.perf_counter() - waited}
+
+    def _launch(self, engine: OuterSync, record: dict[str, Any], fragment: Optional[int], weight: Optional[float],
+                stop: Optional[bool], deadline: float, began: float) -> bool:
+        """Launch the sync of ``fragment`` over the quorum just formed; False: the attempt failed (recorded, voted,
+        paused; the caller forms a new quorum)."""
+        assert engine.cross is self.comm  # the engine reads the quorum from it
+        trained = self._trained_for(engine, fragment)
+        if trained and self._healed_now:  # it missed a sync the others committed: its work is replaced by a peer's
+            lost = 1.0 if weight is None else float(weight)
+            record["dropped_weight"] = lost
+            self.dropped_weight += lost
+            log.warning(f"local SGD: group {self.group_id} missed a sync of the other groups and healed from a live "
+                        f"peer; the work since its last sync (weight {lost:g}) is dropped")
+        own = (1.0 if weight is None else float(weight)) if trained and not self._healed_now else 0.0
+        record.update(fragment=fragment, weight=own, stop=stop)
+        attempt = _Attempt(record, weight, stop, deadline, began, self.inner_steps)
+        try:
+            engine.start_sync(fragment, weight=own, stop=stop)
+        except Exception as err:
+            if not self._failed(attempt, err):
+                raise
+            self._pause_or_give_up(attempt, err)
+            return False
+        self._open[fragment] = attempt
+        return True
 
     def finish_sync(self, engine: OuterSync, fragment: Optional[int] = None,
                     mix: float = 0.0) -> Optional[SyncResult]:
@@ -408,6 +451,27 @@ class Federation:
             self.attempts.append(attempt.record)
             self._committed(fragment, attempt.inner_steps)
             return result
+
+    # ------------------------------------------------------------------ warm-up steps
+    def start_round(self) -> None:
+        """A warm-up step starts: its quorum (healing a joining group before its forward). The vote on applying the
+        step comes after the gradient mean (:meth:`end_round`). No retry: a step whose vote fails is not applied."""
+        if self._open_round is not None:
+            return  # the join's quorum is this step's
+        began = time.perf_counter()
+        self._open_round = dict(self._quorum("warmup", None, time.monotonic() + self.timeout.total_seconds()),
+                                _start=began)
+
+    def end_round(self, committed: bool) -> None:
+        """The vote of the warm-up step :meth:`start_round` (or the join) opened."""
+        record, self._open_round = self._open_round, None
+        if record is None:
+            return
+        record.update(committed=committed, seconds=time.perf_counter() - record.pop("_start"))
+        self.attempts.append(record)
+        if not committed:
+            log.warning(f"local SGD: the federated warm-up step {record['step']} failed (a collective failed or too "
+                        "few groups took part); its update is not applied")
 
     def _failed(self, attempt: "_Attempt", err: BaseException) -> bool:
         """Record a failed attempt and cast this rank's vote; False: not a transport failure (a bug: raise it)."""

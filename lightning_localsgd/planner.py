@@ -417,6 +417,13 @@ class FederatedTimeouts:
                                                         to one interval for the running groups, then heals and syncs
         join timeout      = max(10 s, ⌈m · A⌉)           a quorum waits that long for a late but live group
         stall / failure   = b + s                        survivors of a death (between or inside a sync)
+
+    Time-based syncs (``sync_every_seconds`` = ``T``): every group enters the sync at its first step end after ``T``,
+    so the groups arrive within one step of the slowest group, ``t_s = (1 + σ) t_c``, of each other::
+
+        interval        I = T + t_s
+        arrival spread  A = t_s + p                      a slow group is waited for at most one of its steps
+        join timeout      = ⌈m · A⌉ (to 0.1 s)           no 10 s floor: a straggler beyond it misses the sync
     """
 
     h: int
@@ -440,6 +447,10 @@ class FederatedTimeouts:
     stall_per_failure_s: float
     """What one group's death costs the survivors: the heartbeat timeout plus one sync."""
     margin: float
+    sync_every_seconds: Optional[float] = None
+    """Time-based syncs: ``T`` (``None``: every ``h`` steps)."""
+    slowest_step_s: float = 0.0
+    """``(1 + σ) · t_c``: one step of the slowest group."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -448,7 +459,8 @@ class FederatedTimeouts:
 def federated_timeouts(p: Plan, h: Optional[int] = None, step_time_spread: float = 0.1,
                        pause: Union[Number, str] = 0.0, inner_state_copies: float = 2.0,
                        outer_state_copies: float = 1.0, heartbeat_timeout: Union[Number, str] =
-                       DEFAULT_HEARTBEAT_TIMEOUT_S, margin: float = 2.0) -> FederatedTimeouts:
+                       DEFAULT_HEARTBEAT_TIMEOUT_S, margin: float = 2.0,
+                       sync_every_seconds: Union[Number, str, None] = None) -> FederatedTimeouts:
     """Timeouts for federated worker groups from a plan's schedule: see :class:`FederatedTimeouts` for the formulas.
 
     Args:
@@ -461,6 +473,8 @@ def federated_timeouts(p: Plan, h: Optional[int] = None, step_time_spread: float
         outer_state_copies: fp32 copies in the outer optimizer state (DiLoCo's Nesterov momentum 1, averaging 0).
         heartbeat_timeout: the lighthouse's ``--heartbeat-timeout-ms`` (as seconds, or ``"5s"``).
         margin: safety factor on the derived bounds (>= 1).
+        sync_every_seconds: time-based syncs every ``T`` seconds (or ``"30s"``) instead of every ``h`` steps: the
+            groups then arrive within one of the slowest group's steps, and the join timeout is derived from it.
     """
     if h is None:
         h = p.recommended_h if p.recommended_h is not None else p.min_h
@@ -474,16 +488,24 @@ def federated_timeouts(p: Plan, h: Optional[int] = None, step_time_spread: float
     beat = parse_duration(heartbeat_timeout, "heartbeat_timeout")
     m = _check_fraction(margin, "margin", 1, math.inf, False, True, "give a safety factor >= 1, e.g. 2")
     h = int(h)
-    interval = h * p.step_time_s
-    spread = interval * sigma + pause_s
+    slowest = (1.0 + sigma) * p.step_time_s
+    period = parse_duration(sync_every_seconds, "sync_every_seconds") if sync_every_seconds is not None else None
+    if period is None:
+        interval = h * p.step_time_s
+        spread = interval * sigma + pause_s
+        join = max(DEFAULT_JOIN_TIMEOUT_S, float(math.ceil(m * spread)))
+    else:  # each group enters the sync at its first step end after T: the others wait for it one step at most
+        interval = period + slowest
+        spread = slowest + pause_s
+        join = math.ceil(10 * m * spread) / 10
     sync = (p.row(h) if h in [r.h for r in p.rows] else _sync_row(p, h)).sync_seconds
     heal_bytes = p.params * (p.bytes_per_value + 4.0 * (1.0 + inner_state_copies + outer_state_copies))
     heal = heal_bytes * 8 / (p.calibration.efficiency * p.bandwidth_bit_s) + p.latency_s
     return FederatedTimeouts(
         h=h, interval_s=interval, arrival_spread_s=spread, sync_s=sync, heal_bytes=heal_bytes, heal_s=heal,
         heartbeat_timeout_s=beat, sync_timeout_s=float(math.ceil(m * (interval + spread + beat + heal + sync))),
-        join_timeout_s=max(DEFAULT_JOIN_TIMEOUT_S, float(math.ceil(m * spread))),
-        stall_per_failure_s=beat + sync, margin=m)
+        join_timeout_s=join, stall_per_failure_s=beat + sync, margin=m, sync_every_seconds=period,
+        slowest_step_s=slowest)
 
 
 def _sync_row(p: Plan, h: int) -> PlanRow:
@@ -496,13 +518,18 @@ def _sync_row(p: Plan, h: int) -> PlanRow:
 def print_federated_timeouts(t: FederatedTimeouts, file=None) -> None:
     """Print the federated timeouts and where each one goes."""
     out = file if file is not None else sys.stdout
-    print(f"federated worker groups (lighthouse=), H={t.h}: one interval {_fmt_seconds(t.interval_s)}, arrival spread "
+    every = f"H={t.h}" if t.sync_every_seconds is None else f"sync_every_seconds={t.sync_every_seconds:g}"
+    print(f"federated worker groups (lighthouse=), {every}: one interval {_fmt_seconds(t.interval_s)}, arrival spread "
           f"{_fmt_seconds(t.arrival_spread_s)}, sync {_fmt_seconds(t.sync_s)}, one healing {_fmt_bytes(t.heal_bytes)} "
           f"in {_fmt_seconds(t.heal_s)} (margin {t.margin:g}):", file=out)
     print(f"  strategy:   sync_timeout={t.sync_timeout_s:.0f}  (a joining group waits up to one interval for the "
           "others, then heals and syncs)", file=out)
     print(f"  lighthouse: lightning-localsgd lighthouse --join-timeout-ms {t.join_timeout_s * 1000:.0f} "
           f"--heartbeat-timeout-ms {t.heartbeat_timeout_s * 1000:.0f}", file=out)
+    if t.sync_every_seconds is not None:
+        print(f"  time-based: a group enters each sync at its first step end after {_fmt_seconds(t.sync_every_seconds)}"
+              f", so a slow group is waited for at most one of its steps ({_fmt_seconds(t.slowest_step_s)}); the "
+              f"join timeout {_fmt_seconds(t.join_timeout_s)} bounds the wait for a straggler", file=out)
     print(f"  a group's death stalls the survivors ~{_fmt_seconds(t.stall_per_failure_s)} (heartbeat timeout + one "
           "sync)", file=out)
 
@@ -641,6 +668,9 @@ def _parser() -> argparse.ArgumentParser:
     fed.add_argument("--heartbeat-timeout", default=str(DEFAULT_HEARTBEAT_TIMEOUT_S),
                      help=f"the lighthouse's heartbeat timeout (default: {DEFAULT_HEARTBEAT_TIMEOUT_S:g} s)")
     fed.add_argument("--margin", type=float, default=2.0, help="safety factor on the derived bounds (default: 2)")
+    fed.add_argument("--sync-every-seconds", default=None,
+                     help="time-based syncs every T (the strategy's sync_every_seconds): 30, 30s; the join timeout "
+                          "then follows from one step of the slowest group")
     return parser
 
 
@@ -651,7 +681,8 @@ _FLAGS = {"params": "--params", "step_time": "--step-time", "bandwidth": "--band
           "calibration.efficiency": "--efficiency", "calibration.overlap": "--overlap",
           "sync_every": "--sync-every", "step_time_spread": "--step-time-spread", "pause": "--pause",
           "inner_state_copies": "--inner-state", "outer_state_copies": "--outer-state",
-          "heartbeat_timeout": "--heartbeat-timeout", "margin": "--margin"}
+          "heartbeat_timeout": "--heartbeat-timeout", "margin": "--margin",
+          "sync_every_seconds": "--sync-every-seconds"}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -677,7 +708,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                       target_utilization=args.target, bytes_per_value=args.bytes_per_value,
                       compression=args.compression, calibration=calibration)
         timeouts = federated_timeouts(result, args.sync_every, args.step_time_spread, args.pause, args.inner_state,
-                                      args.outer_state, args.heartbeat_timeout, args.margin) \
+                                      args.outer_state, args.heartbeat_timeout, args.margin,
+                                      args.sync_every_seconds) \
             if args.federated else None
     except ValueError as err:
         message = str(err)

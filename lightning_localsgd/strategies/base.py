@@ -48,7 +48,11 @@ class _SyncAtStepEnd(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.strategy.local_sgd.schedule.start()
         if self.strategy.federation is not None:  # join the running jobs (heal from one) before the first step
-            self.strategy.local_sgd.join(self.strategy.federation.join)
+            schedule = self.strategy.local_sgd.schedule
+            self.strategy.local_sgd.join(lambda engine: self.strategy.federation.join(engine, schedule))
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self.strategy.local_sgd_step_start()
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -147,6 +151,7 @@ class LocalSGDMixin:
             if config.lighthouse is not None else None
         self.topology = None
         self._stepped_this_batch = False
+        self._starts_step = True  # the next batch is the first micro-batch of an optimizer step
         self._callbacks: list[Callback] = []
         self._train_ended = False
         self._saves: list[tuple[str, int, bool]] = []  # (path, global step, weights only) of this fit's checkpoints
@@ -275,12 +280,15 @@ class LocalSGDMixin:
         if self.federation is not None:  # the outermost level crosses jobs, met through torchft's quorum
             self.topology.federate(self.federation.start(self, trainer))
             controller.syncs = self.federation
+            controller.start_round = self.federation.start_round
+            controller.end_round = self.federation.end_round
         controller.setup(self.topology, params, buffers, shard_group=self.local_sgd_shard_group(),
                          norm_group=self.local_sgd_norm_group(), fragment_sizes=self.local_sgd_fragment_sizes(),
                          fallback_timeout=getattr(self, "_timeout", None))
         if not controller.schedule.lockstep:
             self._check_time_based_trainer(trainer)
         self._train_ended = False
+        self._starts_step = True
         self._saves = []
         last = _SyncBeforeLastCheckpoint(self)
         at = next((i for i, c in enumerate(trainer.callbacks) if isinstance(c, Checkpoint)), len(trainer.callbacks))
@@ -330,6 +338,12 @@ class LocalSGDMixin:
         """Whether the optimizer step about to run really steps (DeepSpeed: only on an accumulation boundary)."""
         return True
 
+    def local_sgd_step_start(self) -> None:
+        """Before each training batch: at the first micro-batch of an optimizer step, tell the controller."""
+        if self._starts_step:
+            self._starts_step = False
+            self.local_sgd.step_start()
+
     def local_sgd_step_end(self, batch: Any) -> None:
         """After each training batch: count its tokens, and after a real optimizer step ask the schedule."""
         if self.local_sgd.schedule.counts_tokens:  # only time-based sync weighs groups by tokens
@@ -337,6 +351,7 @@ class LocalSGDMixin:
         if not self._stepped_this_batch:
             return  # an accumulation micro-batch, or a manual-optimization step that stepped nothing
         self._stepped_this_batch = False
+        self._starts_step = True
         if self.federation is not None:
             self.federation.trained = True  # this group weighs in at the next sync
         self.local_sgd.step_end()

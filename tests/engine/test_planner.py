@@ -303,3 +303,25 @@ def test_cli_prints_federated_timeouts(capsys):
     with pytest.raises(SystemExit):
         cli_main(ARGS + ["--federated", "--step-time-spread=-1"])
     assert "error: --step-time-spread" in capsys.readouterr().err
+
+
+def test_time_based_federated_timeouts_wait_one_slowest_step(capsys):
+    """sync_every_seconds: the groups arrive within one step of the slowest group, (1 + σ) · t_c, of each other; the
+    join timeout is the margin times that (no 10 s floor), and the CLI prints it."""
+    from lightning_localsgd.planner import federated_timeouts
+
+    p = plan(**EXAMPLE)
+    t = federated_timeouts(p, step_time_spread=3.0, sync_every_seconds="30s", heartbeat_timeout="1s")
+    sync = hand_sync_seconds(1.3e9, 8, 1e9, 0.02)
+    heal = 8 * 1.3e9 * 20 / (ETA * 1e9) + 0.02  # model, AdamW's two moments, θ_g, DiLoCo's momentum
+    slowest = 4 * 0.4  # a 4× slower group: 1.6 s per step
+    assert t.sync_every_seconds == 30 and t.slowest_step_s == pytest.approx(slowest)
+    assert t.interval_s == pytest.approx(30 + slowest) and t.arrival_spread_s == pytest.approx(slowest)
+    assert t.join_timeout_s == pytest.approx(3.2)  # 2 × 1.6 s, below torchft's 10 s default
+    assert t.sync_timeout_s == math.ceil(2 * (30 + slowest + slowest + 1 + heal + sync))
+    cli_main(ARGS + ["--federated", "--sync-every-seconds", "30", "--step-time-spread", "3"])
+    out = capsys.readouterr().out
+    assert "--join-timeout-ms 3200 " in out and "at most one of its steps (1.6 s)" in out
+    with pytest.raises(SystemExit):
+        cli_main(ARGS + ["--federated", "--sync-every-seconds=-3"])
+    assert "error: --sync-every-seconds" in capsys.readouterr().err

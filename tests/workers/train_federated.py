@@ -9,6 +9,9 @@ Each group reads the dataset in its own order (``--seed``), so groups drift apar
 after every step, the sync attempts (step, participants, weight, committed, seconds) and the step the job started
 training from.
 
+``--warmup-steps``, ``--sync-every-seconds`` (with ``--step-sleep``: a slower job) and ``--schedule growing`` (a
+schedule registered here) select the sync features.
+
 ``--die-in-sync-at-step N`` SIGKILLs the job *inside* the sync of step N: in its cross-group all-reduce (or, with
 ``--compression``, the all-to-all of phase 1), after the quorum of that attempt formed (the others already count it
 in) and before its data goes out, so the others' reduce cannot complete and their attempt fails. With streaming
@@ -34,8 +37,36 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from tiny import TinyModule, make_dataset
 
-from lightning_localsgd import LocalSGDStrategy
+from lightning_localsgd import LocalSGDStrategy, register_schedule
+from lightning_localsgd.engine.schedules import Action, SyncSchedule
 from lightning_localsgd.federation import TorchftCommunicator
+
+
+class GrowingSchedule(SyncSchedule):
+    """A registered schedule (``--schedule growing``): the k-th interval after the warm-up is ``sync_every + k``
+    steps (H, H+1, H+2, ...), so its syncs fall where no built-in schedule puts them."""
+
+    def __init__(self, sync_every: int, warmup_steps: int = 0) -> None:
+        super().__init__(sync_every, warmup_steps)
+        self.intervals_done = 0
+
+    def local_step(self) -> Action:
+        self.steps_since_sync += 1
+        if self.steps_since_sync >= self.sync_every + self.intervals_done:
+            self.steps_since_sync = 0
+            self.intervals_done += 1
+            return Action.SYNC
+        return Action.NONE
+
+    def communicates_next(self) -> bool:
+        return self.in_warmup or self.steps_since_sync + 1 >= self.sync_every + self.intervals_done
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "intervals_done": self.intervals_done}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.intervals_done = int(state.get("intervals_done", 0))
 
 
 class Recorder(Callback):
@@ -86,6 +117,8 @@ class Recorder(Callback):
                 time.sleep(0.1)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.args.step_sleep > 0:  # a slower machine: this job's step takes that much longer
+            time.sleep(self.args.step_sleep)
         if trainer.global_step == self.args.wait_at_step:  # `--wait-for NAME`: until job NAME's manager runs
             deadline = time.monotonic() + 120
             while not os.path.exists(os.path.join(self.args.out, f"ready_{self.args.wait_for}")):
@@ -130,7 +163,8 @@ class Recorder(Callback):
             "group_id": self.args.group_id, "seed": self.args.seed, "killed": killed, "steps": self.steps,
             "start_step": self.start_step, "start_params": self.start_params,
             "final": {k: v.detach().clone() for k, v in pl_module.named_parameters()},
-            "attempts": fed.attempts, "healed": fed.healed_from_peer, "global_step": trainer.global_step,
+            "attempts": fed.attempts, "healed": fed.healed_from_peer,
+            "dropped": fed.dropped_weight, "global_step": trainer.global_step,
             "snapshot": [s.detach().clone() for s in outer.snapshot],
             "outer_state": outer.state_dict()["outer_optimizer"], "reduces": self.reduces,
             "compression_error": outer.state_dict()["compression_error"], "start_error": self.start_error,
@@ -165,6 +199,10 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=None, help="ranks per worker group inside the job")
     parser.add_argument("--cluster-sync-every", type=int, default=None, help="several groups per job: H2 across jobs")
     parser.add_argument("--cluster-outer", default="diloco")
+    parser.add_argument("--warmup-steps", type=int, default=0)
+    parser.add_argument("--sync-every-seconds", type=float, default=None, help="time-based, token-weighted syncs")
+    parser.add_argument("--schedule", default=None, help="a schedule registered here: 'growing'")
+    parser.add_argument("--step-sleep", type=float, default=0.0, help="seconds each step of this job sleeps")
     args = parser.parse_args()
     args.dump_name = args.dump_name or args.group_id
     if args.devices > 1:  # Lightning's DistributedSampler splits this job's own order (seed --seed) over its ranks
@@ -179,6 +217,8 @@ def main() -> None:
                         generator=torch.Generator().manual_seed(args.seed))
     if args.devices > 1:
         loader = DataLoader(make_dataset(), batch_size=2, shuffle=True)
+    if args.schedule == "growing":
+        register_schedule("growing", lambda c: GrowingSchedule(c.sync_every, c.warmup_steps), override=True)
     recorder = Recorder(args)
     all_reduce, all_to_all = TorchftCommunicator.all_reduce, TorchftCommunicator.all_to_all
 
@@ -200,6 +240,8 @@ def main() -> None:
                                   group_id=args.group_id, min_groups=args.min_groups, sync_timeout=args.sync_timeout,
                                   process_group_backend="gloo", compression=args.compression,
                                   fragments=args.fragments, overlap_steps=args.overlap_steps,
+                                  warmup_steps=args.warmup_steps, sync_every_seconds=args.sync_every_seconds,
+                                  sync_schedule=args.schedule,
                                   **({"overlap_mix": args.overlap_mix} if args.overlap_steps else {}), **layout),
     )
     trainer.fit(model, loader)
