@@ -10,8 +10,9 @@ link is 10 Mbit/s with 50 ms one-way latency. Side by side, in one invocation:
 * **federated fixed-H**: four federated jobs (``lighthouse=``), DiLoCo every ``H`` steps: the fast devices wait for
   the slow ones at every sync;
 * **federated time-based**: the same jobs with ``sync_every_seconds=T`` (each enters the sync at its first step end
-  after T seconds; the mean is weighted by the tokens each processed), int4 compression with error feedback and
-  streaming fragments with overlap;
+  after T seconds; the mean is weighted by the tokens each processed) and int4 compression with error feedback
+  (streaming fragments are staggered by steps, which uneven devices do not share: they do not combine with
+  time-based sync);
 * **time-based with churn**: the same, with the ½× device leaving (SIGKILL, mid-interval) every ``churn_every`` of
   its syncs and rejoining at once (it heals from a live peer).
 
@@ -54,7 +55,7 @@ PRESETS = {
     "default": dict(size="micro", block_size=64, batch_size=8, learning_rate=2e-3, warmup=16,
                     speeds=[1.0, 1.0, 0.5, 0.25], step_seconds=0.08, rate_bit_s=10e6, latency_s=0.05,
                     ddp_steps=160, ddp_eval_every=16, fixed_sync_every=16, fixed_steps=160, sync_every_seconds=2.0,
-                    seconds=75.0, compression="int4", fragments=2, overlap_steps=1, churn_every=8, churn_device=2,
+                    seconds=75.0, compression="int4", churn_every=8, churn_device=2,
                     val_windows=128, max_tokens=2_000_000, join_ms=2000, heartbeat_ms=1000, sync_timeout=120.0),
 }
 # a smoke run of every leg (tests/benchmarks/test_edge.py): a few syncs each, the same code paths
@@ -213,7 +214,6 @@ def worker(cfg: dict) -> None:
         strategy = LocalSGDStrategy(
             sync_every=cfg["sync_every"] if not timed else 64, sync_every_seconds=cfg.get("sync_every_seconds"),
             outer_optimizer="diloco", compression=cfg.get("compression") if timed else None,
-            fragments=cfg.get("fragments", 1) if timed else 1, overlap_steps=cfg.get("overlap_steps", 0) if timed else 0,
             lighthouse=cfg["lighthouse"], group_id=f"device{cfg['device']}", min_groups=1,
             sync_timeout=cfg["sync_timeout"], process_group_backend="gloo")
         devices = 1
@@ -470,8 +470,7 @@ def main() -> None:
             sys.exit(subprocess.run(cmd, timeout=3600, check=False).returncode)
     cfg["emulation"] = "netns" if args.in_netns else "sleep"
     started = time.time()
-    timed = (f"federated time-based T={cfg['sync_every_seconds']:g}s {cfg['compression']} "
-             f"F={cfg['fragments']} τ={cfg['overlap_steps']}")
+    timed = f"federated time-based T={cfg['sync_every_seconds']:g}s {cfg['compression']}"
     legs = {"ddp": lambda w: run_ddp(cfg, w / "ddp"),
             "fixed": lambda w: run_federated(cfg, w / "fixed", f"federated fixed H={cfg['fixed_sync_every']}",
                                              False, False),
@@ -508,8 +507,8 @@ def main() -> None:
             f"{cfg['learning_rate']:g}; {link}. DDP: {cfg['ddp_steps']} steps. Federated: DiLoCo (Nesterov lr 0.7, "
             f"momentum 0.9), lighthouse in-process (join {cfg['join_ms']} ms, heartbeat {cfg['heartbeat_ms']} ms); "
             f"fixed H={cfg['fixed_sync_every']} for {cfg['fixed_steps']} steps; time-based T="
-            f"{cfg['sync_every_seconds']:g} s for {cfg['seconds']:g} s, {cfg['compression']}, {cfg['fragments']} "
-            f"fragments, overlap {cfg['overlap_steps']}; churn: device {cfg['churn_device']} leaves every "
+            f"{cfg['sync_every_seconds']:g} s for {cfg['seconds']:g} s, {cfg['compression']} with error feedback (streaming "
+            f"fragments do not combine with time-based sync: README, Status); churn: device {cfg['churn_device']} leaves every "
             f"{cfg['churn_every']} of its syncs and rejoins at once.\n\n"
             + h.md_table(rows, [("run", "run"), ("wall_s", "wall s"), ("final_val_loss", "final val loss"),
                                 ("loss_at_equal_seconds", "loss at equal wall clock"),

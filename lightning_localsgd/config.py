@@ -308,7 +308,6 @@ class LocalSGDConfig:
             raise ValueError(f"sync_every_seconds must be a positive number of seconds, got {T!r}; e.g. 30.0, or None "
                              "to sync every sync_every steps.")
         for name, value, bad in (("cluster_size", self.cluster_size, self.cluster_size is not None),
-                                 ("compression", self.compression, self.compression is not None),
                                  ("fragments", self.fragments, self.fragments > 1),
                                  ("overlap_steps", self.overlap_steps, self.overlap_steps > 0)):
             if bad:

@@ -8,6 +8,7 @@ gradients (DDP inside the group); warm-up steps average across all ranks. The ou
 from __future__ import annotations
 
 import copy
+import math
 import os
 import sys
 
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "workers"))
+from lightning_localsgd.engine.codecs import decode, encode  # noqa: E402
 from tiny import TinyNet, make_dataset, make_inner_optimizer  # noqa: E402
 
 
@@ -274,3 +276,28 @@ def simulate_streaming(world, sync_every, fragments, overlap, mix, outer, steps,
             apply(f, 0.0)
     final = [{k: v.detach().clone() for k, v in n.named_parameters()} for n in nets]
     return history, final, theta_g, {k: m.get("buf") for k, m in momentum.items()}
+
+
+def weighted_compressed_sync(theta, locals_, weights, errors, mean_errors, codec: str = "int8"):
+    """One sync of the weighted two-phase compressed mean (averaging outer step), written out. ``weights[i]``: member
+    i's weight (0: it sends nothing that counts and keeps its residual); ``errors[i]``: its phase-1 residual;
+    ``mean_errors[j]``: the phase-2 residual the owner of chunk j kept from a sync of the same membership (None: none).
+    Returns (new θ, errors, mean residuals)."""
+    size, n = len(locals_), theta.numel()
+    chunk = math.ceil(n / size)
+    total_weight = sum(weights)
+    decoded, new_errors = [], []
+    for x, w, e in zip(locals_, weights, errors):
+        d = F.pad(theta - x + e, (0, chunk * size - n))
+        q = [decode(encode(d[j * chunk : (j + 1) * chunk], codec), codec, chunk) for j in range(size)]
+        new_errors.append((d - torch.cat(q))[:n] if w != 0 else e)
+        decoded.append(q)
+    sent, new_mean_errors = [], []
+    for j in range(size):
+        m = sum(w * q[j] for w, q in zip(weights, decoded) if w != 0) / total_weight
+        if mean_errors[j] is not None:
+            m = m + mean_errors[j]
+        s = decode(encode(m, codec), codec, chunk)
+        new_mean_errors.append(m - s)
+        sent.append(s)
+    return theta - torch.cat(sent)[:n], new_errors, new_mean_errors

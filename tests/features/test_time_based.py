@@ -9,8 +9,10 @@ last sync (the tiny model's batch is 2 × 4 values, so 8 per step).
 from __future__ import annotations
 
 import pytest
+import torch
 
 from _launch import run_tiny
+from reference import weighted_compressed_sync
 
 TOKENS_PER_STEP = 2 * 4  # batch 2 of 4 features: the elements of the batch's first tensor
 ATOL = 1e-6
@@ -61,6 +63,30 @@ def test_slow_worker_token_weighted_average(tmp_path):
     assert all(d["syncs"][-1]["stop_requested"] for d in ranks)
     # a slow group stalls the fast one for at most about one of its steps per sync, never a whole run
     assert max(s["seconds"] for s in ranks[0]["syncs"]) < 0.6 + 5.0
+
+
+def _flat(params: dict) -> torch.Tensor:
+    return torch.cat([v.reshape(-1) for v in params.values()])
+
+
+def test_slow_worker_token_weighted_int8_syncs_match_the_weighted_compressed_reference(tmp_path):
+    # time-based + int8: every sync is the weighted two-phase compressed mean, error feedback carried between syncs
+    ranks = run_tiny(tmp_path, devices=2, sync_every_seconds=0.3, steps=300, slow_rank=1, slow_seconds=0.03,
+                     seed_by_rank=True, inner="adamw", batches_per_epoch=400, compression="int8")
+    syncs = [d["syncs"] for d in ranks]
+    assert len({len(s) for s in syncs}) == 1 and len(syncs[0]) >= 2
+    theta = syncs[0][0]["theta_g"]  # the common start (every group holds it: one group of one rank each)
+    errors, mean_errors = [torch.zeros_like(theta) for _ in ranks], [None, None]
+    for k in range(len(syncs[0])):
+        assert all(float((s[k]["theta_g"] - theta).abs().max()) <= 1e-5 for s in syncs), k  # θ_g carried over
+        weights = [s[k]["weight"] for s in syncs]
+        if sum(weights) > 0:  # all zero: nothing new anywhere, θ_g unchanged
+            theta, errors, mean_errors = weighted_compressed_sync(theta, [_flat(s[k]["before"]) for s in syncs],
+                                                                  weights, errors, mean_errors, codec="int8")
+        for r, s in enumerate(syncs):
+            assert float((_flat(s[k]["after"]) - theta).abs().max()) <= 1e-5, (r, k)
+    assert any(a["weight"] != b["weight"] and b["weight"] > 0 for a, b in zip(*syncs))  # unequal weights mixed
+    assert all(s[-1]["stop_requested"] for s in syncs)
 
 
 @pytest.mark.parametrize("strategy", ["local_sgd", "fsdp"])

@@ -4,18 +4,16 @@ process (a communicator whose collectives meet at a barrier), against the mean w
 
 from __future__ import annotations
 
-import math
 import threading
 from datetime import timedelta
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from lightning_localsgd.engine import OuterSync
-from lightning_localsgd.engine.codecs import decode, encode
 from lightning_localsgd.engine.comm import Communicator, SyncAbortedError
 from lightning_localsgd.federation import TorchftCommunicator
+from reference import weighted_compressed_sync as hand_weighted
 
 N = 300  # two int8 blocks of 256, the second one partial
 
@@ -178,29 +176,6 @@ def members(size, theta, codec="int8", votes=None):
         engines.append(OuterSync([param], cross_group=ThreadComm(group, r, (votes or [True] * size)[r]),
                                  compression=codec))
     return engines
-
-
-def hand_weighted(theta, locals_, weights, errors, mean_errors, codec="int8"):
-    """The weighted two-phase compressed mean, written out. ``mean_errors[j]``: the phase-2 residual the owner of
-    chunk j kept from a sync of the same membership (None: none). Returns (new θ, errors, mean residuals)."""
-    size, n = len(locals_), theta.numel()
-    chunk = math.ceil(n / size)
-    total_weight = sum(weights)
-    decoded, new_errors = [], []
-    for x, w, e in zip(locals_, weights, errors):
-        d = F.pad(theta - x + e, (0, chunk * size - n))
-        q = [decode(encode(d[j * chunk : (j + 1) * chunk], codec), codec, chunk) for j in range(size)]
-        new_errors.append((d - torch.cat(q))[:n] if w != 0 else e)
-        decoded.append(q)
-    sent, new_mean_errors = [], []
-    for j in range(size):
-        m = sum(w * q[j] for w, q in zip(weights, decoded) if w != 0) / total_weight
-        if mean_errors[j] is not None:
-            m = m + mean_errors[j]
-        s = decode(encode(m, codec), codec, chunk)
-        new_mean_errors.append(m - s)
-        sent.append(s)
-    return theta - torch.cat(sent)[:n], new_errors, new_mean_errors
 
 
 def test_weighted_compressed_mean_matches_the_hand_computation_and_a_weight_0_member_keeps_its_error():

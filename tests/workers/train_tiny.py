@@ -200,9 +200,10 @@ class SyncRecorder(Callback):
 
             def sync(weight=None, stop=None):
                 before = _full(pl_module.named_parameters())
+                theta_g = torch.cat([t.detach().reshape(-1).cpu() for t in engine.snapshot])  # this rank's θ_g
                 result = original(weight=weight, stop=stop)
                 self.syncs.append({"step": strategy.schedule.steps_done, "weight": weight, "stop": stop,
-                                   "stop_requested": result.stop_requested, "before": before,
+                                   "stop_requested": result.stop_requested, "before": before, "theta_g": theta_g,
                                    "after": _full(pl_module.named_parameters()), "seconds": result.seconds})
                 return result
 
