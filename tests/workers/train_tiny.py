@@ -157,6 +157,47 @@ class Fault(Callback):
             time.sleep(a.stall_seconds)
 
 
+def slow_or_failing_writes(args, rank: int) -> None:
+    """Test hooks on the checkpoint file writer (also the background thread's, with --async-save): every file of a
+    save at step >= --write-delay-from sleeps --write-delay s first; rank --write-fail-rank's files of the save at
+    step --write-fail-step raise. The step is read from the checkpoint's name (``step=N.ckpt``), since a background
+    write runs while training is at later steps."""
+    import re
+
+    from lightning_localsgd import checkpoint
+
+    original = checkpoint._write
+
+    def _write(obj, path):
+        found = re.search(r"step=(\d+)", str(path))
+        step = int(found.group(1)) if found else -1
+        if args.write_delay and step >= args.write_delay_from and not str(path).endswith("meta.pt"):
+            time.sleep(args.write_delay)
+        if rank == args.write_fail_rank and step == args.write_fail_step and not str(path).endswith("meta.pt"):
+            raise OSError(f"injected write failure: {path}")
+        return original(obj, path)
+
+    checkpoint._write = _write
+
+
+class KillDuringWrite(Callback):
+    """Every rank SIGKILLs itself at the start of step --die-during-write-at while its background checkpoint write is
+    still in flight (it first records that it was: ``killed{rank}.json``)."""
+
+    def __init__(self, step: int, out: str) -> None:
+        self.step, self.out = step, out
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step != self.step:
+            return
+        writer = trainer.strategy._async_writer
+        thread = writer._thread if writer is not None else None
+        with open(os.path.join(self.out, f"killed{trainer.global_rank}.json"), "w") as f:
+            json.dump({"writing": thread is not None and thread.is_alive()}, f)
+        print(f"[fault] rank {trainer.global_rank} killed at step {self.step} during a checkpoint write", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 class Preempt(Callback):
     """Sends SIGTERM to one rank ``delay`` seconds after it starts a step, as a scheduler would (e.g. while it waits
     in that step's sync for a slower rank)."""
@@ -238,6 +279,14 @@ def main() -> None:
     p.add_argument("--state-device", default=None)
     p.add_argument("--seed-by-rank", action="store_true", help="seed each rank differently before building")
     p.add_argument("--ckpt-every", type=int, default=0)
+    p.add_argument("--save-top-k", type=int, default=-1)
+    p.add_argument("--async-save", action="store_true", help="the strategy's async_save=True")
+    p.add_argument("--write-delay", type=float, default=0.0, help="seconds each checkpoint file write sleeps first")
+    p.add_argument("--write-delay-from", type=int, default=0, help="... for saves at this step and later")
+    p.add_argument("--write-fail-rank", type=int, default=-1, help="this rank's checkpoint files fail to write ...")
+    p.add_argument("--write-fail-step", type=int, default=-1, help="... at the save of this step")
+    p.add_argument("--die-during-write-at", type=int, default=-1,
+                   help="every rank SIGKILLs itself at the start of this step, during a background checkpoint write")
     p.add_argument("--resume", default=None)
     p.add_argument("--compression", default=None)
     p.add_argument("--cluster-size", type=int, default=None)
@@ -328,6 +377,8 @@ def main() -> None:
     else:
         extra = {k: v for k, v in (("on_nonfinite", args.on_nonfinite), ("sync_timeout", args.sync_timeout),
                                    ("max_consecutive_skips", args.max_consecutive_skips)) if v is not None}
+        if args.async_save:
+            extra["async_save"] = True
         strategy = LocalSGDStrategy(
             sync_every=args.sync_every, outer_optimizer=args.outer, group_size=args.group_size,
             warmup_steps=args.warmup, outer_state_device=args.state_device, process_group_backend=args.backend, **extra,
@@ -348,7 +399,11 @@ def main() -> None:
         callbacks.append(SyncRecorder(syncs))
     if args.ckpt_every:
         callbacks.append(ModelCheckpoint(dirpath=os.path.join(args.out, "ckpt"), every_n_train_steps=args.ckpt_every,
-                                         save_top_k=-1, filename="{step}"))
+                                         save_top_k=args.save_top_k, filename="{step}"))
+    if args.write_delay or args.write_fail_rank >= 0:
+        slow_or_failing_writes(args, rank)
+    if args.die_during_write_at >= 0:
+        callbacks.append(KillDuringWrite(args.die_during_write_at, args.out))
     trainer = L.Trainer(
         accelerator=args.accelerator, devices=args.devices, num_nodes=args.num_nodes, strategy=strategy, max_steps=args.steps,
         logger=L.pytorch.loggers.CSVLogger(args.csv_dir, name="", version="") if args.csv_dir else False,
