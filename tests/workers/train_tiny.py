@@ -83,6 +83,21 @@ def mark_saves(strategy) -> None:
     strategy.save_checkpoint = save_checkpoint
 
 
+def time_saves(strategy, seconds: list) -> None:
+    """The seconds each ``strategy.save_checkpoint`` keeps the training thread (the stall of a save)."""
+    original = strategy.save_checkpoint
+
+    @functools.wraps(original)
+    def save_checkpoint(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            seconds.append(time.perf_counter() - start)
+
+    strategy.save_checkpoint = save_checkpoint
+
+
 def _full(named) -> dict[str, torch.Tensor]:
     """Whole tensors: FSDP2 shards (DTensors) are gathered inside the worker group."""
     return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone() for k, v in named}
@@ -415,10 +430,13 @@ def main() -> None:
     if args.count_collectives:
         install_collective_counter()
         mark_saves(trainer.strategy)
+    save_seconds: list[float] = []
+    if args.ckpt_every:
+        time_saves(trainer.strategy, save_seconds)
     trainer.fit(model, data, ckpt_path=args.resume)
 
     s = trainer.strategy
-    info = {"global_rank": trainer.global_rank, "global_step": trainer.global_step,
+    info = {"global_rank": trainer.global_rank, "global_step": trainer.global_step, "save_seconds": save_seconds,
             "param_device": getattr(recorder, "device", None)}
     if hasattr(s, "outer_sync"):
         info.update(num_syncs=s.outer_sync.num_syncs, bytes_sent=s.outer_sync.bytes_sent,
