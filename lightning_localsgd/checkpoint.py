@@ -18,7 +18,9 @@ written atomically and checksummed (:func:`~lightning_localsgd.checkpoint_io.ato
 fsspec (remote paths, where object stores replace objects whole). A save writes into a new ``<save>`` sub-folder and
 commits by replacing ``meta.pt``; the sub-folders of earlier saves are removed only after that, so a save that fails
 midway (a killed rank, a full disk) leaves the previous checkpoint of the same name complete and loadable. Removing a
-checkpoint (``save_top_k``) removes its folder.
+checkpoint (``save_top_k``) removes its folder. With ``async_save`` the files are written and committed in the
+background (:mod:`lightning_localsgd.async_checkpoint`): the commit waits for every rank's files, and a ``save_top_k``
+removal for the commit.
 
 :func:`convert_checkpoint` (``lightning-localsgd convert FOLDER model.ckpt``) turns a folder of any strategy into one
 plain Lightning checkpoint file; :func:`read_checkpoint` reads every group's and rank's state into one dict, offline.

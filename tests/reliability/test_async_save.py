@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import threading
 
@@ -23,6 +24,8 @@ from lightning_localsgd.checkpoint import is_checkpoint_folder, read_checkpoint
 # As tests/strategies/test_resume.py: a checkpoint at step 6 (end of epoch 2, mid-interval of 4), 10 steps.
 OPTS = dict(devices=2, sync_every=4, steps=10, outer="diloco", inner="adamw", seed_by_rank=True, batches_per_epoch=3)
 WRITE_DELAY = 1.0  # seconds each checkpoint file write of the async run sleeps first
+needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                                     reason="DeepSpeed is not installed: pip install 'lightning-localsgd[deepspeed]'")
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +85,26 @@ def test_killed_during_a_background_write_resumes_exactly_from_the_previous_chec
     assert not (ckpt / "step=3.ckpt").exists()  # removed once the step-6 save was committed
     resumed = run_tiny(tmp_path / "resumed", resume=ckpt / "step=6.ckpt", **OPTS)
     assert_resume_exact(sync_ranks, resumed)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["fsdp", pytest.param("deepspeed", marks=needs_deepspeed)])
+def test_async_save_resumes_exactly_with_sharded_strategies(tmp_path, strategy, monkeypatch):
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator, in the workers too
+    # FSDP: the rank files hold the parameter shards and their optimizer state; DeepSpeed writes its partitions
+    # synchronously and the rank files in the background
+    opts = {**OPTS, "strategy": strategy}
+    straight = run_tiny(tmp_path / "a", ckpt_every=6, async_save=True, write_delay=WRITE_DELAY, **opts)
+    ckpt = tmp_path / "a" / "ckpt" / "step=6.ckpt"
+    assert is_checkpoint_folder(ckpt)
+    resumed = run_tiny(tmp_path / "b", resume=ckpt, **opts)
+    for a, b in zip(straight, resumed):
+        assert max_diff(a["final"], b["final"]) == 0.0
+        for got, want in zip(b["steps"], a["steps"][6:]):
+            assert max_diff(got, want) == 0.0
+        assert all(torch.equal(x, y) for x, y in zip(a["outer_state"]["snapshot"], b["outer_state"]["snapshot"]))
+    if strategy == "fsdp":
+        assert_resume_exact(straight, resumed)
 
 
 @pytest.mark.slow

@@ -368,7 +368,7 @@ def main() -> None:
             mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
             if args.mp_bf16 else None,
             fragments=args.fragments, overlap_steps=args.overlap_steps, overlap_mix=args.overlap_mix,
-            sync_every_seconds=args.sync_every_seconds,
+            sync_every_seconds=args.sync_every_seconds, async_save=args.async_save,
         )
     elif args.strategy == "deepspeed":
         from lightning_localsgd import LocalSGDDeepSpeedStrategy
@@ -385,21 +385,20 @@ def main() -> None:
             sync_every=args.sync_every, outer_optimizer=args.outer, group_size=args.group_size,
             warmup_steps=args.warmup, outer_state_device=args.state_device, process_group_backend=args.backend,
             logging_batch_size_per_gpu=2, cluster_size=args.cluster_size, cluster_sync_every=args.cluster_sync_every,
-            cluster_outer_optimizer=args.cluster_outer, compression=args.compression, **ds,
+            cluster_outer_optimizer=args.cluster_outer, compression=args.compression, async_save=args.async_save, **ds,
         )
     elif args.strategy == "registered":
         strategy = args.registered_name
     else:
         extra = {k: v for k, v in (("on_nonfinite", args.on_nonfinite), ("sync_timeout", args.sync_timeout),
                                    ("max_consecutive_skips", args.max_consecutive_skips)) if v is not None}
-        if args.async_save:
-            extra["async_save"] = True
         strategy = LocalSGDStrategy(
             sync_every=args.sync_every, outer_optimizer=args.outer, group_size=args.group_size,
             warmup_steps=args.warmup, outer_state_device=args.state_device, process_group_backend=args.backend, **extra,
             cluster_size=args.cluster_size, cluster_sync_every=args.cluster_sync_every,
             cluster_outer_optimizer=args.cluster_outer, compression=args.compression, fragments=args.fragments,
             overlap_steps=args.overlap_steps, overlap_mix=args.overlap_mix, sync_every_seconds=args.sync_every_seconds,
+            async_save=args.async_save,
         )
     recorder = Recorder()
     callbacks = [recorder]
