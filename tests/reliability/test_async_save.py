@@ -161,3 +161,17 @@ def test_writer_raises_a_failed_write_at_the_next_wait_and_drops_deferred_remova
     release.set()
     assert writer.close() is None
     assert committed == [1] and removed == ["old"]  # removed once the new checkpoint was committed
+
+
+def test_async_save_is_on_with_the_argument_or_lightnings_async_plugin():
+    import lightning as L
+    from lightning.pytorch.plugins.io import AsyncCheckpointIO
+
+    from lightning_localsgd import LocalSGDStrategy
+
+    assert not LocalSGDStrategy().saves_async
+    assert LocalSGDStrategy(async_save=True).saves_async
+    assert LocalSGDStrategy(checkpoint_io=AsyncCheckpointIO()).saves_async
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="local_sgd", plugins=[AsyncCheckpointIO()],
+                        logger=False)
+    assert trainer.strategy.saves_async
