@@ -88,11 +88,6 @@ class AsyncCheckpointWriter:
         #: Seconds the training thread spent copying the last save's state to host memory.
         self.stage_seconds = 0.0
 
-    @property
-    def pending(self) -> bool:
-        """Whether a write is in flight (or finished but not yet waited for)."""
-        return self._thread is not None
-
     def submit(self, write: Callable[[], None], commit: Optional[Callable[[], None]], description: str) -> None:
         """Start writing in the background. Collective: every rank calls it once per save, in the same order.
 
@@ -140,6 +135,10 @@ class AsyncCheckpointWriter:
             self._thread.join()
             self._thread = None
         error, self._error = self._error, None
+        late = self._take_removals()  # asked for after the thread ran the deferred ones: the write is committed now
+        if error is None:
+            for remove in late:
+                remove()
         return error
 
     def _commit_group(self) -> Optional[dist.ProcessGroup]:

@@ -161,6 +161,12 @@ def test_writer_raises_a_failed_write_at_the_next_wait_and_drops_deferred_remova
     release.set()
     assert writer.close() is None
     assert committed == [1] and removed == ["old"]  # removed once the new checkpoint was committed
+    # a removal asked for after the thread finished but before anyone waited for it: done at the wait
+    writer.submit(lambda: None, lambda: committed.append(2), description="ckpt/step=9.ckpt")
+    writer._thread.join()
+    assert writer.defer_removal(lambda: removed.append("late"))
+    writer.wait()
+    assert committed == [1, 2] and removed == ["old", "late"]
 
 
 def test_async_save_is_on_with_the_argument_or_lightnings_async_plugin():
