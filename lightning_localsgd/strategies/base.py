@@ -21,7 +21,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.loops.utilities import _is_max_limit_reached
 from lightning.pytorch.plugins.io import AsyncCheckpointIO
-from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
@@ -382,8 +382,8 @@ class LocalSGDMixin:
         if self._async_writer is not None:
             self._async_writer.wait()
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None  # type: ignore[attr-defined]
-        if not self.saves_async or not is_fitting(trainer):
-            return None
+        if not self.saves_async or not is_fitting(trainer) or trainer.state.status != TrainerStatus.RUNNING:
+            return None  # not inside fit (e.g. trainer.save_checkpoint after fit returned): nothing to overlap with
         if self._async_writer is None:
             timeout = self.local_sgd.config.sync_timeout
             self._async_writer = AsyncCheckpointWriter(

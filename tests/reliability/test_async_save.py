@@ -54,11 +54,12 @@ def assert_same(a, b, where="checkpoint"):
 @pytest.mark.slow
 def test_async_save_writes_the_state_at_the_save_while_training_goes_on(tmp_path, straight):
     sync_out, sync_ranks = straight
-    ranks = run_tiny(tmp_path, ckpt_every=6, async_save=True, write_delay=WRITE_DELAY, **OPTS)
+    ranks = run_tiny(tmp_path, ckpt_every=6, async_save=True, write_delay=WRITE_DELAY, save_after_fit=True, **OPTS)
     assert_resume_exact(sync_ranks, ranks)  # writing in the background changes nothing in training
-    for r in ranks:  # the save returned before its files (two per rank, each WRITE_DELAY s) were written
-        (stall,) = r["info"]["save_seconds"]
+    for r in ranks:  # the save during fit returned before its files (two per rank, each WRITE_DELAY s) were written
+        stall, after_fit = r["info"]["save_seconds"]
         assert stall < WRITE_DELAY, stall
+        assert after_fit > WRITE_DELAY and r["info"]["after_fit_committed"]  # after fit: synchronous
     a, b = read_checkpoint(sync_out / "ckpt" / "step=6.ckpt"), read_checkpoint(tmp_path / "ckpt" / "step=6.ckpt")
     for key in ("state_dict", "optimizer_states", "lr_schedulers", "loops", "epoch", "global_step"):
         assert_same(a[key], b[key], key)

@@ -296,6 +296,7 @@ def main() -> None:
     p.add_argument("--ckpt-every", type=int, default=0)
     p.add_argument("--save-top-k", type=int, default=-1)
     p.add_argument("--async-save", action="store_true", help="the strategy's async_save=True")
+    p.add_argument("--save-after-fit", action="store_true", help="trainer.save_checkpoint once fit returned")
     p.add_argument("--write-delay", type=float, default=0.0, help="seconds each checkpoint file write sleeps first")
     p.add_argument("--write-delay-from", type=int, default=0, help="... for saves at this step and later")
     p.add_argument("--write-fail-rank", type=int, default=-1, help="this rank's checkpoint files fail to write ...")
@@ -433,9 +434,17 @@ def main() -> None:
     if args.ckpt_every:
         time_saves(trainer.strategy, save_seconds)
     trainer.fit(model, data, ckpt_path=args.resume)
+    after_fit_committed = None
+    if args.save_after_fit:  # a save after fit returned: written and committed before save_checkpoint returns
+        from lightning_localsgd.checkpoint import is_checkpoint_folder
+
+        path = os.path.join(args.out, "ckpt", f"step={trainer.global_step}-after-fit.ckpt")
+        trainer.save_checkpoint(path)
+        after_fit_committed = is_checkpoint_folder(path)
 
     s = trainer.strategy
     info = {"global_rank": trainer.global_rank, "global_step": trainer.global_step, "save_seconds": save_seconds,
+            "after_fit_committed": after_fit_committed,
             "param_device": getattr(recorder, "device", None)}
     if hasattr(s, "outer_sync"):
         info.update(num_syncs=s.outer_sync.num_syncs, bytes_sent=s.outer_sync.bytes_sent,
