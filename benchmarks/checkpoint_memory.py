@@ -8,6 +8,7 @@ the files it wrote; rank 0 prints one table and writes ``benchmarks/results/chec
     python benchmarks/checkpoint_memory.py                       # 4 ranks = 4 groups, local SGD
     python benchmarks/checkpoint_memory.py --strategy ddp        # Lightning's DDP, for comparison
     PYTHONPATH=<older checkout> python benchmarks/checkpoint_memory.py --label before   # an earlier version
+    python benchmarks/checkpoint_memory.py --async-save          # background writes (benchmarks/async_save.py)
 
 The script is its own Lightning worker: Lightning's launcher re-runs it for the other ranks.
 """
@@ -62,8 +63,10 @@ def measure_saves(strategy, record: list) -> None:
     def save_checkpoint(*args, **kwargs):
         before, start = rss_mb(), time.perf_counter()
         out = original(*args, **kwargs)
+        writer = getattr(strategy, "_async_writer", None)  # async_save: the host copy's share of the stall
         record.append({"rss_before_mb": before, "rss_after_mb": rss_mb(), "peak_so_far_mb": rss_mb("VmHWM"),
-                       "seconds": time.perf_counter() - start})
+                       "seconds": time.perf_counter() - start,
+                       "stage_seconds": writer.stage_seconds if writer is not None else None})
         return out
 
     strategy.save_checkpoint = save_checkpoint
@@ -98,6 +101,9 @@ def main() -> None:
     p.add_argument("--n-layer", type=int, default=4)
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--every", type=int, default=4, help="ModelCheckpoint(every_n_train_steps=...)")
+    p.add_argument("--async-save", action="store_true", help="LocalSGDStrategy(async_save=True)")
+    p.add_argument("--csv", default=str(RESULTS / "checkpoint_memory.csv"), help="append the rows here ('': no)")
     p.add_argument("--label", default="")
     p.add_argument("--out", default="/tmp/checkpoint_memory")
     args = p.parse_args()
@@ -112,17 +118,19 @@ def main() -> None:
     model = GPT2Module(args.n_embd, args.n_layer, args.seq)
     data = DataLoader(TensorDataset(torch.randint(0, 50257, (64, args.seq))), batch_size=2)
     strategy = DDPStrategy(process_group_backend="gloo") if args.strategy == "ddp" else \
-        LocalSGDStrategy(sync_every=16, group_size=args.group_size, process_group_backend="gloo")
+        LocalSGDStrategy(sync_every=16, group_size=args.group_size, process_group_backend="gloo",
+                         async_save=args.async_save)
     ckpt_dir = Path(args.out) / "ckpt"
     trainer = L.Trainer(accelerator="cpu", devices=args.devices, strategy=strategy, max_steps=args.steps,
                         logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=4, save_top_k=-1,
+                        callbacks=[ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=args.every, save_top_k=-1,
                                                    filename="{step}")])
     saves: list[dict] = []
     measure_saves(trainer.strategy, saves)
-    trainer.fit(model, data)
+    start = time.perf_counter()
+    trainer.fit(model, data)  # ends after the last background write is committed (teardown waits for it)
     rank = trainer.global_rank
-    mine = {"rank": rank, "peak_rss_mb": rss_mb("VmHWM"), "saves": saves}
+    mine = {"rank": rank, "peak_rss_mb": rss_mb("VmHWM"), "saves": saves, "fit_seconds": time.perf_counter() - start}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"rank{rank}.json").write_text(json.dumps(mine))
     trainer.strategy.barrier()
@@ -147,8 +155,10 @@ def main() -> None:
           f"rank 0 peak RSS / largest other rank's = {ratio:.3f}")
     for row in rows:
         print(row)
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / "checkpoint_memory.csv"
+    if not args.csv:
+        return
+    path = Path(args.csv)
+    path.parent.mkdir(exist_ok=True)
     new = not path.exists()
     with open(path, "a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]) + ["rank0_over_others"])

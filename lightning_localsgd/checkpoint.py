@@ -18,7 +18,9 @@ written atomically and checksummed (:func:`~lightning_localsgd.checkpoint_io.ato
 fsspec (remote paths, where object stores replace objects whole). A save writes into a new ``<save>`` sub-folder and
 commits by replacing ``meta.pt``; the sub-folders of earlier saves are removed only after that, so a save that fails
 midway (a killed rank, a full disk) leaves the previous checkpoint of the same name complete and loadable. Removing a
-checkpoint (``save_top_k``) removes its folder.
+checkpoint (``save_top_k``) removes its folder. With ``async_save`` the files are written and committed in the
+background (:mod:`lightning_localsgd.async_checkpoint`): the commit waits for every rank's files, and a ``save_top_k``
+removal for the commit.
 
 :func:`convert_checkpoint` (``lightning-localsgd convert FOLDER model.ckpt``) turns a folder of any strategy into one
 plain Lightning checkpoint file; :func:`read_checkpoint` reads every group's and rank's state into one dict, offline.
@@ -37,6 +39,7 @@ import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
 
 from . import integrity
+from .async_checkpoint import AsyncCheckpointWriter
 from .checkpoint_io import _is_local, atomic_save
 from .controller import CHECKPOINT_KEY
 from .engine.outer import merge_outer_states
@@ -94,7 +97,8 @@ def is_checkpoint_folder(path: Any) -> bool:
 
 # ---------------------------------------------------------------------------------------------------------- save
 def save_checkpoint(strategy: Any, checkpoint: Mapping[str, Any], filepath: Any, state: Any,
-                    write_partitions: Optional[Callable[[str], None]] = None, **layout: Any) -> None:
+                    write_partitions: Optional[Callable[[str], None]] = None,
+                    writer: Optional[AsyncCheckpointWriter] = None, **layout: Any) -> None:
     """Write ``checkpoint`` as a folder at ``filepath``: every rank its own files, in parallel. Collective.
 
     Args:
@@ -102,9 +106,15 @@ def save_checkpoint(strategy: Any, checkpoint: Mapping[str, Any], filepath: Any,
         checkpoint: the dict Lightning built on this rank (``Trainer.save_checkpoint`` builds it on every rank).
         filepath: the checkpoint's path (rank 0's is used everywhere); local or an fsspec URL.
         state: the strategy's :class:`~lightning_localsgd.state.TrainingState`.
-        write_partitions: DeepSpeed: writes the group's partitions into the folder it is given (collective).
+        write_partitions: DeepSpeed: writes the group's partitions into the folder it is given (collective; always
+            before this returns, also with ``writer``).
+        writer: asynchronous save (:mod:`lightning_localsgd.async_checkpoint`): this rank's files are copied to host
+            memory and written, then committed, by the writer's background thread; this returns once the copy is
+            made. ``None``: written and committed before this returns.
         **layout: extra entries of the layout in ``meta.pt`` (e.g. the FSDP shard layout the converter needs).
     """
+    if writer is not None:
+        writer.wait()  # one write in flight: the previous save is committed (or its error raised) first
     # rank 0's path (a path with a timestamp differs between ranks) and a new sub-folder for this save
     path, save = strategy.broadcast((str(filepath), f"{_SAVE_PREFIX}{uuid.uuid4().hex[:12]}"))
     fs = get_filesystem(path)
@@ -123,23 +133,44 @@ def save_checkpoint(strategy: Any, checkpoint: Mapping[str, Any], filepath: Any,
                        if k in checkpoint}
     # outside fit (no engines) a DDP rank has nothing of its own to write
     rank_files = strategy.local_sgd.outer_sync is not None or state.holds_model_per_rank
+    files: list[tuple[Any, str]] = []  # (object, path) this rank writes
     if group_state is not None:  # rank k of the group writes part k of the replica
         part = rank % group_size
-        _write(split_group_state(group_state, group_size)[part], _join(folder, group_file(group, part, group_size)))
+        files.append((split_group_state(group_state, group_size)[part],
+                      _join(folder, group_file(group, part, group_size))))
     if write_partitions is not None:
         write_partitions(deepspeed_dir(folder, group))
     if rank_files:
-        _write(state.rank_state(), _join(folder, rank_file(rank)))
-    strategy.barrier("local_sgd.save_checkpoint")
+        files.append((state.rank_state(), _join(folder, rank_file(rank))))
+    meta = None
     if strategy.is_global_zero:
         in_files = _MODEL_KEYS if group_state is None else (*_MODEL_KEYS, "lr_schedulers")
         meta = {k: v for k, v in checkpoint.items() if k not in in_files}
         meta[CHECKPOINT_KEY] = strategy.local_sgd.meta(
             strategy.world_size, kind=state.kind, layout_version=LAYOUT_VERSION, save=save,
             group_files=group_state is not None, group_parts=group_size, rank_files=rank_files, **layout)
-        _write(meta, _join(path, META_FILE))  # the commit: from here on the checkpoint is the new one
-        _remove_other_saves(path, keep=save)
+    if writer is not None:
+        files, meta = writer.stage((files, meta))  # host copies: training may change the live state from here on
+        writer.submit(lambda: _write_all(files), (lambda: _commit(path, save, meta)) if meta is not None else None,
+                      description=path)
+        return
+    _write_all(files)
     strategy.barrier("local_sgd.save_checkpoint")
+    if meta is not None:
+        _commit(path, save, meta)
+    strategy.barrier("local_sgd.save_checkpoint")
+
+
+def _write_all(files: list[tuple[Any, str]]) -> None:
+    for obj, file in files:
+        _write(obj, file)
+
+
+def _commit(path: str, save: str, meta: Mapping[str, Any]) -> None:
+    """Global rank 0, once every rank's files of ``save`` are written: ``meta.pt`` names ``save``, and the files of
+    earlier saves under the same name go."""
+    _write(meta, _join(path, META_FILE))  # the commit: from here on the checkpoint is the new one
+    _remove_other_saves(path, keep=save)
 
 
 def split_group_state(group_state: Mapping[str, Any], parts: int) -> list[dict[str, Any]]:

@@ -49,6 +49,13 @@ ARGUMENT_DOCS: dict[str, str] = {
                              "moments) and take the other groups' mean buffers. Default 3.",
     "sync_on_train_end": "run a last sync when training ends mid-interval, so every rank ends with the same model. "
                          "Default True.",
+    "async_save": "write checkpoints in the background during ``fit``: a save copies this rank's state to host "
+                  "memory and training continues while a background thread writes the rank's files; the folder is "
+                  "committed (its ``meta.pt`` written) once every rank's files are written, so a crash during the "
+                  "write leaves the previous checkpoints loadable, and ``save_top_k`` removes an old checkpoint only "
+                  "after the new one is committed. The next save and the end of ``fit`` wait for the write in "
+                  "flight and raise its error. Passing Lightning's ``AsyncCheckpointIO`` plugin turns it on too. "
+                  "Saves outside ``fit`` are synchronous. Default False.",
     "sync_timeout": "seconds a rank waits at a sync for the other ranks. When a rank crashed, was killed or hangs, "
                     "every other rank stops after at most this long with a ``SyncFailedError`` naming the missing "
                     "ranks and the step (a dead rank is usually reported at once). Must exceed the normal spread of "
@@ -149,6 +156,7 @@ class LocalSGDConfig:
     on_nonfinite: str = "raise"
     max_consecutive_skips: int = 3
     sync_on_train_end: bool = True
+    async_save: bool = False
     sync_timeout: Optional[float] = None
     cluster_size: Optional[int] = None
     cluster_sync_every: Optional[int] = None
@@ -178,6 +186,8 @@ class LocalSGDConfig:
                       "stop training; e.g. 3.")
         if not isinstance(self.sync_on_train_end, bool):
             raise ValueError(f"sync_on_train_end must be True or False, got {self.sync_on_train_end!r}.")
+        if not isinstance(self.async_save, bool):
+            raise ValueError(f"async_save must be True or False, got {self.async_save!r}.")
         self.outer_factory = resolve_outer_optimizer(self.outer_optimizer)
         check_outer_optimizer_factory(self.outer_factory)
         self._check_two_stage()

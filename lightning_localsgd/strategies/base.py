@@ -8,8 +8,11 @@ decorates itself with :func:`~lightning_localsgd.config.local_sgd_arguments` and
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from dataclasses import fields
+from datetime import timedelta
 from typing import Any, Callable, Optional
 
 import torch
@@ -17,11 +20,13 @@ import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.loops.utilities import _is_max_limit_reached
-from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.plugins.io import AsyncCheckpointIO
+from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from ..async_checkpoint import AsyncCheckpointWriter
 from ..config import LocalSGDConfig
 from ..controller import LocalSGDController
 from ..federation import Federation, federated_cluster_size, federated_group_size
@@ -33,6 +38,8 @@ from ..tensors import batch_tokens
 from ..topology import Topology, add_cluster_groups, check_cluster_size, check_group_size, job_cluster_groups
 
 __all__ = ["LocalSGDMixin", "is_fitting", "training_ends_here"]
+
+log = logging.getLogger(__name__)
 
 
 def is_fitting(trainer: Optional[Trainer]) -> bool:
@@ -156,6 +163,7 @@ class LocalSGDMixin:
         self._train_ended = False
         self._saves: list[tuple[str, int, bool]] = []  # (path, global step, weights only) of this fit's checkpoints
         self._restore_sigterm: Optional[Callable[[], None]] = None
+        self._async_writer: Optional[AsyncCheckpointWriter] = None  # async_save: created at the first save
 
     @property
     def training_state(self) -> TrainingState:
@@ -373,6 +381,8 @@ class LocalSGDMixin:
         self._saves = []
         if self.local_sgd.last_sync is before:
             return  # no sync ran: those checkpoints hold the final model already
+        if stale and self._async_writer is not None:
+            self._async_writer.wait()  # a save_top_k removal deferred behind a background write happens first
         for path, weights_only in stale:
             if self.broadcast(os.path.exists(path)):  # type: ignore[attr-defined]  # not one top-k removed since
                 trainer.save_checkpoint(path, weights_only=weights_only)
@@ -383,6 +393,35 @@ class LocalSGDMixin:
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None  # type: ignore[attr-defined]
         if is_fitting(trainer) and not self._train_ended:
             self._saves.append((str(filepath), trainer.global_step, "optimizer_states" not in checkpoint))
+
+    @property
+    def saves_async(self) -> bool:
+        """Whether checkpoints during ``fit`` are written in the background (``async_save=True``, or Lightning's
+        ``AsyncCheckpointIO`` plugin passed)."""
+        return self.local_sgd.config.async_save or isinstance(self.checkpoint_io, AsyncCheckpointIO)  # type: ignore[attr-defined]
+
+    def checkpoint_writer(self) -> Optional[AsyncCheckpointWriter]:
+        """Every strategy's ``save_checkpoint`` calls this: the background writer for this save (asynchronous saves
+        during ``fit``), or ``None`` for a synchronous one, once the write in flight (if any) finished. Raises the
+        error of a failed background write."""
+        if self._async_writer is not None:
+            self._async_writer.wait()
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None  # type: ignore[attr-defined]
+        if not self.saves_async or not is_fitting(trainer) or trainer.state.status != TrainerStatus.RUNNING:
+            return None  # not inside fit (e.g. trainer.save_checkpoint after fit returned): nothing to overlap with
+        if self._async_writer is None:
+            timeout = self.local_sgd.config.sync_timeout
+            self._async_writer = AsyncCheckpointWriter(
+                timedelta(seconds=timeout) if timeout is not None else getattr(self, "_timeout", None))
+        return self._async_writer
+
+    def remove_checkpoint(self, filepath: Any) -> None:
+        """``save_top_k`` removing an old checkpoint: while a background write is in flight, only once that write is
+        committed (dropped if it fails), so a crash during it leaves the old checkpoint loadable."""
+        remove = super().remove_checkpoint  # type: ignore[misc]
+        if self._async_writer is not None and self._async_writer.defer_removal(lambda: remove(filepath)):
+            return
+        remove(filepath)
 
     def _log_sync(self, trainer: Trainer, result: SyncResult, cluster_result: Optional[SyncResult] = None) -> None:
         if trainer.global_rank != 0 or not trainer.loggers:
@@ -411,10 +450,17 @@ class LocalSGDMixin:
         self._remove_hooks(self.lightning_module.trainer if self.lightning_module is not None else None)
 
     def teardown(self) -> None:
+        # the end of training: the background write in flight finishes (its error is raised below) before anything
+        # it may need (the process groups) goes
+        write_error = self._async_writer.close() if self._async_writer is not None else None
         self._remove_hooks(self.lightning_module._trainer if self.lightning_module is not None else None)
         if self.federation is not None:
             self.federation.shutdown()
         super().teardown()  # type: ignore[misc]
+        if write_error is not None:
+            if sys.exc_info()[1] is None:
+                raise write_error
+            log.error(f"{write_error} (while handling another error: {sys.exc_info()[1]!r})")  # that one propagates
 
     def _remove_hooks(self, trainer: Optional[Trainer]) -> None:
         for callback in self._callbacks:

@@ -126,7 +126,7 @@ class LocalSGDStrategy(LocalSGDMixin, DDPStrategy):
             raise TypeError("LocalSGDStrategy.save_checkpoint does not take storage_options: every rank writes its "
                             "own files of the checkpoint folder (lightning_localsgd.checkpoint).")
         self.note_checkpoint(checkpoint, filepath)
-        save_checkpoint(self, checkpoint, filepath, self.training_state)
+        save_checkpoint(self, checkpoint, filepath, self.training_state, writer=self.checkpoint_writer())
 
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:

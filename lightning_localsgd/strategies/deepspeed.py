@@ -484,6 +484,7 @@ class LocalSGDDeepSpeedStrategy(LocalSGDMixin, DeepSpeedStrategy):
                 "(DeepSpeed writes the checkpoint, not a CheckpointIO)."
             )
         self.note_checkpoint(checkpoint, filepath)
+        writer = self.checkpoint_writer()  # DeepSpeed writes its partitions itself, synchronously; the rest async
         if self.outer_sync is None or self.topology is None:
             super().save_checkpoint(checkpoint, filepath)  # outside fit: Lightning's own DeepSpeed folder
             return
@@ -496,7 +497,7 @@ class LocalSGDDeepSpeedStrategy(LocalSGDMixin, DeepSpeedStrategy):
                                                   exclude_frozen_parameters=self.exclude_frozen_parameters)
 
         save_checkpoint(self, checkpoint, filepath, self.training_state, write_partitions=write_partitions,
-                        zero_stage=self.zero_stage)
+                        writer=writer, zero_stage=self.zero_stage)
 
     def _check_layout(self, layout: Mapping[str, Any]) -> None:
         self.local_sgd.check_meta(layout, self.world_size)

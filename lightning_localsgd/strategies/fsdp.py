@@ -315,8 +315,9 @@ class LocalSGDFSDPStrategy(LocalSGDMixin, ModelParallelStrategy):
         if storage_options is not None:
             raise TypeError("LocalSGDFSDPStrategy.save_checkpoint does not take storage_options.")
         self.note_checkpoint(checkpoint, filepath)
+        writer = self.checkpoint_writer()
         state = self.training_state
-        save_checkpoint(self, checkpoint, filepath, state, shards=state.shard_layout())
+        save_checkpoint(self, checkpoint, filepath, state, writer=writer, shards=state.shard_layout())
 
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:

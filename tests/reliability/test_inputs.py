@@ -54,6 +54,7 @@ STRATEGY_CASES = [
     ({"on_nonfinite": "warn"}, "on_nonfinite must be 'raise' or 'skip', got 'warn'"),
     ({"on_nonfinite": "ignore"}, "on_nonfinite must be 'raise' or 'skip'"),
     ({"sync_on_train_end": "yes"}, "sync_on_train_end must be True or False, got 'yes'"),
+    ({"async_save": "yes"}, "async_save must be True or False, got 'yes'"),
     ({"sync_timeout": 0}, "sync_timeout must be a positive number of seconds"),
     ({"sync_timeout": -5}, "sync_timeout must be a positive number of seconds"),
     ({"sync_timeout": float("nan")}, "sync_timeout must be a positive number of seconds"),

@@ -83,6 +83,21 @@ def mark_saves(strategy) -> None:
     strategy.save_checkpoint = save_checkpoint
 
 
+def time_saves(strategy, seconds: list) -> None:
+    """The seconds each ``strategy.save_checkpoint`` keeps the training thread (the stall of a save)."""
+    original = strategy.save_checkpoint
+
+    @functools.wraps(original)
+    def save_checkpoint(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            seconds.append(time.perf_counter() - start)
+
+    strategy.save_checkpoint = save_checkpoint
+
+
 def _full(named) -> dict[str, torch.Tensor]:
     """Whole tensors: FSDP2 shards (DTensors) are gathered inside the worker group."""
     return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone() for k, v in named}
@@ -155,6 +170,47 @@ class Fault(Callback):
         if trainer.global_step == a.stall_at:
             print(f"[fault] rank {a.fault_rank} stalls at step {a.stall_at}", flush=True)
             time.sleep(a.stall_seconds)
+
+
+def slow_or_failing_writes(args, rank: int) -> None:
+    """Test hooks on the checkpoint file writer (also the background thread's, with --async-save): every file of a
+    save at step >= --write-delay-from sleeps --write-delay s first; rank --write-fail-rank's files of the save at
+    step --write-fail-step raise. The step is read from the checkpoint's name (``step=N.ckpt``), since a background
+    write runs while training is at later steps."""
+    import re
+
+    from lightning_localsgd import checkpoint
+
+    original = checkpoint._write
+
+    def _write(obj, path):
+        found = re.search(r"step=(\d+)", str(path))
+        step = int(found.group(1)) if found else -1
+        if args.write_delay and step >= args.write_delay_from and not str(path).endswith("meta.pt"):
+            time.sleep(args.write_delay)
+        if rank == args.write_fail_rank and step == args.write_fail_step and not str(path).endswith("meta.pt"):
+            raise OSError(f"injected write failure: {path}")
+        return original(obj, path)
+
+    checkpoint._write = _write
+
+
+class KillDuringWrite(Callback):
+    """Every rank SIGKILLs itself at the start of step --die-during-write-at while its background checkpoint write is
+    still in flight (it first records that it was: ``killed{rank}.json``)."""
+
+    def __init__(self, step: int, out: str) -> None:
+        self.step, self.out = step, out
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step != self.step:
+            return
+        writer = trainer.strategy._async_writer
+        thread = writer._thread if writer is not None else None
+        with open(os.path.join(self.out, f"killed{trainer.global_rank}.json"), "w") as f:
+            json.dump({"writing": thread is not None and thread.is_alive()}, f)
+        print(f"[fault] rank {trainer.global_rank} killed at step {self.step} during a checkpoint write", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class Preempt(Callback):
@@ -239,6 +295,15 @@ def main() -> None:
     p.add_argument("--state-device", default=None)
     p.add_argument("--seed-by-rank", action="store_true", help="seed each rank differently before building")
     p.add_argument("--ckpt-every", type=int, default=0)
+    p.add_argument("--save-top-k", type=int, default=-1)
+    p.add_argument("--async-save", action="store_true", help="the strategy's async_save=True")
+    p.add_argument("--save-after-fit", action="store_true", help="trainer.save_checkpoint once fit returned")
+    p.add_argument("--write-delay", type=float, default=0.0, help="seconds each checkpoint file write sleeps first")
+    p.add_argument("--write-delay-from", type=int, default=0, help="... for saves at this step and later")
+    p.add_argument("--write-fail-rank", type=int, default=-1, help="this rank's checkpoint files fail to write ...")
+    p.add_argument("--write-fail-step", type=int, default=-1, help="... at the save of this step")
+    p.add_argument("--die-during-write-at", type=int, default=-1,
+                   help="every rank SIGKILLs itself at the start of this step, during a background checkpoint write")
     p.add_argument("--resume", default=None)
     p.add_argument("--compression", default=None)
     p.add_argument("--cluster-size", type=int, default=None)
@@ -305,7 +370,7 @@ def main() -> None:
             mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
             if args.mp_bf16 else None,
             fragments=args.fragments, overlap_steps=args.overlap_steps, overlap_mix=args.overlap_mix,
-            sync_every_seconds=args.sync_every_seconds,
+            sync_every_seconds=args.sync_every_seconds, async_save=args.async_save,
         )
     elif args.strategy == "deepspeed":
         from lightning_localsgd import LocalSGDDeepSpeedStrategy
@@ -322,7 +387,7 @@ def main() -> None:
             sync_every=args.sync_every, outer_optimizer=args.outer, group_size=args.group_size,
             warmup_steps=args.warmup, outer_state_device=args.state_device, process_group_backend=args.backend,
             logging_batch_size_per_gpu=2, cluster_size=args.cluster_size, cluster_sync_every=args.cluster_sync_every,
-            cluster_outer_optimizer=args.cluster_outer, compression=args.compression, **ds,
+            cluster_outer_optimizer=args.cluster_outer, compression=args.compression, async_save=args.async_save, **ds,
         )
     elif args.strategy == "registered":
         strategy = args.registered_name
@@ -335,6 +400,7 @@ def main() -> None:
             cluster_size=args.cluster_size, cluster_sync_every=args.cluster_sync_every,
             cluster_outer_optimizer=args.cluster_outer, compression=args.compression, fragments=args.fragments,
             overlap_steps=args.overlap_steps, overlap_mix=args.overlap_mix, sync_every_seconds=args.sync_every_seconds,
+            async_save=args.async_save,
         )
     recorder = Recorder()
     callbacks = [recorder]
@@ -349,7 +415,11 @@ def main() -> None:
         callbacks.append(SyncRecorder(syncs))
     if args.ckpt_every:
         callbacks.append(ModelCheckpoint(dirpath=os.path.join(args.out, "ckpt"), every_n_train_steps=args.ckpt_every,
-                                         save_top_k=-1, filename="{step}"))
+                                         save_top_k=args.save_top_k, filename="{step}"))
+    if args.write_delay or args.write_fail_rank >= 0:
+        slow_or_failing_writes(args, rank)
+    if args.die_during_write_at >= 0:
+        callbacks.append(KillDuringWrite(args.die_during_write_at, args.out))
     trainer = L.Trainer(
         accelerator=args.accelerator, devices=args.devices, num_nodes=args.num_nodes, strategy=strategy, max_steps=args.steps,
         logger=L.pytorch.loggers.CSVLogger(args.csv_dir, name="", version="") if args.csv_dir else False,
@@ -361,10 +431,21 @@ def main() -> None:
     if args.count_collectives:
         install_collective_counter()
         mark_saves(trainer.strategy)
+    save_seconds: list[float] = []
+    if args.ckpt_every:
+        time_saves(trainer.strategy, save_seconds)
     trainer.fit(model, data, ckpt_path=args.resume)
+    after_fit_committed = None
+    if args.save_after_fit:  # a save after fit returned: written and committed before save_checkpoint returns
+        from lightning_localsgd.checkpoint import is_checkpoint_folder
+
+        path = os.path.join(args.out, "ckpt", f"step={trainer.global_step}-after-fit.ckpt")
+        trainer.save_checkpoint(path)
+        after_fit_committed = is_checkpoint_folder(path)
 
     s = trainer.strategy
-    info = {"global_rank": trainer.global_rank, "global_step": trainer.global_step,
+    info = {"global_rank": trainer.global_rank, "global_step": trainer.global_step, "save_seconds": save_seconds,
+            "after_fit_committed": after_fit_committed,
             "param_device": getattr(recorder, "device", None)}
     if hasattr(s, "outer_sync"):
         info.update(num_syncs=s.outer_sync.num_syncs, bytes_sent=s.outer_sync.bytes_sent,
