@@ -19,7 +19,8 @@ from .engine.codecs import check_codec
 from .engine.presets import (OuterOptimizerFactory, OuterOptimizerSpec, check_outer_optimizer_factory,
                              outer_optimizer_name, resolve_outer_optimizer)
 from .engine.schedules import SyncSchedule, build_schedule
-from .federation import check_lighthouse_address, refuse_unsupported
+from . import support
+from .federation import check_lighthouse_address
 from .reliability import check_sync_timeout
 
 __all__ = ["ARGUMENT_DOCS", "LocalSGDConfig", "check_state_device", "local_sgd_arguments"]
@@ -202,6 +203,7 @@ class LocalSGDConfig:
         if self.sync_schedule is not None:
             build_schedule(self.sync_schedule, self)  # an unknown name fails here, before training
         self._check_federated()
+        support.check(self)  # the combinations of settings that do not go together (one table: support.py)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -306,9 +308,6 @@ class LocalSGDConfig:
         if mix and not tau:
             raise ValueError(f"overlap_mix={mix} only acts when overlap_steps > 0 (with no overlap the local "
                              "parameters equal what was sent). Set overlap_steps, or remove overlap_mix.")
-        if self.streaming and self.cluster_size is not None:
-            raise ValueError("streaming sync (fragments > 1 or overlap_steps > 0) does not combine with two-stage sync "
-                             "(cluster_size). Use one of them.")
 
     def _check_time_based(self) -> None:
         T = self.sync_every_seconds
@@ -317,12 +316,6 @@ class LocalSGDConfig:
         if isinstance(T, bool) or not isinstance(T, (int, float)) or not math.isfinite(T) or T <= 0:
             raise ValueError(f"sync_every_seconds must be a positive number of seconds, got {T!r}; e.g. 30.0, or None "
                              "to sync every sync_every steps.")
-        for name, value, bad in (("cluster_size", self.cluster_size, self.cluster_size is not None),
-                                 ("fragments", self.fragments, self.fragments > 1),
-                                 ("overlap_steps", self.overlap_steps, self.overlap_steps > 0)):
-            if bad:
-                raise ValueError(f"sync_every_seconds (time-based sync of uneven workers) does not combine with "
-                                 f"{name}={value!r}. Remove one of them.")
         if not self.sync_on_train_end:
             raise ValueError("sync_every_seconds needs sync_on_train_end=True: a group that finishes tells the others "
                              "to stop in its last sync, and they wait for it.")
@@ -342,7 +335,6 @@ class LocalSGDConfig:
                                 or any(c.isspace() for c in gid)):
             raise ValueError(f"group_id must be a non-empty name without ':' or spaces (e.g. 'cluster-a'), got "
                              f"{gid!r}.")
-        refuse_unsupported(self)
 
 
 T = TypeVar("T", bound=type)

@@ -61,7 +61,7 @@ if TYPE_CHECKING:
     from .engine.schedules import SyncSchedule
 
 __all__ = ["Federation", "TorchftCommunicator", "check_lighthouse_reachable", "federated_cluster_size",
-           "federated_group_size", "lighthouse_url", "main_lighthouse", "refuse_unsupported"]
+           "federated_group_size", "lighthouse_url", "main_lighthouse"]
 
 log = logging.getLogger(__name__)
 
@@ -110,31 +110,6 @@ def check_lighthouse_reachable(address: str, timeout: float) -> None:
         f"`lightning-localsgd lighthouse --port {port}` on a host every job reaches, check the address and firewall, "
         "or raise the connect timeout with TORCHFT_CONNECT_TIMEOUT_SEC."
     )
-
-
-def refuse_unsupported(config: Any) -> None:
-    """The sync features that federated mode does not support, refused before training with the fix."""
-    unsupported = {
-        "cluster_size": (config.cluster_size, None, "in federated mode the job is the cluster, so cluster_size is "
-                         "implied (the job's worker groups: its world size / group_size). Run one job per cluster; for "
-                         "several worker groups per job set group_size below the job's world size and "
-                         "cluster_sync_every for the sync across jobs"),
-    }
-    if config.cluster_sync_every is not None:  # several groups per job
-        unsupported["warmup_steps"] = (config.warmup_steps, 0, "with several worker groups per job a warm-up step "
-                                       "would average gradients inside the job and across jobs in one vote, which "
-                                       "federated warm-up does not do; use one group per job for warm-up")
-    for name, (value, default, why) in unsupported.items():
-        if value != default:
-            raise ValueError(f"{name}={value!r} is not supported with lighthouse= (federated worker groups): {why}. "
-                             f"Leave {name}={default!r}, or train in one world without lighthouse.")
-    gap = config.sync_every // max(1, config.fragments)  # steps between two fragments' starts
-    if config.overlap_steps >= gap:
-        raise ValueError(
-            f"overlap_steps={config.overlap_steps} with lighthouse= (federated worker groups) must be smaller than "
-            f"sync_every/fragments={gap}: each fragment's sync is one quorum of torchft's manager, which holds one "
-            f"quorum at a time, so a fragment's sync must be applied before the next one starts. Use overlap_steps <= "
-            f"{gap - 1}, or fewer fragments.")
 
 
 def federated_group_size(group_size: Optional[int], world_size: int) -> int:
