@@ -32,6 +32,18 @@ from lightning_localsgd import LocalSGDStrategy
 from lightning_localsgd.federation import TorchftCommunicator
 
 
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP2 parameter (no collective), or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def full_params(module) -> dict[str, torch.Tensor]:
+    """Whole parameters: FSDP2 shards (DTensors) gathered inside the job (collective there); ZeRO 1-2 keep whole
+    parameters on every rank."""
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+            for k, v in module.named_parameters()}
+
+
 class Recorder(Callback):
     """Parameters after every step (after the strategy's own step-end sync); the dump; the self-kill."""
 
@@ -52,7 +64,7 @@ class Recorder(Callback):
             "attempt": len(fed.attempts), "step": strategy.local_sgd.schedule.steps_done,
             "participants": comm.size, "trained": fed.trained,
             "snapshot": [s.detach().clone() for s in outer.snapshot],
-            "params": {k: v.detach().clone() for k, v in self.trainer.lightning_module.named_parameters()},
+            "params": {k: local(v).detach().clone() for k, v in self.trainer.lightning_module.named_parameters()},
             "momentum": {k: v["momentum_buffer"].clone() for k, v in state["state"].items()} if state else {},
         })
         if self.reduces[-1]["step"] == self.args.die_in_sync_at_step and fed.trained:
@@ -80,10 +92,10 @@ class Recorder(Callback):
                 time.sleep(0.1)
         if self.start_step < 0:  # after the join (healing) of on_train_start, before the first inner step
             self.start_step = trainer.global_step
-            self.start_params = {k: v.detach().clone() for k, v in pl_module.named_parameters()}
+            self.start_params = full_params(pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.steps.append((trainer.global_step, {k: v.detach().clone() for k, v in pl_module.named_parameters()}))
+        self.steps.append((trainer.global_step, full_params(pl_module)))
         if trainer.global_step == self.args.die_at_step:
             self.dump(trainer, pl_module, killed=True)
             os.kill(os.getpid(), signal.SIGKILL)
@@ -91,14 +103,31 @@ class Recorder(Callback):
     def dump(self, trainer, pl_module, killed: bool = False) -> None:
         fed = trainer.strategy.federation
         outer = trainer.strategy.outer_sync
+        name = self.args.dump_name + (f"_r{trainer.global_rank}" if trainer.global_rank > 0 else "")
         torch.save({
             "group_id": self.args.group_id, "seed": self.args.seed, "killed": killed, "steps": self.steps,
             "start_step": self.start_step, "start_params": self.start_params,
-            "final": {k: v.detach().clone() for k, v in pl_module.named_parameters()},
+            "final": full_params(pl_module),
             "attempts": fed.attempts, "healed": fed.healed_from_peer, "global_step": trainer.global_step,
             "snapshot": [s.detach().clone() for s in outer.snapshot],
             "outer_state": outer.state_dict()["outer_optimizer"], "reduces": self.reduces,
-        }, os.path.join(self.args.out, f"{self.args.dump_name}.pt"))
+            "rank": trainer.global_rank, "strategy": type(trainer.strategy).__name__, "no_peer_lines": fed.no_peer_lines if hasattr(fed, "no_peer_lines") else [],
+        }, os.path.join(self.args.out, f"{name}.pt"))
+
+
+def make_strategy(args: argparse.Namespace):
+    federated = dict(sync_every=args.sync_every, outer_optimizer=args.outer, lighthouse=args.lighthouse,
+                     group_id=args.group_id, min_groups=args.min_groups, sync_timeout=args.sync_timeout,
+                     process_group_backend="gloo")
+    if args.strategy == "fsdp":
+        from lightning_localsgd import LocalSGDFSDPStrategy
+
+        return LocalSGDFSDPStrategy(**federated)
+    if args.strategy == "deepspeed":
+        from lightning_localsgd import LocalSGDDeepSpeedStrategy
+
+        return LocalSGDDeepSpeedStrategy(stage=args.stage, logging_batch_size_per_gpu=2, **federated)
+    return LocalSGDStrategy(**federated)
 
 
 def main() -> None:
@@ -119,6 +148,8 @@ def main() -> None:
     parser.add_argument("--wait-for", default=None)
     parser.add_argument("--wait-at-step", type=int, default=-1)
     parser.add_argument("--devices", type=int, default=1, help="ranks of this job (DDP inside it)")
+    parser.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp", "deepspeed"], help="inside the job")
+    parser.add_argument("--stage", type=int, default=2, help="ZeRO stage with --strategy deepspeed")
     args = parser.parse_args()
     args.dump_name = args.dump_name or args.group_id
     if args.devices > 1:  # Lightning's DistributedSampler splits this job's own order (seed --seed) over its ranks
@@ -142,13 +173,9 @@ def main() -> None:
         accelerator="cpu", devices=args.devices, max_steps=args.max_steps, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=args.devices > 1,
         callbacks=[recorder],
-        strategy=LocalSGDStrategy(sync_every=args.sync_every, outer_optimizer=args.outer, lighthouse=args.lighthouse,
-                                  group_id=args.group_id, min_groups=args.min_groups, sync_timeout=args.sync_timeout,
-                                  process_group_backend="gloo"),
+        strategy=make_strategy(args),
     )
     trainer.fit(model, loader)
-    if trainer.global_rank > 0:
-        args.dump_name += f"_r{trainer.global_rank}"
     recorder.dump(trainer, model)
 
 
