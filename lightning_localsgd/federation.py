@@ -115,6 +115,17 @@ def federated_group_size(group_size: Optional[int], world_size: int) -> int:
     return world_size
 
 
+def state_bytes(state: Any) -> int:
+    """Bytes of the tensors in a nested state (what healing moved)."""
+    if isinstance(state, Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(state_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_bytes(v) for v in state)
+    return 0
+
+
 class _CheckedWork:
     """A torchft collective in flight; a failure is reported to the manager (so the commit vote says no) and raised."""
 
@@ -202,6 +213,8 @@ class Federation:
         """Whether this group took inner steps since its last sync (its weight in the next mean)."""
         self.healed_from_peer = 0
         """How many times this group loaded a live peer's state."""
+        self.healed_bytes = 0
+        """Bytes of tensor state this rank received from live peers (its own shard only with FSDP / ZeRO)."""
         self.attempts: list[dict[str, Any]] = []
         """Per sync attempt: step, participants, weight, committed, seconds (for logs and tests)."""
 
@@ -290,6 +303,7 @@ class Federation:
         self.strategy.training_state.load(state)
         self._healed_now = True
         self.healed_from_peer += 1
+        self.healed_bytes += state_bytes(state)
         log.info(f"local SGD: group {self.group_id} healed from a live peer at step "
                  f"{state['counters']['global_step']}")
 

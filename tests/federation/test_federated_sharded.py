@@ -68,3 +68,55 @@ def test_two_jobs_of_two_ranks_zero2_inside_each_match_the_hand_reference(tmp_pa
     dumps = run_jobs(tmp_path, lighthouse(2), 2, outer="diloco", strategy="deepspeed", stage=2)
     check_sharded_syncs(dumps, "LocalSGDDeepSpeedStrategy", sum(v.numel() for v in dumps["g0"]["final"].values()),
                         padded=True)
+
+
+@pytest.mark.slow
+def test_three_fsdp_jobs_one_killed_mid_interval_then_restarted_heals_shard_by_shard(tmp_path, lighthouse):
+    """3 jobs × 2 ranks with FSDP2; g2 (both ranks) is SIGKILLed mid-interval at step 6; g0 and g1 sync at step 8 over
+    themselves; g2 restarted with the same group_id heals in that sync, each rank receiving its own shard from rank k
+    of a live job (never a full copy), and the three jobs sync at step 12 and end with identical full parameters."""
+    address = lighthouse(2)
+    die_at = H + 2
+    opts = dict(outer="diloco", strategy="fsdp", devices=2, sync_timeout=30)
+    procs = [launch(tmp_path, address, g, barrier=3, wait_for="g2r", wait_at_step=2 * H - 1,
+                    die_at_step=die_at if g == 2 else -1, **opts) for g in range(3)]
+    try:
+        assert procs[2].wait(timeout=200) == -signal.SIGKILL, (tmp_path / "g2.log").read_text()[-3000:]
+        killed_at = time.monotonic()
+        procs.append(launch(tmp_path, address, 2, name="g2r", **opts))
+        codes = wait_all([procs[0], procs[1], procs[3]], tmp_path, timeout=240)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(timeout=30)
+    assert codes == [0, 0, 0], "\n".join((tmp_path / f"{n}.log").read_text()[-2000:] for n in ("g0", "g1", "g2r"))
+    print(f"restarted job ran {time.monotonic() - killed_at:.1f} s")
+    names = [f"{g}{r}" for g in ("g0", "g1", "g2", "g2r") for r in ("", "_r1")]
+    dumps = {n: load(tmp_path, n) for n in names}
+    assert dumps["g2"]["killed"] and dumps["g2_r1"]["killed"] and dumps["g2"]["global_step"] == die_at
+
+    for n in ("g0", "g0_r1", "g1", "g1_r1"):  # the survivors: never healed, the restarted job weighs 0 at step 8
+        d = dumps[n]
+        assert d["global_step"] == STEPS and d["healed"] == 0
+        assert committed(d, H)["participants"] == 3
+        assert committed(d, 2 * H)["participants"] == 3 and committed(d, 2 * H)["weight"] == 1.0, d["attempts"]
+        assert committed(d, 3 * H)["participants"] == 3
+        waits = [a["seconds"] for a in d["attempts"]]
+        assert max(waits) < 30, waits  # nobody waited for as long as sync_timeout
+    for n in ("g2r", "g2r_r1"):  # every rank of the restarted job healed once, in the sync of step 8, weight 0
+        d = dumps[n]
+        heal = committed(d, 2 * H)
+        assert heal is not None and heal["healed"] and heal["weight"] == 0.0, d["attempts"]
+        assert d["healed"] == 1 and d["start_step"] == 2 * H and d["global_step"] == STEPS
+        # healed state per rank: the rank's own shard (θ_g and the outer momentum of its shard), not a full copy
+        assert d["heal_bytes"] > 0 and d["heal_bytes"] < 0.75 * 3 * 4 * sum(v.numel() for v in d["final"].values())
+        peer = dumps["g0" + n[3:]]  # the same rank of a survivor: the same shard of θ_g
+        assert all(torch.equal(x, y) for x, y in zip(d["snapshot"], peer["snapshot"]))
+    jobs = {n: dumps[n] for n in ("g0", "g1", "g2", "g2r")}
+    ref = reference(jobs, "diloco", ranks=2)
+    for n, d in dumps.items():
+        if not d["killed"]:
+            assert_matches(d, ref, range(3 * H if n.startswith("g2r") else H, STEPS + 1, H))
+            assert all(torch.equal(d["final"][k], dumps["g0"]["final"][k]) for k in d["final"]), n
+    start = {k.removeprefix("model."): v for k, v in dumps["g2r"]["start_params"].items()}
+    assert all(torch.equal(start[k], params_at(dumps["g0"], 2 * H)[k]) for k in start)

@@ -108,7 +108,7 @@ class Recorder(Callback):
             "group_id": self.args.group_id, "seed": self.args.seed, "killed": killed, "steps": self.steps,
             "start_step": self.start_step, "start_params": self.start_params,
             "final": full_params(pl_module),
-            "attempts": fed.attempts, "healed": fed.healed_from_peer, "global_step": trainer.global_step,
+            "attempts": fed.attempts, "healed": fed.healed_from_peer, "heal_bytes": fed.healed_bytes, "global_step": trainer.global_step,
             "snapshot": [s.detach().clone() for s in outer.snapshot],
             "outer_state": outer.state_dict()["outer_optimizer"], "reduces": self.reduces,
             "rank": trainer.global_rank, "strategy": type(trainer.strategy).__name__, "no_peer_lines": fed.no_peer_lines if hasattr(fed, "no_peer_lines") else [],
