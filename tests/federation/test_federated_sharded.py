@@ -120,3 +120,41 @@ def test_three_fsdp_jobs_one_killed_mid_interval_then_restarted_heals_shard_by_s
             assert all(torch.equal(d["final"][k], dumps["g0"]["final"][k]) for k in d["final"]), n
     start = {k.removeprefix("model."): v for k, v in dumps["g2r"]["start_params"].items()}
     assert all(torch.equal(start[k], params_at(dumps["g0"], 2 * H)[k]) for k in start)
+
+
+@pytest.mark.slow
+def test_zero2_job_killed_and_restarted_heals_its_partitions(tmp_path, lighthouse, monkeypatch):
+    """2 jobs × 2 ranks with DeepSpeed ZeRO-2; g1 (both ranks) is SIGKILLed mid-interval; g0 syncs alone at step 8,
+    where the restarted g1 heals (each rank its own fp32 master partition, θ_g and outer state from rank k of g0)
+    with weight 0; both sync at step 12 and all four ranks end identical, every sync equal to the hand reference."""
+    pytest.importorskip("deepspeed")
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    address = lighthouse(1)
+    opts = dict(outer="diloco", strategy="deepspeed", stage=2, devices=2, sync_timeout=30)
+    procs = [launch(tmp_path, address, g, barrier=2, wait_for="g1r", wait_at_step=2 * H - 1,
+                    die_at_step=H + 2 if g == 1 else -1, **opts) for g in range(2)]
+    try:
+        assert procs[1].wait(timeout=200) == -signal.SIGKILL, (tmp_path / "g1.log").read_text()[-3000:]
+        procs.append(launch(tmp_path, address, 1, name="g1r", **opts))
+        codes = wait_all([procs[0], procs[2]], tmp_path, timeout=240)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(timeout=30)
+    assert codes == [0, 0], "\n".join((tmp_path / f"{n}.log").read_text()[-2000:] for n in ("g0", "g1r"))
+    dumps = {n + r: load(tmp_path, n + r) for n in ("g0", "g1", "g1r") for r in ("", "_r1")}
+    full = sum(v.numel() for v in dumps["g0"]["final"].values())
+    for n in ("g1r", "g1r_r1"):
+        d = dumps[n]
+        heal = committed(d, 2 * H)
+        assert heal is not None and heal["healed"] and heal["weight"] == 0.0, d["attempts"]
+        assert d["healed"] == 1 and d["start_step"] == 2 * H and d["global_step"] == STEPS
+        # its own partition only: master partition + θ_g + outer momentum of about half the model
+        assert 0 < d["heal_bytes"] < 0.75 * 3 * 4 * full, d["heal_bytes"]
+        assert all(torch.equal(x, y) for x, y in zip(d["snapshot"], dumps["g0" + n[3:]]["snapshot"]))
+    for n in ("g0", "g0_r1"):
+        assert committed(dumps[n], 2 * H)["participants"] == 2 and dumps[n]["healed"] == 0
+    ref = reference({n: dumps[n] for n in ("g0", "g1", "g1r")}, "diloco", ranks=2)
+    for n in ("g0", "g0_r1", "g1r", "g1r_r1"):
+        assert_matches(dumps[n], ref, range(3 * H if n.startswith("g1r") else H, STEPS + 1, H))
+        assert all(torch.equal(dumps[n]["final"][k], dumps["g0"]["final"][k]) for k in dumps["g0"]["final"]), n
