@@ -26,6 +26,7 @@ import os
 import socket
 import time
 import uuid
+import zlib
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -37,7 +38,7 @@ from .engine.outer import OuterSync, SyncResult
 if TYPE_CHECKING:
     from lightning.pytorch import Trainer
 
-__all__ = ["Federation", "TorchftCommunicator", "check_lighthouse_reachable", "lighthouse_url", "main_lighthouse",
+__all__ = ["Federation", "LayoutMismatchError", "TorchftCommunicator", "check_lighthouse_reachable", "lighthouse_url", "main_lighthouse",
            "refuse_unsupported"]
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,62 @@ def state_bytes(state: Any) -> int:
     return 0
 
 
+class LayoutMismatchError(ValueError):
+    """The jobs of a quorum do not hold the same layout (world size, strategy kind, shard sizes): refused."""
+
+
+#: The strategy kinds (:attr:`TrainingState.kind`) as they appear in a layout and its message.
+_KINDS = {"replica": "DDP replicas", "sharded": "FSDP2 shards", "zero": "ZeRO partitions"}
+_LAYOUT_INTS = ("kind", "world_size", "rank", "tensors", "elements", "digest")
+_NAME_BYTES = 64
+
+
+def rank_layout(group_id: str, kind: str, world_size: int, rank: int, numels: list[int]) -> dict[str, Any]:
+    """What rank ``rank`` of a job holds and syncs, as compared with the same rank of every other job of a quorum:
+    the job's world size, the strategy kind and the sizes of this rank's synced tensors (its shards with FSDP2 /
+    ZeRO), summed up with a digest of the list."""
+    return {"group_id": group_id, "kind": kind, "world_size": world_size, "rank": rank, "tensors": len(numels),
+            "elements": sum(numels), "digest": zlib.crc32(",".join(map(str, numels)).encode())}
+
+
+def describe_layout(layout: dict[str, Any]) -> str:
+    return (f"job {layout['group_id']!r}: {layout['world_size']} rank(s) with {_KINDS.get(layout['kind'], layout['kind'])}, "
+            f"its rank {layout['rank']} syncing {layout['elements']} elements in {layout['tensors']} tensor(s) "
+            f"(sizes digest {layout['digest']:08x})")
+
+
+def encode_layout(layout: dict[str, Any]) -> Tensor:
+    """A fixed-size int64 tensor (so that every job's fits one all-gather), group id included."""
+    import torch
+
+    kinds = list(_KINDS)
+    ints = [kinds.index(layout["kind"]) if layout["kind"] in kinds else -1] + [int(layout[k]) for k in _LAYOUT_INTS[1:]]
+    name = list(layout["group_id"].encode()[:_NAME_BYTES])
+    return torch.tensor(ints + name + [0] * (_NAME_BYTES - len(name)), dtype=torch.int64)
+
+
+def decode_layout(encoded: Tensor) -> dict[str, Any]:
+    values = encoded.tolist()
+    ints, name = values[: len(_LAYOUT_INTS)], values[len(_LAYOUT_INTS):]
+    layout = dict(zip(_LAYOUT_INTS, ints))
+    layout["kind"] = list(_KINDS)[layout["kind"]] if 0 <= layout["kind"] < len(_KINDS) else "unknown"
+    layout["group_id"] = bytes(b for b in name if b).decode(errors="replace")
+    return layout
+
+
+def layout_mismatch(mine: dict[str, Any], others: list[dict[str, Any]]) -> Optional[str]:
+    """``None`` when every job of the quorum holds what this rank holds; else the message naming both layouts."""
+    keys = ("kind", "world_size", "rank", "tensors", "elements", "digest")
+    for other in others:
+        if any(other[k] != mine[k] for k in keys):
+            return (f"local SGD: the federated jobs do not shard the model alike, so rank {mine['rank']} of each "
+                    f"cannot sync its shard with the others': {describe_layout(mine)}; {describe_layout(other)}. Every "
+                    "job of a run must train the same model with the same strategy (and ZeRO stage), the same number "
+                    "of ranks and the same sharding (auto_wrap_policy / fully_shard calls): start this job like the "
+                    "others, or give it another lighthouse.")
+    return None
+
+
 class _CheckedWork:
     """A torchft collective in flight; a failure is reported to the manager (so the commit vote says no) and raised."""
 
@@ -183,7 +240,10 @@ class TorchftCommunicator(Communicator):
         raise NotImplementedError("compressed syncs are refused in federated mode (compression=None).")
 
     def all_gather(self, output: Tensor, input: Tensor) -> None:
-        raise NotImplementedError("compressed syncs are refused in federated mode (compression=None).")
+        from torch.distributed.distributed_c10d import AllgatherOptions
+
+        chunks = list(output.chunk(self.size))
+        self._run(lambda: self.manager._pg.allgather([chunks], [input], AllgatherOptions())).wait()
 
     def commit(self) -> bool:
         return bool(self.manager.should_commit())
@@ -262,6 +322,7 @@ class Federation:
             assert self.comm is not None and engine.cross is self.comm  # the engine reads the quorum from it
             record = {"step": step, "participants": self.comm.size, "weight": weight, "healed": self._healed_now}
             try:
+                self._check_layouts(engine)
                 result = engine.sync(weight=weight)
             except Exception as err:
                 if isinstance(err, SyncAbortedError):
@@ -286,6 +347,41 @@ class Federation:
             self.trained = False
             return result
 
+    def layout(self, engine: Optional[OuterSync] = None) -> dict[str, Any]:
+        """This rank's layout (:func:`rank_layout`), compared with the same rank of every job at each sync."""
+        assert self.strategy is not None and self.trainer is not None
+        engine = engine or self.strategy.local_sgd.outer_sync
+        return rank_layout(self.group_id, self.strategy.training_state.kind, self.trainer.world_size,
+                           self.trainer.global_rank, list(engine.layout.numels))
+
+    def _check_layouts(self, engine: OuterSync) -> None:
+        """Every sync attempt: all-gather each job's layout of this rank (~100 bytes) and compare. A job that never
+        synced yet is refused (:class:`LayoutMismatchError`, before its first step); a running job only fails this
+        attempt and redoes the sync without the job that does not fit."""
+        import torch
+        import torch.distributed as dist
+
+        assert self.comm is not None
+        mine = self.layout(engine)
+        encoded = encode_layout(mine)
+        gathered = torch.empty(self.comm.size * encoded.numel(), dtype=torch.int64)
+        self.comm.all_gather(gathered, encoded)
+        problem = layout_mismatch(mine, [decode_layout(t) for t in gathered.view(self.comm.size, -1)])
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # a mismatch seen on one rank stops every rank of this job (the others cannot sync their shards alone)
+            flag = torch.tensor([float(problem is not None)], device=engine.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item() > 0 and problem is None:
+                problem = ("local SGD: another rank of this job found that the federated jobs do not shard the model "
+                           "alike (its log names both layouts).")
+        if problem is None:
+            return
+        error = LayoutMismatchError(problem)
+        if any(a["committed"] for a in self.attempts):  # a running job keeps going without the newcomer
+            log.warning(f"{problem} This job keeps training; the sync is redone without the job that does not fit.")
+            self.manager.report_error(error)
+        raise error
+
     def _step(self) -> int:
         return int(self.strategy.local_sgd.schedule.steps_done) if self.strategy is not None else 0
 
@@ -295,11 +391,15 @@ class Federation:
         parts a checkpoint holds), cloned to the CPU. torchft calls it only when a peer heals, while this rank's
         training thread waits in the quorum (before its commit vote, after which the state changes)."""
         assert self.strategy is not None
-        return self.strategy.training_state.capture()
+        return {"layout": self.layout(), "training": self.strategy.training_state.capture()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Apply a live peer's state on the training thread (torchft calls it inside ``start_quorum``)."""
         assert self.strategy is not None
+        problem = layout_mismatch(self.layout(), [state["layout"]])
+        if problem is not None:  # refused before anything of the peer's state is loaded
+            raise LayoutMismatchError(problem)
+        state = state["training"]
         self.strategy.training_state.load(state)
         self._healed_now = True
         self.healed_from_peer += 1
