@@ -133,22 +133,29 @@ class LayoutMismatchError(ValueError):
 
 #: The strategy kinds (:attr:`TrainingState.kind`) as they appear in a layout and its message.
 _KINDS = {"replica": "DDP replicas", "sharded": "FSDP2 shards", "zero": "ZeRO partitions"}
-_LAYOUT_INTS = ("kind", "world_size", "rank", "tensors", "elements", "digest")
+_RANKS_LISTED = 8  # per-rank sizes carried (and named in a message) for the first ranks of a job
 _NAME_BYTES = 64
+_ENCODED = 3 + _RANKS_LISTED + _NAME_BYTES
 
 
-def rank_layout(group_id: str, kind: str, world_size: int, rank: int, numels: list[int]) -> dict[str, Any]:
-    """What rank ``rank`` of a job holds and syncs, as compared with the same rank of every other job of a quorum:
-    the job's world size, the strategy kind and the sizes of this rank's synced tensors (its shards with FSDP2 /
-    ZeRO), summed up with a digest of the list."""
-    return {"group_id": group_id, "kind": kind, "world_size": world_size, "rank": rank, "tensors": len(numels),
-            "elements": sum(numels), "digest": zlib.crc32(",".join(map(str, numels)).encode())}
+def job_layout(group_id: str, kind: str, per_rank: list[tuple[int, int]]) -> dict[str, Any]:
+    """What a job holds and syncs, compared with every other job of a quorum: its world size, the strategy kind and,
+    per rank, the elements of the tensors that rank syncs (its shards with FSDP2 / ZeRO) with a digest of their sizes.
+    ``per_rank``: ``(elements, digest of the tensor sizes)`` of each rank, in rank order."""
+    return {"group_id": group_id, "kind": kind, "world_size": len(per_rank), "elements": [e for e, _ in per_rank],
+            "digest": zlib.crc32(repr([tuple(r) for r in per_rank]).encode())}
+
+
+def sizes_digest(numels: list[int]) -> int:
+    return zlib.crc32(",".join(map(str, numels)).encode())
 
 
 def describe_layout(layout: dict[str, Any]) -> str:
-    return (f"job {layout['group_id']!r}: {layout['world_size']} rank(s) with {_KINDS.get(layout['kind'], layout['kind'])}, "
-            f"its rank {layout['rank']} syncing {layout['elements']} elements in {layout['tensors']} tensor(s) "
-            f"(sizes digest {layout['digest']:08x})")
+    listed = "+".join(map(str, layout["elements"][:_RANKS_LISTED]))
+    more = "+..." if layout["world_size"] > _RANKS_LISTED else ""
+    return (f"job {layout['group_id']!r}: {layout['world_size']} rank(s) with "
+            f"{_KINDS.get(layout['kind'], layout['kind'])}, syncing {listed}{more} elements per rank (layout digest "
+            f"{layout['digest']:08x})")
 
 
 def encode_layout(layout: dict[str, Any]) -> Tensor:
@@ -156,31 +163,39 @@ def encode_layout(layout: dict[str, Any]) -> Tensor:
     import torch
 
     kinds = list(_KINDS)
-    ints = [kinds.index(layout["kind"]) if layout["kind"] in kinds else -1] + [int(layout[k]) for k in _LAYOUT_INTS[1:]]
+    elements = list(layout["elements"][:_RANKS_LISTED])
+    ints = [kinds.index(layout["kind"]) if layout["kind"] in kinds else -1, layout["world_size"], layout["digest"],
+            *elements, *[-1] * (_RANKS_LISTED - len(elements))]
     name = list(layout["group_id"].encode()[:_NAME_BYTES])
     return torch.tensor(ints + name + [0] * (_NAME_BYTES - len(name)), dtype=torch.int64)
 
 
 def decode_layout(encoded: Tensor) -> dict[str, Any]:
-    values = encoded.tolist()
-    ints, name = values[: len(_LAYOUT_INTS)], values[len(_LAYOUT_INTS):]
-    layout = dict(zip(_LAYOUT_INTS, ints))
-    layout["kind"] = list(_KINDS)[layout["kind"]] if 0 <= layout["kind"] < len(_KINDS) else "unknown"
-    layout["group_id"] = bytes(b for b in name if b).decode(errors="replace")
-    return layout
+    values = [int(v) for v in encoded.tolist()]
+    kind, world_size, digest = values[:3]
+    elements = [e for e in values[3 : 3 + _RANKS_LISTED] if e >= 0]
+    name = bytes(b for b in values[3 + _RANKS_LISTED:] if b).decode(errors="replace")
+    return {"group_id": name, "kind": list(_KINDS)[kind] if 0 <= kind < len(_KINDS) else "unknown",
+            "world_size": world_size, "elements": elements, "digest": digest}
 
 
 def layout_mismatch(mine: dict[str, Any], others: list[dict[str, Any]]) -> Optional[str]:
-    """``None`` when every job of the quorum holds what this rank holds; else the message naming both layouts."""
-    keys = ("kind", "world_size", "rank", "tensors", "elements", "digest")
+    """``None`` when every job of the quorum holds what this job holds; else the message naming both layouts."""
     for other in others:
-        if any(other[k] != mine[k] for k in keys):
-            return (f"local SGD: the federated jobs do not shard the model alike, so rank {mine['rank']} of each "
-                    f"cannot sync its shard with the others': {describe_layout(mine)}; {describe_layout(other)}. Every "
-                    "job of a run must train the same model with the same strategy (and ZeRO stage), the same number "
-                    "of ranks and the same sharding (auto_wrap_policy / fully_shard calls): start this job like the "
-                    "others, or give it another lighthouse.")
+        if any(other[k] != mine[k] for k in ("kind", "world_size", "digest")):
+            return (f"local SGD: the federated jobs do not hold the model alike, so rank k of each cannot sync its "
+                    f"shard with rank k of the others: {describe_layout(mine)}; {describe_layout(other)}. Every job "
+                    "of a run must train the same model with the same strategy (and ZeRO stage), the same number of "
+                    "ranks and the same sharding (auto_wrap_policy / fully_shard calls): start this job like the "
+                    "others, or point it at another lighthouse.")
     return None
+
+
+def _job_device(engine: OuterSync) -> Any:
+    """Where a tensor for a collective over the job's own world goes: NCCL's device, or the CPU (gloo)."""
+    import torch.distributed as dist
+
+    return engine.device if dist.is_initialized() and dist.get_backend() == "nccl" else "cpu"
 
 
 class _CheckedWork:
@@ -275,6 +290,7 @@ class Federation:
         """How many times this group loaded a live peer's state."""
         self.healed_bytes = 0
         """Bytes of tensor state this rank received from live peers (its own shard only with FSDP / ZeRO)."""
+        self._layout: Optional[dict[str, Any]] = None
         self.attempts: list[dict[str, Any]] = []
         """Per sync attempt: step, participants, weight, committed, seconds (for logs and tests)."""
 
@@ -308,6 +324,7 @@ class Federation:
     def join(self, engine: OuterSync) -> None:
         """At ``on_train_start``: one quorum, weight 0. Heals from a live peer when the others are ahead."""
         self.trained = False
+        self.layout(engine)  # collective inside the job: before any quorum (healing compares it with the peer's)
         self.sync(engine)
 
     def sync(self, engine: OuterSync) -> SyncResult:
@@ -348,39 +365,65 @@ class Federation:
             return result
 
     def layout(self, engine: Optional[OuterSync] = None) -> dict[str, Any]:
-        """This rank's layout (:func:`rank_layout`), compared with the same rank of every job at each sync."""
-        assert self.strategy is not None and self.trainer is not None
-        engine = engine or self.strategy.local_sgd.outer_sync
-        return rank_layout(self.group_id, self.strategy.training_state.kind, self.trainer.world_size,
-                           self.trainer.global_rank, list(engine.layout.numels))
+        """This job's layout (:func:`job_layout`). Collective inside the job the first time (an all-gather of two
+        numbers per rank, at the join); then kept, since a run's layout does not change (``OuterSync.rebind``)."""
+        if self._layout is None:
+            import torch
+            import torch.distributed as dist
+
+            assert self.strategy is not None and self.trainer is not None
+            engine = engine or self.strategy.local_sgd.outer_sync
+            numels = list(engine.layout.numels)
+            mine = torch.tensor([sum(numels), sizes_digest(numels)], dtype=torch.int64, device=_job_device(engine))
+            gathered = [mine]
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+                dist.all_gather(gathered, mine)  # the job's own world
+            self._layout = job_layout(self.group_id, self.strategy.training_state.kind,
+                                      [tuple(int(v) for v in t.tolist()) for t in gathered])
+        return self._layout
 
     def _check_layouts(self, engine: OuterSync) -> None:
-        """Every sync attempt: all-gather each job's layout of this rank (~100 bytes) and compare. A job that never
-        synced yet is refused (:class:`LayoutMismatchError`, before its first step); a running job only fails this
-        attempt and redoes the sync without the job that does not fit."""
+        """Every sync attempt, before any other collective: rank 0 of each job all-gathers the jobs' layouts over
+        its managed process group (~600 bytes per job; rank 0's exists whatever the other jobs' world sizes, unlike
+        rank k's) and tells the job's other ranks what it found. A job that never synced is refused
+        (:class:`LayoutMismatchError`, before its first step); a running job fails only this attempt and redoes the
+        sync without the job that does not fit."""
         import torch
         import torch.distributed as dist
 
-        assert self.comm is not None
+        assert self.comm is not None and self.trainer is not None
         mine = self.layout(engine)
-        encoded = encode_layout(mine)
-        gathered = torch.empty(self.comm.size * encoded.numel(), dtype=torch.int64)
-        self.comm.all_gather(gathered, encoded)
-        problem = layout_mismatch(mine, [decode_layout(t) for t in gathered.view(self.comm.size, -1)])
+        verdict = torch.zeros(1 + _ENCODED, dtype=torch.int64)  # 0 fits, 1 mismatch (+ the other layout), 2 failed
+        failure: Optional[BaseException] = None
+        if self.trainer.global_rank == 0:
+            try:
+                encoded = encode_layout(mine)
+                gathered = torch.empty(self.comm.size * _ENCODED, dtype=torch.int64)
+                self.comm.all_gather(gathered, encoded)
+                other = next((o for o in map(decode_layout, gathered.view(self.comm.size, -1))
+                              if layout_mismatch(mine, [o]) is not None), None)
+                if other is not None:
+                    verdict[0], verdict[1:] = 1, encode_layout(other)
+            except Exception as err:  # reported to the manager by the communicator: this attempt fails
+                verdict[0], failure = 2, err
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            # a mismatch seen on one rank stops every rank of this job (the others cannot sync their shards alone)
-            flag = torch.tensor([float(problem is not None)], device=engine.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            if flag.item() > 0 and problem is None:
-                problem = ("local SGD: another rank of this job found that the federated jobs do not shard the model "
-                           "alike (its log names both layouts).")
-        if problem is None:
-            return
-        error = LayoutMismatchError(problem)
-        if any(a["committed"] for a in self.attempts):  # a running job keeps going without the newcomer
-            log.warning(f"{problem} This job keeps training; the sync is redone without the job that does not fit.")
-            self.manager.report_error(error)
-        raise error
+            shared = verdict.to(_job_device(engine))
+            dist.broadcast(shared, src=0)  # the job's own world: its other ranks learn rank 0's verdict
+            verdict = shared.cpu()
+        if verdict[0] == 2:
+            if failure is None:
+                failure = RuntimeError("local SGD: the layout exchange of this sync attempt failed on rank 0")
+                self.manager.report_error(failure)
+            raise failure
+        if verdict[0] == 1:
+            problem = layout_mismatch(mine, [decode_layout(verdict[1:])])
+            assert problem is not None
+            error = LayoutMismatchError(problem)
+            if any(a["committed"] for a in self.attempts):  # a running job keeps going without the newcomer
+                log.warning(f"{problem} This job keeps training; the sync is redone without the job that does not fit.")
+                self.manager.report_error(error)
+            raise error
 
     def _step(self) -> int:
         return int(self.strategy.local_sgd.schedule.steps_done) if self.strategy is not None else 0
@@ -396,7 +439,7 @@ class Federation:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Apply a live peer's state on the training thread (torchft calls it inside ``start_quorum``)."""
         assert self.strategy is not None
-        problem = layout_mismatch(self.layout(), [state["layout"]])
+        problem = layout_mismatch(self.layout(), [state["layout"]])  # this job's layout: known since its join
         if problem is not None:  # refused before anything of the peer's state is loaded
             raise LayoutMismatchError(problem)
         state = state["training"]

@@ -158,3 +158,27 @@ def test_zero2_job_killed_and_restarted_heals_its_partitions(tmp_path, lighthous
     for n in ("g0", "g0_r1", "g1r", "g1r_r1"):
         assert_matches(dumps[n], ref, range(3 * H if n.startswith("g1r") else H, STEPS + 1, H))
         assert all(torch.equal(dumps[n]["final"][k], dumps["g0"]["final"][k]) for k in dumps["g0"]["final"]), n
+
+
+@pytest.mark.slow
+def test_job_of_another_world_size_is_refused_naming_both_layouts(tmp_path, lighthouse):
+    """An FSDP2 job of 2 ranks and one of 1 rank meet at the first quorum: both are refused before their first step,
+    each log naming both jobs' layouts, without waiting for sync_timeout."""
+    address = lighthouse(2)
+    start = time.monotonic()
+    procs = [launch(tmp_path, address, g, barrier=2, strategy="fsdp", devices=2 - g, sync_timeout=120)
+             for g in range(2)]
+    try:
+        codes = wait_all(procs, tmp_path, timeout=200)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(timeout=30)
+    elapsed = time.monotonic() - start
+    logs = [(tmp_path / f"g{g}.log").read_text() for g in range(2)]
+    assert codes[0] != 0 and codes[1] != 0, logs
+    for log in logs:
+        assert "LayoutMismatchError: local SGD: the federated jobs do not hold the model alike" in log, log[-3000:]
+        assert "job 'g0': 2 rank(s) with FSDP2 shards" in log and "job 'g1': 1 rank(s) with FSDP2 shards" in log
+    print(f"both refused after {elapsed:.1f} s (start-up included)")
+    assert elapsed < 100  # not the sync_timeout of 120 s: refused at the first quorum

@@ -150,13 +150,14 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=1, help="ranks of this job (DDP inside it)")
     parser.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp", "deepspeed"], help="inside the job")
     parser.add_argument("--stage", type=int, default=2, help="ZeRO stage with --strategy deepspeed")
+    parser.add_argument("--hidden", type=int, default=8, help="the tiny model's hidden width (another model: 16)")
     args = parser.parse_args()
     args.dump_name = args.dump_name or args.group_id
     if args.devices > 1:  # Lightning's DistributedSampler splits this job's own order (seed --seed) over its ranks
         os.environ["PL_GLOBAL_SEED"] = str(args.seed)
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(0)  # every group starts from the same weights
-    model = TinyModule("sgd")
+    model = TinyModule("sgd", hidden=args.hidden)
     loader = DataLoader(make_dataset(), batch_size=2, shuffle=True,
                         generator=torch.Generator().manual_seed(args.seed))
     if args.devices > 1:
