@@ -291,6 +291,8 @@ class Federation:
         self.healed_bytes = 0
         """Bytes of tensor state this rank received from live peers (its own shard only with FSDP / ZeRO)."""
         self._layout: Optional[dict[str, Any]] = None
+        self.alone_at_start: Optional[str] = None
+        """The line logged when this group's join found no other group in its quorum (else ``None``)."""
         self.attempts: list[dict[str, Any]] = []
         """Per sync attempt: step, participants, weight, committed, seconds (for logs and tests)."""
 
@@ -324,8 +326,24 @@ class Federation:
     def join(self, engine: OuterSync) -> None:
         """At ``on_train_start``: one quorum, weight 0. Heals from a live peer when the others are ahead."""
         self.trained = False
-        self.layout(engine)  # collective inside the job: before any quorum (healing compares it with the peer's)
+        if self.strategy is not None:
+            self.layout(engine)  # collective inside the job, before any quorum (healing compares it with a peer's)
         self.sync(engine)
+        if self.comm is not None and self.comm.size == 1:  # nobody else in the quorum: say where this start comes from
+            self.alone_at_start = self._alone_line()
+            if self.trainer is None or self.trainer.global_rank == 0:
+                from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+                rank_zero_info(self.alone_at_start)
+
+    def _alone_line(self) -> str:
+        trainer = self.trainer
+        ckpt_path = getattr(trainer, "ckpt_path", None) if trainer is not None else None
+        step = trainer.global_step if trainer is not None else 0
+        source = (f"its checkpoint {ckpt_path} (step {step})" if ckpt_path else
+                  f"its initial weights (step {step})")
+        return (f"local SGD: group {self.group_id!r} found no live peer at the lighthouse {self.lighthouse}: it starts "
+                f"from {source} and trains alone until other groups join (they heal from it).")
 
     def sync(self, engine: OuterSync) -> SyncResult:
         """One sync over the groups of a quorum; a failed attempt is redone with a new quorum until the timeout."""
@@ -392,7 +410,9 @@ class Federation:
         import torch
         import torch.distributed as dist
 
-        assert self.comm is not None and self.trainer is not None
+        if self.strategy is None or self.trainer is None:
+            return  # the sync loop driven without a strategy (its unit tests): there is no layout to compare
+        assert self.comm is not None
         mine = self.layout(engine)
         verdict = torch.zeros(1 + _ENCODED, dtype=torch.int64)  # 0 fits, 1 mismatch (+ the other layout), 2 failed
         failure: Optional[BaseException] = None

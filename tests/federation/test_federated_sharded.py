@@ -182,3 +182,41 @@ def test_job_of_another_world_size_is_refused_naming_both_layouts(tmp_path, ligh
         assert "job 'g0': 2 rank(s) with FSDP2 shards" in log and "job 'g1': 1 rank(s) with FSDP2 shards" in log
     print(f"both refused after {elapsed:.1f} s (start-up included)")
     assert elapsed < 100  # not the sync_timeout of 120 s: refused at the first quorum
+
+
+@pytest.mark.slow
+def test_fsdp_jobs_checkpoint_on_their_own_and_one_resumes_alone_from_its_folder(tmp_path, lighthouse):
+    """2 FSDP2 jobs × 2 ranks, each checkpointing into its own folder (every rank its own files, no collective across
+    jobs). g1 is SIGKILLed at step 6; after g0 finished, g1 restarts from its own checkpoint of step 4, finds no live
+    peer and says so in one line naming that checkpoint, and continues from exactly the state it saved."""
+    address = lighthouse(1)
+    opts = dict(outer="diloco", strategy="fsdp", devices=2, sync_timeout=30)
+    procs = [launch(tmp_path, address, g, barrier=2, ckpt_dir=tmp_path / f"ckpt_g{g}",
+                    die_at_step=H + 2 if g == 1 else -1, **opts) for g in range(2)]
+    try:
+        assert procs[1].wait(timeout=200) == -signal.SIGKILL, (tmp_path / "g1.log").read_text()[-3000:]
+        assert wait_all([procs[0]], tmp_path, timeout=200) == [0]
+        resume = tmp_path / "ckpt_g1" / f"step={H}.ckpt"
+        procs.append(launch(tmp_path, address, 1, name="g1r", resume=resume, **opts))
+        assert procs[2].wait(timeout=200) == 0, (tmp_path / "g1r.log").read_text()[-3000:]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(timeout=30)
+    for g, steps in ((0, (H, 2 * H, 3 * H)), (1, (H,))):  # each job's own folders, one file per rank
+        for s in steps:
+            folder = tmp_path / f"ckpt_g{g}" / f"step={s}.ckpt"
+            assert (folder / "meta.pt").is_file(), sorted(p.name for p in (tmp_path / f"ckpt_g{g}").iterdir())
+            assert sorted(p.name for p in folder.glob("save-*/rank*.pt")) == ["rank00000.pt", "rank00001.pt"]
+    killed, resumed = load(tmp_path, "g1"), [load(tmp_path, n) for n in ("g1r", "g1r_r1")]
+    assert killed["killed"] and killed["global_step"] == H + 2
+    assert resumed[0]["alone_at_start"] == (
+        f"local SGD: group 'g1' found no live peer at the lighthouse {address}: it starts from its checkpoint "
+        f"{resume} (step {H}) and trains alone until other groups join (they heal from it).")
+    assert "found no live peer" in (tmp_path / "g1r.log").read_text()
+    for d in resumed:
+        assert d["start_step"] == H and d["healed"] == 0 and d["global_step"] == STEPS
+        assert all(committed(d, s)["participants"] == 1 for s in (2 * H, 3 * H)), d["attempts"]
+        # exactly the state it saved at step 4 (after that sync), gathered over the job's two ranks
+        saved = next(p for s, p in killed["steps"] if s == H)
+        assert all(torch.equal(d["start_params"][k], saved[k]) for k in d["start_params"])

@@ -39,3 +39,64 @@ def test_other_world_size_or_strategy_is_refused():
     assert "job 'g1': 1 rank(s) with FSDP2 shards, syncing 24 elements" in layout_mismatch(a, [one_rank])
     zero = job_layout("g2", "zero", [(12, sizes_digest([12])), (12, sizes_digest([12]))])
     assert "job 'g2': 2 rank(s) with ZeRO partitions" in layout_mismatch(a, [zero])
+
+
+class _Work:
+    def wait(self, timeout=None):
+        return None
+
+
+class _AloneManager:
+    """torchft's Manager as a job alone at the lighthouse sees it: every quorum holds this job only."""
+
+    _quorum_future = object()
+
+    class _pg:  # noqa: N801 (the managed process group: a one-member all-gather copies the input)
+        @staticmethod
+        def allgather(outputs, inputs, opts):
+            outputs[0][0].copy_(inputs[0])
+            return _Work()
+
+    def start_quorum(self, timeout=None):
+        pass
+
+    def num_participants(self):
+        return 1
+
+    def participating_rank(self):
+        return 0
+
+    def should_commit(self):
+        return True
+
+    def errored(self):
+        return None
+
+    def report_error(self, err):
+        raise AssertionError(err)
+
+
+@pytest.mark.parametrize("ckpt_path", [None, "/runs/a/last.ckpt"])
+def test_job_alone_at_start_says_where_its_state_comes_from(ckpt_path, caplog):
+    import logging
+    from datetime import timedelta
+    from types import SimpleNamespace
+
+    from lightning_localsgd.federation import Federation, TorchftCommunicator
+
+    fed = Federation("lighthouse-host:29510", "g1", min_groups=1, sync_timeout=10)
+    fed.manager = _AloneManager()
+    fed.comm = TorchftCommunicator(fed.manager, timedelta(seconds=10))
+    engine = SimpleNamespace(cross=fed.comm, layout=SimpleNamespace(numels=[8, 1]), device="cpu",
+                             sync=lambda weight: SimpleNamespace(weight=weight))
+    fed.trainer = SimpleNamespace(global_rank=0, world_size=1, ckpt_path=ckpt_path, global_step=24 if ckpt_path else 0)
+    fed.strategy = SimpleNamespace(training_state=SimpleNamespace(kind="replica"),
+                                   local_sgd=SimpleNamespace(outer_sync=engine, schedule=SimpleNamespace(steps_done=0)))
+    with caplog.at_level(logging.INFO):
+        fed.join(engine)
+    source = f"its checkpoint {ckpt_path} (step 24)" if ckpt_path else "its initial weights (step 0)"
+    expected = (f"local SGD: group 'g1' found no live peer at the lighthouse lighthouse-host:29510: it starts from "
+                f"{source} and trains alone until other groups join (they heal from it).")
+    assert fed.alone_at_start == expected
+    assert [r.getMessage() for r in caplog.records if "no live peer" in r.getMessage()] == [expected]
+    assert fed.attempts[-1]["committed"] and fed.attempts[-1]["participants"] == 1

@@ -111,7 +111,7 @@ class Recorder(Callback):
             "attempts": fed.attempts, "healed": fed.healed_from_peer, "heal_bytes": fed.healed_bytes, "global_step": trainer.global_step,
             "snapshot": [s.detach().clone() for s in outer.snapshot],
             "outer_state": outer.state_dict()["outer_optimizer"], "reduces": self.reduces,
-            "rank": trainer.global_rank, "strategy": type(trainer.strategy).__name__, "no_peer_lines": fed.no_peer_lines if hasattr(fed, "no_peer_lines") else [],
+            "rank": trainer.global_rank, "strategy": type(trainer.strategy).__name__, "alone_at_start": fed.alone_at_start,
         }, os.path.join(self.args.out, f"{name}.pt"))
 
 
@@ -150,6 +150,8 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=1, help="ranks of this job (DDP inside it)")
     parser.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp", "deepspeed"], help="inside the job")
     parser.add_argument("--stage", type=int, default=2, help="ZeRO stage with --strategy deepspeed")
+    parser.add_argument("--ckpt-dir", default=None, help="this job's own checkpoints, every --sync-every steps")
+    parser.add_argument("--resume", default=None, help="a checkpoint (folder) of this job to resume from")
     parser.add_argument("--hidden", type=int, default=8, help="the tiny model's hidden width (another model: 16)")
     args = parser.parse_args()
     args.dump_name = args.dump_name or args.group_id
@@ -170,13 +172,19 @@ def main() -> None:
         return all_reduce(comm, tensor, op, async_op)
 
     TorchftCommunicator.all_reduce = recorded_all_reduce  # this job's own communicator (fault injection, records)
+    callbacks = [recorder]
+    if args.ckpt_dir:  # per-job checkpoints: every rank of this job writes its own files of each folder
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        callbacks.append(ModelCheckpoint(dirpath=args.ckpt_dir, filename="{step}", every_n_train_steps=args.sync_every,
+                                         save_top_k=-1))
     trainer = L.Trainer(
-        accelerator="cpu", devices=args.devices, max_steps=args.max_steps, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=args.devices > 1,
-        callbacks=[recorder],
+        accelerator="cpu", devices=args.devices, max_steps=args.max_steps, logger=False,
+        enable_checkpointing=bool(args.ckpt_dir), enable_progress_bar=False, enable_model_summary=False,
+        use_distributed_sampler=args.devices > 1, callbacks=callbacks,
         strategy=make_strategy(args),
     )
-    trainer.fit(model, loader)
+    trainer.fit(model, loader, ckpt_path=args.resume)
     recorder.dump(trainer, model)
 
 
