@@ -1,7 +1,7 @@
 """Federated worker groups: each job is one worker group; groups meet at syncs through torchft.
 
-Each job (its own SLURM job, torchrun or edge box, with its own ``torch.distributed`` world) is one worker group; DDP
-runs inside it as usual. Groups find each other through torchft's *lighthouse* (quorum, heartbeats) and sync over
+Each job (its own SLURM job, torchrun or edge box, with its own ``torch.distributed`` world) is one worker group; DDP,
+FSDP2 or DeepSpeed ZeRO runs inside it as usual (the job's ranks hold replicas, shards or partitions of one model). Groups find each other through torchft's *lighthouse* (quorum, heartbeats) and sync over
 torchft's managed, reconfigurable process group, which pairs rank ``k`` of every live group (the same pairing as the
 cross groups of a single world). Nothing here is a home-made membership service or store: the lighthouse, the
 :class:`torchft.Manager` per job rank, its process group and its healing transport are torchft's.
@@ -17,6 +17,11 @@ state and ``θ_i`` untouched; it is then redone with a new quorum of the groups 
 ``on_train_start``: its manager is behind the others', so torchft fetches one live peer's state (its
 :class:`~lightning_localsgd.state.TrainingState`, the same state a checkpoint holds: inner model and optimizers, LR
 schedulers, ``θ_g``, outer optimizer state, schedule and trainer counters) and loads it on the training thread before that quorum's sync, in which the joiner weighs 0.
+Healing is per rank: rank ``k`` receives rank ``k``'s state of a live job, i.e. its own shard with FSDP2 / ZeRO.
+
+**Layouts.** Rank ``k`` of every job syncs what it holds with rank ``k`` of the others, so the jobs must hold the
+model alike (world size, strategy, shard sizes). Each sync attempt first compares the jobs' layouts over rank 0's
+managed process group; a job that does not fit is refused before its first step, naming both layouts.
 """
 
 from __future__ import annotations
@@ -352,6 +357,8 @@ class Federation:
             start = time.perf_counter()
             self._healed_now = False
             self.manager.start_quorum(timeout=timedelta(seconds=max(1.0, deadline - time.monotonic())))
+            if self._healed_now:  # the ranks of a DDP group agree on one peer's replica (collective in the group)
+                self.strategy.training_state.agree_after_healing()
             step = self._step()  # after healing: the peers' step
             weight = 1.0 if self.trained and not self._healed_now else 0.0
             assert self.comm is not None and engine.cross is self.comm  # the engine reads the quorum from it

@@ -106,9 +106,33 @@ class TrainingState:
         self.load_rank_state(state["rank"], counters["local_sgd"])
         set_trainer_counters(self.trainer, int(counters["global_step"]), int(counters["batches_that_stepped"]))
 
+    def agree_after_healing(self) -> None:
+        """After every rank of the group loaded a live peer's state (collective inside the group). torchft heals rank
+        ``k`` from the live group it assigns to rank ``k``, which differs between ranks when several groups are live.
+        Each rank of a sharded group holds its own shard, so there is nothing to agree on."""
+
 
 class ReplicaState(TrainingState):
     """DDP inside each worker group: the group's ranks hold one replica; each rank syncs its own slice of it."""
+
+    @torch.no_grad()
+    def agree_after_healing(self) -> None:
+        """The group's ranks hold one replica: they keep the state its first rank received (rank ``k`` may have
+        healed from another live group, whose inner optimizer state differs), broadcast inside the group."""
+        import torch.distributed as dist
+
+        topology = self.strategy.topology
+        if topology is None or topology.inner_group is None:
+            return
+        src = topology.group_index * topology.group_size
+        tensors = [t for t in self.strategy.lightning_module.state_dict().values() if isinstance(t, Tensor)]
+        for optimizer in self.trainer.optimizers:
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    state = optimizer.state.get(p, {})
+                    tensors += [state[k] for k in sorted(state) if isinstance(state[k], Tensor)]
+        for t in tensors:
+            dist.broadcast(t, src=src, group=topology.inner_group)
 
     def start_from_global(self, checkpoint: dict[str, Any], merged: Mapping[str, Any]) -> None:
         """Elastic resume: the trainable parameters of ``checkpoint["state_dict"]`` become ``θ_g`` (the merged

@@ -54,9 +54,11 @@ def check_sharded_syncs(dumps: dict[str, dict], strategy: str, full_numel: int, 
 
 
 @pytest.mark.slow
-def test_two_jobs_of_two_ranks_fsdp_inside_each_match_the_hand_reference(tmp_path, lighthouse):
-    """2 jobs × 2 ranks, FSDP2 inside each job: every sync equals the hand reference on the gathered parameters."""
-    dumps = run_jobs(tmp_path, lighthouse(2), 2, outer="diloco", strategy="fsdp")
+@pytest.mark.parametrize("shard", ["", "group"], ids=["automatic", "self-sharded"])
+def test_two_jobs_of_two_ranks_fsdp_inside_each_match_the_hand_reference(tmp_path, lighthouse, shard):
+    """2 jobs × 2 ranks, FSDP2 inside each job (sharded by the strategy, or by the module itself in configure_model
+    over ``device_mesh["shard"]``): every sync equals the hand reference on the gathered parameters."""
+    dumps = run_jobs(tmp_path, lighthouse(2), 2, outer="diloco", strategy="fsdp", shard=shard)
     check_sharded_syncs(dumps, "LocalSGDFSDPStrategy", sum(v.numel() for v in dumps["g0"]["final"].values()))
 
 
@@ -220,3 +222,34 @@ def test_fsdp_jobs_checkpoint_on_their_own_and_one_resumes_alone_from_its_folder
         # exactly the state it saved at step 4 (after that sync), gathered over the job's two ranks
         saved = next(p for s, p in killed["steps"] if s == H)
         assert all(torch.equal(d["start_params"][k], saved[k]) for k in d["start_params"])
+
+
+@pytest.mark.slow
+def test_ddp_job_of_two_ranks_healing_from_two_live_jobs_keeps_one_replica(tmp_path, lighthouse):
+    """3 DDP jobs × 2 ranks with a stateful inner optimizer (SGD momentum); g2 is SIGKILLed and restarted. torchft heals
+    its rank 0 from one live job and its rank 1 from the other, whose momentum buffers differ: the restarted job's two
+    ranks must still hold one replica (same parameters after every step, same momentum at the end)."""
+    address = lighthouse(2)
+    opts = dict(outer="average", inner="momentum", devices=2, sync_timeout=30)
+    procs = [launch(tmp_path, address, g, barrier=3, wait_for="g2r", wait_at_step=2 * H - 1,
+                    die_at_step=H + 2 if g == 2 else -1, **opts) for g in range(3)]
+    try:
+        assert procs[2].wait(timeout=200) == -signal.SIGKILL, (tmp_path / "g2.log").read_text()[-3000:]
+        procs.append(launch(tmp_path, address, 2, name="g2r", **opts))
+        codes = wait_all([procs[0], procs[1], procs[3]], tmp_path, timeout=240)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(timeout=30)
+    assert codes == [0, 0, 0], "\n".join((tmp_path / f"{n}.log").read_text()[-2000:] for n in ("g0", "g1", "g2r"))
+    r0, r1 = load(tmp_path, "g2r"), load(tmp_path, "g2r_r1")
+    assert r0["healed"] == r1["healed"] == 1 and r0["start_step"] == 2 * H
+    for (s0, p0), (s1, p1) in zip(r0["steps"], r1["steps"]):
+        assert s0 == s1 and all(torch.equal(p0[k], p1[k]) for k in p0), s0
+    assert len(r0["inner_state"]) > 0
+    for a, b in zip(r0["inner_state"], r1["inner_state"]):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    # the two live jobs' momentum really differed (so healing each rank from another job would show)
+    g0, g1 = load(tmp_path, "g0"), load(tmp_path, "g1")
+    assert any(not torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+               for a, b in zip(g0["inner_state"], g1["inner_state"]))

@@ -111,6 +111,8 @@ class Recorder(Callback):
             "attempts": fed.attempts, "healed": fed.healed_from_peer, "heal_bytes": fed.healed_bytes, "global_step": trainer.global_step,
             "snapshot": [s.detach().clone() for s in outer.snapshot],
             "outer_state": outer.state_dict()["outer_optimizer"], "reduces": self.reduces,
+            "inner_state": [{k: v.detach().clone() for k, v in st.items() if torch.is_tensor(v)}
+                            for o in trainer.optimizers for st in o.state.values()],
             "rank": trainer.global_rank, "strategy": type(trainer.strategy).__name__, "alone_at_start": fed.alone_at_start,
         }, os.path.join(self.args.out, f"{name}.pt"))
 
@@ -152,6 +154,9 @@ def main() -> None:
     parser.add_argument("--stage", type=int, default=2, help="ZeRO stage with --strategy deepspeed")
     parser.add_argument("--ckpt-dir", default=None, help="this job's own checkpoints, every --sync-every steps")
     parser.add_argument("--resume", default=None, help="a checkpoint (folder) of this job to resume from")
+    parser.add_argument("--shard", default="", choices=["", "group"],
+                        help="'group': the module shards itself in configure_model (FSDP2 over the job's mesh)")
+    parser.add_argument("--inner", default="sgd", choices=["sgd", "momentum"], help="the inner optimizer")
     parser.add_argument("--hidden", type=int, default=8, help="the tiny model's hidden width (another model: 16)")
     args = parser.parse_args()
     args.dump_name = args.dump_name or args.group_id
@@ -159,7 +164,7 @@ def main() -> None:
         os.environ["PL_GLOBAL_SEED"] = str(args.seed)
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(0)  # every group starts from the same weights
-    model = TinyModule("sgd", hidden=args.hidden)
+    model = TinyModule(args.inner, hidden=args.hidden, shard=args.shard)
     loader = DataLoader(make_dataset(), batch_size=2, shuffle=True,
                         generator=torch.Generator().manual_seed(args.seed))
     if args.devices > 1:
