@@ -63,11 +63,12 @@ def test_two_jobs_of_two_ranks_fsdp_inside_each_match_the_hand_reference(tmp_pat
 
 
 @pytest.mark.slow
-def test_two_jobs_of_two_ranks_zero2_inside_each_match_the_hand_reference(tmp_path, lighthouse, monkeypatch):
-    """2 jobs × 2 ranks, DeepSpeed ZeRO stage 2 inside each job: rank k syncs its fp32 master partition k."""
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_two_jobs_of_two_ranks_zero_inside_each_match_the_hand_reference(tmp_path, lighthouse, monkeypatch, stage):
+    """2 jobs × 2 ranks, DeepSpeed ZeRO (stage 1, 2, 3) inside each job: rank k syncs its fp32 master partition k."""
     pytest.importorskip("deepspeed")
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    dumps = run_jobs(tmp_path, lighthouse(2), 2, outer="diloco", strategy="deepspeed", stage=2)
+    dumps = run_jobs(tmp_path, lighthouse(2), 2, outer="diloco", strategy="deepspeed", stage=stage)
     check_sharded_syncs(dumps, "LocalSGDDeepSpeedStrategy", sum(v.numel() for v in dumps["g0"]["final"].values()),
                         padded=True)
 
@@ -125,14 +126,15 @@ def test_three_fsdp_jobs_one_killed_mid_interval_then_restarted_heals_shard_by_s
 
 
 @pytest.mark.slow
-def test_zero2_job_killed_and_restarted_heals_its_partitions(tmp_path, lighthouse, monkeypatch):
-    """2 jobs × 2 ranks with DeepSpeed ZeRO-2; g1 (both ranks) is SIGKILLed mid-interval; g0 syncs alone at step 8,
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_job_killed_and_restarted_heals_its_partitions(tmp_path, lighthouse, monkeypatch, stage):
+    """2 jobs × 2 ranks with DeepSpeed ZeRO-2 / 3; g1 (both ranks) is SIGKILLed mid-interval; g0 syncs alone at step 8,
     where the restarted g1 heals (each rank its own fp32 master partition, θ_g and outer state from rank k of g0)
     with weight 0; both sync at step 12 and all four ranks end identical, every sync equal to the hand reference."""
     pytest.importorskip("deepspeed")
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     address = lighthouse(1)
-    opts = dict(outer="diloco", strategy="deepspeed", stage=2, devices=2, sync_timeout=30)
+    opts = dict(outer="diloco", strategy="deepspeed", stage=stage, devices=2, sync_timeout=30)
     procs = [launch(tmp_path, address, g, barrier=2, wait_for="g1r", wait_at_step=2 * H - 1,
                     die_at_step=H + 2 if g == 1 else -1, **opts) for g in range(2)]
     try:

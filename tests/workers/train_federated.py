@@ -38,8 +38,14 @@ def local(t: torch.Tensor) -> torch.Tensor:
 
 
 def full_params(module) -> dict[str, torch.Tensor]:
-    """Whole parameters: FSDP2 shards (DTensors) gathered inside the job (collective there); ZeRO 1-2 keep whole
-    parameters on every rank."""
+    """Whole parameters: FSDP2 shards (DTensors) and ZeRO-3 partitions gathered inside the job (collective there);
+    ZeRO 1-2 keep whole parameters on every rank."""
+    partitioned = [p for p in module.parameters() if hasattr(p, "ds_id") and p.ds_status.name == "NOT_AVAILABLE"]
+    if partitioned:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(partitioned):
+            return {k: v.detach().clone() for k, v in module.named_parameters()}
     return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
             for k, v in module.named_parameters()}
 
