@@ -255,3 +255,39 @@ def test_ddp_job_of_two_ranks_healing_from_two_live_jobs_keeps_one_replica(tmp_p
     g0, g1 = load(tmp_path, "g0"), load(tmp_path, "g1")
     assert any(not torch.equal(a["momentum_buffer"], b["momentum_buffer"])
                for a, b in zip(g0["inner_state"], g1["inner_state"]))
+
+
+@pytest.mark.slow
+def test_fsdp_job_resumed_from_its_folder_while_the_other_trains_heals_to_it(tmp_path, lighthouse):
+    """2 FSDP2 jobs × 2 ranks with per-job checkpoints; g1 is SIGKILLed at step 6 and restarted from its own folder
+    (step 4) while g0 keeps training: it loads its folder, then heals at g0's next sync (g0's state is newer), weighs 0
+    there, and both end with identical full parameters; no job ever reads the other's folder."""
+    address = lighthouse(1)
+    opts = dict(outer="diloco", strategy="fsdp", devices=2, sync_timeout=30)
+    procs = [launch(tmp_path, address, g, barrier=2, ckpt_dir=tmp_path / f"ckpt_g{g}", wait_for="g1r",
+                    wait_at_step=2 * H - 1 if g == 0 else -1, die_at_step=H + 2 if g == 1 else -1, **opts)
+             for g in range(2)]
+    try:
+        assert procs[1].wait(timeout=200) == -signal.SIGKILL, (tmp_path / "g1.log").read_text()[-3000:]
+        procs.append(launch(tmp_path, address, 1, name="g1r", resume=tmp_path / "ckpt_g1" / f"step={H}.ckpt",
+                            ckpt_dir=tmp_path / "ckpt_g1", **opts))
+        codes = wait_all([procs[0], procs[2]], tmp_path, timeout=240)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(timeout=30)
+    assert codes == [0, 0], "\n".join((tmp_path / f"{n}.log").read_text()[-2000:] for n in ("g0", "g1r"))
+    assert "Restored all states from the checkpoint" in (tmp_path / "g1r.log").read_text()
+    g0 = load(tmp_path, "g0")
+    for n in ("g1r", "g1r_r1"):
+        d = load(tmp_path, n)
+        heal = committed(d, 2 * H)
+        assert heal is not None and heal["healed"] and heal["weight"] == 0.0, d["attempts"]
+        assert d["healed"] == 1 and d["start_step"] == 2 * H and d["alone_at_start"] is None
+        assert all(torch.equal(d["final"][k], g0["final"][k]) for k in g0["final"])
+    # the resumed job checkpoints on in its own folder, one file per rank: at step 12 (it healed to step 8 and
+    # trained from there, so step 8 is not one of its steps)
+    saved = sorted(p.name for p in (tmp_path / "ckpt_g1").iterdir())
+    assert saved == [f"step={3 * H}.ckpt", f"step={H}.ckpt"], saved
+    folder = tmp_path / "ckpt_g1" / f"step={3 * H}.ckpt"
+    assert sorted(p.name for p in folder.glob("save-*/rank*.pt")) == ["rank00000.pt", "rank00001.pt"]
