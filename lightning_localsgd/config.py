@@ -89,8 +89,10 @@ ARGUMENT_DOCS: dict[str, str] = {
                 "above.",
     "lighthouse": "federated worker groups: the ``host:port`` of torchft's lighthouse (``lightning-localsgd "
                   "lighthouse --port 29510``). Each job (its own SLURM job, torchrun or machine) is then one worker "
-                  "group (``group_size`` = the job's world size); groups join and leave between syncs, a sync averages "
-                  "over the groups present, a joining group heals from a live peer. ``sync_timeout`` bounds each sync "
+                  "group (``group_size`` = the job's world size; DDP, FSDP2 or DeepSpeed ZeRO inside it, rank k of "
+                  "every job syncing shard k); groups join and leave between syncs, a sync averages over the groups "
+                  "present, a joining group heals from a live peer (each rank its own shard), a job that does not "
+                  "hold the model like the others is refused. ``sync_timeout`` bounds each sync "
                   "(quorum, reduce, retries; default 600 s in this mode). See docs/multi_cluster.md. Default None: "
                   "one world.",
     "group_id": "with ``lighthouse``: this job's name among the groups (no ``:``); a job restarted with the same "
