@@ -23,6 +23,8 @@ failures (same seeds, data orders, schedule), it reports:
   scheduler, θ_g, outer momentum, counters), against one model copy + the outer state.
 
     python benchmarks/chaos.py                   # small default: micro GPT, 3 groups, H=16, 512 steps, kill every 8 syncs
+    python benchmarks/chaos.py --inner fsdp      # the same with FSDP2 inside each job (2 ranks per job): healing
+                                                 # sends each rank its own shard; reports heal bytes per rank vs shard
     python benchmarks/chaos.py --link 100Mbit    # the same inside a network namespace whose loopback is shaped to
                                                  # G × 100 Mbit/s (unshare -n + tc tbf; needs root); latency not
                                                  # emulated. Where namespaces / tc are not usable it says so and stops.
@@ -116,20 +118,22 @@ def worker(cfg: dict) -> None:
     from lightning_localsgd.examples.data import TextDataModule
     from lightning_localsgd.examples.gpt import GPT
 
-    from lightning_localsgd import LocalSGDStrategy
+    from lightning_localsgd import LocalSGDFSDPStrategy, LocalSGDStrategy
     from lightning_localsgd.federation import Federation, TorchftCommunicator
 
     torch.set_num_threads(1)
+    rank = int(os.environ.get("LOCAL_RANK", 0))  # --inner fsdp: rank 1 of the job is started by Lightning
     t0, H = cfg["t0"], cfg["sync_every"]
-    rec: dict = dict(group=cfg["group"], incarnation=cfg["incarnation"], start_step=None, killed=None, steps=[],
-                     evals=[], heals=[], attempts=[], final_loss=None, params=0)
+    rec: dict = dict(group=cfg["group"], incarnation=cfg["incarnation"], rank=rank, start_step=None, killed=None,
+                     steps=[], evals=[], heals=[], attempts=[], final_loss=None, params=0, shard_params=0)
     kills = [k for k in cfg["kills"] if k["group"] == cfg["group"]]
     state: dict = {}
 
     def write() -> None:
         fed = state["trainer"].strategy.federation
         rec["attempts"] = fed.attempts
-        Path(cfg["out"]).write_text(json.dumps(rec))
+        out = cfg["out"] if rank == 0 else cfg["out"].replace(".json", f".r{rank}.json")
+        Path(out).write_text(json.dumps(rec))
 
     def die(kill: dict) -> None:
         rec["killed"] = kill
@@ -153,10 +157,14 @@ def worker(cfg: dict) -> None:
     load_state_dict = Federation.load_state_dict
 
     def counted_load_state_dict(fed, peer_state):
-        rec["heals"].append(dict(bytes=_tensor_bytes(peer_state), step=int(peer_state["global_step"]),
+        training = peer_state["training"]  # the peer's TrainingState (state.py), its layout beside it
+        sharded = training["kind"] == "sharded"  # FSDP2: model and optimizer shards are in the rank state
+        holder = training["rank"] if sharded else training["group"]
+        rec["heals"].append(dict(bytes=_tensor_bytes(peer_state), step=int(training["counters"]["global_step"]),
                                  t=time.time() - t0,
-                                 inner_optimizer_bytes=_tensor_bytes(peer_state["optimizers"]),
-                                 module_bytes=_tensor_bytes(peer_state["module"])))
+                                 inner_optimizer_bytes=_tensor_bytes(holder["optimizers" if sharded
+                                                                            else "optimizer_states"]),
+                                 module_bytes=_tensor_bytes(holder["params" if sharded else "state_dict"])))
         return load_state_dict(fed, peer_state)
 
     Federation.load_state_dict = counted_load_state_dict
@@ -188,7 +196,9 @@ def worker(cfg: dict) -> None:
             if rec["start_step"] is None:  # after the join (healing) of on_train_start
                 rec["start_step"] = trainer.global_step
                 rec["start_t"] = time.time() - t0
-                rec["params"] = sum(p.numel() for p in pl_module.parameters())
+                rec["params"] = sum(p.numel() for p in pl_module.parameters())  # full sizes (DTensor too)
+                rec["shard_params"] = sum((p.to_local() if hasattr(p, "to_local") else p).numel()
+                                          for p in pl_module.parameters())
                 if cfg["incarnation"] > 0 and not rec["heals"]:  # the others finished before it rejoined: it
                     rec["too_late"] = True                         # would train alone from its initial weights
                     write()
@@ -205,13 +215,14 @@ def worker(cfg: dict) -> None:
     L.seed_everything(cfg["seed"], verbose=False)  # every group of a fresh run builds the same initial model
     model = GPT(size=cfg["size"], block_size=cfg["block_size"], learning_rate=cfg["learning_rate"],
                 warmup_steps=cfg["warmup"], max_steps=cfg["steps"])
+    federated = dict(sync_every=H, outer_optimizer="diloco", lighthouse=cfg["lighthouse"], group_id=f"g{cfg['group']}",
+                     min_groups=1, sync_timeout=cfg["sync_timeout"], process_group_backend="gloo")
+    fsdp = cfg.get("inner", "ddp") == "fsdp"
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_steps=cfg["steps"], logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
-        use_distributed_sampler=False, callbacks=[Chaos()],
-        strategy=LocalSGDStrategy(sync_every=H, outer_optimizer="diloco", lighthouse=cfg["lighthouse"],
-                                  group_id=f"g{cfg['group']}", min_groups=1, sync_timeout=cfg["sync_timeout"],
-                                  process_group_backend="gloo"),
+        accelerator="cpu", devices=cfg.get("devices", 1), max_steps=cfg["steps"], logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        num_sanity_val_steps=0, use_distributed_sampler=fsdp, callbacks=[Chaos()],
+        strategy=LocalSGDFSDPStrategy(**federated) if fsdp else LocalSGDStrategy(**federated),
     )
     state["trainer"] = trainer
     trainer.fit(model, data)
@@ -222,6 +233,14 @@ def worker(cfg: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- one run
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _env() -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
            "GLOO_SOCKET_IFNAME": "lo", "TOKENIZERS_PARALLELISM": "false"}
@@ -240,17 +259,34 @@ def run_federated(cfg: dict, kills: list[dict], tag: str, workdir: Path, timeout
     run_dir = workdir / tag
     run_dir.mkdir(parents=True)
     t0 = time.time()
-    procs: dict[int, tuple[subprocess.Popen, str]] = {}
+    procs: dict[int, tuple[list[subprocess.Popen], str]] = {}  # a job's ranks (rank 0 first), its name
     counts = {g: 0 for g in range(cfg["groups"])}
     restarts: list[dict] = []
     remaining = list(kills)  # a kill happens once: a restarted job gets only the kills still to come
 
-    spares: dict[int, tuple[subprocess.Popen, Path]] = {}
+    spares: dict[int, tuple[list[subprocess.Popen], Path]] = {}
 
-    def spawn(args: list[str], log_name: str) -> subprocess.Popen:
-        log = open(run_dir / log_name, "w")  # noqa: SIM115 (the job's log, open while it runs)
-        return subprocess.Popen([sys.executable, __file__, *args], env=_env(), cwd=str(BENCHMARKS.parent),
-                                stdout=log, stderr=subprocess.STDOUT)
+    def spawn(args: list[str], log_name: str) -> list[subprocess.Popen]:
+        """A job's processes: one, or (--inner fsdp) every rank started as torchrun would (LOCAL_RANK set), so that
+        a spare's every rank has imported everything before it is needed."""
+        port = _free_port()
+        ranks = []
+        for r in range(cfg["devices"]):
+            env = _env() if cfg["devices"] == 1 else {**_env(), "LOCAL_RANK": str(r), "NODE_RANK": "0",
+                                                       "WORLD_SIZE": str(cfg["devices"]),
+                                                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+            log = open(run_dir / (log_name if r == 0 else log_name.replace(".log", f".r{r}.log")), "w")  # noqa: SIM115
+            ranks.append(subprocess.Popen([sys.executable, __file__, *args], env=env, cwd=str(BENCHMARKS.parent),
+                                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        return ranks
+
+    def kill_job(ranks: list[subprocess.Popen]) -> None:
+        for proc in ranks:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # its own session: whatever it started goes too
+            except ProcessLookupError:
+                pass
+            proc.wait(timeout=30)
 
     def add_spare(g: int) -> None:
         """The next incarnation of group g, imported and waiting (a restart then costs no Python start-up)."""
@@ -263,11 +299,11 @@ def run_federated(cfg: dict, kills: list[dict], tag: str, workdir: Path, timeout
                    dir=str(run_dir), out=str(run_dir / f"{name}.json"), barrier=counts[g] == 0, seed=1234)
         (run_dir / f"{name}.cfg.json").write_text(json.dumps(job))
         if g in spares:
-            proc, go = spares.pop(g)
+            ranks, go = spares.pop(g)
             go.write_text(str(run_dir / f"{name}.cfg.json"))
         else:
-            proc = spawn(["--worker", str(run_dir / f"{name}.cfg.json")], f"{name}.log")
-        procs[g] = (proc, name)
+            ranks = spawn(["--worker", str(run_dir / f"{name}.cfg.json")], f"{name}.log")
+        procs[g] = (ranks, name)
         counts[g] += 1
         if kills and any(k["group"] == g for k in remaining):
             add_spare(g)
@@ -279,10 +315,12 @@ def run_federated(cfg: dict, kills: list[dict], tag: str, workdir: Path, timeout
         while len(done) < cfg["groups"]:
             if time.time() - t0 > timeout:
                 raise RuntimeError(f"{tag}: the jobs did not finish within {timeout:.0f} s")
-            for g, (proc, name) in list(procs.items()):
+            for g, (ranks, name) in list(procs.items()):
+                proc = ranks[0]
                 if g in done or proc.poll() is None:
                     continue
                 if proc.returncode == -signal.SIGKILL:  # the schedule's self-kill: restart at once, same group_id
+                    kill_job(ranks)  # the job's other ranks, had one outlived the self-kill
                     killed = json.loads((run_dir / f"{name}.json").read_text())["killed"]
                     remaining.remove(killed)
                     if len(done) == cfg["groups"] - 1:  # the others are done: nobody to rejoin
@@ -297,12 +335,15 @@ def run_federated(cfg: dict, kills: list[dict], tag: str, workdir: Path, timeout
                                        + (run_dir / f"{name}.log").read_text()[-4000:])
             time.sleep(0.05)
     finally:
-        for proc, _ in [*procs.values(), *spares.values()]:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=30)
+        for ranks, _ in [*procs.values(), *spares.values()]:
+            kill_job(ranks)
         server.shutdown()
-    jobs = [json.loads(p.read_text()) for p in sorted(run_dir.glob("g*_*.json")) if not p.name.endswith(".cfg.json")]
+    records = [json.loads(p.read_text()) for p in sorted(run_dir.glob("g*_*.json")) if not p.name.endswith(".cfg.json")]
+    jobs = [r for r in records if r["rank"] == 0]  # the job's record; other ranks' only for their healing
+    for job in jobs:
+        job["rank_heals"] = sorted(((r["rank"], h["bytes"], r["shard_params"]) for r in records
+                                    if (r["group"], r["incarnation"]) == (job["group"], job["incarnation"])
+                                    for h in r["heals"]))
     first = min(j["steps"][0][0] for j in jobs if j["steps"])
     last = max(j["end_t"] for j in jobs if j.get("end_t") is not None)
     return dict(tag=tag, jobs=jobs, restarts=restarts, wall_s=last - first)  # first step to the last job's end
@@ -388,7 +429,12 @@ def analyse(cfg: dict, base: dict, chaos: dict) -> tuple[list[dict], list[dict],
             heal_module_bytes=heal["module_bytes"] if heal else 0,
             heal_inner_optimizer_bytes=heal["inner_optimizer_bytes"] if heal else 0,
             model_bytes=model_bytes, outer_state_bytes=2 * model_bytes,
-            heal_over_model_plus_outer=(heal["bytes"] / (3 * model_bytes)) if heal else float("nan")))
+            heal_over_model_plus_outer=(heal["bytes"] / (3 * model_bytes)) if heal else float("nan"),
+            # per rank of the restarted job: what healing sent it, against its shard (FSDP) or replica (DDP) in fp32
+            heal_bytes_per_rank=" / ".join(str(b) for _, b, _ in restarted["rank_heals"]) if restarted else "",
+            shard_bytes_per_rank=" / ".join(str(4 * n) for _, _, n in restarted["rank_heals"]) if restarted else "",
+            heal_over_shard=max(b / (4 * n) for _, b, n in restarted["rank_heals"])
+            if restarted and restarted["rank_heals"] else float("nan")))
     curves = [dict(run=r["tag"], step=s, val_loss=v) for r in (base, chaos)
               for s, v in sorted({s: v for j in r["jobs"] for s, v in j["evals"]}.items())]
     return rows, events, curves
@@ -451,7 +497,10 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the kill schedule (victims, kinds, steps)")
     p.add_argument("--link", choices=sorted(LINKS), help="run inside a network namespace shaped to G × this rate")
     p.add_argument("--in-netns", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--out-name", default=None, help="file names under benchmarks/results/ (default chaos[_100M])")
+    p.add_argument("--out-name", default=None,
+                   help="file names under benchmarks/results/ (default chaos[_fsdp][_100M])")
+    p.add_argument("--inner", choices=["ddp", "fsdp"], default="ddp",
+                   help="inside each job: one process (ddp, the default) or FSDP2 over 2 ranks (fsdp)")
     args = p.parse_args()
     if args.worker:
         return worker(json.loads(Path(args.worker).read_text()))
@@ -463,9 +512,11 @@ def main() -> None:
     for key in ("steps", "sync_every", "kill_every", "size"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
+    cfg.update(inner=args.inner, devices=2 if args.inner == "fsdp" else 1)
     if cfg["steps"] % cfg["sync_every"] or cfg["steps"] % cfg["eval_every"]:
         p.error("--steps must be a multiple of --sync-every and of the evaluation interval (128)")
-    out_name = args.out_name or ("chaos" if args.link is None else f"chaos_{args.link.removesuffix('bit')}")
+    out_name = args.out_name or ("chaos" + ("_fsdp" if args.inner == "fsdp" else "")
+                                 + ("" if args.link is None else f"_{args.link.removesuffix('bit')}"))
     if args.link is not None and not args.in_netns:
         ok, why = h.netns_available()
         if not ok:
@@ -493,10 +544,13 @@ def main() -> None:
     params = base["jobs"][0]["params"]
     link = (f"inside a network namespace whose loopback is shaped to {cfg['groups']} × {args.link} (tc tbf; "
             "latency not emulated)" if args.link else "on the plain loopback (no link emulation)")
+    inside = ("1 process (one worker group each)" if args.inner == "ddp" else
+              f"{cfg['devices']} ranks with FSDP2 inside (one worker group each; rank k of every job syncs and heals "
+              "shard k)")
     text = (f"GPT `{cfg['size']}` ({params:,} parameters, {4 * params:,} bytes fp32), {cfg['groups']} federated "
-            f"jobs of 1 process (one worker group each), DiLoCo (AdamW lr {cfg['learning_rate']:g} inside, Nesterov "
+            f"jobs of {inside}, DiLoCo (AdamW lr {cfg['learning_rate']:g} inside, Nesterov "
             f"lr 0.7 momentum 0.9 outside), H={cfg['sync_every']}, {cfg['steps']} steps, batch {cfg['batch_size']} × "
-            f"{cfg['block_size']} tokens per group, lighthouse in-process (heartbeat timeout {cfg['heartbeat_ms']} "
+            f"{cfg['block_size']} tokens per rank, lighthouse in-process (heartbeat timeout {cfg['heartbeat_ms']} "
             f"ms, join timeout {cfg['join_ms']} ms), sync_timeout {cfg['sync_timeout']:g} s, {link}. Kill schedule "
             f"(seed {args.seed}): a kill every {cfg['kill_every']} syncs: "
             + ", ".join(f"g{k['group']} {k['kind']} at step {k['step']}" for k in kills)
@@ -512,7 +566,10 @@ def main() -> None:
                                   ("stall_bound_s", "bound s (heartbeat + sync)"), ("within_bound", "within"),
                                   ("rejoin_s", "kill → healed s"), ("healed_at_step", "healed at step"),
                                   ("heal_sync_stall_s", "stall at the heal sync s"), ("heal_bytes", "heal bytes"),
-                                  ("heal_over_model_plus_outer", "heal / (model + outer state)")])
+                                  ("heal_over_model_plus_outer", "heal / (model + outer state)"),
+                                  ("heal_bytes_per_rank", "heal bytes per rank"),
+                                  ("shard_bytes_per_rank", "shard bytes per rank (fp32)"),
+                                  ("heal_over_shard", "heal / shard (max over ranks)")])
             + "\n")
     print(text)
     shown = [a for a in sys.argv[1:] if a != "--in-netns"]

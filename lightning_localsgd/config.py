@@ -104,10 +104,12 @@ ARGUMENT_DOCS: dict[str, str] = {
                 "above.",
     "lighthouse": "federated worker groups: the ``host:port`` of torchft's lighthouse (``lightning-localsgd "
                   "lighthouse --port 29510``). Each job (its own SLURM job, torchrun or machine) is then one "
-                  "cluster: one worker group (``group_size`` = the job's world size), or several with "
-                  "``cluster_sync_every``; jobs join and leave between syncs, a sync averages over the jobs "
-                  "present, a joining job heals from a live peer. ``sync_timeout`` bounds each sync (quorum, reduce, "
-                  "retries; default 600 s in this mode). See docs/multi_cluster.md. Default None: "
+                  "cluster: one worker group (``group_size`` = the job's world size; DDP, FSDP2 or DeepSpeed ZeRO "
+                  "inside it, rank k of every job syncing shard k), or several with ``cluster_sync_every``; jobs "
+                  "join and leave between syncs, a sync averages over the jobs present, a joining job heals from a "
+                  "live peer (each rank its own shard), a job that does not hold the model like the others is "
+                  "refused. ``sync_timeout`` bounds each sync (quorum, reduce, retries; default 600 s in this mode). "
+                  "See docs/multi_cluster.md. Default None: "
                   "one world.",
     "group_id": "with ``lighthouse``: this job's name among the groups (no ``:``); a job restarted with the same "
                 "name takes its place. Default None: the host name and a random suffix.",

@@ -1,7 +1,7 @@
 """Federated worker groups: each job is one cluster; jobs meet at syncs through torchft.
 
-Each job (its own SLURM job, torchrun or edge box, with its own ``torch.distributed`` world) is one worker group (DDP
-inside it), or, with ``cluster_sync_every``, several worker groups that sync inside the job every ``sync_every`` steps
+Each job (its own SLURM job, torchrun or edge box, with its own ``torch.distributed`` world) is one worker group (DDP,
+FSDP2 or DeepSpeed ZeRO inside it: the job's ranks hold replicas, shards or partitions of one model), or, with ``cluster_sync_every``, several worker groups that sync inside the job every ``sync_every`` steps
 over its own process groups (level 1 of two-stage sync, the one-world machinery) while the jobs sync every
 ``cluster_sync_every`` steps here (level 2; :func:`~lightning_localsgd.topology.job_cluster_groups`). What crosses jobs
 is the outermost level (:attr:`LocalSGDController.outermost_sync`). Groups find each other through torchft's
@@ -29,6 +29,12 @@ schedulers, ``θ_g``, outer optimizer state, schedule and trainer counters; with
 states; not the error feedback of compressed syncs, which starts from zero) and loads it on the training thread before
 that quorum's sync, in which the joiner weighs 0.
 
+Healing is per rank: rank ``k`` receives rank ``k``'s state of a live job, i.e. its own shard with FSDP2 / ZeRO.
+
+**Layouts.** Rank ``k`` of every job syncs what it holds with rank ``k`` of the others, so the jobs must hold the
+model alike (world size, strategy, shard sizes). Each sync attempt first compares the jobs' layouts over rank 0's
+managed process group; a job that does not fit is refused before its first step, naming both layouts.
+
 **Every feature, one code path.** :class:`TorchftCommunicator` implements the whole
 :class:`~lightning_localsgd.engine.comm.Communicator` interface (all-reduce, all-to-all, all-gather, commit vote), so
 compressed syncs (the two-phase compressed all-reduce) and streaming syncs run on the engine unchanged. The
@@ -45,6 +51,7 @@ import os
 import socket
 import time
 import uuid
+import zlib
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Optional
@@ -60,7 +67,7 @@ if TYPE_CHECKING:
 
     from .engine.schedules import SyncSchedule
 
-__all__ = ["Federation", "TorchftCommunicator", "check_lighthouse_reachable", "federated_cluster_size",
+__all__ = ["Federation", "LayoutMismatchError", "TorchftCommunicator", "check_lighthouse_reachable", "federated_cluster_size",
            "federated_group_size", "lighthouse_url", "main_lighthouse"]
 
 log = logging.getLogger(__name__)
@@ -135,6 +142,88 @@ def federated_cluster_size(group_size: int, world_size: int, cluster_sync_every:
             f"group_size={group_size} makes the job's {world_size} rank(s) one worker group (then the jobs sync every "
             f"sync_every steps and there is no second level). Either {fix}, or remove cluster_sync_every.")
     return world_size // group_size
+
+
+def state_bytes(state: Any) -> int:
+    """Bytes of the tensors in a nested state (what healing moved)."""
+    if isinstance(state, Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(state_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_bytes(v) for v in state)
+    return 0
+
+
+class LayoutMismatchError(ValueError):
+    """The jobs of a quorum do not hold the same layout (world size, strategy kind, shard sizes): refused."""
+
+
+#: The strategy kinds (:attr:`TrainingState.kind`) as they appear in a layout and its message.
+_KINDS = {"replica": "DDP replicas", "sharded": "FSDP2 shards", "zero": "ZeRO partitions"}
+_RANKS_LISTED = 8  # per-rank sizes carried (and named in a message) for the first ranks of a job
+_NAME_BYTES = 64
+_ENCODED = 3 + _RANKS_LISTED + _NAME_BYTES
+
+
+def job_layout(group_id: str, kind: str, per_rank: list[tuple[int, int]]) -> dict[str, Any]:
+    """What a job holds and syncs, compared with every other job of a quorum: its world size, the strategy kind and,
+    per rank, the elements of the tensors that rank syncs (its shards with FSDP2 / ZeRO) with a digest of their sizes.
+    ``per_rank``: ``(elements, digest of the tensor sizes)`` of each rank, in rank order."""
+    return {"group_id": group_id, "kind": kind, "world_size": len(per_rank), "elements": [e for e, _ in per_rank],
+            "digest": zlib.crc32(repr([tuple(r) for r in per_rank]).encode())}
+
+
+def sizes_digest(numels: list[int]) -> int:
+    return zlib.crc32(",".join(map(str, numels)).encode())
+
+
+def describe_layout(layout: dict[str, Any]) -> str:
+    listed = "+".join(map(str, layout["elements"][:_RANKS_LISTED]))
+    more = "+..." if layout["world_size"] > _RANKS_LISTED else ""
+    return (f"job {layout['group_id']!r}: {layout['world_size']} rank(s) with "
+            f"{_KINDS.get(layout['kind'], layout['kind'])}, syncing {listed}{more} elements per rank (layout digest "
+            f"{layout['digest']:08x})")
+
+
+def encode_layout(layout: dict[str, Any]) -> Tensor:
+    """A fixed-size int64 tensor (so that every job's fits one all-gather), group id included."""
+    import torch
+
+    kinds = list(_KINDS)
+    elements = list(layout["elements"][:_RANKS_LISTED])
+    ints = [kinds.index(layout["kind"]) if layout["kind"] in kinds else -1, layout["world_size"], layout["digest"],
+            *elements, *[-1] * (_RANKS_LISTED - len(elements))]
+    name = list(layout["group_id"].encode()[:_NAME_BYTES])
+    return torch.tensor(ints + name + [0] * (_NAME_BYTES - len(name)), dtype=torch.int64)
+
+
+def decode_layout(encoded: Tensor) -> dict[str, Any]:
+    values = [int(v) for v in encoded.tolist()]
+    kind, world_size, digest = values[:3]
+    elements = [e for e in values[3 : 3 + _RANKS_LISTED] if e >= 0]
+    name = bytes(b for b in values[3 + _RANKS_LISTED:] if b).decode(errors="replace")
+    return {"group_id": name, "kind": list(_KINDS)[kind] if 0 <= kind < len(_KINDS) else "unknown",
+            "world_size": world_size, "elements": elements, "digest": digest}
+
+
+def layout_mismatch(mine: dict[str, Any], others: list[dict[str, Any]]) -> Optional[str]:
+    """``None`` when every job of the quorum holds what this job holds; else the message naming both layouts."""
+    for other in others:
+        if any(other[k] != mine[k] for k in ("kind", "world_size", "digest")):
+            return (f"local SGD: the federated jobs do not hold the model alike, so rank k of each cannot sync its "
+                    f"shard with rank k of the others: {describe_layout(mine)}; {describe_layout(other)}. Every job "
+                    "of a run must train the same model with the same strategy (and ZeRO stage), the same number of "
+                    "ranks and the same sharding (auto_wrap_policy / fully_shard calls): start this job like the "
+                    "others, or point it at another lighthouse.")
+    return None
+
+
+def _job_device(engine: OuterSync) -> Any:
+    """Where a tensor for a collective over the job's own world goes: NCCL's device, or the CPU (gloo)."""
+    import torch.distributed as dist
+
+    return engine.device if dist.is_initialized() and dist.get_backend() == "nccl" else "cpu"
 
 
 class _CheckedWork:
@@ -250,6 +339,11 @@ class Federation:
         """:attr:`inner_steps` when each fragment's last committed sync started (``None``: every parameter's)."""
         self.healed_from_peer = 0
         """How many times this group loaded a live peer's state."""
+        self.healed_bytes = 0
+        """Bytes of tensor state this rank received from live peers (its own shard only with FSDP / ZeRO)."""
+        self._layout: Optional[dict[str, Any]] = None
+        self.alone_at_start: Optional[str] = None
+        """The line logged when this group's join found no other group in its quorum (else ``None``)."""
         self.attempts: list[dict[str, Any]] = []
         """Per quorum: kind (join, sync, warmup), step, fragment, participants, rank, weight sent, stop, healed,
         committed, seconds in all and quorum_seconds waiting for the quorum (for logs and tests)."""
@@ -331,6 +425,8 @@ class Federation:
         self.trained = False
         for fragment in list(engine.pending):  # syncs in flight from a checkpoint: their quorum is gone
             engine.drop_sync(fragment)
+        if self.strategy is not None:
+            self.layout(engine)  # collective inside the job, before any quorum (healing compares it with a peer's)
         stop = False if schedule is not None and not schedule.lockstep else None
         deadline = time.monotonic() + self.timeout.total_seconds()
         while True:
@@ -338,14 +434,29 @@ class Federation:
             record = self._quorum("join", None, deadline)
             if schedule is not None and schedule.in_warmup:
                 self._open_round = dict(record, kind="warmup", _start=began)
-                return
+                break
             fragment = self._unit = self._peer_unit if self._healed_now else None
             if self._launch(engine, record, fragment, 0.0, stop, deadline, began):
+                if fragment is None or not self._overlaps():
+                    self.finish_sync(engine, fragment)
+                if stop is not None and schedule is not None:
+                    schedule.synced()  # the interval (its clock and tokens; a peer's, once healed) starts now
                 break
-        if fragment is None or not self._overlaps():
-            self.finish_sync(engine, fragment)
-        if stop is not None and schedule is not None:
-            schedule.synced()  # the interval (its clock and tokens; a peer's, once healed) starts now
+        if self.comm is not None and self.comm.size == 1:  # nobody else in the quorum: say where this start comes from
+            self.alone_at_start = self._alone_line()
+            if self.trainer is None or self.trainer.global_rank == 0:
+                from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+                rank_zero_info(self.alone_at_start)
+
+    def _alone_line(self) -> str:
+        trainer = self.trainer
+        ckpt_path = getattr(trainer, "ckpt_path", None) if trainer is not None else None
+        step = trainer.global_step if trainer is not None else 0
+        source = (f"its checkpoint {ckpt_path} (step {step})" if ckpt_path else
+                  f"its initial weights (step {step})")
+        return (f"local SGD: group {self.group_id!r} found no live peer at the lighthouse {self.lighthouse}: it starts "
+                f"from {source} and trains alone until other groups join (they heal from it).")
 
     def sync(self, engine: OuterSync, weight: Optional[float] = None, stop: Optional[bool] = None) -> SyncResult:
         """One sync of every parameter over the groups of a quorum; a failed attempt is redone with a new quorum
@@ -373,6 +484,8 @@ class Federation:
         self._unit = fragment  # what a peer healing in this quorum takes part in (see state_dict)
         waited = time.perf_counter()
         self.manager.start_quorum(timeout=timedelta(seconds=max(1.0, deadline - time.monotonic())))
+        if self._healed_now and self.strategy is not None:  # the ranks of a DDP group agree on one peer's replica
+            self.strategy.training_state.agree_after_healing()  # (collective inside the group)
         assert self.comm is not None
         return {"kind": kind, "step": self._step(), "participants": self.comm.size, "rank": self.comm.rank,
                 "healed": self._healed_now, "quorum_seconds": time.perf_counter() - waited}
@@ -393,6 +506,7 @@ class Federation:
         record.update(fragment=fragment, weight=own, stop=stop)
         attempt = _Attempt(record, weight, stop, deadline, began, self.inner_steps)
         try:
+            self._check_layouts(engine)
             engine.start_sync(fragment, weight=own, stop=stop)
         except Exception as err:
             if not self._failed(attempt, err):
@@ -426,6 +540,69 @@ class Federation:
             self.attempts.append(attempt.record)
             self._committed(fragment, attempt.inner_steps)
             return result
+
+    def layout(self, engine: Optional[OuterSync] = None) -> dict[str, Any]:
+        """This job's layout (:func:`job_layout`). Collective inside the job the first time (an all-gather of two
+        numbers per rank, at the join); then kept, since a run's layout does not change (``OuterSync.rebind``)."""
+        if self._layout is None:
+            import torch
+            import torch.distributed as dist
+
+            assert self.strategy is not None and self.trainer is not None
+            engine = engine or self.strategy.local_sgd.outer_sync
+            numels = list(engine.layout.numels)
+            mine = torch.tensor([sum(numels), sizes_digest(numels)], dtype=torch.int64, device=_job_device(engine))
+            gathered = [mine]
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+                dist.all_gather(gathered, mine)  # the job's own world
+            self._layout = job_layout(self.group_id, self.strategy.training_state.kind,
+                                      [tuple(int(v) for v in t.tolist()) for t in gathered])
+        return self._layout
+
+    def _check_layouts(self, engine: OuterSync) -> None:
+        """Every sync attempt, before any other collective: rank 0 of each job all-gathers the jobs' layouts over
+        its managed process group (~600 bytes per job; rank 0's exists whatever the other jobs' world sizes, unlike
+        rank k's) and tells the job's other ranks what it found. A job that never synced is refused
+        (:class:`LayoutMismatchError`, before its first step); a running job fails only this attempt and redoes the
+        sync without the job that does not fit."""
+        import torch
+        import torch.distributed as dist
+
+        if self.strategy is None or self.trainer is None:
+            return  # the sync loop driven without a strategy (its unit tests): there is no layout to compare
+        assert self.comm is not None
+        mine = self.layout(engine)
+        verdict = torch.zeros(1 + _ENCODED, dtype=torch.int64)  # 0 fits, 1 mismatch (+ the other layout), 2 failed
+        failure: Optional[BaseException] = None
+        if self.trainer.global_rank == 0:
+            try:
+                encoded = encode_layout(mine)
+                gathered = torch.empty(self.comm.size * _ENCODED, dtype=torch.int64)
+                self.comm.all_gather(gathered, encoded)
+                other = next((o for o in map(decode_layout, gathered.view(self.comm.size, -1))
+                              if layout_mismatch(mine, [o]) is not None), None)
+                if other is not None:
+                    verdict[0], verdict[1:] = 1, encode_layout(other)
+            except Exception as err:  # reported to the manager by the communicator: this attempt fails
+                verdict[0], failure = 2, err
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            shared = verdict.to(_job_device(engine))
+            dist.broadcast(shared, src=0)  # the job's own world: its other ranks learn rank 0's verdict
+            verdict = shared.cpu()
+        if verdict[0] == 2:
+            if failure is None:
+                failure = RuntimeError("local SGD: the layout exchange of this sync attempt failed on rank 0")
+                self.manager.report_error(failure)
+            raise failure
+        if verdict[0] == 1:
+            problem = layout_mismatch(mine, [decode_layout(verdict[1:])])
+            assert problem is not None
+            error = LayoutMismatchError(problem)
+            if any(a["committed"] for a in self.attempts):  # a running job keeps going without the newcomer
+                log.warning(f"{problem} This job keeps training; the sync is redone without the job that does not fit.")
+                self.manager.report_error(error)
+            raise error
 
     # ------------------------------------------------------------------ warm-up steps
     def start_round(self) -> None:
@@ -492,15 +669,20 @@ class Federation:
                 engine_state.update(compression_error=None, compression_mean_error={},
                                     compression_mean_error_owner={})
         state["federation"] = {"fragment": self._unit}
-        return state
+        return {"layout": self.layout(), "training": state}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Apply a live peer's state on the training thread (torchft calls it inside ``start_quorum``)."""
         assert self.strategy is not None
+        problem = layout_mismatch(self.layout(), [state["layout"]])  # this job's layout: known since its join
+        if problem is not None:  # refused before anything of the peer's state is loaded
+            raise LayoutMismatchError(problem)
+        state = state["training"]
         self.strategy.training_state.load(state)
         self._peer_unit = state.get("federation", {}).get("fragment")
         self._healed_now = True
         self.healed_from_peer += 1
+        self.healed_bytes += state_bytes(state)
         log.info(f"local SGD: group {self.group_id} healed from a live peer at step "
                  f"{state['counters']['global_step']}")
 

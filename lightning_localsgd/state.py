@@ -106,9 +106,33 @@ class TrainingState:
         self.load_rank_state(state["rank"], counters["local_sgd"])
         set_trainer_counters(self.trainer, int(counters["global_step"]), int(counters["batches_that_stepped"]))
 
+    def agree_after_healing(self) -> None:
+        """After every rank of the group loaded a live peer's state (collective inside the group). torchft heals rank
+        ``k`` from the live group it assigns to rank ``k``, which differs between ranks when several groups are live.
+        Each rank of a sharded group holds its own shard, so there is nothing to agree on."""
+
 
 class ReplicaState(TrainingState):
     """DDP inside each worker group: the group's ranks hold one replica; each rank syncs its own slice of it."""
+
+    @torch.no_grad()
+    def agree_after_healing(self) -> None:
+        """The group's ranks hold one replica: they keep the state its first rank received (rank ``k`` may have
+        healed from another live group, whose inner optimizer state differs), broadcast inside the group."""
+        import torch.distributed as dist
+
+        topology = self.strategy.topology
+        if topology is None or topology.inner_group is None:
+            return
+        src = topology.group_index * topology.group_size
+        tensors = [t for t in self.strategy.lightning_module.state_dict().values() if isinstance(t, Tensor)]
+        for optimizer in self.trainer.optimizers:
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    state = optimizer.state.get(p, {})
+                    tensors += [state[k] for k in sorted(state) if isinstance(state[k], Tensor)]
+        for t in tensors:
+            dist.broadcast(t, src=src, group=topology.inner_group)
 
     def start_from_global(self, checkpoint: dict[str, Any], merged: Mapping[str, Any]) -> None:
         """Elastic resume: the trainable parameters of ``checkpoint["state_dict"]`` become ``θ_g`` (the merged
@@ -181,8 +205,10 @@ class ShardedState(TrainingState):
 
 
 class ZeroState(TrainingState):
-    """DeepSpeed ZeRO inside each worker group: the model and optimizer partitions are in DeepSpeed's own files
-    (written per rank by DeepSpeed); the rank state holds the local-SGD engines."""
+    """DeepSpeed ZeRO inside each worker group: in a checkpoint the model and optimizer partitions are in DeepSpeed's
+    own files (written per rank by DeepSpeed) and the rank state holds the local-SGD engines. Healing
+    (:meth:`capture`) sends this rank's partition instead: its fp32 master partitions and the inner optimizer's state
+    of them (what ZeRO trains from), never the full model."""
 
     kind = "zero"
     holds_model_per_rank = True
@@ -191,8 +217,40 @@ class ZeroState(TrainingState):
         return {}
 
     def capture(self) -> dict[str, Any]:
-        raise NotImplementedError("healing a DeepSpeed group from a live peer is not supported: federated groups "
-                                  "(lighthouse=) run DDP inside each job (LocalSGDStrategy).")
+        from .strategies.deepspeed import master_partitions
+
+        optimizer = self.strategy.zero_optimizer
+        masters = master_partitions(optimizer)
+        inner = optimizer.optimizer.state  # keyed by the master partitions (ZeRO-3 empties param_groups between steps)
+        partition = {"master": masters, "inner": [dict(inner.get(m, {})) for m in masters]}
+        state = {"kind": self.kind,
+                 "group": {"lr_schedulers": [c.scheduler.state_dict() for c in self.trainer.lr_scheduler_configs]},
+                 "rank": {**self.rank_state(), "partition": partition}, "counters": self.counters()}
+        return _map(state, lambda t: t.detach().cpu().clone())
+
+    @torch.no_grad()
+    def load_group_state(self, state: Mapping[str, Any]) -> None:
+        for config, saved in zip(self.trainer.lr_scheduler_configs, state.get("lr_schedulers") or []):
+            config.scheduler.load_state_dict(saved)
+
+    @torch.no_grad()
+    def load_rank_state(self, state: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
+        partition = state.get("partition")
+        if partition is not None:  # healing: a live peer's partition of the same rank (a checkpoint's is DeepSpeed's)
+            from .strategies.deepspeed import master_partitions
+
+            optimizer = self.strategy.zero_optimizer
+            masters = master_partitions(optimizer)
+            if [m.numel() for m in masters] != [m.numel() for m in partition["master"]]:
+                raise ValueError("cannot heal from a peer whose ZeRO partitions differ from this rank's "
+                                 f"({[m.numel() for m in partition['master']]} vs {[m.numel() for m in masters]} "
+                                 "elements): every job must use the same model, world size and ZeRO stage.")
+            for mine, theirs, inner in zip(masters, partition["master"], partition["inner"]):
+                mine.copy_(theirs)
+                optimizer.optimizer.state[mine] = {k: v.to(mine.device) if isinstance(v, Tensor) else v
+                                                   for k, v in inner.items()}
+            # the module's (bit16) parameters follow the partitions after the sync this healing is part of
+        super().load_rank_state(state, meta)
 
 
 def set_trainer_counters(trainer: "Trainer", global_step: int, batches_that_stepped: int) -> None:

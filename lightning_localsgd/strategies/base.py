@@ -56,7 +56,9 @@ class _SyncAtStepEnd(Callback):
         self.strategy.local_sgd.schedule.start()
         if self.strategy.federation is not None:  # join the running jobs (heal from one) before the first step
             schedule = self.strategy.local_sgd.schedule
+            self.strategy.before_local_sgd_sync()  # as around every sync: current views of sharded storage
             self.strategy.local_sgd.join(lambda engine: self.strategy.federation.join(engine, schedule))
+            self.strategy.after_local_sgd_sync()  # ZeRO: the module's parameters follow the partitions
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         self.strategy.local_sgd_step_start()
@@ -144,15 +146,10 @@ class LocalSGDMixin:
 
     #: The ranks of a worker group hold different shards of one replica (FSDP, ZeRO), not identical replicas (DDP).
     shards_within_group = False
-    #: Whether this strategy runs as a federated worker group (``lighthouse=``); see :mod:`..federation`.
-    supports_federation = False
     #: What one rank's exact training state is for this strategy kind (checkpoints and healing).
     training_state_class: type[TrainingState] = ReplicaState
 
     def _init_local_sgd(self, config: LocalSGDConfig) -> None:
-        if config.lighthouse is not None and not self.supports_federation:
-            raise ValueError(f"lighthouse= (federated worker groups) is supported by LocalSGDStrategy (DDP inside each "
-                             f"job), not yet by {type(self).__name__}. Use LocalSGDStrategy, or remove lighthouse.")
         self.local_sgd = LocalSGDController(config)
         self.federation = Federation(config.lighthouse, config.group_id, config.min_groups, config.sync_timeout) \
             if config.lighthouse is not None else None

@@ -47,7 +47,6 @@ class LocalSGDStrategy(LocalSGDMixin, DDPStrategy):
     """
 
     strategy_name = "local_sgd"
-    supports_federation = True
 
     def __init__(self, **kwargs: Any) -> None:
         config = LocalSGDConfig.from_kwargs(kwargs, self.local_sgd_defaults)

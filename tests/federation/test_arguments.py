@@ -1,4 +1,4 @@
-"""Only LocalSGDStrategy runs as a federated worker group; the others refuse lighthouse= before training."""
+"""Every strategy runs as a federated worker group (DDP, FSDP2 or DeepSpeed ZeRO inside each job)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ import pytest
 import lightning_localsgd as lsgd
 
 
-@pytest.mark.parametrize("name", ["LocalSGDFSDPStrategy", "LocalSGDDeepSpeedStrategy"])
-def test_other_strategies_refuse_lighthouse(name):
-    with pytest.raises(ValueError, match=rf"lighthouse= .* is supported by LocalSGDStrategy .*not yet by {name}"):
-        getattr(lsgd, name)(lighthouse="lighthouse-host:29510")
+@pytest.mark.parametrize("name", ["LocalSGDStrategy", "LocalSGDFSDPStrategy", "LocalSGDDeepSpeedStrategy"])
+def test_every_strategy_takes_lighthouse(name):
+    if name == "LocalSGDDeepSpeedStrategy":
+        pytest.importorskip("deepspeed")
+    strategy = getattr(lsgd, name)(lighthouse="lighthouse-host:29510", group_id="g0")
+    assert strategy.lighthouse == "lighthouse-host:29510" and strategy.federation is not None
 
 
 def test_federated_group_size_is_the_job_world():

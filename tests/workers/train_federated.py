@@ -69,6 +69,24 @@ class GrowingSchedule(SyncSchedule):
         self.intervals_done = int(state.get("intervals_done", 0))
 
 
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP2 parameter (no collective), or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def full_params(module) -> dict[str, torch.Tensor]:
+    """Whole parameters: FSDP2 shards (DTensors) and ZeRO-3 partitions gathered inside the job (collective there);
+    ZeRO 1-2 keep whole parameters on every rank."""
+    partitioned = [p for p in module.parameters() if hasattr(p, "ds_id") and p.ds_status.name == "NOT_AVAILABLE"]
+    if partitioned:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(partitioned):
+            return {k: v.detach().clone() for k, v in module.named_parameters()}
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+            for k, v in module.named_parameters()}
+
+
 class Recorder(Callback):
     """Parameters after every step (after the strategy's own step-end sync); the dump; the self-kill."""
 
@@ -94,7 +112,7 @@ class Recorder(Callback):
             "attempt": len(fed.attempts), "step": strategy.local_sgd.schedule.steps_done,
             "participants": comm.size, "trained": fed.trained,
             "snapshot": [s.detach().clone() for s in outer.snapshot],
-            "params": {k: v.detach().clone() for k, v in self.trainer.lightning_module.named_parameters()},
+            "params": {k: local(v).detach().clone() for k, v in self.trainer.lightning_module.named_parameters()},
             "momentum": {k: v["momentum_buffer"].clone() for k, v in state["state"].items()} if state else {},
             "error": full["compression_error"], "mean_error": full["compression_mean_error"],
         })
@@ -126,12 +144,12 @@ class Recorder(Callback):
                 time.sleep(0.1)
         if self.start_step < 0:  # after the join (healing) of on_train_start, before the first inner step
             self.start_step = trainer.global_step
-            self.start_params = {k: v.detach().clone() for k, v in pl_module.named_parameters()}
+            self.start_params = full_params(pl_module)
             self.start_error = trainer.strategy.outer_sync.state_dict()["compression_error"]
             self.start_engines = self.engine_states(trainer.strategy)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.steps.append((trainer.global_step, {k: v.detach().clone() for k, v in pl_module.named_parameters()}))
+        self.steps.append((trainer.global_step, full_params(pl_module)))
         if trainer.strategy.cluster_sync is not None:
             self.engines.append((trainer.global_step, self.engine_states(trainer.strategy)))
         if trainer.global_step == self.args.die_at_step:
@@ -159,11 +177,12 @@ class Recorder(Callback):
     def dump(self, trainer, pl_module, killed: bool = False) -> None:
         fed = trainer.strategy.federation
         outer = trainer.strategy.outer_sync
+        name = self.args.dump_name + (f"_r{trainer.global_rank}" if trainer.global_rank > 0 else "")
         torch.save({
             "group_id": self.args.group_id, "seed": self.args.seed, "killed": killed, "steps": self.steps,
             "start_step": self.start_step, "start_params": self.start_params,
-            "final": {k: v.detach().clone() for k, v in pl_module.named_parameters()},
-            "attempts": fed.attempts, "healed": fed.healed_from_peer,
+            "final": full_params(pl_module),
+            "attempts": fed.attempts, "healed": fed.healed_from_peer, "heal_bytes": fed.healed_bytes,
             "dropped": fed.dropped_weight, "global_step": trainer.global_step,
             "snapshot": [s.detach().clone() for s in outer.snapshot],
             "outer_state": outer.state_dict()["outer_optimizer"], "reduces": self.reduces,
@@ -171,7 +190,35 @@ class Recorder(Callback):
             "pending": sorted(outer.pending, key=lambda f: -1 if f is None else f),
             "num_syncs": outer.num_syncs, **self.cluster_record(trainer.strategy),
             "start_engines": self.start_engines, "engines": self.engines,
-        }, os.path.join(self.args.out, f"{self.dump_name}.pt"))
+            "inner_state": [{k: v.detach().clone() for k, v in st.items() if torch.is_tensor(v)}
+                            for o in trainer.optimizers for st in o.state.values()],
+            "rank": trainer.global_rank, "strategy": type(trainer.strategy).__name__,
+            "alone_at_start": fed.alone_at_start,
+        }, os.path.join(self.args.out, f"{name}.pt"))
+
+
+def make_strategy(args: argparse.Namespace):
+    """The job's strategy with every sync feature the options select."""
+    federated = dict(sync_every=args.sync_every, outer_optimizer=args.outer, lighthouse=args.lighthouse,
+                     group_id=args.group_id, min_groups=args.min_groups, sync_timeout=args.sync_timeout,
+                     process_group_backend="gloo", compression=args.compression, fragments=args.fragments,
+                     overlap_steps=args.overlap_steps, warmup_steps=args.warmup_steps,
+                     sync_every_seconds=args.sync_every_seconds, sync_schedule=args.schedule)
+    if args.overlap_steps:
+        federated["overlap_mix"] = args.overlap_mix
+    if args.group_size is not None:
+        federated["group_size"] = args.group_size
+    if args.cluster_sync_every is not None:
+        federated.update(cluster_sync_every=args.cluster_sync_every, cluster_outer_optimizer=args.cluster_outer)
+    if args.strategy == "fsdp":
+        from lightning_localsgd import LocalSGDFSDPStrategy
+
+        return LocalSGDFSDPStrategy(**federated)
+    if args.strategy == "deepspeed":
+        from lightning_localsgd import LocalSGDDeepSpeedStrategy
+
+        return LocalSGDDeepSpeedStrategy(stage=args.stage, logging_batch_size_per_gpu=2, **federated)
+    return LocalSGDStrategy(**federated)
 
 
 def main() -> None:
@@ -203,16 +250,21 @@ def main() -> None:
     parser.add_argument("--sync-every-seconds", type=float, default=None, help="time-based, token-weighted syncs")
     parser.add_argument("--schedule", default=None, help="a schedule registered here: 'growing'")
     parser.add_argument("--step-sleep", type=float, default=0.0, help="seconds each step of this job sleeps")
+    parser.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp", "deepspeed"], help="inside the job")
+    parser.add_argument("--stage", type=int, default=2, help="ZeRO stage with --strategy deepspeed")
+    parser.add_argument("--ckpt-dir", default=None, help="this job's own checkpoints, every --sync-every steps")
+    parser.add_argument("--resume", default=None, help="a checkpoint (folder) of this job to resume from")
+    parser.add_argument("--shard", default="", choices=["", "group"],
+                        help="'group': the module shards itself in configure_model (FSDP2 over the job's mesh)")
+    parser.add_argument("--inner", default="sgd", choices=["sgd", "momentum"], help="the inner optimizer")
+    parser.add_argument("--hidden", type=int, default=8, help="the tiny model's hidden width (another model: 16)")
     args = parser.parse_args()
     args.dump_name = args.dump_name or args.group_id
     if args.devices > 1:  # Lightning's DistributedSampler splits this job's own order (seed --seed) over its ranks
         os.environ["PL_GLOBAL_SEED"] = str(args.seed)
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(0)  # every group starts from the same weights
-    model = TinyModule("sgd")
-    layout = {"group_size": args.group_size} if args.group_size is not None else {}
-    if args.cluster_sync_every is not None:
-        layout.update(cluster_sync_every=args.cluster_sync_every, cluster_outer_optimizer=args.cluster_outer)
+    model = TinyModule(args.inner, hidden=args.hidden, shard=args.shard)
     loader = DataLoader(make_dataset(), batch_size=2, shuffle=True,
                         generator=torch.Generator().manual_seed(args.seed))
     if args.devices > 1:
@@ -232,19 +284,19 @@ def main() -> None:
 
     # this job's own communicator (fault injection, records)
     TorchftCommunicator.all_reduce, TorchftCommunicator.all_to_all = recorded_all_reduce, recorded_all_to_all
+    callbacks = [recorder]
+    if args.ckpt_dir:  # per-job checkpoints: every rank of this job writes its own files of each folder
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        callbacks.append(ModelCheckpoint(dirpath=args.ckpt_dir, filename="{step}", every_n_train_steps=args.sync_every,
+                                         save_top_k=-1))
     trainer = L.Trainer(
-        accelerator="cpu", devices=args.devices, max_steps=args.max_steps, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=args.devices > 1,
-        callbacks=[recorder],
-        strategy=LocalSGDStrategy(sync_every=args.sync_every, outer_optimizer=args.outer, lighthouse=args.lighthouse,
-                                  group_id=args.group_id, min_groups=args.min_groups, sync_timeout=args.sync_timeout,
-                                  process_group_backend="gloo", compression=args.compression,
-                                  fragments=args.fragments, overlap_steps=args.overlap_steps,
-                                  warmup_steps=args.warmup_steps, sync_every_seconds=args.sync_every_seconds,
-                                  sync_schedule=args.schedule,
-                                  **({"overlap_mix": args.overlap_mix} if args.overlap_steps else {}), **layout),
+        accelerator="cpu", devices=args.devices, max_steps=args.max_steps, logger=False,
+        enable_checkpointing=bool(args.ckpt_dir), enable_progress_bar=False, enable_model_summary=False,
+        use_distributed_sampler=args.devices > 1, callbacks=callbacks,
+        strategy=make_strategy(args),
     )
-    trainer.fit(model, loader)
+    trainer.fit(model, loader, ckpt_path=args.resume)
     recorder.dump(trainer, model)
 
 

@@ -1,0 +1,102 @@
+"""The layout check of federated jobs (unit level): what each job holds, its fixed-size encoding for the all-gather
+over the managed process group, and the refusal naming both jobs' layouts. The check inside a sync is exercised by
+``test_federated_sharded.py::test_job_of_another_world_size_is_refused_naming_both_layouts``."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("torchft")
+from lightning_localsgd.federation import (decode_layout, describe_layout, encode_layout, job_layout,
+                                           layout_mismatch, sizes_digest)
+
+
+def fsdp_layout(group_id: str, shards: list[list[int]]) -> dict:
+    return job_layout(group_id, "sharded", [(sum(n), sizes_digest(n)) for n in shards])
+
+
+def test_layout_encoding_round_trips():
+    layout = fsdp_layout("cluster-a", [[16, 2, 4, 1], [16, 2, 4, 0]])
+    decoded = decode_layout(encode_layout(layout))
+    assert decoded == layout
+    assert encode_layout(layout).shape == encode_layout(fsdp_layout("b", [[1]])).shape  # one all-gather fits all
+
+
+def test_same_layout_passes_and_a_different_sharding_is_named():
+    a = fsdp_layout("g0", [[16, 2, 4, 1], [16, 2, 4, 0]])
+    assert layout_mismatch(a, [a, fsdp_layout("g1", [[16, 2, 4, 1], [16, 2, 4, 0]])]) is None
+    # the same total per rank, split differently (another auto_wrap_policy): the digest tells them apart
+    b = fsdp_layout("g1", [[16, 3, 4, 0], [16, 1, 4, 1]])
+    message = layout_mismatch(a, [b])
+    assert message is not None and describe_layout(a) in message and describe_layout(b) in message
+    assert "job 'g0': 2 rank(s) with FSDP2 shards, syncing 23+22 elements per rank" in message
+    assert "job 'g1': 2 rank(s) with FSDP2 shards, syncing 23+22 elements per rank" in message
+
+
+def test_other_world_size_or_strategy_is_refused():
+    a = fsdp_layout("g0", [[8, 4], [8, 4]])
+    one_rank = fsdp_layout("g1", [[16, 8]])
+    assert "job 'g1': 1 rank(s) with FSDP2 shards, syncing 24 elements" in layout_mismatch(a, [one_rank])
+    zero = job_layout("g2", "zero", [(12, sizes_digest([12])), (12, sizes_digest([12]))])
+    assert "job 'g2': 2 rank(s) with ZeRO partitions" in layout_mismatch(a, [zero])
+
+
+class _Work:
+    def wait(self, timeout=None):
+        return None
+
+
+class _AloneManager:
+    """torchft's Manager as a job alone at the lighthouse sees it: every quorum holds this job only."""
+
+    _quorum_future = object()
+
+    class _pg:  # noqa: N801 (the managed process group: a one-member all-gather copies the input)
+        @staticmethod
+        def allgather(outputs, inputs, opts):
+            outputs[0][0].copy_(inputs[0])
+            return _Work()
+
+    def start_quorum(self, timeout=None):
+        pass
+
+    def num_participants(self):
+        return 1
+
+    def participating_rank(self):
+        return 0
+
+    def should_commit(self):
+        return True
+
+    def errored(self):
+        return None
+
+    def report_error(self, err):
+        raise AssertionError(err)
+
+
+@pytest.mark.parametrize("ckpt_path", [None, "/runs/a/last.ckpt"])
+def test_job_alone_at_start_says_where_its_state_comes_from(ckpt_path, caplog):
+    import logging
+    from datetime import timedelta
+    from types import SimpleNamespace
+
+    from lightning_localsgd.federation import Federation, TorchftCommunicator
+
+    fed = Federation("lighthouse-host:29510", "g1", min_groups=1, sync_timeout=10)
+    fed.manager = _AloneManager()
+    fed.comm = TorchftCommunicator(fed.manager, timedelta(seconds=10))
+    engine = SimpleNamespace(cross=fed.comm, layout=SimpleNamespace(numels=[8, 1]), device="cpu",
+                             sync=lambda weight: SimpleNamespace(weight=weight))
+    fed.trainer = SimpleNamespace(global_rank=0, world_size=1, ckpt_path=ckpt_path, global_step=24 if ckpt_path else 0)
+    fed.strategy = SimpleNamespace(training_state=SimpleNamespace(kind="replica"),
+                                   local_sgd=SimpleNamespace(outer_sync=engine, schedule=SimpleNamespace(steps_done=0)))
+    with caplog.at_level(logging.INFO):
+        fed.join(engine)
+    source = f"its checkpoint {ckpt_path} (step 24)" if ckpt_path else "its initial weights (step 0)"
+    expected = (f"local SGD: group 'g1' found no live peer at the lighthouse lighthouse-host:29510: it starts from "
+                f"{source} and trains alone until other groups join (they heal from it).")
+    assert fed.alone_at_start == expected
+    assert [r.getMessage() for r in caplog.records if "no live peer" in r.getMessage()] == [expected]
+    assert fed.attempts[-1]["committed"] and fed.attempts[-1]["participants"] == 1
