@@ -284,7 +284,10 @@ def test_healing_state_sends_no_error_feedback_and_names_the_fragment_of_the_quo
     fed = Federation("127.0.0.1:1", "g0", 1, 30.0)
     fed.strategy = SimpleNamespace(training_state=SimpleNamespace(capture=capture))
     fed._unit = 1  # this rank is starting fragment 1's sync
-    state = fed.state_dict()
+    fed._layout = {"group_id": "g0", "kind": "replica", "world_size": 1, "elements": [N], "digest": 0}  # from the join
+    sent = fed.state_dict()
+    assert sent["layout"] == fed._layout  # the peer compares it before loading anything
+    state = sent["training"]
     outer = state["rank"]["outer"]
     assert outer["compression_error"] is None and outer["compression_mean_error"] == {}
     assert torch.equal(outer["snapshot"][0], engine.snapshot[0].detach())  # θ_g itself is sent

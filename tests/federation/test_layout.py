@@ -87,11 +87,13 @@ def test_job_alone_at_start_says_where_its_state_comes_from(ckpt_path, caplog):
     fed = Federation("lighthouse-host:29510", "g1", min_groups=1, sync_timeout=10)
     fed.manager = _AloneManager()
     fed.comm = TorchftCommunicator(fed.manager, timedelta(seconds=10))
-    engine = SimpleNamespace(cross=fed.comm, layout=SimpleNamespace(numels=[8, 1]), device="cpu",
-                             sync=lambda weight: SimpleNamespace(weight=weight))
+    engine = SimpleNamespace(cross=fed.comm, layout=SimpleNamespace(numels=[8, 1]), device="cpu", pending={},
+                             num_fragments=1, start_sync=lambda fragment, weight=None, stop=None: None,
+                             finish_sync=lambda fragment, mix=0.0: SimpleNamespace(weight=0.0))
     fed.trainer = SimpleNamespace(global_rank=0, world_size=1, ckpt_path=ckpt_path, global_step=24 if ckpt_path else 0)
     fed.strategy = SimpleNamespace(training_state=SimpleNamespace(kind="replica"),
-                                   local_sgd=SimpleNamespace(outer_sync=engine, schedule=SimpleNamespace(steps_done=0)))
+                                   local_sgd=SimpleNamespace(outer_sync=engine, schedule=SimpleNamespace(steps_done=0),
+                                                             config=SimpleNamespace(overlap_steps=0)))
     with caplog.at_level(logging.INFO):
         fed.join(engine)
     source = f"its checkpoint {ckpt_path} (step 24)" if ckpt_path else "its initial weights (step 0)"
