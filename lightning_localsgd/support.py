@@ -12,7 +12,8 @@ not refused (:data:`TESTED`); ``tests/compat/test_support_table.py`` keeps the R
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from types import SimpleNamespace
+from typing import Any, Callable, Mapping, Optional
 
 __all__ = ["FEATURES", "MODES", "REFUSALS", "STRATEGIES", "TESTED", "Refusal", "check", "markdown_table"]
 
@@ -48,7 +49,7 @@ class Refusal:
     def applies(self, mode: str, strategy: Optional[str]) -> bool:
         """Whether this row is checked in ``mode`` for ``strategy`` (``None``: the rows every strategy shares)."""
         shared = self.strategies == STRATEGIES
-        return mode in self.modes and (shared if strategy is None else strategy in self.strategies)
+        return mode in self.modes and (shared if strategy is None else not shared and strategy in self.strategies)
 
 
 def _time_based_with(name: str, attr: str, active: Callable[[Any], bool]) -> Refusal:
@@ -71,6 +72,7 @@ def _deepspeed_refuses(name: str, default: Any, why: str) -> Refusal:
 
 
 _DS_STREAMING = "ZeRO keeps the parameters as flat partitions, not per-tensor fragments"
+_DS_LOCKSTEP = "ZeRO syncs flat partitions, and DeepSpeed's own collectives assume every group steps together"
 
 #: Every refused combination, in the order they are checked.
 REFUSALS: list[Refusal] = [
@@ -113,16 +115,24 @@ REFUSALS: list[Refusal] = [
     _deepspeed_refuses("fragments", 1, _DS_STREAMING),
     _deepspeed_refuses("overlap_steps", 0, _DS_STREAMING),
     _deepspeed_refuses("overlap_mix", 0.0, _DS_STREAMING),
-    _deepspeed_refuses("sync_every_seconds", None, "its optimizer step is the engine's, whose gradient-accumulation "
-                       "boundary a timed sync cannot see"),
+    _deepspeed_refuses("sync_every_seconds", None, _DS_LOCKSTEP),
 ]
 
 
 def check(config: Any, strategy: Optional[str] = None) -> None:
-    """Raise a ``ValueError`` for the first refused combination in ``config`` (a ``LocalSGDConfig``). ``strategy``:
-    ``None`` checks the rows every strategy shares, ``"ddp"`` / ``"fsdp"`` / ``"deepspeed"`` that strategy's own."""
+    """Raise a ``ValueError`` for the first refused combination in ``config``: a ``LocalSGDConfig``, or a strategy's
+    keyword arguments (a mapping; the others at their defaults), so that a strategy refuses a setting it does not
+    support before the arguments' own checks look at it. ``strategy``: ``None`` checks the rows every strategy
+    shares, ``"ddp"`` / ``"fsdp"`` / ``"deepspeed"`` that strategy's own."""
     if strategy is not None and strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy kind {strategy!r}; one of {STRATEGIES}.")
+    if isinstance(config, Mapping):
+        from dataclasses import MISSING, fields
+
+        from .config import LocalSGDConfig
+
+        values = {f.name: f.default for f in fields(LocalSGDConfig) if f.init and f.default is not MISSING}
+        config = SimpleNamespace(**{**values, **{k: v for k, v in config.items() if k in values}})
     mode = "federated" if _federated(config) else "one world"
     for refusal in REFUSALS:
         if refusal.applies(mode, strategy) and refusal.present(config):

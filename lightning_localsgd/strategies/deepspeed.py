@@ -36,6 +36,7 @@ from torch import Tensor
 from torch.nn import Module
 from typing_extensions import override
 
+from .. import support
 from ..checkpoint import deepspeed_dir, is_checkpoint_folder, load_checkpoint, save_checkpoint, save_folder
 from ..config import LocalSGDConfig, local_sgd_arguments
 from ..state import ZeroState
@@ -151,9 +152,6 @@ def check_deepspeed_config(config: Mapping[str, Any]) -> int:
             "instead, so each worker group is one ZeRO partition group."
         )
     return int(stage)
-
-
-_UNSUPPORTED = "ZeRO syncs flat partitions, and DeepSpeed's own collectives assume every group steps together"
 
 
 # ---------------------------------------------------------------------------------------------- ZeRO internals
@@ -276,17 +274,7 @@ class LocalSGDDeepSpeedStrategy(LocalSGDMixin, DeepSpeedStrategy):
 
     def __init__(self, **kwargs: Any) -> None:
         _require_deepspeed()
-        warmup_steps = kwargs.get("warmup_steps", 0)
-        if not isinstance(warmup_steps, int) or isinstance(warmup_steps, bool) or warmup_steps != 0:
-            raise ValueError(
-                f"warmup_steps={warmup_steps!r}: fully synchronous warm-up steps are not supported with DeepSpeed "
-                "(ZeRO reduces the gradients into its own partitioned buffers inside the worker group, so there is no "
-                "clean place to average them across groups). Use warmup_steps=0, or warm up with LocalSGDStrategy / "
-                "LocalSGDFSDPStrategy."
-            )
-        LocalSGDConfig.refuse(kwargs, "LocalSGDDeepSpeedStrategy", _UNSUPPORTED, fix=", or use LocalSGDStrategy / "
-                              "LocalSGDFSDPStrategy for streaming and time-based sync", fragments=1, overlap_steps=0,
-                              overlap_mix=0.0, sync_every_seconds=None)
+        support.check(kwargs, "deepspeed")  # warm-up, streaming and time-based sync: refused with the reason
         config = LocalSGDConfig.from_kwargs(kwargs, self.local_sgd_defaults)
         if "process_group" in kwargs or "mpu" in kwargs:
             raise ValueError(
