@@ -181,7 +181,7 @@ _tested(_F[4], "federated", ("ddp",), "tests/federation/test_federated_schedules
 _tested(_F[5], "one world", ("ddp",), "tests/extensions/test_extension_points.py")
 _tested(_F[5], "federated", ("ddp",), "tests/federation/test_federated_schedules.py::test_warmup_then_a_registered_schedule_across_two_jobs")
 _tested(_F[6], "one world", ("ddp",), "tests/features/test_two_stage.py::test_two_stage_matches_reference")
-_tested(_F[6], "federated", ("ddp",), "tests/federation/test_groups.py::test_two_jobs_of_two_groups_match_the_two_stage_reference")
+_tested(_F[6], "federated", ("ddp",), "tests/federation/test_federated_groups.py::test_two_jobs_of_two_groups_match_the_two_stage_reference")
 _tested(_F[7], "one world", ("ddp",), "tests/strategies/test_resume.py")
 _tested(_F[7], "one world", ("fsdp",), "tests/strategies/test_fsdp.py::test_fsdp_mid_interval_resume_is_exact")
 _tested(_F[7], "one world", ("deepspeed",), "tests/strategies/test_deepspeed.py::test_deepspeed_mid_interval_resume_is_exact")
