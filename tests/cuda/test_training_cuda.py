@@ -118,10 +118,12 @@ def test_deepspeed_stage2_on_the_cuda_accelerator_matches_reference(tmp_path):
     assert all(d["info"]["num_syncs"] == 2 for d in ranks)
 
 
-def test_mid_interval_resume_on_cuda_is_exact(tmp_path):
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync_save", "async_save"])
+def test_mid_interval_resume_on_cuda_is_exact(tmp_path, async_save):
+    # async_save: the state is copied from the GPU to host memory on the training thread, then written behind it
     opts = dict(world=2, sync_every=4, steps=10, outer="diloco", inner="adamw", seed_by_rank=True,
                 batches_per_epoch=3)
-    straight = run_on_gpu(tmp_path / "a", ckpt_every=6, **opts)
+    straight = run_on_gpu(tmp_path / "a", ckpt_every=6, async_save=async_save, **opts)
     ckpt = tmp_path / "a" / "ckpt" / "step=6.ckpt"
     assert ckpt.exists()
     resumed = run_on_gpu(tmp_path / "b", resume=ckpt, **opts)
