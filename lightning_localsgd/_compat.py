@@ -63,6 +63,23 @@ def _reaches(*names: PrivateName) -> Callable[[_F], _F]:
     return record
 
 
+#: Lightning's private hooks and attributes our subclasses override or use through ``self`` (a subclass's extension
+#: points, so they stay at the call sites); tests/compat checks that each still exists on a base class and that the
+#: list is complete
+INHERITED: dict[str, tuple[str, ...]] = {
+    "lightning_localsgd.cli:LocalSGDCLI": ("_parse_ckpt_path", "_run_subcommand"),
+    "lightning_localsgd.examples.gpt:GPT": ("_trainer",),
+    "lightning_localsgd.strategies.ddp:LocalSGDStrategy": (
+        "_checkpoint_io", "_configure_launcher", "_ddp_kwargs", "_layer_sync", "_process_group_backend",
+        "_register_ddp_hooks", "_setup_model", "_timeout"),
+    "lightning_localsgd.strategies.deepspeed:LocalSGDDeepSpeedStrategy": (
+        "_configure_launcher", "_init_config_if_needed", "_init_deepspeed_distributed",
+        "_initialize_deepspeed_inference", "_layer_sync", "_setup_model_and_optimizer", "_timeout"),
+    "lightning_localsgd.strategies.fsdp:LocalSGDFSDPStrategy": (
+        "_configure_launcher", "_device_mesh", "_setup_distributed"),
+}
+
+
 # ---------------------------------------------------------------------------------------------------- type aliases
 #: Lightning's strategy registry type (``register_strategies``' argument); Lightning exports no public name for it
 StrategyRegistry = _StrategyRegistry
@@ -164,6 +181,16 @@ def attached_trainer(module: Any) -> Any:
 def set_device_mesh(module: Any, mesh: Any) -> None:
     """Give the module the device mesh (``module.device_mesh``), as ModelParallelStrategy does (no public setter)."""
     module._device_mesh = mesh
+
+
+@_reaches(PrivateName("lightning", "lightning.pytorch.callbacks.progress.rich_progress:RichProgressBar",
+                      "_stop_progress"))
+def stop_live_progress_bar(progress_bar: Any) -> None:
+    """End a ``RichProgressBar``'s live display so that text prints below it (no public call does); other bars:
+    nothing."""
+    stop = getattr(progress_bar, "_stop_progress", None)
+    if callable(stop):
+        stop()
 
 
 # ---------------------------------------------------------------------------------------------------- Lightning helpers
