@@ -6,9 +6,10 @@ private names it reaches; the test resolves every one of them on the installed v
 one fails there, naming it and the version, instead of deep inside a training run. :data:`CHECKED_ON` holds the
 versions the names were last checked against; the test warns when an installed version differs from it.
 
-Overrides of Lightning's private hooks (``_configure_launcher``, ``_parse_ckpt_path``, ...) and a strategy subclass's
-own use of its inherited attributes (``self._timeout``) stay where they are: those are the extension points a
-subclass has. deepspeed, torchft and jsonargparse are imported only inside the functions that need them.
+Overrides of Lightning's private hooks (``_configure_launcher``, ``_parse_ckpt_path``, ...) and a subclass's use of
+its inherited private attributes (``self._timeout``) stay where they are, as that is how Lightning is extended;
+:data:`INHERITED` lists them and the test checks that each still exists on the base class. deepspeed, torchft and
+jsonargparse are imported only inside the functions that need them.
 """
 
 from __future__ import annotations

@@ -64,7 +64,7 @@ def _sets_on_instances(cls: type, name: str) -> bool:
 def missing(entry: PrivateName) -> Optional[str]:
     """Why ``entry`` does not resolve on the installed versions (naming it and the version), or None when it does."""
     version = _versions.installed_version(entry.package)
-    users = ", _compat.".join(_functions_reaching(entry)) or "?"
+    users = ", _compat.".join(_functions_reaching(entry)) or "StrategyRegistry / PATH (type aliases)"
     where = f"{entry.owner}.{entry.name} ({entry.package} {version}; used by _compat.{users})"
     try:
         owner = _owner(entry)
