@@ -28,6 +28,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from lightning_localsgd._compat import stop_live_progress_bar
 from lightning_localsgd.engine.presets import outer_optimizer_name
 
 from .gpt import decode_bytes, encode_bytes
@@ -123,9 +124,7 @@ class TrainingSummary(Callback):
             os.makedirs(log_dir, exist_ok=True)
             with open(os.path.join(log_dir, "summary.json"), "w") as f:
                 json.dump({**self.stats, "sample": self.sample}, f, indent=2)
-        stop_progress_bar = getattr(trainer.progress_bar_callback, "_stop_progress", None)
-        if callable(stop_progress_bar):  # RichProgressBar: end its live display so the table prints below it
-            stop_progress_bar()
+        stop_live_progress_bar(trainer.progress_bar_callback)  # RichProgressBar: the table prints below it
         console = get_console()
         console.print(self._table())
         if self.sample is not None:

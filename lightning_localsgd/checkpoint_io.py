@@ -27,11 +27,10 @@ from typing import Any, Optional
 
 import torch
 from lightning.fabric.utilities.cloud_io import get_filesystem
-from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import CheckpointIO, TorchCheckpointIO
-from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 
 from . import integrity
+from ._compat import PATH as _PATH, wrapper_lacks_base_io
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +155,6 @@ def with_atomic_default(checkpoint_io: Optional[CheckpointIO]) -> CheckpointIO:
     """``checkpoint_io`` with :class:`AtomicCheckpointIO` filled in where Lightning would put ``TorchCheckpointIO``."""
     if checkpoint_io is None:
         return AtomicCheckpointIO()
-    if isinstance(checkpoint_io, _WrappingCheckpointIO) and not checkpoint_io._base_checkpoint_io_configured:
+    if wrapper_lacks_base_io(checkpoint_io):
         checkpoint_io.checkpoint_io = AtomicCheckpointIO()  # the setter fills the innermost wrapper
     return checkpoint_io

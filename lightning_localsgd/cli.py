@@ -125,9 +125,10 @@ _TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false"
 
 def _init_parameters(class_path: str) -> list[str]:
     try:
-        from jsonargparse._util import import_object
+        from ._compat import import_class_path
 
-        return [n for n in inspect.signature(import_object(class_path)).parameters if n not in ("self", "args", "kwargs")]
+        parameters = inspect.signature(import_class_path(class_path)).parameters
+        return [n for n in parameters if n not in ("self", "args", "kwargs")]
     except Exception:  # an unimportable class: no suggestion
         return []
 

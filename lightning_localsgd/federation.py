@@ -58,6 +58,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from torch import Tensor
 
+from ._compat import managed_process_group, quorum_started
 from .engine.comm import Communicator, SyncAbortedError, Work
 from .engine.outer import OuterSync, SyncResult
 from .topology import check_group_size
@@ -258,7 +259,7 @@ class TorchftCommunicator(Communicator):
 
     @property
     def rank(self) -> int:
-        rank = self.manager.participating_rank() if self.manager._quorum_future is not None else 0
+        rank = self.manager.participating_rank() if quorum_started(self.manager) else 0
         return int(rank or 0)
 
     def _run(self, launch: Any) -> _CheckedWork:
@@ -273,7 +274,7 @@ class TorchftCommunicator(Communicator):
 
         opts = AllreduceOptions()
         opts.reduceOp = {"sum": ReduceOp.SUM, "max": ReduceOp.MAX}[op]
-        work = self._run(lambda: self.manager._pg.allreduce([tensor], opts))
+        work = self._run(lambda: managed_process_group(self.manager).allreduce([tensor], opts))
         if async_op:
             return work
         work.wait()
@@ -283,7 +284,8 @@ class TorchftCommunicator(Communicator):
         from torch.distributed import AllToAllOptions
 
         # equal splits (empty split lists), as all_to_all_single: member j gets the j-th chunk of every input
-        work = self._run(lambda: self.manager._pg.alltoall_base(output, input, [], [], AllToAllOptions()))
+        work = self._run(
+            lambda: managed_process_group(self.manager).alltoall_base(output, input, [], [], AllToAllOptions()))
         if async_op:
             return work
         work.wait()
@@ -295,7 +297,7 @@ class TorchftCommunicator(Communicator):
         # gloo's allgather into one list of views of ``output``, in member order (the managed PG's ranks are the
         # quorum's participating ranks)
         views = list(output.split(input.numel()))
-        self._run(lambda: self.manager._pg.allgather([views], [input], AllgatherOptions())).wait()
+        self._run(lambda: managed_process_group(self.manager).allgather([views], [input], AllgatherOptions())).wait()
 
     def commit(self) -> bool:
         return bool(self.manager.should_commit())
@@ -707,7 +709,7 @@ def main_lighthouse(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     if args.min_groups < 1:
         parser.error("--min-groups must be >= 1")
-    from torchft._torchft import LighthouseServer
+    from torchft.coordination import LighthouseServer
 
     server = LighthouseServer(bind=f"{args.bind}:{args.port}", min_replicas=args.min_groups,
                               join_timeout_ms=args.join_timeout_ms, quorum_tick_ms=args.quorum_tick_ms,

@@ -36,6 +36,8 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_prefixed_message
 
+from ._compat import (clear_sigterm_notifier, set_sigterm_broadcast, set_sigterm_notifier, sigterm_broadcast,
+                      signal_connector)
 from .controller import LocalSGDController
 
 __all__ = ["stop_at_sync_steps"]
@@ -49,9 +51,9 @@ def stop_at_sync_steps(trainer: Trainer, controller: LocalSGDController) -> Call
     Call it in the strategy's setup: Lightning registers its signal handlers after the strategy's setup and takes the
     handler from its connector then.
     """
-    connector = trainer._signal_connector
+    connector = signal_connector(trainer)
     loop = trainer.fit_loop.epoch_loop
-    original = getattr(loop, "_broadcast_sigterm_tensor", None)
+    original = sigterm_broadcast(loop)
 
     received = [False]  # set by the handler; trainer.received_sigterm only once every rank knows
 
@@ -77,12 +79,12 @@ def stop_at_sync_steps(trainer: Trainer, controller: LocalSGDController) -> Call
     if original is None:  # Lightning < 2.5 exchanges no stop flag: its own handling (no collective) stays
         return _nothing
     controller.wants_to_stop = lambda: received[0]
-    connector._sigterm_notifier_fn = record_signal  # (an instance attribute: Lightning's bound method stays intact)
-    loop._broadcast_sigterm_tensor = agree_at_sync_steps
+    set_sigterm_notifier(connector, record_signal)  # (an instance attribute: Lightning's bound method stays intact)
+    set_sigterm_broadcast(loop, agree_at_sync_steps)
 
     def remove() -> None:
-        connector.__dict__.pop("_sigterm_notifier_fn", None)
-        loop._broadcast_sigterm_tensor = original
+        clear_sigterm_notifier(connector)
+        set_sigterm_broadcast(loop, original)
         controller.wants_to_stop = _never
 
     return remove

@@ -36,6 +36,9 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from ._compat import default_store as _default_store
+from ._compat import process_group_timeout as _pg_timeout
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -211,23 +214,6 @@ def _changed_hparams(module: torch.nn.Module, checkpoint: Mapping[str, Any]) -> 
 
 
 # ---------------------------------------------------------------------------------------------------- the guard
-def _default_store() -> Optional[dist.Store]:
-    try:
-        return dist.distributed_c10d._get_default_store()
-    except Exception:  # not initialized, or a torch without it
-        return None
-
-
-def _pg_timeout(group: dist.ProcessGroup) -> Optional[timedelta]:
-    """The current default timeout of a process group (private API: None when it cannot be read)."""
-    for device_type in getattr(group, "_device_types", [torch.device("cpu")]):
-        try:
-            return group._get_backend(torch.device(device_type)).options._timeout
-        except Exception:
-            continue
-    return None
-
-
 class SyncGuard:
     """Runs a sync's collectives under ``sync_timeout`` and turns their failure into a :class:`SyncFailedError`.
 

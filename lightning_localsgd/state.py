@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import torch
 from torch import Tensor
 
+from . import _compat
 from .tensors import _map, dtensor_to_local, local_view, to_cpu
 
 if TYPE_CHECKING:
@@ -73,7 +74,7 @@ class TrainingState:
         trainer = self.trainer
         loop = trainer.fit_loop.epoch_loop
         return {"local_sgd": self.strategy.local_sgd.meta(trainer.world_size, kind=self.kind),
-                "global_step": loop.global_step, "batches_that_stepped": loop._batches_that_stepped}
+                "global_step": loop.global_step, "batches_that_stepped": _compat.batches_that_stepped(loop)}
 
     # ------------------------------------------------------------------ restore
     @torch.no_grad()
@@ -262,7 +263,7 @@ def set_trainer_counters(trainer: "Trainer", global_step: int, batches_that_step
     else:
         progress = loop.manual_optimization.optim_step_progress.total
     progress.ready = progress.completed = global_step
-    loop._batches_that_stepped = batches_that_stepped
+    _compat.set_batches_that_stepped(loop, batches_that_stepped)
 
 
 def _local_to_dtensor(state: Mapping[str, Any], optimizer: Any) -> dict[str, Any]:

@@ -19,13 +19,13 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import Checkpoint
-from lightning.pytorch.loops.utilities import _is_max_limit_reached
 from lightning.pytorch.plugins.io import AsyncCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from .._compat import attached_trainer, epoch_batches_done, fit_loop_can_stop_early, is_max_limit_reached
 from ..async_checkpoint import AsyncCheckpointWriter
 from ..config import LocalSGDConfig
 from ..controller import LocalSGDController
@@ -84,14 +84,14 @@ def training_ends_here(trainer: Trainer) -> bool:
         return False
     fit_loop = trainer.fit_loop
     epoch_loop = fit_loop.epoch_loop
-    if _is_max_limit_reached(epoch_loop.global_step, fit_loop.max_steps):
+    if is_max_limit_reached(epoch_loop.global_step, fit_loop.max_steps):
         return True
-    if trainer.should_stop and fit_loop._can_stop_early:
+    if trainer.should_stop and fit_loop_can_stop_early(fit_loop):
         return True
     progress = fit_loop.epoch_progress.current
     # at the last batch of an epoch the epoch counts as done; at on_train_epoch_end `processed` already counts it
-    epochs = progress.started if epoch_loop._num_ready_batches_reached() else progress.processed
-    return _is_max_limit_reached(epochs, fit_loop.max_epochs if fit_loop.max_epochs is not None else -1)
+    epochs = progress.started if epoch_batches_done(epoch_loop) else progress.processed
+    return is_max_limit_reached(epochs, fit_loop.max_epochs if fit_loop.max_epochs is not None else -1)
 
 
 class _SyncBeforeLastCheckpoint(Callback):
@@ -450,7 +450,7 @@ class LocalSGDMixin:
         # the end of training: the background write in flight finishes (its error is raised below) before anything
         # it may need (the process groups) goes
         write_error = self._async_writer.close() if self._async_writer is not None else None
-        self._remove_hooks(self.lightning_module._trainer if self.lightning_module is not None else None)
+        self._remove_hooks(attached_trainer(self.lightning_module) if self.lightning_module is not None else None)
         if self.federation is not None:
             self.federation.shutdown()
         super().teardown()  # type: ignore[misc]

@@ -7,9 +7,7 @@ from typing import Any, Mapping, Optional
 
 import torch
 import torch.distributed as dist
-from lightning.fabric.strategies import _StrategyRegistry
 from lightning.pytorch import Trainer
-from lightning.pytorch.overrides.distributed import _sync_module_states
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
@@ -17,6 +15,7 @@ from torch.nn import Module
 from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
+from .._compat import StrategyRegistry, sync_module_states
 from ..checkpoint import is_checkpoint_folder, load_checkpoint, save_checkpoint, split_single_file
 from ..checkpoint_io import with_atomic_default
 from ..config import LocalSGDConfig, local_sgd_arguments
@@ -96,7 +95,7 @@ class LocalSGDStrategy(LocalSGDMixin, DDPStrategy):
         self._add_cluster_groups()
         assert self.model is not None
         if not self.local_sgd.restoring:
-            _sync_module_states(self.model)  # every rank starts from rank 0's weights, whatever the seeds
+            sync_module_states(self.model)  # every rank starts from rank 0's weights, whatever the seeds
         if self.group_size > 1:
             self.model = self._setup_model(self.model)
             self._register_ddp_hooks()
@@ -174,7 +173,7 @@ class LocalSGDStrategy(LocalSGDMixin, DDPStrategy):
 
     @classmethod
     @override
-    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+    def register_strategies(cls, strategy_registry: StrategyRegistry) -> None:
         for name, start in (("", "popen"), ("_spawn", "spawn"), ("_fork", "fork")):
             strategy_registry.register(
                 f"local_sgd{name}", cls, description=f"Local SGD, plain model averaging (start_method '{start}')",

@@ -24,8 +24,6 @@ from typing import Any, Generator, Mapping, Optional
 
 import torch
 import torch.distributed as dist
-from lightning.fabric.strategies import _StrategyRegistry
-from lightning.fabric.strategies.deepspeed import _validate_device_index_selection
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch import Trainer
 from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
@@ -37,6 +35,7 @@ from torch.nn import Module
 from typing_extensions import override
 
 from .. import support
+from .._compat import StrategyRegistry, validate_device_index_selection, zero3_repartition
 from ..checkpoint import deepspeed_dir, is_checkpoint_folder, load_checkpoint, save_checkpoint, save_folder
 from ..config import LocalSGDConfig, local_sgd_arguments
 from ..state import ZeroState
@@ -215,11 +214,7 @@ def refresh_module_params(opt: Any) -> None:
     """After the master partitions changed: make the module's (bit16) parameters equal to them again, as ZeRO
     does at the end of its own ``step()``. Collective inside the worker group."""
     if hasattr(opt, "fp32_partitioned_groups_flat"):  # stage 3
-        # release the gathered parameters (the persistent ones included), so the partitions are the source
-        opt._partition_all_parameters()
-        for i in range(len(opt.fp16_partitioned_groups_flat)):
-            # fp32 flat -> partitioned bit16 flat, which the parameters' ds_tensor views point into
-            opt._reassign_or_swap_out_partitioned_parameters(i)
+        zero3_repartition(opt)  # release the gathered parameters, then fp32 master partitions -> bit16 partitions
         persistent = getattr(opt, "persistent_parameters", None)
         if persistent:
             persistent[0].all_gather(persistent)
@@ -317,7 +312,7 @@ class LocalSGDDeepSpeedStrategy(LocalSGDMixin, DeepSpeedStrategy):
     def setup_distributed(self) -> None:
         assert self.parallel_devices is not None
         if self.root_device.type != "cpu":
-            _validate_device_index_selection(self.parallel_devices)
+            validate_device_index_selection(self.parallel_devices)
         reset_seed()
         self.set_world_ranks()
         self._init_deepspeed_distributed()
@@ -536,7 +531,7 @@ class LocalSGDDeepSpeedStrategy(LocalSGDMixin, DeepSpeedStrategy):
 
     @classmethod
     @override
-    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+    def register_strategies(cls, strategy_registry: StrategyRegistry) -> None:
         for outer, name, what in (("average", "local_sgd", "Local SGD (averaging)"), ("diloco", "diloco", "DiLoCo")):
             strategy_registry.register(
                 f"{name}_deepspeed", cls, description=f"{what} across groups, DeepSpeed ZeRO stage 2 inside each group",

@@ -15,9 +15,6 @@ from typing import Any, Callable, ContextManager, Optional
 import torch
 import torch.distributed as dist
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning.fabric.strategies import _StrategyRegistry
-from lightning.fabric.strategies.model_parallel import _materialize_distributed_module
-from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch import Trainer
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor, nn
@@ -25,6 +22,8 @@ from torch.distributed.tensor import DTensor
 from typing_extensions import override
 
 from .. import integrity
+from .._compat import (StrategyRegistry, materialize_distributed_module, optimizers_to_device, set_device_mesh,
+                       sync_module_states)
 from ..checkpoint import convert_checkpoint, is_checkpoint_folder, load_checkpoint, save_checkpoint, split_single_file
 from ..config import LocalSGDConfig, local_sgd_arguments
 from ..controller import CHECKPOINT_KEY
@@ -169,7 +168,7 @@ class LocalSGDFSDPStrategy(LocalSGDMixin, ModelParallelStrategy):
         self._device_mesh, self.topology = build_mesh_topology(self.root_device.type, self.group_size)
         self._add_cluster_groups()
         assert self.lightning_module is not None
-        self.lightning_module._device_mesh = self._device_mesh
+        set_device_mesh(self.lightning_module, self._device_mesh)
 
     @property
     @override
@@ -195,11 +194,9 @@ class LocalSGDFSDPStrategy(LocalSGDMixin, ModelParallelStrategy):
             self._check_user_sharding(self.model)
         else:
             if not any(p.device.type == "meta" for p in self.model.parameters()):
-                from lightning.pytorch.overrides.distributed import _sync_module_states
-
-                _sync_module_states(self.model)  # rank 0's weights everywhere, before slicing them into shards
+                sync_module_states(self.model)  # rank 0's weights everywhere, before slicing them into shards
             self._shard(self.model)
-        _materialize_distributed_module(self.model, self.root_device)
+        materialize_distributed_module(self.model, self.root_device)
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
         self._broadcast_group_zero_shards()
@@ -208,7 +205,7 @@ class LocalSGDFSDPStrategy(LocalSGDMixin, ModelParallelStrategy):
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
         if is_fitting(trainer):
-            _optimizers_to_device(self.optimizers, self.root_device)
+            optimizers_to_device(self.optimizers, self.root_device)
             self.setup_local_sgd(trainer)
 
     def _shard(self, module: nn.Module) -> None:
@@ -342,7 +339,7 @@ class LocalSGDFSDPStrategy(LocalSGDMixin, ModelParallelStrategy):
 
     @classmethod
     @override
-    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+    def register_strategies(cls, strategy_registry: StrategyRegistry) -> None:
         strategy_registry.register(
             "local_sgd_fsdp", cls, description="Local SGD (averaging) across groups, FSDP2 inside each group",
             outer_optimizer="average", override=True,
