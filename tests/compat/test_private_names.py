@@ -29,10 +29,20 @@ PACKAGE = Path(_compat.__file__).parent
 OPTIONAL = {"deepspeed", "torchft"}  # extras: skipped when not installed; the others are dependencies
 
 
+def _examples_folder() -> Path:
+    """Where ``lightning_localsgd.examples`` lives: the repository's ``examples/`` (mapped by the install, or a
+    symlink in the package folder)."""
+    import lightning_localsgd.examples
+
+    return Path(lightning_localsgd.examples.__file__).resolve().parent
+
+
 def package_files() -> list[Path]:
-    """Every .py file of the package, through the ``examples`` symlink too (``Path.rglob`` does not follow it)."""
-    return sorted(Path(folder, name) for folder, _dirs, names in os.walk(PACKAGE, followlinks=True)
-                  for name in names if name.endswith(".py"))
+    """Every .py file of the package, ``examples`` included wherever it lives (``Path.rglob`` does not follow a
+    symlink, and an editable install maps ``examples/`` without one)."""
+    roots = {PACKAGE.resolve(), _examples_folder()}
+    return sorted({Path(folder, name).resolve() for root in roots
+                   for folder, _dirs, names in os.walk(root, followlinks=True) for name in names if name.endswith(".py")})
 
 
 # ---------------------------------------------------------------------------------------------------- (1) resolve
@@ -247,7 +257,9 @@ def _is_ours(cls: type) -> bool:
 def _subclasses_of_other_packages() -> dict[str, type]:
     """Our classes with a base class of another package (a Lightning strategy, module, CLI...), by "module:Class"."""
     found = {}
-    for info in pkgutil.walk_packages([str(PACKAGE)], "lightning_localsgd."):
+    infos = [*pkgutil.walk_packages([str(PACKAGE)], "lightning_localsgd."),
+             *pkgutil.walk_packages([str(_examples_folder())], "lightning_localsgd.examples.")]
+    for info in {i.name: i for i in infos}.values():
         if info.name.endswith("__main__"):
             continue
         module = importlib.import_module(info.name)
