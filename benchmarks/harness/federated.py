@@ -74,7 +74,8 @@ def run_jobs(script: Path, jobs: list[dict], run_dir: Path, *, join_ms: int, hea
                                 stderr=subprocess.STDOUT)
 
     def start(job: dict) -> None:
-        job = dict(job, lighthouse=address, t0=t0, out=str(run_dir / f"{job['name']}.json"))
+        job = {k: v for k, v in job.items() if k != "log"}  # a restart's job carries its predecessor's log path
+        job.update(lighthouse=address, t0=t0, out=str(run_dir / f"{job['name']}.json"))
         cfg_path = run_dir / f"{job['name']}.cfg.json"
         cfg_path.write_text(json.dumps(job))
         slot = job.get("slot", job["name"])
