@@ -11,6 +11,7 @@ and :meth:`rank_state` (this rank's engine state), restored with :meth:`restore`
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager, nullcontext
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
@@ -227,6 +228,10 @@ class LocalSGDController:
             return
         if isinstance(self.schedule, TimeBasedSchedule):
             if not self.stop_received:  # the others learn in this sync that training is over
+                # They enter their next timed sync when their clocks say so (all restarted at the last sync), so meet
+                # them there: a collective of one world would block until then anyway, and a federated quorum forms
+                # only of the jobs that ask within the lighthouse's join timeout (a job not due yet would miss it).
+                time.sleep(self.schedule.seconds_until_due())
                 self.timed_sync(stop=True)
             return
         if self.outer_sync.pending:

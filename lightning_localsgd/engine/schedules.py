@@ -223,6 +223,11 @@ class TimeBasedSchedule(SyncSchedule):
     def communicates_next(self) -> bool:
         return self.in_warmup
 
+    def seconds_until_due(self) -> float:
+        """Seconds until this interval's sync is due (0 when it is): when the other groups, whose clocks restarted at
+        the same sync, enter their next one."""
+        return max(0.0, self.interval_started + self.sync_every_seconds - self.clock())
+
     def synced(self) -> None:
         super().synced()
         self.interval_started = self.clock()

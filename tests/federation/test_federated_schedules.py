@@ -330,3 +330,32 @@ def test_time_based_job_joining_late_heals_weighs_zero_then_its_tokens(tmp_path,
             assert diff < ATOL, f"{n}: sync {k} off the token-weighted mean by {diff:.3g}"
     for n in ("g1", "g2"):
         assert all(torch.equal(dumps[n]["final"][p], dumps["g0"]["final"][p]) for p in dumps["g0"]["final"])
+
+
+def test_the_stopping_sync_waits_until_the_others_are_due(monkeypatch):
+    """A group that finishes right after a timed sync does not ask for its stopping sync at once: the others, whose
+    clocks restarted at that sync, enter their next one only when it is due, and a federated quorum holds only the
+    jobs that ask within the lighthouse's join timeout. It waits until its own interval is due, then syncs."""
+    import lightning_localsgd.controller as controller_module
+    from lightning_localsgd.config import LocalSGDConfig
+    from lightning_localsgd.controller import LocalSGDController
+
+    now = [100.0]
+    controller = LocalSGDController(LocalSGDConfig(sync_every_seconds=30.0))
+    controller.schedule.clock = lambda: now[0]
+    controller.schedule.synced()  # the last sync ended at t=100
+    now[0] = 112.0  # training ends 12 s later
+    assert controller.schedule.seconds_until_due() == 18.0
+    events = []
+
+    def sleep(seconds):
+        events.append(("sleep", seconds))
+        now[0] += seconds
+
+    monkeypatch.setattr(controller_module.time, "sleep", sleep)
+    controller.outer_sync = object()  # set up (its sync is replaced below)
+    controller.timed_sync = lambda stop: events.append(("sync", now[0], stop))
+    controller.train_end()
+    assert events == [("sleep", 18.0), ("sync", 130.0, True)]  # the stop goes out when the others are due
+    now[0] = 200.0  # past due: no wait
+    assert controller.schedule.seconds_until_due() == 0.0
