@@ -167,6 +167,11 @@ def worker(cfg: dict) -> None:
             if rec["start_t"] is None:  # after the join (and healing) of on_train_start
                 rec["start_t"] = time.time() - t0
                 rec["start_step"] = trainer.global_step
+                fed = getattr(trainer.strategy, "federation", None)
+                if cfg.get("incarnation", 0) > 0 and fed is not None and fed.alone_at_start:
+                    rec["too_late"] = True  # the others finished while it restarted: nobody to rejoin
+                    write()
+                    os._exit(0)
                 if trainer.global_step == 0 and (cfg.get("snapshots") or (ddp and trainer.global_rank == 0)):
                     save_snapshot(trainer, pl_module)  # the initial model
             state["step_start"] = time.perf_counter()
@@ -268,6 +273,8 @@ def run_federated(cfg: dict, run_dir: Path, label: str, timed: bool, churn: bool
     run_dir.mkdir(parents=True)
 
     def restart(job: dict, record: dict) -> dict | None:
+        if any((run_dir / f"device{d}_0.json").exists() for d in range(len(cfg["speeds"])) if d != job["device"]):
+            return None  # another device finished (they stop together): the run is over, nobody to rejoin
         n = job["incarnation"] + 1
         return dict(job, name=f"device{job['device']}_{n}", incarnation=n)
 
