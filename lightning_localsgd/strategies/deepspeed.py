@@ -225,6 +225,83 @@ def refresh_module_params(opt: Any) -> None:
 
 
 
+def check_deepspeed_arguments(kwargs: Mapping[str, Any]) -> None:
+    """Raise a ``ValueError`` for arguments of Lightning's ``DeepSpeedStrategy`` that local SGD replaces or refuses."""
+    if "process_group" in kwargs or "mpu" in kwargs:
+        raise ValueError(
+            "LocalSGDDeepSpeedStrategy builds DeepSpeed's data-parallel groups itself (one per worker group): "
+            "remove `process_group`/`mpu` and set group_size instead."
+        )
+    if kwargs.get("load_full_weights"):
+        raise ValueError(
+            "LocalSGDDeepSpeedStrategy does not support load_full_weights=True (loading one weights file into "
+            "ZeRO-3): resume from the checkpoint folder the strategy wrote, or load the weights in the "
+            "LightningModule (e.g. in configure_model) before training."
+        )
+
+
+def check_accelerator(accelerator: Any) -> None:
+    """Lightning's DeepSpeedStrategy accepts CUDA only; DeepSpeed's CPU accelerator (gloo) works as well."""
+    if isinstance(accelerator, CPUAccelerator):
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        from deepspeed.accelerator import get_accelerator
+
+        if get_accelerator().device_name() != "cpu":
+            raise RuntimeError(
+                f"Trainer(accelerator='cpu') with DeepSpeed, but DeepSpeed chose its "
+                f"'{get_accelerator().device_name()}' accelerator. Set the environment variable DS_ACCELERATOR=cpu "
+                "before starting the script."
+            )
+    elif not isinstance(accelerator, CUDAAccelerator):
+        raise RuntimeError(
+            f"LocalSGDDeepSpeedStrategy runs on CUDA GPUs or on CPU, not on `{type(accelerator).__name__}`."
+        )
+
+
+def inference_config(config: Mapping[str, Any], zero_stage_3: bool) -> dict[str, Any]:
+    """The DeepSpeed config of an evaluation engine (as Lightning's): precision, and ZeRO-3's partitioning."""
+    inference: dict[str, Any] = {"train_micro_batch_size_per_gpu": 1}
+    for key in ("fp16", "bf16"):
+        if key in config:
+            inference[key] = config[key]
+    if zero_stage_3:
+        inference["zero_allow_untested_optimizer"] = config.get("zero_allow_untested_optimizer", True)
+        inference["zero_optimization"] = config["zero_optimization"]
+    return inference
+
+
+def check_layout(layout: Mapping[str, Any], controller: Any, world_size: int, zero_stage: int) -> None:
+    """Refuse to resume from a checkpoint whose layout (ranks, groups, ZeRO stage) this run cannot load."""
+    controller.check_meta(layout, world_size)
+    if layout.get("zero_stage", zero_stage) != zero_stage:
+        raise ValueError(
+            f"cannot resume: the checkpoint was written with ZeRO stage {layout['zero_stage']}, this run uses "
+            f"stage {zero_stage}. Resume with the same stage."
+        )
+
+
+@torch.no_grad()
+def broadcast_from_rank_zero(model: Module) -> None:
+    """Every rank starts from rank 0's weights and buffers whatever its seed (DeepSpeed itself broadcasts only
+    inside its data-parallel group, i.e. the worker group)."""
+    for t in list(model.parameters()) + list(model.buffers()):
+        if hasattr(t, "ds_id") or t.numel() == 0:
+            continue  # already partitioned by zero.Init: handled after the engine exists
+        dist.broadcast(t.data, src=0)
+
+
+@torch.no_grad()
+def broadcast_group_zero_partitions(optimizer: Any, topology: Topology) -> None:
+    """Every group starts from group 0's master partitions (rank k of group 0 sends partition k to its cross
+    group): covers parameters that zero.Init partitioned inside each group from different seeds."""
+    if topology.num_groups == 1:
+        return
+    for t in master_partitions(optimizer):
+        if t.numel():
+            dist.broadcast(t, src=topology.rank_in_group, group=topology.cross_group)
+    refresh_module_params(optimizer)
+
+
 @local_sgd_arguments(
     defaults={"group_size": None},
     docs={"group_size": "ranks per worker group = ZeRO's data-parallel size; must divide the world size. Default "
@@ -271,17 +348,7 @@ class LocalSGDDeepSpeedStrategy(LocalSGDMixin, DeepSpeedStrategy):
         _require_deepspeed()
         support.check(kwargs, "deepspeed")  # warm-up, streaming and time-based sync: refused with the reason
         config = LocalSGDConfig.from_kwargs(kwargs, self.local_sgd_defaults)
-        if "process_group" in kwargs or "mpu" in kwargs:
-            raise ValueError(
-                "LocalSGDDeepSpeedStrategy builds DeepSpeed's data-parallel groups itself (one per worker group): "
-                "remove `process_group`/`mpu` and set group_size instead."
-            )
-        if kwargs.get("load_full_weights"):
-            raise ValueError(
-                "LocalSGDDeepSpeedStrategy does not support load_full_weights=True (loading one weights file into "
-                "ZeRO-3): resume from the checkpoint folder the strategy wrote, or load the weights in the "
-                "LightningModule (e.g. in configure_model) before training."
-            )
+        check_deepspeed_arguments(kwargs)
         super().__init__(**kwargs)
         assert isinstance(self.config, dict)
         self.zero_stage = check_deepspeed_config(self.config)
@@ -291,21 +358,7 @@ class LocalSGDDeepSpeedStrategy(LocalSGDMixin, DeepSpeedStrategy):
     # ------------------------------------------------------------------ launch / process groups
     @override
     def setup_environment(self) -> None:
-        # Lightning's DeepSpeedStrategy accepts CUDA only; DeepSpeed's CPU accelerator (gloo) works as well.
-        if isinstance(self.accelerator, CPUAccelerator):
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
-            from deepspeed.accelerator import get_accelerator
-
-            if get_accelerator().device_name() != "cpu":
-                raise RuntimeError(
-                    f"Trainer(accelerator='cpu') with DeepSpeed, but DeepSpeed chose its "
-                    f"'{get_accelerator().device_name()}' accelerator. Set the environment variable DS_ACCELERATOR=cpu "
-                    "before starting the script."
-                )
-        elif not isinstance(self.accelerator, CUDAAccelerator):
-            raise RuntimeError(
-                f"LocalSGDDeepSpeedStrategy runs on CUDA GPUs or on CPU, not on `{type(self.accelerator).__name__}`."
-            )
+        check_accelerator(self.accelerator)
         DDPStrategy.setup_environment(self)  # accelerator + setup_distributed (below), without DeepSpeed's CUDA check
 
     @override
@@ -371,18 +424,12 @@ class LocalSGDDeepSpeedStrategy(LocalSGDMixin, DeepSpeedStrategy):
         from lightning.pytorch.strategies.deepspeed import remove_module_hooks
 
         assert isinstance(self.config, dict) and self._mpu is not None
-        inference_config: dict[str, Any] = {"train_micro_batch_size_per_gpu": 1}
-        for key in ("fp16", "bf16"):
-            if key in self.config:
-                inference_config[key] = self.config[key]
-        if self.zero_stage_3:
-            inference_config["zero_allow_untested_optimizer"] = self.config.get("zero_allow_untested_optimizer", True)
-            inference_config["zero_optimization"] = self.config["zero_optimization"]
         remove_module_hooks(model)
         device_rank = self.root_device.index if self.root_device.index is not None else self.local_rank
         engine, _, _, _ = deepspeed.initialize(
-            args=argparse.Namespace(device_rank=device_rank), config=inference_config, model=model, optimizer=None,
-            lr_scheduler=None, model_parameters=[], mpu=self._mpu, dist_init_required=False,
+            args=argparse.Namespace(device_rank=device_rank), config=inference_config(self.config, self.zero_stage_3),
+            model=model, optimizer=None, lr_scheduler=None, model_parameters=[], mpu=self._mpu,
+            dist_init_required=False,
         )
         self.model = engine
 
@@ -394,40 +441,20 @@ class LocalSGDDeepSpeedStrategy(LocalSGDMixin, DeepSpeedStrategy):
                 "sync_batchnorm=True synchronizes batch statistics across all ranks at every step, which local SGD "
                 "avoids (buffers are averaged at each sync instead). Set Trainer(sync_batchnorm=False)."
             )
-        self._broadcast_from_rank_zero()
+        assert self.model is not None
+        broadcast_from_rank_zero(self.model)
         super().setup(trainer)
         guard_reentrant_root_forward(getattr(self.model, "optimizer", None) if self.model is not None else None)
         if fitting:
             self.zero_optimizer  # fails early for an optimizer wrapper we cannot sync
-            self._broadcast_group_zero_partitions()
+            assert self.topology is not None
+            broadcast_group_zero_partitions(self.zero_optimizer, self.topology)
             self.setup_local_sgd(trainer)
-
-    @torch.no_grad()
-    def _broadcast_from_rank_zero(self) -> None:
-        """Every rank starts from rank 0's weights and buffers whatever its seed (DeepSpeed itself broadcasts only
-        inside its data-parallel group, i.e. the worker group)."""
-        assert self.model is not None
-        for t in list(self.model.parameters()) + list(self.model.buffers()):
-            if hasattr(t, "ds_id") or t.numel() == 0:
-                continue  # already partitioned by zero.Init: handled after the engine exists
-            dist.broadcast(t.data, src=0)
 
     @property
     def zero_optimizer(self) -> Any:
         """DeepSpeed's ZeRO optimizer, whose fp32 master partitions are what this rank syncs."""
         return zero_optimizer(self.deepspeed_engine)
-
-    @torch.no_grad()
-    def _broadcast_group_zero_partitions(self) -> None:
-        """Every group starts from group 0's master partitions (rank k of group 0 sends partition k to its cross
-        group): covers parameters that zero.Init partitioned inside each group from different seeds."""
-        assert self.topology is not None
-        if self.topology.num_groups == 1:
-            return
-        for t in master_partitions(self.zero_optimizer):
-            if t.numel():
-                dist.broadcast(t, src=self.topology.rank_in_group, group=self.topology.cross_group)
-        refresh_module_params(self.zero_optimizer)
 
     @override
     def local_sgd_tensors(self) -> tuple[list[Tensor], list[Tensor]]:
@@ -482,14 +509,6 @@ class LocalSGDDeepSpeedStrategy(LocalSGDMixin, DeepSpeedStrategy):
         save_checkpoint(self, checkpoint, filepath, self.training_state, write_partitions=write_partitions,
                         writer=writer, zero_stage=self.zero_stage)
 
-    def _check_layout(self, layout: Mapping[str, Any]) -> None:
-        self.local_sgd.check_meta(layout, self.world_size)
-        if layout.get("zero_stage", self.zero_stage) != self.zero_stage:
-            raise ValueError(
-                f"cannot resume: the checkpoint was written with ZeRO stage {layout['zero_stage']}, this run uses "
-                f"stage {self.zero_stage}. Resume with the same stage."
-            )
-
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
         path = str(checkpoint_path)
@@ -513,8 +532,8 @@ class LocalSGDDeepSpeedStrategy(LocalSGDMixin, DeepSpeedStrategy):
                 f"into one weights file with `lightning-localsgd convert {path} model.ckpt` and load that, or "
                 "evaluate inside trainer.fit (the validation loop)."
             )
-        checkpoint, layout, mine = load_checkpoint(path, self.global_rank, self.group_size, self._check_layout,
-                                                   rank_state=fitting)
+        check = lambda layout: check_layout(layout, self.local_sgd, self.world_size, self.zero_stage)  # noqa: E731
+        checkpoint, layout, mine = load_checkpoint(path, self.global_rank, self.group_size, check, rank_state=fitting)
         assert layout is not None
         group = self.global_rank // self.group_size if fitting else 0
         _, client_state = self.deepspeed_engine.load_checkpoint(
