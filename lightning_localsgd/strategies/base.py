@@ -31,7 +31,7 @@ from ..config import LocalSGDConfig
 from ..controller import LocalSGDController
 from ..federation import Federation, federated_cluster_size, federated_group_size
 from ..engine import OuterSync, SyncResult, SyncSchedule
-from ..preemption import stop_at_sync_steps
+from ..preemption import SigtermStop, stop_at_sync_steps
 from ..state import ReplicaState, TrainingState
 from ..reliability import stop_local_ranks
 from ..tensors import batch_tokens
@@ -267,16 +267,17 @@ class LocalSGDMixin:
     training_state_class: type[TrainingState] = ReplicaState
 
     def _init_local_sgd(self, config: LocalSGDConfig) -> None:
-        self.local_sgd = LocalSGDController(config)
         self.federation = Federation(config.lighthouse, config.group_id, config.min_groups, config.sync_timeout) \
             if config.lighthouse is not None else None
+        # the strategy is the controller's host (SyncHost); a federation carries the outermost level's syncs
+        self.local_sgd = LocalSGDController(config, host=self, syncs=self.federation)
         self.topology = None
         self._stepped_this_batch = False
         self._starts_step = True  # the next batch is the first micro-batch of an optimizer step
         self._callbacks: list[Callback] = []
         self._train_ended = False
         self._saves: list[tuple[str, int, bool]] = []  # (path, global step, weights only) of this fit's checkpoints
-        self._restore_sigterm: Optional[Callable[[], None]] = None
+        self._sigterm: Optional[SigtermStop] = None  # the SIGTERM handling of this fit (more than one group)
         self._async_writer: Optional[AsyncCheckpointWriter] = None  # async_save: created at the first save
 
     @property
@@ -284,33 +285,13 @@ class LocalSGDMixin:
         """This rank's exact training state, as checkpoints and federated healing read and restore it."""
         return self.training_state_class(self)
 
-    # ------------------------------------------------------------------ what the controller holds
-    @property
-    def outer_sync(self) -> Optional[OuterSync]:
-        """The sync engine of this rank (level 1 with two-stage sync); ``None`` before ``fit`` sets it up."""
-        return self.local_sgd.outer_sync
-
-    @property
-    def cluster_sync(self) -> Optional[OuterSync]:
-        """Two-stage sync: the engine of the sync across clusters."""
-        return self.local_sgd.cluster_sync
-
-    @property
-    def schedule(self) -> SyncSchedule:
-        return self.local_sgd.schedule
-
-    @property
-    def last_sync(self) -> Optional[SyncResult]:
-        return self.local_sgd.last_sync
-
-    @property
-    def sync_seconds_total(self) -> float:
-        return self.local_sgd.sync_seconds_total
-
-    @property
-    def bytes_sent(self) -> int:
-        """Cumulative bytes this rank put into cross-group collectives (both levels with two-stage sync)."""
-        return self.local_sgd.bytes_sent
+    # what the controller holds (outer_sync, cluster_sync, schedule, last_sync, ...): read-only properties, set below
+    outer_sync: Optional[OuterSync]
+    cluster_sync: Optional[OuterSync]
+    schedule: SyncSchedule
+    last_sync: Optional[SyncResult]
+    sync_seconds_total: float
+    bytes_sent: int
 
     @property
     def ddp_bytes_per_step(self) -> int:
@@ -351,6 +332,29 @@ class LocalSGDMixin:
         for optimizer in self.optimizers:  # type: ignore[attr-defined]
             optimizer.state.clear()
 
+    # ------------------------------------------------------------------ the rest of the controller's host (SyncHost)
+    def on_local_sgd_sync(self, result: SyncResult, cluster_result: Optional[SyncResult]) -> None:
+        """A sync was applied: log it (``local_sgd/...`` metrics, rank 0)."""
+        log_sync(self.lightning_module.trainer, self.local_sgd, result, cluster_result)
+
+    def stop_training(self) -> None:
+        """Another group finished training (time-based sync): stop after this step too."""
+        self.lightning_module.trainer.should_stop = True
+
+    def wants_to_stop(self) -> bool:
+        """Whether a SIGTERM arrived on this rank (fed by :mod:`~lightning_localsgd.preemption`'s handler)."""
+        return self._sigterm is not None and self._sigterm.received
+
+    def start_round(self) -> None:
+        """A warm-up step starts: federated, its quorum (which heals a joining group before its forward)."""
+        if self.federation is not None:
+            self.federation.start_round()
+
+    def end_round(self, committed: bool) -> None:
+        """The vote on a warm-up step's gradient mean was taken: federated, the federation records it."""
+        if self.federation is not None:
+            self.federation.end_round(committed)
+
     # ------------------------------------------------------------------ setup
     def _configure_launcher(self) -> None:
         # The world size is known here, before the processes start: fail early on a bad group_size.
@@ -375,16 +379,8 @@ class LocalSGDMixin:
         assert self.topology is not None
         params, buffers = self.local_sgd_tensors()
         controller = self.local_sgd
-        controller.before_sync = self.before_local_sgd_sync
-        controller.after_sync = self.after_local_sgd_sync
-        controller.on_sync = lambda result, cluster: log_sync(trainer, controller, result, cluster)
-        controller.on_stop = lambda: setattr(trainer, "should_stop", True)  # another group finished: stop too
-        controller.on_reset = self.reset_inner_optimizers
         if self.federation is not None:  # the outermost level crosses jobs, met through torchft's quorum
             self.topology.federate(self.federation.start(self, trainer))
-            controller.syncs = self.federation
-            controller.start_round = self.federation.start_round
-            controller.end_round = self.federation.end_round
         controller.setup(self.topology, params, buffers, shard_group=self.local_sgd_shard_group(),
                          norm_group=self.local_sgd_norm_group(), fragment_sizes=self.local_sgd_fragment_sizes(),
                          fallback_timeout=getattr(self, "_timeout", None))
@@ -395,7 +391,7 @@ class LocalSGDMixin:
         self._saves = []
         self._callbacks = insert_callbacks(trainer, self)
         if self.topology.num_groups > 1:  # SIGTERM: every rank stops at one step, no collective in the handler
-            self._restore_sigterm = stop_at_sync_steps(trainer, self.local_sgd)
+            self._sigterm = stop_at_sync_steps(trainer, self.local_sgd)
         rank_zero_info(controller.config.describe(self.topology.num_groups))
 
     # ------------------------------------------------------------------ per step
@@ -501,9 +497,9 @@ class LocalSGDMixin:
     def _remove_hooks(self, trainer: Optional[Trainer]) -> None:
         remove_callbacks(trainer, self._callbacks)
         self._callbacks = []
-        restore_sigterm, self._restore_sigterm = self._restore_sigterm, None
-        if restore_sigterm is not None:
-            restore_sigterm()
+        if self._sigterm is not None:
+            self._sigterm.remove()
+            self._sigterm = None
 
     def on_exception(self, exception: BaseException) -> None:
         super().on_exception(exception)  # type: ignore[misc]
@@ -523,3 +519,18 @@ def _config_property(name: str) -> property:
 for _field in fields(LocalSGDConfig):
     if _field.init:
         setattr(LocalSGDMixin, _field.name, _config_property(_field.name))
+
+
+def _controller_property(name: str, doc: str) -> property:
+    return property(lambda self: getattr(self.local_sgd, name), doc=doc)
+
+
+for _name, _doc in {
+    "outer_sync": "The sync engine of this rank (level 1 with two-stage sync); ``None`` before ``fit`` sets it up.",
+    "cluster_sync": "Two-stage sync: the engine of the sync across clusters.",
+    "schedule": "The sync schedule: what each step does, and the step counters.",
+    "last_sync": "The result of the last sync (``None`` before the first).",
+    "sync_seconds_total": "Seconds this rank spent in syncs.",
+    "bytes_sent": "Cumulative bytes this rank put into cross-group collectives (both levels with two-stage sync).",
+}.items():
+    setattr(LocalSGDMixin, _name, _controller_property(_name, _doc))
