@@ -3,17 +3,18 @@
 A strategy builds a :class:`LocalSGDController` from its :class:`~.config.LocalSGDConfig`, calls :meth:`setup` once the
 process groups and the tensors to sync exist, :meth:`step_end` after every training step that stepped an optimizer
 and :meth:`train_end` when training ends. The controller asks the schedule what the step does and runs it through the
-engines (:class:`~.engine.OuterSync`, one per sync level) under the sync guard. Strategies plug in with four hooks:
-``before_sync`` / ``after_sync`` (refresh views of sharded storage), ``on_sync`` (log a result) and ``on_stop``
-(another group finished training). Checkpoints: :meth:`meta` (layout and every counter, the same for every strategy)
-and :meth:`rank_state` (this rank's engine state), restored with :meth:`restore`.
+engines (:class:`~.engine.OuterSync`, one per sync level) under the sync guard. The strategy hands itself in at
+construction as the controller's host (:class:`SyncHost`: the methods the controller calls on it, declared once), and
+the object the outermost syncs run through (:class:`DirectSyncs`, or a federation's). Checkpoints: :meth:`meta`
+(layout and every counter, the same for every strategy) and :meth:`rank_state` (this rank's engine state), restored
+with :meth:`restore`.
 """
 
 from __future__ import annotations
 
 import time
 from contextlib import contextmanager, nullcontext
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Protocol, Sequence
 
 import torch
 from torch import Tensor
@@ -25,7 +26,7 @@ from .engine.schedules import Action, TimeBasedSchedule
 from .reliability import SyncGuard
 from .topology import Topology
 
-__all__ = ["CHECKPOINT_KEY", "FORMAT_VERSION", "DirectSyncs", "LocalSGDController"]
+__all__ = ["CHECKPOINT_KEY", "FORMAT_VERSION", "DirectSyncs", "LocalSGDController", "NoHost", "SyncHost"]
 
 #: Where a checkpoint keeps the local-SGD state (a key of the checkpoint dict, or of its ``meta.pt``).
 CHECKPOINT_KEY = "local_sgd"
@@ -53,11 +54,87 @@ class DirectSyncs:
         return engine.sync(weight=weight, stop=stop)
 
 
-class LocalSGDController:
-    """Runs local SGD for one rank: what each step does, the syncs, the counters, the checkpoint state."""
+class SyncHost(Protocol):
+    """What :class:`LocalSGDController` calls on its host, the strategy that runs it
+    (:class:`~lightning_localsgd.strategies.base.LocalSGDMixin` implements it)."""
 
-    def __init__(self, config: LocalSGDConfig) -> None:
+    def before_local_sgd_sync(self) -> None:
+        """Before any sync reads the synced tensors (FSDP / DeepSpeed refresh their views of the shards here)."""
+        ...
+
+    def after_local_sgd_sync(self) -> None:
+        """After a sync wrote them (DeepSpeed refreshes the module's parameters from its partitions here)."""
+        ...
+
+    def on_local_sgd_sync(self, result: SyncResult, cluster_result: Optional[SyncResult]) -> None:
+        """A sync was applied (``cluster_result``: two-stage sync's sync across clusters, when one ran): log it."""
+        ...
+
+    def reset_inner_optimizers(self) -> None:
+        """This rank's group had non-finite values at a skipped sync: forget the inner optimizers' state."""
+        ...
+
+    def stop_training(self) -> None:
+        """Time-based sync: another group finished training, so this one stops too."""
+        ...
+
+    def wants_to_stop(self) -> bool:
+        """Time-based sync: whether this rank asks every group to stop at the next sync (a SIGTERM arrived)."""
+        ...
+
+    def start_round(self) -> None:
+        """A warm-up step starts (federated groups: its quorum, which heals a joining group before its forward)."""
+        ...
+
+    def end_round(self, committed: bool) -> None:
+        """The vote on a warm-up step's gradient mean was taken (federated groups: records it)."""
+        ...
+
+
+class NoHost:
+    """A :class:`SyncHost` that does nothing: for a controller used without a strategy (tests, tools)."""
+
+    def before_local_sgd_sync(self) -> None:
+        pass
+
+    def after_local_sgd_sync(self) -> None:
+        pass
+
+    def on_local_sgd_sync(self, result: SyncResult, cluster_result: Optional[SyncResult]) -> None:
+        pass
+
+    def reset_inner_optimizers(self) -> None:
+        pass
+
+    def stop_training(self) -> None:
+        pass
+
+    def wants_to_stop(self) -> bool:
+        return False
+
+    def start_round(self) -> None:
+        pass
+
+    def end_round(self, committed: bool) -> None:
+        pass
+
+
+class LocalSGDController:
+    """Runs local SGD for one rank: what each step does, the syncs, the counters, the checkpoint state.
+
+    Args:
+        config: the local-SGD arguments.
+        host: the strategy the controller calls back (:class:`SyncHost`). Default: :class:`NoHost`.
+        syncs: how the syncs of the outermost level (:attr:`outermost_sync`) run: :class:`DirectSyncs` (the default),
+            or a federation's (over quorums of jobs, a failed attempt redone or dropped). Level 1 of two-stage sync
+            runs directly.
+    """
+
+    def __init__(self, config: LocalSGDConfig, host: Optional[SyncHost] = None,
+                 syncs: Optional[DirectSyncs] = None) -> None:
         self.config = config
+        self.host: SyncHost = host if host is not None else NoHost()
+        self.syncs: DirectSyncs = syncs if syncs is not None else DirectSyncs()
         self.schedule = config.build_schedule()
         self.topology: Optional[Topology] = None
         self.outer_sync: Optional[OuterSync] = None
@@ -67,21 +144,6 @@ class LocalSGDController:
         self.sync_seconds_total = 0.0
         self.stop_received = False
         self.consecutive_skips = 0
-        self.before_sync: Callable[[], None] = lambda: None
-        self.after_sync: Callable[[], None] = lambda: None
-        self.on_sync: Callable[[SyncResult, Optional[SyncResult]], None] = lambda result, cluster: None
-        self.on_stop: Callable[[], None] = lambda: None
-        self.on_reset: Callable[[], None] = lambda: None
-        self.wants_to_stop: Callable[[], bool] = lambda: False
-        """Time-based sync: whether this rank asks every group to stop at the next sync (a SIGTERM arrived)."""
-        """Called on the ranks of a group whose values were not finite at a skipped sync (reset inner state)."""
-        self.syncs: DirectSyncs = DirectSyncs()
-        """How the syncs of the outermost level run (:attr:`outermost_sync`): :class:`DirectSyncs`, or a federation's
-        (over quorums of jobs, a failed attempt redone or dropped). Level 1 of two-stage sync runs directly."""
-        self.start_round: Callable[[], None] = lambda: None
-        """A warm-up step starts (federated groups: its quorum, which heals a joining group before its forward)."""
-        self.end_round: Callable[[bool], None] = lambda committed: None
-        """The vote on a warm-up step's gradient mean was taken (federated groups: records it)."""
         self.warmup_comm: Optional[Communicator] = None
         """Warm-up: the communicator over every group (one world's cross group, or the federated quorum's)."""
         self._restored: Optional[tuple[Mapping[str, Any], Any, Any]] = None
@@ -148,6 +210,14 @@ class LocalSGDController:
         return bool(flag.item() > 0)
 
     # ------------------------------------------------------------------ per step
+    def start_round(self) -> None:
+        """A warm-up step's round of collectives opens: the host's :meth:`SyncHost.start_round`."""
+        self.host.start_round()
+
+    def end_round(self, committed: bool) -> None:
+        """A warm-up step's vote was taken: the host's :meth:`SyncHost.end_round`."""
+        self.host.end_round(committed)
+
     def step_start(self) -> None:
         """A training step starts (its first micro-batch): a warm-up step opens a round of collectives (federated
         groups form the step's quorum here, so a joining group heals before it computes its gradient)."""
@@ -220,7 +290,7 @@ class LocalSGDController:
         elif action is Action.STREAM:
             self.stream(self.schedule.starting, self.schedule.finishing)
         elif action is Action.TIMED_SYNC:
-            self.timed_sync(stop=self.wants_to_stop())
+            self.timed_sync(stop=self.host.wants_to_stop())
 
     def train_end(self) -> None:
         """Apply the fragments in flight, then a last sync of every parameter if some are unsynced."""
@@ -248,14 +318,14 @@ class LocalSGDController:
     @contextmanager
     def _guarded(self) -> Iterator[None]:
         """Around every sync: refresh the views, apply ``sync_timeout``, name the step in a non-finite error."""
-        self.before_sync()
+        self.host.before_local_sgd_sync()
         step = self.schedule.steps_done
         try:
             with self.guard.sync(step) if self.guard is not None else nullcontext():
                 yield
         except FloatingPointError as err:
             raise type(err)(f"local SGD sync at step {step}: {err}") from err
-        self.after_sync()
+        self.host.after_local_sgd_sync()
 
     def sync(self, all_levels: bool = False) -> None:
         """A sync of every parameter; with two-stage sync and ``all_levels``, then one across clusters."""
@@ -294,13 +364,13 @@ class LocalSGDController:
         self.schedule.synced()
         if result.stop_requested:
             self.stop_received = True
-            self.on_stop()
+            self.host.stop_training()
         self._record(result)
 
     def _record(self, result: SyncResult, cluster_result: Optional[SyncResult] = None) -> None:
         self.last_sync = result
         self.sync_seconds_total += result.seconds
-        self.on_sync(result, cluster_result)
+        self.host.on_local_sgd_sync(result, cluster_result)
         if result.skipped:
             self._skipped(result)
         elif result.fragment is None or result.fragment == self.config.fragments - 1:
@@ -310,7 +380,7 @@ class LocalSGDController:
         """A sync was dropped for non-finite values: reset the groups at fault; stop when it keeps happening."""
         assert self.outer_sync is not None
         if self.outer_sync.group_index in result.nonfinite_groups:
-            self.on_reset()  # θ_i is back at θ_g, but e.g. AdamW's moments may hold the NaN that caused it
+            self.host.reset_inner_optimizers()  # θ_i is back at θ_g, but e.g. AdamW's moments may hold the NaN that caused it
         self.consecutive_skips += 1
         if self.consecutive_skips >= self.config.max_consecutive_skips:
             raise NonFinitePseudoGradientError(

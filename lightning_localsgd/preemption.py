@@ -21,7 +21,8 @@ Lightning (>= 2.5) makes a SIGTERM stop every rank of a run together in two plac
   sync the exchange runs under the sync guard: a rank that is gone or hangs is named there as at the sync itself
   (:class:`~lightning_localsgd.reliability.SyncFailedError`, within ``sync_timeout``), not silently ignored;
 * time-based sync (groups take different numbers of steps): the flag rides on the next timed sync (its stop flag),
-  and every group then ends training normally (its last checkpoint and ``on_train_end`` run).
+  and every group then ends training normally (its last checkpoint and ``on_train_end`` run). The strategy reads
+  :attr:`SigtermStop.received` in its ``wants_to_stop()`` (:class:`~lightning_localsgd.controller.SyncHost`).
 """
 
 from __future__ import annotations
@@ -40,13 +41,27 @@ from ._compat import (clear_sigterm_notifier, set_sigterm_broadcast, set_sigterm
                       signal_connector)
 from .controller import LocalSGDController
 
-__all__ = ["stop_at_sync_steps"]
+__all__ = ["SigtermStop", "stop_at_sync_steps"]
 
 log = logging.getLogger(__name__)
 
 
-def stop_at_sync_steps(trainer: Trainer, controller: LocalSGDController) -> Callable[[], None]:
-    """Install the SIGTERM handling described above for ``trainer``; return the function that removes it.
+class SigtermStop:
+    """The SIGTERM handling installed for one ``fit``: whether a signal arrived on this rank, and its removal."""
+
+    def __init__(self) -> None:
+        self.received = False
+        """Set by the signal handler (this rank only; every rank learns it at the next step that crosses groups)."""
+        self._remove: Callable[[], None] = _nothing
+
+    def remove(self) -> None:
+        """Put Lightning's own handling back (once)."""
+        remove, self._remove = self._remove, _nothing
+        remove()
+
+
+def stop_at_sync_steps(trainer: Trainer, controller: LocalSGDController) -> SigtermStop:
+    """Install the SIGTERM handling described above for ``trainer``; return its handle (:class:`SigtermStop`).
 
     Call it in the strategy's setup: Lightning registers its signal handlers after the strategy's setup and takes the
     handler from its connector then.
@@ -55,13 +70,13 @@ def stop_at_sync_steps(trainer: Trainer, controller: LocalSGDController) -> Call
     loop = trainer.fit_loop.epoch_loop
     original = sigterm_broadcast(loop)
 
-    received = [False]  # set by the handler; trainer.received_sigterm only once every rank knows
+    handling = SigtermStop()  # .received: set by the handler; trainer.received_sigterm only once every rank knows
 
     def record_signal(signum: Any, _frame: Any) -> None:
         log.info(rank_prefixed_message(f"Received SIGTERM: {signum}", trainer.local_rank))
-        if not received[0] and trainer.strategy.launcher is not None:
+        if not handling.received and trainer.strategy.launcher is not None:
             trainer.strategy.launcher.kill(signum)  # the ranks this process started get it too
-        received[0] = True
+        handling.received = True
 
     def agree_at_sync_steps() -> None:
         schedule = controller.schedule
@@ -69,7 +84,7 @@ def stop_at_sync_steps(trainer: Trainer, controller: LocalSGDController) -> Call
             return
         step = schedule.steps_done + 1
         guard = controller.guard if not schedule.in_warmup else None  # sync_timeout applies to syncs only
-        flag = torch.tensor([1.0 if received[0] else 0.0], device=trainer.strategy.root_device)
+        flag = torch.tensor([1.0 if handling.received else 0.0], device=trainer.strategy.root_device)
         with guard.sync(step, before_step=True) if guard is not None else nullcontext():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item() > 0:
@@ -77,23 +92,18 @@ def stop_at_sync_steps(trainer: Trainer, controller: LocalSGDController) -> Call
             raise SIGTERMException()
 
     if original is None:  # Lightning < 2.5 exchanges no stop flag: its own handling (no collective) stays
-        return _nothing
-    controller.wants_to_stop = lambda: received[0]
+        return handling
     set_sigterm_notifier(connector, record_signal)  # (an instance attribute: Lightning's bound method stays intact)
     set_sigterm_broadcast(loop, agree_at_sync_steps)
 
     def remove() -> None:
         clear_sigterm_notifier(connector)
         set_sigterm_broadcast(loop, original)
-        controller.wants_to_stop = _never
 
-    return remove
+    handling._remove = remove
+    return handling
 
 
 def _nothing() -> None:
     return None
-
-
-def _never() -> bool:
-    return False
 

@@ -218,7 +218,7 @@ class ZeroState(TrainingState):
         return {}
 
     def capture(self) -> dict[str, Any]:
-        from .strategies.deepspeed import master_partitions
+        from .zero import master_partitions
 
         optimizer = self.strategy.zero_optimizer
         masters = master_partitions(optimizer)
@@ -238,7 +238,7 @@ class ZeroState(TrainingState):
     def load_rank_state(self, state: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
         partition = state.get("partition")
         if partition is not None:  # healing: a live peer's partition of the same rank (a checkpoint's is DeepSpeed's)
-            from .strategies.deepspeed import master_partitions
+            from .zero import master_partitions
 
             optimizer = self.strategy.zero_optimizer
             masters = master_partitions(optimizer)

@@ -31,7 +31,7 @@ from ..config import LocalSGDConfig
 from ..controller import LocalSGDController
 from ..federation import Federation, federated_cluster_size, federated_group_size
 from ..engine import OuterSync, SyncResult, SyncSchedule
-from ..preemption import stop_at_sync_steps
+from ..preemption import SigtermStop, stop_at_sync_steps
 from ..state import ReplicaState, TrainingState
 from ..reliability import stop_local_ranks
 from ..tensors import batch_tokens
@@ -135,6 +135,123 @@ def one_group_message(world_size: int, group_size: int) -> str:
             "machine is every rank.")
 
 
+def check_world_size(world_size: int, group_size: int, cluster_size: Optional[int], lighthouse: Optional[str]) -> None:
+    """Fail before any process starts when ``group_size`` / ``cluster_size`` cannot split the ranks."""
+    check_group_size(world_size, group_size)
+    if cluster_size is not None:
+        check_cluster_size(world_size // group_size, cluster_size)
+    if world_size == group_size and lighthouse is None:
+        rank_zero_warn(one_group_message(world_size, group_size), category=UserWarning)
+
+
+def launch_sizes(config: LocalSGDConfig, world_size: int, devices_per_node: int) -> tuple[int, Optional[int]]:
+    """``(group_size, cluster_size)`` once the launcher knows the world size, checked before any process starts.
+
+    ``group_size=None`` (FSDP, DeepSpeed) is the devices per node. Federated with one level, the job's own world is
+    the worker group; with two levels the job is the cluster (its groups sync inside it, the jobs through torchft).
+    """
+    group_size, cluster_size = config.group_size, config.cluster_size
+    if config.lighthouse is not None and config.cluster_sync_every is None:
+        group_size = federated_group_size(group_size, world_size)
+    if group_size is None:
+        group_size = devices_per_node
+    if config.lighthouse is not None and config.cluster_sync_every is not None:
+        cluster_size = federated_cluster_size(group_size, world_size, config.cluster_sync_every)
+    check_world_size(world_size, group_size, cluster_size, config.lighthouse)
+    return group_size, cluster_size
+
+
+def add_cluster_groups_for(topology: Topology, cluster_size: int, federated: bool,
+                           timeout: Optional[timedelta]) -> None:
+    """Two-stage sync: the level-1 and level-2 process groups. Federated, the job is the cluster and level 2 is
+    torchft's communicator (set when the federation starts)."""
+    if federated:
+        job_cluster_groups(topology)
+    else:
+        add_cluster_groups(topology, cluster_size, timeout)
+
+
+def check_time_based_trainer(trainer: Trainer) -> None:
+    """Time-based sync: groups run different numbers of steps, so nothing may be collective between syncs."""
+    problems = []
+    if trainer.checkpoint_callbacks:
+        problems.append("checkpoint callbacks (ModelCheckpoint; pass Trainer(enable_checkpointing=False) and call "
+                        "trainer.save_checkpoint after fit)")
+    if trainer.early_stopping_callback is not None:
+        problems.append("EarlyStopping callbacks")
+    if is_overridden("validation_step", trainer.lightning_module) and trainer.limit_val_batches != 0:
+        problems.append("validation during fit (pass Trainer(limit_val_batches=0) and call trainer.validate "
+                        "after fit)")
+    if problems:
+        raise ValueError(
+            "sync_every_seconds: worker groups run different numbers of steps between syncs, so collectives "
+            "that Lightning runs at step or epoch counts would pair up wrongly across groups. Remove: "
+            + "; ".join(problems) + "."
+        )
+
+
+def insert_callbacks(trainer: Trainer, strategy: "LocalSGDMixin") -> list[Callback]:
+    """Put the step-end callback first and the train-end sync right before the first checkpoint callback."""
+    last = _SyncBeforeLastCheckpoint(strategy)
+    at = next((i for i, c in enumerate(trainer.callbacks) if isinstance(c, Checkpoint)), len(trainer.callbacks))
+    trainer.callbacks.insert(at, last)
+    first = _SyncAtStepEnd(strategy)
+    trainer.callbacks.insert(0, first)
+    return [first, last]
+
+
+def writer_timeout(sync_timeout: Optional[float], process_group_timeout: Optional[timedelta]) -> Optional[timedelta]:
+    """How long a background checkpoint write may take: ``sync_timeout``, else the process groups' timeout."""
+    return timedelta(seconds=sync_timeout) if sync_timeout is not None else process_group_timeout
+
+
+def log_sync(trainer: Trainer, controller: LocalSGDController, result: SyncResult,
+             cluster_result: Optional[SyncResult] = None) -> None:
+    """Log a sync's metrics (``local_sgd/...``) to the trainer's loggers, on global rank 0."""
+    if trainer.global_rank != 0 or not trainer.loggers:
+        return
+    assert controller.outer_sync is not None
+    metrics = {
+        "local_sgd/syncs": float(controller.outer_sync.num_syncs),
+        "local_sgd/bytes_sent": float(controller.bytes_sent),
+        "local_sgd/sync_seconds": result.seconds,
+        "local_sgd/pseudo_grad_norm": result.pseudo_grad_norm,
+        "local_sgd/skipped": float(result.skipped),
+    }
+    if result.fragment is not None:
+        metrics["local_sgd/fragment"] = float(result.fragment)
+    if cluster_result is not None and controller.cluster_sync is not None:
+        metrics["local_sgd/cluster_syncs"] = float(controller.cluster_sync.num_syncs)
+        metrics["local_sgd/cluster_pseudo_grad_norm"] = cluster_result.pseudo_grad_norm
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=trainer.global_step)
+
+
+def save_again_at_this_step(strategy: "LocalSGDMixin", trainer: Trainer, saves: list[tuple[str, int, bool]]) -> None:
+    """After the train-end sync: write again every checkpoint of ``saves`` (path, step, weights only) taken at this
+    step before the sync, so every checkpoint of the last step holds the model ``fit`` returns. Collective."""
+    stale = dict.fromkeys((path, weights_only) for path, step, weights_only in saves if step == trainer.global_step)
+    if stale and strategy._async_writer is not None:
+        strategy._async_writer.wait()  # a save_top_k removal deferred behind a background write happens first
+    for path, weights_only in stale:
+        if strategy.broadcast(os.path.exists(path)):  # type: ignore[attr-defined]  # not one top-k removed since
+            trainer.save_checkpoint(path, weights_only=weights_only)
+
+
+def remove_callbacks(trainer: Optional[Trainer], callbacks: list[Callback]) -> None:
+    """Take the strategy's own callbacks out of ``trainer`` again."""
+    for callback in callbacks:
+        if trainer is not None and callback in trainer.callbacks:
+            trainer.callbacks.remove(callback)
+
+
+def raise_unless_handling_another(error: BaseException) -> None:
+    """Raise ``error`` (a failed background write), or only log it while another error propagates."""
+    if sys.exc_info()[1] is None:
+        raise error
+    log.error(f"{error} (while handling another error: {sys.exc_info()[1]!r})")  # that one propagates
+
+
 class LocalSGDMixin:
     """Local-SGD behaviour for a Lightning strategy. Put it first in the bases: ``class X(LocalSGDMixin, DDPStrategy)``.
 
@@ -150,16 +267,17 @@ class LocalSGDMixin:
     training_state_class: type[TrainingState] = ReplicaState
 
     def _init_local_sgd(self, config: LocalSGDConfig) -> None:
-        self.local_sgd = LocalSGDController(config)
         self.federation = Federation(config.lighthouse, config.group_id, config.min_groups, config.sync_timeout) \
             if config.lighthouse is not None else None
+        # the strategy is the controller's host (SyncHost); a federation carries the outermost level's syncs
+        self.local_sgd = LocalSGDController(config, host=self, syncs=self.federation)
         self.topology = None
         self._stepped_this_batch = False
         self._starts_step = True  # the next batch is the first micro-batch of an optimizer step
         self._callbacks: list[Callback] = []
         self._train_ended = False
         self._saves: list[tuple[str, int, bool]] = []  # (path, global step, weights only) of this fit's checkpoints
-        self._restore_sigterm: Optional[Callable[[], None]] = None
+        self._sigterm: Optional[SigtermStop] = None  # the SIGTERM handling of this fit (more than one group)
         self._async_writer: Optional[AsyncCheckpointWriter] = None  # async_save: created at the first save
 
     @property
@@ -167,33 +285,13 @@ class LocalSGDMixin:
         """This rank's exact training state, as checkpoints and federated healing read and restore it."""
         return self.training_state_class(self)
 
-    # ------------------------------------------------------------------ what the controller holds
-    @property
-    def outer_sync(self) -> Optional[OuterSync]:
-        """The sync engine of this rank (level 1 with two-stage sync); ``None`` before ``fit`` sets it up."""
-        return self.local_sgd.outer_sync
-
-    @property
-    def cluster_sync(self) -> Optional[OuterSync]:
-        """Two-stage sync: the engine of the sync across clusters."""
-        return self.local_sgd.cluster_sync
-
-    @property
-    def schedule(self) -> SyncSchedule:
-        return self.local_sgd.schedule
-
-    @property
-    def last_sync(self) -> Optional[SyncResult]:
-        return self.local_sgd.last_sync
-
-    @property
-    def sync_seconds_total(self) -> float:
-        return self.local_sgd.sync_seconds_total
-
-    @property
-    def bytes_sent(self) -> int:
-        """Cumulative bytes this rank put into cross-group collectives (both levels with two-stage sync)."""
-        return self.local_sgd.bytes_sent
+    # what the controller holds (outer_sync, cluster_sync, schedule, last_sync, ...): read-only properties, set below
+    outer_sync: Optional[OuterSync]
+    cluster_sync: Optional[OuterSync]
+    schedule: SyncSchedule
+    last_sync: Optional[SyncResult]
+    sync_seconds_total: float
+    bytes_sent: int
 
     @property
     def ddp_bytes_per_step(self) -> int:
@@ -234,18 +332,34 @@ class LocalSGDMixin:
         for optimizer in self.optimizers:  # type: ignore[attr-defined]
             optimizer.state.clear()
 
+    # ------------------------------------------------------------------ the rest of the controller's host (SyncHost)
+    def on_local_sgd_sync(self, result: SyncResult, cluster_result: Optional[SyncResult]) -> None:
+        """A sync was applied: log it (``local_sgd/...`` metrics, rank 0)."""
+        log_sync(self.lightning_module.trainer, self.local_sgd, result, cluster_result)
+
+    def stop_training(self) -> None:
+        """Another group finished training (time-based sync): stop after this step too."""
+        self.lightning_module.trainer.should_stop = True
+
+    def wants_to_stop(self) -> bool:
+        """Whether a SIGTERM arrived on this rank (fed by :mod:`~lightning_localsgd.preemption`'s handler)."""
+        return self._sigterm is not None and self._sigterm.received
+
+    def start_round(self) -> None:
+        """A warm-up step starts: federated, its quorum (which heals a joining group before its forward)."""
+        if self.federation is not None:
+            self.federation.start_round()
+
+    def end_round(self, committed: bool) -> None:
+        """The vote on a warm-up step's gradient mean was taken: federated, the federation records it."""
+        if self.federation is not None:
+            self.federation.end_round(committed)
+
     # ------------------------------------------------------------------ setup
     def _configure_launcher(self) -> None:
         # The world size is known here, before the processes start: fail early on a bad group_size.
-        world_size = self.num_nodes * self.num_processes  # type: ignore[attr-defined]
-        if self.lighthouse is not None and self.cluster_sync_every is None:
-            # federated, one level: the job's own world is the worker group
-            self.group_size = federated_group_size(self.group_size, world_size)
-        self._resolve_group_size()
-        if self.lighthouse is not None and self.cluster_sync_every is not None:
-            # federated, two levels: the job is the cluster; its groups sync inside it, the jobs through torchft
-            self.cluster_size = federated_cluster_size(self.group_size, world_size, self.cluster_sync_every)
-        self._check_world_size(world_size)
+        self.group_size, self.cluster_size = launch_sizes(
+            self.local_sgd.config, self.num_nodes * self.num_processes, self.num_processes)  # type: ignore[attr-defined]
         super()._configure_launcher()  # type: ignore[misc]
 
     def _resolve_group_size(self) -> None:
@@ -253,81 +367,32 @@ class LocalSGDMixin:
         if self.group_size is None:
             self.group_size = self.num_processes  # type: ignore[attr-defined]
 
-    def _check_world_size(self, world_size: int) -> None:
-        """Fail before any process starts when ``group_size`` / ``cluster_size`` cannot split the ranks."""
-        group_size = self.group_size or 1
-        check_group_size(world_size, group_size)
-        if self.cluster_size is not None:
-            check_cluster_size(world_size // group_size, self.cluster_size)
-        if world_size == group_size and self.lighthouse is None:
-            rank_zero_warn(one_group_message(world_size, group_size), category=UserWarning)
-
     def _add_cluster_groups(self) -> None:
         """Two-stage sync: create the level-1 and level-2 process groups (collective, right after the topology).
         Federated: the job is the cluster; level 2 is torchft's communicator (set in :meth:`setup_local_sgd`)."""
-        if self.cluster_size is None or self.topology is None:
-            return
-        if self.federation is not None:
-            job_cluster_groups(self.topology)
-        else:
-            add_cluster_groups(self.topology, self.cluster_size, getattr(self, "_timeout", None))
+        if self.cluster_size is not None and self.topology is not None:
+            add_cluster_groups_for(self.topology, self.cluster_size, self.federation is not None,
+                                   getattr(self, "_timeout", None))
 
     def setup_local_sgd(self, trainer: Trainer) -> None:
         """Build the engines, hook the step end into the trainer, check the trainer for time-based sync."""
         assert self.topology is not None
         params, buffers = self.local_sgd_tensors()
         controller = self.local_sgd
-        controller.before_sync = self.before_local_sgd_sync
-        controller.after_sync = self.after_local_sgd_sync
-        controller.on_sync = lambda result, cluster: self._log_sync(trainer, result, cluster)
-        controller.on_stop = lambda: setattr(trainer, "should_stop", True)  # another group finished: stop too
-        controller.on_reset = self.reset_inner_optimizers
         if self.federation is not None:  # the outermost level crosses jobs, met through torchft's quorum
             self.topology.federate(self.federation.start(self, trainer))
-            controller.syncs = self.federation
-            controller.start_round = self.federation.start_round
-            controller.end_round = self.federation.end_round
         controller.setup(self.topology, params, buffers, shard_group=self.local_sgd_shard_group(),
                          norm_group=self.local_sgd_norm_group(), fragment_sizes=self.local_sgd_fragment_sizes(),
                          fallback_timeout=getattr(self, "_timeout", None))
         if not controller.schedule.lockstep:
-            self._check_time_based_trainer(trainer)
+            check_time_based_trainer(trainer)
         self._train_ended = False
         self._starts_step = True
         self._saves = []
-        last = _SyncBeforeLastCheckpoint(self)
-        at = next((i for i, c in enumerate(trainer.callbacks) if isinstance(c, Checkpoint)), len(trainer.callbacks))
-        trainer.callbacks.insert(at, last)
-        first = _SyncAtStepEnd(self)
-        trainer.callbacks.insert(0, first)
-        self._callbacks = [first, last]
-        self._limit_sigterm_broadcast(trainer)
+        self._callbacks = insert_callbacks(trainer, self)
+        if self.topology.num_groups > 1:  # SIGTERM: every rank stops at one step, no collective in the handler
+            self._sigterm = stop_at_sync_steps(trainer, self.local_sgd)
         rank_zero_info(controller.config.describe(self.topology.num_groups))
-
-    def _check_time_based_trainer(self, trainer: Trainer) -> None:
-        """Time-based sync: groups run different numbers of steps, so nothing may be collective between syncs."""
-        problems = []
-        if trainer.checkpoint_callbacks:
-            problems.append("checkpoint callbacks (ModelCheckpoint; pass Trainer(enable_checkpointing=False) and call "
-                            "trainer.save_checkpoint after fit)")
-        if trainer.early_stopping_callback is not None:
-            problems.append("EarlyStopping callbacks")
-        if is_overridden("validation_step", self.lightning_module) and trainer.limit_val_batches != 0:
-            problems.append("validation during fit (pass Trainer(limit_val_batches=0) and call trainer.validate "
-                            "after fit)")
-        if problems:
-            raise ValueError(
-                "sync_every_seconds: worker groups run different numbers of steps between syncs, so collectives "
-                "that Lightning runs at step or epoch counts would pair up wrongly across groups. Remove: "
-                + "; ".join(problems) + "."
-            )
-
-    def _limit_sigterm_broadcast(self, trainer: Trainer) -> None:
-        """SIGTERM: no collective in the signal handler nor between syncs; every rank stops at one step (see
-        :mod:`~lightning_localsgd.preemption`)."""
-        if self.topology is None or self.topology.num_groups == 1:
-            return
-        self._restore_sigterm = stop_at_sync_steps(trainer, self.local_sgd)
 
     # ------------------------------------------------------------------ per step
     def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], model: Optional[Any] = None,
@@ -373,16 +438,9 @@ class LocalSGDMixin:
         self._train_ended = True
         before = self.local_sgd.last_sync
         self.local_sgd.train_end()
-        stale = dict.fromkeys((path, weights_only) for path, step, weights_only in self._saves
-                              if step == trainer.global_step)
-        self._saves = []
-        if self.local_sgd.last_sync is before:
-            return  # no sync ran: those checkpoints hold the final model already
-        if stale and self._async_writer is not None:
-            self._async_writer.wait()  # a save_top_k removal deferred behind a background write happens first
-        for path, weights_only in stale:
-            if self.broadcast(os.path.exists(path)):  # type: ignore[attr-defined]  # not one top-k removed since
-                trainer.save_checkpoint(path, weights_only=weights_only)
+        saves, self._saves = self._saves, []
+        if self.local_sgd.last_sync is not before:  # a sync ran: those checkpoints hold the model before it
+            save_again_at_this_step(self, trainer, saves)
 
     def note_checkpoint(self, checkpoint: dict[str, Any], filepath: Any) -> None:
         """Every strategy's ``save_checkpoint`` calls this first: what a ``fit`` saves before its train-end sync is
@@ -407,9 +465,8 @@ class LocalSGDMixin:
         if not self.saves_async or not is_fitting(trainer) or trainer.state.status != TrainerStatus.RUNNING:
             return None  # not inside fit (e.g. trainer.save_checkpoint after fit returned): nothing to overlap with
         if self._async_writer is None:
-            timeout = self.local_sgd.config.sync_timeout
-            self._async_writer = AsyncCheckpointWriter(
-                timedelta(seconds=timeout) if timeout is not None else getattr(self, "_timeout", None))
+            self._async_writer = AsyncCheckpointWriter(writer_timeout(self.local_sgd.config.sync_timeout,
+                                                                      getattr(self, "_timeout", None)))
         return self._async_writer
 
     def remove_checkpoint(self, filepath: Any) -> None:
@@ -419,26 +476,6 @@ class LocalSGDMixin:
         if self._async_writer is not None and self._async_writer.defer_removal(lambda: remove(filepath)):
             return
         remove(filepath)
-
-    def _log_sync(self, trainer: Trainer, result: SyncResult, cluster_result: Optional[SyncResult] = None) -> None:
-        if trainer.global_rank != 0 or not trainer.loggers:
-            return
-        controller = self.local_sgd
-        assert controller.outer_sync is not None
-        metrics = {
-            "local_sgd/syncs": float(controller.outer_sync.num_syncs),
-            "local_sgd/bytes_sent": float(controller.bytes_sent),
-            "local_sgd/sync_seconds": result.seconds,
-            "local_sgd/pseudo_grad_norm": result.pseudo_grad_norm,
-            "local_sgd/skipped": float(result.skipped),
-        }
-        if result.fragment is not None:
-            metrics["local_sgd/fragment"] = float(result.fragment)
-        if cluster_result is not None and controller.cluster_sync is not None:
-            metrics["local_sgd/cluster_syncs"] = float(controller.cluster_sync.num_syncs)
-            metrics["local_sgd/cluster_pseudo_grad_norm"] = cluster_result.pseudo_grad_norm
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
 
     # ------------------------------------------------------------------ end
     def on_train_end(self) -> None:
@@ -455,18 +492,14 @@ class LocalSGDMixin:
             self.federation.shutdown()
         super().teardown()  # type: ignore[misc]
         if write_error is not None:
-            if sys.exc_info()[1] is None:
-                raise write_error
-            log.error(f"{write_error} (while handling another error: {sys.exc_info()[1]!r})")  # that one propagates
+            raise_unless_handling_another(write_error)
 
     def _remove_hooks(self, trainer: Optional[Trainer]) -> None:
-        for callback in self._callbacks:
-            if trainer is not None and callback in trainer.callbacks:
-                trainer.callbacks.remove(callback)
+        remove_callbacks(trainer, self._callbacks)
         self._callbacks = []
-        if self._restore_sigterm is not None:
-            self._restore_sigterm()
-            self._restore_sigterm = None
+        if self._sigterm is not None:
+            self._sigterm.remove()
+            self._sigterm = None
 
     def on_exception(self, exception: BaseException) -> None:
         super().on_exception(exception)  # type: ignore[misc]
@@ -486,3 +519,18 @@ def _config_property(name: str) -> property:
 for _field in fields(LocalSGDConfig):
     if _field.init:
         setattr(LocalSGDMixin, _field.name, _config_property(_field.name))
+
+
+def _controller_property(name: str, doc: str) -> property:
+    return property(lambda self: getattr(self.local_sgd, name), doc=doc)
+
+
+for _name, _doc in {
+    "outer_sync": "The sync engine of this rank (level 1 with two-stage sync); ``None`` before ``fit`` sets it up.",
+    "cluster_sync": "Two-stage sync: the engine of the sync across clusters.",
+    "schedule": "The sync schedule: what each step does, and the step counters.",
+    "last_sync": "The result of the last sync (``None`` before the first).",
+    "sync_seconds_total": "Seconds this rank spent in syncs.",
+    "bytes_sent": "Cumulative bytes this rank put into cross-group collectives (both levels with two-stage sync).",
+}.items():
+    setattr(LocalSGDMixin, _name, _controller_property(_name, _doc))

@@ -11,7 +11,8 @@ optimizer, ``fp32_partitioned_groups_flat`` in stage 3), reduced with the same p
 cross group (rank ``k`` of every group holds partition ``k``). Then the module's parameters are made consistent again,
 as ZeRO does after its own ``step()``: stages 1–2 copy the partition into the bit16 partition and all-gather inside the
 group; stage 3 copies it into the partitioned bit16 flat buffer that the next forward gathers from, and re-gathers the
-persistent (small) parameters. Nobody gathers the full model to sync.
+persistent (small) parameters. Nobody gathers the full model to sync. The ZeRO internals (the mpu, the config checks,
+the master partitions and their refresh) live in :mod:`lightning_localsgd.zero`; this module is the Lightning glue.
 """
 
 from __future__ import annotations
@@ -35,11 +36,14 @@ from torch.nn import Module
 from typing_extensions import override
 
 from .. import support
-from .._compat import StrategyRegistry, validate_device_index_selection, zero3_repartition
+from .._compat import StrategyRegistry, validate_device_index_selection
 from ..checkpoint import deepspeed_dir, is_checkpoint_folder, load_checkpoint, save_checkpoint, save_folder
 from ..config import LocalSGDConfig, local_sgd_arguments
 from ..state import ZeroState
-from ..topology import Topology, build_topology, group_ranks
+from ..topology import build_topology
+from ..zero import (WorkerGroupMPU, broadcast_from_rank_zero, broadcast_group_zero_partitions,  # noqa: F401 (API)
+                    check_deepspeed_config, guard_reentrant_root_forward, master_partitions, refresh_module_params,
+                    zero_optimizer)
 from .base import LocalSGDMixin, is_fitting
 
 INSTALL_HINT = "pip install 'lightning-localsgd[deepspeed]'"
@@ -56,173 +60,59 @@ def _require_deepspeed() -> None:
         ) from err
 
 
-class _WorkerGroupMPU:
-    """DeepSpeed's "model-parallel unit" for local SGD: data parallel = this rank's worker group, no model parallelism.
-
-    ``deepspeed.initialize(mpu=...)`` takes ZeRO's data-parallel group (partitioning, gradient reduce-scatter,
-    parameter all-gather, the batch-size arithmetic of its config) from it. The model-parallel group is the rank alone.
-    """
-
-    def __init__(self, topology: Topology, data_parallel_group: dist.ProcessGroup, self_group: dist.ProcessGroup) -> None:
-        self.topology = topology
-        self._dp_group = data_parallel_group
-        self._self_group = self_group
-
-    # data parallel: the worker group
-    def get_data_parallel_group(self) -> dist.ProcessGroup:
-        return self._dp_group
-
-    def get_data_parallel_world_size(self) -> int:
-        return self.topology.group_size
-
-    def get_data_parallel_rank(self) -> int:
-        return self.topology.rank_in_group
-
-    def get_data_parallel_group_ranks(self) -> list[int]:
-        return group_ranks(self.topology.world_size, self.topology.group_size)[self.topology.group_index]
-
-    # model (tensor) parallel: none, the rank alone
-    def get_model_parallel_group(self) -> dist.ProcessGroup:
-        return self._self_group
-
-    def get_model_parallel_world_size(self) -> int:
-        return 1
-
-    def get_model_parallel_rank(self) -> int:
-        return 0
-
-    def get_model_parallel_src_rank(self) -> int:
-        return self.topology.rank
-
-    get_tensor_model_parallel_group = get_model_parallel_group
-    get_tensor_model_parallel_world_size = get_model_parallel_world_size
-    get_tensor_model_parallel_rank = get_model_parallel_rank
-    get_tensor_model_parallel_src_rank = get_model_parallel_src_rank
-
-
-def _zero_config(config: Mapping[str, Any]) -> Mapping[str, Any]:
-    zero = config.get("zero_optimization")
-    return zero if isinstance(zero, Mapping) else {}
-
-
-def _offload_device(section: Any) -> Optional[str]:
-    if isinstance(section, Mapping):
-        device = section.get("device")
-        return None if device in (None, "none") else str(device)
-    return None
-
-
-def check_deepspeed_config(config: Mapping[str, Any]) -> int:
-    """Raise a ``ValueError`` for DeepSpeed settings local SGD cannot sync; return the ZeRO stage."""
-    zero = _zero_config(config)
-    stage = zero.get("stage", 0) if zero else 0
-    if stage not in (1, 2, 3):
+def check_deepspeed_arguments(kwargs: Mapping[str, Any]) -> None:
+    """Raise a ``ValueError`` for arguments of Lightning's ``DeepSpeedStrategy`` that local SGD replaces or refuses."""
+    if "process_group" in kwargs or "mpu" in kwargs:
         raise ValueError(
-            f"LocalSGDDeepSpeedStrategy needs ZeRO stage 1, 2 or 3 inside the worker groups, got stage {stage!r} "
-            "(zero_optimization off or stage 0). Pass stage=1, 2 or 3; for plain data parallelism inside a group use "
-            "LocalSGDStrategy (DDP) instead."
+            "LocalSGDDeepSpeedStrategy builds DeepSpeed's data-parallel groups itself (one per worker group): "
+            "remove `process_group`/`mpu` and set group_size instead."
         )
-    offload = {
-        "offload_optimizer": _offload_device(zero.get("offload_optimizer")),
-        "offload_param": _offload_device(zero.get("offload_param")),
-    }
-    if zero.get("cpu_offload"):
-        offload["offload_optimizer"] = "cpu"
-    if zero.get("cpu_offload_params") or zero.get("cpu_offload_param"):
-        offload["offload_param"] = "cpu"
-    used = {k: v for k, v in offload.items() if v is not None}
-    if used:
-        what = ", ".join(f"{k} to {v}" for k, v in used.items())
+    if kwargs.get("load_full_weights"):
         raise ValueError(
-            f"LocalSGDDeepSpeedStrategy does not support ZeRO offloading ({what}): with offloading the fp32 master "
-            "partition that the outer step must update lives in CPU memory or on NVMe (swapped in and out by "
-            "DeepSpeed), outside the process groups the sync runs over. Turn offloading off (offload_optimizer=False, "
-            "offload_parameters=False, or remove it from the DeepSpeed config), e.g. use a larger group_size or ZeRO "
-            "stage 3 to save memory."
+            "LocalSGDDeepSpeedStrategy does not support load_full_weights=True (loading one weights file into "
+            "ZeRO-3): resume from the checkpoint folder the strategy wrote, or load the weights in the "
+            "LightningModule (e.g. in configure_model) before training."
         )
-    if int(zero.get("zero_hpz_partition_size", 1) or 1) > 1:
+
+
+def check_accelerator(accelerator: Any) -> None:
+    """Lightning's DeepSpeedStrategy accepts CUDA only; DeepSpeed's CPU accelerator (gloo) works as well."""
+    if isinstance(accelerator, CPUAccelerator):
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        from deepspeed.accelerator import get_accelerator
+
+        if get_accelerator().device_name() != "cpu":
+            raise RuntimeError(
+                f"Trainer(accelerator='cpu') with DeepSpeed, but DeepSpeed chose its "
+                f"'{get_accelerator().device_name()}' accelerator. Set the environment variable DS_ACCELERATOR=cpu "
+                "before starting the script."
+            )
+    elif not isinstance(accelerator, CUDAAccelerator):
+        raise RuntimeError(
+            f"LocalSGDDeepSpeedStrategy runs on CUDA GPUs or on CPU, not on `{type(accelerator).__name__}`."
+        )
+
+
+def inference_config(config: Mapping[str, Any], zero_stage_3: bool) -> dict[str, Any]:
+    """The DeepSpeed config of an evaluation engine (as Lightning's): precision, and ZeRO-3's partitioning."""
+    inference: dict[str, Any] = {"train_micro_batch_size_per_gpu": 1}
+    for key in ("fp16", "bf16"):
+        if key in config:
+            inference[key] = config[key]
+    if zero_stage_3:
+        inference["zero_allow_untested_optimizer"] = config.get("zero_allow_untested_optimizer", True)
+        inference["zero_optimization"] = config["zero_optimization"]
+    return inference
+
+
+def check_layout(layout: Mapping[str, Any], controller: Any, world_size: int, zero_stage: int) -> None:
+    """Refuse to resume from a checkpoint whose layout (ranks, groups, ZeRO stage) this run cannot load."""
+    controller.check_meta(layout, world_size)
+    if layout.get("zero_stage", zero_stage) != zero_stage:
         raise ValueError(
-            "LocalSGDDeepSpeedStrategy does not support ZeRO++ hierarchical partitioning (zero_hpz_partition_size > "
-            "1): its secondary partitions are built over DeepSpeed's own groups. Remove zero_hpz_partition_size."
+            f"cannot resume: the checkpoint was written with ZeRO stage {layout['zero_stage']}, this run uses "
+            f"stage {zero_stage}. Resume with the same stage."
         )
-    if int(zero.get("mics_shard_size", -1) or -1) > 0:
-        raise ValueError(
-            "LocalSGDDeepSpeedStrategy does not support MiCS (mics_shard_size): set group_size to the shard size "
-            "instead, so each worker group is one ZeRO partition group."
-        )
-    return int(stage)
-
-
-# ---------------------------------------------------------------------------------------------- ZeRO internals
-def guard_reentrant_root_forward(optimizer: Any) -> None:
-    """ZeRO-3: start DeepSpeed's per-forward parameter trace on the outermost call of the LightningModule only.
-
-    DeepSpeed resets its prefetch trace in a forward pre-hook on the root module. Lightning runs ``training_step``
-    through the engine's forward, and a ``training_step`` that calls ``self(x)`` enters the root module a second
-    time: the trace is reset mid-forward, never completes, and DeepSpeed then validates it at every step with
-    broadcasts from global rank 0 over *all* ranks (``assert_ints_same_as_other_ranks``), one cross-group round
-    trip per step. Re-entrant calls of the root module no longer reset the trace.
-    """
-    # training: the ZeRO-3 optimizer's parameter_offload; evaluation: DeepSpeedZeRoOffload itself
-    offload = getattr(optimizer, "parameter_offload", None) or optimizer
-    handle = getattr(offload, "fwd_pre_hook", None)
-    module = getattr(offload, "module", None)
-    if handle is None or module is None or not isinstance(getattr(offload, "forward_hooks", None), list):
-        return
-    handle.remove()
-    depth = [0]
-
-    def start_of_forward(mod: Module, *args: Any) -> None:
-        depth[0] += 1
-        if depth[0] == 1:
-            offload.get_param_coordinator().reset_step()
-
-    def end_of_forward(mod: Module, *args: Any) -> None:
-        depth[0] -= 1
-
-    offload.fwd_pre_hook = module.register_forward_pre_hook(start_of_forward, prepend=True)
-    offload.forward_hooks.append(module.register_forward_hook(end_of_forward, always_call=True))
-
-
-
-def zero_optimizer(engine: Any) -> Any:
-    """DeepSpeed's ZeRO optimizer of ``engine``, refused when we cannot find its fp32 master partitions."""
-    optimizer = getattr(engine, "optimizer", None)
-    for attr in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups", "fp32_groups_flat_partition"):
-        if isinstance(getattr(optimizer, attr, None), list):
-            return optimizer
-    raise TypeError(
-        f"LocalSGDDeepSpeedStrategy cannot find the fp32 master partitions in DeepSpeed's optimizer "
-        f"{type(optimizer).__name__}: supported are ZeRO stage 1/2 (DeepSpeedZeroOptimizer), stage 3 "
-        "(DeepSpeedZeroOptimizer_Stage3) and DeepSpeed's BF16_Optimizer."
-    )
-
-def master_partitions(opt: Any) -> list[Tensor]:
-    """This rank's fp32 master partitions, one flat tensor per parameter (sub-)group; same layout in every group."""
-    if hasattr(opt, "fp32_partitioned_groups_flat"):  # stage 3
-        flats = opt.fp32_partitioned_groups_flat
-    elif hasattr(opt, "single_partition_of_fp32_groups"):  # stage 1/2
-        flats = opt.single_partition_of_fp32_groups
-    else:  # BF16_Optimizer (bf16 with stage 1)
-        flats = opt.fp32_groups_flat_partition
-    if any(t is None for t in flats):
-        raise RuntimeError("LocalSGDDeepSpeedStrategy: a master partition is swapped out (NVMe offload).")
-    return [t.detach() for t in flats]
-
-@torch.no_grad()
-def refresh_module_params(opt: Any) -> None:
-    """After the master partitions changed: make the module's (bit16) parameters equal to them again, as ZeRO
-    does at the end of its own ``step()``. Collective inside the worker group."""
-    if hasattr(opt, "fp32_partitioned_groups_flat"):  # stage 3
-        zero3_repartition(opt)  # release the gathered parameters, then fp32 master partitions -> bit16 partitions
-        persistent = getattr(opt, "persistent_parameters", None)
-        if persistent:
-            persistent[0].all_gather(persistent)
-        if hasattr(opt, "invalidate_secondary_tensor"):
-            opt.invalidate_secondary_tensor()
-    else:  # stage 1/2 and BF16_Optimizer: copy into the bit16 partition, all-gather inside the group
-        opt.update_lp_params()
-
 
 
 @local_sgd_arguments(
@@ -271,41 +161,17 @@ class LocalSGDDeepSpeedStrategy(LocalSGDMixin, DeepSpeedStrategy):
         _require_deepspeed()
         support.check(kwargs, "deepspeed")  # warm-up, streaming and time-based sync: refused with the reason
         config = LocalSGDConfig.from_kwargs(kwargs, self.local_sgd_defaults)
-        if "process_group" in kwargs or "mpu" in kwargs:
-            raise ValueError(
-                "LocalSGDDeepSpeedStrategy builds DeepSpeed's data-parallel groups itself (one per worker group): "
-                "remove `process_group`/`mpu` and set group_size instead."
-            )
-        if kwargs.get("load_full_weights"):
-            raise ValueError(
-                "LocalSGDDeepSpeedStrategy does not support load_full_weights=True (loading one weights file into "
-                "ZeRO-3): resume from the checkpoint folder the strategy wrote, or load the weights in the "
-                "LightningModule (e.g. in configure_model) before training."
-            )
+        check_deepspeed_arguments(kwargs)
         super().__init__(**kwargs)
         assert isinstance(self.config, dict)
         self.zero_stage = check_deepspeed_config(self.config)
         self._init_local_sgd(config)  # group_size None until the launcher knows the devices per node
-        self._mpu: Optional[_WorkerGroupMPU] = None
+        self._mpu: Optional[WorkerGroupMPU] = None
 
     # ------------------------------------------------------------------ launch / process groups
     @override
     def setup_environment(self) -> None:
-        # Lightning's DeepSpeedStrategy accepts CUDA only; DeepSpeed's CPU accelerator (gloo) works as well.
-        if isinstance(self.accelerator, CPUAccelerator):
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
-            from deepspeed.accelerator import get_accelerator
-
-            if get_accelerator().device_name() != "cpu":
-                raise RuntimeError(
-                    f"Trainer(accelerator='cpu') with DeepSpeed, but DeepSpeed chose its "
-                    f"'{get_accelerator().device_name()}' accelerator. Set the environment variable DS_ACCELERATOR=cpu "
-                    "before starting the script."
-                )
-        elif not isinstance(self.accelerator, CUDAAccelerator):
-            raise RuntimeError(
-                f"LocalSGDDeepSpeedStrategy runs on CUDA GPUs or on CPU, not on `{type(self.accelerator).__name__}`."
-            )
+        check_accelerator(self.accelerator)
         DDPStrategy.setup_environment(self)  # accelerator + setup_distributed (below), without DeepSpeed's CUDA check
 
     @override
@@ -322,7 +188,7 @@ class LocalSGDDeepSpeedStrategy(LocalSGDMixin, DeepSpeedStrategy):
         # the model-parallel group of DeepSpeed's mpu: this rank alone (and the data-parallel group when group_size == 1)
         self_group = dist.new_group([self.global_rank], use_local_synchronization=True)
         dp_group = self.topology.inner_group if self.topology.inner_group is not None else self_group
-        self._mpu = _WorkerGroupMPU(self.topology, dp_group, self_group)
+        self._mpu = WorkerGroupMPU(self.topology, dp_group, self_group)
 
     # ------------------------------------------------------------------ model / engine
     @contextmanager
@@ -371,18 +237,12 @@ class LocalSGDDeepSpeedStrategy(LocalSGDMixin, DeepSpeedStrategy):
         from lightning.pytorch.strategies.deepspeed import remove_module_hooks
 
         assert isinstance(self.config, dict) and self._mpu is not None
-        inference_config: dict[str, Any] = {"train_micro_batch_size_per_gpu": 1}
-        for key in ("fp16", "bf16"):
-            if key in self.config:
-                inference_config[key] = self.config[key]
-        if self.zero_stage_3:
-            inference_config["zero_allow_untested_optimizer"] = self.config.get("zero_allow_untested_optimizer", True)
-            inference_config["zero_optimization"] = self.config["zero_optimization"]
         remove_module_hooks(model)
         device_rank = self.root_device.index if self.root_device.index is not None else self.local_rank
         engine, _, _, _ = deepspeed.initialize(
-            args=argparse.Namespace(device_rank=device_rank), config=inference_config, model=model, optimizer=None,
-            lr_scheduler=None, model_parameters=[], mpu=self._mpu, dist_init_required=False,
+            args=argparse.Namespace(device_rank=device_rank), config=inference_config(self.config, self.zero_stage_3),
+            model=model, optimizer=None, lr_scheduler=None, model_parameters=[], mpu=self._mpu,
+            dist_init_required=False,
         )
         self.model = engine
 
@@ -394,40 +254,20 @@ class LocalSGDDeepSpeedStrategy(LocalSGDMixin, DeepSpeedStrategy):
                 "sync_batchnorm=True synchronizes batch statistics across all ranks at every step, which local SGD "
                 "avoids (buffers are averaged at each sync instead). Set Trainer(sync_batchnorm=False)."
             )
-        self._broadcast_from_rank_zero()
+        assert self.model is not None
+        broadcast_from_rank_zero(self.model)
         super().setup(trainer)
         guard_reentrant_root_forward(getattr(self.model, "optimizer", None) if self.model is not None else None)
         if fitting:
             self.zero_optimizer  # fails early for an optimizer wrapper we cannot sync
-            self._broadcast_group_zero_partitions()
+            assert self.topology is not None
+            broadcast_group_zero_partitions(self.zero_optimizer, self.topology)
             self.setup_local_sgd(trainer)
-
-    @torch.no_grad()
-    def _broadcast_from_rank_zero(self) -> None:
-        """Every rank starts from rank 0's weights and buffers whatever its seed (DeepSpeed itself broadcasts only
-        inside its data-parallel group, i.e. the worker group)."""
-        assert self.model is not None
-        for t in list(self.model.parameters()) + list(self.model.buffers()):
-            if hasattr(t, "ds_id") or t.numel() == 0:
-                continue  # already partitioned by zero.Init: handled after the engine exists
-            dist.broadcast(t.data, src=0)
 
     @property
     def zero_optimizer(self) -> Any:
         """DeepSpeed's ZeRO optimizer, whose fp32 master partitions are what this rank syncs."""
         return zero_optimizer(self.deepspeed_engine)
-
-    @torch.no_grad()
-    def _broadcast_group_zero_partitions(self) -> None:
-        """Every group starts from group 0's master partitions (rank k of group 0 sends partition k to its cross
-        group): covers parameters that zero.Init partitioned inside each group from different seeds."""
-        assert self.topology is not None
-        if self.topology.num_groups == 1:
-            return
-        for t in master_partitions(self.zero_optimizer):
-            if t.numel():
-                dist.broadcast(t, src=self.topology.rank_in_group, group=self.topology.cross_group)
-        refresh_module_params(self.zero_optimizer)
 
     @override
     def local_sgd_tensors(self) -> tuple[list[Tensor], list[Tensor]]:
@@ -482,14 +322,6 @@ class LocalSGDDeepSpeedStrategy(LocalSGDMixin, DeepSpeedStrategy):
         save_checkpoint(self, checkpoint, filepath, self.training_state, write_partitions=write_partitions,
                         writer=writer, zero_stage=self.zero_stage)
 
-    def _check_layout(self, layout: Mapping[str, Any]) -> None:
-        self.local_sgd.check_meta(layout, self.world_size)
-        if layout.get("zero_stage", self.zero_stage) != self.zero_stage:
-            raise ValueError(
-                f"cannot resume: the checkpoint was written with ZeRO stage {layout['zero_stage']}, this run uses "
-                f"stage {self.zero_stage}. Resume with the same stage."
-            )
-
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
         path = str(checkpoint_path)
@@ -513,8 +345,8 @@ class LocalSGDDeepSpeedStrategy(LocalSGDMixin, DeepSpeedStrategy):
                 f"into one weights file with `lightning-localsgd convert {path} model.ckpt` and load that, or "
                 "evaluate inside trainer.fit (the validation loop)."
             )
-        checkpoint, layout, mine = load_checkpoint(path, self.global_rank, self.group_size, self._check_layout,
-                                                   rank_state=fitting)
+        check = lambda layout: check_layout(layout, self.local_sgd, self.world_size, self.zero_stage)  # noqa: E731
+        checkpoint, layout, mine = load_checkpoint(path, self.global_rank, self.group_size, check, rank_state=fitting)
         assert layout is not None
         group = self.global_rank // self.group_size if fitting else 0
         _, client_state = self.deepspeed_engine.load_checkpoint(

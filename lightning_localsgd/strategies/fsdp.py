@@ -10,7 +10,7 @@ model to sync.
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any, Callable, ContextManager, Optional
+from typing import Any, Callable, ContextManager, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -29,7 +29,7 @@ from ..config import LocalSGDConfig, local_sgd_arguments
 from ..controller import CHECKPOINT_KEY
 from ..state import ShardedState
 from ..tensors import local_view
-from ..topology import build_mesh_topology
+from ..topology import Topology, build_mesh_topology
 from .base import LocalSGDMixin, is_fitting
 
 def _is_fully_sharded(module: nn.Module) -> bool:
@@ -74,6 +74,97 @@ def _call_through_root(module: nn.Module, method: str, *args: Any, **kwargs: Any
         return module(_localsgd_step=method)
     finally:
         module.__dict__.pop("forward", None)
+
+
+def check_fsdp_arguments(auto_wrap_policy: Any, mp_policy: Any, save_distributed_checkpoint: Any) -> None:
+    """Raise a ``ValueError`` naming the argument and the fix for FSDP arguments local SGD cannot use."""
+    if save_distributed_checkpoint is not True:
+        raise ValueError(
+            f"save_distributed_checkpoint={save_distributed_checkpoint!r}: one full checkpoint file would gather "
+            "every rank's shards on rank 0. Leave save_distributed_checkpoint=True (every rank writes its own "
+            "files of the checkpoint folder) and convert the folder into one file with `lightning-localsgd "
+            "convert FOLDER model.ckpt` when you need one."
+        )
+    if auto_wrap_policy is not None and not (
+        isinstance(auto_wrap_policy, (set, list, tuple))
+        and all(isinstance(c, type) and issubclass(c, nn.Module) for c in auto_wrap_policy)
+    ):
+        raise ValueError(
+            f"auto_wrap_policy must be a set of nn.Module classes (e.g. {{MyBlock}}), got {auto_wrap_policy!r}."
+        )
+    if mp_policy is not None:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        if not isinstance(mp_policy, MixedPrecisionPolicy):
+            raise ValueError(
+                "mp_policy must be a torch.distributed.fsdp.MixedPrecisionPolicy, e.g. "
+                f"MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32); got {mp_policy!r}."
+            )
+
+
+def shard_module(module: nn.Module, mesh: Any, auto_wrap_policy: Optional[set[type[nn.Module]]], mp_policy: Any,
+                 reshard_after_forward: bool) -> None:
+    """``fully_shard`` ``module`` over ``mesh`` (the worker group): every element of an ``nn.ModuleList`` (or every
+    instance of a class in ``auto_wrap_policy``) as a unit, then ``module`` itself as the root unit."""
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    kwargs: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
+    if mp_policy is not None:
+        kwargs["mp_policy"] = mp_policy
+    units = []
+    for m in module.modules():
+        if m is module:
+            continue
+        if auto_wrap_policy is not None:
+            if isinstance(m, tuple(auto_wrap_policy)):
+                units.append(m)
+        elif isinstance(m, nn.ModuleList):
+            units.extend(m)
+    for unit in units:
+        if not isinstance(unit, FSDPModule):
+            fully_shard(unit, **kwargs)
+
+    # The LightningModule itself is the root unit: it holds everything else (embeddings, final norm, head), so
+    # parameters shared between those (tied input/output embeddings) stay in one FSDP group, and FSDP sees a
+    # single root, as with Lightning's FSDPStrategy.
+    fully_shard(module, **kwargs)
+
+
+def check_user_sharding(module: nn.Module, shard_mesh: Any) -> None:
+    """Refuse a module the user sharded in ``configure_model`` unless every parameter is sharded over ``shard_mesh``
+    (this rank's worker group)."""
+    for name, p in module.named_parameters():
+        if not isinstance(p, DTensor):
+            raise ValueError(
+                f"parameter {name!r} is not sharded while others are: with local SGD every parameter must be "
+                "sharded inside the worker group. Call fully_shard on the module holding it (or on the root)."
+            )
+        if p.device_mesh != shard_mesh:
+            raise ValueError(
+                f"parameter {name!r} is sharded over the mesh {p.device_mesh}, not over this rank's worker group. "
+                "Sharding across worker groups defeats local SGD: use `fully_shard(module, "
+                "mesh=self.device_mesh['shard'])` in configure_model."
+            )
+
+
+@torch.no_grad()
+def broadcast_group_zero_shards(module: nn.Module, topology: Topology) -> None:
+    """Every group starts from group 0's shards (rank k of group 0 sends shard k to its cross group)."""
+    if topology.num_groups == 1:
+        return
+    src = topology.rank_in_group  # global rank of this cross group's member in group 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        local = local_view(t.detach())
+        if local.numel():
+            dist.broadcast(local, src=src, group=topology.cross_group)
+
+
+def load_full_state_dict(module: nn.Module, checkpoint: Mapping[str, Any]) -> None:
+    """Load the full (unsharded) weights of a plain Lightning checkpoint into the sharded ``module``: every rank
+    keeps its own shards of them."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(module, checkpoint["state_dict"], options=StateDictOptions(full_state_dict=True))
 
 
 @local_sgd_arguments(
@@ -126,33 +217,12 @@ class LocalSGDFSDPStrategy(LocalSGDMixin, ModelParallelStrategy):
         config = LocalSGDConfig.from_kwargs(local_sgd, self.local_sgd_defaults)
         if local_sgd:
             raise TypeError(f"LocalSGDFSDPStrategy got unexpected keyword argument(s): {sorted(local_sgd)}.")
-        if save_distributed_checkpoint is not True:
-            raise ValueError(
-                f"save_distributed_checkpoint={save_distributed_checkpoint!r}: one full checkpoint file would gather "
-                "every rank's shards on rank 0. Leave save_distributed_checkpoint=True (every rank writes its own "
-                "files of the checkpoint folder) and convert the folder into one file with `lightning-localsgd "
-                "convert FOLDER model.ckpt` when you need one."
-            )
+        check_fsdp_arguments(auto_wrap_policy, mp_policy, save_distributed_checkpoint)
         super().__init__(
             save_distributed_checkpoint=save_distributed_checkpoint,
             process_group_backend=process_group_backend,
             timeout=timeout,
         )
-        if auto_wrap_policy is not None and not (
-            isinstance(auto_wrap_policy, (set, list, tuple))
-            and all(isinstance(c, type) and issubclass(c, nn.Module) for c in auto_wrap_policy)
-        ):
-            raise ValueError(
-                f"auto_wrap_policy must be a set of nn.Module classes (e.g. {{MyBlock}}), got {auto_wrap_policy!r}."
-            )
-        if mp_policy is not None:
-            from torch.distributed.fsdp import MixedPrecisionPolicy
-
-            if not isinstance(mp_policy, MixedPrecisionPolicy):
-                raise ValueError(
-                    "mp_policy must be a torch.distributed.fsdp.MixedPrecisionPolicy, e.g. "
-                    f"MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32); got {mp_policy!r}."
-                )
         self._init_local_sgd(config)  # group_size None until the launcher knows the devices per node
         self.auto_wrap_policy = set(auto_wrap_policy) if auto_wrap_policy is not None else None
         self.mp_policy = mp_policy
@@ -191,15 +261,18 @@ class LocalSGDFSDPStrategy(LocalSGDMixin, ModelParallelStrategy):
             )
         if _is_fully_sharded(self.model):
             reshard(self.model)  # a validation pass at the end of a previous fit left the root unit unsharded
-            self._check_user_sharding(self.model)
+            check_user_sharding(self.model, self._device_mesh["shard"])
         else:
             if not any(p.device.type == "meta" for p in self.model.parameters()):
                 sync_module_states(self.model)  # rank 0's weights everywhere, before slicing them into shards
-            self._shard(self.model)
+            shard_module(self.model, self._device_mesh["shard"], self.auto_wrap_policy, self.mp_policy,
+                         self.reshard_after_forward)
         materialize_distributed_module(self.model, self.root_device)
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
-        self._broadcast_group_zero_shards()
+        assert self.topology is not None
+        if not self.local_sgd.restoring:
+            broadcast_group_zero_shards(self.model, self.topology)
         self.barrier()
         if is_fitting(trainer):
             self.setup_optimizers(trainer)
@@ -207,57 +280,6 @@ class LocalSGDFSDPStrategy(LocalSGDMixin, ModelParallelStrategy):
         if is_fitting(trainer):
             optimizers_to_device(self.optimizers, self.root_device)
             self.setup_local_sgd(trainer)
-
-    def _shard(self, module: nn.Module) -> None:
-        from torch.distributed.fsdp import FSDPModule, fully_shard
-
-        kwargs: dict[str, Any] = {"mesh": self._device_mesh["shard"], "reshard_after_forward": self.reshard_after_forward}
-        if self.mp_policy is not None:
-            kwargs["mp_policy"] = self.mp_policy
-        units = []
-        for m in module.modules():
-            if m is module:
-                continue
-            if self.auto_wrap_policy is not None:
-                if isinstance(m, tuple(self.auto_wrap_policy)):
-                    units.append(m)
-            elif isinstance(m, nn.ModuleList):
-                units.extend(m)
-        for unit in units:
-            if not isinstance(unit, FSDPModule):
-                fully_shard(unit, **kwargs)
-
-        # The LightningModule itself is the root unit: it holds everything else (embeddings, final norm, head), so
-        # parameters shared between those (tied input/output embeddings) stay in one FSDP group, and FSDP sees a
-        # single root, as with Lightning's FSDPStrategy.
-        fully_shard(module, **kwargs)
-
-    def _check_user_sharding(self, module: nn.Module) -> None:
-        shard_mesh = self._device_mesh["shard"]
-        for name, p in module.named_parameters():
-            if not isinstance(p, DTensor):
-                raise ValueError(
-                    f"parameter {name!r} is not sharded while others are: with local SGD every parameter must be "
-                    "sharded inside the worker group. Call fully_shard on the module holding it (or on the root)."
-                )
-            if p.device_mesh != shard_mesh:
-                raise ValueError(
-                    f"parameter {name!r} is sharded over the mesh {p.device_mesh}, not over this rank's worker group. "
-                    "Sharding across worker groups defeats local SGD: use `fully_shard(module, "
-                    "mesh=self.device_mesh['shard'])` in configure_model."
-                )
-
-    @torch.no_grad()
-    def _broadcast_group_zero_shards(self) -> None:
-        """Every group starts from group 0's shards (rank k of group 0 sends shard k to its cross group)."""
-        assert self.topology is not None and self.model is not None
-        if self.topology.num_groups == 1 or self.local_sgd.restoring:
-            return
-        src = self.topology.rank_in_group  # global rank of this cross group's member in group 0
-        for t in list(self.model.parameters()) + list(self.model.buffers()):
-            local = local_view(t.detach())
-            if local.numel():
-                dist.broadcast(local, src=src, group=self.topology.cross_group)
 
     @override
     def local_sgd_tensors(self) -> tuple[list[Tensor], list[Tensor]]:
@@ -326,7 +348,8 @@ class LocalSGDFSDPStrategy(LocalSGDMixin, ModelParallelStrategy):
         else:  # a single file: an earlier version's (every rank's shards in it) or a plain (e.g. DDP) checkpoint
             checkpoint = integrity.load(checkpoint_path, map_location="cpu", weights_only=False)
             if checkpoint.get(CHECKPOINT_KEY) is None:
-                self._load_full_state_dict(checkpoint)  # weights only
+                assert self.model is not None
+                load_full_state_dict(self.model, checkpoint)  # weights only; the inner optimizers start afresh
                 checkpoint.pop("optimizer_states", None)
                 return checkpoint
             check(checkpoint[CHECKPOINT_KEY])

@@ -308,10 +308,7 @@ def test_inherited_private_names_resolve(class_path: str):
 
 
 #: self._x reads that no class defines: bugs, reported; remove an entry when it is fixed
-KNOWN_UNDEFINED = {
-    # load_checkpoint's plain-checkpoint branch calls a method removed in ce504ad (AttributeError when reached)
-    ("lightning_localsgd.strategies.fsdp:LocalSGDFSDPStrategy", "_load_full_state_dict"),
-}
+KNOWN_UNDEFINED: set[tuple[str, str]] = set()
 
 
 def test_inherited_list_is_complete_and_no_self_name_is_undefined():

@@ -54,6 +54,18 @@ def test_fsdp_mid_interval_resume_is_exact(tmp_path):
     run_tiny(tmp_path / "c", devices=2, strategy="ddp", inner="adamw", steps=8, resume=plain)
 
 
+def test_fsdp_loads_the_weights_of_a_plain_lightning_checkpoint(tmp_path):
+    # a plain single-file Lightning checkpoint (here written by plain DDP) restores its weights into the FSDP shards
+    run_tiny(tmp_path / "ddp", devices=2, strategy="ddp", steps=4, ckpt_every=4, seed_by_rank=True)
+    plain = tmp_path / "ddp" / "ckpt" / "step=4.ckpt"
+    saved = torch.load(plain, weights_only=False)
+    # resumed at its last step: nothing left to train, so every rank's model is exactly the file's weights
+    ranks = run_tiny(tmp_path / "fsdp", devices=2, strategy="fsdp", group_size=1, steps=4, resume=plain)
+    for dump in ranks:
+        assert dump["info"]["global_step"] == 4
+        assert max_diff(dump["final"], saved["state_dict"]) == 0.0
+
+
 def test_fsdp_configure_model_sharding_and_bf16_policy(tmp_path):
     # a module that shards itself in configure_model over the worker group
     ranks = run_tiny(tmp_path / "user", devices=4, strategy="fsdp", group_size=2, sync_every=2, steps=4,
