@@ -278,7 +278,11 @@ def run_federated(cfg: dict, run_dir: Path, label: str, timed: bool, churn: bool
         n = job["incarnation"] + 1
         return dict(job, name=f"device{job['device']}_{n}", incarnation=n)
 
-    out = run_jobs(Path(__file__), jobs, run_dir, join_ms=cfg["join_ms"], heartbeat_ms=cfg["heartbeat_ms"],
+    # fixed H: the lighthouse must wait for the slowest device's whole interval, or the fast ones sync without it
+    # (it then misses every sync and only heals); time-based: one slow step (the planner's derivation)
+    slowest_interval_ms = 1000 * cfg["fixed_sync_every"] * cfg["step_seconds"] / min(cfg["speeds"])
+    join_ms = cfg["join_ms"] if timed else max(cfg["join_ms"], int(1.5 * slowest_interval_ms))
+    out = run_jobs(Path(__file__), jobs, run_dir, join_ms=join_ms, heartbeat_ms=cfg["heartbeat_ms"],
                    timeout=max(900.0, 6 * cfg["seconds"]), restart=restart,
                    wants_spare=lambda job: bool(job.get("churn_every")))
     return dict(run=label, **out)
@@ -512,7 +516,7 @@ def main() -> None:
     text = (f"GPT `{cfg['size']}`, 4 devices of speed {cfg['speeds']} (a 1× step padded to {cfg['step_seconds']} s), "
             f"batch {cfg['batch_size']} × {cfg['block_size']} tokens per device and step, AdamW lr "
             f"{cfg['learning_rate']:g}; {link}. DDP: {cfg['ddp_steps']} steps. Federated: DiLoCo (Nesterov lr 0.7, "
-            f"momentum 0.9), lighthouse in-process (join {cfg['join_ms']} ms, heartbeat {cfg['heartbeat_ms']} ms); "
+            f"momentum 0.9), lighthouse in-process (join {cfg['join_ms']} ms for time-based, 1.5 × the slowest device's interval for fixed H, heartbeat {cfg['heartbeat_ms']} ms); "
             f"fixed H={cfg['fixed_sync_every']} for {cfg['fixed_steps']} steps; time-based T="
             f"{cfg['sync_every_seconds']:g} s for {cfg['seconds']:g} s, {cfg['compression']} with error feedback (streaming "
             f"fragments do not combine with time-based sync: README, Status); churn: device {cfg['churn_device']} leaves every "
