@@ -77,15 +77,10 @@ def kill_schedule(cfg: dict, seed: int) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------------------- one job
 def _tensor_bytes(obj) -> int:
-    import torch
+    """Bytes of the tensors in a nested state: what healing moved (the library's own count)."""
+    from lightning_localsgd.federation import state_bytes
 
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(_tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(_tensor_bytes(v) for v in obj)
-    return 0
+    return state_bytes(obj)
 
 
 def _imports() -> None:
