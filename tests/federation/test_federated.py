@@ -14,7 +14,9 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -62,6 +64,17 @@ def launch(out: Path, address: str, group: int, name: str | None = None, **optio
         env.pop(var, None)
     log = open(out / f"{name}.log", "w")  # noqa: SIM115 (the job's log, open while it runs)
     return _forkserver.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+@contextmanager
+def killed_on_exit(procs: list[_forkserver.Popen]) -> Iterator[list[_forkserver.Popen]]:
+    """The launched jobs, every one killed and reaped on leaving the block: a failing test leaves no job running."""
+    try:
+        yield procs
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(timeout=30)
 
 
 def wait_all(procs: list[_forkserver.Popen], out: Path, timeout: float = 150) -> list[int]:
@@ -210,13 +223,9 @@ def test_job_killed_inside_a_sync_survivors_redo_it_over_the_groups_left(tmp_pat
     address = lighthouse(2)
     procs = [launch(tmp_path, address, g, outer="diloco", barrier=3, die_in_sync_at_step=2 * H if g == 2 else -1)
              for g in range(3)]
-    try:
+    with killed_on_exit(procs):
         assert procs[2].wait(timeout=150) == -signal.SIGKILL, (tmp_path / "g2.log").read_text()[-3000:]
         codes = wait_all(procs[:2], tmp_path)
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait(timeout=30)
     assert codes == [0, 0], "\n".join((tmp_path / f"g{g}.log").read_text()[-2000:] for g in range(2))
     dumps = {f"g{g}": load(tmp_path, f"g{g}") for g in range(3)}
     survivors, killed = [dumps["g0"], dumps["g1"]], dumps["g2"]
@@ -269,12 +278,8 @@ def test_two_jobs_of_two_ranks_ddp_inside_each_match_the_hand_reference(tmp_path
     gradient of its two ranks' batches; DiLoCo over the two jobs), and all four ranks end identical."""
     address = lighthouse(2)
     procs = [launch(tmp_path, address, g, outer="diloco", barrier=2, devices=2) for g in range(2)]
-    try:
+    with killed_on_exit(procs):
         codes = wait_all(procs, tmp_path)
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait(timeout=30)
     assert codes == [0, 0], "\n".join((tmp_path / f"g{g}.log").read_text()[-3000:] for g in range(2))
     dumps = {f"g{g}": load(tmp_path, f"g{g}") for g in range(2)}
     ref = reference(dumps, "diloco", ranks=2)

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 pytest.importorskip("torchft")
 from reference import initial_net, reference_fragments
-from test_federated import H, STEPS, group_batches, launch, lighthouse, load, params_at, wait_all  # noqa: F401
+from test_federated import (H, STEPS, group_batches, killed_on_exit, launch, lighthouse, load, params_at,  # noqa: F401
+                            wait_all)
 
 from lightning_localsgd.engine.codecs import decode, encode
 
@@ -193,12 +194,8 @@ def check(dumps: dict, ref: dict, names) -> None:
 
 def run_jobs(tmp_path, address, jobs: int, **options) -> dict[str, dict]:
     procs = [launch(tmp_path, address, g, barrier=jobs, **options) for g in range(jobs)]
-    try:
+    with killed_on_exit(procs):
         codes = wait_all(procs, tmp_path)
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait(timeout=30)
     assert codes == [0] * jobs, "\n".join((tmp_path / f"g{g}.log").read_text()[-3000:] for g in range(jobs))
     return {f"g{g}": load(tmp_path, f"g{g}") for g in range(jobs)}
 
@@ -252,15 +249,11 @@ def test_three_jobs_one_killed_inside_a_compressed_fragment_sync_then_restarted_
     opts = dict(outer="diloco", compression="int8", fragments=2, overlap_steps=1, overlap_mix=0.5)
     procs = [launch(tmp_path, address, g, barrier=3, wait_for="g2r", wait_at_step=7,
                     die_in_sync_at_step=6 if g == 2 else -1, **opts) for g in range(3)]
-    try:
+    with killed_on_exit(procs):
         assert procs[2].wait(timeout=150) == -signal.SIGKILL, (tmp_path / "g2.log").read_text()[-3000:]
         killed_at = time.monotonic()
         procs.append(launch(tmp_path, address, 2, name="g2r", **opts))
         codes = wait_all([procs[0], procs[1], procs[3]], tmp_path)
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait(timeout=30)
     assert codes == [0, 0, 0], "\n".join((tmp_path / f"{n}.log").read_text()[-2000:] for n in ("g0", "g1", "g2r"))
     print(f"restarted job ran {time.monotonic() - killed_at:.1f} s")
     dumps = {name: load(tmp_path, name) for name in ("g0", "g1", "g2", "g2r")}

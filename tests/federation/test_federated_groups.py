@@ -16,7 +16,7 @@ import torch
 pytest.importorskip("torchft")  # the [ft] extra; installed with [dev]
 from reference import simulate_two_stage
 from test_federated import (committed, group_batches, launch, lighthouse, load, params_at,  # noqa: F401 (fixture)
-                            wait_all)
+                            killed_on_exit, wait_all)
 
 ATOL = 1e-5
 
@@ -31,12 +31,8 @@ def test_two_jobs_of_two_groups_match_the_two_stage_reference(tmp_path, lighthou
     opts = dict(devices=ranks, group_size=group_size, sync_every=H1, cluster_sync_every=H2, max_steps=steps,
                 outer="diloco", cluster_outer="diloco", barrier=jobs)
     procs = [launch(tmp_path, address, j, **opts) for j in range(jobs)]
-    try:
+    with killed_on_exit(procs):
         codes = wait_all(procs, tmp_path, timeout=300)
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait(timeout=30)
     assert codes == [0] * jobs, "\n".join((tmp_path / f"g{j}.log").read_text()[-3000:] for j in range(jobs))
     dumps = {(j, r): load(tmp_path, f"g{j}" if r == 0 else f"g{j}_r{r}") for j in range(jobs) for r in range(ranks)}
 
@@ -87,14 +83,10 @@ def test_restarted_job_of_two_groups_heals_both_levels(tmp_path, lighthouse):  #
                 cluster_outer="diloco")
     procs = [launch(tmp_path, address, j, barrier=2, wait_for="g1r", wait_at_step=2 * H2 - 1,
                     die_at_step=H2 + H1 if j == 1 else -1, **opts) for j in range(2)]
-    try:
+    with killed_on_exit(procs):
         assert procs[1].wait(timeout=200) == -signal.SIGKILL, (tmp_path / "g1.log").read_text()[-3000:]
         procs.append(launch(tmp_path, address, 1, name="g1r", **opts))  # the same group_id, a fresh job
         codes = wait_all([procs[0], procs[2]], tmp_path, timeout=200)
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait(timeout=30)
     assert codes == [0, 0], "\n".join((tmp_path / f"{n}.log").read_text()[-3000:] for n in ("g0", "g1r"))
     dump = {(name, r): load(tmp_path, name if r == 0 else f"{name}_r{r}") for name in ("g0", "g1", "g1r")
             for r in range(2)}

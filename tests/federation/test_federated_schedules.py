@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 pytest.importorskip("torchft")
 from reference import initial_net
-from test_federated import group_batches, launch, lighthouse, load, wait_all  # noqa: F401 (lighthouse: a fixture)
+from test_federated import (group_batches, killed_on_exit, launch, lighthouse, load,  # noqa: F401 (lighthouse: a fixture)
+                            wait_all)
 
 ATOL = 1e-5
 TOKENS_PER_STEP = 2 * 4
@@ -30,12 +31,8 @@ TOKENS_PER_STEP = 2 * 4
 def run_jobs(tmp_path, address: str, jobs: int, timeout: float = 150, **options) -> dict[str, dict]:
     procs = [launch(tmp_path, address, g, barrier=jobs, **options.get(f"g{g}", {}),
                     **{k: v for k, v in options.items() if not k.startswith("g")}) for g in range(jobs)]
-    try:
+    with killed_on_exit(procs):
         codes = wait_all(procs, tmp_path, timeout=timeout)
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait(timeout=30)
     assert codes == [0] * jobs, "\n".join((tmp_path / f"g{g}.log").read_text()[-3000:] for g in range(jobs))
     return {f"g{g}": load(tmp_path, f"g{g}") for g in range(jobs)}
 
@@ -247,13 +244,9 @@ def test_job_killed_inside_a_warmup_step_does_not_stop_the_other(tmp_path, light
     address = lighthouse(1)
     procs = [launch(tmp_path, address, g, barrier=2, warmup_steps=warmup, sync_every=2, max_steps=steps,
                     die_in_sync_at_step=2 if g == 1 else -1) for g in range(2)]
-    try:
+    with killed_on_exit(procs):
         assert procs[1].wait(timeout=150) == -signal.SIGKILL, (tmp_path / "g1.log").read_text()[-3000:]
         assert wait_all(procs[:1], tmp_path) == [0], (tmp_path / "g0.log").read_text()[-3000:]
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait(timeout=30)
     d, killed = load(tmp_path, "g0"), load(tmp_path, "g1")
     rounds = [a for a in d["attempts"] if a["kind"] == "warmup"]
     print("g0 warm-up rounds:", [(a["step"], a["participants"], a["committed"], round(a["seconds"], 2))
@@ -290,13 +283,9 @@ def test_time_based_job_joining_late_heals_weighs_zero_then_its_tokens(tmp_path,
         time.sleep(0.1)
     time.sleep(1.5)  # past their join
     procs.append(launch(tmp_path, address, 2, step_sleep=0.2, **common))
-    try:
+    with killed_on_exit(procs):
         assert wait_all(procs, tmp_path) == [0, 0, 0], \
             "\n".join((tmp_path / f"g{g}.log").read_text()[-2000:] for g in range(3))
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait(timeout=30)
     dumps = {f"g{g}": load(tmp_path, f"g{g}") for g in range(3)}
     joined = next(a for a in dumps["g2"]["attempts"] if a["kind"] == "join" and a["committed"])
     assert joined["healed"] and joined["weight"] == 0.0 and joined["participants"] == 3, dumps["g2"]["attempts"]

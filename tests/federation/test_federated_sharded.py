@@ -18,17 +18,13 @@ import torch
 
 pytest.importorskip("torchft")
 from test_federated import (H, HEARTBEAT_S, STEPS, assert_matches, committed, launch, lighthouse, load,  # noqa: F401
-                            params_at, reference, wait_all)
+                            killed_on_exit, params_at, reference, wait_all)
 
 
 def run_jobs(tmp_path, address, jobs: int, **options) -> dict[str, dict]:
     procs = [launch(tmp_path, address, g, barrier=jobs, devices=2, **options) for g in range(jobs)]
-    try:
+    with killed_on_exit(procs):
         codes = wait_all(procs, tmp_path, timeout=240)
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait(timeout=30)
     assert codes == [0] * jobs, "\n".join((tmp_path / f"g{g}.log").read_text()[-3000:] for g in range(jobs))
     return {f"g{g}{r}": load(tmp_path, f"g{g}{r}") for g in range(jobs) for r in ("", "_r1")}
 
@@ -83,15 +79,11 @@ def test_three_fsdp_jobs_one_killed_mid_interval_then_restarted_heals_shard_by_s
     opts = dict(outer="diloco", strategy="fsdp", devices=2, sync_timeout=30)
     procs = [launch(tmp_path, address, g, barrier=3, wait_for="g2r", wait_at_step=2 * H - 1,
                     die_at_step=die_at if g == 2 else -1, **opts) for g in range(3)]
-    try:
+    with killed_on_exit(procs):
         assert procs[2].wait(timeout=200) == -signal.SIGKILL, (tmp_path / "g2.log").read_text()[-3000:]
         killed_at = time.monotonic()
         procs.append(launch(tmp_path, address, 2, name="g2r", **opts))
         codes = wait_all([procs[0], procs[1], procs[3]], tmp_path, timeout=240)
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait(timeout=30)
     assert codes == [0, 0, 0], "\n".join((tmp_path / f"{n}.log").read_text()[-2000:] for n in ("g0", "g1", "g2r"))
     print(f"restarted job ran {time.monotonic() - killed_at:.1f} s")
     names = [f"{g}{r}" for g in ("g0", "g1", "g2", "g2r") for r in ("", "_r1")]
@@ -137,14 +129,10 @@ def test_zero_job_killed_and_restarted_heals_its_partitions(tmp_path, lighthouse
     opts = dict(outer="diloco", strategy="deepspeed", stage=stage, devices=2, sync_timeout=30)
     procs = [launch(tmp_path, address, g, barrier=2, wait_for="g1r", wait_at_step=2 * H - 1,
                     die_at_step=H + 2 if g == 1 else -1, **opts) for g in range(2)]
-    try:
+    with killed_on_exit(procs):
         assert procs[1].wait(timeout=200) == -signal.SIGKILL, (tmp_path / "g1.log").read_text()[-3000:]
         procs.append(launch(tmp_path, address, 1, name="g1r", **opts))
         codes = wait_all([procs[0], procs[2]], tmp_path, timeout=240)
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait(timeout=30)
     assert codes == [0, 0], "\n".join((tmp_path / f"{n}.log").read_text()[-2000:] for n in ("g0", "g1r"))
     dumps = {n + r: load(tmp_path, n + r) for n in ("g0", "g1", "g1r") for r in ("", "_r1")}
     full = sum(v.numel() for v in dumps["g0"]["final"].values())
@@ -172,12 +160,8 @@ def test_job_of_another_world_size_is_refused_naming_both_layouts(tmp_path, ligh
     start = time.monotonic()
     procs = [launch(tmp_path, address, g, barrier=2, strategy="fsdp", devices=2 - g, sync_timeout=120)
              for g in range(2)]
-    try:
+    with killed_on_exit(procs):
         codes = wait_all(procs, tmp_path, timeout=200)
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait(timeout=30)
     elapsed = time.monotonic() - start
     logs = [(tmp_path / f"g{g}.log").read_text() for g in range(2)]
     assert codes[0] != 0 and codes[1] != 0, logs
@@ -197,16 +181,12 @@ def test_fsdp_jobs_checkpoint_on_their_own_and_one_resumes_alone_from_its_folder
     opts = dict(outer="diloco", strategy="fsdp", devices=2, sync_timeout=30)
     procs = [launch(tmp_path, address, g, barrier=2, ckpt_dir=tmp_path / f"ckpt_g{g}",
                     die_at_step=H + 2 if g == 1 else -1, **opts) for g in range(2)]
-    try:
+    with killed_on_exit(procs):
         assert procs[1].wait(timeout=200) == -signal.SIGKILL, (tmp_path / "g1.log").read_text()[-3000:]
         assert wait_all([procs[0]], tmp_path, timeout=200) == [0]
         resume = tmp_path / "ckpt_g1" / f"step={H}.ckpt"
         procs.append(launch(tmp_path, address, 1, name="g1r", resume=resume, **opts))
         assert procs[2].wait(timeout=200) == 0, (tmp_path / "g1r.log").read_text()[-3000:]
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait(timeout=30)
     for g, steps in ((0, (H, 2 * H, 3 * H)), (1, (H,))):  # each job's own folders, one file per rank
         for s in steps:
             folder = tmp_path / f"ckpt_g{g}" / f"step={s}.ckpt"
@@ -235,14 +215,10 @@ def test_ddp_job_of_two_ranks_healing_from_two_live_jobs_keeps_one_replica(tmp_p
     opts = dict(outer="average", inner="momentum", devices=2, sync_timeout=30)
     procs = [launch(tmp_path, address, g, barrier=3, wait_for="g2r", wait_at_step=2 * H - 1,
                     die_at_step=H + 2 if g == 2 else -1, **opts) for g in range(3)]
-    try:
+    with killed_on_exit(procs):
         assert procs[2].wait(timeout=200) == -signal.SIGKILL, (tmp_path / "g2.log").read_text()[-3000:]
         procs.append(launch(tmp_path, address, 2, name="g2r", **opts))
         codes = wait_all([procs[0], procs[1], procs[3]], tmp_path, timeout=240)
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait(timeout=30)
     assert codes == [0, 0, 0], "\n".join((tmp_path / f"{n}.log").read_text()[-2000:] for n in ("g0", "g1", "g2r"))
     r0, r1 = load(tmp_path, "g2r"), load(tmp_path, "g2r_r1")
     assert r0["healed"] == r1["healed"] == 1 and r0["start_step"] == 2 * H
@@ -267,15 +243,11 @@ def test_fsdp_job_resumed_from_its_folder_while_the_other_trains_heals_to_it(tmp
     procs = [launch(tmp_path, address, g, barrier=2, ckpt_dir=tmp_path / f"ckpt_g{g}", wait_for="g1r",
                     wait_at_step=2 * H - 1 if g == 0 else -1, die_at_step=H + 2 if g == 1 else -1, **opts)
              for g in range(2)]
-    try:
+    with killed_on_exit(procs):
         assert procs[1].wait(timeout=200) == -signal.SIGKILL, (tmp_path / "g1.log").read_text()[-3000:]
         procs.append(launch(tmp_path, address, 1, name="g1r", resume=tmp_path / "ckpt_g1" / f"step={H}.ckpt",
                             ckpt_dir=tmp_path / "ckpt_g1", **opts))
         codes = wait_all([procs[0], procs[2]], tmp_path, timeout=240)
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait(timeout=30)
     assert codes == [0, 0], "\n".join((tmp_path / f"{n}.log").read_text()[-2000:] for n in ("g0", "g1r"))
     assert "Restored all states from the checkpoint" in (tmp_path / "g1r.log").read_text()
     g0 = load(tmp_path, "g0")
