@@ -78,9 +78,9 @@ def kill_schedule(cfg: dict, seed: int) -> list[dict]:
 # ---------------------------------------------------------------------------------------------------- one job
 def _tensor_bytes(obj) -> int:
     """Bytes of the tensors in a nested state: what healing moved (the library's own count)."""
-    from lightning_localsgd.federation import state_bytes
+    from lightning_localsgd.tensors import tensor_bytes
 
-    return state_bytes(obj)
+    return tensor_bytes(obj)
 
 
 def _imports() -> None:

@@ -43,6 +43,7 @@ from .async_checkpoint import AsyncCheckpointWriter
 from .checkpoint_io import _is_local, atomic_save
 from .controller import CHECKPOINT_KEY
 from .engine.outer import merge_outer_states
+from .tensors import tensor_bytes
 
 __all__ = ["LAYOUT_VERSION", "META_FILE", "convert_checkpoint", "is_checkpoint_folder", "load_checkpoint",
            "read_checkpoint", "save_checkpoint", "save_folder", "split_single_file"]
@@ -186,9 +187,9 @@ def split_group_state(group_state: Mapping[str, Any], parts: int) -> list[dict[s
         piece["optimizer_states"] = [{"state": {}} for _ in optimizers]
     out[0].update(lr_schedulers=group_state.get("lr_schedulers"), order=list(group_state.get("state_dict", {})),
                   param_groups=[o["param_groups"] for o in optimizers], has_optimizers="optimizer_states" in group_state)
-    items: list[tuple[int, tuple, Any]] = [(_nbytes(v), ("state_dict", k), v)
+    items: list[tuple[int, tuple, Any]] = [(tensor_bytes(v), ("state_dict", k), v)
                                            for k, v in group_state.get("state_dict", {}).items()]
-    items += [(_nbytes(v), ("optimizer", i, idx, key), v) for i, o in enumerate(optimizers)
+    items += [(tensor_bytes(v), ("optimizer", i, idx, key), v) for i, o in enumerate(optimizers)
               for idx, st in o["state"].items() for key, v in st.items()]  # e.g. exp_avg, exp_avg_sq apart
     load = [0] * parts
     placed: dict[int, int] = {}  # storage -> part: tensors sharing storage (tied weights) stay in one file, saved once
@@ -225,14 +226,6 @@ def merge_group_parts(parts: list[Mapping[str, Any]]) -> dict[str, Any]:
                     state.setdefault(idx, {}).update(values)
             merged["optimizer_states"].append({"state": dict(sorted(state.items())), "param_groups": groups})
     return merged
-
-
-def _nbytes(obj: Any) -> int:
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, Mapping):
-        return sum(_nbytes(v) for v in obj.values())
-    return 0
 
 
 def _read_group(folder: str, group: int, layout: Mapping[str, Any]) -> dict[str, Any]:

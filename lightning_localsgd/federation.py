@@ -61,6 +61,7 @@ from torch import Tensor
 from ._compat import managed_process_group, quorum_started
 from .engine.comm import Communicator, SyncAbortedError, Work
 from .engine.outer import OuterSync, SyncResult
+from .tensors import tensor_bytes
 from .topology import check_group_size
 
 if TYPE_CHECKING:
@@ -143,17 +144,6 @@ def federated_cluster_size(group_size: int, world_size: int, cluster_sync_every:
             f"group_size={group_size} makes the job's {world_size} rank(s) one worker group (then the jobs sync every "
             f"sync_every steps and there is no second level). Either {fix}, or remove cluster_sync_every.")
     return world_size // group_size
-
-
-def state_bytes(state: Any) -> int:
-    """Bytes of the tensors in a nested state (what healing moved)."""
-    if isinstance(state, Tensor):
-        return state.numel() * state.element_size()
-    if isinstance(state, dict):
-        return sum(state_bytes(v) for v in state.values())
-    if isinstance(state, (list, tuple)):
-        return sum(state_bytes(v) for v in state)
-    return 0
 
 
 class LayoutMismatchError(ValueError):
@@ -684,7 +674,7 @@ class Federation:
         self._peer_unit = state.get("federation", {}).get("fragment")
         self._healed_now = True
         self.healed_from_peer += 1
-        self.healed_bytes += state_bytes(state)
+        self.healed_bytes += tensor_bytes(state)
         log.info(f"local SGD: group {self.group_id} healed from a live peer at step "
                  f"{state['counters']['global_step']}")
 

@@ -6,7 +6,7 @@ from typing import Any, Mapping
 
 from torch import Tensor
 
-__all__ = ["batch_tokens", "dtensor_to_local", "local_view", "to_cpu"]
+__all__ = ["batch_tokens", "dtensor_to_local", "local_view", "tensor_bytes", "to_cpu"]
 
 
 def _map(obj: Any, leaf: Any) -> Any:
@@ -18,6 +18,17 @@ def _map(obj: Any, leaf: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(_map(v, leaf) for v in obj)
     return obj
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a nest of mappings, lists and tuples (what a checkpoint part or a healing holds)."""
+    if isinstance(obj, Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, Mapping):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
 
 
 def to_cpu(obj: Any) -> Any:
