@@ -210,19 +210,11 @@ class LocalSGDController:
         return bool(flag.item() > 0)
 
     # ------------------------------------------------------------------ per step
-    def start_round(self) -> None:
-        """A warm-up step's round of collectives opens: the host's :meth:`SyncHost.start_round`."""
-        self.host.start_round()
-
-    def end_round(self, committed: bool) -> None:
-        """A warm-up step's vote was taken: the host's :meth:`SyncHost.end_round`."""
-        self.host.end_round(committed)
-
     def step_start(self) -> None:
         """A training step starts (its first micro-batch): a warm-up step opens a round of collectives (federated
         groups form the step's quorum here, so a joining group heals before it computes its gradient)."""
         if self.schedule.in_warmup:
-            self.start_round()
+            self.host.start_round()
 
     def warmup_closure(self, optimizer: Any, closure: Callable[[], Any]) -> Callable[[], Any]:
         """During warm-up, average the gradients across groups after backward, before clipping and the step."""
@@ -260,7 +252,7 @@ class LocalSGDController:
         committed = comm.commit()
         if failed is not None and committed:
             raise failed  # a transport without a vote (one world): a failed collective ends training
-        self.end_round(committed)
+        self.host.end_round(committed)
         if not committed:  # as torchft's OptimizerWrapper: the step is not applied
             for p in params:
                 p.grad = None

@@ -79,15 +79,18 @@ def test_a_warmup_step_whose_vote_fails_is_not_applied():
     from test_retry import FakeManager
 
     from lightning_localsgd.config import LocalSGDConfig
-    from lightning_localsgd.controller import LocalSGDController
+    from lightning_localsgd.controller import LocalSGDController, NoHost
     from lightning_localsgd.federation import Federation, TorchftCommunicator
 
     fed = Federation("127.0.0.1:1", "g0", 1, 30.0)
     fed.manager = FakeManager([(2, True)])
     fed.comm = TorchftCommunicator(fed.manager, timedelta(seconds=30))
-    controller = LocalSGDController(LocalSGDConfig(sync_every=4, warmup_steps=2))
+
+    class Host(NoHost):  # the strategy's part: forwards the warm-up rounds to its federation
+        start_round, end_round = staticmethod(fed.start_round), staticmethod(fed.end_round)
+
+    controller = LocalSGDController(LocalSGDConfig(sync_every=4, warmup_steps=2), host=Host())
     controller.warmup_comm = fed.comm
-    controller.start_round, controller.end_round = fed.start_round, fed.end_round
     net = torch.nn.Linear(2, 1)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
     x, y = torch.tensor([[1.0, 2.0]]), torch.tensor([[0.5]])
