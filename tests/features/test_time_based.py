@@ -71,8 +71,9 @@ def _flat(params: dict) -> torch.Tensor:
 
 def test_slow_worker_token_weighted_int8_syncs_match_the_weighted_compressed_reference(tmp_path):
     # time-based + int8: every sync is the weighted two-phase compressed mean, error feedback carried between syncs
-    ranks = run_tiny(tmp_path, devices=2, sync_every_seconds=0.3, steps=300, slow_rank=1, slow_seconds=0.03,
-                     seed_by_rank=True, inner="adamw", batches_per_epoch=400, compression="int8")
+    # the fast rank ends the run (its stop reaches the slow one): 1,200 of its steps outlast several 0.3 s intervals
+    ranks = run_tiny(tmp_path, devices=2, sync_every_seconds=0.3, steps=1200, slow_rank=1, slow_seconds=0.03,
+                     seed_by_rank=True, inner="adamw", batches_per_epoch=1400, compression="int8")
     syncs = [d["syncs"] for d in ranks]
     assert len({len(s) for s in syncs}) == 1 and len(syncs[0]) >= 2
     theta = syncs[0][0]["theta_g"]  # the common start (every group holds it: one group of one rank each)
