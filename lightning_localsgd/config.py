@@ -82,12 +82,15 @@ ARGUMENT_DOCS: dict[str, str] = {
     "fragments": "streaming sync (Streaming DiLoCo): split the parameters into this many fragments of about equal "
                  "size (runs of whole parameter tensors) that sync on a staggered schedule, fragment ``f`` at steps "
                  "``(f+1)·sync_every/fragments`` mod ``sync_every``, so each sync moves about 1/fragments of the "
-                 "model and the peak bytes per step drop by that factor. ``sync_every`` must be a multiple. "
+                 "model and the peak bytes per step drop by that factor. ``sync_every`` must be a multiple. With "
+                 "``sync_every_seconds`` the fragments take turns by the clock instead: one fragment's sync every "
+                 "``sync_every_seconds/fragments`` seconds, each weighted by the tokens since its own last sync. "
                  "Default 1.",
     "overlap_steps": "``τ``: a fragment's sync is started (its all-reduce launched asynchronously) and applied ``τ`` "
                      "inner steps later, so the communication runs behind those steps. Must be below "
                      "``sync_every`` (with ``lighthouse``: below ``sync_every/fragments``, one quorum at a time). "
-                     "Default 0 (applied at once).",
+                     "With ``sync_every_seconds``: τ of each group's own steps, and the next fragment's clock starts "
+                     "when the sync is applied. Default 0 (applied at once).",
     "overlap_mix": "``α`` of Streaming DiLoCo: with ``overlap_steps > 0`` a synced fragment continues from "
                    "``α·θ_local + (1−α)·θ_global`` (its local parameters took ``τ`` steps since the sync started). 0 "
                    "keeps only the global result; the paper uses 0.5. Default 0.",
@@ -244,7 +247,7 @@ class LocalSGDConfig:
         if self.sync_schedule is not None:
             return build_schedule(self.sync_schedule, self)
         if self.sync_every_seconds is not None:
-            return build_schedule("time_based", self)
+            return build_schedule("time_based_streaming" if self.streaming else "time_based", self)
         if self.two_stage:
             return build_schedule("two_stage", self)
         return build_schedule("streaming" if self.streaming else "periodic", self)
@@ -253,7 +256,10 @@ class LocalSGDConfig:
         """One line for the log at the start of training."""
         when = f"every {self.sync_every} steps" if self.sync_every_seconds is None else \
             f"every {self.sync_every_seconds:g} s (token-weighted)"
-        if self.streaming:
+        if self.streaming and self.sync_every_seconds is not None:
+            when += (f" in {self.fragments} fragment(s) in turn (one every {self.sync_every_seconds / self.fragments:g} "
+                     f"s), applied {self.overlap_steps} step(s) later")
+        elif self.streaming:
             when += f" in {self.fragments} staggered fragment(s), applied {self.overlap_steps} step(s) later"
         levels = ""
         if self.two_stage:
@@ -297,13 +303,14 @@ class LocalSGDConfig:
                       "sync; 1 syncs them all at once.")
         _positive_int("overlap_steps", tau, 0, "It is τ, inner steps a fragment's sync runs behind; 0 applies it at "
                       "once.")
-        if H % F:
-            raise ValueError(f"sync_every={H} must be a multiple of fragments={F}: fragment f syncs every sync_every "
-                             f"steps, staggered by sync_every/fragments steps. Use e.g. sync_every="
-                             f"{F * max(1, round(H / F))}.")
-        if tau >= H:
-            raise ValueError(f"overlap_steps={tau} must be smaller than sync_every={H}: a fragment's sync must be "
-                             "applied before the next sync of that fragment starts.")
+        if self.sync_every_seconds is None:  # time-based: fragments take turns by the clock, one in flight at a time
+            if H % F:
+                raise ValueError(f"sync_every={H} must be a multiple of fragments={F}: fragment f syncs every "
+                                 f"sync_every steps, staggered by sync_every/fragments steps. Use e.g. sync_every="
+                                 f"{F * max(1, round(H / F))}.")
+            if tau >= H:
+                raise ValueError(f"overlap_steps={tau} must be smaller than sync_every={H}: a fragment's sync must be "
+                                 "applied before the next sync of that fragment starts.")
         if isinstance(mix, bool) or not isinstance(mix, (int, float)) or not 0.0 <= mix < 1.0:
             raise ValueError(f"overlap_mix must be a number in [0, 1), got {mix!r}. It is α of Streaming DiLoCo: the "
                              "parameters continue from α·local + (1−α)·global; e.g. 0.5.")

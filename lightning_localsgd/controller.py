@@ -22,7 +22,7 @@ from torch import Tensor
 from .config import LocalSGDConfig
 from .engine import NonFinitePseudoGradientError, OuterSync, ProcessGroupCommunicator, SyncResult
 from .engine.comm import Communicator, as_communicator
-from .engine.schedules import Action, TimeBasedSchedule
+from .engine.schedules import Action, TimeBasedSchedule, TimeBasedStreamingSchedule
 from .reliability import SyncGuard
 from .topology import Topology
 
@@ -279,14 +279,17 @@ class LocalSGDController:
             self.sync()
         elif action is Action.SYNC_ALL:
             self.sync(all_levels=True)
-        elif action is Action.STREAM:
-            self.stream(self.schedule.starting, self.schedule.finishing)
+        elif action is Action.STREAM:  # after a stop every group only applies what is in flight (train_end syncs)
+            self.stream([] if self.stop_received else self.schedule.starting, self.schedule.finishing)
         elif action is Action.TIMED_SYNC:
             self.timed_sync(stop=self.host.wants_to_stop())
 
     def train_end(self) -> None:
         """Apply the fragments in flight, then a last sync of every parameter if some are unsynced."""
         if self.outer_sync is None or self.schedule.in_warmup:
+            return
+        if isinstance(self.schedule, TimeBasedStreamingSchedule):
+            self._end_streaming_by_time(self.schedule)
             return
         if isinstance(self.schedule, TimeBasedSchedule):
             if not self.stop_received:  # the others learn in this sync that training is over
@@ -299,9 +302,7 @@ class LocalSGDController:
         if self.outer_sync.pending:
             with self._guarded():  # streaming: the fragments still in flight, in the order they were started
                 for f in sorted(self.outer_sync.pending, key=lambda f: -1 if f is None else f):
-                    result = self.syncs.finish_sync(self.outer_sync, f, mix=self.config.overlap_mix)
-                    if result is not None:
-                        self._record(result)
+                    self._finish_fragment(f)
         if self.config.sync_on_train_end and self.schedule.needs_final_sync():
             self.schedule.synced()
             self.sync(all_levels=True)
@@ -337,16 +338,50 @@ class LocalSGDController:
                                     seconds=result.seconds + cluster_result.seconds, skipped=cluster_result.skipped)
         self._record(result, cluster_result)
 
-    def stream(self, starting: list[int], finishing: list[int]) -> None:
-        """Streaming sync: launch the syncs of ``starting`` fragments, apply those of ``finishing``."""
+    def stream(self, starting: list[int], finishing: list[int], stop: Optional[bool] = None) -> None:
+        """Streaming sync: launch the syncs of ``starting`` fragments, apply those of ``finishing`` (a fragment in
+        both lists is applied right after it starts). Time-based: each start carries the schedule's weight of that
+        fragment and ``stop`` (default: whether this rank asks every group to stop)."""
         assert self.outer_sync is not None
+        if stop is None and not self.schedule.lockstep:
+            stop = self.host.wants_to_stop()
         with self._guarded():
+            for f in finishing:  # the earlier starts first: a transport may hold one sync in flight at a time
+                if f not in starting:
+                    self._finish_fragment(f)
             for f in starting:
-                self.syncs.start_sync(self.outer_sync, f)
-            for f in finishing:
-                result = self.syncs.finish_sync(self.outer_sync, f, mix=self.config.overlap_mix)
-                if result is not None:  # None: dropped by the transport, the fragment syncs again at its next turn
-                    self._record(result)
+                self.syncs.start_sync(self.outer_sync, f, weight=self.schedule.fragment_weight(f), stop=stop)
+                if f in finishing:
+                    self._finish_fragment(f)
+
+    def _finish_fragment(self, fragment: Optional[int]) -> None:
+        assert self.outer_sync is not None
+        result = None
+        # not pending: a sync in flight in a checkpoint, dropped when a federated job joined (its quorum is gone)
+        if fragment in self.outer_sync.pending:
+            result = self.syncs.finish_sync(self.outer_sync, fragment, mix=self.config.overlap_mix)
+        self.schedule.fragment_applied(fragment)
+        if result is None:  # dropped by the transport: the fragment syncs again at its next turn
+            return
+        if result.stop_requested:
+            self.stop_received = True
+            self.host.stop_training()
+        self._record(result)
+
+    def _end_streaming_by_time(self, schedule: TimeBasedStreamingSchedule) -> None:
+        """Time-based streaming at the end of training: apply the fragment in flight; unless another group's stop
+        arrived, send this group's with the next fragment's sync, when it is due (as :meth:`train_end` does for a
+        timed sync); then every group, now knowing that training ends, syncs each fragment once more with the tokens
+        since its last sync, so that all end on one model."""
+        if schedule.in_flight is not None:
+            in_flight, schedule.in_flight = schedule.in_flight, None
+            self.stream([], [in_flight])
+        if not self.stop_received:
+            time.sleep(schedule.seconds_until_due())
+            f = schedule.start_next()
+            self.stream([f], [f], stop=True)
+        for f in schedule.final_fragments():
+            self.stream([f], [f], stop=True)
 
     def timed_sync(self, stop: bool) -> None:
         """Time-based sync: weight = tokens since the last sync; any group's ``stop`` ends training for all."""

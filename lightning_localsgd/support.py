@@ -52,16 +52,6 @@ class Refusal:
         return mode in self.modes and (shared if strategy is None else not shared and strategy in self.strategies)
 
 
-def _time_based_with(name: str, attr: str, active: Callable[[Any], bool]) -> Refusal:
-    return Refusal(
-        name, lambda c: c.sync_every_seconds is not None and active(c),
-        lambda c: (f"sync_every_seconds (time-based sync of uneven workers) does not combine with {name}="
-                   f"{getattr(c, attr)!r}. Remove one of them."),
-        reason="time-based groups take different numbers of steps; "
-               + ("streaming staggers fragments by steps" if name != "cluster_size" else
-                  "the cluster level counts steps"))
-
-
 def _deepspeed_refuses(name: str, default: Any, why: str) -> Refusal:
     return Refusal(
         name, lambda c: getattr(c, name) != default,
@@ -76,9 +66,10 @@ _DS_LOCKSTEP = "ZeRO syncs flat partitions, and DeepSpeed's own collectives assu
 
 #: Every refused combination, in the order they are checked.
 REFUSALS: list[Refusal] = [
-    _time_based_with("cluster_size", "cluster_size", lambda c: c.cluster_size is not None),
-    _time_based_with("fragments", "fragments", lambda c: c.fragments > 1),
-    _time_based_with("overlap_steps", "overlap_steps", lambda c: c.overlap_steps > 0),
+    Refusal("cluster_size", lambda c: c.sync_every_seconds is not None and c.cluster_size is not None,
+            lambda c: (f"sync_every_seconds (time-based sync of uneven workers) does not combine with cluster_size="
+                       f"{c.cluster_size!r}. Remove one of them."),
+            reason="time-based groups take different numbers of steps; the cluster level counts steps"),
     Refusal("cluster_size", lambda c: _streaming(c) and c.cluster_size is not None,
             lambda c: ("streaming sync (fragments > 1 or overlap_steps > 0) does not combine with two-stage sync "
                        "(cluster_size). Use one of them."),
@@ -98,7 +89,8 @@ REFUSALS: list[Refusal] = [
                        "warm-up. Leave warmup_steps=0, or train in one world without lighthouse."),
             reason="with several groups per job: one vote would span both levels", modes=("federated",)),
     Refusal("overlap_steps",
-            lambda c: _federated(c) and c.overlap_steps >= c.sync_every // max(1, c.fragments),
+            lambda c: (_federated(c) and c.sync_every_seconds is None  # time-based: one fragment in flight anyway
+                       and c.overlap_steps >= c.sync_every // max(1, c.fragments)),
             lambda c: (f"overlap_steps={c.overlap_steps} with lighthouse= (federated worker groups) must be smaller "
                        f"than sync_every/fragments={c.sync_every // max(1, c.fragments)}: each fragment's sync is one "
                        "quorum of torchft's manager, which holds one quorum at a time, so a fragment's sync must be "

@@ -10,7 +10,9 @@ Every schedule starts with ``warmup_steps`` fully synchronous steps (post-local 
 * ``"periodic"``: a sync every ``sync_every`` steps;
 * ``"two_stage"``: that sync inside each cluster, and every ``cluster_sync_every`` steps one across clusters too;
 * ``"streaming"``: fragment ``f`` starts its sync at local step ``t ≡ (f+1)·H/F (mod H)``, applied ``τ`` steps later;
-* ``"time_based"``: a sync at the first step end ``sync_every_seconds`` after the last one, token-weighted.
+* ``"time_based"``: a sync at the first step end ``sync_every_seconds`` after the last one, token-weighted;
+* ``"time_based_streaming"``: time-based with ``fragments``: one fragment's sync every ``sync_every_seconds/F``
+  seconds, the fragments in turn, each weighted by the tokens since that fragment's last sync.
 
 Add one by subclassing :class:`SyncSchedule` and calling :func:`register_schedule`; ``sync_schedule="name"`` picks it.
 """
@@ -22,7 +24,7 @@ from enum import Enum
 from typing import Any, Callable, Optional
 
 __all__ = ["Action", "PeriodicSchedule", "StreamingSchedule", "SyncSchedule", "TimeBasedSchedule",
-           "TwoStageSchedule", "build_schedule", "register_schedule", "schedule_names"]
+           "TimeBasedStreamingSchedule", "TwoStageSchedule", "build_schedule", "register_schedule", "schedule_names"]
 
 
 class Action(Enum):
@@ -115,6 +117,13 @@ class SyncSchedule:
         """A sync of every parameter ran (at the end of training, or by the clock): a new interval starts."""
         self.steps_since_sync = 0
         self.tokens_since_sync = 0
+
+    def fragment_weight(self, fragment: int) -> Optional[float]:
+        """The weight of this group in the sync of ``fragment`` that starts now (``None``: every group weighs 1)."""
+        return None
+
+    def fragment_applied(self, fragment: Optional[int]) -> None:
+        """The sync of ``fragment`` was applied (or dropped by the transport) at this step end."""
 
     def state_dict(self) -> dict[str, Any]:
         return {"steps_done": self.steps_done, "steps_since_sync": self.steps_since_sync}
@@ -236,6 +245,105 @@ class TimeBasedSchedule(SyncSchedule):
         return {**super().state_dict(), "tokens_since_sync": self.tokens_since_sync}
 
 
+class TimeBasedStreamingSchedule(TimeBasedSchedule):
+    """Time-based streaming sync: one fragment's sync every ``sync_every_seconds / fragments`` seconds, the fragments in
+    turn (0, 1, …, F−1, 0, …), so each fragment syncs about every ``sync_every_seconds`` and a sync moves about 1/F of
+    the model. Each group enters a fragment's sync at its first step end after that time, weighted by the tokens it
+    processed since that fragment's last sync; with ``overlap_steps`` τ the sync is applied τ of the group's own steps
+    later (the fast groups' communication runs behind their steps while the slow ones arrive).
+
+    One fragment is in flight at a time, and the clock of the next one starts when it is applied: that is the moment
+    every group knows all the others entered the sync, so the groups' clocks cannot drift apart over many syncs (a
+    group's clock restarted at its own start would run ahead of a slower group's by up to one slow step per sync).
+    The interval between two fragment syncs is therefore ``sync_every_seconds/F`` plus τ steps.
+
+    Training ends as with time-based sync: a group that finishes (or is asked to stop) sends a stop flag with the next
+    fragment's sync, and every group then syncs each fragment once more with its own weight, so all end on one model.
+    """
+
+    streaming = True
+
+    def __init__(self, sync_every_seconds: float, warmup_steps: int = 0, fragments: int = 1, overlap_steps: int = 0,
+                 sync_every: int = 1, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(sync_every_seconds, warmup_steps, sync_every, clock)
+        self.fragments = fragments
+        self.overlap_steps = overlap_steps
+        self.next_fragment = 0
+        """The fragment whose sync starts next."""
+        self.in_flight: Optional[int] = None
+        """The fragment whose sync started and is not applied yet (overlap)."""
+        self.steps_in_flight = 0
+        self.fragment_tokens = [0] * fragments
+        """Tokens this group processed since each fragment's last sync started."""
+        self._weights: dict[int, float] = {}
+
+    @property
+    def fragment_seconds(self) -> float:
+        """Seconds between one fragment's sync being applied and the next fragment's sync."""
+        return self.sync_every_seconds / self.fragments
+
+    def record_tokens(self, tokens: int) -> None:
+        super().record_tokens(tokens)
+        self.fragment_tokens = [t + tokens for t in self.fragment_tokens]
+
+    def local_step(self) -> Action:
+        self.steps_since_sync += 1
+        self.starting, self.finishing, self._weights = [], [], {}
+        if self.in_flight is not None:  # the fragment in flight is applied after τ of this group's steps
+            self.steps_in_flight += 1
+            if self.steps_in_flight >= self.overlap_steps:
+                self.finishing = [self.in_flight]
+                self.in_flight = None
+            return Action.STREAM if self.finishing else Action.NONE
+        if self.agree(self.clock() - self.interval_started >= self.fragment_seconds):
+            self.starting = [self.start_next()]
+            if self.overlap_steps == 0:
+                self.finishing = list(self.starting)
+            else:
+                self.in_flight, self.steps_in_flight = self.starting[0], 0
+            return Action.STREAM
+        return Action.NONE
+
+    def start_next(self) -> int:
+        """The next fragment's sync starts now: return it (its weight: :meth:`fragment_weight`)."""
+        f = self.next_fragment
+        self.next_fragment = (f + 1) % self.fragments
+        self._weights = {f: float(self.fragment_tokens[f])}
+        self.fragment_tokens[f] = 0
+        return f
+
+    def fragment_weight(self, fragment: int) -> Optional[float]:
+        return self._weights.get(fragment, float(self.fragment_tokens[fragment]))
+
+    def fragment_applied(self, fragment: Optional[int]) -> None:
+        self.interval_started = self.clock()  # every group has entered this sync: the next fragment's clock starts
+        self.steps_since_sync = self.tokens_since_sync = 0
+
+    def final_fragments(self) -> list[int]:
+        """At the end of training, once every group knows it ends: each fragment once more, in order, with the tokens
+        since its last sync (the fragments' local progress since then, so that every group ends on one model)."""
+        self.in_flight, self._weights = None, {}
+        return list(range(self.fragments))
+
+    def seconds_until_due(self) -> float:
+        return max(0.0, self.interval_started + self.fragment_seconds - self.clock())
+
+    def synced(self) -> None:
+        super().synced()
+        self.fragment_tokens = [0] * self.fragments
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "next_fragment": self.next_fragment, "in_flight": self.in_flight,
+                "steps_in_flight": self.steps_in_flight, "fragment_tokens": list(self.fragment_tokens)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.next_fragment = int(state.get("next_fragment", 0))
+        self.in_flight = state.get("in_flight")
+        self.steps_in_flight = int(state.get("steps_in_flight", 0))
+        self.fragment_tokens = [int(t) for t in state.get("fragment_tokens", [0] * self.fragments)]
+
+
 ScheduleFactory = Callable[[Any], SyncSchedule]
 """``config -> SyncSchedule``: builds a schedule from the strategy's arguments (a ``LocalSGDConfig``)."""
 
@@ -244,6 +352,8 @@ _SCHEDULES: dict[str, ScheduleFactory] = {
     "two_stage": lambda c: TwoStageSchedule(c.sync_every, c.warmup_steps, c.cluster_sync_every),
     "streaming": lambda c: StreamingSchedule(c.sync_every, c.warmup_steps, c.fragments, c.overlap_steps),
     "time_based": lambda c: TimeBasedSchedule(c.sync_every_seconds, c.warmup_steps, c.sync_every),
+    "time_based_streaming": lambda c: TimeBasedStreamingSchedule(c.sync_every_seconds, c.warmup_steps, c.fragments,
+                                                                 c.overlap_steps, c.sync_every),
 }
 
 

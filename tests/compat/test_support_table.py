@@ -48,7 +48,8 @@ def test_every_row_names_a_real_argument_and_applies_where_it_says():
 
 
 @pytest.mark.parametrize("kwargs,strategy,needle", [
-    ({"sync_every_seconds": 5.0, "fragments": 2}, None, "does not combine with fragments=2"),
+    ({"sync_every_seconds": 5.0, "cluster_size": 2, "cluster_sync_every": 128}, None,
+     "does not combine with cluster_size=2"),
     ({"warmup_steps": 4}, "deepspeed", "not supported with DeepSpeed"),
     ({"fragments": 2}, "deepspeed", "fragments=2 is not supported by LocalSGDDeepSpeedStrategy"),
 ])

@@ -109,3 +109,114 @@ def test_collectives_between_syncs_are_refused_before_training(tmp_path, extra, 
     out = run_tiny(tmp_path, devices=2, sync_every_seconds=1.0, steps=4, expect_fail=True, **extra)
     text = out[0]["stderr"] + out[0]["stdout"]
     assert "sync_every_seconds" in text and needle in text
+
+
+# ---------------------------------------------------------------------------------------------- time-based streaming
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_time_based_streaming_schedule_takes_fragments_in_turn_by_the_clock():
+    from lightning_localsgd.engine.schedules import Action, TimeBasedStreamingSchedule
+
+    clock = _Clock()
+    s = TimeBasedStreamingSchedule(1.0, fragments=2, overlap_steps=2, clock=clock)
+    s.start()
+    events = []
+    for step in range(1, 13):  # a step of 0.2 s: fragment syncs are 0.5 s apart, applied two steps after they start
+        clock.now += 0.2
+        s.record_tokens(8)
+        action = s.step()
+        weights = {f: s.fragment_weight(f) for f in s.starting}
+        for f in s.finishing:
+            s.fragment_applied(f)
+        events.append((step, action, list(s.starting), list(s.finishing), weights))
+    starts = [(step, st[0], w[st[0]]) for step, _, st, _, w in events if st]
+    finishes = [(step, fi[0]) for step, _, _, fi, _ in events if fi]
+    # due 0.5 s after the previous fragment was applied: t=0.6 (step 3), applied at step 5 (t=1.0); next due at
+    # t=1.5, entered at step 8 (t=1.6), applied at step 10 (t=2.0); the next at step 13
+    assert starts == [(3, 0, 24.0), (8, 1, 64.0)]
+    assert finishes == [(5, 0), (10, 1)]
+    assert all(a is Action.STREAM for step, a, st, fi, _ in events if st or fi)
+    # fragment 0's next weight counts the tokens since its own start at step 3
+    assert s.fragment_weight(0) == 8 * 9 and s.fragment_weight(1) == 8 * 4
+    clock.now += 0.2
+    s.record_tokens(8)
+    assert s.step() is Action.STREAM and s.starting == [0] and s.fragment_weight(0) == 8 * 10
+    # the state goes through a checkpoint: the fragment in flight, its steps, the next fragment, the token counts
+    copy = TimeBasedStreamingSchedule(1.0, fragments=2, overlap_steps=2, clock=clock)
+    copy.load_state_dict(s.state_dict())
+    assert (copy.in_flight, copy.steps_in_flight, copy.next_fragment, copy.fragment_tokens) == (0, 0, 1, [0, 40])
+    # at the end every fragment syncs once more with the tokens since its last sync
+    assert copy.final_fragments() == [0, 1] and copy.in_flight is None
+    assert [copy.fragment_weight(f) for f in (0, 1)] == [0.0, 40.0]
+
+
+def test_time_based_streaming_without_overlap_applies_at_once():
+    from lightning_localsgd.engine.schedules import TimeBasedStreamingSchedule
+
+    clock = _Clock()
+    s = TimeBasedStreamingSchedule(1.5, fragments=3, clock=clock)
+    s.start()
+    turns = []
+    for _ in range(10):
+        clock.now += 0.25
+        s.step()
+        assert s.starting == s.finishing
+        for f in s.finishing:
+            s.fragment_applied(f)
+            turns.append(f)
+    assert turns == [0, 1, 2, 0, 1]  # every other step: 0.5 s apart (1.5 s / 3)
+
+
+def check_weighted_fragment_syncs(ranks: list[dict], fragments: int) -> None:
+    """Every fragment sync of every rank against the hand reference: the fragment's values after it equal
+    ``Σ_i w_i θ_i / Σ_i w_i`` of the values each group sent at its start (averaging, overlap_mix 0), with ``w_i`` the
+    tokens group ``i`` processed since its previous sync of that fragment."""
+    records = [d["fragment_syncs"] for d in ranks]
+    assert len({len(r) for r in records}) == 1, [len(r) for r in records]
+    order = [r["fragment"] for r in records[0]]
+    assert all([r["fragment"] for r in rec] == order for rec in records), "the ranks synced different fragments"
+    regular, flush = order[:-fragments], order[-fragments:]
+    assert regular == [k % fragments for k in range(len(regular))] and len(regular) >= fragments
+    assert flush == list(range(fragments))  # the end: each fragment once more
+    previous = [[0] * fragments for _ in ranks]
+    for k in range(len(order)):
+        f = order[k]
+        for r, rec in enumerate(records):
+            assert rec[k]["weight"] == TOKENS_PER_STEP * (rec[k]["start_step"] - previous[r][f]), (r, k, rec[k])
+            previous[r][f] = rec[k]["start_step"]
+        a, b = records[0][k]["flat"]
+        weights = [rec[k]["weight"] for rec in records]
+        sent = [_flat(rec[k]["before"])[a:b] for rec in records]
+        for r, rec in enumerate(records):
+            got = _flat(rec[k]["after"])[a:b]
+            if sum(weights) > 0:
+                expected = sum(w * x for w, x in zip(weights, sent)) / sum(weights)
+                assert float((got - expected).abs().max()) <= ATOL, (r, k, f)
+            else:  # nothing new anywhere: every group continues from the same θ_g
+                assert torch.equal(got, _flat(records[0][k]["after"])[a:b])
+    for d in ranks[1:]:
+        assert _max_diff(ranks[0]["final"], d["final"]) == 0.0
+
+
+@pytest.mark.slow
+def test_time_based_streaming_with_a_slow_worker_matches_the_weighted_fragment_reference(tmp_path):
+    # the fast rank ends the run: 1,500 of its steps outlast several 0.3 s fragment intervals
+    ranks = run_tiny(tmp_path, devices=2, sync_every_seconds=0.6, fragments=2, overlap_steps=1, steps=1500,
+                     slow_rank=1, slow_seconds=0.04, seed_by_rank=True, inner="adamw", batches_per_epoch=1550)
+    check_weighted_fragment_syncs(ranks, fragments=2)
+    fast, slow = ranks[0], ranks[1]
+    assert fast["info"]["global_step"] > 1.5 * slow["info"]["global_step"]
+    # the fast worker finished first: its stop rode on a fragment's sync and every rank learned it there
+    stops = [k for k, r in enumerate(slow["fragment_syncs"]) if r.get("stop_requested")]
+    assert stops and all(fast["fragment_syncs"][k]["stop_requested"] for k in stops)
+    # at least one sync mixed unequal, non-zero weights (otherwise the weighting is not tested)
+    assert any(a["weight"] != b["weight"] and b["weight"] > 0
+               for a, b in zip(fast["fragment_syncs"], slow["fragment_syncs"]))
+    # overlap: a fragment of the regular syncs is applied one of the group's own steps after it starts
+    assert all(r["finish_step"] == r["start_step"] + 1 for rank in ranks for r in rank["fragment_syncs"][:-3])

@@ -237,6 +237,62 @@ def test_time_based_token_weighted_syncs_with_a_three_times_slower_job(tmp_path,
 
 
 @pytest.mark.slow
+def test_time_based_streaming_across_a_fast_and_a_three_times_slower_job(tmp_path, lighthouse):
+    """2 jobs, sync_every_seconds=1.0 in 2 fragments (one fragment's sync every 0.5 s, in turn), τ=1; g1 sleeps 3× as
+    long per step as g0. Each fragment's sync is its own quorum and commit; its weights are the tokens each job
+    processed since that fragment's previous sync; the fragment's values one step later (the job's own step) are the
+    token-weighted mean of what the jobs sent. g0 finishes first: its stop rides on the next fragment's sync, then
+    both jobs sync each fragment once more, and they end identical."""
+    from reference import reference_fragments
+
+    fast_s, slow_s, steps, fragments = 0.1, 0.3, 40, 2
+    dumps = run_jobs(tmp_path, lighthouse(2), 2, sync_every_seconds=1.0, fragments=fragments, overlap_steps=1,
+                     max_steps=steps, outer="average", g0={"step_sleep": fast_s}, g1={"step_sleep": slow_s})
+    net = initial_net()
+    names = [k for k, _ in net.named_parameters()]
+    runs = reference_fragments(names, [p.numel() for p in net.parameters()], fragments)
+    fast, slow = dumps["g0"], dumps["g1"]
+    assert fast["global_step"] == steps and slow["global_step"] <= 0.6 * steps
+    fs, ss = sync_records(fast), sync_records(slow)
+    order = [a["fragment"] for a, _ in fs]
+    assert order == [a["fragment"] for a, _ in ss] and len(order) >= 3 * fragments, (fast["attempts"], slow["attempts"])
+    regular, end = order[:-fragments - 1], order[-fragments - 1:]
+    assert regular == [k % fragments for k in range(len(regular))]
+    assert end == [len(regular) % fragments, *range(fragments)]  # the stop, then each fragment once more
+    assert fs[-fragments - 1][0]["stop"] is True and all(a["participants"] == 2 for a, _ in fs + ss)
+    previous = {"g0": [0] * fragments, "g1": [0] * fragments}
+    unequal = False
+    for k, ((fa, fr), (sa, sr)) in enumerate(zip(fs, ss)):
+        f = fa["fragment"]
+        weights = []
+        for name, a in (("g0", fa), ("g1", sa)):
+            assert a["fragment"] == f and a["weight"] == TOKENS_PER_STEP * (a["step"] - previous[name][f]), (name, k, a)
+            previous[name][f] = a["step"]
+            weights.append(a["weight"])
+        unequal |= weights[0] != weights[1] and min(weights) > 0
+        if sum(weights) == 0:
+            continue
+        expected = {n: (weights[0] * fr["params"][f"model.{n}"] + weights[1] * sr["params"][f"model.{n}"]) / sum(weights)
+                    for n in runs[f]}
+        last_of_fragment = k >= len(fs) - fragments
+        for name, a in (("g0", fa), ("g1", sa)):
+            if k >= len(regular) and not last_of_fragment:
+                continue  # the stopping sync: overwritten by the fragment's last sync at the end, checked there
+            # a regular sync is applied one of the job's own steps later; the end's last syncs give the final model
+            got = {n.removeprefix("model."): v for n, v in dumps[name]["final"].items()} if last_of_fragment else \
+                params_after(dumps[name], a["step"] + 1)
+            diff = max(float((got[n] - expected[n]).abs().max()) for n in expected)
+            assert diff < ATOL, f"{name}: sync {k} (fragment {f}, step {a['step']}) off the weighted mean by {diff:.3g}"
+    assert unequal, "no sync mixed unequal weights"
+    assert all(torch.equal(fast["final"][n], slow["final"][n]) for n in fast["final"])
+    # the fast job waits in a fragment's quorum at most about one slow step (+ quorum ticks, 2 shared cores)
+    waits = [a["quorum_seconds"] for a, _ in fs[:len(regular)]]
+    print("fast job's waits in the quorum:", [round(w, 3) for w in waits])
+    assert max(waits) < slow_s + 0.6, waits
+    assert fast["dropped"] == 0.0 and slow["dropped"] == 0.0
+
+
+@pytest.mark.slow
 def test_job_killed_inside_a_warmup_step_does_not_stop_the_other(tmp_path, lighthouse):
     """2 jobs, warmup_steps=4; g1 SIGKILLs itself inside the gradient all-reduce of the third warm-up step. g0: that
     step's vote fails, so it is not applied (the parameters stay those after step 2); the next step's quorum holds

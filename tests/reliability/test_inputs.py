@@ -102,8 +102,6 @@ STRATEGY_CASES = [
     ({"sync_every_seconds": float("nan")}, "sync_every_seconds must be a positive number of seconds, got nan"),
     ({"sync_every_seconds": float("inf")}, "sync_every_seconds must be a positive number of seconds, got inf"),
     ({"sync_every_seconds": True}, "sync_every_seconds must be a positive number of seconds, got True"),
-    ({"sync_every_seconds": 5, "fragments": 2}, "does not combine with fragments=2"),
-    ({"sync_every_seconds": 5, "overlap_steps": 1}, "does not combine with overlap_steps=1"),
     ({"sync_every_seconds": 5, "cluster_size": 2, "cluster_sync_every": 128}, "does not combine with cluster_size=2"),
     ({"sync_every_seconds": 5, "sync_on_train_end": False}, "sync_every_seconds needs sync_on_train_end=True"),
     # federated worker groups

@@ -243,8 +243,9 @@ class Slow(Callback):
 class SyncRecorder(Callback):
     """Records, at every sync, the parameters going in (θ_i), the weight sent and the parameters coming out."""
 
-    def __init__(self, syncs: list) -> None:
+    def __init__(self, syncs: list, fragment_syncs: list) -> None:
         self.syncs = syncs
+        self.fragment_syncs = fragment_syncs
 
     def on_fit_start(self, trainer, pl_module):
         outer = trainer.strategy
@@ -264,6 +265,25 @@ class SyncRecorder(Callback):
                 return result
 
             engine.sync = sync
+            start_fragment, finish_fragment = engine.start_sync, engine.finish_sync
+
+            def start_sync(fragment=None, weight=None, stop=None):
+                if fragment is not None:  # streaming: the fragment's flat range, what goes in
+                    self.fragment_syncs.append({
+                        "fragment": fragment, "flat": engine.layout.fragment(fragment).flat, "weight": weight,
+                        "stop": stop, "start_step": strategy.schedule.steps_done,
+                        "before": _full(pl_module.named_parameters())})
+                return start_fragment(fragment, weight=weight, stop=stop)
+
+            def finish_sync(fragment=None, mix=0.0):
+                result = finish_fragment(fragment, mix=mix)
+                if fragment is not None:
+                    record = next(r for r in reversed(self.fragment_syncs) if r["fragment"] == fragment)
+                    record.update(finish_step=strategy.schedule.steps_done, stop_requested=result.stop_requested,
+                                  after=_full(pl_module.named_parameters()))
+                return result
+
+            engine.start_sync, engine.finish_sync = start_sync, finish_sync
 
         original_setup = outer.setup_local_sgd
 
@@ -411,8 +431,9 @@ def main() -> None:
     if args.term_at >= 0:
         callbacks.append(Preempt(args.term_rank, args.term_at, args.term_delay))
     syncs: list[dict] = []
+    fragment_syncs: list[dict] = []
     if args.sync_every_seconds is not None:
-        callbacks.append(SyncRecorder(syncs))
+        callbacks.append(SyncRecorder(syncs, fragment_syncs))
     if args.ckpt_every:
         callbacks.append(ModelCheckpoint(dirpath=os.path.join(args.out, "ckpt"), every_n_train_steps=args.ckpt_every,
                                          save_top_k=args.save_top_k, filename="{step}"))
@@ -467,7 +488,7 @@ def main() -> None:
         optimizers = [_dtensor_to_local(o.state_dict()) for o in trainer.optimizers]  # FSDP: this rank's shards
     final = {**_params(model), **_full(model.named_buffers())}
     info["syncs_recorded"] = len(syncs)
-    torch.save({"train_end": getattr(recorder, "train_end", None), "syncs": syncs, "steps": recorder.steps, "buffers": recorder.buffers, "final": final,
+    torch.save({"train_end": getattr(recorder, "train_end", None), "syncs": syncs, "fragment_syncs": fragment_syncs, "steps": recorder.steps, "buffers": recorder.buffers, "final": final,
                 "optimizers": optimizers, "info": info, "collectives": LOG, "outer_state": outer_state},
                os.path.join(args.out, f"rank{trainer.global_rank}.pt"))
     with open(os.path.join(args.out, f"info{trainer.global_rank}.json"), "w") as f:
