@@ -178,6 +178,13 @@ _tested(_F[7], "one world", ("ddp",), "tests/strategies/test_resume.py")
 _tested(_F[7], "one world", ("fsdp",), "tests/strategies/test_fsdp.py::test_fsdp_mid_interval_resume_is_exact")
 _tested(_F[7], "one world", ("deepspeed",), "tests/strategies/test_deepspeed.py::test_deepspeed_mid_interval_resume_is_exact")
 _tested(_F[8], "one world", ("ddp", "fsdp", "deepspeed"), "tests/reliability/test_async_save.py")
+_SHARDED = "tests/strategies/test_sharded_features.py::"
+_FSDP_FEATURES = _SHARDED + "test_fsdp_warmup_int8_schedule_and_two_levels_match_references"
+_DEEPSPEED_FEATURES = _SHARDED + "test_deepspeed_int8_schedule_and_two_levels_match_references"
+for _feature in (_F[1], _F[2], _F[5], _F[6]):
+    _tested(_feature, "one world", ("fsdp",), _FSDP_FEATURES)
+for _feature in (_F[2], _F[5], _F[6]):  # warm-up is refused with DeepSpeed
+    _tested(_feature, "one world", ("deepspeed",), _DEEPSPEED_FEATURES)
 
 
 def _refusal_for(settings: tuple[str, ...], mode: str, strategy: str) -> Optional[Refusal]:

@@ -11,6 +11,7 @@ import copy
 import math
 import os
 import sys
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -34,8 +35,15 @@ def initial_net(buffer: bool = False, seed: int = 0) -> TinyNet:
 
 def simulate(world: int, group_size: int, sync_every: int, outer: str, steps: int, warmup: int = 0,
              inner: str = "sgd", accumulate: int = 1, clip: float | None = None, buffer: bool = False,
-             seed: int = 0, two_optimizers: bool = False):
-    """Returns (per-batch list of per-group named parameters, per-group final parameters, per-group buffers)."""
+             seed: int = 0, two_optimizers: bool = False, sync_steps: Sequence[int] | None = None,
+             compression: str | None = None, partitions: Sequence[Sequence[int]] | None = None):
+    """Returns (per-batch list of per-group named parameters, per-group final parameters, per-group buffers).
+
+    ``sync_steps``: the local steps (counted after the warm-up) after which a sync runs, instead of every
+    ``sync_every``. ``compression``: each sync's mean is the two-phase compressed mean with error feedback
+    (:func:`weighted_compressed_sync`), run separately over each of ``partitions``: the elements one rank of every
+    group holds (indices into the flattened parameters, -1 for a padding zero; see :func:`fsdp_partitions`,
+    :func:`zero_partitions`); default one partition of every element."""
     groups = world // group_size
     base = initial_net(buffer, seed)
     nets = [copy.deepcopy(base) for _ in range(groups)]
@@ -49,12 +57,40 @@ def simulate(world: int, group_size: int, sync_every: int, outer: str, steps: in
     momentum = {}
     history = []
     steps_done, since_sync = 0, 0
+    if compression is not None:
+        if partitions is None:
+            partitions = [list(range(sum(v.numel() for v in snapshot.values())))]
+        parts = [torch.tensor(list(idx), dtype=torch.long) for idx in partitions]
+        errors = [[torch.zeros(len(idx)) for _ in nets] for idx in parts]
+        mean_errors = [[None] * groups for _ in parts]
+
+    def compressed_means() -> dict[str, torch.Tensor]:
+        """The compressed mean of every parameter: each partition's two-phase compressed mean, put back in place."""
+        names = list(snapshot)
+        flat_theta = torch.cat([snapshot[k].reshape(-1) for k in names])
+        flats = [torch.cat([p.detach().reshape(-1) for p in n.parameters()]) for n in nets]
+        mean = torch.empty_like(flat_theta)
+        for i, idx in enumerate(parts):
+            held = idx >= 0
+
+            def take(flat):
+                return torch.where(held, flat[idx.clamp(min=0)], torch.zeros(()))
+
+            new, errors[i], mean_errors[i] = weighted_compressed_sync(
+                take(flat_theta), [take(f) for f in flats], [1] * groups, errors[i], mean_errors[i], compression)
+            mean[idx[held]] = new[held]
+        out, offset = {}, 0
+        for k in names:
+            out[k] = mean[offset : offset + snapshot[k].numel()].view_as(snapshot[k])
+            offset += snapshot[k].numel()
+        return out
 
     def outer_step():
         names = list(snapshot)
         params = [dict(n.named_parameters()) for n in nets]
+        means = compressed_means() if compression is not None else None
         for k in names:
-            mean = torch.stack([p[k].detach() for p in params]).mean(0)
+            mean = means[k] if means is not None else torch.stack([p[k].detach() for p in params]).mean(0)
             if outer == "average":
                 new = mean
             else:  # DiLoCo: Nesterov SGD, lr 0.7, momentum 0.9, written out
@@ -95,7 +131,8 @@ def simulate(world: int, group_size: int, sync_every: int, outer: str, steps: in
                     snapshot = {k: v.detach().clone() for k, v in nets[0].named_parameters()}
             else:
                 since_sync += 1
-                if since_sync == sync_every:
+                local = steps_done - warmup
+                if (local in sync_steps) if sync_steps is not None else since_sync == sync_every:
                     since_sync = 0
                     outer_step()
         history.append([{k: v.detach().clone() for k, v in n.named_parameters()} for n in nets])
@@ -104,6 +141,32 @@ def simulate(world: int, group_size: int, sync_every: int, outer: str, steps: in
     final = [{k: v.detach().clone() for k, v in n.named_parameters()} for n in nets]
     bufs = [{k: v.detach().clone() for k, v in n.named_buffers()} for n in nets]
     return history, final, bufs
+
+
+def fsdp_partitions(shapes: Sequence[Sequence[int]], group_size: int) -> list[list[int]]:
+    """The elements rank ``k`` of a worker group holds under FSDP2 (``fully_shard``), as indices into the flattened
+    parameters (``shapes`` in order): every parameter split on dim 0 as ``torch.chunk`` splits it (``ceil(d0/S)``
+    rows per rank; a parameter of fewer rows leaves the last ranks none), rank ``k``'s rows of each in order."""
+    out = [[] for _ in range(group_size)]
+    offset = 0
+    for shape in shapes:
+        rows = shape[0] if len(shape) else 1
+        numel = math.prod(shape)
+        per_row, per_rank = numel // rows, math.ceil(rows / group_size)
+        for k in range(group_size):
+            lo, hi = min(k * per_rank, rows), min((k + 1) * per_rank, rows)
+            out[k].extend(range(offset + lo * per_row, offset + hi * per_row))
+        offset += numel
+    return out
+
+
+def zero_partitions(numel: int, group_size: int) -> list[list[int]]:
+    """The elements rank ``k`` of a worker group holds under DeepSpeed ZeRO stage 1 / 2 (its fp32 master partition), as
+    indices into the flattened parameters (-1: a padding zero): the flattened parameters padded to a multiple of
+    ``2·S`` (ZeRO's ``nccl_start_alignment_factor`` of 2 times the data-parallel size) and cut in ``S`` equal parts."""
+    padded = math.ceil(numel / (2 * group_size)) * 2 * group_size
+    size = padded // group_size
+    return [[i if i < numel else -1 for i in range(k * size, (k + 1) * size)] for k in range(group_size)]
 
 
 def _outer(theta, mean, kind, momentum):

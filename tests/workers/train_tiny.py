@@ -296,7 +296,7 @@ class SyncRecorder(Callback):
             wrap_setup()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--devices", type=int, default=2)
     p.add_argument("--out", required=True)
@@ -329,6 +329,7 @@ def main() -> None:
     p.add_argument("--cluster-size", type=int, default=None)
     p.add_argument("--cluster-sync-every", type=int, default=None)
     p.add_argument("--cluster-outer", default="diloco")
+    p.add_argument("--sync-schedule", default=None, help="a registered schedule's name (sync_schedule=)")
     p.add_argument("--shard", default="", choices=["", "group", "world"], help="shard in configure_model")
     p.add_argument("--mp-bf16", action="store_true", help="FSDP MixedPrecisionPolicy(bf16 params, fp32 reduce)")
     p.add_argument("--full-checkpoint", action="store_true", help="FSDP: one full-state checkpoint file")
@@ -366,7 +367,7 @@ def main() -> None:
     p.add_argument("--backend", default="gloo", help="process group backend (nccl: tests/cuda on several GPUs)")
     p.add_argument("--num-nodes", type=int, default=1,
                    help="ranks sharing one GPU are started as the one rank of their own node (tests/cuda)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
     rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))
     L.seed_everything(1000 + rank if args.seed_by_rank else 0, verbose=False)
@@ -390,7 +391,9 @@ def main() -> None:
             mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
             if args.mp_bf16 else None,
             fragments=args.fragments, overlap_steps=args.overlap_steps, overlap_mix=args.overlap_mix,
-            sync_every_seconds=args.sync_every_seconds, async_save=args.async_save,
+            sync_every_seconds=args.sync_every_seconds, async_save=args.async_save, compression=args.compression,
+            cluster_size=args.cluster_size, cluster_sync_every=args.cluster_sync_every,
+            cluster_outer_optimizer=args.cluster_outer, sync_schedule=args.sync_schedule,
         )
     elif args.strategy == "deepspeed":
         from lightning_localsgd import LocalSGDDeepSpeedStrategy
@@ -407,7 +410,8 @@ def main() -> None:
             sync_every=args.sync_every, outer_optimizer=args.outer, group_size=args.group_size,
             warmup_steps=args.warmup, outer_state_device=args.state_device, process_group_backend=args.backend,
             logging_batch_size_per_gpu=2, cluster_size=args.cluster_size, cluster_sync_every=args.cluster_sync_every,
-            cluster_outer_optimizer=args.cluster_outer, compression=args.compression, async_save=args.async_save, **ds,
+            cluster_outer_optimizer=args.cluster_outer, compression=args.compression, async_save=args.async_save,
+            sync_schedule=args.sync_schedule, **ds,
         )
     elif args.strategy == "registered":
         strategy = args.registered_name
@@ -420,7 +424,7 @@ def main() -> None:
             cluster_size=args.cluster_size, cluster_sync_every=args.cluster_sync_every,
             cluster_outer_optimizer=args.cluster_outer, compression=args.compression, fragments=args.fragments,
             overlap_steps=args.overlap_steps, overlap_mix=args.overlap_mix, sync_every_seconds=args.sync_every_seconds,
-            async_save=args.async_save,
+            async_save=args.async_save, sync_schedule=args.sync_schedule,
         )
     recorder = Recorder()
     callbacks = [recorder]
