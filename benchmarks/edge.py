@@ -9,12 +9,13 @@ link is 10 Mbit/s with 50 ms one-way latency. Side by side, in one invocation:
   and for the gradient all-reduce);
 * **federated fixed-H**: four federated jobs (``lighthouse=``), DiLoCo every ``H`` steps: the fast devices wait for
   the slow ones at every sync;
-* **federated time-based**: the same jobs with ``sync_every_seconds=T`` (each enters the sync at its first step end
-  after T seconds; the mean is weighted by the tokens each processed) and int4 compression with error feedback
-  (streaming fragments are staggered by steps, which uneven devices do not share: they do not combine with
-  time-based sync);
-* **time-based with churn**: the same, with the ½× device leaving (SIGKILL, mid-interval) every ``churn_every`` of
-  its syncs and rejoining at once (it heals from a live peer).
+* **federated time-based + int4 + streaming**: the same jobs with ``sync_every_seconds=T`` in ``fragments`` F
+  fragments (one fragment's sync every T/F seconds, in turn; each job enters it at its first step end after that
+  time; the mean is weighted by the tokens each job processed since that fragment's last sync), applied
+  ``overlap_steps`` of the job's own steps later, with int4 compression and error feedback;
+* **federated time-based + int4**, whole-model syncs every T seconds (what streaming is compared with);
+* **time-based + streaming with churn**: the streaming run, with the ½× device leaving (SIGKILL, mid-interval) every
+  ``churn_every`` of its whole rounds of F fragment syncs and rejoining at once (it heals from a live peer).
 
 The federated runs stop at ``seconds`` of wall clock (device 0's clock; its last sync carries the stop to the others).
 
@@ -55,7 +56,7 @@ PRESETS = {
     "default": dict(size="micro", block_size=64, batch_size=8, learning_rate=2e-3, warmup=16,
                     speeds=[1.0, 1.0, 0.5, 0.25], step_seconds=0.08, rate_bit_s=10e6, latency_s=0.05,
                     ddp_steps=160, ddp_eval_every=16, fixed_sync_every=16, fixed_steps=160, sync_every_seconds=2.0,
-                    seconds=75.0, compression="int4", churn_every=8, churn_device=2,
+                    seconds=75.0, compression="int4", fragments=2, overlap_steps=1, churn_every=8, churn_device=2,
                     val_windows=128, max_tokens=2_000_000, join_ms=2000, heartbeat_ms=1000, sync_timeout=120.0),
 }
 # a smoke run of every leg (tests/benchmarks/test_edge.py): a few syncs each, the same code paths
@@ -196,7 +197,7 @@ def worker(cfg: dict) -> None:
                 state["syncs_here"] = state.get("syncs_here", 0) + 1
                 if cfg.get("snapshots"):
                     save_snapshot(trainer, pl_module)
-                if cfg.get("churn_every") and state["syncs_here"] == cfg["churn_every"]:
+                if cfg.get("churn_every") and state["syncs_here"] == cfg["churn_every"] * cfg["fragments_here"]:
                     state["kill_at"] = step + 2  # mid-interval: its work since this sync is lost
             if state.get("kill_at") == step:
                 rec["killed"] = dict(t=now, step=step)
@@ -219,6 +220,7 @@ def worker(cfg: dict) -> None:
         strategy = LocalSGDStrategy(
             sync_every=cfg["sync_every"] if not timed else 64, sync_every_seconds=cfg.get("sync_every_seconds"),
             outer_optimizer="diloco", compression=cfg.get("compression") if timed else None,
+            fragments=cfg["fragments_here"], overlap_steps=cfg["overlap_here"],
             lighthouse=cfg["lighthouse"], group_id=f"device{cfg['device']}", min_groups=1,
             sync_timeout=cfg["sync_timeout"], process_group_backend="gloo")
         devices = 1
@@ -257,8 +259,9 @@ def run_ddp(cfg: dict, run_dir: Path) -> dict:
     return dict(run="DDP", records=[json.loads(Path(job["out"]).read_text())], restarts=[], t0=job["t0"])
 
 
-def run_federated(cfg: dict, run_dir: Path, label: str, timed: bool, churn: bool) -> dict:
-    """Four federated jobs against an in-process lighthouse; with ``churn`` one of them leaves and rejoins."""
+def run_federated(cfg: dict, run_dir: Path, label: str, timed: bool, churn: bool, streaming: bool = False) -> dict:
+    """Four federated jobs against an in-process lighthouse; with ``churn`` one of them leaves and rejoins; with
+    ``streaming`` the syncs go fragment by fragment (``fragments``, ``overlap_steps``)."""
     from harness.federated import run_jobs
 
     jobs = []
@@ -269,7 +272,8 @@ def run_federated(cfg: dict, run_dir: Path, label: str, timed: bool, churn: bool
             sync_every=cfg["fixed_sync_every"], sync_every_seconds=cfg["sync_every_seconds"] if timed else None,
             max_steps=100 * expected if timed else cfg["fixed_steps"], lr_steps=expected, snapshots=d == 0,
             stop_after=cfg["seconds"] if timed and d == 0 else None, snap_dir=str(run_dir),
-            churn_every=cfg["churn_every"] if churn and d == cfg["churn_device"] else None))
+            churn_every=cfg["churn_every"] if churn and d == cfg["churn_device"] else None,
+            fragments_here=cfg["fragments"] if streaming else 1, overlap_here=cfg["overlap_steps"] if streaming else 0))
     run_dir.mkdir(parents=True)
 
     def restart(job: dict, record: dict) -> dict | None:
@@ -456,7 +460,7 @@ def main() -> None:
                    help="netns: a shaped loopback (needs root, unshare, tc); sleep: a software model; auto: netns "
                         "where usable")
     p.add_argument("--preset", choices=sorted(PRESETS), default="default", help="quick: a smoke run of every leg")
-    p.add_argument("--only", choices=("ddp", "fixed", "timed", "churn"), action="append",
+    p.add_argument("--only", choices=("ddp", "fixed", "timed", "whole", "churn"), action="append",
                    help="run only these legs (repeatable; the summary needs ddp and timed)")
     p.add_argument("--seconds", type=float, help="wall clock of each time-based run (default 75)")
     p.add_argument("--keep", help="keep the jobs' logs, records and snapshots in this folder")
@@ -481,13 +485,15 @@ def main() -> None:
             sys.exit(subprocess.run(cmd, timeout=3600, check=False).returncode)
     cfg["emulation"] = "netns" if args.in_netns else "sleep"
     started = time.time()
-    timed = f"federated time-based T={cfg['sync_every_seconds']:g}s {cfg['compression']}"
+    whole = f"federated time-based T={cfg['sync_every_seconds']:g}s {cfg['compression']}"
+    timed = whole + f" + streaming F={cfg['fragments']} τ={cfg['overlap_steps']}"
     legs = {"ddp": lambda w: run_ddp(cfg, w / "ddp"),
             "fixed": lambda w: run_federated(cfg, w / "fixed", f"federated fixed H={cfg['fixed_sync_every']}",
                                              False, False),
-            "timed": lambda w: run_federated(cfg, w / "timed", timed, True, False),
-            "churn": lambda w: run_federated(cfg, w / "churn", timed + f" + churn every {cfg['churn_every']} syncs",
-                                             True, True)}
+            "timed": lambda w: run_federated(cfg, w / "timed", timed, True, False, streaming=True),
+            "whole": lambda w: run_federated(cfg, w / "whole", whole, True, False),
+            "churn": lambda w: run_federated(cfg, w / "churn", timed + f" + churn every {cfg['churn_every']} rounds",
+                                             True, True, streaming=True)}
     chosen = args.only or list(legs)
     with tempfile.TemporaryDirectory(prefix="lsgd_edge_") as tmp:
         work = Path(args.keep) if args.keep else Path(tmp)
@@ -519,9 +525,11 @@ def main() -> None:
             f"momentum 0.9), lighthouse in-process (join {cfg['join_ms']} ms for time-based, 1.5 × the slowest device's "
             f"interval for fixed H, heartbeat {cfg['heartbeat_ms']} ms); "
             f"fixed H={cfg['fixed_sync_every']} for {cfg['fixed_steps']} steps; time-based T="
-            f"{cfg['sync_every_seconds']:g} s for {cfg['seconds']:g} s, {cfg['compression']} with error feedback (streaming "
-            f"fragments do not combine with time-based sync: README, Status); churn: device {cfg['churn_device']} leaves every "
-            f"{cfg['churn_every']} of its syncs and rejoins at once.\n\n"
+            f"{cfg['sync_every_seconds']:g} s for {cfg['seconds']:g} s, {cfg['compression']} with error feedback, "
+            f"streaming: {cfg['fragments']} fragments in turn (one every {cfg['sync_every_seconds'] / cfg['fragments']:g} "
+            f"s), applied {cfg['overlap_steps']} step(s) later, and without streaming; churn (streaming run): device "
+            f"{cfg['churn_device']} leaves every {cfg['churn_every']} of its rounds of fragment syncs and rejoins at "
+            "once.\n\n"
             + h.md_table(rows, [("run", "run"), ("wall_s", "wall s"), ("final_val_loss", "final val loss"),
                                 ("loss_at_equal_seconds", "loss at equal wall clock"),
                                 ("loss_at_equal_tokens", "loss at equal tokens"),
