@@ -360,7 +360,7 @@ class LocalSGDController:
         # not pending: a sync in flight in a checkpoint, dropped when a federated job joined (its quorum is gone)
         if fragment in self.outer_sync.pending:
             result = self.syncs.finish_sync(self.outer_sync, fragment, mix=self.config.overlap_mix)
-        self.schedule.fragment_applied(fragment)
+        self.schedule.fragment_applied(fragment, applied=result is not None)
         if result is None:  # dropped by the transport: the fragment syncs again at its next turn
             return
         if result.stop_requested:

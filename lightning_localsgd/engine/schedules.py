@@ -122,8 +122,8 @@ class SyncSchedule:
         """The weight of this group in the sync of ``fragment`` that starts now (``None``: every group weighs 1)."""
         return None
 
-    def fragment_applied(self, fragment: Optional[int]) -> None:
-        """The sync of ``fragment`` was applied (or dropped by the transport) at this step end."""
+    def fragment_applied(self, fragment: Optional[int], applied: bool = True) -> None:
+        """The sync of ``fragment`` ended at this step end: applied, or (``applied=False``) dropped by the transport."""
 
     def state_dict(self) -> dict[str, Any]:
         return {"steps_done": self.steps_done, "steps_since_sync": self.steps_since_sync}
@@ -288,7 +288,7 @@ class TimeBasedStreamingSchedule(TimeBasedSchedule):
 
     def local_step(self) -> Action:
         self.steps_since_sync += 1
-        self.starting, self.finishing, self._weights = [], [], {}
+        self.starting, self.finishing = [], []
         if self.in_flight is not None:  # the fragment in flight is applied after τ of this group's steps
             self.steps_in_flight += 1
             if self.steps_in_flight >= self.overlap_steps:
@@ -315,9 +315,12 @@ class TimeBasedStreamingSchedule(TimeBasedSchedule):
     def fragment_weight(self, fragment: int) -> Optional[float]:
         return self._weights.get(fragment, float(self.fragment_tokens[fragment]))
 
-    def fragment_applied(self, fragment: Optional[int]) -> None:
+    def fragment_applied(self, fragment: Optional[int], applied: bool = True) -> None:
         self.interval_started = self.clock()  # every group has entered this sync: the next fragment's clock starts
         self.steps_since_sync = self.tokens_since_sync = 0
+        weight = self._weights.pop(fragment, 0.0) if fragment is not None else 0.0
+        if not applied and fragment is not None:  # a dropped sync: its tokens count at the fragment's next one
+            self.fragment_tokens[fragment] += int(weight)
 
     def final_fragments(self) -> list[int]:
         """At the end of training, once every group knows it ends: each fragment once more, in order, with the tokens
@@ -334,7 +337,8 @@ class TimeBasedStreamingSchedule(TimeBasedSchedule):
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "next_fragment": self.next_fragment, "in_flight": self.in_flight,
-                "steps_in_flight": self.steps_in_flight, "fragment_tokens": list(self.fragment_tokens)}
+                "steps_in_flight": self.steps_in_flight, "fragment_tokens": list(self.fragment_tokens),
+                "in_flight_weights": dict(self._weights)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
@@ -342,6 +346,7 @@ class TimeBasedStreamingSchedule(TimeBasedSchedule):
         self.in_flight = state.get("in_flight")
         self.steps_in_flight = int(state.get("steps_in_flight", 0))
         self.fragment_tokens = [int(t) for t in state.get("fragment_tokens", [0] * self.fragments)]
+        self._weights = {int(f): float(w) for f, w in state.get("in_flight_weights", {}).items()}
 
 
 ScheduleFactory = Callable[[Any], SyncSchedule]

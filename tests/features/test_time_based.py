@@ -151,6 +151,17 @@ def test_time_based_streaming_schedule_takes_fragments_in_turn_by_the_clock():
     copy = TimeBasedStreamingSchedule(1.0, fragments=2, overlap_steps=2, clock=clock)
     copy.load_state_dict(s.state_dict())
     assert (copy.in_flight, copy.steps_in_flight, copy.next_fragment, copy.fragment_tokens) == (0, 0, 1, [0, 40])
+    # a sync the transport dropped (a federated job died inside it after inner steps ran): its tokens are not lost,
+    # they count at that fragment's next sync
+    dropped = TimeBasedStreamingSchedule(1.0, fragments=2, overlap_steps=2, clock=clock)
+    dropped.load_state_dict(s.state_dict())
+    for _ in range(2):
+        clock.now += 0.2
+        dropped.record_tokens(8)
+        dropped.step()
+    assert dropped.finishing == [0]
+    dropped.fragment_applied(0, applied=False)
+    assert dropped.fragment_weight(0) == 8 * 10 + 8 * 2
     # at the end every fragment syncs once more with the tokens since its last sync
     assert copy.final_fragments() == [0, 1] and copy.in_flight is None
     assert [copy.fragment_weight(f) for f in (0, 1)] == [0.0, 40.0]
