@@ -115,7 +115,8 @@ def compressed_reference(dumps: dict[str, dict], strategy: str, warmup: int, syn
     local = {g: copy.deepcopy((net, opt)) for g in jobs}  # each job's model and inner optimizer (its momentum)
     momentum: torch.Tensor | None = None
     errors = {(g, k): torch.zeros(len(layouts[k])) for g in jobs for k in range(RANKS)}
-    kept: dict[tuple[str, int], tuple[tuple[int, int], torch.Tensor]] = {}  # (chunk owner, rank) -> (owner key, residual)
+    # phase 2: (job, rank) -> ((members, its index) when it owned the chunk, the residual of that chunk's encoding)
+    kept: dict[tuple[str, int], tuple[tuple[int, int], torch.Tensor]] = {}
     for t in range(warmup + 1, steps + 1):
         for g, (n, o) in local.items():
             inner_step(n, o, batches[g][t - 1])
@@ -198,7 +199,8 @@ def test_int8_registered_schedule_then_exact_resume_from_checkpoints_saved_in_th
                                  "deepspeed": "LocalSGDDeepSpeedStrategy"}[strategy] and d["global_step"] == steps
         rounds = [(a["step"], a["participants"], a["committed"]) for a in d["attempts"] if a["kind"] == "warmup"]
         assert rounds == [(s, 2, True) for s in range(warmup)], d["attempts"]
-        syncs = [(a["step"], a["participants"], a["weight"], a["committed"]) for a in d["attempts"] if a["kind"] == "sync"]
+        syncs = [(a["step"], a["participants"], a["weight"], a["committed"]) for a in d["attempts"]
+                 if a["kind"] == "sync"]
         assert syncs == [(s, 2, 1.0, True) for s in sync_steps], d["attempts"]
         for s, got in d["steps"]:
             diff = max_diff(flat_dump(got), ref["history"][s][job])
@@ -209,7 +211,8 @@ def test_int8_registered_schedule_then_exact_resume_from_checkpoints_saved_in_th
         assert max_diff(d["compression_error"], ref["errors"][(job, rank)]) < ATOL
         assert float(d["compression_error"].abs().max()) > 0  # the codec really lost something, fed back
         # the save at the sync step returned before its files were written (each write sleeps WRITE_DELAY s first)
-        assert d["saved_async"] and len(d["save_seconds"]) == 1 and d["save_seconds"][0] < WRITE_DELAY, d["save_seconds"]
+        assert d["saved_async"] and len(d["save_seconds"]) == 1, d["save_seconds"]
+        assert d["save_seconds"][0] < WRITE_DELAY, d["save_seconds"]
     # the jobs drift apart between syncs (a wrong mean would show)
     assert max_diff(ref["history"][warmup + 1]["g0"], ref["history"][warmup + 1]["g1"]) > 1e-4
 

@@ -24,7 +24,8 @@ ATOL = 1e-5
 
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp", "deepspeed"])
-def test_two_jobs_of_two_groups_match_the_two_stage_reference(tmp_path, lighthouse, monkeypatch, strategy):  # noqa: F811
+def test_two_jobs_of_two_groups_match_the_two_stage_reference(tmp_path, lighthouse, monkeypatch,  # noqa: F811
+                                                              strategy):
     """2 jobs × 4 ranks, group_size=2: 2 groups of 2 ranks per job (DDP, FSDP2 or ZeRO-2 inside each group), H1=2
     inside the job, H2=4 across jobs (DiLoCo at both levels). After every step each rank's parameters equal its
     group's in the hand reference; each job's ranks send one copy of the model per level-2 sync (rank r reduces a
