@@ -185,6 +185,19 @@ for _feature in (_F[1], _F[2], _F[5], _F[6]):
     _tested(_feature, "one world", ("fsdp",), _FSDP_FEATURES)
 for _feature in (_F[2], _F[5], _F[6]):  # warm-up is refused with DeepSpeed
     _tested(_feature, "one world", ("deepspeed",), _DEEPSPEED_FEATURES)
+# federated: one run exercises several features at once, against a hand reference of exactly that combination
+_COMBINED = "tests/federation/test_federated_combinations.py::"
+_RESUME_ASYNC = _COMBINED + "test_int8_registered_schedule_then_exact_resume_from_checkpoints_saved_in_the_background"
+_tested(_F[1], "federated", ("fsdp",), _RESUME_ASYNC)
+_tested(_F[2], "federated", ("fsdp", "deepspeed"), _RESUME_ASYNC)
+_tested(_F[3], "federated", ("fsdp",), _COMBINED + "test_fsdp_jobs_streaming_with_overlap_match_the_hand_reference")
+_tested(_F[4], "federated", ("fsdp",),
+        _COMBINED + "test_fsdp_jobs_time_based_token_weighted_syncs_with_a_three_times_slower_job")
+_tested(_F[5], "federated", ("fsdp", "deepspeed"), _RESUME_ASYNC)
+_tested(_F[6], "federated", ("fsdp", "deepspeed"),
+        "tests/federation/test_federated_groups.py::test_two_jobs_of_two_groups_match_the_two_stage_reference")
+_tested(_F[7], "federated", ("ddp", "deepspeed"), _RESUME_ASYNC)
+_tested(_F[8], "federated", ("ddp", "fsdp", "deepspeed"), _RESUME_ASYNC)
 
 
 def _refusal_for(settings: tuple[str, ...], mode: str, strategy: str) -> Optional[Refusal]:

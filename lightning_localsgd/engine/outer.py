@@ -400,11 +400,15 @@ class OuterSync:
             return self._nonfinite(frag, red, buffers_finite)
         if self.compressor is not None:
             self.compressor.commit(red, frag)
+        # No group weighed in (groups that all just joined, or resumed from their checkpoints): there is no mean, so
+        # θ_g, the outer state, the buffers and every group's parameters stay as they are (a job resuming from a
+        # checkpoint taken mid-interval keeps its inner progress, as in one world).
+        idle = red.total_weight == 0.0
         if self.outer_optimizer is None:
             # Outer SGD with lr 1 and no momentum is the mean itself; copy it to stay exact.
             theta.copy_(mean)
-        elif red.total_weight == 0.0:
-            pass  # no group weighed in (e.g. groups that all just joined): no outer step, momentum must not act
+        elif idle:
+            pass  # no outer step: momentum must not act
         else:
             # Only this fragment's parameters get a gradient: torch optimizers skip (and keep the state of) the rest.
             # torch.optim's own optimizers copy what they keep of a gradient, so theirs are views of Δ (scratch after
@@ -419,10 +423,12 @@ class OuterSync:
             self.outer_optimizer.step()
             for snap in snapshots:
                 snap.grad = None
-        self.write_back(frag.index, mix)
+        if not idle:
+            self.write_back(frag.index, mix)
         sent = red.sent
         if buffer_sum is not None and self.num_groups > 1:
-            assign_buffers(self.buffers, buffer_sum / self.num_groups)
+            if not idle:
+                assign_buffers(self.buffers, buffer_sum / self.num_groups)
             sent += buffer_sum.numel() * buffer_sum.element_size()
         return self._finish(sent, math.sqrt(sq_norm), frag)
 

@@ -76,17 +76,20 @@ def scenario_workspace(rank, world):
     out["rounds"] = rounds
     out["workspace_bytes"] = (frag.workspace_bytes, whole.workspace_bytes, frag.owned_numel)
     out["views"] = [s.untyped_storage().data_ptr() == frag._flat.untyped_storage().data_ptr() for s in frag.snapshot]
-    # no group weighed in: no outer step, θ_g kept (the mean is θ_g itself, copied into the buffer)
+    # no group weighed in: no outer step, θ_g kept (the mean is θ_g itself, copied into the buffer), and the
+    # parameters are not replaced by θ_g (there is no mean to adopt: a job resuming mid-interval keeps its progress)
     before = [s.detach().clone() for s in whole.snapshot]
     momentum = [whole.outer_optimizer.state[s]["momentum_buffer"].clone() for s in whole.snapshot]
     for p in whole_params:
         p.add_(1.0)
+    live = [p.clone() for p in whole_params]
     res = whole.sync(weight=0.0)
     out["zero_weight"] = {
         "kept": all(torch.equal(s.detach(), b) for s, b in zip(whole.snapshot, before)),
         "momentum": all(torch.equal(whole.outer_optimizer.state[s]["momentum_buffer"], m)
                      for s, m in zip(whole.snapshot, momentum)),
-        "params": all(torch.equal(p, b.view_as(p)) for p, b in zip(whole_params, before)), "norm": res.pseudo_grad_norm}
+        "params": all(torch.equal(p, q) for p, q in zip(whole_params, live))
+        and not any(torch.equal(p, b.view_as(p)) for p, b in zip(whole_params, before)), "norm": res.pseudo_grad_norm}
     # an optimizer that is not torch.optim's keeps copies of its gradients, which later syncs do not overwrite
     kp = [t.clone() for t in initial()]
     keeping = OuterSync(kp, outer_optimizer=KeepingSGD)

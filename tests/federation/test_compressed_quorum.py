@@ -204,9 +204,10 @@ def test_weights_ride_with_the_chunks_and_no_member_weighing_in_leaves_theta_g()
     engines = members(2, theta)
     for e in engines:
         e.tensors[0].data.add_(0.5)
-    run_members(engines, lambda r, e: e.sync(weight=0.0))  # e.g. every group just joined
+    run_members(engines, lambda r, e: e.sync(weight=0.0))  # e.g. every group just joined, or resumed mid-interval
     for e in engines:
-        assert torch.equal(e.snapshot[0].detach(), theta) and torch.equal(e.tensors[0].detach(), theta)
+        # θ_g as it was, and no mean to adopt: the parameters keep their own values (their inner progress)
+        assert torch.equal(e.snapshot[0].detach(), theta) and torch.equal(e.tensors[0].detach(), theta + 0.5)
         assert not e.compressor.mean_error and float(e.compressor.error.abs().max()) == 0.0
     # a stop flag rides with them too; every member learns that one asked
     results = run_members(engines, lambda r, e: e.sync(weight=1.0, stop=r == 1))

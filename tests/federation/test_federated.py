@@ -52,18 +52,63 @@ def lighthouse():
         server.shutdown()
 
 
-def launch(out: Path, address: str, group: int, name: str | None = None, **options) -> _forkserver.Popen:
-    """Job ``g{group}`` (data order seed ``group``); ``name`` names its dump and log (default: the group id)."""
+def launch(out: Path, address: str, group: int, name: str | None = None, fork_ranks: bool = False,
+           **options) -> _forkserver.Popen | Job:
+    """Job ``g{group}`` (data order seed ``group``); ``name`` names its dump and log (default: the group id).
+
+    ``fork_ranks`` (a job of ``devices`` > 1 ranks): start every rank from the fork server, together, as torchrun
+    does (:class:`Job`), instead of Lightning's launcher starting ranks 1.. as fresh interpreters (~8 s each)."""
     name = name or f"g{group}"
     cmd = [sys.executable, str(WORKER), "--lighthouse", address, "--group-id", f"g{group}", "--seed", str(group),
            "--out", str(out), "--sync-every", str(H), "--max-steps", str(STEPS), "--dump-name", name]
-    for key, value in options.items():
-        cmd += ["--" + key.replace("_", "-"), str(value)]
+    for key, value in options.items():  # True: a bare flag (e.g. --async-save), False: left out
+        if value is not False:
+            cmd += ["--" + key.replace("_", "-")] + ([] if value is True else [str(value)])
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     for var in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "RANK"):
         env.pop(var, None)
     log = open(out / f"{name}.log", "w")  # noqa: SIM115 (the job's log, open while it runs)
+    ranks = int(options.get("devices", 1))
+    if fork_ranks and ranks > 1 and _forkserver.enabled():
+        port = str(_forkserver.free_port())
+        return Job([_forkserver.Popen(cmd, env={**env, "LOCAL_RANK": str(r), "NODE_RANK": "0", "WORLD_SIZE": str(ranks),
+                                                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port},
+                                      stdout=log, stderr=subprocess.STDOUT) for r in range(ranks)])
     return _forkserver.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+class Job:
+    """The ranks of one job started together (``launch(fork_ranks=True)``), as one process to the tests: its exit
+    code is rank 0's once every rank ended; as Lightning's launcher does, a rank > 0 that fails while rank 0 runs
+    has the whole job SIGKILLed (after 5 s); ``kill`` kills every rank."""
+
+    GRACE_S = 5.0
+
+    def __init__(self, ranks: list[_forkserver.Popen]) -> None:
+        self.ranks = ranks
+        self._failed_at: float | None = None
+
+    def poll(self) -> int | None:
+        codes = [p.poll() for p in self.ranks]
+        if all(c is not None for c in codes):
+            return codes[0]
+        if codes[0] is None and any(c not in (None, 0) for c in codes[1:]):
+            self._failed_at = self._failed_at or time.monotonic()
+            if time.monotonic() - self._failed_at > self.GRACE_S:
+                self.kill()
+        return None
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while (code := self.poll()) is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired("job", timeout)
+            time.sleep(0.02)
+        return code
+
+    def kill(self) -> None:
+        for p in self.ranks:
+            p.kill()
 
 
 @contextmanager

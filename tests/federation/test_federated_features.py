@@ -47,10 +47,12 @@ def records(dump: dict, step: int, fragment) -> list[dict]:
 
 
 def federated_reference(dumps: dict[str, dict], codec: str | None = None, fragments: int = 1, overlap: int = 0,
-                        mix: float = 0.0, outer: str = "diloco") -> dict:
+                        mix: float = 0.0, outer: str = "diloco", ranks: int = 1) -> dict:
     """θ_g after every step, each group's parameters after every step, and the groups' phase-1 error feedback at
     the end, by hand. A restarted group (``start_step`` > 0) starts from the parameters it recorded right after
-    healing (the test checks separately that they are a live peer's)."""
+    healing (the test checks separately that they are a live peer's). ``ranks`` > 1 (exact mean only): a job's
+    inner step is the gradient of the mean of its ranks' losses (DDP / FSDP inside it)."""
+    assert codec is None or ranks == 1, "the compressed reduce is modelled per group of one rank"
     streaming = fragments > 1 or overlap > 0
     frags = reference_fragments(NAMES, SIZES, fragments)
     base = initial_net()
@@ -58,7 +60,7 @@ def federated_reference(dumps: dict[str, dict], codec: str | None = None, fragme
     momentum: dict[str, torch.Tensor] = {}
     nets: dict[str, torch.nn.Module] = {}
     cursor = {g: 0 for g in dumps}
-    batches = {g: group_batches(d["seed"]) for g, d in dumps.items()}
+    batches = {g: group_batches(d["seed"], ranks) for g, d in dumps.items()}
     total = sum(SIZES)
     error = {g: torch.zeros(total) for g in dumps}  # phase 1, over all parameters (a fragment uses its range)
     mean_error: dict[str, dict] = {g: {} for g in dumps}  # phase 2, fragment -> (owner (size, rank), residual)
@@ -142,10 +144,10 @@ def federated_reference(dumps: dict[str, dict], codec: str | None = None, fragme
         for g, net in nets.items():
             if t <= last_step(g):
                 opt = torch.optim.SGD(net.parameters(), lr=0.1)
-                x, y = batches[g][cursor[g]][0]
+                losses = [F.mse_loss(net(x), y) for x, y in batches[g][cursor[g]]]
                 cursor[g] += 1
                 opt.zero_grad()
-                F.mse_loss(net(x), y).backward()
+                (losses[0] if len(losses) == 1 else torch.stack(losses).mean()).backward()
                 opt.step()
         for g, d in dumps.items():  # a restarted group enters at the sync it healed in, with a live peer's θ_i
             if d["start_step"] == t and t > 0:

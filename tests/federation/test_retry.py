@@ -165,5 +165,7 @@ def test_quorum_of_joiners_only_takes_no_outer_step():
     before = sync.snapshot[0].detach().clone()
     momentum = sync.outer_optimizer.state[sync.snapshot[0]]["momentum_buffer"].clone()
     fed.join(sync)
-    assert torch.equal(sync.snapshot[0].detach(), before) and torch.equal(param.detach(), before)
+    # θ_g as it was; the parameters keep their own values (a job resumed mid-interval keeps its inner progress)
+    assert torch.equal(sync.snapshot[0].detach(), before) and torch.equal(param.detach(), torch.tensor([1.0, 2.0]))
+    assert not torch.equal(before, torch.tensor([1.0, 2.0]))
     assert torch.equal(sync.outer_optimizer.state[sync.snapshot[0]]["momentum_buffer"], momentum)

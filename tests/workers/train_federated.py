@@ -12,6 +12,11 @@ training from.
 ``--warmup-steps``, ``--sync-every-seconds`` (with ``--step-sleep``: a slower job) and ``--schedule growing`` (a
 schedule registered here) select the sync features.
 
+``--ckpt-dir`` writes the job's own checkpoints (every ``--ckpt-every`` steps; ``--async-save``: in the background,
+each rank file's write first sleeping ``--write-delay`` s, and the stall of every save is dumped as ``save_seconds``);
+``--resume`` continues from one. ``--resumable-data`` reads the job's order through a loader that resumes mid-epoch
+(the example data module's), so a resumed job reads the batches an uninterrupted one would.
+
 ``--die-in-sync-at-step N`` SIGKILLs the job *inside* the sync of step N: in its cross-group all-reduce (or, with
 ``--compression``, the all-to-all of phase 1), after the quorum of that attempt formed (the others already count it
 in) and before its data goes out, so the others' reduce cannot complete and their attempt fails. With streaming
@@ -101,6 +106,8 @@ class Recorder(Callback):
         self.engines: list[tuple[int, dict]] = []
         """With two levels: both engines' states after every step."""
         self.trainer = None
+        self.save_seconds: list[float] = []
+        """With ``--ckpt-dir``: how long each save kept the training thread."""
 
     def on_all_reduce(self, comm: TorchftCommunicator) -> None:
         """Entering a cross-group all-reduce: record the state it starts from; the self-kill inside a sync."""
@@ -193,7 +200,8 @@ class Recorder(Callback):
             "inner_state": [{k: v.detach().clone() for k, v in st.items() if torch.is_tensor(v)}
                             for o in trainer.optimizers for st in o.state.values()],
             "rank": trainer.global_rank, "strategy": type(trainer.strategy).__name__,
-            "alone_at_start": fed.alone_at_start,
+            "alone_at_start": fed.alone_at_start, "save_seconds": self.save_seconds,
+            "saved_async": trainer.strategy._async_writer is not None,
         }, os.path.join(self.args.out, f"{name}.pt"))
 
 
@@ -203,7 +211,8 @@ def make_strategy(args: argparse.Namespace):
                      group_id=args.group_id, min_groups=args.min_groups, sync_timeout=args.sync_timeout,
                      process_group_backend="gloo", compression=args.compression, fragments=args.fragments,
                      overlap_steps=args.overlap_steps, warmup_steps=args.warmup_steps,
-                     sync_every_seconds=args.sync_every_seconds, sync_schedule=args.schedule)
+                     sync_every_seconds=args.sync_every_seconds, sync_schedule=args.schedule,
+                     async_save=args.async_save)
     if args.overlap_steps:
         federated["overlap_mix"] = args.overlap_mix
     if args.group_size is not None:
@@ -252,7 +261,11 @@ def main() -> None:
     parser.add_argument("--step-sleep", type=float, default=0.0, help="seconds each step of this job sleeps")
     parser.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp", "deepspeed"], help="inside the job")
     parser.add_argument("--stage", type=int, default=2, help="ZeRO stage with --strategy deepspeed")
-    parser.add_argument("--ckpt-dir", default=None, help="this job's own checkpoints, every --sync-every steps")
+    parser.add_argument("--ckpt-dir", default=None, help="this job's own checkpoints, every --ckpt-every steps")
+    parser.add_argument("--ckpt-every", type=int, default=None, help="steps between checkpoints (--sync-every)")
+    parser.add_argument("--async-save", action="store_true", help="the strategy's async_save=True")
+    parser.add_argument("--write-delay", type=float, default=0.0, help="seconds each checkpoint rank file write sleeps")
+    parser.add_argument("--resumable-data", action="store_true", help="a loader that resumes mid-epoch")
     parser.add_argument("--resume", default=None, help="a checkpoint (folder) of this job to resume from")
     parser.add_argument("--shard", default="", choices=["", "group"],
                         help="'group': the module shards itself in configure_model (FSDP2 over the job's mesh)")
@@ -269,6 +282,12 @@ def main() -> None:
                         generator=torch.Generator().manual_seed(args.seed))
     if args.devices > 1:
         loader = DataLoader(make_dataset(), batch_size=2, shuffle=True)
+    if args.resumable_data:  # the same order (epoch 0: a permutation of seed --seed), skipping what a resume trained
+        from lightning_localsgd.examples.data import EpochShuffleSampler, ResumableDataLoader
+
+        data = make_dataset()
+        loader = ResumableDataLoader(data, batch_size=2, sampler=EpochShuffleSampler(data, args.seed),
+                                     batches_done=lambda: trainer.fit_loop.epoch_loop.batch_progress.current.ready)
     if args.schedule == "growing":
         register_schedule("growing", lambda c: GrowingSchedule(c.sync_every, c.warmup_steps), override=True)
     recorder = Recorder(args)
@@ -288,7 +307,8 @@ def main() -> None:
     if args.ckpt_dir:  # per-job checkpoints: every rank of this job writes its own files of each folder
         from lightning.pytorch.callbacks import ModelCheckpoint
 
-        callbacks.append(ModelCheckpoint(dirpath=args.ckpt_dir, filename="{step}", every_n_train_steps=args.sync_every,
+        callbacks.append(ModelCheckpoint(dirpath=args.ckpt_dir, filename="{step}",
+                                         every_n_train_steps=args.ckpt_every or args.sync_every,
                                          save_top_k=-1))
     trainer = L.Trainer(
         accelerator="cpu", devices=args.devices, max_steps=args.max_steps, logger=False,
@@ -296,6 +316,15 @@ def main() -> None:
         use_distributed_sampler=args.devices > 1, callbacks=callbacks,
         strategy=make_strategy(args),
     )
+    if args.write_delay:
+        from train_tiny import slow_or_failing_writes
+
+        slow_or_failing_writes(argparse.Namespace(write_delay=args.write_delay, write_delay_from=0, write_fail_rank=-1,
+                                                  write_fail_step=-1), trainer.global_rank)
+    if args.ckpt_dir:
+        from train_tiny import time_saves
+
+        time_saves(trainer.strategy, recorder.save_seconds)
     trainer.fit(model, loader, ckpt_path=args.resume)
     recorder.dump(trainer, model)
 
