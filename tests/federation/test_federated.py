@@ -52,11 +52,11 @@ def lighthouse():
         server.shutdown()
 
 
-def launch(out: Path, address: str, group: int, name: str | None = None, fork_ranks: bool = False,
+def launch(out: Path, address: str, group: int, name: str | None = None, fork_ranks: bool = True,
            **options) -> _forkserver.Popen | Job:
     """Job ``g{group}`` (data order seed ``group``); ``name`` names its dump and log (default: the group id).
 
-    ``fork_ranks`` (a job of ``devices`` > 1 ranks): start every rank from the fork server, together, as torchrun
+    ``fork_ranks`` (default; a job of ``devices`` > 1 ranks): start every rank from the fork server, together, as torchrun
     does (:class:`Job`), instead of Lightning's launcher starting ranks 1.. as fresh interpreters (~8 s each)."""
     name = name or f"g{group}"
     cmd = [sys.executable, str(WORKER), "--lighthouse", address, "--group-id", f"g{group}", "--seed", str(group),
