@@ -56,8 +56,9 @@ def launch(out: Path, address: str, group: int, name: str | None = None, fork_ra
            **options) -> _forkserver.Popen | Job:
     """Job ``g{group}`` (data order seed ``group``); ``name`` names its dump and log (default: the group id).
 
-    ``fork_ranks`` (default; a job of ``devices`` > 1 ranks): start every rank from the fork server, together, as torchrun
-    does (:class:`Job`), instead of Lightning's launcher starting ranks 1.. as fresh interpreters (~8 s each)."""
+    ``fork_ranks`` (default; a job of ``devices`` > 1 ranks): start every rank from the fork server, together, as
+    torchrun does (:class:`Job`), instead of Lightning's launcher starting ranks 1.. as fresh interpreters (~8 s
+    each)."""
     name = name or f"g{group}"
     cmd = [sys.executable, str(WORKER), "--lighthouse", address, "--group-id", f"g{group}", "--seed", str(group),
            "--out", str(out), "--sync-every", str(H), "--max-steps", str(STEPS), "--dump-name", name]
