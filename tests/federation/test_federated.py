@@ -140,6 +140,22 @@ def load(out: Path, name: str) -> dict:
     return torch.load(out / f"{name}.pt", weights_only=False)
 
 
+def run_jobs(out: Path, address: str, jobs: int, ranks: int = 1, timeout: float = 150, **options) -> dict[str, dict]:
+    """``jobs`` jobs of ``ranks`` ranks, started together (``barrier``) with ``options``, and the options under
+    ``g0=``, ``g1=``, ... for that job only; every job must end with exit code 0. Returns every rank's dump (``g0``,
+    ``g0_r1``, ..., ``g1``, ...)."""
+    out.mkdir(parents=True, exist_ok=True)
+    per_job = {g: options.pop(f"g{g}", {}) for g in range(jobs)}
+    if ranks > 1:
+        options["devices"] = ranks
+    procs = [launch(out, address, g, barrier=jobs, **{**options, **per_job[g]}) for g in range(jobs)]
+    with killed_on_exit(procs):
+        codes = wait_all(procs, out, timeout=timeout)
+    assert codes == [0] * jobs, "\n".join((out / f"g{g}.log").read_text()[-3000:] for g in range(jobs))
+    return {f"g{g}{suffix}": load(out, f"g{g}{suffix}") for g in range(jobs)
+            for suffix in [""] + [f"_r{r}" for r in range(1, ranks)]}
+
+
 def group_batches(seed: int, ranks: int = 1) -> list:
     """Per step, the batch of every rank of the job: one shuffled loader, or (``ranks > 1``) a DistributedSampler of
     seed ``seed`` split over the ranks (permutation of seed + epoch 0, rank r takes every ``ranks``-th index)."""

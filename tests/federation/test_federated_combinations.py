@@ -31,8 +31,8 @@ import torch.nn.functional as F
 
 pytest.importorskip("torchft")
 from reference import initial_net, weighted_compressed_sync
-from test_federated import group_batches, killed_on_exit, launch, lighthouse, load  # noqa: F401 (lighthouse: fixture)
-from test_federated import wait_all
+import test_federated as federated
+from test_federated import group_batches, lighthouse  # noqa: F401 (lighthouse: a fixture)
 from test_federated_features import federated_reference
 from test_federated_schedules import TOKENS_PER_STEP, params_after, sync_records
 from workers.tiny import make_inner_optimizer
@@ -49,14 +49,7 @@ WRITE_DELAY = 0.5  # seconds each checkpoint rank file write sleeps (in the back
 
 def run_jobs(out, address: str, jobs: int = 2, **options) -> dict[str, dict]:
     """``jobs`` jobs of two ranks, started together; every rank's dump (``g0``, ``g0_r1``, ...)."""
-    out.mkdir(parents=True, exist_ok=True)
-    per_job = {g: options.pop(f"g{g}", {}) for g in range(jobs)}
-    procs = [launch(out, address, g, barrier=jobs, devices=RANKS, fork_ranks=True, **per_job[g], **options)
-             for g in range(jobs)]
-    with killed_on_exit(procs):
-        codes = wait_all(procs, out, timeout=200)
-    assert codes == [0] * jobs, "\n".join((out / f"g{g}.log").read_text()[-3000:] for g in range(jobs))
-    return {f"g{g}{r}": load(out, f"g{g}{r}") for g in range(jobs) for r in ("", "_r1")}
+    return federated.run_jobs(out, address, jobs, ranks=RANKS, timeout=200, **options)
 
 
 def owned(strategy: str, rank: int, partition: int = 0) -> list[int]:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 pytest.importorskip("torchft")
 from reference import initial_net, reference_fragments
 from test_federated import (H, STEPS, group_batches, killed_on_exit, launch, lighthouse, load, params_at,  # noqa: F401
-                            wait_all)
+                            run_jobs, wait_all)
 
 from lightning_localsgd.engine.codecs import decode, encode
 
@@ -192,14 +192,6 @@ def check(dumps: dict, ref: dict, names) -> None:
         assert max_diff(final, ref["final"][name]) < ATOL, name
         snapshot = torch.cat([s.reshape(-1) for s in d["snapshot"]])
         assert float((snapshot - torch.cat([ref["final_theta"][k].reshape(-1) for k in NAMES])).abs().max()) < ATOL
-
-
-def run_jobs(tmp_path, address, jobs: int, **options) -> dict[str, dict]:
-    procs = [launch(tmp_path, address, g, barrier=jobs, **options) for g in range(jobs)]
-    with killed_on_exit(procs):
-        codes = wait_all(procs, tmp_path)
-    assert codes == [0] * jobs, "\n".join((tmp_path / f"g{g}.log").read_text()[-3000:] for g in range(jobs))
-    return {f"g{g}": load(tmp_path, f"g{g}") for g in range(jobs)}
 
 
 @pytest.mark.slow

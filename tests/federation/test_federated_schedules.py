@@ -22,19 +22,10 @@ import torch.nn.functional as F
 pytest.importorskip("torchft")
 from reference import initial_net
 from test_federated import (group_batches, killed_on_exit, launch, lighthouse, load,  # noqa: F401 (lighthouse: a fixture)
-                            wait_all)
+                            run_jobs, wait_all)
 
 ATOL = 1e-5
 TOKENS_PER_STEP = 2 * 4
-
-
-def run_jobs(tmp_path, address: str, jobs: int, timeout: float = 150, **options) -> dict[str, dict]:
-    procs = [launch(tmp_path, address, g, barrier=jobs, **options.get(f"g{g}", {}),
-                    **{k: v for k, v in options.items() if not k.startswith("g")}) for g in range(jobs)]
-    with killed_on_exit(procs):
-        codes = wait_all(procs, tmp_path, timeout=timeout)
-    assert codes == [0] * jobs, "\n".join((tmp_path / f"g{g}.log").read_text()[-3000:] for g in range(jobs))
-    return {f"g{g}": load(tmp_path, f"g{g}") for g in range(jobs)}
 
 
 def params_after(dump: dict, step: int) -> dict[str, torch.Tensor]:

@@ -17,16 +17,14 @@ import pytest
 import torch
 
 pytest.importorskip("torchft")
+import test_federated as federated
 from test_federated import (H, HEARTBEAT_S, STEPS, assert_matches, committed, launch, lighthouse, load,  # noqa: F401
                             killed_on_exit, params_at, reference, wait_all)
 
 
 def run_jobs(tmp_path, address, jobs: int, **options) -> dict[str, dict]:
-    procs = [launch(tmp_path, address, g, barrier=jobs, devices=2, **options) for g in range(jobs)]
-    with killed_on_exit(procs):
-        codes = wait_all(procs, tmp_path, timeout=240)
-    assert codes == [0] * jobs, "\n".join((tmp_path / f"g{g}.log").read_text()[-3000:] for g in range(jobs))
-    return {f"g{g}{r}": load(tmp_path, f"g{g}{r}") for g in range(jobs) for r in ("", "_r1")}
+    """Jobs of two ranks."""
+    return federated.run_jobs(tmp_path, address, jobs, ranks=2, timeout=240, **options)
 
 
 def check_sharded_syncs(dumps: dict[str, dict], strategy: str, full_numel: int, padded: bool = False) -> None:
