@@ -8,6 +8,8 @@ its largest magnitude (symmetric, round-to-nearest): the error of a value is at 
 
 Add a codec by subclassing :class:`Codec` and calling :func:`register_codec`; every strategy and the planner then
 accept its name. The engine adds error feedback around any codec (what it loses at one sync is added to the next).
+A codec that encodes blocks of values independently says so with :attr:`Codec.block_numel`: the compressed reduce then
+sends it in buckets, a pipeline that overlaps its encoding and decoding with the transfer.
 """
 
 from __future__ import annotations

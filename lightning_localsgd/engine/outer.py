@@ -28,8 +28,8 @@ from .codecs import check_codec
 from .comm import Communicator, SyncAbortedError, as_communicator
 from .layout import Fragment, Layout
 from .presets import OuterOptimizerFactory
-from .reducers import (DEFAULT_BUCKET_BYTES, DEFAULT_COMPRESSED_BUCKET_BYTES, CompressedReducer, MeanReducer, Reduction, assign_buffers,
-                       finite_buffer_mean, gather_slices, reduce_buffers)
+from .reducers import (DEFAULT_BUCKET_BYTES, DEFAULT_COMPRESSED_BUCKET_BYTES, CompressedReducer, MeanReducer,
+                       Reduction, assign_buffers, finite_buffer_mean, gather_slices, reduce_buffers)
 
 __all__ = ["NonFinitePseudoGradientError", "OuterSync", "SyncResult", "merge_outer_states"]
 

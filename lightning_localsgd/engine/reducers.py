@@ -217,9 +217,8 @@ class CompressedReducer:
     arrives and launches its all-gather at once, so that work overlaps the transfer of the later buckets; the gathered
     means are decoded as they arrive. Every member launches the collectives in the same order (bucket order, all
     all-to-alls first), whatever their timing. The codecs' blocks make the result identical, bit for bit, to one
-    payload per chunk; only the order of the bytes on the wire differs. Temporary memory: one compressed copy of the
-    values (sent and received) and one bucket of fp32 scratch per sync, and a :attr:`workspace` kept from one sync to
-    the next.
+    payload per chunk; only the order of the bytes on the wire differs. Memory: per sync, the compressed payloads
+    (sent, received, gathered) and one bucket of fp32 scratch; from one sync to the next, a :attr:`workspace`.
     """
 
     #: Bytes appended to every chunk of a weighted reduce (the sender's weight) and one carrying a stop flag.
@@ -465,8 +464,8 @@ def _pseudo_gradient(out: Tensor, local: Sequence[Tensor], starts: list[int], a:
                      error: Tensor) -> None:
     """``out = snapshot[a:z] − θ_i[a:z] + error[a:z]`` in fp32, ``θ_i`` being the concatenation of the flat ``local``
     views (which start at ``starts``), without concatenating them."""
-    first = max(0, bisect.bisect_right(starts, a) - 1)
-    for view, begin in zip(local[first:], starts[first:]):
+    for i in range(max(0, bisect.bisect_right(starts, a) - 1), len(local)):
+        view, begin = local[i], starts[i]
         if begin >= z:
             break
         lo, hi = max(a, begin), min(z, begin + view.numel())

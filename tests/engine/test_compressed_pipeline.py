@@ -188,7 +188,7 @@ def test_many_buckets_match_the_hand_reference_bit_for_bit(codec, size, weighted
             assert torch.equal(mean_error[None], mean_errors[r]), (sync, r)
             assert torch.equal(torch.cat([p.detach().reshape(-1) for p in e.tensors]), theta)
             assert results[r].stop_requested == (weighted and sync == 1)
-        # bucket after bucket: every all-to-all, then every all-gather, one per bucket; the bytes are the codec's payload
+        # bucket after bucket: every all-to-all, then every all-gather, one per bucket; the bytes: the codec's payload
         buckets = math.ceil(chunk / BLOCK)
         assert [k for k, _ in group.log] == ["all_to_all"] * buckets + ["all_gather"] * buckets
         extras = 4 * 2 if weighted else 0  # weight and stop flag, once per chunk
