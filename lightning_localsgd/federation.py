@@ -282,12 +282,15 @@ class TorchftCommunicator(Communicator):
         return None
 
     def all_gather(self, output: Tensor, input: Tensor) -> None:
+        self.all_gather_async(output, input).wait()
+
+    def all_gather_async(self, output: Tensor, input: Tensor) -> Work:
         from torch.distributed.distributed_c10d import AllgatherOptions
 
         # gloo's allgather into one list of views of ``output``, in member order (the managed PG's ranks are the
         # quorum's participating ranks)
         views = list(output.split(input.numel()))
-        self._run(lambda: managed_process_group(self.manager).allgather([views], [input], AllgatherOptions())).wait()
+        return self._run(lambda: managed_process_group(self.manager).allgather([views], [input], AllgatherOptions()))
 
     def commit(self) -> bool:
         return bool(self.manager.should_commit())

@@ -8,6 +8,8 @@ its largest magnitude (symmetric, round-to-nearest): the error of a value is at 
 
 Add a codec by subclassing :class:`Codec` and calling :func:`register_codec`; every strategy and the planner then
 accept its name. The engine adds error feedback around any codec (what it loses at one sync is added to the next).
+A codec that encodes blocks of values independently says so with :attr:`Codec.block_numel`: the compressed reduce then
+sends it in buckets, a pipeline that overlaps its encoding and decoding with the transfer.
 """
 
 from __future__ import annotations
@@ -29,6 +31,12 @@ CODECS = ("bf16", "int8", "int4")
 class Codec(ABC):
     """Encode a flat fp32 tensor into a flat ``uint8`` payload whose size depends only on the number of values."""
 
+    #: Values a payload encodes independently of the others, or ``None``: cut the input anywhere at a multiple of it
+    #: and the pieces' payloads decode to the same values as the whole one, their sizes adding up to its size. The
+    #: compressed reduce then encodes and sends a chunk in buckets (a pipeline) with results identical to one payload;
+    #: ``None`` (the default, for a codec that must see all its input) sends each chunk as one payload.
+    block_numel: Optional[int] = None
+
     @abstractmethod
     def encode(self, x: Tensor) -> Tensor:
         """Compress a flat fp32 tensor into a flat uint8 payload of :meth:`payload_bytes` bytes."""
@@ -44,6 +52,8 @@ class Codec(ABC):
 
 class BF16Codec(Codec):
     """Round to bfloat16: 2 bytes a value."""
+
+    block_numel = 1
 
     def encode(self, x: Tensor) -> Tensor:
         return x.reshape(-1).float().to(torch.bfloat16).view(torch.uint8)
@@ -64,6 +74,8 @@ class BlockQuantCodec(Codec):
         self.bits = bits
         self.levels = 127 if bits == 8 else 7
         self.block_size = block_size
+        # a block's codes and scale depend on that block's values only; int4 packs two values a byte: cut at even counts
+        self.block_numel = block_size if bits == 8 or block_size % 2 == 0 else 2 * block_size
 
     def _codes(self, numel: int) -> int:
         return numel if self.bits == 8 else math.ceil(numel / 2)
@@ -75,34 +87,43 @@ class BlockQuantCodec(Codec):
         x = x.reshape(-1).float()
         n = x.numel()
         blocks = math.ceil(n / self.block_size)
-        padded = torch.zeros(blocks * self.block_size, dtype=torch.float32, device=x.device)
-        padded[:n] = x
-        padded = padded.view(blocks, self.block_size)
+        if n == blocks * self.block_size:  # whole blocks: no padded copy
+            padded = x.view(blocks, self.block_size)
+        else:
+            padded = torch.zeros(blocks * self.block_size, dtype=torch.float32, device=x.device)
+            padded[:n] = x
+            padded = padded.view(blocks, self.block_size)
         scale = padded.abs().amax(dim=1) / self.levels  # fp32, one per block
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-        q = torch.round(padded / safe[:, None]).clamp_(-self.levels, self.levels).to(torch.int8).view(-1)[:n]
+        q = torch.div(padded, safe[:, None]).round_().clamp_(-self.levels, self.levels).to(torch.int8).view(-1)[:n]
+        n_codes = self._codes(n)
+        payload = torch.empty(n_codes + 4 * blocks, dtype=torch.uint8, device=x.device)
         if self.bits == 8:
-            codes = q.view(torch.uint8)
-        else:  # two signed 4-bit values per byte
-            u = (q + 8).to(torch.uint8)
+            payload[:n_codes] = q.view(torch.uint8)
+        else:  # two signed 4-bit values per byte, offset by 8 (1..15), the first one in the low half
+            u = q.add_(8).view(torch.uint8)
             if n % 2:
                 u = torch.cat([u, u.new_full((1,), 8)])
-            codes = u[0::2] | (u[1::2] << 4)
-        return torch.cat([codes, scale.view(torch.uint8)])
+            pairs = u.view(-1, 2)
+            torch.bitwise_or(pairs[:, 0], pairs[:, 1] << 4, out=payload[:n_codes])
+        payload[n_codes:] = scale.view(torch.uint8)
+        return payload
 
     def decode(self, payload: Tensor, numel: int) -> Tensor:
         blocks = math.ceil(numel / self.block_size)
         n_codes = self._codes(numel)
         codes, scale = payload[:n_codes], payload[n_codes:].clone().view(torch.float32)
+        # the codes as fp32 into one buffer of whole blocks (zero-padded), scaled in place
+        out = torch.empty(max(blocks * self.block_size, 2 * n_codes), dtype=torch.float32, device=payload.device)
         if self.bits == 8:
-            q = codes.view(torch.int8).float()
+            out[:numel] = codes.view(torch.int8)
         else:
-            low = (codes & 0x0F).to(torch.int16) - 8
-            high = (codes >> 4).to(torch.int16) - 8
-            q = torch.stack([low, high], dim=1).view(-1)[:numel].float()
-        padded = torch.zeros(blocks * self.block_size, dtype=torch.float32, device=payload.device)
-        padded[:numel] = q
-        return (padded.view(blocks, self.block_size) * scale[:, None]).view(-1)[:numel]
+            pairs = out[: 2 * n_codes].view(-1, 2)
+            pairs[:, 0] = codes & 0x0F
+            pairs[:, 1] = codes >> 4
+            pairs.sub_(8)
+        out[numel:] = 0
+        return out[: blocks * self.block_size].view(blocks, self.block_size).mul_(scale[:, None]).view(-1)[:numel]
 
 
 _REGISTRY: dict[str, Codec] = {"bf16": BF16Codec(), "int8": BlockQuantCodec(8), "int4": BlockQuantCodec(4)}

@@ -3,7 +3,7 @@
 Everything in :mod:`lightning_localsgd.engine` that moves data between ranks goes through a :class:`Communicator`:
 the reduce across worker groups, the all-gather of a DDP group's slices, the norm of a sharded pseudo-gradient.
 The first implementation, :class:`ProcessGroupCommunicator`, wraps a ``torch.distributed`` process group; a second
-one can wrap anything with the same five collectives (e.g. a fault-tolerant, reconfigurable process group) without
+one can wrap anything with the same collectives (e.g. a fault-tolerant, reconfigurable process group) without
 any change to the engine.
 """
 
@@ -53,6 +53,13 @@ class Communicator(ABC):
     def all_gather(self, output: Tensor, input: Tensor) -> None:
         """``output`` = the members' ``input`` tensors concatenated in member order."""
 
+    def all_gather_async(self, output: Tensor, input: Tensor) -> Work:
+        """:meth:`all_gather` launched without waiting for it: ``output`` is complete once the returned work's
+        ``wait`` returns. The default runs it at once (a transport whose all-gather blocks); both built-in
+        communicators launch it and return, so that the compressed reduce's pipeline overlaps it with other work."""
+        self.all_gather(output, input)
+        return _Done()
+
     @property
     def process_groups(self) -> list[dist.ProcessGroup]:
         """The ``torch.distributed`` process groups underneath, for timeouts (none for other transports)."""
@@ -62,6 +69,13 @@ class Communicator(ABC):
         """Whether the sync's collectives succeeded everywhere they must agree; asked once per sync, after the reduce
         and before anything is written. A fixed world always says yes; a fault-tolerant transport votes."""
         return True
+
+
+class _Done:
+    """A collective that already finished."""
+
+    def wait(self) -> None:
+        return None
 
 
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
@@ -89,6 +103,11 @@ class ProcessGroupCommunicator(Communicator):
 
     def all_gather(self, output: Tensor, input: Tensor) -> None:
         dist.all_gather_into_tensor(output, input, group=self.group)
+
+    def all_gather_async(self, output: Tensor, input: Tensor) -> Work:
+        work = dist.all_gather_into_tensor(output, input, group=self.group, async_op=True)
+        assert work is not None
+        return work
 
     @property
     def process_groups(self) -> list[dist.ProcessGroup]:

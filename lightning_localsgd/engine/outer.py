@@ -28,8 +28,8 @@ from .codecs import check_codec
 from .comm import Communicator, SyncAbortedError, as_communicator
 from .layout import Fragment, Layout
 from .presets import OuterOptimizerFactory
-from .reducers import (DEFAULT_BUCKET_BYTES, CompressedReducer, MeanReducer, Reduction, assign_buffers,
-                       finite_buffer_mean, gather_slices, reduce_buffers)
+from .reducers import (DEFAULT_BUCKET_BYTES, DEFAULT_COMPRESSED_BUCKET_BYTES, CompressedReducer, MeanReducer,
+                       Reduction, assign_buffers, finite_buffer_mean, gather_slices, reduce_buffers)
 
 __all__ = ["NonFinitePseudoGradientError", "OuterSync", "SyncResult", "merge_outer_states"]
 
@@ -150,7 +150,9 @@ class OuterSync:
         state_device: where the snapshot and the outer optimizer state live (default: the tensors' device).
         on_nonfinite: ``"raise"`` (default) raises :class:`NonFinitePseudoGradientError`; ``"skip"`` drops the sync
             and resets every group to the previous ``θ_g``. In both cases the snapshot is left untouched.
-        bucket_bytes: size of one all-reduce bucket.
+        bucket_bytes: bytes of fp32 values per bucket. Uncompressed: one all-reduce per bucket, all launched at once
+            (default 25 MiB, as DDP's buckets); compressed: the pipeline's buckets, whose codec work overlaps the
+            transfer of the others (default 4 MiB of pseudo-gradient). ``None``: the default of the reducer used.
         compression: ``None`` (all-reduce fp32 parameters) or a registered codec name (``"bf16"``, ``"int8"``,
             ``"int4"``, ...): the two-phase compressed all-reduce with error feedback (:mod:`.reducers`).
         fragments: split the tensors into this many contiguous fragments of about equal size, which
@@ -168,7 +170,7 @@ class OuterSync:
         norm_group: GroupLike = None,
         state_device: Optional[Union[str, torch.device]] = None,
         on_nonfinite: str = "raise",
-        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+        bucket_bytes: Optional[int] = None,
         compression: Optional[str] = None,
         fragments: int = 1,
         fragment_sizes: Optional[Sequence[int]] = None,
@@ -191,8 +193,10 @@ class OuterSync:
                              self.shard.rank if self.shard else 0, fragments, fragment_sizes)
         self.pending: dict[Optional[int], Reduction] = {}
         """Syncs started and not yet finished, by fragment (``None``: all parameters)."""
-        self.reducer = MeanReducer(self.cross, self.device, bucket_bytes, numel=self.layout.owned_numel)
-        self.compressor = CompressedReducer(self.cross, compression, self.layout.owned_numel, self.device) \
+        self.reducer = MeanReducer(self.cross, self.device, bucket_bytes or DEFAULT_BUCKET_BYTES,
+                                   numel=self.layout.owned_numel)
+        self.compressor = CompressedReducer(self.cross, compression, self.layout.owned_numel, self.device,
+                                            bucket_bytes or DEFAULT_COMPRESSED_BUCKET_BYTES) \
             if compression is not None else None
         # θ_g for the owned pieces, fp32 whatever the training precision, as parameters of the outer optimizer: views
         # of one flat tensor (a fragment's θ_g is a view of it, never a copy).
@@ -273,9 +277,10 @@ class OuterSync:
 
     @property
     def workspace_bytes(self) -> int:
-        """Bytes of the persistent reduce buffer (one fp32 copy of the owned elements + 8, from the first
-        uncompressed sync on); not part of :attr:`state_bytes` (nothing in it is kept from one sync to the next)."""
-        return self.reducer.workspace_bytes
+        """Bytes of the persistent reduce buffers: one fp32 copy of the owned elements + 8 from the first
+        uncompressed sync on, two copies from the first compressed one (the new residuals until the vote, the mean);
+        not part of :attr:`state_bytes` (nothing in them is kept from one sync to the next)."""
+        return self.reducer.workspace_bytes + (self.compressor.workspace_bytes if self.compressor is not None else 0)
 
     @property
     def state_bytes(self) -> int:
@@ -340,14 +345,16 @@ class OuterSync:
             raise RuntimeError(f"finish_sync({fragment}) without a started sync of that fragment.")
         red = self.pending.pop(fragment)
         start = time.perf_counter()
-        try:
-            red.wait()
-        except BaseException:
-            self.reducer.discard(red)  # a bucket may still be in flight
-            raise
         if self.compressor is not None:
+            # waits for its buckets one by one (the pipeline); a failure leaves only the reduction's own buffers to
+            # the collectives still in flight, and θ_g and the error feedback as they were
             mean, stop_requested = self.compressor.finish(red, frag, self._flat_snapshot(frag).to(self.device))
         else:
+            try:
+                red.wait()
+            except BaseException:
+                self.reducer.discard(red)  # a bucket may still be in flight
+                raise
             mean, stop_requested = self.reducer.finish(red, lambda: self._flat_snapshot(frag))
         result = self._outer_step(frag, self._to_state_device(mean, frag), red, mix)
         result.seconds = red.seconds + time.perf_counter() - start

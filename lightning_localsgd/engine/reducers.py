@@ -9,7 +9,8 @@
   ``2(G−1)/G`` of one compressed copy, as a ring all-reduce does. A weighted reduce (``Σ w_i d_i / Σ w_i``) appends
   the sender's weight (and a stop flag) to every chunk it sends, so each chunk owner, and every rank, knows every
   weight; the chunks are weighted where they are decoded, so what is encoded (and the error feedback) does not
-  depend on the weights.
+  depend on the weights. Both phases run in buckets, as a pipeline: the codec work of one bucket overlaps the
+  transfer of the others, and the all-gathers of the first buckets the all-to-alls of the last.
 
 Both talk only through a :class:`~lightning_localsgd.engine.comm.Communicator`. Between ``start`` and ``finish`` the
 collective runs behind the caller's inner steps (streaming sync); a :class:`Reduction` in flight can be saved.
@@ -17,6 +18,7 @@ collective runs behind the caller's inner steps (streaming sync); a :class:`Redu
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
@@ -32,6 +34,9 @@ __all__ = ["CompressedReducer", "MeanReducer", "Reduction", "assign_buffers", "f
            "reduce_buffers"]
 
 DEFAULT_BUCKET_BYTES = 25 * 1024 * 1024  # as DDP's default bucket_cap_mb
+DEFAULT_COMPRESSED_BUCKET_BYTES = 4 * 1024 * 1024
+"""fp32 bytes of pseudo-gradient (over all chunks) per bucket of the compressed pipeline: at 100 Mbit/s an int8 bucket
+is ~0.1 s on the wire, and one bucket's encoding, the part of phase 1 that nothing hides, ~10 ms of one CPU core."""
 
 
 @dataclass
@@ -45,6 +50,8 @@ class Reduction:
     buf: Optional[Tensor] = None
     """The reduce buffer (fp32 values, weight, stop flag) or the received compressed chunks (uint8)."""
     payload_numel: int = 0
+    bucket_numel: int = 0
+    """A compressed reduce: elements of each chunk per pipelined bucket (0: the whole chunk in one bucket)."""
     new_error: Optional[Tensor] = None
     new_mean_error: Optional[Tensor] = None
     sent: int = 0
@@ -65,8 +72,8 @@ class Reduction:
     def state_dict(self) -> dict[str, Any]:
         self.wait()
         assert self.buf is not None
-        state = {k: getattr(self, k) for k in ("fragment", "numel", "weighted", "has_stop", "payload_numel", "sent",
-                                               "seconds")}
+        state = {k: getattr(self, k) for k in ("fragment", "numel", "weighted", "has_stop", "payload_numel",
+                                               "bucket_numel", "sent", "seconds")}
         state["buf"] = self.buf.detach().cpu().clone()
         state["new_error"] = self.new_error.detach().cpu().clone() if self.new_error is not None else None
         return state
@@ -170,8 +177,28 @@ class MeanReducer:
         return mean, stop_requested
 
 
+@dataclass(frozen=True)
+class _Buckets:
+    """How a compressed reduce is cut. Member ``j`` owns chunk ``j`` (``chunk`` values from ``j·chunk``; the last one
+    zero-padded); every chunk is cut alike in buckets, element ranges ``ranges`` of the chunk, which go through the
+    pipeline one after the other. A member's piece of bucket ``b`` is ``payloads[b]`` bytes of codec payload (plus the
+    weight / stop flag in bucket 0: ``sizes[b]`` bytes in all); bucket ``b`` is ``G`` such pieces, in member order, at
+    byte ``offsets[b]`` of the send and receive buffers (``total`` bytes: one compressed copy of the values)."""
+
+    chunk: int
+    ranges: list[tuple[int, int]]
+    payloads: list[int]
+    sizes: list[int]
+    offsets: list[int]
+    total: int
+
+    def span(self, b: int, groups: int) -> slice:
+        """Bucket ``b``'s bytes in the send and receive buffers."""
+        return slice(self.offsets[b], self.offsets[b] + groups * self.sizes[b])
+
+
 class CompressedReducer:
-    """Two-phase compressed all-reduce of the pseudo-gradient, with error feedback in both phases.
+    """Two-phase compressed all-reduce of the pseudo-gradient, with error feedback in both phases, pipelined in buckets.
 
     Error feedback, and what changes it:
 
@@ -182,113 +209,203 @@ class CompressedReducer:
       that is: the members' number and this rank's index among them. A residual kept from a sync of another
       membership (a fault-tolerant transport's quorum changed) is dropped, not applied to another chunk.
     * both change only in :meth:`commit` (the sync went through); an aborted sync leaves them as they were.
+
+    The pipeline: every chunk is cut alike in buckets of about ``bucket_bytes`` fp32 bytes over the ``G`` chunks
+    (whole codec blocks, :attr:`~.codecs.Codec.block_numel`; a codec without blocks sends each chunk whole). Phase 1
+    encodes bucket after bucket and launches each bucket's all-to-all as soon as it is encoded, so the encoding of a
+    bucket overlaps the transfer of the ones before; phase 2 averages and re-encodes each bucket as its all-to-all
+    arrives and launches its all-gather at once, so that work overlaps the transfer of the later buckets; the gathered
+    means are decoded as they arrive. Every member launches the collectives in the same order (bucket order, all
+    all-to-alls first), whatever their timing. The codecs' blocks make the result identical, bit for bit, to one
+    payload per chunk; only the order of the bytes on the wire differs. Memory: per sync, the compressed payloads
+    (sent, received, gathered) and one bucket of fp32 scratch; from one sync to the next, a :attr:`workspace`.
     """
 
     #: Bytes appended to every chunk of a weighted reduce (the sender's weight) and one carrying a stop flag.
     EXTRA_BYTES = 4
 
-    def __init__(self, comm: Communicator, codec: str, owned_numel: int, device: torch.device) -> None:
+    def __init__(self, comm: Communicator, codec: str, owned_numel: int, device: torch.device,
+                 bucket_bytes: int = DEFAULT_COMPRESSED_BUCKET_BYTES) -> None:
         self.comm = comm
         self.codec_name = codec
         self.codec = get_codec(codec)
         self.owned_numel = owned_numel
         self.device = device
+        self.bucket_bytes = int(bucket_bytes)
         self.error: Optional[Tensor] = None
         """Error feedback of phase 1, on this rank's owned pseudo-gradient."""
         self.mean_error: dict[Optional[int], Tensor] = {}
         """Error feedback of phase 2, on the mean chunk this rank encodes, by fragment."""
         self.mean_error_owner: dict[Optional[int], tuple[int, int]] = {}
         """``(members, rank)`` of the sync that made each :attr:`mean_error` (absent: any, as a checkpoint's)."""
+        self.workspace: Optional[Tensor] = None
+        """Two fp32 copies of the owned elements, allocated at the first sync: row 0 holds the new phase-1 residuals
+        of the syncs in flight (until :meth:`commit`), row 1 the mean :meth:`finish` returns. A model-sized tensor
+        allocated afresh at every sync costs its page faults every time (tens of ms at 10M parameters)."""
+
+    @property
+    def workspace_bytes(self) -> int:
+        return self.workspace.numel() * self.workspace.element_size() if self.workspace is not None else 0
+
+    def _workspace(self, fragment: Fragment) -> tuple[Tensor, Tensor]:
+        """The fragment's new residuals and its mean in :attr:`workspace` (the fragments' ranges do not overlap)."""
+        if self.workspace is None:
+            self.workspace = torch.empty(2, self.owned_numel, dtype=torch.float32, device=self.device)
+        olo, ohi = fragment.owned
+        return self.workspace[0, olo:ohi], self.workspace[1, olo:ohi]
 
     def _chunk_numel(self, n: int) -> int:
         """Elements per chunk of ``n`` values (the last chunk is zero-padded)."""
         return max(1, math.ceil(n / self.comm.size))
 
+    def _bucket_numel(self, chunk: int) -> int:
+        """Elements of each chunk per bucket: ``bucket_bytes`` of fp32 over the ``G`` chunks, in whole codec blocks
+        (at least one); 0: the whole chunk in one bucket (a codec without blocks, or a chunk that fits)."""
+        block = self.codec.block_numel
+        if not block:
+            return 0
+        per_chunk = self.bucket_bytes // (4 * self.comm.size)
+        step = max(block, per_chunk // block * block)
+        return step if step < chunk else 0
+
     @staticmethod
     def _extras(red: Reduction) -> int:
         return CompressedReducer.EXTRA_BYTES * (int(red.weighted) + int(red.has_stop))
 
+    def _buckets(self, red: Reduction) -> _Buckets:
+        groups, chunk = self.comm.size, self._chunk_numel(red.numel)
+        step = red.bucket_numel or chunk
+        ranges = [(lo, min(lo + step, chunk)) for lo in range(0, chunk, step)]
+        payloads = [self.codec.payload_bytes(hi - lo) for lo, hi in ranges]
+        sizes = [p + (self._extras(red) if b == 0 else 0) for b, p in enumerate(payloads)]
+        offsets = [0]
+        for size in sizes:
+            offsets.append(offsets[-1] + groups * size)
+        return _Buckets(chunk, ranges, payloads, sizes, offsets[:-1], offsets[-1])
+
     def start(self, red: Reduction, fragment: Fragment, local: list[Tensor], snapshot: Tensor, talk: bool,
               weight: Optional[float] = None, stop: Optional[bool] = None) -> None:
-        """Phase 1: encode the error-fed pseudo-gradient in chunks and launch the all-to-all.
+        """Phase 1: encode the error-fed pseudo-gradient, bucket by bucket, launching each bucket's all-to-all.
 
         ``weight``: this member's weight in a weighted mean (``None``: uniform); ``stop``: its stop flag. Both ride
-        with every chunk (4 bytes each)."""
+        with every chunk (4 bytes each, in its first bucket)."""
         n = red.numel
         if n == 0:
             red.buf = torch.zeros(0, dtype=torch.uint8, device=self.device)
             return
         groups = self.comm.size
-        local_flat = torch.cat([v.float().reshape(-1) for v in local])
+        red.bucket_numel = self._bucket_numel(self._chunk_numel(n))
+        plan = self._buckets(red)
         if self.error is None:
             self.error = torch.zeros(self.owned_numel, dtype=torch.float32, device=self.device)
         olo, ohi = fragment.owned
-        d = snapshot - local_flat + self.error[olo:ohi]
-        chunk = self._chunk_numel(n)
-        padded = torch.zeros(chunk * groups, dtype=torch.float32, device=self.device)
-        padded[:n] = d
-        payloads = [self.codec.encode(padded[j * chunk : (j + 1) * chunk]) for j in range(groups)]
-        if weight == 0.0:
-            red.new_error = None  # nothing of this member's values counts: its residual stays as it was
-        else:
-            decoded = torch.cat([self.codec.decode(q, chunk) for q in payloads])
-            red.new_error = d - decoded[:n]
+        error = self.error[olo:ohi]
+        # weight 0: nothing of this member's values counts, its residual stays as it was
+        red.new_error = None if weight == 0.0 else self._workspace(fragment)[0]
         extras = [float(weight)] if weight is not None else []
         extras += [float(bool(stop))] if stop is not None else []
-        if extras:  # the same few bytes after every chunk: each chunk owner learns every member's weight
-            tail = torch.tensor(extras, dtype=torch.float32, device=self.device).view(torch.uint8)
-            payloads = [torch.cat([q, tail]) for q in payloads]
-        red.payload_numel = payloads[0].numel()
-        send = torch.cat(payloads)
+        # the same few bytes after every chunk's first bucket: each chunk owner learns every member's weight
+        tail = torch.tensor(extras, dtype=torch.float32, device=self.device).view(torch.uint8) if extras else None
+        send = torch.empty(plan.total, dtype=torch.uint8, device=self.device)
+        red.buf = torch.empty_like(send) if talk else send
+        red.payload_numel = plan.sizes[0]
+        local_starts = _starts(local)
+        scratch = torch.empty(max(hi - lo for lo, hi in plan.ranges), dtype=torch.float32, device=self.device)
+        chunk = plan.chunk
+        for b, (lo, hi) in enumerate(plan.ranges):
+            width, payload, size, offset = hi - lo, plan.payloads[b], plan.sizes[b], plan.offsets[b]
+            x = scratch[:width]
+            for j in range(groups):
+                a, z = min(j * chunk + lo, n), min(j * chunk + hi, n)
+                _pseudo_gradient(x[: z - a], local, local_starts, a, z, snapshot, error)
+                x[z - a :].zero_()  # the last chunk's padding
+                q = self.codec.encode(x)
+                piece = send[offset + j * size : offset + (j + 1) * size]
+                piece[:payload] = q
+                if b == 0 and tail is not None:
+                    piece[payload:] = tail
+                if red.new_error is not None and z > a:
+                    torch.sub(x[: z - a], self.codec.decode(q, width)[: z - a], out=red.new_error[a:z])
+            if talk:  # this bucket travels while the next one is encoded
+                span = plan.span(b, groups)
+                red.works.append(self.comm.all_to_all(red.buf[span], send[span], async_op=True))
         if talk:
-            red.buf = torch.empty_like(send)
-            red.works.append(self.comm.all_to_all(red.buf, send, async_op=True))
-            red.sent = send.numel()  # bytes of one compressed copy of the slice, as one fp32 copy for an all-reduce
-        else:
-            red.buf = send
+            red.sent = plan.total  # bytes of one compressed copy of the slice, as one fp32 copy for an all-reduce
 
     def finish(self, red: Reduction, fragment: Fragment, snapshot: Tensor) -> tuple[Tensor, bool]:
-        """Phase 2: average the received chunk, encode it (error feedback), all-gather the means.
+        """Phase 2: as each bucket's all-to-all arrives, average the received pieces of this rank's chunk, encode the
+        mean (error feedback) and launch its all-gather; then decode the gathered means as they arrive.
 
-        Returns (the new mean, whether any member asked to stop). A weighted reduce sets ``red.total_weight``; when
-        it is 0 (no member weighed in) every member knows it from phase 1 and the mean is ``snapshot`` (no phase 2)."""
+        Waits for the all-to-alls :meth:`start` launched (``red.works``, one per bucket) itself. Returns (the new
+        mean, whether any member asked to stop). A weighted reduce sets ``red.total_weight``; when it is 0 (no member
+        weighed in) every member knows it from phase 1 and the mean is ``snapshot`` (no phase 2)."""
         n = red.numel
         if n == 0:
             return snapshot, False
-        groups, chunk, stride = self.comm.size, self._chunk_numel(n), red.payload_numel
-        size = stride - self._extras(red)
         assert red.buf is not None
-        received = [red.buf[i * stride : (i + 1) * stride] for i in range(groups)]
-        tails = [r[size:].clone().view(torch.float32).tolist() for r in received] if self._extras(red) else []
+        groups, plan = self.comm.size, self._buckets(red)
+        chunk, extras = plan.chunk, self._extras(red)
+        arrivals = list(red.works)  # one all-to-all per bucket while talking; none for a reduce of one member
+
+        def received(b: int) -> list[Tensor]:
+            if arrivals:
+                arrivals[b].wait()
+            offset, size = plan.offsets[b], plan.sizes[b]
+            return [red.buf[offset + i * size : offset + (i + 1) * size] for i in range(groups)]
+
+        first = received(0)
+        tails = [r[plan.payloads[0] :].clone().view(torch.float32).tolist() for r in first] if extras else []
         weights = [t[0] for t in tails] if red.weighted else []
         stop_requested = any(t[-1] > 0 for t in tails) if red.has_stop else False
-        total = torch.zeros(chunk, dtype=torch.float32, device=self.device)
+        total_weight = 0.0
         if red.weighted:
             red.total_weight = total_weight = float(sum(weights))
             if total_weight <= 0:  # every member weighs 0 (e.g. all just joined): no mean, θ_g stays
+                red.wait()  # the other buckets' all-to-alls, which every member launched
                 return snapshot, stop_requested
-            for r, w in zip(received, weights):
-                if w != 0:  # a member of weight 0 may send anything (even non-finite): it is not read
-                    total += w * self.codec.decode(r[:size], chunk)
-            mine = total / total_weight
-        else:
-            for r in received:
-                total += self.codec.decode(r[:size], chunk)
-            mine = total / groups
         red.chunk_owner = owner = (groups, self.comm.rank)
         kept = self.mean_error.get(fragment.index)
-        if kept is not None and self.mean_error_owner.get(fragment.index, owner) == owner:
-            mine = mine + kept
-        payload = self.codec.encode(mine)
-        red.new_mean_error = mine - self.codec.decode(payload, chunk)
-        if groups > 1:
-            gathered = torch.empty(groups * size, dtype=torch.uint8, device=self.device)
-            self.comm.all_gather(gathered, payload)
-        else:
-            gathered = payload
-        mean_delta = torch.cat([self.codec.decode(gathered[j * size : (j + 1) * size], chunk)
-                                for j in range(groups)])[:n]
-        return snapshot - mean_delta, stop_requested
+        if kept is not None and self.mean_error_owner.get(fragment.index, owner) != owner:
+            kept = None
+        new_mean_error = torch.empty(chunk, dtype=torch.float32, device=self.device)
+        gathered: list[Tensor] = []
+        gathers: list[Work] = []
+        for b, (lo, hi) in enumerate(plan.ranges):
+            width, payload = hi - lo, plan.payloads[b]
+            pieces = first if b == 0 else received(b)
+            total = torch.zeros(width, dtype=torch.float32, device=self.device)
+            if red.weighted:
+                for r, w in zip(pieces, weights):
+                    if w != 0:  # a member of weight 0 may send anything (even non-finite): it is not read
+                        total += w * self.codec.decode(r[:payload], width)
+                mine = total / total_weight
+            else:
+                for r in pieces:
+                    total += self.codec.decode(r[:payload], width)
+                mine = total / groups
+            if kept is not None:
+                mine = mine + kept[lo:hi]
+            q = self.codec.encode(mine)
+            torch.sub(mine, self.codec.decode(q, width), out=new_mean_error[lo:hi])
+            if groups > 1:  # gathered while the next buckets arrive and are averaged
+                out = torch.empty(groups * payload, dtype=torch.uint8, device=self.device)
+                gathers.append(self.comm.all_gather_async(out, q))
+                gathered.append(out)
+            else:
+                gathered.append(q)
+        red.works = []
+        mean = self._workspace(fragment)[1]
+        for b, (lo, hi) in enumerate(plan.ranges):
+            width, payload = hi - lo, plan.payloads[b]
+            if gathers:
+                gathers[b].wait()
+            for j in range(groups):
+                a, z = min(j * chunk + lo, n), min(j * chunk + hi, n)
+                if z > a:
+                    mean_delta = self.codec.decode(gathered[b][j * payload : (j + 1) * payload], width)
+                    torch.sub(snapshot[a:z], mean_delta[: z - a], out=mean[a:z])
+        red.new_mean_error = new_mean_error
+        return mean, stop_requested
 
     def commit(self, red: Reduction, fragment: Fragment) -> None:
         """The sync went through: keep the errors this reduce made for the next one."""
@@ -332,6 +449,30 @@ class CompressedReducer:
         self.mean_error = {k: v.to(self.device) for k, v in state.get("compression_mean_error", {}).items()}
         self.mean_error_owner = {k: tuple(v) for k, v in (state.get("compression_mean_error_owner") or {}).items()
                                  if k in self.mean_error}
+
+
+def _starts(views: Sequence[Tensor]) -> list[int]:
+    """Where each of ``views`` starts in their concatenation."""
+    starts, offset = [], 0
+    for v in views:
+        starts.append(offset)
+        offset += v.numel()
+    return starts
+
+
+def _pseudo_gradient(out: Tensor, local: Sequence[Tensor], starts: list[int], a: int, z: int, snapshot: Tensor,
+                     error: Tensor) -> None:
+    """``out = snapshot[a:z] − θ_i[a:z] + error[a:z]`` in fp32, ``θ_i`` being the concatenation of the flat ``local``
+    views (which start at ``starts``), without concatenating them."""
+    for i in range(max(0, bisect.bisect_right(starts, a) - 1), len(local)):
+        view, begin = local[i], starts[i]
+        if begin >= z:
+            break
+        lo, hi = max(a, begin), min(z, begin + view.numel())
+        if lo < hi:
+            out[lo - a : hi - a].copy_(view.reshape(-1)[lo - begin : hi - begin])
+    torch.sub(snapshot[a:z], out, out=out)
+    out.add_(error[a:z])
 
 
 def gather_slices(shard: Communicator, counts: list[int], mine: Tensor) -> Tensor:

@@ -1,0 +1,269 @@
+"""The compressed reduce's pipeline: many buckets, an uneven last bucket and chunk, weights and the stop flag, against
+the two phases written out by hand (bit for bit); a collective failing mid-pipeline leaves θ_g and both error
+feedbacks as they were. Members are threads of this process over a communicator whose collectives complete only once
+every member has launched them (as a real transport's), or ranks over gloo."""
+
+from __future__ import annotations
+
+import functools
+import math
+import threading
+
+import pytest
+import torch
+
+from lightning_localsgd.engine import OuterSync
+from lightning_localsgd.engine.codecs import payload_bytes
+from lightning_localsgd.engine.comm import Communicator
+from reference import weighted_compressed_sync
+from test_outer import spawn
+
+SHAPES = [(37, 41), (300,), (1, 1200)]  # 2,977 values; tensor boundaries fall inside buckets
+N = sum(math.prod(s) for s in SHAPES)
+
+
+class AsyncGroup:
+    """The members' collectives by launch order: the ``k``-th collective every member launched is done once the last
+    member launched it (a wait before that blocks, as a real transport's). Members launching different collectives at
+    the same place is an error, as is a ``k`` listed in ``fail`` (its wait raises on every member)."""
+
+    def __init__(self, size: int, fail: tuple[str, int] | None = None) -> None:
+        self.size, self.fail = size, fail
+        self.lock = threading.Condition()
+        self.ops: dict[int, dict] = {}
+        self.log: list[tuple[str, int]] = []  # (kind, bytes sent by member 0)
+        self.counts = {"all_to_all": 0, "all_gather": 0}
+
+    def launch(self, rank: int, seq: int, kind: str, output: torch.Tensor, input: torch.Tensor) -> "AsyncWork":
+        with self.lock:
+            op = self.ops.setdefault(seq, {"kind": kind, "inputs": {}, "outputs": {}, "done": False})
+            assert op["kind"] == kind, f"collective {seq}: member {rank} launched {kind}, another {op['kind']}"
+            op["inputs"][rank], op["outputs"][rank] = input.clone(), output
+            if rank == 0:
+                self.counts[kind] += 1
+                op["index"] = self.counts[kind]
+                self.log.append((kind, input.numel()))
+            if len(op["inputs"]) == self.size:
+                inputs = [op["inputs"][r] for r in range(self.size)]
+                for r, out in op["outputs"].items():
+                    if kind == "all_to_all":
+                        width = inputs[0].numel() // self.size
+                        out.copy_(torch.cat([x[r * width : (r + 1) * width] for x in inputs]))
+                    else:
+                        out.copy_(torch.cat(inputs))
+                op["done"] = True
+                self.lock.notify_all()
+        return AsyncWork(self, seq)
+
+
+class AsyncWork:
+    def __init__(self, group: AsyncGroup, seq: int) -> None:
+        self.group, self.seq = group, seq
+
+    def wait(self) -> None:
+        with self.group.lock:
+            op = self.group.ops[self.seq]
+            assert self.group.lock.wait_for(lambda: op["done"], timeout=30), f"collective {self.seq} never completed"
+            if self.group.fail is not None and (op["kind"], op.get("index")) == self.group.fail:
+                raise ConnectionError(f"{op['kind']} {op['index']}: connection closed by peer")
+
+
+class AsyncComm(Communicator):
+    def __init__(self, group: AsyncGroup, rank: int) -> None:
+        self.group, self._rank, self.seq = group, rank, 0
+
+    @property
+    def size(self) -> int:
+        return self.group.size
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    def _launch(self, kind, output, input):
+        self.seq += 1
+        return self.group.launch(self._rank, self.seq, kind, output, input)
+
+    def all_reduce(self, tensor, op="sum", async_op=False):
+        raise AssertionError("a compressed sync of averaging without buffers runs no all-reduce across groups")
+
+    def all_to_all(self, output, input, async_op=False):
+        work = self._launch("all_to_all", output, input)
+        if async_op:
+            return work
+        work.wait()
+        return None
+
+    def all_gather(self, output, input):
+        self._launch("all_gather", output, input).wait()
+
+    def all_gather_async(self, output, input):
+        return self._launch("all_gather", output, input)
+
+
+def run_members(engines, fn):
+    """``fn(rank, engine)`` on every member at once (threads); their results, or the first member's error."""
+    results, errors = [None] * len(engines), [None] * len(engines)
+
+    def run(r):
+        try:
+            results[r] = fn(r, engines[r])
+        except BaseException as err:  # noqa: BLE001 (re-raised below)
+            errors[r] = err
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(len(engines))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    if any(e is not None for e in errors):
+        raise next(e for e in errors if e is not None)
+    return results
+
+
+def theta0() -> torch.Tensor:
+    return torch.randn(N, generator=torch.Generator().manual_seed(3))
+
+
+def locals_at(sync: int, size: int, theta: torch.Tensor) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(50 + sync)
+    return [theta + 0.01 * torch.randn(N, generator=g) for _ in range(size)]
+
+
+def members(group: AsyncGroup, codec: str, bucket_bytes: int) -> list[OuterSync]:
+    out = []
+    for r in range(group.size):
+        flat = theta0()
+        params, offset = [], 0
+        for shape in SHAPES:
+            numel = math.prod(shape)
+            params.append(torch.nn.Parameter(flat[offset : offset + numel].view(shape).clone(), requires_grad=False))
+            offset += numel
+        out.append(OuterSync(params, cross_group=AsyncComm(group, r), compression=codec, bucket_bytes=bucket_bytes))
+    return out
+
+
+def set_locals(engines: list[OuterSync], locals_: list[torch.Tensor]) -> None:
+    for engine, x in zip(engines, locals_):
+        offset = 0
+        for p in engine.tensors:
+            p.data.copy_(x[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+
+
+def state(engine: OuterSync) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """θ_g, the phase-1 residual and the phase-2 residuals of a member (copies)."""
+    return (torch.cat([s.detach().reshape(-1) for s in engine.snapshot]), engine.compressor.error.clone(),
+            {k: v.clone() for k, v in engine.compressor.mean_error.items()})
+
+
+BLOCK = 256  # values of each chunk per bucket: one block of int8 / int4, 256 values of bf16
+
+
+def bucket_bytes(size: int) -> int:
+    """The ``bucket_bytes`` (fp32 over the ``size`` chunks) that makes buckets of :data:`BLOCK` values per chunk."""
+    return 4 * size * BLOCK
+
+
+@pytest.mark.parametrize("codec,size,weighted", [("int8", 3, True), ("int4", 2, True), ("bf16", 3, False),
+                                                 ("int8", 2, False)])
+def test_many_buckets_match_the_hand_reference_bit_for_bit(codec, size, weighted):
+    group = AsyncGroup(size)
+    engines = members(group, codec, bucket_bytes(size))
+    chunk = math.ceil(N / size)  # 993 (3 members) / 1489 (2): an uneven last bucket, a padded last chunk
+    theta, errors, mean_errors = theta0(), [torch.zeros(N)] * size, [None] * size
+    syncs = [(3.0, 0.0, 1.5), (1.0, 2.0, 2.0)] if weighted else [(1.0,) * size] * 2  # a member of weight 0, then not
+    for sync, weights in enumerate(syncs):
+        weights = weights[:size]
+        locals_ = locals_at(sync, size, theta)
+        set_locals(engines, locals_)
+        group.log.clear()
+        stops = [r == size - 1 and sync == 1 for r in range(size)]
+        results = run_members(engines, lambda r, e: e.sync(weight=weights[r], stop=stops[r]) if weighted else e.sync())
+        theta, errors, mean_errors = weighted_compressed_sync(theta, locals_, list(weights), errors, mean_errors, codec)
+        for r, e in enumerate(engines):
+            snapshot, error, mean_error = state(e)
+            assert torch.equal(snapshot, theta), (sync, r)
+            assert torch.equal(error, errors[r]), (sync, r)
+            assert torch.equal(mean_error[None], mean_errors[r]), (sync, r)
+            assert torch.equal(torch.cat([p.detach().reshape(-1) for p in e.tensors]), theta)
+            assert results[r].stop_requested == (weighted and sync == 1)
+        # bucket after bucket: every all-to-all, then every all-gather, one per bucket; the bytes: the codec's payload
+        buckets = math.ceil(chunk / BLOCK)
+        assert [k for k, _ in group.log] == ["all_to_all"] * buckets + ["all_gather"] * buckets
+        extras = 4 * 2 if weighted else 0  # weight and stop flag, once per chunk
+        sent = sum(b for k, b in group.log if k == "all_to_all")
+        assert sent == results[0].bytes_sent == size * (payload_bytes(codec, chunk) + extras)
+        assert sum(b for k, b in group.log if k == "all_gather") == payload_bytes(codec, chunk)
+    assert float(errors[0].abs().max()) > 0 and float(mean_errors[0].abs().max()) > 0  # the codec lost something
+
+
+@pytest.mark.parametrize("fail", [("all_to_all", 3), ("all_gather", 2), ("all_gather", 6)])
+def test_a_failure_mid_pipeline_leaves_theta_g_and_both_error_feedbacks_as_they_were(fail):
+    size, codec = 2, "int8"
+    group = AsyncGroup(size)
+    engines = members(group, codec, bucket_bytes(size))  # 6 buckets: 5 of 256 values per chunk, one of 209
+    theta, errors, mean_errors = theta0(), [torch.zeros(N)] * size, [None] * size
+    weights = (2.0, 1.0)
+    set_locals(engines, locals_at(0, size, theta))
+    run_members(engines, lambda r, e: e.sync(weight=weights[r]))
+    theta, errors, mean_errors = weighted_compressed_sync(theta, locals_at(0, size, theta), list(weights), errors,
+                                                          mean_errors, codec)
+    before = [state(e) for e in engines]
+    assert all(torch.equal(b[0], theta) for b in before)
+    locals_ = locals_at(1, size, theta)
+    set_locals(engines, locals_)
+    group.counts = {"all_to_all": 0, "all_gather": 0}
+    group.fail = fail
+    with pytest.raises(ConnectionError, match="closed by peer"):
+        run_members(engines, lambda r, e: e.sync(weight=weights[r]))
+    for e, (snapshot, error, mean_error) in zip(engines, before):
+        assert not e.pending
+        now = state(e)
+        assert torch.equal(now[0], snapshot) and torch.equal(now[1], error)
+        assert now[2].keys() == mean_error.keys() and all(torch.equal(now[2][k], v) for k, v in mean_error.items())
+    group.fail = None  # the attempt is redone (a fault-tolerant transport: over a new quorum) and goes through
+    run_members(engines, lambda r, e: e.sync(weight=weights[r]))
+    theta, errors, mean_errors = weighted_compressed_sync(theta, locals_, list(weights), errors, mean_errors, codec)
+    for r, e in enumerate(engines):
+        snapshot, error, mean_error = state(e)
+        assert torch.equal(snapshot, theta) and torch.equal(error, errors[r]) and torch.equal(mean_error[None],
+                                                                                                mean_errors[r])
+
+
+def scenario_gloo(rank, world, codec):
+    """Two weighted syncs over gloo with buckets of one block per chunk (its collectives really in flight)."""
+    flat = theta0()
+    params, offset = [], 0
+    for shape in SHAPES:
+        params.append(torch.nn.Parameter(flat[offset : offset + math.prod(shape)].view(shape).clone(),
+                                         requires_grad=False))
+        offset += math.prod(shape)
+    engine = OuterSync(params, compression=codec, bucket_bytes=bucket_bytes(world))
+    theta, out = theta0(), []
+    for sync in range(2):
+        x = locals_at(sync, world, theta)[rank]
+        offset = 0
+        for p in params:
+            p.data.copy_(x[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
+        result = engine.sync(weight=float(rank + 1))
+        theta = torch.cat([s.detach().reshape(-1) for s in engine.snapshot])
+        out.append((theta, engine.compressor.error.clone(), engine.compressor.mean_error[None].clone(),
+                    result.bytes_sent))
+    return out
+
+
+@pytest.mark.parametrize("codec", ["int4"])
+def test_many_buckets_over_gloo_match_the_hand_reference_bit_for_bit(tmp_path, codec):
+    world = 2
+    got = spawn(functools.partial(scenario_gloo, codec=codec), world, tmp_path)
+    theta, errors, mean_errors = theta0(), [torch.zeros(N)] * world, [None] * world
+    for sync in range(2):
+        theta, errors, mean_errors = weighted_compressed_sync(theta, locals_at(sync, world, theta), [1.0, 2.0],
+                                                              errors, mean_errors, codec)
+        for r in range(world):
+            snapshot, error, mean_error, sent = got[r][sync]
+            assert torch.equal(snapshot, theta) and torch.equal(error, errors[r])
+            assert torch.equal(mean_error, mean_errors[r])
+            assert sent == world * (payload_bytes(codec, math.ceil(N / world)) + 4)
