@@ -25,12 +25,14 @@ collectives, goodput (tokens that entered a committed sync / tokens the devices 
 speeds in the run's wall clock), and, for churn, the final loss against the run without it.
 
 Links: everything runs inside one network namespace (``unshare -n``) whose loopback is shaped with a token bucket to
-G × 10 Mbit/s (``tc tbf``, as ``multi_cluster.py``); ``netem`` is not available, so the latency is slept in the
-workers before each collective that spans devices (``hops × 50 ms``, ring schedule: the library's cost model), in
-DDP's communication hook and in the federated communicator's collectives. The lighthouse's quorum RPCs are not
-delayed. Where namespaces / tc are not usable the benchmark says so and falls back to sleeping ``bytes / rate`` too.
+G × 10 Mbit/s (``tc tbf``, as ``multi_cluster.py``); ``netem`` is not available, so the workers add the latency to
+each collective that spans devices (``hops × 50 ms``, ring schedule: the library's cost model), in DDP's
+communication hook and in the federated communicator's collectives: a blocking collective waits for it before it is
+issued, an asynchronous one completes no earlier than its real completion + the latency (the harness's
+``NetworkModel``). The lighthouse's quorum RPCs are not delayed. Where namespaces / tc are not usable the benchmark
+says so and falls back to sleeping ``bytes / rate`` too.
 
-    python benchmarks/edge.py                 # default: GPT micro, ~12 min on 2 CPU cores
+    python benchmarks/edge.py                 # default: GPT micro, ~9 min on 2 CPU cores
     python benchmarks/edge.py --emulation sleep
 
 Writes benchmarks/results/edge.csv (one row per run), edge_curves.csv, edge_devices.csv, edge.png and edge.md.
@@ -75,26 +77,44 @@ def _imports() -> None:
 
 
 def _delay_torchft_collectives(latency_s: float, sleep_bytes_rate: float | None) -> None:
-    """Sleep the emulated link's latency (and, in the software model, its transfer time) before each collective of
-    the federated communicator, as the harness does for torch.distributed's."""
-    from lightning_localsgd import costmodel
+    """Add the emulated link's latency (and, in the software model, its transfer time) to each collective of the
+    federated communicator, as the harness's ``NetworkModel`` does for torch.distributed's: a blocking collective
+    waits for it before it is issued; an asynchronous one (the compressed reduce's pipelined all-to-alls and
+    all-gathers, a streaming fragment's reduce) completes no earlier than its real completion + the latency, so the
+    steps between its launch and its ``wait()`` hide it as they would on a real link."""
+    from harness.netmodel import DelayedWork, NetworkModel
     from lightning_localsgd.federation import TorchftCommunicator
 
-    ops = {"all_reduce": "all_reduce", "all_to_all": "all_to_all_single", "all_gather": "all_gather_into_tensor"}
-    for method, op in ops.items():
+    model = NetworkModel(latency_s, sleep_bytes_rate)
+
+    def delayed_async(work, op: str, nbytes: int, n: int, issued: float):
+        delayed = DelayedWork(work, model, model.delay_for(op, nbytes, n), issued, real_bandwidth=False)
+        try:  # netns: the latency runs from the real completion (the inner torchft work's future)
+            work.work.get_future().then(lambda _: setattr(delayed, "_done_at", time.perf_counter()))
+        except Exception:  # noqa: BLE001 (no future: completion = the time of wait())
+            pass
+        return delayed
+
+    def wrap(method: str, op: str, always_async: bool = False) -> None:
         original = getattr(TorchftCommunicator, method)
 
-        def delayed(comm, output, *args, _original=original, _op=op, **kwargs):
+        def delayed(comm, output, *args, **kwargs):
             n = comm.size
-            if n > 1:
-                t = costmodel.collective_hops(_op, n, "ring") * latency_s
-                if sleep_bytes_rate:
-                    nbytes = output.numel() * output.element_size()
-                    t += costmodel.wire_bytes(_op, nbytes, n) * 8 / sleep_bytes_rate
-                time.sleep(t)
-            return _original(comm, output, *args, **kwargs)
+            if n <= 1:
+                return original(comm, output, *args, **kwargs)
+            sent = args[0] if op == "all_gather_into_tensor" else output  # an all-gather's input, as the harness counts
+            nbytes = sent.numel() * sent.element_size()
+            if always_async or kwargs.get("async_op"):
+                issued = time.perf_counter()
+                return delayed_async(original(comm, output, *args, **kwargs), op, nbytes, n, issued)
+            model.delay(op, nbytes, n)
+            return original(comm, output, *args, **kwargs)
 
         setattr(TorchftCommunicator, method, delayed)
+
+    wrap("all_reduce", "all_reduce")
+    wrap("all_to_all", "all_to_all_single")
+    wrap("all_gather_async", "all_gather_into_tensor", always_async=True)  # all_gather waits on it
 
 
 def worker(cfg: dict) -> None:
@@ -540,7 +560,8 @@ def main() -> None:
             + "\n\nTargets: time-based reaches DDP's final loss ≥ 5× sooner than DDP: "
             + f"{best['speedup_vs_ddp']:.2f}× ({'met' if best['speedup_vs_ddp'] >= 5 else 'missed'}); fast devices idle "
             + f"≤ 10%: {best['fast_idle_fraction']:.1%} ({'met' if best['fast_idle_fraction'] <= 0.10 else 'missed'}; "
-            + f"fixed-H: {rows[1]['fast_idle_fraction']:.1%}); churn costs ≤ 2% final loss: "
+            + f"fixed-H: {rows[1]['fast_idle_fraction']:.1%}; without streaming: {rows[3]['speedup_vs_ddp']:.2f}× and "
+            + f"{rows[3]['fast_idle_fraction']:.1%} idle); churn costs ≤ 2% final loss: "
             + f"{churn['final_loss_vs_time_based'] - 1:+.1%} "
             + f"({'met' if churn['final_loss_vs_time_based'] <= 1.02 else 'missed'}). DDP's final loss "
             + f"{ddp['final_val_loss']:.4f}.\n\nPer device:\n\n"
