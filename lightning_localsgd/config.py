@@ -103,8 +103,8 @@ ARGUMENT_DOCS: dict[str, str] = {
                           "during fit are refused (validate and save after fit), and training ends for all groups at "
                           "the first sync after any group finishes. Default None (step-based).",
     "sync_schedule": "the name of a sync schedule added with ``register_schedule`` (or a built-in: ``\"periodic\"``, "
-                "``\"two_stage\"``, ``\"streaming\"``, ``\"time_based\"``). Default None: chosen from the arguments "
-                "above.",
+                "``\"two_stage\"``, ``\"streaming\"``, ``\"time_based\"``, ``\"time_based_streaming\"``). Default "
+                "None: chosen from the arguments above.",
     "lighthouse": "federated worker groups: the ``host:port`` of torchft's lighthouse (``lightning-localsgd "
                   "lighthouse --port 29510``). Each job (its own SLURM job, torchrun or machine) is then one "
                   "cluster: one worker group (``group_size`` = the job's world size; DDP, FSDP2 or DeepSpeed ZeRO "

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 import lightning as L
+
+from lightning_localsgd.engine.schedules import Action, SyncSchedule
 
 DATASET_SIZE = 240  # divisible by 1..4 ranks × batch 2, so DistributedSampler adds no padding
 
@@ -102,3 +106,36 @@ class TinyModule(L.LightningModule):
             return [make_inner_optimizer(self.inner, self.model.net1.parameters()),
                     make_inner_optimizer(self.inner, self.model.net2.parameters())]
         return make_inner_optimizer(self.inner, self.parameters())
+
+
+class GrowingSchedule(SyncSchedule):
+    """A registered schedule for the tests: the k-th interval after the warm-up is ``interval(H, k)`` local steps
+    (default ``H + k``: H, H+1, H+2, ...), so its syncs fall where no built-in schedule puts them."""
+
+    def __init__(self, sync_every: int, warmup_steps: int = 0,
+                 interval: Callable[[int, int], int] = lambda h, k: h + k) -> None:
+        super().__init__(sync_every, warmup_steps)
+        self.interval = interval
+        self.intervals_done = 0
+
+    def _steps_in_interval(self) -> int:
+        return self.interval(self.sync_every, self.intervals_done)
+
+    def local_step(self) -> Action:
+        self.steps_since_sync += 1
+        if self.steps_since_sync >= self._steps_in_interval():
+            self.steps_since_sync = 0
+            self.intervals_done += 1
+            return Action.SYNC
+        return Action.NONE
+
+    def communicates_next(self) -> bool:
+        return self.in_warmup or self.steps_since_sync + 1 >= self._steps_in_interval()
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "intervals_done": self.intervals_done}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.intervals_done = int(state["intervals_done"])
+

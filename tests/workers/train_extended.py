@@ -17,10 +17,10 @@ import torch
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from tiny import TinyModule, make_dataset  # noqa: E402
+from tiny import GrowingSchedule, TinyModule, make_dataset  # noqa: E402
 
 import lightning_localsgd  # noqa: E402
-from lightning_localsgd import Action, Codec, LocalSGDStrategy, SyncSchedule  # noqa: E402
+from lightning_localsgd import Codec, LocalSGDStrategy  # noqa: E402
 
 SYNC_STEPS = (2, 6, 14)  # local steps where the "doubling" schedule syncs: H = 2, 4, 8
 
@@ -38,31 +38,11 @@ class TaggedFP32(Codec):
         return 4 * numel + 8
 
 
-class Doubling(SyncSchedule):
-    """Syncs after 2, 4, 8, ... local steps: H doubles after every sync."""
-
-    def __init__(self, warmup_steps: int = 0) -> None:
-        super().__init__(sync_every=2, warmup_steps=warmup_steps)
-
-    def local_step(self) -> Action:
-        self.steps_since_sync += 1
-        if self.steps_since_sync >= self.sync_every:
-            self.steps_since_sync = 0
-            self.sync_every *= 2
-            return Action.SYNC
-        return Action.NONE
-
-    def state_dict(self) -> dict:
-        return {**super().state_dict(), "sync_every": self.sync_every}
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        self.sync_every = int(state["sync_every"])
-
-
 lightning_localsgd.register_outer_optimizer("half_sgd", functools.partial(torch.optim.SGD, lr=0.5), override=True)
 lightning_localsgd.register_codec("tagged_fp32", TaggedFP32(), override=True)
-lightning_localsgd.register_schedule("doubling", lambda config: Doubling(config.warmup_steps), override=True)
+# syncs after 2, 4, 8, ... local steps: the interval doubles after every sync
+lightning_localsgd.register_schedule(
+    "doubling", lambda config: GrowingSchedule(2, config.warmup_steps, interval=lambda h, k: h * 2 ** k), override=True)
 
 
 class SyncSteps(L.Callback):

@@ -40,38 +40,10 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from tiny import TinyModule, make_dataset
+from tiny import GrowingSchedule, TinyModule, make_dataset
 
 from lightning_localsgd import LocalSGDStrategy, register_schedule
-from lightning_localsgd.engine.schedules import Action, SyncSchedule
 from lightning_localsgd.federation import TorchftCommunicator
-
-
-class GrowingSchedule(SyncSchedule):
-    """A registered schedule (``--schedule growing``): the k-th interval after the warm-up is ``sync_every + k``
-    steps (H, H+1, H+2, ...), so its syncs fall where no built-in schedule puts them."""
-
-    def __init__(self, sync_every: int, warmup_steps: int = 0) -> None:
-        super().__init__(sync_every, warmup_steps)
-        self.intervals_done = 0
-
-    def local_step(self) -> Action:
-        self.steps_since_sync += 1
-        if self.steps_since_sync >= self.sync_every + self.intervals_done:
-            self.steps_since_sync = 0
-            self.intervals_done += 1
-            return Action.SYNC
-        return Action.NONE
-
-    def communicates_next(self) -> bool:
-        return self.in_warmup or self.steps_since_sync + 1 >= self.sync_every + self.intervals_done
-
-    def state_dict(self) -> dict:
-        return {**super().state_dict(), "intervals_done": self.intervals_done}
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        self.intervals_done = int(state.get("intervals_done", 0))
 
 
 def local(t: torch.Tensor) -> torch.Tensor:

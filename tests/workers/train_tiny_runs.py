@@ -25,28 +25,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_tiny  # noqa: E402
 from _launch import worker_flags  # noqa: E402
 
-from lightning_localsgd import Action, SyncSchedule, register_schedule  # noqa: E402
+from lightning_localsgd import register_schedule  # noqa: E402
+from tiny import GrowingSchedule  # noqa: E402
 
 SCHEDULE = "growing_test"
-
-
-class GrowingSchedule(SyncSchedule):
-    """Intervals of H, H+1, H+2, ... local steps: a schedule that no built-in argument gives."""
-
-    def local_step(self) -> Action:
-        self.steps_since_sync += 1
-        if self.steps_since_sync >= self.sync_every:
-            self.steps_since_sync = 0
-            self.sync_every += 1
-            return Action.SYNC
-        return Action.NONE
-
-    def state_dict(self) -> dict:
-        return {**super().state_dict(), "sync_every": self.sync_every}
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        self.sync_every = int(state["sync_every"])
 
 
 register_schedule(SCHEDULE, lambda config: GrowingSchedule(config.sync_every, config.warmup_steps), override=True)
