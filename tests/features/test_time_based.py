@@ -231,3 +231,15 @@ def test_time_based_streaming_with_a_slow_worker_matches_the_weighted_fragment_r
                for a, b in zip(fast["fragment_syncs"], slow["fragment_syncs"]))
     # overlap: a fragment of the regular syncs is applied one of the group's own steps after it starts
     assert all(r["finish_step"] == r["start_step"] + 1 for rank in ranks for r in rank["fragment_syncs"][:-3])
+
+
+@pytest.mark.slow
+def test_time_based_streaming_with_groups_of_two(tmp_path):
+    # 4 processes, 2 groups of 2 (DDP inside: each rank syncs its slice of every fragment); rank 3 (group 1) is slow,
+    # so all of group 1 is: the ranks of a group agree on each fragment's start, and the groups' means are weighted
+    ranks = run_tiny(tmp_path, devices=4, group_size=2, sync_every_seconds=0.6, fragments=2, overlap_steps=1,
+                     steps=400, slow_rank=3, slow_seconds=0.04, batches_per_epoch=450, timeout=300)
+    check_weighted_fragment_syncs(ranks, fragments=2)
+    assert ranks[0]["info"]["global_step"] == ranks[1]["info"]["global_step"]
+    assert ranks[2]["info"]["global_step"] == ranks[3]["info"]["global_step"]
+    assert ranks[0]["info"]["global_step"] > ranks[2]["info"]["global_step"]
