@@ -286,6 +286,13 @@ def quorum_started(manager: Any) -> bool:
     return manager._quorum_future is not None
 
 
+@_reaches(PrivateName("torchft", _MANAGER, "_quorum_id", kind="instance"))
+def quorum_id(manager: Any) -> int:
+    """The id of the torchft manager's current quorum: the lighthouse changes it exactly when the quorum's members
+    change (torchft reconfigures its process group then, and only then)."""
+    return int(manager._quorum_id)
+
+
 @_reaches(PrivateName("torchft", _MANAGER, "_pg", kind="instance"))
 def managed_process_group(manager: Any) -> Any:
     """The torchft manager's process group across the replica groups (the manager's own collectives wrap only

@@ -58,7 +58,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from torch import Tensor
 
-from ._compat import managed_process_group, quorum_started
+from ._compat import managed_process_group, quorum_id, quorum_started
 from .engine.comm import Communicator, SyncAbortedError, Work
 from .engine.outer import OuterSync, SyncResult
 from .tensors import tensor_bytes
@@ -337,6 +337,9 @@ class Federation:
         self.healed_bytes = 0
         """Bytes of tensor state this rank received from live peers (its own shard only with FSDP / ZeRO)."""
         self._layout: Optional[dict[str, Any]] = None
+        self._checked_quorum: Optional[int] = None
+        """The torchft quorum (its id) whose members' layouts were found to fit: later attempts over the same members
+        skip the check. Forgotten after a failed attempt; a healing job takes its peer's (see _check_layouts)."""
         self.alone_at_start: Optional[str] = None
         """The line logged when this group's join found no other group in its quorum (else ``None``)."""
         self.attempts: list[dict[str, Any]] = []
@@ -567,6 +570,14 @@ class Federation:
         if self.strategy is None or self.trainer is None:
             return  # the sync loop driven without a strategy (its unit tests): there is no layout to compare
         assert self.comm is not None
+        # Once per set of members: the quorum id changes exactly when the members change. Every member decides alike:
+        # each records the id when the check passes and forgets it when an attempt fails (then every member's
+        # attempt fails: a collective needs all of them). The one way a member fails while the others commit (its
+        # own vote after the collectives) leaves it a step behind, so it heals in the next quorum and takes the
+        # recorded id from its peer with the rest of the state (state_dict).
+        quorum = quorum_id(self.manager)
+        if quorum == self._checked_quorum:
+            return
         mine = self.layout(engine)
         verdict = torch.zeros(1 + _ENCODED, dtype=torch.int64)  # 0 fits, 1 mismatch (+ the other layout), 2 failed
         failure: Optional[BaseException] = None
@@ -598,6 +609,7 @@ class Federation:
                 log.warning(f"{problem} This job keeps training; the sync is redone without the job that does not fit.")
                 self.manager.report_error(error)
             raise error
+        self._checked_quorum = quorum
 
     # ------------------------------------------------------------------ warm-up steps
     def start_round(self) -> None:
@@ -628,6 +640,7 @@ class Federation:
             self.manager.should_commit()  # the other ranks of this job wait for this rank's vote
         else:
             return False
+        self._checked_quorum = None  # the next attempt checks the layouts again (as every member of this one does)
         attempt.record.update(committed=False, seconds=time.perf_counter() - attempt.began, error=str(err)[:200])
         self.attempts.append(attempt.record)
         log.warning(f"local SGD: federated sync at step {attempt.record['step']} failed ({err})")
@@ -663,7 +676,7 @@ class Federation:
             if engine_state is not None:
                 engine_state.update(compression_error=None, compression_mean_error={},
                                     compression_mean_error_owner={})
-        state["federation"] = {"fragment": self._unit}
+        state["federation"] = {"fragment": self._unit, "checked_quorum": self._checked_quorum}
         return {"layout": self.layout(), "training": state}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -675,6 +688,7 @@ class Federation:
         state = state["training"]
         self.strategy.training_state.load(state)
         self._peer_unit = state.get("federation", {}).get("fragment")
+        self._checked_quorum = state.get("federation", {}).get("checked_quorum")  # decide as the peers do
         self._healed_now = True
         self.healed_from_peer += 1
         self.healed_bytes += tensor_bytes(state)

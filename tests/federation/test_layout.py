@@ -50,6 +50,7 @@ class _AloneManager:
     """torchft's Manager as a job alone at the lighthouse sees it: every quorum holds this job only."""
 
     _quorum_future = object()
+    _quorum_id = 1
 
     class _pg:  # noqa: N801 (the managed process group: a one-member all-gather copies the input)
         @staticmethod
@@ -102,3 +103,57 @@ def test_job_alone_at_start_says_where_its_state_comes_from(ckpt_path, caplog):
     assert fed.alone_at_start == expected
     assert [r.getMessage() for r in caplog.records if "no live peer" in r.getMessage()] == [expected]
     assert fed.attempts[-1]["committed"] and fed.attempts[-1]["participants"] == 1
+
+
+class _CountingManager(_AloneManager):
+    """Counts the layout all-gathers; ``_quorum_id`` is set by the test, as torchft's lighthouse would."""
+
+    def __init__(self) -> None:
+        self.gathers = 0
+        manager = self
+
+        class _pg:  # noqa: N801
+            @staticmethod
+            def allgather(outputs, inputs, opts):
+                manager.gathers += 1
+                outputs[0][0].copy_(inputs[0])
+                return _Work()
+
+        self._pg = _pg
+
+
+def test_layouts_are_checked_once_per_set_of_members_and_again_after_a_failure_or_from_a_healing_peer():
+    from datetime import timedelta
+    from types import SimpleNamespace
+
+    from lightning_localsgd.engine.comm import SyncAbortedError
+    from lightning_localsgd.federation import Federation, TorchftCommunicator, _Attempt
+
+    fed = Federation("lighthouse-host:29510", "g0", min_groups=1, sync_timeout=10)
+    fed.manager = manager = _CountingManager()
+    fed.comm = TorchftCommunicator(fed.manager, timedelta(seconds=10))
+    fed.trainer = SimpleNamespace(global_rank=0, world_size=1)
+    fed.strategy = object()
+    fed._layout = fsdp_layout("g0", [[16, 2, 4, 1]])
+    engine = SimpleNamespace(device="cpu")
+    checks = []
+    for quorum in (1, 1, 1, 2, 2):  # torchft's quorum id changes exactly when the members change
+        manager._quorum_id = quorum
+        fed._check_layouts(engine)
+        checks.append(manager.gathers)
+    assert checks == [1, 1, 1, 2, 2]  # one all-gather per set of members, not one per attempt
+    # a failed attempt: every member's fails (a collective needs all), so each checks again at the next one
+    attempt = _Attempt({"step": 3}, None, None, deadline=0.0, began=0.0, inner_steps=0)
+    assert fed._failed(attempt, SyncAbortedError("the vote said no"))
+    fed._check_layouts(engine)
+    assert manager.gathers == 3
+    fed._check_layouts(engine)
+    assert manager.gathers == 3
+    # a job that heals takes the id its peer recorded, so that it decides as the peer does in the same quorum
+    fed._checked_quorum = None
+    peer = {"layout": fed._layout, "training": {"federation": {"fragment": None, "checked_quorum": 2},
+                                                "counters": {"global_step": 5}}}
+    fed.strategy = SimpleNamespace(training_state=SimpleNamespace(load=lambda state: None))
+    fed.load_state_dict(peer)
+    fed._check_layouts(engine)
+    assert manager.gathers == 3 and fed.healed_from_peer == 1
