@@ -361,12 +361,8 @@ class LocalSGDController:
         if fragment in self.outer_sync.pending:
             result = self.syncs.finish_sync(self.outer_sync, fragment, mix=self.config.overlap_mix)
         self.schedule.fragment_applied(fragment, applied=result is not None)
-        if result is None:  # dropped by the transport: the fragment syncs again at its next turn
-            return
-        if result.stop_requested:
-            self.stop_received = True
-            self.host.stop_training()
-        self._record(result)
+        if result is not None:  # None: dropped by the transport, the fragment syncs again at its next turn
+            self._record(result)
 
     def _end_streaming_by_time(self, schedule: TimeBasedStreamingSchedule) -> None:
         """Time-based streaming at the end of training: apply the fragment in flight; unless another group's stop
@@ -389,12 +385,12 @@ class LocalSGDController:
         with self._guarded():
             result = self.syncs.sync(self.outer_sync, weight=float(self.schedule.tokens_since_sync), stop=stop)
         self.schedule.synced()
-        if result.stop_requested:
-            self.stop_received = True
-            self.host.stop_training()
         self._record(result)
 
     def _record(self, result: SyncResult, cluster_result: Optional[SyncResult] = None) -> None:
+        if result.stop_requested:  # time-based: a group asked every group to stop after this sync
+            self.stop_received = True
+            self.host.stop_training()
         self.last_sync = result
         self.sync_seconds_total += result.seconds
         self.host.on_local_sgd_sync(result, cluster_result)

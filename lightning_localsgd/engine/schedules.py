@@ -226,16 +226,21 @@ class TimeBasedSchedule(SyncSchedule):
 
     def local_step(self) -> Action:
         self.steps_since_sync += 1
-        due = self.clock() - self.interval_started >= self.sync_every_seconds
+        due = self.clock() - self.interval_started >= self.interval_seconds
         return Action.TIMED_SYNC if self.agree(due) else Action.NONE
 
     def communicates_next(self) -> bool:
         return self.in_warmup
 
+    @property
+    def interval_seconds(self) -> float:
+        """Seconds from the start of an interval (the last sync) to the next sync."""
+        return self.sync_every_seconds
+
     def seconds_until_due(self) -> float:
         """Seconds until this interval's sync is due (0 when it is): when the other groups, whose clocks restarted at
         the same sync, enter their next one."""
-        return max(0.0, self.interval_started + self.sync_every_seconds - self.clock())
+        return max(0.0, self.interval_started + self.interval_seconds - self.clock())
 
     def synced(self) -> None:
         super().synced()
@@ -278,7 +283,7 @@ class TimeBasedStreamingSchedule(TimeBasedSchedule):
         self._weights: dict[int, float] = {}
 
     @property
-    def fragment_seconds(self) -> float:
+    def interval_seconds(self) -> float:
         """Seconds between one fragment's sync being applied and the next fragment's sync."""
         return self.sync_every_seconds / self.fragments
 
@@ -295,7 +300,7 @@ class TimeBasedStreamingSchedule(TimeBasedSchedule):
                 self.finishing = [self.in_flight]
                 self.in_flight = None
             return Action.STREAM if self.finishing else Action.NONE
-        if self.agree(self.clock() - self.interval_started >= self.fragment_seconds):
+        if self.agree(self.clock() - self.interval_started >= self.interval_seconds):
             self.starting = [self.start_next()]
             if self.overlap_steps == 0:
                 self.finishing = list(self.starting)
@@ -327,9 +332,6 @@ class TimeBasedStreamingSchedule(TimeBasedSchedule):
         since its last sync (the fragments' local progress since then, so that every group ends on one model)."""
         self.in_flight, self._weights = None, {}
         return list(range(self.fragments))
-
-    def seconds_until_due(self) -> float:
-        return max(0.0, self.interval_started + self.fragment_seconds - self.clock())
 
     def synced(self) -> None:
         super().synced()
