@@ -239,9 +239,10 @@ class TorchftCommunicator(Communicator):
     rank of this job, or fewer than ``min_groups`` groups took part.
     """
 
-    def __init__(self, manager: Any, timeout: timedelta) -> None:
+    def __init__(self, manager: Any, timeout: timedelta, group_id: str = "") -> None:
         self.manager = manager
         self.timeout = timeout
+        self.group_id = group_id
 
     @property
     def size(self) -> int:
@@ -291,6 +292,15 @@ class TorchftCommunicator(Communicator):
         # quorum's participating ranks)
         views = list(output.split(input.numel()))
         return self._run(lambda: managed_process_group(self.manager).allgather([views], [input], AllgatherOptions()))
+
+    @property
+    def member_id(self) -> int:
+        # the job's name, stable across quorums (the screen keeps each job's history under it)
+        return zlib.crc32(self.group_id.encode())
+
+    @property
+    def member_name(self) -> str:
+        return f"group {self.group_id!r}"
 
     def commit(self) -> bool:
         return bool(self.manager.should_commit())
@@ -373,7 +383,7 @@ class Federation:
             lighthouse_addr=lighthouse_url(self.lighthouse), replica_id=self.group_id,
             init_sync=False,  # every group of a fresh run starts from the same weights (rank 0's, by seed)
         )
-        self.comm = TorchftCommunicator(self.manager, self.timeout)
+        self.comm = TorchftCommunicator(self.manager, self.timeout, self.group_id)
         return self.comm
 
     def shutdown(self) -> None:

@@ -30,6 +30,7 @@ from .layout import Fragment, Layout
 from .presets import OuterOptimizerFactory
 from .reducers import (DEFAULT_BUCKET_BYTES, DEFAULT_COMPRESSED_BUCKET_BYTES, CompressedReducer, MeanReducer,
                        Reduction, assign_buffers, finite_buffer_mean, gather_slices, reduce_buffers)
+from .screen import PseudoGradientScreen, ScreenVerdict, log_verdict
 
 __all__ = ["NonFinitePseudoGradientError", "OuterSync", "SyncResult", "merge_outer_states"]
 
@@ -60,6 +61,8 @@ class SyncResult:
     """Time-based sync: some group asked to stop training after this sync."""
     nonfinite_groups: list[int] = field(default_factory=list)
     """A skipped sync: the indices (in the cross group) of the groups whose parameters or buffers were not finite."""
+    screened_out: list[int] = field(default_factory=list)
+    """The robust screen (``screen=``): the indices (in the cross group) of the groups left out of this sync."""
 
 
 _NORM_CHUNK = {"cpu": 1 << 16}
@@ -158,6 +161,8 @@ class OuterSync:
         fragments: split the tensors into this many contiguous fragments of about equal size, which
             :meth:`start_sync` / :meth:`finish_sync` can sync separately (streaming sync). Default 1.
         fragment_sizes: the sizes to balance the fragments by (default: the tensors' ``numel``).
+        screen: a :class:`~.screen.PseudoGradientScreen`: each sync leaves out the groups whose pseudo-gradient is an
+            outlier (weight 0 in the mean). Default ``None``: every group counts.
     """
 
     def __init__(
@@ -174,6 +179,7 @@ class OuterSync:
         compression: Optional[str] = None,
         fragments: int = 1,
         fragment_sizes: Optional[Sequence[int]] = None,
+        screen: Optional[PseudoGradientScreen] = None,
     ) -> None:
         if not tensors:
             raise ValueError("OuterSync needs at least one tensor to synchronize.")
@@ -215,6 +221,9 @@ class OuterSync:
         self.outer_optimizer = outer_optimizer(self.snapshot) if outer_optimizer is not None else None
         self.num_syncs = 0
         self.bytes_sent = 0
+        self.screen = screen
+        self._verdicts: dict[Optional[int], ScreenVerdict] = {}
+        """The screen's verdicts of the syncs started and not yet finished, by fragment."""
         self.reset_snapshot()
 
     def rebind(self, tensors: Sequence[Tensor]) -> None:
@@ -319,6 +328,8 @@ class OuterSync:
         if fragment in self.pending:
             raise RuntimeError(f"the sync of fragment {fragment} was started twice without finish_sync in between.")
         start = time.perf_counter()
+        if self.screen is not None:  # an outlier group sends with weight 0 (every member knows which)
+            weight = self._screen(frag, weight)
         red = Reduction(fragment=fragment, numel=frag.numel, weighted=weight is not None, has_stop=stop is not None)
         # A rank holding none of the fragment (a slice of a DDP group) pairs only with ranks holding none of it
         # either (the same slice in every group): their collective would carry nothing, so none of them runs it.
@@ -356,14 +367,30 @@ class OuterSync:
                 self.reducer.discard(red)  # a bucket may still be in flight
                 raise
             mean, stop_requested = self.reducer.finish(red, lambda: self._flat_snapshot(frag))
-        result = self._outer_step(frag, self._to_state_device(mean, frag), red, mix)
+        verdict = self._verdicts.pop(fragment, None)
+        result = self._outer_step(frag, self._to_state_device(mean, frag), red, mix,
+                                  sorted(verdict.excluded) if verdict is not None else [])
         result.seconds = red.seconds + time.perf_counter() - start
         result.stop_requested = stop_requested
         return result
 
+    def _screen(self, frag: Fragment, weight: Optional[float]) -> Optional[float]:
+        """Screen this sync of ``frag`` (collective): this group's weight in it, after the verdict."""
+        assert self.screen is not None
+        snapshots = self.snapshot[slice(*frag.pieces)]
+        sq = sum(squared_norm(snap.view(-1).to(view.device), view.float().reshape(-1))
+                 for snap, view in zip(snapshots, self._owned_views(frag)))
+        verdict = self.screen.screen(self.cross, self.norm, float(sq), weight, self.device)
+        if verdict.excluded:
+            self._verdicts[frag.index] = verdict
+            if self.norm is None or self.norm.rank == 0:  # one line per group
+                log_verdict(verdict, self.group_index, self.cross.member_name, self.num_syncs + 1)
+        return verdict.weight(self.group_index, weight)
+
     def drop_sync(self, fragment: Optional[int] = None) -> None:
         """Forget a started sync without applying it (θ_g, the outer state and the error feedback unchanged); a
         collective of it still in flight is left to finish into its own buffer."""
+        self._verdicts.pop(fragment, None)
         red = self.pending.pop(fragment, None)
         if red is not None and red.works:
             self.reducer.discard(red)
@@ -377,15 +404,19 @@ class OuterSync:
             self._host_mean = torch.empty(self.layout.owned_numel, dtype=torch.float32, pin_memory=True)
         return self._host_mean[frag.owned[0] : frag.owned[0] + mean.numel()].copy_(mean)
 
-    def _outer_step(self, frag: Fragment, mean: Tensor, red: Reduction, mix: float) -> SyncResult:
-        """``mean``: the groups' mean of the fragment, on the state device, a tensor this sync may overwrite."""
+    def _outer_step(self, frag: Fragment, mean: Tensor, red: Reduction, mix: float,
+                    screened_out: Sequence[int] = ()) -> SyncResult:
+        """``mean``: the groups' mean of the fragment, on the state device, a tensor this sync may overwrite;
+        ``screened_out``: the groups the screen left out (their buffers are left out of the buffers' mean too)."""
         snapshots = self.snapshot[slice(*frag.pieces)]
         theta = self._flat_snapshot(frag)
         if mean.numel() and mean.untyped_storage().data_ptr() == theta.untyped_storage().data_ptr():
             mean = mean.clone()  # never scratch in θ_g itself
         # Buffers go with the last fragment; they are reduced first, so that a non-finite one stops the sync before
         # θ_g changes, as a non-finite parameter does.
-        buffer_sum = reduce_buffers(self.cross, self.buffers) if frag.is_last else None
+        kept_groups = self.num_groups - len(screened_out)
+        buffer_sum = reduce_buffers(self.cross, self.buffers, left_out=self.group_index in screened_out) \
+            if frag.is_last else None
         # Pseudo-gradient Δ = θ_g − mean: for an outer optimizer formed in place of the mean (the reduce buffer, which
         # becomes the gradient); for averaging never formed, only its norm. The norm over the whole fragment: the
         # shards of a worker group add their squares.
@@ -434,10 +465,12 @@ class OuterSync:
             self.write_back(frag.index, mix)
         sent = red.sent
         if buffer_sum is not None and self.num_groups > 1:
-            if not idle:
-                assign_buffers(self.buffers, buffer_sum / self.num_groups)
+            if not idle and kept_groups > 0:
+                assign_buffers(self.buffers, buffer_sum / kept_groups)
             sent += buffer_sum.numel() * buffer_sum.element_size()
-        return self._finish(sent, math.sqrt(sq_norm), frag)
+        result = self._finish(sent, math.sqrt(sq_norm), frag)
+        result.screened_out = list(screened_out)
+        return result
 
     def _nonfinite(self, frag: Fragment, red: Reduction, buffers_finite: bool = True) -> SyncResult:
         """The non-finite policy: raise naming the groups at fault, or skip: every group restarts from θ_g and the

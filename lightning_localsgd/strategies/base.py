@@ -218,11 +218,15 @@ def log_sync(trainer: Trainer, controller: LocalSGDController, result: SyncResul
         "local_sgd/pseudo_grad_norm": result.pseudo_grad_norm,
         "local_sgd/skipped": float(result.skipped),
     }
+    if controller.outer_sync.screen is not None:
+        metrics["local_sgd/screened_out"] = float(len(result.screened_out))
     if result.fragment is not None:
         metrics["local_sgd/fragment"] = float(result.fragment)
     if cluster_result is not None and controller.cluster_sync is not None:
         metrics["local_sgd/cluster_syncs"] = float(controller.cluster_sync.num_syncs)
         metrics["local_sgd/cluster_pseudo_grad_norm"] = cluster_result.pseudo_grad_norm
+        if controller.cluster_sync.screen is not None:
+            metrics["local_sgd/cluster_screened_out"] = float(len(cluster_result.screened_out))
     for logger in trainer.loggers:
         logger.log_metrics(metrics, step=trainer.global_step)
 
