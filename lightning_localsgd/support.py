@@ -199,7 +199,8 @@ _tested(_F[6], "federated", ("fsdp", "deepspeed"),
         "tests/federation/test_federated_groups.py::test_two_jobs_of_two_groups_match_the_two_stage_reference")
 _tested(_F[7], "federated", ("ddp", "deepspeed"), _RESUME_ASYNC)
 _tested(_F[8], "federated", ("ddp", "fsdp", "deepspeed"), _RESUME_ASYNC)
-_tested(_F[9], "one world", ("ddp",), "tests/reliability/test_screen.py::test_a_broken_group_is_left_out_of_every_sync")
+_tested(_F[9], "one world", ("ddp",),
+        "tests/reliability/test_screen_training.py::test_a_broken_group_is_left_out_of_every_sync")
 _tested(_F[9], "federated", ("ddp",),
         "tests/federation/test_federated_screen.py::test_three_jobs_one_broken_the_honest_two_end_as_without_it")
 

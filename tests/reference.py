@@ -79,8 +79,8 @@ def simulate(world: int, group_size: int, sync_every: int, outer: str, steps: in
                 return torch.where(held, flat[idx.clamp(min=0)], torch.zeros(()))
 
             new, errors[i], mean_errors[i] = weighted_compressed_sync(
-                take(flat_theta), [take(f) for f in flats], [float(g not in left_out) for g in range(groups)], errors[i],
-                mean_errors[i], compression)
+                take(flat_theta), [take(f) for f in flats], [float(g not in left_out) for g in range(groups)],
+                errors[i], mean_errors[i], compression)
             mean[idx[held]] = new[held]
         out, offset = {}, 0
         for k in names:

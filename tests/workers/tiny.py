@@ -92,9 +92,9 @@ class TinyModule(L.LightningModule):
             self.model.running_mean[0] = float("nan")
         loss = F.mse_loss(self(x), y)
         if group_1 and step == self.nan_loss_at:
-            loss = loss * float("nan")
+            loss = loss * float("nan")  # NaN gradients: the inner optimizer's state (AdamW's moments) turns NaN
         if self.loss_scale != 1.0 and self.global_rank // self.group_size == self.loss_scale_group:
-            loss = loss * self.loss_scale  # a broken group: its gradients, and with SGD its pseudo-gradient, scaled  # NaN gradients: the inner optimizer's state (AdamW's moments) turns NaN
+            loss = loss * self.loss_scale  # a broken group: its gradients, and with SGD its pseudo-gradient, scaled
         if not self.automatic_optimization:
             opt1, opt2 = self.optimizers()
             opt1.zero_grad()
