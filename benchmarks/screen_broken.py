@@ -11,7 +11,8 @@ step:
 * ``noisy_steps``: N(0, 0.05²) added to its parameters at every step (the issue's "a job adding noise").
 
 Each configuration runs without the screen and with ``screen_factor=10``; reported: the final validation loss of
-``θ_g`` (the model every group holds after the last sync), and its ratio to the clean run's. A run whose loss turned
+``θ_g`` (the model every group holds after the last sync), and its ratio to the clean run's (four healthy groups),
+beside the three healthy groups alone (group 3 at weight 0: what a perfect screen gives). A run whose loss turned
 non-finite reports ``diverged``.
 
     python benchmarks/screen_broken.py                # ~1-2 minutes on 2 CPU cores
@@ -58,8 +59,9 @@ def batch(teacher: torch.nn.Module, g: torch.Generator, n: int = 32) -> tuple[to
     return x, y
 
 
-def train(rank: int, args: argparse.Namespace, broken: str | None, screened: bool) -> float:
-    """One run; the validation loss of θ_g at the end (nan: diverged)."""
+def train(rank: int, args: argparse.Namespace, broken: str | None, screened: bool, alone: bool = False) -> float:
+    """One run; the validation loss of θ_g at the end (nan: diverged). ``alone``: group 3 sends with weight 0 (the
+    three other groups alone: the best a screen can do)."""
     teacher = make_model(1234)
     model = make_model(0)  # every group starts from the same weights
     params = list(model.parameters())
@@ -96,7 +98,7 @@ def train(rank: int, args: argparse.Namespace, broken: str | None, screened: boo
                     flat = params[0].data.view(-1)
                     for k in torch.nonzero(flat.abs() < 1)[:4].view(-1).tolist():
                         flat.view(torch.int32)[k] ^= 1 << 30
-                engine.sync()
+                engine.sync(weight=float(rank != 3) if alone else None)
     with torch.no_grad():
         for p, s in zip(params, engine.snapshot):
             p.copy_(s.view_as(p))
@@ -108,7 +110,8 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    results = {("clean", False): train(rank, args, None, False), ("clean", True): train(rank, args, None, True)}
+    results = {("clean", False): train(rank, args, None, False), ("clean", True): train(rank, args, None, True),
+               ("alone", False): train(rank, args, None, False, alone=True)}
     for broken in BROKEN:
         for screened in (False, True):
             results[(broken, screened)] = train(rank, args, broken, screened)
@@ -134,7 +137,9 @@ def main() -> None:
 
     lines = [f"# One broken group of four: final validation loss (MLP student/teacher, DiLoCo, H={args.sync_every}, "
              f"{args.steps} steps; ratio to the clean run)", "",
-             f"clean run: {clean:.4f} without the screen, {cell(results[('clean', True)])} with it", "",
+             f"clean run (four healthy groups): {clean:.4f} without the screen, {cell(results[('clean', True)])} "
+             f"with it; the three healthy groups alone (the best a screen can do): {cell(results[('alone', False)])}",
+             "",
              "| group 3 broken by | without the screen | with screen_factor=10 |", "|---|---|---|"]
     for broken in BROKEN:
         lines.append(f"| {broken} | {cell(results[(broken, False)])} | {cell(results[(broken, True)])} |")
