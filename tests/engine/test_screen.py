@@ -118,16 +118,25 @@ def broken(how: str, group: int, sync: int, theta: list[torch.Tensor]) -> list[t
     return mine
 
 
-def run_syncs(rank, params, engine, cases, syncs):
-    """Set every rank's parameters for each sync (``cases[sync]``: the broken group's way, or None) and sync."""
+def run_syncs(rank, params, engine, cases, syncs, weight=None, fragments=False):
+    """Set every rank's parameters for each sync (``cases[sync]``: the broken group's way, or None) and sync
+    (``fragments``: fragment 0 then fragment 1, each started and finished on its own, as streaming does)."""
     out = []
     for sync in range(syncs):
         theta = [s.detach().clone().view_as(p) for s, p in zip(engine.snapshot, params)]
         mine = broken(cases[sync], rank, sync, theta) if cases[sync] and rank == 3 else honest(rank, sync, theta)
         for p, t in zip(params, mine):
             p.copy_(t)
-        res = engine.sync()
-        out.append(([p.clone() for p in params], res.screened_out, res.skipped))
+        if fragments:
+            screened_out = []
+            for f in range(engine.num_fragments):
+                engine.start_sync(f)
+                res = engine.finish_sync(f)
+                screened_out.append(res.screened_out)
+        else:
+            res = engine.sync(weight=weight)
+            screened_out = res.screened_out
+        out.append(([p.clone() for p in params], screened_out, res.skipped))
     return out
 
 
@@ -144,7 +153,18 @@ def scenario_four_groups(rank, world):
     params = [t.clone() for t in initial()]
     engine = OuterSync(params, compression="int8", screen=PseudoGradientScreen(10.0))
     results[("int8", True)] = run_syncs(rank, params, engine, ["scaled"] * 3, 3)
+    # token-weighted (time-based) syncs: each group's norm per token is screened, the weighted mean of the others
+    params = [t.clone() for t in initial()]
+    engine = OuterSync(params, screen=PseudoGradientScreen(10.0))
+    results[("weighted", True)] = run_syncs(rank, params, engine, ["scaled"] * 3, 3, weight=TOKENS[rank])
+    # streaming: two fragments (one tensor each), each screened at its own start
+    params = [t.clone() for t in initial()]
+    engine = OuterSync(params, fragments=2, screen=PseudoGradientScreen(10.0))
+    results[("fragments", True)] = run_syncs(rank, params, engine, ["scaled"] * 3, 3, fragments=True)
     return results
+
+
+TOKENS = [3.0, 1.0, 2.0, 5.0]
 
 
 def _flat(tensors):
@@ -188,6 +208,17 @@ def test_four_groups_one_broken_is_left_out_of_every_sync(tmp_path):
             params, screened_out, _ = rank[("int8", True)][sync]
             assert screened_out == [3]
             assert torch.allclose(_flat(params), want, atol=1e-6, rtol=0)
+    # token-weighted: the weighted mean of groups 0-2; streaming: each fragment left out of group 3's values alone
+    for sync in range(3):
+        theta = before(("weighted", True), sync)
+        want = sum(TOKENS[g] * _flat(honest(g, sync, theta)) for g in range(3)) / sum(TOKENS[:3])
+        theta = before(("fragments", True), sync)
+        want_fragments = sum(_flat(honest(g, sync, theta)) for g in range(3)) / 3
+        for rank in got:
+            params, screened_out, _ = rank[("weighted", True)][sync]
+            assert screened_out == [3] and torch.allclose(_flat(params), want, atol=1e-6, rtol=0)
+            params, screened_out, _ = rank[("fragments", True)][sync]
+            assert screened_out == [[3], [3]] and torch.allclose(_flat(params), want_fragments, atol=1e-6, rtol=0)
 
 
 def scenario_two_groups(rank, world):
