@@ -201,6 +201,8 @@ _tested(_F[7], "federated", ("ddp", "deepspeed"), _RESUME_ASYNC)
 _tested(_F[8], "federated", ("ddp", "fsdp", "deepspeed"), _RESUME_ASYNC)
 _tested(_F[9], "one world", ("ddp",),
         "tests/reliability/test_screen_training.py::test_a_broken_group_is_left_out_of_every_sync")
+_tested(_F[9], "one world", ("fsdp",),
+        "tests/reliability/test_screen_training.py::test_fsdp_groups_of_two_one_broken_group_is_left_out")
 _tested(_F[9], "federated", ("ddp",),
         "tests/federation/test_federated_screen.py::test_three_jobs_one_broken_the_honest_two_end_as_without_it")
 

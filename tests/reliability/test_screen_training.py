@@ -32,6 +32,18 @@ def test_a_broken_group_is_left_out_of_every_sync(tmp_path, compression):
 
 
 @pytest.mark.slow
+def test_fsdp_groups_of_two_one_broken_group_is_left_out(tmp_path):
+    # 6 ranks, FSDP over groups of 2: the norm of each group adds both shards' squares; group 1 (ranks 2, 3) x100
+    ranks = run_tiny(tmp_path, devices=6, strategy="fsdp", group_size=2, sync_every=2, steps=6, loss_scale=100.0,
+                     screen_factor=10.0, csv_dir=tmp_path / "csv")
+    _, final, _ = simulate(6, 2, sync_every=2, outer="average", steps=6, loss_scales={1: 100.0}, left_out=[1])
+    for r in ranks:
+        assert max_diff(r["final"], final[0]) < 1e-5
+    rows = list(csv.DictReader(open(tmp_path / "csv" / "metrics.csv")))
+    assert [float(row["local_sgd/screened_out"]) for row in rows if row.get("local_sgd/screened_out")] == [1.0] * 3
+
+
+@pytest.mark.slow
 def test_no_broken_group_trains_exactly_as_without_the_screen(tmp_path):
     screened = run_tiny(tmp_path / "a", devices=3, sync_every=2, steps=6, screen_factor=10.0, outer="diloco",
                         inner="adamw", seed_by_rank=True)

@@ -396,6 +396,7 @@ def main(argv: list[str] | None = None) -> None:
             sync_every_seconds=args.sync_every_seconds, async_save=args.async_save, compression=args.compression,
             cluster_size=args.cluster_size, cluster_sync_every=args.cluster_sync_every,
             cluster_outer_optimizer=args.cluster_outer, sync_schedule=args.sync_schedule,
+            screen_factor=args.screen_factor,
         )
     elif args.strategy == "deepspeed":
         from lightning_localsgd import LocalSGDDeepSpeedStrategy
