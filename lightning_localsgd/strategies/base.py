@@ -172,7 +172,9 @@ def add_cluster_groups_for(topology: Topology, cluster_size: int, federated: boo
 
 
 def check_time_based_trainer(trainer: Trainer) -> None:
-    """Time-based sync: groups run different numbers of steps, so nothing may be collective between syncs."""
+    """Time-based sync with several worker groups in one world: they run different numbers of steps, so nothing may
+    be collective over that world between syncs. (A federated job of one worker group is its own world: its
+    collectives pair up with nobody else's.)"""
     problems = []
     if trainer.checkpoint_callbacks:
         problems.append("checkpoint callbacks (ModelCheckpoint; pass Trainer(enable_checkpointing=False) and call "
@@ -384,7 +386,8 @@ class LocalSGDMixin:
         controller.setup(self.topology, params, buffers, shard_group=self.local_sgd_shard_group(),
                          norm_group=self.local_sgd_norm_group(), fragment_sizes=self.local_sgd_fragment_sizes(),
                          fallback_timeout=getattr(self, "_timeout", None))
-        if not controller.schedule.lockstep:
+        if not controller.schedule.lockstep and self.topology.num_groups > 1:
+            # groups stepping apart share this world (a federated job of one group: its collectives stay inside it)
             check_time_based_trainer(trainer)
         self._train_ended = False
         self._starts_step = True

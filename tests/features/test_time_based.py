@@ -104,6 +104,7 @@ def test_groups_of_two_agree_on_the_sync_step(tmp_path, strategy):
 
 @pytest.mark.parametrize("extra,needle", [
     ({"ckpt_every": 2}, "checkpoint callbacks"),
+    ({"validate_every": 2}, "validation during fit"),  # two groups stepping apart in one world: refused
 ])
 def test_collectives_between_syncs_are_refused_before_training(tmp_path, extra, needle):
     out = run_tiny(tmp_path, devices=2, sync_every_seconds=1.0, steps=4, expect_fail=True, **extra)

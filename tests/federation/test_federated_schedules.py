@@ -228,6 +228,37 @@ def test_time_based_token_weighted_syncs_with_a_three_times_slower_job(tmp_path,
 
 
 @pytest.mark.slow
+def test_time_based_jobs_of_one_group_each_validate_during_fit(tmp_path, lighthouse):
+    """2 jobs of one rank, sync_every_seconds=0.5, g1 3× slower per step, a validation loop every 3 steps (Lightning's
+    default kind of fit): a job of one worker group is its own world, so validation's collectives pair up with nobody
+    else's and it is not refused (one world with two groups refuses it: test_time_based.py). Both jobs validate, every
+    sync is the token-weighted mean of what the jobs sent, and they end identical."""
+    steps = 16
+    dumps = run_jobs(tmp_path, lighthouse(2), 2, sync_every_seconds=0.5, max_steps=steps, outer="average",
+                     validate_every=3, g0={"step_sleep": 0.05}, g1={"step_sleep": 0.15})
+    fast, slow = dumps["g0"], dumps["g1"]
+    assert fast["global_step"] == steps and slow["global_step"] < steps, (fast["global_step"], slow["global_step"])
+    assert fast["validation_batches"] >= 2 * (steps // 3) and slow["validation_batches"] >= 2
+    fs, ss = sync_records(fast), sync_records(slow)
+    assert len(fs) == len(ss) >= 2, (fast["attempts"], slow["attempts"])
+    previous = {"g0": 0, "g1": 0}
+    for k, ((fa, fr), (sa, sr)) in enumerate(zip(fs, ss)):
+        for name, a in (("g0", fa), ("g1", sa)):
+            assert a["weight"] == TOKENS_PER_STEP * (a["step"] - previous[name]), (name, k, a)
+            previous[name] = a["step"]
+        weights = [fa["weight"], sa["weight"]]
+        if k < len(fs) - 1 and sum(weights) > 0:  # the stopping sync's result is the final model (checked below)
+            expected = {n: (weights[0] * fr["params"][n] + weights[1] * sr["params"][n]) / sum(weights)
+                        for n in fr["params"]}
+            for name, a in (("g0", fa), ("g1", sa)):
+                got = params_after(dumps[name], a["step"])
+                diff = max(float((got[n.removeprefix("model.")] - expected[n]).abs().max()) for n in expected)
+                assert diff < ATOL, f"{name}: sync {k} (step {a['step']}) off the token-weighted mean by {diff:.3g}"
+    assert fs[-1][0]["stop"] is True
+    assert all(torch.equal(fast["final"][n], slow["final"][n]) for n in fast["final"])
+
+
+@pytest.mark.slow
 def test_time_based_streaming_across_a_fast_and_a_three_times_slower_job(tmp_path, lighthouse):
     """2 jobs, sync_every_seconds=1.0 in 2 fragments (one fragment's sync every 0.5 s, in turn), τ=1; g1 sleeps 3× as
     long per step as g0. Each fragment's sync is its own quorum and commit; its weights are the tokens each job

@@ -40,7 +40,7 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from tiny import GrowingSchedule, TinyModule, make_dataset
+from tiny import GrowingSchedule, TinyModule, ValidatedTinyModule, make_dataset
 
 from lightning_localsgd import LocalSGDStrategy, register_schedule
 from lightning_localsgd.federation import TorchftCommunicator
@@ -174,6 +174,7 @@ class Recorder(Callback):
             "rank": trainer.global_rank, "strategy": type(trainer.strategy).__name__,
             "alone_at_start": fed.alone_at_start, "save_seconds": self.save_seconds,
             "saved_async": trainer.strategy._async_writer is not None,
+            "validation_batches": getattr(pl_module, "validation_batches", 0),
         }, os.path.join(self.args.out, f"{name}.pt"))
 
 
@@ -243,13 +244,15 @@ def main() -> None:
                         help="'group': the module shards itself in configure_model (FSDP2 over the job's mesh)")
     parser.add_argument("--inner", default="sgd", choices=["sgd", "momentum"], help="the inner optimizer")
     parser.add_argument("--hidden", type=int, default=8, help="the tiny model's hidden width (another model: 16)")
+    parser.add_argument("--validate-every", type=int, default=0, help="a validation loop every N steps during fit")
     args = parser.parse_args()
     args.dump_name = args.dump_name or args.group_id
     if args.devices > 1:  # Lightning's DistributedSampler splits this job's own order (seed --seed) over its ranks
         os.environ["PL_GLOBAL_SEED"] = str(args.seed)
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(0)  # every group starts from the same weights
-    model = TinyModule(args.inner, hidden=args.hidden, shard=args.shard)
+    model = (ValidatedTinyModule if args.validate_every else TinyModule)(args.inner, hidden=args.hidden,
+                                                                         shard=args.shard)
     loader = DataLoader(make_dataset(), batch_size=2, shuffle=True,
                         generator=torch.Generator().manual_seed(args.seed))
     if args.devices > 1:
@@ -287,6 +290,7 @@ def main() -> None:
         enable_checkpointing=bool(args.ckpt_dir), enable_progress_bar=False, enable_model_summary=False,
         use_distributed_sampler=args.devices > 1, callbacks=callbacks,
         strategy=make_strategy(args),
+        **(dict(val_check_interval=args.validate_every, limit_val_batches=2) if args.validate_every else {}),
     )
     if args.write_delay:
         from train_tiny import slow_or_failing_writes
@@ -297,7 +301,8 @@ def main() -> None:
         from train_tiny import time_saves
 
         time_saves(trainer.strategy, recorder.save_seconds)
-    trainer.fit(model, loader, ckpt_path=args.resume)
+    val_loader = DataLoader(make_dataset(), batch_size=2) if args.validate_every else None
+    trainer.fit(model, loader, val_loader, ckpt_path=args.resume)
     recorder.dump(trainer, model)
 
 
