@@ -11,8 +11,12 @@ import lightning_localsgd as lsgd
 def test_every_strategy_takes_lighthouse(name):
     if name == "LocalSGDDeepSpeedStrategy":
         pytest.importorskip("deepspeed")
+    from lightning_localsgd.federation import Federation
+
     strategy = getattr(lsgd, name)(lighthouse="lighthouse-host:29510", group_id="g0")
-    assert strategy.lighthouse == "lighthouse-host:29510" and strategy.federation is not None
+    # the controller's syncs travel across jobs; the strategy itself holds no federation
+    assert strategy.lighthouse == "lighthouse-host:29510" and isinstance(strategy.local_sgd.syncs, Federation)
+    assert not hasattr(strategy, "federation")
 
 
 def test_federated_group_size_is_the_job_world():

@@ -70,17 +70,15 @@ def test_a_warmup_step_whose_vote_fails_is_not_applied():
     from test_retry import FakeManager
 
     from lightning_localsgd.config import LocalSGDConfig
-    from lightning_localsgd.controller import LocalSGDController, NoHost
+    from lightning_localsgd.controller import LocalSGDController
     from lightning_localsgd.federation import Federation, TorchftCommunicator
 
     fed = Federation("127.0.0.1:1", "g0", 1, 30.0)
     fed.manager = FakeManager([(2, True)])
     fed.comm = TorchftCommunicator(fed.manager, timedelta(seconds=30))
 
-    class Host(NoHost):  # the strategy's part: forwards the warm-up rounds to its federation
-        start_round, end_round = staticmethod(fed.start_round), staticmethod(fed.end_round)
-
-    controller = LocalSGDController(LocalSGDConfig(sync_every=4, warmup_steps=2), host=Host())
+    # the controller alone talks to the federation: it opens and closes each warm-up round through its syncs
+    controller = LocalSGDController(LocalSGDConfig(sync_every=4, warmup_steps=2), syncs=fed)
     controller.warmup_comm = fed.comm
     net = torch.nn.Linear(2, 1)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1)

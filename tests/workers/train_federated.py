@@ -84,7 +84,7 @@ class Recorder(Callback):
     def on_all_reduce(self, comm: TorchftCommunicator) -> None:
         """Entering a cross-group all-reduce: record the state it starts from; the self-kill inside a sync."""
         strategy = self.trainer.strategy
-        fed, outer = strategy.federation, strategy.outer_sync
+        fed, outer = strategy.local_sgd.syncs, strategy.outer_sync  # the controller's syncs: the federation
         full = outer.state_dict()
         state = full["outer_optimizer"]
         self.reduces.append({
@@ -154,7 +154,7 @@ class Recorder(Callback):
                 "cluster_size": strategy.cluster_size}
 
     def dump(self, trainer, pl_module, killed: bool = False) -> None:
-        fed = trainer.strategy.federation
+        fed = trainer.strategy.local_sgd.syncs
         outer = trainer.strategy.outer_sync
         name = self.args.dump_name + (f"_r{trainer.global_rank}" if trainer.global_rank > 0 else "")
         torch.save({
