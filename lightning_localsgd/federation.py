@@ -300,6 +300,9 @@ class Federation:
     ``MASTER_ADDR:MASTER_PORT`` is the store torchft's manager needs).
     """
 
+    across_jobs = True
+    """The groups are separate jobs: the controller calls :meth:`join` before the first inner step."""
+
     def __init__(self, lighthouse: str, group_id: Optional[str], min_groups: int,
                  sync_timeout: Optional[float]) -> None:
         self.lighthouse = lighthouse
@@ -344,8 +347,6 @@ class Federation:
         self._healed_now = False
 
     # ------------------------------------------------------------------ setup
-    across_jobs = True
-
     def start(self, schedule: "SyncSchedule", config: "LocalSGDConfig",
               host: Optional["HostFacts"]) -> TorchftCommunicator:
         """Create this rank's Manager (rank k of the job joins torchft's replica rank k) and the communicator."""
