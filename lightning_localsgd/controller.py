@@ -437,31 +437,28 @@ class LocalSGDController:
                                     seconds=result.seconds + cluster_result.seconds, skipped=cluster_result.skipped)
         self._record(result, cluster_result)
 
-    def stream(self, starting: list[int], finishing: list[int], stop: Optional[bool] = None,
-               mix: Optional[float] = None) -> None:
+    def stream(self, starting: list[int], finishing: list[int], stop: Optional[bool] = None) -> None:
         """Streaming sync: launch the syncs of ``starting`` fragments, apply those of ``finishing`` (a fragment in
-        both lists is applied right after it starts) with ``mix`` (default ``overlap_mix``). Time-based: each start
-        carries the schedule's weight of that fragment and ``stop`` (default: whether this rank asks every group to
-        stop)."""
+        both lists is applied right after it starts). Time-based: each start carries the schedule's weight of that
+        fragment and ``stop`` (default: whether this rank asks every group to stop)."""
         assert self.outer_sync is not None
         if stop is None and not self.schedule.lockstep:
             stop = self.host.wants_to_stop()
         with self._guarded():
             for f in finishing:  # the earlier starts first: a transport may hold one sync in flight at a time
                 if f not in starting:
-                    self._finish_fragment(f, mix)
+                    self._finish_fragment(f)
             for f in starting:
                 self.syncs.start_sync(self.outer_sync, f, weight=self.schedule.fragment_weight(f), stop=stop)
                 if f in finishing:
-                    self._finish_fragment(f, mix)
+                    self._finish_fragment(f)
 
-    def _finish_fragment(self, fragment: Optional[int], mix: Optional[float] = None) -> None:
+    def _finish_fragment(self, fragment: Optional[int]) -> None:
         assert self.outer_sync is not None
         result = None
         # not pending: a sync in flight in a checkpoint, dropped when a federated job joined (its quorum is gone)
         if fragment in self.outer_sync.pending:
-            mix = self.config.overlap_mix if mix is None else mix
-            result = self.syncs.finish_sync(self.outer_sync, fragment, mix=mix)
+            result = self.syncs.finish_sync(self.outer_sync, fragment, mix=self.config.overlap_mix)
         self.schedule.fragment_applied(fragment, applied=result is not None)
         if result is not None:  # None: dropped by the transport, the fragment syncs again at its next turn
             self._record(result)
@@ -470,17 +467,17 @@ class LocalSGDController:
         """Time-based streaming at the end of training: apply the fragment in flight; unless another group's stop
         arrived, send this group's with the next fragment's sync, when it is due (as :meth:`train_end` does for a
         timed sync); then every group, now knowing that training ends, syncs each fragment once more with the tokens
-        since its last sync, so that all end on one model. These last syncs keep no local part (``mix`` 0), as the
-        last sync of step-based streaming: with ``overlap_mix`` the groups would end on models that differ."""
+        since its last sync, so that all end on one model (a sync carrying a stop keeps no local part of
+        ``overlap_mix``: :meth:`OuterSync.finish_sync`)."""
         if schedule.in_flight is not None:
             in_flight, schedule.in_flight = schedule.in_flight, None
             self.stream([], [in_flight])
         if not self.stop_received:
             time.sleep(schedule.seconds_until_due())
             f = schedule.start_next()
-            self.stream([f], [f], stop=True, mix=0.0)
+            self.stream([f], [f], stop=True)
         for f in schedule.final_fragments():
-            self.stream([f], [f], stop=True, mix=0.0)
+            self.stream([f], [f], stop=True)
 
     def timed_sync(self, stop: bool) -> None:
         """Time-based sync: weight = tokens since the last sync; any group's ``stop`` ends training for all."""
