@@ -42,6 +42,7 @@ from . import integrity
 from .async_checkpoint import AsyncCheckpointWriter
 from .checkpoint_io import _is_local, atomic_save
 from .controller import CHECKPOINT_KEY
+from .data import loader_states, restore_loader_states
 from .engine.outer import merge_outer_states
 from .tensors import tensor_bytes
 
@@ -141,8 +142,8 @@ def save_checkpoint(strategy: Any, checkpoint: Mapping[str, Any], filepath: Any,
                       _join(folder, group_file(group, part, group_size))))
     if write_partitions is not None:
         write_partitions(deepspeed_dir(folder, group))
-    if rank_files:
-        files.append((state.rank_state(), _join(folder, rank_file(rank))))
+    if rank_files:  # with this rank's own training-loader position (meta.pt holds rank 0's)
+        files.append(({**state.rank_state(), **loader_states(checkpoint)}, _join(folder, rank_file(rank))))
     meta = None
     if strategy.is_global_zero:
         in_files = _MODEL_KEYS if group_state is None else (*_MODEL_KEYS, "lr_schedulers")
@@ -278,6 +279,8 @@ def load_checkpoint(path: Any, rank: int, group_size: int,
     if layout.get("group_files"):
         checkpoint.update(_read_group(folder, group, layout))
     mine = _read(_join(folder, rank_file(rank))) if rank_state and layout.get("rank_files", True) else None
+    if mine is not None:
+        restore_loader_states(checkpoint, mine)
     return checkpoint, layout, mine
 
 

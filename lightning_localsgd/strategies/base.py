@@ -29,6 +29,7 @@ from .._compat import attached_trainer, epoch_batches_done, fit_loop_can_stop_ea
 from ..async_checkpoint import AsyncCheckpointWriter
 from ..config import LocalSGDConfig
 from ..controller import LocalSGDController
+from ..data import make_resumable
 from ..federation import Federation, federated_cluster_size, federated_group_size
 from ..engine import OuterSync, SyncResult, SyncSchedule
 from ..preemption import SigtermStop, stop_at_sync_steps
@@ -393,6 +394,18 @@ class LocalSGDMixin:
         if self.topology.num_groups > 1:  # SIGTERM: every rank stops at one step, no collective in the handler
             self._sigterm = stop_at_sync_steps(trainer, self.local_sgd)
         rank_zero_info(controller.config.describe(self.topology.num_groups))
+
+    # ------------------------------------------------------------------ data
+    def process_dataloader(self, dataloader: object) -> object:
+        """The training loader of ``fit`` continues mid-epoch on resume: a map-style dataset's loader becomes a
+        :class:`~lightning_localsgd.data.ResumableDataLoader` with a :class:`~lightning_localsgd.data.ResumableSampler`
+        in place of the ``DistributedSampler`` Lightning injected (same shares and seed); see
+        :mod:`lightning_localsgd.data`."""
+        dataloader = super().process_dataloader(dataloader)  # type: ignore[misc]
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None  # type: ignore[attr-defined]
+        if is_fitting(trainer) and trainer.training:
+            dataloader = make_resumable(dataloader)
+        return dataloader
 
     # ------------------------------------------------------------------ per step
     def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], model: Optional[Any] = None,
