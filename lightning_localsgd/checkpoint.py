@@ -42,7 +42,7 @@ from . import integrity
 from .async_checkpoint import AsyncCheckpointWriter
 from .checkpoint_io import _is_local, atomic_save
 from .controller import CHECKPOINT_KEY
-from .data import loader_states, restore_loader_states
+from .data import drop_strategy_loader_states, loader_states, restore_loader_states
 from .engine.outer import merge_outer_states
 from .tensors import tensor_bytes
 
@@ -373,7 +373,9 @@ def convert_checkpoint(checkpoint_path: Any, output_file: Any, group: int = 0) -
     rest of the checkpoint (``epoch``, ``global_step``, hyper-parameters, loops, callbacks), so
     ``LightningModule.load_from_checkpoint(output_file)`` reads it in a single process. From a DDP folder it also
     holds the group's optimizer and LR scheduler states, so a plain DDP run resumes from it; FSDP's and DeepSpeed's
-    optimizer states are sharded and left out. Use the folder itself to resume a local-SGD run exactly.
+    optimizer states are sharded and left out; so are the data positions of the loaders the strategy made resumable
+    (:mod:`lightning_localsgd.data`; a plain run's own loader starts its epoch again). Use the folder itself to resume
+    a local-SGD run exactly.
 
     The last checkpoint of a ``fit`` holds the synced model (the train-end sync runs before it is saved), so every
     group gives the same weights; a checkpoint taken between two syncs holds each group's own model, ``group`` picks
@@ -435,6 +437,7 @@ def _check_group(group: Any, num_groups: int) -> None:
 
 def _write_plain(checkpoint: dict[str, Any], output: Path) -> Path:
     checkpoint.pop(CHECKPOINT_KEY, None)
+    drop_strategy_loader_states(checkpoint)  # a plain run has the user's own loader
     output.parent.mkdir(parents=True, exist_ok=True)
     atomic_save(checkpoint, output)
     return output

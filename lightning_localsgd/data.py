@@ -28,11 +28,12 @@ from typing import Any, Iterator, Mapping, Optional
 from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler, SequentialSampler
 from torch.utils.data.distributed import DistributedSampler
 
-__all__ = ["ResumableDataLoader", "ResumableSampler", "is_stateful_loader", "loader_states", "make_resumable",
-           "restore_loader_states"]
+__all__ = ["ResumableDataLoader", "ResumableSampler", "drop_strategy_loader_states", "is_stateful_loader",
+           "loader_states", "make_resumable", "restore_loader_states"]
 
 #: Where a rank file of a checkpoint folder keeps the rank's own training-loader states.
 LOADERS_KEY = "train_loaders"
+_MADE_BY_STRATEGY = "made_by_strategy"
 
 
 class ResumableSampler(DistributedSampler):
@@ -112,6 +113,9 @@ class ResumableDataLoader(DataLoader):
                              "continue): give an iterable dataset a loader that saves its own position, e.g. "
                              "torchdata's StatefulDataLoader.")
         self._batches = 0  # batches of the current iteration handed out
+        #: made by a local-SGD strategy from the user's loader (:func:`make_resumable`): a plain Lightning run, e.g.
+        #: from a converted checkpoint, has the user's own loader, without a position to restore
+        self.made_by_strategy = False
         self._skip: Optional[tuple[Optional[int], int]] = None  # (epoch, batches) to drop: a restored batch position
 
     def _position_sampler(self) -> Optional[ResumableSampler]:
@@ -140,10 +144,11 @@ class ResumableDataLoader(DataLoader):
         """Where the trainer is in the epoch: ``{"epoch", "samples"}`` (samples of the epoch's order read by all
         replicas) with a :class:`ResumableSampler`, else ``{"epoch", "batches"}`` (batches handed out)."""
         sampler = self._position_sampler()
+        made = {_MADE_BY_STRATEGY: True} if self.made_by_strategy else {}
         if sampler is not None and self.batch_size is not None:
             return {"epoch": sampler.epoch, "samples": sampler.position(self._batches * self.batch_size),
-                    "num_replicas": sampler.num_replicas}
-        return {"epoch": getattr(self.sampler, "epoch", None), "batches": self._batches}
+                    "num_replicas": sampler.num_replicas, **made}
+        return {"epoch": getattr(self.sampler, "epoch", None), "batches": self._batches, **made}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue the next iteration where :meth:`state_dict` was taken (a resume)."""
@@ -212,12 +217,14 @@ def make_resumable(loader: Any) -> Any:
     sampler = _resumable_sampler(loader)
     if sampler is None and resumable:
         return loader
-    return rebuild_dataloader(loader, sampler if sampler is not None else loader.sampler,
-                              _resumable_class(type(loader)))
+    loader = rebuild_dataloader(loader, sampler if sampler is not None else loader.sampler,
+                                _resumable_class(type(loader)))
+    loader.made_by_strategy = True
+    return loader
 
 
 def _fit_loop_state(checkpoint: Mapping[str, Any]) -> Optional[dict[str, Any]]:
-    return checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict")
+    return ((checkpoint.get("loops") or {}).get("fit_loop") or {}).get("state_dict")
 
 
 def loader_states(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
@@ -234,3 +241,18 @@ def restore_loader_states(checkpoint: dict[str, Any], rank_state: Mapping[str, A
     fit_loop = _fit_loop_state(checkpoint)
     if rank_state.get(LOADERS_KEY) and fit_loop is not None:
         fit_loop["combined_loader"] = rank_state[LOADERS_KEY]
+
+
+def drop_strategy_loader_states(checkpoint: dict[str, Any]) -> None:
+    """Leave out of a checkpoint that a plain Lightning run reads (``convert_checkpoint``) the positions of the
+    loaders a local-SGD strategy made resumable: that run has the user's own loader, which restarts its epoch
+    (Lightning refuses a checkpoint with more loader states than stateful loaders). A user's own stateful loaders
+    (``StatefulDataLoader``, a ``ResumableDataLoader`` the user made) keep theirs."""
+    fit_loop = _fit_loop_state(checkpoint)
+    if fit_loop is None or not fit_loop.get("combined_loader"):
+        return
+    kept = [state for state in fit_loop["combined_loader"] if not state.get(_MADE_BY_STRATEGY)]
+    if kept:
+        fit_loop["combined_loader"] = kept
+    else:
+        del fit_loop["combined_loader"]

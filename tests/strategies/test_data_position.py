@@ -15,8 +15,8 @@ from torch.utils.data import BatchSampler, DataLoader, IterableDataset, RandomSa
 from torch.utils.data.distributed import DistributedSampler
 
 from _launch import run_tiny
-from lightning_localsgd.data import (LOADERS_KEY, ResumableDataLoader, ResumableSampler, loader_states,
-                                     make_resumable, restore_loader_states)
+from lightning_localsgd.data import (LOADERS_KEY, ResumableDataLoader, ResumableSampler, drop_strategy_loader_states,
+                                     loader_states, make_resumable, restore_loader_states)
 
 LEDGER = Path(__file__).resolve().parents[1] / "workers" / "train_ledger.py"
 
@@ -179,7 +179,19 @@ def test_each_rank_keeps_its_own_loader_state_in_the_checkpoint():
     meta = {"loops": {"fit_loop": {"state_dict": {"combined_loader": [{"rank": 0}]}}}}  # rank 0's, in meta.pt
     restore_loader_states(meta, {"outer": None, **saved})
     assert meta["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"rank": 1}]
-    assert loader_states({"loops": {"fit_loop": {"state_dict": {}}}}) == {}
+    assert loader_states({"loops": {"fit_loop": {"state_dict": {}}}}) == loader_states({"loops": None}) == {}
+
+
+def test_a_converted_checkpoint_leaves_out_the_positions_of_loaders_the_strategy_made():
+    made = make_resumable(DataLoader(_data(8), batch_size=2, shuffle=True))
+    own = ResumableDataLoader(_data(8), batch_size=2, sampler=_EveryOther(8))  # the user's own: its position kept
+    assert made.made_by_strategy and not own.made_by_strategy
+    checkpoint = {"loops": {"fit_loop": {"state_dict": {"combined_loader": [made.state_dict(), own.state_dict()]}}}}
+    drop_strategy_loader_states(checkpoint)
+    assert checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [own.state_dict()]
+    checkpoint = {"loops": {"fit_loop": {"state_dict": {"combined_loader": [made.state_dict()]}}}}
+    drop_strategy_loader_states(checkpoint)
+    assert "combined_loader" not in checkpoint["loops"]["fit_loop"]["state_dict"]
 
 
 # ---------------------------------------------------------------------------------------------- ledgers, N ranks
@@ -220,3 +232,20 @@ def test_resume_mid_epoch_reads_what_the_uninterrupted_run_reads(tmp_path, devic
         assert len(a["ledger"]) == steps and a["epochs"][per_epoch] == 1, rank
         assert b["ledger"] == a["ledger"][ckpt:], rank
     assert straight[0]["ledger"][per_epoch:2 * per_epoch] != straight[0]["ledger"][:per_epoch]  # reshuffled
+
+
+@pytest.mark.slow
+def test_elastic_resume_reads_the_unread_samples_of_the_epoch_once(tmp_path):
+    """4 worker groups checkpoint mid-epoch, 2 resume: "continues" means the samples of the epoch the 4 groups had
+    not read when the checkpoint was taken are read once, split over the 2 groups, and the next epoch is whole."""
+    n, ckpt = 40, 3  # an epoch is 5 batches of 2 per rank on 4 ranks; 3 of them (24 samples) before the checkpoint
+    options = dict(strategy="local_sgd", group_size=1, sync_every=3, dataset_size=n)
+    before = run_tiny(tmp_path / "a", devices=4, worker=LEDGER, steps=ckpt, ckpt_every=ckpt, **options)
+    resumed = run_tiny(tmp_path / "b", devices=2, worker=LEDGER, steps=ckpt + 4 + 10,
+                       resume=tmp_path / "a" / "ckpt" / f"step={ckpt}.ckpt", **options)
+    read = [i for r in before for step in r["ledger"] for i in step]
+    for epoch, already in ((0, read), (1, [])):
+        rest = [i for r in resumed for step, e in zip(r["ledger"], r["epochs"]) if e == epoch for i in step]
+        assert sorted(already + rest) == list(range(n)), epoch
+    for r in resumed:
+        assert r["epochs"] == [0] * 4 + [1] * 10 and r["global_step"] == ckpt + 4 + 10
