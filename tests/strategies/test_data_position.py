@@ -209,28 +209,32 @@ def _check_epoch_once(ranks: list[dict], n: int, batches: int) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("devices, group_size, strategy, loader", [
-    (2, 1, "local_sgd", "plain"),  # DDP groups of one rank
-    (4, 2, "local_sgd", "plain"),  # DDP groups of two: the group's ranks read different samples
-    (2, 1, "local_sgd", "subclass"),  # the user's own DataLoader subclass
-    (2, 1, "local_sgd", "sequential"),  # shuffle=False (Lightning's DistributedSampler still shuffles in training)
-    (2, 1, "local_sgd", "workers"),  # two worker processes each, persistent
-    (2, 1, "local_sgd", "stateful"),  # a loader with its own (per-rank) state: left to Lightning, per rank
-    (2, 1, "fsdp", "plain"),
-    pytest.param(2, 1, "deepspeed", "plain", marks=pytest.mark.skipif(
+@pytest.mark.parametrize("devices, group_size, strategy, loader, val_every", [
+    (2, 1, "local_sgd", "plain", 0),  # DDP groups of one rank
+    (4, 2, "local_sgd", "plain", 0),  # DDP groups of two: the group's ranks read different samples
+    (2, 1, "local_sgd", "subclass", 2),  # the user's own DataLoader subclass; validation every 2 batches
+    (2, 1, "local_sgd", "sequential", 0),  # shuffle=False (Lightning's DistributedSampler still shuffles in training)
+    (2, 1, "local_sgd", "workers", 0),  # two worker processes each, persistent
+    (2, 1, "local_sgd", "stateful", 0),  # a loader with its own (per-rank) state: left to Lightning, per rank
+    (2, 1, "fsdp", "plain", 0),
+    pytest.param(2, 1, "deepspeed", "plain", 0, marks=pytest.mark.skipif(
         __import__("importlib").util.find_spec("deepspeed") is None, reason="needs deepspeed")),
 ])
-def test_resume_mid_epoch_reads_what_the_uninterrupted_run_reads(tmp_path, devices, group_size, strategy, loader):
+def test_resume_mid_epoch_reads_what_the_uninterrupted_run_reads(tmp_path, devices, group_size, strategy, loader,
+                                                                 val_every):
     # 40 samples, batches of 2: an epoch is 20 / devices batches per rank; the checkpoint at step 3 is mid-epoch and
     # the run goes on into the next epoch (reshuffled)
     n, steps, ckpt = 40, 14 if devices == 2 else 8, 3
     straight, resumed = _ledgers(tmp_path, devices, steps, ckpt, group_size=group_size, strategy=strategy,
-                                 loader=loader, dataset_size=n)
+                                 loader=loader, dataset_size=n, val_every=val_every)
     per_epoch = n // 2 // devices
     _check_epoch_once(straight, n, per_epoch)
     for rank, (a, b) in enumerate(zip(straight, resumed)):
         assert len(a["ledger"]) == steps and a["epochs"][per_epoch] == 1, rank
         assert b["ledger"] == a["ledger"][ckpt:], rank
+        want = "CountingLoader" if loader == "stateful" else "ResumableUserLoader" if loader == "subclass" else \
+            "ResumableDataLoader"
+        assert a["loader"] == want and a["val_loader"] == ("DataLoader" if val_every else None)  # training only
     assert straight[0]["ledger"][per_epoch:2 * per_epoch] != straight[0]["ledger"][:per_epoch]  # reshuffled
 
 

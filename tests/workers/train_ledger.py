@@ -85,6 +85,9 @@ class LedgerModule(TinyModule):
         self.epochs.append(self.current_epoch)
         return super().training_step((x, y), batch_idx)
 
+    def validation_step(self, batch, batch_idx):
+        pass
+
 
 def make_loader(kind: str, dataset: Dataset, batch_size: int) -> DataLoader:
     if kind == "plain":
@@ -114,6 +117,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--dataset-size", type=int, default=0, help="the first N samples of the tiny dataset (0: all)")
     p.add_argument("--batches-per-epoch", type=int, default=None, help="limit_train_batches")
+    p.add_argument("--val-every", type=int, default=0, help="validate on 2 batches every N training batches")
     args = p.parse_args()
 
     L.seed_everything(0, verbose=False)
@@ -129,13 +133,16 @@ def main() -> None:
     callbacks = [ModelCheckpoint(dirpath=os.path.join(args.out, "ckpt"), every_n_train_steps=args.ckpt_every,
                                  save_top_k=-1, filename="{step}")] if args.ckpt_every else []
     trainer = L.Trainer(accelerator="cpu", devices=args.devices, strategy=strategy, max_steps=args.steps,
-                        limit_train_batches=args.batches_per_epoch, limit_val_batches=0, logger=False,
+                        limit_train_batches=args.batches_per_epoch, limit_val_batches=2 if args.val_every else 0,
+                        val_check_interval=args.val_every or None, num_sanity_val_steps=0, logger=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
                         enable_checkpointing=bool(args.ckpt_every))
     loader = make_loader(args.loader, IndexedDataset(args.dataset_size), args.batch_size)
-    trainer.fit(model, loader, ckpt_path=args.resume)
+    val = DataLoader(IndexedDataset(args.dataset_size), batch_size=args.batch_size) if args.val_every else None
+    trainer.fit(model, loader, val, ckpt_path=args.resume)
     torch.save({"ledger": model.ledger, "epochs": model.epochs, "global_step": trainer.global_step,
-                "loader": type(trainer.train_dataloader).__name__},
+                "loader": type(trainer.train_dataloader).__name__,
+                "val_loader": type(trainer.val_dataloaders).__name__ if val is not None else None},
                os.path.join(args.out, f"rank{trainer.global_rank}.pt"))
 
 
