@@ -209,22 +209,23 @@ def _check_epoch_once(ranks: list[dict], n: int, batches: int) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("devices, group_size, strategy, loader, val_every", [
-    (2, 1, "local_sgd", "plain", 0),  # DDP groups of one rank
-    (4, 2, "local_sgd", "plain", 0),  # DDP groups of two: the group's ranks read different samples
-    (2, 1, "local_sgd", "subclass", 2),  # the user's own DataLoader subclass; validation every 2 batches
-    (2, 1, "local_sgd", "sequential", 0),  # shuffle=False (Lightning's DistributedSampler still shuffles in training)
-    (2, 1, "local_sgd", "workers", 0),  # two worker processes each, persistent
-    (2, 1, "local_sgd", "stateful", 0),  # a loader with its own (per-rank) state: left to Lightning, per rank
-    (2, 1, "fsdp", "plain", 0),
-    pytest.param(2, 1, "deepspeed", "plain", 0, marks=pytest.mark.skipif(
+@pytest.mark.parametrize("devices, group_size, strategy, loader, val_every, ckpt", [
+    (2, 1, "local_sgd", "plain", 0, 3),  # DDP groups of one rank
+    (4, 2, "local_sgd", "plain", 0, 3),  # DDP groups of two: the group's ranks read different samples
+    (2, 1, "local_sgd", "subclass", 2, 3),  # the user's own DataLoader subclass; validation every 2 batches
+    (2, 1, "local_sgd", "sequential", 0, 3),  # shuffle=False (Lightning's DistributedSampler shuffles in training)
+    (2, 1, "local_sgd", "workers", 0, 3),  # two worker processes each, persistent
+    (2, 1, "local_sgd", "workers", 0, 10),  # ... saved at the epoch's last batch: the next epoch is whole
+    (2, 1, "local_sgd", "stateful", 0, 3),  # a loader with its own (per-rank) state: left to Lightning, per rank
+    (2, 1, "fsdp", "plain", 0, 3),
+    pytest.param(2, 1, "deepspeed", "plain", 0, 3, marks=pytest.mark.skipif(
         __import__("importlib").util.find_spec("deepspeed") is None, reason="needs deepspeed")),
 ])
 def test_resume_mid_epoch_reads_what_the_uninterrupted_run_reads(tmp_path, devices, group_size, strategy, loader,
-                                                                 val_every):
+                                                                 val_every, ckpt):
     # 40 samples, batches of 2: an epoch is 20 / devices batches per rank; the checkpoint at step 3 is mid-epoch and
     # the run goes on into the next epoch (reshuffled)
-    n, steps, ckpt = 40, 14 if devices == 2 else 8, 3
+    n, steps = 40, 14 if devices == 2 else 8
     straight, resumed = _ledgers(tmp_path, devices, steps, ckpt, group_size=group_size, strategy=strategy,
                                  loader=loader, dataset_size=n, val_every=val_every)
     per_epoch = n // 2 // devices
