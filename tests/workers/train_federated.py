@@ -258,11 +258,11 @@ def main() -> None:
     if args.devices > 1:
         loader = DataLoader(make_dataset(), batch_size=2, shuffle=True)
     if args.resumable_data:  # the same order (epoch 0: a permutation of seed --seed), skipping what a resume trained
-        from lightning_localsgd.examples.data import EpochShuffleSampler, ResumableDataLoader
+        from lightning_localsgd.data import ResumableDataLoader
+        from lightning_localsgd.examples.data import EpochShuffleSampler
 
         data = make_dataset()
-        loader = ResumableDataLoader(data, batch_size=2, sampler=EpochShuffleSampler(data, args.seed),
-                                     batches_done=lambda: trainer.fit_loop.epoch_loop.batch_progress.current.ready)
+        loader = ResumableDataLoader(data, batch_size=2, sampler=EpochShuffleSampler(data, args.seed))
     if args.schedule == "growing":
         register_schedule("growing", lambda c: GrowingSchedule(c.sync_every, c.warmup_steps), override=True)
     recorder = Recorder(args)
