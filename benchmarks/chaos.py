@@ -125,7 +125,7 @@ def worker(cfg: dict) -> None:
     state: dict = {}
 
     def write() -> None:
-        fed = state["trainer"].strategy.federation
+        fed = state["trainer"].strategy.local_sgd.syncs  # the federation
         rec["attempts"] = fed.attempts
         out = cfg["out"] if rank == 0 else cfg["out"].replace(".json", f".r{rank}.json")
         Path(out).write_text(json.dumps(rec))
@@ -144,7 +144,7 @@ def worker(cfg: dict) -> None:
     def chaos_all_reduce(comm, tensor, op="sum", async_op=False):
         strategy = state["trainer"].strategy
         step = strategy.local_sgd.schedule.steps_done
-        if strategy.federation.trained and (kill := due("sync", step)) is not None:
+        if strategy.local_sgd.syncs.trained and (kill := due("sync", step)) is not None:
             die(kill)  # inside the sync: the quorum of this attempt holds us, our data never goes out
         return all_reduce(comm, tensor, op, async_op)
 

@@ -107,9 +107,11 @@ ARGUMENT_DOCS: dict[str, str] = {
                      "``sync_every`` (with ``lighthouse``: below ``sync_every/fragments``, one quorum at a time). "
                      "With ``sync_every_seconds``: τ of each group's own steps, and the next fragment's clock starts "
                      "when the sync is applied. Default 0 (applied at once).",
-    "overlap_mix": "``α`` of Streaming DiLoCo: with ``overlap_steps > 0`` a synced fragment continues from "
-                   "``α·θ_local + (1−α)·θ_global`` (its local parameters took ``τ`` steps since the sync started). 0 "
-                   "keeps only the global result; the paper uses 0.5. Default 0.",
+    "overlap_mix": "``α`` of Streaming DiLoCo: a synced fragment continues from ``α·θ_local + (1−α)·θ_global`` "
+                   "(``θ_local``: its parameters when the sync is applied, ``τ`` steps after what it sent; with "
+                   "``overlap_steps=0`` what it sent, which still differs from the new ``θ_global``). 0 keeps only "
+                   "the global result; the paper uses 0.5. Above 0 the syncs stream (one fragment with "
+                   "``fragments=1``), so training ends with a sync of every parameter. Default 0.",
     "sync_every_seconds": "time-based sync for uneven workers: instead of every ``sync_every`` steps, each group "
                           "syncs at its first step end after this many seconds since the last sync, running as many "
                           "steps as it can in between, and the average is weighted by the tokens each group "
@@ -256,7 +258,8 @@ class LocalSGDConfig:
 
     @property
     def streaming(self) -> bool:
-        return self.fragments > 1 or self.overlap_steps > 0
+        # α mixes what a fragment's sync returns into the local parameters: only a streaming sync does that
+        return self.fragments > 1 or self.overlap_steps > 0 or self.overlap_mix > 0
 
     @property
     def outer_name(self) -> str:
@@ -351,9 +354,6 @@ class LocalSGDConfig:
         if isinstance(mix, bool) or not isinstance(mix, (int, float)) or not 0.0 <= mix < 1.0:
             raise ValueError(f"overlap_mix must be a number in [0, 1), got {mix!r}. It is α of Streaming DiLoCo: the "
                              "parameters continue from α·local + (1−α)·global; e.g. 0.5.")
-        if mix and not tau:
-            raise ValueError(f"overlap_mix={mix} only acts when overlap_steps > 0 (with no overlap the local "
-                             "parameters equal what was sent). Set overlap_steps, or remove overlap_mix.")
 
     def _check_time_based(self) -> None:
         T = self.sync_every_seconds

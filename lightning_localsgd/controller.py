@@ -4,17 +4,19 @@ A strategy builds a :class:`LocalSGDController` from its :class:`~.config.LocalS
 process groups and the tensors to sync exist, :meth:`step_end` after every training step that stepped an optimizer
 and :meth:`train_end` when training ends. The controller asks the schedule what the step does and runs it through the
 engines (:class:`~.engine.OuterSync`, one per sync level) under the sync guard. The strategy hands itself in at
-construction as the controller's host (:class:`SyncHost`: the methods the controller calls on it, declared once), and
-the object the outermost syncs run through (:class:`DirectSyncs`, or a federation's). Checkpoints: :meth:`meta`
-(layout and every counter, the same for every strategy) and :meth:`rank_state` (this rank's engine state), restored
-with :meth:`restore`.
+construction as the controller's host (:class:`SyncHost`: the methods the controller calls on it, declared once).
+The outermost syncs, and the membership around them (start, join, warm-up rounds, inner steps, shutdown), run through
+one object the controller alone talks to (:class:`Syncs`): :class:`DirectSyncs` in one world, a federation's across
+jobs (:func:`make_syncs` picks it from the arguments). Checkpoints: :meth:`meta` (layout and every counter, the same
+for every strategy) and :meth:`rank_state` (this rank's engine state), restored with :meth:`restore`.
 """
 
 from __future__ import annotations
 
 import time
 from contextlib import contextmanager, nullcontext
-from typing import Any, Callable, Iterator, Mapping, Optional, Protocol, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional, Protocol, Sequence
 
 import torch
 from torch import Tensor
@@ -22,36 +24,133 @@ from torch import Tensor
 from .config import LocalSGDConfig
 from .engine import NonFinitePseudoGradientError, OuterSync, ProcessGroupCommunicator, SyncResult
 from .engine.comm import Communicator, as_communicator
-from .engine.schedules import Action, TimeBasedSchedule, TimeBasedStreamingSchedule
+from .engine.schedules import Action, SyncSchedule, TimeBasedSchedule, TimeBasedStreamingSchedule
 from .reliability import SyncGuard
 from .topology import Topology
 
-__all__ = ["CHECKPOINT_KEY", "FORMAT_VERSION", "DirectSyncs", "LocalSGDController", "NoHost", "SyncHost"]
+if TYPE_CHECKING:
+    from .state import TrainingState
+
+__all__ = ["CHECKPOINT_KEY", "FORMAT_VERSION", "DirectSyncs", "HostFacts", "LocalSGDController", "NoHost", "SyncHost",
+           "Syncs", "make_syncs"]
 
 #: Where a checkpoint keeps the local-SGD state (a key of the checkpoint dict, or of its ``meta.pt``).
 CHECKPOINT_KEY = "local_sgd"
 FORMAT_VERSION = 1
 
 
-class DirectSyncs:
-    """How a sync runs over a fixed set of groups (one world): every attempt goes through, a failure is an error.
+@dataclass(frozen=True)
+class HostFacts:
+    """What a transport across jobs needs of the rank that runs the controller (its strategy and trainer), handed to
+    :meth:`Syncs.start` explicitly, so that the transport holds no strategy."""
 
-    The controller runs every sync through an object with these three methods, whichever transport carries it;
-    :class:`~lightning_localsgd.federation.Federation` is the other one (each attempt over a quorum, its commit voted,
-    a failed attempt redone or dropped). A feature (compression, streaming, ...) is written once, against them."""
+    rank: int
+    """This rank's global rank in its job's own world."""
+    world_size: int
+    """The ranks of that world."""
+    training_state: Callable[[], "TrainingState"]
+    """This rank's exact training state (what healing sends to a joining peer, and loads from a live one)."""
+    global_step: Callable[[], int] = lambda: 0
+    """The trainer's optimizer steps (where training starts from, for the log)."""
+    checkpoint_path: Callable[[], Optional[str]] = lambda: None
+    """The checkpoint ``fit`` resumed from, if any (for the log)."""
+
+
+class Syncs(Protocol):
+    """How the syncs of the outermost level run, and the membership around them: the one object the controller talks
+    to about the transport, whichever carries it. A feature (compression, streaming, ...) is written once, against it.
+
+    :class:`DirectSyncs` runs them over a fixed set of groups (one world: every attempt goes through, a failure is an
+    error, the membership calls do nothing); :class:`~lightning_localsgd.federation.Federation` over torchft's quorums
+    of jobs (each attempt one quorum and one commit vote, a failed attempt redone or dropped; a job joins, heals and
+    leaves)."""
+
+    across_jobs: bool
+    """Whether the groups are separate jobs that meet at syncs (then :meth:`join` runs before the first step)."""
+
+    def start(self, schedule: SyncSchedule, config: LocalSGDConfig, host: Optional[HostFacts]) -> Optional[Communicator]:
+        """Before the engines are built: connect. Returns the communicator the outermost level crosses jobs over
+        (``None``: the topology's own process groups)."""
+        ...
+
+    def join(self, engine: OuterSync) -> None:
+        """Training starts: meet the running groups over ``engine`` (the outermost level), healing from one when they
+        are ahead."""
+        ...
+
+    def start_round(self) -> None:
+        """A warm-up step starts (across jobs: its quorum, which heals a joining group before its forward)."""
+        ...
+
+    def end_round(self, committed: bool) -> None:
+        """The vote on a warm-up step's gradient mean was taken."""
+        ...
+
+    def inner_step(self) -> None:
+        """This group took an inner step (it weighs in at its next sync)."""
+        ...
 
     def start_sync(self, engine: OuterSync, fragment: Optional[int] = None, weight: Optional[float] = None,
-              stop: Optional[bool] = None) -> None:
+                   stop: Optional[bool] = None) -> None:
         """Launch the sync of ``fragment`` (``None``: every parameter)."""
-        engine.start_sync(fragment, weight=weight, stop=stop)
+        ...
 
     def finish_sync(self, engine: OuterSync, fragment: Optional[int] = None, mix: float = 0.0) -> Optional[SyncResult]:
         """Apply it; ``None`` when the transport dropped it (θ_g and the parameters untouched)."""
-        return engine.finish_sync(fragment, mix=mix)
+        ...
 
     def sync(self, engine: OuterSync, weight: Optional[float] = None, stop: Optional[bool] = None) -> SyncResult:
         """A sync of every parameter, started and applied now."""
+        ...
+
+    def shutdown(self) -> None:
+        """Training is over for good (the strategy's teardown): leave."""
+        ...
+
+
+class DirectSyncs:
+    """:class:`Syncs` over a fixed set of groups (one world): every attempt goes through, a failure is an error, and
+    there is no membership to manage."""
+
+    across_jobs = False
+
+    def start(self, schedule: SyncSchedule, config: LocalSGDConfig, host: Optional[HostFacts]) -> Optional[Communicator]:
+        return None
+
+    def join(self, engine: OuterSync) -> None:
+        pass
+
+    def start_round(self) -> None:
+        pass
+
+    def end_round(self, committed: bool) -> None:
+        pass
+
+    def inner_step(self) -> None:
+        pass
+
+    def start_sync(self, engine: OuterSync, fragment: Optional[int] = None, weight: Optional[float] = None,
+                   stop: Optional[bool] = None) -> None:
+        engine.start_sync(fragment, weight=weight, stop=stop)
+
+    def finish_sync(self, engine: OuterSync, fragment: Optional[int] = None, mix: float = 0.0) -> Optional[SyncResult]:
+        return engine.finish_sync(fragment, mix=mix)
+
+    def sync(self, engine: OuterSync, weight: Optional[float] = None, stop: Optional[bool] = None) -> SyncResult:
         return engine.sync(weight=weight, stop=stop)
+
+    def shutdown(self) -> None:
+        pass
+
+
+def make_syncs(config: LocalSGDConfig) -> Syncs:
+    """The :class:`Syncs` the arguments ask for: with ``lighthouse`` a federation of jobs (torchft), else
+    :class:`DirectSyncs`."""
+    if config.lighthouse is None:
+        return DirectSyncs()
+    from .federation import Federation
+
+    return Federation(config.lighthouse, config.group_id, config.min_groups, config.sync_timeout)
 
 
 class SyncHost(Protocol):
@@ -82,14 +181,6 @@ class SyncHost(Protocol):
         """Time-based sync: whether this rank asks every group to stop at the next sync (a SIGTERM arrived)."""
         ...
 
-    def start_round(self) -> None:
-        """A warm-up step starts (federated groups: its quorum, which heals a joining group before its forward)."""
-        ...
-
-    def end_round(self, committed: bool) -> None:
-        """The vote on a warm-up step's gradient mean was taken (federated groups: records it)."""
-        ...
-
 
 class NoHost:
     """A :class:`SyncHost` that does nothing: for a controller used without a strategy (tests, tools)."""
@@ -112,12 +203,6 @@ class NoHost:
     def wants_to_stop(self) -> bool:
         return False
 
-    def start_round(self) -> None:
-        pass
-
-    def end_round(self, committed: bool) -> None:
-        pass
-
 
 class LocalSGDController:
     """Runs local SGD for one rank: what each step does, the syncs, the counters, the checkpoint state.
@@ -125,16 +210,16 @@ class LocalSGDController:
     Args:
         config: the local-SGD arguments.
         host: the strategy the controller calls back (:class:`SyncHost`). Default: :class:`NoHost`.
-        syncs: how the syncs of the outermost level (:attr:`outermost_sync`) run: :class:`DirectSyncs` (the default),
-            or a federation's (over quorums of jobs, a failed attempt redone or dropped). Level 1 of two-stage sync
-            runs directly.
+        syncs: how the syncs of the outermost level (:attr:`outermost_sync`) run (:class:`Syncs`). Default: the one
+            the arguments ask for (:func:`make_syncs`): :class:`DirectSyncs`, or with ``lighthouse`` a federation's
+            (over quorums of jobs, a failed attempt redone or dropped). Level 1 of two-stage sync runs directly.
     """
 
     def __init__(self, config: LocalSGDConfig, host: Optional[SyncHost] = None,
-                 syncs: Optional[DirectSyncs] = None) -> None:
+                 syncs: Optional[Syncs] = None) -> None:
         self.config = config
         self.host: SyncHost = host if host is not None else NoHost()
-        self.syncs: DirectSyncs = syncs if syncs is not None else DirectSyncs()
+        self.syncs: Syncs = syncs if syncs is not None else make_syncs(config)
         self.schedule = config.build_schedule()
         self.topology: Optional[Topology] = None
         self.outer_sync: Optional[OuterSync] = None
@@ -151,11 +236,15 @@ class LocalSGDController:
     # ------------------------------------------------------------------ setup
     def setup(self, topology: Topology, tensors: Sequence[Tensor], buffers: Sequence[Tensor] = (),
               shard_group: Any = None, norm_group: Any = None, fragment_sizes: Optional[Sequence[int]] = None,
-              fallback_timeout: Any = None) -> None:
-        """Build the engines over the topology's process groups (collective: every rank calls it)."""
+              fallback_timeout: Any = None, host_facts: Optional[HostFacts] = None) -> None:
+        """Start the syncs' transport (given ``host_facts``, what one across jobs needs of this rank), then build the
+        engines over the topology's process groups (collective: every rank calls it)."""
         c = self.config
         if not tensors:
             raise ValueError("local SGD: the LightningModule has no trainable parameters to synchronize.")
+        across_jobs = self.syncs.start(self.schedule, c, host_facts)
+        if across_jobs is not None:  # the outermost level crosses jobs, met through the transport's quorums
+            topology.federate(across_jobs)
         self.topology = topology
         self.warmup_comm = as_communicator(topology.cross_group)  # every group, also with two-stage sync
         two_stage = c.cluster_size is not None
@@ -192,15 +281,24 @@ class LocalSGDController:
         mode it is the level that crosses jobs (its communicator is torchft's)."""
         return self.cluster_sync if self.cluster_sync is not None else self.outer_sync
 
-    def join(self, run_join: Callable[[OuterSync], Any]) -> None:
-        """Federated mode, before the first inner step: ``run_join`` meets the running jobs on the outermost level
-        (healing from one when they are ahead); with two levels every group of the job then continues from ``θ_c``,
-        which that level wrote."""
+    def train_start(self) -> None:
+        """Training (re)starts: the schedule's clock starts. Across jobs, before the first inner step, this group
+        meets the running ones on the outermost level (healing from one when they are ahead); with two levels every
+        group of the job then continues from ``θ_c``, which that level wrote."""
+        self.schedule.start()
+        if not self.syncs.across_jobs:
+            return
         engine = self.outermost_sync
         assert engine is not None and self.outer_sync is not None
-        run_join(engine)
+        self.host.before_local_sgd_sync()  # as around every sync: current views of sharded storage
+        self.syncs.join(engine)
         if engine is not self.outer_sync:
             self.outer_sync.write_back()
+        self.host.after_local_sgd_sync()  # ZeRO: the module's parameters follow the partitions
+
+    def shutdown(self) -> None:
+        """The strategy's teardown: a transport across jobs leaves (one world: nothing to do)."""
+        self.syncs.shutdown()
 
     def _group_agrees(self, due: bool) -> bool:
         """The ranks of a group step together (DDP / FSDP inside it): they enter a timed sync at the same step."""
@@ -214,7 +312,7 @@ class LocalSGDController:
         """A training step starts (its first micro-batch): a warm-up step opens a round of collectives (federated
         groups form the step's quorum here, so a joining group heals before it computes its gradient)."""
         if self.schedule.in_warmup:
-            self.host.start_round()
+            self.syncs.start_round()
 
     def warmup_closure(self, optimizer: Any, closure: Callable[[], Any]) -> Callable[[], Any]:
         """During warm-up, average the gradients across groups after backward, before clipping and the step."""
@@ -252,7 +350,7 @@ class LocalSGDController:
         committed = comm.commit()
         if failed is not None and committed:
             raise failed  # a transport without a vote (one world): a failed collective ends training
-        self.host.end_round(committed)
+        self.syncs.end_round(committed)
         if not committed:  # as torchft's OptimizerWrapper: the step is not applied
             for p in params:
                 p.grad = None
@@ -271,6 +369,7 @@ class LocalSGDController:
 
     def step_end(self) -> None:
         """A training step that stepped an optimizer is over: do what the schedule says."""
+        self.syncs.inner_step()  # this group weighs in at its next sync
         action = self.schedule.step()
         if action is Action.END_WARMUP:
             for engine in self.engines:
@@ -369,7 +468,8 @@ class LocalSGDController:
         """Time-based streaming at the end of training: apply the fragment in flight; unless another group's stop
         arrived, send this group's with the next fragment's sync, when it is due (as :meth:`train_end` does for a
         timed sync); then every group, now knowing that training ends, syncs each fragment once more with the tokens
-        since its last sync, so that all end on one model."""
+        since its last sync, so that all end on one model (a sync carrying a stop keeps no local part of
+        ``overlap_mix``: :meth:`OuterSync.finish_sync`)."""
         if schedule.in_flight is not None:
             in_flight, schedule.in_flight = schedule.in_flight, None
             self.stream([], [in_flight])

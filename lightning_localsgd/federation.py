@@ -10,6 +10,11 @@ of every live job (the same pairing as the cross groups of a single world). Noth
 service or store: the lighthouse, the :class:`torchft.Manager` per job rank, its process group and its healing transport
 are torchft's.
 
+:class:`Federation` is the controller's :class:`~lightning_localsgd.controller.Syncs` across jobs: only the
+controller talks to it (start, join, warm-up rounds, inner steps, syncs, shutdown), and it holds no strategy: the
+schedule, the arguments and the host's facts (rank, world size, training state, start point) come with
+:meth:`Federation.start`.
+
 **Every quorum is one sync (of the outermost level), or one warm-up step.** At each sync a group asks for a quorum,
 then takes part in one weighted mean over the groups in it: a group weighs what its schedule says (1, or with
 time-based sync the tokens it processed since its last sync) if it trained since its last sync, and 0 if it just
@@ -62,11 +67,11 @@ from ._compat import managed_process_group, quorum_id, quorum_started
 from .engine.comm import Communicator, SyncAbortedError, Work
 from .engine.outer import OuterSync, SyncResult
 from .tensors import tensor_bytes
-from .topology import check_group_size
+from .topology import federated_cluster_size, federated_group_size  # noqa: F401 (their old home)
 
 if TYPE_CHECKING:
-    from lightning.pytorch import Trainer
-
+    from .config import LocalSGDConfig
+    from .controller import HostFacts
     from .engine.schedules import SyncSchedule
 
 __all__ = ["Federation", "LayoutMismatchError", "TorchftCommunicator", "check_lighthouse_reachable", "federated_cluster_size",
@@ -119,31 +124,6 @@ def check_lighthouse_reachable(address: str, timeout: float) -> None:
         f"`lightning-localsgd lighthouse --port {port}` on a host every job reaches, check the address and firewall, "
         "or raise the connect timeout with TORCHFT_CONNECT_TIMEOUT_SEC."
     )
-
-
-def federated_group_size(group_size: Optional[int], world_size: int) -> int:
-    """One level (no ``cluster_sync_every``): the job's own world is the worker group."""
-    if group_size not in (None, 1, world_size):
-        raise ValueError(
-            f"group_size={group_size} with lighthouse= and no cluster_sync_every: without a sync across jobs each job "
-            f"is one worker group, so group_size is the job's world size ({world_size}). For several worker groups "
-            "per job (syncing every sync_every steps inside it) set cluster_sync_every, a multiple of sync_every, for "
-            "the sync across jobs; or leave group_size unset.")
-    return world_size
-
-
-def federated_cluster_size(group_size: int, world_size: int, cluster_sync_every: int) -> int:
-    """Two levels (``cluster_sync_every``): the job is the cluster; returns its number of worker groups."""
-    check_group_size(world_size, group_size)
-    if group_size == world_size:
-        below = [d for d in range(1, world_size) if world_size % d == 0]
-        fix = (f"set group_size to a divisor of {world_size} below it (e.g. {below[-1]}, or the devices per node for "
-               "a group per node)") if below else "run the job on more ranks (devices, num_nodes)"
-        raise ValueError(
-            f"cluster_sync_every={cluster_sync_every} with lighthouse= needs several worker groups per job, but "
-            f"group_size={group_size} makes the job's {world_size} rank(s) one worker group (then the jobs sync every "
-            f"sync_every steps and there is no second level). Either {fix}, or remove cluster_sync_every.")
-    return world_size // group_size
 
 
 class LayoutMismatchError(ValueError):
@@ -324,9 +304,14 @@ class _Attempt:
 class Federation:
     """One job rank's membership: its torchft Manager, the sync loop over quorums, healing state.
 
-    Built by the strategy once the job's own process group exists (the job's ``TCPStore`` at
+    The controller's :class:`~lightning_localsgd.controller.Syncs` across jobs: only the controller talks to it
+    (:func:`~lightning_localsgd.controller.make_syncs` builds it from the arguments). Started by the controller once
+    the job's own process group exists (the job's ``TCPStore`` at
     ``MASTER_ADDR:MASTER_PORT`` is the store torchft's manager needs).
     """
+
+    across_jobs = True
+    """The groups are separate jobs: the controller calls :meth:`join` before the first inner step."""
 
     def __init__(self, lighthouse: str, group_id: Optional[str], min_groups: int,
                  sync_timeout: Optional[float]) -> None:
@@ -336,8 +321,14 @@ class Federation:
         self.timeout = timedelta(seconds=sync_timeout or DEFAULT_SYNC_TIMEOUT)
         self.manager: Any = None
         self.comm: Optional[TorchftCommunicator] = None
-        self.strategy: Any = None
-        self.trainer: Optional["Trainer"] = None
+        self.host: Optional["HostFacts"] = None
+        """What this rank's host told :meth:`start` (place, training state, start point); ``None`` in the sync
+        loop's unit tests, which drive it without a strategy (then there is no layout to compare nor state to heal)."""
+        self.schedule: Optional["SyncSchedule"] = None
+        """The controller's schedule: the step counter of the records, and what a joining group does first."""
+        self.overlap_steps = 0
+        """``overlap_steps``: a fragment's sync applied that many inner steps after it starts (then a failed attempt
+        is dropped, not redone)."""
         self.inner_steps = 0
         """Inner steps this group took (``trained = True`` after each one counts it)."""
         self._synced_at: dict[Optional[int], int] = {None: 0}
@@ -366,11 +357,15 @@ class Federation:
         self._healed_now = False
 
     # ------------------------------------------------------------------ setup
-    def start(self, strategy: Any, trainer: "Trainer") -> TorchftCommunicator:
+    def start(self, schedule: "SyncSchedule", config: "LocalSGDConfig",
+              host: Optional["HostFacts"]) -> TorchftCommunicator:
         """Create this rank's Manager (rank k of the job joins torchft's replica rank k) and the communicator."""
         from torchft import Manager, ProcessGroupGloo
 
-        self.strategy, self.trainer = strategy, trainer
+        if host is None:
+            raise ValueError("local SGD: federated syncs (lighthouse=) need the host's facts (its rank, world size "
+                             "and training state): pass host_facts to LocalSGDController.setup.")
+        self.host, self.schedule, self.overlap_steps = host, schedule, config.overlap_steps
         check_lighthouse_reachable(self.lighthouse, connect_timeout())
         store_addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
         store_port = int(os.environ["MASTER_PORT"])
@@ -378,8 +373,8 @@ class Federation:
             pg=ProcessGroupGloo(timeout=self.timeout), load_state_dict=self.load_state_dict,
             state_dict=self.state_dict, min_replica_size=self.min_groups, use_async_quorum=False,
             timeout=self.timeout, quorum_timeout=self.timeout,
-            connect_timeout=timedelta(seconds=connect_timeout()), rank=trainer.global_rank,
-            world_size=trainer.world_size, store_addr=store_addr, store_port=store_port,
+            connect_timeout=timedelta(seconds=connect_timeout()), rank=host.rank,
+            world_size=host.world_size, store_addr=store_addr, store_port=store_port,
             lighthouse_addr=lighthouse_url(self.lighthouse), replica_id=self.group_id,
             init_sync=False,  # every group of a fresh run starts from the same weights (rank 0's, by seed)
         )
@@ -392,6 +387,10 @@ class Federation:
             self.manager = None
 
     # ------------------------------------------------------------------ weights
+    def inner_step(self) -> None:
+        """This group took an inner step: it weighs in at its next sync."""
+        self.trained = True
+
     @property
     def trained(self) -> bool:
         """Whether this group took inner steps since its last sync. Set it True after every inner step; False
@@ -424,16 +423,17 @@ class Federation:
     # A failed attempt leaves θ_g, the outer state and the error feedback as they were; it is redone over a new quorum
     # when no inner step ran since it started (a whole sync, a fragment without overlap), and dropped otherwise (a
     # fragment with overlap: θ_i moved on; that fragment syncs at its next turn).
-    def join(self, engine: OuterSync, schedule: Optional["SyncSchedule"] = None) -> None:
+    def join(self, engine: OuterSync) -> None:
         """At ``on_train_start``: this group's first quorum, weight 0, in which it heals from a live peer when the
-        others are ahead. Then it does what the others do in that quorum, as its ``schedule`` (a peer's, once healed)
+        others are ahead. Then it does what the others do in that quorum, as its schedule (a peer's, once healed)
         says: in warm-up the quorum is the next warm-up step's (the vote comes after backward, :meth:`end_round`);
         after it, the sync the others run: every parameter, or, mid-stream, the fragment they start (applied when
         this group's schedule, now the peers', applies it), with the stop flag of a time-based sync."""
+        schedule = self.schedule
         self.trained = False
         for fragment in list(engine.pending):  # syncs in flight from a checkpoint: their quorum is gone
             engine.drop_sync(fragment)
-        if self.strategy is not None:
+        if self.host is not None:
             self.layout(engine)  # collective inside the job, before any quorum (healing compares it with a peer's)
         stop = False if schedule is not None and not schedule.lockstep else None
         deadline = time.monotonic() + self.timeout.total_seconds()
@@ -452,15 +452,14 @@ class Federation:
                 break
         if self.comm is not None and self.comm.size == 1:  # nobody else in the quorum: say where this start comes from
             self.alone_at_start = self._alone_line()
-            if self.trainer is None or self.trainer.global_rank == 0:
+            if self.host is None or self.host.rank == 0:
                 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
                 rank_zero_info(self.alone_at_start)
 
     def _alone_line(self) -> str:
-        trainer = self.trainer
-        ckpt_path = getattr(trainer, "ckpt_path", None) if trainer is not None else None
-        step = trainer.global_step if trainer is not None else 0
+        ckpt_path = self.host.checkpoint_path() if self.host is not None else None
+        step = self.host.global_step() if self.host is not None else 0
         source = (f"its checkpoint {ckpt_path} (step {step})" if ckpt_path else
                   f"its initial weights (step {step})")
         return (f"local SGD: group {self.group_id!r} found no live peer at the lighthouse {self.lighthouse}: it starts "
@@ -492,8 +491,8 @@ class Federation:
         self._unit = fragment  # what a peer healing in this quorum takes part in (see state_dict)
         waited = time.perf_counter()
         self.manager.start_quorum(timeout=timedelta(seconds=max(1.0, deadline - time.monotonic())))
-        if self._healed_now and self.strategy is not None:  # the ranks of a DDP group agree on one peer's replica
-            self.strategy.training_state.agree_after_healing()  # (collective inside the group)
+        if self._healed_now and self.host is not None:  # the ranks of a DDP group agree on one peer's replica
+            self.host.training_state().agree_after_healing()  # (collective inside the group)
         assert self.comm is not None
         return {"kind": kind, "step": self._step(), "participants": self.comm.size, "rank": self.comm.rank,
                 "healed": self._healed_now, "quorum_seconds": time.perf_counter() - waited}
@@ -556,15 +555,14 @@ class Federation:
             import torch
             import torch.distributed as dist
 
-            assert self.strategy is not None and self.trainer is not None
-            engine = engine or self.strategy.local_sgd.outer_sync
+            assert self.host is not None and engine is not None, "the layout is first taken at the join"
             numels = list(engine.layout.numels)
             mine = torch.tensor([sum(numels), sizes_digest(numels)], dtype=torch.int64, device=_job_device(engine))
             gathered = [mine]
             if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
                 gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
                 dist.all_gather(gathered, mine)  # the job's own world
-            self._layout = job_layout(self.group_id, self.strategy.training_state.kind,
+            self._layout = job_layout(self.group_id, self.host.training_state().kind,
                                       [tuple(int(v) for v in t.tolist()) for t in gathered])
         return self._layout
 
@@ -577,7 +575,7 @@ class Federation:
         import torch
         import torch.distributed as dist
 
-        if self.strategy is None or self.trainer is None:
+        if self.host is None:
             return  # the sync loop driven without a strategy (its unit tests): there is no layout to compare
         assert self.comm is not None
         # Once per set of members: the quorum id changes exactly when the members change. Every member decides alike:
@@ -591,7 +589,7 @@ class Federation:
         mine = self.layout(engine)
         verdict = torch.zeros(1 + _ENCODED, dtype=torch.int64)  # 0 fits, 1 mismatch (+ the other layout), 2 failed
         failure: Optional[BaseException] = None
-        if self.trainer.global_rank == 0:
+        if self.host.rank == 0:
             try:
                 encoded = encode_layout(mine)
                 gathered = torch.empty(self.comm.size * _ENCODED, dtype=torch.int64)
@@ -666,11 +664,11 @@ class Federation:
         time.sleep(_RETRY_PAUSE)
 
     def _step(self) -> int:
-        return int(self.strategy.local_sgd.schedule.steps_done) if self.strategy is not None else 0
+        return int(self.schedule.steps_done) if self.schedule is not None else 0
 
     def _overlaps(self) -> bool:
         """Whether a fragment's sync is applied some steps after it starts (streaming with ``overlap_steps``)."""
-        return self.strategy is not None and self.strategy.local_sgd.config.overlap_steps > 0
+        return self.overlap_steps > 0
 
     # ------------------------------------------------------------------ healing
     def state_dict(self) -> dict[str, Any]:
@@ -679,8 +677,8 @@ class Federation:
         starts from zero: the residuals are this group's own), and which fragment this quorum syncs (``None``:
         every parameter). torchft calls it only when a peer heals, while this rank's training thread waits in the
         quorum (before anything of this sync is launched, so no sync is in flight)."""
-        assert self.strategy is not None
-        state = self.strategy.training_state.capture()
+        assert self.host is not None
+        state = self.host.training_state().capture()
         for level in ("outer", "cluster"):  # both levels' engines (two levels: the job's and the jobs')
             engine_state = state["rank"].get(level)
             if engine_state is not None:
@@ -691,12 +689,12 @@ class Federation:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Apply a live peer's state on the training thread (torchft calls it inside ``start_quorum``)."""
-        assert self.strategy is not None
+        assert self.host is not None
         problem = layout_mismatch(self.layout(), [state["layout"]])  # this job's layout: known since its join
         if problem is not None:  # refused before anything of the peer's state is loaded
             raise LayoutMismatchError(problem)
         state = state["training"]
-        self.strategy.training_state.load(state)
+        self.host.training_state().load(state)
         self._peer_unit = state.get("federation", {}).get("fragment")
         self._checked_quorum = state.get("federation", {}).get("checked_quorum")  # decide as the peers do
         self._healed_now = True

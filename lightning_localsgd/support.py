@@ -27,7 +27,7 @@ def _federated(config: Any) -> bool:
 
 
 def _streaming(config: Any) -> bool:
-    return config.fragments > 1 or config.overlap_steps > 0
+    return config.fragments > 1 or config.overlap_steps > 0 or config.overlap_mix > 0
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ REFUSALS: list[Refusal] = [
                        f"{c.cluster_size!r}. Remove one of them."),
             reason="time-based groups take different numbers of steps; the cluster level counts steps"),
     Refusal("cluster_size", lambda c: _streaming(c) and c.cluster_size is not None,
-            lambda c: ("streaming sync (fragments > 1 or overlap_steps > 0) does not combine with two-stage sync "
+            lambda c: ("streaming sync (fragments > 1, overlap_steps > 0 or overlap_mix > 0) does not combine with two-stage sync "
                        "(cluster_size). Use one of them."),
             reason="level 2 reads level 1's whole θ_c, which streaming never completes at once"),
     Refusal("cluster_size", lambda c: _federated(c) and c.cluster_size is not None,

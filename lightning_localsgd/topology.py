@@ -56,6 +56,31 @@ def check_cluster_size(num_groups: int, cluster_size: int) -> None:
         )
 
 
+def federated_group_size(group_size: Optional[int], world_size: int) -> int:
+    """One level (no ``cluster_sync_every``): the job's own world is the worker group."""
+    if group_size not in (None, 1, world_size):
+        raise ValueError(
+            f"group_size={group_size} with lighthouse= and no cluster_sync_every: without a sync across jobs each job "
+            f"is one worker group, so group_size is the job's world size ({world_size}). For several worker groups "
+            "per job (syncing every sync_every steps inside it) set cluster_sync_every, a multiple of sync_every, for "
+            "the sync across jobs; or leave group_size unset.")
+    return world_size
+
+
+def federated_cluster_size(group_size: int, world_size: int, cluster_sync_every: int) -> int:
+    """Two levels (``cluster_sync_every``): the job is the cluster; returns its number of worker groups."""
+    check_group_size(world_size, group_size)
+    if group_size == world_size:
+        below = [d for d in range(1, world_size) if world_size % d == 0]
+        fix = (f"set group_size to a divisor of {world_size} below it (e.g. {below[-1]}, or the devices per node for "
+               "a group per node)") if below else "run the job on more ranks (devices, num_nodes)"
+        raise ValueError(
+            f"cluster_sync_every={cluster_sync_every} with lighthouse= needs several worker groups per job, but "
+            f"group_size={group_size} makes the job's {world_size} rank(s) one worker group (then the jobs sync every "
+            f"sync_every steps and there is no second level). Either {fix}, or remove cluster_sync_every.")
+    return world_size // group_size
+
+
 def cluster_cross_group_ranks(world_size: int, group_size: int, cluster_size: int) -> tuple[list[list[int]], ...]:
     """Rank lists of the two sync levels of two-stage local SGD.
 

@@ -268,7 +268,7 @@ def simulate_streaming(world, sync_every, fragments, overlap, mix, outer, steps,
     each group continues from mix·θ_i(now) + (1−mix)·θ_g. At a step, starts come before applications. At train end:
     the syncs still in flight are applied (in fragment order, with mix), then one outer step of every parameter from
     the groups' current parameters (mix 0), if sync_on_train_end (with F=1 and τ=0, plain local SGD, only when the
-    run ends mid-interval).
+    run ends mid-interval, and α=0).
 
     Returns (per-batch list of per-group named parameters, per-group final parameters, snapshot θ_g, momenta).
     """
@@ -335,7 +335,8 @@ def simulate_streaming(world, sync_every, fragments, overlap, mix, outer, steps,
         history.append([{k: v.detach().clone() for k, v in n.named_parameters()} for n in nets])
     for f in sorted(in_flight):
         apply(f, mix)
-    streaming = fragments > 1 or overlap > 0  # F=1, τ=0 is plain local SGD: no sync at the end of a full interval
+    # F=1, τ=0, α=0 is plain local SGD: no sync at the end of a full interval (with α the groups differ after a sync)
+    streaming = fragments > 1 or overlap > 0 or mix > 0
     local = steps - warmup
     if sync_on_train_end and local > 0 and (local % sync_every or streaming):
         for f in range(fragments):

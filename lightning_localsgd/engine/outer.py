@@ -349,7 +349,9 @@ class OuterSync:
 
         Args:
             mix: ``α`` of Streaming DiLoCo: every group continues from ``α·θ_i + (1−α)·θ_g`` (``θ_i``: its current
-                parameters, which took inner steps since :meth:`start_sync`). 0 replaces them by ``θ_g``.
+                parameters, which took inner steps since :meth:`start_sync`). 0 replaces them by ``θ_g``. A sync in
+                which a group asked to stop (time-based) ends training: it keeps no local part, so that every group
+                ends on ``θ_g``.
         """
         frag = self.layout.fragment(fragment)
         if fragment not in self.pending:
@@ -368,7 +370,7 @@ class OuterSync:
                 raise
             mean, stop_requested = self.reducer.finish(red, lambda: self._flat_snapshot(frag))
         verdict = self._verdicts.pop(fragment, None)
-        result = self._outer_step(frag, self._to_state_device(mean, frag), red, mix,
+        result = self._outer_step(frag, self._to_state_device(mean, frag), red, 0.0 if stop_requested else mix,
                                   sorted(verdict.excluded) if verdict is not None else [])
         result.seconds = red.seconds + time.perf_counter() - start
         result.stop_requested = stop_requested

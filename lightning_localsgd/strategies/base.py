@@ -28,14 +28,15 @@ from torch import Tensor
 from .._compat import attached_trainer, epoch_batches_done, fit_loop_can_stop_early, is_max_limit_reached
 from ..async_checkpoint import AsyncCheckpointWriter
 from ..config import LocalSGDConfig
-from ..controller import LocalSGDController
-from ..federation import Federation, federated_cluster_size, federated_group_size
+from ..controller import HostFacts, LocalSGDController
+from ..data import make_resumable
 from ..engine import OuterSync, SyncResult, SyncSchedule
 from ..preemption import SigtermStop, stop_at_sync_steps
 from ..state import ReplicaState, TrainingState
 from ..reliability import stop_local_ranks
 from ..tensors import batch_tokens
-from ..topology import Topology, add_cluster_groups, check_cluster_size, check_group_size, job_cluster_groups
+from ..topology import (Topology, add_cluster_groups, check_cluster_size, check_group_size, federated_cluster_size,
+                        federated_group_size, job_cluster_groups)
 
 __all__ = ["LocalSGDMixin", "is_fitting", "training_ends_here"]
 
@@ -53,12 +54,7 @@ class _SyncAtStepEnd(Callback):
         self.strategy = strategy
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.strategy.local_sgd.schedule.start()
-        if self.strategy.federation is not None:  # join the running jobs (heal from one) before the first step
-            schedule = self.strategy.local_sgd.schedule
-            self.strategy.before_local_sgd_sync()  # as around every sync: current views of sharded storage
-            self.strategy.local_sgd.join(lambda engine: self.strategy.federation.join(engine, schedule))
-            self.strategy.after_local_sgd_sync()  # ZeRO: the module's parameters follow the partitions
+        self.strategy.local_sgd.train_start()  # across jobs: join the running ones (heal from one) before a step
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         self.strategy.local_sgd_step_start()
@@ -164,7 +160,7 @@ def launch_sizes(config: LocalSGDConfig, world_size: int, devices_per_node: int)
 def add_cluster_groups_for(topology: Topology, cluster_size: int, federated: bool,
                            timeout: Optional[timedelta]) -> None:
     """Two-stage sync: the level-1 and level-2 process groups. Federated, the job is the cluster and level 2 is
-    torchft's communicator (set when the federation starts)."""
+    torchft's communicator (set when the controller starts its syncs across jobs)."""
     if federated:
         job_cluster_groups(topology)
     else:
@@ -172,7 +168,9 @@ def add_cluster_groups_for(topology: Topology, cluster_size: int, federated: boo
 
 
 def check_time_based_trainer(trainer: Trainer) -> None:
-    """Time-based sync: groups run different numbers of steps, so nothing may be collective between syncs."""
+    """Time-based sync with several worker groups in one world: they run different numbers of steps, so nothing may
+    be collective over that world between syncs. (A federated job of one worker group is its own world: its
+    collectives pair up with nobody else's.)"""
     problems = []
     if trainer.checkpoint_callbacks:
         problems.append("checkpoint callbacks (ModelCheckpoint; pass Trainer(enable_checkpointing=False) and call "
@@ -271,10 +269,9 @@ class LocalSGDMixin:
     training_state_class: type[TrainingState] = ReplicaState
 
     def _init_local_sgd(self, config: LocalSGDConfig) -> None:
-        self.federation = Federation(config.lighthouse, config.group_id, config.min_groups, config.sync_timeout) \
-            if config.lighthouse is not None else None
-        # the strategy is the controller's host (SyncHost); a federation carries the outermost level's syncs
-        self.local_sgd = LocalSGDController(config, host=self, syncs=self.federation)
+        # the strategy is the controller's host (SyncHost); the controller picks how its syncs travel (one world, or
+        # jobs meeting through a lighthouse) and alone talks to that transport
+        self.local_sgd = LocalSGDController(config, host=self)
         self.topology = None
         self._stepped_this_batch = False
         self._starts_step = True  # the next batch is the first micro-batch of an optimizer step
@@ -349,16 +346,6 @@ class LocalSGDMixin:
         """Whether a SIGTERM arrived on this rank (fed by :mod:`~lightning_localsgd.preemption`'s handler)."""
         return self._sigterm is not None and self._sigterm.received
 
-    def start_round(self) -> None:
-        """A warm-up step starts: federated, its quorum (which heals a joining group before its forward)."""
-        if self.federation is not None:
-            self.federation.start_round()
-
-    def end_round(self, committed: bool) -> None:
-        """The vote on a warm-up step's gradient mean was taken: federated, the federation records it."""
-        if self.federation is not None:
-            self.federation.end_round(committed)
-
     # ------------------------------------------------------------------ setup
     def _configure_launcher(self) -> None:
         # The world size is known here, before the processes start: fail early on a bad group_size.
@@ -375,7 +362,7 @@ class LocalSGDMixin:
         """Two-stage sync: create the level-1 and level-2 process groups (collective, right after the topology).
         Federated: the job is the cluster; level 2 is torchft's communicator (set in :meth:`setup_local_sgd`)."""
         if self.cluster_size is not None and self.topology is not None:
-            add_cluster_groups_for(self.topology, self.cluster_size, self.federation is not None,
+            add_cluster_groups_for(self.topology, self.cluster_size, self.local_sgd.config.lighthouse is not None,
                                    getattr(self, "_timeout", None))
 
     def setup_local_sgd(self, trainer: Trainer) -> None:
@@ -383,12 +370,11 @@ class LocalSGDMixin:
         assert self.topology is not None
         params, buffers = self.local_sgd_tensors()
         controller = self.local_sgd
-        if self.federation is not None:  # the outermost level crosses jobs, met through torchft's quorum
-            self.topology.federate(self.federation.start(self, trainer))
         controller.setup(self.topology, params, buffers, shard_group=self.local_sgd_shard_group(),
                          norm_group=self.local_sgd_norm_group(), fragment_sizes=self.local_sgd_fragment_sizes(),
-                         fallback_timeout=getattr(self, "_timeout", None))
-        if not controller.schedule.lockstep:
+                         fallback_timeout=getattr(self, "_timeout", None), host_facts=self._host_facts(trainer))
+        if not controller.schedule.lockstep and self.topology.num_groups > 1:
+            # groups stepping apart share this world (a federated job of one group: its collectives stay inside it)
             check_time_based_trainer(trainer)
         self._train_ended = False
         self._starts_step = True
@@ -397,6 +383,24 @@ class LocalSGDMixin:
         if self.topology.num_groups > 1:  # SIGTERM: every rank stops at one step, no collective in the handler
             self._sigterm = stop_at_sync_steps(trainer, self.local_sgd)
         rank_zero_info(controller.config.describe(self.topology.num_groups))
+
+    def _host_facts(self, trainer: Trainer) -> HostFacts:
+        """What a transport across jobs needs of this rank: its place, its exact state, where it starts from."""
+        return HostFacts(rank=trainer.global_rank, world_size=trainer.world_size,
+                         training_state=lambda: self.training_state, global_step=lambda: trainer.global_step,
+                         checkpoint_path=lambda: getattr(trainer, "ckpt_path", None))
+
+    # ------------------------------------------------------------------ data
+    def process_dataloader(self, dataloader: object) -> object:
+        """The training loader of ``fit`` continues mid-epoch on resume: a map-style dataset's loader becomes a
+        :class:`~lightning_localsgd.data.ResumableDataLoader` with a :class:`~lightning_localsgd.data.ResumableSampler`
+        in place of the ``DistributedSampler`` Lightning injected (same shares and seed); see
+        :mod:`lightning_localsgd.data`."""
+        dataloader = super().process_dataloader(dataloader)  # type: ignore[misc]
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None  # type: ignore[attr-defined]
+        if is_fitting(trainer) and trainer.training:
+            dataloader = make_resumable(dataloader)
+        return dataloader
 
     # ------------------------------------------------------------------ per step
     def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], model: Optional[Any] = None,
@@ -426,8 +430,6 @@ class LocalSGDMixin:
             return  # an accumulation micro-batch, or a manual-optimization step that stepped nothing
         self._stepped_this_batch = False
         self._starts_step = True
-        if self.federation is not None:
-            self.federation.trained = True  # this group weighs in at the next sync
         self.local_sgd.step_end()
 
     def local_sgd_train_end(self, trainer: Trainer) -> None:
@@ -492,8 +494,7 @@ class LocalSGDMixin:
         # it may need (the process groups) goes
         write_error = self._async_writer.close() if self._async_writer is not None else None
         self._remove_hooks(attached_trainer(self.lightning_module) if self.lightning_module is not None else None)
-        if self.federation is not None:
-            self.federation.shutdown()
+        self.local_sgd.shutdown()
         super().teardown()  # type: ignore[misc]
         if write_error is not None:
             raise_unless_handling_another(write_error)

@@ -8,7 +8,9 @@ import torch
 
 from _launch import max_diff, run_tiny, strip
 from lightning_localsgd.checkpoint import read_checkpoint
+from lightning_localsgd.config import LocalSGDConfig
 from lightning_localsgd.engine import split_fragments
+from lightning_localsgd.engine.schedules import Action, StreamingSchedule
 from reference import initial_net, reference_fragments, simulate, simulate_streaming
 
 ATOL = 1e-6
@@ -95,6 +97,31 @@ def one_fragment_run(tmp_path_factory):
 def test_one_fragment_with_overlap_matches_reference(one_fragment_run):
     check_against_reference(one_fragment_run, 1,
                             simulate_streaming(2, 4, 1, 2, 0.0, "diloco", 10, inner="momentum", seed=1000))
+
+
+def test_mix_without_overlap_is_accepted_and_streams_one_fragment():
+    # α with τ=0 (torchft allows it): what a group sent differs from the new θ_g, so α still acts; the sync then
+    # streams (one fragment), which ends training with a sync of every parameter
+    config = LocalSGDConfig(sync_every=4, overlap_mix=0.5)
+    schedule = config.build_schedule()
+    assert config.streaming and isinstance(schedule, StreamingSchedule) and schedule.fragments == 1
+    assert [schedule.step() for _ in range(4)][-1] is Action.STREAM
+    assert (schedule.starting, schedule.finishing) == ([0], [0])  # started and applied at the same step
+    assert schedule.needs_final_sync()
+
+
+def test_mix_without_overlap_matches_reference(tmp_path):
+    # F=1, τ=0, α=0.5, DiLoCo over AdamW, H=4, 8 steps: at steps 4 and 8 each group continues from
+    # α·(what it sent) + (1−α)·θ_g; then the train-end sync of every parameter (α 0) puts both on one model
+    ranks = run_tiny(tmp_path, devices=2, sync_every=4, overlap_mix=0.5, outer="diloco", inner="adamw", steps=8,
+                     seed_by_rank=True)
+    mixed = simulate_streaming(2, 4, 1, 0, 0.5, "diloco", 8, inner="adamw", seed=1000)
+    check_against_reference(ranks, 1, mixed)
+    # α acted: without it every group would hold θ_g after the sync of step 4
+    unmixed, _, _, _ = simulate_streaming(2, 4, 1, 0, 0.0, "diloco", 8, inner="adamw", seed=1000)
+    assert max_diff(ranks[0]["steps"][3], unmixed[3][0]) > 1e-4
+    assert max_diff(ranks[0]["steps"][3], ranks[1]["steps"][3]) > 1e-4  # the groups differ after a mixed sync
+    assert max_diff(ranks[0]["final"], ranks[1]["final"]) == 0.0
 
 
 def test_fragments_without_overlap_after_warmup_match_reference(tmp_path):

@@ -104,6 +104,7 @@ def test_groups_of_two_agree_on_the_sync_step(tmp_path, strategy):
 
 @pytest.mark.parametrize("extra,needle", [
     ({"ckpt_every": 2}, "checkpoint callbacks"),
+    ({"validate_every": 2}, "validation during fit"),  # two groups stepping apart in one world: refused
 ])
 def test_collectives_between_syncs_are_refused_before_training(tmp_path, extra, needle):
     out = run_tiny(tmp_path, devices=2, sync_every_seconds=1.0, steps=4, expect_fail=True, **extra)
@@ -243,3 +244,17 @@ def test_time_based_streaming_with_groups_of_two(tmp_path):
     assert ranks[0]["info"]["global_step"] == ranks[1]["info"]["global_step"]
     assert ranks[2]["info"]["global_step"] == ranks[3]["info"]["global_step"]
     assert ranks[0]["info"]["global_step"] > ranks[2]["info"]["global_step"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fragments,overlap", [(1, 0), (2, 1)])
+def test_time_based_streaming_with_overlap_mix_ends_on_one_model(tmp_path, fragments, overlap):
+    # α = 0.5 keeps half of each group's own parameters after a fragment's sync, so the groups differ between syncs;
+    # the last syncs (the stop, then each fragment once more) keep none of them, so every group ends on one model.
+    # fragments=1, overlap_steps=0: α alone makes the time-based syncs stream (one fragment)
+    ranks = run_tiny(tmp_path, devices=2, sync_every_seconds=0.3, fragments=fragments, overlap_steps=overlap,
+                     overlap_mix=0.5, steps=300, slow_rank=1, slow_seconds=0.02, seed_by_rank=True,
+                     batches_per_epoch=350)
+    fast, slow = ranks
+    assert len(fast["fragment_syncs"]) >= 3 + fragments, fast["fragment_syncs"]  # regular syncs before the end
+    assert _max_diff(fast["final"], slow["final"]) == 0.0

@@ -11,8 +11,25 @@ import lightning_localsgd as lsgd
 def test_every_strategy_takes_lighthouse(name):
     if name == "LocalSGDDeepSpeedStrategy":
         pytest.importorskip("deepspeed")
+    from lightning_localsgd.federation import Federation
+
     strategy = getattr(lsgd, name)(lighthouse="lighthouse-host:29510", group_id="g0")
-    assert strategy.lighthouse == "lighthouse-host:29510" and strategy.federation is not None
+    # the controller's syncs travel across jobs; the strategy itself holds no federation
+    assert strategy.lighthouse == "lighthouse-host:29510" and isinstance(strategy.local_sgd.syncs, Federation)
+    assert not hasattr(strategy, "federation")
+
+
+def test_strategies_do_not_import_the_federation():
+    # the controller alone talks to the transport (its Syncs): no strategy module imports federation.py
+    import ast
+    from pathlib import Path
+
+    for path in (Path(lsgd.__file__).parent / "strategies").glob("*.py"):
+        tree = ast.parse(path.read_text())
+        modules = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        modules += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        assert not any("federation" in m for m in modules), (path.name, modules)
+        assert ".federation" not in path.read_text(), path.name
 
 
 def test_federated_group_size_is_the_job_world():

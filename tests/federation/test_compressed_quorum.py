@@ -272,6 +272,7 @@ def test_healing_state_sends_no_error_feedback_and_names_the_fragment_of_the_quo
     from zero), and which fragment this quorum syncs (the joiner takes part in that one)."""
     from types import SimpleNamespace
 
+    from lightning_localsgd.controller import HostFacts
     from lightning_localsgd.federation import Federation
 
     engine = members(1, torch.zeros(N))[0]
@@ -283,7 +284,7 @@ def test_healing_state_sends_no_error_feedback_and_names_the_fragment_of_the_quo
                 "counters": {}}
 
     fed = Federation("127.0.0.1:1", "g0", 1, 30.0)
-    fed.strategy = SimpleNamespace(training_state=SimpleNamespace(capture=capture))
+    fed.host = HostFacts(rank=0, world_size=1, training_state=lambda: SimpleNamespace(capture=capture))
     fed._unit = 1  # this rank is starting fragment 1's sync
     fed._layout = {"group_id": "g0", "kind": "replica", "world_size": 1, "elements": [N], "digest": 0}  # from the join
     sent = fed.state_dict()

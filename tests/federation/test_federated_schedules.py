@@ -70,17 +70,15 @@ def test_a_warmup_step_whose_vote_fails_is_not_applied():
     from test_retry import FakeManager
 
     from lightning_localsgd.config import LocalSGDConfig
-    from lightning_localsgd.controller import LocalSGDController, NoHost
+    from lightning_localsgd.controller import LocalSGDController
     from lightning_localsgd.federation import Federation, TorchftCommunicator
 
     fed = Federation("127.0.0.1:1", "g0", 1, 30.0)
     fed.manager = FakeManager([(2, True)])
     fed.comm = TorchftCommunicator(fed.manager, timedelta(seconds=30))
 
-    class Host(NoHost):  # the strategy's part: forwards the warm-up rounds to its federation
-        start_round, end_round = staticmethod(fed.start_round), staticmethod(fed.end_round)
-
-    controller = LocalSGDController(LocalSGDConfig(sync_every=4, warmup_steps=2), host=Host())
+    # the controller alone talks to the federation: it opens and closes each warm-up round through its syncs
+    controller = LocalSGDController(LocalSGDConfig(sync_every=4, warmup_steps=2), syncs=fed)
     controller.warmup_comm = fed.comm
     net = torch.nn.Linear(2, 1)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
@@ -225,6 +223,37 @@ def test_time_based_token_weighted_syncs_with_a_three_times_slower_job(tmp_path,
           [round(a["quorum_seconds"], 3) for a, _ in ss])
     assert max(waits) < slow_s + 0.6, waits
     assert fast["dropped"] == 0.0 and slow["dropped"] == 0.0
+
+
+@pytest.mark.slow
+def test_time_based_jobs_of_one_group_each_validate_during_fit(tmp_path, lighthouse):
+    """2 jobs of one rank, sync_every_seconds=0.5, g1 3× slower per step, a validation loop every 3 steps (Lightning's
+    default kind of fit): a job of one worker group is its own world, so validation's collectives pair up with nobody
+    else's and it is not refused (one world with two groups refuses it: test_time_based.py). Both jobs validate, every
+    sync is the token-weighted mean of what the jobs sent, and they end identical."""
+    steps = 16
+    dumps = run_jobs(tmp_path, lighthouse(2), 2, sync_every_seconds=0.5, max_steps=steps, outer="average",
+                     validate_every=3, g0={"step_sleep": 0.05}, g1={"step_sleep": 0.15})
+    fast, slow = dumps["g0"], dumps["g1"]
+    assert fast["global_step"] == steps and slow["global_step"] < steps, (fast["global_step"], slow["global_step"])
+    assert fast["validation_batches"] >= 2 * (steps // 3) and slow["validation_batches"] >= 2
+    fs, ss = sync_records(fast), sync_records(slow)
+    assert len(fs) == len(ss) >= 2, (fast["attempts"], slow["attempts"])
+    previous = {"g0": 0, "g1": 0}
+    for k, ((fa, fr), (sa, sr)) in enumerate(zip(fs, ss)):
+        for name, a in (("g0", fa), ("g1", sa)):
+            assert a["weight"] == TOKENS_PER_STEP * (a["step"] - previous[name]), (name, k, a)
+            previous[name] = a["step"]
+        weights = [fa["weight"], sa["weight"]]
+        if k < len(fs) - 1 and sum(weights) > 0:  # the stopping sync's result is the final model (checked below)
+            expected = {n: (weights[0] * fr["params"][n] + weights[1] * sr["params"][n]) / sum(weights)
+                        for n in fr["params"]}
+            for name, a in (("g0", fa), ("g1", sa)):
+                got = params_after(dumps[name], a["step"])
+                diff = max(float((got[n.removeprefix("model.")] - expected[n]).abs().max()) for n in expected)
+                assert diff < ATOL, f"{name}: sync {k} (step {a['step']}) off the token-weighted mean by {diff:.3g}"
+    assert fs[-1][0]["stop"] is True
+    assert all(torch.equal(fast["final"][n], slow["final"][n]) for n in fast["final"])
 
 
 @pytest.mark.slow

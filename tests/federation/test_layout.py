@@ -83,6 +83,7 @@ def test_job_alone_at_start_says_where_its_state_comes_from(ckpt_path, caplog):
     from datetime import timedelta
     from types import SimpleNamespace
 
+    from lightning_localsgd.controller import HostFacts
     from lightning_localsgd.federation import Federation, TorchftCommunicator
 
     fed = Federation("lighthouse-host:29510", "g1", min_groups=1, sync_timeout=10)
@@ -91,10 +92,8 @@ def test_job_alone_at_start_says_where_its_state_comes_from(ckpt_path, caplog):
     engine = SimpleNamespace(cross=fed.comm, layout=SimpleNamespace(numels=[8, 1]), device="cpu", pending={},
                              num_fragments=1, start_sync=lambda fragment, weight=None, stop=None: None,
                              finish_sync=lambda fragment, mix=0.0: SimpleNamespace(weight=0.0))
-    fed.trainer = SimpleNamespace(global_rank=0, world_size=1, ckpt_path=ckpt_path, global_step=24 if ckpt_path else 0)
-    fed.strategy = SimpleNamespace(training_state=SimpleNamespace(kind="replica"),
-                                   local_sgd=SimpleNamespace(outer_sync=engine, schedule=SimpleNamespace(steps_done=0),
-                                                             config=SimpleNamespace(overlap_steps=0)))
+    fed.host = HostFacts(rank=0, world_size=1, training_state=lambda: SimpleNamespace(kind="replica"),
+                         global_step=lambda: 24 if ckpt_path else 0, checkpoint_path=lambda: ckpt_path)
     with caplog.at_level(logging.INFO):
         fed.join(engine)
     source = f"its checkpoint {ckpt_path} (step 24)" if ckpt_path else "its initial weights (step 0)"
@@ -127,13 +126,13 @@ def test_layouts_are_checked_once_per_set_of_members_and_again_after_a_failure_o
     from types import SimpleNamespace
 
     from lightning_localsgd.engine.comm import SyncAbortedError
+    from lightning_localsgd.controller import HostFacts
     from lightning_localsgd.federation import Federation, TorchftCommunicator, _Attempt
 
     fed = Federation("lighthouse-host:29510", "g0", min_groups=1, sync_timeout=10)
     fed.manager = manager = _CountingManager()
     fed.comm = TorchftCommunicator(fed.manager, timedelta(seconds=10))
-    fed.trainer = SimpleNamespace(global_rank=0, world_size=1)
-    fed.strategy = object()
+    fed.host = HostFacts(rank=0, world_size=1, training_state=lambda: None)
     fed._layout = fsdp_layout("g0", [[16, 2, 4, 1]])
     engine = SimpleNamespace(device="cpu")
     checks = []
@@ -153,7 +152,7 @@ def test_layouts_are_checked_once_per_set_of_members_and_again_after_a_failure_o
     fed._checked_quorum = None
     peer = {"layout": fed._layout, "training": {"federation": {"fragment": None, "checked_quorum": 2},
                                                 "counters": {"global_step": 5}}}
-    fed.strategy = SimpleNamespace(training_state=SimpleNamespace(load=lambda state: None))
+    fed.host = HostFacts(rank=0, world_size=1, training_state=lambda: SimpleNamespace(load=lambda state: None))
     fed.load_state_dict(peer)
     fed._check_layouts(engine)
     assert manager.gathers == 3 and fed.healed_from_peer == 1

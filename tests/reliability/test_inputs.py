@@ -94,9 +94,9 @@ STRATEGY_CASES = [
     ({"overlap_mix": float("nan"), "overlap_steps": 1}, r"overlap_mix must be a number in \[0, 1\), got nan"),
     ({"overlap_mix": "0.5", "overlap_steps": 1}, r"overlap_mix must be a number in \[0, 1\), got '0.5'"),
     ({"overlap_mix": True, "overlap_steps": 1}, r"overlap_mix must be a number in \[0, 1\), got True"),
-    ({"overlap_mix": 0.5}, "overlap_mix=0.5 only acts when overlap_steps > 0"),
     ({"fragments": 2, "cluster_size": 2, "cluster_sync_every": 128},
-     r"streaming sync \(fragments > 1 or overlap_steps > 0\) does not combine with two-stage sync"),
+     r"streaming sync \(fragments > 1, overlap_steps > 0 or overlap_mix > 0\) does not combine with two-stage sync"),
+    ({"overlap_mix": 0.5, "cluster_size": 2, "cluster_sync_every": 128}, "does not combine with two-stage sync"),
     ({"overlap_steps": 1, "cluster_size": 2, "cluster_sync_every": 128}, "does not combine with two-stage sync"),
     # time-based sync
     ({"sync_every_seconds": 0}, "sync_every_seconds must be a positive number of seconds, got 0"),

@@ -111,6 +111,19 @@ class TinyModule(L.LightningModule):
         return make_inner_optimizer(self.inner, self.parameters())
 
 
+class ValidatedTinyModule(TinyModule):
+    """TinyModule with a validation loop (Lightning runs it during fit); counts the validation batches it ran."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.validation_batches = 0
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.validation_batches += 1
+        self.log("val_loss", F.mse_loss(self(x), y))
+
+
 class GrowingSchedule(SyncSchedule):
     """A registered schedule for the tests: the k-th interval after the warm-up is ``interval(H, k)`` local steps
     (default ``H + k``: H, H+1, H+2, ...), so its syncs fall where no built-in schedule puts them."""

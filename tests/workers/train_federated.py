@@ -40,7 +40,7 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from tiny import GrowingSchedule, TinyModule, make_dataset
+from tiny import GrowingSchedule, TinyModule, ValidatedTinyModule, make_dataset
 
 from lightning_localsgd import LocalSGDStrategy, register_schedule
 from lightning_localsgd.federation import TorchftCommunicator
@@ -84,7 +84,7 @@ class Recorder(Callback):
     def on_all_reduce(self, comm: TorchftCommunicator) -> None:
         """Entering a cross-group all-reduce: record the state it starts from; the self-kill inside a sync."""
         strategy = self.trainer.strategy
-        fed, outer = strategy.federation, strategy.outer_sync
+        fed, outer = strategy.local_sgd.syncs, strategy.outer_sync  # the controller's syncs: the federation
         full = outer.state_dict()
         state = full["outer_optimizer"]
         self.reduces.append({
@@ -154,7 +154,7 @@ class Recorder(Callback):
                 "cluster_size": strategy.cluster_size}
 
     def dump(self, trainer, pl_module, killed: bool = False) -> None:
-        fed = trainer.strategy.federation
+        fed = trainer.strategy.local_sgd.syncs
         outer = trainer.strategy.outer_sync
         name = self.args.dump_name + (f"_r{trainer.global_rank}" if trainer.global_rank > 0 else "")
         torch.save({
@@ -175,6 +175,7 @@ class Recorder(Callback):
             "rank": trainer.global_rank, "strategy": type(trainer.strategy).__name__,
             "alone_at_start": fed.alone_at_start, "save_seconds": self.save_seconds,
             "saved_async": trainer.strategy._async_writer is not None,
+            "validation_batches": getattr(pl_module, "validation_batches", 0),
         }, os.path.join(self.args.out, f"{name}.pt"))
 
 
@@ -246,23 +247,25 @@ def main() -> None:
     parser.add_argument("--screen-factor", type=float, default=None, help="the robust screen (screen_factor=)")
     parser.add_argument("--loss-scale", type=float, default=1.0, help="this job's loss (a broken job) scaled by this")
     parser.add_argument("--hidden", type=int, default=8, help="the tiny model's hidden width (another model: 16)")
+    parser.add_argument("--validate-every", type=int, default=0, help="a validation loop every N steps during fit")
     args = parser.parse_args()
     args.dump_name = args.dump_name or args.group_id
     if args.devices > 1:  # Lightning's DistributedSampler splits this job's own order (seed --seed) over its ranks
         os.environ["PL_GLOBAL_SEED"] = str(args.seed)
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(0)  # every group starts from the same weights
-    model = TinyModule(args.inner, hidden=args.hidden, shard=args.shard, loss_scale=args.loss_scale, loss_scale_group=0)
+    model = (ValidatedTinyModule if args.validate_every else TinyModule)(
+        args.inner, hidden=args.hidden, shard=args.shard, loss_scale=args.loss_scale, loss_scale_group=0)
     loader = DataLoader(make_dataset(), batch_size=2, shuffle=True,
                         generator=torch.Generator().manual_seed(args.seed))
     if args.devices > 1:
         loader = DataLoader(make_dataset(), batch_size=2, shuffle=True)
     if args.resumable_data:  # the same order (epoch 0: a permutation of seed --seed), skipping what a resume trained
-        from lightning_localsgd.examples.data import EpochShuffleSampler, ResumableDataLoader
+        from lightning_localsgd.data import ResumableDataLoader
+        from lightning_localsgd.examples.data import EpochShuffleSampler
 
         data = make_dataset()
-        loader = ResumableDataLoader(data, batch_size=2, sampler=EpochShuffleSampler(data, args.seed),
-                                     batches_done=lambda: trainer.fit_loop.epoch_loop.batch_progress.current.ready)
+        loader = ResumableDataLoader(data, batch_size=2, sampler=EpochShuffleSampler(data, args.seed))
     if args.schedule == "growing":
         register_schedule("growing", lambda c: GrowingSchedule(c.sync_every, c.warmup_steps), override=True)
     recorder = Recorder(args)
@@ -290,6 +293,7 @@ def main() -> None:
         enable_checkpointing=bool(args.ckpt_dir), enable_progress_bar=False, enable_model_summary=False,
         use_distributed_sampler=args.devices > 1, callbacks=callbacks,
         strategy=make_strategy(args),
+        **(dict(val_check_interval=args.validate_every, limit_val_batches=2) if args.validate_every else {}),
     )
     if args.write_delay:
         from train_tiny import slow_or_failing_writes
@@ -300,7 +304,8 @@ def main() -> None:
         from train_tiny import time_saves
 
         time_saves(trainer.strategy, recorder.save_seconds)
-    trainer.fit(model, loader, ckpt_path=args.resume)
+    val_loader = DataLoader(make_dataset(), batch_size=2) if args.validate_every else None
+    trainer.fit(model, loader, val_loader, ckpt_path=args.resume)
     recorder.dump(trainer, model)
 
 

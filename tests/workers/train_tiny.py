@@ -27,7 +27,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from tiny import TinyModule, make_dataset  # noqa: E402
+from tiny import TinyModule, ValidatedTinyModule, make_dataset  # noqa: E402
 
 import lightning_localsgd  # noqa: E402,F401
 from lightning_localsgd import LocalSGDStrategy  # noqa: E402
@@ -363,6 +363,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--overlap-steps", type=int, default=0, help="streaming sync: τ")
     p.add_argument("--overlap-mix", type=float, default=0.0, help="streaming sync: α")
     p.add_argument("--sync-every-seconds", type=float, default=None, help="time-based sync")
+    p.add_argument("--validate-every", type=int, default=0, help="a validation loop every N steps during fit")
     p.add_argument("--slow-rank", type=int, default=-1, help="this rank sleeps --slow-seconds per step")
     p.add_argument("--slow-seconds", type=float, default=0.0)
     p.add_argument("--accelerator", default="cpu", choices=["cpu", "cuda"])
@@ -373,7 +374,7 @@ def main(argv: list[str] | None = None) -> None:
 
     rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))
     L.seed_everything(1000 + rank if args.seed_by_rank else 0, verbose=False)
-    model = TinyModule(inner=args.inner, manual=args.manual, buffer=args.buffer, nan_at=args.nan_at,
+    model = (ValidatedTinyModule if args.validate_every else TinyModule)(inner=args.inner, manual=args.manual, buffer=args.buffer, nan_at=args.nan_at,
                        group_size=args.group_size, shard=args.shard, hidden=args.hidden, nan_from=args.nan_from,
                        nan_loss_at=args.nan_loss_at, nan_buffer_at=args.nan_buffer_at, loss_scale=args.loss_scale)
     L.seed_everything(0, verbose=False)
@@ -456,6 +457,7 @@ def main(argv: list[str] | None = None) -> None:
         enable_checkpointing=bool(args.ckpt_every), enable_progress_bar=False, enable_model_summary=False,
         accumulate_grad_batches=args.accumulate, gradient_clip_val=args.clip, use_distributed_sampler=True,
         callbacks=callbacks, limit_train_batches=args.batches_per_epoch,
+        **(dict(val_check_interval=args.validate_every, limit_val_batches=2) if args.validate_every else {}),
     )
     if args.count_collectives:
         install_collective_counter()
@@ -463,7 +465,7 @@ def main(argv: list[str] | None = None) -> None:
     save_seconds: list[float] = []
     if args.ckpt_every:
         time_saves(trainer.strategy, save_seconds)
-    trainer.fit(model, data, ckpt_path=args.resume)
+    trainer.fit(model, data, data if args.validate_every else None, ckpt_path=args.resume)
     after_fit_committed = None
     if args.save_after_fit:  # a save after fit returned: written and committed before save_checkpoint returns
         from lightning_localsgd.checkpoint import is_checkpoint_folder
