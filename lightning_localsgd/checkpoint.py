@@ -22,6 +22,10 @@ checkpoint (``save_top_k``) removes its folder. With ``async_save`` the files ar
 background (:mod:`lightning_localsgd.async_checkpoint`): the commit waits for every rank's files, and a ``save_top_k``
 removal for the commit.
 
+Every strategy's ``save_checkpoint`` / ``load_checkpoint`` is :func:`save_checkpoint` / :func:`restore_checkpoint`
+with what differs between them: the strategy's ``TrainingState`` (what each file holds and how it is restored), the
+layout check, DeepSpeed's partitions (``write_partitions`` / ``read_partitions``).
+
 :func:`convert_checkpoint` (``lightning-localsgd convert FOLDER model.ckpt``) turns a folder of any strategy into one
 plain Lightning checkpoint file; :func:`read_checkpoint` reads every group's and rank's state into one dict, offline.
 Single-file checkpoints of earlier versions (every group gathered on rank 0) still load and resume.
@@ -47,7 +51,7 @@ from .engine.outer import merge_outer_states
 from .tensors import tensor_bytes
 
 __all__ = ["LAYOUT_VERSION", "META_FILE", "convert_checkpoint", "is_checkpoint_folder", "load_checkpoint",
-           "read_checkpoint", "save_checkpoint", "save_folder", "split_single_file"]
+           "read_checkpoint", "restore_checkpoint", "save_checkpoint", "save_folder", "split_single_file"]
 
 #: Version of the folder layout (``local_sgd.layout_version`` in ``meta.pt``).
 LAYOUT_VERSION = 1
@@ -334,6 +338,46 @@ def split_single_file(checkpoint: dict[str, Any], rank: int, group_size: int
         return out, layout, {"outer": ranks[rank], "cluster": clusters[rank]}
     return out, layout, ranks[rank]  # FSDP: the ranks' whole states
 
+
+# ---------------------------------------------------------------------------------------------------------- resume
+def restore_checkpoint(strategy: Any, path: Any, state: Any, fitting: bool,
+                       check: Optional[Callable[[Mapping[str, Any]], Optional[bool]]] = None,
+                       read_file: Optional[Callable[[str], dict[str, Any]]] = None,
+                       read_partitions: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
+    """Every strategy's ``load_checkpoint``: read what this rank needs of a checkpoint and restore this rank's
+    :class:`~lightning_localsgd.state.TrainingState` from it (:meth:`~lightning_localsgd.state.TrainingState.restore`).
+
+    Args:
+        strategy: the local-SGD strategy (for its ranks and its controller).
+        path: a checkpoint folder, or a single file (an earlier version's, or a plain Lightning checkpoint).
+        state: the strategy's :class:`~lightning_localsgd.state.TrainingState`.
+        fitting: whether ``fit`` resumes (``False``: validate / test / predict, which read group 0's model unless
+            this rank's own files hold its shards of the model).
+        check: called with the local-SGD layout of a folder before any per-group or per-rank file is read (see
+            :func:`load_checkpoint`). Default: the checkpoint must have been written by this run's layout.
+        read_file: reads a single-file checkpoint (default: as this module reads its own files).
+        read_partitions: DeepSpeed: loads the group's partitions from the folder it is given (collective).
+
+    Returns:
+        The Lightning checkpoint dict, for Lightning's own restore (loops, callbacks; for DDP also the group's model,
+        optimizers and LR schedulers).
+    """
+    path = str(path)
+    exact = lambda layout: strategy.local_sgd.check_meta(layout, strategy.world_size)  # noqa: E731
+    own_files = fitting or state.model_in_rank_files  # else group 0's model
+    rank, group_size = strategy.global_rank, strategy.group_size
+    if is_checkpoint_folder(path):
+        checkpoint, layout, mine = load_checkpoint(path, rank, group_size, check or exact, rank_state=own_files)
+        if read_partitions is not None:
+            assert layout is not None
+            read_partitions(deepspeed_dir(save_folder(path, layout), rank // group_size if own_files else 0))
+    else:
+        checkpoint = (read_file or _read)(path)
+        if own_files and checkpoint.get(CHECKPOINT_KEY) is not None:
+            exact(checkpoint[CHECKPOINT_KEY])  # an earlier version's single file resumes exactly only
+        checkpoint, layout, mine = split_single_file(checkpoint, rank if own_files else 0, group_size)
+    state.restore(checkpoint, layout, mine, fitting)
+    return checkpoint
 
 # ---------------------------------------------------------------------------------------------------------- offline
 def read_checkpoint(path: Any) -> dict[str, Any]:

@@ -19,9 +19,10 @@ three parts of one live peer with :meth:`TrainingState.capture` and applies them
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, Optional
 
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
 from . import _compat
@@ -47,6 +48,9 @@ class TrainingState:
     kind = "replica"
     #: Whether the rank states hold the model (sharded inside the group) rather than one group state per group.
     holds_model_per_rank = False
+    #: Whether this rank's own checkpoint files hold its part of the model (FSDP's shards), so that validate / test /
+    #: predict read them too; otherwise those read group 0's model.
+    model_in_rank_files = False
 
     def __init__(self, strategy: Any) -> None:
         self.strategy = strategy
@@ -90,6 +94,15 @@ class TrainingState:
     def load_rank_state(self, state: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
         """Restore this rank's engines and the local-SGD counters of ``meta`` (now, or once the engines exist)."""
         self.strategy.local_sgd.restore(meta, state.get("outer"), state.get("cluster"))
+
+    # ------------------------------------------------------------------ resume
+    def restore(self, checkpoint: dict[str, Any], layout: Optional[Mapping[str, Any]],
+                mine: Optional[Mapping[str, Any]], fitting: bool) -> None:
+        """Resume from a checkpoint: apply what :func:`~lightning_localsgd.checkpoint.restore_checkpoint` read for
+        this rank (``layout``: the local-SGD layout and counters, ``None`` for a plain Lightning checkpoint; ``mine``:
+        this rank's rank state). What stays in ``checkpoint`` goes through Lightning's own restore."""
+        if fitting and layout is not None:
+            self.load_rank_state(mine or {}, layout)
 
     # ------------------------------------------------------------------ healing
     def capture(self) -> dict[str, Any]:
@@ -135,6 +148,18 @@ class ReplicaState(TrainingState):
         for t in tensors:
             dist.broadcast(t, src=src, group=topology.inner_group)
 
+    def restore(self, checkpoint: dict[str, Any], layout: Optional[Mapping[str, Any]],
+                mine: Optional[Mapping[str, Any]], fitting: bool) -> None:
+        """The group's replica goes through Lightning's restore; after an elastic resume it starts from ``θ_g``."""
+        if mine is not None and mine.get("outer") is not None and mine["outer"].get("merged"):
+            self.start_from_global(checkpoint, mine["outer"])
+        super().restore(checkpoint, layout, mine, fitting)
+        if fitting and layout is None and checkpoint.get("loops") is not None and self.strategy.world_size > 1:
+            rank_zero_warn(
+                "Resuming from a checkpoint without local-SGD state (e.g. written by plain DDP): local SGD starts a "
+                "new interval from rank 0's weights."
+            )
+
     def start_from_global(self, checkpoint: dict[str, Any], merged: Mapping[str, Any]) -> None:
         """Elastic resume: the trainable parameters of ``checkpoint["state_dict"]`` become ``θ_g`` (the merged
         snapshot of :func:`~lightning_localsgd.engine.outer.merge_outer_states`), so every group starts from it."""
@@ -155,6 +180,7 @@ class ShardedState(TrainingState):
 
     kind = "sharded"
     holds_model_per_rank = True
+    model_in_rank_files = True
 
     def group_state(self) -> dict[str, Any]:
         # the model and the optimizers are sharded: they are in the rank state
@@ -189,6 +215,21 @@ class ShardedState(TrainingState):
             for optimizer, saved in zip(self.strategy.optimizers, state["optimizers"]):
                 optimizer.load_state_dict(_local_to_dtensor(saved, optimizer))
             super().load_rank_state(state, meta)
+
+    def restore(self, checkpoint: dict[str, Any], layout: Optional[Mapping[str, Any]],
+                mine: Optional[Mapping[str, Any]], fitting: bool) -> None:
+        """This rank's shards (and, in ``fit``, their inner optimizer state) from its own file; a plain Lightning
+        checkpoint's full weights are cut into this rank's shards (its inner optimizers start afresh)."""
+        if layout is None:
+            from .strategies.fsdp import load_full_state_dict
+
+            load_full_state_dict(self.strategy.model, checkpoint)
+            checkpoint.pop("optimizer_states", None)
+            return
+        assert mine is not None
+        self.load_rank_state(mine, layout, fitting=fitting)
+        for key in ("state_dict", "optimizer_states"):
+            checkpoint.pop(key, None)  # restored above, shard by shard
 
     def shard_layout(self) -> dict[str, Any]:
         """What the converter needs to rebuild the full model from a group's rank states: each parameter's full
@@ -252,6 +293,16 @@ class ZeroState(TrainingState):
                                                    for k, v in inner.items()}
             # the module's (bit16) parameters follow the partitions after the sync this healing is part of
         super().load_rank_state(state, meta)
+
+    def restore(self, checkpoint: dict[str, Any], layout: Optional[Mapping[str, Any]],
+                mine: Optional[Mapping[str, Any]], fitting: bool) -> None:
+        """The partitions were loaded by DeepSpeed (``read_partitions``); this rank's engines follow them."""
+        if fitting and mine is not None and layout is not None:
+            self.load_rank_state(mine, layout)
+            if self.strategy.outer_sync is not None:
+                from .zero import master_partitions
+
+                self.strategy.outer_sync.rebind(master_partitions(self.strategy.zero_optimizer))
 
 
 def set_trainer_counters(trainer: "Trainer", global_step: int, batches_that_stepped: int) -> None:

@@ -16,10 +16,9 @@ from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
 from .._compat import StrategyRegistry, sync_module_states
-from ..checkpoint import is_checkpoint_folder, load_checkpoint, save_checkpoint, split_single_file
+from ..checkpoint import restore_checkpoint, save_checkpoint
 from ..checkpoint_io import with_atomic_default
 from ..config import LocalSGDConfig, local_sgd_arguments
-from ..controller import CHECKPOINT_KEY
 from ..reliability import check_backend_available, check_ddp_arguments, check_model_matches_checkpoint
 from ..topology import build_topology
 from .base import LocalSGDMixin, is_fitting
@@ -128,26 +127,11 @@ class LocalSGDStrategy(LocalSGDMixin, DDPStrategy):
 
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        # a single file (written by an earlier version, every group in it, or by plain DDP) goes through checkpoint_io
+        read_file = lambda path: self.checkpoint_io.load_checkpoint(path, weights_only=weights_only)  # noqa: E731
         fitting = is_fitting(self.lightning_module.trainer if self.lightning_module is not None else None)
-        if is_checkpoint_folder(checkpoint_path):
-            checkpoint, layout, mine = load_checkpoint(checkpoint_path, self.global_rank, self.group_size,
-                                                       self._check_resume_layout, rank_state=fitting)
-            if mine is not None and mine["outer"] is not None and mine["outer"].get("merged"):
-                self.training_state.start_from_global(checkpoint, mine["outer"])
-        else:  # a single file: written by an earlier version (every group in it) or by plain DDP
-            checkpoint = self.checkpoint_io.load_checkpoint(checkpoint_path, weights_only=weights_only)
-            if fitting and checkpoint.get(CHECKPOINT_KEY) is not None:
-                self.local_sgd.check_meta(checkpoint[CHECKPOINT_KEY], self.world_size)
-            checkpoint, layout, mine = split_single_file(checkpoint, self.global_rank if fitting else 0,
-                                                         self.group_size)
-        if fitting and layout is not None:
-            self.training_state.load_rank_state(mine or {}, layout)
-        elif fitting and checkpoint.get("loops") is not None and self.world_size > 1:
-            rank_zero_warn(
-                "Resuming from a checkpoint without local-SGD state (e.g. written by plain DDP): local SGD starts a "
-                "new interval from rank 0's weights."
-            )
-        return checkpoint
+        return restore_checkpoint(self, checkpoint_path, self.training_state, fitting, self._check_resume_layout,
+                                  read_file=read_file)
 
     def _check_resume_layout(self, layout: Mapping[str, Any]) -> bool:
         """``True``: the checkpoint's layout is this run's (exact resume); ``False``: another world size or

@@ -37,7 +37,7 @@ from typing_extensions import override
 
 from .. import support
 from .._compat import StrategyRegistry, validate_device_index_selection
-from ..checkpoint import deepspeed_dir, is_checkpoint_folder, load_checkpoint, save_checkpoint, save_folder
+from ..checkpoint import is_checkpoint_folder, restore_checkpoint, save_checkpoint
 from ..config import LocalSGDConfig, local_sgd_arguments
 from ..state import ZeroState
 from ..topology import build_topology
@@ -346,20 +346,17 @@ class LocalSGDDeepSpeedStrategy(LocalSGDMixin, DeepSpeedStrategy):
                 "evaluate inside trainer.fit (the validation loop)."
             )
         check = lambda layout: check_layout(layout, self.local_sgd, self.world_size, self.zero_stage)  # noqa: E731
-        checkpoint, layout, mine = load_checkpoint(path, self.global_rank, self.group_size, check, rank_state=fitting)
-        assert layout is not None
-        group = self.global_rank // self.group_size if fitting else 0
-        _, client_state = self.deepspeed_engine.load_checkpoint(
-            deepspeed_dir(save_folder(path, layout), group), tag=_TAG, load_optimizer_states=fitting,
-            load_lr_scheduler_states=False, load_module_strict=self.lightning_module.strict_loading,
-        )
-        if client_state is None:
-            raise MisconfigurationException(f"DeepSpeed could not load the checkpoint of this rank's group from {path}.")
-        if fitting and mine is not None:
-            self.training_state.load_rank_state(mine, layout)
-            if self.outer_sync is not None:
-                self.outer_sync.rebind(master_partitions(self.zero_optimizer))
-        return checkpoint
+
+        def read_partitions(folder: str) -> None:  # the group's own DeepSpeed checkpoint (group 0's outside fit)
+            _, client_state = self.deepspeed_engine.load_checkpoint(
+                folder, tag=_TAG, load_optimizer_states=fitting, load_lr_scheduler_states=False,
+                load_module_strict=self.lightning_module.strict_loading,
+            )
+            if client_state is None:
+                raise MisconfigurationException(f"DeepSpeed could not load the checkpoint of this rank's group from "
+                                                f"{path}.")
+
+        return restore_checkpoint(self, path, self.training_state, fitting, check, read_partitions=read_partitions)
 
     @classmethod
     @override

@@ -21,12 +21,10 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from typing_extensions import override
 
-from .. import integrity
 from .._compat import (StrategyRegistry, materialize_distributed_module, optimizers_to_device, set_device_mesh,
                        sync_module_states)
-from ..checkpoint import convert_checkpoint, is_checkpoint_folder, load_checkpoint, save_checkpoint, split_single_file
+from ..checkpoint import convert_checkpoint, restore_checkpoint, save_checkpoint
 from ..config import LocalSGDConfig, local_sgd_arguments
-from ..controller import CHECKPOINT_KEY
 from ..state import ShardedState
 from ..tensors import local_view
 from ..topology import Topology, build_mesh_topology
@@ -340,25 +338,10 @@ class LocalSGDFSDPStrategy(LocalSGDMixin, ModelParallelStrategy):
 
     @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        # a folder, an earlier version's single file, or a plain (e.g. DDP) checkpoint whose full weights are cut into
+        # this rank's shards (ShardedState.restore)
         assert self.lightning_module is not None
-        fitting = is_fitting(self.lightning_module.trainer)
-        check = lambda layout: self.local_sgd.check_meta(layout, self.world_size)  # noqa: E731
-        if is_checkpoint_folder(checkpoint_path):
-            checkpoint, layout, mine = load_checkpoint(checkpoint_path, self.global_rank, self.group_size, check)
-        else:  # a single file: an earlier version's (every rank's shards in it) or a plain (e.g. DDP) checkpoint
-            checkpoint = integrity.load(checkpoint_path, map_location="cpu", weights_only=False)
-            if checkpoint.get(CHECKPOINT_KEY) is None:
-                assert self.model is not None
-                load_full_state_dict(self.model, checkpoint)  # weights only; the inner optimizers start afresh
-                checkpoint.pop("optimizer_states", None)
-                return checkpoint
-            check(checkpoint[CHECKPOINT_KEY])
-            checkpoint, layout, mine = split_single_file(checkpoint, self.global_rank, self.group_size)
-        assert layout is not None and mine is not None
-        self.training_state.load_rank_state(mine, layout, fitting=fitting)
-        for key in ("state_dict", "optimizer_states"):
-            checkpoint.pop(key, None)  # restored above, shard by shard
-        return checkpoint
+        return restore_checkpoint(self, checkpoint_path, self.training_state, is_fitting(self.lightning_module.trainer))
 
     @classmethod
     @override
