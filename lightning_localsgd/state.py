@@ -2,8 +2,8 @@
 
 A rank's state falls into three parts, by who else holds the same copy:
 
-- the **group state**: identical on every rank of a worker group (DDP inside the group: the model replica, the inner
-  optimizers, the LR schedulers). Lightning's checkpoint keys, ``state_dict`` / ``optimizer_states`` /
+- the **group state**: identical on every rank of a worker group: the LR schedulers, and with DDP inside the group
+  the model replica and the inner optimizers. Lightning's checkpoint keys, ``state_dict`` / ``optimizer_states`` /
   ``lr_schedulers``, so a group state is a piece of a plain Lightning checkpoint.
 - the **rank state**: this rank's own. The local-SGD engines (its slice of ``θ_g``, the outer optimizer state, the
   error-feedback buffers, streaming syncs in flight) and, with sharding inside the group (FSDP), the parameter shards
@@ -61,13 +61,16 @@ class TrainingState:
         return self.strategy.lightning_module.trainer
 
     def group_state(self) -> dict[str, Any]:
-        """The worker group's replica, under Lightning's checkpoint keys (live references, not copies)."""
+        """The worker group's replica, under Lightning's checkpoint keys (live references, not copies). Every kind
+        has its LR schedulers here; the model and the inner optimizers only where the group's ranks hold one replica
+        (sharded inside the group, they are in the rank state)."""
         trainer = self.trainer
-        return {
-            "state_dict": self.strategy.lightning_module.state_dict(),
-            "optimizer_states": [o.state_dict() for o in trainer.optimizers],
-            "lr_schedulers": [c.scheduler.state_dict() for c in trainer.lr_scheduler_configs],
-        }
+        state: dict[str, Any] = {}
+        if not self.holds_model_per_rank:
+            state["state_dict"] = self.strategy.lightning_module.state_dict()
+            state["optimizer_states"] = [o.state_dict() for o in trainer.optimizers]
+        state["lr_schedulers"] = [c.scheduler.state_dict() for c in trainer.lr_scheduler_configs]
+        return state
 
     def rank_state(self) -> dict[str, Any]:
         """This rank's own state: the local-SGD engines (``θ_g`` slice, outer optimizer, error feedback)."""
@@ -85,9 +88,10 @@ class TrainingState:
     def load_group_state(self, state: Mapping[str, Any]) -> None:
         """Apply a group state (healing; a checkpoint's goes through Lightning's own restore)."""
         trainer = self.trainer
-        self.strategy.lightning_module.load_state_dict(state["state_dict"])
-        for optimizer, saved in zip(trainer.optimizers, state.get("optimizer_states") or []):
-            optimizer.load_state_dict(saved)
+        if not self.holds_model_per_rank:
+            self.strategy.lightning_module.load_state_dict(state["state_dict"])
+            for optimizer, saved in zip(trainer.optimizers, state.get("optimizer_states") or []):
+                optimizer.load_state_dict(saved)
         for config, saved in zip(trainer.lr_scheduler_configs, state.get("lr_schedulers") or []):
             config.scheduler.load_state_dict(saved)
 
@@ -182,10 +186,6 @@ class ShardedState(TrainingState):
     holds_model_per_rank = True
     model_in_rank_files = True
 
-    def group_state(self) -> dict[str, Any]:
-        # the model and the optimizers are sharded: they are in the rank state
-        return {"lr_schedulers": [c.scheduler.state_dict() for c in self.trainer.lr_scheduler_configs]}
-
     def rank_state(self) -> dict[str, Any]:
         from .strategies.fsdp import reshard
 
@@ -197,11 +197,6 @@ class ShardedState(TrainingState):
             "optimizers": [to_cpu(dtensor_to_local(o.state_dict())) for o in self.strategy.optimizers],
             **super().rank_state(),
         }
-
-    @torch.no_grad()
-    def load_group_state(self, state: Mapping[str, Any]) -> None:
-        for config, saved in zip(self.trainer.lr_scheduler_configs, state.get("lr_schedulers") or []):
-            config.scheduler.load_state_dict(saved)
 
     @torch.no_grad()
     def load_rank_state(self, state: Mapping[str, Any], meta: Mapping[str, Any], fitting: bool = True) -> None:
@@ -255,9 +250,6 @@ class ZeroState(TrainingState):
     kind = "zero"
     holds_model_per_rank = True
 
-    def group_state(self) -> dict[str, Any]:
-        return {}
-
     def capture(self) -> dict[str, Any]:
         from .zero import master_partitions
 
@@ -266,14 +258,9 @@ class ZeroState(TrainingState):
         inner = optimizer.optimizer.state  # keyed by the master partitions (ZeRO-3 empties param_groups between steps)
         partition = {"master": masters, "inner": [dict(inner.get(m, {})) for m in masters]}
         state = {"kind": self.kind,
-                 "group": {"lr_schedulers": [c.scheduler.state_dict() for c in self.trainer.lr_scheduler_configs]},
+                 "group": self.group_state(),
                  "rank": {**self.rank_state(), "partition": partition}, "counters": self.counters()}
         return _map(state, lambda t: t.detach().cpu().clone())
-
-    @torch.no_grad()
-    def load_group_state(self, state: Mapping[str, Any]) -> None:
-        for config, saved in zip(self.trainer.lr_scheduler_configs, state.get("lr_schedulers") or []):
-            config.scheduler.load_state_dict(saved)
 
     @torch.no_grad()
     def load_rank_state(self, state: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
