@@ -35,8 +35,12 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 import lightning_localsgd  # noqa: F401  (registers "local_sgd" / "diloco" with Lightning's strategy registry)
 
 from . import examples
+from ._compat import import_class_path
+from .checkpoint import META_FILE, convert_checkpoint, is_checkpoint_folder
 from .examples.data import TextDataModule
 from .examples.gpt import GPT
+from .federation import main_lighthouse
+from .planner import main as plan_main
 from .strategies import LocalSGDStrategy
 
 __all__ = ["CONFIG_DIR", "DEFAULT_CONFIG", "TRACEBACK_ENV", "LocalSGDCLI", "convert_main", "main", "short_parse_error"]
@@ -125,8 +129,6 @@ _TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false"
 
 def _init_parameters(class_path: str) -> list[str]:
     try:
-        from ._compat import import_class_path
-
         parameters = inspect.signature(import_class_path(class_path)).parameters
         return [n for n in parameters if n not in ("self", "args", "kwargs")]
     except Exception:  # an unimportable class: no suggestion
@@ -174,8 +176,6 @@ class LocalSGDCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         # Lightning reads the model's hyper-parameters from a checkpoint *file*; a local-SGD checkpoint is a folder
         # whose meta.pt holds them (lightning_localsgd.checkpoint): parse them from there.
-        from .checkpoint import META_FILE, is_checkpoint_folder
-
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if not ckpt_path or not is_checkpoint_folder(ckpt_path):
@@ -215,8 +215,6 @@ def convert_main(argv: Optional[list[str]] = None) -> None:
     Runs :func:`lightning_localsgd.checkpoint.convert_checkpoint`; the file loads with
     ``LightningModule.load_from_checkpoint``.
     """
-    from .checkpoint import convert_checkpoint
-
     parser = argparse.ArgumentParser(
         prog="lightning-localsgd convert",
         description="Write a local-SGD checkpoint folder (DDP, FSDP or DeepSpeed inside the groups; every rank wrote "
@@ -251,13 +249,9 @@ def main(args: ArgsType = None) -> None:
     """
     argv = sys.argv[1:] if args is None else args
     if isinstance(argv, (list, tuple)) and argv and argv[0] == "plan":
-        from .planner import main as plan_main
-
         plan_main(list(argv[1:]))
         return
     if isinstance(argv, (list, tuple)) and argv and argv[0] == "lighthouse":  # federated groups meet there
-        from .federation import main_lighthouse
-
         main_lighthouse(list(argv[1:]))
         return
     if isinstance(argv, (list, tuple)) and argv and argv[0] == "convert":

@@ -10,7 +10,8 @@ import inspect
 import math
 import textwrap
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
+from types import SimpleNamespace
 from typing import Any, Callable, Mapping, Optional, TypeVar, Union
 
 import torch
@@ -239,6 +240,14 @@ class LocalSGDConfig:
         values = {**(defaults or {})}
         values.update({f.name: kwargs.pop(f.name) for f in fields(cls) if f.init and f.name in kwargs})
         return cls(**values)
+
+    @classmethod
+    def check_support(cls, kwargs: Mapping[str, Any], strategy: str) -> None:
+        """Run ``strategy``'s own rows of :mod:`~lightning_localsgd.support` on a strategy's keyword arguments (the
+        others at their defaults) before they are validated, so that a setting the strategy does not support is
+        refused with the reason rather than by the argument's own check."""
+        values = {f.name: f.default for f in fields(cls) if f.init and f.default is not MISSING}
+        support.check(SimpleNamespace(**{**values, **{k: v for k, v in kwargs.items() if k in values}}), strategy)
 
     @staticmethod
     def refuse(kwargs: Mapping[str, Any], owner: str, reason: str, fix: str = "", **supported: Any) -> None:

@@ -25,6 +25,7 @@ from .config import LocalSGDConfig
 from .engine import NonFinitePseudoGradientError, OuterSync, ProcessGroupCommunicator, SyncResult
 from .engine.comm import Communicator, as_communicator
 from .engine.schedules import Action, SyncSchedule, TimeBasedSchedule, TimeBasedStreamingSchedule
+from .federation import Federation
 from .reliability import SyncGuard
 from .topology import Topology
 
@@ -148,8 +149,6 @@ def make_syncs(config: LocalSGDConfig) -> Syncs:
     :class:`DirectSyncs`."""
     if config.lighthouse is None:
         return DirectSyncs()
-    from .federation import Federation
-
     return Federation(config.lighthouse, config.group_id, config.min_groups, config.sync_timeout)
 
 

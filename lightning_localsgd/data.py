@@ -28,6 +28,8 @@ from typing import Any, Iterator, Mapping, Optional
 from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler, SequentialSampler
 from torch.utils.data.distributed import DistributedSampler
 
+from ._compat import rebuild_dataloader
+
 __all__ = ["ResumableDataLoader", "ResumableSampler", "drop_strategy_loader_states", "is_stateful_loader",
            "loader_states", "make_resumable", "restore_loader_states"]
 
@@ -207,8 +209,6 @@ def make_resumable(loader: Any) -> Any:
     ``RandomSampler`` or a ``SequentialSampler``. Returned as it is: anything not a ``DataLoader``, an iterable
     dataset's loader, a loader that saves its own position already (torchdata's ``StatefulDataLoader``), a loader
     with its own ``batch_sampler``."""
-    from ._compat import rebuild_dataloader
-
     if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
         return loader
     resumable = isinstance(loader, ResumableDataLoader)

@@ -26,7 +26,9 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
 from . import _compat
+from .fsdp2 import load_full_state_dict, local_to_dtensor, reshard
 from .tensors import _map, dtensor_to_local, local_view, to_cpu
+from .zero import master_partitions
 
 if TYPE_CHECKING:
     from lightning.pytorch import Trainer
@@ -187,8 +189,6 @@ class ShardedState(TrainingState):
     model_in_rank_files = True
 
     def rank_state(self) -> dict[str, Any]:
-        from .strategies.fsdp import reshard
-
         module = self.strategy.lightning_module
         reshard(module)  # a checkpoint right after a validation pass: read the shards, not the gathered tensors
         return {
@@ -208,7 +208,7 @@ class ShardedState(TrainingState):
                 b.copy_(state["buffers"][name])
         if fitting:
             for optimizer, saved in zip(self.strategy.optimizers, state["optimizers"]):
-                optimizer.load_state_dict(_local_to_dtensor(saved, optimizer))
+                optimizer.load_state_dict(local_to_dtensor(saved, optimizer))
             super().load_rank_state(state, meta)
 
     def restore(self, checkpoint: dict[str, Any], layout: Optional[Mapping[str, Any]],
@@ -216,8 +216,6 @@ class ShardedState(TrainingState):
         """This rank's shards (and, in ``fit``, their inner optimizer state) from its own file; a plain Lightning
         checkpoint's full weights are cut into this rank's shards (its inner optimizers start afresh)."""
         if layout is None:
-            from .strategies.fsdp import load_full_state_dict
-
             load_full_state_dict(self.strategy.model, checkpoint)
             checkpoint.pop("optimizer_states", None)
             return
@@ -251,8 +249,6 @@ class ZeroState(TrainingState):
     holds_model_per_rank = True
 
     def capture(self) -> dict[str, Any]:
-        from .zero import master_partitions
-
         optimizer = self.strategy.zero_optimizer
         masters = master_partitions(optimizer)
         inner = optimizer.optimizer.state  # keyed by the master partitions (ZeRO-3 empties param_groups between steps)
@@ -266,8 +262,6 @@ class ZeroState(TrainingState):
     def load_rank_state(self, state: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
         partition = state.get("partition")
         if partition is not None:  # healing: a live peer's partition of the same rank (a checkpoint's is DeepSpeed's)
-            from .zero import master_partitions
-
             optimizer = self.strategy.zero_optimizer
             masters = master_partitions(optimizer)
             if [m.numel() for m in masters] != [m.numel() for m in partition["master"]]:
@@ -287,8 +281,6 @@ class ZeroState(TrainingState):
         if fitting and mine is not None and layout is not None:
             self.load_rank_state(mine, layout)
             if self.strategy.outer_sync is not None:
-                from .zero import master_partitions
-
                 self.strategy.outer_sync.rebind(master_partitions(self.strategy.zero_optimizer))
 
 
@@ -302,22 +294,3 @@ def set_trainer_counters(trainer: "Trainer", global_step: int, batches_that_step
         progress = loop.manual_optimization.optim_step_progress.total
     progress.ready = progress.completed = global_step
     _compat.set_batches_that_stepped(loop, batches_that_stepped)
-
-
-def _local_to_dtensor(state: Mapping[str, Any], optimizer: Any) -> dict[str, Any]:
-    """Turn the local shards of a saved optimizer state back into DTensors shaped like the parameters."""
-    from torch.distributed.tensor import DTensor
-
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    out: dict[str, Any] = {"param_groups": state["param_groups"], "state": {}}
-    for idx, st in state["state"].items():
-        p = params[int(idx)]
-        new = {}
-        for k, v in st.items():
-            if isinstance(p, DTensor) and isinstance(v, Tensor) and v.dim() > 0 and v.shape == p.to_local().shape:
-                new[k] = DTensor.from_local(v.to(p.device), p.device_mesh, p.placements, shape=p.shape,
-                                            stride=p.stride(), run_check=False)
-            else:
-                new[k] = v
-        out["state"][idx] = new
-    return out

@@ -12,8 +12,7 @@ not refused (:data:`TESTED`); ``tests/compat/test_support_table.py`` keeps the R
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import SimpleNamespace
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Optional
 
 __all__ = ["FEATURES", "MODES", "REFUSALS", "STRATEGIES", "TESTED", "Refusal", "check", "markdown_table"]
 
@@ -112,19 +111,13 @@ REFUSALS: list[Refusal] = [
 
 
 def check(config: Any, strategy: Optional[str] = None) -> None:
-    """Raise a ``ValueError`` for the first refused combination in ``config``: a ``LocalSGDConfig``, or a strategy's
-    keyword arguments (a mapping; the others at their defaults), so that a strategy refuses a setting it does not
-    support before the arguments' own checks look at it. ``strategy``: ``None`` checks the rows every strategy
-    shares, ``"ddp"`` / ``"fsdp"`` / ``"deepspeed"`` that strategy's own."""
+    """Raise a ``ValueError`` for the first refused combination in ``config``: a ``LocalSGDConfig``, or any object
+    with its attributes (:meth:`LocalSGDConfig.check_support <lightning_localsgd.config.LocalSGDConfig.check_support>`
+    passes a strategy's keyword arguments over the defaults, so that a strategy refuses a setting it does not support
+    before the arguments' own checks look at it). ``strategy``: ``None`` checks the rows every strategy shares,
+    ``"ddp"`` / ``"fsdp"`` / ``"deepspeed"`` that strategy's own."""
     if strategy is not None and strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy kind {strategy!r}; one of {STRATEGIES}.")
-    if isinstance(config, Mapping):
-        from dataclasses import MISSING, fields
-
-        from .config import LocalSGDConfig
-
-        values = {f.name: f.default for f in fields(LocalSGDConfig) if f.init and f.default is not MISSING}
-        config = SimpleNamespace(**{**values, **{k: v for k, v in config.items() if k in values}})
     mode = "federated" if _federated(config) else "one world"
     for refusal in REFUSALS:
         if refusal.applies(mode, strategy) and refusal.present(config):

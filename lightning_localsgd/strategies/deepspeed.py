@@ -35,7 +35,6 @@ from torch import Tensor
 from torch.nn import Module
 from typing_extensions import override
 
-from .. import support
 from .._compat import StrategyRegistry, validate_device_index_selection
 from ..checkpoint import is_checkpoint_folder, restore_checkpoint, save_checkpoint
 from ..config import LocalSGDConfig, local_sgd_arguments
@@ -159,7 +158,7 @@ class LocalSGDDeepSpeedStrategy(LocalSGDMixin, DeepSpeedStrategy):
 
     def __init__(self, **kwargs: Any) -> None:
         _require_deepspeed()
-        support.check(kwargs, "deepspeed")  # warm-up, streaming and time-based sync: refused with the reason
+        LocalSGDConfig.check_support(kwargs, "deepspeed")  # warm-up, streaming, time-based sync: refused, with why
         config = LocalSGDConfig.from_kwargs(kwargs, self.local_sgd_defaults)
         check_deepspeed_arguments(kwargs)
         super().__init__(**kwargs)

@@ -4,50 +4,32 @@ The ranks form a 2-D device mesh ``("replicate", "shard")`` of shape ``(G, S)`` 
 row ``i`` is worker group ``i`` (FSDP shards the model over it: per-step all-gather / reduce-scatter inside the group
 only), column ``k`` is cross group ``k`` (rank ``k`` of every group, holding the same shard). Every ``sync_every``
 steps each rank runs the outer step on its own shard with the same shard of the other groups. Nobody gathers the full
-model to sync.
+model to sync. The FSDP2 internals (sharding, resharding, group 0's shards everywhere, full weights into the shards)
+live in :mod:`lightning_localsgd.fsdp2`; this module is the Lightning glue.
 """
 
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any, Callable, ContextManager, Mapping, Optional
+from typing import Any, Callable, ContextManager, Optional
 
 import torch
-import torch.distributed as dist
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.pytorch import Trainer
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor
 from typing_extensions import override
 
 from .._compat import (StrategyRegistry, materialize_distributed_module, optimizers_to_device, set_device_mesh,
                        sync_module_states)
 from ..checkpoint import convert_checkpoint, restore_checkpoint, save_checkpoint
 from ..config import LocalSGDConfig, local_sgd_arguments
+from ..fsdp2 import (broadcast_group_zero_shards, check_user_sharding, is_fully_sharded,  # noqa: F401 (API)
+                     load_full_state_dict, reshard, shard_module)
 from ..state import ShardedState
 from ..tensors import local_view
-from ..topology import Topology, build_mesh_topology
+from ..topology import build_mesh_topology
 from .base import LocalSGDMixin, is_fitting
-
-def _is_fully_sharded(module: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return any(isinstance(m, FSDPModule) for m in module.modules())
-
-
-def reshard(module: nn.Module) -> None:
-    """Put every FSDP unit back to its sharded parameters.
-
-    FSDP2 does not reshard the root unit after a forward (its backward would gather it again at once), so after a
-    forward-only pass (validation, test, predict) ``module.parameters()`` are the unsharded full tensors until the next
-    backward. Whatever reads the shards (the sync, the checkpoint, the sharding check) reshards first.
-    """
-    from torch.distributed.fsdp import FSDPModule
-
-    for m in module.modules():
-        if isinstance(m, FSDPModule):
-            m.reshard()
 
 
 def _call_through_root(module: nn.Module, method: str, *args: Any, **kwargs: Any) -> Any:
@@ -98,71 +80,6 @@ def check_fsdp_arguments(auto_wrap_policy: Any, mp_policy: Any, save_distributed
                 "mp_policy must be a torch.distributed.fsdp.MixedPrecisionPolicy, e.g. "
                 f"MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32); got {mp_policy!r}."
             )
-
-
-def shard_module(module: nn.Module, mesh: Any, auto_wrap_policy: Optional[set[type[nn.Module]]], mp_policy: Any,
-                 reshard_after_forward: bool) -> None:
-    """``fully_shard`` ``module`` over ``mesh`` (the worker group): every element of an ``nn.ModuleList`` (or every
-    instance of a class in ``auto_wrap_policy``) as a unit, then ``module`` itself as the root unit."""
-    from torch.distributed.fsdp import FSDPModule, fully_shard
-
-    kwargs: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
-    if mp_policy is not None:
-        kwargs["mp_policy"] = mp_policy
-    units = []
-    for m in module.modules():
-        if m is module:
-            continue
-        if auto_wrap_policy is not None:
-            if isinstance(m, tuple(auto_wrap_policy)):
-                units.append(m)
-        elif isinstance(m, nn.ModuleList):
-            units.extend(m)
-    for unit in units:
-        if not isinstance(unit, FSDPModule):
-            fully_shard(unit, **kwargs)
-
-    # The LightningModule itself is the root unit: it holds everything else (embeddings, final norm, head), so
-    # parameters shared between those (tied input/output embeddings) stay in one FSDP group, and FSDP sees a
-    # single root, as with Lightning's FSDPStrategy.
-    fully_shard(module, **kwargs)
-
-
-def check_user_sharding(module: nn.Module, shard_mesh: Any) -> None:
-    """Refuse a module the user sharded in ``configure_model`` unless every parameter is sharded over ``shard_mesh``
-    (this rank's worker group)."""
-    for name, p in module.named_parameters():
-        if not isinstance(p, DTensor):
-            raise ValueError(
-                f"parameter {name!r} is not sharded while others are: with local SGD every parameter must be "
-                "sharded inside the worker group. Call fully_shard on the module holding it (or on the root)."
-            )
-        if p.device_mesh != shard_mesh:
-            raise ValueError(
-                f"parameter {name!r} is sharded over the mesh {p.device_mesh}, not over this rank's worker group. "
-                "Sharding across worker groups defeats local SGD: use `fully_shard(module, "
-                "mesh=self.device_mesh['shard'])` in configure_model."
-            )
-
-
-@torch.no_grad()
-def broadcast_group_zero_shards(module: nn.Module, topology: Topology) -> None:
-    """Every group starts from group 0's shards (rank k of group 0 sends shard k to its cross group)."""
-    if topology.num_groups == 1:
-        return
-    src = topology.rank_in_group  # global rank of this cross group's member in group 0
-    for t in list(module.parameters()) + list(module.buffers()):
-        local = local_view(t.detach())
-        if local.numel():
-            dist.broadcast(local, src=src, group=topology.cross_group)
-
-
-def load_full_state_dict(module: nn.Module, checkpoint: Mapping[str, Any]) -> None:
-    """Load the full (unsharded) weights of a plain Lightning checkpoint into the sharded ``module``: every rank
-    keeps its own shards of them."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-    set_model_state_dict(module, checkpoint["state_dict"], options=StateDictOptions(full_state_dict=True))
 
 
 @local_sgd_arguments(
@@ -257,7 +174,7 @@ class LocalSGDFSDPStrategy(LocalSGDMixin, ModelParallelStrategy):
                 "with `torch.distributed.fsdp.fully_shard(module, mesh=self.device_mesh['shard'])` in configure_model, "
                 "or let the strategy shard the model."
             )
-        if _is_fully_sharded(self.model):
+        if is_fully_sharded(self.model):
             reshard(self.model)  # a validation pass at the end of a previous fit left the root unit unsharded
             check_user_sharding(self.model, self._device_mesh["shard"])
         else:
