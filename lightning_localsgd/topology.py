@@ -157,6 +157,22 @@ def unbind_gloo_default_group() -> None:
         group.bound_device_id = None
 
 
+def new_groups(rank_lists: Sequence[Sequence[int]], rank: int,
+               timeout: Optional[timedelta] = None) -> Optional[dist.ProcessGroup]:
+    """Create a process group for each list of ranks and return the one ``rank`` is in (``None`` if none).
+
+    ``new_group`` is collective over the default group: every rank creates every group, in the same order, including
+    the groups it is not in.
+    """
+    kwargs = {"timeout": timeout} if timeout is not None else {}
+    mine = None
+    for ranks in rank_lists:
+        group = dist.new_group(list(ranks), **kwargs)
+        if rank in ranks:
+            mine = group
+    return mine
+
+
 def build_topology(group_size: int, timeout: Optional[timedelta] = None) -> Topology:
     """Create the inner and cross process groups. Collective: every rank must call it, in the same order."""
     unbind_gloo_default_group()
@@ -164,37 +180,18 @@ def build_topology(group_size: int, timeout: Optional[timedelta] = None) -> Topo
     check_group_size(world_size, group_size)
     if group_size == 1:
         return Topology(world_size, rank, 1, inner_group=None, cross_group=None)
-    kwargs = {"timeout": timeout} if timeout is not None else {}
-    inner = cross = None
-    # new_group is collective over the default group: every rank creates every group, in the same order.
-    for ranks in group_ranks(world_size, group_size):
-        pg = dist.new_group(ranks, **kwargs)
-        if rank in ranks:
-            inner = pg
-    for ranks in cross_group_ranks(world_size, group_size):
-        pg = dist.new_group(ranks, **kwargs)
-        if rank in ranks:
-            cross = pg
+    inner = new_groups(group_ranks(world_size, group_size), rank, timeout)
+    cross = new_groups(cross_group_ranks(world_size, group_size), rank, timeout)
     return Topology(world_size, rank, group_size, inner_group=inner, cross_group=cross)
 
 
 def add_cluster_groups(topology: Topology, cluster_size: int, timeout: Optional[timedelta] = None) -> Topology:
     """Create the two process groups of two-stage sync. Collective: every rank calls it, in the same order."""
     check_cluster_size(topology.num_groups, cluster_size)
-    kwargs = {"timeout": timeout} if timeout is not None else {}
     intra_ranks, inter_ranks = cluster_cross_group_ranks(topology.world_size, topology.group_size, cluster_size)
-    intra = inter = None
-    for ranks in intra_ranks:
-        pg = dist.new_group(ranks, **kwargs)
-        if topology.rank in ranks:
-            intra = pg
-    for ranks in inter_ranks:
-        pg = dist.new_group(ranks, **kwargs)
-        if topology.rank in ranks:
-            inter = pg
     topology.cluster_size = cluster_size
-    topology.intra_cluster_group = intra
-    topology.inter_cluster_group = inter
+    topology.intra_cluster_group = new_groups(intra_ranks, topology.rank, timeout)
+    topology.inter_cluster_group = new_groups(inter_ranks, topology.rank, timeout)
     return topology
 
 
@@ -236,11 +233,7 @@ def build_mesh_topology(device_type: str, group_size: int,
                             mesh_dim_names=(replicate_dim, *names))
     if len(dims) == 1:
         inner = mesh[names[0]].get_group()
-    else:  # the whole worker group, over all its inner dimensions (new_group is collective over every rank)
-        inner = None
-        for ranks in group_ranks(world_size, group_size):
-            pg = dist.new_group(ranks)
-            if rank in ranks:
-                inner = pg
+    else:  # the whole worker group, over all its inner dimensions
+        inner = new_groups(group_ranks(world_size, group_size), rank)
     topology = Topology(world_size, rank, group_size, inner_group=inner, cross_group=mesh[replicate_dim].get_group())
     return mesh, topology

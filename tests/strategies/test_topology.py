@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 import _forkserver
 from _forkserver import free_port
-from lightning_localsgd.topology import build_mesh_topology, build_topology
+from lightning_localsgd.topology import add_cluster_groups, build_mesh_topology, build_topology
 
 
 
@@ -56,3 +56,32 @@ def test_groups_of_a_gloo_default_group_bound_to_a_device(tmp_path, unbind):
         assert all(g["bound"] is None for g in got)
     else:  # the torch behaviour the workaround is for; if a torch release fixes it, this says so
         assert all(g["error"] for g in got), got
+
+
+def _members(rank: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=4)
+    try:
+        ranks = lambda group: dist.get_process_group_ranks(group)  # noqa: E731
+        topo = add_cluster_groups(build_topology(2), cluster_size=2)
+        _, mesh = build_mesh_topology("cpu", 2, inner_dims=[("data_parallel", 1), ("tensor_parallel", 2)])
+        torch.save({"inner": ranks(topo.inner_group), "cross": ranks(topo.cross_group),
+                    "intra": ranks(topo.intra_cluster_group), "inter": ranks(topo.inter_cluster_group),
+                    "mesh_inner": ranks(mesh.inner_group), "mesh_cross": ranks(mesh.cross_group)},
+                   os.path.join(out, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_gets_the_groups_it_is_in(tmp_path):
+    """4 ranks, worker groups of 2, clusters of 2 groups, and a 2-D inner mesh: each rank's process groups hold the
+    ranks worked out by hand (every rank creates every group, each keeps its own)."""
+    launch = _forkserver.spawn if _forkserver.enabled() else mp.spawn
+    launch(_members, args=(free_port(), str(tmp_path)), nprocs=4)
+    got = [torch.load(tmp_path / f"{r}.pt", weights_only=False) for r in range(4)]
+    groups = [[0, 1], [0, 1], [2, 3], [2, 3]]  # worker group i: ranks 2i, 2i + 1
+    cross = [[0, 2], [1, 3], [0, 2], [1, 3]]  # cross group k: rank k of every group
+    assert [g["inner"] for g in got] == groups and [g["mesh_inner"] for g in got] == groups
+    assert [g["cross"] for g in got] == cross and [g["mesh_cross"] for g in got] == cross
+    assert [g["intra"] for g in got] == cross  # one cluster of both groups: level 1 is the cross group
+    assert [g["inter"] for g in got] == [[0], [1], [2], [3]]  # one cluster: level 2 is each rank alone
