@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from _launch import max_diff, run_tiny
@@ -61,3 +62,18 @@ def test_resume_with_other_group_size_fails_clearly_where_shards_cannot_be_recut
     out = run_tiny(tmp_path / "b", devices=2, strategy="fsdp", group_size=2, sync_every=4, steps=8, resume=ckpt,
                    expect_fail=True)
     assert "group_size=2" in out[0]["stderr"] and "worker groups of 1" in out[0]["stderr"]
+
+
+@pytest.mark.slow
+def test_local_sgd_starts_from_the_weights_of_a_plain_ddp_checkpoint(tmp_path):
+    # a plain single-file Lightning checkpoint (written by plain DDP, no local-SGD state): every group starts from its
+    # weights and local SGD from a new interval (TrainingState.restore of a checkpoint without a layout)
+    run_tiny(tmp_path / "ddp", devices=2, strategy="ddp", steps=4, ckpt_every=4, seed_by_rank=True)
+    plain = tmp_path / "ddp" / "ckpt" / "step=4.ckpt"
+    saved = torch.load(plain, weights_only=False)
+    assert "local_sgd" not in saved
+    # resumed at its last step: nothing left to train, so every rank's model is exactly the file's weights
+    ranks = run_tiny(tmp_path / "local_sgd", devices=2, sync_every=4, steps=4, resume=plain, seed_by_rank=True)
+    for dump in ranks:
+        assert dump["info"]["global_step"] == 4 and dump["info"]["num_syncs"] == 0
+        assert max_diff(dump["final"], saved["state_dict"]) == 0.0
