@@ -234,7 +234,7 @@ class LocalSGDController:
 
     # ------------------------------------------------------------------ setup
     def setup(self, topology: Topology, tensors: Sequence[Tensor], buffers: Sequence[Tensor] = (),
-              shard_group: Any = None, norm_group: Any = None, fragment_sizes: Optional[Sequence[int]] = None,
+              slice_group: Any = None, sharding_group: Any = None, fragment_sizes: Optional[Sequence[int]] = None,
               fallback_timeout: Any = None, host_facts: Optional[HostFacts] = None) -> None:
         """Start the syncs' transport (given ``host_facts``, what one across jobs needs of this rank), then build the
         engines over the topology's process groups (collective: every rank calls it)."""
@@ -250,17 +250,18 @@ class LocalSGDController:
         self.outer_sync = OuterSync(
             tensors, buffers, outer_optimizer=c.outer_factory,
             cross_group=topology.intra_cluster_group if two_stage else topology.cross_group,
-            shard_group=shard_group, norm_group=norm_group, state_device=c.state_device,
+            slice_group=slice_group, sharding_group=sharding_group, state_device=c.state_device,
             on_nonfinite=c.on_nonfinite, compression=c.compression, fragments=c.fragments,
             fragment_sizes=fragment_sizes, screen=c.build_screen(),
         )
         if two_stage:
             # Level 2 reads and writes level 1's snapshot θ_c: the cluster's global parameters.
             # Split over the cluster's groups (federated: the job's), each rank reduces a piece of its slice.
-            split = topology.inter_cluster_shard_group
+            split = topology.inter_cluster_slice_group
             self.cluster_sync = OuterSync(
                 self.outer_sync.snapshot, outer_optimizer=c.cluster_factory, cross_group=topology.inter_cluster_group,
-                shard_group=split, norm_group=topology.cluster_group if split is not None else self.outer_sync.norm,
+                slice_group=split,
+                sharding_group=topology.cluster_group if split is not None else self.outer_sync.sharding,
                 on_nonfinite=c.on_nonfinite, compression=c.compression, screen=c.build_screen(),
             )
         if self._restored is not None:

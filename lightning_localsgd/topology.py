@@ -114,12 +114,12 @@ class Topology:
     inter_cluster_group: Any = None
     """Level 2 of two-stage sync: this rank's place in every cluster (a process group, or in federated mode the
     torchft communicator across jobs: see :func:`job_cluster_groups`)."""
-    inter_cluster_shard_group: Optional[dist.ProcessGroup] = None
+    inter_cluster_slice_group: Optional[dist.ProcessGroup] = None
     """Level 2 split over the cluster's groups: the ranks of the cluster holding the same slice of ``θ_c``, each of
     which reduces ``1/cluster_size`` of that slice across clusters and all-gathers the rest from the others, so a
     cluster sends one copy of the model per level-2 sync. ``None``: every rank reduces its whole slice."""
     cluster_group: Optional[dist.ProcessGroup] = None
-    """With :attr:`inter_cluster_shard_group`: every rank of this rank's cluster (their level-2 pieces make one copy
+    """With :attr:`inter_cluster_slice_group`: every rank of this rank's cluster (their level-2 pieces make one copy
     of the model, so the pseudo-gradient norm adds their squares)."""
 
     def federate(self, comm: Any) -> None:
@@ -207,7 +207,7 @@ def job_cluster_groups(topology: Topology) -> Topology:
     job_cross = topology.cross_group if topology.cross_group is not None else dist.group.WORLD
     topology.cluster_size = topology.num_groups
     topology.intra_cluster_group = topology.cross_group
-    topology.inter_cluster_shard_group = job_cross
+    topology.inter_cluster_slice_group = job_cross
     topology.cluster_group = dist.group.WORLD  # the job's world
     return topology
 

@@ -1,6 +1,6 @@
 """Which elements of the parameters a rank syncs, and how they split into streaming fragments; computed once.
 
-``shard_count = S > 1``: the ``S`` ranks of a worker group hold identical replicas (DDP inside the group). The
+``slice_count = S > 1``: the ``S`` ranks of a worker group hold identical replicas (DDP inside the group). The
 flattened parameters are cut in ``S`` equal slices and rank ``k`` of the group owns slice ``k``: it reduces that slice
 with rank ``k`` of every other group and the group all-gathers the slices afterwards. With ``S = 1`` the rank owns
 all of its tensors (one rank per group, or FSDP / ZeRO shards that are local already).
@@ -99,26 +99,26 @@ class Fragment:
 
 
 class Layout:
-    """Pieces owned by shard ``shard_index`` of ``shard_count`` and the fragments, for tensors of ``numels``.
+    """Pieces owned by slice ``slice_index`` of ``slice_count`` and the fragments, for tensors of ``numels``.
 
     Args:
         numels: the elements of each tensor, in the same order on every rank.
-        shard_count / shard_index: the slices of a DDP group (1 / 0: the rank owns everything).
+        slice_count / slice_index: the slices of a DDP group (1 / 0: the rank owns everything).
         fragments: number of streaming fragments (1: one).
         fragment_sizes: sizes to balance the fragments by (default ``numels``); FSDP passes the full parameters'
             sizes so every shard of a group cuts the model at the same tensors.
     """
 
-    def __init__(self, numels: Sequence[int], shard_count: int = 1, shard_index: int = 0, fragments: int = 1,
+    def __init__(self, numels: Sequence[int], slice_count: int = 1, slice_index: int = 0, fragments: int = 1,
                  fragment_sizes: Optional[Sequence[int]] = None) -> None:
         self.numels = [int(n) for n in numels]
-        self.shard_count, self.shard_index = shard_count, shard_index
+        self.slice_count, self.slice_index = slice_count, slice_index
         self.total_numel = sum(self.numels)
-        self.slice_numel = math.ceil(self.total_numel / shard_count)
+        self.slice_numel = math.ceil(self.total_numel / slice_count)
         self.offsets = [0]
         for n in self.numels:
             self.offsets.append(self.offsets[-1] + n)
-        own_start = shard_index * self.slice_numel
+        own_start = slice_index * self.slice_numel
         own_stop = min(own_start + self.slice_numel, self.total_numel)
         self.pieces = [Piece(i, max(own_start, lo) - lo, min(own_stop, hi) - lo)
                        for i, (lo, hi) in enumerate(zip(self.offsets, self.offsets[1:]))
@@ -155,4 +155,4 @@ class Layout:
         """Elements of ``fragment`` each shard of the group owns (rank ``k`` owns ``[k·L, (k+1)·L)``)."""
         a, b = fragment.flat
         L = self.slice_numel
-        return [max(0, min(b, (k + 1) * L) - max(a, k * L)) for k in range(self.shard_count)]
+        return [max(0, min(b, (k + 1) * L) - max(a, k * L)) for k in range(self.slice_count)]

@@ -144,12 +144,12 @@ class OuterSync:
         outer_optimizer: a factory ``params -> Optimizer`` or ``None`` for exact averaging (see
             :func:`~.presets.resolve_outer_optimizer`).
         cross_group: communicator (or process group; ``None`` = the default group) joining this rank with the ranks
-            that hold the same shard in the other groups.
-        shard_group: communicator / process group of this rank's worker group when its ranks hold identical replicas
-            and should each sync one slice (``None`` = the rank syncs all of ``tensors`` itself).
-        norm_group: communicator / process group whose ranks hold the other shards of the same replica (FSDP or ZeRO
-            inside a group): their squared norms are summed for the pseudo-gradient norm and the non-finite check.
-            Defaults to ``shard_group``.
+            that hold the same shard in the other groups (FSDP's "replicate" dimension).
+        slice_group: communicator / process group of this rank's worker group when its ranks hold identical replicas
+            (DDP inside a group) and should each sync one slice (``None`` = the rank syncs all of ``tensors`` itself).
+        sharding_group: communicator / process group whose ranks hold the other shards of the same replica (FSDP or
+            ZeRO inside a group: FSDP's "shard" dimension): their squared norms are summed for the pseudo-gradient
+            norm and the non-finite check. Defaults to ``slice_group``.
         state_device: where the snapshot and the outer optimizer state live (default: the tensors' device).
         on_nonfinite: ``"raise"`` (default) raises :class:`NonFinitePseudoGradientError`; ``"skip"`` drops the sync
             and resets every group to the previous ``θ_g``. In both cases the snapshot is left untouched.
@@ -171,8 +171,8 @@ class OuterSync:
         buffers: Sequence[Tensor] = (),
         outer_optimizer: Optional[OuterOptimizerFactory] = None,
         cross_group: GroupLike = None,
-        shard_group: GroupLike = None,
-        norm_group: GroupLike = None,
+        slice_group: GroupLike = None,
+        sharding_group: GroupLike = None,
         state_device: Optional[Union[str, torch.device]] = None,
         on_nonfinite: str = "raise",
         bucket_bytes: Optional[int] = None,
@@ -189,14 +189,14 @@ class OuterSync:
         self.tensors = list(tensors)
         self.buffers = [b for b in buffers if torch.is_floating_point(b)]
         self.cross = as_communicator(cross_group)
-        self.shard = as_communicator(shard_group) if shard_group is not None else None
-        self.norm = as_communicator(norm_group) if norm_group is not None else self.shard
+        self.slicing = as_communicator(slice_group) if slice_group is not None else None
+        self.sharding = as_communicator(sharding_group) if sharding_group is not None else self.slicing
         self.on_nonfinite = on_nonfinite
         self.compression = compression
         self.device = self.tensors[0].device
         self.state_device = torch.device(state_device) if state_device is not None else self.device
-        self.layout = Layout([t.numel() for t in self.tensors], self.shard.size if self.shard else 1,
-                             self.shard.rank if self.shard else 0, fragments, fragment_sizes)
+        self.layout = Layout([t.numel() for t in self.tensors], self.slicing.size if self.slicing else 1,
+                             self.slicing.rank if self.slicing else 0, fragments, fragment_sizes)
         self.pending: dict[Optional[int], Reduction] = {}
         """Syncs started and not yet finished, by fragment (``None``: all parameters)."""
         self.reducer = MeanReducer(self.cross, self.device, bucket_bytes or DEFAULT_BUCKET_BYTES,
@@ -255,7 +255,7 @@ class OuterSync:
     @property
     def communicators(self) -> list[Communicator]:
         """Every communicator a sync talks over (the sync guard bounds their collectives)."""
-        return [c for c in (self.cross, self.shard, self.norm) if c is not None]
+        return [c for c in (self.cross, self.slicing, self.sharding) if c is not None]
 
     @property
     def total_numel(self) -> int:
@@ -382,10 +382,10 @@ class OuterSync:
         snapshots = self.snapshot[slice(*frag.pieces)]
         sq = sum(squared_norm(snap.view(-1).to(view.device), view.float().reshape(-1))
                  for snap, view in zip(snapshots, self._owned_views(frag)))
-        verdict = self.screen.screen(self.cross, self.norm, float(sq), weight, self.device)
+        verdict = self.screen.screen(self.cross, self.sharding, float(sq), weight, self.device)
         if verdict.excluded:
             self._verdicts[frag.index] = verdict
-            if self.norm is None or self.norm.rank == 0:  # one line per group
+            if self.sharding is None or self.sharding.rank == 0:  # one line per group
                 log_verdict(verdict, self.group_index, self.cross.member_name, self.num_syncs + 1)
         return verdict.weight(self.group_index, weight)
 
@@ -429,8 +429,8 @@ class OuterSync:
             delta = torch.sub(theta, mean, out=mean)
             sq_local = squared_norm(delta)
         sq = torch.tensor([sq_local], dtype=torch.float64, device=self.device)
-        if self.norm is not None and self.norm.size > 1:
-            self.norm.all_reduce(sq)
+        if self.sharding is not None and self.sharding.size > 1:
+            self.sharding.all_reduce(sq)
         sq_norm = float(sq.item())
         if not self.cross.commit():  # a fault-tolerant transport's vote: nothing has been written yet
             raise SyncAbortedError("the sync was aborted (a collective failed, or too few groups took part); the "
@@ -507,12 +507,12 @@ class OuterSync:
         """Copy ``θ_g`` of a fragment into the live tensors (``mix`` > 0: ``α·θ_i + (1−α)·θ_g``); with a shard
         group, all-gather the ranks' pieces of the fragment first. Collective over the shard group."""
         frag = self.layout.fragment(fragment)
-        if self.shard is None or self.shard.size == 1:
+        if self.slicing is None or self.slicing.size == 1:
             for snap, view in zip(self.snapshot[slice(*frag.pieces)], self._owned_views(frag)):
                 _blend(view, snap, mix)
             return
         a, b = frag.flat
-        flat = gather_slices(self.shard, self.layout.slice_counts(frag), self._flat_snapshot(frag).to(self.device))
+        flat = gather_slices(self.slicing, self.layout.slice_counts(frag), self._flat_snapshot(frag).to(self.device))
         for t, offset in zip(self.tensors, self.layout.offsets):  # flat = θ_g[a:b]
             lo, hi = max(a, offset), min(b, offset + t.numel())
             if lo < hi:
@@ -526,8 +526,8 @@ class OuterSync:
         flags[self.group_index] = float(local_bad)
         if self.num_groups > 1:
             self.cross.all_reduce(flags)
-        if self.norm is not None and self.norm.size > 1:
-            self.norm.all_reduce(flags)
+        if self.sharding is not None and self.sharding.size > 1:
+            self.sharding.all_reduce(flags)
         return [i for i, f in enumerate(flags.tolist()) if f > 0]
 
     # ------------------------------------------------------------------ checkpointing

@@ -160,16 +160,16 @@ class PseudoGradientScreen:
         return verdict
 
     # ------------------------------------------------------------------ the collective
-    def screen(self, cross: Communicator, norm: Optional[Communicator], squared_norm: float,
+    def screen(self, cross: Communicator, sharding: Optional[Communicator], squared_norm: float,
                weight: Optional[float], device: torch.device) -> ScreenVerdict:
-        """Gather every member's norm and decide. Collective over ``norm`` (the ranks holding the other parts of
+        """Gather every member's norm and decide. Collective over ``sharding`` (the ranks holding the other parts of
         this group's pseudo-gradient: their squares are summed) and then ``cross``.
 
         ``squared_norm``: ``‖θ_g − θ_i‖²`` over the elements this rank syncs; ``weight``: its weight in the sync
         (``None``: uniform; 0: it takes no part); ``device``: where the collectives' tensors live."""
         sq = torch.tensor([squared_norm], dtype=torch.float64, device=device)
-        if norm is not None and norm.size > 1:
-            norm.all_reduce(sq)
+        if sharding is not None and sharding.size > 1:
+            sharding.all_reduce(sq)
         total = math.sqrt(max(0.0, float(sq.item()))) if math.isfinite(float(sq.item())) else math.inf
         if weight is not None and weight == 0:
             value = math.nan

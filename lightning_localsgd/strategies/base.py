@@ -309,11 +309,11 @@ class LocalSGDMixin:
         buffers = [b for b in module.buffers() if torch.is_floating_point(b)]
         return params, buffers
 
-    def local_sgd_shard_group(self) -> Optional[dist.ProcessGroup]:
+    def local_sgd_slice_group(self) -> Optional[dist.ProcessGroup]:
         """Process group whose ranks hold identical replicas and split the sync in slices (DDP inside a group)."""
         return None
 
-    def local_sgd_norm_group(self) -> Optional[dist.ProcessGroup]:
+    def local_sgd_sharding_group(self) -> Optional[dist.ProcessGroup]:
         """Process group whose ranks hold the other shards of one replica (FSDP or ZeRO inside a group), or None."""
         return self.topology.inner_group if self.shards_within_group and self.topology is not None else None
 
@@ -370,8 +370,8 @@ class LocalSGDMixin:
         assert self.topology is not None
         params, buffers = self.local_sgd_tensors()
         controller = self.local_sgd
-        controller.setup(self.topology, params, buffers, shard_group=self.local_sgd_shard_group(),
-                         norm_group=self.local_sgd_norm_group(), fragment_sizes=self.local_sgd_fragment_sizes(),
+        controller.setup(self.topology, params, buffers, slice_group=self.local_sgd_slice_group(),
+                         sharding_group=self.local_sgd_sharding_group(), fragment_sizes=self.local_sgd_fragment_sizes(),
                          fallback_timeout=getattr(self, "_timeout", None), host_facts=self._host_facts(trainer))
         if not controller.schedule.lockstep and self.topology.num_groups > 1:
             # groups stepping apart share this world (a federated job of one group: its collectives stay inside it)

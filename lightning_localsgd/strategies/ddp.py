@@ -112,7 +112,7 @@ class LocalSGDStrategy(LocalSGDMixin, DDPStrategy):
             )
 
     @override
-    def local_sgd_shard_group(self) -> Optional[dist.ProcessGroup]:
+    def local_sgd_slice_group(self) -> Optional[dist.ProcessGroup]:
         # The ranks of a DDP group hold identical replicas: each syncs 1/group_size of the parameters.
         return self.topology.inner_group if self.topology is not None else None
 

@@ -47,7 +47,7 @@ def scenario_sharded(rank, world):
     g, k = rank // 2, rank % 2
     params = [t.to(CUDA) for t in initial()]
     engine = OuterSync(params, outer_optimizer=resolve_outer_optimizer("diloco"), cross_group=cross[k],
-                       shard_group=groups[g], state_device="cpu")
+                       slice_group=groups[g], state_device="cpu")
     out = []
     for sync in range(2):
         for p, t in zip(params, local_tensors(g, sync)):

@@ -82,7 +82,7 @@ def scenario_sharded(rank, world, outer="diloco"):
     g, k = rank // 2, rank % 2
     params = [t.clone() for t in initial()]
     engine = OuterSync(params, outer_optimizer=resolve_outer_optimizer(outer), cross_group=cross[k],
-                       shard_group=groups[g])
+                       slice_group=groups[g])
     out = []
     for sync in range(2):
         for p, t in zip(params, local_tensors(g, sync)):  # replicas of group g hold group g's tensors

@@ -228,7 +228,7 @@ def scenario_two_groups(rank, world):
     g, k = rank // 2, rank % 2
     params = [t.clone() for t in initial()]
     screen = PseudoGradientScreen(10.0)
-    engine = OuterSync(params, cross_group=cross[k], shard_group=groups[g], screen=screen)
+    engine = OuterSync(params, cross_group=cross[k], slice_group=groups[g], screen=screen)
     out = []
     for sync in range(4):
         theta = [p.clone() for p in params]  # every group holds θ_g after a sync
