@@ -2,14 +2,15 @@
 
 :class:`FragmentSync` holds what belongs to the sync of one fragment of :class:`~.outer.OuterSync`'s owned elements:
 its ranges (:class:`~.layout.Fragment`), its view of ``θ_g`` and the snapshot parameters over it (so its outer-optimizer
-state is ``optimizer.state[p]`` of those), the reduce in flight, and the error feedback of a compressed sync (the
-phase-1 residual a view of the reducer's flat one, the phase-2 residual and the membership that made it). The sync of
-every parameter (``index`` ``None``) is one more such object; its ranges overlap every fragment's.
+state is ``optimizer.state[p]`` of those), the reduce in flight, the error feedback of a compressed sync (the phase-1
+residual a view of the reducer's flat one, the phase-2 residual and the membership that made it), and what a transport
+across jobs keeps of it (when its last committed sync started, the attempt in flight). The sync of every parameter
+(``index`` ``None``) is one more such object; its ranges overlap every fragment's.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -45,6 +46,11 @@ class FragmentSync:
         """Compressed sync: the phase-2 residual of the mean chunk this rank encoded at its last sync."""
         self.mean_error_owner: Optional[tuple[int, int]] = None
         """``(members, rank)`` of the sync that made :attr:`mean_error` (``None``: any, as a checkpoint's)."""
+        self.synced_at = 0
+        """A transport across jobs: its group's inner steps when its last committed sync started (a sync of every
+        parameter sets every fragment's)."""
+        self.attempt: Any = None
+        """A transport across jobs: its sync attempt in flight (its quorum's record, what a redo needs)."""
 
     @property
     def index(self) -> Optional[int]:

@@ -231,6 +231,11 @@ class OuterSync:
         return self._syncs[fragment]
 
     @property
+    def fragment_syncs(self) -> list[FragmentSync]:
+        """Every fragment's sync, the sync of every parameter first."""
+        return list(self._syncs.values())
+
+    @property
     def pending(self) -> PendingSyncs:
         """Syncs started and not yet finished, by fragment (``None``: all parameters); read-only (each is its
         fragment's :attr:`~.fragment.FragmentSync.pending`)."""
