@@ -4,8 +4,9 @@
 its ranges (:class:`~.layout.Fragment`), its view of ``θ_g`` and the snapshot parameters over it (so its outer-optimizer
 state is ``optimizer.state[p]`` of those), the reduce in flight, the error feedback of a compressed sync (the phase-1
 residual a view of the reducer's flat one, the phase-2 residual and the membership that made it), and what a transport
-across jobs keeps of it (when its last committed sync started, the attempt in flight). The sync of every parameter
-(``index`` ``None``) is one more such object; its ranges overlap every fragment's.
+across jobs keeps of it (when its last committed sync started, the attempt in flight), and what a time-based schedule
+counts for it (:class:`FragmentTokens`: the tokens since its last sync, the weight of its sync in flight). The sync of
+every parameter (``index`` ``None``) is one more such object; its ranges overlap every fragment's.
 """
 
 from __future__ import annotations
@@ -21,10 +22,21 @@ from .reducers import Reduction
 if TYPE_CHECKING:
     from .reducers import CompressedReducer
 
-__all__ = ["FragmentSync", "PendingSyncs"]
+__all__ = ["FragmentSync", "FragmentTokens", "PendingSyncs"]
 
 
-class FragmentSync:
+class FragmentTokens:
+    """What a time-based streaming schedule counts for one fragment (the schedule's own until it is bound to the
+    engine's fragments: :meth:`~.schedules.SyncSchedule.bind_fragments`)."""
+
+    def __init__(self) -> None:
+        self.tokens = 0
+        """Tokens this group processed since the fragment's last sync started."""
+        self.weight_in_flight: Optional[float] = None
+        """This group's weight in the fragment's sync started and not applied yet (``None``: none in flight)."""
+
+
+class FragmentSync(FragmentTokens):
     """The sync state of one fragment (``index`` ``None``: every parameter).
 
     Args:
@@ -36,6 +48,7 @@ class FragmentSync:
 
     def __init__(self, fragment: Fragment, theta: Tensor, snapshot: Sequence[torch.nn.Parameter],
                  residuals: Optional["CompressedReducer"] = None) -> None:
+        super().__init__()
         self.fragment = fragment
         self.theta = theta
         self.snapshot = list(snapshot)
