@@ -29,10 +29,13 @@ shuffled; under multi-process training Lightning wraps the train loader in a
 ``DistributedSampler`` so each rank trains on its own disjoint part.
 
 Exact data position on resume: the order of an epoch's training windows depends
-only on the seed and the epoch (``EpochShuffleSampler``, or Lightning's
-``DistributedSampler``), and a resumed fit skips the batches of the current epoch
-that the checkpoint's ``fit_loop`` already counted (``ResumableDataLoader``), so it
-sees exactly the batches an uninterrupted run would.
+only on the seed and the epoch (``EpochShuffleSampler``, or under a local-SGD
+strategy the library's ``ResumableSampler``, which has Lightning's
+``DistributedSampler`` order), and the train loader is the library's
+:class:`~lightning_localsgd.data.ResumableDataLoader`, whose position Lightning
+saves in the checkpoint, so a resumed fit sees exactly the batches an
+uninterrupted run would - also under a plain Lightning strategy (a local-SGD
+strategy makes any plain ``DataLoader`` resumable by itself).
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ import os
 import pickle
 import sysconfig
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -49,8 +52,9 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-__all__ = ["TextDataModule", "TokenWindowDataset", "BYTE_EOS", "SOURCES", "EpochShuffleSampler",
-           "ResumableDataLoader"]
+from lightning_localsgd.data import ResumableDataLoader
+
+__all__ = ["TextDataModule", "TokenWindowDataset", "BYTE_EOS", "SOURCES", "EpochShuffleSampler"]
 
 #: Valid values of ``TextDataModule(source=...)``.
 SOURCES = ("auto", "builtin", "text", "bin", "hf")
@@ -169,31 +173,6 @@ class EpochShuffleSampler(RandomSampler):
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         return iter(torch.randperm(len(self.data_source), generator=generator).tolist())
-
-
-class ResumableDataLoader(DataLoader):
-    """A ``DataLoader`` that resumes mid-epoch: each epoch's iteration first skips ``batches_done()`` batches.
-
-    ``batches_done`` returns how many batches of the current epoch the trainer has already trained on: 0 at the
-    start of an epoch, the checkpoint's count when a fit resumes in the middle of one (Lightning restores the
-    count, but restarts a plain loader from the first batch). The skipped batches are read and dropped (cheap for
-    token windows; a loader whose batches are costly to read would skip in its sampler instead).
-    """
-
-    def __init__(self, *args: Any, batches_done: Optional[Callable[[], int]] = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.batches_done = batches_done
-
-    def __iter__(self) -> Iterator[Any]:
-        iterator = super().__iter__()
-        return iterator if self.batches_done is None else self._skipping(iterator)
-
-    def _skipping(self, iterator: Iterator[Any]) -> Iterator[Any]:
-        # At the first batch, not in __iter__: Lightning creates the iterator before it sets the epoch and restores
-        # the batch count; the sampler's order is drawn at the first batch.
-        for _ in range(self.batches_done()):
-            next(iterator, None)
-        yield from iterator
 
 
 class TextDataModule(LightningDataModule):
@@ -496,15 +475,7 @@ class TextDataModule(LightningDataModule):
                       persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())
         if not shuffle:
             return DataLoader(dataset, shuffle=False, **common)
-        return ResumableDataLoader(dataset, sampler=EpochShuffleSampler(dataset, self.seed),
-                                   batches_done=self._train_batches_done, **common)
-
-    def _train_batches_done(self) -> int:
-        """Batches of the current epoch the trainer has trained on (non-zero only when a fit resumes mid-epoch)."""
-        trainer = self.trainer
-        if trainer is None or not trainer.training:
-            return 0
-        return int(trainer.fit_loop.epoch_loop.batch_progress.current.ready)
+        return ResumableDataLoader(dataset, sampler=EpochShuffleSampler(dataset, self.seed), **common)
 
     def train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:

@@ -18,6 +18,7 @@ from lightning.pytorch.strategies import StrategyRegistry  # noqa: E402
 from .checkpoint import convert_checkpoint, read_checkpoint
 from .checkpoint_io import AtomicCheckpointIO
 from .config import LocalSGDConfig
+from .data import ResumableDataLoader, ResumableSampler
 from .controller import LocalSGDController
 from .state import TrainingState
 from .engine import (Action, Codec, Communicator, NonFinitePseudoGradientError, OuterSync, ProcessGroupCommunicator,
@@ -64,5 +65,7 @@ __all__ = [
     "convert_fsdp_checkpoint",
     "plan",
     "read_checkpoint",
+    "ResumableDataLoader",
+    "ResumableSampler",
     "resolve_outer_optimizer",
 ]

@@ -307,3 +307,17 @@ def import_class_path(class_path: str) -> Any:
     from jsonargparse._util import import_object
 
     return import_object(class_path)
+
+
+# ---------------------------------------------------------------------------------------------------- Lightning data
+@_reaches(PrivateName("lightning", "lightning.pytorch.utilities.data", "_get_dataloader_init_args_and_kwargs"),
+          PrivateName("lightning", "lightning.fabric.utilities.data", "_reinstantiate_wrapped_cls"))
+def rebuild_dataloader(dataloader: Any, sampler: Any, cls: type) -> Any:
+    """``dataloader`` made again as a ``cls`` with ``sampler``: what Lightning does to inject its
+    ``DistributedSampler`` (the arguments the user's loader was made with, recorded by Lightning), with the class
+    given (Lightning's own ``_update_dataloader`` keeps the loader's class)."""
+    from lightning.fabric.utilities.data import _reinstantiate_wrapped_cls
+    from lightning.pytorch.utilities.data import _get_dataloader_init_args_and_kwargs
+
+    args, kwargs = _get_dataloader_init_args_and_kwargs(dataloader, sampler)
+    return _reinstantiate_wrapped_cls(dataloader, *args, explicit_cls=cls, **kwargs)

@@ -42,6 +42,7 @@ from . import integrity
 from .async_checkpoint import AsyncCheckpointWriter
 from .checkpoint_io import _is_local, atomic_save
 from .controller import CHECKPOINT_KEY
+from .data import drop_strategy_loader_states, loader_states, restore_loader_states
 from .engine.outer import merge_outer_states
 from .tensors import tensor_bytes
 
@@ -141,8 +142,8 @@ def save_checkpoint(strategy: Any, checkpoint: Mapping[str, Any], filepath: Any,
                       _join(folder, group_file(group, part, group_size))))
     if write_partitions is not None:
         write_partitions(deepspeed_dir(folder, group))
-    if rank_files:
-        files.append((state.rank_state(), _join(folder, rank_file(rank))))
+    if rank_files:  # with this rank's own training-loader position (meta.pt holds rank 0's)
+        files.append(({**state.rank_state(), **loader_states(checkpoint)}, _join(folder, rank_file(rank))))
     meta = None
     if strategy.is_global_zero:
         in_files = _MODEL_KEYS if group_state is None else (*_MODEL_KEYS, "lr_schedulers")
@@ -278,6 +279,8 @@ def load_checkpoint(path: Any, rank: int, group_size: int,
     if layout.get("group_files"):
         checkpoint.update(_read_group(folder, group, layout))
     mine = _read(_join(folder, rank_file(rank))) if rank_state and layout.get("rank_files", True) else None
+    if mine is not None:
+        restore_loader_states(checkpoint, mine)
     return checkpoint, layout, mine
 
 
@@ -370,7 +373,9 @@ def convert_checkpoint(checkpoint_path: Any, output_file: Any, group: int = 0) -
     rest of the checkpoint (``epoch``, ``global_step``, hyper-parameters, loops, callbacks), so
     ``LightningModule.load_from_checkpoint(output_file)`` reads it in a single process. From a DDP folder it also
     holds the group's optimizer and LR scheduler states, so a plain DDP run resumes from it; FSDP's and DeepSpeed's
-    optimizer states are sharded and left out. Use the folder itself to resume a local-SGD run exactly.
+    optimizer states are sharded and left out; so are the data positions of the loaders the strategy made resumable
+    (:mod:`lightning_localsgd.data`; a plain run's own loader starts its epoch again). Use the folder itself to resume
+    a local-SGD run exactly.
 
     The last checkpoint of a ``fit`` holds the synced model (the train-end sync runs before it is saved), so every
     group gives the same weights; a checkpoint taken between two syncs holds each group's own model, ``group`` picks
@@ -432,6 +437,7 @@ def _check_group(group: Any, num_groups: int) -> None:
 
 def _write_plain(checkpoint: dict[str, Any], output: Path) -> Path:
     checkpoint.pop(CHECKPOINT_KEY, None)
+    drop_strategy_loader_states(checkpoint)  # a plain run has the user's own loader
     output.parent.mkdir(parents=True, exist_ok=True)
     atomic_save(checkpoint, output)
     return output

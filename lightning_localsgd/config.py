@@ -19,6 +19,7 @@ from .engine.codecs import check_codec
 from .engine.presets import (OuterOptimizerFactory, OuterOptimizerSpec, check_outer_optimizer_factory,
                              outer_optimizer_name, resolve_outer_optimizer)
 from .engine.schedules import SyncSchedule, build_schedule
+from .engine.screen import PseudoGradientScreen, check_screen_arguments
 from . import support
 from .federation import check_lighthouse_address
 from .reliability import check_sync_timeout
@@ -48,6 +49,21 @@ ARGUMENT_DOCS: dict[str, str] = {
                              "(training is not recovering). At a skipped sync every group restarts from ``θ_g`` and "
                              "the groups with non-finite values also reset their inner optimizer state (e.g. AdamW's "
                              "moments) and take the other groups' mean buffers. Default 3.",
+    "screen_factor": "the robust screen of each sync: a worker group whose pseudo-gradient norm ``‖θ_g − θ_i‖`` (per "
+                     "token with time-based sync) exceeds this multiple of the lower median of the groups' norms is "
+                     "left out of that sync (weight 0 in the mean; every group continues from the mean of the "
+                     "others), logged and counted in ``local_sgd/screened_out``. With two groups (no majority) each "
+                     "group is held to its own history instead: this multiple of the median of its last "
+                     "``screen_history`` norms. Catches a broken group's finite but wild pseudo-gradient (a data "
+                     "bug, silent data corruption, a blown-up learning rate), not one of an honest norm in a wrong "
+                     "direction. Costs one more round trip of a few numbers per sync (README \"Robustness\"). "
+                     "Default None: off; e.g. 10.0.",
+    "screen_history": "with ``screen_factor``: how many of its recent norms each group's own median covers (the "
+                      "two-group bound, which applies once a group has 3), and the window in which a group left out "
+                      "twice is a repeated offender. Default 8.",
+    "screen_ban_syncs": "with ``screen_factor``: a group left out at two of its last ``screen_history`` syncs is "
+                        "left out of this many further syncs it takes part in, whatever its norm. Default 0: each "
+                        "sync judges every group afresh.",
     "sync_on_train_end": "run a last sync when training ends mid-interval, so every rank ends with the same model. "
                          "Default True.",
     "async_save": "write checkpoints in the background during ``fit``: a save copies this rank's state to host "
@@ -163,6 +179,9 @@ class LocalSGDConfig:
     outer_state_device: Optional[Union[str, torch.device]] = None
     on_nonfinite: str = "raise"
     max_consecutive_skips: int = 3
+    screen_factor: Optional[float] = None
+    screen_history: int = 8
+    screen_ban_syncs: int = 0
     sync_on_train_end: bool = True
     async_save: bool = False
     sync_timeout: Optional[float] = None
@@ -192,6 +211,7 @@ class LocalSGDConfig:
             raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {self.on_nonfinite!r}.")
         _positive_int("max_consecutive_skips", self.max_consecutive_skips, 1, "It is how many skipped syncs in a row "
                       "stop training; e.g. 3.")
+        self._check_screen()
         if not isinstance(self.sync_on_train_end, bool):
             raise ValueError(f"sync_on_train_end must be True or False, got {self.sync_on_train_end!r}.")
         if not isinstance(self.async_save, bool):
@@ -245,6 +265,12 @@ class LocalSGDConfig:
     def outer_name(self) -> str:
         return outer_optimizer_name(self.outer_optimizer)
 
+    def build_screen(self) -> Optional[PseudoGradientScreen]:
+        """A new robust screen for one engine (``None`` when ``screen_factor`` is not set)."""
+        if self.screen_factor is None:
+            return None
+        return PseudoGradientScreen(self.screen_factor, self.screen_history, self.screen_ban_syncs)
+
     def build_schedule(self) -> SyncSchedule:
         """The schedule named by ``sync_schedule``, or the one the arguments ask for."""
         if self.sync_schedule is not None:
@@ -274,6 +300,17 @@ class LocalSGDConfig:
                 f"{self.outer_name}{levels}, warm-up {self.warmup_steps} steps.")
 
     # ------------------------------------------------------------------ checks
+    def _check_screen(self) -> None:
+        check_screen_arguments(self.screen_factor, self.screen_history, self.screen_ban_syncs)
+        if self.screen_factor is None:
+            for name, value, default in (("screen_history", self.screen_history, 8),
+                                         ("screen_ban_syncs", self.screen_ban_syncs, 0)):
+                if value != default:
+                    raise ValueError(f"{name}={value!r} only acts with the robust screen: set screen_factor too "
+                                     "(e.g. 10.0), or remove it.")
+        else:
+            self.screen_factor = float(self.screen_factor)
+
     def _check_two_stage(self) -> None:
         H, size, H2 = self.sync_every, self.cluster_size, self.cluster_sync_every
         if size is not None and self.lighthouse is not None:

@@ -253,7 +253,7 @@ class LocalSGDController:
             cross_group=topology.intra_cluster_group if two_stage else topology.cross_group,
             shard_group=shard_group, norm_group=norm_group, state_device=c.state_device,
             on_nonfinite=c.on_nonfinite, compression=c.compression, fragments=c.fragments,
-            fragment_sizes=fragment_sizes,
+            fragment_sizes=fragment_sizes, screen=c.build_screen(),
         )
         if two_stage:
             # Level 2 reads and writes level 1's snapshot θ_c: the cluster's global parameters.
@@ -262,7 +262,7 @@ class LocalSGDController:
             self.cluster_sync = OuterSync(
                 self.outer_sync.snapshot, outer_optimizer=c.cluster_factory, cross_group=topology.inter_cluster_group,
                 shard_group=split, norm_group=topology.cluster_group if split is not None else self.outer_sync.norm,
-                on_nonfinite=c.on_nonfinite, compression=c.compression,
+                on_nonfinite=c.on_nonfinite, compression=c.compression, screen=c.build_screen(),
             )
         self.schedule.bind_fragments(self.outer_sync.fragments)  # a fragment's tokens are its sync's
         if self._restored is not None:
@@ -435,7 +435,8 @@ class LocalSGDController:
                 self.outer_sync.write_back()
                 result = SyncResult(pseudo_grad_norm=result.pseudo_grad_norm,
                                     bytes_sent=result.bytes_sent + cluster_result.bytes_sent,
-                                    seconds=result.seconds + cluster_result.seconds, skipped=cluster_result.skipped)
+                                    seconds=result.seconds + cluster_result.seconds, skipped=cluster_result.skipped,
+                                    screened_out=result.screened_out)
         self._record(result, cluster_result)
 
     def stream(self, starting: list[int], finishing: list[int], stop: Optional[bool] = None) -> None:

@@ -219,9 +219,10 @@ class TorchftCommunicator(Communicator):
     rank of this job, or fewer than ``min_groups`` groups took part.
     """
 
-    def __init__(self, manager: Any, timeout: timedelta) -> None:
+    def __init__(self, manager: Any, timeout: timedelta, group_id: str = "") -> None:
         self.manager = manager
         self.timeout = timeout
+        self.group_id = group_id
 
     @property
     def size(self) -> int:
@@ -271,6 +272,15 @@ class TorchftCommunicator(Communicator):
         # quorum's participating ranks)
         views = list(output.split(input.numel()))
         return self._run(lambda: managed_process_group(self.manager).allgather([views], [input], AllgatherOptions()))
+
+    @property
+    def member_id(self) -> int:
+        # the job's name, stable across quorums (the screen keeps each job's history under it)
+        return zlib.crc32(self.group_id.encode())
+
+    @property
+    def member_name(self) -> str:
+        return f"group {self.group_id!r}"
 
     def commit(self) -> bool:
         return bool(self.manager.should_commit())
@@ -367,7 +377,7 @@ class Federation:
             lighthouse_addr=lighthouse_url(self.lighthouse), replica_id=self.group_id,
             init_sync=False,  # every group of a fresh run starts from the same weights (rank 0's, by seed)
         )
-        self.comm = TorchftCommunicator(self.manager, self.timeout)
+        self.comm = TorchftCommunicator(self.manager, self.timeout, self.group_id)
         return self.comm
 
     def shutdown(self) -> None:
@@ -697,6 +707,35 @@ class Federation:
 
 
 # ---------------------------------------------------------------------------------------------------- lighthouse CLI
+LOOPBACK = "127.0.0.1"
+"""The lighthouse's default bind address: reachable from this machine only (a one-machine run). Jobs on other
+machines need ``--bind`` of an interface they reach (a private network's, e.g. WireGuard's), docs/multi_cluster.md."""
+
+_WILDCARDS = ("0.0.0.0", "::", "[::]", "")
+
+
+def lighthouse_bind(bind: str, port: int) -> str:
+    """torchft's ``host:port`` bind string (an IPv6 address in brackets)."""
+    host = bind.strip()
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port}"
+
+
+def start_lighthouse(bind: str = LOOPBACK, port: int = 29510, min_groups: int = 1, join_timeout_ms: int = 10000,
+                     heartbeat_timeout_ms: int = 5000, quorum_tick_ms: int = 100) -> tuple[Any, str]:
+    """Start torchft's lighthouse bound to ``bind`` (``"0.0.0.0"`` / ``"[::]"``: every interface). Returns the server
+    and the ``host:port`` jobs pass as ``lighthouse=`` (the host name when bound to every interface)."""
+    from torchft.coordination import LighthouseServer
+
+    server = LighthouseServer(bind=lighthouse_bind(bind, port), min_replicas=min_groups,
+                              join_timeout_ms=join_timeout_ms, quorum_tick_ms=quorum_tick_ms,
+                              heartbeat_timeout_ms=heartbeat_timeout_ms)
+    bound_port = server.address().rsplit(":", 1)[-1]
+    host = socket.gethostname() if bind.strip() in _WILDCARDS else lighthouse_bind(bind, 0).rsplit(":", 1)[0]
+    return server, f"{host}:{bound_port}"
+
+
 def main_lighthouse(argv: list[str]) -> None:
     """``lightning-localsgd lighthouse``: run torchft's lighthouse in this process until interrupted."""
     import argparse
@@ -706,7 +745,10 @@ def main_lighthouse(argv: list[str]) -> None:
         description="Start torchft's lighthouse: the quorum service federated worker groups (jobs started with "
                     "lighthouse=HOST:PORT) meet at. Run it once, on a host every job reaches. See docs/multi_cluster.md.")
     parser.add_argument("--port", type=int, default=29510, help="port to listen on (default 29510; 0: any free one)")
-    parser.add_argument("--bind", default="[::]", help="address to bind (default [::], every interface)")
+    parser.add_argument("--bind", default=LOOPBACK,
+                        help=f"address to listen on (default {LOOPBACK}: this machine only). For jobs on other "
+                             "machines give the address of an interface they reach, preferably a private network's "
+                             "(e.g. the WireGuard address); 0.0.0.0 or [::] listens on every interface")
     parser.add_argument("--min-groups", type=int, default=1, help="fewest groups in a quorum (default 1)")
     parser.add_argument("--join-timeout-ms", type=int, default=10000,
                         help="how long a quorum waits for heartbeating groups to join (default 10000)")
@@ -716,14 +758,11 @@ def main_lighthouse(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     if args.min_groups < 1:
         parser.error("--min-groups must be >= 1")
-    from torchft.coordination import LighthouseServer
-
-    server = LighthouseServer(bind=f"{args.bind}:{args.port}", min_replicas=args.min_groups,
-                              join_timeout_ms=args.join_timeout_ms, quorum_tick_ms=args.quorum_tick_ms,
-                              heartbeat_timeout_ms=args.heartbeat_timeout_ms)
-    port = server.address().rsplit(":", 1)[-1]
-    print(f"lighthouse listening on {socket.gethostname()}:{port} ({server.address()}); pass "
-          f"lighthouse=\"{socket.gethostname()}:{port}\" to every job. Ctrl-C stops it.", flush=True)
+    server, address = start_lighthouse(args.bind, args.port, args.min_groups, args.join_timeout_ms,
+                                       args.heartbeat_timeout_ms, args.quorum_tick_ms)
+    reach = "this machine only" if args.bind == LOOPBACK else f"bound to {args.bind}"
+    print(f"lighthouse listening on {address} ({reach}); pass lighthouse=\"{address}\" to every job. Ctrl-C stops "
+          "it.", flush=True)
     try:
         while True:
             time.sleep(3600)

@@ -143,6 +143,7 @@ FEATURES: list[tuple[str, tuple[str, ...]]] = [
     ("two levels (`cluster_size` / federated: `cluster_sync_every`)", ("cluster_size", "cluster_sync_every")),
     ("exact resume from a checkpoint", ()),
     ("asynchronous checkpoint save (`async_save`)", ("async_save",)),
+    ("robust screen of each sync (`screen_factor`)", ("screen_factor", "screen_history", "screen_ban_syncs")),
 ]
 
 #: The test that exercises each combination that is not refused: (feature, mode, strategy) -> test.
@@ -198,6 +199,12 @@ _tested(_F[6], "federated", ("fsdp", "deepspeed"),
         "tests/federation/test_federated_groups.py::test_two_jobs_of_two_groups_match_the_two_stage_reference")
 _tested(_F[7], "federated", ("ddp", "deepspeed"), _RESUME_ASYNC)
 _tested(_F[8], "federated", ("ddp", "fsdp", "deepspeed"), _RESUME_ASYNC)
+_tested(_F[9], "one world", ("ddp",),
+        "tests/reliability/test_screen_training.py::test_a_broken_group_is_left_out_of_every_sync")
+_tested(_F[9], "one world", ("fsdp",),
+        "tests/reliability/test_screen_training.py::test_fsdp_groups_of_two_one_broken_group_is_left_out")
+_tested(_F[9], "federated", ("ddp",),
+        "tests/federation/test_federated_screen.py::test_three_jobs_one_broken_the_honest_two_end_as_without_it")
 
 
 def _refusal_for(settings: tuple[str, ...], mode: str, strategy: str) -> Optional[Refusal]:

@@ -36,14 +36,16 @@ def initial_net(buffer: bool = False, seed: int = 0) -> TinyNet:
 def simulate(world: int, group_size: int, sync_every: int, outer: str, steps: int, warmup: int = 0,
              inner: str = "sgd", accumulate: int = 1, clip: float | None = None, buffer: bool = False,
              seed: int = 0, two_optimizers: bool = False, sync_steps: Sequence[int] | None = None,
-             compression: str | None = None, partitions: Sequence[Sequence[int]] | None = None):
+             compression: str | None = None, partitions: Sequence[Sequence[int]] | None = None,
+             loss_scales: dict[int, float] | None = None, left_out: Sequence[int] = ()):
     """Returns (per-batch list of per-group named parameters, per-group final parameters, per-group buffers).
 
     ``sync_steps``: the local steps (counted after the warm-up) after which a sync runs, instead of every
     ``sync_every``. ``compression``: each sync's mean is the two-phase compressed mean with error feedback
     (:func:`weighted_compressed_sync`), run separately over each of ``partitions``: the elements one rank of every
     group holds (indices into the flattened parameters, -1 for a padding zero; see :func:`fsdp_partitions`,
-    :func:`zero_partitions`); default one partition of every element."""
+    :func:`zero_partitions`); default one partition of every element. ``loss_scales``: a group's loss is scaled by
+    this (a broken group); ``left_out``: groups every sync's mean leaves out (the robust screen's verdict)."""
     groups = world // group_size
     base = initial_net(buffer, seed)
     nets = [copy.deepcopy(base) for _ in range(groups)]
@@ -77,7 +79,8 @@ def simulate(world: int, group_size: int, sync_every: int, outer: str, steps: in
                 return torch.where(held, flat[idx.clamp(min=0)], torch.zeros(()))
 
             new, errors[i], mean_errors[i] = weighted_compressed_sync(
-                take(flat_theta), [take(f) for f in flats], [1] * groups, errors[i], mean_errors[i], compression)
+                take(flat_theta), [take(f) for f in flats], [float(g not in left_out) for g in range(groups)],
+                errors[i], mean_errors[i], compression)
             mean[idx[held]] = new[held]
         out, offset = {}, 0
         for k in names:
@@ -90,7 +93,8 @@ def simulate(world: int, group_size: int, sync_every: int, outer: str, steps: in
         params = [dict(n.named_parameters()) for n in nets]
         means = compressed_means() if compression is not None else None
         for k in names:
-            mean = means[k] if means is not None else torch.stack([p[k].detach() for p in params]).mean(0)
+            kept = [p for g, p in enumerate(params) if g not in left_out]
+            mean = means[k] if means is not None else torch.stack([p[k].detach() for p in kept]).mean(0)
             if outer == "average":
                 new = mean
             else:  # DiLoCo: Nesterov SGD, lr 0.7, momentum 0.9, written out
@@ -111,7 +115,7 @@ def simulate(world: int, group_size: int, sync_every: int, outer: str, steps: in
         for g, net in enumerate(nets):
             losses = [F.mse_loss(net(batches[r][b][0]), batches[r][b][1])
                       for r in range(g * group_size, (g + 1) * group_size)]
-            (torch.stack(losses).mean() / accumulate).backward()
+            (torch.stack(losses).mean() * (loss_scales or {}).get(g, 1.0) / accumulate).backward()
         if (b + 1) % accumulate == 0:
             in_warmup = steps_done < warmup
             if in_warmup and groups > 1:

@@ -65,6 +65,17 @@ class Communicator(ABC):
         """The ``torch.distributed`` process groups underneath, for timeouts (none for other transports)."""
         return []
 
+    @property
+    def member_id(self) -> int:
+        """A number naming this member across changes of membership, below 2**32 (the sync's screen keeps each
+        member's history under it). Default: :attr:`rank`, which is stable in a fixed world."""
+        return self.rank
+
+    @property
+    def member_name(self) -> str:
+        """How the log names this member. Default: its index."""
+        return f"worker group {self.rank}"
+
     def commit(self) -> bool:
         """Whether the sync's collectives succeeded everywhere they must agree; asked once per sync, after the reduce
         and before anything is written. A fixed world always says yes; a fault-tolerant transport votes."""

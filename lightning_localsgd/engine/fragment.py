@@ -1,12 +1,13 @@
 """One streaming fragment's sync as one object (as torchft's ``_StreamingDiLoCoFragment``).
 
-:class:`FragmentSync` holds what belongs to the sync of one fragment of :class:`~.outer.OuterSync`'s owned elements:
-its ranges (:class:`~.layout.Fragment`), its view of ``θ_g`` and the snapshot parameters over it (so its outer-optimizer
-state is ``optimizer.state[p]`` of those), the reduce in flight, the error feedback of a compressed sync (the phase-1
-residual a view of the reducer's flat one, the phase-2 residual and the membership that made it), and what a transport
-across jobs keeps of it (when its last committed sync started, the attempt in flight), and what a time-based schedule
-counts for it (:class:`FragmentTokens`: the tokens since its last sync, the weight of its sync in flight). The sync of
-every parameter (``index`` ``None``) is one more such object; its ranges overlap every fragment's.
+:class:`FragmentSync` holds what belongs to the sync of one fragment of :class:`~.outer.OuterSync`'s owned elements: its
+ranges (:class:`~.layout.Fragment`), its view of ``θ_g`` and the snapshot parameters over it (so its outer-optimizer
+state is ``optimizer.state[p]`` of those), the reduce in flight (and the screen's verdict on it), the error feedback of
+a compressed sync (the phase-1 residual a view of the reducer's flat one, the phase-2 residual and the membership that
+made it), and what a transport across jobs keeps of it (when its last committed sync started, the attempt in flight),
+and what a time-based schedule counts for it (:class:`FragmentTokens`: the tokens since its last sync, the weight of its
+sync in flight). The sync of every parameter (``index`` ``None``) is one more such object; its ranges overlap every
+fragment's.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from .reducers import Reduction
 
 if TYPE_CHECKING:
     from .reducers import CompressedReducer
+    from .screen import ScreenVerdict
 
 __all__ = ["FragmentSync", "FragmentTokens", "PendingSyncs"]
 
@@ -55,6 +57,8 @@ class FragmentSync(FragmentTokens):
         self._residuals = residuals
         self.pending: Optional[Reduction] = None
         """Its sync started and not yet finished."""
+        self.verdict: Optional["ScreenVerdict"] = None
+        """The robust screen's verdict on that sync, when it left groups out."""
         self.mean_error: Optional[Tensor] = None
         """Compressed sync: the phase-2 residual of the mean chunk this rank encoded at its last sync."""
         self.mean_error_owner: Optional[tuple[int, int]] = None

@@ -31,6 +31,7 @@ from .layout import Fragment, Layout
 from .presets import OuterOptimizerFactory
 from .reducers import (DEFAULT_BUCKET_BYTES, DEFAULT_COMPRESSED_BUCKET_BYTES, CompressedReducer, MeanReducer,
                        Reduction, assign_buffers, finite_buffer_mean, gather_slices, reduce_buffers)
+from .screen import PseudoGradientScreen, log_verdict
 
 __all__ = ["NonFinitePseudoGradientError", "OuterSync", "SyncResult", "merge_outer_states"]
 
@@ -61,6 +62,8 @@ class SyncResult:
     """Time-based sync: some group asked to stop training after this sync."""
     nonfinite_groups: list[int] = field(default_factory=list)
     """A skipped sync: the indices (in the cross group) of the groups whose parameters or buffers were not finite."""
+    screened_out: list[int] = field(default_factory=list)
+    """The robust screen (``screen=``): the indices (in the cross group) of the groups left out of this sync."""
 
 
 _NORM_CHUNK = {"cpu": 1 << 16}
@@ -159,6 +162,8 @@ class OuterSync:
         fragments: split the tensors into this many contiguous fragments of about equal size, which
             :meth:`start_sync` / :meth:`finish_sync` can sync separately (streaming sync). Default 1.
         fragment_sizes: the sizes to balance the fragments by (default: the tensors' ``numel``).
+        screen: a :class:`~.screen.PseudoGradientScreen`: each sync leaves out the groups whose pseudo-gradient is an
+            outlier (weight 0 in the mean). Default ``None``: every group counts.
     """
 
     def __init__(
@@ -175,6 +180,7 @@ class OuterSync:
         compression: Optional[str] = None,
         fragments: int = 1,
         fragment_sizes: Optional[Sequence[int]] = None,
+        screen: Optional[PseudoGradientScreen] = None,
     ) -> None:
         if not tensors:
             raise ValueError("OuterSync needs at least one tensor to synchronize.")
@@ -219,6 +225,7 @@ class OuterSync:
         self.outer_optimizer = outer_optimizer(self.snapshot) if outer_optimizer is not None else None
         self.num_syncs = 0
         self.bytes_sent = 0
+        self.screen = screen
         self.reset_snapshot()
 
     def _fragment_sync(self, frag: Fragment) -> FragmentSync:
@@ -342,6 +349,8 @@ class OuterSync:
         if frag.pending is not None:
             raise RuntimeError(f"the sync of fragment {fragment} was started twice without finish_sync in between.")
         start = time.perf_counter()
+        if self.screen is not None:  # an outlier group sends with weight 0 (every member knows which)
+            weight = self._screen(frag, weight)
         red = Reduction(fragment=fragment, numel=frag.numel, weighted=weight is not None, has_stop=stop is not None)
         # A rank holding none of the fragment (a slice of a DDP group) pairs only with ranks holding none of it
         # either (the same slice in every group): their collective would carry nothing, so none of them runs it.
@@ -383,16 +392,30 @@ class OuterSync:
                 self.reducer.discard(red)  # a bucket may still be in flight
                 raise
             mean, stop_requested = self.reducer.finish(red, lambda: frag.theta)
-        result = self._outer_step(frag, self._to_state_device(mean, frag), red, 0.0 if stop_requested else mix)
+        verdict, frag.verdict = frag.verdict, None
+        result = self._outer_step(frag, self._to_state_device(mean, frag), red, 0.0 if stop_requested else mix,
+                                  sorted(verdict.excluded) if verdict is not None else [])
         result.seconds = red.seconds + time.perf_counter() - start
         result.stop_requested = stop_requested
         return result
+
+    def _screen(self, frag: FragmentSync, weight: Optional[float]) -> Optional[float]:
+        """Screen this sync of ``frag`` (collective): this group's weight in it, after the verdict."""
+        assert self.screen is not None
+        sq = sum(squared_norm(snap.view(-1).to(view.device), view.float().reshape(-1))
+                 for snap, view in zip(frag.snapshot, self._owned_views(frag.fragment)))
+        verdict = self.screen.screen(self.cross, self.norm, float(sq), weight, self.device)
+        if verdict.excluded:
+            frag.verdict = verdict
+            if self.norm is None or self.norm.rank == 0:  # one line per group
+                log_verdict(verdict, self.group_index, self.cross.member_name, self.num_syncs + 1)
+        return verdict.weight(self.group_index, weight)
 
     def drop_sync(self, fragment: Optional[int] = None) -> None:
         """Forget a started sync without applying it (θ_g, the outer state and the error feedback unchanged); a
         collective of it still in flight is left to finish into its own buffer."""
         frag = self.fragment_sync(fragment)
-        red, frag.pending = frag.pending, None
+        red, frag.pending, frag.verdict = frag.pending, None, None
         if red is not None and red.works:
             self.reducer.discard(red)
 
@@ -405,15 +428,19 @@ class OuterSync:
             self._host_mean = torch.empty(self.layout.owned_numel, dtype=torch.float32, pin_memory=True)
         return self._host_mean[frag.owned[0] : frag.owned[0] + mean.numel()].copy_(mean)
 
-    def _outer_step(self, frag: FragmentSync, mean: Tensor, red: Reduction, mix: float) -> SyncResult:
-        """``mean``: the groups' mean of the fragment, on the state device, a tensor this sync may overwrite."""
+    def _outer_step(self, frag: FragmentSync, mean: Tensor, red: Reduction, mix: float,
+                    screened_out: Sequence[int] = ()) -> SyncResult:
+        """``mean``: the groups' mean of the fragment, on the state device, a tensor this sync may overwrite;
+        ``screened_out``: the groups the screen left out (their buffers are left out of the buffers' mean too)."""
         snapshots = frag.snapshot
         theta = frag.theta
         if mean.numel() and mean.untyped_storage().data_ptr() == theta.untyped_storage().data_ptr():
             mean = mean.clone()  # never scratch in θ_g itself
         # Buffers go with the last fragment; they are reduced first, so that a non-finite one stops the sync before
         # θ_g changes, as a non-finite parameter does.
-        buffer_sum = reduce_buffers(self.cross, self.buffers) if frag.is_last else None
+        kept_groups = self.num_groups - len(screened_out)
+        buffer_sum = reduce_buffers(self.cross, self.buffers, left_out=self.group_index in screened_out) \
+            if frag.is_last else None
         # Pseudo-gradient Δ = θ_g − mean: for an outer optimizer formed in place of the mean (the reduce buffer, which
         # becomes the gradient); for averaging never formed, only its norm. The norm over the whole fragment: the
         # shards of a worker group add their squares.
@@ -462,10 +489,12 @@ class OuterSync:
             self.write_back(frag.index, mix)
         sent = red.sent
         if buffer_sum is not None and self.num_groups > 1:
-            if not idle:
-                assign_buffers(self.buffers, buffer_sum / self.num_groups)
+            if not idle and kept_groups > 0:
+                assign_buffers(self.buffers, buffer_sum / kept_groups)
             sent += buffer_sum.numel() * buffer_sum.element_size()
-        return self._finish(sent, math.sqrt(sq_norm), frag)
+        result = self._finish(sent, math.sqrt(sq_norm), frag)
+        result.screened_out = list(screened_out)
+        return result
 
     def _nonfinite(self, frag: FragmentSync, red: Reduction, buffers_finite: bool = True) -> SyncResult:
         """The non-finite policy: raise naming the groups at fault, or skip: every group restarts from θ_g and the

@@ -481,11 +481,14 @@ def gather_slices(shard: Communicator, counts: list[int], mine: Tensor) -> Tenso
     return torch.cat([gathered[k * width : k * width + c] for k, c in enumerate(counts)])
 
 
-def reduce_buffers(comm: Communicator, buffers: list[Tensor]) -> Optional[Tensor]:
-    """The sum over ``comm`` of the floating-point buffers, flat in fp32 (one all-reduce); ``None`` without any."""
+def reduce_buffers(comm: Communicator, buffers: list[Tensor], left_out: bool = False) -> Optional[Tensor]:
+    """The sum over ``comm`` of the floating-point buffers, flat in fp32 (one all-reduce); ``None`` without any.
+    ``left_out``: this member's buffers do not count (the sync's screen left it out): it adds zeros."""
     if not buffers:
         return None
     flat = torch.cat([b.detach().float().view(-1) for b in buffers])
+    if left_out:
+        flat.zero_()
     if comm.size > 1:
         comm.all_reduce(flat)
     return flat

@@ -29,6 +29,7 @@ from .._compat import attached_trainer, epoch_batches_done, fit_loop_can_stop_ea
 from ..async_checkpoint import AsyncCheckpointWriter
 from ..config import LocalSGDConfig
 from ..controller import HostFacts, LocalSGDController
+from ..data import make_resumable
 from ..engine import OuterSync, SyncResult, SyncSchedule
 from ..preemption import SigtermStop, stop_at_sync_steps
 from ..state import ReplicaState, TrainingState
@@ -215,11 +216,15 @@ def log_sync(trainer: Trainer, controller: LocalSGDController, result: SyncResul
         "local_sgd/pseudo_grad_norm": result.pseudo_grad_norm,
         "local_sgd/skipped": float(result.skipped),
     }
+    if controller.outer_sync.screen is not None:
+        metrics["local_sgd/screened_out"] = float(len(result.screened_out))
     if result.fragment is not None:
         metrics["local_sgd/fragment"] = float(result.fragment)
     if cluster_result is not None and controller.cluster_sync is not None:
         metrics["local_sgd/cluster_syncs"] = float(controller.cluster_sync.num_syncs)
         metrics["local_sgd/cluster_pseudo_grad_norm"] = cluster_result.pseudo_grad_norm
+        if controller.cluster_sync.screen is not None:
+            metrics["local_sgd/cluster_screened_out"] = float(len(cluster_result.screened_out))
     for logger in trainer.loggers:
         logger.log_metrics(metrics, step=trainer.global_step)
 
@@ -384,6 +389,18 @@ class LocalSGDMixin:
         return HostFacts(rank=trainer.global_rank, world_size=trainer.world_size,
                          training_state=lambda: self.training_state, global_step=lambda: trainer.global_step,
                          checkpoint_path=lambda: getattr(trainer, "ckpt_path", None))
+
+    # ------------------------------------------------------------------ data
+    def process_dataloader(self, dataloader: object) -> object:
+        """The training loader of ``fit`` continues mid-epoch on resume: a map-style dataset's loader becomes a
+        :class:`~lightning_localsgd.data.ResumableDataLoader` with a :class:`~lightning_localsgd.data.ResumableSampler`
+        in place of the ``DistributedSampler`` Lightning injected (same shares and seed); see
+        :mod:`lightning_localsgd.data`."""
+        dataloader = super().process_dataloader(dataloader)  # type: ignore[misc]
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None  # type: ignore[attr-defined]
+        if is_fitting(trainer) and trainer.training:
+            dataloader = make_resumable(dataloader)
+        return dataloader
 
     # ------------------------------------------------------------------ per step
     def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], model: Optional[Any] = None,

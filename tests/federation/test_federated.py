@@ -42,7 +42,7 @@ def lighthouse():
     servers = []
 
     def start(min_replicas: int) -> str:
-        server = LighthouseServer(bind="[::]:0", min_replicas=min_replicas, join_timeout_ms=20000,
+        server = LighthouseServer(bind="127.0.0.1:0", min_replicas=min_replicas, join_timeout_ms=20000,
                                   quorum_tick_ms=50, heartbeat_timeout_ms=int(HEARTBEAT_S * 1000))
         servers.append(server)
         return "127.0.0.1:" + server.address().rsplit(":", 1)[-1]

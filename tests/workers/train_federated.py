@@ -168,6 +168,7 @@ class Recorder(Callback):
             "compression_error": outer.state_dict()["compression_error"], "start_error": self.start_error,
             "pending": sorted(outer.pending, key=lambda f: -1 if f is None else f),
             "num_syncs": outer.num_syncs, **self.cluster_record(trainer.strategy),
+            "screened_total": outer.screen.excluded_total if outer.screen is not None else None,
             "start_engines": self.start_engines, "engines": self.engines,
             "inner_state": [{k: v.detach().clone() for k, v in st.items() if torch.is_tensor(v)}
                             for o in trainer.optimizers for st in o.state.values()],
@@ -185,7 +186,7 @@ def make_strategy(args: argparse.Namespace):
                      process_group_backend="gloo", compression=args.compression, fragments=args.fragments,
                      overlap_steps=args.overlap_steps, warmup_steps=args.warmup_steps,
                      sync_every_seconds=args.sync_every_seconds, sync_schedule=args.schedule,
-                     async_save=args.async_save)
+                     async_save=args.async_save, screen_factor=args.screen_factor)
     if args.overlap_steps:
         federated["overlap_mix"] = args.overlap_mix
     if args.group_size is not None:
@@ -243,6 +244,8 @@ def main() -> None:
     parser.add_argument("--shard", default="", choices=["", "group"],
                         help="'group': the module shards itself in configure_model (FSDP2 over the job's mesh)")
     parser.add_argument("--inner", default="sgd", choices=["sgd", "momentum"], help="the inner optimizer")
+    parser.add_argument("--screen-factor", type=float, default=None, help="the robust screen (screen_factor=)")
+    parser.add_argument("--loss-scale", type=float, default=1.0, help="this job's loss (a broken job) scaled by this")
     parser.add_argument("--hidden", type=int, default=8, help="the tiny model's hidden width (another model: 16)")
     parser.add_argument("--validate-every", type=int, default=0, help="a validation loop every N steps during fit")
     args = parser.parse_args()
@@ -251,18 +254,18 @@ def main() -> None:
         os.environ["PL_GLOBAL_SEED"] = str(args.seed)
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(0)  # every group starts from the same weights
-    model = (ValidatedTinyModule if args.validate_every else TinyModule)(args.inner, hidden=args.hidden,
-                                                                         shard=args.shard)
+    model = (ValidatedTinyModule if args.validate_every else TinyModule)(
+        args.inner, hidden=args.hidden, shard=args.shard, loss_scale=args.loss_scale, loss_scale_group=0)
     loader = DataLoader(make_dataset(), batch_size=2, shuffle=True,
                         generator=torch.Generator().manual_seed(args.seed))
     if args.devices > 1:
         loader = DataLoader(make_dataset(), batch_size=2, shuffle=True)
     if args.resumable_data:  # the same order (epoch 0: a permutation of seed --seed), skipping what a resume trained
-        from lightning_localsgd.examples.data import EpochShuffleSampler, ResumableDataLoader
+        from lightning_localsgd.data import ResumableDataLoader
+        from lightning_localsgd.examples.data import EpochShuffleSampler
 
         data = make_dataset()
-        loader = ResumableDataLoader(data, batch_size=2, sampler=EpochShuffleSampler(data, args.seed),
-                                     batches_done=lambda: trainer.fit_loop.epoch_loop.batch_progress.current.ready)
+        loader = ResumableDataLoader(data, batch_size=2, sampler=EpochShuffleSampler(data, args.seed))
     if args.schedule == "growing":
         register_schedule("growing", lambda c: GrowingSchedule(c.sync_every, c.warmup_steps), override=True)
     recorder = Recorder(args)

@@ -352,6 +352,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--nan-loss-at", type=int, default=-1, help="group 1's loss is NaN at this batch")
     p.add_argument("--nan-buffer-at", type=int, default=-1, help="a NaN in group 1's running_mean at this batch")
     p.add_argument("--max-consecutive-skips", type=int, default=None)
+    p.add_argument("--loss-scale", type=float, default=1.0, help="group 1's loss is scaled by this at every step")
+    p.add_argument("--screen-factor", type=float, default=None, help="the robust screen (screen_factor=)")
     p.add_argument("--fault-rank", type=int, default=1)
     p.add_argument("--term-at", type=int, default=-1, help="SIGTERM --term-rank --term-delay s after this step starts")
     p.add_argument("--term-rank", type=int, default=0)
@@ -374,7 +376,7 @@ def main(argv: list[str] | None = None) -> None:
     L.seed_everything(1000 + rank if args.seed_by_rank else 0, verbose=False)
     model = (ValidatedTinyModule if args.validate_every else TinyModule)(inner=args.inner, manual=args.manual, buffer=args.buffer, nan_at=args.nan_at,
                        group_size=args.group_size, shard=args.shard, hidden=args.hidden, nan_from=args.nan_from,
-                       nan_loss_at=args.nan_loss_at, nan_buffer_at=args.nan_buffer_at)
+                       nan_loss_at=args.nan_loss_at, nan_buffer_at=args.nan_buffer_at, loss_scale=args.loss_scale)
     L.seed_everything(0, verbose=False)
     data = DataLoader(make_dataset(), batch_size=2, shuffle=False)
 
@@ -395,6 +397,7 @@ def main(argv: list[str] | None = None) -> None:
             sync_every_seconds=args.sync_every_seconds, async_save=args.async_save, compression=args.compression,
             cluster_size=args.cluster_size, cluster_sync_every=args.cluster_sync_every,
             cluster_outer_optimizer=args.cluster_outer, sync_schedule=args.sync_schedule,
+            screen_factor=args.screen_factor,
         )
     elif args.strategy == "deepspeed":
         from lightning_localsgd import LocalSGDDeepSpeedStrategy
@@ -418,7 +421,8 @@ def main(argv: list[str] | None = None) -> None:
         strategy = args.registered_name
     else:
         extra = {k: v for k, v in (("on_nonfinite", args.on_nonfinite), ("sync_timeout", args.sync_timeout),
-                                   ("max_consecutive_skips", args.max_consecutive_skips)) if v is not None}
+                                   ("max_consecutive_skips", args.max_consecutive_skips),
+                                   ("screen_factor", args.screen_factor)) if v is not None}
         strategy = LocalSGDStrategy(
             sync_every=args.sync_every, outer_optimizer=args.outer, group_size=args.group_size,
             warmup_steps=args.warmup, outer_state_device=args.state_device, process_group_backend=args.backend, **extra,

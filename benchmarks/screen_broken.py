@@ -1,0 +1,152 @@
+"""One broken worker group of four: the final loss with and without the robust screen, beside the clean run, in one run.
+
+Four processes (gloo, one thread each) = four worker groups train a small MLP student on a fixed teacher's regression
+task (each group its own data stream), AdamW inside, DiLoCo outside (``OuterSync``, the library's engine), H = 10.
+Group 3 is broken in one way per configuration, applied to what it sends at every sync, or to its parameters at every
+step:
+
+* ``scaled``: its pseudo-gradient ×100;            * ``sign``: its pseudo-gradient sign-flipped;
+* ``noise``: its pseudo-gradient replaced by Gaussian noise of 10× its norm;
+* ``bitflip``: the top exponent bit of 4 of its parameters (values below 1 in magnitude: ~1e38, finite) flipped;
+* ``noisy_steps``: N(0, 0.05²) added to its parameters at every step (the issue's "a job adding noise").
+
+Each configuration runs without the screen and with ``screen_factor=10``; reported: the final validation loss of
+``θ_g`` (the model every group holds after the last sync), and its ratio to the clean run's (four healthy groups),
+beside the three healthy groups alone (group 3 at weight 0: what a perfect screen gives). A run whose loss turned
+non-finite reports ``diverged``.
+
+    python benchmarks/screen_broken.py                # ~1-2 minutes on 2 CPU cores
+
+Writes benchmarks/results/screen_broken.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import socket
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from lightning_localsgd.engine import OuterSync, resolve_outer_optimizer
+from lightning_localsgd.engine.screen import PseudoGradientScreen
+
+BROKEN = ("scaled", "sign", "noise", "bitflip", "noisy_steps")
+DIM, HIDDEN = 32, 64
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_model(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(DIM, HIDDEN), torch.nn.Tanh(), torch.nn.Linear(HIDDEN, HIDDEN),
+                               torch.nn.Tanh(), torch.nn.Linear(HIDDEN, 1))
+
+
+def batch(teacher: torch.nn.Module, g: torch.Generator, n: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.randn(n, DIM, generator=g)
+    with torch.no_grad():
+        y = teacher(x) + 0.05 * torch.randn(n, 1, generator=g)
+    return x, y
+
+
+def train(rank: int, args: argparse.Namespace, broken: str | None, screened: bool, alone: bool = False) -> float:
+    """One run; the validation loss of θ_g at the end (nan: diverged). ``alone``: group 3 sends with weight 0 (the
+    three other groups alone: the best a screen can do)."""
+    teacher = make_model(1234)
+    model = make_model(0)  # every group starts from the same weights
+    params = list(model.parameters())
+    engine = OuterSync([p.data for p in params], outer_optimizer=resolve_outer_optimizer("diloco"),
+                       on_nonfinite="skip", screen=PseudoGradientScreen(10.0) if screened else None)
+    inner = torch.optim.AdamW(params, lr=args.lr)
+    data = torch.Generator().manual_seed(100 + rank)
+    noise = torch.Generator().manual_seed(999)
+    me_broken = broken is not None and rank == 3
+    for step in range(1, args.steps + 1):
+        x, y = batch(teacher, data)
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        inner.zero_grad()
+        loss.backward()
+        inner.step()
+        with torch.no_grad():
+            if me_broken and broken == "noisy_steps":
+                for p in params:
+                    p.add_(torch.randn(p.shape, generator=noise), alpha=0.05)
+            if step % args.sync_every == 0:
+                if me_broken and broken in ("scaled", "sign", "noise"):
+                    thetas = [s.view_as(p) for s, p in zip(engine.snapshot, params)]
+                    deltas = [t - p for t, p in zip(thetas, params)]
+                    norm = math.sqrt(sum(float(d.pow(2).sum()) for d in deltas))
+                    for t, p, d in zip(thetas, params, deltas):
+                        if broken == "scaled":
+                            p.copy_(t - 100 * d)
+                        elif broken == "sign":
+                            p.copy_(t + d)
+                        else:
+                            p.copy_(t - torch.randn(p.shape, generator=noise) * 10 * norm / math.sqrt(
+                                sum(q.numel() for q in params)))
+                elif me_broken and broken == "bitflip":
+                    flat = params[0].data.view(-1)
+                    for k in torch.nonzero(flat.abs() < 1)[:4].view(-1).tolist():
+                        flat.view(torch.int32)[k] ^= 1 << 30
+                engine.sync(weight=float(rank != 3) if alone else None)
+    with torch.no_grad():
+        for p, s in zip(params, engine.snapshot):
+            p.copy_(s.view_as(p))
+        x, y = batch(teacher, torch.Generator().manual_seed(7), 4096)
+        return float(torch.nn.functional.mse_loss(model(x), y))
+
+
+def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    results = {("clean", False): train(rank, args, None, False), ("clean", True): train(rank, args, None, True),
+               ("alone", False): train(rank, args, None, False, alone=True)}
+    for broken in BROKEN:
+        for screened in (False, True):
+            results[(broken, screened)] = train(rank, args, broken, screened)
+    if rank == 0:
+        torch.save(results, out)
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--sync-every", type=int, default=10)
+    p.add_argument("--lr", type=float, default=3e-3)
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "r.pt")
+        mp.spawn(_worker, args=(4, _free_port(), args, out), nprocs=4)
+        results = torch.load(out)
+    clean = results[("clean", False)]
+
+    def cell(loss: float) -> str:
+        return "diverged" if not math.isfinite(loss) else f"{loss:.4f} ({loss / clean:.3f}x)"
+
+    lines = [f"# One broken group of four: final validation loss (MLP student/teacher, DiLoCo, H={args.sync_every}, "
+             f"{args.steps} steps; ratio to the clean run)", "",
+             f"clean run (four healthy groups): {clean:.4f} without the screen, {cell(results[('clean', True)])} "
+             f"with it; the three healthy groups alone (the best a screen can do): {cell(results[('alone', False)])}",
+             "",
+             "| group 3 broken by | without the screen | with screen_factor=10 |", "|---|---|---|"]
+    for broken in BROKEN:
+        lines.append(f"| {broken} | {cell(results[(broken, False)])} | {cell(results[(broken, True)])} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    (Path(__file__).parent / "results" / "screen_broken.md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""What the robust screen (``screen_factor``) costs a sync: ``OuterSync.sync()`` with and without it, side by side.
+
+Two processes (gloo, one thread each) = two worker groups hold ``--numel`` fp32 parameters; each round runs
+``--syncs`` syncs without the screen and ``--syncs`` with it (the order reversed every other round), every group's
+parameters moved by a small step before each sync. Reported per configuration (fp32 all-reduce, int8): the median
+sync time without and with the screen, the median over rounds of each round's ratio, and the screen's own time
+(the pass over the parameters and the two small collectives, timed alone).
+
+    python benchmarks/screen_cost.py                       # ~1 minute on 2 CPU cores
+    python benchmarks/screen_cost.py --numel 10000000 --rounds 5
+
+Writes benchmarks/results/screen_cost.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from lightning_localsgd.engine import OuterSync
+from lightning_localsgd.engine.outer import squared_norm
+from lightning_localsgd.engine.screen import PseudoGradientScreen
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    results = {}
+    for codec in (None, "int8"):
+        params = [torch.randn(args.numel, generator=torch.Generator().manual_seed(0))]
+        plain = OuterSync(params, compression=codec)
+        screened = OuterSync(params, compression=codec, screen=PseudoGradientScreen(10.0))
+        g = torch.Generator().manual_seed(rank)
+        times: dict[str, list[list[float]]] = {"plain": [], "screened": [], "screen_alone": []}
+        for r in range(args.rounds):
+            order = [("plain", plain), ("screened", screened)]
+            for name, engine in order if r % 2 == 0 else order[::-1]:
+                per = []
+                for _ in range(args.syncs):
+                    params[0].add_(torch.randn(args.numel, generator=g), alpha=1e-3)
+                    dist.barrier()
+                    t0 = time.perf_counter()
+                    engine.sync()
+                    per.append(time.perf_counter() - t0)
+                    engine.reset_snapshot()  # both engines start each sync from the same θ_g
+                times[name].append(per)
+            alone = []
+            for _ in range(args.syncs):  # the screen's own work, timed alone
+                dist.barrier()
+                t0 = time.perf_counter()
+                sq = squared_norm(screened.snapshot[0].view(-1), params[0].view(-1))
+                screened.screen.screen(screened.cross, None, sq, None, params[0].device)
+                alone.append(time.perf_counter() - t0)
+            times["screen_alone"].append(alone)
+        results[codec or "fp32"] = times
+    if rank == 0:
+        torch.save(results, out)
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--numel", type=int, default=4_000_000)
+    p.add_argument("--syncs", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=4)
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "r.pt")
+        mp.spawn(_worker, args=(2, _free_port(), args, out), nprocs=2)
+        results = torch.load(out)
+    lines = [f"# Robust screen: cost per sync ({args.numel / 1e6:g}M fp32 parameters, 2 groups on gloo, 1 thread "
+             f"each; {args.rounds} rounds x {args.syncs} syncs)", "",
+             "| sync | without screen, median s | with screen, median s | ratio (median over rounds) "
+             "| screen alone, median s |", "|---|---|---|---|---|"]
+    for codec, times in results.items():
+        plain = statistics.median(t for per in times["plain"] for t in per)
+        screened = statistics.median(t for per in times["screened"] for t in per)
+        ratio = statistics.median(statistics.median(s) / statistics.median(q)
+                                  for s, q in zip(times["screened"], times["plain"]))
+        alone = statistics.median(t for per in times["screen_alone"] for t in per)
+        lines.append(f"| {codec} | {plain:.4f} | {screened:.4f} | {ratio:.3f} | {alone:.4f} |")
+    lines += ["", f"load average at the end: {os.getloadavg()[0]:.2f} (a shared machine: ratios spread by a few %)"]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    path = Path(__file__).parent / "results" / "screen_cost.md"
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

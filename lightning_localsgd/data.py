@@ -1,0 +1,258 @@
+"""Exact data position through resumes: the sampler and data loader every local-SGD strategy gives a training loader.
+
+Lightning restores the step and batch counters from a checkpoint, but a plain ``DataLoader`` starts its epoch again
+from the first batch: a fit resumed mid-epoch reads the epoch's first batches twice and never reaches its last ones.
+A local-SGD strategy turns the training loader of ``fit`` into a :class:`ResumableDataLoader` (same class of loader,
+same arguments; the user changes nothing) whose position Lightning itself saves and restores: Lightning keeps the
+``state_dict()`` of every training loader that has one in the checkpoint's loop state and hands it back to
+``load_state_dict`` before the resumed epoch's first batch.
+
+A map-style dataset's sampler becomes a :class:`ResumableSampler`: the order of an epoch is Lightning's
+``DistributedSampler`` order (a permutation drawn from ``seed + epoch``, or the dataset's order unshuffled), cut into
+one share per replica, and its position is a number of samples of that order: the samples every replica together
+read in the epoch so far. A resumed epoch continues at that position, on any number of replicas (elastic resume):
+the samples of the epoch not yet read are read once, split over the new replicas.
+
+Other samplers (a user's own, kept by Lightning in a ``DistributedSamplerWrapper``) keep their order; the loader then
+saves how many batches of the epoch it handed out and a resumed epoch drops that many first (read and discarded; exact
+for a sampler whose order depends on the epoch only). Iterable datasets have no sampler: use a loader that saves its
+own position, e.g. torchdata's ``StatefulDataLoader`` (anything with ``state_dict`` / ``load_state_dict``), which the
+strategy leaves as it is and Lightning checkpoints the same way.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterator, Mapping, Optional
+
+from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler, SequentialSampler
+from torch.utils.data.distributed import DistributedSampler
+
+__all__ = ["ResumableDataLoader", "ResumableSampler", "drop_strategy_loader_states", "is_stateful_loader",
+           "loader_states", "make_resumable", "restore_loader_states"]
+
+#: Where a rank file of a checkpoint folder keeps the rank's own training-loader states.
+LOADERS_KEY = "train_loaders"
+_MADE_BY_STRATEGY = "made_by_strategy"
+
+
+class ResumableSampler(DistributedSampler):
+    """Lightning's ``DistributedSampler`` order, continued from a position in the epoch.
+
+    The epoch's order is that of ``DistributedSampler(dataset, num_replicas, rank, shuffle, seed, drop_last)``;
+    :attr:`start` samples of it were read before this iteration (by all replicas together). The rest is cut into
+    ``num_replicas`` shares as ``DistributedSampler`` cuts a whole epoch: replica ``r`` reads every
+    ``num_replicas``-th sample from position ``start + r``. Without ``drop_last`` the last round is completed with the
+    epoch's first samples, as ``DistributedSampler`` pads, so a resume on the same number of replicas reads exactly
+    what the uninterrupted run reads. ``len()`` is the whole epoch's share (Lightning counts an epoch's batches from
+    it, and continues its count on resume).
+
+    Args:
+        dataset: a map-style dataset (``len`` and ``__getitem__``).
+        num_replicas: how many replicas read disjoint shares of each epoch.
+        rank: this replica's index.
+        shuffle: whether each epoch is a permutation drawn from ``seed + epoch`` (else the dataset's order).
+        seed: the shuffle's seed (Lightning's is ``seed_everything``'s, ``PL_GLOBAL_SEED``).
+        drop_last: leave out the last samples that would not fill a round of ``num_replicas`` instead of padding.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0,
+                 drop_last: bool = False) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
+                         drop_last=drop_last)
+        self.start = 0  #: samples of the current epoch read (by every replica together) before this iteration
+
+    def set_epoch(self, epoch: int) -> None:
+        """Lightning calls this before each epoch; another epoch than the one a position was restored for starts at
+        its beginning."""
+        if epoch != self.epoch:
+            self.start = 0
+        self.epoch = epoch
+
+    def epoch_order(self) -> list[int]:
+        """The current epoch's order of sample indices, before it is cut into shares (``DistributedSampler``'s)."""
+        if not self.shuffle:
+            return list(range(len(self.dataset)))  # type: ignore[arg-type]
+        import torch
+
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + self.epoch)
+        return torch.randperm(len(self.dataset), generator=generator).tolist()  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[int]:
+        order = self.epoch_order()
+        rest = order[self.start:]
+        if self.drop_last:
+            rest = rest[: len(rest) - len(rest) % self.num_replicas]
+        elif rest:
+            pad = -len(rest) % self.num_replicas  # repeats of the epoch's first samples, as DistributedSampler pads
+            rest += (order * (pad // max(1, len(order)) + 1))[:pad]
+        return iter(rest[self.rank :: self.num_replicas])
+
+    def position(self, samples_per_replica: int) -> int:
+        """The epoch's position once each replica read ``samples_per_replica`` more samples of this iteration (at
+        most the epoch's length: the padding repeats samples already counted)."""
+        return min(len(self.dataset), self.start + samples_per_replica * self.num_replicas)  # type: ignore[arg-type]
+
+
+class ResumableDataLoader(DataLoader):
+    """A ``DataLoader`` whose position in the epoch survives a checkpoint: ``state_dict()`` says where the trainer is,
+    ``load_state_dict()`` makes the next iteration continue there. Lightning calls both for a training loader (the
+    state is saved with the checkpoint's loop state). Takes every argument of ``DataLoader``.
+
+    With a :class:`ResumableSampler` the position is a number of samples of the epoch's order (it continues on any
+    number of replicas); with any other sampler it is a number of batches, dropped from the start of the resumed
+    epoch. The iteration starts at the first batch, not at ``iter()`` (Lightning creates the iterator before it sets
+    the epoch of a resumed fit).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if isinstance(self.dataset, IterableDataset):
+            raise ValueError(f"{type(self).__name__} takes a map-style dataset (an IterableDataset has no sampler to "
+                             "continue): give an iterable dataset a loader that saves its own position, e.g. "
+                             "torchdata's StatefulDataLoader.")
+        self._batches = 0  # batches of the current iteration handed out
+        #: made by a local-SGD strategy from the user's loader (:func:`make_resumable`): a plain Lightning run, e.g.
+        #: from a converted checkpoint, has the user's own loader, without a position to restore
+        self.made_by_strategy = False
+        self._skip: Optional[tuple[Optional[int], int]] = None  # (epoch, batches) to drop: a restored batch position
+
+    def _position_sampler(self) -> Optional[ResumableSampler]:
+        return self.sampler if isinstance(self.sampler, ResumableSampler) else None
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        return self._iterate()
+
+    def _iterate(self) -> Iterator[Any]:
+        sampler = self._position_sampler()
+        skip, self._skip = self._skip, None
+        epoch = getattr(self.sampler, "epoch", None)
+        drop = skip[1] if skip is not None and skip[0] == epoch and skip[1] < len(self) else 0
+        self._batches = 0
+        iterator = super().__iter__()
+        for _ in range(drop):
+            next(iterator, None)
+        self._batches = drop
+        for batch in iterator:
+            self._batches += 1
+            yield batch
+        if sampler is not None:
+            sampler.start = 0  # the epoch was read to its end: read again, it starts at its beginning
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the trainer is in the epoch: ``{"epoch", "samples"}`` (samples of the epoch's order read by all
+        replicas) with a :class:`ResumableSampler`, else ``{"epoch", "batches"}`` (batches handed out)."""
+        sampler = self._position_sampler()
+        made = {_MADE_BY_STRATEGY: True} if self.made_by_strategy else {}
+        if sampler is not None and self.batch_size is not None:
+            return {"epoch": sampler.epoch, "samples": sampler.position(self._batches * self.batch_size),
+                    "num_replicas": sampler.num_replicas, **made}
+        return {"epoch": getattr(self.sampler, "epoch", None), "batches": self._batches, **made}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue the next iteration where :meth:`state_dict` was taken (a resume)."""
+        sampler = self._position_sampler()
+        if "samples" in state and sampler is not None:
+            sampler.epoch, sampler.start = int(state["epoch"]), int(state["samples"])
+        elif "batches" in state and sampler is None:
+            self._skip = (state.get("epoch"), int(state["batches"]))
+        else:
+            raise ValueError(
+                f"cannot continue the training data loader from the checkpoint's position {dict(state)}: it was "
+                f"saved by a loader {'with' if 'samples' in state else 'without'} a ResumableSampler, this one has "
+                f"sampler {type(self.sampler).__name__}. Resume with the same kind of sampler (shuffle=True/False or "
+                "the same custom sampler) as the run that wrote the checkpoint.")
+
+
+def is_stateful_loader(loader: Any) -> bool:
+    """Whether ``loader`` saves its own position (``state_dict`` / ``load_state_dict``, as Lightning checks)."""
+    return callable(getattr(loader, "state_dict", None)) and callable(getattr(loader, "load_state_dict", None))
+
+
+_RESUMABLE_CLASSES: dict[type, type] = {}
+
+
+def _resumable_class(cls: type) -> type:
+    """``cls`` itself if resumable, else a subclass of ``cls`` and :class:`ResumableDataLoader` (a user's subclass of
+    ``DataLoader`` keeps its own behaviour)."""
+    if issubclass(cls, ResumableDataLoader):
+        return cls
+    if cls is DataLoader:
+        return ResumableDataLoader
+    if cls not in _RESUMABLE_CLASSES:
+        _RESUMABLE_CLASSES[cls] = type(f"Resumable{cls.__name__}", (ResumableDataLoader, cls), {})
+    return _RESUMABLE_CLASSES[cls]
+
+
+def _resumable_sampler(loader: DataLoader) -> Optional[ResumableSampler]:
+    """The :class:`ResumableSampler` that replaces ``loader``'s sampler, or ``None`` to keep it: Lightning's (or the
+    user's) ``DistributedSampler`` with its shares and seed, a shuffle or the dataset's order on one replica."""
+    sampler = loader.sampler
+    if isinstance(sampler, ResumableSampler):
+        return None
+    if type(sampler) is DistributedSampler:
+        return ResumableSampler(loader.dataset, num_replicas=sampler.num_replicas, rank=sampler.rank,
+                                shuffle=sampler.shuffle, seed=sampler.seed, drop_last=sampler.drop_last)
+    if isinstance(sampler, (RandomSampler, SequentialSampler)) and len(sampler) == len(loader.dataset):
+        # Lightning's seed, as its DistributedSampler takes it; a RandomSampler's own draws would differ on resume
+        return ResumableSampler(loader.dataset, shuffle=isinstance(sampler, RandomSampler),
+                                seed=int(os.getenv("PL_GLOBAL_SEED", 0)))
+    return None
+
+
+def make_resumable(loader: Any) -> Any:
+    """The training loader a local-SGD strategy uses in place of ``loader``: a :class:`ResumableDataLoader` (of the
+    user's class) with a :class:`ResumableSampler` where the sampler is Lightning's ``DistributedSampler``, a
+    ``RandomSampler`` or a ``SequentialSampler``. Returned as it is: anything not a ``DataLoader``, an iterable
+    dataset's loader, a loader that saves its own position already (torchdata's ``StatefulDataLoader``), a loader
+    with its own ``batch_sampler``."""
+    from ._compat import rebuild_dataloader
+
+    if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
+        return loader
+    resumable = isinstance(loader, ResumableDataLoader)
+    if (is_stateful_loader(loader) and not resumable) or loader.batch_size is None:
+        return loader
+    sampler = _resumable_sampler(loader)
+    if sampler is None and resumable:
+        return loader
+    loader = rebuild_dataloader(loader, sampler if sampler is not None else loader.sampler,
+                                _resumable_class(type(loader)))
+    loader.made_by_strategy = True
+    return loader
+
+
+def _fit_loop_state(checkpoint: Mapping[str, Any]) -> Optional[dict[str, Any]]:
+    return ((checkpoint.get("loops") or {}).get("fit_loop") or {}).get("state_dict")
+
+
+def loader_states(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    """This rank's training-loader states in a checkpoint dict Lightning built (the ``state_dict()`` of each stateful
+    training loader, in the fit loop's state), as ``{LOADERS_KEY: [...]}`` for its rank file; ``{}`` without any.
+    Lightning saves one rank's checkpoint dict; a loader of an iterable dataset holds each rank's own position."""
+    fit_loop = _fit_loop_state(checkpoint)
+    states = fit_loop.get("combined_loader") if fit_loop is not None else None
+    return {LOADERS_KEY: states} if states else {}
+
+
+def restore_loader_states(checkpoint: dict[str, Any], rank_state: Mapping[str, Any]) -> None:
+    """Put this rank's own training-loader states (from its rank file) where Lightning restores them from."""
+    fit_loop = _fit_loop_state(checkpoint)
+    if rank_state.get(LOADERS_KEY) and fit_loop is not None:
+        fit_loop["combined_loader"] = rank_state[LOADERS_KEY]
+
+
+def drop_strategy_loader_states(checkpoint: dict[str, Any]) -> None:
+    """Leave out of a checkpoint that a plain Lightning run reads (``convert_checkpoint``) the positions of the
+    loaders a local-SGD strategy made resumable: that run has the user's own loader, which restarts its epoch
+    (Lightning refuses a checkpoint with more loader states than stateful loaders). A user's own stateful loaders
+    (``StatefulDataLoader``, a ``ResumableDataLoader`` the user made) keep theirs."""
+    fit_loop = _fit_loop_state(checkpoint)
+    if fit_loop is None or not fit_loop.get("combined_loader"):
+        return
+    kept = [state for state in fit_loop["combined_loader"] if not state.get(_MADE_BY_STRATEGY)]
+    if kept:
+        fit_loop["combined_loader"] = kept
+    else:
+        del fit_loop["combined_loader"]

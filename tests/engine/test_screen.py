@@ -1,0 +1,261 @@
+"""The robust screen of a sync (lightning_localsgd.engine.screen): the rule by hand, then OuterSync on gloo ranks where
+one worker group's pseudo-gradient is broken, against the mean of the other groups written out by hand."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from lightning_localsgd import LocalSGDConfig
+from lightning_localsgd.engine import OuterSync
+from lightning_localsgd.engine.screen import PseudoGradientScreen
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from reference import weighted_compressed_sync  # noqa: E402
+from test_outer import initial, spawn  # noqa: E402
+
+
+# ---------------------------------------------------------------- the rule, by hand
+def test_median_rule_leaves_out_the_outlier_only():
+    screen = PseudoGradientScreen(10.0)
+    # lower median of [1, 2, 3, 40] is 2: 40 > 10 x 2 is out, 3 is not
+    verdict = screen.decide([1.0, 2.0, 3.0, 40.0], [0, 1, 2, 3])
+    assert verdict.rule == "median" and list(verdict.excluded) == [3]
+    assert "40 > 10 x the median 2 of 4 groups" in verdict.excluded[3]
+    # exactly 10 x the median stays in (the bound is strict)
+    assert not PseudoGradientScreen(10.0).decide([1.0, 2.0, 3.0, 20.0], [0, 1, 2, 3]).excluded
+    # the lower median of an even count: two wild groups of four cannot raise it (the median would be 25.5)
+    assert sorted(PseudoGradientScreen(10.0).decide([1.0, 1.0, 50.0, 60.0], [0, 1, 2, 3]).excluded) == [2, 3]
+
+
+def test_weights_clean_verdict_and_nonfinite():
+    screen = PseudoGradientScreen(4.0)
+    # NaN: takes no part (weight 0); inf: left to the non-finite policy. Judged: [1, 1.5, 9]: 9 > 4 x 1.5
+    verdict = screen.decide([1.0, math.nan, 1.5, math.inf, 9.0], [0, 1, 2, 3, 4])
+    assert list(verdict.excluded) == [4]
+    assert verdict.weight(4, None) == 0.0 and verdict.weight(0, None) == 1.0 and verdict.weight(2, 7.0) == 7.0
+    clean = screen.decide([1.0, 1.1, 1.2], [0, 1, 2])
+    assert not clean.excluded and clean.weight(0, None) is None and clean.weight(1, 3.0) == 3.0  # nothing changes
+
+
+def test_two_groups_use_their_own_history():
+    screen = PseudoGradientScreen(10.0, history=4)
+    for norms in ([1.0, 2.0], [3.0, 4.0]):  # fewer than 3 kept norms: no bound yet, even for a jump
+        assert screen.decide(norms, [7, 9]).excluded == {}
+    verdict = screen.decide([2.0, 100.0], [7, 9])  # group 9 had 2 kept norms (under MIN_HISTORY): no bound yet
+    assert verdict.rule == "history" and verdict.excluded == {}
+    assert list(screen.history[9]) == [2.0, 4.0, 100.0]
+    # group 9's kept norms [2, 4, 100]: lower median 4; 41 > 40 is out, group 7 (median 2 of [1, 3, 2]) at 19 stays
+    verdict = screen.decide([19.0, 41.0], [7, 9])
+    assert list(verdict.excluded) == [1] and "its own median 4 of its last 3 syncs" in verdict.excluded[1]
+    assert list(screen.history[9]) == [2.0, 4.0, 100.0]  # an excluded norm does not enter the history
+    assert list(screen.history[7]) == [1.0, 3.0, 2.0, 19.0]
+
+
+def test_repeated_offender_is_banned_for_ban_syncs():
+    screen = PseudoGradientScreen(10.0, history=8, ban_syncs=2)
+    ids = [0, 1, 2, 3]
+    assert list(screen.decide([1.0, 1.0, 1.0, 50.0], ids).excluded) == [3]
+    assert not screen.banned  # one offence: judged afresh next time
+    assert list(screen.decide([1.0, 1.0, 1.0, 1.0], ids).excluded) == []
+    assert list(screen.decide([1.0, 1.0, 1.0, 50.0], ids).excluded) == [3]  # the second within 8 syncs: banned
+    assert screen.banned == {3: 2}
+    for left in (1, 0):  # honest norms, still left out twice
+        verdict = screen.decide([1.0, 1.0, 1.0, 1.0], ids)
+        assert list(verdict.excluded) == [3] and f"({left} more after this one)" in verdict.excluded[3]
+    assert screen.decide([1.0, 1.0, 1.0, 1.0], ids).excluded == {}
+    assert screen.excluded_total == 4
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(screen_factor=1.0), "screen_factor must be a number above 1"),
+    (dict(screen_factor=float("inf")), "screen_factor must be a number above 1"),
+    (dict(screen_factor=True), "screen_factor must be a number above 1"),
+    (dict(screen_factor=10.0, screen_history=2), "screen_history must be an integer >= 3"),
+    (dict(screen_factor=10.0, screen_ban_syncs=-1), "screen_ban_syncs must be an integer >= 0"),
+    (dict(screen_ban_syncs=3), "screen_ban_syncs=3 only acts with the robust screen: set screen_factor"),
+    (dict(screen_history=5), "screen_history=5 only acts with the robust screen"),
+])
+def test_config_refuses_bad_screen_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LocalSGDConfig(**kwargs)
+
+
+def test_config_builds_one_screen_per_engine():
+    config = LocalSGDConfig(screen_factor=5, screen_history=6, screen_ban_syncs=1)
+    a, b = config.build_screen(), config.build_screen()
+    assert a is not b and (a.factor, a.history_len, a.ban_syncs) == (5.0, 6, 1)
+    assert LocalSGDConfig().build_screen() is None
+
+
+# ---------------------------------------------------------------- OuterSync on gloo ranks, against the hand mean
+def honest(group: int, sync: int, theta: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Group ``group``'s parameters after the inner steps before sync ``sync``: θ_g minus a small step."""
+    g = torch.Generator().manual_seed(1000 * sync + group)
+    return [t - 0.1 * torch.randn(t.shape, generator=g) for t in theta]
+
+
+def broken(how: str, group: int, sync: int, theta: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The broken group's parameters: its pseudo-gradient scaled x100, sign-flipped, replaced by noise, or a bit flip
+    in one parameter (the top exponent bit of an element below 1 in magnitude: ~1e38, finite)."""
+    mine = honest(group, sync, theta)
+    if how == "scaled":
+        return [t - 100 * (t - m) for t, m in zip(theta, mine)]
+    if how == "sign":
+        return [t + (t - m) for t, m in zip(theta, mine)]
+    if how == "noise":
+        g = torch.Generator().manual_seed(77 + sync)
+        return [t + 5.0 * torch.randn(t.shape, generator=g) for t in theta]
+    assert how == "bitflip"
+    flat = mine[0].view(-1)
+    k = int(torch.nonzero(flat.abs() < 1)[0])
+    flat.view(torch.int32)[k] ^= 1 << 30
+    return mine
+
+
+def run_syncs(rank, params, engine, cases, syncs, weight=None, fragments=False):
+    """Set every rank's parameters for each sync (``cases[sync]``: the broken group's way, or None) and sync
+    (``fragments``: fragment 0 then fragment 1, each started and finished on its own, as streaming does)."""
+    out = []
+    for sync in range(syncs):
+        theta = [s.detach().clone().view_as(p) for s, p in zip(engine.snapshot, params)]
+        mine = broken(cases[sync], rank, sync, theta) if cases[sync] and rank == 3 else honest(rank, sync, theta)
+        for p, t in zip(params, mine):
+            p.copy_(t)
+        if fragments:
+            screened_out = []
+            for f in range(engine.num_fragments):
+                engine.start_sync(f)
+                res = engine.finish_sync(f)
+                screened_out.append(res.screened_out)
+        else:
+            res = engine.sync(weight=weight)
+            screened_out = res.screened_out
+        out.append(([p.clone() for p in params], screened_out, res.skipped))
+    return out
+
+
+def scenario_four_groups(rank, world):
+    cases = {"clean": [None] * 3, "scaled": ["scaled"] * 3, "noise": ["noise"] * 3, "bitflip": ["bitflip"] * 3,
+             "sign": ["sign"] * 3}
+    results = {}
+    for name, per_sync in cases.items():
+        for screened in (True, False) if name == "clean" else (True,):
+            params = [t.clone() for t in initial()]
+            engine = OuterSync(params, screen=PseudoGradientScreen(10.0) if screened else None)
+            results[(name, screened)] = run_syncs(rank, params, engine, per_sync, 3)
+    # compressed (int8) with error feedback: the broken group sends with weight 0, its residual stays its own
+    params = [t.clone() for t in initial()]
+    engine = OuterSync(params, compression="int8", screen=PseudoGradientScreen(10.0))
+    results[("int8", True)] = run_syncs(rank, params, engine, ["scaled"] * 3, 3)
+    # token-weighted (time-based) syncs: each group's norm per token is screened, the weighted mean of the others
+    params = [t.clone() for t in initial()]
+    engine = OuterSync(params, screen=PseudoGradientScreen(10.0))
+    results[("weighted", True)] = run_syncs(rank, params, engine, ["scaled"] * 3, 3, weight=TOKENS[rank])
+    # streaming: two fragments (one tensor each), each screened at its own start
+    params = [t.clone() for t in initial()]
+    engine = OuterSync(params, fragments=2, screen=PseudoGradientScreen(10.0))
+    results[("fragments", True)] = run_syncs(rank, params, engine, ["scaled"] * 3, 3, fragments=True)
+    return results
+
+
+TOKENS = [3.0, 1.0, 2.0, 5.0]
+
+
+def _flat(tensors):
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+@pytest.mark.slow
+def test_four_groups_one_broken_is_left_out_of_every_sync(tmp_path):
+    got = spawn(scenario_four_groups, 4, tmp_path)
+
+    def before(case, sync):  # θ_g the ranks started the sync from (the previous sync's result, on rank 0)
+        return initial() if sync == 0 else got[0][case][sync - 1][0]
+
+    for how in ("scaled", "noise", "bitflip"):
+        for sync in range(3):
+            theta = before((how, True), sync)
+            want = sum(_flat(honest(g, sync, theta)) for g in range(3)) / 3
+            for rank in got:
+                params, screened_out, skipped = rank[(how, True)][sync]
+                assert screened_out == [3] and not skipped, (how, sync, screened_out)
+                assert torch.allclose(_flat(params), want, atol=1e-6, rtol=0), how
+            if sync == 0:  # the hand mean of the three honest groups, not the mean of all four
+                assert not torch.allclose(want, sum(_flat(honest(g, 0, theta)) for g in range(3)) / 4
+                                          + _flat(broken(how, 3, 0, theta)) / 4, atol=1e-3)
+        assert all(torch.equal(_flat(r[(how, True)][-1][0]), _flat(got[0][(how, True)][-1][0])) for r in got)
+    # no group broken: the screened syncs equal the unscreened ones bit for bit
+    for sync in range(3):
+        for rank in got:
+            assert rank[("clean", True)][sync][1] == []
+            assert torch.equal(_flat(rank[("clean", True)][sync][0]), _flat(rank[("clean", False)][sync][0]))
+    # a sign flip keeps an honest norm: the norm screen lets it through (its harm is bounded by its weight)
+    assert all(r[("sign", True)][s][1] == [] for r in got for s in range(3))
+    # int8: the weighted compressed mean with weight 0 for group 3, written out
+    errors, mean_errors = [torch.zeros(sum(t.numel() for t in initial()))] * 4, [None] * 4
+    for sync in range(3):
+        theta = before(("int8", True), sync)
+        locals_ = [_flat(honest(g, sync, theta)) for g in range(3)] + [_flat(broken("scaled", 3, sync, theta))]
+        want, errors, mean_errors = weighted_compressed_sync(_flat(theta), locals_, [1.0, 1.0, 1.0, 0.0], errors,
+                                                             mean_errors, "int8")
+        for rank in got:
+            params, screened_out, _ = rank[("int8", True)][sync]
+            assert screened_out == [3]
+            assert torch.allclose(_flat(params), want, atol=1e-6, rtol=0)
+    # token-weighted: the weighted mean of groups 0-2; streaming: each fragment left out of group 3's values alone
+    for sync in range(3):
+        theta = before(("weighted", True), sync)
+        want = sum(TOKENS[g] * _flat(honest(g, sync, theta)) for g in range(3)) / sum(TOKENS[:3])
+        theta = before(("fragments", True), sync)
+        want_fragments = sum(_flat(honest(g, sync, theta)) for g in range(3)) / 3
+        for rank in got:
+            params, screened_out, _ = rank[("weighted", True)][sync]
+            assert screened_out == [3] and torch.allclose(_flat(params), want, atol=1e-6, rtol=0)
+            params, screened_out, _ = rank[("fragments", True)][sync]
+            assert screened_out == [[3], [3]] and torch.allclose(_flat(params), want_fragments, atol=1e-6, rtol=0)
+
+
+def scenario_two_groups(rank, world):
+    """2 groups of 2 ranks (each rank syncs a slice of its group's replica): group 1 scaled x100 at sync 3."""
+    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    cross = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+    g, k = rank // 2, rank % 2
+    params = [t.clone() for t in initial()]
+    screen = PseudoGradientScreen(10.0)
+    engine = OuterSync(params, cross_group=cross[k], shard_group=groups[g], screen=screen)
+    out = []
+    for sync in range(4):
+        theta = [p.clone() for p in params]  # every group holds θ_g after a sync
+        mine = broken("scaled", g, sync, theta) if sync == 3 and g == 1 else honest(g, sync, theta)
+        for p, t in zip(params, mine):
+            p.copy_(t)
+        res = engine.sync()
+        out.append(([p.clone() for p in params], res.screened_out))
+    return {"after": out, "history": {i: list(h) for i, h in screen.history.items()}}
+
+
+@pytest.mark.slow
+def test_two_groups_fall_back_to_their_own_history(tmp_path):
+    got = spawn(scenario_two_groups, 4, tmp_path)
+    theta, norms = initial(), {0: [], 1: []}
+    for sync in range(4):
+        locals_ = {g: honest(g, sync, theta) for g in (0, 1)}
+        if sync == 3:
+            locals_[1] = broken("scaled", 1, sync, theta)
+        for g in (0, 1):
+            norms[g].append(float(_flat([t - m for t, m in zip(theta, locals_[g])]).norm()))
+        kept = [0] if sync == 3 else [0, 1]
+        theta = [sum(locals_[g][j] for g in kept) / len(kept) for j in range(len(theta))]
+        for rank in got:
+            params, screened_out = rank["after"][sync]
+            assert screened_out == ([1] if sync == 3 else [])
+            assert torch.allclose(_flat(params), _flat(theta), atol=1e-6, rtol=0)
+    for rank in got:  # the norms are the whole replica's (both slices' squares added), per group
+        assert rank["history"][0] == pytest.approx(norms[0], rel=1e-5)
+        assert rank["history"][1] == pytest.approx(norms[1][:3], rel=1e-5)

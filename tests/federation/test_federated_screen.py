@@ -1,0 +1,46 @@
+"""The robust screen across federated jobs (CPU, gloo, torchft): three jobs, one of them broken (its loss, and with
+SGD its pseudo-gradient, scaled x100 at every step). Every sync leaves the broken job out; the jobs end identical,
+equal to the two honest jobs run without it; every job logs which job was left out. Without the screen the broken
+job's pseudo-gradient ends the run (non-finite within three syncs)."""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+
+pytest.importorskip("torchft")
+from test_federated import killed_on_exit, launch, lighthouse, run_jobs, wait_all  # noqa: F401
+
+from test_federated_features import NAMES, max_diff
+
+
+@pytest.mark.slow
+def test_three_jobs_one_broken_the_honest_two_end_as_without_it(tmp_path, lighthouse):
+    three = run_jobs(tmp_path / "three", lighthouse(3), 3, outer="diloco", screen_factor=10.0,
+                     g2=dict(loss_scale=100.0))
+    two = run_jobs(tmp_path / "two", lighthouse(2), 2, outer="diloco", screen_factor=10.0)
+    final = {name: {k.removeprefix("model."): v for k, v in d["final"].items()} for name, d in three.items()}
+    alone = {k.removeprefix("model."): v for k, v in two["g0"]["final"].items()}
+    assert max_diff(final["g0"], final["g1"]) == 0.0 and max_diff(final["g0"], final["g2"]) == 0.0
+    assert max_diff(final["g0"], alone) < 1e-5, max_diff(final["g0"], alone)
+    syncs = [a for a in three["g0"]["attempts"] if a["committed"] and a["weight"] > 0]
+    assert len(syncs) == 3 and all(a["participants"] == 3 for a in syncs)
+    assert all(d["screened_total"] == 3 for d in three.values())  # left out of each of the 3 syncs
+    assert two["g0"]["screened_total"] == 0
+    broken_id = f"{zlib.crc32(b'g2'):#x}"
+    for g in (0, 1):
+        log = (tmp_path / "three" / f"g{g}.log").read_text()
+        assert log.count(f"(id {broken_id}) was left out of sync") == 3, log[-3000:]
+    log = (tmp_path / "three" / "g2.log").read_text()
+    assert log.count("this group (group 'g2') was left out of sync") == 3, log[-3000:]
+    # without the screen the broken job's pseudo-gradient lands in θ_g: a non-finite one within three syncs here
+    out = tmp_path / "unscreened"
+    out.mkdir()
+    address = lighthouse(3)
+    procs = [launch(out, address, g, barrier=3, outer="diloco", **({"loss_scale": 100.0} if g == 2 else {}))
+             for g in range(3)]
+    with killed_on_exit(procs):
+        codes = wait_all(procs, out)
+    assert codes[0] != 0 and "the pseudo-gradient is not finite" in (out / "g0.log").read_text()
+    assert set(NAMES) <= set(final["g0"])
