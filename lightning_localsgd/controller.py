@@ -264,6 +264,7 @@ class LocalSGDController:
                 sharding_group=topology.cluster_group if split is not None else self.outer_sync.sharding,
                 on_nonfinite=c.on_nonfinite, compression=c.compression, screen=c.build_screen(),
             )
+        self.schedule.bind_fragments(self.outer_sync.fragments)  # a fragment's tokens are its sync's
         if self._restored is not None:
             self._apply_restored(*self._restored)
             self._restored = None

@@ -330,9 +330,10 @@ class Federation:
         """``overlap_steps``: a fragment's sync applied that many inner steps after it starts (then a failed attempt
         is dropped, not redone)."""
         self.inner_steps = 0
-        """Inner steps this group took (``trained = True`` after each one counts it)."""
-        self._synced_at: dict[Optional[int], int] = {None: 0}
-        """:attr:`inner_steps` when each fragment's last committed sync started (``None``: every parameter's)."""
+        """Inner steps this group took (``trained = True`` after each one counts it); each fragment's sync keeps
+        their count when its last committed sync started (:attr:`~.engine.fragment.FragmentSync.synced_at`)."""
+        self.engine: Optional[OuterSync] = None
+        """The engine the syncs run on (the outermost level), from the join or the first sync on."""
         self.healed_from_peer = 0
         """How many times this group loaded a live peer's state."""
         self.healed_bytes = 0
@@ -350,8 +351,6 @@ class Federation:
         """The weight (tokens with time-based sync, else intervals) of work this group lost by missing a sync."""
         self._open_round: Optional[dict[str, Any]] = None
         """A warm-up step's quorum whose vote is still to come (:meth:`end_round`)."""
-        self._open: dict[Optional[int], _Attempt] = {}
-        """Syncs started over a quorum and not yet finished, by fragment (``None``: every parameter)."""
         self._unit: Optional[int] = None
         self._peer_unit: Optional[int] = None
         self._healed_now = False
@@ -395,27 +394,27 @@ class Federation:
     def trained(self) -> bool:
         """Whether this group took inner steps since its last sync. Set it True after every inner step; False
         forgets them (a group that joins weighs 0 until it trains)."""
-        return self.inner_steps > max(self._synced_at.values())
+        syncs = self.engine.fragment_syncs if self.engine is not None else []
+        return self.inner_steps > max((s.synced_at for s in syncs), default=0)
 
     @trained.setter
     def trained(self, value: bool) -> None:
         if value:
             self.inner_steps += 1
-        else:
-            self._synced_at = {None: self.inner_steps}
+        elif self.engine is not None:
+            self._committed(self.engine, None, self.inner_steps)
 
     def _trained_for(self, engine: OuterSync, fragment: Optional[int]) -> bool:
         """Whether the values this sync sends moved since they were last synced: one fragment's, or (a sync of every
         parameter) any fragment's. This group's weight in that sync is 0 otherwise."""
-        units = [fragment] if fragment is not None else range(engine.num_fragments)
-        since_all = self._synced_at.get(None, -1)
-        return any(self.inner_steps > max(self._synced_at.get(u, -1), since_all) for u in units)
+        units = [engine.fragment_sync(fragment)] if fragment is not None else engine.fragments
+        since_all = engine.whole.synced_at
+        return any(self.inner_steps > max(u.synced_at, since_all) for u in units)
 
-    def _committed(self, fragment: Optional[int], inner_steps: int) -> None:
-        if fragment is None:
-            self._synced_at = {None: inner_steps}
-        else:
-            self._synced_at[fragment] = inner_steps
+    @staticmethod
+    def _committed(engine: OuterSync, fragment: Optional[int], inner_steps: int) -> None:
+        for sync in engine.fragment_syncs if fragment is None else [engine.fragment_sync(fragment)]:
+            sync.synced_at = inner_steps
 
     # ------------------------------------------------------------------ syncs
     # The controller runs every sync through start_sync / finish_sync / sync (as it does DirectSyncs' in one world):
@@ -430,6 +429,7 @@ class Federation:
         after it, the sync the others run: every parameter, or, mid-stream, the fragment they start (applied when
         this group's schedule, now the peers', applies it), with the stop flag of a time-based sync."""
         schedule = self.schedule
+        self.engine = engine
         self.trained = False
         for fragment in list(engine.pending):  # syncs in flight from a checkpoint: their quorum is gone
             engine.drop_sync(fragment)
@@ -502,6 +502,7 @@ class Federation:
         """Launch the sync of ``fragment`` over the quorum just formed; False: the attempt failed (recorded, voted,
         paused; the caller forms a new quorum)."""
         assert engine.cross is self.comm  # the engine reads the quorum from it
+        self.engine = engine
         trained = self._trained_for(engine, fragment)
         if trained and self._healed_now:  # it missed a sync the others committed: its work is replaced by a peer's
             lost = 1.0 if weight is None else float(weight)
@@ -520,7 +521,7 @@ class Federation:
                 raise
             self._pause_or_give_up(attempt, err)
             return False
-        self._open[fragment] = attempt
+        engine.fragment_sync(fragment).attempt = attempt
         return True
 
     def finish_sync(self, engine: OuterSync, fragment: Optional[int] = None,
@@ -529,7 +530,8 @@ class Federation:
         inner step since its start) or dropped (``None``: θ_g, the outer state, the error feedback and the parameters as
         they were)."""
         while True:
-            attempt = self._open.pop(fragment)
+            sync = engine.fragment_sync(fragment)
+            attempt, sync.attempt = sync.attempt, None
             try:
                 result = engine.finish_sync(fragment, mix=mix)
             except Exception as err:
@@ -545,7 +547,7 @@ class Federation:
                 continue
             attempt.record.update(committed=True, seconds=time.perf_counter() - attempt.began)
             self.attempts.append(attempt.record)
-            self._committed(fragment, attempt.inner_steps)
+            self._committed(engine, fragment, attempt.inner_steps)
             return result
 
     def layout(self, engine: Optional[OuterSync] = None) -> dict[str, Any]:

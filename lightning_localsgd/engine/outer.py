@@ -26,11 +26,12 @@ from torch import Tensor
 
 from .codecs import check_codec
 from .comm import Communicator, SyncAbortedError, as_communicator
+from .fragment import FragmentSync, PendingSyncs
 from .layout import Fragment, Layout
 from .presets import OuterOptimizerFactory
 from .reducers import (DEFAULT_BUCKET_BYTES, DEFAULT_COMPRESSED_BUCKET_BYTES, CompressedReducer, MeanReducer,
                        Reduction, assign_buffers, finite_buffer_mean, gather_slices, reduce_buffers)
-from .screen import PseudoGradientScreen, ScreenVerdict, log_verdict
+from .screen import PseudoGradientScreen, log_verdict
 
 __all__ = ["NonFinitePseudoGradientError", "OuterSync", "SyncResult", "merge_outer_states"]
 
@@ -197,8 +198,6 @@ class OuterSync:
         self.state_device = torch.device(state_device) if state_device is not None else self.device
         self.layout = Layout([t.numel() for t in self.tensors], self.slicing.size if self.slicing else 1,
                              self.slicing.rank if self.slicing else 0, fragments, fragment_sizes)
-        self.pending: dict[Optional[int], Reduction] = {}
-        """Syncs started and not yet finished, by fragment (``None``: all parameters)."""
         self.reducer = MeanReducer(self.cross, self.device, bucket_bytes or DEFAULT_BUCKET_BYTES,
                                    numel=self.layout.owned_numel)
         self.compressor = CompressedReducer(self.cross, compression, self.layout.owned_numel, self.device,
@@ -218,13 +217,36 @@ class OuterSync:
         for p in self.layout.pieces:
             self.snapshot.append(torch.nn.Parameter(self._flat[offset : offset + p.numel], requires_grad=False))
             offset += p.numel
+        self.whole = self._fragment_sync(self.layout.fragment(None))
+        """The sync of every parameter (its ranges overlap every fragment's)."""
+        self.fragments = [self._fragment_sync(self.layout.fragment(f)) for f in range(self.layout.num_fragments)]
+        """The streaming fragments' syncs, in order."""
+        self._syncs: dict[Optional[int], FragmentSync] = {None: self.whole, **{s.index: s for s in self.fragments}}
         self.outer_optimizer = outer_optimizer(self.snapshot) if outer_optimizer is not None else None
         self.num_syncs = 0
         self.bytes_sent = 0
         self.screen = screen
-        self._verdicts: dict[Optional[int], ScreenVerdict] = {}
-        """The screen's verdicts of the syncs started and not yet finished, by fragment."""
         self.reset_snapshot()
+
+    def _fragment_sync(self, frag: Fragment) -> FragmentSync:
+        theta = self._flat[frag.owned[0] : frag.owned[1]]
+        return FragmentSync(frag, theta, self.snapshot[slice(*frag.pieces)], self.compressor)
+
+    def fragment_sync(self, fragment: Optional[int]) -> FragmentSync:
+        """The sync of fragment ``fragment`` (``None``: every parameter)."""
+        self.layout.fragment(fragment)  # raises for a fragment this layout does not have
+        return self._syncs[fragment]
+
+    @property
+    def fragment_syncs(self) -> list[FragmentSync]:
+        """Every fragment's sync, the sync of every parameter first."""
+        return list(self._syncs.values())
+
+    @property
+    def pending(self) -> PendingSyncs:
+        """Syncs started and not yet finished, by fragment (``None``: all parameters); read-only (each is its
+        fragment's :attr:`~.fragment.FragmentSync.pending`)."""
+        return PendingSyncs(self._syncs)
 
     def rebind(self, tensors: Sequence[Tensor]) -> None:
         """Point the sync at new live tensors holding the same elements, e.g. partitions or shards an inner strategy
@@ -274,10 +296,6 @@ class OuterSync:
         lo, hi = fragment.pieces if fragment is not None else (0, len(self.layout.pieces))
         return [self.tensors[p.index].detach().view(-1)[p.start : p.stop] for p in self.layout.pieces[lo:hi]]
 
-    def _flat_snapshot(self, fragment: Fragment) -> Tensor:
-        """θ_g of the fragment: a view of the flat snapshot (write into it only to change θ_g)."""
-        return self._flat[fragment.owned[0] : fragment.owned[1]]
-
     @torch.no_grad()
     def reset_snapshot(self) -> None:
         """Set ``θ_g`` to the current parameters (which must then be equal in every group)."""
@@ -295,7 +313,10 @@ class OuterSync:
     def state_bytes(self) -> int:
         """Bytes held by the snapshot, the outer optimizer state and the error feedback on this rank."""
         total = sum(s.numel() * s.element_size() for s in self.snapshot)
-        total += self.compressor.state_bytes if self.compressor is not None else 0
+        if self.compressor is not None:
+            total += self.compressor.state_bytes
+            total += sum(s.mean_error.numel() * s.mean_error.element_size()
+                         for s in self._syncs.values() if s.mean_error is not None)
         if self.outer_optimizer is not None:
             for state in self.outer_optimizer.state.values():
                 total += sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, Tensor))
@@ -324,8 +345,8 @@ class OuterSync:
         collective without waiting for it. :meth:`finish_sync` applies it, possibly some inner steps later
         (streaming sync: the communication runs behind those steps). Collective on all ranks.
         """
-        frag = self.layout.fragment(fragment)
-        if fragment in self.pending:
+        frag = self.fragment_sync(fragment)
+        if frag.pending is not None:
             raise RuntimeError(f"the sync of fragment {fragment} was started twice without finish_sync in between.")
         start = time.perf_counter()
         if self.screen is not None:  # an outlier group sends with weight 0 (every member knows which)
@@ -335,13 +356,14 @@ class OuterSync:
         # either (the same slice in every group): their collective would carry nothing, so none of them runs it.
         talk = self.num_groups > 1 and (frag.numel > 0 or weight is not None or stop is not None)
         if self.compressor is not None:
-            snap = self._flat_snapshot(frag).to(self.device) if frag.numel else None
-            self.compressor.start(red, frag, self._owned_views(frag), snap, talk, weight=weight, stop=stop)
+            snap = frag.theta.to(self.device) if frag.numel else None
+            self.compressor.start(red, frag, self._owned_views(frag.fragment), snap, talk, weight=weight, stop=stop)
         else:
             busy = [r.region for r in self.pending.values() if r.region is not None]
-            self.reducer.start(red, self._owned_views(frag), talk, weight, stop, offset=frag.owned[0], busy=busy)
+            self.reducer.start(red, self._owned_views(frag.fragment), talk, weight, stop, offset=frag.owned[0],
+                               busy=busy)
         red.seconds = time.perf_counter() - start
-        self.pending[fragment] = red
+        frag.pending = red
 
     @torch.no_grad()
     def finish_sync(self, fragment: Optional[int] = None, mix: float = 0.0) -> SyncResult:
@@ -353,38 +375,38 @@ class OuterSync:
                 which a group asked to stop (time-based) ends training: it keeps no local part, so that every group
                 ends on ``θ_g``.
         """
-        frag = self.layout.fragment(fragment)
-        if fragment not in self.pending:
+        frag = self.fragment_sync(fragment)
+        red = frag.pending
+        if red is None:
             raise RuntimeError(f"finish_sync({fragment}) without a started sync of that fragment.")
-        red = self.pending.pop(fragment)
+        frag.pending = None
         start = time.perf_counter()
         if self.compressor is not None:
             # waits for its buckets one by one (the pipeline); a failure leaves only the reduction's own buffers to
             # the collectives still in flight, and θ_g and the error feedback as they were
-            mean, stop_requested = self.compressor.finish(red, frag, self._flat_snapshot(frag).to(self.device))
+            mean, stop_requested = self.compressor.finish(red, frag, frag.theta.to(self.device))
         else:
             try:
                 red.wait()
             except BaseException:
                 self.reducer.discard(red)  # a bucket may still be in flight
                 raise
-            mean, stop_requested = self.reducer.finish(red, lambda: self._flat_snapshot(frag))
-        verdict = self._verdicts.pop(fragment, None)
+            mean, stop_requested = self.reducer.finish(red, lambda: frag.theta)
+        verdict, frag.verdict = frag.verdict, None
         result = self._outer_step(frag, self._to_state_device(mean, frag), red, 0.0 if stop_requested else mix,
                                   sorted(verdict.excluded) if verdict is not None else [])
         result.seconds = red.seconds + time.perf_counter() - start
         result.stop_requested = stop_requested
         return result
 
-    def _screen(self, frag: Fragment, weight: Optional[float]) -> Optional[float]:
+    def _screen(self, frag: FragmentSync, weight: Optional[float]) -> Optional[float]:
         """Screen this sync of ``frag`` (collective): this group's weight in it, after the verdict."""
         assert self.screen is not None
-        snapshots = self.snapshot[slice(*frag.pieces)]
         sq = sum(squared_norm(snap.view(-1).to(view.device), view.float().reshape(-1))
-                 for snap, view in zip(snapshots, self._owned_views(frag)))
+                 for snap, view in zip(frag.snapshot, self._owned_views(frag.fragment)))
         verdict = self.screen.screen(self.cross, self.sharding, float(sq), weight, self.device)
         if verdict.excluded:
-            self._verdicts[frag.index] = verdict
+            frag.verdict = verdict
             if self.sharding is None or self.sharding.rank == 0:  # one line per group
                 log_verdict(verdict, self.group_index, self.cross.member_name, self.num_syncs + 1)
         return verdict.weight(self.group_index, weight)
@@ -392,12 +414,12 @@ class OuterSync:
     def drop_sync(self, fragment: Optional[int] = None) -> None:
         """Forget a started sync without applying it (θ_g, the outer state and the error feedback unchanged); a
         collective of it still in flight is left to finish into its own buffer."""
-        self._verdicts.pop(fragment, None)
-        red = self.pending.pop(fragment, None)
+        frag = self.fragment_sync(fragment)
+        red, frag.pending, frag.verdict = frag.pending, None, None
         if red is not None and red.works:
             self.reducer.discard(red)
 
-    def _to_state_device(self, mean: Tensor, frag: Fragment) -> Tensor:
+    def _to_state_device(self, mean: Tensor, frag: FragmentSync) -> Tensor:
         """The mean on the state device. Host-resident state: copied into one persistent page-locked buffer (a new
         pageable tensor per sync costs its page faults at every sync, seconds at 1B parameters)."""
         if not self._host_state:
@@ -406,12 +428,12 @@ class OuterSync:
             self._host_mean = torch.empty(self.layout.owned_numel, dtype=torch.float32, pin_memory=True)
         return self._host_mean[frag.owned[0] : frag.owned[0] + mean.numel()].copy_(mean)
 
-    def _outer_step(self, frag: Fragment, mean: Tensor, red: Reduction, mix: float,
+    def _outer_step(self, frag: FragmentSync, mean: Tensor, red: Reduction, mix: float,
                     screened_out: Sequence[int] = ()) -> SyncResult:
         """``mean``: the groups' mean of the fragment, on the state device, a tensor this sync may overwrite;
         ``screened_out``: the groups the screen left out (their buffers are left out of the buffers' mean too)."""
-        snapshots = self.snapshot[slice(*frag.pieces)]
-        theta = self._flat_snapshot(frag)
+        snapshots = frag.snapshot
+        theta = frag.theta
         if mean.numel() and mean.untyped_storage().data_ptr() == theta.untyped_storage().data_ptr():
             mean = mean.clone()  # never scratch in θ_g itself
         # Buffers go with the last fragment; they are reduced first, so that a non-finite one stops the sync before
@@ -474,10 +496,10 @@ class OuterSync:
         result.screened_out = list(screened_out)
         return result
 
-    def _nonfinite(self, frag: Fragment, red: Reduction, buffers_finite: bool = True) -> SyncResult:
+    def _nonfinite(self, frag: FragmentSync, red: Reduction, buffers_finite: bool = True) -> SyncResult:
         """The non-finite policy: raise naming the groups at fault, or skip: every group restarts from θ_g and the
         groups with non-finite buffers take the mean of the finite groups' buffers."""
-        bad = self._nonfinite_groups(frag)
+        bad = self._nonfinite_groups(frag.fragment)
         what = "parameters" if buffers_finite else "parameters or floating-point buffers"
         if self.on_nonfinite == "raise":
             raise NonFinitePseudoGradientError(
@@ -496,7 +518,7 @@ class OuterSync:
         result.nonfinite_groups = bad
         return result
 
-    def _finish(self, sent: int, norm: float, frag: Fragment, skipped: bool = False) -> SyncResult:
+    def _finish(self, sent: int, norm: float, frag: FragmentSync, skipped: bool = False) -> SyncResult:
         if not skipped and frag.is_last:
             self.num_syncs += 1
         self.bytes_sent += sent
@@ -512,7 +534,8 @@ class OuterSync:
                 _blend(view, snap, mix)
             return
         a, b = frag.flat
-        flat = gather_slices(self.slicing, self.layout.slice_counts(frag), self._flat_snapshot(frag).to(self.device))
+        theta = self._syncs[frag.index].theta
+        flat = gather_slices(self.slicing, self.layout.slice_counts(frag), theta.to(self.device))
         for t, offset in zip(self.tensors, self.layout.offsets):  # flat = θ_g[a:b]
             lo, hi = max(a, offset), min(b, offset + t.numel())
             if lo < hi:
@@ -533,8 +556,13 @@ class OuterSync:
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
         """This rank's snapshot slice, outer optimizer state, error feedback and counters (CPU tensors)."""
-        compressed = self.compressor.state_dict() if self.compressor is not None else \
-            {"compression_error": None, "compression_mean_error": {}, "compression_mean_error_owner": {}}
+        compressed = {"compression_error": None, "compression_mean_error": {}, "compression_mean_error_owner": {}}
+        if self.compressor is not None:
+            kept = [s for s in self._syncs.values() if s.mean_error is not None]
+            compressed.update(self.compressor.state_dict(),
+                              compression_mean_error={s.index: s.mean_error.detach().cpu().clone() for s in kept},
+                              compression_mean_error_owner={s.index: s.mean_error_owner for s in kept
+                                                            if s.mean_error_owner is not None})
         return {
             "snapshot": [s.detach().cpu().clone() for s in self.snapshot],
             "outer_optimizer": self.outer_optimizer.state_dict() if self.outer_optimizer is not None else None,
@@ -596,13 +624,19 @@ class OuterSync:
         self.bytes_sent = int(state["bytes_sent"])
         if self.compressor is not None:
             self.compressor.load_state_dict(state)
-        for red in self.pending.values():
-            if red.works:  # dropped while in flight
-                self.reducer.discard(red)
-        self.pending = {}
+            mean_errors = state.get("compression_mean_error", {})
+            owners = state.get("compression_mean_error_owner") or {}
+            for sync in self._syncs.values():
+                kept = mean_errors.get(sync.index)
+                sync.mean_error = kept.to(self.device) if kept is not None else None
+                sync.mean_error_owner = tuple(owners[sync.index]) if kept is not None and sync.index in owners \
+                    else None
+        for sync in self._syncs.values():
+            if sync.pending is not None and sync.pending.works:  # dropped while in flight
+                self.reducer.discard(sync.pending)
+            sync.pending = None
         for p in state.get("pending", []):
-            self.layout.fragment(p["fragment"])  # raises for a fragment this layout does not have
-            self.pending[p["fragment"]] = Reduction.from_state(p, self.device)
+            self.fragment_sync(p["fragment"]).pending = Reduction.from_state(p, self.device)
 
 
 def merge_outer_states(states: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

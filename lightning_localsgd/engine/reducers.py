@@ -21,14 +21,16 @@ from __future__ import annotations
 import bisect
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from .codecs import get_codec
 from .comm import Communicator, Work
-from .layout import Fragment
+
+if TYPE_CHECKING:
+    from .fragment import FragmentSync
 
 __all__ = ["CompressedReducer", "MeanReducer", "Reduction", "assign_buffers", "finite_buffer_mean", "gather_slices",
            "reduce_buffers"]
@@ -205,7 +207,7 @@ class CompressedReducer:
     * phase 1 (:attr:`error`): this rank's own residual, in the units of its unweighted pseudo-gradient. A weighted
       reduce weighs the decoded chunks at the receiver, so the residual is the same whatever the weight; a member of
       weight 0 (a group that did not train the interval) sends no usable values and keeps its residual as it was.
-    * phase 2 (:attr:`mean_error`): the residual of the mean chunk this rank encodes, which depends on which chunk
+    * phase 2 (the fragment's :attr:`~.fragment.FragmentSync.mean_error`): the residual of the mean chunk this rank encodes, which depends on which chunk
       that is: the members' number and this rank's index among them. A residual kept from a sync of another
       membership (a fault-tolerant transport's quorum changed) is dropped, not applied to another chunk.
     * both change only in :meth:`commit` (the sync went through); an aborted sync leaves them as they were.
@@ -233,11 +235,9 @@ class CompressedReducer:
         self.device = device
         self.bucket_bytes = int(bucket_bytes)
         self.error: Optional[Tensor] = None
-        """Error feedback of phase 1, on this rank's owned pseudo-gradient."""
-        self.mean_error: dict[Optional[int], Tensor] = {}
-        """Error feedback of phase 2, on the mean chunk this rank encodes, by fragment."""
-        self.mean_error_owner: dict[Optional[int], tuple[int, int]] = {}
-        """``(members, rank)`` of the sync that made each :attr:`mean_error` (absent: any, as a checkpoint's)."""
+        """Error feedback of phase 1, on this rank's owned pseudo-gradient (each fragment's
+        :attr:`~.fragment.FragmentSync.error` is a view of it); that of phase 2 is each fragment's
+        (:attr:`~.fragment.FragmentSync.mean_error`)."""
         self.workspace: Optional[Tensor] = None
         """Two fp32 copies of the owned elements, allocated at the first sync: row 0 holds the new phase-1 residuals
         of the syncs in flight (until :meth:`commit`), row 1 the mean :meth:`finish` returns. A model-sized tensor
@@ -247,7 +247,7 @@ class CompressedReducer:
     def workspace_bytes(self) -> int:
         return self.workspace.numel() * self.workspace.element_size() if self.workspace is not None else 0
 
-    def _workspace(self, fragment: Fragment) -> tuple[Tensor, Tensor]:
+    def _workspace(self, fragment: "FragmentSync") -> tuple[Tensor, Tensor]:
         """The fragment's new residuals and its mean in :attr:`workspace` (the fragments' ranges do not overlap)."""
         if self.workspace is None:
             self.workspace = torch.empty(2, self.owned_numel, dtype=torch.float32, device=self.device)
@@ -283,7 +283,7 @@ class CompressedReducer:
             offsets.append(offsets[-1] + groups * size)
         return _Buckets(chunk, ranges, payloads, sizes, offsets[:-1], offsets[-1])
 
-    def start(self, red: Reduction, fragment: Fragment, local: list[Tensor], snapshot: Tensor, talk: bool,
+    def start(self, red: Reduction, fragment: "FragmentSync", local: list[Tensor], snapshot: Tensor, talk: bool,
               weight: Optional[float] = None, stop: Optional[bool] = None) -> None:
         """Phase 1: encode the error-fed pseudo-gradient, bucket by bucket, launching each bucket's all-to-all.
 
@@ -332,7 +332,7 @@ class CompressedReducer:
         if talk:
             red.sent = plan.total  # bytes of one compressed copy of the slice, as one fp32 copy for an all-reduce
 
-    def finish(self, red: Reduction, fragment: Fragment, snapshot: Tensor) -> tuple[Tensor, bool]:
+    def finish(self, red: Reduction, fragment: "FragmentSync", snapshot: Tensor) -> tuple[Tensor, bool]:
         """Phase 2: as each bucket's all-to-all arrives, average the received pieces of this rank's chunk, encode the
         mean (error feedback) and launch its all-gather; then decode the gathered means as they arrive.
 
@@ -364,8 +364,8 @@ class CompressedReducer:
                 red.wait()  # the other buckets' all-to-alls, which every member launched
                 return snapshot, stop_requested
         red.chunk_owner = owner = (groups, self.comm.rank)
-        kept = self.mean_error.get(fragment.index)
-        if kept is not None and self.mean_error_owner.get(fragment.index, owner) != owner:
+        kept = fragment.mean_error
+        if kept is not None and fragment.mean_error_owner not in (None, owner):
             kept = None
         new_mean_error = torch.empty(chunk, dtype=torch.float32, device=self.device)
         gathered: list[Tensor] = []
@@ -407,48 +407,42 @@ class CompressedReducer:
         red.new_mean_error = new_mean_error
         return mean, stop_requested
 
-    def commit(self, red: Reduction, fragment: Fragment) -> None:
+    def commit(self, red: Reduction, fragment: "FragmentSync") -> None:
         """The sync went through: keep the errors this reduce made for the next one."""
         if red.new_error is not None:
             assert self.error is not None
             olo, ohi = fragment.owned
             self.error[olo:ohi] = red.new_error
         if red.new_mean_error is not None:
-            self.mean_error[fragment.index] = red.new_mean_error
+            fragment.mean_error = red.new_mean_error
             if red.chunk_owner is not None:
-                self.mean_error_owner[fragment.index] = red.chunk_owner
+                fragment.mean_error_owner = red.chunk_owner
 
-    def drop(self, fragment: Fragment) -> None:
+    def drop(self, fragment: "FragmentSync") -> None:
         """The sync was skipped (non-finite): forget the fragment's error feedback."""
         if self.error is not None:
             olo, ohi = fragment.owned
             self.error[olo:ohi].zero_()
-        self.mean_error.pop(fragment.index, None)
-        self.mean_error_owner.pop(fragment.index, None)
+        fragment.forget_error()
 
-    def reset(self) -> None:
+    def reset(self, fragments: Iterable["FragmentSync"]) -> None:
         """Forget all error feedback (a group that joins a running federation starts from zero)."""
         self.error = None
-        self.mean_error, self.mean_error_owner = {}, {}
+        for fragment in fragments:
+            fragment.forget_error()
 
     @property
     def state_bytes(self) -> int:
-        total = self.error.numel() * self.error.element_size() if self.error is not None else 0
-        return total + sum(e.numel() * e.element_size() for e in self.mean_error.values())
+        """Bytes of the phase-1 residual (the fragments hold those of phase 2)."""
+        return self.error.numel() * self.error.element_size() if self.error is not None else 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "compression_error": self.error.detach().cpu().clone() if self.error is not None else None,
-            "compression_mean_error": {k: v.detach().cpu().clone() for k, v in self.mean_error.items()},
-            "compression_mean_error_owner": dict(self.mean_error_owner),
-        }
+        """The phase-1 residual (the fragments' phase-2 residuals are saved with them: ``OuterSync.state_dict``)."""
+        return {"compression_error": self.error.detach().cpu().clone() if self.error is not None else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         error = state.get("compression_error")
         self.error = error.to(self.device) if error is not None else None
-        self.mean_error = {k: v.to(self.device) for k, v in state.get("compression_mean_error", {}).items()}
-        self.mean_error_owner = {k: tuple(v) for k, v in (state.get("compression_mean_error_owner") or {}).items()
-                                 if k in self.mean_error}
 
 
 def _starts(views: Sequence[Tensor]) -> list[int]:

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import time
 from enum import Enum
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
+
+from .fragment import FragmentTokens
 
 __all__ = ["Action", "PeriodicSchedule", "StreamingSchedule", "SyncSchedule", "TimeBasedSchedule",
            "TimeBasedStreamingSchedule", "TwoStageSchedule", "build_schedule", "register_schedule", "schedule_names"]
@@ -124,6 +126,10 @@ class SyncSchedule:
 
     def fragment_applied(self, fragment: Optional[int], applied: bool = True) -> None:
         """The sync of ``fragment`` ended at this step end: applied, or (``applied=False``) dropped by the transport."""
+
+    def bind_fragments(self, fragments: Sequence[FragmentTokens]) -> None:
+        """Keep what this schedule counts per fragment in the engine's fragments (``OuterSync.fragments``, in order),
+        taking over the counts so far."""
 
     def state_dict(self) -> dict[str, Any]:
         return {"steps_done": self.steps_done, "steps_since_sync": self.steps_since_sync}
@@ -278,9 +284,21 @@ class TimeBasedStreamingSchedule(TimeBasedSchedule):
         self.in_flight: Optional[int] = None
         """The fragment whose sync started and is not applied yet (overlap)."""
         self.steps_in_flight = 0
-        self.fragment_tokens = [0] * fragments
+        self._fragments = [FragmentTokens() for _ in range(fragments)]
+        """Each fragment's tokens and in-flight weight (the engine's fragments once bound: :meth:`bind_fragments`)."""
+
+    def bind_fragments(self, fragments: Sequence[FragmentTokens]) -> None:
+        if len(fragments) != self.fragments:
+            raise ValueError(f"bind_fragments: the schedule has {self.fragments} fragments, the engine "
+                             f"{len(fragments)}.")
+        for mine, theirs in zip(self._fragments, fragments):
+            theirs.tokens, theirs.weight_in_flight = mine.tokens, mine.weight_in_flight
+        self._fragments = list(fragments)
+
+    @property
+    def fragment_tokens(self) -> list[int]:
         """Tokens this group processed since each fragment's last sync started."""
-        self._weights: dict[int, float] = {}
+        return [f.tokens for f in self._fragments]
 
     @property
     def interval_seconds(self) -> float:
@@ -289,7 +307,8 @@ class TimeBasedStreamingSchedule(TimeBasedSchedule):
 
     def record_tokens(self, tokens: int) -> None:
         super().record_tokens(tokens)
-        self.fragment_tokens = [t + tokens for t in self.fragment_tokens]
+        for f in self._fragments:
+            f.tokens += tokens
 
     def local_step(self) -> Action:
         self.steps_since_sync += 1
@@ -313,42 +332,53 @@ class TimeBasedStreamingSchedule(TimeBasedSchedule):
         """The next fragment's sync starts now: return it (its weight: :meth:`fragment_weight`)."""
         f = self.next_fragment
         self.next_fragment = (f + 1) % self.fragments
-        self._weights = {f: float(self.fragment_tokens[f])}
-        self.fragment_tokens[f] = 0
+        for other in self._fragments:
+            other.weight_in_flight = None
+        started = self._fragments[f]
+        started.weight_in_flight, started.tokens = float(started.tokens), 0
         return f
 
     def fragment_weight(self, fragment: int) -> Optional[float]:
-        return self._weights.get(fragment, float(self.fragment_tokens[fragment]))
+        f = self._fragments[fragment]
+        return f.weight_in_flight if f.weight_in_flight is not None else float(f.tokens)
 
     def fragment_applied(self, fragment: Optional[int], applied: bool = True) -> None:
         self.interval_started = self.clock()  # every group has entered this sync: the next fragment's clock starts
         self.steps_since_sync = self.tokens_since_sync = 0
-        weight = self._weights.pop(fragment, 0.0) if fragment is not None else 0.0
-        if not applied and fragment is not None:  # a dropped sync: its tokens count at the fragment's next one
-            self.fragment_tokens[fragment] += int(weight)
+        if fragment is None:
+            return
+        f = self._fragments[fragment]
+        weight, f.weight_in_flight = f.weight_in_flight or 0.0, None
+        if not applied:  # a dropped sync: its tokens count at the fragment's next one
+            f.tokens += int(weight)
 
     def final_fragments(self) -> list[int]:
         """At the end of training, once every group knows it ends: each fragment once more, in order, with the tokens
         since its last sync (the fragments' local progress since then, so that every group ends on one model)."""
-        self.in_flight, self._weights = None, {}
+        self.in_flight = None
+        for f in self._fragments:
+            f.weight_in_flight = None
         return list(range(self.fragments))
 
     def synced(self) -> None:
         super().synced()
-        self.fragment_tokens = [0] * self.fragments
+        for f in self._fragments:
+            f.tokens = 0
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "next_fragment": self.next_fragment, "in_flight": self.in_flight,
-                "steps_in_flight": self.steps_in_flight, "fragment_tokens": list(self.fragment_tokens),
-                "in_flight_weights": dict(self._weights)}
+                "steps_in_flight": self.steps_in_flight, "fragment_tokens": self.fragment_tokens,
+                "in_flight_weights": {i: f.weight_in_flight for i, f in enumerate(self._fragments)
+                                      if f.weight_in_flight is not None}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.next_fragment = int(state.get("next_fragment", 0))
         self.in_flight = state.get("in_flight")
         self.steps_in_flight = int(state.get("steps_in_flight", 0))
-        self.fragment_tokens = [int(t) for t in state.get("fragment_tokens", [0] * self.fragments)]
-        self._weights = {int(f): float(w) for f, w in state.get("in_flight_weights", {}).items()}
+        weights = {int(f): float(w) for f, w in state.get("in_flight_weights", {}).items()}
+        for i, (f, tokens) in enumerate(zip(self._fragments, state.get("fragment_tokens", [0] * self.fragments))):
+            f.tokens, f.weight_in_flight = int(tokens), weights.get(i)
 
 
 ScheduleFactory = Callable[[Any], SyncSchedule]

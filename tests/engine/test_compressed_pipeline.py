@@ -154,7 +154,7 @@ def set_locals(engines: list[OuterSync], locals_: list[torch.Tensor]) -> None:
 def state(engine: OuterSync) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """θ_g, the phase-1 residual and the phase-2 residuals of a member (copies)."""
     return (torch.cat([s.detach().reshape(-1) for s in engine.snapshot]), engine.compressor.error.clone(),
-            {k: v.clone() for k, v in engine.compressor.mean_error.items()})
+            {s.index: s.mean_error.clone() for s in (engine.whole, *engine.fragments) if s.mean_error is not None})
 
 
 BLOCK = 256  # values of each chunk per bucket: one block of int8 / int4, 256 values of bf16
@@ -249,7 +249,7 @@ def scenario_gloo(rank, world, codec):
             offset += p.numel()
         result = engine.sync(weight=float(rank + 1))
         theta = torch.cat([s.detach().reshape(-1) for s in engine.snapshot])
-        out.append((theta, engine.compressor.error.clone(), engine.compressor.mean_error[None].clone(),
+        out.append((theta, engine.compressor.error.clone(), engine.whole.mean_error.clone(),
                     result.bytes_sent))
     return out
 

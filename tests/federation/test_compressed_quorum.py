@@ -193,7 +193,7 @@ def test_weighted_compressed_mean_matches_the_hand_computation_and_a_weight_0_me
         for r, e in enumerate(engines):
             assert float((e.snapshot[0].detach() - theta).abs().max()) < 1e-6, (sync, r)
             assert float((e.compressor.error - errors[r]).abs().max()) < 1e-6, (sync, r)
-            assert float((e.compressor.mean_error[None] - mean_errors[r]).abs().max()) < 1e-6, (sync, r)
+            assert float((e.whole.mean_error - mean_errors[r]).abs().max()) < 1e-6, (sync, r)
         if weights[1] == 0:
             assert torch.equal(engines[1].compressor.error, before[1])  # weight 0: its residual untouched
     assert float(errors[0].abs().max()) > 0  # the codec lost something that was fed back
@@ -208,7 +208,7 @@ def test_weights_ride_with_the_chunks_and_no_member_weighing_in_leaves_theta_g()
     for e in engines:
         # θ_g as it was, and no mean to adopt: the parameters keep their own values (their inner progress)
         assert torch.equal(e.snapshot[0].detach(), theta) and torch.equal(e.tensors[0].detach(), theta + 0.5)
-        assert not e.compressor.mean_error and float(e.compressor.error.abs().max()) == 0.0
+        assert e.whole.mean_error is None and float(e.compressor.error.abs().max()) == 0.0
     # a stop flag rides with them too; every member learns that one asked
     results = run_members(engines, lambda r, e: e.sync(weight=1.0, stop=r == 1))
     assert all(res.stop_requested for res in results)
@@ -226,7 +226,7 @@ def test_phase_2_error_feedback_of_another_membership_is_dropped():
         e.tensors[0].data.copy_(x)
     run_members(engines, lambda r, e: e.sync(weight=1.0))
     theta, errors, _ = hand_weighted(theta, locals_, [1.0, 1.0], [torch.zeros(N)] * 2, [None, None])
-    assert all(e.compressor.mean_error for e in engines)
+    assert all(e.whole.mean_error is not None for e in engines)
     # the next quorum orders the two members the other way round
     engines = engines[::-1]
     errors = errors[::-1]
@@ -239,8 +239,8 @@ def test_phase_2_error_feedback_of_another_membership_is_dropped():
     theta, _, mean_errors = hand_weighted(theta, locals_, [1.0, 1.0], errors, [None, None])
     for r, e in enumerate(engines):
         assert float((e.snapshot[0].detach() - theta).abs().max()) < 1e-6
-        assert float((e.compressor.mean_error[None] - mean_errors[r]).abs().max()) < 1e-6
-        assert e.compressor.mean_error_owner[None] == (2, r)
+        assert float((e.whole.mean_error - mean_errors[r]).abs().max()) < 1e-6
+        assert e.whole.mean_error_owner == (2, r)
 
 
 def test_aborted_commit_leaves_theta_g_and_both_error_feedbacks_as_they_were():
@@ -250,7 +250,7 @@ def test_aborted_commit_leaves_theta_g_and_both_error_feedbacks_as_they_were():
     for e in engines:
         e.tensors[0].data.add_(0.01 * torch.randn(N, generator=g))
     run_members(engines, lambda r, e: e.sync(weight=1.0))  # a committed sync: some error feedback to keep
-    kept = [(e.snapshot[0].detach().clone(), e.compressor.error.clone(), e.compressor.mean_error[None].clone())
+    kept = [(e.snapshot[0].detach().clone(), e.compressor.error.clone(), e.whole.mean_error.clone())
             for e in engines]
     for e in engines:
         e.tensors[0].data.add_(0.01 * torch.randn(N, generator=g))
@@ -263,7 +263,7 @@ def test_aborted_commit_leaves_theta_g_and_both_error_feedbacks_as_they_were():
     run_members(engines, aborted)
     for e, (snap, error, mean_error) in zip(engines, kept):
         assert torch.equal(e.snapshot[0].detach(), snap)
-        assert torch.equal(e.compressor.error, error) and torch.equal(e.compressor.mean_error[None], mean_error)
+        assert torch.equal(e.compressor.error, error) and torch.equal(e.whole.mean_error, mean_error)
         assert not e.pending
 
 
@@ -278,7 +278,7 @@ def test_healing_state_sends_no_error_feedback_and_names_the_fragment_of_the_quo
     engine = members(1, torch.zeros(N))[0]
     engine.tensors[0].data.add_(torch.linspace(-1, 1, N))
     engine.sync(weight=1.0)  # alone: the codec's residuals are kept all the same
-    assert float(engine.compressor.error.abs().max()) > 0 and engine.compressor.mean_error
+    assert float(engine.compressor.error.abs().max()) > 0 and engine.whole.mean_error is not None
     def capture():
         return {"kind": "replica", "group": {}, "rank": {"outer": engine.state_dict(), "cluster": None},
                 "counters": {}}
@@ -297,4 +297,4 @@ def test_healing_state_sends_no_error_feedback_and_names_the_fragment_of_the_quo
     joiner = members(1, torch.zeros(N))[0]
     joiner.compressor.error = torch.ones(N)  # whatever a restarted job had
     joiner.load_state_dict(outer)
-    assert joiner.compressor.error is None and not joiner.compressor.mean_error  # zero error feedback
+    assert joiner.compressor.error is None and joiner.whole.mean_error is None  # zero error feedback
