@@ -30,7 +30,7 @@ from .tensors import _map, dtensor_to_local, local_view, to_cpu
 if TYPE_CHECKING:
     from lightning.pytorch import Trainer
 
-__all__ = ["GROUP_KEYS", "ReplicaState", "ShardedState", "TrainingState", "ZeroState", "set_trainer_counters"]
+__all__ = ["GROUP_KEYS", "ReplicaState", "ShardedState", "TrainingState", "ZeroState", "set_data_counters", "set_trainer_counters"]
 
 #: The keys of Lightning's checkpoint dict that hold a worker group's replica (identical on the group's ranks).
 GROUP_KEYS = ("state_dict", "optimizer_states", "lr_schedulers")
@@ -264,6 +264,14 @@ def set_trainer_counters(trainer: "Trainer", global_step: int, batches_that_step
         progress = loop.manual_optimization.optim_step_progress.total
     progress.ready = progress.completed = global_step
     _compat.set_batches_that_stepped(loop, batches_that_stepped)
+
+
+def set_data_counters(trainer: "Trainer", epoch: int, batches: int) -> None:
+    """Lightning's epoch and batch counters of a training that continues its data at ``batches`` of ``epoch`` (before
+    the epoch's iteration starts): the sampler's epoch follows the first, the end of the epoch the second."""
+    epochs, done = trainer.fit_loop.epoch_progress.current, trainer.fit_loop.epoch_loop.batch_progress.current
+    epochs.ready = epochs.started = epochs.processed = epochs.completed = epoch
+    done.ready = done.started = done.processed = done.completed = batches
 
 
 def _local_to_dtensor(state: Mapping[str, Any], optimizer: Any) -> dict[str, Any]:
