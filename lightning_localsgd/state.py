@@ -268,10 +268,14 @@ def set_trainer_counters(trainer: "Trainer", global_step: int, batches_that_step
 
 def set_data_counters(trainer: "Trainer", epoch: int, batches: int) -> None:
     """Lightning's epoch and batch counters of a training that continues its data at ``batches`` of ``epoch`` (before
-    the epoch's iteration starts): the sampler's epoch follows the first, the end of the epoch the second."""
-    epochs, done = trainer.fit_loop.epoch_progress.current, trainer.fit_loop.epoch_loop.batch_progress.current
-    epochs.ready = epochs.started = epochs.processed = epochs.completed = epoch
-    done.ready = done.started = done.processed = done.completed = batches
+    the epoch's iteration starts): the sampler's epoch follows the first, the end of the epoch the second. Each
+    counter's fields move by the same amount, so that those of a fit resumed mid-epoch keep the relation Lightning's
+    restart expects between them (a checkpoint taken at a batch's end has one batch processed, not yet completed)."""
+    for progress, value in ((trainer.fit_loop.epoch_progress.current, epoch),
+                            (trainer.fit_loop.epoch_loop.batch_progress.current, batches)):
+        shift = value - progress.processed
+        progress.ready, progress.started = progress.ready + shift, progress.started + shift
+        progress.processed, progress.completed = progress.processed + shift, progress.completed + shift
 
 
 def _local_to_dtensor(state: Mapping[str, Any], optimizer: Any) -> dict[str, Any]:

@@ -105,19 +105,22 @@ def test_two_jobs_partition_one_dataset_each_epoch_read_once(tmp_path, lighthous
 
 
 @pytest.mark.slow
-def test_job_killed_and_restarted_without_checkpoint_continues_its_share_from_its_last_committed_sync(
-        tmp_path, lighthouse):
+@pytest.mark.parametrize("checkpoint", [False, True], ids=["no-checkpoint", "own-checkpoint-of-step-5"])
+def test_job_killed_and_restarted_continues_its_share_from_its_last_committed_sync(tmp_path, lighthouse, checkpoint):
     """g1 is SIGKILLed at step 6 (the sync of step 4 committed its first 4 batches; steps 5-6 are lost with its
-    parameters); g0 waits at the sync of step 8 (min_groups=2) for g1, restarted with no checkpoint, which heals from
-    g0 and takes its own committed position from g0's record: it reads again what it read at steps 5-6, then goes on
-    into epoch 1. Every epoch-0 sample is in exactly one committed contribution; nothing is skipped."""
+    parameters); g0 waits at the sync of step 8 (min_groups=2) for g1, restarted with no checkpoint (or from its own
+    checkpoint of step 5, whose position is 5 batches in), which heals from g0 and takes its own committed position
+    from g0's record: it reads again what it read at steps 5-6, then goes on into epoch 1. Every epoch-0 sample is in
+    exactly one committed contribution; nothing is skipped."""
     address = lighthouse(2)
     common = dict(ledger_size=SAMPLES, data_jobs=JOBS)
+    saves = dict(ckpt_dir=tmp_path / "ckpt_g1", ckpt_every=H + 1) if checkpoint else {}
     procs = [launch(tmp_path, address, g, barrier=JOBS, data_job_index=g, die_at_step=H + 2 if g == 1 else -1,
-                    **common) for g in range(JOBS)]
+                    **common, **(saves if g == 1 else {})) for g in range(JOBS)]
     with killed_on_exit(procs):
         assert procs[1].wait(timeout=150) == -signal.SIGKILL, (tmp_path / "g1.log").read_text()[-3000:]
-        procs.append(launch(tmp_path, address, 1, name="g1r", data_job_index=1, **common))
+        resume = dict(resume=tmp_path / "ckpt_g1" / f"step={H + 1}.ckpt") if checkpoint else {}
+        procs.append(launch(tmp_path, address, 1, name="g1r", data_job_index=1, **common, **resume))
         codes = wait_all([procs[0], procs[2]], tmp_path)
     assert codes == [0, 0], "\n".join((tmp_path / f"{n}.log").read_text()[-3000:] for n in ("g0", "g1r"))
     g0, killed, restarted = (load(tmp_path, n) for n in ("g0", "g1", "g1r"))
