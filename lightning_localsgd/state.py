@@ -30,7 +30,8 @@ from .tensors import _map, dtensor_to_local, local_view, to_cpu
 if TYPE_CHECKING:
     from lightning.pytorch import Trainer
 
-__all__ = ["GROUP_KEYS", "ReplicaState", "ShardedState", "TrainingState", "ZeroState", "set_data_counters", "set_trainer_counters"]
+__all__ = ["GROUP_KEYS", "ReplicaState", "ShardedState", "TrainingState", "ZeroState", "set_data_counters",
+           "set_trainer_counters"]
 
 #: The keys of Lightning's checkpoint dict that hold a worker group's replica (identical on the group's ranks).
 GROUP_KEYS = ("state_dict", "optimizer_states", "lr_schedulers")
