@@ -199,8 +199,10 @@ def _resumable_sampler(loader: DataLoader, jobs: Optional[tuple[int, int]] = Non
     if type(sampler) in (DistributedSampler, ResumableSampler):
         replicas, rank, shuffle, seed, drop_last = (sampler.num_replicas, sampler.rank, sampler.shuffle, sampler.seed,
                                                     sampler.drop_last)
-    elif isinstance(sampler, (RandomSampler, SequentialSampler)) and len(sampler) == len(loader.dataset):
-        # Lightning's seed, as its DistributedSampler takes it; a RandomSampler's own draws would differ on resume
+    elif (isinstance(sampler, (RandomSampler, SequentialSampler)) and len(sampler) == len(loader.dataset)
+          and (getattr(sampler, "generator", None) is None or jobs is not None)):
+        # Lightning's seed, as its DistributedSampler takes it; a RandomSampler's own draws would differ on resume (a
+        # shuffle with the user's own generator is the user's order: kept, its position counted in batches)
         replicas, rank, shuffle, seed, drop_last = (1, 0, isinstance(sampler, RandomSampler),
                                                     int(os.getenv("PL_GLOBAL_SEED", 0)), False)
     else:
