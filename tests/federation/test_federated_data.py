@@ -30,11 +30,12 @@ def epoch_order(epoch: int) -> list[int]:
     return torch.randperm(SAMPLES, generator=torch.Generator().manual_seed(epoch)).tolist()
 
 
-def share(job: int, steps: int, epoch: int = 0, position: int = 0) -> list[list[int]]:
-    """Job ``job``'s batches for ``steps`` steps from ``position`` (samples of every job's reading) of ``epoch``."""
+def share(job: int, steps: int, epoch: int = 0, position: int = 0, rank: int = 0, ranks: int = 1) -> list[list[int]]:
+    """Job ``job``'s batches (its rank ``rank``'s of ``ranks``) for ``steps`` steps from ``position`` (samples of
+    every job's reading) of ``epoch``: replica ``job × ranks + rank`` of ``JOBS × ranks``."""
     batches: list[list[int]] = []
     while len(batches) < steps:
-        mine = epoch_order(epoch)[position + job::JOBS]
+        mine = epoch_order(epoch)[position + job * ranks + rank::JOBS * ranks]
         batches += [mine[i:i + 2] for i in range(0, len(mine), 2)]
         epoch, position = epoch + 1, 0
     return batches[:steps]
@@ -89,17 +90,21 @@ def test_data_jobs_arguments_are_checked_before_training(kwargs, match):
 
 # ---------------------------------------------------------------------------------------------------- across jobs
 @pytest.mark.slow
-def test_two_jobs_partition_one_dataset_each_epoch_read_once(tmp_path, lighthouse):
-    """Two jobs, one seed: each reads its share of every epoch (the hand-computed one); per epoch their ledgers are
-    disjoint and together the whole dataset; every member records both jobs' position at the last sync."""
-    dumps = run_jobs(tmp_path, lighthouse(2), JOBS, ledger_size=SAMPLES, data_jobs=JOBS,
-                     g0={"data_job_index": 0}, g1={"data_job_index": 1})
-    for job in range(JOBS):
-        assert dumps[f"g{job}"]["ledger"] == share(job, STEPS)
-    epochs = [by_epoch(dumps[f"g{job}"]["ledger"], dumps[f"g{job}"]["epochs"]) for job in range(JOBS)]
+@pytest.mark.parametrize("ranks", [1, 2], ids=["one-rank-jobs", "ddp-jobs-of-two-ranks"])
+def test_two_jobs_partition_one_dataset_each_epoch_read_once(tmp_path, lighthouse, ranks):
+    """Two jobs, one seed: each rank of each job reads its share of every epoch (the hand-computed one); per epoch
+    the ledgers are disjoint and together the whole dataset (epochs 0 and 1: 12 steps of one-rank jobs, 6 of
+    two-rank ones); every member records both jobs' position at the last sync."""
+    steps = STEPS // ranks
+    dumps = run_jobs(tmp_path, lighthouse(2), JOBS, ranks=ranks, ledger_size=SAMPLES, data_jobs=JOBS,
+                     max_steps=steps, g0={"data_job_index": 0}, g1={"data_job_index": 1})
+    names = {(job, rank): f"g{job}" + (f"_r{rank}" if rank else "") for job in range(JOBS) for rank in range(ranks)}
+    for (job, rank), name in names.items():
+        assert dumps[name]["ledger"] == share(job, steps, rank=rank, ranks=ranks)
+    read = {name: by_epoch(dumps[name]["ledger"], dumps[name]["epochs"]) for name in names.values()}
     for epoch in (0, 1):
-        assert not set(epochs[0][epoch]) & set(epochs[1][epoch])
-        assert sorted(epochs[0][epoch] + epochs[1][epoch]) == list(range(SAMPLES))
+        samples = [i for name in names.values() for i in read[name][epoch]]
+        assert sorted(samples) == list(range(SAMPLES))  # each sample once: disjoint, and all of them
     for d in dumps.values():  # the sync of step 12: both jobs read epoch 1 to its end
         assert d["data_positions"] == {0: (1, SAMPLES), 1: (1, SAMPLES)}
 
