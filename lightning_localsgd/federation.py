@@ -36,6 +36,10 @@ that quorum's sync, in which the joiner weighs 0.
 
 Healing is per rank: rank ``k`` receives rank ``k``'s state of a live job, i.e. its own shard with FSDP2 / ZeRO.
 
+**Data across jobs** (``data_jobs``): the jobs read one dataset, each its share. Every sync attempt all-gathers the
+jobs' data positions and a commit records them (:attr:`Federation.data_positions`, the same on every member); a job
+that heals continues its share at its own last committed position, from the peer's record.
+
 **Layouts.** Rank ``k`` of every job syncs what it holds with rank ``k`` of the others, so the jobs must hold the
 model alike (world size, strategy, shard sizes). Each sync attempt first compares the jobs' layouts over rank 0's
 managed process group; a job that does not fit is refused before its first step, naming both layouts.
