@@ -137,6 +137,14 @@ ARGUMENT_DOCS: dict[str, str] = {
                 "name takes its place. Default None: the host name and a random suffix.",
     "min_groups": "with ``lighthouse``: fewest groups a sync may average over; with fewer the sync waits (until "
                   "``sync_timeout``) for more to join. Default 1.",
+    "data_jobs": "with ``lighthouse``: the number of jobs that share one dataset. Each epoch's order (one seed for "
+                 "every job: ``seed_everything``'s) is partitioned over ``data_jobs`` × the job's world size "
+                 "replicas, this job reading the shares of ``data_job_index``; each job's position at every "
+                 "committed sync travels with the sync, and a job that heals from a peer continues its share where "
+                 "its last committed sync ended. Give every job the same value: the count is the run's, not the "
+                 "jobs present now. Default None: each job reads the whole dataset in its own order.",
+    "data_job_index": "with ``data_jobs``: this job's share of the dataset, 0 .. ``data_jobs`` - 1, one per job "
+                      "(e.g. the SLURM array index); a job restarted in its place takes the same index.",
 }
 
 
@@ -198,6 +206,8 @@ class LocalSGDConfig:
     lighthouse: Optional[str] = None
     group_id: Optional[str] = None
     min_groups: int = 1
+    data_jobs: Optional[int] = None
+    data_job_index: Optional[int] = None
     # derived on validation
     outer_factory: Optional[OuterOptimizerFactory] = field(default=None, init=False, repr=False)
     cluster_factory: Optional[OuterOptimizerFactory] = field(default=None, init=False, repr=False)
@@ -385,11 +395,22 @@ class LocalSGDConfig:
                                      "'host:port' too (see docs/multi_cluster.md), or remove it.")
             return
         check_lighthouse_address(self.lighthouse)
+        self._check_data_jobs()
         gid = self.group_id
         if gid is not None and (not isinstance(gid, str) or not gid or ":" in gid or gid != gid.strip()
                                 or any(c.isspace() for c in gid)):
             raise ValueError(f"group_id must be a non-empty name without ':' or spaces (e.g. 'cluster-a'), got "
                              f"{gid!r}.")
+
+    def _check_data_jobs(self) -> None:
+        if self.data_jobs is None and self.data_job_index is None:
+            return
+        _positive_int("data_jobs", self.data_jobs, 1, "It is the number of federated jobs sharing one dataset (each "
+                      "reads one share of every epoch); e.g. 4.")
+        if (isinstance(self.data_job_index, bool) or not isinstance(self.data_job_index, int)
+                or not 0 <= self.data_job_index < self.data_jobs):  # type: ignore[operator]
+            raise ValueError(f"data_job_index must be this job's share, an integer in 0 .. data_jobs - 1 = "
+                             f"{self.data_jobs - 1} (one per job), got {self.data_job_index!r}.")
 
 
 T = TypeVar("T", bound=type)

@@ -55,6 +55,12 @@ class HostFacts:
     """The trainer's optimizer steps (where training starts from, for the log)."""
     checkpoint_path: Callable[[], Optional[str]] = lambda: None
     """The checkpoint ``fit`` resumed from, if any (for the log)."""
+    data_position: Callable[[], Optional[tuple[int, int]]] = lambda: None
+    """Where the training loader is: ``(epoch, samples)`` of its epoch's order (:func:`~lightning_localsgd.data.
+    data_position`), ``None`` without a resumable loader."""
+    continue_data_at: Callable[[int, int], bool] = lambda epoch, samples: False
+    """Make the training continue its data at ``(epoch, samples)`` (healing: the job's last committed position);
+    False where it cannot (no resumable loader, or its epoch already iterating)."""
 
 
 class Syncs(Protocol):

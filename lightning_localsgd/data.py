@@ -30,8 +30,8 @@ from torch.utils.data.distributed import DistributedSampler
 
 from ._compat import rebuild_dataloader
 
-__all__ = ["ResumableDataLoader", "ResumableSampler", "drop_strategy_loader_states", "is_stateful_loader",
-           "loader_states", "make_resumable", "restore_loader_states"]
+__all__ = ["ResumableDataLoader", "ResumableSampler", "continue_at", "data_position", "drop_strategy_loader_states",
+           "is_stateful_loader", "loader_states", "make_resumable", "restore_loader_states"]
 
 #: Where a rank file of a checkpoint folder keeps the rank's own training-loader states.
 LOADERS_KEY = "train_loaders"
@@ -119,6 +119,7 @@ class ResumableDataLoader(DataLoader):
         #: from a converted checkpoint, has the user's own loader, without a position to restore
         self.made_by_strategy = False
         self._skip: Optional[tuple[Optional[int], int]] = None  # (epoch, batches) to drop: a restored batch position
+        self._iterating = False  # inside an epoch's iteration (its first batch handed out, its last not yet)
 
     def _position_sampler(self) -> Optional[ResumableSampler]:
         return self.sampler if isinstance(self.sampler, ResumableSampler) else None
@@ -138,7 +139,9 @@ class ResumableDataLoader(DataLoader):
         self._batches = drop
         for batch in iterator:
             self._batches += 1
+            self._iterating = True
             yield batch
+        self._iterating = False
         if sampler is not None:
             sampler.start = 0  # the epoch was read to its end: read again, it starts at its beginning
 
@@ -187,40 +190,78 @@ def _resumable_class(cls: type) -> type:
     return _RESUMABLE_CLASSES[cls]
 
 
-def _resumable_sampler(loader: DataLoader) -> Optional[ResumableSampler]:
+def _resumable_sampler(loader: DataLoader, jobs: Optional[tuple[int, int]] = None) -> Optional[ResumableSampler]:
     """The :class:`ResumableSampler` that replaces ``loader``'s sampler, or ``None`` to keep it: Lightning's (or the
-    user's) ``DistributedSampler`` with its shares and seed, a shuffle or the dataset's order on one replica."""
+    user's) ``DistributedSampler`` with its shares and seed, a shuffle or the dataset's order on one replica. With
+    ``jobs`` (``(data_job_index, data_jobs)``) the job's shares become shares of every job's: ``data_jobs`` × the
+    job's replicas, this job's ranks taking those of ``data_job_index`` (one seed, so one order, for every job)."""
     sampler = loader.sampler
-    if isinstance(sampler, ResumableSampler):
+    if isinstance(sampler, ResumableSampler) and jobs is None:
         return None
-    if type(sampler) is DistributedSampler:
-        return ResumableSampler(loader.dataset, num_replicas=sampler.num_replicas, rank=sampler.rank,
-                                shuffle=sampler.shuffle, seed=sampler.seed, drop_last=sampler.drop_last)
-    if isinstance(sampler, (RandomSampler, SequentialSampler)) and len(sampler) == len(loader.dataset):
-        # Lightning's seed, as its DistributedSampler takes it; a RandomSampler's own draws would differ on resume
-        return ResumableSampler(loader.dataset, shuffle=isinstance(sampler, RandomSampler),
-                                seed=int(os.getenv("PL_GLOBAL_SEED", 0)))
-    return None
+    if type(sampler) in (DistributedSampler, ResumableSampler):
+        replicas, rank, shuffle, seed, drop_last = (sampler.num_replicas, sampler.rank, sampler.shuffle, sampler.seed,
+                                                    sampler.drop_last)
+    elif (isinstance(sampler, (RandomSampler, SequentialSampler)) and len(sampler) == len(loader.dataset)
+          and (getattr(sampler, "generator", None) is None or jobs is not None)):
+        # Lightning's seed, as its DistributedSampler takes it; a RandomSampler's own draws would differ on resume (a
+        # shuffle with the user's own generator is the user's order: kept, its position counted in batches)
+        replicas, rank, shuffle, seed, drop_last = (1, 0, isinstance(sampler, RandomSampler),
+                                                    int(os.getenv("PL_GLOBAL_SEED", 0)), False)
+    else:
+        return None
+    if jobs is not None:
+        index, count = jobs
+        replicas, rank = replicas * count, index * replicas + rank
+    return ResumableSampler(loader.dataset, num_replicas=replicas, rank=rank, shuffle=shuffle, seed=seed,
+                            drop_last=drop_last)
 
 
-def make_resumable(loader: Any) -> Any:
+def make_resumable(loader: Any, jobs: Optional[tuple[int, int]] = None) -> Any:
     """The training loader a local-SGD strategy uses in place of ``loader``: a :class:`ResumableDataLoader` (of the
     user's class) with a :class:`ResumableSampler` where the sampler is Lightning's ``DistributedSampler``, a
     ``RandomSampler`` or a ``SequentialSampler``. Returned as it is: anything not a ``DataLoader``, an iterable
     dataset's loader, a loader that saves its own position already (torchdata's ``StatefulDataLoader``), a loader
-    with its own ``batch_sampler``."""
-    if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
-        return loader
+    with its own ``batch_sampler``. ``jobs``: ``(data_job_index, data_jobs)``, this federated job's share of one
+    dataset partitioned over the jobs (``ValueError`` for a loader that cannot be partitioned)."""
     resumable = isinstance(loader, ResumableDataLoader)
-    if (is_stateful_loader(loader) and not resumable) or loader.batch_size is None:
-        return loader
-    sampler = _resumable_sampler(loader)
-    if sampler is None and resumable:
+    usable = (isinstance(loader, DataLoader) and not isinstance(loader.dataset, IterableDataset)
+              and loader.batch_size is not None and (resumable or not is_stateful_loader(loader)))
+    sampler = _resumable_sampler(loader, jobs) if usable else None
+    if jobs is not None and sampler is None:
+        raise ValueError(
+            f"data_jobs={jobs[1]} partitions a map-style dataset's order over the federated jobs, but the training "
+            f"loader ({type(loader).__name__}) cannot be partitioned: give fit a DataLoader of a map-style dataset "
+            "with batch_size and shuffle=True/False (or a DistributedSampler), without its own batch_sampler or a "
+            "custom sampler and not a loader that saves its own position; or leave data_jobs=None and shard by hand.")
+    if not usable or (sampler is None and resumable):
         return loader
     loader = rebuild_dataloader(loader, sampler if sampler is not None else loader.sampler,
                                 _resumable_class(type(loader)))
     loader.made_by_strategy = True
     return loader
+
+
+def data_position(loader: Any) -> Optional[tuple[int, int]]:
+    """``(epoch, samples)``: where a :class:`ResumableDataLoader` with a :class:`ResumableSampler` is in its epoch's
+    order (this replica's share read up to there); else ``None``."""
+    if not isinstance(loader, ResumableDataLoader) or loader._position_sampler() is None:
+        return None
+    state = loader.state_dict()
+    return int(state["epoch"]), int(state["samples"])
+
+
+def continue_at(loader: ResumableDataLoader, epoch: int, samples: int) -> Optional[tuple[int, int]]:
+    """Make ``loader``'s next iteration continue at ``(epoch, samples)`` (:func:`data_position`; an epoch read to
+    its end continues at the next epoch's start). Returns ``(epoch, batches of that epoch before the position)``, or
+    ``None`` when the loader is inside an epoch's iteration (a position cannot move under a running iteration)."""
+    sampler = loader._position_sampler()
+    assert sampler is not None and loader.batch_size is not None
+    if loader._iterating:
+        return None
+    if samples >= len(sampler.dataset):  # type: ignore[arg-type]
+        epoch, samples = epoch + 1, 0
+    sampler.epoch, sampler.start = epoch, samples
+    return epoch, samples // (sampler.num_replicas * loader.batch_size)
 
 
 def _fit_loop_state(checkpoint: Mapping[str, Any]) -> Optional[dict[str, Any]]:

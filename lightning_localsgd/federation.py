@@ -36,6 +36,10 @@ that quorum's sync, in which the joiner weighs 0.
 
 Healing is per rank: rank ``k`` receives rank ``k``'s state of a live job, i.e. its own shard with FSDP2 / ZeRO.
 
+**Data across jobs** (``data_jobs``): the jobs read one dataset, each its share. Every sync attempt all-gathers the
+jobs' data positions and a commit records them (:attr:`Federation.data_positions`, the same on every member); a job
+that heals continues its share at its own last committed position, from the peer's record.
+
 **Layouts.** Rank ``k`` of every job syncs what it holds with rank ``k`` of the others, so the jobs must hold the
 model alike (world size, strategy, shard sizes). Each sync attempt first compares the jobs' layouts over rank 0's
 managed process group; a job that does not fit is refused before its first step, naming both layouts.
@@ -57,7 +61,7 @@ import socket
 import time
 import uuid
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -299,6 +303,8 @@ class _Attempt:
     deadline: float
     began: float
     inner_steps: int
+    data_positions: dict[int, tuple[int, int]] = field(default_factory=dict)
+    """With ``data_jobs``: the data position of each job of the quorum that weighs in (see _exchange_positions)."""
 
 
 class Federation:
@@ -354,6 +360,11 @@ class Federation:
         self._unit: Optional[int] = None
         self._peer_unit: Optional[int] = None
         self._healed_now = False
+        self.data_job: Optional[int] = None
+        """``data_job_index`` with ``data_jobs`` (the jobs partition one dataset), else ``None``."""
+        self.data_positions: dict[int, tuple[int, int]] = {}
+        """With ``data_jobs``: each job's data position ``(epoch, samples)`` at its last committed sync, by
+        ``data_job_index``: where that job's committed contribution ends (the same on every member)."""
 
     # ------------------------------------------------------------------ setup
     def start(self, schedule: "SyncSchedule", config: "LocalSGDConfig",
@@ -365,6 +376,7 @@ class Federation:
             raise ValueError("local SGD: federated syncs (lighthouse=) need the host's facts (its rank, world size "
                              "and training state): pass host_facts to LocalSGDController.setup.")
         self.host, self.schedule, self.overlap_steps = host, schedule, config.overlap_steps
+        self.data_job = config.data_job_index if config.data_jobs is not None else None
         check_lighthouse_reachable(self.lighthouse, connect_timeout())
         store_addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
         store_port = int(os.environ["MASTER_PORT"])
@@ -515,6 +527,7 @@ class Federation:
         attempt = _Attempt(record, weight, stop, deadline, began, self.inner_steps)
         try:
             self._check_layouts(engine)
+            attempt.data_positions = self._exchange_positions(own > 0)
             engine.start_sync(fragment, weight=own, stop=stop)
         except Exception as err:
             if not self._failed(attempt, err):
@@ -547,6 +560,7 @@ class Federation:
                 continue
             attempt.record.update(committed=True, seconds=time.perf_counter() - attempt.began)
             self.attempts.append(attempt.record)
+            self.data_positions.update(attempt.data_positions)
             self._committed(engine, fragment, attempt.inner_steps)
             return result
 
@@ -686,7 +700,8 @@ class Federation:
             if engine_state is not None:
                 engine_state.update(compression_error=None, compression_mean_error={},
                                     compression_mean_error_owner={})
-        state["federation"] = {"fragment": self._unit, "checked_quorum": self._checked_quorum}
+        state["federation"] = {"fragment": self._unit, "checked_quorum": self._checked_quorum,
+                               "data_positions": dict(self.data_positions)}
         return {"layout": self.layout(), "training": state}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -704,6 +719,53 @@ class Federation:
         self.healed_bytes += tensor_bytes(state)
         log.info(f"local SGD: group {self.group_id} healed from a live peer at step "
                  f"{state['counters']['global_step']}")
+        self.data_positions = dict(state.get("federation", {}).get("data_positions", {}))
+        self._continue_own_data()
+
+    # ------------------------------------------------------------------ data positions (data_jobs)
+    # The jobs read one dataset, each its share (data.py: one order, data_jobs × the job's ranks replicas). Each sync
+    # attempt all-gathers every job's position (4 numbers per job, over each rank's managed process group: rank k of
+    # every job, all of them since the jobs hold the same layout); a commit records them, so every member knows where
+    # each job's committed contribution ends, and a job that heals (its parameters replaced by a peer's, its reading
+    # since its last committed sync lost with them) continues its share from there.
+    def _exchange_positions(self, counted: bool) -> dict[int, tuple[int, int]]:
+        """Every job's data position in this attempt, of the jobs whose work it counts (``counted``: this job weighs
+        in; a joiner's position is its committed one already)."""
+        if self.data_job is None or self.host is None:
+            return {}
+        import torch
+
+        assert self.comm is not None
+        position = self.host.data_position()
+        mine = torch.tensor([self.data_job, *(position or (-1, -1)), int(counted and position is not None)],
+                            dtype=torch.int64)
+        gathered = torch.empty(self.comm.size * mine.numel(), dtype=torch.int64)
+        self.comm.all_gather(gathered, mine)
+        rows = gathered.view(self.comm.size, -1).tolist()
+        indices = [row[0] for row in rows]
+        if len(set(indices)) != len(indices):
+            raise ValueError(f"local SGD: two live federated jobs have the same data_job_index (the quorum's: "
+                             f"{sorted(indices)}), so they read the same share of the dataset: give each job its own "
+                             f"index in 0 .. data_jobs - 1 (this job {self.group_id!r} has {self.data_job}).")
+        return {job: (epoch, samples) for job, epoch, samples, weighs in rows if weighs}
+
+    def _continue_own_data(self) -> None:
+        """Healed: this job's data continues where its last committed sync ended (the peer's record)."""
+        assert self.host is not None
+        if self.data_job is None:
+            return
+        position = self.data_positions.get(self.data_job)
+        if position is None:
+            log.warning(f"local SGD: group {self.group_id} healed, but its peer has no committed data position for "
+                        f"data_job_index {self.data_job} (no sync of it committed since the peer started): it keeps "
+                        "its own data position")
+        elif self.host.continue_data_at(*position):
+            log.info(f"local SGD: group {self.group_id} continues its share of the data at its last committed "
+                     f"position: epoch {position[0]}, sample {position[1]} of the epoch's order")
+        else:
+            log.warning(f"local SGD: group {self.group_id} healed while its training loader is inside an epoch: its "
+                        f"data cannot move back to its last committed position {position}, so the samples it read "
+                        "since then (their work dropped by the heal) are not read again")
 
 
 # ---------------------------------------------------------------------------------------------------- lighthouse CLI

@@ -33,7 +33,8 @@ from .zero import master_partitions
 if TYPE_CHECKING:
     from lightning.pytorch import Trainer
 
-__all__ = ["GROUP_KEYS", "ReplicaState", "ShardedState", "TrainingState", "ZeroState", "set_trainer_counters"]
+__all__ = ["GROUP_KEYS", "ReplicaState", "ShardedState", "TrainingState", "ZeroState", "set_data_counters",
+           "set_trainer_counters"]
 
 #: The keys of Lightning's checkpoint dict that hold a worker group's replica (identical on the group's ranks).
 GROUP_KEYS = ("state_dict", "optimizer_states", "lr_schedulers")
@@ -294,3 +295,16 @@ def set_trainer_counters(trainer: "Trainer", global_step: int, batches_that_step
         progress = loop.manual_optimization.optim_step_progress.total
     progress.ready = progress.completed = global_step
     _compat.set_batches_that_stepped(loop, batches_that_stepped)
+
+
+def set_data_counters(trainer: "Trainer", epoch: int, batches: int) -> None:
+    """Lightning's epoch and batch counters of a training that continues its data at ``batches`` of ``epoch`` (before
+    the epoch's iteration starts): the sampler's epoch follows the first, the end of the epoch the second. Each
+    counter's fields move by the same amount, so that those of a fit resumed mid-epoch keep the relation Lightning's
+    restart expects between them (a checkpoint taken at a batch's end has one batch processed, not yet completed)."""
+    for progress, value in ((trainer.fit_loop.epoch_progress.current, epoch),
+                            (trainer.fit_loop.epoch_loop.batch_progress.current, batches)):
+        shift = value - progress.processed
+        progress.ready, progress.started = progress.ready + shift, progress.started + shift
+        progress.processed, progress.completed = progress.processed + shift, progress.completed + shift
+

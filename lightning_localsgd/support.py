@@ -96,6 +96,23 @@ REFUSALS: list[Refusal] = [
                        "applied before the next one starts. Use overlap_steps <= "
                        f"{c.sync_every // max(1, c.fragments) - 1}, or fewer fragments."),
             reason="overlap_steps ≥ sync_every/fragments: torchft holds one quorum at a time", modes=("federated",)),
+    Refusal("data_jobs", lambda c: not _federated(c) and (c.data_jobs is not None or c.data_job_index is not None),
+            lambda c: (f"data_jobs={c.data_jobs!r} / data_job_index={c.data_job_index!r} partition one dataset over "
+                       "federated jobs (lighthouse=); in one world the strategy's sampler already gives every rank "
+                       "its own share. Remove them, or set lighthouse='host:port' (see docs/multi_cluster.md)."),
+            reason="one world: every rank already reads its own share", modes=("one world",)),
+    Refusal("data_jobs", lambda c: _federated(c) and c.data_jobs is not None and _streaming(c),
+            lambda c: (f"data_jobs={c.data_jobs!r} does not combine with streaming sync (fragments > 1, overlap_steps "
+                       "> 0 or overlap_mix > 0): a job's data position at a sync is one number, while a streaming "
+                       "sync commits one fragment at a time, so no position says which samples every fragment "
+                       "holds. Sync every parameter at once (fragments=1, overlap_steps=0), or leave data_jobs=None."),
+            reason="streaming commits fragments at different steps: no one position", modes=("federated",)),
+    Refusal("data_jobs", lambda c: _federated(c) and c.data_jobs is not None and c.warmup_steps != 0,
+            lambda c: (f"data_jobs={c.data_jobs!r} does not combine with warmup_steps={c.warmup_steps!r} yet: the "
+                       "jobs' data positions travel with the syncs, not with the warm-up steps' rounds, so a job "
+                       "healing during warm-up would not know where its share continues. Use warmup_steps=0, or "
+                       "leave data_jobs=None."),
+            reason="positions travel with syncs, not warm-up rounds", modes=("federated",)),
     Refusal("warmup_steps", lambda c: c.warmup_steps != 0,
             lambda c: (f"warmup_steps={c.warmup_steps!r}: fully synchronous warm-up steps are not supported with "
                        "DeepSpeed (ZeRO reduces the gradients into its own partitioned buffers inside the worker group, "

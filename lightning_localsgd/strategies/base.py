@@ -13,7 +13,7 @@ import os
 import sys
 from dataclasses import fields
 from datetime import timedelta
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 import torch.distributed as dist
@@ -29,10 +29,10 @@ from .._compat import attached_trainer, epoch_batches_done, fit_loop_can_stop_ea
 from ..async_checkpoint import AsyncCheckpointWriter
 from ..config import LocalSGDConfig
 from ..controller import HostFacts, LocalSGDController
-from ..data import make_resumable
+from ..data import continue_at, data_position, make_resumable
 from ..engine import OuterSync, SyncResult, SyncSchedule
 from ..preemption import SigtermStop, stop_at_sync_steps
-from ..state import ReplicaState, TrainingState
+from ..state import ReplicaState, TrainingState, set_data_counters
 from ..reliability import stop_local_ranks
 from ..tensors import batch_tokens
 from ..topology import (Topology, add_cluster_groups, check_cluster_size, check_group_size, federated_cluster_size,
@@ -388,7 +388,9 @@ class LocalSGDMixin:
         """What a transport across jobs needs of this rank: its place, its exact state, where it starts from."""
         return HostFacts(rank=trainer.global_rank, world_size=trainer.world_size,
                          training_state=lambda: self.training_state, global_step=lambda: trainer.global_step,
-                         checkpoint_path=lambda: getattr(trainer, "ckpt_path", None))
+                         checkpoint_path=lambda: getattr(trainer, "ckpt_path", None),
+                         data_position=lambda: data_position(self._training_loader(trainer)),
+                         continue_data_at=lambda epoch, samples: self._continue_data_at(trainer, epoch, samples))
 
     # ------------------------------------------------------------------ data
     def process_dataloader(self, dataloader: object) -> object:
@@ -399,8 +401,31 @@ class LocalSGDMixin:
         dataloader = super().process_dataloader(dataloader)  # type: ignore[misc]
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None  # type: ignore[attr-defined]
         if is_fitting(trainer) and trainer.training:
-            dataloader = make_resumable(dataloader)
+            c = self.local_sgd.config
+            dataloader = make_resumable(dataloader, None if c.data_jobs is None else (c.data_job_index, c.data_jobs))
         return dataloader
+
+    @staticmethod
+    def _training_loader(trainer: Trainer) -> Any:
+        """The training loader of ``fit`` (the first, with several)."""
+        loaders = trainer.train_dataloader
+        if isinstance(loaders, Mapping):
+            loaders = next(iter(loaders.values()), None)
+        elif isinstance(loaders, (list, tuple)):
+            loaders = loaders[0] if loaders else None
+        return loaders
+
+    def _continue_data_at(self, trainer: Trainer, epoch: int, samples: int) -> bool:
+        """The next training batch continues the data at ``(epoch, samples)``, Lightning's epoch and batch counters
+        with it (so its epoch ends where the loader's does): healing takes the job's last committed position."""
+        loader = self._training_loader(trainer)
+        if data_position(loader) is None:
+            return False
+        moved = continue_at(loader, epoch, samples)
+        if moved is None:
+            return False
+        set_data_counters(trainer, *moved)
+        return True
 
     # ------------------------------------------------------------------ per step
     def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], model: Optional[Any] = None,

@@ -176,6 +176,8 @@ class Recorder(Callback):
             "alone_at_start": fed.alone_at_start, "save_seconds": self.save_seconds,
             "saved_async": trainer.strategy._async_writer is not None,
             "validation_batches": getattr(pl_module, "validation_batches", 0),
+            "ledger": getattr(pl_module, "ledger", None), "epochs": getattr(pl_module, "epochs", None),
+            "data_positions": dict(fed.data_positions),
         }, os.path.join(self.args.out, f"{name}.pt"))
 
 
@@ -191,6 +193,8 @@ def make_strategy(args: argparse.Namespace):
         federated["overlap_mix"] = args.overlap_mix
     if args.group_size is not None:
         federated["group_size"] = args.group_size
+    if args.data_jobs is not None:
+        federated.update(data_jobs=args.data_jobs, data_job_index=args.data_job_index)
     if args.cluster_sync_every is not None:
         federated.update(cluster_sync_every=args.cluster_sync_every, cluster_outer_optimizer=args.cluster_outer)
     if args.strategy == "fsdp":
@@ -247,11 +251,17 @@ def main() -> None:
     parser.add_argument("--screen-factor", type=float, default=None, help="the robust screen (screen_factor=)")
     parser.add_argument("--loss-scale", type=float, default=1.0, help="this job's loss (a broken job) scaled by this")
     parser.add_argument("--hidden", type=int, default=8, help="the tiny model's hidden width (another model: 16)")
+    parser.add_argument("--data-jobs", type=int, default=None, help="the jobs partition one dataset (data_jobs)")
+    parser.add_argument("--data-job-index", type=int, default=None, help="this job's share with --data-jobs")
+    parser.add_argument("--ledger-size", type=int, default=0,
+                        help="train on the first N samples, each carrying its index; the dump's ledger lists them")
     parser.add_argument("--validate-every", type=int, default=0, help="a validation loop every N steps during fit")
     args = parser.parse_args()
     args.dump_name = args.dump_name or args.group_id
     if args.devices > 1:  # Lightning's DistributedSampler splits this job's own order (seed --seed) over its ranks
         os.environ["PL_GLOBAL_SEED"] = str(args.seed)
+    if args.data_jobs is not None:  # one order for every job, partitioned over them
+        os.environ["PL_GLOBAL_SEED"] = "0"
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(0)  # every group starts from the same weights
     model = (ValidatedTinyModule if args.validate_every else TinyModule)(
@@ -266,6 +276,11 @@ def main() -> None:
 
         data = make_dataset()
         loader = ResumableDataLoader(data, batch_size=2, sampler=EpochShuffleSampler(data, args.seed))
+    if args.ledger_size:  # the samples' indices recorded per training step (train_ledger.py's module)
+        from train_ledger import IndexedDataset, LedgerModule
+
+        model = LedgerModule(inner=args.inner, hidden=args.hidden, shard=args.shard)
+        loader = DataLoader(IndexedDataset(args.ledger_size), batch_size=2, shuffle=True)
     if args.schedule == "growing":
         register_schedule("growing", lambda c: GrowingSchedule(c.sync_every, c.warmup_steps), override=True)
     recorder = Recorder(args)
