@@ -23,7 +23,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("arguments, refusals, federation, data position, inner-strategy internals, planner",
      ("config", "support", "federation", "data", "zero", "fsdp2", "planner", "costmodel")),
     ("the engine (no Lightning)", ("engine", "engine.codecs", "engine.comm", "engine.layout", "engine.outer",
-                                   "engine.presets", "engine.reducers", "engine.schedules", "engine.screen")),
+                                   "engine.presets", "engine.reducers", "engine.schedules", "engine.screen",
+                                   "engine.fragment")),
     ("leaves", ("_compat", "_versions", "checkpoint_io", "integrity", "reliability", "tensors", "topology",
                 "validation")),
 ]
