@@ -4,7 +4,14 @@ A codec turns a flat fp32 tensor into a payload (one flat ``uint8`` tensor, so t
 all-to-all and all-gather) and back. The built-in ``int8`` and ``int4`` scale each block of ``block_size`` values by
 its largest magnitude (symmetric, round-to-nearest): the error of a value is at most half a quantization step,
 ``absmax / (2·127)`` for int8 and ``absmax / (2·7)`` for int4. ``bf16`` keeps the sign, exponent and 7 mantissa bits
-(relative error ≤ 2⁻⁸).
+(relative error ≤ 2⁻⁸). ``topk`` (:class:`TopKCodec`) is sparse: per 4096 values, the 64 of largest magnitude in 2 bits
+each with their 12-bit indices (141× fewer bytes than fp32).
+
+The engine exchanges any codec's payloads in two phases (:class:`~.reducers.CompressedReducer`): an all-to-all of each
+member's encoded chunk ``j`` to its owner ``j``, which decodes and averages them and encodes the mean, then an
+all-gather of the encoded means: ``2·(G−1)/G`` payloads of one copy per rank and sync, whatever the number of groups
+``G``. A sparse payload is not closed under averaging (the mean of ``G`` top-k chunks has up to ``G·k`` entries): the
+owner re-sparsifies the mean, and its phase-2 error feedback keeps what that dropped.
 
 Add a codec by subclassing :class:`Codec` and calling :func:`register_codec`; every strategy and the planner then
 accept its name. The engine adds error feedback around any codec (what it loses at one sync is added to the next).
