@@ -53,6 +53,8 @@ def test_codec_round_trip_bounds(n):
     # topk: per chunk of 4096, 64 2-bit values + 64 12-bit indices + one fp32 scale; a shorter last chunk alike
     assert payload_bytes("topk", 4096) == 16 + 96 + 4 and payload_bytes("topk", 3 * 4096 + 1) == 3 * 116 + 1 + 2 + 4
     assert 4 * 4096 / payload_bytes("topk", 4096) > 141
+    # topk_ef: the same 64 indices in 6 low bits each + 128 bits of unary high parts
+    assert payload_bytes("topk_ef", 4096) == 16 + 48 + 16 + 4 and 4 * 4096 / payload_bytes("topk_ef", 4096) > 195
 
 
 def topk_reference(x, chunk, k, value_bits):
@@ -89,7 +91,10 @@ def topk_inputs(n, seed):
 @pytest.mark.parametrize("codec,n", [(TopKCodec(), 1), (TopKCodec(), 9000),
                                      (TopKCodec(chunk=64, k=4), 150), (TopKCodec(chunk=64, k=4, value_bits=1), 130),
                                      (TopKCodec(chunk=50, k=7, value_bits=4), 149),
-                                     (TopKCodec(chunk=64, k=64, value_bits=8), 100)])
+                                     (TopKCodec(chunk=64, k=64, value_bits=8), 100),
+                                     (TopKCodec(indices="elias-fano"), 9000),
+                                     (TopKCodec(chunk=64, k=4, indices="elias-fano"), 150),
+                                     (TopKCodec(chunk=8, k=5, value_bits=4, indices="elias-fano"), 21)])
 def test_topk_decodes_as_the_hand_reference_bit_for_bit(codec, n):
     for x in topk_inputs(n, n):
         payload = codec.encode(x)
@@ -110,13 +115,15 @@ def test_topk_round_trip_bounds_and_zeros():
     assert torch.equal(decode(encode(torch.zeros(4096), "topk"), "topk", 4096), torch.zeros(4096))
 
 
-def test_topk_chunks_are_independent():
+@pytest.mark.parametrize("name", ["topk", "topk_ef"])
+def test_topk_chunks_are_independent(name):
     """Cut anywhere at a multiple of the chunk: the pieces' payloads decode to the values of the whole payload and
-    their sizes add up (what lets the compressed reduce send it in buckets)."""
-    codec = get_codec("topk")
+    their sizes add up (what lets the compressed reduce send it in buckets). topk_ef decodes as topk."""
+    codec = get_codec(name)
     assert codec.block_numel == 4096
     for x in topk_inputs(3 * 4096 + 999, 2):
         whole = codec.decode(codec.encode(x), x.numel())
+        assert torch.equal(whole, decode(encode(x, "topk"), "topk", x.numel()))
         cuts = [0, 4096, 2 * 4096, x.numel()]
         pieces = [codec.encode(x[a:b]) for a, b in zip(cuts, cuts[1:])]
         assert sum(p.numel() for p in pieces) == codec.payload_bytes(x.numel())
@@ -124,7 +131,7 @@ def test_topk_chunks_are_independent():
 
 
 @pytest.mark.parametrize("options", [dict(chunk=0), dict(k=0), dict(chunk=8, k=9), dict(value_bits=3),
-                                     dict(feedback_decay=0.0), dict(feedback_decay=1.5)])
+                                     dict(feedback_decay=0.0), dict(feedback_decay=1.5), dict(indices="zip")])
 def test_topk_options_are_checked(options):
     with pytest.raises(ValueError, match="TopKCodec: " + list(options)[-1]):
         TopKCodec(**options)
