@@ -176,7 +176,8 @@ def main() -> None:  # noqa: C901
             f"{'met' if 1 / row['bytes_ratio'] >= 100 else 'missed'} (146×: "
             f"{'beaten' if 1 / row['bytes_ratio'] > 146 else 'not beaten'}); loss ratio {row['loss_ratio']:.4f} "
             f"(95% window-bootstrap interval {row['ci']}): {'within' if row['loss_ratio'] <= 1.02 else 'not within'} "
-            f"2%" + (f"; int4: {int4['loss_ratio']:.4f} at {1 / int4['bytes_ratio']:.1f}× fewer bytes." if int4 else "."))
+            f"2%" + (f"; int4: {int4['loss_ratio']:.4f} at {1 / int4['bytes_ratio']:.1f}× fewer bytes." if int4
+                     else "."))
     first = runs[0]
     text = (f"GPT `{cfg['size']}` ({first['params']:,} parameters), {groups} worker groups × {cfg['group_size']} "
             f"process(es), batch {cfg['batch_size']} × {cfg['block_size']} tokens per process, {cfg['steps']} steps "

@@ -345,7 +345,8 @@ def weighted_compressed_sync(theta, locals_, weights, errors, mean_errors, codec
     """One sync of the weighted two-phase compressed mean (averaging outer step), written out. ``weights[i]``: member
     i's weight (0: it sends nothing that counts and keeps its residual); ``errors[i]``: its phase-1 residual;
     ``mean_errors[j]``: the phase-2 residual the owner of chunk j kept from a sync of the same membership (None: none).
-    The residuals kept are the codec's ``feedback_decay`` times what it lost. Returns (new θ, errors, mean residuals)."""
+    The residuals kept are the codec's ``feedback_decay`` times what it lost.
+    Returns (new θ, errors, mean residuals)."""
     size, n = len(locals_), theta.numel()
     chunk = math.ceil(n / size)
     total_weight = sum(weights)

@@ -154,12 +154,13 @@ class TopKCodec(Codec):
     decode to 0.
 
     Values: a sign bit and ``value_bits − 1`` magnitude bits, ``j``, over the chunk's scale ``s`` (its largest
-    magnitude): ``j`` is the largest integer below ``L = 2^(value_bits−1)`` with ``s·j/L ≤ |v|``, and ``|v|`` decodes to
-    ``s·(2j+1)/2^value_bits``, the middle of its bin of ``[0, s]``. 2 bits: ``±s/4`` or ``±3s/4``. Why: the signs are
-    exact (a symmetric 4-level code ``{±s/3, ±s}`` can round small values across zero's bin and has a worse bound,
-    ``s/3``), and the bins are the half-steps of ``[0, s]``. Round trip of a chunk: a sent value is off by at most
-    ``s/2^value_bits`` (``s/4`` at 2 bits); an unsent one by itself, at most the ``k``-th largest magnitude. The engine's
-    error feedback keeps both for the next sync.
+    magnitude): ``j`` is the largest integer below ``L = 2^(value_bits−1)`` with ``s·j/L ≤ |v|`` (in fp32), and
+    ``|v|`` decodes to ``s·(2j+1)/2^value_bits``, the middle of its bin of ``[0, s]``. 2 bits: ``±s/4`` or ``±3s/4``.
+    Why: the sign takes one bit; the other halves ``[0, s]``, the smallest worst-case error a 2-bit code over one scale
+    has, ``s/4`` (four levels evenly over ``[−s, s]``, ``{±s/3, ±s}``, give ``s/3``); and the levels are the same on
+    every device (``s·(2j+1)`` rounded once, then a power of two). Round trip of a chunk: a sent value is off by at
+    most ``s/2^value_bits`` (``s/4`` at 2 bits); an unsent one by itself, at most the ``k``-th largest magnitude. The
+    engine's error feedback keeps both for the next sync.
 
     ``indices``: ``"packed"``, ``⌈log2 chunk⌉`` bits each (12), or ``"elias-fano"``, the same indices, ascending, in
     ``⌊log2(chunk/k)⌋`` low bits each plus the high parts in unary (``k + chunk/2^low`` bits): 8 bits an index at the

@@ -137,7 +137,7 @@ def test_codecs_on_cuda_keep_the_cpu_bounds(n):
         assert y.device == torch.device(CUDA)
         y = y.cpu()
         assert_round_trip_bounds(x, y, codec)
-        if codec.startswith("topk"):  # the same selection (ties toward the lower index) and fp32 levels: the same values
+        if codec.startswith("topk"):  # the same selection (ties to the lower index), the same fp32 levels and values
             assert torch.equal(decode(encode(x, codec), codec, n), y)
         elif codec != "bf16":
             # the same input decodes to the same values on the GPU as on the CPU, up to one step where rounding ties
