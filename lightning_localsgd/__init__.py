@@ -21,8 +21,8 @@ from .config import LocalSGDConfig
 from .controller import LocalSGDController
 from .state import TrainingState
 from .engine import (Action, Codec, Communicator, NonFinitePseudoGradientError, OuterSync, ProcessGroupCommunicator,
-                     SyncResult, SyncSchedule, register_codec, register_outer_optimizer, register_schedule,
-                     resolve_outer_optimizer)
+                     SyncResult, SyncSchedule, TopKCodec, register_codec, register_outer_optimizer,
+                     register_schedule, resolve_outer_optimizer)
 from .planner import Plan, plan
 from .reliability import SyncFailedError
 from .strategies import (LocalSGDDeepSpeedStrategy, LocalSGDFSDPStrategy, LocalSGDMixin, LocalSGDStrategy,
@@ -48,6 +48,7 @@ __all__ = [
     "register_outer_optimizer",
     "register_schedule",
     "SyncFailedError",
+    "TopKCodec",
     "LocalSGDDeepSpeedStrategy",
     "LocalSGDFSDPStrategy",
     "LocalSGDMixin",
