@@ -209,7 +209,7 @@ class CompressedReducer:
       that is: the members' number and this rank's index among them. A residual kept from a sync of another
       membership (a fault-tolerant transport's quorum changed) is dropped, not applied to another chunk.
     * both change only in :meth:`commit` (the sync went through); an aborted sync leaves them as they were. Both
-      keep ``β`` times the codec's loss, ``β`` its :attr:`~.codecs.Codec.feedback_decay` (1 but for ``topk``).
+      keep ``β`` times the codec's loss, ``β`` its :attr:`~.codecs.Codec.feedback_decay` (1 but for the topk codecs).
 
     The pipeline: every chunk is cut alike in buckets of about ``bucket_bytes`` fp32 bytes over the ``G`` chunks
     (whole codec blocks, :attr:`~.codecs.Codec.block_numel`; a codec without blocks sends each chunk whole). Phase 1
