@@ -1,4 +1,4 @@
-"""Compressed syncs: final loss and cross-group bytes for the codecs None / bf16 / int8 / int4.
+"""Compressed syncs: final loss and cross-group bytes for the codecs None / bf16 / int8 / int4 / topk.
 
 The strategy's ``compression=`` option compresses what crosses worker groups at a sync with a two-phase compressed
 all-reduce (in ``OuterSync``; codecs in ``lightning_localsgd.engine.codecs``, formerly ``.comm``): each rank
@@ -8,7 +8,9 @@ decodes and averages the G copies of its chunk, re-encodes the mean chunk (with 
 all-gather the encoded means. Per sync a rank hands over one compressed copy of its values, G chunk payloads
 (``G · payload_bytes(codec, ⌈n/G⌉)``), and sends 2(G − 1)/G of that on the wire, like a ring all-reduce of fp32.
 ``int8`` and ``int4`` carry one fp32 scale per block of 256 values (per chunk), so their payload is slightly more
-than ¼ and ⅛ of fp32.
+than ¼ and ⅛ of fp32. ``topk`` (SparseLoCo) sends, per 4096 values, the 64 of largest magnitude as 2-bit codes, 12-bit
+indices and one fp32 scale: 116 bytes, 1/141 of fp32 (a chunk's last, shorter block costs as much), with error
+feedback decayed by 0.95 at each sync.
 
 Every run trains the example GPT with the same seed, data order, batch, learning-rate schedule, steps and H, on the
 same number of worker groups; only the codec (and, in a second series, the outer optimizer) differs. Reported per run:
@@ -18,6 +20,8 @@ same number of worker groups; only the codec (and, in a second series, the outer
 * the bytes each rank sent across groups per sync, counted by the strategy (``outer_sync.bytes_sent``: the G encoded
   chunks it hands to the all-to-all, or the fp32 buffer of the all-reduce), their ratio to the uncompressed run's,
   and the size computed from the codec's format (``G · comm.payload_bytes(codec, ⌈n/G⌉)``) as a cross-check;
+* the codec's CPU seconds per sync (``codec_seconds``: one rank's encodes and decodes of a sync, measured alone on one
+  thread, at the run's size and at 10M values);
 * the bytes counted independently on the Python collectives (``cross_bytes``: the all-to-all's chunks for the other
   ranks + the all-gather's input, or the all-reduce's buffer; includes Lightning's 8-byte SIGTERM broadcast before
   each sync step), syncs, training seconds and outer state bytes (the error-feedback buffers add one fp32 copy of
@@ -40,7 +44,7 @@ import time
 
 import harness as h
 
-CODECS = ["none", "bf16", "int8", "int4"]
+CODECS = ["none", "bf16", "int8", "int4", "topk"]
 OUTER_NAMES = {"average": "local SGD", "diloco": "DiLoCo"}
 
 PRESETS = {
@@ -107,6 +111,9 @@ def main() -> None:  # noqa: C901
         from lightning_localsgd.comm import payload_bytes
 
     groups = cfg["devices"] // cfg["group_size"]
+    owned_values = -(-runs[0]["params"] // cfg["group_size"])
+    seconds = {c: codec_seconds(c, owned_values, groups) for c in codecs}
+    seconds_10m = {c: codec_seconds(c, 10_000_000, groups) for c in codecs}
     rows, curves = [], []
     for r in runs:
         ref = next(x for x in runs if x["outer"] == r["outer"] and x["codec"] == "none")
@@ -123,6 +130,7 @@ def main() -> None:  # noqa: C901
             bytes_per_sync=per_sync, bytes_ratio=per_sync / ref_per_sync, expected_payload_bytes=expected,
             wire_bytes_per_sync=r["cross_bytes"] / r["num_syncs"], syncs=r["num_syncs"],
             train_seconds=r["train_seconds"], outer_state_bytes=r["state_bytes"],
+            codec_seconds=seconds[r["codec"]], codec_seconds_10m=seconds_10m[r["codec"]],
         ))
         curves += [dict(run=r["name"], outer=r["outer"], codec=r["codec"], **c) for c in r["curve"]]
     h.write_csv(h.RESULTS / f"{args.out_name}.csv", rows)
@@ -135,9 +143,13 @@ def main() -> None:  # noqa: C901
         row["bytes_ratio_s"] = f"{row['bytes_ratio']:.5f}"
         row["bytes_s"] = f"{row['bytes_per_sync']:,.0f}"
         row["state_s"] = f"{row['outer_state_bytes']:,}"
+        row["fewer_s"] = f"{1 / row['bytes_ratio']:.1f}×"
+        row["codec_s"] = f"{1e3 * row['codec_seconds']:.1f} / {1e3 * row['codec_seconds_10m']:.0f}"
     table = h.md_table(rows, [("run", "run"), ("final_val_loss", "final val loss"),
                               ("loss_ratio_s", "loss / fp32"), ("ci", "95% CI (windows)"),
-                              ("bytes_s", "bytes/sync/rank"), ("bytes_ratio_s", "bytes / fp32"), ("syncs", "syncs"),
+                              ("bytes_s", "bytes/sync/rank"), ("bytes_ratio_s", "bytes / fp32"),
+                              ("fewer_s", "fewer bytes"), ("codec_s", "codec ms/sync (run / 10M values)"),
+                              ("syncs", "syncs"),
                               ("train_seconds", "train s"), ("state_s", "outer state bytes/rank")])
     verdict = []
     for row in rows:
@@ -153,6 +165,19 @@ def main() -> None:  # noqa: C901
             f"last block: one byte per value and one fp32 scale per block of 256 values, in {groups} chunks, "
             f"{row['bytes_per_sync']:,.0f} of {row['bytes_per_sync'] / row['bytes_ratio']:,.0f} bytes "
             f"= {groups} × payload_bytes('int8', {chunk:,}) per sync per rank.")
+    for row in rows:
+        if row["codec"] != "topk":
+            continue
+        int4 = next((x for x in rows if x["outer"] == row["outer"] and x["codec"] == "int4"), None)
+        verdict.append(
+            f"**topk ({row['run']}): ≥ 100× fewer bytes than fp32 (beat 146×), loss within 2%?** "
+            f"{1 / row['bytes_ratio']:.1f}× fewer bytes ({row['bytes_per_sync']:,.0f} bytes/sync/rank = {groups} × "
+            f"payload_bytes('topk', {-(-owned_values // groups):,})): "
+            f"{'met' if 1 / row['bytes_ratio'] >= 100 else 'missed'} (146×: "
+            f"{'beaten' if 1 / row['bytes_ratio'] > 146 else 'not beaten'}); loss ratio {row['loss_ratio']:.4f} "
+            f"(95% window-bootstrap interval {row['ci']}): {'within' if row['loss_ratio'] <= 1.02 else 'not within'} "
+            f"2%" + (f"; int4: {int4['loss_ratio']:.4f} at {1 / int4['bytes_ratio']:.1f}× fewer bytes." if int4
+                     else "."))
     first = runs[0]
     text = (f"GPT `{cfg['size']}` ({first['params']:,} parameters), {groups} worker groups × {cfg['group_size']} "
             f"process(es), batch {cfg['batch_size']} × {cfg['block_size']} tokens per process, {cfg['steps']} steps "
@@ -163,6 +188,35 @@ def main() -> None:  # noqa: C901
     command = "python benchmarks/compression.py" + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else "")
     print(text)
     h.write_summary(args.out_name, text, started, command)
+
+
+def codec_seconds(codec: str, numel: int, groups: int) -> float:
+    """CPU seconds of the codec work of one rank's sync of ``numel`` values over ``groups`` groups, on one thread, best
+    of 3: phase 1 encodes G chunks and decodes them (its error feedback), decodes the G received pieces of its chunk,
+    encodes the mean and decodes it (error feedback); then decodes the G gathered means."""
+    import torch
+
+    from lightning_localsgd.engine.codecs import get_codec
+
+    if codec == "none":
+        return 0.0
+    c = get_codec(codec)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    x = torch.randn(numel, generator=torch.Generator().manual_seed(0)) * 1e-3
+    chunk = -(-numel // groups)
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        payloads = [c.encode(x[j * chunk : (j + 1) * chunk]) for j in range(groups)]
+        for q in payloads + payloads:  # own error feedback, then the received pieces (as many)
+            c.decode(q, chunk)
+        mean = c.encode(x[:chunk])
+        for _ in range(groups + 1):  # its error feedback, then the gathered means
+            c.decode(mean, chunk)
+        best = min(best, time.perf_counter() - t0)
+    torch.set_num_threads(threads)
+    return best
 
 
 def plot(runs: list[dict], rows: list[dict], out_name: str) -> None:

@@ -15,7 +15,9 @@ link is 10 Mbit/s with 50 ms one-way latency. Side by side, in one invocation:
   ``overlap_steps`` of the job's own steps later, with int4 compression and error feedback;
 * **federated time-based + int4**, whole-model syncs every T seconds (what streaming is compared with);
 * **time-based + streaming with churn**: the streaming run, with the ½× device leaving (SIGKILL, mid-interval) every
-  ``churn_every`` of its whole rounds of F fragment syncs and rejoining at once (it heals from a live peer).
+  ``churn_every`` of its whole rounds of F fragment syncs and rejoining at once (it heals from a live peer);
+* on request only (``--only topk``, a partial run: its curve is printed), the whole-model time-based run with ``topk``
+  (sparse, 141× fewer bytes than fp32) instead of int4.
 
 The federated runs stop at ``seconds`` of wall clock (device 0's clock; its last sync carries the stop to the others).
 
@@ -480,8 +482,8 @@ def main() -> None:
                    help="netns: a shaped loopback (needs root, unshare, tc); sleep: a software model; auto: netns "
                         "where usable")
     p.add_argument("--preset", choices=sorted(PRESETS), default="default", help="quick: a smoke run of every leg")
-    p.add_argument("--only", choices=("ddp", "fixed", "timed", "whole", "churn"), action="append",
-                   help="run only these legs (repeatable; the summary needs ddp and timed)")
+    p.add_argument("--only", choices=("ddp", "fixed", "timed", "whole", "churn", "topk"), action="append",
+                   help="run only these legs (repeatable; the summary needs ddp and timed; topk runs only when named)")
     p.add_argument("--seconds", type=float, help="wall clock of each time-based run (default 75)")
     p.add_argument("--keep", help="keep the jobs' logs, records and snapshots in this folder")
     p.add_argument("--out-name", default="edge", help="file names under benchmarks/results/")
@@ -514,12 +516,14 @@ def main() -> None:
             "whole": lambda w: run_federated(cfg, w / "whole", whole, True, False),
             "churn": lambda w: run_federated(cfg, w / "churn", timed + f" + churn every {cfg['churn_every']} rounds",
                                              True, True, streaming=True)}
+    extra = {"topk": lambda w: run_federated(dict(cfg, compression="topk"), w / "topk", whole.replace(
+        cfg["compression"], "topk"), True, False)}
     chosen = args.only or list(legs)
     with tempfile.TemporaryDirectory(prefix="lsgd_edge_") as tmp:
         work = Path(args.keep) if args.keep else Path(tmp)
         runs = []
         for leg in chosen:
-            runs.append(legs[leg](work))
+            runs.append({**legs, **extra}[leg](work))
             print(f"{runs[-1]['run']}: done ({time.time() - started:.0f} s since the start)", flush=True)
         evaluate_snapshots(cfg, runs)
     if set(chosen) != set(legs):  # a partial run: the curves only

@@ -22,8 +22,8 @@ from .data import ResumableDataLoader, ResumableSampler
 from .controller import LocalSGDController
 from .state import TrainingState
 from .engine import (Action, Codec, Communicator, NonFinitePseudoGradientError, OuterSync, ProcessGroupCommunicator,
-                     SyncResult, SyncSchedule, register_codec, register_outer_optimizer, register_schedule,
-                     resolve_outer_optimizer)
+                     SyncResult, SyncSchedule, TopKCodec, register_codec, register_outer_optimizer,
+                     register_schedule, resolve_outer_optimizer)
 from .planner import Plan, plan
 from .reliability import SyncFailedError
 from .strategies import (LocalSGDDeepSpeedStrategy, LocalSGDFSDPStrategy, LocalSGDMixin, LocalSGDStrategy,
@@ -49,6 +49,7 @@ __all__ = [
     "register_outer_optimizer",
     "register_schedule",
     "SyncFailedError",
+    "TopKCodec",
     "LocalSGDDeepSpeedStrategy",
     "LocalSGDFSDPStrategy",
     "LocalSGDMixin",

@@ -93,9 +93,11 @@ ARGUMENT_DOCS: dict[str, str] = {
                                "``outer_optimizer``). Default "
                                "``\"diloco\"``.",
     "compression": "compress what crosses groups at a sync: ``None`` (fp32 all-reduce), ``\"bf16\"`` (½ the bytes), "
-                   "``\"int8\"`` (≈ ¼), ``\"int4\"`` (≈ ⅛) or a codec added with ``register_codec``, with per-block "
-                   "scales and error feedback (the quantization error of one sync is added to the next). Default "
-                   "None.",
+                   "``\"int8\"`` (≈ ¼), ``\"int4\"`` (≈ ⅛), ``\"topk\"`` (sparse: per 4096 values the 64 largest "
+                   "in 2 bits, 1/141 of fp32; SparseLoCo), ``\"topk_ef\"`` (the same values, indices Elias-Fano "
+                   "coded: 1/195) or a codec added with ``register_codec``, with per-block "
+                   "scales and error feedback (the quantization error of one sync is added to the next; decayed by "
+                   "0.95 a sync for topk). Default None.",
     "fragments": "streaming sync (Streaming DiLoCo): split the parameters into this many fragments of about equal "
                  "size (runs of whole parameter tensors) that sync on a staggered schedule, fragment ``f`` at steps "
                  "``(f+1)·sync_every/fragments`` mod ``sync_every``, so each sync moves about 1/fragments of the "

@@ -159,6 +159,7 @@ def compressed_bytes_per_value(compression: str, params: float, groups: int = 1)
     one copy is ``G · payload_bytes(codec, ceil(N/G))`` bytes, what ``OuterSync.bytes_sent`` counts per sync (exact
     for one rank per group; with R ranks each rank chunks its own slice, a few bytes of padding and scales apart).
     bf16: 2. int8 / int4: 1 / 0.5 plus one fp32 scale per block of 256 values (4/256 = 0.015625 bytes per value).
+    topk: 116 bytes per chunk of 4096 values (0.0283 bytes per value).
     """
     numel = max(1, round(params))
     G = max(1, int(groups))
@@ -302,8 +303,8 @@ def plan(
         target_utilization: the utilization (compute / wall clock) to reach, in (0, 1).
         bytes_per_value: bytes per value of the uncompressed sync and of DDP's gradients (4 = fp32, as this library
             syncs).
-        compression: ``None``, ``"bf16"``, ``"int8"`` or ``"int4"`` (the strategies' ``compression``): the sync
-            is a compressed all-reduce of the codec's payload (all-to-all of encoded chunks, all-gather of the
+        compression: ``None``, ``"bf16"``, ``"int8"``, ``"int4"``, ``"topk"`` (the strategies' ``compression``): the
+            sync is a compressed all-reduce of the codec's payload (all-to-all of encoded chunks, all-gather of the
             encoded means) instead of the fp32 all-reduce of the model. DDP's row stays uncompressed.
         calibration: the cost model's constants (η, c0, φ, local work per byte; default
             :class:`~lightning_localsgd.costmodel.Calibration`: η = 0.9, c0 = 0, φ = 2/3). Fit your own with

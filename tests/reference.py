@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "workers"))
-from lightning_localsgd.engine.codecs import decode, encode  # noqa: E402
+from lightning_localsgd.engine.codecs import decode, encode, get_codec  # noqa: E402
 from tiny import TinyNet, make_dataset, make_inner_optimizer  # noqa: E402
 
 
@@ -350,15 +350,17 @@ def weighted_compressed_sync(theta, locals_, weights, errors, mean_errors, codec
     """One sync of the weighted two-phase compressed mean (averaging outer step), written out. ``weights[i]``: member
     i's weight (0: it sends nothing that counts and keeps its residual); ``errors[i]``: its phase-1 residual;
     ``mean_errors[j]``: the phase-2 residual the owner of chunk j kept from a sync of the same membership (None: none).
+    The residuals kept are the codec's ``feedback_decay`` times what it lost.
     Returns (new θ, errors, mean residuals)."""
     size, n = len(locals_), theta.numel()
     chunk = math.ceil(n / size)
     total_weight = sum(weights)
+    decay = get_codec(codec).feedback_decay  # what is kept: β times what the codec lost (1 but for topk)
     decoded, new_errors = [], []
     for x, w, e in zip(locals_, weights, errors):
         d = F.pad(theta - x + e, (0, chunk * size - n))
         q = [decode(encode(d[j * chunk : (j + 1) * chunk], codec), codec, chunk) for j in range(size)]
-        new_errors.append((d - torch.cat(q))[:n] if w != 0 else e)
+        new_errors.append(decay * (d - torch.cat(q))[:n] if w != 0 else e)
         decoded.append(q)
     sent, new_mean_errors = [], []
     for j in range(size):
@@ -366,6 +368,6 @@ def weighted_compressed_sync(theta, locals_, weights, errors, mean_errors, codec
         if mean_errors[j] is not None:
             m = m + mean_errors[j]
         s = decode(encode(m, codec), codec, chunk)
-        new_mean_errors.append(m - s)
+        new_mean_errors.append(decay * (m - s))
         sent.append(s)
     return theta - torch.cat(sent)[:n], new_errors, new_mean_errors

@@ -10,7 +10,8 @@
 * :mod:`.schedules`: when to sync (registry: :func:`register_schedule`).
 """
 
-from .codecs import CODECS, Codec, check_codec, codec_names, decode, encode, get_codec, payload_bytes, register_codec
+from .codecs import (CODECS, Codec, TopKCodec, check_codec, codec_names, decode, encode, get_codec, payload_bytes,
+                     register_codec)
 from .comm import Communicator, ProcessGroupCommunicator, as_communicator
 from .fragment import FragmentSync
 from .layout import Fragment, Layout, split_fragments
@@ -25,7 +26,7 @@ __all__ = [
     "CODECS", "Action", "Codec", "Communicator", "CompressedReducer", "Fragment", "FragmentSync", "Layout",
     "MeanReducer", "NonFinitePseudoGradientError", "OuterOptimizerFactory", "OuterOptimizerSpec", "OuterSync",
     "PeriodicSchedule", "ProcessGroupCommunicator", "Reduction", "StreamingSchedule", "SyncResult", "SyncSchedule",
-    "TimeBasedSchedule", "TwoStageSchedule", "as_communicator", "build_schedule", "check_codec",
+    "TimeBasedSchedule", "TopKCodec", "TwoStageSchedule", "as_communicator", "build_schedule", "check_codec",
     "check_outer_optimizer_factory", "codec_names", "decode", "encode", "get_codec", "outer_optimizer_name",
     "outer_optimizer_names", "payload_bytes", "register_codec", "register_outer_optimizer", "register_schedule",
     "resolve_outer_optimizer", "schedule_names", "split_fragments",

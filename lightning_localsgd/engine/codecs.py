@@ -4,7 +4,15 @@ A codec turns a flat fp32 tensor into a payload (one flat ``uint8`` tensor, so t
 all-to-all and all-gather) and back. The built-in ``int8`` and ``int4`` scale each block of ``block_size`` values by
 its largest magnitude (symmetric, round-to-nearest): the error of a value is at most half a quantization step,
 ``absmax / (2·127)`` for int8 and ``absmax / (2·7)`` for int4. ``bf16`` keeps the sign, exponent and 7 mantissa bits
-(relative error ≤ 2⁻⁸).
+(relative error ≤ 2⁻⁸). ``topk`` (:class:`TopKCodec`) is sparse: per 4096 values, the 64 of largest magnitude in 2 bits
+each with their 12-bit indices (141× fewer bytes than fp32); ``topk_ef`` decodes to the same values with the indices
+Elias-Fano coded (195×).
+
+The engine exchanges any codec's payloads in two phases (:class:`~.reducers.CompressedReducer`): an all-to-all of each
+member's encoded chunk ``j`` to its owner ``j``, which decodes and averages them and encodes the mean, then an
+all-gather of the encoded means: ``2·(G−1)/G`` payloads of one copy per rank and sync, whatever the number of groups
+``G``. A sparse payload is not closed under averaging (the mean of ``G`` top-k chunks has up to ``G·k`` entries): the
+owner re-sparsifies the mean, and its phase-2 error feedback keeps what that dropped.
 
 Add a codec by subclassing :class:`Codec` and calling :func:`register_codec`; every strategy and the planner then
 accept its name. The engine adds error feedback around any codec (what it loses at one sync is added to the next).
@@ -21,11 +29,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["CODECS", "BlockQuantCodec", "Codec", "check_codec", "codec_names", "decode", "encode", "get_codec",
-           "payload_bytes", "register_codec"]
+__all__ = ["CODECS", "BlockQuantCodec", "Codec", "TopKCodec", "check_codec", "codec_names", "decode", "encode",
+           "get_codec", "payload_bytes", "register_codec"]
 
 #: The built-in codecs (every registered name: :func:`codec_names`).
-CODECS = ("bf16", "int8", "int4")
+CODECS = ("bf16", "int8", "int4", "topk", "topk_ef")
 
 
 class Codec(ABC):
@@ -36,6 +44,11 @@ class Codec(ABC):
     #: compressed reduce then encodes and sends a chunk in buckets (a pipeline) with results identical to one payload;
     #: ``None`` (the default, for a codec that must see all its input) sends each chunk as one payload.
     block_numel: Optional[int] = None
+
+    #: ``β`` of the error feedback the engine runs around the codec: what the codec lost at a sync, times ``β``, is
+    #: added to the next sync's values (``e ← β·e + Δ``, in both phases of the compressed reduce). 1 (the default):
+    #: all of it, as plain error feedback; below 1 the residual fades, as SparseLoCo's (:class:`TopKCodec`).
+    feedback_decay: float = 1.0
 
     @abstractmethod
     def encode(self, x: Tensor) -> Tensor:
@@ -126,7 +139,183 @@ class BlockQuantCodec(Codec):
         return out[: blocks * self.block_size].view(blocks, self.block_size).mul_(scale[:, None]).view(-1)[:numel]
 
 
-_REGISTRY: dict[str, Codec] = {"bf16": BF16Codec(), "int8": BlockQuantCodec(8), "int4": BlockQuantCodec(4)}
+class TopKCodec(Codec):
+    """Sparse pseudo-gradients (SparseLoCo): per chunk of ``chunk`` values, the ``k`` of largest magnitude, each sent as
+    its index in the chunk and a ``value_bits``-bit code over one fp32 scale per chunk.
+
+    The default, registered as ``"topk"``, is SparseLoCo's setting (arXiv 2508.15706): chunks of 4096 values, the top
+    64 of each (1.56%), 2-bit values, indices in 12 bits. A chunk costs ``⌈k·value_bits/8⌉ + ⌈k·index_bits/8⌉ + 4``
+    bytes (16 + 96 + 4 = 116 for 4096 fp32 values: 141× fewer bytes); a last chunk of ``m < chunk`` values sends
+    ``min(k, m)`` entries, so the payload depends only on the number of values.
+
+    Selection: the ``k`` largest magnitudes, ties broken toward the lower index (deterministic on every device, which
+    the members' identical decoding needs). An entry that is exactly 0 (a chunk with fewer than ``k`` non-zero values,
+    the zero padding of the engine's last chunk) is not sent: its slot repeats the chunk's largest entry, so zeros
+    decode to 0.
+
+    Values: a sign bit and ``value_bits − 1`` magnitude bits, ``j``, over the chunk's scale ``s`` (its largest
+    magnitude): ``j`` is the largest integer below ``L = 2^(value_bits−1)`` with ``s·j/L ≤ |v|`` (in fp32), and
+    ``|v|`` decodes to ``s·(2j+1)/2^value_bits``, the middle of its bin of ``[0, s]``. 2 bits: ``±s/4`` or ``±3s/4``.
+    Why: the sign takes one bit; the other halves ``[0, s]``, the smallest worst-case error a 2-bit code over one scale
+    has, ``s/4`` (four levels evenly over ``[−s, s]``, ``{±s/3, ±s}``, give ``s/3``); and the levels are the same on
+    every device (``s·(2j+1)`` rounded once, then a power of two). Round trip of a chunk: a sent value is off by at
+    most ``s/2^value_bits`` (``s/4`` at 2 bits); an unsent one by itself, at most the ``k``-th largest magnitude. The
+    engine's error feedback keeps both for the next sync.
+
+    ``indices``: ``"packed"``, ``⌈log2 chunk⌉`` bits each (12), or ``"elias-fano"``, the same indices, ascending, in
+    ``⌊log2(chunk/k)⌋`` low bits each plus the high parts in unary (``k + chunk/2^low`` bits): 8 bits an index at the
+    default setting (16 + 64 + 4 = 84 bytes per 4096 values, 195× fewer than fp32), a size that depends only on the
+    number of values too; registered as ``"topk_ef"``. Both decode to the same values.
+
+    ``feedback_decay``: ``β`` of SparseLoCo's error feedback, ``e ← β·e + Δ`` (0.95 there and here): the reducer keeps
+    ``β`` times what the codec lost at a sync, in both phases of the exchange. With sparse updates the residual plays
+    the part of DiLoCo's outer momentum (SparseLoCo pairs it with a plain outer step: ``outer_optimizer="average"`` or
+    SGD without momentum).
+    """
+
+    def __init__(self, chunk: int = 4096, k: int = 64, value_bits: int = 2, feedback_decay: float = 0.95,
+                 indices: str = "packed") -> None:
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise ValueError(f"TopKCodec: chunk must be an integer >= 1 (values per chunk), got {chunk!r}.")
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= chunk:
+            raise ValueError(f"TopKCodec: k must be an integer in [1, chunk={chunk}] (entries sent per chunk), "
+                             f"got {k!r}.")
+        if value_bits not in (1, 2, 4, 8):
+            raise ValueError(f"TopKCodec: value_bits must be 1, 2, 4 or 8 (a sign bit and value_bits - 1 magnitude "
+                             f"bits), got {value_bits!r}.")
+        if not isinstance(feedback_decay, (int, float)) or not 0 < feedback_decay <= 1:
+            raise ValueError(f"TopKCodec: feedback_decay must be in (0, 1] (1: no decay), got {feedback_decay!r}.")
+        if indices not in ("packed", "elias-fano"):
+            raise ValueError(f"TopKCodec: indices must be 'packed' (⌈log2 chunk⌉ bits each) or 'elias-fano', got "
+                             f"{indices!r}.")
+        self.chunk, self.k, self.value_bits, self.indices = chunk, k, value_bits, indices
+        self.feedback_decay = float(feedback_decay)
+        self.index_bits = max(1, (chunk - 1).bit_length())
+        self.block_numel = chunk
+
+    def _low_bits(self, k: int, width: int) -> int:
+        """Elias-Fano: the low bits of each index sent as they are, ``⌊log2(width/k)⌋``."""
+        return max(0, (width // k).bit_length() - 1)
+
+    def _index_bytes(self, k: int, width: int) -> int:
+        """Bytes of the ``k`` indices of a chunk of ``width`` values."""
+        if self.indices == "packed":
+            return math.ceil(k * self.index_bits / 8)
+        low = self._low_bits(k, width)
+        return math.ceil(k * low / 8) + math.ceil((k + ((width - 1) >> low) + 1) / 8)
+
+    def _chunk_bytes(self, k: int, width: int) -> int:
+        """Bytes of one chunk of ``width`` values that sends ``k`` entries: value codes, indices, fp32 scale."""
+        return math.ceil(k * self.value_bits / 8) + self._index_bytes(k, width) + 4
+
+    def _chunks(self, numel: int) -> list[tuple[int, int, int]]:
+        """``(first value, chunks, values per chunk)`` of the whole chunks, then of the last, shorter one if any."""
+        whole, rest = divmod(numel, self.chunk)
+        return [(0, whole, self.chunk)] * bool(whole) + [(whole * self.chunk, 1, rest)] * bool(rest)
+
+    def payload_bytes(self, numel: int) -> int:
+        return sum(count * self._chunk_bytes(min(self.k, width), width) for _, count, width in self._chunks(numel))
+
+    def encode(self, x: Tensor) -> Tensor:
+        x = x.reshape(-1).float()
+        parts = [self._encode_chunks(x[start : start + count * width].view(count, width))
+                 for start, count, width in self._chunks(x.numel())]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.uint8, device=x.device)
+
+    def decode(self, payload: Tensor, numel: int) -> Tensor:
+        out = torch.zeros(numel, dtype=torch.float32, device=payload.device)
+        offset = 0
+        for start, count, width in self._chunks(numel):
+            size = count * self._chunk_bytes(min(self.k, width), width)
+            rows = payload[offset : offset + size].view(count, -1)
+            self._decode_chunks(rows, out[start : start + count * width].view(count, width))
+            offset += size
+        return out
+
+    @staticmethod
+    def _select(magnitude: Tensor, k: int) -> Tensor:
+        """Column indices of the ``k`` largest of each row, ties broken toward the lower index."""
+        top, index = magnitude.topk(k, dim=1, sorted=False)
+        threshold = top.amin(1, keepdim=True)
+        # rows where more than k values reach the k-th largest: topk's choice among the tied ones is unspecified
+        tied = (magnitude >= threshold).sum(1) > k
+        if bool(tied.any()):
+            rows, t = magnitude[tied], threshold[tied]
+            equal = rows == t
+            room = k - (rows > t).sum(1, keepdim=True)  # the slots left for the tied values, taken in index order
+            keep = (rows > t) | (equal & (equal.cumsum(1) <= room))
+            index[tied] = keep.nonzero()[:, 1].view(-1, k)
+        return index
+
+    def _encode_chunks(self, x: Tensor) -> Tensor:
+        k = min(self.k, x.shape[1])
+        magnitude = x.abs()
+        index = self._select(magnitude, k)
+        values = x.gather(1, index)
+        size = magnitude.gather(1, index)
+        largest = size.argmax(1, keepdim=True)
+        scale = size.gather(1, largest)  # the chunk's largest magnitude
+        levels = 1 << (self.value_bits - 1)
+        j = torch.zeros_like(size, dtype=torch.int64)
+        for step in range(1, levels):  # j = #{step : fl(s·step)/L ≤ |v|}, in fp32
+            j += (scale * step / levels <= size).long()
+        codes = (values < 0).long() << (self.value_bits - 1) | j
+        zero = values == 0  # not sent: the slot repeats the largest entry
+        index = torch.where(zero, index.gather(1, largest), index)
+        codes = torch.where(zero, codes.gather(1, largest), codes)
+        if self.indices == "packed":
+            packed = _pack_bits(index, self.index_bits)
+        else:  # Elias-Fano of the ascending indices: low bits as they are, the high parts in unary
+            index, order = index.sort(1)
+            codes = codes.gather(1, order)
+            low = self._low_bits(k, x.shape[1])
+            unary = torch.zeros(x.shape[0], k + ((x.shape[1] - 1) >> low) + 1, dtype=torch.int64, device=x.device)
+            unary.scatter_(1, (index >> low) + torch.arange(k, device=x.device), 1)
+            packed = torch.cat([_pack_bits(index & ((1 << low) - 1), low), _pack_bits(unary, 1)], 1)
+        return torch.cat([_pack_bits(codes, self.value_bits), packed, scale.contiguous().view(torch.uint8)], 1).view(-1)
+
+    def _decode_chunks(self, rows: Tensor, out: Tensor) -> None:
+        k, width = min(self.k, out.shape[1]), out.shape[1]
+        value_bytes, index_bytes = math.ceil(k * self.value_bits / 8), self._index_bytes(k, width)
+        codes = _unpack_bits(rows[:, :value_bytes], self.value_bits, k)
+        packed = rows[:, value_bytes : value_bytes + index_bytes]
+        if self.indices == "packed":
+            index = _unpack_bits(packed, self.index_bits, k)
+        else:  # the i-th set bit of the unary part is at high_i + i
+            low = self._low_bits(k, width)
+            low_bytes = math.ceil(k * low / 8)
+            unary = _unpack_bits(packed[:, low_bytes:], 1, k + ((width - 1) >> low) + 1)
+            high = unary.nonzero()[:, 1].view(-1, k) - torch.arange(k, device=rows.device)
+            index = high << low | _unpack_bits(packed[:, :low_bytes], low, k)
+        scale = rows[:, value_bytes + index_bytes :].clone(memory_format=torch.contiguous_format).view(torch.float32)
+        j = codes & ((1 << (self.value_bits - 1)) - 1)
+        values = scale * (2 * j + 1).float() * 2.0 ** -self.value_bits  # s·(2j+1) rounded once, then exact
+        values = torch.where((codes >> (self.value_bits - 1)).bool(), -values, values)
+        out.scatter_(1, index, values)  # a repeated slot writes the same value again
+
+
+def _pack_bits(codes: Tensor, bits: int) -> Tensor:
+    """Each row of non-negative integer ``codes`` (< 2^bits), ``bits`` each, little-endian, in ``⌈k·bits/8⌉`` bytes."""
+    rows, k = codes.shape
+    if bits == 0:
+        return torch.zeros(rows, 0, dtype=torch.uint8, device=codes.device)
+    shifts = torch.arange(bits, device=codes.device)
+    flat = ((codes.unsqueeze(-1) >> shifts) & 1).view(rows, k * bits)
+    flat = torch.nn.functional.pad(flat, (0, (-k * bits) % 8)).view(rows, -1, 8)
+    return (flat << torch.arange(8, device=codes.device)).sum(-1).to(torch.uint8)
+
+
+def _unpack_bits(packed: Tensor, bits: int, k: int) -> Tensor:
+    """Inverse of :func:`_pack_bits`: ``k`` integers of ``bits`` bits from each row of ``packed`` (int64)."""
+    rows = packed.shape[0]
+    if bits == 0:
+        return torch.zeros(rows, k, dtype=torch.int64, device=packed.device)
+    flat = ((packed.long().unsqueeze(-1) >> torch.arange(8, device=packed.device)) & 1).view(rows, -1)
+    return (flat[:, : k * bits].view(rows, k, bits) << torch.arange(bits, device=packed.device)).sum(-1)
+
+
+_REGISTRY: dict[str, Codec] = {"bf16": BF16Codec(), "int8": BlockQuantCodec(8), "int4": BlockQuantCodec(4),
+                               "topk": TopKCodec(), "topk_ef": TopKCodec(indices="elias-fano")}
 
 
 def register_codec(name: str, codec: Codec, override: bool = False) -> None:

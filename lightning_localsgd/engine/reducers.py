@@ -207,10 +207,11 @@ class CompressedReducer:
     * phase 1 (:attr:`error`): this rank's own residual, in the units of its unweighted pseudo-gradient. A weighted
       reduce weighs the decoded chunks at the receiver, so the residual is the same whatever the weight; a member of
       weight 0 (a group that did not train the interval) sends no usable values and keeps its residual as it was.
-    * phase 2 (the fragment's :attr:`~.fragment.FragmentSync.mean_error`): the residual of the mean chunk this rank encodes, which depends on which chunk
-      that is: the members' number and this rank's index among them. A residual kept from a sync of another
+    * phase 2 (the fragment's :attr:`~.fragment.FragmentSync.mean_error`): the residual of the mean chunk this rank
+      encodes, which depends on which chunk that is: the members' number and this rank's index among them. A residual kept from a sync of another
       membership (a fault-tolerant transport's quorum changed) is dropped, not applied to another chunk.
-    * both change only in :meth:`commit` (the sync went through); an aborted sync leaves them as they were.
+    * both change only in :meth:`commit` (the sync went through); an aborted sync leaves them as they were. Both
+      keep ``β`` times the codec's loss, ``β`` its :attr:`~.codecs.Codec.feedback_decay` (1 but for the topk codecs).
 
     The pipeline: every chunk is cut alike in buckets of about ``bucket_bytes`` fp32 bytes over the ``G`` chunks
     (whole codec blocks, :attr:`~.codecs.Codec.block_numel`; a codec without blocks sends each chunk whole). Phase 1
@@ -408,13 +409,17 @@ class CompressedReducer:
         return mean, stop_requested
 
     def commit(self, red: Reduction, fragment: "FragmentSync") -> None:
-        """The sync went through: keep the errors this reduce made for the next one."""
+        """The sync went through: keep the errors this reduce made for the next one, times the codec's
+        :attr:`~.codecs.Codec.feedback_decay` ``β`` (the next sync adds ``β·e``: SparseLoCo's ``e ← β·e + Δ``)."""
+        decay = self.codec.feedback_decay
         if red.new_error is not None:
             assert self.error is not None
             olo, ohi = fragment.owned
             self.error[olo:ohi] = red.new_error
+            if decay != 1.0:
+                self.error[olo:ohi].mul_(decay)
         if red.new_mean_error is not None:
-            fragment.mean_error = red.new_mean_error
+            fragment.mean_error = red.new_mean_error * decay if decay != 1.0 else red.new_mean_error
             if red.chunk_owner is not None:
                 fragment.mean_error_owner = red.chunk_owner
 

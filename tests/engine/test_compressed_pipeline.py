@@ -17,6 +17,7 @@ from lightning_localsgd.engine.codecs import payload_bytes
 from lightning_localsgd.engine.comm import Communicator
 from reference import weighted_compressed_sync
 from test_outer import spawn
+from workers.tiny import TOPK_TEST
 
 SHAPES = [(37, 41), (300,), (1, 1200)]  # 2,977 values; tensor boundaries fall inside buckets
 N = sum(math.prod(s) for s in SHAPES)
@@ -157,7 +158,7 @@ def state(engine: OuterSync) -> tuple[torch.Tensor, torch.Tensor, dict]:
             {s.index: s.mean_error.clone() for s in (engine.whole, *engine.fragments) if s.mean_error is not None})
 
 
-BLOCK = 256  # values of each chunk per bucket: one block of int8 / int4, 256 values of bf16
+BLOCK = 256  # values of each chunk per bucket: one block of int8 / int4, 256 values of bf16, 4 chunks of topk_test
 
 
 def bucket_bytes(size: int) -> int:
@@ -166,7 +167,7 @@ def bucket_bytes(size: int) -> int:
 
 
 @pytest.mark.parametrize("codec,size,weighted", [("int8", 3, True), ("int4", 2, True), ("bf16", 3, False),
-                                                 ("int8", 2, False)])
+                                                 ("int8", 2, False), (TOPK_TEST, 3, True), (TOPK_TEST, 2, False)])
 def test_many_buckets_match_the_hand_reference_bit_for_bit(codec, size, weighted):
     group = AsyncGroup(size)
     engines = members(group, codec, bucket_bytes(size))
@@ -254,7 +255,7 @@ def scenario_gloo(rank, world, codec):
     return out
 
 
-@pytest.mark.parametrize("codec", ["int4"])
+@pytest.mark.parametrize("codec", ["int4", TOPK_TEST])
 def test_many_buckets_over_gloo_match_the_hand_reference_bit_for_bit(tmp_path, codec):
     world = 2
     got = spawn(functools.partial(scenario_gloo, codec=codec), world, tmp_path)
@@ -267,3 +268,41 @@ def test_many_buckets_over_gloo_match_the_hand_reference_bit_for_bit(tmp_path, c
             assert torch.equal(snapshot, theta) and torch.equal(error, errors[r])
             assert torch.equal(mean_error, mean_errors[r])
             assert sent == world * (payload_bytes(codec, math.ceil(N / world)) + 4)
+
+
+@pytest.mark.parametrize("codec", [TOPK_TEST, "int8"])
+def test_resume_from_a_state_dict_with_error_feedback_is_exact(tmp_path, codec):
+    """Members that save their state after a sync (θ_g and both error feedbacks, decayed for topk) and load it into
+    new engines go on bit for bit as members that were never stopped."""
+    size = 2
+    group = AsyncGroup(size)
+    straight = members(group, codec, bucket_bytes(size))
+    theta = theta0()
+    history = []
+    for sync in range(3):
+        set_locals(straight, locals_at(sync, size, theta))
+        run_members(straight, lambda r, e: e.sync())
+        theta = state(straight[0])[0]
+        history.append([state(e) for e in straight])
+    assert float(history[0][0][1].abs().max()) > 0 and float(history[0][0][2][None].abs().max()) > 0
+
+    group = AsyncGroup(size)
+    first = members(group, codec, bucket_bytes(size))
+    theta = theta0()
+    set_locals(first, locals_at(0, size, theta))
+    run_members(first, lambda r, e: e.sync())
+    for r, e in enumerate(first):
+        torch.save(e.state_dict(), tmp_path / f"rank{r}.pt")
+    theta = state(first[0])[0]
+    group = AsyncGroup(size)
+    resumed = members(group, codec, bucket_bytes(size))
+    for r, e in enumerate(resumed):
+        e.load_state_dict(torch.load(tmp_path / f"rank{r}.pt", weights_only=False))
+    for sync in (1, 2):
+        set_locals(resumed, locals_at(sync, size, theta))
+        run_members(resumed, lambda r, e: e.sync())
+        theta = state(resumed[0])[0]
+        for e, (snapshot, error, mean_error) in zip(resumed, history[sync]):
+            now = state(e)
+            assert torch.equal(now[0], snapshot) and torch.equal(now[1], error)
+            assert now[2].keys() == mean_error.keys() and all(torch.equal(now[2][k], v) for k, v in mean_error.items())

@@ -8,9 +8,10 @@ import math
 import pytest
 import torch
 
-from lightning_localsgd.engine.codecs import CODECS, decode, encode, payload_bytes
+from lightning_localsgd.engine.codecs import CODECS, TopKCodec, decode, encode, get_codec, payload_bytes
 from lightning_localsgd.engine import OuterSync
 from test_outer import initial, local_tensors, spawn
+from workers.tiny import TOPK_TEST
 
 
 def quantization_step(x, codec):
@@ -21,9 +22,21 @@ def quantization_step(x, codec):
 
 
 def assert_round_trip_bounds(x, y, codec):
-    """bf16: relative error <= 2^-8; int8 / int4: at most half a step of the element's block of 256."""
+    """bf16: relative error <= 2^-8; int8 / int4: at most half a step of the element's block of 256; topk: a sent
+    value off by at most s/2^value_bits (s: its chunk's largest magnitude), an unsent one (0) at most the chunk's
+    k-th largest magnitude."""
     if codec == "bf16":
         assert torch.all((x - y).abs() <= x.abs() * 2.0**-8)
+    elif codec.startswith("topk"):
+        c = get_codec(codec)
+        for lo in range(0, x.numel(), c.chunk):
+            a, b = x[lo : lo + c.chunk], y[lo : lo + c.chunk]
+            k = min(c.k, a.numel())
+            s, kth = float(a.abs().max()), float(a.abs().topk(k).values[-1])
+            sent = b != 0
+            assert int(sent.sum()) <= k
+            assert torch.all((a - b)[sent].abs() <= s / 2**c.value_bits)
+            assert torch.all(a[~sent].abs() <= kth)
     else:
         assert torch.all((x - y).abs() <= quantization_step(x, codec) / 2 + 1e-7 * x.abs().max())
 
@@ -37,6 +50,91 @@ def test_codec_round_trip_bounds(n):
         assert payload.dtype == torch.uint8 and payload.numel() == payload_bytes(codec, n)
         assert_round_trip_bounds(x, decode(payload, codec, n), codec)
     assert payload_bytes("int8", 1024) == 1024 + 4 * 4 and payload_bytes("int4", 1024) == 512 + 4 * 4
+    # topk: per chunk of 4096, 64 2-bit values + 64 12-bit indices + one fp32 scale; a shorter last chunk alike
+    assert payload_bytes("topk", 4096) == 16 + 96 + 4 and payload_bytes("topk", 3 * 4096 + 1) == 3 * 116 + 1 + 2 + 4
+    assert 4 * 4096 / payload_bytes("topk", 4096) > 141
+    # topk_ef: the same 64 indices in 6 low bits each + 128 bits of unary high parts
+    assert payload_bytes("topk_ef", 4096) == 16 + 48 + 16 + 4 and 4 * 4096 / payload_bytes("topk_ef", 4096) > 195
+
+
+def topk_reference(x, chunk, k, value_bits):
+    """Top-k + sign/magnitude quantization, written out with Python numbers: per chunk, the k entries of largest
+    magnitude (ties: the lower index), none that is 0; each decoded to ±s·(2j+1)/2^value_bits, s the chunk's largest
+    magnitude and j the largest integer below L = 2^(value_bits−1) with fl32(s·j)/L <= |v|."""
+    f32 = lambda v: float(torch.tensor(v, dtype=torch.float32))  # noqa: E731 (round to fp32)
+    values = [float(v) for v in x]
+    out = [0.0] * len(values)
+    levels = 2 ** (value_bits - 1)
+    for lo in range(0, len(values), chunk):
+        block = values[lo : lo + chunk]
+        chosen = sorted(range(len(block)), key=lambda i: (-abs(block[i]), i))[:k]
+        s = max(abs(v) for v in block)
+        for i in chosen:
+            v = block[i]
+            if v == 0:
+                continue
+            j = max(j for j in range(levels) if f32(s * j) / levels <= abs(v))
+            out[lo + i] = math.copysign(f32(s * (2 * j + 1)) / 2**value_bits, v)
+    return torch.tensor(out, dtype=torch.float32)
+
+
+def topk_inputs(n, seed):
+    """Smooth values, values with many ties (multiples of 1/4, some of them 0) and a chunk of zeros."""
+    g = torch.Generator().manual_seed(seed)
+    smooth = torch.randn(n, generator=g) * torch.logspace(-3, 1, n)
+    ties = torch.randint(-3, 4, (n,), generator=g).float() / 4
+    zeros = ties.clone()
+    zeros[: min(n, 200)] = 0
+    return [smooth, ties, zeros]
+
+
+@pytest.mark.parametrize("codec,n", [(TopKCodec(), 1), (TopKCodec(), 9000),
+                                     (TopKCodec(chunk=64, k=4), 150), (TopKCodec(chunk=64, k=4, value_bits=1), 130),
+                                     (TopKCodec(chunk=50, k=7, value_bits=4), 149),
+                                     (TopKCodec(chunk=64, k=64, value_bits=8), 100),
+                                     (TopKCodec(indices="elias-fano"), 9000),
+                                     (TopKCodec(chunk=64, k=4, indices="elias-fano"), 150),
+                                     (TopKCodec(chunk=8, k=5, value_bits=4, indices="elias-fano"), 21)])
+def test_topk_decodes_as_the_hand_reference_bit_for_bit(codec, n):
+    for x in topk_inputs(n, n):
+        payload = codec.encode(x)
+        assert payload.dtype == torch.uint8 and payload.numel() == codec.payload_bytes(n)
+        y = codec.decode(payload, n)
+        assert torch.equal(y, topk_reference(x, codec.chunk, codec.k, codec.value_bits))
+
+
+def test_topk_round_trip_bounds_and_zeros():
+    x = topk_inputs(9000, 1)[0]
+    assert_round_trip_bounds(x, decode(encode(x, "topk"), "topk", 9000), "topk")
+    # 2 bits: a sent value is ±s/4 or ±3s/4, the sign exact; zeros are never sent, not even to fill k slots
+    x = torch.zeros(5000)
+    x[[3, 10, 4100]] = torch.tensor([0.2, -1.0, 0.5])
+    y = decode(encode(x, "topk"), "topk", 5000)
+    assert y.nonzero().flatten().tolist() == [3, 10, 4100]
+    assert y[[3, 10, 4100]].tolist() == [0.25, -0.75, 0.375]
+    assert torch.equal(decode(encode(torch.zeros(4096), "topk"), "topk", 4096), torch.zeros(4096))
+
+
+@pytest.mark.parametrize("name", ["topk", "topk_ef"])
+def test_topk_chunks_are_independent(name):
+    """Cut anywhere at a multiple of the chunk: the pieces' payloads decode to the values of the whole payload and
+    their sizes add up (what lets the compressed reduce send it in buckets). topk_ef decodes as topk."""
+    codec = get_codec(name)
+    assert codec.block_numel == 4096
+    for x in topk_inputs(3 * 4096 + 999, 2):
+        whole = codec.decode(codec.encode(x), x.numel())
+        assert torch.equal(whole, decode(encode(x, "topk"), "topk", x.numel()))
+        cuts = [0, 4096, 2 * 4096, x.numel()]
+        pieces = [codec.encode(x[a:b]) for a, b in zip(cuts, cuts[1:])]
+        assert sum(p.numel() for p in pieces) == codec.payload_bytes(x.numel())
+        assert torch.equal(torch.cat([codec.decode(p, b - a) for p, a, b in zip(pieces, cuts, cuts[1:])]), whole)
+
+
+@pytest.mark.parametrize("options", [dict(chunk=0), dict(k=0), dict(chunk=8, k=9), dict(value_bits=3),
+                                     dict(feedback_decay=0.0), dict(feedback_decay=1.5), dict(indices="zip")])
+def test_topk_options_are_checked(options):
+    with pytest.raises(ValueError, match="TopKCodec: " + list(options)[-1]):
+        TopKCodec(**options)
 
 
 def test_int4_packing_keeps_signs_and_odd_lengths():
@@ -79,7 +177,9 @@ def scenario_compressed(rank, world, codec):
 def compressed_reference(codec, world, syncs=2):
     """The two-phase compressed all-reduce, written out: chunk j of every rank's encoded pseudo-gradient is averaged
     by rank j, which encodes the mean (with its own error feedback); every rank decodes all the mean chunks.
+    The residuals kept are the codec's ``feedback_decay`` β times what it lost (topk: e ← β·e + Δ).
     Returns θ after each sync, the ranks' error feedback and the mean-chunk error feedback."""
+    decay = get_codec(codec).feedback_decay
     theta = torch.cat([t.reshape(-1) for t in initial()])
     n = theta.numel()
     chunk = math.ceil(n / world)
@@ -92,29 +192,35 @@ def compressed_reference(codec, world, syncs=2):
             local = torch.cat([t.reshape(-1) for t in local_tensors(r, sync)])
             d = torch.nn.functional.pad(theta - local + errors[r], (0, chunk * world - n))
             q = [decode(encode(d[j * chunk : (j + 1) * chunk], codec), codec, chunk) for j in range(world)]
-            errors[r] = (d - torch.cat(q))[:n]
+            errors[r] = decay * (d - torch.cat(q))[:n]
             decoded.append(q)
         mean_delta = []
         for j in range(world):
             m = sum(decoded[r][j] for r in range(world)) / world + mean_errors[j]
             sent_mean = decode(encode(m, codec), codec, chunk)
-            mean_errors[j] = m - sent_mean
+            mean_errors[j] = decay * (m - sent_mean)
             mean_delta.append(sent_mean)
         theta = theta - torch.cat(mean_delta)[:n]
         thetas.append(theta)
     return thetas, errors, mean_errors
 
 
-@pytest.mark.parametrize("codec,world", [("bf16", 2), ("int8", 2), ("int4", 2), ("int8", 3)])
+@pytest.mark.parametrize("codec,world", [("bf16", 2), ("int8", 2), ("int4", 2), ("int8", 3), (TOPK_TEST, 2),
+                                         (TOPK_TEST, 3)])
 def test_compressed_average_matches_hand_reference(tmp_path, codec, world):
     got = spawn(functools.partial(scenario_compressed, codec=codec), world, tmp_path)
     thetas, errors, mean_errors = compressed_reference(codec, world)
     chunk = math.ceil(thetas[0].numel() / world)
+    # topk (its decay, its re-sparsified mean) bit for bit; the others within rounding, as before
+    close = torch.equal if codec == TOPK_TEST else functools.partial(torch.allclose, atol=1e-6)
     for sync, theta in enumerate(thetas):
         for rank in got:
             params, sent = rank["after"][sync]
-            assert torch.allclose(torch.cat([p.reshape(-1) for p in params]), theta, atol=1e-6)
+            assert close(torch.cat([p.reshape(-1) for p in params]), theta)
             assert sent == world * payload_bytes(codec, chunk)  # one compressed copy of the rank's values
     for r, rank in enumerate(got):
-        assert torch.allclose(rank["state"]["compression_error"], errors[r], atol=1e-6)
-        assert torch.allclose(rank["state"]["compression_mean_error"][None], mean_errors[r], atol=1e-6)
+        assert close(rank["state"]["compression_error"], errors[r])
+        assert close(rank["state"]["compression_mean_error"][None], mean_errors[r])
+    if codec == TOPK_TEST:  # sparse: the mean moved fewer values than the chunks hold; the residuals kept the rest
+        assert int((thetas[0] != torch.cat([t.reshape(-1) for t in initial()])).sum()) < thetas[0].numel()
+        assert all(float(e.abs().max()) > 0 for e in errors + mean_errors)

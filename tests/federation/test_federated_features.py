@@ -25,7 +25,8 @@ from reference import initial_net, reference_fragments
 from test_federated import (H, STEPS, group_batches, killed_on_exit, launch, lighthouse, load, params_at,  # noqa: F401
                             run_jobs, wait_all)
 
-from lightning_localsgd.engine.codecs import decode, encode
+from lightning_localsgd.engine.codecs import decode, encode, get_codec
+from workers.tiny import TOPK_TEST
 
 ATOL = 1e-5
 NAMES = [k for k, _ in initial_net().named_parameters()]
@@ -99,12 +100,13 @@ def federated_reference(dumps: dict[str, dict], codec: str | None = None, fragme
             return sum(weights[g] * flat(nets[g], names) for g in members if weights[g]) / total_weight, members
         lo, hi = offset_of(names)
         chunk = math.ceil(n / size)
+        decay = get_codec(codec).feedback_decay  # the residuals kept: β times what the codec lost (1 but for topk)
         decoded = {}
         for g in members:
             d = F.pad(theta - flat(nets[g], names) + error[g][lo:hi], (0, chunk * size - n))
             q = [decode(encode(d[j * chunk : (j + 1) * chunk], codec), codec, chunk) for j in range(size)]
             if weights[g] != 0:  # a member of weight 0 keeps its residual
-                error[g][lo:hi] = (d - torch.cat(q))[:n]
+                error[g][lo:hi] = decay * (d - torch.cat(q))[:n]
             decoded[g] = q
         if total_weight == 0:
             return None, members
@@ -115,7 +117,7 @@ def federated_reference(dumps: dict[str, dict], codec: str | None = None, fragme
             if kept is not None and key == (size, j):  # a residual of another membership is dropped
                 m = m + kept
             s = decode(encode(m, codec), codec, chunk)
-            mean_error[owner][fragment] = ((size, j), m - s)
+            mean_error[owner][fragment] = ((size, j), decay * (m - s))
             sent.append(s)
         return theta - torch.cat(sent)[:n], members
 
@@ -195,15 +197,16 @@ def check(dumps: dict, ref: dict, names) -> None:
 
 
 @pytest.mark.slow
-def test_two_jobs_int8_compressed_syncs_match_the_hand_reference(tmp_path, lighthouse):
-    """2 jobs, int8 with error feedback, DiLoCo, H=4, 12 steps: every sync equals the two-phase compressed mean by
-    hand (phase-1 residuals per job, phase-2 residuals per chunk owner), the jobs end identical, and each job's
-    error feedback equals the reference's."""
-    dumps = run_jobs(tmp_path, lighthouse(2), 2, outer="diloco", compression="int8")
+@pytest.mark.parametrize("codec", ["int8", TOPK_TEST])
+def test_two_jobs_int8_compressed_syncs_match_the_hand_reference(tmp_path, lighthouse, codec):
+    """2 jobs, int8 (or topk: sparse, decayed error feedback) with error feedback, DiLoCo, H=4, 12 steps: every sync
+    equals the two-phase compressed mean by hand (phase-1 residuals per job, phase-2 residuals per chunk owner), the
+    jobs end identical, and each job's error feedback equals the reference's."""
+    dumps = run_jobs(tmp_path, lighthouse(2), 2, outer="diloco", compression=codec)
     for d in dumps.values():
         assert [(a["step"], a["participants"], a["weight"], a["committed"]) for a in d["attempts"]] == \
             [(0, 2, 0.0, True)] + [(s, 2, 1.0, True) for s in range(H, STEPS + 1, H)], d["attempts"]
-    ref = federated_reference(dumps, codec="int8")
+    ref = federated_reference(dumps, codec=codec)
     check(dumps, ref, ["g0", "g1"])
     for name, d in dumps.items():
         assert float((d["compression_error"] - ref["error"][name]).abs().max()) < ATOL

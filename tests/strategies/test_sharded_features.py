@@ -1,6 +1,6 @@
 """The one-world features on the sharded strategies, each fit against its own single-process hand reference:
-FSDP2 with warm-up, int8 compression, a registered schedule and two levels; DeepSpeed ZeRO with int8 compression, a
-registered schedule and two levels. (DeepSpeed refuses warm-up: support.py.)
+FSDP2 with warm-up, int8 and topk compression, a registered schedule and two levels; DeepSpeed ZeRO with int8 and topk
+compression, a registered schedule and two levels. (DeepSpeed refuses warm-up: support.py.)
 
 One launch per strategy runs its fits one after another in the same 4 processes (workers/train_tiny_runs.py), so the
 start-up is paid once. Worker groups of 2 ranks (2 groups) hold shards; the two-level fits use 4 groups of 1 rank in
@@ -18,6 +18,7 @@ import pytest
 from lightning_localsgd.engine.codecs import payload_bytes
 from _launch import max_diff, run_tiny
 from reference import fsdp_partitions, simulate, simulate_two_stage, zero_partitions
+from workers.tiny import TOPK_TEST
 
 RUNS = Path(__file__).parent.parent / "workers" / "train_tiny_runs.py"
 ATOL = 1e-5
@@ -57,16 +58,17 @@ def assert_two_levels(dumps: list[dict], inner: str) -> None:
     assert max_diff(history[1][0], history[1][2]) > 1e-3
 
 
-def assert_int8(dumps: list[dict], partitions: list[list[int]], inner: str) -> None:
-    history, _, _ = simulate(4, 2, sync_every=2, outer="average", steps=6, seed=SEED, inner=inner, compression="int8",
+def assert_int8(dumps: list[dict], partitions: list[list[int]], inner: str, codec: str = "int8") -> None:
+    """The int8 run (or the same run with another ``codec``) against the compressed hand reference."""
+    history, _, _ = simulate(4, 2, sync_every=2, outer="average", steps=6, seed=SEED, inner=inner, compression=codec,
                              partitions=partitions)
     assert [tuple(t.shape) for t in history[0][0].values()] == SHAPES  # the partitions' layout is this model's
-    assert_groups_follow(dumps, history, 2, "int8")
+    assert_groups_follow(dumps, history, 2, codec)
     for r, dump in enumerate(dumps):
         owned = len(partitions[r % 2])
         assert dump["outer_state"]["owned_numel"] == owned  # the sync ran on this rank's shard / partition
-        # 3 syncs, each one int8 copy of the shard in 2 chunks (a quarter of fp32)
-        assert dump["info"]["bytes_sent"] == 3 * 2 * payload_bytes("int8", math.ceil(owned / 2))
+        # 3 syncs, each one compressed copy of the shard in 2 chunks (int8: a quarter of fp32)
+        assert dump["info"]["bytes_sent"] == 3 * 2 * payload_bytes(codec, math.ceil(owned / 2))
         assert dump["outer_state"]["compression_error"].abs().max() > 0  # error feedback kept for the next sync
     # the test tells compression (and the shards' chunking) apart: the uncompressed reference is farther than ATOL
     plain, _, _ = simulate(4, 2, sync_every=2, outer="average", steps=6, seed=SEED, inner=inner)
@@ -86,6 +88,7 @@ def test_fsdp_warmup_int8_schedule_and_two_levels_match_references(tmp_path):
     runs = launch(tmp_path, "fsdp", {
         "warmup": dict(warmup=2, sync_every=2, steps=6, outer="diloco", **GROUPS_OF_TWO),
         "int8": dict(**INT8, **GROUPS_OF_TWO),
+        "topk": dict(INT8, compression=TOPK_TEST, **GROUPS_OF_TWO),
         "schedule": dict(**SCHEDULE, **GROUPS_OF_TWO),
         "two_levels": TWO_LEVELS,
     }, inner=inner)
@@ -95,6 +98,7 @@ def test_fsdp_warmup_int8_schedule_and_two_levels_match_references(tmp_path):
     assert all(d["info"]["num_syncs"] == 2 for d in runs["warmup"])
     assert max_diff(runs["warmup"][0]["steps"][1], runs["warmup"][2]["steps"][1]) == 0.0  # equal after warm-up
     assert_int8(runs["int8"], fsdp_partitions(SHAPES, 2), inner)
+    assert_int8(runs["topk"], fsdp_partitions(SHAPES, 2), inner, TOPK_TEST)
     assert_schedule(runs["schedule"], inner)
     assert_two_levels(runs["two_levels"], inner)
 
@@ -106,10 +110,12 @@ def test_deepspeed_int8_schedule_and_two_levels_match_references(tmp_path, monke
     inner = "adamw"
     runs = launch(tmp_path, "deepspeed", {
         "int8": dict(stage=2, **INT8, **GROUPS_OF_TWO),
+        "topk": dict(INT8, stage=2, compression=TOPK_TEST, **GROUPS_OF_TWO),
         # ZeRO-3 with persistent (small) and partitioned parameters, as in test_deepspeed.py
         "schedule": dict(stage=3, ds_persist_threshold=10, **SCHEDULE, **GROUPS_OF_TWO),
         "two_levels": dict(stage=1, **TWO_LEVELS),
     }, inner=inner)
     assert_int8(runs["int8"], zero_partitions(NUMEL, 2), inner)
+    assert_int8(runs["topk"], zero_partitions(NUMEL, 2), inner, TOPK_TEST)
     assert_schedule(runs["schedule"], inner)
     assert_two_levels(runs["two_levels"], inner)

@@ -10,7 +10,14 @@ from torch import nn
 from torch.utils.data import TensorDataset
 import lightning as L
 
+from lightning_localsgd.engine.codecs import TopKCodec, register_codec
 from lightning_localsgd.engine.schedules import Action, SyncSchedule
+
+#: ``topk`` (SparseLoCo's codec and error-feedback decay) in chunks small enough that this file's models and the
+#: tests' tensors are sparsified: per 64 values the top 4, 2-bit values, β = 0.95. Registered here so that the test
+#: processes, the workers and the hand reference know the name.
+TOPK_TEST = "topk_test"
+register_codec(TOPK_TEST, TopKCodec(chunk=64, k=4), override=True)
 
 DATASET_SIZE = 240  # divisible by 1..4 ranks × batch 2, so DistributedSampler adds no padding
 
