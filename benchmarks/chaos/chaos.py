@@ -22,12 +22,14 @@ failures (same seeds, data orders, schedule), it reports:
 * **bytes moved by healing**: the tensors of the state a restarted job receives (inner model, AdamW state, LR
   scheduler, θ_g, outer momentum, counters), against one model copy + the outer state.
 
-    python benchmarks/chaos/chaos.py             # small default: micro GPT, 3 groups, H=16, 512 steps, kill every 8 syncs
-    python benchmarks/chaos/chaos.py --inner fsdp  # the same with FSDP2 inside each job (2 ranks per job): healing
-                                                 # sends each rank its own shard; reports heal bytes per rank vs shard
-    python benchmarks/chaos/chaos.py --link 100Mbit  # the same inside a network namespace whose loopback is shaped to
-                                                 # G × 100 Mbit/s (unshare -n + tc tbf; needs root); latency not
-                                                 # emulated. Where namespaces / tc are not usable it says so and stops.
+    python benchmarks/chaos/chaos.py                 # small default: micro GPT, 3 groups, H=16, 512 steps, a kill
+                                                     # every 8 syncs
+    python benchmarks/chaos/chaos.py --quick         # smoke run: 128 steps, a kill every 2 syncs (~1-2 min)
+    python benchmarks/chaos/chaos.py --inner fsdp    # the same with FSDP2 inside each job (2 ranks per job): healing
+                                                     # sends each rank its own shard; heal bytes per rank vs shard
+    python benchmarks/chaos/chaos.py --link 100Mbit  # the same inside a network namespace whose loopback is shaped
+                                                     # to G × 100 Mbit/s (unshare -n + tc tbf; needs root); latency
+                                                     # not emulated. Where namespaces / tc are not usable it says so.
 
 Traffic stays on 127.0.0.1. Writes benchmarks/chaos/results/chaos.csv (one row per run), chaos_events.csv (one row per
 failure), chaos_curves.csv (validation loss after syncs), chaos.png and chaos.md (``--out-name`` changes the prefix).
@@ -57,6 +59,7 @@ PRESETS = {
     "default": dict(size="micro", groups=3, steps=512, sync_every=16, kill_every=8, batch_size=8, block_size=64,
                     learning_rate=2e-3, warmup=32, max_tokens=1_000_000, val_windows=128, eval_every=128,
                     heartbeat_ms=1000, join_ms=10000, sync_timeout=120.0),
+    "quick": dict(steps=128, kill_every=2),  # over the default: 8 syncs, kills at syncs 2, 4 and 6
 }
 LINKS = {"100Mbit": 100e6}
 
@@ -95,15 +98,6 @@ def _imports() -> None:
     from lightning_localsgd.examples.gpt import GPT  # noqa: F401
 
     from lightning_localsgd.federation import Federation  # noqa: F401
-
-
-def standby(go: Path) -> None:
-    """A warm spare: import everything, then wait for the driver to write the job's config path into ``go``."""
-    _imports()
-    while not go.exists():
-        time.sleep(0.02)
-    time.sleep(0.02)  # the driver writes the file in one call; let it land
-    worker(json.loads(Path(go.read_text().strip()).read_text()))
 
 
 def worker(cfg: dict) -> None:
@@ -230,111 +224,29 @@ def worker(cfg: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- one run
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _env() -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
-           "GLOO_SOCKET_IFNAME": "lo", "TOKENIZERS_PARALLELISM": "false"}
-    for var in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "RANK", "PL_GLOBAL_SEED"):
-        env.pop(var, None)
-    return env
-
-
 def run_federated(cfg: dict, kills: list[dict], tag: str, workdir: Path, timeout: float = 1500) -> dict:
-    """Run the G jobs against an in-process lighthouse, restarting every job that SIGKILLs itself."""
-    from torchft._torchft import LighthouseServer
+    """Run the G jobs against an in-process lighthouse (the harness's :func:`~harness.federated.run_jobs`),
+    restarting every job that SIGKILLs itself at once with the same group_id, from a warm spare."""
+    from harness.federated import run_jobs
 
-    server = LighthouseServer(bind="[::]:0", min_replicas=1, join_timeout_ms=cfg["join_ms"], quorum_tick_ms=50,
-                              heartbeat_timeout_ms=cfg["heartbeat_ms"])
-    address = "127.0.0.1:" + server.address().rsplit(":", 1)[-1]
     run_dir = workdir / tag
-    run_dir.mkdir(parents=True)
-    t0 = time.time()
-    procs: dict[int, tuple[list[subprocess.Popen], str]] = {}  # a job's ranks (rank 0 first), its name
-    counts = {g: 0 for g in range(cfg["groups"])}
-    restarts: list[dict] = []
     remaining = list(kills)  # a kill happens once: a restarted job gets only the kills still to come
 
-    spares: dict[int, tuple[list[subprocess.Popen], Path]] = {}
+    def job(group: int, incarnation: int) -> dict:
+        return dict(cfg, group=group, incarnation=incarnation, name=f"g{group}_{incarnation}", slot=f"g{group}",
+                    ranks=cfg["devices"], kills=list(remaining), dir=str(run_dir), barrier=incarnation == 0,
+                    seed=1234)
 
-    def spawn(args: list[str], log_name: str) -> list[subprocess.Popen]:
-        """A job's processes: one, or (--inner fsdp) every rank started as torchrun would (LOCAL_RANK set), so that
-        a spare's every rank has imported everything before it is needed."""
-        port = _free_port()
-        ranks = []
-        for r in range(cfg["devices"]):
-            env = _env() if cfg["devices"] == 1 else {**_env(), "LOCAL_RANK": str(r), "NODE_RANK": "0",
-                                                       "WORLD_SIZE": str(cfg["devices"]),
-                                                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-            log = open(run_dir / (log_name if r == 0 else log_name.replace(".log", f".r{r}.log")), "w")  # noqa: SIM115
-            ranks.append(subprocess.Popen([sys.executable, __file__, *args], env=env, cwd=str(BENCHMARKS.parent),
-                                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
-        return ranks
+    def restart(killed: dict, record: dict) -> dict:
+        remaining.remove(record["killed"])
+        return job(killed["group"], killed["incarnation"] + 1)
 
-    def kill_job(ranks: list[subprocess.Popen]) -> None:
-        for proc in ranks:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)  # its own session: whatever it started goes too
-            except ProcessLookupError:
-                pass
-            proc.wait(timeout=30)
-
-    def add_spare(g: int) -> None:
-        """The next incarnation of group g, imported and waiting (a restart then costs no Python start-up)."""
-        go = run_dir / f"go_g{g}_{counts[g]}"
-        spares[g] = (spawn(["--standby", str(go)], f"g{g}_{counts[g]}.log"), go)
-
-    def start(g: int) -> None:
-        name = f"g{g}_{counts[g]}"
-        job = dict(cfg, group=g, incarnation=counts[g], name=name, lighthouse=address, kills=remaining, t0=t0,
-                   dir=str(run_dir), out=str(run_dir / f"{name}.json"), barrier=counts[g] == 0, seed=1234)
-        (run_dir / f"{name}.cfg.json").write_text(json.dumps(job))
-        if g in spares:
-            ranks, go = spares.pop(g)
-            go.write_text(str(run_dir / f"{name}.cfg.json"))
-        else:
-            ranks = spawn(["--worker", str(run_dir / f"{name}.cfg.json")], f"{name}.log")
-        procs[g] = (ranks, name)
-        counts[g] += 1
-        if kills and any(k["group"] == g for k in remaining):
-            add_spare(g)
-
-    try:
-        for g in range(cfg["groups"]):
-            start(g)
-        done: set[int] = set()
-        while len(done) < cfg["groups"]:
-            if time.time() - t0 > timeout:
-                raise RuntimeError(f"{tag}: the jobs did not finish within {timeout:.0f} s")
-            for g, (ranks, name) in list(procs.items()):
-                proc = ranks[0]
-                if g in done or proc.poll() is None:
-                    continue
-                if proc.returncode == -signal.SIGKILL:  # the schedule's self-kill: restart at once, same group_id
-                    kill_job(ranks)  # the job's other ranks, had one outlived the self-kill
-                    killed = json.loads((run_dir / f"{name}.json").read_text())["killed"]
-                    remaining.remove(killed)
-                    if len(done) == cfg["groups"] - 1:  # the others are done: nobody to rejoin
-                        done.add(g)
-                        continue
-                    restarts.append(dict(group=g, died_t=time.time() - t0, name=name))
-                    start(g)
-                elif proc.returncode in (0, 3):  # 3: restarted after the others had finished (nothing to heal from)
-                    done.add(g)
-                else:
-                    raise RuntimeError(f"{tag}: job {name} failed (exit {proc.returncode}):\n"
-                                       + (run_dir / f"{name}.log").read_text()[-4000:])
-            time.sleep(0.05)
-    finally:
-        for ranks, _ in [*procs.values(), *spares.values()]:
-            kill_job(ranks)
-        server.shutdown()
+    # exit status 3: restarted after the others had finished (nothing to heal from); a job killed when the others
+    # are done is not restarted (restart_alone=False)
+    out = run_jobs(Path(__file__), [job(g, 0) for g in range(cfg["groups"])], run_dir, join_ms=cfg["join_ms"],
+                   heartbeat_ms=cfg["heartbeat_ms"], timeout=timeout, restart=restart,
+                   wants_spare=lambda job: any(k["group"] == job["group"] for k in job["kills"]), done_codes=(0, 3),
+                   restart_alone=False)
     records = [json.loads(p.read_text()) for p in sorted(run_dir.glob("g*_*.json")) if not p.name.endswith(".cfg.json")]
     jobs = [r for r in records if r["rank"] == 0]  # the job's record; other ranks' only for their healing
     for job in jobs:
@@ -343,7 +255,7 @@ def run_federated(cfg: dict, kills: list[dict], tag: str, workdir: Path, timeout
                                     for h in r["heals"]))
     first = min(j["steps"][0][0] for j in jobs if j["steps"])
     last = max(j["end_t"] for j in jobs if j.get("end_t") is not None)
-    return dict(tag=tag, jobs=jobs, restarts=restarts, wall_s=last - first)  # first step to the last job's end
+    return dict(tag=tag, jobs=jobs, restarts=out["restarts"], wall_s=last - first)  # first step to the last job's end
 
 
 # ---------------------------------------------------------------------------------------------------- metrics
@@ -487,6 +399,8 @@ def main() -> None:
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--standby", help=argparse.SUPPRESS)
     p.add_argument("--keep", help="keep the jobs' logs and records in this folder")
+    p.add_argument("--quick", action="store_true", help="smoke run: 128 steps, a kill every 2 syncs (~1-2 min); "
+                   "writes chaos_quick* unless --out-name is given")
     p.add_argument("--steps", type=int)
     p.add_argument("--sync-every", type=int)
     p.add_argument("--kill-every", type=int, help="syncs between two kills (default 8)")
@@ -502,17 +416,20 @@ def main() -> None:
     if args.worker:
         return worker(json.loads(Path(args.worker).read_text()))
     if args.standby:
-        return standby(Path(args.standby))
+        from harness.federated import standby
+
+        return standby(Path(args.standby), _imports, worker)
     import harness as h
 
-    cfg = dict(PRESETS["default"])
+    cfg = dict(PRESETS["default"], **(PRESETS["quick"] if args.quick else {}))
     for key in ("steps", "sync_every", "kill_every", "size"):
         if getattr(args, key) is not None:
             cfg[key] = getattr(args, key)
     cfg.update(inner=args.inner, devices=2 if args.inner == "fsdp" else 1)
     if cfg["steps"] % cfg["sync_every"] or cfg["steps"] % cfg["eval_every"]:
         p.error("--steps must be a multiple of --sync-every and of the evaluation interval (128)")
-    out_name = args.out_name or ("chaos" + ("_fsdp" if args.inner == "fsdp" else "")
+    out_name = args.out_name or ("chaos" + ("_quick" if args.quick else "")
+                                 + ("_fsdp" if args.inner == "fsdp" else "")
                                  + ("" if args.link is None else f"_{args.link.removesuffix('bit')}"))
     if args.link is not None and not args.in_netns:
         ok, why = h.netns_available()

@@ -445,31 +445,42 @@ def summarize(cfg: dict, runs: list[dict]) -> tuple[list[dict], list[dict], list
 
 
 def plot(rows: list[dict], curves: list[dict], devices: list[dict], out_name: str) -> None:
+    """Loss over wall clock and over tokens (one legend for both, above them) and every device's idle fraction per run
+    (horizontal bars: the run names are the y labels)."""
     import harness as h
 
     plt = h.pyplot()
     if plt is None:
         return
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    names = [r["run"] for r in rows]
+    fig = plt.figure(figsize=(13, 9), layout="constrained")
+    top, bottom = fig.subfigures(2, 1, height_ratios=[1.15, 0.85])
     for i, key in enumerate(("seconds", "tokens")):
-        ax = axes[i]
-        for r in rows:
-            c = [p for p in curves if p["run"] == r["run"]]
-            ax.plot([p[key] for p in c], [p["val_loss"] for p in c], marker=".", label=r["run"])
+        ax = top.add_subplot(1, 2, i + 1)
+        for name in names:
+            c = [p for p in curves if p["run"] == name]
+            ax.plot([float(p[key]) for p in c], [float(p["val_loss"]) for p in c], marker=".", label=name)
         ax.set_xlabel("wall clock (s)" if key == "seconds" else "tokens (all devices)")
         ax.set_ylabel("validation loss")
+        ax.set_title(f"validation loss over {'wall clock' if key == 'seconds' else 'tokens'}", fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    ax = axes[2]
-    names = [r["run"] for r in rows]
-    for d in sorted({x["device"] for x in devices}):
-        ax.bar([i + 0.2 * d for i in range(len(names))],
-               [next(x["idle_fraction"] for x in devices if x["run"] == n and x["device"] == d) for n in names],
-               width=0.2, label=f"device {d}")
-    ax.set_xticks([i + 0.3 for i in range(len(names))], names, fontsize=7)
-    ax.set_ylabel("idle fraction")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    handles, labels = ax.get_legend_handles_labels()
+    top.legend(handles, labels, loc="outside upper center", ncol=2, fontsize=9, frameon=False)
+    ax = bottom.add_subplot(1, 1, 1)
+    ids = sorted({int(x["device"]) for x in devices})
+    width = 0.8 / len(ids)
+    for j, d in enumerate(ids):
+        idle = [next(float(x["idle_fraction"]) for x in devices if x["run"] == n and int(x["device"]) == d)
+                for n in names]
+        speed = next(x["speed"] for x in devices if int(x["device"]) == d)
+        ax.barh([i - 0.4 + width * (j + 0.5) for i in range(len(names))], idle, height=width,
+                label=f"device {d} (speed {float(speed):g})")
+    ax.set_yticks(range(len(names)), names, fontsize=9)
+    ax.invert_yaxis()  # the runs in the legend's order, top to bottom
+    ax.set_xlabel("idle fraction (1 − steps × nominal step time / wall clock)")
+    ax.set_xlim(0, 1)
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
     fig.savefig(RESULTS / f"{out_name}.png", dpi=100)
 
 
@@ -487,9 +498,15 @@ def main() -> None:
     p.add_argument("--seconds", type=float, help="wall clock of each time-based run (default 75)")
     p.add_argument("--keep", help="keep the jobs' logs, records and snapshots in this folder")
     p.add_argument("--out-name", default="edge", help="file names under benchmarks/edge/results/")
+    p.add_argument("--plot-only", action="store_true", help="redraw <out-name>.png from its CSVs; runs nothing")
     args = p.parse_args()
     if args.worker:
         return worker(json.loads(Path(args.worker).read_text()))
+    if args.plot_only:
+        import harness as h
+
+        return plot(*(h.read_csv(RESULTS / f"{args.out_name}{part}.csv") for part in ("", "_curves", "_devices")),
+                    args.out_name)
     if args.standby:
         from harness.federated import standby
 

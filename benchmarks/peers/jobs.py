@@ -137,7 +137,8 @@ def train_job(job: dict, rank: int) -> dict:
     def runner(peer: str, mode: str) -> Callable[[], dict]:
         def run() -> dict:
             r = counts[(peer, mode)] = counts.get((peer, mode), -1) + 1
-            sub = {**job, "peer": peer, "mode": mode, "params_out": str(Path(job["params_dir"], f"{peer}:{mode}.r{r}.pt"))}
+            params_out = str(Path(job["params_dir"], f"{peer}:{mode}.r{r}.pt"))
+            sub = {**job, "peer": peer, "mode": mode, "params_out": params_out}
             gc.collect()
             peak_rss_reset()
             before = rss_mb()

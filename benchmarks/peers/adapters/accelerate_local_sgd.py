@@ -56,8 +56,8 @@ class AccelerateLocalSGD(Peer):
         add("streaming (fragments)", name, lambda: ("no", f"one sync of all parameters: {signature(init)}"))
         add("token-weighted mean (uneven workers)", name, lambda: ("no", ("accelerator.reduce(…, reduction='mean'): "
                                                                          "uniform mean, no weights")))
-        add("FSDP groups", name, lambda: ("no", ("LocalSGD refuses anything but DDP / single-device (its __init__ checks "
-                                                "accelerator.distributed_type)")))
+        add("FSDP groups", name, lambda: ("no", ("LocalSGD refuses anything but DDP / single-device (its __init__ "
+                                                "checks accelerator.distributed_type)")))
         peer = PlainPeer(self, "accelerate", job, rank)
         local = LocalSGD(accelerator=accelerator(job), model=peer.forward, local_sgd_steps=1)
         add("dead-peer handling", name, lambda: try_dead_peer(local.step, rank, job["dead_limit"]))

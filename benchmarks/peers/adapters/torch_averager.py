@@ -50,8 +50,8 @@ class TorchAverager(Peer):
         init_default_group()
         H = job["sync_every"]
         name = "torch PeriodicModelAverager"
-        add("DiLoCo outer step", name, lambda: ("no", (f"no outer optimizer: {signature(PeriodicModelAverager.__init__)} "
-                                                      "averages parameters")))
+        init = signature(PeriodicModelAverager.__init__)
+        add("DiLoCo outer step", name, lambda: ("no", f"no outer optimizer: {init} averages parameters"))
         add("exact resume mid-interval", name, lambda: try_resume_plain(self, "torch_averager", job, 0, batches))
 
         def warmup() -> tuple[str, str]:
@@ -88,12 +88,14 @@ class TorchAverager(Peer):
                 equal = run(subgroup)
                 how = (f"its documented subgroup=None fails on CPU ({str(err).split('.')[0]}); with "
                        "subgroup=new_subgroups(group_size=1)")
-            return ("yes" if equal else "no"), (f"DDP + PostLocalSGDState(start_localSGD_iter={H}) + post_localSGD_hook "
-                                                f"on CPU/gloo, {how}; ranks equal after the warm-up: {equal}")
+            return ("yes" if equal else "no"), (f"DDP + PostLocalSGDState(start_localSGD_iter={H}) + "
+                                                f"post_localSGD_hook on CPU/gloo, {how}; ranks equal after the "
+                                                f"warm-up: {equal}")
 
         add("synchronous warm-up", name, warmup)
         add("compressed sync on CPU", name,
-            lambda: ("no", f"no codec option: {signature(average_parameters)} all-reduces the flat parameters in their dtype"))
+            lambda: ("no", f"no codec option: {signature(average_parameters)} all-reduces the flat parameters in "
+                           "their dtype"))
         add("streaming (fragments)", name,
             lambda: ("partial", "average_parameters() takes any parameter subset; no schedule or overlap of fragments"))
         add("token-weighted mean (uneven workers)", name,

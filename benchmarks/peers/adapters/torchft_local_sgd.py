@@ -112,13 +112,15 @@ class TorchftLocalSGD(Peer):
         init_default_group()
         job["_manager"] = torchft_manager(job, rank, min_replicas=1)
         manager = job["_manager"]
-        add("DiLoCo outer step", "torchft DiLoCo", lambda: ("yes", ("DiLoCo(…, outer_optimizer=SGD(lr=0.7, momentum=0.9, "
-                                                                   "nesterov=True))")))
+        add("DiLoCo outer step", "torchft DiLoCo",
+            lambda: ("yes", "DiLoCo(…, outer_optimizer=SGD(lr=0.7, momentum=0.9, nesterov=True))"))
         add("exact resume mid-interval", "torchft LocalSGD", lambda: try_resume_plain(self, "torchft_localsgd", job,
                                                                                       rank, batches))
-        add("exact resume mid-interval", "torchft DiLoCo", lambda: try_resume_plain(self, "torchft_diloco", job, rank, batches))
+        add("exact resume mid-interval", "torchft DiLoCo",
+            lambda: try_resume_plain(self, "torchft_diloco", job, rank, batches))
         add("synchronous warm-up", "torchft LocalSGD / DiLoCo",
-            lambda: ("no", f"no warm-up argument: {signature(LocalSGD.__init__)}; {signature(DiLoCo.__init__)[:60]}…"))
+            lambda: ("no", f"no warm-up argument: {signature(LocalSGD.__init__)}; "
+                           f"{signature(DiLoCo.__init__)[:60]}…"))
 
         def quantized() -> tuple[str, str]:
             peer = PlainPeer(self, "torchft_diloco", job, rank)
