@@ -30,7 +30,7 @@ same number of worker groups; only the codec (and, in a second series, the outer
     python benchmarks/compression/compression.py --full  # real hardware: GPT small, 2 groups of 4 GPUs, H = 64
 
 Writes benchmarks/compression/results/compression.csv (one row per run), compression_curves.csv (every evaluation),
-compression.png and compression.md (the table for benchmarks/README.md).
+compression.png and compression.md (the table for its README).
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ stream), and plotted against tokens and against training wall clock (evaluation 
 
 Writes benchmarks/equal_compute/results/equal_compute.csv (one row per run), equal_compute_curves.csv (every
 evaluation),
-equal_compute.png and equal_compute.md (the table for benchmarks/README.md).
+equal_compute.png and equal_compute.md (the table for its README).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 DILOCO_PRESET = dict(lr=0.7, momentum=0.9, nesterov=True)
 # warmup: the inner lr warm-up (AdamW); local_warmup: the strategy's fully synchronous steps (post-local SGD).
 PRESETS = {
-    # Small default (see benchmarks/README.md, section 1, for why this setting): 512 steps of batch 8 per process at
+    # Small default (see its README for why this setting): 512 steps of batch 8 per process at
     # lr 2e-3, H = 16 and 64, 3 seeds, the first 64 steps (1/8) fully synchronous. The previous default (1024 steps, batch 16,
     # lr 3e-3, no synchronous start) is `--steps 1024 --batch-size 16 --learning-rate 3e-3 --warmup 50 --local-warmup 0`.
     "default": dict(size="micro", steps=512, batch_size=8, block_size=128, sync_every=[16, 64], eval_every=64,

@@ -14,7 +14,7 @@
 
 Writes benchmarks/projection/results/projection.csv (the grid), projection_calibration.csv, projection.png,
 projection.md.
-Assumptions: see costmodel.py's docstring and benchmarks/README.md.
+Assumptions: see costmodel.py's docstring and this benchmark's README.
 """
 
 from __future__ import annotations
