@@ -27,6 +27,9 @@ Path(cfg["out"].replace(".json", f".r{rank}.pid")).write_text(str(os.getpid()))
 time.sleep(cfg.get("delay", 0))
 if cfg.get("die"):
     if rank == 0:
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        while not all(Path(cfg["out"].replace(".json", f".r{r}.pid")).exists() for r in range(world)):
+            time.sleep(0.05)  # every rank is up before rank 0 dies
         rec["killed"] = {"step": 1}
         Path(out).write_text(json.dumps(rec))
         os.kill(os.getpid(), signal.SIGKILL)
@@ -67,7 +70,7 @@ def test_a_killed_job_of_two_ranks_is_ended_and_restarted(tmp_path: Path) -> Non
 @pytest.mark.slow
 @pytest.mark.timeout(90)
 def test_no_restart_when_the_killed_job_is_alone(tmp_path: Path) -> None:
-    out = _run(tmp_path, [dict(name="c", die=True, delay=2), dict(name="d")],
+    out = _run(tmp_path, [dict(name="c", die=True, delay=3), dict(name="d")],
                restart=lambda job, record: dict(name="c1"), restart_alone=False)
     assert out["restarts"] == []
     assert sorted(r["name"] for r in out["records"]) == ["c", "d"]
