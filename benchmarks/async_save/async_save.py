@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-HERE = Path(__file__).resolve().parent
+CHECKPOINT_MEMORY = Path(__file__).resolve().parents[1] / "checkpoint_memory" / "checkpoint_memory.py"
 
 
 def training_runs(args) -> list[dict]:
@@ -41,7 +41,7 @@ def training_runs(args) -> list[dict]:
         for mode in ("sync", "async"):
             out = Path(args.out) / f"{mode}{repeat}"
             shutil.rmtree(out, ignore_errors=True)
-            cmd = [sys.executable, str(HERE / "checkpoint_memory.py"), "--devices", str(args.devices), "--steps",
+            cmd = [sys.executable, str(CHECKPOINT_MEMORY), "--devices", str(args.devices), "--steps",
                    str(args.steps), "--every", str(args.every), "--csv", "", "--out", str(out), "--label", mode]
             if mode == "async":
                 cmd.append("--async-save")
