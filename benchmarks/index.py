@@ -229,7 +229,7 @@ BENCHMARKS_ALL: list[Benchmark] = [
     Benchmark("sync_sweep", "final loss and bytes vs H (1 … 256) for 2 and 4 worker groups", "",
               "--steps 32 --sync-every 1 16 --groups 2", "bytes / step = DDP's / H exactly", sync_sweep),
     Benchmark("scaling_law", "the paper's regime (≥ 20 tokens/param): L(N) fits, loss ratio per size and its trend",
-              "", "--smoke --sizes nano micro",
+              "", "--smoke --sizes nano micro tiny --tokens-per-param 0.1 --cache-dir quick_cache",
               "loss / DDP ≤ 1.02 at H=16 for every size ≥ 0.1M", scaling_law),
     Benchmark("multi_cluster", "wall clock to DDP's loss over emulated 1 Gbit/s … 10 Mbit/s links", "",
               "--links 1 --steps 64 --eval-every 32",
