@@ -63,10 +63,10 @@ timeout "$TESTS_LIMIT" "$PY" -m pytest tests/cuda -p no:cacheprovider -rA -q --t
 tests_rc=$?
 say "tests/cuda exit status $tests_rc"
 
-say "benchmarks/gpu.py (limit ${BENCH_LIMIT}s)"
+say "benchmarks/gpu/gpu.py (limit ${BENCH_LIMIT}s)"
 BENCH=(--out "$OUT")
 [[ $DRY == 1 ]] && BENCH+=(--dry-run --repeats 2 --rounds 2 --steps 4)
-timeout "$BENCH_LIMIT" "$PY" benchmarks/gpu.py "${BENCH[@]}"
+timeout "$BENCH_LIMIT" "$PY" benchmarks/gpu/gpu.py "${BENCH[@]}"
 bench_rc=$?
 say "benchmark exit status $bench_rc"
 

@@ -17,15 +17,13 @@ torch and Lightning load in the worker.
 from .config import DEFAULT_DATA, run_config, run_label
 from .launch import (BENCHMARKS, ROOT, choose_emulation, free_port, launch, netns_available, netns_prefix,
                      worker_env)
-from .output import RESULTS, loadavg, machine_info, md_table, pyplot, read_csv, write_csv, write_summary
+from .output import loadavg, machine_info, md_table, pyplot, read_csv, results_dir, write_csv, write_summary
 from .stats import paired_ratio_ci
 from .timing import Interleaved, RatioEstimate, ratio, ratio_of, round_orders, run_interleaved, timed
 
 __all__ = [
-    "BENCHMARKS", "DEFAULT_DATA", "Interleaved", "RESULTS", "ROOT", "RatioEstimate", "choose_emulation", "free_port",
-    "launch",
+    "BENCHMARKS", "DEFAULT_DATA", "Interleaved", "ROOT", "RatioEstimate", "choose_emulation", "free_port", "launch",
     "loadavg", "machine_info", "md_table", "netns_available", "netns_prefix", "paired_ratio_ci", "pyplot", "ratio",
-    "ratio_of", "read_csv", "round_orders", "run_config", "run_label", "run_interleaved", "timed", "worker_env",
-    "write_csv",
-    "write_summary",
+    "ratio_of", "read_csv", "results_dir", "round_orders", "run_config", "run_label", "run_interleaved", "timed",
+    "worker_env", "write_csv", "write_summary",
 ]

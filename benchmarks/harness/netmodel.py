@@ -2,7 +2,7 @@
 
 The latency and byte counts come from the library's cost model (:func:`lightning_localsgd.costmodel.collective_hops`
 with ``algorithm="ring"``, the schedule gloo runs, and :func:`~lightning_localsgd.costmodel.wire_bytes`), so the
-emulation and the planner share one model. See ``benchmarks/README.md`` (section 4) for how the link is emulated.
+emulation and the planner share one model. See ``benchmarks/multi_cluster/README.md`` for how the link is emulated.
 """
 
 from __future__ import annotations

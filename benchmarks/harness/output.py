@@ -1,4 +1,6 @@
-"""Writing results: CSV, markdown tables and the ``results/<name>.md`` summary with the machine it ran on."""
+"""Writing results: CSV, markdown tables and the ``<benchmark>/results/<name>.md`` summary with the machine it ran on.
+
+Every benchmark keeps its files in its own folder, ``benchmarks/<benchmark>/results/`` (:func:`results_dir`)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,12 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-RESULTS = Path(__file__).resolve().parent.parent / "results"
+from .launch import BENCHMARKS
+
+
+def results_dir(benchmark: str) -> Path:
+    """``benchmarks/<benchmark>/results/``: where that benchmark writes its CSV, markdown and plots."""
+    return BENCHMARKS / benchmark / "results"
 
 
 def _cpu_name() -> str:
@@ -84,14 +91,15 @@ def md_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     return "\n".join(lines)
 
 
-def write_summary(name: str, text: str, started: float, command: str) -> Path:
-    """``results/<name>.md``: the command, its runtime, the machine and ``text`` (tables), for benchmarks/README.md."""
+def write_summary(path: Path, text: str, started: float, command: str) -> Path:
+    """``path`` (``<benchmark>/results/<name>.md``): the command, its runtime, the machine and ``text`` (tables), for
+    the benchmark's README."""
     info = machine_info()
     head = (f"Command: `{command}` — ran {time.strftime('%Y-%m-%d %H:%M', time.localtime(started))}, "
             f"{(time.time() - started) / 60:.1f} min on {info['cores']} × {info['cpu']} ({info['memory']}), "
             f"Python {info['python']}, torch {info['torch']}, Lightning {info['lightning']}; "
             f"load average at the end {info['loadavg']}.\n\n")
-    path = RESULTS / f"{name}.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(head + text.rstrip() + "\n")
     return path
 

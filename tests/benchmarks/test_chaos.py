@@ -1,4 +1,4 @@
-"""``benchmarks/chaos.py``'s schedule and accounting on hand-written job records (no processes; the benchmark itself
+"""``benchmarks/chaos/chaos.py``'s schedule and accounting on hand-written job records (no processes; the benchmark itself
 takes minutes): when kills fall, and goodput's useful / lost / skipped group-steps counted by hand."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks" / "chaos"))
 
 import chaos
 

@@ -1,4 +1,4 @@
-"""``benchmarks/edge.py``'s accounting on hand-written job records (no processes; the benchmark takes minutes): tokens
+"""``benchmarks/edge/edge.py``'s accounting on hand-written job records (no processes; the benchmark takes minutes): tokens
 over time, idle fractions, useful tokens and goodput, interpolation of the loss curves, time to a target loss."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks" / "edge"))
 
 import edge
 

@@ -1,4 +1,4 @@
-"""``benchmarks/peers.py`` at a tiny setting: where the math is the same, ours and a peer agree.
+"""``benchmarks/peers/peers.py`` at a tiny setting: where the math is the same, ours and a peer agree.
 
 Two processes (gloo) train the micro GPT 8 steps with H = 4, once with our engine's ``OuterSync`` (averaging) and once
 with torch's ``PostLocalSGDOptimizer`` + ``PeriodicModelAverager`` (aligned to sync after steps H, 2H), on the same
@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks" / "peers"))
 
 import peers
 

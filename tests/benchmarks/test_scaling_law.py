@@ -1,4 +1,4 @@
-"""``benchmarks/scaling_law.py``: the fits, the learning-rate sweep, the run plan and the report, without training.
+"""``benchmarks/scaling_law/scaling_law.py``: the fits, the learning-rate sweep, the run plan and the report, without training.
 
 The fits must recover the exponent of losses made from a known law; the sweep must bracket the minimum of a known
 loss curve; every planned run must reach the preset's tokens per parameter in whole sync intervals; and the report,
@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks" / "scaling_law"))
 
 import harness
 import scaling_law as sl
@@ -93,8 +94,7 @@ def synthetic_runs(sizes: dict, gap: dict, seeds: tuple[int, ...] = (1234,), win
 
 
 def test_report_states_the_gap_its_trend_and_the_targets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(harness, "RESULTS", tmp_path)
-    monkeypatch.setattr(harness.output, "RESULTS", tmp_path)
+    monkeypatch.setattr(sl, "RESULTS", tmp_path)
     sizes = {"25K": 2.5e4, "99K": 9.9e4, "0.22M": 2.2e5, "0.39M": 3.9e5}
     gap = {("average", 16): lambda n: 1.01, ("diloco", 16): lambda n: 1.03 * (n / 2.5e4) ** 0.01}
     runs = synthetic_runs(sizes, gap, seeds=(1234, 1))
@@ -123,8 +123,7 @@ def test_report_states_the_gap_its_trend_and_the_targets(tmp_path: Path, monkeyp
 
 
 def test_local_lr_table_scales_only_the_local_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(harness, "RESULTS", tmp_path)
-    monkeypatch.setattr(harness.output, "RESULTS", tmp_path)
+    monkeypatch.setattr(sl, "RESULTS", tmp_path)
     runs = synthetic_runs({"25K": 2.5e4}, {("average", 16): lambda n: 1.05, ("diloco", 16): lambda n: 1.04})
     launched = []
 
