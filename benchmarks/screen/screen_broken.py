@@ -15,9 +15,10 @@ Each configuration runs without the screen and with ``screen_factor=10``; report
 beside the three healthy groups alone (group 3 at weight 0: what a perfect screen gives). A run whose loss turned
 non-finite reports ``diverged``.
 
-    python benchmarks/screen_broken.py                # ~1-2 minutes on 2 CPU cores
+    python benchmarks/screen/screen.py --only broken          # ~1-2 minutes on 2 CPU cores (or screen_broken.py)
+    python benchmarks/screen/screen.py --only broken --quick  # smoke run: 100 steps
 
-Writes benchmarks/results/screen_broken.md.
+Writes benchmarks/screen/results/screen_broken.md (``--quick``: screen_broken_quick.md, which git ignores).
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ import argparse
 import math
 import os
 import socket
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -36,7 +39,12 @@ import torch.multiprocessing as mp
 from lightning_localsgd.engine import OuterSync, resolve_outer_optimizer
 from lightning_localsgd.engine.screen import PseudoGradientScreen
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared harness
+import harness as h  # noqa: E402
+
 BROKEN = ("scaled", "sign", "noise", "bitflip", "noisy_steps")
+#: The sizes; ``--quick`` replaces the default, any flag given overrides either.
+PRESETS = {"default": dict(steps=600, sync_every=10, lr=3e-3), "quick": dict(steps=100, sync_every=10, lr=3e-3)}
 DIM, HIDDEN = 32, 64
 
 
@@ -120,23 +128,29 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
     dist.destroy_process_group()
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--sync-every", type=int, default=10)
-    p.add_argument("--lr", type=float, default=3e-3)
-    args = p.parse_args()
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """This leg's flags (``screen.py`` declares ``--quick`` and ``--only``)."""
+    p.add_argument("--steps", type=int, help=f"inner steps per run (default {PRESETS['default']['steps']})")
+    p.add_argument("--sync-every", type=int, help=f"H (default {PRESETS['default']['sync_every']})")
+    p.add_argument("--lr", type=float, help=f"AdamW's learning rate (default {PRESETS['default']['lr']})")
+
+
+def run(args: argparse.Namespace, command: str) -> Path:
+    """Every configuration; writes and returns ``results/screen_broken[_quick].md``."""
+    started = time.time()
+    preset = PRESETS["quick" if args.quick else "default"]
+    size = argparse.Namespace(**{k: v if getattr(args, k) is None else getattr(args, k) for k, v in preset.items()})
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "r.pt")
-        mp.spawn(_worker, args=(4, _free_port(), args, out), nprocs=4)
+        mp.spawn(_worker, args=(4, _free_port(), size, out), nprocs=4)
         results = torch.load(out)
     clean = results[("clean", False)]
 
     def cell(loss: float) -> str:
         return "diverged" if not math.isfinite(loss) else f"{loss:.4f} ({loss / clean:.3f}x)"
 
-    lines = [f"# One broken group of four: final validation loss (MLP student/teacher, DiLoCo, H={args.sync_every}, "
-             f"{args.steps} steps; ratio to the clean run)", "",
+    lines = [f"# One broken group of four: final validation loss (MLP student/teacher, DiLoCo, H={size.sync_every}, "
+             f"{size.steps} steps; ratio to the clean run)", "",
              f"clean run (four healthy groups): {clean:.4f} without the screen, {cell(results[('clean', True)])} "
              f"with it; the three healthy groups alone (the best a screen can do): {cell(results[('alone', False)])}",
              "",
@@ -145,8 +159,11 @@ def main() -> None:
         lines.append(f"| {broken} | {cell(results[(broken, False)])} | {cell(results[(broken, True)])} |")
     text = "\n".join(lines) + "\n"
     print(text)
-    (Path(__file__).parent / "results" / "screen_broken.md").write_text(text)
+    name = "screen_broken" + ("_quick" if args.quick else "")
+    return h.write_summary(h.results_dir("screen") / f"{name}.md", text, started, command)
 
 
 if __name__ == "__main__":
-    main()
+    import screen
+
+    screen.main(["--only", "broken", *sys.argv[1:]])

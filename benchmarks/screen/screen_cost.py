@@ -6,10 +6,11 @@ parameters moved by a small step before each sync. Reported per configuration (f
 sync time without and with the screen, the median over rounds of each round's ratio, and the screen's own time
 (the pass over the parameters and the two small collectives, timed alone).
 
-    python benchmarks/screen_cost.py                       # ~1 minute on 2 CPU cores
-    python benchmarks/screen_cost.py --numel 10000000 --rounds 5
+    python benchmarks/screen/screen.py --only cost         # ~1 minute on 2 CPU cores (or screen_cost.py)
+    python benchmarks/screen/screen.py --only cost --numel 10000000 --rounds 5
+    python benchmarks/screen/screen.py --only cost --quick # smoke run: 1M parameters, 2 rounds x 2 syncs
 
-Writes benchmarks/results/screen_cost.md.
+Writes benchmarks/screen/results/screen_cost.md (``--quick``: screen_cost_quick.md, which git ignores).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import argparse
 import os
 import socket
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +31,12 @@ import torch.multiprocessing as mp
 from lightning_localsgd.engine import OuterSync
 from lightning_localsgd.engine.outer import squared_norm
 from lightning_localsgd.engine.screen import PseudoGradientScreen
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared harness
+import harness as h  # noqa: E402
+
+#: The sizes; ``--quick`` replaces the default, any flag given overrides either.
+PRESETS = {"default": dict(numel=4_000_000, syncs=5, rounds=4), "quick": dict(numel=1_000_000, syncs=2, rounds=2)}
 
 
 def _free_port() -> int:
@@ -74,18 +82,25 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
     dist.destroy_process_group()
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--numel", type=int, default=4_000_000)
-    p.add_argument("--syncs", type=int, default=5)
-    p.add_argument("--rounds", type=int, default=4)
-    args = p.parse_args()
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """This leg's flags (``screen.py`` declares ``--quick`` and ``--only``)."""
+    p.add_argument("--numel", type=int, help=f"parameters per group (default {PRESETS['default']['numel']:,})")
+    p.add_argument("--syncs", type=int, help=f"syncs per configuration and round (default {PRESETS['default']['syncs']})")
+    p.add_argument("--rounds", type=int, help=f"rounds, the order reversed every other one "
+                   f"(default {PRESETS['default']['rounds']})")
+
+
+def run(args: argparse.Namespace, command: str) -> Path:
+    """Both configurations, every round; writes and returns ``results/screen_cost[_quick].md``."""
+    started = time.time()
+    preset = PRESETS["quick" if args.quick else "default"]
+    size = argparse.Namespace(**{k: v if getattr(args, k) is None else getattr(args, k) for k, v in preset.items()})
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "r.pt")
-        mp.spawn(_worker, args=(2, _free_port(), args, out), nprocs=2)
+        mp.spawn(_worker, args=(2, _free_port(), size, out), nprocs=2)
         results = torch.load(out)
-    lines = [f"# Robust screen: cost per sync ({args.numel / 1e6:g}M fp32 parameters, 2 groups on gloo, 1 thread "
-             f"each; {args.rounds} rounds x {args.syncs} syncs)", "",
+    lines = [f"# Robust screen: cost per sync ({size.numel / 1e6:g}M fp32 parameters, 2 groups on gloo, 1 thread "
+             f"each; {size.rounds} rounds x {size.syncs} syncs)", "",
              "| sync | without screen, median s | with screen, median s | ratio (median over rounds) "
              "| screen alone, median s |", "|---|---|---|---|---|"]
     for codec, times in results.items():
@@ -95,12 +110,14 @@ def main() -> None:
                                   for s, q in zip(times["screened"], times["plain"]))
         alone = statistics.median(t for per in times["screen_alone"] for t in per)
         lines.append(f"| {codec} | {plain:.4f} | {screened:.4f} | {ratio:.3f} | {alone:.4f} |")
-    lines += ["", f"load average at the end: {os.getloadavg()[0]:.2f} (a shared machine: ratios spread by a few %)"]
+    lines += ["", "A shared machine: ratios spread by a few % (the load average is in the first line)."]
     text = "\n".join(lines) + "\n"
     print(text)
-    path = Path(__file__).parent / "results" / "screen_cost.md"
-    path.write_text(text)
+    name = "screen_cost" + ("_quick" if args.quick else "")
+    return h.write_summary(h.results_dir("screen") / f"{name}.md", text, started, command)
 
 
 if __name__ == "__main__":
-    main()
+    import screen
+
+    screen.main(["--only", "cost", *sys.argv[1:]])

@@ -118,7 +118,7 @@ def test_compression_note_when_the_extra_fixed_cost_outweighs_the_bytes_saved():
 
 
 def test_benchmarks_costmodel_reexports_the_library():
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "costmodel.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "projection" / "costmodel.py"
     spec = importlib.util.spec_from_file_location("_bench_costmodel", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
