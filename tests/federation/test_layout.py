@@ -89,8 +89,11 @@ def test_job_alone_at_start_says_where_its_state_comes_from(ckpt_path, caplog):
     fed = Federation("lighthouse-host:29510", "g1", min_groups=1, sync_timeout=10)
     fed.manager = _AloneManager()
     fed.comm = TorchftCommunicator(fed.manager, timedelta(seconds=10))
+    whole = SimpleNamespace(synced_at=0)  # the engine's sync of every parameter (engine.fragment.FragmentSync)
     engine = SimpleNamespace(cross=fed.comm, layout=SimpleNamespace(numels=[8, 1]), device="cpu", pending={},
-                             num_fragments=1, start_sync=lambda fragment, weight=None, stop=None: None,
+                             num_fragments=1, whole=whole, fragments=[], fragment_syncs=[whole],
+                             fragment_sync=lambda fragment: whole,
+                             start_sync=lambda fragment, weight=None, stop=None: None,
                              finish_sync=lambda fragment, mix=0.0: SimpleNamespace(weight=0.0))
     fed.host = HostFacts(rank=0, world_size=1, training_state=lambda: SimpleNamespace(kind="replica"),
                          global_step=lambda: 24 if ckpt_path else 0, checkpoint_path=lambda: ckpt_path)
