@@ -28,7 +28,8 @@ own fixed cost: ``t_car(P) = 2(G−1)/G · P · 8 / (η · B) + 2⌈log2 G⌉ ·
 the extra c0 can make it slower, for a model so small that the bytes saved take less than c0 to send.
 
 Pure Python and numpy. Used by :mod:`lightning_localsgd.planner` (``lightning-localsgd plan``) and by
-``benchmarks/projection.py`` (through the re-export ``benchmarks/costmodel.py``), so both use the same formulas.
+``benchmarks/projection/projection.py`` (through the re-export ``benchmarks/projection/costmodel.py``), so both use
+the same formulas.
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
 Given the model size, the measured compute seconds of one optimizer step, the link between worker groups and the
 number of groups, the planner prices one sync with the library's cost model (:mod:`lightning_localsgd.costmodel`, the
-model ``benchmarks/projection.py`` uses and calibrates) and, for each candidate H, reports the bytes per step, the
-fraction of the wall clock spent communicating and the utilization (compute / wall clock). It recommends the smallest
-candidate H whose utilization reaches the target (95% by default)::
+model ``benchmarks/projection/projection.py`` uses and calibrates) and, for each candidate H, reports the bytes per
+step, the fraction of the wall clock spent communicating and the utilization (compute / wall clock). It recommends the
+smallest candidate H whose utilization reaches the target (95% by default)::
 
     lightning-localsgd plan --params 1.3e9 --step-time 0.4 --bandwidth 1Gbit --latency 20ms --groups 8
 
@@ -308,7 +308,7 @@ def plan(
             encoded means) instead of the fp32 all-reduce of the model. DDP's row stays uncompressed.
         calibration: the cost model's constants (η, c0, φ, local work per byte; default
             :class:`~lightning_localsgd.costmodel.Calibration`: η = 0.9, c0 = 0, φ = 2/3). Fit your own with
-            :func:`lightning_localsgd.costmodel.calibrate` or ``benchmarks/projection.py``.
+            :func:`lightning_localsgd.costmodel.calibrate` or ``benchmarks/projection/projection.py``.
 
     Returns:
         A :class:`Plan`.

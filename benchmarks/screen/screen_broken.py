@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -46,12 +45,6 @@ BROKEN = ("scaled", "sign", "noise", "bitflip", "noisy_steps")
 #: The sizes; ``--quick`` replaces the default, any flag given overrides either.
 PRESETS = {"default": dict(steps=600, sync_every=10, lr=3e-3), "quick": dict(steps=100, sync_every=10, lr=3e-3)}
 DIM, HIDDEN = 32, 64
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_model(seed: int) -> torch.nn.Module:
@@ -135,14 +128,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, help=f"AdamW's learning rate (default {PRESETS['default']['lr']})")
 
 
-def run(args: argparse.Namespace, command: str) -> Path:
+def run(size: argparse.Namespace, suffix: str, command: str) -> Path:
     """Every configuration; writes and returns ``results/screen_broken[_quick].md``."""
     started = time.time()
-    preset = PRESETS["quick" if args.quick else "default"]
-    size = argparse.Namespace(**{k: v if getattr(args, k) is None else getattr(args, k) for k, v in preset.items()})
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "r.pt")
-        mp.spawn(_worker, args=(4, _free_port(), size, out), nprocs=4)
+        mp.spawn(_worker, args=(4, h.free_port(), size, out), nprocs=4)
         results = torch.load(out)
     clean = results[("clean", False)]
 
@@ -159,8 +150,7 @@ def run(args: argparse.Namespace, command: str) -> Path:
         lines.append(f"| {broken} | {cell(results[(broken, False)])} | {cell(results[(broken, True)])} |")
     text = "\n".join(lines) + "\n"
     print(text)
-    name = "screen_broken" + ("_quick" if args.quick else "")
-    return h.write_summary(h.results_dir("screen") / f"{name}.md", text, started, command)
+    return h.write_summary(h.results_dir("screen") / f"screen_broken{suffix}.md", text, started, command)
 
 
 if __name__ == "__main__":

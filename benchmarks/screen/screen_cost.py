@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -37,12 +36,6 @@ import harness as h  # noqa: E402
 
 #: The sizes; ``--quick`` replaces the default, any flag given overrides either.
 PRESETS = {"default": dict(numel=4_000_000, syncs=5, rounds=4), "quick": dict(numel=1_000_000, syncs=2, rounds=2)}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
@@ -85,19 +78,18 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """This leg's flags (``screen.py`` declares ``--quick`` and ``--only``)."""
     p.add_argument("--numel", type=int, help=f"parameters per group (default {PRESETS['default']['numel']:,})")
-    p.add_argument("--syncs", type=int, help=f"syncs per configuration and round (default {PRESETS['default']['syncs']})")
+    p.add_argument("--syncs", type=int,
+                   help=f"syncs per configuration and round (default {PRESETS['default']['syncs']})")
     p.add_argument("--rounds", type=int, help=f"rounds, the order reversed every other one "
                    f"(default {PRESETS['default']['rounds']})")
 
 
-def run(args: argparse.Namespace, command: str) -> Path:
+def run(size: argparse.Namespace, suffix: str, command: str) -> Path:
     """Both configurations, every round; writes and returns ``results/screen_cost[_quick].md``."""
     started = time.time()
-    preset = PRESETS["quick" if args.quick else "default"]
-    size = argparse.Namespace(**{k: v if getattr(args, k) is None else getattr(args, k) for k, v in preset.items()})
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "r.pt")
-        mp.spawn(_worker, args=(2, _free_port(), size, out), nprocs=2)
+        mp.spawn(_worker, args=(2, h.free_port(), size, out), nprocs=2)
         results = torch.load(out)
     lines = [f"# Robust screen: cost per sync ({size.numel / 1e6:g}M fp32 parameters, 2 groups on gloo, 1 thread "
              f"each; {size.rounds} rounds x {size.syncs} syncs)", "",
@@ -113,8 +105,7 @@ def run(args: argparse.Namespace, command: str) -> Path:
     lines += ["", "A shared machine: ratios spread by a few % (the load average is in the first line)."]
     text = "\n".join(lines) + "\n"
     print(text)
-    name = "screen_cost" + ("_quick" if args.quick else "")
-    return h.write_summary(h.results_dir("screen") / f"{name}.md", text, started, command)
+    return h.write_summary(h.results_dir("screen") / f"screen_cost{suffix}.md", text, started, command)
 
 
 if __name__ == "__main__":
