@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from lightning_localsgd.engine.codecs import CODECS
+
 ROOT = Path(__file__).resolve().parents[2]
 RETURNED = ["check.log", "cuda_tests.xml", "gpu.md", "gpu.png", "gpu_codecs.csv", "gpu_inner_step.csv",
             "gpu_sync.csv"]
@@ -39,6 +41,8 @@ def test_device_check_dry_run_writes_every_result_within_what_comes_back(tmp_pat
         (size, impl, state) for size in ("124M", "1B") for impl in ("local_sgd average", "local_sgd diloco")
         for state in ("device", "host")} | {(size, "torch PeriodicModelAverager", "device") for size in ("124M", "1B")}
     assert all(float(r["seconds"]) > 0 and float(r["ratio_to_limit"]) > 0 for r in sync)
-    assert [r["codec"] for r in csv.DictReader(open(out / "gpu_codecs.csv"))] == ["bf16", "int8", "int4"]
+    # one row per built-in codec: bf16, int8, int4 and the sparse topk / topk_ef
+    assert [r["codec"] for r in csv.DictReader(open(out / "gpu_codecs.csv"))] == list(CODECS)
+    assert list(CODECS) == ["bf16", "int8", "int4", "topk", "topk_ef"]
     assert len(list(csv.DictReader(open(out / "gpu_inner_step.csv")))) == 2  # one row per interleaved round
     assert "(c) inner step" in (out / "gpu.md").read_text()
