@@ -25,6 +25,7 @@ from .config import LocalSGDConfig
 from .engine import NonFinitePseudoGradientError, OuterSync, ProcessGroupCommunicator, SyncResult
 from .engine.comm import Communicator, as_communicator
 from .engine.schedules import Action, SyncSchedule, TimeBasedSchedule, TimeBasedStreamingSchedule
+from .engine.warmup import average_gradients
 from .federation import Federation
 from .reliability import SyncGuard
 from .topology import Topology
@@ -323,52 +324,17 @@ class LocalSGDController:
 
     def warmup_closure(self, optimizer: Any, closure: Callable[[], Any]) -> Callable[[], Any]:
         """During warm-up, average the gradients across groups after backward, before clipping and the step."""
-        if not self.schedule.in_warmup or self.warmup_comm is None:
+        comm = self.warmup_comm
+        if not self.schedule.in_warmup or comm is None:
             return closure
 
         def reduce_after(*args: Any, **kwargs: Any) -> Any:
             out = closure(*args, **kwargs)
-            self._average_gradients(optimizer)
+            params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+            self.syncs.end_round(average_gradients(comm, params))
             return out
 
         return reduce_after
-
-    @torch.no_grad()
-    def _average_gradients(self, optimizer: Any) -> None:
-        """The mean gradient over the groups of this step, or, when the members vote against the step (a fault-
-        tolerant transport whose collective failed), no gradient at all: the optimizer then skips every parameter."""
-        comm = self.warmup_comm
-        assert comm is not None
-        params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
-        failed: Optional[BaseException] = None
-        grads = []
-        flat = None
-        if comm.size > 1:
-            for p in params:
-                if p.grad is None:  # as DDP with find_unused_parameters: an unused parameter gets a zero gradient
-                    p.grad = torch.zeros_like(p)
-                grads.append(p.grad.detach().to_local() if hasattr(p.grad, "to_local") else p.grad)
-            if grads:
-                flat = torch.cat([g.reshape(-1) for g in grads])
-                try:
-                    comm.all_reduce(flat)
-                except Exception as err:  # noqa: BLE001 (fatal unless the members vote to drop the step)
-                    failed = err
-        committed = comm.commit()
-        if failed is not None and committed:
-            raise failed  # a transport without a vote (one world): a failed collective ends training
-        self.syncs.end_round(committed)
-        if not committed:  # as torchft's OptimizerWrapper: the step is not applied
-            for p in params:
-                p.grad = None
-            return
-        if flat is None:
-            return
-        flat.div_(comm.size)
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
 
     def record_tokens(self, tokens: int) -> None:
         if self.schedule.counts_tokens:

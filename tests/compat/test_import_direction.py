@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
      ("config", "support", "federation", "data", "zero", "fsdp2", "planner", "costmodel")),
     ("the engine (no Lightning)", ("engine", "engine.codecs", "engine.comm", "engine.layout", "engine.outer",
                                    "engine.presets", "engine.reducers", "engine.schedules", "engine.screen",
-                                   "engine.fragment")),
+                                   "engine.fragment", "engine.warmup")),
     ("leaves", ("_compat", "_versions", "checkpoint_io", "integrity", "reliability", "tensors", "topology",
                 "validation")),
 ]
