@@ -509,41 +509,6 @@ class LocalSGDController:
         return {"outer": self.outer_sync.state_dict() if self.outer_sync is not None else None,
                 "cluster": self.cluster_sync.state_dict() if self.cluster_sync is not None else None}
 
-    def check_meta(self, meta: Mapping[str, Any], world_size: int) -> None:
-        """Raise a ``ValueError`` saying what changed when a checkpoint cannot be resumed exactly by this run."""
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"unknown local-SGD checkpoint format {meta.get('format_version')!r}.")
-        if meta["world_size"] != world_size or meta["group_size"] != self.config.group_size:
-            raise ValueError(
-                f"cannot resume local SGD exactly: the checkpoint was written by {meta['world_size']} ranks in worker "
-                f"groups of {meta['group_size']}, this run has {world_size} ranks and group_size="
-                f"{self.config.group_size}. Resume with the same devices, num_nodes and group_size; or load only the "
-                "weights into a new run (e.g. `LightningModule.load_from_checkpoint`) to start a fresh local-SGD run "
-                "from them."
-            )
-        if meta.get("fragments", 1) != self.config.fragments:
-            raise ValueError(
-                f"cannot resume local SGD exactly: the checkpoint was written with fragments={meta.get('fragments', 1)}"
-                f", this run has fragments={self.config.fragments} (streaming syncs in flight belong to the old "
-                "fragments). Resume with the same fragments, or load only the weights into a new run."
-            )
-
-    def check_elastic(self, meta: Mapping[str, Any]) -> None:
-        """Raise a ``ValueError`` when a checkpoint of another layout cannot be resumed from its ``θ_g``."""
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"unknown local-SGD checkpoint format {meta.get('format_version')!r}.")
-        c = self.config
-        features = {"cluster_size": c.cluster_size, "fragments": c.fragments if c.fragments != 1 else None,
-                    "sync_every_seconds": c.sync_every_seconds}
-        used = {k: v for k, v in features.items() if v is not None}
-        if used or meta.get("fragments", 1) != 1:
-            raise ValueError(
-                f"cannot resume local SGD on another world size or group_size with {used or {'fragments': meta.get('fragments')}}: "
-                f"the checkpoint was written by {meta['world_size']} ranks in worker groups of {meta['group_size']}, "
-                f"this run has group_size={c.group_size}. Resume with the same devices, num_nodes and group_size; "
-                "elastic resume supports the periodic sync of one level."
-            )
-
     def restore(self, meta: Mapping[str, Any], outer: Optional[dict], cluster: Optional[dict] = None) -> None:
         """Restore the counters and this rank's engine states (now, or at :meth:`setup` if it has not run yet)."""
         if self.outer_sync is None:
