@@ -52,7 +52,8 @@ from .engine.outer import merge_outer_states
 from .tensors import tensor_bytes
 
 __all__ = ["LAYOUT_VERSION", "META_FILE", "check_elastic_resume", "check_exact_resume", "convert_checkpoint",
-           "is_checkpoint_folder", "load_checkpoint", "read_checkpoint", "restore_checkpoint", "save_checkpoint", "save_folder", "split_single_file"]
+           "is_checkpoint_folder", "load_checkpoint", "read_checkpoint", "restore_checkpoint", "save_checkpoint",
+           "save_folder", "split_single_file"]
 
 #: Version of the folder layout (``local_sgd.layout_version`` in ``meta.pt``).
 LAYOUT_VERSION = 1

@@ -19,7 +19,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("strategies (the Lightning glue)", ("strategies", "strategies.ddp", "strategies.fsdp", "strategies.deepspeed",
                                          "strategies.base")),
     ("training state, checkpoints, preemption", ("state", "checkpoint", "async_checkpoint", "preemption")),
-    ("the controller", ("controller",)),
+    ("the controller and its transport's interface", ("controller", "syncs")),
     ("arguments, refusals, federation, data position, inner-strategy internals, planner",
      ("config", "support", "federation", "data", "zero", "fsdp2", "planner", "costmodel")),
     ("the engine (no Lightning)", ("engine", "engine.codecs", "engine.comm", "engine.layout", "engine.outer",
