@@ -45,13 +45,15 @@ from lightning.fabric.utilities.cloud_io import get_filesystem
 from . import integrity
 from .async_checkpoint import AsyncCheckpointWriter
 from .checkpoint_io import _is_local, atomic_save
-from .controller import CHECKPOINT_KEY
+from .config import LocalSGDConfig
+from .controller import CHECKPOINT_KEY, FORMAT_VERSION
 from .data import drop_strategy_loader_states, loader_states, restore_loader_states
 from .engine.outer import merge_outer_states
 from .tensors import tensor_bytes
 
-__all__ = ["LAYOUT_VERSION", "META_FILE", "convert_checkpoint", "is_checkpoint_folder", "load_checkpoint",
-           "read_checkpoint", "restore_checkpoint", "save_checkpoint", "save_folder", "split_single_file"]
+__all__ = ["LAYOUT_VERSION", "META_FILE", "check_elastic_resume", "check_exact_resume", "convert_checkpoint",
+           "is_checkpoint_folder", "load_checkpoint", "read_checkpoint", "restore_checkpoint", "save_checkpoint",
+           "save_folder", "split_single_file"]
 
 #: Version of the folder layout (``local_sgd.layout_version`` in ``meta.pt``).
 LAYOUT_VERSION = 1
@@ -318,6 +320,43 @@ def _check_layout_version(layout: Mapping[str, Any], path: str) -> None:
                          f"reads up to {LAYOUT_VERSION}): upgrade lightning-localsgd to load it.")
 
 
+def check_exact_resume(meta: Mapping[str, Any], config: LocalSGDConfig, world_size: int) -> None:
+    """Raise a ``ValueError`` saying what changed when a checkpoint cannot be resumed exactly by this run."""
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"unknown local-SGD checkpoint format {meta.get('format_version')!r}.")
+    if meta["world_size"] != world_size or meta["group_size"] != config.group_size:
+        raise ValueError(
+            f"cannot resume local SGD exactly: the checkpoint was written by {meta['world_size']} ranks in worker "
+            f"groups of {meta['group_size']}, this run has {world_size} ranks and group_size="
+            f"{config.group_size}. Resume with the same devices, num_nodes and group_size; or load only the "
+            "weights into a new run (e.g. `LightningModule.load_from_checkpoint`) to start a fresh local-SGD run "
+            "from them."
+        )
+    if meta.get("fragments", 1) != config.fragments:
+        raise ValueError(
+            f"cannot resume local SGD exactly: the checkpoint was written with fragments={meta.get('fragments', 1)}"
+            f", this run has fragments={config.fragments} (streaming syncs in flight belong to the old "
+            "fragments). Resume with the same fragments, or load only the weights into a new run."
+        )
+
+
+def check_elastic_resume(meta: Mapping[str, Any], config: LocalSGDConfig) -> None:
+    """Raise a ``ValueError`` when a checkpoint of another layout cannot be resumed from its ``θ_g``."""
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"unknown local-SGD checkpoint format {meta.get('format_version')!r}.")
+    c = config
+    features = {"cluster_size": c.cluster_size, "fragments": c.fragments if c.fragments != 1 else None,
+                "sync_every_seconds": c.sync_every_seconds}
+    used = {k: v for k, v in features.items() if v is not None}
+    if used or meta.get("fragments", 1) != 1:
+        raise ValueError(
+            f"cannot resume local SGD on another world size or group_size with {used or {'fragments': meta.get('fragments')}}: "
+            f"the checkpoint was written by {meta['world_size']} ranks in worker groups of {meta['group_size']}, "
+            f"this run has group_size={c.group_size}. Resume with the same devices, num_nodes and group_size; "
+            "elastic resume supports the periodic sync of one level."
+        )
+
+
 def split_single_file(checkpoint: dict[str, Any], rank: int, group_size: int
                       ) -> tuple[dict[str, Any], Optional[dict[str, Any]], Optional[dict[str, Any]]]:
     """A single-file checkpoint of an earlier version (every group gathered into one file) read as
@@ -363,7 +402,7 @@ def restore_checkpoint(strategy: Any, path: Any, state: Any, fitting: bool,
         optimizers and LR schedulers).
     """
     path = str(path)
-    exact = lambda layout: strategy.local_sgd.check_meta(layout, strategy.world_size)  # noqa: E731
+    exact = lambda layout: check_exact_resume(layout, strategy.local_sgd.config, strategy.world_size)  # noqa: E731
     own_files = fitting or state.model_in_rank_files  # else group 0's model
     rank, group_size = strategy.global_rank, strategy.group_size
     if is_checkpoint_folder(path):

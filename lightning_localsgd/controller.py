@@ -6,17 +6,17 @@ and :meth:`train_end` when training ends. The controller asks the schedule what 
 engines (:class:`~.engine.OuterSync`, one per sync level) under the sync guard. The strategy hands itself in at
 construction as the controller's host (:class:`SyncHost`: the methods the controller calls on it, declared once).
 The outermost syncs, and the membership around them (start, join, warm-up rounds, inner steps, shutdown), run through
-one object the controller alone talks to (:class:`Syncs`): :class:`DirectSyncs` in one world, a federation's across
-jobs (:func:`make_syncs` picks it from the arguments). Checkpoints: :meth:`meta` (layout and every counter, the same
-for every strategy) and :meth:`rank_state` (this rank's engine state), restored with :meth:`restore`.
+one object the controller alone talks to (:class:`~.syncs.Syncs`, in :mod:`~lightning_localsgd.syncs`): ``DirectSyncs``
+in one world, a federation's across jobs (:func:`~.syncs.make_syncs` picks it from the arguments). Checkpoints:
+:meth:`meta` (layout and every counter, the same for every strategy) and :meth:`rank_state` (this rank's engine
+state), restored with :meth:`restore`.
 """
 
 from __future__ import annotations
 
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional, Protocol, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Protocol, Sequence
 
 import torch
 from torch import Tensor
@@ -24,138 +24,17 @@ from torch import Tensor
 from .config import LocalSGDConfig
 from .engine import NonFinitePseudoGradientError, OuterSync, ProcessGroupCommunicator, SyncResult
 from .engine.comm import Communicator, as_communicator
-from .engine.schedules import Action, SyncSchedule, TimeBasedSchedule, TimeBasedStreamingSchedule
-from .federation import Federation
+from .engine.schedules import Action, TimeBasedSchedule, TimeBasedStreamingSchedule
+from .engine.warmup import average_gradients
 from .reliability import SyncGuard
+from .syncs import HostFacts, Syncs, make_syncs
 from .topology import Topology
 
-if TYPE_CHECKING:
-    from .state import TrainingState
-
-__all__ = ["CHECKPOINT_KEY", "FORMAT_VERSION", "DirectSyncs", "HostFacts", "LocalSGDController", "NoHost", "SyncHost",
-           "Syncs", "make_syncs"]
+__all__ = ["CHECKPOINT_KEY", "FORMAT_VERSION", "LocalSGDController", "NoHost", "SyncHost"]
 
 #: Where a checkpoint keeps the local-SGD state (a key of the checkpoint dict, or of its ``meta.pt``).
 CHECKPOINT_KEY = "local_sgd"
 FORMAT_VERSION = 1
-
-
-@dataclass(frozen=True)
-class HostFacts:
-    """What a transport across jobs needs of the rank that runs the controller (its strategy and trainer), handed to
-    :meth:`Syncs.start` explicitly, so that the transport holds no strategy."""
-
-    rank: int
-    """This rank's global rank in its job's own world."""
-    world_size: int
-    """The ranks of that world."""
-    training_state: Callable[[], "TrainingState"]
-    """This rank's exact training state (what healing sends to a joining peer, and loads from a live one)."""
-    global_step: Callable[[], int] = lambda: 0
-    """The trainer's optimizer steps (where training starts from, for the log)."""
-    checkpoint_path: Callable[[], Optional[str]] = lambda: None
-    """The checkpoint ``fit`` resumed from, if any (for the log)."""
-    data_position: Callable[[], Optional[tuple[int, int]]] = lambda: None
-    """Where the training loader is: ``(epoch, samples)`` of its epoch's order (:func:`~lightning_localsgd.data.
-    data_position`), ``None`` without a resumable loader."""
-    continue_data_at: Callable[[int, int], bool] = lambda epoch, samples: False
-    """Make the training continue its data at ``(epoch, samples)`` (healing: the job's last committed position);
-    False where it cannot (no resumable loader, or its epoch already iterating)."""
-
-
-class Syncs(Protocol):
-    """How the syncs of the outermost level run, and the membership around them: the one object the controller talks
-    to about the transport, whichever carries it. A feature (compression, streaming, ...) is written once, against it.
-
-    :class:`DirectSyncs` runs them over a fixed set of groups (one world: every attempt goes through, a failure is an
-    error, the membership calls do nothing); :class:`~lightning_localsgd.federation.Federation` over torchft's quorums
-    of jobs (each attempt one quorum and one commit vote, a failed attempt redone or dropped; a job joins, heals and
-    leaves)."""
-
-    across_jobs: bool
-    """Whether the groups are separate jobs that meet at syncs (then :meth:`join` runs before the first step)."""
-
-    def start(self, schedule: SyncSchedule, config: LocalSGDConfig, host: Optional[HostFacts]) -> Optional[Communicator]:
-        """Before the engines are built: connect. Returns the communicator the outermost level crosses jobs over
-        (``None``: the topology's own process groups)."""
-        ...
-
-    def join(self, engine: OuterSync) -> None:
-        """Training starts: meet the running groups over ``engine`` (the outermost level), healing from one when they
-        are ahead."""
-        ...
-
-    def start_round(self) -> None:
-        """A warm-up step starts (across jobs: its quorum, which heals a joining group before its forward)."""
-        ...
-
-    def end_round(self, committed: bool) -> None:
-        """The vote on a warm-up step's gradient mean was taken."""
-        ...
-
-    def inner_step(self) -> None:
-        """This group took an inner step (it weighs in at its next sync)."""
-        ...
-
-    def start_sync(self, engine: OuterSync, fragment: Optional[int] = None, weight: Optional[float] = None,
-                   stop: Optional[bool] = None) -> None:
-        """Launch the sync of ``fragment`` (``None``: every parameter)."""
-        ...
-
-    def finish_sync(self, engine: OuterSync, fragment: Optional[int] = None, mix: float = 0.0) -> Optional[SyncResult]:
-        """Apply it; ``None`` when the transport dropped it (θ_g and the parameters untouched)."""
-        ...
-
-    def sync(self, engine: OuterSync, weight: Optional[float] = None, stop: Optional[bool] = None) -> SyncResult:
-        """A sync of every parameter, started and applied now."""
-        ...
-
-    def shutdown(self) -> None:
-        """Training is over for good (the strategy's teardown): leave."""
-        ...
-
-
-class DirectSyncs:
-    """:class:`Syncs` over a fixed set of groups (one world): every attempt goes through, a failure is an error, and
-    there is no membership to manage."""
-
-    across_jobs = False
-
-    def start(self, schedule: SyncSchedule, config: LocalSGDConfig, host: Optional[HostFacts]) -> Optional[Communicator]:
-        return None
-
-    def join(self, engine: OuterSync) -> None:
-        pass
-
-    def start_round(self) -> None:
-        pass
-
-    def end_round(self, committed: bool) -> None:
-        pass
-
-    def inner_step(self) -> None:
-        pass
-
-    def start_sync(self, engine: OuterSync, fragment: Optional[int] = None, weight: Optional[float] = None,
-                   stop: Optional[bool] = None) -> None:
-        engine.start_sync(fragment, weight=weight, stop=stop)
-
-    def finish_sync(self, engine: OuterSync, fragment: Optional[int] = None, mix: float = 0.0) -> Optional[SyncResult]:
-        return engine.finish_sync(fragment, mix=mix)
-
-    def sync(self, engine: OuterSync, weight: Optional[float] = None, stop: Optional[bool] = None) -> SyncResult:
-        return engine.sync(weight=weight, stop=stop)
-
-    def shutdown(self) -> None:
-        pass
-
-
-def make_syncs(config: LocalSGDConfig) -> Syncs:
-    """The :class:`Syncs` the arguments ask for: with ``lighthouse`` a federation of jobs (torchft), else
-    :class:`DirectSyncs`."""
-    if config.lighthouse is None:
-        return DirectSyncs()
-    return Federation(config.lighthouse, config.group_id, config.min_groups, config.sync_timeout)
 
 
 class SyncHost(Protocol):
@@ -215,9 +94,9 @@ class LocalSGDController:
     Args:
         config: the local-SGD arguments.
         host: the strategy the controller calls back (:class:`SyncHost`). Default: :class:`NoHost`.
-        syncs: how the syncs of the outermost level (:attr:`outermost_sync`) run (:class:`Syncs`). Default: the one
-            the arguments ask for (:func:`make_syncs`): :class:`DirectSyncs`, or with ``lighthouse`` a federation's
-            (over quorums of jobs, a failed attempt redone or dropped). Level 1 of two-stage sync runs directly.
+        syncs: how the syncs of the outermost level (:attr:`outermost_sync`) run (:class:`~.syncs.Syncs`). Default:
+            the one the arguments ask for (:func:`~.syncs.make_syncs`): ``DirectSyncs``, or with ``lighthouse`` a
+            federation's (over quorums of jobs, a failed attempt redone or dropped). Level 1 of two-stage sync runs directly.
     """
 
     def __init__(self, config: LocalSGDConfig, host: Optional[SyncHost] = None,
@@ -323,52 +202,17 @@ class LocalSGDController:
 
     def warmup_closure(self, optimizer: Any, closure: Callable[[], Any]) -> Callable[[], Any]:
         """During warm-up, average the gradients across groups after backward, before clipping and the step."""
-        if not self.schedule.in_warmup or self.warmup_comm is None:
+        comm = self.warmup_comm
+        if not self.schedule.in_warmup or comm is None:
             return closure
 
         def reduce_after(*args: Any, **kwargs: Any) -> Any:
             out = closure(*args, **kwargs)
-            self._average_gradients(optimizer)
+            params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+            self.syncs.end_round(average_gradients(comm, params))
             return out
 
         return reduce_after
-
-    @torch.no_grad()
-    def _average_gradients(self, optimizer: Any) -> None:
-        """The mean gradient over the groups of this step, or, when the members vote against the step (a fault-
-        tolerant transport whose collective failed), no gradient at all: the optimizer then skips every parameter."""
-        comm = self.warmup_comm
-        assert comm is not None
-        params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
-        failed: Optional[BaseException] = None
-        grads = []
-        flat = None
-        if comm.size > 1:
-            for p in params:
-                if p.grad is None:  # as DDP with find_unused_parameters: an unused parameter gets a zero gradient
-                    p.grad = torch.zeros_like(p)
-                grads.append(p.grad.detach().to_local() if hasattr(p.grad, "to_local") else p.grad)
-            if grads:
-                flat = torch.cat([g.reshape(-1) for g in grads])
-                try:
-                    comm.all_reduce(flat)
-                except Exception as err:  # noqa: BLE001 (fatal unless the members vote to drop the step)
-                    failed = err
-        committed = comm.commit()
-        if failed is not None and committed:
-            raise failed  # a transport without a vote (one world): a failed collective ends training
-        self.syncs.end_round(committed)
-        if not committed:  # as torchft's OptimizerWrapper: the step is not applied
-            for p in params:
-                p.grad = None
-            return
-        if flat is None:
-            return
-        flat.div_(comm.size)
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
 
     def record_tokens(self, tokens: int) -> None:
         if self.schedule.counts_tokens:
@@ -542,41 +386,6 @@ class LocalSGDController:
         """This rank's engine states (snapshot slice, outer optimizer, error feedback, syncs in flight)."""
         return {"outer": self.outer_sync.state_dict() if self.outer_sync is not None else None,
                 "cluster": self.cluster_sync.state_dict() if self.cluster_sync is not None else None}
-
-    def check_meta(self, meta: Mapping[str, Any], world_size: int) -> None:
-        """Raise a ``ValueError`` saying what changed when a checkpoint cannot be resumed exactly by this run."""
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"unknown local-SGD checkpoint format {meta.get('format_version')!r}.")
-        if meta["world_size"] != world_size or meta["group_size"] != self.config.group_size:
-            raise ValueError(
-                f"cannot resume local SGD exactly: the checkpoint was written by {meta['world_size']} ranks in worker "
-                f"groups of {meta['group_size']}, this run has {world_size} ranks and group_size="
-                f"{self.config.group_size}. Resume with the same devices, num_nodes and group_size; or load only the "
-                "weights into a new run (e.g. `LightningModule.load_from_checkpoint`) to start a fresh local-SGD run "
-                "from them."
-            )
-        if meta.get("fragments", 1) != self.config.fragments:
-            raise ValueError(
-                f"cannot resume local SGD exactly: the checkpoint was written with fragments={meta.get('fragments', 1)}"
-                f", this run has fragments={self.config.fragments} (streaming syncs in flight belong to the old "
-                "fragments). Resume with the same fragments, or load only the weights into a new run."
-            )
-
-    def check_elastic(self, meta: Mapping[str, Any]) -> None:
-        """Raise a ``ValueError`` when a checkpoint of another layout cannot be resumed from its ``θ_g``."""
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"unknown local-SGD checkpoint format {meta.get('format_version')!r}.")
-        c = self.config
-        features = {"cluster_size": c.cluster_size, "fragments": c.fragments if c.fragments != 1 else None,
-                    "sync_every_seconds": c.sync_every_seconds}
-        used = {k: v for k, v in features.items() if v is not None}
-        if used or meta.get("fragments", 1) != 1:
-            raise ValueError(
-                f"cannot resume local SGD on another world size or group_size with {used or {'fragments': meta.get('fragments')}}: "
-                f"the checkpoint was written by {meta['world_size']} ranks in worker groups of {meta['group_size']}, "
-                f"this run has group_size={c.group_size}. Resume with the same devices, num_nodes and group_size; "
-                "elastic resume supports the periodic sync of one level."
-            )
 
     def restore(self, meta: Mapping[str, Any], outer: Optional[dict], cluster: Optional[dict] = None) -> None:
         """Restore the counters and this rank's engine states (now, or at :meth:`setup` if it has not run yet)."""

@@ -10,7 +10,7 @@ of every live job (the same pairing as the cross groups of a single world). Noth
 service or store: the lighthouse, the :class:`torchft.Manager` per job rank, its process group and its healing transport
 are torchft's.
 
-:class:`Federation` is the controller's :class:`~lightning_localsgd.controller.Syncs` across jobs: only the
+:class:`Federation` is the controller's :class:`~lightning_localsgd.syncs.Syncs` across jobs: only the
 controller talks to it (start, join, warm-up rounds, inner steps, syncs, shutdown), and it holds no strategy: the
 schedule, the arguments and the host's facts (rank, world size, training state, start point) come with
 :meth:`Federation.start`.
@@ -75,8 +75,8 @@ from .topology import federated_cluster_size, federated_group_size  # noqa: F401
 
 if TYPE_CHECKING:
     from .config import LocalSGDConfig
-    from .controller import HostFacts
     from .engine.schedules import SyncSchedule
+    from .syncs import HostFacts
 
 __all__ = ["Federation", "LayoutMismatchError", "TorchftCommunicator", "check_lighthouse_reachable", "federated_cluster_size",
            "federated_group_size", "lighthouse_url", "main_lighthouse"]
@@ -310,8 +310,8 @@ class _Attempt:
 class Federation:
     """One job rank's membership: its torchft Manager, the sync loop over quorums, healing state.
 
-    The controller's :class:`~lightning_localsgd.controller.Syncs` across jobs: only the controller talks to it
-    (:func:`~lightning_localsgd.controller.make_syncs` builds it from the arguments). Started by the controller once
+    The controller's :class:`~lightning_localsgd.syncs.Syncs` across jobs: only the controller talks to it
+    (:func:`~lightning_localsgd.syncs.make_syncs` builds it from the arguments). Started by the controller once
     the job's own process group exists (the job's ``TCPStore`` at
     ``MASTER_ADDR:MASTER_PORT`` is the store torchft's manager needs).
     """

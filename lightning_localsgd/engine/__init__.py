@@ -7,7 +7,8 @@
 * :mod:`.reducers`: the fp32 (weighted) all-reduce and the two-phase compressed all-reduce, start / finish;
 * :mod:`.fragment`: :class:`FragmentSync`, one fragment's sync state (θ_g view, sync in flight, error feedback, tokens);
 * :mod:`.outer`: :class:`OuterSync`, the outer step on a snapshot;
-* :mod:`.schedules`: when to sync (registry: :func:`register_schedule`).
+* :mod:`.schedules`: when to sync (registry: :func:`register_schedule`);
+* :mod:`.warmup`: the warm-up step's gradient mean across groups (with the members' vote).
 """
 
 from .codecs import (CODECS, Codec, TopKCodec, check_codec, codec_names, decode, encode, get_codec, payload_bytes,

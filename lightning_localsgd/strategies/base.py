@@ -28,12 +28,13 @@ from torch import Tensor
 from .._compat import attached_trainer, epoch_batches_done, fit_loop_can_stop_early, is_max_limit_reached
 from ..async_checkpoint import AsyncCheckpointWriter
 from ..config import LocalSGDConfig
-from ..controller import HostFacts, LocalSGDController
+from ..controller import LocalSGDController
 from ..data import continue_at, data_position, make_resumable
 from ..engine import OuterSync, SyncResult, SyncSchedule
 from ..preemption import SigtermStop, stop_at_sync_steps
 from ..state import ReplicaState, TrainingState, set_data_counters
 from ..reliability import stop_local_ranks
+from ..syncs import HostFacts
 from ..tensors import batch_tokens
 from ..topology import (Topology, add_cluster_groups, check_cluster_size, check_group_size, federated_cluster_size,
                         federated_group_size, job_cluster_groups)

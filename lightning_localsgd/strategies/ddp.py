@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from typing_extensions import override
 
 from .._compat import StrategyRegistry, sync_module_states
-from ..checkpoint import restore_checkpoint, save_checkpoint
+from ..checkpoint import check_elastic_resume, check_exact_resume, restore_checkpoint, save_checkpoint
 from ..checkpoint_io import with_atomic_default
 from ..config import LocalSGDConfig, local_sgd_arguments
 from ..reliability import check_backend_available, check_ddp_arguments, check_model_matches_checkpoint
@@ -137,9 +137,9 @@ class LocalSGDStrategy(LocalSGDMixin, DDPStrategy):
         """``True``: the checkpoint's layout is this run's (exact resume); ``False``: another world size or
         ``group_size``, resumed from ``θ_g`` with a warning; raises where neither works."""
         if layout["world_size"] == self.world_size and layout["group_size"] == self.group_size:
-            self.local_sgd.check_meta(layout, self.world_size)
+            check_exact_resume(layout, self.local_sgd.config, self.world_size)
             return True
-        self.local_sgd.check_elastic(layout)
+        check_elastic_resume(layout, self.local_sgd.config)
         rank_zero_warn(
             f"Resuming local SGD on another layout: the checkpoint was written by {layout['world_size']} ranks in "
             f"worker groups of {layout['group_size']}, this run has {self.world_size} ranks and group_size="

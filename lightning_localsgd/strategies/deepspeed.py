@@ -36,7 +36,7 @@ from torch.nn import Module
 from typing_extensions import override
 
 from .._compat import StrategyRegistry, validate_device_index_selection
-from ..checkpoint import is_checkpoint_folder, restore_checkpoint, save_checkpoint
+from ..checkpoint import check_exact_resume, is_checkpoint_folder, restore_checkpoint, save_checkpoint
 from ..config import LocalSGDConfig, local_sgd_arguments
 from ..state import ZeroState
 from ..topology import build_topology
@@ -104,9 +104,9 @@ def inference_config(config: Mapping[str, Any], zero_stage_3: bool) -> dict[str,
     return inference
 
 
-def check_layout(layout: Mapping[str, Any], controller: Any, world_size: int, zero_stage: int) -> None:
+def check_layout(layout: Mapping[str, Any], config: LocalSGDConfig, world_size: int, zero_stage: int) -> None:
     """Refuse to resume from a checkpoint whose layout (ranks, groups, ZeRO stage) this run cannot load."""
-    controller.check_meta(layout, world_size)
+    check_exact_resume(layout, config, world_size)
     if layout.get("zero_stage", zero_stage) != zero_stage:
         raise ValueError(
             f"cannot resume: the checkpoint was written with ZeRO stage {layout['zero_stage']}, this run uses "
@@ -344,7 +344,7 @@ class LocalSGDDeepSpeedStrategy(LocalSGDMixin, DeepSpeedStrategy):
                 f"into one weights file with `lightning-localsgd convert {path} model.ckpt` and load that, or "
                 "evaluate inside trainer.fit (the validation loop)."
             )
-        check = lambda layout: check_layout(layout, self.local_sgd, self.world_size, self.zero_stage)  # noqa: E731
+        check = lambda layout: check_layout(layout, self.local_sgd.config, self.world_size, self.zero_stage)  # noqa: E731
 
         def read_partitions(folder: str) -> None:  # the group's own DeepSpeed checkpoint (group 0's outside fit)
             _, client_state = self.deepspeed_engine.load_checkpoint(

@@ -272,7 +272,7 @@ def test_healing_state_sends_no_error_feedback_and_names_the_fragment_of_the_quo
     from zero), and which fragment this quorum syncs (the joiner takes part in that one)."""
     from types import SimpleNamespace
 
-    from lightning_localsgd.controller import HostFacts
+    from lightning_localsgd.syncs import HostFacts
     from lightning_localsgd.federation import Federation
 
     engine = members(1, torch.zeros(N))[0]

@@ -83,7 +83,7 @@ def test_job_alone_at_start_says_where_its_state_comes_from(ckpt_path, caplog):
     from datetime import timedelta
     from types import SimpleNamespace
 
-    from lightning_localsgd.controller import HostFacts
+    from lightning_localsgd.syncs import HostFacts
     from lightning_localsgd.federation import Federation, TorchftCommunicator
 
     fed = Federation("lighthouse-host:29510", "g1", min_groups=1, sync_timeout=10)
@@ -129,7 +129,7 @@ def test_layouts_are_checked_once_per_set_of_members_and_again_after_a_failure_o
     from types import SimpleNamespace
 
     from lightning_localsgd.engine.comm import SyncAbortedError
-    from lightning_localsgd.controller import HostFacts
+    from lightning_localsgd.syncs import HostFacts
     from lightning_localsgd.federation import Federation, TorchftCommunicator, _Attempt
 
     fed = Federation("lighthouse-host:29510", "g0", min_groups=1, sync_timeout=10)

@@ -28,6 +28,7 @@ from _launch import WORKER, max_diff, run_tiny
 from reference import initial_net, rank_batches
 
 from lightning_localsgd import AtomicCheckpointIO, Communicator, LocalSGDConfig, LocalSGDController, OuterSync
+from lightning_localsgd.checkpoint import check_exact_resume
 from lightning_localsgd.checkpoint_io import atomic_save
 from lightning_localsgd.integrity import CorruptCheckpointError, checksum_path, verify
 from lightning_localsgd.reliability import SyncGuard
@@ -216,7 +217,7 @@ def test_changed_fragments_on_resume_is_refused():
     written = LocalSGDController(LocalSGDConfig(sync_every=8, fragments=4))
     meta = written.meta(world_size=2)
     with pytest.raises(ValueError, match="fragments=4.*fragments=1"):
-        LocalSGDController(LocalSGDConfig(sync_every=8, fragments=1)).check_meta(meta, world_size=2)
+        check_exact_resume(meta, LocalSGDConfig(sync_every=8, fragments=1), world_size=2)
 
 
 def test_a_bug_in_a_sync_is_not_reported_as_a_network_failure():
