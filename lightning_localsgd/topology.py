@@ -199,7 +199,7 @@ def keep_process_groups_at_exit() -> None:
 
 def _destroy_process_groups() -> None:
     if not _exit_teardown["skip"] and dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        dist.destroy_process_group()  # (a group still referenced elsewhere lives on, its threads with it)
 
 
 def build_topology(group_size: int, timeout: Optional[timedelta] = None) -> Topology:
