@@ -183,8 +183,10 @@ class LocalSGDController:
         self.host.after_local_sgd_sync()  # ZeRO: the module's parameters follow the partitions
 
     def shutdown(self) -> None:
-        """The strategy's teardown: a transport across jobs leaves (one world: nothing to do)."""
+        """The strategy's teardown: a transport across jobs leaves; the process groups are no longer held here (so
+        that destroying them at exit ends their worker threads before the interpreter finalizes)."""
         self.syncs.shutdown()
+        self.guard = None
 
     def _group_agrees(self, due: bool) -> bool:
         """The ranks of a group step together (DDP / FSDP inside it): they enter a timed sync at the same step."""

@@ -8,6 +8,7 @@ cross group. With ``S`` = devices per node the per-step traffic stays inside a n
 
 from __future__ import annotations
 
+import atexit
 import math
 from dataclasses import dataclass
 from datetime import timedelta
@@ -173,9 +174,38 @@ def new_groups(rank_lists: Sequence[Sequence[int]], rank: int,
     return mine
 
 
+_exit_teardown = {"registered": False, "skip": False}
+
+
+def destroy_process_groups_at_exit() -> None:
+    """Destroy the process groups when the interpreter exits (once per process; the strategies' setup calls it).
+
+    A gloo worker thread may drop the last reference to a finished collective's tensors after the Python side moved
+    on; when that happens once the interpreter is finalizing (a rank that leaves right after its last collective,
+    under load), the thread cannot take the GIL and the process aborts: "terminate called without an active
+    exception", exit code -6. ``atexit`` runs before finalization, and destroying a gloo group joins its worker
+    threads with the GIL released. Lightning registers this for NCCL only.
+    """
+    if not _exit_teardown["registered"]:
+        _exit_teardown["registered"] = True
+        atexit.register(_destroy_process_groups)
+
+
+def keep_process_groups_at_exit() -> None:
+    """A run failed: leave the process groups to the exit (destroying one waits for its collectives in flight, which a
+    dead or frozen peer may never finish)."""
+    _exit_teardown["skip"] = True
+
+
+def _destroy_process_groups() -> None:
+    if not _exit_teardown["skip"] and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()  # (a group still referenced elsewhere lives on, its threads with it)
+
+
 def build_topology(group_size: int, timeout: Optional[timedelta] = None) -> Topology:
     """Create the inner and cross process groups. Collective: every rank must call it, in the same order."""
     unbind_gloo_default_group()
+    destroy_process_groups_at_exit()
     world_size, rank = dist.get_world_size(), dist.get_rank()
     check_group_size(world_size, group_size)
     if group_size == 1:
@@ -223,6 +253,7 @@ def build_mesh_topology(device_type: str, group_size: int,
     inner dimensions; the outer sync runs over ``mesh[replicate_dim]``.
     """
     unbind_gloo_default_group()
+    destroy_process_groups_at_exit()
     world_size, rank = dist.get_world_size(), dist.get_rank()
     check_group_size(world_size, group_size)
     dims = list(inner_dims) if inner_dims is not None else [("shard", group_size)]

@@ -37,7 +37,7 @@ from ..reliability import stop_local_ranks
 from ..syncs import HostFacts
 from ..tensors import batch_tokens
 from ..topology import (Topology, add_cluster_groups, check_cluster_size, check_group_size, federated_cluster_size,
-                        federated_group_size, job_cluster_groups)
+                        federated_group_size, job_cluster_groups, keep_process_groups_at_exit)
 
 __all__ = ["LocalSGDMixin", "is_fitting", "training_ends_here"]
 
@@ -534,6 +534,7 @@ class LocalSGDMixin:
 
     def on_exception(self, exception: BaseException) -> None:
         super().on_exception(exception)  # type: ignore[misc]
+        keep_process_groups_at_exit()  # a peer may be dead or frozen: don't wait for its collectives at exit
         stop_local_ranks(self, exception)  # after a failed sync, don't leave the ranks this process launched waiting
 
 

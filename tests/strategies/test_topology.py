@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -85,3 +86,29 @@ def test_every_rank_gets_the_groups_it_is_in(tmp_path):
     assert [g["cross"] for g in got] == cross and [g["mesh_cross"] for g in got] == cross
     assert [g["intra"] for g in got] == cross  # one cluster of both groups: level 1 is the cross group
     assert [g["inter"] for g in got] == [[0], [1], [2], [3]]  # one cluster: level 2 is each rank alone
+
+
+_EXIT_SCRIPT = """
+import atexit, sys
+import torch.distributed as dist
+from lightning_localsgd.topology import build_topology, keep_process_groups_at_exit
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+# atexit runs its handlers last registered first: this one runs after those build_topology registers
+atexit.register(lambda: print("initialized at exit:", dist.is_initialized(), flush=True))
+build_topology(1)
+build_topology(1)  # registered once per process
+if sys.argv[2] == "failed":
+    keep_process_groups_at_exit()
+"""
+
+
+@pytest.mark.parametrize("run", ["clean", "failed"])
+def test_process_groups_destroyed_at_exit_before_finalization(tmp_path, run):
+    """A clean run's process groups are destroyed by atexit, before the interpreter finalizes (a gloo worker thread
+    that releases a collective's tensors during finalization aborts the process); a failed run's are left to the
+    exit (destroying waits for collectives in flight, which a dead peer never finishes)."""
+    proc = _forkserver.run([sys.executable, "-c", _EXIT_SCRIPT, str(tmp_path / "store"), run], capture_output=True,
+                           text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("initialized at exit:") == 1, proc.stdout
+    assert f"initialized at exit: {run == 'failed'}" in proc.stdout, proc.stdout
