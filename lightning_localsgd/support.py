@@ -69,9 +69,10 @@ REFUSALS: list[Refusal] = [
             lambda c: (f"sync_every_seconds (time-based sync of uneven workers) does not combine with cluster_size="
                        f"{c.cluster_size!r}. Remove one of them."),
             reason="time-based groups take different numbers of steps; the cluster level counts steps"),
-    Refusal("cluster_size", lambda c: _streaming(c) and c.cluster_size is not None,
+    # two-stage is cluster_size in one world, cluster_sync_every alone across federated jobs (config.two_stage)
+    Refusal("cluster_size", lambda c: _streaming(c) and c.two_stage,
             lambda c: ("streaming sync (fragments > 1, overlap_steps > 0 or overlap_mix > 0) does not combine with two-stage sync "
-                       "(cluster_size). Use one of them."),
+                       "(cluster_size, or cluster_sync_every with lighthouse=). Use one of them."),
             reason="level 2 reads level 1's whole θ_c, which streaming never completes at once"),
     Refusal("cluster_size", lambda c: _federated(c) and c.cluster_size is not None,
             lambda c: (f"cluster_size={c.cluster_size!r} is not supported with lighthouse= (federated worker groups): "

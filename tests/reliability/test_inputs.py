@@ -99,6 +99,9 @@ STRATEGY_CASES = [
      r"streaming sync \(fragments > 1, overlap_steps > 0 or overlap_mix > 0\) does not combine with two-stage sync"),
     ({"overlap_mix": 0.5, "cluster_size": 2, "cluster_sync_every": 128}, "does not combine with two-stage sync"),
     ({"overlap_steps": 1, "cluster_size": 2, "cluster_sync_every": 128}, "does not combine with two-stage sync"),
+    # federated two-stage is cluster_sync_every alone: streaming was silently dropped there (the two-stage schedule won)
+    ({"fragments": 2, "lighthouse": "127.0.0.1:29510", "cluster_sync_every": 128, "group_size": 1},
+     r"does not combine with two-stage sync \(cluster_size, or cluster_sync_every with lighthouse=\)"),
     # time-based sync
     ({"sync_every_seconds": 0}, "sync_every_seconds must be a positive number of seconds, got 0"),
     ({"sync_every_seconds": -1}, "sync_every_seconds must be a positive number of seconds, got -1"),
