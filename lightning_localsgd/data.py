@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 from typing import Any, Iterator, Mapping, Optional
 
+import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler, SequentialSampler
 from torch.utils.data.distributed import DistributedSampler
 
@@ -75,8 +76,6 @@ class ResumableSampler(DistributedSampler):
         """The current epoch's order of sample indices, before it is cut into shares (``DistributedSampler``'s)."""
         if not self.shuffle:
             return list(range(len(self.dataset)))  # type: ignore[arg-type]
-        import torch
-
         generator = torch.Generator()
         generator.manual_seed(self.seed + self.epoch)
         return torch.randperm(len(self.dataset), generator=generator).tolist()  # type: ignore[arg-type]
