@@ -27,6 +27,17 @@ own fixed cost: ``t_car(P) = 2(G−1)/G · P · 8 / (η · B) + 2⌈log2 G⌉ ·
 (:func:`compressed_allreduce_seconds`). Fewer bytes than the fp32 all-reduce at every G (P < M against fp32); only
 the extra c0 can make it slower, for a model so small that the bytes saved take less than c0 to send.
 
+Codecs exchanged otherwise, and the codec's CPU time. A codec says how its payloads are exchanged with its
+``exchange`` attribute (read with :func:`codec_exchange`; ``"two_phase"``, the above, when it does not say);
+``"all_gather"`` (the sparse codecs: a top-k payload is not closed under averaging) is one all-gather of every group's
+payload, each group summing the G decoded copies: ``(G−1) · P`` bytes sent and received per group, G × the
+payload held (:func:`exchange_wire_bytes`, :func:`exchange_seconds`). Encoding and decoding take CPU time that the
+link's bytes do not show: :class:`CodecCPU` holds a codec's seconds per value encoded and decoded,
+:data:`CODEC_CPU_TABLE` the built-in codecs' (measured by ``benchmarks/codec_cost/codec_cost.py``), and
+:func:`codec_cpu_seconds` charges one sync with it (the values each exchange encodes and decodes,
+:func:`codec_coded_values`): ``sync = exchange_seconds + codec_cpu_seconds``, added (the pipelined reducer overlaps
+part of the coding with the transfer, so this is an upper bound).
+
 Pure Python and numpy. Used by :mod:`lightning_localsgd.planner` (``lightning-localsgd plan``) and by
 ``benchmarks/projection/projection.py`` (through the re-export ``benchmarks/projection/costmodel.py``), so both use
 the same formulas.
@@ -41,19 +52,26 @@ from typing import Optional
 import numpy as np
 
 __all__ = [
+    "CODEC_CPU_TABLE",
     "Calibration",
     "Cluster",
+    "CodecCPU",
     "Link",
     "StepCost",
     "allgather_seconds",
     "allreduce_seconds",
     "calibrate",
+    "codec_coded_values",
+    "codec_cpu_seconds",
+    "codec_exchange",
     "collective_hops",
     "compressed_allreduce_seconds",
     "compute_seconds",
     "cpu_cluster_from",
     "ddp_cost",
     "ddp_step",
+    "exchange_seconds",
+    "exchange_wire_bytes",
     "hops",
     "local_sgd_cost",
     "local_sgd_step",
@@ -190,6 +208,102 @@ def compressed_allreduce_seconds(nbytes: float, G: int, link: Link, cal: Calibra
     if G <= 1:
         return 0.0
     return allreduce_seconds(nbytes, G, link, cal) + cal.fixed_s
+
+
+#: How a compressed sync exchanges the codec's payloads (a codec's ``exchange`` attribute, :func:`codec_exchange`).
+EXCHANGES = ("two_phase", "all_gather")
+
+
+def codec_exchange(codec: object) -> str:
+    """The exchange a codec's payloads go through: its ``exchange`` attribute, ``"two_phase"`` when it has none.
+
+    ``"two_phase"``: the compressed all-reduce (all-to-all of encoded chunks, all-gather of the re-encoded means),
+    for codecs whose decoded mean can be re-encoded (bf16, int8, int4). ``"all_gather"``: one all-gather of every
+    group's payload and a local sum of the G decoded copies, for sparse codecs (a mean of top-k payloads is not
+    top-k).
+    """
+    exchange = getattr(codec, "exchange", "two_phase")
+    if exchange not in EXCHANGES:
+        raise ValueError(f"{type(codec).__name__}.exchange must be one of {EXCHANGES}, got {exchange!r}.")
+    return exchange
+
+
+def exchange_wire_bytes(exchange: str, payload_bytes: float, G: int) -> float:
+    """Bytes one group sends (and as many it receives) per sync, ``payload_bytes`` = P, one compressed copy.
+
+    ``"two_phase"``: ``2(G−1)/G · P``, like a bandwidth-optimal all-reduce of P (whatever G, under 2P).
+    ``"all_gather"``: ``(G−1) · P``: every group receives every other group's payload (it then holds G · P), so the
+    bytes grow with the number of groups; under the two-phase exchange's at G = 2 (equal), above it from G = 3.
+    """
+    if exchange == "two_phase":
+        return wire_bytes("all_reduce", payload_bytes, G)
+    if exchange == "all_gather":
+        return wire_bytes("all_gather", payload_bytes, G)
+    raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}.")
+
+
+def exchange_seconds(exchange: str, payload_bytes: float, G: int, link: Link,
+                     cal: Calibration = Calibration()) -> float:
+    """Link time of one compressed sync over G groups (no codec CPU time, see :func:`codec_cpu_seconds`).
+
+    ``"two_phase"``: :func:`compressed_allreduce_seconds`, ``2(G−1)/G · 8P/(η·B) + 2⌈log2 G⌉·λ + 2·c0``.
+    ``"all_gather"``: :func:`allgather_seconds`, ``(G−1) · 8P/(η·B) + ⌈log2 G⌉·λ + c0`` (one collective).
+    """
+    if exchange == "two_phase":
+        return compressed_allreduce_seconds(payload_bytes, G, link, cal)
+    if exchange == "all_gather":
+        return allgather_seconds(payload_bytes, G, link, cal)
+    raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}.")
+
+
+@dataclass(frozen=True)
+class CodecCPU:
+    """A codec's CPU cost: seconds per value encoded and per value decoded (one thread)."""
+
+    encode_s_per_value: float
+    decode_s_per_value: float
+    source: str = "table"
+    """Where the numbers come from: ``"table"`` (:data:`CODEC_CPU_TABLE`) or ``"measured"`` (on this machine)."""
+
+
+#: The built-in codecs' CPU cost, seconds per value, one thread, measured by
+#: ``python benchmarks/codec_cost/codec_cost.py`` (``benchmarks/codec_cost/results/codec_cost.csv``) on the project's
+#: CI machine: 2 × AMD EPYC cores, torch 2.13 (CPU), 4M fp32 values, best of 5. A GPU codes a pseudo-gradient one or
+#: two orders of magnitude faster: there the table overstates the codec's time. Recalibrate on your machine with
+#: ``lightning-localsgd plan ... --calibrate-codecs`` (or :func:`lightning_localsgd.planner.calibrate_codec_cpu`, whose
+#: result ``plan(codec_cpu=...)`` takes), or rerun the script and copy its CSV here. ``fp32`` (no codec) costs 0.
+CODEC_CPU_TABLE: dict[str, CodecCPU] = {
+    "fp32": CodecCPU(0.0, 0.0),
+    "bf16": CodecCPU(2.32529e-10, 4.04703e-10),
+    "int8": CodecCPU(1.6061e-09, 6.252e-10),
+    "int4": CodecCPU(2.21247e-09, 8.73139e-10),
+    "topk": CodecCPU(1.112e-08, 9.64709e-10),
+    "topk_ef": CodecCPU(1.17126e-08, 1.10453e-09),
+}
+
+
+def codec_coded_values(exchange: str, numel: float, G: int) -> tuple[float, float]:
+    """Values one group encodes and decodes in one sync of ``numel`` values over G groups (one rank per group).
+
+    ``"two_phase"`` (:class:`~lightning_localsgd.engine.reducers.CompressedReducer`): encodes its N values (G chunks)
+    and decodes them (its error feedback), decodes the G received pieces of its chunk (N values), encodes their mean
+    (N/G) and decodes it (error feedback), then decodes the G gathered means (N): encode ``N·(1 + 1/G)``, decode
+    ``N·(3 + 1/G)``. ``"all_gather"``: encodes its N values once and decodes them (error feedback), then decodes the
+    G gathered payloads: encode ``N``, decode ``N·(G + 1)``. With R ranks per group each rank codes 1/R of it.
+    """
+    if G <= 1:
+        return 0.0, 0.0
+    if exchange == "two_phase":
+        return numel * (1 + 1 / G), numel * (3 + 1 / G)
+    if exchange == "all_gather":
+        return float(numel), numel * (G + 1)
+    raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}.")
+
+
+def codec_cpu_seconds(cost: CodecCPU, exchange: str, numel: float, G: int) -> float:
+    """CPU seconds of one sync's encoding and decoding: :func:`codec_coded_values` times the codec's per-value cost."""
+    encoded, decoded = codec_coded_values(exchange, numel, G)
+    return encoded * cost.encode_s_per_value + decoded * cost.decode_s_per_value
 
 
 def compute_seconds(params: float, tokens_per_step: float, cluster: Cluster) -> float:

@@ -39,16 +39,32 @@ import numbers
 import re
 import sys
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
-from .engine.codecs import check_codec, codec_names, payload_bytes
-from .costmodel import Calibration, Link, allreduce_seconds, compressed_allreduce_seconds, ddp_cost, local_sgd_cost
+from .costmodel import (
+    CODEC_CPU_TABLE,
+    Calibration,
+    CodecCPU,
+    Link,
+    allreduce_seconds,
+    codec_cpu_seconds,
+    codec_exchange,
+    ddp_cost,
+    exchange_seconds,
+    exchange_wire_bytes,
+    local_sgd_cost,
+)
+from .engine.codecs import check_codec, codec_names, get_codec, payload_bytes
 
 __all__ = [
+    "CODEC_STEP_FACTORS",
+    "CodecRow",
     "DEFAULT_CANDIDATES",
     "FederatedTimeouts",
     "Plan",
     "PlanRow",
+    "calibrate_codec_cpu",
+    "codec_cpu_cost",
     "compressed_bytes_per_value",
     "federated_timeouts",
     "main",
@@ -166,6 +182,63 @@ def compressed_bytes_per_value(compression: str, params: float, groups: int = 1)
     return G * payload_bytes(compression, math.ceil(numel / G)) / numel
 
 
+# ----------------------------------------------------------------------------------------------------- codec CPU
+def calibrate_codec_cpu(names: Optional[Iterable[str]] = None, numel: int = 1 << 22, repeats: int = 5,
+                        threads: int = 1) -> dict[str, CodecCPU]:
+    """Measure each codec's encode and decode seconds per value on this machine (CPU).
+
+    Times ``encode`` and ``decode`` of a representative pseudo-gradient (``numel`` normal fp32 values of scale 1e-3)
+    with ``threads`` torch threads (1: a conservative figure, as the compression benchmark), best of ``repeats``.
+    ``names``: registered codec names (default: every one, :func:`.engine.codecs.codec_names`); ``"fp32"`` (no
+    codec) is 0. The result goes to ``plan(codec_cpu=...)``; ``benchmarks/codec_cost/codec_cost.py`` writes it as the
+    CSV behind :data:`~lightning_localsgd.costmodel.CODEC_CPU_TABLE`.
+    """
+    import time
+
+    import torch
+
+    chosen = list(codec_names()) if names is None else list(names)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    out: dict[str, CodecCPU] = {}
+    try:
+        x = torch.randn(numel, generator=torch.Generator().manual_seed(0)) * 1e-3
+        for name in chosen:
+            if name == "fp32":
+                out[name] = CodecCPU(0.0, 0.0, "measured")
+                continue
+            codec = get_codec(name)
+            enc = dec = math.inf
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                payload = codec.encode(x)
+                t1 = time.perf_counter()
+                codec.decode(payload, numel)
+                t2 = time.perf_counter()
+                enc, dec = min(enc, t1 - t0), min(dec, t2 - t1)
+            out[name] = CodecCPU(enc / numel, dec / numel, "measured")
+    finally:
+        torch.set_num_threads(previous)
+    return out
+
+
+_MEASURED_CPU: dict[str, CodecCPU] = {}
+
+
+def codec_cpu_cost(name: str, table: Optional[Mapping[str, CodecCPU]] = None) -> CodecCPU:
+    """The CPU cost of codec ``name``: its entry in ``table`` (default
+    :data:`~lightning_localsgd.costmodel.CODEC_CPU_TABLE`), or, for a codec the table lacks (one registered with
+    :func:`~lightning_localsgd.register_codec`), measured once on this machine by :func:`calibrate_codec_cpu` at 1M
+    values and cached (``source="measured"``)."""
+    table = CODEC_CPU_TABLE if table is None else table
+    if name in table:
+        return table[name]
+    check_codec(None if name == "fp32" else name)
+    if name not in _MEASURED_CPU:
+        _MEASURED_CPU.update(calibrate_codec_cpu([name], numel=1 << 20, repeats=3))
+    return _MEASURED_CPU[name]
+
+
 # ----------------------------------------------------------------------------------------------------- the plan
 @dataclass(frozen=True)
 class PlanRow:
@@ -177,10 +250,11 @@ class PlanRow:
     """Payload bytes a group contributes per step: model (or compressed payload) bytes / H. This is what
     ``OuterSync.bytes_sent`` / ``local_sgd/bytes_sent`` counts (per rank: divide by the ranks of a group)."""
     link_bytes_per_step: float
-    """Bytes a group sends (and receives) on the link per step: 2(G−1)/G × the payload, for the fp32 all-reduce as
-    for a compressed sync (all-to-all of encoded chunks + all-gather of the encoded means)."""
+    """Bytes a group sends (and receives) on the link per step: 2(G−1)/G × the payload for the fp32 all-reduce and a
+    two-phase compressed sync (all-to-all of encoded chunks + all-gather of the encoded means), (G−1) × the payload
+    for a codec exchanged by all-gather (:func:`~lightning_localsgd.costmodel.exchange_wire_bytes`)."""
     sync_seconds: float
-    """One sync (DDP: one gradient all-reduce), communication and local work."""
+    """One sync (DDP: one gradient all-reduce): communication, the codec's encoding and decoding, and local work."""
     seconds_per_step: float
     """Wall clock of one optimizer step, the sync amortized over H steps."""
     comm_fraction: float
@@ -191,6 +265,55 @@ class PlanRow:
     @property
     def label(self) -> str:
         return "DDP" if self.h is None else str(self.h)
+
+
+#: Quality cost of each codec: how many times fp32's optimizer steps it needs to reach the loss fp32 reaches, per
+#: outer optimizer (``"average"``: local SGD, the strategies' default; ``"diloco"``). Measured by
+#: ``benchmarks/compression`` (``results/compression_topk.csv`` and its ``_curves.csv``: GPT micro, 123,200
+#: parameters, 2 groups, H = 16, 768 steps, one seed): the step at which the fp32 run's validation curve (linearly
+#: interpolated between evaluations) reaches the codec's final loss, 768 / that step, at least 1 (int8 with local SGD
+#: ended 0.2% *below* fp32, within the noise: 1). topk's loss at equal steps was 1.144× fp32's with local SGD and
+#: 1.316× with DiLoCo, which fp32 reached at step 243 and 79 of 768: 3.16× and 9.71× the steps. ``topk_ef`` decodes to
+#: the values of ``topk``: the same factor. ``bf16`` was not in the run: 1 (its error is below 2⁻⁸ of each value,
+#: under error feedback). A small model, few steps and one seed: an estimate, not a law; measure on your model and pass
+#: ``step_factors`` (``--step-factor``). A codec absent here (one you registered) is priced but not recommended
+#: until you give its factor.
+CODEC_STEP_FACTORS: dict[str, dict[str, float]] = {
+    "average": {"fp32": 1.0, "bf16": 1.0, "int8": 1.0, "int4": 1.01638, "topk": 3.15618, "topk_ef": 3.15618},
+    "diloco": {"fp32": 1.0, "bf16": 1.0, "int8": 1.24245, "int4": 1.26484, "topk": 9.7104, "topk_ef": 9.7104},
+}
+
+
+@dataclass(frozen=True)
+class CodecRow:
+    """One way to sync (``"fp32"``: no codec, or a registered codec) priced at the plan's :attr:`Plan.codec_h`."""
+
+    codec: str
+    """``"fp32"`` (``compression=None``, ``bytes_per_value`` bytes a value) or a registered codec's name."""
+    exchange: str
+    """How its payloads travel: ``"all_reduce"`` (fp32), ``"two_phase"`` or ``"all_gather"`` (the codec's
+    ``exchange``, :func:`~lightning_localsgd.costmodel.codec_exchange`)."""
+    payload_bytes: float
+    """One copy of the model in this format (what ``local_sgd/bytes_sent`` counts per sync and group)."""
+    link_bytes: float
+    """Bytes a group sends (and receives) on the link per sync."""
+    link_seconds: float
+    """The collectives of one sync: bytes over the link, latency terms and fixed costs."""
+    cpu_seconds: float
+    """Encoding and decoding of one sync (:func:`~lightning_localsgd.costmodel.codec_cpu_seconds`)."""
+    cpu_source: str
+    """Where the codec's CPU cost comes from: ``"table"``, ``"measured"`` (on this machine) or ``"given"``."""
+    sync_seconds: float
+    """link + CPU + the sync's local work."""
+    utilization: float
+    """Compute / wall clock at :attr:`Plan.codec_h`."""
+    step_factor: Optional[float]
+    """Steps it needs per fp32 step to reach the same loss (:data:`CODEC_STEP_FACTORS`); ``None``: not measured."""
+    effective_utilization: Optional[float]
+    """utilization / step_factor: the share of the wall clock doing fp32-equivalent training (what the
+    recommendation maximises); ``None`` without a step factor."""
+    min_h: int
+    """Smallest H at which this sync reaches the target utilization."""
 
 
 @dataclass(frozen=True)
@@ -220,6 +343,24 @@ class Plan:
     """Why this recommendation, or why none."""
     notes: tuple[str, ...] = field(default=())
     """Remarks worth reading: DDP already fast enough, compression slower than fp32 (its extra fixed cost), ..."""
+    outer: str = "average"
+    """The outer optimizer whose step factors price the codecs' quality (:data:`CODEC_STEP_FACTORS`)."""
+    codec_h: Optional[int] = None
+    """The H the codecs are compared at: ``sync_every`` if given, else the recommended H, else the largest
+    candidate."""
+    codecs: tuple[CodecRow, ...] = ()
+    """Every compared way to sync, at :attr:`codec_h`."""
+    recommended_codec: Optional[str] = None
+    """The codec with the largest effective utilization at :attr:`codec_h` (``"fp32"``: ``compression=None``)."""
+    codec_reason: str = ""
+    """Why that codec: its sync's link and CPU time, utilization and step factor against fp32 and the runner-up."""
+
+    def codec(self, name: str) -> CodecRow:
+        """The comparison row of codec ``name``."""
+        for c in self.codecs:
+            if c.codec == name:
+                return c
+        raise KeyError(f"{name!r} was not compared (compared: {[c.codec for c in self.codecs]}).")
 
     def row(self, h: int) -> PlanRow:
         """The row of candidate ``h``."""
@@ -232,6 +373,7 @@ class Plan:
         """Plain data (JSON-serializable), as printed by ``lightning-localsgd plan --json``."""
         d = asdict(self)
         d["rows"] = [asdict(r) for r in self.rows]
+        d["codecs"] = [asdict(c) for c in self.codecs]
         d["notes"] = list(self.notes)
         return d
 
@@ -277,6 +419,44 @@ def _check_candidates(candidates: Optional[Iterable[int]]) -> tuple[int, ...]:
     return tuple(sorted({int(h) for h in values}))
 
 
+def _check_codec_options(codecs: Optional[Iterable[str]], sync_every: Optional[int], outer: str,
+                         step_factors: Optional[Mapping[str, float]],
+                         codec_cpu: Optional[Mapping[str, CodecCPU]]) -> tuple[tuple[str, ...], dict[str, float]]:
+    """The codecs to compare (``"fp32"`` first) and the step factors of the chosen outer optimizer, checked."""
+    known = ("fp32", *codec_names())
+    if codecs is None:
+        names = known
+    else:
+        if isinstance(codecs, (str, bytes)):
+            raise ValueError(f"codecs must be a sequence of codec names, got the string {codecs!r}; give e.g. "
+                             f"['fp32', 'int4', 'topk'].")
+        names = tuple(dict.fromkeys(codecs))
+        if not names:
+            raise ValueError(f"codecs must not be empty; give some of {known}, or None for all of them.")
+        for name in names:
+            if name not in known:
+                raise ValueError(f"codecs: unknown codec {name!r}; give some of {known} (fp32: no compression).")
+    if sync_every is not None and (isinstance(sync_every, bool) or not isinstance(sync_every, numbers.Integral)
+                                   or sync_every < 1):
+        raise ValueError(f"sync_every must be an integer >= 1 (the H you will run), or None, got {sync_every!r}.")
+    if outer not in CODEC_STEP_FACTORS:
+        raise ValueError(f"outer must be one of {tuple(CODEC_STEP_FACTORS)} (the outer optimizer whose measured step "
+                         f"factors price the codecs' quality), got {outer!r}.")
+    factors = dict(CODEC_STEP_FACTORS[outer])
+    for name, value in (step_factors or {}).items():
+        if name not in known:
+            raise ValueError(f"step_factors: unknown codec {name!r}; give some of {known}.")
+        factors[name] = _check_fraction(value, f"step_factors[{name!r}]", 0, math.inf, True, True,
+                                        "give the steps the codec needs per fp32 step to reach fp32's loss, e.g. 1.2")
+    for name, cost in (codec_cpu or {}).items():
+        if not isinstance(cost, CodecCPU) or not all(
+                isinstance(v, numbers.Real) and math.isfinite(v) and v >= 0
+                for v in (cost.encode_s_per_value, cost.decode_s_per_value)):
+            raise ValueError(f"codec_cpu[{name!r}] must be a lightning_localsgd.costmodel.CodecCPU of finite seconds "
+                             f">= 0 per value, got {cost!r}.")
+    return names, factors
+
+
 def plan(
     params: Union[Number, str],
     step_time: Union[Number, str],
@@ -288,8 +468,14 @@ def plan(
     bytes_per_value: float = 4.0,
     compression: Optional[str] = None,
     calibration: Optional[Calibration] = None,
+    codecs: Optional[Sequence[str]] = None,
+    sync_every: Optional[int] = None,
+    outer: str = "average",
+    step_factors: Optional[Mapping[str, float]] = None,
+    codec_cpu: Optional[Mapping[str, CodecCPU]] = None,
 ) -> Plan:
-    """Price each candidate sync interval H on a link and recommend the smallest that keeps utilization >= target.
+    """Price each candidate sync interval H on a link and recommend the smallest that keeps utilization >= target;
+    compare the ways to sync (fp32 and every codec) and recommend the one that trains fastest.
 
     Args:
         params: number of model parameters N (``1.3e9`` or ``"1.3B"``).
@@ -303,12 +489,23 @@ def plan(
         target_utilization: the utilization (compute / wall clock) to reach, in (0, 1).
         bytes_per_value: bytes per value of the uncompressed sync and of DDP's gradients (4 = fp32, as this library
             syncs).
-        compression: ``None``, ``"bf16"``, ``"int8"``, ``"int4"``, ``"topk"`` (the strategies' ``compression``): the
-            sync is a compressed all-reduce of the codec's payload (all-to-all of encoded chunks, all-gather of the
-            encoded means) instead of the fp32 all-reduce of the model. DDP's row stays uncompressed.
+        compression: ``None`` or a registered codec (``"bf16"``, ``"int8"``, ``"int4"``, ``"topk"``, ...: the
+            strategies' ``compression``) for the rows: the sync exchanges the codec's payload (its ``exchange``:
+            a two-phase compressed all-reduce, or an all-gather for the sparse codecs) and pays its encoding and
+            decoding, instead of the fp32 all-reduce of the model. DDP's row stays uncompressed.
         calibration: the cost model's constants (η, c0, φ, local work per byte; default
             :class:`~lightning_localsgd.costmodel.Calibration`: η = 0.9, c0 = 0, φ = 2/3). Fit your own with
             :func:`lightning_localsgd.costmodel.calibrate` or ``benchmarks/projection/projection.py``.
+        codecs: the ways to sync to compare (``"fp32"`` and registered codec names; default: all of them).
+        sync_every: the H to compare them at (the H you will run); default the recommended H, or the largest
+            candidate when none reaches the target.
+        outer: ``"average"`` (the strategies' default) or ``"diloco"``: whose measured step factors
+            (:data:`CODEC_STEP_FACTORS`) price each codec's quality.
+        step_factors: your own step factors by codec name (steps per fp32 step to reach fp32's loss), over the
+            measured ones; a codec without one is priced but not recommended.
+        codec_cpu: the codecs' CPU cost by name (:class:`~lightning_localsgd.costmodel.CodecCPU`; from
+            :func:`calibrate_codec_cpu` for this machine), over
+            :data:`~lightning_localsgd.costmodel.CODEC_CPU_TABLE`; a codec in neither is measured here once.
 
     Returns:
         A :class:`Plan`.
@@ -334,34 +531,37 @@ def plan(
         raise ValueError(f"bytes_per_value must be a number > 0, got {bytes_per_value!r}; 4 = fp32, 2 = bf16.")
     check_codec(compression)
     cal = _check_calibration(Calibration() if calibration is None else calibration)
+    compared, factors = _check_codec_options(codecs, sync_every, outer, step_factors, codec_cpu)
 
     link = Link("planned link", bw, lat)
     model_bytes = float(bytes_per_value) * n
-    payload_per_value = (float(bytes_per_value) if compression is None
-                         else compressed_bytes_per_value(compression, n, G))
-    payload = payload_per_value * n
-    # What each group puts on the link per sync: 2(G−1)/G of the payload, for the all-reduce as for the compressed
-    # all-reduce (all-to-all + all-gather, see costmodel).
-    link_bytes = 2 * (G - 1) / G * payload
+
+    def price(name: str) -> _SyncPrice:
+        """One sync of ``name`` ("fp32" = uncompressed): its bytes, link seconds and codec CPU seconds."""
+        if name == "fp32":
+            return _SyncPrice("all_reduce", model_bytes, 2 * (G - 1) / G * model_bytes,
+                              allreduce_seconds(model_bytes, G, link, cal), 0.0, "table")
+        exchange = codec_exchange(get_codec(name))
+        payload = compressed_bytes_per_value(name, n, G) * n
+        cost = (codec_cpu or {}).get(name)
+        cpu = cost if cost is not None else codec_cpu_cost(name)
+        return _SyncPrice(exchange, payload, exchange_wire_bytes(exchange, payload, G),
+                          exchange_seconds(exchange, payload, G, link, cal),
+                          codec_cpu_seconds(cpu, exchange, n, G), "given" if cost is not None else cpu.source)
+
+    mine = price("fp32" if compression is None else compression)
+    payload_per_value = mine.payload_bytes / n
+    sync_s = mine.link_seconds + mine.cpu_seconds + cal.outer_s_per_byte * model_bytes
 
     def local_row(h: int) -> PlanRow:
-        cost = local_sgd_cost(tc, model_bytes, G, h, link, cal, payload_bytes=None if compression is None else payload)
-        return PlanRow(h, payload / h, link_bytes / h, cost.comm_s * h, cost.step_s,
-                       (cost.step_s - cost.compute_s) / cost.step_s, cost.utilization)
+        step = tc + sync_s / h
+        return PlanRow(h, mine.payload_bytes / h, mine.link_bytes / h, sync_s, step, (step - tc) / step, tc / step)
 
     rows = tuple(local_row(h) for h in hs)
     ddp = ddp_cost(tc, model_bytes, G, link, cal)
     ddp_row = PlanRow(None, model_bytes, 2 * (G - 1) / G * model_bytes, ddp.comm_s, ddp.step_s,
                       (ddp.step_s - ddp.compute_s) / ddp.step_s, ddp.utilization)
-
-    # Exact bound: tc / (tc + s/H) >= T  <=>  H >= s·T / (tc·(1 − T)); nudge by ±1 against float rounding so that the
-    # bound agrees with the rows' own utilization.
-    sync_s = rows[0].sync_seconds
-    min_h = max(1, math.ceil(sync_s * target / (tc * (1 - target))))
-    while min_h > 1 and local_row(min_h - 1).utilization >= target:
-        min_h -= 1
-    while local_row(min_h).utilization < target:
-        min_h += 1
+    min_h = _min_h(sync_s, tc, target)
 
     passing = [r for r in rows if r.utilization >= target]
     recommended = passing[0].h if passing else None
@@ -381,20 +581,114 @@ def plan(
     if ddp_row.utilization >= target:
         notes.append(f"DDP already reaches {ddp_row.utilization:.1%} on this link: local SGD buys no throughput here.")
     if compression is not None:
-        # Fewer bytes whenever P < M; the second collective's fixed cost c0 can still outweigh the bytes saved on a
-        # small model (or P >= M, e.g. bf16 against --bytes-per-value 2).
+        # Fewer bytes whenever P < M; the codec's CPU time, or the second collective's fixed cost c0, can still
+        # outweigh the bytes saved on a small model or a fast link (or P >= M, e.g. bf16 against --bytes-per-value 2).
         fp32_sync = allreduce_seconds(model_bytes, G, link, cal)
-        compressed_sync = compressed_allreduce_seconds(payload, G, link, cal)
+        compressed_sync = mine.link_seconds + mine.cpu_seconds
         if compressed_sync >= fp32_sync:
             notes.append(
                 f"compression={compression!r} makes a sync no faster than the uncompressed all-reduce here "
-                f"({_fmt_seconds(compressed_sync)} vs {_fmt_seconds(fp32_sync)}): it runs two collectives (2·c0 = "
-                f"{_fmt_seconds(2 * cal.fixed_s)} of fixed cost) and saves only "
-                f"{_fmt_bytes(max(0.0, model_bytes - payload))} per copy.")
+                f"({_fmt_seconds(compressed_sync)} vs {_fmt_seconds(fp32_sync)}): "
+                + ("it runs two collectives (2·c0 = " f"{_fmt_seconds(2 * cal.fixed_s)} of fixed cost)"
+                   if mine.exchange == "two_phase" else f"its {mine.exchange} exchange")
+                + f", its encoding and decoding take {_fmt_seconds(mine.cpu_seconds)}, and it saves only "
+                f"{_fmt_bytes(max(0.0, model_bytes - mine.payload_bytes))} per copy.")
+
+    codec_h = int(sync_every) if sync_every is not None else (recommended if recommended is not None else hs[-1])
+    codec_rows = []
+    for name in compared:
+        c = mine if name == ("fp32" if compression is None else compression) else price(name)
+        sync = c.link_seconds + c.cpu_seconds + cal.outer_s_per_byte * model_bytes
+        util = tc / (tc + sync / codec_h)
+        factor = factors.get(name)
+        codec_rows.append(CodecRow(name, c.exchange, c.payload_bytes, c.link_bytes, c.link_seconds, c.cpu_seconds,
+                                   c.cpu_source, sync, util, factor, None if factor is None else util / factor,
+                                   _min_h(sync, tc, target)))
+    best, codec_reason = _choose_codec(codec_rows, codec_h, outer, bytes_per_value)
     return Plan(params=n, step_time_s=tc, bandwidth_bit_s=bw, latency_s=lat, groups=G, target_utilization=target,
                 bytes_per_value=float(bytes_per_value), compression=compression,
                 payload_bytes_per_value=payload_per_value, calibration=cal, rows=rows, ddp=ddp_row,
-                recommended_h=recommended, min_h=min_h, reason=reason, notes=tuple(notes))
+                recommended_h=recommended, min_h=min_h, reason=reason, notes=tuple(notes), outer=outer,
+                codec_h=codec_h, codecs=tuple(codec_rows), recommended_codec=best, codec_reason=codec_reason)
+
+
+@dataclass(frozen=True)
+class _SyncPrice:
+    exchange: str
+    payload_bytes: float
+    link_bytes: float
+    link_seconds: float
+    cpu_seconds: float
+    cpu_source: str
+
+
+def _min_h(sync_s: float, tc: float, target: float) -> int:
+    """Smallest integer H with tc / (tc + sync/H) >= target: H >= s·T / (tc·(1 − T)), nudged by ±1 against float
+    rounding so that the bound agrees with the rows' own utilization."""
+    def util(h: int) -> float:
+        return tc / (tc + sync_s / h)
+
+    h = max(1, math.ceil(sync_s * target / (tc * (1 - target))))
+    while h > 1 and util(h - 1) >= target:
+        h -= 1
+    while util(h) < target:
+        h += 1
+    return h
+
+
+def _codec_label(name: str, bytes_per_value: float) -> str:
+    if name != "fp32":
+        return name
+    return "fp32" if bytes_per_value == 4 else f"uncompressed ({bytes_per_value:g} B/value)"
+
+
+def _choose_codec(rows: list[CodecRow], h: int, outer: str, bytes_per_value: float) -> tuple[Optional[str], str]:
+    """The row with the largest effective utilization (the first of equals: fp32 before any codec), and why: its sync
+    against fp32's (or, when fp32 wins, the runner-up's), its quality cost, and the leanest codec's figures."""
+    ranked = sorted((r for r in rows if r.effective_utilization is not None),
+                    key=lambda r: -r.effective_utilization)  # stable: ties keep the compared order
+    unmeasured = [r.codec for r in rows if r.effective_utilization is None]
+    tail = (f" Not recommended without a measured step factor: {', '.join(unmeasured)} (give step_factors / "
+            f"--step-factor NAME=X)." if unmeasured else "")
+    if not ranked:
+        return None, "no compared codec has a step factor." + tail
+    best = ranked[0]
+    fp32 = next((r for r in rows if r.codec == "fp32"), None)
+    base = fp32 if fp32 is not None and fp32 is not best else (ranked[1] if len(ranked) > 1 else None)
+
+    def name(r: CodecRow) -> str:
+        return _codec_label(r.codec, bytes_per_value)
+
+    def sync_words(r: CodecRow) -> str:
+        coding = f" + {_fmt_seconds(r.cpu_seconds)} coding" if r.cpu_seconds > 0 else ""
+        return (f"{_fmt_seconds(r.sync_seconds)} ({_fmt_seconds(r.link_seconds)} on the link for "
+                f"{_fmt_bytes(r.link_bytes)}{coding})")
+
+    def quality(r: CodecRow) -> str:
+        if r.step_factor == 1:
+            return "no quality cost" if r.codec == "fp32" else "no measured quality cost"
+        return f"{r.step_factor:.3g}× fp32's steps to the same loss ({outer})"
+
+    reason = (f"{name(best)} at H={h}: {best.effective_utilization:.1%} of the wall clock does fp32-equivalent "
+              f"training (utilization {best.utilization:.1%}, {quality(best)}); a sync takes {sync_words(best)}")
+    if base is not None:
+        reason += (f"; {name(base)}: {base.effective_utilization:.1%} (utilization {base.utilization:.1%}, "
+                   f"{quality(base)}), a sync {sync_words(base)}")
+    if best.codec == "fp32":
+        reason += (". No codec's bytes saved outweigh its coding time and quality cost on this link: keep "
+                   "compression=None.")
+    elif best.step_factor == 1:
+        reason += f". Its shorter sync pays at no measured quality cost: compression={best.codec!r}."
+    else:
+        reason += (f". Its shorter sync outweighs its quality cost: compression={best.codec!r}. Quality caveat: the "
+                   f"step factor is extrapolated from a 123k-parameter model at H=16 (benchmarks/compression: topk's "
+                   f"loss at equal steps 1.144× fp32's with local SGD, 1.316× with DiLoCo; int4 1.002× and 1.031×); "
+                   f"measure on your model and pass --step-factor {best.codec}=X.")
+    leanest = min(ranked, key=lambda r: r.link_bytes)  # the codec that saves the most bytes: why (not) it
+    if leanest is not best and leanest is not base:
+        reason += (f" Fewest bytes, {leanest.codec}: {leanest.effective_utilization:.1%} (utilization "
+                   f"{leanest.utilization:.1%}, {quality(leanest)}), a sync {sync_words(leanest)}.")
+    return best.codec, reason + tail
 
 
 # ----------------------------------------------------------------------------------------------------- federated
@@ -499,7 +793,7 @@ def federated_timeouts(p: Plan, h: Optional[int] = None, step_time_spread: float
         interval = period + slowest
         spread = slowest + pause_s
         join = math.ceil(10 * m * spread) / 10
-    sync = (p.row(h) if h in [r.h for r in p.rows] else _sync_row(p, h)).sync_seconds
+    sync = p.rows[0].sync_seconds  # the same for every H
     heal_bytes = p.params * (p.bytes_per_value + 4.0 * (1.0 + inner_state_copies + outer_state_copies))
     heal = heal_bytes * 8 / (p.calibration.efficiency * p.bandwidth_bit_s) + p.latency_s
     return FederatedTimeouts(
@@ -507,13 +801,6 @@ def federated_timeouts(p: Plan, h: Optional[int] = None, step_time_spread: float
         heartbeat_timeout_s=beat, sync_timeout_s=float(math.ceil(m * (interval + spread + beat + heal + sync))),
         join_timeout_s=join, stall_per_failure_s=beat + sync, margin=m, sync_every_seconds=period,
         slowest_step_s=slowest)
-
-
-def _sync_row(p: Plan, h: int) -> PlanRow:
-    """The row of an H that is not among the plan's candidates (the same model, one more candidate)."""
-    return plan(p.params, p.step_time_s, p.bandwidth_bit_s, p.latency_s, p.groups, candidates=[h],
-                target_utilization=p.target_utilization, bytes_per_value=p.bytes_per_value,
-                compression=p.compression, calibration=p.calibration).rows[0]
 
 
 def print_federated_timeouts(t: FederatedTimeouts, file=None) -> None:
