@@ -446,7 +446,7 @@ def _check_codec_options(codecs: Optional[Iterable[str]], sync_every: Optional[i
     for name, value in (step_factors or {}).items():
         if name not in known:
             raise ValueError(f"step_factors: unknown codec {name!r}; give some of {known}.")
-        factors[name] = _check_fraction(value, f"step_factors[{name!r}]", 0, math.inf, True, True,
+        factors[name] = _check_fraction(value, f"step_factors: {name}", 0, math.inf, True, True,
                                         "give the steps the codec needs per fp32 step to reach fp32's loss, e.g. 1.2")
     for name, cost in (codec_cpu or {}).items():
         if not isinstance(cost, CodecCPU) or not all(
@@ -899,6 +899,31 @@ def print_plan(p: Plan, file=None) -> None:
         console.print(f"recommended: none ({p.reason})", highlight=False)
     for note in p.notes:
         console.print(f"note: {note}", highlight=False)
+    if p.codecs:
+        console.print(_codec_table(p))
+        console.print(f"recommended codec: {p.codec_reason}", highlight=False)
+
+
+def _codec_table(p: Plan):
+    """The compared ways to sync at :attr:`Plan.codec_h`, the recommended one marked."""
+    from rich.table import Table
+
+    table = Table(title=f"Codecs at H={p.codec_h}: one sync over {p.groups} groups, its link and coding time "
+                        f"(one CPU thread), and the quality cost ({p.outer})",
+                  caption="effective = utilization / step factor (steps per fp32 step to the same loss, measured by "
+                          "benchmarks/compression; --step-factor). * recommended")
+    for header in ("codec", "exchange", "link bytes/sync", "link", "coding", "sync", "utilization", "step factor",
+                   "effective", "min H"):
+        table.add_column(header, justify="left" if header in ("codec", "exchange") else "right")
+    for c in p.codecs:
+        mark = " *" if c.codec == p.recommended_codec else ""
+        coding = _fmt_seconds(c.cpu_seconds) + (" (measured)" if c.cpu_source == "measured" else "")
+        table.add_row(_codec_label(c.codec, p.bytes_per_value) + mark, c.exchange, _fmt_bytes(c.link_bytes),
+                      _fmt_seconds(c.link_seconds), coding, _fmt_seconds(c.sync_seconds), _fmt_fraction(c.utilization),
+                      "?" if c.step_factor is None else f"{c.step_factor:.3g}",
+                      "—" if c.effective_utilization is None else _fmt_fraction(c.effective_utilization), str(c.min_h),
+                      style="bold green" if mark else None)
+    return table
 
 
 # ----------------------------------------------------------------------------------------------------- CLI
@@ -932,6 +957,21 @@ def _parser() -> argparse.ArgumentParser:
     opt.add_argument("--compression", choices=codec_names(), default=None,
                      help="compressed sync (the strategies' compression=): a compressed all-reduce of the codec's "
                           "payload (all-to-all of encoded chunks, all-gather of the encoded means)")
+    opt.add_argument("--sync-every", type=int, default=None,
+                     help="the H you will run: the codecs are compared at it, and --federated derives its timeouts "
+                          "for it (default: the recommended H, or the largest candidate when none reaches the target)")
+    opt.add_argument("--codecs", default=None,
+                     help=f"comma-separated ways to sync to compare (default: all: fp32,{','.join(codec_names())}; "
+                          "fp32 = no compression)")
+    opt.add_argument("--outer", choices=tuple(CODEC_STEP_FACTORS), default="average",
+                     help="the outer optimizer whose measured step factors price each codec's quality (default: "
+                          "average, the strategies' default)")
+    opt.add_argument("--step-factor", action="append", default=[], metavar="CODEC=X",
+                     help="steps CODEC needs per fp32 step to reach fp32's loss, measured on your model (repeatable; "
+                          "default: benchmarks/compression's, e.g. topk=3.16 with average)")
+    opt.add_argument("--calibrate-codecs", action="store_true",
+                     help="measure each codec's encode / decode time on this machine (one CPU thread, a few seconds) "
+                          "instead of the table measured on the project's CI machine")
     cal = Calibration()
     opt.add_argument("--efficiency", type=float, default=cal.efficiency,
                      help=f"η, achieved fraction of the link bandwidth in a collective (default: {cal.efficiency:g})")
@@ -943,8 +983,6 @@ def _parser() -> argparse.ArgumentParser:
     fed = parser.add_argument_group("federated worker groups (lighthouse=): timeouts from H x step time")
     fed.add_argument("--federated", action="store_true",
                      help="also print sync_timeout and the lighthouse's timeouts (docs/multi_cluster.md)")
-    fed.add_argument("--sync-every", type=int, default=None,
-                     help="the H to derive them for (default: the recommended H)")
     fed.add_argument("--step-time-spread", type=float, default=0.1,
                      help="how much slower the slowest group's step is, as a fraction (default: 0.1)")
     fed.add_argument("--pause", default="0",
@@ -967,7 +1005,8 @@ _FLAGS = {"params": "--params", "step_time": "--step-time", "bandwidth": "--band
           "groups": "--groups", "candidates": "--candidates", "target_utilization": "--target",
           "bytes_per_value": "--bytes-per-value", "compression": "--compression", "fixed_cost": "--fixed-cost",
           "calibration.efficiency": "--efficiency", "calibration.overlap": "--overlap",
-          "sync_every": "--sync-every", "step_time_spread": "--step-time-spread", "pause": "--pause",
+          "sync_every": "--sync-every", "codecs": "--codecs", "outer": "--outer", "step_factors": "--step-factor",
+          "step_time_spread": "--step-time-spread", "pause": "--pause",
           "inner_state_copies": "--inner-state", "outer_state_copies": "--outer-state",
           "heartbeat_timeout": "--heartbeat-timeout", "margin": "--margin",
           "sync_every_seconds": "--sync-every-seconds"}
@@ -992,9 +1031,19 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         calibration = Calibration(efficiency=args.efficiency,
                                   fixed_s=parse_duration(args.fixed_cost, "fixed_cost", allow_zero=True),
                                   overlap=args.overlap)
+        step_factors = {}
+        for item in args.step_factor:
+            codec, _, value = item.partition("=")
+            try:
+                step_factors[codec.strip()] = float(value)
+            except ValueError:
+                raise ValueError(f"step_factors: cannot read {item!r}; give CODEC=X, e.g. topk=1.5.") from None
+        codecs = None if args.codecs is None else [c.strip() for c in args.codecs.split(",") if c.strip()]
         result = plan(args.params, args.step_time, args.bandwidth, args.latency, args.groups, candidates=candidates,
                       target_utilization=args.target, bytes_per_value=args.bytes_per_value,
-                      compression=args.compression, calibration=calibration)
+                      compression=args.compression, calibration=calibration, codecs=codecs,
+                      sync_every=args.sync_every, outer=args.outer, step_factors=step_factors,
+                      codec_cpu=calibrate_codec_cpu(codecs) if args.calibrate_codecs else None)
         timeouts = federated_timeouts(result, args.sync_every, args.step_time_spread, args.pause, args.inner_state,
                                       args.outer_state, args.heartbeat_timeout, args.margin,
                                       args.sync_every_seconds) \

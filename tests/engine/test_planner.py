@@ -36,6 +36,16 @@ def hand_sync_seconds(params: float, G: int, bandwidth: float, latency: float, b
     return 2 * (G - 1) / G * 8 * M / (ETA * bandwidth) + 2 * math.ceil(math.log2(G)) * latency
 
 
+def hand_coding_seconds(codec: str, params: float, G: int, exchange: str = "two_phase") -> float:
+    """One group's encoding and decoding in a sync, from the codec's measured seconds per value: two-phase: encode
+    N(1 + 1/G) (its G chunks, then its mean chunk), decode N(3 + 1/G) (error feedback of its chunks, the G received
+    pieces, error feedback of its mean chunk, the G gathered means); all-gather: encode N, decode N(G + 1)."""
+    cost = costmodel.CODEC_CPU_TABLE[codec]
+    encoded, decoded = ((params * (1 + 1 / G), params * (3 + 1 / G)) if exchange == "two_phase"
+                        else (params, params * (G + 1)))
+    return encoded * cost.encode_s_per_value + decoded * cost.decode_s_per_value
+
+
 def hand_utilization(tc: float, sync: float, H: int) -> float:
     return tc / (tc + sync / H)
 
@@ -88,17 +98,22 @@ def test_compressed_sync_is_a_compressed_all_reduce_of_the_codec_payload():
     p = plan(**EXAMPLE, compression="int8")
     P = 8 * (162_500_000 + 4 * 634_766)
     # all-to-all of encoded chunks + all-gather of the encoded means: 2(G−1)/G·8P/(η·B) + 2⌈log2 G⌉·λ + 2·c0 (c0 = 0)
-    sync = 1.75 * 8 * P / (ETA * 1e9) + 6 * 0.02
-    assert sync == pytest.approx(20.657, rel=1e-4)  # vs 81.0 s for fp32: ~4x fewer bytes at any G
+    link = 1.75 * 8 * P / (ETA * 1e9) + 6 * 0.02
+    assert link == pytest.approx(20.657, rel=1e-4)  # vs 81.0 s for fp32: ~4x fewer bytes at any G
+    # plus the codec's encoding and decoding on one CPU thread (the table's seconds per value)
+    coding = hand_coding_seconds("int8", 1.3e9, 8)
+    assert 1 < coding < 20
+    sync = link + coding
     assert p.row(256).sync_seconds == pytest.approx(sync, rel=1e-12)
     assert p.row(256).bytes_per_step == pytest.approx(P / 256, rel=1e-12)  # one compressed copy, as bytes_sent counts
     assert p.row(256).link_bytes_per_step == pytest.approx(1.75 * P / 256, rel=1e-12)
     assert p.ddp.bytes_per_step == pytest.approx(4 * 1.3e9)  # DDP's gradients are not compressed
-    assert p.min_h == math.ceil(sync * 0.95 / (0.4 * 0.05)) == 982 and p.recommended_h == 1024
+    assert p.min_h == math.ceil(sync * 0.95 / (0.4 * 0.05)) == 1214 and p.recommended_h == 2048
     assert not p.notes  # compression pays at G = 8 too
     p2 = plan(**{**EXAMPLE, "groups": 2}, compression="int4")
     assert not p2.notes
-    assert p2.row(1).sync_seconds == pytest.approx(8 * (0.5 + 4 / 256) * 1.3e9 / (ETA * 1e9) + 2 * 0.02, rel=1e-6)
+    assert p2.row(1).sync_seconds == pytest.approx(8 * (0.5 + 4 / 256) * 1.3e9 / (ETA * 1e9) + 2 * 0.02
+                                                   + hand_coding_seconds("int4", 1.3e9, 2), rel=1e-6)
     # each of the two collectives pays c0: with c0 = 10 ms, a sync costs c0 more than the all-reduce of P bytes
     cal = costmodel.Calibration(fixed_s=0.01)
     p3 = plan(**EXAMPLE, compression="int8", calibration=cal)
@@ -224,9 +239,10 @@ def test_cli_json(capsys):
     data = json.loads(capsys.readouterr().out)
     assert [r["h"] for r in data["rows"]] == [1024, 4096]
     assert data["compression"] == "int4" and data["groups"] == 8 and data["ddp"]["h"] is None
-    # int4 at G = 8 puts 1.75 · 0.516 = 0.9 bytes per parameter on the link instead of fp32's 1.75 · 4 = 7
-    assert data["min_h"] == math.ceil(0.95 / (0.4 * 0.05) * (1.75 * 8 * (0.5 + 4 / 256) * 1.3e9 / (ETA * 1e9) + 0.12))
-    assert data["min_h"] == 501 and data["recommended_h"] == 1024
+    # int4 at G = 8 puts 1.75 · 0.516 = 0.9 bytes per parameter on the link instead of fp32's 1.75 · 4 = 7, and codes
+    assert data["min_h"] == math.ceil(0.95 / (0.4 * 0.05) * (1.75 * 8 * (0.5 + 4 / 256) * 1.3e9 / (ETA * 1e9) + 0.12
+                                                             + hand_coding_seconds("int4", 1.3e9, 8)))
+    assert data["min_h"] == 824 and data["recommended_h"] == 1024
     assert data["rows"][0]["link_bytes_per_step"] == pytest.approx(1.75 * data["rows"][0]["bytes_per_step"])
     assert data["rows"][0]["utilization"] == pytest.approx(plan(**EXAMPLE, compression="int4").row(1024).utilization)
 
