@@ -547,7 +547,8 @@ def plan(
         cpu = cost if cost is not None else codec_cpu_cost(name)
         return _SyncPrice(exchange, payload, exchange_wire_bytes(exchange, payload, G),
                           exchange_seconds(exchange, payload, G, link, cal),
-                          codec_cpu_seconds(cpu, exchange, n, G), "given" if cost is not None else cpu.source)
+                          codec_cpu_seconds(cpu, exchange, n, G),
+                          "given" if cost is not None and cpu.source != "measured" else cpu.source)
 
     mine = price("fp32" if compression is None else compression)
     payload_per_value = mine.payload_bytes / n

@@ -7,9 +7,11 @@ The hand computations below use the cost model's formula written out again (defa
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -341,3 +343,261 @@ def test_time_based_federated_timeouts_wait_one_slowest_step(capsys):
     with pytest.raises(SystemExit):
         cli_main(ARGS + ["--federated", "--sync-every-seconds=-3"])
     assert "error: --sync-every-seconds" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ codecs: cost and choice
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def hand_exchange(codec: str) -> str:
+    """The codec's exchange as the engine declares it (the sparse codecs may say "all_gather")."""
+    from lightning_localsgd.engine.codecs import get_codec
+
+    return getattr(get_codec(codec), "exchange", "two_phase")
+
+
+def hand_topk_sync_parts(params: float, G: int, latency: float) -> tuple[float, float]:
+    """topk's sync as (a, b) in s = a / B + b: its bytes over the link and the rest, for N a multiple of 4096·G.
+
+    One copy: N/4096 chunks of 116 bytes (64 2-bit values, 64 12-bit indices, an fp32 scale). Two-phase: 2(G−1)/G of
+    it on the link, 2⌈log2 G⌉ latencies; all-gather: (G−1) of it, ⌈log2 G⌉ latencies. Plus the coding.
+    """
+    P = params / 4096 * 116
+    exchange = hand_exchange("topk")
+    rounds = math.ceil(math.log2(G))
+    share, hops = (2 * (G - 1) / G, 2 * rounds) if exchange == "two_phase" else (G - 1, rounds)
+    return share * 8 * P / ETA, hops * latency + hand_coding_seconds("topk", params, G, exchange)
+
+
+def test_codec_cpu_table_covers_every_registered_codec_and_matches_its_benchmark():
+    from lightning_localsgd.engine.codecs import CODECS, codec_names
+
+    table = costmodel.CODEC_CPU_TABLE
+    assert set(table) == {"fp32", *codec_names()} == {"fp32", *CODECS}, (
+        "a registered codec has no CPU cost entry: run `python benchmarks/codec_cost/codec_cost.py` and copy its "
+        "entries into costmodel.CODEC_CPU_TABLE")
+    assert table["fp32"].encode_s_per_value == table["fp32"].decode_s_per_value == 0
+    with open(ROOT / "benchmarks" / "codec_cost" / "results" / "codec_cost.csv", newline="") as f:
+        measured = {r["codec"]: r for r in csv.DictReader(f)}
+    assert set(measured) == set(table)
+    for name, cost in table.items():
+        assert cost.encode_s_per_value == pytest.approx(float(measured[name]["encode_s_per_value"]), rel=1e-5), name
+        assert cost.decode_s_per_value == pytest.approx(float(measured[name]["decode_s_per_value"]), rel=1e-5), name
+        if name != "fp32":
+            assert 0 < cost.encode_s_per_value < 1e-6 and 0 < cost.decode_s_per_value < 1e-6, name
+    # top-k selects per chunk: its encoding costs more per value than int4's rounding
+    assert table["topk"].encode_s_per_value > table["int4"].encode_s_per_value
+
+
+def test_step_factors_are_the_compression_benchmarks_steps_to_equal_loss():
+    """CODEC_STEP_FACTORS against benchmarks/compression's curves: 768 / the step at which the fp32 run (same outer)
+    reaches the codec's final loss, linearly interpolated between evaluations, at least 1."""
+    from lightning_localsgd.planner import CODEC_STEP_FACTORS
+
+    curves: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    with open(ROOT / "benchmarks" / "compression" / "results" / "compression_topk_curves.csv", newline="") as f:
+        for r in csv.DictReader(f):
+            curves.setdefault((r["outer"], r["codec"]), []).append((float(r["step"]), float(r["val_loss"])))
+    with open(ROOT / "benchmarks" / "compression" / "results" / "compression_topk.csv", newline="") as f:
+        final = {(r["outer"], r["codec"]): float(r["final_val_loss"]) for r in csv.DictReader(f)}
+    checked = 0
+    for (outer, codec), curve in curves.items():
+        if codec == "none":
+            continue
+        loss = final[(outer, codec)]
+        assert curve[-1][1] == pytest.approx(loss, rel=1e-5)
+        reference = curves[(outer, "none")]
+        step = next((s0 + (l0 - loss) / (l0 - l1) * (s1 - s0)
+                     for (s0, l0), (s1, l1) in zip(reference, reference[1:]) if l1 <= loss), curve[-1][0])
+        assert CODEC_STEP_FACTORS[outer][codec] == pytest.approx(max(1.0, curve[-1][0] / step), rel=1e-5), \
+            (outer, codec)
+        checked += 1
+    assert checked == 6  # int8, int4, topk under both outers
+    for outer in ("average", "diloco"):
+        assert CODEC_STEP_FACTORS[outer]["topk_ef"] == CODEC_STEP_FACTORS[outer]["topk"]  # the same decoded values
+        assert CODEC_STEP_FACTORS[outer]["fp32"] == CODEC_STEP_FACTORS[outer]["bf16"] == 1
+    assert CODEC_STEP_FACTORS["average"]["topk"] == pytest.approx(3.156, rel=1e-3)  # fp32 reached topk's loss at 243
+
+
+def test_codec_rows_price_bytes_coding_and_quality_by_hand():
+    p = plan(params=2**30, step_time=0.4, bandwidth="100Mbit", latency="20ms", groups=2, sync_every=64)
+    assert p.codec_h == 64 and [c.codec for c in p.codecs] == ["fp32", "bf16", "int8", "int4", "topk", "topk_ef"]
+    fp32 = p.codec("fp32")
+    assert fp32.sync_seconds == pytest.approx(hand_sync_seconds(2**30, 2, 1e8, 0.02), rel=1e-12)
+    assert fp32.cpu_seconds == 0 and fp32.step_factor == 1
+    int4 = p.codec("int4")  # 2**29 values a chunk: 2**28 code bytes + 2**21 scales of 4 bytes, 2 chunks
+    P = 2 * (2**28 + 4 * 2**21)
+    assert int4.payload_bytes == P and int4.link_bytes == P  # 2(G−1)/G = 1 at G = 2
+    assert int4.sync_seconds == pytest.approx(8 * P / (ETA * 1e8) + 2 * 0.02
+                                              + hand_coding_seconds("int4", 2**30, 2), rel=1e-12)
+    topk = p.codec("topk")
+    a, b = hand_topk_sync_parts(2**30, 2, 0.02)
+    assert topk.sync_seconds == pytest.approx(a / 1e8 + b, rel=1e-12)
+    assert topk.payload_bytes == 2**30 / 4096 * 116
+    m = 3.15618  # CODEC_STEP_FACTORS["average"]["topk"]
+    assert topk.step_factor == pytest.approx(m, rel=1e-5)
+    assert topk.utilization == pytest.approx(hand_utilization(0.4, a / 1e8 + b, 64), rel=1e-12)
+    assert topk.effective_utilization == pytest.approx(topk.utilization / m, rel=1e-5)
+    assert topk.min_h == math.ceil((a / 1e8 + b) * 0.95 / (0.4 * 0.05))
+    best = max(p.codecs, key=lambda c: c.effective_utilization)
+    assert p.recommended_codec == best.codec
+    # DiLoCo's factors price topk's quality at 9.7× the steps
+    assert plan(params=2**30, step_time=0.4, bandwidth="100Mbit", latency="20ms", groups=2, sync_every=64,
+                outer="diloco").codec("topk").step_factor == pytest.approx(9.7104, rel=1e-5)
+
+
+def test_recommendation_switches_to_topk_below_the_hand_computed_bandwidth():
+    """fp32 against topk at H = 64, 2 groups, 2**30 parameters: topk trains faster per fp32-equivalent step when
+    m·(t_c + s_topk/H) < t_c + s_fp32/H. With s_fp32 = a_f/B + 2λ and s_topk = a_t/B + b_t that is
+    B < B* = (a_f − m·a_t) / ((m − 1)·t_c·H + m·b_t − 2λ)."""
+    N, G, H, tc, lat, m = 2**30, 2, 64, 0.4, 0.02, 3.15618
+    a_f = 2 * (G - 1) / G * 8 * 4 * N / ETA
+    a_t, b_t = hand_topk_sync_parts(N, G, lat)
+    crossover = (a_f - m * a_t) / ((m - 1) * tc * H + m * b_t - 2 * lat)
+    assert 1e7 < crossover < 1e9  # between 10 Mbit/s and 1 Gbit/s
+
+    def choice(bandwidth: float) -> str:
+        return plan(params=N, step_time=tc, bandwidth=bandwidth, latency=lat, groups=G, sync_every=H,
+                    codecs=["fp32", "topk"]).recommended_codec
+
+    assert choice(0.97 * crossover) == "topk"
+    assert choice(1.03 * crossover) == "fp32"
+    assert choice(crossover / 10) == "topk" and choice(crossover * 10) == "fp32"
+    # the same crossover in the model size at a fixed link: N* = ((m − 1)·t_c·H + m·b_0 − 2λ) / (f − m·t) per value
+    B = 1e8
+    f_per_value = a_f / N / B
+    t_per_value = (a_t / N) / B + hand_coding_seconds("topk", N, G, hand_exchange("topk")) / N
+    n_star = ((m - 1) * tc * H + m * (b_t - hand_coding_seconds("topk", N, G, hand_exchange("topk"))) - 2 * lat) \
+        / (f_per_value - m * t_per_value)
+    small, large = (round(n_star * x / 8192) * 8192 for x in (0.97, 1.03))  # whole 4096-value chunks per group
+    for n, expected in ((small, "fp32"), (large, "topk")):
+        assert plan(params=n, step_time=tc, bandwidth=B, latency=lat, groups=G, sync_every=H,
+                    codecs=["fp32", "topk"]).recommended_codec == expected, n
+
+
+def test_fast_link_and_small_model_keep_fp32_or_int4_and_say_why():
+    # 100M parameters on 10 Gbit/s: the bytes saved take less time than the coding, fp32 stays
+    p = plan(params="100M", step_time="100ms", bandwidth="10 Gbit/s", latency=0.005, groups=4,
+             codecs=["fp32", "int8", "int4", "topk"])
+    assert p.recommended_codec == "fp32" and p.codec_h == p.recommended_h == 128
+    assert p.codec("int8").link_seconds < p.codec("fp32").link_seconds < p.codec("int8").sync_seconds
+    assert "keep compression=None" in p.codec_reason and "coding" in p.codec_reason
+    assert "Fewest bytes, topk" in p.codec_reason  # and why not the sparse codec: its effective utilization
+    # 1.3B on 10 Mbit/s at H = 4096: int4's 7.8× fewer bytes win at 1.016× the steps; topk's 3.16× the steps do not
+    p = plan(params=1.3e9, step_time=0.4, bandwidth="10Mbit", latency="50ms", groups=2)
+    assert p.recommended_h is None and p.codec_h == 4096  # no candidate reaches 95%: compared at the largest
+    assert p.recommended_codec == "int4"
+    assert p.codec("topk").utilization > p.codec("int4").utilization  # fewer bytes, faster sync, ...
+    assert p.codec("topk").effective_utilization < p.codec("int4").effective_utilization  # ... but 3.16× the steps
+    assert "compression='int4'" in p.codec_reason
+    # at a short interval the same link makes topk pay
+    p = plan(params=1.3e9, step_time=0.4, bandwidth="10Mbit", latency="50ms", groups=2, sync_every=64)
+    assert p.recommended_codec in ("topk", "topk_ef") and "outweighs its quality cost" in p.codec_reason
+    assert "Quality caveat" in p.codec_reason
+    # your own step factor overrides the measured one: a topk as good as fp32 wins on the 1 Gbit/s example too
+    assert plan(**EXAMPLE, codecs=["fp32", "topk"], step_factors={"topk": 1.0}).recommended_codec == "topk"
+    assert plan(**EXAMPLE, codecs=["fp32", "topk"]).recommended_codec == "fp32"
+
+
+def test_all_gather_exchange_is_priced_by_the_codecs_attribute(monkeypatch):
+    """A codec with ``exchange = "all_gather"`` (the sparse codecs' all-gather of every group's payload): (G−1)·P
+    bytes a group, one collective's latency, its own payload encoded once and G + 1 payloads decoded."""
+    from lightning_localsgd.engine import codecs
+    from lightning_localsgd.engine.codecs import TopKCodec
+
+    class GatheredTopK(TopKCodec):
+        exchange = "all_gather"
+
+    monkeypatch.setitem(codecs._REGISTRY, "topk_gathered", GatheredTopK())
+    assert costmodel.codec_exchange(GatheredTopK()) == "all_gather"
+    assert costmodel.codec_exchange(object()) == "two_phase"  # a codec that does not say
+    assert costmodel.exchange_wire_bytes("all_gather", 1000.0, 8) == 7000.0
+    assert costmodel.exchange_wire_bytes("two_phase", 1000.0, 8) == 1750.0
+    with pytest.raises(ValueError, match="exchange must be one of"):
+        costmodel.exchange_wire_bytes("broadcast", 1000.0, 8)
+    cost = costmodel.CODEC_CPU_TABLE["topk"]
+    N, G = 2**30, 8
+    p = plan(params=N, step_time=0.4, bandwidth="1Gbit", latency="20ms", groups=G, sync_every=64,
+             codecs=["fp32", "topk_gathered"], codec_cpu={"topk_gathered": cost})
+    row = p.codec("topk_gathered")
+    P = N / 4096 * 116
+    assert row.exchange == "all_gather" and row.payload_bytes == P and row.link_bytes == 7 * P
+    assert row.link_seconds == pytest.approx(7 * 8 * P / (ETA * 1e9) + 3 * 0.02, rel=1e-12)
+    coding = N * cost.encode_s_per_value + N * (G + 1) * cost.decode_s_per_value
+    assert row.cpu_seconds == pytest.approx(coding, rel=1e-12) and row.cpu_source == "given"
+    assert row.step_factor is None and row.effective_utilization is None  # not measured: priced, not recommended
+    assert p.recommended_codec == "fp32" and "topk_gathered" in p.codec_reason and "--step-factor" in p.codec_reason
+    # the rows of a plan with that compression use the same exchange
+    q = plan(params=N, step_time=0.4, bandwidth="1Gbit", latency="20ms", groups=G, compression="topk_gathered",
+             codec_cpu={"topk_gathered": cost})
+    assert q.row(64).link_bytes_per_step == pytest.approx(7 * P / 64)
+    assert q.row(64).sync_seconds == pytest.approx(row.sync_seconds, rel=1e-12)
+
+
+def test_codec_missing_from_the_cpu_table_is_measured_on_this_machine(monkeypatch):
+    import time
+
+    from lightning_localsgd import planner
+    from lightning_localsgd.engine import codecs
+
+    class SlowBF16(codecs.BF16Codec):
+        def encode(self, x):
+            time.sleep(0.02)
+            return super().encode(x)
+
+    monkeypatch.setitem(codecs._REGISTRY, "slow_bf16", SlowBF16())
+    monkeypatch.setattr(planner, "_MEASURED_CPU", {})
+    assert "slow_bf16" not in costmodel.CODEC_CPU_TABLE
+    p = plan(**EXAMPLE, codecs=["fp32", "slow_bf16"], step_factors={"slow_bf16": 1.0})
+    row = p.codec("slow_bf16")
+    measured = planner._MEASURED_CPU["slow_bf16"]
+    assert row.cpu_source == "measured" and measured.source == "measured"
+    assert measured.encode_s_per_value >= 0.02 / 2**20  # the sleep, over the 1M values it was timed on
+    assert row.cpu_seconds == pytest.approx(costmodel.codec_cpu_seconds(measured, "two_phase", 1.3e9, 8), rel=1e-12)
+    assert row.cpu_seconds >= 1.3e9 * 1.125 * 0.02 / 2**20  # N(1 + 1/G) values encoded
+    # measured once, then cached
+    plan(**EXAMPLE, codecs=["slow_bf16"], step_factors={"slow_bf16": 1.0})
+    assert planner._MEASURED_CPU["slow_bf16"] is measured
+    # calibrate_codec_cpu measures the built-ins too
+    fresh = planner.calibrate_codec_cpu(["fp32", "int4"], numel=4096, repeats=1)
+    assert fresh["fp32"].encode_s_per_value == 0 and fresh["int4"].encode_s_per_value > 0
+
+
+def test_cli_names_the_recommended_codec_and_the_reason(capsys):
+    cli_main(ARGS[:6] + ["10Mbit"] + ARGS[7:10] + ["2", "--sync-every", "64"])
+    out = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
+    assert "Codecs at H=64" in out and "step factor" in out and "coding" in out
+    assert re.search(r"recommended codec: topk(_ef)? at H=64: [\d.]+% of the wall clock does fp32-equivalent", out)
+    assert "Its shorter sync outweighs its quality cost: compression='topk" in out and "Quality caveat" in out
+    cli_main(ARGS + ["--codecs", "fp32,int8", "--bandwidth", "100Gbit"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "recommended codec: fp32 at H=" in out and "keep compression=None" in out
+    cli_main(ARGS + ["--json", "--codecs", "fp32,topk", "--step-factor", "topk=1", "--outer", "diloco",
+                     "--sync-every", "16", "--calibrate-codecs"])
+    data = json.loads(capsys.readouterr().out)
+    assert data["recommended_codec"] == "topk" and data["codec_h"] == 16 and data["outer"] == "diloco"
+    assert [c["codec"] for c in data["codecs"]] == ["fp32", "topk"]
+    assert data["codecs"][1]["step_factor"] == 1 and data["codecs"][1]["cpu_source"] == "measured"  # here
+
+
+@pytest.mark.parametrize("override, name", [
+    ({"codecs": ["zip"]}, "codecs"), ({"codecs": []}, "codecs"), ({"codecs": "topk"}, "codecs"),
+    ({"sync_every": 0}, "sync_every"), ({"sync_every": 2.5}, "sync_every"), ({"outer": "adam"}, "outer"),
+    ({"step_factors": {"topk": 0}}, "step_factors"), ({"step_factors": {"zip": 1.0}}, "step_factors"),
+    ({"codec_cpu": {"topk": 1e-9}}, "codec_cpu"),
+    ({"codec_cpu": {"topk": costmodel.CodecCPU(-1.0, 0.0)}}, "codec_cpu"),
+])
+def test_bad_codec_options_name_the_parameter(override, name):
+    with pytest.raises(ValueError) as info:
+        plan(**{**EXAMPLE, **override})
+    assert str(info.value).startswith(name), str(info.value)
+
+
+@pytest.mark.parametrize("extra, flag", [(["--step-factor", "topk=fast"], "--step-factor"),
+                                         (["--step-factor", "topk=0"], "--step-factor"),
+                                         (["--codecs", "zip"], "--codecs"), (["--sync-every", "0"], "--sync-every")])
+def test_cli_codec_errors_name_the_flag(capsys, extra, flag):
+    with pytest.raises(SystemExit) as info:
+        cli_main(ARGS + extra)
+    assert info.value.code == 2
+    assert f"error: {flag}" in capsys.readouterr().err
