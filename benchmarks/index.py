@@ -236,6 +236,13 @@ def faults(r: Path) -> Headline:
         met(ok == len(s))
 
 
+def codec_cost(r: Path) -> Headline:
+    s = {x["codec"]: x for x in rows(r, "codec_cost.csv")}
+    cells = ", ".join(f"{c} {f(x['encode_ns_per_value']):.2g} / {f(x['decode_ns_per_value']):.2g}"
+                      for c, x in s.items() if c != "fp32")
+    return f"encode / decode ns per value, one thread: {cells} [codec_cost.csv]", "—"
+
+
 def checkpoint_memory(r: Path) -> Headline:
     s = {x["strategy"]: x for x in rows(r, "checkpoint_memory.csv")
          if x["rank"] == "0" and x["rank0_over_others"] and (x["strategy"] == "ddp" or " 4 groups" in x["label"])}
@@ -289,6 +296,8 @@ BENCHMARKS_ALL: list[Benchmark] = [
     Benchmark("checkpoint_memory", "peak memory and bytes written per rank at a checkpoint save", "",
               "--steps 8 --every 4 --n-layer 1 --n-embd 64 --csv=", "(a measurement: no target)",
               checkpoint_memory),
+    Benchmark("codec_cost", "each codec's CPU seconds per value encoded and decoded: the planner's coding time", "",
+              "--numel 262144 --repeats 1", "(a measurement: no target)", codec_cost),
 ]
 
 
