@@ -913,7 +913,7 @@ def _codec_table(p: Plan):
                         f"(one CPU thread), and the quality cost ({p.outer})",
                   caption="effective = utilization / step factor (steps per fp32 step to the same loss, measured by "
                           "benchmarks/compression; --step-factor). * recommended")
-    for header in ("codec", "exchange", "link bytes/sync", "link", "coding", "sync", "utilization", "step factor",
+    for header in ("codec", "exchange", "link bytes", "link", "coding", "sync", "utilization", "step factor",
                    "effective", "min H"):
         table.add_column(header, justify="left" if header in ("codec", "exchange") else "right")
     for c in p.codecs:
