@@ -53,6 +53,7 @@ import numpy as np
 
 __all__ = [
     "CODEC_CPU_TABLE",
+    "EXCHANGES",
     "Calibration",
     "Cluster",
     "CodecCPU",

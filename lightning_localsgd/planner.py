@@ -25,6 +25,16 @@ Per optimizer step of one group, with compute t_c (``step_time``), N parameters,
 Utilization ≥ T holds exactly when ``H ≥ s · T / (t_c · (1 − T))``; :attr:`Plan.min_h` is that bound rounded up.
 See ``docs/planner.md`` for the assumptions.
 
+A compressed sync also pays its codec's coding: ``s += e · (values encoded) + d · (values decoded)``, with ``e`` and
+``d`` the codec's CPU seconds per value (:data:`~lightning_localsgd.costmodel.CODEC_CPU_TABLE`, or
+:func:`calibrate_codec_cpu` on this machine), and a codec exchanged by all-gather (``exchange = "all_gather"``) puts
+``(G−1) · P`` on the link instead of ``2(G−1)/G · P`` (:mod:`lightning_localsgd.costmodel`). The plan then compares
+every way to sync at one H (``sync_every``, else the recommended H): each codec's utilization ``u`` divided by its
+step factor ``m`` (how many times fp32's steps it needs to reach fp32's loss, :data:`CODEC_STEP_FACTORS`, measured by
+``benchmarks/compression``) is the share of the wall clock doing fp32-equivalent training, and
+:attr:`Plan.recommended_codec` is the codec with the largest, explained in :attr:`Plan.codec_reason`. topk beats fp32
+exactly when ``m · (t_c + s_topk / H) < t_c + s_fp32 / H``.
+
 Federated worker groups (``lighthouse=``, ``plan --federated``): :func:`federated_timeouts` derives ``sync_timeout``
 and the lighthouse's timeouts from the schedule (H × step time), the sync and one healing transfer; see
 ``docs/multi_cluster.md``.
@@ -318,7 +328,8 @@ class CodecRow:
 
 @dataclass(frozen=True)
 class Plan:
-    """The result of :func:`plan`: one row per candidate H, the DDP row, and the recommendation."""
+    """The result of :func:`plan`: one row per candidate H, the DDP row, and the recommended H; the compared codecs
+    and the recommended one."""
 
     params: float
     step_time_s: float
