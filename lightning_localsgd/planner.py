@@ -194,36 +194,51 @@ def compressed_bytes_per_value(compression: str, params: float, groups: int = 1)
 
 # ----------------------------------------------------------------------------------------------------- codec CPU
 def calibrate_codec_cpu(names: Optional[Iterable[str]] = None, numel: int = 1 << 22, repeats: int = 5,
-                        threads: int = 1) -> dict[str, CodecCPU]:
-    """Measure each codec's encode and decode seconds per value on this machine (CPU).
+                        threads: int = 1, device: str = "cpu") -> dict[str, CodecCPU]:
+    """Measure each codec's encode and decode seconds per value on this machine.
 
     Times ``encode`` and ``decode`` of a representative pseudo-gradient (``numel`` normal fp32 values of scale 1e-3)
     with ``threads`` torch threads (1: a conservative figure, as the compression benchmark), best of ``repeats``.
     ``names``: registered codec names (default: every one, :func:`.engine.codecs.codec_names`); ``"fp32"`` (no
-    codec) is 0. The result goes to ``plan(codec_cpu=...)``; ``benchmarks/codec_cost/codec_cost.py`` writes it as the
-    CSV behind :data:`~lightning_localsgd.costmodel.CODEC_CPU_TABLE`.
+    codec) is 0. ``device``: where the values live (``"cuda"``: the codec's time on a GPU, which codes the
+    pseudo-gradient where it lives; synchronized around each timing). The result goes to ``plan(codec_cpu=...)``;
+    ``benchmarks/codec_cost/codec_cost.py`` writes it as the CSV behind
+    :data:`~lightning_localsgd.costmodel.CODEC_CPU_TABLE`.
     """
     import time
 
     import torch
 
     chosen = list(codec_names()) if names is None else list(names)
+    for name in chosen:
+        check_codec(None if name == "fp32" else name)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device: cannot read {device!r} as a torch device; give 'cpu' or 'cuda'.") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {device!r}, but torch sees no CUDA GPU here; calibrate on 'cpu', or on the GPU "
+                         "machine.")
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     out: dict[str, CodecCPU] = {}
     try:
-        x = torch.randn(numel, generator=torch.Generator().manual_seed(0)) * 1e-3
+        x = (torch.randn(numel, generator=torch.Generator().manual_seed(0)) * 1e-3).to(dev)
         for name in chosen:
             if name == "fp32":
                 out[name] = CodecCPU(0.0, 0.0, "measured")
                 continue
             codec = get_codec(name)
             enc = dec = math.inf
-            for _ in range(repeats):
+            for _ in range(repeats + (dev.type == "cuda")):  # on a GPU, one more: the first launches warm up
+                sync()
                 t0 = time.perf_counter()
                 payload = codec.encode(x)
+                sync()
                 t1 = time.perf_counter()
                 codec.decode(payload, numel)
+                sync()
                 t2 = time.perf_counter()
                 enc, dec = min(enc, t1 - t0), min(dec, t2 - t1)
             out[name] = CodecCPU(enc / numel, dec / numel, "measured")
@@ -981,9 +996,10 @@ def _parser() -> argparse.ArgumentParser:
     opt.add_argument("--step-factor", action="append", default=[], metavar="CODEC=X",
                      help="steps CODEC needs per fp32 step to reach fp32's loss, measured on your model (repeatable; "
                           "default: benchmarks/compression's, e.g. topk=3.16 with average)")
-    opt.add_argument("--calibrate-codecs", action="store_true",
-                     help="measure each codec's encode / decode time on this machine (one CPU thread, a few seconds) "
-                          "instead of the table measured on the project's CI machine")
+    opt.add_argument("--calibrate-codecs", nargs="?", const="cpu", default=None, metavar="DEVICE",
+                     help="measure each codec's encode / decode time on this machine (one CPU thread, a few seconds; "
+                          "--calibrate-codecs cuda: on the GPU) instead of the table measured on the project's CI "
+                          "machine's CPU")
     cal = Calibration()
     opt.add_argument("--efficiency", type=float, default=cal.efficiency,
                      help=f"η, achieved fraction of the link bandwidth in a collective (default: {cal.efficiency:g})")
@@ -1017,7 +1033,8 @@ _FLAGS = {"params": "--params", "step_time": "--step-time", "bandwidth": "--band
           "groups": "--groups", "candidates": "--candidates", "target_utilization": "--target",
           "bytes_per_value": "--bytes-per-value", "compression": "--compression", "fixed_cost": "--fixed-cost",
           "calibration.efficiency": "--efficiency", "calibration.overlap": "--overlap",
-          "sync_every": "--sync-every", "codecs": "--codecs", "outer": "--outer", "step_factors": "--step-factor",
+          "sync_every": "--sync-every", "codecs": "--codecs", "device": "--calibrate-codecs", "outer": "--outer",
+          "step_factors": "--step-factor",
           "step_time_spread": "--step-time-spread", "pause": "--pause",
           "inner_state_copies": "--inner-state", "outer_state_copies": "--outer-state",
           "heartbeat_timeout": "--heartbeat-timeout", "margin": "--margin",
@@ -1055,7 +1072,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                       target_utilization=args.target, bytes_per_value=args.bytes_per_value,
                       compression=args.compression, calibration=calibration, codecs=codecs,
                       sync_every=args.sync_every, outer=args.outer, step_factors=step_factors,
-                      codec_cpu=calibrate_codec_cpu(codecs) if args.calibrate_codecs else None)
+                      codec_cpu=None if args.calibrate_codecs is None
+                      else calibrate_codec_cpu(codecs, device=args.calibrate_codecs))
         timeouts = federated_timeouts(result, args.sync_every, args.step_time_spread, args.pause, args.inner_state,
                                       args.outer_state, args.heartbeat_timeout, args.margin,
                                       args.sync_every_seconds) \

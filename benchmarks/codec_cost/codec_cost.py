@@ -9,6 +9,7 @@ and what one sync of 1B parameters costs in coding over 2 and 8 groups (the valu
 
     python benchmarks/codec_cost/codec_cost.py                 # every codec, 4M values, best of 5 (~1 min)
     python benchmarks/codec_cost/codec_cost.py --numel 262144 --repeats 1   # smoke run
+    python benchmarks/codec_cost/codec_cost.py --device cuda --out-name codec_cost_cuda   # on a GPU
 
 Writes benchmarks/codec_cost/results/codec_cost.csv, codec_cost.md (the table for its README) and codec_cost.png,
 and prints the ``CODEC_CPU_TABLE`` entries to copy into ``lightning_localsgd/costmodel.py`` (a test checks that the
@@ -34,9 +35,9 @@ COLUMNS = ["codec", "exchange", "encode_ns_per_value", "decode_ns_per_value", "e
            "decode_s_per_value", "sync_s_1b_G2", "sync_s_1b_G8", "numel", "threads", "repeats"]
 
 
-def measure(numel: int, repeats: int, threads: int) -> list[dict]:
+def measure(numel: int, repeats: int, threads: int, device: str) -> list[dict]:
     rows = []
-    for name, cost in calibrate_codec_cpu(["fp32", *codec_names()], numel, repeats, threads).items():
+    for name, cost in calibrate_codec_cpu(["fp32", *codec_names()], numel, repeats, threads, device).items():
         exchange = "two_phase" if name == "fp32" else codec_exchange(get_codec(name))
         rows.append(dict(codec=name, exchange=exchange, encode_ns_per_value=cost.encode_s_per_value * 1e9,
                          decode_ns_per_value=cost.decode_s_per_value * 1e9,
@@ -70,17 +71,20 @@ def main() -> None:
     p.add_argument("--numel", type=int, default=1 << 22, help="values coded per measurement (default 4M)")
     p.add_argument("--repeats", type=int, default=5, help="best of this many encodes / decodes (default 5)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1, as the planner's table)")
+    p.add_argument("--device", default="cpu",
+                   help="where the values live: cpu (default, the planner's table) or cuda (a GPU's coding time; "
+                        "write it under another --out-name)")
     p.add_argument("--out-name", default="codec_cost", help="results file stem (default codec_cost)")
     args = p.parse_args()
     started = time.time()
-    rows = measure(args.numel, args.repeats, args.threads)
+    rows = measure(args.numel, args.repeats, args.threads, args.device)
     h.write_csv(RESULTS / f"{args.out_name}.csv", rows, COLUMNS)
     table = h.md_table(rows, [("codec", "codec"), ("exchange", "exchange"), ("encode_ns_per_value", "encode ns/value"),
                               ("decode_ns_per_value", "decode ns/value"), ("sync_s_1b_G2", "coding s/sync, 1B, G=2"),
                               ("sync_s_1b_G8", "coding s/sync, 1B, G=8")])
-    text = (f"{args.numel:,} fp32 values (normal, scale 1e-3), {args.threads} torch thread(s), best of "
-            f"{args.repeats}. Coding seconds per sync: the values one group encodes and decodes in a sync of 1B "
-            f"parameters (costmodel.codec_coded_values of its exchange).\n\n{table}\n")
+    text = (f"{args.numel:,} fp32 values (normal, scale 1e-3) on {args.device}, {args.threads} torch thread(s), "
+            f"best of {args.repeats}. Coding seconds per sync: the values one group encodes and decodes in a sync of "
+            f"1B parameters (costmodel.codec_coded_values of its exchange).\n\n{table}\n")
     command = "python benchmarks/codec_cost/codec_cost.py" + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else "")
     h.write_summary(RESULTS / f"{args.out_name}.md", text, started, command)
     plot(rows, args.out_name)

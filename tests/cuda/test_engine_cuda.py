@@ -163,3 +163,16 @@ def test_squared_norm_on_cuda_matches_float64():
     b[123] = 0.0
     want = float(((a.double() - b.double()) ** 2).sum())
     assert abs(squared_norm(a.to(CUDA), b.to(CUDA)) - want) / want < 1e-5
+
+
+def test_codec_calibration_on_cuda_times_the_gpu():
+    """``plan --calibrate-codecs cuda``: each codec's seconds per value with the values on the GPU, synchronized."""
+    from lightning_localsgd.planner import calibrate_codec_cpu, plan
+
+    use_device()
+    costs = calibrate_codec_cpu(["fp32", *CODECS], numel=1 << 20, repeats=2, device=CUDA)
+    assert costs["fp32"].encode_s_per_value == 0
+    for name in CODECS:
+        assert 0 < costs[name].encode_s_per_value < 1e-6 and 0 < costs[name].decode_s_per_value < 1e-6, name
+    p = plan(params=1e9, step_time=0.4, bandwidth="1Gbit", latency="20ms", groups=2, codec_cpu=costs)
+    assert all(c.cpu_source == "measured" for c in p.codecs if c.codec != "fp32")

@@ -595,7 +595,8 @@ def test_bad_codec_options_name_the_parameter(override, name):
 
 @pytest.mark.parametrize("extra, flag", [(["--step-factor", "topk=fast"], "--step-factor"),
                                          (["--step-factor", "topk=0"], "--step-factor"),
-                                         (["--codecs", "zip"], "--codecs"), (["--sync-every", "0"], "--sync-every")])
+                                         (["--codecs", "zip"], "--codecs"), (["--sync-every", "0"], "--sync-every"),
+                                         (["--calibrate-codecs", "abacus"], "--calibrate-codecs")])
 def test_cli_codec_errors_name_the_flag(capsys, extra, flag):
     with pytest.raises(SystemExit) as info:
         cli_main(ARGS + extra)
