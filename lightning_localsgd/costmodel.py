@@ -259,7 +259,8 @@ def exchange_seconds(exchange: str, payload_bytes: float, G: int, link: Link,
 
 @dataclass(frozen=True)
 class CodecCPU:
-    """A codec's CPU cost: seconds per value encoded and per value decoded (one thread)."""
+    """A codec's coding cost: seconds per value encoded and per value decoded (on one CPU thread for the table; on a
+    GPU when measured there, ``calibrate_codec_cpu(device="cuda")``)."""
 
     encode_s_per_value: float
     decode_s_per_value: float

@@ -935,10 +935,12 @@ def _codec_table(p: Plan):
     """The compared ways to sync at :attr:`Plan.codec_h`, the recommended one marked."""
     from rich.table import Table
 
-    table = Table(title=f"Codecs at H={p.codec_h}: one sync over {p.groups} groups, its link and coding time "
-                        f"(one CPU thread), and the quality cost ({p.outer})",
-                  caption="effective = utilization / step factor (steps per fp32 step to the same loss, measured by "
-                          "benchmarks/compression; --step-factor). * recommended")
+    table = Table(title=f"Codecs at H={p.codec_h}: one sync over {p.groups} groups, its link and coding time, and "
+                        f"the quality cost ({p.outer})",
+                  caption="coding: encode + decode on one CPU thread of the project's CI machine (CODEC_CPU_TABLE), "
+                          "unless measured here (--calibrate-codecs). effective = utilization / step factor (steps "
+                          "per fp32 step to the same loss, measured by benchmarks/compression; --step-factor). "
+                          "* recommended")
     for header in ("codec", "exchange", "link bytes", "link", "coding", "sync", "utilization", "step factor",
                    "effective", "min H"):
         table.add_column(header, justify="left" if header in ("codec", "exchange") else "right")
