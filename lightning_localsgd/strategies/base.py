@@ -57,6 +57,9 @@ class _SyncAtStepEnd(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.strategy.local_sgd.train_start()  # across jobs: join the running ones (heal from one) before a step
 
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.strategy.local_sgd_epoch_start(trainer)
+
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         self.strategy.local_sgd_step_start()
 
@@ -403,8 +406,20 @@ class LocalSGDMixin:
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None  # type: ignore[attr-defined]
         if is_fitting(trainer) and trainer.training:
             c = self.local_sgd.config
-            dataloader = make_resumable(dataloader, None if c.data_jobs is None else (c.data_job_index, c.data_jobs))
+            dataloader = make_resumable(dataloader, None if c.data_jobs is None else (c.data_job_index, c.data_jobs),
+                                        getattr(self.local_sgd.syncs, "data_shares", None))
         return dataloader
+
+    def local_sgd_epoch_start(self, trainer: Trainer) -> None:
+        """An epoch starts: its length in batches is the loader's now (a federated job reading a departed job's
+        data after its own share reads more batches in that epoch; Lightning counts an epoch's batches once)."""
+        loader = self._training_loader(trainer)
+        sampler = getattr(loader, "sampler", None)
+        if getattr(sampler, "shares", None) is None or not sampler.shares.departures:
+            return
+        limit = trainer.limit_train_batches
+        batches = len(loader)
+        trainer.fit_loop.max_batches = min(batches, limit) if isinstance(limit, int) else int(batches * limit)
 
     @staticmethod
     def _training_loader(trainer: Trainer) -> Any:
