@@ -25,7 +25,8 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from .._compat import attached_trainer, epoch_batches_done, fit_loop_can_stop_early, is_max_limit_reached
+from .._compat import (attached_trainer, epoch_batches_done, fit_loop_can_stop_early, is_max_limit_reached,
+                       recount_epoch_batches)
 from ..async_checkpoint import AsyncCheckpointWriter
 from ..config import LocalSGDConfig
 from ..controller import LocalSGDController
@@ -413,13 +414,9 @@ class LocalSGDMixin:
     def local_sgd_epoch_start(self, trainer: Trainer) -> None:
         """An epoch starts: its length in batches is the loader's now (a federated job reading a departed job's
         data after its own share reads more batches in that epoch; Lightning counts an epoch's batches once)."""
-        loader = self._training_loader(trainer)
-        sampler = getattr(loader, "sampler", None)
-        if getattr(sampler, "shares", None) is None or not sampler.shares.departures:
-            return
-        limit = trainer.limit_train_batches
-        batches = len(loader)
-        trainer.fit_loop.max_batches = min(batches, limit) if isinstance(limit, int) else int(batches * limit)
+        sampler = getattr(self._training_loader(trainer), "sampler", None)
+        if getattr(sampler, "shares", None) is not None and sampler.shares.departures:
+            recount_epoch_batches(trainer)
 
     @staticmethod
     def _training_loader(trainer: Trainer) -> Any:
