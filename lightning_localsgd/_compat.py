@@ -323,6 +323,10 @@ def rebuild_dataloader(dataloader: Any, sampler: Any, cls: type) -> Any:
     return _reinstantiate_wrapped_cls(dataloader, *args, explicit_cls=cls, **kwargs)
 
 
+@_reaches(PrivateName("lightning", "lightning.pytorch.trainer.connectors.data_connector", "_parse_num_batches"),
+          PrivateName("lightning", _FIT_LOOP, "_combined_loader", kind="instance"),
+          PrivateName("lightning", "lightning.pytorch.utilities.combined_loader:CombinedLoader", "_iterator",
+                      kind="instance"))
 def recount_epoch_batches(trainer: Any) -> None:
     """Count the training batches of the epoch starting now again (Lightning counts them once per fit, in
     ``_FitLoop.setup_data``: the loaders' lengths, capped by ``limit_train_batches``; each epoch's data fetcher stops
