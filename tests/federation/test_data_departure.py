@@ -10,6 +10,7 @@ and read after their own stripe in their first epoch not begun at the decision.
 
 from __future__ import annotations
 
+import io
 import time
 from collections import Counter
 
@@ -21,9 +22,11 @@ from torch.utils.data.distributed import DistributedSampler
 pytest.importorskip("torchft")
 from test_federated import killed_on_exit, launch, lighthouse, load, wait_all  # noqa: F401
 
+from lightning_localsgd import Communicator, LocalSGDController, OuterSync
 from lightning_localsgd.config import LocalSGDConfig
 from lightning_localsgd.data import ResumableSampler, continue_at, data_position, make_resumable
 from lightning_localsgd.data_shares import DataShares
+from lightning_localsgd.federation import Federation
 
 SAMPLES, JOBS = 24, 3  # 8 samples of each job per epoch: 4 steps of batch 2
 
@@ -143,28 +146,55 @@ def test_a_job_coming_back_gets_a_fresh_share_from_the_first_epoch_no_job_began(
     assert Counter(read + [i for _, b in jobs.read[2][2:] for i in b]) == {i: 4 for i in range(SAMPLES)}
 
 
-def test_the_record_survives_a_checkpoint_and_a_legacy_checkpoint_keeps_an_empty_one():
+class Alone(Communicator):
+    """A cross group of one: the engine never talks to anyone."""
+
+    size, rank = 1, 0
+
+    def all_reduce(self, tensor, op="sum", async_op=False):
+        return None
+
+    def all_to_all(self, output, input, async_op=False):
+        output.copy_(input)
+
+    def all_gather(self, output, input):
+        output.copy_(input)
+
+
+def _saved(state):
+    """``state`` through ``torch.save`` (as a checkpoint file holds it)."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return buffer
+
+
+def _controller() -> tuple[LocalSGDController, DataShares]:
+    federation = Federation("127.0.0.1:1", "g0", 1, None)
+    federation.data_shares = DataShares(JOBS, 2)  # as Federation.start makes it with data_jobs
+    controller = LocalSGDController(LocalSGDConfig(sync_every=2), syncs=federation)
+    controller.outer_sync = OuterSync([torch.zeros(3)], cross_group=Alone())
+    return controller, federation.data_shares
+
+
+def test_the_record_goes_into_a_checkpoint_and_comes_back_and_a_legacy_checkpoint_keeps_an_empty_one():
+    """The record is part of the local-SGD counters (``meta``) every checkpoint holds and healing sends: a job
+    resumed from its checkpoint alone still knows who took over a departed job's data."""
     jobs = Jobs()
     jobs.sync([], present=[0, 1, 2])
     jobs.step([0, 1, 2]), jobs.sync([0, 1, 2])
     for _ in range(2):
         jobs.step([0, 1]), jobs.sync([0, 1])
-    state = jobs.shares[0].state_dict()
-    restored = DataShares(JOBS, 2)
-    restored.load_state_dict(torch.load(_saved(state), weights_only=False))
-    assert restored.state_dict() == state and restored.away(2) is not None
-    legacy = DataShares(JOBS, 2)
-    legacy.load_state_dict(None)  # a checkpoint written before the record was kept
-    assert legacy.state_dict() == DataShares(JOBS, 2).state_dict()
-
-
-def _saved(state):
-    import io
-
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    buffer.seek(0)
-    return buffer
+    written, shares = _controller()
+    shares.load_state_dict(jobs.shares[0].state_dict())
+    meta = torch.load(_saved(written.meta(world_size=1)), weights_only=False)
+    resumed, restored = _controller()
+    resumed.restore(meta, None)
+    assert restored.state_dict() == jobs.shares[0].state_dict() and restored.away(2) is not None
+    del meta["data_shares"]  # a checkpoint written before the record was kept
+    legacy, empty = _controller()
+    legacy.restore(meta, None)
+    assert empty.state_dict() == DataShares(JOBS, 2).state_dict()
 
 
 def test_a_sampler_partitioned_over_the_jobs_is_kept_for_the_same_jobs_and_refused_for_others():
