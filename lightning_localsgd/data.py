@@ -13,6 +13,11 @@ one share per replica, and its position is a number of samples of that order: th
 read in the epoch so far. A resumed epoch continues at that position, on any number of replicas (elastic resume):
 the samples of the epoch not yet read are read once, split over the new replicas.
 
+Federated jobs sharing one dataset (``data_jobs``) are replicas of one such order, ``data_jobs`` × each job's ranks;
+when a job leaves for good, the others read its unread samples after their own share
+(:mod:`~lightning_localsgd.data_shares` says which): their epoch is that much longer, and the position goes on past
+the dataset's length, counting them. A sampler partitioned over the jobs already is not partitioned again.
+
 Other samplers (a user's own, kept by Lightning in a ``DistributedSamplerWrapper``) keep their order; the loader then
 saves how many batches of the epoch it handed out and a resumed epoch drops that many first (read and discarded; exact
 for a sampler whose order depends on the epoch only). Iterable datasets have no sampler: use a loader that saves its
@@ -58,6 +63,11 @@ class ResumableSampler(DistributedSampler):
         shuffle: whether each epoch is a permutation drawn from ``seed + epoch`` (else the dataset's order).
         seed: the shuffle's seed (Lightning's is ``seed_everything``'s, ``PL_GLOBAL_SEED``).
         drop_last: leave out the last samples that would not fill a round of ``num_replicas`` instead of padding.
+        jobs: ``(data_job_index, data_jobs)`` when the replicas are those of every federated job (``data_jobs``):
+            ``num_replicas`` is ``data_jobs`` × the job's ranks.
+        shares: with ``jobs``, the federation's record (:class:`~lightning_localsgd.data_shares.DataShares`): the
+            departed jobs' samples this job reads after its stripe, padded to a multiple of the job's ranks. The
+            position then goes on past the dataset's length, counting them.
     """
 
     def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0,
@@ -120,8 +130,10 @@ class ResumableSampler(DistributedSampler):
 
     def epoch_end(self, epoch: int) -> int:
         """The position of ``epoch``'s end: the dataset's length plus this job's extras of that epoch."""
-        return len(self.dataset) + len(self.shares.extras(self.jobs[0], epoch)) if (  # type: ignore[arg-type]
-            self.jobs is not None and self.shares is not None) else len(self.dataset)  # type: ignore[arg-type]
+        size = len(self.dataset)  # type: ignore[arg-type]
+        if self.jobs is None or self.shares is None:
+            return size
+        return size + len(self.shares.extras(self.jobs[0], epoch))
 
     def __iter__(self) -> Iterator[int]:
         order = self.epoch_order()

@@ -229,8 +229,8 @@ class DataShares:
         """What ``job`` had left of ``epoch`` from position ``samples``: its stripe, then its extras (the departures
         before the ``upto``-th)."""
         assert self.size is not None
-        return self._own(job, epoch, min(samples, self.size)) + self.extras(job, epoch, upto)[max(0, samples -
-                                                                                                  self.size):]
+        own = self._own(job, epoch, min(samples, self.size))
+        return own + self.extras(job, epoch, upto)[max(0, samples - self.size):]
 
     def epoch_samples(self, job: int, epoch: int) -> int:
         """The samples ``job`` reads in ``epoch``: its stripe and its extras."""
