@@ -400,7 +400,8 @@ class LocalSGDConfig:
         _positive_int("min_groups", self.min_groups, 1, "It is the fewest worker groups a federated sync averages "
                       "over; e.g. 1.")
         if self.lighthouse is None:
-            for name, value, default in (("group_id", self.group_id, None), ("min_groups", self.min_groups, 1)):
+            for name, value, default in (("group_id", self.group_id, None), ("min_groups", self.min_groups, 1),
+                                         ("data_rebalance_after", self.data_rebalance_after, 8)):
                 if value != default:
                     raise ValueError(f"{name}={value!r} only applies to federated worker groups: set lighthouse="
                                      "'host:port' too (see docs/multi_cluster.md), or remove it.")
@@ -415,6 +416,9 @@ class LocalSGDConfig:
 
     def _check_data_jobs(self) -> None:
         if self.data_jobs is None and self.data_job_index is None:
+            if self.data_rebalance_after != 8:
+                raise ValueError(f"data_rebalance_after={self.data_rebalance_after!r} only applies to jobs sharing one "
+                                 "dataset: set data_jobs and data_job_index too, or remove it.")
             return
         _positive_int("data_jobs", self.data_jobs, 1, "It is the number of federated jobs sharing one dataset (each "
                       "reads one share of every epoch); e.g. 4.")

@@ -798,13 +798,13 @@ class Federation:
             return
         position = self.data_positions.get(self.data_job)
         here = self.host.data_position()
-        if position is not None and here is not None and self.data_shares.size is not None:
-            self._lost_data = max(0, self.data_shares.between(self.data_job, position, here))
         if position is None:
             log.warning(f"local SGD: group {self.group_id} healed, but its peer has no committed data position for "
                         f"data_job_index {self.data_job} (no sync of it committed since the peer started): it keeps "
                         "its own data position")
         elif self.host.continue_data_at(*position):
+            if here is not None and self.data_shares.size is not None:  # its reading past the position is read again
+                self._lost_data += max(0, self.data_shares.between(self.data_job, position, here))
             log.info(f"local SGD: group {self.group_id} continues its share of the data at its last committed "
                      f"position: epoch {position[0]}, sample {position[1]} of the epoch's order")
         else:

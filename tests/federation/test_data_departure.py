@@ -218,6 +218,10 @@ def test_data_rebalance_after_is_checked(value):
     with pytest.raises(ValueError, match="data_rebalance_after must be an integer >= 1"):
         LocalSGDConfig(lighthouse="h:1", data_jobs=2, data_job_index=0, data_rebalance_after=value)
     LocalSGDConfig(lighthouse="h:1", data_jobs=2, data_job_index=0, data_rebalance_after=None)
+    with pytest.raises(ValueError, match="data_rebalance_after=3 only applies to jobs sharing one dataset"):
+        LocalSGDConfig(lighthouse="h:1", data_rebalance_after=3)
+    with pytest.raises(ValueError, match="data_rebalance_after=3 only applies to federated worker groups"):
+        LocalSGDConfig(data_rebalance_after=3)
 
 
 # ---------------------------------------------------------------------------------------------------- across jobs
