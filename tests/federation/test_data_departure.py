@@ -298,3 +298,36 @@ def test_a_job_coming_back_after_its_data_was_split_gets_a_fresh_share(tmp_path,
              + committed_samples(back["ledger"], back["epochs"], upto=3))
     assert Counter(every) == {i: 4 for i in range(SAMPLES)}
     assert back["data_positions"] == g0["data_positions"] and back["data_departures"] == g0["data_departures"]
+
+
+def test_jobs_of_two_ranks_split_their_extras_between_their_ranks():
+    """Two ranks per job (6 replicas): job 2 leaves at position 12 of epoch 0; job 0's two ranks read its own stripe
+    of epoch 1, then each every other one of its extras (the first half of job 2's unread positions of epoch 0 and of
+    its stripe of epoch 1), as many batches each; the position counts the extras past the dataset's length, and a
+    job continued there (healing) reads the rest of its extras."""
+    data = TensorDataset(torch.arange(SAMPLES))
+    shares = DataShares(JOBS, 1)
+    ranks = [make_resumable(DataLoader(data, batch_size=2, sampler=DistributedSampler(data, num_replicas=2, rank=r,
+                                                                                       seed=0)), (0, JOBS), shares)
+             for r in range(2)]
+    assert [(loader.sampler.num_replicas, loader.sampler.rank) for loader in ranks] == [(6, 0), (6, 1)]
+    shares.commit([(j, 0, 0, False, 0) for j in range(JOBS)])
+    shares.commit([(j, 0, 12, True, 0) for j in range(JOBS)])
+    shares.commit([(j, 0, 24, True, 0) for j in (0, 1)])  # job 2 missing: it leaves (data_rebalance_after=1)
+    assert shares.away(2) is not None and shares.departures[0].first_epochs == {0: 1, 1: 1}
+    # job 2's stripe is positions 4, 5 mod 6: unread of epoch 0 from 12: 16, 17, 22, 23; of epoch 1: 4, 5, ..., 23
+    mine = [order(0)[p] for p in (16, 17)] + [order(1)[p] for p in (4, 5, 10, 11)]  # job 0's halves
+    read = []
+    for loader in ranks:
+        loader.sampler.set_epoch(1)
+        batches_read = [b[0].tolist() for b in loader]
+        assert len(batches_read) == len(loader) == 4  # 4 own samples and 3 extra per rank, in batches of 2
+        read.append([i for b in batches_read for i in b])
+    own = [order(1)[p] for p in range(SAMPLES) if p % 6 in (0, 1)]
+    assert sorted(read[0] + read[1]) == sorted(own + mine)
+    assert read[0][4:] == mine[0::2] and read[1][4:] == mine[1::2]
+    assert ranks[0].sampler.position(7) == ranks[0].sampler.epoch_end(1) == SAMPLES + 6
+    assert ranks[0].sampler.position(5) == SAMPLES + 2  # 4 own, then 1 extra per rank
+    for r, loader in enumerate(ranks):  # after 3 batches: 4 own and 2 extra samples per rank
+        assert continue_at(loader, 1, SAMPLES + 4) == (1, 3)
+        assert [i for b in loader for i in b[0].tolist()] == [mine[4 + r]]
