@@ -400,7 +400,11 @@ class Federation:
 
     def shutdown(self) -> None:
         if self.data_shares is not None and self.data_shares.commits and (self.host is None or self.host.rank == 0):
-            log.info(f"local SGD: data summary (samples per data job): {self.data_summary}")
+            from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+            lines = "; ".join(f"job {job}: {n['contributed']} contributed, {n['reread']} read again after a failure"
+                              for job, n in self.data_summary.items())
+            rank_zero_info(f"local SGD: data summary at the end of fit (samples of each data job): {lines}")
         if self.manager is not None:
             self.manager.shutdown(wait=False)
             self.manager = None

@@ -266,8 +266,10 @@ def test_a_job_that_never_returns_every_sample_contributes_once(tmp_path, lighth
     assert Counter(every) == Counter(uninterrupted) == {i: 3 for i in range(SAMPLES)}
     # the summary: what each job's committed contributions hold (g2's third batch was lost with it, not counted)
     counts = {0: len(committed_samples(g0["ledger"])), 1: len(committed_samples(g1["ledger"])), 2: 4}
-    for dump in (g0, g1):
+    for job, dump in ((0, g0), (1, g1)):
         assert dump["data_summary"] == {j: {"contributed": counts[j], "reread": 0} for j in range(JOBS)}
+        assert (f"data summary at the end of fit (samples of each data job): job 0: {counts[0]} contributed, 0 read "
+                "again after a failure; job 1:") in (tmp_path / f"g{job}.log").read_text()
 
 
 @pytest.mark.slow
