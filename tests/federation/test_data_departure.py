@@ -20,9 +20,10 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
 pytest.importorskip("torchft")
+from reference import Alone
 from test_federated import killed_on_exit, launch, lighthouse, load, wait_all  # noqa: F401
 
-from lightning_localsgd import Communicator, LocalSGDController, OuterSync
+from lightning_localsgd import LocalSGDController, OuterSync
 from lightning_localsgd.config import LocalSGDConfig
 from lightning_localsgd.data import ResumableSampler, continue_at, data_position, make_resumable
 from lightning_localsgd.data_shares import DataShares
@@ -144,21 +145,6 @@ def test_a_job_coming_back_gets_a_fresh_share_from_the_first_epoch_no_job_began(
     assert [b for e, b in jobs.read[0] if e == 3] == batches(stripe(0, 3)) and len(jobs.loaders[0]) == 4
     read = [i for j in range(JOBS) for e, b in jobs.read[j][:None if j < 2 else 2] for i in b if e <= 3]
     assert Counter(read + [i for _, b in jobs.read[2][2:] for i in b]) == {i: 4 for i in range(SAMPLES)}
-
-
-class Alone(Communicator):
-    """A cross group of one: the engine never talks to anyone."""
-
-    size, rank = 1, 0
-
-    def all_reduce(self, tensor, op="sum", async_op=False):
-        return None
-
-    def all_to_all(self, output, input, async_op=False):
-        output.copy_(input)
-
-    def all_gather(self, output, input):
-        output.copy_(input)
 
 
 def _saved(state):
