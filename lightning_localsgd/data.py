@@ -126,7 +126,8 @@ class ResumableSampler(DistributedSampler):
         return rest // self.num_replicas if self.drop_last else -(-rest // self.num_replicas)
 
     def __len__(self) -> int:
-        return self.num_samples + len(self.extras()) // self.job_replicas
+        extra = self.epoch_end(self.epoch) - len(self.dataset)  # type: ignore[arg-type]
+        return self.num_samples + -(-extra // self.job_replicas)  # padded to a multiple of the job's replicas
 
     def epoch_end(self, epoch: int) -> int:
         """The position of ``epoch``'s end: the dataset's length plus this job's extras of that epoch."""
