@@ -147,7 +147,7 @@ ARGUMENT_DOCS: dict[str, str] = {
                  "jobs present now. Default None: each job reads the whole dataset in its own order.",
     "data_job_index": "with ``data_jobs``: this job's share of the dataset, 0 .. ``data_jobs`` - 1, one per job "
                       "(e.g. the SLURM array index); a job restarted in its place takes the same index.",
-    "data_rebalance_after": "with ``data_jobs``: a job that weighed in at none of the last this many committed "
+    "data_rebalance_after": "with ``data_jobs``: a job that took part in none of the last this many committed "
                             "syncs has left for good: the jobs of that sync split its unread data between them (its "
                             "share of the epoch it was in from its last committed position, and of every later "
                             "epoch: contiguous parts in ``data_job_index`` order, read after their own share), so "

@@ -10,7 +10,7 @@ position is ``(epoch, samples)``: up to ``size``, samples of the epoch's order r
 stripes advance together); beyond ``size``, ``size`` + the *extra* samples of that epoch the job's ranks read after
 their stripe (the parts of departed jobs' data granted to it, below).
 
-**A job that leaves for good.** :class:`DataShares` counts committed syncs. A job that weighed in at none of the last
+**A job that leaves for good.** :class:`DataShares` counts committed syncs. A job that took part in none of the last
 ``rebalance_after`` committed syncs (every member decides alike: the count is in the replicated record, no clocks) has
 left: its unread data is split between the jobs that weighed in at that sync (the *recipients*). Per epoch ``e`` from
 the departed job's recorded epoch on, its unread part (its stripe from its recorded position in that epoch, from the
@@ -97,7 +97,8 @@ class DataShares:
     positions: dict[int, Position] = field(default_factory=dict)
     """Each job's data position at its last committed sync."""
     seen: dict[int, int] = field(default_factory=dict)
-    """Each job's last committed sync it weighed in at (:attr:`commits` then)."""
+    """Each job's last committed sync it took part in (:attr:`commits` then): a job missing from
+    ``rebalance_after`` of them has left."""
     departures: list[Departure] = field(default_factory=list)
     contributed: dict[int, int] = field(default_factory=dict)
     """Samples each job read before a committed sync it weighed in at."""
@@ -106,7 +107,7 @@ class DataShares:
     # set by the sampler (the dataset's facts, the same for every job): the shares are computed from them
     size: Optional[int] = None
     replicas: int = 1
-    _cache: dict[tuple[int, int], list[Sample]] = field(default_factory=dict, repr=False)
+    _cache: dict[tuple[int, int, int], list[Sample]] = field(default_factory=dict, repr=False)
 
     # ------------------------------------------------------------------ the record
     def state_dict(self) -> dict[str, Any]:
