@@ -438,6 +438,8 @@ class LocalSGDMixin:
         if moved is None:
             return False
         set_data_counters(trainer, *moved)
+        # another epoch may hold another number of batches (the start hook of an epoch resumed mid-way does not run)
+        self.local_sgd_epoch_start(trainer)
         return True
 
     # ------------------------------------------------------------------ per step
