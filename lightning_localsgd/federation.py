@@ -734,10 +734,11 @@ class Federation:
 
     # ------------------------------------------------------------------ data positions (data_jobs)
     # The jobs read one dataset, each its share (data.py: one order, data_jobs × the job's ranks replicas). Each sync
-    # attempt all-gathers every job's position (4 numbers per job, over each rank's managed process group: rank k of
-    # every job, all of them since the jobs hold the same layout); a commit records them, so every member knows where
-    # each job's committed contribution ends, and a job that heals (its parameters replaced by a peer's, its reading
-    # since its last committed sync lost with them) continues its share from there.
+    # attempt all-gathers every job's position (5 numbers per job: index, epoch, samples, whether it weighs in, samples
+    # read again; over each rank's managed process group: rank k of every job, all of them since the jobs hold the
+    # same layout); a commit records them (data_shares.DataShares), so every member knows where each job's committed
+    # contribution ends, and a job that heals (its parameters replaced by a peer's, its reading since its last
+    # committed sync lost with them) continues its share from there.
     @property
     def data_positions(self) -> dict[int, tuple[int, int]]:
         """With ``data_jobs``: each job's data position ``(epoch, samples)`` at its last committed sync, by
