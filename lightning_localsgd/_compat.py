@@ -321,3 +321,27 @@ def rebuild_dataloader(dataloader: Any, sampler: Any, cls: type) -> Any:
 
     args, kwargs = _get_dataloader_init_args_and_kwargs(dataloader, sampler)
     return _reinstantiate_wrapped_cls(dataloader, *args, explicit_cls=cls, **kwargs)
+
+
+@_reaches(PrivateName("lightning", "lightning.pytorch.trainer.connectors.data_connector", "_parse_num_batches"),
+          PrivateName("lightning", _FIT_LOOP, "_combined_loader", kind="instance"),
+          PrivateName("lightning", "lightning.pytorch.utilities.combined_loader:CombinedLoader", "_iterator",
+                      kind="instance"))
+def recount_epoch_batches(trainer: Any) -> None:
+    """Count the training batches of the epoch starting now again (Lightning counts them once per fit, in
+    ``_FitLoop.setup_data``: the loaders' lengths, capped by ``limit_train_batches``; each epoch's data fetcher stops
+    there). Called before the epoch's iteration starts."""
+    from lightning.pytorch.trainer.connectors.data_connector import _parse_num_batches
+    from lightning.pytorch.trainer.states import RunningStage
+    from lightning.pytorch.utilities.data import sized_len
+
+    loop = trainer.fit_loop
+    combined = loop._combined_loader
+    if combined is None:
+        return
+    combined.limits = [_parse_num_batches(RunningStage.TRAINING, len(dl), trainer.limit_train_batches)
+                       for dl in combined.flattened]
+    if combined._iterator is not None:  # the last epoch's iterator, which the combined loader's length reads
+        combined._iterator.limits = combined.limits
+    batches = sized_len(combined)
+    loop.max_batches = batches if batches is not None else float("inf")

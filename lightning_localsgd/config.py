@@ -147,6 +147,14 @@ ARGUMENT_DOCS: dict[str, str] = {
                  "jobs present now. Default None: each job reads the whole dataset in its own order.",
     "data_job_index": "with ``data_jobs``: this job's share of the dataset, 0 .. ``data_jobs`` - 1, one per job "
                       "(e.g. the SLURM array index); a job restarted in its place takes the same index.",
+    "data_rebalance_after": "with ``data_jobs``: a job that took part in none of the last this many committed "
+                            "syncs has left for good: the jobs of that sync split its unread data between them (its "
+                            "share of the epoch it was in from its last committed position, and of every later "
+                            "epoch: contiguous parts in ``data_job_index`` order, read after their own share), so "
+                            "each epoch is still read once. Counted in committed syncs of the replicated record, so "
+                            "every job decides alike without clocks. A job that comes back later gets a fresh share "
+                            "(its own share from the first epoch no job has begun), never its old position. Logged "
+                            "when it happens. Default 8; None: never (a departed job's data waits for it).",
 }
 
 
@@ -210,6 +218,7 @@ class LocalSGDConfig:
     min_groups: int = 1
     data_jobs: Optional[int] = None
     data_job_index: Optional[int] = None
+    data_rebalance_after: Optional[int] = 8
     # derived on validation
     outer_factory: Optional[OuterOptimizerFactory] = field(default=None, init=False, repr=False)
     cluster_factory: Optional[OuterOptimizerFactory] = field(default=None, init=False, repr=False)
@@ -391,7 +400,8 @@ class LocalSGDConfig:
         _positive_int("min_groups", self.min_groups, 1, "It is the fewest worker groups a federated sync averages "
                       "over; e.g. 1.")
         if self.lighthouse is None:
-            for name, value, default in (("group_id", self.group_id, None), ("min_groups", self.min_groups, 1)):
+            for name, value, default in (("group_id", self.group_id, None), ("min_groups", self.min_groups, 1),
+                                         ("data_rebalance_after", self.data_rebalance_after, 8)):
                 if value != default:
                     raise ValueError(f"{name}={value!r} only applies to federated worker groups: set lighthouse="
                                      "'host:port' too (see docs/multi_cluster.md), or remove it.")
@@ -406,6 +416,9 @@ class LocalSGDConfig:
 
     def _check_data_jobs(self) -> None:
         if self.data_jobs is None and self.data_job_index is None:
+            if self.data_rebalance_after != 8:
+                raise ValueError(f"data_rebalance_after={self.data_rebalance_after!r} only applies to jobs sharing one "
+                                 "dataset: set data_jobs and data_job_index too, or remove it.")
             return
         _positive_int("data_jobs", self.data_jobs, 1, "It is the number of federated jobs sharing one dataset (each "
                       "reads one share of every epoch); e.g. 4.")
@@ -413,6 +426,9 @@ class LocalSGDConfig:
                 or not 0 <= self.data_job_index < self.data_jobs):  # type: ignore[operator]
             raise ValueError(f"data_job_index must be this job's share, an integer in 0 .. data_jobs - 1 = "
                              f"{self.data_jobs - 1} (one per job), got {self.data_job_index!r}.")
+        if self.data_rebalance_after is not None:
+            _positive_int("data_rebalance_after", self.data_rebalance_after, 1, "It is the committed syncs a job may "
+                          "miss before the others split its unread data (e.g. 8), or None for never.")
 
 
 T = TypeVar("T", bound=type)

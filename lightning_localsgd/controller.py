@@ -381,8 +381,14 @@ class LocalSGDController:
             "sync_every": c.sync_every, "warmup_steps": c.warmup_steps, "outer_optimizer": c.outer_name,
             "schedule": self.schedule.state_dict(), "sync_seconds_total": self.sync_seconds_total,
             "tokens_since_sync": self.schedule.tokens_since_sync, "fragments": c.fragments,
-            "consecutive_skips": self.consecutive_skips, **extra,
+            "consecutive_skips": self.consecutive_skips, **self._data_record(), **extra,
         }
+
+    def _data_record(self) -> dict[str, Any]:
+        """Federated jobs sharing one dataset: the replicated record of who reads what (checkpoints and healing carry
+        it with the counters)."""
+        shares = getattr(self.syncs, "data_shares", None)
+        return {"data_shares": shares.state_dict()} if shares is not None else {}
 
     def rank_state(self) -> dict[str, Any]:
         """This rank's engine states (snapshot slice, outer optimizer, error feedback, syncs in flight)."""
@@ -412,4 +418,7 @@ class LocalSGDController:
         self.schedule.load_state_dict({"tokens_since_sync": meta.get("tokens_since_sync", 0), **meta["schedule"]})
         self.sync_seconds_total = float(meta.get("sync_seconds_total", 0.0))
         self.consecutive_skips = int(meta.get("consecutive_skips", 0))
+        shares = getattr(self.syncs, "data_shares", None)
+        if shares is not None:  # a checkpoint written before the record was kept has none: the record starts empty
+            shares.load_state_dict(meta.get("data_shares"))
 

@@ -13,6 +13,11 @@ one share per replica, and its position is a number of samples of that order: th
 read in the epoch so far. A resumed epoch continues at that position, on any number of replicas (elastic resume):
 the samples of the epoch not yet read are read once, split over the new replicas.
 
+Federated jobs sharing one dataset (``data_jobs``) are replicas of one such order, ``data_jobs`` × each job's ranks;
+when a job leaves for good, the others read its unread samples after their own share
+(:mod:`~lightning_localsgd.data_shares` says which): their epoch is that much longer, and the position goes on past
+the dataset's length, counting them. A sampler partitioned over the jobs already is not partitioned again.
+
 Other samplers (a user's own, kept by Lightning in a ``DistributedSamplerWrapper``) keep their order; the loader then
 saves how many batches of the epoch it handed out and a resumed epoch drops that many first (read and discarded; exact
 for a sampler whose order depends on the epoch only). Iterable datasets have no sampler: use a loader that saves its
@@ -30,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler
 from torch.utils.data.distributed import DistributedSampler
 
 from ._compat import rebuild_dataloader
+from .data_shares import DataShares
 
 __all__ = ["ResumableDataLoader", "ResumableSampler", "continue_at", "data_position", "drop_strategy_loader_states",
            "is_stateful_loader", "loader_states", "make_resumable", "restore_loader_states"]
@@ -57,13 +63,27 @@ class ResumableSampler(DistributedSampler):
         shuffle: whether each epoch is a permutation drawn from ``seed + epoch`` (else the dataset's order).
         seed: the shuffle's seed (Lightning's is ``seed_everything``'s, ``PL_GLOBAL_SEED``).
         drop_last: leave out the last samples that would not fill a round of ``num_replicas`` instead of padding.
+        jobs: ``(data_job_index, data_jobs)`` when the replicas are those of every federated job (``data_jobs``):
+            ``num_replicas`` is ``data_jobs`` × the job's ranks.
+        shares: with ``jobs``, the federation's record (:class:`~lightning_localsgd.data_shares.DataShares`): the
+            departed jobs' samples this job reads after its stripe, padded to a multiple of the job's ranks. The
+            position then goes on past the dataset's length, counting them.
     """
 
     def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0,
-                 drop_last: bool = False) -> None:
+                 drop_last: bool = False, jobs: Optional[tuple[int, int]] = None,
+                 shares: Optional[DataShares] = None) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
                          drop_last=drop_last)
         self.start = 0  #: samples of the current epoch read (by every replica together) before this iteration
+        self.jobs = jobs
+        """``(data_job_index, data_jobs)`` when the replicas are those of every federated job (``data_jobs``)."""
+        self.shares = shares
+        """With ``jobs``: the federation's record of who reads what (:class:`~.data_shares.DataShares`): the
+        departed jobs' samples this job reads after its stripe (its *extras*)."""
+        self._orders: dict[int, list[int]] = {}
+        if jobs is not None and shares is not None:
+            shares.attach(len(dataset), self.job_replicas)  # type: ignore[arg-type]
 
     def set_epoch(self, epoch: int) -> None:
         """Lightning calls this before each epoch; another epoch than the one a position was restored for starts at
@@ -72,13 +92,49 @@ class ResumableSampler(DistributedSampler):
             self.start = 0
         self.epoch = epoch
 
-    def epoch_order(self) -> list[int]:
-        """The current epoch's order of sample indices, before it is cut into shares (``DistributedSampler``'s)."""
+    def epoch_order(self, epoch: Optional[int] = None) -> list[int]:
+        """An epoch's order of sample indices (the current one's by default), before it is cut into shares
+        (``DistributedSampler``'s)."""
+        epoch = self.epoch if epoch is None else epoch
         if not self.shuffle:
             return list(range(len(self.dataset)))  # type: ignore[arg-type]
-        generator = torch.Generator()
-        generator.manual_seed(self.seed + self.epoch)
-        return torch.randperm(len(self.dataset), generator=generator).tolist()  # type: ignore[arg-type]
+        if epoch not in self._orders:
+            if len(self._orders) > 4:
+                self._orders.clear()
+            generator = torch.Generator()
+            generator.manual_seed(self.seed + epoch)
+            self._orders[epoch] = torch.randperm(len(self.dataset), generator=generator).tolist()  # type: ignore[arg-type]
+        return self._orders[epoch]
+
+    @property
+    def job_replicas(self) -> int:
+        """The replicas of this job (``num_replicas`` without ``jobs``)."""
+        return self.num_replicas // self.jobs[1] if self.jobs is not None else self.num_replicas
+
+    def extras(self, epoch: Optional[int] = None) -> list[int]:
+        """The departed jobs' samples this job reads in an epoch after its stripe (:mod:`~.data_shares`), padded
+        with repeats of its first ones to a multiple of the job's replicas (every rank reads as many batches)."""
+        if self.jobs is None or self.shares is None or not self.shares.departures:
+            return []
+        samples = self.shares.extras(self.jobs[0], self.epoch if epoch is None else epoch)
+        indices = [self.epoch_order(source)[position] for source, position in samples]
+        pad = -len(indices) % self.job_replicas
+        return indices + (indices * (pad // max(1, len(indices)) + 1))[:pad] if indices else []
+
+    def _own_per_replica(self, start: int) -> int:
+        rest = max(0, len(self.dataset) - start)  # type: ignore[arg-type]
+        return rest // self.num_replicas if self.drop_last else -(-rest // self.num_replicas)
+
+    def __len__(self) -> int:
+        extra = self.epoch_end(self.epoch) - len(self.dataset)  # type: ignore[arg-type]
+        return self.num_samples + -(-extra // self.job_replicas)  # padded to a multiple of the job's replicas
+
+    def epoch_end(self, epoch: int) -> int:
+        """The position of ``epoch``'s end: the dataset's length plus this job's extras of that epoch."""
+        size = len(self.dataset)  # type: ignore[arg-type]
+        if self.jobs is None or self.shares is None:
+            return size
+        return size + len(self.shares.extras(self.jobs[0], epoch))
 
     def __iter__(self) -> Iterator[int]:
         order = self.epoch_order()
@@ -88,12 +144,26 @@ class ResumableSampler(DistributedSampler):
         elif rest:
             pad = -len(rest) % self.num_replicas  # repeats of the epoch's first samples, as DistributedSampler pads
             rest += (order * (pad // max(1, len(order)) + 1))[:pad]
-        return iter(rest[self.rank :: self.num_replicas])
+        extras = self.extras()[max(0, self.start - len(order)):]
+        return iter(rest[self.rank :: self.num_replicas] + extras[self.rank % self.job_replicas :: self.job_replicas])
 
     def position(self, samples_per_replica: int) -> int:
         """The epoch's position once each replica read ``samples_per_replica`` more samples of this iteration (at
-        most the epoch's length: the padding repeats samples already counted)."""
-        return min(len(self.dataset), self.start + samples_per_replica * self.num_replicas)  # type: ignore[arg-type]
+        most the epoch's end: the padding repeats samples already counted). Beyond the dataset's length the
+        position counts the extras the job's replicas read together."""
+        own = self._own_per_replica(self.start)
+        size = len(self.dataset)  # type: ignore[arg-type]
+        if samples_per_replica <= own:
+            return min(size, self.start + samples_per_replica * self.num_replicas)
+        return min(self.epoch_end(self.epoch),
+                   max(self.start, size) + (samples_per_replica - own) * self.job_replicas)
+
+    def batches_before(self, samples: int, batch_size: int) -> int:
+        """The batches of the epoch a replica reads before position ``samples`` (from the epoch's start)."""
+        size = len(self.dataset)  # type: ignore[arg-type]
+        if samples <= size:
+            return samples // (self.num_replicas * batch_size)
+        return (self._own_per_replica(0) + (samples - size) // self.job_replicas) // batch_size
 
 
 class ResumableDataLoader(DataLoader):
@@ -189,12 +259,27 @@ def _resumable_class(cls: type) -> type:
     return _RESUMABLE_CLASSES[cls]
 
 
-def _resumable_sampler(loader: DataLoader, jobs: Optional[tuple[int, int]] = None) -> Optional[ResumableSampler]:
+def _resumable_sampler(loader: DataLoader, jobs: Optional[tuple[int, int]] = None,
+                       shares: Optional[DataShares] = None) -> Optional[ResumableSampler]:
     """The :class:`ResumableSampler` that replaces ``loader``'s sampler, or ``None`` to keep it: Lightning's (or the
     user's) ``DistributedSampler`` with its shares and seed, a shuffle or the dataset's order on one replica. With
     ``jobs`` (``(data_job_index, data_jobs)``) the job's shares become shares of every job's: ``data_jobs`` × the
-    job's replicas, this job's ranks taking those of ``data_job_index`` (one seed, so one order, for every job)."""
+    job's replicas, this job's ranks taking those of ``data_job_index`` (one seed, so one order, for every job). A
+    sampler partitioned over the jobs already is kept (the same ``jobs``) or refused (other ``jobs``): partitioned
+    again, each job would read a share of its share."""
     sampler = loader.sampler
+    if isinstance(sampler, ResumableSampler) and sampler.jobs is not None:
+        if jobs is not None and tuple(jobs) != tuple(sampler.jobs):
+            raise ValueError(
+                f"the training loader's ResumableSampler is partitioned over the federated jobs already (job "
+                f"{sampler.jobs[0]} of data_jobs={sampler.jobs[1]}), and data_jobs={jobs[1]} / data_job_index="
+                f"{jobs[0]} would partition it again (each job reading a share of its share): give fit the loader "
+                "with its plain sampler (shuffle=True/False or a DistributedSampler) and let the strategy partition "
+                "it, or leave data_jobs=None.")
+        if shares is not None and sampler.shares is None:
+            sampler.shares = shares
+            shares.attach(len(sampler.dataset), sampler.job_replicas)  # type: ignore[arg-type]
+        return None
     if isinstance(sampler, ResumableSampler) and jobs is None:
         return None
     if type(sampler) in (DistributedSampler, ResumableSampler):
@@ -212,21 +297,23 @@ def _resumable_sampler(loader: DataLoader, jobs: Optional[tuple[int, int]] = Non
         index, count = jobs
         replicas, rank = replicas * count, index * replicas + rank
     return ResumableSampler(loader.dataset, num_replicas=replicas, rank=rank, shuffle=shuffle, seed=seed,
-                            drop_last=drop_last)
+                            drop_last=drop_last, jobs=jobs, shares=shares if jobs is not None else None)
 
 
-def make_resumable(loader: Any, jobs: Optional[tuple[int, int]] = None) -> Any:
+def make_resumable(loader: Any, jobs: Optional[tuple[int, int]] = None, shares: Optional[DataShares] = None) -> Any:
     """The training loader a local-SGD strategy uses in place of ``loader``: a :class:`ResumableDataLoader` (of the
     user's class) with a :class:`ResumableSampler` where the sampler is Lightning's ``DistributedSampler``, a
     ``RandomSampler`` or a ``SequentialSampler``. Returned as it is: anything not a ``DataLoader``, an iterable
     dataset's loader, a loader that saves its own position already (torchdata's ``StatefulDataLoader``), a loader
     with its own ``batch_sampler``. ``jobs``: ``(data_job_index, data_jobs)``, this federated job's share of one
-    dataset partitioned over the jobs (``ValueError`` for a loader that cannot be partitioned)."""
+    dataset partitioned over the jobs (``ValueError`` for a loader that cannot be partitioned, or one partitioned
+    for other jobs already); ``shares``: the federation's record of who reads what, when jobs leave for good."""
     resumable = isinstance(loader, ResumableDataLoader)
     usable = (isinstance(loader, DataLoader) and not isinstance(loader.dataset, IterableDataset)
               and loader.batch_size is not None and (resumable or not is_stateful_loader(loader)))
-    sampler = _resumable_sampler(loader, jobs) if usable else None
-    if jobs is not None and sampler is None:
+    sampler = _resumable_sampler(loader, jobs, shares) if usable else None
+    partitioned = usable and isinstance(loader.sampler, ResumableSampler) and loader.sampler.jobs is not None
+    if jobs is not None and sampler is None and not partitioned:
         raise ValueError(
             f"data_jobs={jobs[1]} partitions a map-style dataset's order over the federated jobs, but the training "
             f"loader ({type(loader).__name__}) cannot be partitioned: give fit a DataLoader of a map-style dataset "
@@ -257,10 +344,10 @@ def continue_at(loader: ResumableDataLoader, epoch: int, samples: int) -> Option
     assert sampler is not None and loader.batch_size is not None
     if loader._iterating:
         return None
-    if samples >= len(sampler.dataset):  # type: ignore[arg-type]
+    if samples >= sampler.epoch_end(epoch):
         epoch, samples = epoch + 1, 0
     sampler.epoch, sampler.start = epoch, samples
-    return epoch, samples // (sampler.num_replicas * loader.batch_size)
+    return epoch, sampler.batches_before(samples, loader.batch_size)
 
 
 def _fit_loop_state(checkpoint: Mapping[str, Any]) -> Optional[dict[str, Any]]:

@@ -37,8 +37,10 @@ that quorum's sync, in which the joiner weighs 0.
 Healing is per rank: rank ``k`` receives rank ``k``'s state of a live job, i.e. its own shard with FSDP2 / ZeRO.
 
 **Data across jobs** (``data_jobs``): the jobs read one dataset, each its share. Every sync attempt all-gathers the
-jobs' data positions and a commit records them (:attr:`Federation.data_positions`, the same on every member); a job
-that heals continues its share at its own last committed position, from the peer's record.
+jobs' data positions and a commit records them (:attr:`Federation.data_shares`, the same on every member, sent with
+healing state and checkpoints); a job that heals continues its share at its own last committed position, from the
+peer's record. A job missing from ``data_rebalance_after`` committed syncs has left: the others split its unread data,
+and it gets a fresh share if it comes back (:mod:`~lightning_localsgd.data_shares`).
 
 **Layouts.** Rank ``k`` of every job syncs what it holds with rank ``k`` of the others, so the jobs must hold the
 model alike (world size, strategy, shard sizes). Each sync attempt first compares the jobs' layouts over rank 0's
@@ -68,6 +70,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from torch import Tensor
 
 from ._compat import managed_process_group, quorum_id, quorum_started
+from .data_shares import DataShares
 from .engine.comm import Communicator, SyncAbortedError, Work
 from .engine.outer import OuterSync, SyncResult
 from .tensors import tensor_bytes
@@ -303,8 +306,8 @@ class _Attempt:
     deadline: float
     began: float
     inner_steps: int
-    data_positions: dict[int, tuple[int, int]] = field(default_factory=dict)
-    """With ``data_jobs``: the data position of each job of the quorum that weighs in (see _exchange_positions)."""
+    data_rows: list[tuple[int, int, int, bool, int]] = field(default_factory=list)
+    """With ``data_jobs``: each job of the quorum's ``(job, epoch, samples, weighs, lost)`` (see _exchange_positions)."""
 
 
 class Federation:
@@ -362,9 +365,10 @@ class Federation:
         self._healed_now = False
         self.data_job: Optional[int] = None
         """``data_job_index`` with ``data_jobs`` (the jobs partition one dataset), else ``None``."""
-        self.data_positions: dict[int, tuple[int, int]] = {}
-        """With ``data_jobs``: each job's data position ``(epoch, samples)`` at its last committed sync, by
-        ``data_job_index``: where that job's committed contribution ends (the same on every member)."""
+        self.data_shares: Optional[DataShares] = None
+        """With ``data_jobs``: the replicated record of the jobs' data (positions at committed syncs, departed jobs'
+        data split between the others, samples contributed and read again), the same on every member."""
+        self._lost_data = 0  # samples read since the last committed sync and read again after a heal (reported once)
 
     # ------------------------------------------------------------------ setup
     def start(self, schedule: "SyncSchedule", config: "LocalSGDConfig",
@@ -377,6 +381,8 @@ class Federation:
                              "and training state): pass host_facts to LocalSGDController.setup.")
         self.host, self.schedule, self.overlap_steps = host, schedule, config.overlap_steps
         self.data_job = config.data_job_index if config.data_jobs is not None else None
+        if config.data_jobs is not None:
+            self.data_shares = DataShares(config.data_jobs, config.data_rebalance_after)
         check_lighthouse_reachable(self.lighthouse, connect_timeout())
         store_addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
         store_port = int(os.environ["MASTER_PORT"])
@@ -393,6 +399,12 @@ class Federation:
         return self.comm
 
     def shutdown(self) -> None:
+        if self.data_shares is not None and self.data_shares.commits and (self.host is None or self.host.rank == 0):
+            from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+            lines = "; ".join(f"job {job}: {n['contributed']} contributed, {n['reread']} read again after a failure"
+                              for job, n in self.data_summary.items())
+            rank_zero_info(f"local SGD: data summary at the end of fit (samples of each data job): {lines}")
         if self.manager is not None:
             self.manager.shutdown(wait=False)
             self.manager = None
@@ -527,7 +539,7 @@ class Federation:
         attempt = _Attempt(record, weight, stop, deadline, began, self.inner_steps)
         try:
             self._check_layouts(engine)
-            attempt.data_positions = self._exchange_positions(own > 0)
+            attempt.data_rows = self._exchange_positions(own > 0)
             engine.start_sync(fragment, weight=own, stop=stop)
         except Exception as err:
             if not self._failed(attempt, err):
@@ -560,7 +572,7 @@ class Federation:
                 continue
             attempt.record.update(committed=True, seconds=time.perf_counter() - attempt.began)
             self.attempts.append(attempt.record)
-            self.data_positions.update(attempt.data_positions)
+            self._commit_data(attempt.data_rows)
             self._committed(engine, fragment, attempt.inner_steps)
             return result
 
@@ -700,8 +712,7 @@ class Federation:
             if engine_state is not None:
                 engine_state.update(compression_error=None, compression_mean_error={},
                                     compression_mean_error_owner={})
-        state["federation"] = {"fragment": self._unit, "checked_quorum": self._checked_quorum,
-                               "data_positions": dict(self.data_positions)}
+        state["federation"] = {"fragment": self._unit, "checked_quorum": self._checked_quorum}
         return {"layout": self.layout(), "training": state}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -719,26 +730,39 @@ class Federation:
         self.healed_bytes += tensor_bytes(state)
         log.info(f"local SGD: group {self.group_id} healed from a live peer at step "
                  f"{state['counters']['global_step']}")
-        self.data_positions = dict(state.get("federation", {}).get("data_positions", {}))
-        self._continue_own_data()
+        self._continue_own_data()  # the data record came with the counters (LocalSGDController.meta)
 
     # ------------------------------------------------------------------ data positions (data_jobs)
     # The jobs read one dataset, each its share (data.py: one order, data_jobs × the job's ranks replicas). Each sync
-    # attempt all-gathers every job's position (4 numbers per job, over each rank's managed process group: rank k of
-    # every job, all of them since the jobs hold the same layout); a commit records them, so every member knows where
-    # each job's committed contribution ends, and a job that heals (its parameters replaced by a peer's, its reading
-    # since its last committed sync lost with them) continues its share from there.
-    def _exchange_positions(self, counted: bool) -> dict[int, tuple[int, int]]:
-        """Every job's data position in this attempt, of the jobs whose work it counts (``counted``: this job weighs
-        in; a joiner's position is its committed one already)."""
+    # attempt all-gathers every job's position (5 numbers per job: index, epoch, samples, whether it weighs in, samples
+    # read again; over each rank's managed process group: rank k of every job, all of them since the jobs hold the
+    # same layout); a commit records them (data_shares.DataShares), so every member knows where each job's committed
+    # contribution ends, and a job that heals (its parameters replaced by a peer's, its reading since its last
+    # committed sync lost with them) continues its share from there.
+    @property
+    def data_positions(self) -> dict[int, tuple[int, int]]:
+        """With ``data_jobs``: each job's data position ``(epoch, samples)`` at its last committed sync, by
+        ``data_job_index``: where that job's committed contribution ends (the same on every member)."""
+        return dict(self.data_shares.positions) if self.data_shares is not None else {}
+
+    @property
+    def data_summary(self) -> dict[int, dict[str, int]]:
+        """With ``data_jobs``: per job, samples ``contributed`` (read before a committed sync it weighed in at) and
+        ``reread`` (read, dropped with its work by a heal, read again); logged at the end of fit."""
+        return self.data_shares.summary() if self.data_shares is not None else {}
+
+    def _exchange_positions(self, counted: bool) -> list[tuple[int, int, int, bool, int]]:
+        """Every job of the quorum's ``(job, epoch, samples, weighs, lost)``: its data position in this attempt,
+        whether the attempt counts its work (``counted``: this job weighs in; a joiner's position is its committed
+        one already), the samples it reads again after a heal."""
         if self.data_job is None or self.host is None:
-            return {}
+            return []
         import torch
 
         assert self.comm is not None
         position = self.host.data_position()
-        mine = torch.tensor([self.data_job, *(position or (-1, -1)), int(counted and position is not None)],
-                            dtype=torch.int64)
+        mine = torch.tensor([self.data_job, *(position or (-1, -1)), int(counted and position is not None),
+                             self._lost_data], dtype=torch.int64)
         gathered = torch.empty(self.comm.size * mine.numel(), dtype=torch.int64)
         self.comm.all_gather(gathered, mine)
         rows = gathered.view(self.comm.size, -1).tolist()
@@ -747,19 +771,45 @@ class Federation:
             raise ValueError(f"local SGD: two live federated jobs have the same data_job_index (the quorum's: "
                              f"{sorted(indices)}), so they read the same share of the dataset: give each job its own "
                              f"index in 0 .. data_jobs - 1 (this job {self.group_id!r} has {self.data_job}).")
-        return {job: (epoch, samples) for job, epoch, samples, weighs in rows if weighs}
+        return [(job, epoch, samples, bool(weighs), lost) for job, epoch, samples, weighs, lost in rows]
+
+    def _commit_data(self, rows: list[tuple[int, int, int, bool, int]]) -> None:
+        """A sync committed: record the rows (every member alike); log departures and returns; a job that came back
+        continues at its fresh share."""
+        shares = self.data_shares
+        if shares is None or self.host is None:
+            return
+        away = shares.away(self.data_job) is not None  # type: ignore[arg-type]
+        for event in shares.commit(rows):
+            if self.host.rank == 0:
+                log.warning(event)
+        self._lost_data = 0
+        if away and shares.away(self.data_job) is None:  # type: ignore[arg-type]
+            fresh = shares.positions[self.data_job]  # type: ignore[index]
+            if not self.host.continue_data_at(*fresh):
+                log.warning(f"local SGD: group {self.group_id} came back while its training loader is inside an "
+                            f"epoch: its data cannot move to its fresh share at {fresh}")
 
     def _continue_own_data(self) -> None:
-        """Healed: this job's data continues where its last committed sync ended (the peer's record)."""
+        """Healed: this job's data continues where its last committed sync ended (the peer's record); what it read
+        since then is read again (counted in the summary). A job whose data was given away waits for its fresh share
+        (decided when this quorum's sync commits)."""
         assert self.host is not None
-        if self.data_job is None:
+        if self.data_job is None or self.data_shares is None:
+            return
+        if self.data_shares.away(self.data_job) is not None:
+            log.warning(f"local SGD: group {self.group_id} (data job {self.data_job}) healed after the others split its "
+                        "unread data between them: it gets a fresh share when this sync commits")
             return
         position = self.data_positions.get(self.data_job)
+        here = self.host.data_position()
         if position is None:
             log.warning(f"local SGD: group {self.group_id} healed, but its peer has no committed data position for "
                         f"data_job_index {self.data_job} (no sync of it committed since the peer started): it keeps "
                         "its own data position")
         elif self.host.continue_data_at(*position):
+            if here is not None and self.data_shares.size is not None:  # its reading past the position is read again
+                self._lost_data += max(0, self.data_shares.between(self.data_job, position, here))
             log.info(f"local SGD: group {self.group_id} continues its share of the data at its last committed "
                      f"position: epoch {position[0]}, sample {position[1]} of the epoch's order")
         else:

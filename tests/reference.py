@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "workers"))
 from lightning_localsgd.engine.codecs import decode, encode, get_codec  # noqa: E402
+from lightning_localsgd.engine.comm import Communicator  # noqa: E402
 from tiny import TinyNet, make_dataset, make_inner_optimizer  # noqa: E402
 
 
@@ -371,3 +372,18 @@ def weighted_compressed_sync(theta, locals_, weights, errors, mean_errors, codec
         new_mean_errors.append(decay * (m - s))
         sent.append(s)
     return theta - torch.cat(sent)[:n], new_errors, new_mean_errors
+
+
+class Alone(Communicator):
+    """A cross group of one (no process group needed): the engine never talks with a single group."""
+
+    size, rank = 1, 0
+
+    def all_reduce(self, tensor, op="sum", async_op=False):
+        return None
+
+    def all_to_all(self, output, input, async_op=False):
+        output.copy_(input)
+
+    def all_gather(self, output, input):
+        output.copy_(input)

@@ -20,7 +20,13 @@ failures (same seeds, data orders, schedule), it reports:
   step of the uninterrupted run (from every job's per-step wall clock), against the bound *heartbeat timeout + one
   sync*; and the stall of the sync at which the restarted job heals (the survivors send it their state);
 * **bytes moved by healing**: the tensors of the state a restarted job receives (inner model, AdamW state, LR
-  scheduler, θ_g, outer momentum, counters), against one model copy + the outer state.
+  scheduler, θ_g, outer momentum, counters), against one model copy + the outer state;
+* **samples read twice and never read** (a per-sample ledger: each job records the windows of every step; a step's
+  windows are *contributed* when its work entered a committed sync with weight 1): contributed more than once, and
+  windows the uninterrupted run contributed that this run never did. With the data cursor (``data_jobs``: the library
+  partitions one order over the jobs, a restarted job continues its share at its last committed position) against
+  today's way without it, each job's shard picked by hand (a ``DistributedSampler`` of ``G`` replicas per job, so a
+  restarted job starts its shard again): a third run, the same kills, hand-picked shards.
 
     python benchmarks/chaos/chaos.py                 # small default: micro GPT, 3 groups, H=16, 512 steps, a kill
                                                      # every 8 syncs
@@ -109,6 +115,9 @@ def worker(cfg: dict) -> None:
     from lightning_localsgd.examples.data import TextDataModule
     from lightning_localsgd.examples.gpt import GPT
 
+    from torch.utils.data import DataLoader
+    from torch.utils.data.distributed import DistributedSampler
+
     from lightning_localsgd import LocalSGDFSDPStrategy, LocalSGDStrategy
     from lightning_localsgd.federation import Federation, TorchftCommunicator
 
@@ -116,7 +125,7 @@ def worker(cfg: dict) -> None:
     rank = int(os.environ.get("LOCAL_RANK", 0))  # --inner fsdp: rank 1 of the job is started by Lightning
     t0, H = cfg["t0"], cfg["sync_every"]
     rec: dict = dict(group=cfg["group"], incarnation=cfg["incarnation"], rank=rank, start_step=None, killed=None,
-                     steps=[], evals=[], heals=[], attempts=[], final_loss=None, params=0, shard_params=0)
+                     steps=[], evals=[], heals=[], attempts=[], final_loss=None, params=0, shard_params=0, ledger=[])
     kills = [k for k in cfg["kills"] if k["group"] == cfg["group"]]
     state: dict = {}
 
@@ -198,17 +207,31 @@ def worker(cfg: dict) -> None:
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             step = trainer.global_step
             rec["steps"].append((time.time() - t0, step))
+            rec["ledger"].append((step, batch[2].tolist()))  # the windows this step trained on
             if step % cfg["eval_every"] == 0 and step % H == 0:  # right after a sync: every group holds θ_g
                 rec["evals"].append((step, evaluate(pl_module)))
             if (kill := due("interval", step)) is not None:
                 die(kill)
 
+    class IndexedGPT(GPT):
+        def training_step(self, batch, batch_idx):
+            return super().training_step(batch[:2], batch_idx)
+
     L.seed_everything(cfg["seed"], verbose=False)  # every group of a fresh run builds the same initial model
-    model = GPT(size=cfg["size"], block_size=cfg["block_size"], learning_rate=cfg["learning_rate"],
-                warmup_steps=cfg["warmup"], max_steps=cfg["steps"])
+    model = IndexedGPT(size=cfg["size"], block_size=cfg["block_size"], learning_rate=cfg["learning_rate"],
+                       warmup_steps=cfg["warmup"], max_steps=cfg["steps"])
     federated = dict(sync_every=H, outer_optimizer="diloco", lighthouse=cfg["lighthouse"], group_id=f"g{cfg['group']}",
                      min_groups=1, sync_timeout=cfg["sync_timeout"], process_group_backend="gloo")
     fsdp = cfg.get("inner", "ddp") == "fsdp"
+    data.setup("fit")
+    windows = IndexedWindows(data.train_dataset)
+    if cfg["data"] == "cursor":  # the library partitions one order (seed_everything's) over the jobs
+        loader = DataLoader(windows, batch_size=cfg["batch_size"], shuffle=True)
+        federated.update(data_jobs=cfg["groups"], data_job_index=cfg["group"])
+    else:  # today's way without it: each job's shard picked by hand (its ranks' replicas of G × devices)
+        devices = cfg.get("devices", 1)
+        loader = DataLoader(windows, batch_size=cfg["batch_size"], sampler=DistributedSampler(
+            windows, num_replicas=cfg["groups"] * devices, rank=cfg["group"] * devices + rank, seed=cfg["seed"]))
     trainer = L.Trainer(
         accelerator="cpu", devices=cfg.get("devices", 1), max_steps=cfg["steps"], logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
@@ -216,20 +239,36 @@ def worker(cfg: dict) -> None:
         strategy=LocalSGDFSDPStrategy(**federated) if fsdp else LocalSGDStrategy(**federated),
     )
     state["trainer"] = trainer
-    trainer.fit(model, data)
+    trainer.fit(model, train_dataloaders=loader)
     rec["final_loss"] = evaluate(model)
     rec["end_t"] = time.time() - t0
     rec["global_step"] = trainer.global_step
     write()
 
 
+class IndexedWindows:
+    """The training windows with their index: ``(x, y, i)``, so that each step's windows go into the ledger."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        x, y = self.dataset[i]
+        return x, y, i
+
+
 # ---------------------------------------------------------------------------------------------------- one run
-def run_federated(cfg: dict, kills: list[dict], tag: str, workdir: Path, timeout: float = 1500) -> dict:
+def run_federated(cfg: dict, kills: list[dict], tag: str, workdir: Path, timeout: float = 1500,
+                  data: str = "cursor") -> dict:
     """Run the G jobs against an in-process lighthouse (the harness's :func:`~harness.federated.run_jobs`),
     restarting every job that SIGKILLs itself at once with the same group_id, from a warm spare."""
     from harness.federated import run_jobs
 
-    run_dir = workdir / tag
+    run_dir = workdir / tag.replace(" ", "_").replace(",", "")
+    cfg = dict(cfg, data=data)
     remaining = list(kills)  # a kill happens once: a restarted job gets only the kills still to come
 
     def job(group: int, incarnation: int) -> dict:
@@ -255,7 +294,8 @@ def run_federated(cfg: dict, kills: list[dict], tag: str, workdir: Path, timeout
                                     for h in r["heals"]))
     first = min(j["steps"][0][0] for j in jobs if j["steps"])
     last = max(j["end_t"] for j in jobs if j.get("end_t") is not None)
-    return dict(tag=tag, jobs=jobs, restarts=out["restarts"], wall_s=last - first)  # first step to the last job's end
+    return dict(tag=tag, jobs=jobs, restarts=out["restarts"], wall_s=last - first,  # first step to the last job's end
+                data=data)
 
 
 # ---------------------------------------------------------------------------------------------------- metrics
@@ -273,6 +313,27 @@ def useful_and_lost(job: dict) -> tuple[int, int]:
     return useful, (last - boundary) if job["killed"] else 0
 
 
+def contributed_windows(job: dict) -> list[int]:
+    """The windows of this incarnation's steps whose work entered a committed sync with weight 1 (its ledger)."""
+    out: list[int] = []
+    boundary = job["start_step"] or 0
+    for a in job["attempts"]:
+        if a["committed"]:
+            if a["weight"] == 1.0:
+                out += [i for step, windows in job["ledger"] if boundary < step <= a["step"] for i in windows]
+            boundary = a["step"]
+    return out
+
+
+def data_counts(run: dict, reference: set[int]) -> dict:
+    """Windows contributed, contributed more than once, read but never contributed (lost with a killed job's work),
+    and those of ``reference`` (the uninterrupted run's) this run never contributed."""
+    contributed = [i for j in run["jobs"] for i in contributed_windows(j)]
+    read = sum(len(w) for j in run["jobs"] for _, w in j["ledger"])
+    return dict(samples_contributed=len(contributed), samples_read_twice=len(contributed) - len(set(contributed)),
+                samples_never_read=len(reference - set(contributed)), samples_read_lost=read - len(contributed))
+
+
 def step_durations(job: dict) -> dict[int, float]:
     """Wall seconds of each step of a job (end of step s − end of step s−1), its first step excluded."""
     out, prev = {}, None
@@ -283,7 +344,7 @@ def step_durations(job: dict) -> dict[int, float]:
     return out
 
 
-def analyse(cfg: dict, base: dict, chaos: dict) -> tuple[list[dict], list[dict], list[dict]]:
+def analyse(cfg: dict, base: dict, chaos: dict, shards: dict) -> tuple[list[dict], list[dict], list[dict]]:
     G, H = cfg["groups"], cfg["sync_every"]
     paid = G * cfg["steps"]
     rows, events = [], []
@@ -292,7 +353,8 @@ def analyse(cfg: dict, base: dict, chaos: dict) -> tuple[list[dict], list[dict],
     base_sync = statistics.median(d[s] - statistics.median(d[x] for x in d if x % H) for d in base_dur.values()
                                   for s in sync_steps if s in d)
     base_final = next(j["final_loss"] for j in base["jobs"] if j["final_loss"] is not None)
-    for run in (base, chaos):
+    reference = {i for j in base["jobs"] for i in contributed_windows(j)}
+    for run in (base, chaos, shards):
         finals = [j["final_loss"] for j in run["jobs"] if j["final_loss"] is not None]
         useful = lost = 0
         for j in run["jobs"]:
@@ -300,14 +362,15 @@ def analyse(cfg: dict, base: dict, chaos: dict) -> tuple[list[dict], list[dict],
             useful, lost = useful + u, lost + lo
         kills = [j for j in run["jobs"] if j["killed"]]
         heals = [h for j in run["jobs"] for h in j["heals"]]
-        rows.append(dict(run="uninterrupted" if run is base else f"kill every {cfg['kill_every']} syncs",
-                         kills=len(kills), restarts=len(run["restarts"]), healings=len(heals),
+        rows.append(dict(run=run["tag"], data="cursor (data_jobs)" if run["data"] == "cursor" else
+                         "hand-picked shards", kills=len(kills), restarts=len(run["restarts"]), healings=len(heals),
                          rejoined_too_late=sum(bool(j.get("too_late")) for j in run["jobs"]),
                          final_val_loss=finals[0], final_loss_spread=max(finals) - min(finals),
                          loss_ratio=finals[0] / base_final, useful_group_steps=useful, lost_group_steps=lost,
                          skipped_group_steps=paid - useful - lost, paid_group_steps=paid, goodput=useful / paid,
                          wall_s=run["wall_s"], wall_ratio=run["wall_s"] / base["wall_s"],
-                         heal_bytes=statistics.mean(h["bytes"] for h in heals) if heals else 0))
+                         heal_bytes=statistics.mean(h["bytes"] for h in heals) if heals else 0,
+                         **data_counts(run, reference)))
     params = chaos["jobs"][0]["params"] or base["jobs"][0]["params"]
     model_bytes = 4 * params
     for j in sorted((j for j in chaos["jobs"] if j["killed"]), key=lambda j: j["killed"]["step"]):
@@ -344,21 +407,22 @@ def analyse(cfg: dict, base: dict, chaos: dict) -> tuple[list[dict], list[dict],
             shard_bytes_per_rank=" / ".join(str(4 * n) for _, _, n in restarted["rank_heals"]) if restarted else "",
             heal_over_shard=max(b / (4 * n) for _, b, n in restarted["rank_heals"])
             if restarted and restarted["rank_heals"] else float("nan")))
-    curves = [dict(run=r["tag"], step=s, val_loss=v) for r in (base, chaos)
+    curves = [dict(run=r["tag"], step=s, val_loss=v) for r in (base, chaos, shards)
               for s, v in sorted({s: v for j in r["jobs"] for s, v in j["evals"]}.items())]
     return rows, events, curves
 
 
 # ---------------------------------------------------------------------------------------------------- output
-def plot(cfg: dict, base: dict, chaos: dict, events: list[dict], curves: list[dict], out_name: str) -> None:
+def plot(cfg: dict, base: dict, chaos: dict, events: list[dict], curves: list[dict], out_name: str,
+         rows: list[dict]) -> None:
     import harness as h
 
     plt = h.pyplot()
     if plt is None:
         return
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
     ax = axes[0]
-    for tag, style in ((base["tag"], "-"), (chaos["tag"], "--")):
+    for tag, style in ((base["tag"], "-"), (chaos["tag"], "--"), (rows[2]["run"], ":")):
         c = [x for x in curves if x["run"] == tag]
         ax.plot([x["step"] for x in c], [x["val_loss"] for x in c], style, marker=".", label=tag)
     ax.set_xlabel("step")
@@ -389,6 +453,15 @@ def plot(cfg: dict, base: dict, chaos: dict, events: list[dict], curves: list[di
     ax.set_xticks(range(len(events)), labels, fontsize=8)
     ax.set_ylabel("seconds")
     ax.set_title("stall per failure")
+    ax.legend(fontsize=8)
+    ax = axes[3]
+    names = ["uninterrupted\ncursor", "kills\ncursor", "kills\nhand shards"]
+    for k, (key, label) in enumerate((("samples_read_twice", "contributed twice"),
+                                      ("samples_never_read", "never read (vs uninterrupted)"))):
+        ax.bar([x + 0.4 * k for x in range(len(rows))], [r[key] for r in rows], width=0.4, label=label)
+    ax.set_xticks([x + 0.2 for x in range(len(rows))], names[:len(rows)], fontsize=8)
+    ax.set_ylabel("windows")
+    ax.set_title("data read twice / never read")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(RESULTS / f"{out_name}.png", dpi=100)
@@ -450,11 +523,14 @@ def main() -> None:
         print(f"uninterrupted: {base['wall_s']:.1f} s", flush=True)
         chaos = run_federated(cfg, kills, f"kill every {cfg['kill_every']} syncs", work)
         print(f"chaos: {chaos['wall_s']:.1f} s, {len(chaos['restarts'])} restarts", flush=True)
-    rows, events, curves = analyse(cfg, base, chaos)
+        shards = run_federated(cfg, kills, f"kill every {cfg['kill_every']} syncs, hand-picked shards", work,
+                               data="shards")
+        print(f"chaos without the data cursor: {shards['wall_s']:.1f} s", flush=True)
+    rows, events, curves = analyse(cfg, base, chaos, shards)
     h.write_csv(RESULTS / f"{out_name}.csv", rows)
     h.write_csv(RESULTS / f"{out_name}_events.csv", events)
     h.write_csv(RESULTS / f"{out_name}_curves.csv", curves)
-    plot(cfg, base, chaos, events, curves, out_name)
+    plot(cfg, base, chaos, events, curves, out_name, rows)
     params = base["jobs"][0]["params"]
     link = (f"inside a network namespace whose loopback is shaped to {cfg['groups']} × {args.link} (tc tbf; "
             "latency not emulated)" if args.link else "on the plain loopback (no link emulation)")
@@ -468,11 +544,18 @@ def main() -> None:
             f"ms, join timeout {cfg['join_ms']} ms), sync_timeout {cfg['sync_timeout']:g} s, {link}. Kill schedule "
             f"(seed {args.seed}): a kill every {cfg['kill_every']} syncs: "
             + ", ".join(f"g{k['group']} {k['kind']} at step {k['step']}" for k in kills)
-            + "; the driver restarts a killed job at once with the same group_id.\n\n"
-            + h.md_table(rows, [("run", "run"), ("kills", "kills"), ("healings", "healings"),
+            + "; the driver restarts a killed job at once with the same group_id. Data: the cursor (data_jobs="
+            f"{cfg['groups']}: one order partitioned over the jobs, a restarted job continues its share at its last "
+            "committed position) in the first two runs; today's way without it, each job's shard picked by hand "
+            "(DistributedSampler), in the third. Windows: the ledger's (contributed = its step's work entered a "
+            "committed sync with weight 1; never read = contributed by the uninterrupted run, not by this one).\n\n"
+            + h.md_table(rows, [("run", "run"), ("data", "data"), ("kills", "kills"), ("healings", "healings"),
                                 ("final_val_loss", "final val loss"), ("loss_ratio", "loss / uninterrupted"),
                                 ("goodput", "goodput"), ("lost_group_steps", "group-steps lost"),
-                                ("skipped_group_steps", "group-steps skipped (down)"), ("wall_s", "wall s")])
+                                ("skipped_group_steps", "group-steps skipped (down)"), ("wall_s", "wall s"),
+                                ("samples_contributed", "windows contributed"),
+                                ("samples_read_twice", "contributed twice"),
+                                ("samples_never_read", "never read"), ("samples_read_lost", "read, work lost")])
             + "\n\nPer failure:\n\n"
             + h.md_table(events, [("group", "group"), ("kind", "kill"), ("kill_step", "step"),
                                   ("affected_sync_step", "sync affected"), ("survivor_stall_s", "survivors' stall s"),

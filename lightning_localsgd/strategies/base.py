@@ -25,7 +25,8 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from .._compat import attached_trainer, epoch_batches_done, fit_loop_can_stop_early, is_max_limit_reached
+from .._compat import (attached_trainer, epoch_batches_done, fit_loop_can_stop_early, is_max_limit_reached,
+                       recount_epoch_batches)
 from ..async_checkpoint import AsyncCheckpointWriter
 from ..config import LocalSGDConfig
 from ..controller import LocalSGDController
@@ -56,6 +57,9 @@ class _SyncAtStepEnd(Callback):
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.strategy.local_sgd.train_start()  # across jobs: join the running ones (heal from one) before a step
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.strategy.local_sgd_epoch_start(trainer)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         self.strategy.local_sgd_step_start()
@@ -403,8 +407,16 @@ class LocalSGDMixin:
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None  # type: ignore[attr-defined]
         if is_fitting(trainer) and trainer.training:
             c = self.local_sgd.config
-            dataloader = make_resumable(dataloader, None if c.data_jobs is None else (c.data_job_index, c.data_jobs))
+            dataloader = make_resumable(dataloader, None if c.data_jobs is None else (c.data_job_index, c.data_jobs),
+                                        getattr(self.local_sgd.syncs, "data_shares", None))
         return dataloader
+
+    def local_sgd_epoch_start(self, trainer: Trainer) -> None:
+        """An epoch starts: its length in batches is the loader's now (a federated job reading a departed job's
+        data after its own share reads more batches in that epoch; Lightning counts an epoch's batches once)."""
+        sampler = getattr(self._training_loader(trainer), "sampler", None)
+        if getattr(sampler, "shares", None) is not None and sampler.shares.departures:
+            recount_epoch_batches(trainer)
 
     @staticmethod
     def _training_loader(trainer: Trainer) -> Any:
@@ -426,6 +438,8 @@ class LocalSGDMixin:
         if moved is None:
             return False
         set_data_counters(trainer, *moved)
+        # another epoch may hold another number of batches (the start hook of an epoch resumed mid-way does not run)
+        self.local_sgd_epoch_start(trainer)
         return True
 
     # ------------------------------------------------------------------ per step

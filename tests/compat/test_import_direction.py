@@ -25,8 +25,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("the engine (no Lightning)", ("engine", "engine.codecs", "engine.comm", "engine.layout", "engine.outer",
                                    "engine.presets", "engine.reducers", "engine.schedules", "engine.screen",
                                    "engine.fragment", "engine.warmup")),
-    ("leaves", ("_compat", "_versions", "checkpoint_io", "integrity", "reliability", "tensors", "topology",
-                "validation")),
+    ("leaves", ("_compat", "_versions", "checkpoint_io", "data_shares", "integrity", "reliability", "tensors",
+                "topology", "validation")),
 ]
 
 #: Installed under the package's name from outside ``lightning_localsgd/``: ``examples/`` is

@@ -145,3 +145,9 @@ def test_job_killed_and_restarted_continues_its_share_from_its_last_committed_sy
     # every member's record: g0 read epoch 1 to its end, g1 its first 2 batches of epoch 1
     for d in (g0, restarted):
         assert d["data_positions"] == {0: (1, SAMPLES), 1: (1, 2 * JOBS * 2)}
+    # the end-of-fit summary against the ledgers: the committed contributions' samples; g1 read again the batch
+    # between its last committed sync and its checkpoint (what the killed run read after the checkpoint is unknown)
+    contributed = {0: len(sum(g0["ledger"], [])), 1: len(sum(killed["ledger"][:H] + restarted["ledger"], []))}
+    for d in (g0, restarted):
+        assert d["data_summary"] == {0: {"contributed": contributed[0], "reread": 0},
+                                     1: {"contributed": contributed[1], "reread": 2 if checkpoint else 0}}

@@ -25,9 +25,9 @@ import torch.nn.functional as F
 
 import _forkserver
 from _launch import WORKER, max_diff, run_tiny
-from reference import initial_net, rank_batches
+from reference import Alone, initial_net, rank_batches
 
-from lightning_localsgd import AtomicCheckpointIO, Communicator, LocalSGDConfig, LocalSGDController, OuterSync
+from lightning_localsgd import AtomicCheckpointIO, LocalSGDConfig, LocalSGDController, OuterSync
 from lightning_localsgd.checkpoint import check_exact_resume
 from lightning_localsgd.checkpoint_io import atomic_save
 from lightning_localsgd.integrity import CorruptCheckpointError, checksum_path, verify
@@ -181,21 +181,6 @@ def test_crash_between_sidecar_and_rename_leaves_a_verifiable_checkpoint(tmp_pat
 
 
 # ------------------------------------------------------------------------------------------------ 5, 7. resume
-class Alone(Communicator):
-    """A cross group of one (no process group needed): the engine never talks with a single group."""
-
-    size, rank = 1, 0
-
-    def all_reduce(self, tensor, op="sum", async_op=False):
-        return None
-
-    def all_to_all(self, output, input, async_op=False):
-        output.copy_(input)
-
-    def all_gather(self, output, input):
-        output.copy_(input)
-
-
 def test_new_outer_learning_rate_wins_on_resume(caplog):
     params = [torch.zeros(3)]
     engine = OuterSync(params, outer_optimizer=functools.partial(torch.optim.SGD, lr=0.7, momentum=0.9),

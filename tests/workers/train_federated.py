@@ -177,7 +177,8 @@ class Recorder(Callback):
             "saved_async": trainer.strategy._async_writer is not None,
             "validation_batches": getattr(pl_module, "validation_batches", 0),
             "ledger": getattr(pl_module, "ledger", None), "epochs": getattr(pl_module, "epochs", None),
-            "data_positions": dict(fed.data_positions),
+            "data_positions": dict(fed.data_positions), "data_summary": fed.data_summary,
+            "data_departures": [d.as_dict() for d in fed.data_shares.departures] if fed.data_shares else [],
         }, os.path.join(self.args.out, f"{name}.pt"))
 
 
@@ -195,6 +196,8 @@ def make_strategy(args: argparse.Namespace):
         federated["group_size"] = args.group_size
     if args.data_jobs is not None:
         federated.update(data_jobs=args.data_jobs, data_job_index=args.data_job_index)
+        if args.data_rebalance_after is not None:
+            federated["data_rebalance_after"] = args.data_rebalance_after or None  # 0: never
     if args.cluster_sync_every is not None:
         federated.update(cluster_sync_every=args.cluster_sync_every, cluster_outer_optimizer=args.cluster_outer)
     if args.strategy == "fsdp":
@@ -253,6 +256,8 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=8, help="the tiny model's hidden width (another model: 16)")
     parser.add_argument("--data-jobs", type=int, default=None, help="the jobs partition one dataset (data_jobs)")
     parser.add_argument("--data-job-index", type=int, default=None, help="this job's share with --data-jobs")
+    parser.add_argument("--data-rebalance-after", type=int, default=None,
+                        help="data_rebalance_after with --data-jobs (0: None, never)")
     parser.add_argument("--ledger-size", type=int, default=0,
                         help="train on the first N samples, each carrying its index; the dump's ledger lists them")
     parser.add_argument("--validate-every", type=int, default=0, help="a validation loop every N steps during fit")
