@@ -373,8 +373,9 @@ def test_codec_cpu_table_covers_every_registered_codec_and_matches_its_benchmark
     from lightning_localsgd.engine.codecs import CODECS, codec_names
 
     table = costmodel.CODEC_CPU_TABLE
-    assert set(table) == {"fp32", *codec_names()} == {"fp32", *CODECS}, (
-        "a registered codec has no CPU cost entry: run `python benchmarks/codec_cost/codec_cost.py` and copy its "
+    # every built-in codec; a codec registered later (the tests' topk_test) is measured on first use, tested below
+    assert set(table) == {"fp32", *CODECS} and set(CODECS) <= set(codec_names()), (
+        "a built-in codec has no CPU cost entry: run `python benchmarks/codec_cost/codec_cost.py` and copy its "
         "entries into costmodel.CODEC_CPU_TABLE")
     assert table["fp32"].encode_s_per_value == table["fp32"].decode_s_per_value == 0
     with open(ROOT / "benchmarks" / "codec_cost" / "results" / "codec_cost.csv", newline="") as f:
@@ -421,7 +422,11 @@ def test_step_factors_are_the_compression_benchmarks_steps_to_equal_loss():
 
 def test_codec_rows_price_bytes_coding_and_quality_by_hand():
     p = plan(params=2**30, step_time=0.4, bandwidth="100Mbit", latency="20ms", groups=2, sync_every=64)
-    assert p.codec_h == 64 and [c.codec for c in p.codecs] == ["fp32", "bf16", "int8", "int4", "topk", "topk_ef"]
+    from lightning_localsgd.engine.codecs import codec_names
+
+    # every registered codec, the built-ins first (a test module may have registered topk_test after them)
+    assert p.codec_h == 64 and [c.codec for c in p.codecs] == ["fp32", *codec_names()]
+    assert codec_names()[:5] == ("bf16", "int8", "int4", "topk", "topk_ef")
     fp32 = p.codec("fp32")
     assert fp32.sync_seconds == pytest.approx(hand_sync_seconds(2**30, 2, 1e8, 0.02), rel=1e-12)
     assert fp32.cpu_seconds == 0 and fp32.step_factor == 1
@@ -439,7 +444,8 @@ def test_codec_rows_price_bytes_coding_and_quality_by_hand():
     assert topk.utilization == pytest.approx(hand_utilization(0.4, a / 1e8 + b, 64), rel=1e-12)
     assert topk.effective_utilization == pytest.approx(topk.utilization / m, rel=1e-5)
     assert topk.min_h == math.ceil((a / 1e8 + b) * 0.95 / (0.4 * 0.05))
-    best = max(p.codecs, key=lambda c: c.effective_utilization)
+    # a codec without a measured step factor (one a test registered) is priced, not ranked
+    best = max((c for c in p.codecs if c.effective_utilization is not None), key=lambda c: c.effective_utilization)
     assert p.recommended_codec == best.codec
     # DiLoCo's factors price topk's quality at 9.7× the steps
     assert plan(params=2**30, step_time=0.4, bandwidth="100Mbit", latency="20ms", groups=2, sync_every=64,
