@@ -287,6 +287,20 @@ class CompressedReducer:
             offsets.append(offsets[-1] + groups * size)
         return _Buckets(chunk, ranges, payloads, sizes, offsets[:-1], offsets[-1])
 
+    def _begin(self, red: Reduction, fragment: "FragmentSync", weight: Optional[float],
+               stop: Optional[bool]) -> tuple[Tensor, Optional[Tensor]]:
+        """The fragment's residual to add (allocated at the first sync), where its new one goes (``red.new_error``)
+        and the bytes of the weight / stop flag that ride with the payload (``None``: neither)."""
+        if self.error is None:
+            self.error = torch.zeros(self.owned_numel, dtype=torch.float32, device=self.device)
+        olo, ohi = fragment.owned
+        # weight 0: nothing of this member's values counts, its residual stays as it was
+        red.new_error = None if weight == 0.0 else self._workspace(fragment)[0]
+        extras = [float(weight)] if weight is not None else []
+        extras += [float(bool(stop))] if stop is not None else []
+        tail = torch.tensor(extras, dtype=torch.float32, device=self.device).view(torch.uint8) if extras else None
+        return self.error[olo:ohi], tail
+
     def start(self, red: Reduction, fragment: "FragmentSync", local: list[Tensor], snapshot: Tensor, talk: bool,
               weight: Optional[float] = None, stop: Optional[bool] = None) -> None:
         """Phase 1: encode the error-fed pseudo-gradient, bucket by bucket, launching each bucket's all-to-all.
@@ -300,16 +314,8 @@ class CompressedReducer:
         groups = self.comm.size
         red.bucket_numel = self._bucket_numel(self._chunk_numel(n))
         plan = self._buckets(red)
-        if self.error is None:
-            self.error = torch.zeros(self.owned_numel, dtype=torch.float32, device=self.device)
-        olo, ohi = fragment.owned
-        error = self.error[olo:ohi]
-        # weight 0: nothing of this member's values counts, its residual stays as it was
-        red.new_error = None if weight == 0.0 else self._workspace(fragment)[0]
-        extras = [float(weight)] if weight is not None else []
-        extras += [float(bool(stop))] if stop is not None else []
+        error, tail = self._begin(red, fragment, weight, stop)
         # the same few bytes after every chunk's first bucket: each chunk owner learns every member's weight
-        tail = torch.tensor(extras, dtype=torch.float32, device=self.device).view(torch.uint8) if extras else None
         send = torch.empty(plan.total, dtype=torch.uint8, device=self.device)
         red.buf = torch.empty_like(send) if talk else send
         red.payload_numel = plan.sizes[0]
@@ -515,14 +521,7 @@ class AllGatherReducer(CompressedReducer):
             return
         red.bucket_numel = self._bucket_numel(n)
         plan = self._plan(red)
-        if self.error is None:
-            self.error = torch.zeros(self.owned_numel, dtype=torch.float32, device=self.device)
-        olo, ohi = fragment.owned
-        error = self.error[olo:ohi]
-        red.new_error = None if weight == 0.0 else self._workspace(fragment)[0]
-        extras = [float(weight)] if weight is not None else []
-        extras += [float(bool(stop))] if stop is not None else []
-        tail = torch.tensor(extras, dtype=torch.float32, device=self.device).view(torch.uint8) if extras else None
+        error, tail = self._begin(red, fragment, weight, stop)
         members = self.comm.size if talk else 1
         send = torch.empty(plan.total, dtype=torch.uint8, device=self.device)
         red.buf = torch.empty(members * plan.total, dtype=torch.uint8, device=self.device) if talk else send

@@ -169,8 +169,13 @@ def bucket_bytes(size: int) -> int:
 
 @pytest.mark.parametrize("codec,size,weighted", [("int8", 3, True), ("int4", 2, True), ("bf16", 3, False),
                                                  ("int8", 2, False), (TOPK_TWO_PHASE, 3, True),
-                                                 (TOPK_TWO_PHASE, 2, False)])
+                                                 (TOPK_TWO_PHASE, 2, False), (TOPK_TEST, 3, True),
+                                                 (TOPK_TEST, 2, False)])
 def test_many_buckets_match_the_hand_reference_bit_for_bit(codec, size, weighted):
+    """Two phases, or topk_test's all-gather: each bucket (``size`` × 256 values: 4 or 6 buckets, the last one short
+    and ending in a short chunk of 64) all-gathered as soon as it is encoded, against the hand reference, which
+    encodes every member's values whole: one residual per member, no mean residual, one payload per member."""
+    gathered = codec == TOPK_TEST
     group = AsyncGroup(size)
     engines = members(group, codec, bucket_bytes(size))
     chunk = math.ceil(N / size)  # 993 (3 members) / 1489 (2): an uneven last bucket, a padded last chunk
@@ -188,49 +193,22 @@ def test_many_buckets_match_the_hand_reference_bit_for_bit(codec, size, weighted
             snapshot, error, mean_error = state(e)
             assert torch.equal(snapshot, theta), (sync, r)
             assert torch.equal(error, errors[r]), (sync, r)
-            assert torch.equal(mean_error[None], mean_errors[r]), (sync, r)
+            assert mean_error == {} if gathered else torch.equal(mean_error[None], mean_errors[r]), (sync, r)
             assert torch.equal(torch.cat([p.detach().reshape(-1) for p in e.tensors]), theta)
             assert results[r].stop_requested == (weighted and sync == 1)
+        extras = 4 * 2 if weighted else 0  # weight and stop flag, once per chunk (per member when gathered)
+        if gathered:
+            assert [k for k, _ in group.log] == ["all_gather"] * math.ceil(N / (size * BLOCK))
+            assert sum(b for _, b in group.log) == results[0].bytes_sent == payload_bytes(codec, N) + extras
+            continue
         # bucket after bucket: every all-to-all, then every all-gather, one per bucket; the bytes: the codec's payload
         buckets = math.ceil(chunk / BLOCK)
         assert [k for k, _ in group.log] == ["all_to_all"] * buckets + ["all_gather"] * buckets
-        extras = 4 * 2 if weighted else 0  # weight and stop flag, once per chunk
         sent = sum(b for k, b in group.log if k == "all_to_all")
         assert sent == results[0].bytes_sent == size * (payload_bytes(codec, chunk) + extras)
         assert sum(b for k, b in group.log if k == "all_gather") == payload_bytes(codec, chunk)
-    assert float(errors[0].abs().max()) > 0 and float(mean_errors[0].abs().max()) > 0  # the codec lost something
-
-
-@pytest.mark.parametrize("size,weighted", [(3, True), (2, False)])
-def test_sparse_all_gather_in_buckets_matches_the_hand_reference_bit_for_bit(size, weighted):
-    """topk's all-gather exchange, pipelined: buckets of 256 values (4 chunks of topk_test; 12 buckets, the last one
-    short and ending in a short chunk), each all-gathered as soon as it is encoded; weights (one member of weight 0,
-    which keeps its residual) and the stop flag in the first bucket; bit for bit the hand reference, which encodes
-    every member's values whole: one residual per member, no mean residual, one payload per member and sync."""
-    group = AsyncGroup(size)
-    engines = members(group, TOPK_TEST, 4 * BLOCK)
-    theta, errors = theta0(), [torch.zeros(N)] * size
-    syncs = [(3.0, 0.0, 1.5), (1.0, 2.0, 2.0)] if weighted else [(1.0,) * size] * 2
-    for sync, weights in enumerate(syncs):
-        weights = weights[:size]
-        locals_ = locals_at(sync, size, theta)
-        set_locals(engines, locals_)
-        group.log.clear()
-        stops = [r == size - 1 and sync == 1 for r in range(size)]
-        results = run_members(engines, lambda r, e: e.sync(weight=weights[r], stop=stops[r]) if weighted else e.sync())
-        theta, errors = gathered_compressed_sync(theta, locals_, list(weights), errors, TOPK_TEST)
-        for r, e in enumerate(engines):
-            snapshot, error, mean_error = state(e)
-            assert torch.equal(snapshot, theta), (sync, r)
-            assert torch.equal(error, errors[r]), (sync, r)
-            assert mean_error == {}
-            assert torch.equal(torch.cat([p.detach().reshape(-1) for p in e.tensors]), theta)
-            assert results[r].stop_requested == (weighted and sync == 1)
-        assert [k for k, _ in group.log] == ["all_gather"] * math.ceil(N / BLOCK)
-        extras = 4 * 2 if weighted else 0  # weight and stop flag, once per member
-        sent = sum(b for _, b in group.log)
-        assert sent == results[0].bytes_sent == payload_bytes(TOPK_TEST, N) + extras
-    assert all(float(e.abs().max()) > 0 for e in errors)  # the codec lost something, kept for the next sync
+    assert all(float(e.abs().max()) > 0 for e in errors)  # the codec lost something
+    assert mean_errors == [None] * size if gathered else float(mean_errors[0].abs().max()) > 0
 
 
 def test_sparse_all_gather_streams_fragments_with_both_in_flight():
