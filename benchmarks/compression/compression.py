@@ -81,7 +81,11 @@ def main() -> None:  # noqa: C901
     p.add_argument("--codecs", nargs="+", default=CODECS, choices=CODECS)
     p.add_argument("--seed", type=int, default=1234, help="model init and data order (the harness default 1234)")
     p.add_argument("--out-name", default="compression", help="file names under benchmarks/compression/results/")
+    p.add_argument("--plot-only", action="store_true", help="redraw <out-name>.png from its CSVs; runs nothing")
     args = p.parse_args()
+    if args.plot_only:
+        replot(args.out_name)
+        return
     cfg = dict(PRESETS["full" if args.full else "default"])
     for key in ("size", "steps", "batch_size", "block_size", "sync_every", "eval_every", "learning_rate", "warmup",
                 "devices", "group_size"):
@@ -247,6 +251,18 @@ def codec_seconds(codec: str, numel: int, groups: int) -> float:
     return best
 
 
+def replot(out_name: str) -> None:
+    """Redraw ``<out_name>.png`` from ``<out_name>.csv`` and ``<out_name>_curves.csv`` (as :func:`main` wrote them)."""
+    rows = [{k: (v if k in ("run", "outer", "codec") else float(v)) for k, v in r.items()}
+            for r in h.read_csv(RESULTS / f"{out_name}.csv")]
+    curves = h.read_csv(RESULTS / f"{out_name}_curves.csv")
+    runs = [dict(name=r["run"], outer=r["outer"], codec=r["codec"], steps=int(r["steps"]), params=int(r["params"]),
+                 sync_every=int(r["H"]), devices=int(r["groups"]), group_size=1,
+                 curve=[{k: float(c[k]) for k in ("step", "tokens", "val_loss")} for c in curves
+                        if c["run"] == r["run"]]) for r in rows]
+    plot(runs, rows, out_name)
+
+
 def plot(runs: list[dict], rows: list[dict], out_name: str) -> None:
     plt = h.pyplot()
     if plt is None:
@@ -289,7 +305,7 @@ def plot(runs: list[dict], rows: list[dict], out_name: str) -> None:
     b.axhline(1.01, color="k", ls=":", lw=0.8)
     b.text(0.01, 1.01, "+1%", va="bottom", fontsize=7, transform=b.get_yaxis_transform())
     b.set_xscale("log")
-    b.margins(x=0.08, y=0.15)  # room for the labels above and below the points
+    b.margins(x=0.15, y=0.15)  # room for the labels above and below the points
     b.set_xlabel("bytes sent per sync per rank (counted)")
     b.set_ylabel("final val loss / fp32 run of the same outer optimizer")
     b.grid(alpha=0.3, which="both")
