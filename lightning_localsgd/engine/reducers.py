@@ -35,8 +35,8 @@ from .comm import Communicator, Work
 if TYPE_CHECKING:
     from .fragment import FragmentSync
 
-__all__ = ["AllGatherReducer", "CompressedReducer", "MeanReducer", "Reduction", "assign_buffers", "finite_buffer_mean", "gather_slices",
-           "compressed_reducer", "reduce_buffers"]
+__all__ = ["AllGatherReducer", "CompressedReducer", "MeanReducer", "Reduction", "assign_buffers", "compressed_reducer",
+           "finite_buffer_mean", "gather_slices", "reduce_buffers"]
 
 DEFAULT_BUCKET_BYTES = 25 * 1024 * 1024  # as DDP's default bucket_cap_mb
 DEFAULT_COMPRESSED_BUCKET_BYTES = 4 * 1024 * 1024
