@@ -42,8 +42,8 @@ def simulate(world: int, group_size: int, sync_every: int, outer: str, steps: in
 
     ``sync_steps``: the local steps (counted after the warm-up) after which a sync runs, instead of every
     ``sync_every``. ``compression``: each sync's mean is the compressed mean with error feedback of the codec's
-    exchange (:func:`weighted_compressed_sync`), run separately over each of ``partitions``: the elements one rank of every
-    group holds (indices into the flattened parameters, -1 for a padding zero; see :func:`fsdp_partitions`,
+    exchange (:func:`weighted_compressed_sync`), run separately over each of ``partitions``: the elements one rank of
+    every group holds (indices into the flattened parameters, -1 for a padding zero; see :func:`fsdp_partitions`,
     :func:`zero_partitions`); default one partition of every element. ``loss_scales``: a group's loss is scaled by
     this (a broken group); ``left_out``: groups every sync's mean leaves out (the robust screen's verdict)."""
     groups = world // group_size

@@ -37,8 +37,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["CODECS", "EXCHANGES", "BlockQuantCodec", "Codec", "TopKCodec", "check_codec", "codec_names", "decode", "encode",
-           "get_codec", "payload_bytes", "register_codec"]
+__all__ = ["CODECS", "EXCHANGES", "BlockQuantCodec", "Codec", "TopKCodec", "check_codec", "codec_names", "decode",
+           "encode", "get_codec", "payload_bytes", "register_codec"]
 
 #: The built-in codecs (every registered name: :func:`codec_names`).
 CODECS = ("bf16", "int8", "int4", "topk", "topk_ef")
@@ -161,8 +161,8 @@ class TopKCodec(Codec):
 
     The default, registered as ``"topk"``, is SparseLoCo's setting (arXiv 2508.15706): chunks of 4096 values, the top
     64 of each (1.56%), 2-bit values, indices in 12 bits. A chunk costs ``⌈k·value_bits/8⌉ + ⌈k·index_bits/8⌉ + 4``
-    bytes (16 + 96 + 4 = 116 for 4096 fp32 values: 141× fewer bytes in the payload); a last chunk of ``m < chunk`` values sends
-    ``min(k, m)`` entries, so the payload depends only on the number of values.
+    bytes (16 + 96 + 4 = 116 for 4096 fp32 values: 141× fewer bytes in the payload); a last chunk of ``m < chunk``
+    values sends ``min(k, m)`` entries, so the payload depends only on the number of values.
 
     Selection: the ``k`` largest magnitudes, ties broken toward the lower index (deterministic on every device, which
     the members' identical decoding needs). An entry that is exactly 0 (a chunk with fewer than ``k`` non-zero values,
