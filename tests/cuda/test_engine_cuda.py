@@ -114,7 +114,8 @@ def test_compressed_sync_on_cuda_matches_hand_reference(tmp_path, codec, state_d
 @pytest.mark.parametrize("state_device", [None, "cpu"], ids=["snapshot_on_gpu", "snapshot_on_host"])
 def test_sparse_all_gather_on_cuda_matches_hand_reference(tmp_path, state_device):
     """topk's all-gather exchange on CUDA tensors: every rank's payload gathered, decoded and summed on the GPU,
-    against the CPU hand reference (topk's codec is bit-identical on CUDA: test_codecs_on_cuda_keep_the_cpu_bounds)."""
+    against the CPU hand reference (topk's codec is bit-identical on CUDA:
+    test_codecs_on_cuda_keep_the_cpu_bounds)."""
     world = 2
     got = spawn(functools.partial(scenario_two_syncs, outer="average", state_device=state_device,
                                   compression=TOPK_TEST), world, tmp_path)
