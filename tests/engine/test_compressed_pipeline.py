@@ -252,6 +252,33 @@ def test_sparse_all_gather_streams_fragments_with_both_in_flight():
     assert all(float(e.abs().max()) > 0 for e in errors)
 
 
+def test_sparse_all_gather_in_flight_saved_and_resumed_is_exact(tmp_path):
+    """A checkpoint taken while topk_test's fragment-0 sync is in flight (its gathered payloads and the new residual in
+    the saved reduction) and loaded into new engines finishes to the same θ_g and residuals, bit for bit, as engines
+    never stopped; the next sync too."""
+    size = 3
+    straight = members(AsyncGroup(size), TOPK_TEST, 4 * BLOCK, fragments=2)
+    saved = members(AsyncGroup(size), TOPK_TEST, 4 * BLOCK, fragments=2)
+    theta = theta0()
+    for engines in (straight, saved):
+        set_locals(engines, locals_at(0, size, theta))
+        run_members(engines, lambda r, e: e.start_sync(0, weight=float(r + 1)))
+    for r, e in enumerate(saved):
+        torch.save(e.state_dict(), tmp_path / f"rank{r}.pt")
+    resumed = members(AsyncGroup(size), TOPK_TEST, 4 * BLOCK, fragments=2)
+    for r, e in enumerate(resumed):
+        e.load_state_dict(torch.load(tmp_path / f"rank{r}.pt", weights_only=False))
+        assert list(e.pending) == [0]
+    for engines in (straight, resumed):
+        run_members(engines, lambda r, e: e.finish_sync(0))
+        set_locals(engines, locals_at(1, size, state(engines[0])[0]))
+        run_members(engines, lambda r, e: e.sync(weight=1.0))
+    for a, b in zip(straight, resumed):
+        (snap_a, err_a, mean_a), (snap_b, err_b, mean_b) = state(a), state(b)
+        assert torch.equal(snap_a, snap_b) and torch.equal(err_a, err_b) and mean_a == mean_b == {}
+    assert not torch.equal(state(straight[0])[0], theta0()) and float(state(straight[0])[1].abs().max()) > 0
+
+
 @pytest.mark.parametrize("codec,fail", [("int8", ("all_to_all", 3)), ("int8", ("all_gather", 2)),
                                         ("int8", ("all_gather", 6)), (TOPK_TEST, ("all_gather", 3))])
 def test_a_failure_mid_pipeline_leaves_theta_g_and_both_error_feedbacks_as_they_were(codec, fail):
