@@ -97,7 +97,9 @@ ARGUMENT_DOCS: dict[str, str] = {
                    "in 2 bits, 1/141 of fp32; SparseLoCo), ``\"topk_ef\"`` (the same values, indices Elias-Fano "
                    "coded: 1/195) or a codec added with ``register_codec``, with per-block "
                    "scales and error feedback (the quantization error of one sync is added to the next; decayed by "
-                   "0.95 a sync for topk). Default None.",
+                   "0.95 a sync for topk). The dense codecs go through a two-phase compressed all-reduce; topk / "
+                   "topk_ef are all-gathered and summed on every rank (each rank sends (G-1) payloads a sync: the "
+                   "same as the two phases at 2 groups). Default None.",
     "fragments": "streaming sync (Streaming DiLoCo): split the parameters into this many fragments of about equal "
                  "size (runs of whole parameter tensors) that sync on a staggered schedule, fragment ``f`` at steps "
                  "``(f+1)·sync_every/fragments`` mod ``sync_every``, so each sync moves about 1/fragments of the "

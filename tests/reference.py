@@ -42,9 +42,9 @@ def simulate(world: int, group_size: int, sync_every: int, outer: str, steps: in
     """Returns (per-batch list of per-group named parameters, per-group final parameters, per-group buffers).
 
     ``sync_steps``: the local steps (counted after the warm-up) after which a sync runs, instead of every
-    ``sync_every``. ``compression``: each sync's mean is the two-phase compressed mean with error feedback
-    (:func:`weighted_compressed_sync`), run separately over each of ``partitions``: the elements one rank of every
-    group holds (indices into the flattened parameters, -1 for a padding zero; see :func:`fsdp_partitions`,
+    ``sync_every``. ``compression``: each sync's mean is the compressed mean with error feedback of the codec's
+    exchange (:func:`weighted_compressed_sync`), run separately over each of ``partitions``: the elements one rank of
+    every group holds (indices into the flattened parameters, -1 for a padding zero; see :func:`fsdp_partitions`,
     :func:`zero_partitions`); default one partition of every element. ``loss_scales``: a group's loss is scaled by
     this (a broken group); ``left_out``: groups every sync's mean leaves out (the robust screen's verdict)."""
     groups = world // group_size
@@ -347,12 +347,39 @@ def simulate_streaming(world, sync_every, fragments, overlap, mix, outer, steps,
     return history, final, theta_g, {k: m.get("buf") for k, m in momentum.items()}
 
 
+def gathered_compressed_sync(theta, locals_, weights, errors, codec: str):
+    """One sync of the all-gather exchange (a sparse codec's), written out: every member encodes θ − θ_i + e_i whole,
+    once; every member decodes all of them and sums them in member order, ``Σ w_i·d_i / Σ w_i`` (a member of weight
+    0 is not read and keeps its residual; no member weighs in: θ stays). The residual kept is the codec's
+    ``feedback_decay`` times what its payload did not carry. Returns (new θ, errors)."""
+    n = theta.numel()
+    decay = get_codec(codec).feedback_decay
+    decoded, new_errors = [], []
+    for x, w, e in zip(locals_, weights, errors):
+        d = theta - x + e
+        s = decode(encode(d, codec), codec, n)
+        new_errors.append(decay * (d - s) if w != 0 else e)
+        decoded.append(s)
+    total_weight = sum(weights)
+    if total_weight == 0:
+        return theta, new_errors
+    total = torch.zeros(n)
+    for w, s in zip(weights, decoded):
+        if w != 0:
+            total += w * s
+    return theta - total / total_weight, new_errors
+
+
 def weighted_compressed_sync(theta, locals_, weights, errors, mean_errors, codec: str = "int8"):
     """One sync of the weighted two-phase compressed mean (averaging outer step), written out. ``weights[i]``: member
     i's weight (0: it sends nothing that counts and keeps its residual); ``errors[i]``: its phase-1 residual;
     ``mean_errors[j]``: the phase-2 residual the owner of chunk j kept from a sync of the same membership (None: none).
-    The residuals kept are the codec's ``feedback_decay`` times what it lost.
+    The residuals kept are the codec's ``feedback_decay`` times what it lost. A codec whose exchange is the all-gather
+    (:func:`gathered_compressed_sync`) keeps no mean residuals: ``mean_errors`` comes back as it went in.
     Returns (new θ, errors, mean residuals)."""
+    if get_codec(codec).exchange == "all_gather":
+        theta, errors = gathered_compressed_sync(theta, locals_, weights, errors, codec)
+        return theta, errors, mean_errors
     size, n = len(locals_), theta.numel()
     chunk = math.ceil(n / size)
     total_weight = sum(weights)

@@ -1,4 +1,4 @@
-"""Compressed syncs: final loss and cross-group bytes for the codecs None / bf16 / int8 / int4 / topk.
+"""Compressed syncs: final loss and cross-group bytes for the codecs None / bf16 / int8 / int4 / topk / topk_ef.
 
 The strategy's ``compression=`` option compresses what crosses worker groups at a sync with a two-phase compressed
 all-reduce (in ``OuterSync``; codecs in ``lightning_localsgd.engine.codecs``, formerly ``.comm``): each rank
@@ -10,7 +10,10 @@ all-gather the encoded means. Per sync a rank hands over one compressed copy of 
 ``int8`` and ``int4`` carry one fp32 scale per block of 256 values (per chunk), so their payload is slightly more
 than ¼ and ⅛ of fp32. ``topk`` (SparseLoCo) sends, per 4096 values, the 64 of largest magnitude as 2-bit codes, 12-bit
 indices and one fp32 scale: 116 bytes, 1/141 of fp32 (a chunk's last, shorter block costs as much), with error
-feedback decayed by 0.95 at each sync.
+feedback decayed by 0.95 at each sync; ``topk_ef`` the same values with Elias-Fano coded indices (84 bytes, 1/195).
+Both exchange by all-gather (SparseLoCo's): each rank encodes its pseudo-gradient once and all-gathers the payload
+(``payload_bytes(codec, n)``, what the strategy counts; ``(G − 1)`` of them on the wire), and every rank sums the G
+decoded payloads itself.
 
 Every run trains the example GPT with the same seed, data order, batch, learning-rate schedule, steps and H, on the
 same number of worker groups; only the codec (and, in a second series, the outer optimizer) differs. Reported per run:
@@ -49,7 +52,7 @@ import harness as h  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-CODECS = ["none", "bf16", "int8", "int4", "topk"]
+CODECS = ["none", "bf16", "int8", "int4", "topk", "topk_ef"]
 OUTER_NAMES = {"average": "local SGD", "diloco": "DiLoCo"}
 
 PRESETS = {
@@ -78,7 +81,11 @@ def main() -> None:  # noqa: C901
     p.add_argument("--codecs", nargs="+", default=CODECS, choices=CODECS)
     p.add_argument("--seed", type=int, default=1234, help="model init and data order (the harness default 1234)")
     p.add_argument("--out-name", default="compression", help="file names under benchmarks/compression/results/")
+    p.add_argument("--plot-only", action="store_true", help="redraw <out-name>.png from its CSVs; runs nothing")
     args = p.parse_args()
+    if args.plot_only:
+        replot(args.out_name)
+        return
     cfg = dict(PRESETS["full" if args.full else "default"])
     for key in ("size", "steps", "batch_size", "block_size", "sync_every", "eval_every", "learning_rate", "warmup",
                 "devices", "group_size"):
@@ -125,13 +132,17 @@ def main() -> None:  # noqa: C901
         per_sync = r["bytes_sent"] / r["num_syncs"]
         ref_per_sync = ref["bytes_sent"] / ref["num_syncs"]
         owned = -(-r["params"] // cfg["group_size"])  # values one rank syncs (its slice of the flat parameters)
-        # compressed: G encoded chunks of ⌈owned / G⌉ values (the all-to-all's input, one compressed copy)
-        expected = 4 * owned if r["codec"] == "none" else groups * payload_bytes(r["codec"], -(-owned // groups))
+        # compressed: G encoded chunks of ⌈owned / G⌉ values (the all-to-all's input, one compressed copy), or the
+        # all-gather's input (the sparse codecs): one payload of the owned values
+        expected = (4 * owned if r["codec"] == "none" else payload_bytes(r["codec"], owned)
+                    if gathers(r["codec"]) else groups * payload_bytes(r["codec"], -(-owned // groups)))
         lo, hi = h.paired_ratio_ci(r["per_window"], ref["per_window"])
+        diloco = next((x for x in runs if x["outer"] == "diloco" and x["codec"] == "none"), None)
         rows.append(dict(
             run=r["name"], outer=r["outer"], codec=r["codec"], H=H, groups=groups, steps=r["steps"],
             tokens=r["tokens"], params=r["params"], final_val_loss=r["final_val_loss"],
             loss_ratio=r["final_val_loss"] / ref["final_val_loss"], loss_ratio_ci_lo=lo, loss_ratio_ci_hi=hi,
+            loss_ratio_diloco=r["final_val_loss"] / diloco["final_val_loss"] if diloco else float("nan"),
             bytes_per_sync=per_sync, bytes_ratio=per_sync / ref_per_sync, expected_payload_bytes=expected,
             wire_bytes_per_sync=r["cross_bytes"] / r["num_syncs"], syncs=r["num_syncs"],
             train_seconds=r["train_seconds"], outer_state_bytes=r["state_bytes"],
@@ -145,6 +156,7 @@ def main() -> None:  # noqa: C901
     for row in rows:
         row["ci"] = f"[{row['loss_ratio_ci_lo']:.4f}, {row['loss_ratio_ci_hi']:.4f}]"
         row["loss_ratio_s"] = f"{row['loss_ratio']:.4f}"
+        row["loss_diloco_s"] = f"{row['loss_ratio_diloco']:.4f}"
         row["bytes_ratio_s"] = f"{row['bytes_ratio']:.5f}"
         row["bytes_s"] = f"{row['bytes_per_sync']:,.0f}"
         row["state_s"] = f"{row['outer_state_bytes']:,}"
@@ -152,6 +164,7 @@ def main() -> None:  # noqa: C901
         row["codec_s"] = f"{1e3 * row['codec_seconds']:.1f} / {1e3 * row['codec_seconds_10m']:.0f}"
     table = h.md_table(rows, [("run", "run"), ("final_val_loss", "final val loss"),
                               ("loss_ratio_s", "loss / fp32"), ("ci", "95% CI (windows)"),
+                              ("loss_diloco_s", "loss / DiLoCo fp32"),
                               ("bytes_s", "bytes/sync/rank"), ("bytes_ratio_s", "bytes / fp32"),
                               ("fewer_s", "fewer bytes"), ("codec_s", "codec ms/sync (run / 10M values)"),
                               ("syncs", "syncs"),
@@ -171,18 +184,19 @@ def main() -> None:  # noqa: C901
             f"{row['bytes_per_sync']:,.0f} of {row['bytes_per_sync'] / row['bytes_ratio']:,.0f} bytes "
             f"= {groups} × payload_bytes('int8', {chunk:,}) per sync per rank.")
     for row in rows:
-        if row["codec"] != "topk":
+        if not row["codec"].startswith("topk"):
             continue
         int4 = next((x for x in rows if x["outer"] == row["outer"] and x["codec"] == "int4"), None)
         verdict.append(
-            f"**topk ({row['run']}): ≥ 100× fewer bytes than fp32 (beat 146×), loss within 2%?** "
-            f"{1 / row['bytes_ratio']:.1f}× fewer bytes ({row['bytes_per_sync']:,.0f} bytes/sync/rank = {groups} × "
-            f"payload_bytes('topk', {-(-owned_values // groups):,})): "
+            f"**{row['codec']} ({row['run']}): ≥ 100× fewer bytes than fp32 (beat 146×), loss within 2% of DiLoCo "
+            f"fp32?** {1 / row['bytes_ratio']:.1f}× fewer bytes ({row['bytes_per_sync']:,.0f} bytes/sync/rank = "
+            f"payload_bytes('{row['codec']}', {owned_values:,}), all-gathered: {groups - 1} × that on the wire): "
             f"{'met' if 1 / row['bytes_ratio'] >= 100 else 'missed'} (146×: "
-            f"{'beaten' if 1 / row['bytes_ratio'] > 146 else 'not beaten'}); loss ratio {row['loss_ratio']:.4f} "
-            f"(95% window-bootstrap interval {row['ci']}): {'within' if row['loss_ratio'] <= 1.02 else 'not within'} "
-            f"2%" + (f"; int4: {int4['loss_ratio']:.4f} at {1 / int4['bytes_ratio']:.1f}× fewer bytes." if int4
-                     else "."))
+            f"{'beaten' if 1 / row['bytes_ratio'] > 146 else 'not beaten'}); loss {row['loss_ratio_diloco']:.4f}× "
+            f"DiLoCo fp32: {'within' if row['loss_ratio_diloco'] <= 1.02 else 'not within'} 2%; "
+            f"{row['loss_ratio']:.4f}× the fp32 run of its outer optimizer (95% window-bootstrap interval "
+            f"{row['ci']})" + (f"; int4: {int4['loss_ratio']:.4f} at {1 / int4['bytes_ratio']:.1f}× fewer bytes."
+                               if int4 else "."))
     first = runs[0]
     text = (f"GPT `{cfg['size']}` ({first['params']:,} parameters), {groups} worker groups × {cfg['group_size']} "
             f"process(es), batch {cfg['batch_size']} × {cfg['block_size']} tokens per process, {cfg['steps']} steps "
@@ -195,10 +209,18 @@ def main() -> None:  # noqa: C901
     h.write_summary(RESULTS / f"{args.out_name}.md", text, started, command)
 
 
+def gathers(codec: str) -> bool:
+    """Whether the codec's payloads are all-gathered (the sparse codecs) rather than reduced in two phases."""
+    from lightning_localsgd.engine.codecs import get_codec
+
+    return codec != "none" and get_codec(codec).exchange == "all_gather"
+
+
 def codec_seconds(codec: str, numel: int, groups: int) -> float:
     """CPU seconds of the codec work of one rank's sync of ``numel`` values over ``groups`` groups, on one thread, best
-    of 3: phase 1 encodes G chunks and decodes them (its error feedback), decodes the G received pieces of its chunk,
-    encodes the mean and decodes it (error feedback); then decodes the G gathered means."""
+    of 3. Two-phase: phase 1 encodes G chunks and decodes them (its error feedback), decodes the G received pieces of
+    its chunk, encodes the mean and decodes it (error feedback); then decodes the G gathered means. All-gather (the
+    sparse codecs): encodes its values once and decodes them (error feedback), then decodes the G gathered payloads."""
     import torch
 
     from lightning_localsgd.engine.codecs import get_codec
@@ -213,15 +235,32 @@ def codec_seconds(codec: str, numel: int, groups: int) -> float:
     best = float("inf")
     for _ in range(3):
         t0 = time.perf_counter()
-        payloads = [c.encode(x[j * chunk : (j + 1) * chunk]) for j in range(groups)]
-        for q in payloads + payloads:  # own error feedback, then the received pieces (as many)
-            c.decode(q, chunk)
-        mean = c.encode(x[:chunk])
-        for _ in range(groups + 1):  # its error feedback, then the gathered means
-            c.decode(mean, chunk)
+        if gathers(codec):
+            q = c.encode(x)
+            for _ in range(groups + 1):  # its error feedback, then the G gathered payloads
+                c.decode(q, numel)
+        else:
+            payloads = [c.encode(x[j * chunk : (j + 1) * chunk]) for j in range(groups)]
+            for q in payloads + payloads:  # own error feedback, then the received pieces (as many)
+                c.decode(q, chunk)
+            mean = c.encode(x[:chunk])
+            for _ in range(groups + 1):  # its error feedback, then the gathered means
+                c.decode(mean, chunk)
         best = min(best, time.perf_counter() - t0)
     torch.set_num_threads(threads)
     return best
+
+
+def replot(out_name: str) -> None:
+    """Redraw ``<out_name>.png`` from ``<out_name>.csv`` and ``<out_name>_curves.csv`` (as :func:`main` wrote them)."""
+    rows = [{k: (v if k in ("run", "outer", "codec") else float(v)) for k, v in r.items()}
+            for r in h.read_csv(RESULTS / f"{out_name}.csv")]
+    curves = h.read_csv(RESULTS / f"{out_name}_curves.csv")
+    runs = [dict(name=r["run"], outer=r["outer"], codec=r["codec"], steps=int(r["steps"]), params=int(r["params"]),
+                 sync_every=int(r["H"]), devices=int(r["groups"]), group_size=1,
+                 curve=[{k: float(c[k]) for k in ("step", "tokens", "val_loss")} for c in curves
+                        if c["run"] == r["run"]]) for r in rows]
+    plot(runs, rows, out_name)
 
 
 def plot(runs: list[dict], rows: list[dict], out_name: str) -> None:
@@ -254,11 +293,19 @@ def plot(runs: list[dict], rows: list[dict], out_name: str) -> None:
                        yerr=[[r["loss_ratio"] - r["loss_ratio_ci_lo"]], [r["loss_ratio_ci_hi"] - r["loss_ratio"]]],
                        color=colors[r["codec"]], marker=markers[outer], capsize=2, zorder=2,
                        label=f"{r['run']}: {r['final_val_loss']:.4f}")
-            b.annotate(f"{'fp32' if r['codec'] == 'none' else r['codec']} ({r['bytes_ratio']:.3f}× bytes)",
-                       (r["bytes_per_sync"], r["loss_ratio"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    # one label per codec (its points of both outer optimizers share the bytes), alternately above its highest point
+    # and below its lowest in order of bytes, so that neighbours on the log axis do not overlap
+    by_codec = {c: [r for r in rows if r["codec"] == c] for c in dict.fromkeys(r["codec"] for r in rows)}
+    for i, (codec, sel) in enumerate(sorted(by_codec.items(), key=lambda kv: kv[1][0]["bytes_per_sync"])):
+        above = i % 2 == 1
+        y = max(r["loss_ratio_ci_hi"] for r in sel) if above else min(r["loss_ratio_ci_lo"] for r in sel)
+        b.annotate(f"{'fp32' if codec == 'none' else codec}\n{1 / sel[0]['bytes_ratio']:.1f}× fewer bytes",
+                   (sel[0]["bytes_per_sync"], y), textcoords="offset points", xytext=(0, 6 if above else -6),
+                   ha="center", va="bottom" if above else "top", fontsize=7, color=colors[codec])
     b.axhline(1.01, color="k", ls=":", lw=0.8)
     b.text(0.01, 1.01, "+1%", va="bottom", fontsize=7, transform=b.get_yaxis_transform())
     b.set_xscale("log")
+    b.margins(x=0.15, y=0.15)  # room for the labels above and below the points
     b.set_xlabel("bytes sent per sync per rank (counted)")
     b.set_ylabel("final val loss / fp32 run of the same outer optimizer")
     b.grid(alpha=0.3, which="both")

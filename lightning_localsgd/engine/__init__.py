@@ -19,13 +19,13 @@ from .layout import Fragment, Layout, split_fragments
 from .outer import NonFinitePseudoGradientError, OuterSync, SyncResult
 from .presets import (OuterOptimizerFactory, OuterOptimizerSpec, check_outer_optimizer_factory, outer_optimizer_name,
                       outer_optimizer_names, register_outer_optimizer, resolve_outer_optimizer)
-from .reducers import CompressedReducer, MeanReducer, Reduction
+from .reducers import AllGatherReducer, CompressedReducer, MeanReducer, Reduction
 from .schedules import (Action, PeriodicSchedule, StreamingSchedule, SyncSchedule, TimeBasedSchedule,
                         TwoStageSchedule, build_schedule, register_schedule, schedule_names)
 
 __all__ = [
-    "CODECS", "Action", "Codec", "Communicator", "CompressedReducer", "Fragment", "FragmentSync", "Layout",
-    "MeanReducer", "NonFinitePseudoGradientError", "OuterOptimizerFactory", "OuterOptimizerSpec", "OuterSync",
+    "CODECS", "Action", "AllGatherReducer", "Codec", "Communicator", "CompressedReducer", "Fragment", "FragmentSync",
+    "Layout", "MeanReducer", "NonFinitePseudoGradientError", "OuterOptimizerFactory", "OuterOptimizerSpec", "OuterSync",
     "PeriodicSchedule", "ProcessGroupCommunicator", "Reduction", "StreamingSchedule", "SyncResult", "SyncSchedule",
     "TimeBasedSchedule", "TopKCodec", "TwoStageSchedule", "as_communicator", "build_schedule", "check_codec",
     "check_outer_optimizer_factory", "codec_names", "decode", "encode", "get_codec", "outer_optimizer_name",

@@ -8,11 +8,19 @@ its largest magnitude (symmetric, round-to-nearest): the error of a value is at 
 each with their 12-bit indices (141× fewer bytes than fp32); ``topk_ef`` decodes to the same values with the indices
 Elias-Fano coded (195×).
 
-The engine exchanges any codec's payloads in two phases (:class:`~.reducers.CompressedReducer`): an all-to-all of each
-member's encoded chunk ``j`` to its owner ``j``, which decodes and averages them and encodes the mean, then an
-all-gather of the encoded means: ``2·(G−1)/G`` payloads of one copy per rank and sync, whatever the number of groups
-``G``. A sparse payload is not closed under averaging (the mean of ``G`` top-k chunks has up to ``G·k`` entries): the
-owner re-sparsifies the mean, and its phase-2 error feedback keeps what that dropped.
+A codec's :attr:`Codec.exchange` says how the engine exchanges its payloads (``P``: the payload of one rank's ``n``
+values, one compressed copy; ``G``: the number of groups):
+
+* ``"two_phase"`` (the dense codecs; :class:`~.reducers.CompressedReducer`): an all-to-all of each member's encoded
+  chunk ``j`` to its owner ``j``, which decodes and averages them and encodes the mean, then an all-gather of the
+  encoded means. Each rank sends ``2·(G−1)/G · P`` bytes on the wire per sync (a ring all-reduce's factor) and
+  receives as many, whatever ``G``; the mean is encoded twice (error feedback in both phases).
+* ``"all_gather"`` (the sparse codecs, SparseLoCo's exchange; :class:`~.reducers.AllGatherReducer`): each member
+  encodes its pseudo-gradient once and all-gathers it; every member decodes the ``G`` payloads and sums them itself, in
+  member order (the same mean on every rank). A sparse payload is not closed under averaging (the mean of ``G`` top-k
+  chunks has up to ``G·k`` entries): gathering applies all of them, where a two-phase mean would be re-sparsified to
+  ``k``. Each rank sends ``(G−1) · P`` bytes on the wire (a ring all-gather) and receives as many: the same as the
+  two-phase exchange at ``G = 2`` (``P``), ``G/2`` times it above.
 
 Add a codec by subclassing :class:`Codec` and calling :func:`register_codec`; every strategy and the planner then
 accept its name. The engine adds error feedback around any codec (what it loses at one sync is added to the next).
@@ -29,11 +37,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["CODECS", "BlockQuantCodec", "Codec", "TopKCodec", "check_codec", "codec_names", "decode", "encode",
-           "get_codec", "payload_bytes", "register_codec"]
+__all__ = ["CODECS", "EXCHANGES", "BlockQuantCodec", "Codec", "TopKCodec", "check_codec", "codec_names", "decode",
+           "encode", "get_codec", "payload_bytes", "register_codec"]
 
 #: The built-in codecs (every registered name: :func:`codec_names`).
 CODECS = ("bf16", "int8", "int4", "topk", "topk_ef")
+
+#: The exchanges a codec can ask for (:attr:`Codec.exchange`).
+EXCHANGES = ("two_phase", "all_gather")
 
 
 class Codec(ABC):
@@ -45,8 +56,13 @@ class Codec(ABC):
     #: ``None`` (the default, for a codec that must see all its input) sends each chunk as one payload.
     block_numel: Optional[int] = None
 
+    #: How the engine exchanges the payloads (module docstring): ``"two_phase"`` (the default: a compressed all-reduce,
+    #: the mean re-encoded by its chunk's owner) or ``"all_gather"`` (every member's payload to every member, summed
+    #: locally: for codecs whose payloads are not closed under averaging, such as sparse ones).
+    exchange: str = "two_phase"
+
     #: ``β`` of the error feedback the engine runs around the codec: what the codec lost at a sync, times ``β``, is
-    #: added to the next sync's values (``e ← β·e + Δ``, in both phases of the compressed reduce). 1 (the default):
+    #: added to the next sync's values (``e ← β·e + Δ``, in each encoding of the exchange). 1 (the default):
     #: all of it, as plain error feedback; below 1 the residual fades, as SparseLoCo's (:class:`TopKCodec`).
     feedback_decay: float = 1.0
 
@@ -145,8 +161,8 @@ class TopKCodec(Codec):
 
     The default, registered as ``"topk"``, is SparseLoCo's setting (arXiv 2508.15706): chunks of 4096 values, the top
     64 of each (1.56%), 2-bit values, indices in 12 bits. A chunk costs ``⌈k·value_bits/8⌉ + ⌈k·index_bits/8⌉ + 4``
-    bytes (16 + 96 + 4 = 116 for 4096 fp32 values: 141× fewer bytes); a last chunk of ``m < chunk`` values sends
-    ``min(k, m)`` entries, so the payload depends only on the number of values.
+    bytes (16 + 96 + 4 = 116 for 4096 fp32 values: 141× fewer bytes in the payload); a last chunk of ``m < chunk``
+    values sends ``min(k, m)`` entries, so the payload depends only on the number of values.
 
     Selection: the ``k`` largest magnitudes, ties broken toward the lower index (deterministic on every device, which
     the members' identical decoding needs). An entry that is exactly 0 (a chunk with fewer than ``k`` non-zero values,
@@ -168,13 +184,23 @@ class TopKCodec(Codec):
     number of values too; registered as ``"topk_ef"``. Both decode to the same values.
 
     ``feedback_decay``: ``β`` of SparseLoCo's error feedback, ``e ← β·e + Δ`` (0.95 there and here): the reducer keeps
-    ``β`` times what the codec lost at a sync, in both phases of the exchange. With sparse updates the residual plays
-    the part of DiLoCo's outer momentum (SparseLoCo pairs it with a plain outer step: ``outer_optimizer="average"`` or
-    SGD without momentum).
+    ``β`` times what the codec lost at a sync. With sparse updates the residual plays the part of DiLoCo's outer
+    momentum (SparseLoCo pairs it with a plain outer step: ``outer_optimizer="average"`` or SGD without momentum).
+
+    ``exchange``: ``"all_gather"`` (the default, SparseLoCo's): each group encodes its error-fed pseudo-gradient once,
+    the groups all-gather the payloads and every rank sums the ``G`` decoded payloads itself (up to ``G·k`` entries
+    per chunk applied; the residual keeps exactly what the group did not send). Per sync a rank hands over its payload
+    ``P`` (what the sync metrics count: ``P`` plus 4 bytes for a weight, 4 for a stop flag) and sends and receives
+    ``(G−1)·P`` bytes on the wire: at the default setting ``(G−1)·116`` bytes per 4096 values (``topk``),
+    ``(G−1)·84`` (``topk_ef``), against ``2·(G−1)/G·16384`` for an fp32 all-reduce, i.e. ``282/G`` (``topk``) and
+    ``390/G`` (``topk_ef``) times fewer bytes on the wire than fp32: the ratio of the payloads (141×, 195×) at
+    ``G = 2``. ``"two_phase"``: the dense codecs' exchange, the mean of each chunk re-sparsified by its owner (with
+    its own decayed residual): ``2·(G−1)/G·P`` a rank, whatever ``G``, but a sync applies at most ``k`` entries per
+    chunk.
     """
 
     def __init__(self, chunk: int = 4096, k: int = 64, value_bits: int = 2, feedback_decay: float = 0.95,
-                 indices: str = "packed") -> None:
+                 indices: str = "packed", exchange: str = "all_gather") -> None:
         if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
             raise ValueError(f"TopKCodec: chunk must be an integer >= 1 (values per chunk), got {chunk!r}.")
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= chunk:
@@ -188,7 +214,10 @@ class TopKCodec(Codec):
         if indices not in ("packed", "elias-fano"):
             raise ValueError(f"TopKCodec: indices must be 'packed' (⌈log2 chunk⌉ bits each) or 'elias-fano', got "
                              f"{indices!r}.")
-        self.chunk, self.k, self.value_bits, self.indices = chunk, k, value_bits, indices
+        if exchange not in EXCHANGES:
+            raise ValueError(f"TopKCodec: exchange must be one of {EXCHANGES} (how the groups exchange the payloads), "
+                             f"got {exchange!r}.")
+        self.chunk, self.k, self.value_bits, self.indices, self.exchange = chunk, k, value_bits, indices, exchange
         self.feedback_decay = float(feedback_decay)
         self.index_bits = max(1, (chunk - 1).bit_length())
         self.block_numel = chunk
@@ -329,6 +358,9 @@ def register_codec(name: str, codec: Codec, override: bool = False) -> None:
     if not isinstance(codec, Codec):
         raise ValueError(f"register_codec({name!r}): the codec must be an instance of a Codec subclass, got "
                          f"{type(codec).__name__}.")
+    if getattr(codec, "exchange", None) not in EXCHANGES:
+        raise ValueError(f"register_codec({name!r}): the codec's exchange must be one of {EXCHANGES}, got "
+                         f"{getattr(codec, 'exchange', None)!r}.")
     if name in _REGISTRY and not override:
         raise ValueError(f"register_codec: a codec named {name!r} exists already; pass override=True to replace it.")
     _REGISTRY[name] = codec

@@ -29,8 +29,8 @@ from .comm import Communicator, SyncAbortedError, as_communicator
 from .fragment import FragmentSync, PendingSyncs
 from .layout import Fragment, Layout
 from .presets import OuterOptimizerFactory
-from .reducers import (DEFAULT_BUCKET_BYTES, DEFAULT_COMPRESSED_BUCKET_BYTES, CompressedReducer, MeanReducer,
-                       Reduction, assign_buffers, finite_buffer_mean, gather_slices, reduce_buffers)
+from .reducers import (DEFAULT_BUCKET_BYTES, DEFAULT_COMPRESSED_BUCKET_BYTES, MeanReducer, Reduction,
+                       assign_buffers, compressed_reducer, finite_buffer_mean, gather_slices, reduce_buffers)
 from .screen import PseudoGradientScreen, log_verdict
 
 __all__ = ["NonFinitePseudoGradientError", "OuterSync", "SyncResult", "merge_outer_states"]
@@ -158,7 +158,8 @@ class OuterSync:
             (default 25 MiB, as DDP's buckets); compressed: the pipeline's buckets, whose codec work overlaps the
             transfer of the others (default 4 MiB of pseudo-gradient). ``None``: the default of the reducer used.
         compression: ``None`` (all-reduce fp32 parameters) or a registered codec name (``"bf16"``, ``"int8"``,
-            ``"int4"``, ...): the two-phase compressed all-reduce with error feedback (:mod:`.reducers`).
+            ``"int4"``, ``"topk"``, ...), with error feedback: the exchange the codec asks for (:mod:`.reducers`: the
+            two-phase compressed all-reduce, or the sparse codecs' all-gather and local sum).
         fragments: split the tensors into this many contiguous fragments of about equal size, which
             :meth:`start_sync` / :meth:`finish_sync` can sync separately (streaming sync). Default 1.
         fragment_sizes: the sizes to balance the fragments by (default: the tensors' ``numel``).
@@ -200,8 +201,8 @@ class OuterSync:
                              self.slicing.rank if self.slicing else 0, fragments, fragment_sizes)
         self.reducer = MeanReducer(self.cross, self.device, bucket_bytes or DEFAULT_BUCKET_BYTES,
                                    numel=self.layout.owned_numel)
-        self.compressor = CompressedReducer(self.cross, compression, self.layout.owned_numel, self.device,
-                                            bucket_bytes or DEFAULT_COMPRESSED_BUCKET_BYTES) \
+        self.compressor = compressed_reducer(self.cross, compression, self.layout.owned_numel, self.device,
+                                             bucket_bytes or DEFAULT_COMPRESSED_BUCKET_BYTES) \
             if compression is not None else None
         # θ_g for the owned pieces, fp32 whatever the training precision, as parameters of the outer optimizer: views
         # of one flat tensor (a fragment's θ_g is a view of it, never a copy).

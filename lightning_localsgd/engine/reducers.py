@@ -11,6 +11,9 @@
   weight; the chunks are weighted where they are decoded, so what is encoded (and the error feedback) does not
   depend on the weights. Both phases run in buckets, as a pipeline: the codec work of one bucket overlaps the
   transfer of the others, and the all-gathers of the first buckets the all-to-alls of the last.
+* :class:`AllGatherReducer`: the exchange of the codecs whose payloads are not closed under averaging (the sparse
+  ones: :attr:`~.codecs.Codec.exchange` ``"all_gather"``): every member's encoded pseudo-gradient to every member, which
+  decodes and sums them itself; one residual per rank. :func:`compressed_reducer` picks the codec's.
 
 Both talk only through a :class:`~lightning_localsgd.engine.comm.Communicator`. Between ``start`` and ``finish`` the
 collective runs behind the caller's inner steps (streaming sync); a :class:`Reduction` in flight can be saved.
@@ -32,8 +35,8 @@ from .comm import Communicator, Work
 if TYPE_CHECKING:
     from .fragment import FragmentSync
 
-__all__ = ["CompressedReducer", "MeanReducer", "Reduction", "assign_buffers", "finite_buffer_mean", "gather_slices",
-           "reduce_buffers"]
+__all__ = ["AllGatherReducer", "CompressedReducer", "MeanReducer", "Reduction", "assign_buffers", "compressed_reducer",
+           "finite_buffer_mean", "gather_slices", "reduce_buffers"]
 
 DEFAULT_BUCKET_BYTES = 25 * 1024 * 1024  # as DDP's default bucket_cap_mb
 DEFAULT_COMPRESSED_BUCKET_BYTES = 4 * 1024 * 1024
@@ -284,6 +287,20 @@ class CompressedReducer:
             offsets.append(offsets[-1] + groups * size)
         return _Buckets(chunk, ranges, payloads, sizes, offsets[:-1], offsets[-1])
 
+    def _begin(self, red: Reduction, fragment: "FragmentSync", weight: Optional[float],
+               stop: Optional[bool]) -> tuple[Tensor, Optional[Tensor]]:
+        """The fragment's residual to add (allocated at the first sync), where its new one goes (``red.new_error``)
+        and the bytes of the weight / stop flag that ride with the payload (``None``: neither)."""
+        if self.error is None:
+            self.error = torch.zeros(self.owned_numel, dtype=torch.float32, device=self.device)
+        olo, ohi = fragment.owned
+        # weight 0: nothing of this member's values counts, its residual stays as it was
+        red.new_error = None if weight == 0.0 else self._workspace(fragment)[0]
+        extras = [float(weight)] if weight is not None else []
+        extras += [float(bool(stop))] if stop is not None else []
+        tail = torch.tensor(extras, dtype=torch.float32, device=self.device).view(torch.uint8) if extras else None
+        return self.error[olo:ohi], tail
+
     def start(self, red: Reduction, fragment: "FragmentSync", local: list[Tensor], snapshot: Tensor, talk: bool,
               weight: Optional[float] = None, stop: Optional[bool] = None) -> None:
         """Phase 1: encode the error-fed pseudo-gradient, bucket by bucket, launching each bucket's all-to-all.
@@ -297,16 +314,8 @@ class CompressedReducer:
         groups = self.comm.size
         red.bucket_numel = self._bucket_numel(self._chunk_numel(n))
         plan = self._buckets(red)
-        if self.error is None:
-            self.error = torch.zeros(self.owned_numel, dtype=torch.float32, device=self.device)
-        olo, ohi = fragment.owned
-        error = self.error[olo:ohi]
-        # weight 0: nothing of this member's values counts, its residual stays as it was
-        red.new_error = None if weight == 0.0 else self._workspace(fragment)[0]
-        extras = [float(weight)] if weight is not None else []
-        extras += [float(bool(stop))] if stop is not None else []
+        error, tail = self._begin(red, fragment, weight, stop)
         # the same few bytes after every chunk's first bucket: each chunk owner learns every member's weight
-        tail = torch.tensor(extras, dtype=torch.float32, device=self.device).view(torch.uint8) if extras else None
         send = torch.empty(plan.total, dtype=torch.uint8, device=self.device)
         red.buf = torch.empty_like(send) if talk else send
         red.payload_numel = plan.sizes[0]
@@ -448,6 +457,145 @@ class CompressedReducer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         error = state.get("compression_error")
         self.error = error.to(self.device) if error is not None else None
+
+
+@dataclass(frozen=True)
+class _GatherPlan:
+    """How an all-gather reduce is cut: buckets ``ranges`` of the fragment's values (whole codec blocks), each member's
+    piece of bucket ``b`` ``payloads[b]`` bytes of codec payload (plus the weight / stop flag in bucket 0: ``sizes[b]``
+    bytes), at byte ``offsets[b]`` of the send buffer (``total`` bytes: this member's payload) and ``G·offsets[b]`` of
+    the gathered one (the ``G`` members' pieces of bucket ``b`` in member order)."""
+
+    ranges: list[tuple[int, int]]
+    payloads: list[int]
+    sizes: list[int]
+    offsets: list[int]
+    total: int
+
+
+class AllGatherReducer(CompressedReducer):
+    """The all-gather exchange of codecs whose payloads are not closed under averaging (:attr:`~.codecs.Codec.exchange`
+    ``"all_gather"``: the sparse ones), SparseLoCo's: each member encodes its error-fed pseudo-gradient ``θ_g − θ_i +
+    e`` once, the members all-gather the payloads, and every member decodes the ``G`` payloads and sums them in member
+    order, itself (weighted: ``Σ w_i·d_i / Σ w_i``; else ``Σ d_i / G``): the same mean, bit for bit, on every rank.
+
+    Error feedback: one residual per rank (:attr:`error`), exactly what its payload did not carry, times the codec's
+    ``β``; no second encoding, so no phase-2 residual. It changes only in :meth:`commit`; a member of weight 0 keeps
+    its own; :meth:`reset` zeroes it (a healed group starts from zero). Bytes: this member's payload ``P`` per sync
+    (:attr:`Reduction.sent`, plus 4 bytes for a weight, 4 for a stop flag, in its first bucket); a ring all-gather
+    sends ``(G−1)·P`` of them on the wire and receives as many.
+
+    The pipeline: the fragment is cut in buckets of about ``bucket_bytes`` fp32 bytes (whole codec blocks); each
+    bucket's all-gather is launched as soon as it is encoded, so the encoding of a bucket overlaps the transfer of the
+    ones before, and :meth:`finish` decodes and sums each bucket as it arrives. Cut anywhere at whole blocks, the
+    payloads decode to the same values: the mean does not depend on the buckets.
+    """
+
+    def _plan(self, red: Reduction) -> _GatherPlan:
+        n, step = red.numel, red.bucket_numel or red.numel
+        ranges = [(lo, min(lo + step, n)) for lo in range(0, n, step)]
+        payloads = [self.codec.payload_bytes(hi - lo) for lo, hi in ranges]
+        sizes = [p + (self._extras(red) if b == 0 else 0) for b, p in enumerate(payloads)]
+        offsets = [0]
+        for size in sizes:
+            offsets.append(offsets[-1] + size)
+        return _GatherPlan(ranges, payloads, sizes, offsets[:-1], offsets[-1])
+
+    def _bucket_numel(self, numel: int) -> int:
+        """Values per bucket: ``bucket_bytes`` of fp32 in whole codec blocks (at least one); 0: one bucket."""
+        block = self.codec.block_numel
+        if not block:
+            return 0
+        step = max(block, self.bucket_bytes // 4 // block * block)
+        return step if step < numel else 0
+
+    def start(self, red: Reduction, fragment: "FragmentSync", local: list[Tensor], snapshot: Tensor, talk: bool,
+              weight: Optional[float] = None, stop: Optional[bool] = None) -> None:
+        """Encode the error-fed pseudo-gradient bucket by bucket, launching each bucket's all-gather.
+
+        ``weight``: this member's weight in a weighted mean (``None``: uniform); ``stop``: its stop flag. Both ride
+        in its first bucket (4 bytes each)."""
+        n = red.numel
+        if n == 0:
+            red.buf = torch.zeros(0, dtype=torch.uint8, device=self.device)
+            return
+        red.bucket_numel = self._bucket_numel(n)
+        plan = self._plan(red)
+        error, tail = self._begin(red, fragment, weight, stop)
+        members = self.comm.size if talk else 1
+        send = torch.empty(plan.total, dtype=torch.uint8, device=self.device)
+        red.buf = torch.empty(members * plan.total, dtype=torch.uint8, device=self.device) if talk else send
+        red.payload_numel = plan.sizes[0]
+        local_starts = _starts(local)
+        x = torch.empty(max(hi - lo for lo, hi in plan.ranges), dtype=torch.float32, device=self.device)
+        for b, (lo, hi) in enumerate(plan.ranges):
+            width, payload, size, offset = hi - lo, plan.payloads[b], plan.sizes[b], plan.offsets[b]
+            _pseudo_gradient(x[:width], local, local_starts, lo, hi, snapshot, error)
+            q = self.codec.encode(x[:width])
+            piece = send[offset : offset + size]
+            piece[:payload] = q
+            if b == 0 and tail is not None:
+                piece[payload:] = tail
+            if red.new_error is not None:
+                torch.sub(x[:width], self.codec.decode(q, width), out=red.new_error[lo:hi])
+            if talk:  # this bucket travels while the next one is encoded
+                out = red.buf[members * offset : members * (offset + size)]
+                red.works.append(self.comm.all_gather_async(out, piece))
+        if talk:
+            red.sent = plan.total
+
+    def finish(self, red: Reduction, fragment: "FragmentSync", snapshot: Tensor) -> tuple[Tensor, bool]:
+        """Decode and sum the gathered payloads bucket by bucket, as they arrive (member order on every rank).
+
+        Returns (the new mean ``θ_g − Σ``, whether any member asked to stop). A weighted reduce sets
+        ``red.total_weight``; when it is 0 (no member weighed in) the mean is ``snapshot``."""
+        n = red.numel
+        if n == 0:
+            return snapshot, False
+        assert red.buf is not None
+        plan = self._plan(red)
+        members = red.buf.numel() // plan.total  # G, or 1 where nothing was gathered
+        arrivals = list(red.works)
+        red.works = []
+
+        def received(b: int) -> list[Tensor]:
+            if arrivals:
+                arrivals[b].wait()
+            offset, size = members * plan.offsets[b], plan.sizes[b]
+            return [red.buf[offset + i * size : offset + (i + 1) * size] for i in range(members)]
+
+        first = received(0)
+        extras = self._extras(red)
+        tails = [r[plan.payloads[0] :].clone().view(torch.float32).tolist() for r in first] if extras else []
+        weights = [t[0] for t in tails] if red.weighted else [1.0] * members
+        stop_requested = any(t[-1] > 0 for t in tails) if red.has_stop else False
+        total_weight = float(sum(weights)) if red.weighted else float(members)
+        if red.weighted:
+            red.total_weight = total_weight
+            if total_weight <= 0:  # every member weighs 0: no mean, θ_g stays
+                for work in arrivals[1:]:
+                    work.wait()
+                return snapshot, stop_requested
+        mean = self._workspace(fragment)[1]
+        for b, (lo, hi) in enumerate(plan.ranges):
+            width, payload = hi - lo, plan.payloads[b]
+            pieces = first if b == 0 else received(b)
+            total = torch.zeros(width, dtype=torch.float32, device=self.device)
+            for piece, w in zip(pieces, weights):  # member order: the same sum on every rank
+                if not red.weighted:
+                    total += self.codec.decode(piece[:payload], width)
+                elif w != 0:  # a member of weight 0 may send anything (even non-finite): it is not read
+                    total += w * self.codec.decode(piece[:payload], width)
+            torch.sub(snapshot[lo:hi], total.div_(total_weight), out=mean[lo:hi])
+        return mean, stop_requested
+
+
+def compressed_reducer(comm: Communicator, codec: str, owned_numel: int, device: torch.device,
+                       bucket_bytes: int = DEFAULT_COMPRESSED_BUCKET_BYTES) -> CompressedReducer:
+    """The reducer of the exchange the codec asks for (:attr:`~.codecs.Codec.exchange`): :class:`CompressedReducer`
+    (``"two_phase"``) or :class:`AllGatherReducer` (``"all_gather"``)."""
+    cls = AllGatherReducer if get_codec(codec).exchange == "all_gather" else CompressedReducer
+    return cls(comm, codec, owned_numel, device, bucket_bytes)
 
 
 def _starts(views: Sequence[Tensor]) -> list[int]:

@@ -17,6 +17,8 @@ from lightning_localsgd.engine.outer import squared_norm
 from test_compression import assert_round_trip_bounds, compressed_reference, quantization_step
 from _gpu import DEVICE as CUDA, use_device
 from test_outer import _close, check_nonfinite_policy, initial, local_tensors, reference, spawn
+from reference import gathered_compressed_sync
+from workers.tiny import TOPK_TEST
 
 
 def _cpu(tensors):
@@ -107,6 +109,28 @@ def test_compressed_sync_on_cuda_matches_hand_reference(tmp_path, codec, state_d
     for r, rank in enumerate(got):
         assert torch.allclose(rank["state"]["compression_error"], errors[r], atol=1e-6)
         assert torch.allclose(rank["state"]["compression_mean_error"][None], mean_errors[r], atol=1e-6)
+
+
+@pytest.mark.parametrize("state_device", [None, "cpu"], ids=["snapshot_on_gpu", "snapshot_on_host"])
+def test_sparse_all_gather_on_cuda_matches_hand_reference(tmp_path, state_device):
+    """topk's all-gather exchange on CUDA tensors: every rank's payload gathered, decoded and summed on the GPU,
+    against the CPU hand reference (topk's codec is bit-identical on CUDA:
+    test_codecs_on_cuda_keep_the_cpu_bounds)."""
+    world = 2
+    got = spawn(functools.partial(scenario_two_syncs, outer="average", state_device=state_device,
+                                  compression=TOPK_TEST), world, tmp_path)
+    theta = torch.cat([t.reshape(-1) for t in initial()])
+    errors = [torch.zeros_like(theta) for _ in range(world)]
+    for sync in range(2):
+        locals_ = [torch.cat([t.reshape(-1) for t in local_tensors(r, sync)]) for r in range(world)]
+        theta, errors = gathered_compressed_sync(theta, locals_, [1.0] * world, errors, TOPK_TEST)
+        for rank in got:
+            params, sent, _ = rank["after"][sync]
+            assert torch.allclose(torch.cat([p.reshape(-1) for p in params]), theta, atol=1e-6)
+            assert sent == payload_bytes(TOPK_TEST, theta.numel())
+    for r, rank in enumerate(got):
+        assert torch.allclose(rank["state"]["compression_error"], errors[r], atol=1e-6)
+        assert rank["state"]["compression_mean_error"] == {}
 
 
 def test_sharded_replicas_on_cuda_with_host_state(tmp_path):

@@ -15,9 +15,9 @@ import torch
 from lightning_localsgd.engine import OuterSync
 from lightning_localsgd.engine.codecs import payload_bytes
 from lightning_localsgd.engine.comm import Communicator
-from reference import weighted_compressed_sync
+from reference import gathered_compressed_sync, weighted_compressed_sync
 from test_outer import spawn
-from workers.tiny import TOPK_TEST
+from workers.tiny import TOPK_TEST, TOPK_TWO_PHASE
 
 SHAPES = [(37, 41), (300,), (1, 1200)]  # 2,977 values; tensor boundaries fall inside buckets
 N = sum(math.prod(s) for s in SHAPES)
@@ -131,7 +131,7 @@ def locals_at(sync: int, size: int, theta: torch.Tensor) -> list[torch.Tensor]:
     return [theta + 0.01 * torch.randn(N, generator=g) for _ in range(size)]
 
 
-def members(group: AsyncGroup, codec: str, bucket_bytes: int) -> list[OuterSync]:
+def members(group: AsyncGroup, codec: str, bucket_bytes: int, **options) -> list[OuterSync]:
     out = []
     for r in range(group.size):
         flat = theta0()
@@ -140,7 +140,8 @@ def members(group: AsyncGroup, codec: str, bucket_bytes: int) -> list[OuterSync]
             numel = math.prod(shape)
             params.append(torch.nn.Parameter(flat[offset : offset + numel].view(shape).clone(), requires_grad=False))
             offset += numel
-        out.append(OuterSync(params, cross_group=AsyncComm(group, r), compression=codec, bucket_bytes=bucket_bytes))
+        out.append(OuterSync(params, cross_group=AsyncComm(group, r), compression=codec, bucket_bytes=bucket_bytes,
+                             **options))
     return out
 
 
@@ -167,8 +168,14 @@ def bucket_bytes(size: int) -> int:
 
 
 @pytest.mark.parametrize("codec,size,weighted", [("int8", 3, True), ("int4", 2, True), ("bf16", 3, False),
-                                                 ("int8", 2, False), (TOPK_TEST, 3, True), (TOPK_TEST, 2, False)])
+                                                 ("int8", 2, False), (TOPK_TWO_PHASE, 3, True),
+                                                 (TOPK_TWO_PHASE, 2, False), (TOPK_TEST, 3, True),
+                                                 (TOPK_TEST, 2, False)])
 def test_many_buckets_match_the_hand_reference_bit_for_bit(codec, size, weighted):
+    """Two phases, or topk_test's all-gather: each bucket (``size`` × 256 values: 4 or 6 buckets, the last one short
+    and ending in a short chunk of 64) all-gathered as soon as it is encoded, against the hand reference, which
+    encodes every member's values whole: one residual per member, no mean residual, one payload per member."""
+    gathered = codec == TOPK_TEST
     group = AsyncGroup(size)
     engines = members(group, codec, bucket_bytes(size))
     chunk = math.ceil(N / size)  # 993 (3 members) / 1489 (2): an uneven last bucket, a padded last chunk
@@ -186,22 +193,97 @@ def test_many_buckets_match_the_hand_reference_bit_for_bit(codec, size, weighted
             snapshot, error, mean_error = state(e)
             assert torch.equal(snapshot, theta), (sync, r)
             assert torch.equal(error, errors[r]), (sync, r)
-            assert torch.equal(mean_error[None], mean_errors[r]), (sync, r)
+            assert mean_error == {} if gathered else torch.equal(mean_error[None], mean_errors[r]), (sync, r)
             assert torch.equal(torch.cat([p.detach().reshape(-1) for p in e.tensors]), theta)
             assert results[r].stop_requested == (weighted and sync == 1)
+        extras = 4 * 2 if weighted else 0  # weight and stop flag, once per chunk (per member when gathered)
+        if gathered:
+            assert [k for k, _ in group.log] == ["all_gather"] * math.ceil(N / (size * BLOCK))
+            assert sum(b for _, b in group.log) == results[0].bytes_sent == payload_bytes(codec, N) + extras
+            continue
         # bucket after bucket: every all-to-all, then every all-gather, one per bucket; the bytes: the codec's payload
         buckets = math.ceil(chunk / BLOCK)
         assert [k for k, _ in group.log] == ["all_to_all"] * buckets + ["all_gather"] * buckets
-        extras = 4 * 2 if weighted else 0  # weight and stop flag, once per chunk
         sent = sum(b for k, b in group.log if k == "all_to_all")
         assert sent == results[0].bytes_sent == size * (payload_bytes(codec, chunk) + extras)
         assert sum(b for k, b in group.log if k == "all_gather") == payload_bytes(codec, chunk)
-    assert float(errors[0].abs().max()) > 0 and float(mean_errors[0].abs().max()) > 0  # the codec lost something
+    assert all(float(e.abs().max()) > 0 for e in errors)  # the codec lost something
+    assert mean_errors == [None] * size if gathered else float(mean_errors[0].abs().max()) > 0
 
 
-@pytest.mark.parametrize("fail", [("all_to_all", 3), ("all_gather", 2), ("all_gather", 6)])
-def test_a_failure_mid_pipeline_leaves_theta_g_and_both_error_feedbacks_as_they_were(fail):
-    size, codec = 2, "int8"
+def test_sparse_all_gather_streams_fragments_with_both_in_flight():
+    """Streaming with topk_test's all-gather, 3 members, time-based weights (one member of weight 0 in the second
+    fragment): fragment 0's sync is started, the members move on (inner steps) while its buckets are in flight and
+    start fragment 1's, then both are applied (α = 0); twice. Each fragment's θ_g and residual (its range of the
+    member's one residual) equal the hand reference on its range, bit for bit."""
+    size = 3
+    group = AsyncGroup(size)
+    engines = members(group, TOPK_TEST, 4 * BLOCK, fragments=2)
+    ranges = [engines[0].fragment_sync(f).owned for f in range(2)]
+    assert ranges[0][1] == ranges[1][0] and ranges[1][1] == N and ranges[0][1] > 2 * BLOCK  # buckets in each
+    theta, errors = theta0(), [torch.zeros(N)] * size
+    for sync, weights in enumerate([((2.0, 1.0, 3.0), (1.0, 1.0, 1.0)), ((1.0, 2.0, 1.0), (1.0, 0.0, 2.0))]):
+        at_start = [locals_at(2 * sync, size, theta), locals_at(2 * sync + 1, size, theta)]
+
+        def member(r, e):
+            set_locals([e], [at_start[0][r]])
+            e.start_sync(0, weight=weights[0][r])
+            set_locals([e], [at_start[1][r]])  # inner steps while fragment 0's collectives are in flight
+            e.start_sync(1, weight=weights[1][r])
+            return [e.finish_sync(0), e.finish_sync(1)]
+
+        group.log.clear()
+        results = run_members(engines, member)
+        new_theta, new_errors = theta.clone(), [e.clone() for e in errors]
+        for f, (lo, hi) in enumerate(ranges):
+            part, kept = gathered_compressed_sync(theta[lo:hi], [x[lo:hi] for x in at_start[f]], list(weights[f]),
+                                                  [e[lo:hi] for e in errors], TOPK_TEST)
+            new_theta[lo:hi] = part
+            for r in range(size):
+                new_errors[r][lo:hi] = kept[r]
+        theta, errors = new_theta, new_errors
+        for r, e in enumerate(engines):
+            snapshot, error, mean_error = state(e)
+            assert torch.equal(snapshot, theta) and torch.equal(error, errors[r]) and mean_error == {}, (sync, r)
+            assert torch.equal(torch.cat([p.detach().reshape(-1) for p in e.tensors]), theta)
+            assert [res.bytes_sent for res in results[r]] == [payload_bytes(TOPK_TEST, hi - lo) + 4
+                                                              for lo, hi in ranges]
+        assert [k for k, _ in group.log] == ["all_gather"] * sum(math.ceil((hi - lo) / BLOCK) for lo, hi in ranges)
+    assert all(float(e.abs().max()) > 0 for e in errors)
+
+
+def test_sparse_all_gather_in_flight_saved_and_resumed_is_exact(tmp_path):
+    """A checkpoint taken while topk_test's fragment-0 sync is in flight (its gathered payloads and the new residual in
+    the saved reduction) and loaded into new engines finishes to the same θ_g and residuals, bit for bit, as engines
+    never stopped; the next sync too."""
+    size = 3
+    straight = members(AsyncGroup(size), TOPK_TEST, 4 * BLOCK, fragments=2)
+    saved = members(AsyncGroup(size), TOPK_TEST, 4 * BLOCK, fragments=2)
+    theta = theta0()
+    for engines in (straight, saved):
+        set_locals(engines, locals_at(0, size, theta))
+        run_members(engines, lambda r, e: e.start_sync(0, weight=float(r + 1)))
+    for r, e in enumerate(saved):
+        torch.save(e.state_dict(), tmp_path / f"rank{r}.pt")
+    resumed = members(AsyncGroup(size), TOPK_TEST, 4 * BLOCK, fragments=2)
+    for r, e in enumerate(resumed):
+        e.load_state_dict(torch.load(tmp_path / f"rank{r}.pt", weights_only=False))
+        assert list(e.pending) == [0]
+    for engines in (straight, resumed):
+        run_members(engines, lambda r, e: e.finish_sync(0))
+        set_locals(engines, locals_at(1, size, state(engines[0])[0]))
+        run_members(engines, lambda r, e: e.sync(weight=1.0))
+    for a, b in zip(straight, resumed):
+        (snap_a, err_a, mean_a), (snap_b, err_b, mean_b) = state(a), state(b)
+        assert torch.equal(snap_a, snap_b) and torch.equal(err_a, err_b) and mean_a == mean_b == {}
+    assert not torch.equal(state(straight[0])[0], theta0()) and float(state(straight[0])[1].abs().max()) > 0
+
+
+@pytest.mark.parametrize("codec,fail", [("int8", ("all_to_all", 3)), ("int8", ("all_gather", 2)),
+                                        ("int8", ("all_gather", 6)), (TOPK_TEST, ("all_gather", 3))])
+def test_a_failure_mid_pipeline_leaves_theta_g_and_both_error_feedbacks_as_they_were(codec, fail):
+    """int8 (two phases) or topk_test (all-gather: 6 buckets of 512 values, the third one fails)."""
+    size = 2
     group = AsyncGroup(size)
     engines = members(group, codec, bucket_bytes(size))  # 6 buckets: 5 of 256 values per chunk, one of 209
     theta, errors, mean_errors = theta0(), [torch.zeros(N)] * size, [None] * size
@@ -228,8 +310,11 @@ def test_a_failure_mid_pipeline_leaves_theta_g_and_both_error_feedbacks_as_they_
     theta, errors, mean_errors = weighted_compressed_sync(theta, locals_, list(weights), errors, mean_errors, codec)
     for r, e in enumerate(engines):
         snapshot, error, mean_error = state(e)
-        assert torch.equal(snapshot, theta) and torch.equal(error, errors[r]) and torch.equal(mean_error[None],
-                                                                                                mean_errors[r])
+        assert torch.equal(snapshot, theta) and torch.equal(error, errors[r])
+        if codec == TOPK_TEST:  # all-gather: no mean residual
+            assert mean_error == {} and mean_errors[r] is None
+        else:
+            assert torch.equal(mean_error[None], mean_errors[r])
 
 
 def scenario_gloo(rank, world, codec):
@@ -250,30 +335,38 @@ def scenario_gloo(rank, world, codec):
             offset += p.numel()
         result = engine.sync(weight=float(rank + 1))
         theta = torch.cat([s.detach().reshape(-1) for s in engine.snapshot])
-        out.append((theta, engine.compressor.error.clone(), engine.whole.mean_error.clone(),
+        mean_error = engine.whole.mean_error
+        out.append((theta, engine.compressor.error.clone(), mean_error.clone() if mean_error is not None else None,
                     result.bytes_sent))
     return out
 
 
-@pytest.mark.parametrize("codec", ["int4", TOPK_TEST])
-def test_many_buckets_over_gloo_match_the_hand_reference_bit_for_bit(tmp_path, codec):
-    world = 2
+@pytest.mark.parametrize("codec,world", [("int4", 2), (TOPK_TWO_PHASE, 2), (TOPK_TEST, 3)])
+def test_many_buckets_over_gloo_match_the_hand_reference_bit_for_bit(tmp_path, codec, world):
+    """Two phases (int4, topk_test_two_phase: one compressed copy in G chunks a rank) or all-gather (topk_test: one
+    payload of the rank's values, 3 ranks)."""
     got = spawn(functools.partial(scenario_gloo, codec=codec), world, tmp_path)
     theta, errors, mean_errors = theta0(), [torch.zeros(N)] * world, [None] * world
+    gathered = codec == TOPK_TEST
     for sync in range(2):
-        theta, errors, mean_errors = weighted_compressed_sync(theta, locals_at(sync, world, theta), [1.0, 2.0],
-                                                              errors, mean_errors, codec)
+        theta, errors, mean_errors = weighted_compressed_sync(theta, locals_at(sync, world, theta),
+                                                              [1.0 + r for r in range(world)], errors, mean_errors,
+                                                              codec)
         for r in range(world):
             snapshot, error, mean_error, sent = got[r][sync]
             assert torch.equal(snapshot, theta) and torch.equal(error, errors[r])
-            assert torch.equal(mean_error, mean_errors[r])
-            assert sent == world * (payload_bytes(codec, math.ceil(N / world)) + 4)
+            if gathered:
+                assert mean_error is None
+                assert sent == payload_bytes(codec, N) + 4
+            else:
+                assert torch.equal(mean_error, mean_errors[r])
+                assert sent == world * (payload_bytes(codec, math.ceil(N / world)) + 4)
 
 
-@pytest.mark.parametrize("codec", [TOPK_TEST, "int8"])
+@pytest.mark.parametrize("codec", [TOPK_TEST, TOPK_TWO_PHASE, "int8"])
 def test_resume_from_a_state_dict_with_error_feedback_is_exact(tmp_path, codec):
-    """Members that save their state after a sync (θ_g and both error feedbacks, decayed for topk) and load it into
-    new engines go on bit for bit as members that were never stopped."""
+    """Members that save their state after a sync (θ_g and the error feedbacks, decayed for topk; the all-gather's
+    one residual) and load it into new engines go on bit for bit as members that were never stopped."""
     size = 2
     group = AsyncGroup(size)
     straight = members(group, codec, bucket_bytes(size))
@@ -284,7 +377,11 @@ def test_resume_from_a_state_dict_with_error_feedback_is_exact(tmp_path, codec):
         run_members(straight, lambda r, e: e.sync())
         theta = state(straight[0])[0]
         history.append([state(e) for e in straight])
-    assert float(history[0][0][1].abs().max()) > 0 and float(history[0][0][2][None].abs().max()) > 0
+    assert float(history[0][0][1].abs().max()) > 0
+    if codec == TOPK_TEST:  # all-gather: one residual per member, nothing of a mean
+        assert history[0][0][2] == {}
+    else:
+        assert float(history[0][0][2][None].abs().max()) > 0
 
     group = AsyncGroup(size)
     first = members(group, codec, bucket_bytes(size))

@@ -8,10 +8,12 @@ import math
 import pytest
 import torch
 
-from lightning_localsgd.engine.codecs import CODECS, TopKCodec, decode, encode, get_codec, payload_bytes
+from lightning_localsgd.engine.codecs import (CODECS, TopKCodec, codec_names, decode, encode, get_codec,
+                                              payload_bytes, register_codec)
 from lightning_localsgd.engine import OuterSync
 from test_outer import initial, local_tensors, spawn
-from workers.tiny import TOPK_TEST
+from reference import gathered_compressed_sync
+from workers.tiny import TOPK_TEST, TOPK_TWO_PHASE
 
 
 def quantization_step(x, codec):
@@ -131,10 +133,22 @@ def test_topk_chunks_are_independent(name):
 
 
 @pytest.mark.parametrize("options", [dict(chunk=0), dict(k=0), dict(chunk=8, k=9), dict(value_bits=3),
-                                     dict(feedback_decay=0.0), dict(feedback_decay=1.5), dict(indices="zip")])
+                                     dict(feedback_decay=0.0), dict(feedback_decay=1.5), dict(indices="zip"),
+                                     dict(exchange="ring")])
 def test_topk_options_are_checked(options):
     with pytest.raises(ValueError, match="TopKCodec: " + list(options)[-1]):
         TopKCodec(**options)
+
+
+def test_register_codec_checks_the_exchange():
+    """A codec asking for an exchange the engine does not have is refused at registration, naming the choices."""
+    codec = TopKCodec()
+    codec.exchange = "ring"
+    with pytest.raises(ValueError, match=r"exchange must be one of \('two_phase', 'all_gather'\), got 'ring'"):
+        register_codec("topk_ring", codec)
+    assert "topk_ring" not in codec_names()
+    assert get_codec("topk").exchange == get_codec("topk_ef").exchange == "all_gather"
+    assert {get_codec(c).exchange for c in ("bf16", "int8", "int4")} == {"two_phase"}
 
 
 def test_int4_packing_keeps_signs_and_odd_lengths():
@@ -205,14 +219,14 @@ def compressed_reference(codec, world, syncs=2):
     return thetas, errors, mean_errors
 
 
-@pytest.mark.parametrize("codec,world", [("bf16", 2), ("int8", 2), ("int4", 2), ("int8", 3), (TOPK_TEST, 2),
-                                         (TOPK_TEST, 3)])
+@pytest.mark.parametrize("codec,world", [("bf16", 2), ("int8", 2), ("int4", 2), ("int8", 3), (TOPK_TWO_PHASE, 2),
+                                         (TOPK_TWO_PHASE, 3)])
 def test_compressed_average_matches_hand_reference(tmp_path, codec, world):
     got = spawn(functools.partial(scenario_compressed, codec=codec), world, tmp_path)
     thetas, errors, mean_errors = compressed_reference(codec, world)
     chunk = math.ceil(thetas[0].numel() / world)
-    # topk (its decay, its re-sparsified mean) bit for bit; the others within rounding, as before
-    close = torch.equal if codec == TOPK_TEST else functools.partial(torch.allclose, atol=1e-6)
+    # topk over the two phases (its decay, its re-sparsified mean) bit for bit; the others within rounding, as before
+    close = torch.equal if codec == TOPK_TWO_PHASE else functools.partial(torch.allclose, atol=1e-6)
     for sync, theta in enumerate(thetas):
         for rank in got:
             params, sent = rank["after"][sync]
@@ -221,6 +235,34 @@ def test_compressed_average_matches_hand_reference(tmp_path, codec, world):
     for r, rank in enumerate(got):
         assert close(rank["state"]["compression_error"], errors[r])
         assert close(rank["state"]["compression_mean_error"][None], mean_errors[r])
-    if codec == TOPK_TEST:  # sparse: the mean moved fewer values than the chunks hold; the residuals kept the rest
+    if codec == TOPK_TWO_PHASE:  # sparse: the mean moved fewer values than the chunks hold; the residuals kept the rest
         assert int((thetas[0] != torch.cat([t.reshape(-1) for t in initial()])).sum()) < thetas[0].numel()
         assert all(float(e.abs().max()) > 0 for e in errors + mean_errors)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sparse_all_gather_matches_hand_reference(tmp_path, world):
+    """topk's exchange (all-gather of every group's payload, summed locally in member order) over gloo, 2 syncs, bit
+    for bit against the hand reference: each rank encodes θ_g − θ_i + e once, the residual keeps β times what it did
+    not send, every rank applies the mean of the G decoded payloads: the union of the groups' entries, more than one
+    group's k, which a re-sparsified mean would cut to k. One payload of the rank's 22 values per sync."""
+    got = spawn(functools.partial(scenario_compressed, codec=TOPK_TEST), world, tmp_path)
+    codec = get_codec(TOPK_TEST)
+    theta = torch.cat([t.reshape(-1) for t in initial()])
+    errors = [torch.zeros_like(theta) for _ in range(world)]
+    thetas = []
+    for sync in range(2):
+        locals_ = [torch.cat([t.reshape(-1) for t in local_tensors(r, sync)]) for r in range(world)]
+        theta, errors = gathered_compressed_sync(theta, locals_, [1.0] * world, errors, TOPK_TEST)
+        thetas.append(theta)
+    for sync, theta in enumerate(thetas):
+        for rank in got:
+            params, sent = rank["after"][sync]
+            assert torch.equal(torch.cat([p.reshape(-1) for p in params]), theta), (sync, world)
+            assert sent == payload_bytes(TOPK_TEST, theta.numel()) == 1 + 3 + 4  # 4 × 2 bits, 4 × 6 bits, a scale
+    for r, rank in enumerate(got):
+        assert torch.equal(rank["state"]["compression_error"], errors[r])
+        assert rank["state"]["compression_mean_error"] == {}  # one encoding, one residual
+        assert float(errors[r].abs().max()) > 0
+    moved = int((thetas[0] != torch.cat([t.reshape(-1) for t in initial()])).sum())
+    assert codec.k < moved <= world * codec.k

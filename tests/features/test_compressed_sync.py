@@ -1,4 +1,5 @@
-"""Compressed sync through LocalSGDStrategy; the codecs and the two-phase all-reduce: engine/test_compression.py."""
+"""Compressed sync through LocalSGDStrategy; the codecs and their exchanges (two-phase all-reduce, all-gather):
+engine/test_compression.py."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ def test_strategy_int8_sync_sends_a_quarter(tmp_path):
 
 def test_strategy_topk_fit_matches_the_hand_reference(tmp_path):
     """A Lightning fit with sparse syncs (top 4 of each 64 values, 2 bits, error feedback decayed by 0.95) follows the
-    hand reference's two-phase compressed mean step by step, and moves other values than the plain mean would."""
+    hand reference's all-gathered sparse mean step by step, and moves other values than the plain mean would."""
     from _launch import max_diff, run_tiny
     from reference import simulate
 
@@ -32,7 +33,8 @@ def test_strategy_topk_fit_matches_the_hand_reference(tmp_path):
         for b, (got, want) in enumerate(zip(dump["steps"], history)):
             assert max_diff(got, want[r]) <= 1e-6, (r, b, max_diff(got, want[r]))
         assert max_diff(dump["final"], final[r]) <= 1e-6
-        # 3 syncs, each 2 chunks of 25 values: 4 entries of 2 bits, 4 indices of 6 bits, one fp32 scale
-        assert dump["info"]["bytes_sent"] == 3 * 2 * payload_bytes(TOPK_TEST, 25) == 3 * 2 * (1 + 3 + 4)
+        # 3 syncs, each one payload of the 49 values, all-gathered: per chunk of 64 (one here) 4 entries of 2 bits,
+        # 4 indices of 6 bits, one fp32 scale
+        assert dump["info"]["bytes_sent"] == 3 * payload_bytes(TOPK_TEST, 49) == 3 * (1 + 3 + 4)
     plain, _, _ = simulate(2, 1, sync_every=h, outer="average", steps=steps)
     assert max_diff(plain[h - 1][0], history[h - 1][0]) > 1e-3  # sparse: not the plain mean

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from lightning_localsgd.engine import OuterSync
+from lightning_localsgd.engine.codecs import payload_bytes
 from lightning_localsgd.engine.comm import Communicator, SyncAbortedError
 from lightning_localsgd.federation import TorchftCommunicator
 from reference import weighted_compressed_sync as hand_weighted
@@ -299,3 +300,62 @@ def test_healing_state_sends_no_error_feedback_and_names_the_fragment_of_the_quo
     joiner.compressor.error = torch.ones(N)  # whatever a restarted job had
     joiner.load_state_dict(outer)
     assert joiner.compressor.error is None and joiner.whole.mean_error is None  # zero error feedback
+
+
+def test_sparse_all_gather_over_a_changing_membership_matches_the_hand_computation():
+    """topk's all-gather exchange over quorums that change: a member of weight 0 (just joined) keeps its residual,
+    the members' order reverses (each residual stays with its member: there is no mean chunk to own), a third member
+    joins healed (zero error feedback) and an aborted commit leaves θ_g and every residual as they were. Every sync
+    equals the hand computation bit for bit (each member's payload decoded and summed in member order)."""
+    from reference import gathered_compressed_sync
+    from workers.tiny import TOPK_TEST
+
+    g = torch.Generator().manual_seed(3)
+    theta = torch.randn(N, generator=g)
+    engines = members(2, theta, codec=TOPK_TEST)
+    errors = [torch.zeros(N), torch.zeros(N)]
+
+    def sync(weights):
+        nonlocal theta, errors
+        locals_ = [theta + 0.01 * torch.randn(N, generator=g) for _ in engines]
+        for e, x in zip(engines, locals_):
+            e.tensors[0].data.copy_(x)
+        before = [e.compressor.error.clone() if e.compressor.error is not None else None for e in engines]
+        results = run_members(engines, lambda r, e: e.sync(weight=weights[r]))
+        theta, errors = gathered_compressed_sync(theta, locals_, list(weights), errors, TOPK_TEST)
+        for r, e in enumerate(engines):
+            assert torch.equal(e.snapshot[0].detach(), theta) and torch.equal(e.compressor.error, errors[r]), r
+            assert e.whole.mean_error is None and results[r].bytes_sent == payload_bytes(TOPK_TEST, N) + 4
+            if weights[r] == 0:
+                assert before[r] is None or torch.equal(e.compressor.error, before[r])  # its residual untouched
+
+    sync((3.0, 1.0))
+    sync((1.0, 0.0))
+    engines, errors = engines[::-1], errors[::-1]  # the next quorum orders the two members the other way round
+    for r, e in enumerate(engines):
+        e.cross._rank = r
+    sync((1.0, 2.0))
+    # a third member joins: healed from a live peer's state, which carries no error feedback
+    joiner = members(1, torch.zeros(N), codec=TOPK_TEST)[0]
+    joiner.load_state_dict({**engines[0].state_dict(), "compression_error": None})
+    assert joiner.compressor.error is None
+    group = ThreadGroup(3)
+    engines = engines + [joiner]
+    for r, e in enumerate(engines):
+        e.cross.group, e.cross._rank = group, r
+    errors = errors + [torch.zeros(N)]
+    sync((1.0, 1.0, 0.0))  # its first sync: weight 0 (it trained no interval)
+    sync((2.0, 1.0, 1.0))
+    assert all(float(e.abs().max()) > 0 for e in errors)
+    kept = [(e.snapshot[0].detach().clone(), e.compressor.error.clone()) for e in engines]
+    for e in engines:
+        e.tensors[0].data.add_(0.01 * torch.randn(N, generator=g))
+        e.cross.vote = False
+
+    def aborted(r, e):
+        with pytest.raises(SyncAbortedError):
+            e.sync(weight=1.0)
+
+    run_members(engines, aborted)
+    for e, (snap, error) in zip(engines, kept):
+        assert torch.equal(e.snapshot[0].detach(), snap) and torch.equal(e.compressor.error, error)

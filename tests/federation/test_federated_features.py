@@ -101,6 +101,15 @@ def federated_reference(dumps: dict[str, dict], codec: str | None = None, fragme
         lo, hi = offset_of(names)
         chunk = math.ceil(n / size)
         decay = get_codec(codec).feedback_decay  # the residuals kept: β times what the codec lost (1 but for topk)
+        if get_codec(codec).exchange == "all_gather":  # topk: every member's payload to every member, summed
+            total = torch.zeros(n)
+            for g in members:  # in member (quorum) order
+                d = theta - flat(nets[g], names) + error[g][lo:hi]
+                s = decode(encode(d, codec), codec, n)
+                if weights[g] != 0:  # a member of weight 0 keeps its residual and is not read
+                    error[g][lo:hi] = decay * (d - s)
+                    total += weights[g] * s
+            return (theta - total / total_weight if total_weight else None), members
         decoded = {}
         for g in members:
             d = F.pad(theta - flat(nets[g], names) + error[g][lo:hi], (0, chunk * size - n))
@@ -199,9 +208,10 @@ def check(dumps: dict, ref: dict, names) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("codec", ["int8", TOPK_TEST])
 def test_two_jobs_int8_compressed_syncs_match_the_hand_reference(tmp_path, lighthouse, codec):
-    """2 jobs, int8 (or topk: sparse, decayed error feedback) with error feedback, DiLoCo, H=4, 12 steps: every sync
-    equals the two-phase compressed mean by hand (phase-1 residuals per job, phase-2 residuals per chunk owner), the
-    jobs end identical, and each job's error feedback equals the reference's."""
+    """2 jobs, int8 (or topk: sparse, decayed error feedback, all-gathered) with error feedback, DiLoCo, H=4, 12
+    steps: every sync equals the compressed mean by hand (int8: two phases, phase-1 residuals per job, phase-2
+    residuals per chunk owner; topk: each job's payload gathered over the torchft communicator and summed in quorum
+    order, one residual per job), the jobs end identical, and each job's error feedback equals the reference's."""
     dumps = run_jobs(tmp_path, lighthouse(2), 2, outer="diloco", compression=codec)
     for d in dumps.values():
         assert [(a["step"], a["participants"], a["weight"], a["committed"]) for a in d["attempts"]] == \

@@ -13,11 +13,15 @@ import lightning as L
 from lightning_localsgd.engine.codecs import TopKCodec, register_codec
 from lightning_localsgd.engine.schedules import Action, SyncSchedule
 
-#: ``topk`` (SparseLoCo's codec and error-feedback decay) in chunks small enough that this file's models and the
-#: tests' tensors are sparsified: per 64 values the top 4, 2-bit values, β = 0.95. Registered here so that the test
-#: processes, the workers and the hand reference know the name.
+#: ``topk`` (SparseLoCo's codec, error-feedback decay and all-gather exchange) in chunks small enough that this file's
+#: models and the tests' tensors are sparsified: per 64 values the top 4, 2-bit values, β = 0.95. Registered here so
+#: that the test processes, the workers and the hand reference know the name.
 TOPK_TEST = "topk_test"
 register_codec(TOPK_TEST, TopKCodec(chunk=64, k=4), override=True)
+#: The same codec over the two-phase exchange (the mean of each chunk re-sparsified by its owner, with its own decayed
+#: residual): what ``topk`` ran before it gathered.
+TOPK_TWO_PHASE = "topk_test_two_phase"
+register_codec(TOPK_TWO_PHASE, TopKCodec(chunk=64, k=4, exchange="two_phase"), override=True)
 
 DATASET_SIZE = 240  # divisible by 1..4 ranks × batch 2, so DistributedSampler adds no padding
 
