@@ -294,18 +294,17 @@ class PlanRow:
 
 #: Quality cost of each codec: how many times fp32's optimizer steps it needs to reach the loss fp32 reaches, per
 #: outer optimizer (``"average"``: local SGD, the strategies' default; ``"diloco"``). Measured by
-#: ``benchmarks/compression`` (``results/compression_topk.csv`` and its ``_curves.csv``: GPT micro, 123,200
-#: parameters, 2 groups, H = 16, 768 steps, one seed): the step at which the fp32 run's validation curve (linearly
-#: interpolated between evaluations) reaches the codec's final loss, 768 / that step, at least 1 (int8 with local SGD
-#: ended 0.2% *below* fp32, within the noise: 1). topk's loss at equal steps was 1.144× fp32's with local SGD and
-#: 1.316× with DiLoCo, which fp32 reached at step 243 and 79 of 768: 3.16× and 9.71× the steps. ``topk_ef`` decodes to
-#: the values of ``topk``: the same factor. ``bf16`` was not in the run: 1 (its error is below 2⁻⁸ of each value,
-#: under error feedback). A small model, few steps and one seed: an estimate, not a law; measure on your model and pass
-#: ``step_factors`` (``--step-factor``). A codec absent here (one you registered) is priced but not recommended
-#: until you give its factor.
+#: ``benchmarks/compression`` (``results/compression.csv`` and ``compression_curves.csv``, its default command: GPT
+#: micro, 123,200 parameters, 2 groups, H = 16, 768 steps, one seed): the step at which the fp32 run's validation curve
+#: (linearly interpolated between evaluations) reaches the codec's final loss, 768 / that step, at least 1 (int8 and
+#: bf16 with local SGD ended within 0.2% *below* fp32, within the noise: 1). topk (all-gathered) ended at 1.101× fp32's
+#: loss with local SGD and 1.235× with DiLoCo, which fp32 reached at step 345 and 147 of 768: 2.23× and 5.23× the
+#: steps. ``topk_ef`` decodes to the values of ``topk``: the same factor. A small model, few steps and one seed: an
+#: estimate, not a law; measure on your model and pass ``step_factors`` (``--step-factor``). A codec absent here (one
+#: you registered) is priced but not recommended until you give its factor.
 CODEC_STEP_FACTORS: dict[str, dict[str, float]] = {
-    "average": {"fp32": 1.0, "bf16": 1.0, "int8": 1.0, "int4": 1.01638, "topk": 3.15618, "topk_ef": 3.15618},
-    "diloco": {"fp32": 1.0, "bf16": 1.0, "int8": 1.24245, "int4": 1.26484, "topk": 9.7104, "topk_ef": 9.7104},
+    "average": {"fp32": 1.0, "bf16": 1.0, "int8": 1.0, "int4": 1.01638, "topk": 2.22672, "topk_ef": 2.22672},
+    "diloco": {"fp32": 1.0, "bf16": 1.04412, "int8": 1.24245, "int4": 1.26484, "topk": 5.23229, "topk_ef": 5.23229},
 }
 
 
@@ -709,7 +708,7 @@ def _choose_codec(rows: list[CodecRow], h: int, outer: str, bytes_per_value: flo
     else:
         reason += (f". Its shorter sync outweighs its quality cost: compression={best.codec!r}. Quality caveat: the "
                    f"step factor is extrapolated from a 123k-parameter model at H=16 (benchmarks/compression: topk's "
-                   f"loss at equal steps 1.144× fp32's with local SGD, 1.316× with DiLoCo; int4 1.002× and 1.031×); "
+                   f"loss at equal steps 1.101× fp32's with local SGD, 1.235× with DiLoCo; int4 1.002× and 1.031×); "
                    f"measure on your model and pass --step-factor {best.codec}=X.")
     leanest = min(ranked, key=lambda r: r.link_bytes)  # the codec that saves the most bytes: why (not) it
     if leanest is not best and leanest is not base:
@@ -997,7 +996,7 @@ def _parser() -> argparse.ArgumentParser:
                           "average, the strategies' default)")
     opt.add_argument("--step-factor", action="append", default=[], metavar="CODEC=X",
                      help="steps CODEC needs per fp32 step to reach fp32's loss, measured on your model (repeatable; "
-                          "default: benchmarks/compression's, e.g. topk=3.16 with average)")
+                          "default: benchmarks/compression's, e.g. topk=2.23 with average)")
     opt.add_argument("--calibrate-codecs", nargs="?", const="cpu", default=None, metavar="DEVICE",
                      help="measure each codec's encode / decode time on this machine (one CPU thread, a few seconds; "
                           "--calibrate-codecs cuda: on the GPU) instead of the table measured on the project's CI "
