@@ -1,0 +1,175 @@
+"""Syncs that nobody waits for (``async_sync=True``): the federated sync runs beside training, its result is applied
+at the first step end after it finished by the one-step-delayed rule with the local progress kept:
+``θ_i ← θ_g_new + (θ_i − θ_i_sent)``.
+
+References written out here: the outer step by hand (exact mean / DiLoCo's Nesterov SGD, lr 0.7, momentum 0.9) on
+the token-weighted mean of what the jobs sent, and each job's inner SGD step (lr 0.1) on its own batch.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("torchft")
+from reference import initial_net
+from test_federated import group_batches, lighthouse, run_jobs  # noqa: F401 (lighthouse: a fixture)
+from test_retry import FakeManager
+
+from lightning_localsgd.background import BackgroundFederation
+from lightning_localsgd.config import LocalSGDConfig
+from lightning_localsgd.engine import OuterSync
+from lightning_localsgd.engine.presets import resolve_outer_optimizer
+from lightning_localsgd.federation import TorchftCommunicator
+
+ATOL = 1e-5
+TOKENS_PER_STEP = 2 * 4
+
+
+class GatedManager(FakeManager):
+    """A scripted manager whose quorum forms only when the test lets the other job "arrive" (``arrive.set()``)."""
+
+    def __init__(self, script):
+        super().__init__(script)
+        self.arrive = threading.Event()
+
+    def start_quorum(self, timeout=None):
+        assert self.arrive.wait(30), "the test never let the peer arrive"
+        super().start_quorum(timeout)
+
+
+def test_the_background_sync_applies_the_delayed_update_and_keeps_the_local_progress():
+    """One job with a scripted peer (weight 1, θ_p = [3, 4]) and DiLoCo outside. The sync starts with θ_i = [1, 2]
+    (weight 3) and waits in its quorum for the peer; meanwhile the training thread takes a "step" (θ_i += [0.5,
+    -0.25]) and polls without waiting. Once the peer arrived, the next poll applies θ_g_new by hand and keeps the
+    step: θ_i = θ_g_new + [0.5, -0.25]. Fails without the background thread (launch would block in the quorum) and
+    without the rule (θ_i would be θ_g_new)."""
+    fed = BackgroundFederation("127.0.0.1:1", "g0", 1, 30.0)
+    fed.manager = GatedManager([(2, True)])
+    fed.comm = TorchftCommunicator(fed.manager, timedelta(seconds=30))
+    fed._training_thread = threading.get_ident()
+    param = torch.nn.Parameter(torch.tensor([0.0, 0.0]))
+    engine = OuterSync([param], cross_group=fed.comm, outer_optimizer=resolve_outer_optimizer("diloco"))
+    fed.engine = engine
+    with torch.no_grad():
+        param.copy_(torch.tensor([1.0, 2.0]))
+    fed.manager._pg.others = [torch.tensor([3.0, 4.0, 1.0, 0.0])]  # the peer's w·θ_p, w and its stop flag
+    fed.trained = True
+
+    began = time.monotonic()
+    assert fed.launch(engine, weight=3.0, stop=False)
+    assert time.monotonic() - began < 1.0  # the training thread does not wait for the quorum
+    assert not fed.launch(engine, weight=1.0) and fed.deferred == 1  # one sync in flight at a time
+    with torch.no_grad():
+        param.add_(torch.tensor([0.5, -0.25]))  # an inner step beside the sync
+    assert fed.poll(engine) is None  # not done: nothing applied, no waiting
+    assert torch.equal(param.detach(), torch.tensor([1.5, 1.75]))
+
+    fed.manager.arrive.set()
+    deadline = time.monotonic() + 10
+    result = None
+    while result is None:
+        assert time.monotonic() < deadline
+        result = fed.poll(engine)
+        time.sleep(0.01)
+    mean = (3.0 * torch.tensor([1.0, 2.0]) + torch.tensor([3.0, 4.0])) / 4.0
+    delta = torch.zeros(2) - mean  # θ_g − mean
+    theta_g_new = torch.zeros(2) - 0.7 * (delta + 0.9 * delta)  # Nesterov, first step: momentum buffer = Δ
+    assert torch.allclose(engine.snapshot[0].detach(), theta_g_new, atol=1e-6)
+    assert torch.allclose(param.detach(), theta_g_new + torch.tensor([0.5, -0.25]), atol=1e-6)
+    assert engine.tensors[0] is param  # the engine is back on the live parameter
+    assert not result.stop_requested and fed.attempts[-1]["committed"] and fed.attempts[-1]["weight"] == 3.0
+
+
+def test_async_sync_is_refused_where_it_is_not_supported():
+    with pytest.raises(ValueError, match="async_sync=True runs the sync across federated jobs"):
+        LocalSGDConfig(async_sync=True, sync_every_seconds=1.0)
+    with pytest.raises(ValueError, match="async_sync=True needs time-based syncs"):
+        LocalSGDConfig(async_sync=True, lighthouse="h:29510")
+    with pytest.raises(ValueError, match="does not combine with streaming"):
+        LocalSGDConfig(async_sync=True, lighthouse="h:29510", sync_every_seconds=1.0, fragments=2)
+    with pytest.raises(ValueError, match="async_sync=True does not combine with data_jobs"):
+        LocalSGDConfig(async_sync=True, lighthouse="h:29510", sync_every_seconds=1.0, data_jobs=2, data_job_index=0)
+    with pytest.raises(ValueError, match="on_nonfinite='skip'"):
+        LocalSGDConfig(async_sync=True, lighthouse="h:29510", sync_every_seconds=1.0, on_nonfinite="skip")
+    with pytest.raises(ValueError, match="async_sync must be True or False"):
+        LocalSGDConfig(async_sync="yes", lighthouse="h:29510", sync_every_seconds=1.0)
+    from lightning_localsgd import LocalSGDFSDPStrategy
+
+    with pytest.raises(ValueError, match="LocalSGDStrategy jobs of one rank only"):
+        LocalSGDFSDPStrategy(async_sync=True, lighthouse="h:29510", sync_every_seconds=1.0)
+    LocalSGDConfig(async_sync=True, lighthouse="h:29510", sync_every_seconds=1.0, compression="int8", warmup_steps=2)
+
+
+def params_after(dump: dict, step: int) -> dict[str, torch.Tensor]:
+    return {k.removeprefix("model."): v for k, v in next(p for s, p in dump["steps"] if s == step).items()}
+
+
+def inner_step(params: dict[str, torch.Tensor], batch) -> dict[str, torch.Tensor]:
+    """One SGD step (lr 0.1, the tiny module's) from ``params`` on ``batch``, by hand."""
+    net = initial_net()
+    with torch.no_grad():
+        for k, p in net.named_parameters():
+            p.copy_(params[k])
+    x, y = batch
+    F.mse_loss(net(x), y).backward()
+    return {k: (p - 0.1 * p.grad).detach() for k, p in net.named_parameters()}
+
+
+def syncs_of(dump: dict) -> list[dict]:
+    return [a for a in dump["attempts"] if a["kind"] == "sync" and a["committed"]]
+
+
+@pytest.mark.slow
+def test_two_jobs_async_syncs_match_the_delayed_update_reference(tmp_path, lighthouse):
+    """2 jobs of one rank, sync_every_seconds=0.4, async_sync=True, g1 3× slower per step, outer "average". For every
+    sync: the weights are the tokens each job processed since its previous sync started; θ_g_new is the token-weighted
+    mean of what the jobs sent (their parameters at the step end the sync started); each job applied it at a later
+    step end, the fast one after taking steps beside it (nobody waited), by the delayed rule with the local progress
+    kept, checked against one inner step by hand from the parameters before that step. g0 reaches max_steps, its
+    last sync (on its training thread, after the one in flight is applied) carries the stop; both end on θ_g_new of
+    that sync. Fails without async_sync (no sync is applied later than it started) and without the rule."""
+    fast_s, slow_s, period, steps = 0.05, 0.15, 0.4, 40
+    dumps = run_jobs(tmp_path, lighthouse(2), 2, sync_every_seconds=period, max_steps=steps, outer="average",
+                     async_sync=True, g0={"step_sleep": fast_s}, g1={"step_sleep": slow_s})
+    fast, slow = dumps["g0"], dumps["g1"]
+    assert fast["global_step"] == steps and slow["global_step"] < steps
+    fs, ss = syncs_of(fast), syncs_of(slow)
+    assert len(fs) == len(ss) >= 3, (fast["attempts"], slow["attempts"])
+    batches = {g: [b[0] for b in group_batches(d["seed"])] for g, d in dumps.items()}
+    previous = {"g0": 0, "g1": 0}
+    beside = 0
+    for k, pair in enumerate(zip(fs, ss)):
+        weights, sent = [], []
+        for name, a in zip(("g0", "g1"), pair):
+            assert a["weight"] == TOKENS_PER_STEP * (a["step"] - previous[name]), (name, k, a)
+            assert a["participants"] == 2
+            previous[name] = a["step"]
+            weights.append(a["weight"])
+            sent.append(params_after(dumps[name], a["step"]) if a["step"] > 0 else None)
+        last = k == len(fs) - 1
+        if last:  # the stop: every job ends on θ_g_new of the stopping sync
+            assert pair[0]["stop"] is True and pair[0]["step"] == steps
+            theta = {n: (weights[0] * sent[0][n] + weights[1] * sent[1][n]) / sum(weights) for n in sent[0]}
+            for name in ("g0", "g1"):
+                final = {n.removeprefix("model."): v for n, v in dumps[name]["final"].items()}
+                assert max(float((final[n] - theta[n]).abs().max()) for n in theta) < ATOL, name
+            continue
+        theta = {n: (weights[0] * sent[0][n] + weights[1] * sent[1][n]) / sum(weights) for n in sent[0]}
+        for name, a, theirs in zip(("g0", "g1"), pair, sent):
+            applied = a["applied_step"]
+            assert applied > a["step"], (name, a)  # applied at a later step end: the job trained beside it
+            beside += name == "g0"
+            before = inner_step(params_after(dumps[name], applied - 1), batches[name][applied - 1])
+            expected = {n: theta[n] + before[n] - theirs[n] for n in theta}
+            got = params_after(dumps[name], applied)
+            diff = max(float((got[n] - expected[n]).abs().max()) for n in expected)
+            assert diff < ATOL, f"{name}: sync {k} (started at step {a['step']}, applied at {applied}) off by {diff:.3g}"
+    assert beside >= 2
+    assert all(torch.equal(fast["final"][n], slow["final"][n]) for n in fast["final"])
+    assert fast["dropped"] == 0.0 and slow["dropped"] == 0.0
