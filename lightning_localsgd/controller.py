@@ -223,9 +223,10 @@ class LocalSGDController:
     def step_end(self) -> None:
         """A training step that stepped an optimizer is over: do what the schedule says."""
         self.syncs.inner_step()  # this group weighs in at its next sync
-        if self.syncs.background:  # async_sync: a sync that finished beside training is applied at this step end
-            self._apply_background(self.syncs.poll)
         action = self.schedule.step()
+        # async_sync: a sync that finished beside training is applied at this step end; the clock restarts there
+        if self.syncs.background and self._apply_background(self.syncs.poll) and action is Action.TIMED_SYNC:
+            action = Action.NONE
         if action is Action.END_WARMUP:
             for engine in self.engines:
                 engine.reset_snapshot()  # all ranks hold the same parameters after synchronous steps
@@ -346,18 +347,19 @@ class LocalSGDController:
         if self.syncs.launch(self.outer_sync, weight=float(self.schedule.tokens_since_sync), stop=stop):
             self.schedule.synced()
 
-    def _apply_background(self, take: Callable[[OuterSync], Optional[SyncResult]]) -> None:
+    def _apply_background(self, take: Callable[[OuterSync], Optional[SyncResult]]) -> bool:
         """Apply the sync that ran beside training (``take``: the transport's poll or settle), if one is done; the
         time-based clock restarts here, when every job knows the others entered it (so the jobs' clocks do not drift
-        apart)."""
+        apart). True when one was applied."""
         assert self.outer_sync is not None
         self.host.before_local_sgd_sync()
         result = take(self.outer_sync)
         if result is None:
-            return
+            return False
         self.host.after_local_sgd_sync()
         self.schedule.start()
         self._record(result)
+        return True
 
     def settle(self) -> None:
         """``async_sync``: wait for the sync running beside training, if any, and apply it (before a checkpoint and
