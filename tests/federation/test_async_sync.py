@@ -173,3 +173,43 @@ def test_two_jobs_async_syncs_match_the_delayed_update_reference(tmp_path, light
     assert beside >= 2
     assert all(torch.equal(fast["final"][n], slow["final"][n]) for n in fast["final"])
     assert fast["dropped"] == 0.0 and slow["dropped"] == 0.0
+
+
+@pytest.mark.slow
+def test_a_restarted_job_heals_from_a_peer_whose_syncs_run_in_the_background(tmp_path, lighthouse):
+    """g0 and g1 with async_sync (T=0.3 s, DiLoCo); g1 is SIGKILLed at step 6 and restarted with the same group_id
+    while g0 trains on alone (its background syncs commit over itself) and checkpoints every 4 steps (each save first
+    applies the sync in flight). The restarted job heals from g0 at its join: torchft asks g0 for its state on its
+    quorum thread, which posts the capture to g0's training thread (served at a step end). The restarted job starts on
+    the θ_g of that sync (weighing 0 in it) and both end on one model: parameters, θ_g and the outer momentum equal."""
+    from test_federated import killed_on_exit, launch, load, wait_all
+
+    address = lighthouse(1)
+    common = dict(outer="diloco", async_sync=True, sync_every_seconds=0.3, max_steps=40, step_sleep=0.05)
+    procs = [launch(tmp_path, address, 0, barrier=2, wait_for="g1r", wait_at_step=20, ckpt_dir=tmp_path / "ckpt",
+                    ckpt_every=4, **common),
+             launch(tmp_path, address, 1, barrier=2, die_at_step=6, **common)]
+    with killed_on_exit(procs):
+        assert procs[1].wait(timeout=150) == -9, (tmp_path / "g1.log").read_text()[-3000:]
+        procs.append(launch(tmp_path, address, 1, name="g1r", **common))
+        codes = wait_all([procs[0], procs[2]], tmp_path)
+    assert codes == [0, 0], "\n".join((tmp_path / f"{n}.log").read_text()[-3000:] for n in ("g0", "g1r"))
+    g0, killed, restarted = (load(tmp_path, n) for n in ("g0", "g1", "g1r"))
+    assert killed["killed"] and killed["global_step"] == 6
+    assert restarted["healed"] == 1 and restarted["start_step"] > 6, restarted["attempts"]
+    join = next(a for a in restarted["attempts"] if a["kind"] == "join")
+    assert join["healed"] and join["weight"] == 0.0 and join["committed"] and join["participants"] == 2
+    # g0 took part in that quorum from its background thread (weight > 0: it trained), and syncs ran alone before
+    assert any(a["committed"] and a["participants"] == 1 for a in syncs_of(g0))
+    assert any(a["committed"] and a["participants"] == 2 and a["step"] > 6 and a.get("applied_step", 0) > a["step"]
+               for a in syncs_of(g0))
+    # the restarted job starts on θ_g of the join's sync (its own copy of the peer's θ_g after the outer step)
+    start = {k.removeprefix("model."): v for k, v in restarted["start_params"].items()}
+    snap = restarted["start_engines"]["outer"]["snapshot"]
+    assert torch.equal(torch.cat([start[k].reshape(-1) for k in start]), torch.cat([s.reshape(-1) for s in snap]))
+    # one model at the end
+    assert all(torch.equal(g0["final"][k], restarted["final"][k]) for k in g0["final"])
+    assert all(torch.equal(x, y) for x, y in zip(g0["snapshot"], restarted["snapshot"]))
+    for key, state in g0["outer_state"]["state"].items():
+        assert torch.equal(state["momentum_buffer"], restarted["outer_state"]["state"][key]["momentum_buffer"])
+    assert len(list((tmp_path / "ckpt").iterdir())) >= 3  # g0 saved with syncs beside training
