@@ -49,6 +49,7 @@ over the process groups the training thread uses.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -60,7 +61,8 @@ import torch
 from torch import Tensor
 
 from .engine.outer import OuterSync, SyncResult
-from .federation import Federation
+from .federation import Federation, LayoutMismatchError, layout_mismatch
+from .tensors import tensor_bytes
 
 if TYPE_CHECKING:
     from .config import LocalSGDConfig
@@ -68,6 +70,8 @@ if TYPE_CHECKING:
     from .syncs import HostFacts
 
 __all__ = ["BackgroundFederation"]
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -113,6 +117,8 @@ class BackgroundFederation(Federation):
         self._requests: "queue.SimpleQueue[tuple[Callable[[], Any], Future]]" = queue.SimpleQueue()
         self.deferred = 0
         """Syncs that came due while one was in flight and were not started (their tokens go with the next)."""
+        self._late_kept = False
+        """This quorum healed θ_g only: this job sends its own work (see :meth:`_merge_late`)."""
         self.applied: list[dict[str, Any]] = []
         """Per sync applied beside training: the step it started at (``step``), the step end it was applied at
         (``applied_step``), its weight and whether it carried the stop (also in that sync's :attr:`attempts`)."""
@@ -263,14 +269,53 @@ class BackgroundFederation(Federation):
         """This job heals: the peer's state is loaded on the training thread, which then sends it (weight 0)."""
         self._training_thread_runs(lambda: self._load_beside(state))
 
+    def _quorum(self, kind: str, fragment: Optional[int], deadline: float) -> dict[str, Any]:
+        self._late_kept = False
+        return super()._quorum(kind, fragment, deadline)
+
+    def _kept_own_work(self) -> bool:
+        return self._late_kept
+
     def _load_beside(self, state: dict[str, Any]) -> None:
+        flight, engine = self._flight, self.engine
+        if flight is not None and engine is not None and flight.inner_steps > engine.whole.synced_at:
+            self._merge_late(state, flight, engine)
+            return
         super().load_state_dict(state)
-        flight = self._flight
         if flight is not None:  # what this sync sends and the delayed rule's θ_i_sent: the state just loaded
             with torch.no_grad():
                 for live, sent, work in zip(flight.live, flight.sent, flight.work):
                     sent.copy_(live)
                     work.copy_(live)
+
+    @torch.no_grad()
+    def _merge_late(self, state: dict[str, Any], flight: _InFlight, engine: OuterSync) -> None:
+        """A late job (it trained, and missed a sync the others committed) heals ``θ_g`` and the outer state only:
+        it keeps its model, inner optimizer, counters and tokens, and moves what it sends, what it holds and its
+        ``θ_i_sent`` by ``θ_g_peer − θ_g_own``, so that it sends ``θ_g_peer − Δ_late`` (``Δ_late = θ_g_own −
+        θ_i_sent``: its pseudo-gradient of the interval, stale by the syncs it missed) with its own weight."""
+        problem = layout_mismatch(self.layout(), [state["layout"]])
+        if problem is not None:
+            raise LayoutMismatchError(problem)
+        peer = state["training"]
+        own, sent_bytes = engine.whole.theta.detach().clone(), engine.bytes_sent
+        engine.load_state_dict(peer["rank"]["outer"])  # θ_g_peer and its outer state (no error feedback)
+        engine.bytes_sent = sent_bytes  # this job's own count
+        shift = engine.whole.theta.to(own.device) - own
+        for tensors in (flight.live, flight.sent, flight.work):
+            offset = 0
+            for piece in engine.layout.pieces:
+                view = tensors[piece.index].view(-1)[piece.start : piece.stop]
+                view.add_(shift[offset : offset + piece.numel].to(view.device, view.dtype))
+                offset += piece.numel
+        federation = peer.get("federation", {})
+        self._checked_quorum = federation.get("checked_quorum")  # decide as the peers do
+        self._peer_unit = federation.get("fragment")
+        self._healed_now = self._late_kept = True
+        self.healed_from_peer += 1
+        self.healed_bytes += tensor_bytes(peer["rank"]["outer"])
+        log.warning(f"local SGD: group {self.group_id} missed a sync of the other groups; it takes their θ_g and "
+                    "keeps its own work, which weighs in at this sync (one sync stale)")
 
     def _training_thread_runs(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on the training thread: at once when called there or while it waits in a quorum itself; else

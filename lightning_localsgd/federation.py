@@ -436,6 +436,11 @@ class Federation:
         since_all = engine.whole.synced_at
         return any(self._steps_sent() > max(u.synced_at, since_all) for u in units)
 
+    def _kept_own_work(self) -> bool:
+        """Whether this group, healed in this quorum, took only ``θ_g`` and the outer state from its peer and keeps
+        its own work to send (``async_sync``'s late job); otherwise the peer's whole state replaced its work."""
+        return False
+
     def _steps_sent(self) -> int:
         """The inner steps whose work the sync being launched carries (all of them: it reads the live parameters)."""
         return self.inner_steps
@@ -533,13 +538,16 @@ class Federation:
         assert engine.cross is self.comm  # the engine reads the quorum from it
         self.engine = engine
         trained = self._trained_for(engine, fragment)
-        if trained and self._healed_now:  # it missed a sync the others committed: its work is replaced by a peer's
+        kept = trained and self._healed_now and self._kept_own_work()
+        if kept:  # it missed a sync the others committed, healed θ_g only and sends its own work now
+            record["merged_late"] = True
+        elif trained and self._healed_now:  # it missed a sync the others committed: its work is replaced by a peer's
             lost = 1.0 if weight is None else float(weight)
             record["dropped_weight"] = lost
             self.dropped_weight += lost
             log.warning(f"local SGD: group {self.group_id} missed a sync of the other groups and healed from a live "
                         f"peer; the work since its last sync (weight {lost:g}) is dropped")
-        own = (1.0 if weight is None else float(weight)) if trained and not self._healed_now else 0.0
+        own = (1.0 if weight is None else float(weight)) if trained and (kept or not self._healed_now) else 0.0
         record.update(fragment=fragment, weight=own, stop=stop)
         attempt = _Attempt(record, weight, stop, deadline, began, self._steps_sent())
         try:

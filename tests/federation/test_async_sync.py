@@ -213,3 +213,79 @@ def test_a_restarted_job_heals_from_a_peer_whose_syncs_run_in_the_background(tmp
     for key, state in g0["outer_state"]["state"].items():
         assert torch.equal(state["momentum_buffer"], restarted["outer_state"]["state"][key]["momentum_buffer"])
     assert len(list((tmp_path / "ckpt").iterdir())) >= 3  # g0 saved with syncs beside training
+
+
+@pytest.mark.slow
+def test_a_late_job_weighs_in_at_its_next_sync_with_its_stale_pseudo_gradient(tmp_path):
+    """3 jobs with async_sync (T=0.4 s, outer "average"), a lighthouse that waits 0.3 s for stragglers. g2's training
+    thread stalls ~3 s at step 6, so it starts no sync meanwhile and g0 and g1 sync without it (2 of 3: a majority).
+    When g2's next sync meets theirs, g2 is behind and heals, but only θ_g (and the outer state) comes from a peer: it
+    keeps its own progress and sends its stale pseudo-gradient Δ_late = θ_g_own − θ_2 (θ_g_own: the mean of its last
+    committed sync, θ_2: its parameters when this sync started) on the peers' θ_g, θ_g_peer − Δ_late, with its tokens
+    since its previous sync started. The merged sync's θ_g_new = the token-weighted mean of g0's and g1's θ and
+    θ_g_peer − Δ_late (by hand from the records); each job then applies it by the delayed rule, and all end on one
+    model. Fails without the merge (g2 weighs 0: its interval dropped, counted in dropped_weight)."""
+    from torchft._torchft import LighthouseServer
+    from test_federated import killed_on_exit, launch, load, wait_all
+
+    server = LighthouseServer(bind="127.0.0.1:0", min_replicas=1, join_timeout_ms=300, quorum_tick_ms=50,
+                              heartbeat_timeout_ms=1000)
+    names = ("g0", "g1", "g2")
+    try:
+        address = "127.0.0.1:" + server.address().rsplit(":", 1)[-1]
+        common = dict(outer="average", async_sync=True, sync_every_seconds=0.4, max_steps=120, step_sleep=0.05)
+        procs = [launch(tmp_path, address, g, barrier=3, **common,
+                        **(dict(wait_for="go", wait_at_step=6) if g == 2 else {})) for g in range(3)]
+        with killed_on_exit(procs):
+            deadline = time.monotonic() + 120
+            while not all((tmp_path / f"ready_{n}").exists() for n in names):
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            time.sleep(3.0)  # g2 stalls at step 6 meanwhile
+            (tmp_path / "ready_go").touch()
+            codes = wait_all(procs, tmp_path, timeout=200)
+        assert codes == [0, 0, 0], "\n".join((tmp_path / f"{n}.log").read_text()[-3000:] for n in names)
+    finally:
+        server.shutdown()
+    dumps = {n: load(tmp_path, n) for n in names}
+    syncs = {n: syncs_of(d) for n, d in dumps.items()}
+    for n in names:
+        print(n, [(a["step"], a["participants"], a["weight"], a["healed"], a.get("merged_late")) for a in syncs[n]])
+    late = next(k for k, a in enumerate(syncs["g2"]) if a["healed"])
+    merged = syncs["g2"][late]
+    assert merged["merged_late"] and merged["weight"] > 0 and merged["participants"] == 3
+    assert dumps["g2"]["dropped"] == 0.0 and dumps["g2"]["healed"] >= 1
+    # g0 and g1: the first `late` syncs with g2, then at least one without it, then the merged one
+    solo = [a for a in syncs["g0"][late:] if a["participants"] == 2]
+    at = late + len(solo)
+    assert solo and all(a["participants"] == 3 for a in syncs["g0"][:late])
+    assert syncs["g0"][at]["participants"] == 3 and len(syncs["g1"]) == len(syncs["g0"])
+
+    def sent(name: str, k: int) -> dict[str, torch.Tensor]:
+        return params_after(dumps[name], syncs[name][k]["step"])
+
+    def mean(parts: list[tuple[float, dict[str, torch.Tensor]]]) -> dict[str, torch.Tensor]:
+        total = sum(w for w, _ in parts)
+        return {n: sum(w * p[n] for w, p in parts) / total for n in parts[0][1]}
+
+    # by hand: θ_g_own = g2's last committed sync (the mean of the three θ sent there), θ_g_peer = the peers' last
+    # sync without g2 (the mean of g0's and g1's θ), Δ_late = θ_g_own − θ_2
+    # (g2 late at its first sync: θ_g_own is θ_g of the join, where every job weighed 0: the initial parameters)
+    start = {k.removeprefix("model."): v for k, v in dumps["g2"]["start_params"].items()}
+    theta_own = mean([(syncs[n][late - 1]["weight"], sent(n, late - 1)) for n in names]) if late else start
+    theta_peer = mean([(syncs[n][at - 1]["weight"], sent(n, at - 1)) for n in ("g0", "g1")])
+    previous = syncs["g2"][late - 1]["step"] if late else 0
+    assert merged["weight"] == TOKENS_PER_STEP * (merged["step"] - previous)
+    sent2 = {n: theta_peer[n] - (theta_own[n] - v) for n, v in sent("g2", late).items()}
+    theta_new = mean([(syncs["g0"][at]["weight"], sent("g0", at)), (syncs["g1"][at]["weight"], sent("g1", at)),
+                      (merged["weight"], sent2)])
+    for name, k, what in (("g0", at, sent("g0", at)), ("g1", at, sent("g1", at)), ("g2", late, sent2)):
+        a = syncs[name][k]  # g2's parameters and θ_sent moved by the shift θ_g_peer − θ_g_own
+        applied = a["applied_step"]
+        batch = group_batches(dumps[name]["seed"])[applied - 1][0]
+        before = inner_step(params_after(dumps[name], applied - 1), batch)
+        got = params_after(dumps[name], applied)
+        diff = max(float((got[n] - (theta_new[n] + before[n] - what[n])).abs().max()) for n in theta_new)
+        assert diff < ATOL, f"{name}: the merged sync (applied at step {applied}) off the hand reference by {diff:.3g}"
+    assert all(torch.equal(dumps["g0"]["final"][n], dumps[m]["final"][n]) for m in ("g1", "g2")
+               for n in dumps["g0"]["final"])
