@@ -39,6 +39,14 @@ A job that healed weighs 0 in that sync, its ``θ_i_sent`` becomes the state it 
 the steps it took after loading. Joining (``on_train_start``), warm-up rounds and the stop at the end run on the
 training thread, as in :class:`~lightning_localsgd.federation.Federation`.
 
+**A late job weighs in next time.** A job that trained but missed a sync the others committed (its training thread
+started no sync within the lighthouse's join timeout) heals in its next sync's quorum. Instead of the peer's whole
+state it takes only ``θ_g_peer`` and the outer optimizer state, keeps its model, inner optimizer, counters and tokens,
+and moves what it holds, what it sends and ``θ_i_sent`` by ``θ_g_peer − θ_g_own`` (:meth:`BackgroundFederation.
+_merge_late`): it sends ``θ_g_peer − Δ_late``, ``Δ_late = θ_g_own − θ_i_sent`` its pseudo-gradient of the interval
+relative to the ``θ_g`` it started from, with its own weight (the tokens since its previous sync started). Staleness:
+one sync (or more), weighted by tokens like everyone's, not discounted. Its error feedback restarts from zero.
+
 **Checkpoints and the end.** A checkpoint (and the end of training) first waits for the sync in flight, bounded by
 ``sync_timeout``, and applies it (:meth:`settle`), so a checkpoint holds one consistent ``(θ_g, outer state, θ_i)``
 with nothing in flight.

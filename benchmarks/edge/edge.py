@@ -609,7 +609,8 @@ def main() -> None:
             + f"({'met' if asynchronous['speedup_vs_ddp'] >= 5 else 'missed'}), fast devices idle "
             + f"{asynchronous['fast_idle_fraction']:.1%} ({'met' if asynchronous['fast_idle_fraction'] <= 0.10 else 'missed'}), "
             + f"final loss {asynchronous['final_loss_vs_time_based_whole'] - 1:+.1%} against the synchronous whole-model "
-            + f"run ({'met' if abs(asynchronous['final_loss_vs_time_based_whole'] - 1) <= 0.02 else 'missed'}). DDP's final loss "
+            + f"run (target: at most +2%: {'met' if asynchronous['final_loss_vs_time_based_whole'] <= 1.02 else 'missed'}). "
+            + "DDP's final loss "
             + f"{ddp['final_val_loss']:.4f}.\n\nPer device:\n\n"
             + h.md_table(devices, [("run", "run"), ("device", "device"), ("speed", "speed"), ("steps", "steps"),
                                    ("idle_fraction", "idle"), ("bytes_sent", "bytes sent"),

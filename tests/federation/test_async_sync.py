@@ -127,22 +127,25 @@ def syncs_of(dump: dict) -> list[dict]:
 
 @pytest.mark.slow
 def test_two_jobs_async_syncs_match_the_delayed_update_reference(tmp_path, lighthouse):
-    """2 jobs of one rank, sync_every_seconds=0.4, async_sync=True, g1 3× slower per step, outer "average". For every
-    sync: the weights are the tokens each job processed since its previous sync started; θ_g_new is the token-weighted
+    """2 jobs of one rank, 2 warm-up steps, then sync_every_seconds=0.4 with async_sync=True, g1 3× slower per step,
+    outer "average". For every sync: the weights are the tokens each job processed since its previous sync started; θ_g_new is the token-weighted
     mean of what the jobs sent (their parameters at the step end the sync started); each job applied it at a later
     step end, the fast one after taking steps beside it (nobody waited), by the delayed rule with the local progress
     kept, checked against one inner step by hand from the parameters before that step. g0 reaches max_steps, its
     last sync (on its training thread, after the one in flight is applied) carries the stop; both end on θ_g_new of
     that sync. Fails without async_sync (no sync is applied later than it started) and without the rule."""
-    fast_s, slow_s, period, steps = 0.05, 0.15, 0.4, 40
+    fast_s, slow_s, period, steps, warmup = 0.05, 0.15, 0.4, 40, 2
     dumps = run_jobs(tmp_path, lighthouse(2), 2, sync_every_seconds=period, max_steps=steps, outer="average",
-                     async_sync=True, g0={"step_sleep": fast_s}, g1={"step_sleep": slow_s})
+                     async_sync=True, warmup_steps=warmup, g0={"step_sleep": fast_s}, g1={"step_sleep": slow_s})
     fast, slow = dumps["g0"], dumps["g1"]
     assert fast["global_step"] == steps and slow["global_step"] < steps
+    for d in dumps.values():  # the warm-up steps ran on the training thread, one round each over both jobs
+        rounds = [a for a in d["attempts"] if a["kind"] == "warmup"]
+        assert [(a["step"], a["participants"], a["committed"]) for a in rounds] == [(s, 2, True) for s in range(warmup)]
     fs, ss = syncs_of(fast), syncs_of(slow)
     assert len(fs) == len(ss) >= 3, (fast["attempts"], slow["attempts"])
     batches = {g: [b[0] for b in group_batches(d["seed"])] for g, d in dumps.items()}
-    previous = {"g0": 0, "g1": 0}
+    previous = {"g0": warmup, "g1": warmup}  # the tokens count from the end of the warm-up
     beside = 0
     for k, pair in enumerate(zip(fs, ss)):
         weights, sent = [], []
