@@ -215,7 +215,18 @@ def test_a_restarted_job_heals_from_a_peer_whose_syncs_run_in_the_background(tmp
     assert all(torch.equal(x, y) for x, y in zip(g0["snapshot"], restarted["snapshot"]))
     for key, state in g0["outer_state"]["state"].items():
         assert torch.equal(state["momentum_buffer"], restarted["outer_state"]["state"][key]["momentum_buffer"])
-    assert len(list((tmp_path / "ckpt").iterdir())) >= 3  # g0 saved with syncs beside training
+    # g0's checkpoints (every 4 steps) each applied the sync in flight first: none started at or before a save's
+    # step is applied after it, the saved engine counts exactly the syncs applied by then, and holds none in flight
+    from lightning_localsgd.checkpoint import read_checkpoint
+
+    saves = sorted(int(p.name.split("=")[1].split(".")[0]) for p in (tmp_path / "ckpt").iterdir())
+    assert len(saves) >= 5, saves
+    applied = [(a["step"], a["applied_step"]) for a in syncs_of(g0) if "applied_step" in a]
+    for step in saves:
+        assert not any(start <= step < done for start, done in applied), (step, applied)
+        engine = read_checkpoint(tmp_path / "ckpt" / f"step={step}.ckpt")["local_sgd"]["ranks"][0]
+        # (+1: the join's sync, weight 0)
+        assert engine["pending"] == [] and engine["num_syncs"] == 1 + sum(done <= step for _, done in applied), step
 
 
 @pytest.mark.slow
