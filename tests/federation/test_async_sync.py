@@ -184,7 +184,9 @@ def test_a_restarted_job_heals_from_a_peer_whose_syncs_run_in_the_background(tmp
     while g0 trains on alone (its background syncs commit over itself) and checkpoints every 4 steps (each save first
     applies the sync in flight). The restarted job heals from g0 at its join: torchft asks g0 for its state on its
     quorum thread, which posts the capture to g0's training thread (served at a step end). The restarted job starts on
-    the θ_g of that sync (weighing 0 in it) and both end on one model: parameters, θ_g and the outer momentum equal."""
+    the θ_g of that sync (weighing 0 in it) and both end on one model: parameters, θ_g and the outer momentum equal.
+    No sync straddles a checkpoint (each save applied the one in flight: fails without it), and a job resumed from the
+    last one starts exactly on its model and θ_g."""
     from test_federated import killed_on_exit, launch, load, wait_all
 
     address = lighthouse(1)
@@ -227,6 +229,18 @@ def test_a_restarted_job_heals_from_a_peer_whose_syncs_run_in_the_background(tmp
         engine = read_checkpoint(tmp_path / "ckpt" / f"step={step}.ckpt")["local_sgd"]["ranks"][0]
         # (+1: the join's sync, weight 0)
         assert engine["pending"] == [] and engine["num_syncs"] == 1 + sum(done <= step for _, done in applied), step
+    # exact resume from the last of them: the job continues from the saved model and θ_g, nothing in flight
+    last = saves[-1]
+    saved = read_checkpoint(tmp_path / "ckpt" / f"step={last}.ckpt")
+    resumed = launch(tmp_path, address, 0, name="g0resume", resume=tmp_path / "ckpt" / f"step={last}.ckpt",
+                     **{**common, "max_steps": last + 3})
+    with killed_on_exit([resumed]):
+        assert wait_all([resumed], tmp_path, timeout=120) == [0], (tmp_path / "g0resume.log").read_text()[-3000:]
+    again = load(tmp_path, "g0resume")
+    assert again["start_step"] == last
+    assert all(torch.equal(again["start_params"][k], saved["state_dict"][k]) for k in again["start_params"])
+    assert all(torch.equal(a, b) for a, b in zip(again["start_engines"]["outer"]["snapshot"],
+                                                 saved["local_sgd"]["ranks"][0]["snapshot"]))
 
 
 @pytest.mark.slow
