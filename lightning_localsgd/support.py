@@ -120,11 +120,12 @@ REFUSALS: list[Refusal] = [
                        "them. Set lighthouse='host:port' (docs/multi_cluster.md), or leave async_sync=False."),
             reason="federated only: it runs the sync across jobs beside training", modes=("one world",),
             whole_feature=True),
-    Refusal("async_sync", lambda c: getattr(c, "async_sync", False) and c.sync_every_seconds is None,
+    Refusal("async_sync", lambda c: getattr(c, "async_sync", False) and (c.sync_every_seconds is None
+                                                                           or c.sync_schedule is not None),
             lambda c: ("async_sync=True needs time-based syncs (sync_every_seconds=...): with step-based or registered "
                        "schedules every job must take part in every sync, and a sync due while the previous one is "
                        "still in flight on one job but not on another would pair different syncs. Set "
-                       "sync_every_seconds (e.g. 30.0), or leave async_sync=False."),
+                       "sync_every_seconds (e.g. 30.0) without sync_schedule, or leave async_sync=False."),
             reason="needs time-based syncs: step-based jobs must pair sync k with sync k", modes=("federated",)),
     Refusal("async_sync", lambda c: getattr(c, "async_sync", False) and (_streaming(c) or c.two_stage),
             lambda c: ("async_sync=True syncs every parameter at once in the background; it does not combine with "

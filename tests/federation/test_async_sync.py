@@ -91,6 +91,8 @@ def test_async_sync_is_refused_where_it_is_not_supported():
         LocalSGDConfig(async_sync=True, sync_every_seconds=1.0)
     with pytest.raises(ValueError, match="async_sync=True needs time-based syncs"):
         LocalSGDConfig(async_sync=True, lighthouse="h:29510")
+    with pytest.raises(ValueError, match="async_sync=True needs time-based syncs"):
+        LocalSGDConfig(async_sync=True, lighthouse="h:29510", sync_every_seconds=1.0, sync_schedule="periodic")
     with pytest.raises(ValueError, match="does not combine with streaming"):
         LocalSGDConfig(async_sync=True, lighthouse="h:29510", sync_every_seconds=1.0, fragments=2)
     with pytest.raises(ValueError, match="async_sync=True does not combine with data_jobs"):
