@@ -121,6 +121,7 @@ def save_checkpoint(strategy: Any, checkpoint: Mapping[str, Any], filepath: Any,
             made. ``None``: written and committed before this returns.
         **layout: extra entries of the layout in ``meta.pt`` (e.g. the FSDP shard layout the converter needs).
     """
+    strategy.local_sgd.settle()  # async_sync: the sync running beside training is applied first (nothing in flight)
     if writer is not None:
         writer.wait()  # one write in flight: the previous save is committed (or its error raised) first
     # rank 0's path (a path with a timestamp differs between ranks) and a new sub-folder for this save

@@ -147,6 +147,15 @@ ARGUMENT_DOCS: dict[str, str] = {
                  "committed sync travels with the sync, and a job that heals from a peer continues its share where "
                  "its last committed sync ended. Give every job the same value: the count is the run's, not the "
                  "jobs present now. Default None: each job reads the whole dataset in its own order.",
+    "async_sync": "with ``lighthouse`` and ``sync_every_seconds``: syncs that nobody waits for. Each sync's quorum, "
+                  "collectives (any ``compression``) and outer step run on one background thread while the job keeps "
+                  "taking inner steps; the training thread only copies what the sync sends when it starts and, at "
+                  "the first step end after the background work finished, applies the one-step-delayed outer update "
+                  "with its local progress kept (DiLoCoX / eager updates): ``θ_i ← θ_g_new + (θ_i − θ_i_sent)``. One "
+                  "sync is in flight at a time (the next is due ``sync_every_seconds`` after it is applied). Trades "
+                  "one sync of staleness for no idle time at syncs; the sync carrying the stop at the end keeps no "
+                  "local progress, so every job ends on one model. Jobs of one rank with LocalSGDStrategy, whole-model "
+                  "syncs (README \"Syncs that nobody waits for\"). Default False.",
     "data_job_index": "with ``data_jobs``: this job's share of the dataset, 0 .. ``data_jobs`` - 1, one per job "
                       "(e.g. the SLURM array index); a job restarted in its place takes the same index.",
     "data_rebalance_after": "with ``data_jobs``: a job that took part in none of the last this many committed "
@@ -221,6 +230,7 @@ class LocalSGDConfig:
     data_jobs: Optional[int] = None
     data_job_index: Optional[int] = None
     data_rebalance_after: Optional[int] = 8
+    async_sync: bool = False
     # derived on validation
     outer_factory: Optional[OuterOptimizerFactory] = field(default=None, init=False, repr=False)
     cluster_factory: Optional[OuterOptimizerFactory] = field(default=None, init=False, repr=False)
@@ -238,8 +248,9 @@ class LocalSGDConfig:
         self._check_screen()
         if not isinstance(self.sync_on_train_end, bool):
             raise ValueError(f"sync_on_train_end must be True or False, got {self.sync_on_train_end!r}.")
-        if not isinstance(self.async_save, bool):
-            raise ValueError(f"async_save must be True or False, got {self.async_save!r}.")
+        for name in ("async_save", "async_sync"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
         self.outer_factory = resolve_outer_optimizer(self.outer_optimizer)
         check_outer_optimizer_factory(self.outer_factory)
         self._check_two_stage()

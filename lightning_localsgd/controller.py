@@ -224,6 +224,9 @@ class LocalSGDController:
         """A training step that stepped an optimizer is over: do what the schedule says."""
         self.syncs.inner_step()  # this group weighs in at its next sync
         action = self.schedule.step()
+        # async_sync: a sync that finished beside training is applied at this step end; the clock restarts there
+        if self.syncs.background and self._apply_background(self.syncs.poll) and action is Action.TIMED_SYNC:
+            action = Action.NONE
         if action is Action.END_WARMUP:
             for engine in self.engines:
                 engine.reset_snapshot()  # all ranks hold the same parameters after synchronous steps
@@ -233,6 +236,8 @@ class LocalSGDController:
             self.sync(all_levels=True)
         elif action is Action.STREAM:  # after a stop every group only applies what is in flight (train_end syncs)
             self.stream([] if self.stop_received else self.schedule.starting, self.schedule.finishing)
+        elif action is Action.TIMED_SYNC and self.syncs.background:
+            self._launch_background(stop=self.host.wants_to_stop())
         elif action is Action.TIMED_SYNC:
             self.timed_sync(stop=self.host.wants_to_stop())
 
@@ -244,6 +249,7 @@ class LocalSGDController:
             self._end_streaming_by_time(self.schedule)
             return
         if isinstance(self.schedule, TimeBasedSchedule):
+            self.settle()  # async_sync: the sync in flight first (it may carry another job's stop)
             if not self.stop_received:  # the others learn in this sync that training is over
                 # They enter their next timed sync when their clocks say so (all restarted at the last sync), so meet
                 # them there: a collective of one world would block until then anyway, and a federated quorum forms
@@ -332,6 +338,34 @@ class LocalSGDController:
             self.stream([f], [f], stop=True)
         for f in schedule.final_fragments():
             self.stream([f], [f], stop=True)
+
+    def _launch_background(self, stop: bool) -> None:
+        """``async_sync``: start a time-based sync of every parameter beside training, weighted by the tokens since
+        the previous one started (a sync still in flight: none starts, the tokens go with the next)."""
+        assert self.outer_sync is not None
+        self.host.before_local_sgd_sync()
+        if self.syncs.launch(self.outer_sync, weight=float(self.schedule.tokens_since_sync), stop=stop):
+            self.schedule.synced()
+
+    def _apply_background(self, take: Callable[[OuterSync], Optional[SyncResult]]) -> bool:
+        """Apply the sync that ran beside training (``take``: the transport's poll or settle), if one is done; the
+        time-based clock restarts here, when every job knows the others entered it (so the jobs' clocks do not drift
+        apart). True when one was applied."""
+        assert self.outer_sync is not None
+        self.host.before_local_sgd_sync()
+        result = take(self.outer_sync)
+        if result is None:
+            return False
+        self.host.after_local_sgd_sync()
+        self.schedule.start()
+        self._record(result)
+        return True
+
+    def settle(self) -> None:
+        """``async_sync``: wait for the sync running beside training, if any, and apply it (before a checkpoint and
+        at the end of training: a consistent state with nothing in flight). Bounded by ``sync_timeout``."""
+        if self.outer_sync is not None and self.syncs.background:
+            self._apply_background(self.syncs.settle)
 
     def timed_sync(self, stop: bool) -> None:
         """Time-based sync: weight = tokens since the last sync; any group's ``stop`` ends training for all."""

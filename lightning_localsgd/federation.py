@@ -409,6 +409,19 @@ class Federation:
             self.manager.shutdown(wait=False)
             self.manager = None
 
+    background = False
+    """Every sync runs on the training thread (``async_sync``: :class:`~.background.BackgroundFederation`)."""
+
+    def launch(self, engine: OuterSync, weight: Optional[float] = None, stop: Optional[bool] = None) -> bool:
+        raise NotImplementedError("a Federation runs every sync on the training thread: async_sync=True builds a "
+                                  "BackgroundFederation")
+
+    def poll(self, engine: OuterSync) -> Optional[SyncResult]:
+        return None
+
+    def settle(self, engine: OuterSync) -> Optional[SyncResult]:
+        return None
+
     # ------------------------------------------------------------------ weights
     def inner_step(self) -> None:
         """This group took an inner step: it weighs in at its next sync."""
@@ -433,7 +446,16 @@ class Federation:
         parameter) any fragment's. This group's weight in that sync is 0 otherwise."""
         units = [engine.fragment_sync(fragment)] if fragment is not None else engine.fragments
         since_all = engine.whole.synced_at
-        return any(self.inner_steps > max(u.synced_at, since_all) for u in units)
+        return any(self._steps_sent() > max(u.synced_at, since_all) for u in units)
+
+    def _kept_own_work(self) -> bool:
+        """Whether this group, healed in this quorum, took only ``θ_g`` and the outer state from its peer and keeps
+        its own work to send (``async_sync``'s late job); otherwise the peer's whole state replaced its work."""
+        return False
+
+    def _steps_sent(self) -> int:
+        """The inner steps whose work the sync being launched carries (all of them: it reads the live parameters)."""
+        return self.inner_steps
 
     @staticmethod
     def _committed(engine: OuterSync, fragment: Optional[int], inner_steps: int) -> None:
@@ -528,15 +550,18 @@ class Federation:
         assert engine.cross is self.comm  # the engine reads the quorum from it
         self.engine = engine
         trained = self._trained_for(engine, fragment)
-        if trained and self._healed_now:  # it missed a sync the others committed: its work is replaced by a peer's
+        kept = trained and self._healed_now and self._kept_own_work()
+        if kept:  # it missed a sync the others committed, healed θ_g only and sends its own work now
+            record["merged_late"] = True
+        elif trained and self._healed_now:  # it missed a sync the others committed: its work is replaced by a peer's
             lost = 1.0 if weight is None else float(weight)
             record["dropped_weight"] = lost
             self.dropped_weight += lost
             log.warning(f"local SGD: group {self.group_id} missed a sync of the other groups and healed from a live "
                         f"peer; the work since its last sync (weight {lost:g}) is dropped")
-        own = (1.0 if weight is None else float(weight)) if trained and not self._healed_now else 0.0
+        own = (1.0 if weight is None else float(weight)) if trained and (kept or not self._healed_now) else 0.0
         record.update(fragment=fragment, weight=own, stop=stop)
-        attempt = _Attempt(record, weight, stop, deadline, began, self.inner_steps)
+        attempt = _Attempt(record, weight, stop, deadline, began, self._steps_sent())
         try:
             self._check_layouts(engine)
             attempt.data_rows = self._exchange_positions(own > 0)

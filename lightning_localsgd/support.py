@@ -114,6 +114,43 @@ REFUSALS: list[Refusal] = [
                        "healing during warm-up would not know where its share continues. Use warmup_steps=0, or "
                        "leave data_jobs=None."),
             reason="positions travel with syncs, not warm-up rounds", modes=("federated",)),
+    Refusal("async_sync", lambda c: getattr(c, "async_sync", False),
+            lambda c: ("async_sync=True runs the sync across federated jobs (lighthouse=) beside training; in one world "
+                       "the groups' collectives share one world with their inner steps, so nothing can run beside "
+                       "them. Set lighthouse='host:port' (docs/multi_cluster.md), or leave async_sync=False."),
+            reason="federated only: it runs the sync across jobs beside training", modes=("one world",),
+            whole_feature=True),
+    Refusal("async_sync", lambda c: getattr(c, "async_sync", False) and (c.sync_every_seconds is None
+                                                                           or c.sync_schedule is not None),
+            lambda c: ("async_sync=True needs time-based syncs (sync_every_seconds=...): with step-based or registered "
+                       "schedules every job must take part in every sync, and a sync due while the previous one is "
+                       "still in flight on one job but not on another would pair different syncs. Set "
+                       "sync_every_seconds (e.g. 30.0) without sync_schedule, or leave async_sync=False."),
+            reason="needs time-based syncs: step-based jobs must pair sync k with sync k", modes=("federated",)),
+    Refusal("async_sync", lambda c: getattr(c, "async_sync", False) and (_streaming(c) or c.two_stage),
+            lambda c: ("async_sync=True syncs every parameter at once in the background; it does not combine with "
+                       "streaming (fragments > 1, overlap_steps > 0, overlap_mix > 0: their syncs are already applied "
+                       "behind inner steps, by their own rule) nor with two levels (cluster_sync_every: level 1 runs "
+                       "on the training thread over the job's own process groups). Leave async_sync=False, or use "
+                       "fragments=1, overlap_steps=0, overlap_mix=0 and no cluster_sync_every."),
+            reason="whole-model syncs only: not with streaming or two levels", modes=("federated",)),
+    Refusal("async_sync", lambda c: getattr(c, "async_sync", False) and c.data_jobs is not None,
+            lambda c: ("async_sync=True does not combine with data_jobs yet: a job's data position travels with its "
+                       "sync, and the background thread would read the training loader while it iterates. Leave "
+                       "data_jobs=None, or async_sync=False."),
+            reason="data positions would be read beside the training loader", modes=("federated",)),
+    Refusal("async_sync", lambda c: getattr(c, "async_sync", False) and c.on_nonfinite == "skip",
+            lambda c: ("async_sync=True does not combine with on_nonfinite='skip': a skipped sync resets every group "
+                       "to θ_g, but the delayed update keeps the local progress made while the sync ran, which would "
+                       "keep the non-finite values. Use on_nonfinite='raise', or async_sync=False."),
+            reason="a skipped sync's reset would keep the non-finite local progress", modes=("federated",)),
+    Refusal("async_sync", lambda c: getattr(c, "async_sync", False),
+            lambda c: ("async_sync=True is supported with LocalSGDStrategy jobs of one rank only: with FSDP2 or ZeRO "
+                       "the sync's collectives inside the job (the norm over the shards, the commit vote, gathers) "
+                       "would run on the background thread over the process groups the training thread's sharded "
+                       "collectives use at the same time. Leave async_sync=False, or use LocalSGDStrategy."),
+            reason="the sync's collectives inside the job would run beside the sharded ones",
+            strategies=("fsdp", "deepspeed"), whole_feature=True),
     Refusal("warmup_steps", lambda c: c.warmup_steps != 0,
             lambda c: (f"warmup_steps={c.warmup_steps!r}: fully synchronous warm-up steps are not supported with "
                        "DeepSpeed (ZeRO reduces the gradients into its own partitioned buffers inside the worker group, "
@@ -155,6 +192,7 @@ FEATURES: list[tuple[str, tuple[str, ...]]] = [
     ("exact resume from a checkpoint", ()),
     ("asynchronous checkpoint save (`async_save`)", ("async_save",)),
     ("robust screen of each sync (`screen_factor`)", ("screen_factor", "screen_history", "screen_ban_syncs")),
+    ("syncs nobody waits for (`async_sync`)", ("async_sync",)),
 ]
 
 #: The test that exercises each combination that is not refused: (feature, mode, strategy) -> test.
@@ -216,6 +254,8 @@ _tested(_F[9], "one world", ("fsdp",),
         "tests/reliability/test_screen_training.py::test_fsdp_groups_of_two_one_broken_group_is_left_out")
 _tested(_F[9], "federated", ("ddp",),
         "tests/federation/test_federated_screen.py::test_three_jobs_one_broken_the_honest_two_end_as_without_it")
+_tested(_F[10], "federated", ("ddp",),
+        "tests/federation/test_async_sync.py::test_two_jobs_async_syncs_match_the_delayed_update_reference")
 
 
 def _refusal_for(settings: tuple[str, ...], mode: str, strategy: str) -> Optional[Refusal]:

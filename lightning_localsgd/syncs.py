@@ -12,6 +12,7 @@ from .config import LocalSGDConfig
 from .engine import OuterSync, SyncResult
 from .engine.comm import Communicator
 from .engine.schedules import SyncSchedule
+from .background import BackgroundFederation
 from .federation import Federation
 
 if TYPE_CHECKING:
@@ -94,6 +95,22 @@ class Syncs(Protocol):
         """Training is over for good (the strategy's teardown): leave."""
         ...
 
+    background: bool
+    """Whether whole-model syncs run beside training (``async_sync``): the controller then starts them with
+    :meth:`launch` and applies them with :meth:`poll` / :meth:`settle` instead of :meth:`sync`."""
+
+    def launch(self, engine: OuterSync, weight: Optional[float] = None, stop: Optional[bool] = None) -> bool:
+        """Start a sync of every parameter beside training; False when one is still in flight (nothing started)."""
+        ...
+
+    def poll(self, engine: OuterSync) -> Optional[SyncResult]:
+        """At a step end: apply the sync that finished beside training, if one did (never waits)."""
+        ...
+
+    def settle(self, engine: OuterSync) -> Optional[SyncResult]:
+        """Wait (bounded by ``sync_timeout``) for the sync in flight, if any, and apply it (checkpoints, the end)."""
+        ...
+
 
 class DirectSyncs:
     """:class:`Syncs` over a fixed set of groups (one world): every attempt goes through, a failure is an error, and
@@ -129,10 +146,23 @@ class DirectSyncs:
     def shutdown(self) -> None:
         pass
 
+    background = False
+
+    def launch(self, engine: OuterSync, weight: Optional[float] = None, stop: Optional[bool] = None) -> bool:
+        raise NotImplementedError("DirectSyncs runs every sync on the training thread (async_sync is federated only)")
+
+    def poll(self, engine: OuterSync) -> Optional[SyncResult]:
+        return None
+
+    def settle(self, engine: OuterSync) -> Optional[SyncResult]:
+        return None
+
 
 def make_syncs(config: LocalSGDConfig) -> Syncs:
-    """The :class:`Syncs` the arguments ask for: with ``lighthouse`` a federation of jobs (torchft), else
-    :class:`DirectSyncs`."""
+    """The :class:`Syncs` the arguments ask for: with ``lighthouse`` a federation of jobs (torchft; with
+    ``async_sync`` one whose syncs run beside training), else :class:`DirectSyncs`."""
     if config.lighthouse is None:
         return DirectSyncs()
+    if config.async_sync:
+        return BackgroundFederation(config.lighthouse, config.group_id, config.min_groups, config.sync_timeout)
     return Federation(config.lighthouse, config.group_id, config.min_groups, config.sync_timeout)

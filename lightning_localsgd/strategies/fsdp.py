@@ -129,6 +129,7 @@ class LocalSGDFSDPStrategy(LocalSGDMixin, ModelParallelStrategy):
         timeout: Optional[timedelta] = default_pg_timeout,
         **local_sgd: Any,
     ) -> None:
+        LocalSGDConfig.check_support(local_sgd, "fsdp")  # async_sync: refused, with why
         config = LocalSGDConfig.from_kwargs(local_sgd, self.local_sgd_defaults)
         if local_sgd:
             raise TypeError(f"LocalSGDFSDPStrategy got unexpected keyword argument(s): {sorted(local_sgd)}.")

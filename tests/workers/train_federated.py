@@ -190,6 +190,8 @@ def make_strategy(args: argparse.Namespace):
                      overlap_steps=args.overlap_steps, warmup_steps=args.warmup_steps,
                      sync_every_seconds=args.sync_every_seconds, sync_schedule=args.schedule,
                      async_save=args.async_save, screen_factor=args.screen_factor)
+    if args.async_sync:
+        federated["async_sync"] = True
     if args.overlap_steps:
         federated["overlap_mix"] = args.overlap_mix
     if args.group_size is not None:
@@ -245,6 +247,7 @@ def main() -> None:
     parser.add_argument("--ckpt-dir", default=None, help="this job's own checkpoints, every --ckpt-every steps")
     parser.add_argument("--ckpt-every", type=int, default=None, help="steps between checkpoints (--sync-every)")
     parser.add_argument("--async-save", action="store_true", help="the strategy's async_save=True")
+    parser.add_argument("--async-sync", action="store_true", help="the strategy's async_sync=True")
     parser.add_argument("--write-delay", type=float, default=0.0, help="seconds each checkpoint rank file write sleeps")
     parser.add_argument("--resumable-data", action="store_true", help="a loader that resumes mid-epoch")
     parser.add_argument("--resume", default=None, help="a checkpoint (folder) of this job to resume from")
