@@ -32,6 +32,13 @@ from lightning_localsgd.federation import Federation
 SAMPLES, JOBS = 24, 3  # 8 samples of each job per epoch: 4 steps of batch 2
 
 
+@pytest.fixture(autouse=True)
+def seed_zero(monkeypatch):
+    """The references are seed 0's orders: a shuffled plain DataLoader takes Lightning's seed (``PL_GLOBAL_SEED``),
+    which a test that ran ``seed_everything`` in this process may have left set."""
+    monkeypatch.setenv("PL_GLOBAL_SEED", "0")
+
+
 def order(epoch: int) -> list[int]:
     return torch.randperm(SAMPLES, generator=torch.Generator().manual_seed(epoch)).tolist()
 

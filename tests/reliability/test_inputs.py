@@ -134,6 +134,9 @@ STRATEGY_CASES = [
      r"data_job_index must be this job's share, an integer in 0 .. data_jobs - 1 = 1"),
     ({"data_rebalance_after": 0, "data_jobs": 2, "data_job_index": 0, "lighthouse": "h:29510"},
      "data_rebalance_after must be an integer >= 1, got 0"),
+    ({"async_sync": True, "sync_every_seconds": 1.0},
+     r"async_sync=True runs the sync across federated jobs \(lighthouse=\) beside training"),
+    ({"async_sync": True, "lighthouse": "h:29510"}, "async_sync=True needs time-based syncs"),
     # DDPStrategy's arguments that would otherwise fail only inside the launched processes, or be ignored
     ({"timeout": 30}, r"timeout must be a datetime.timedelta.*got 30.*use sync_timeout"),
     ({"timeout": timedelta(0)}, "timeout must be a positive duration"),
