@@ -135,4 +135,5 @@ def make_syncs(config: LocalSGDConfig) -> Syncs:
     :class:`DirectSyncs`."""
     if config.lighthouse is None:
         return DirectSyncs()
-    return Federation(config.lighthouse, config.group_id, config.min_groups, config.sync_timeout)
+    return Federation(config.lighthouse, config.group_id, config.min_groups, config.sync_timeout,
+                      config.run_secret_file)
