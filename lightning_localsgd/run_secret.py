@@ -308,7 +308,7 @@ def _transport_class() -> type:
         def __init__(self, secret: RunSecret, host: str, timeout: timedelta) -> None:
             self.secret = secret
             self.timeout = timeout
-            self._lock = threading.Lock()
+            self._staging = threading.Condition()
             self._staged: Optional[tuple[int, Any]] = None
             self.refused = 0
             """Requests refused (no or a wrong proof, or a step not staged)."""
@@ -335,11 +335,12 @@ def _transport_class() -> type:
             return self._url
 
         def send_checkpoint(self, dst_ranks: list[int], step: int, state_dict: Any, timeout: timedelta) -> None:
-            with self._lock:
+            with self._staging:
                 self._staged = (step, state_dict)  # served on request, until disallow_checkpoint
+                self._staging.notify_all()
 
         def disallow_checkpoint(self) -> None:
-            with self._lock:
+            with self._staging:
                 self._staged = None
 
         def _refuse(self, handler: BaseHTTPRequestHandler, code: int) -> None:
@@ -357,12 +358,12 @@ def _transport_class() -> type:
                 return self._refuse(handler, 403)
             if not self.secret.verify(proof, "heal-request", self._url, step, nonce):
                 return self._refuse(handler, 403)
-            with self._lock:
-                staged = self._staged
-                if staged is None or staged[0] != step:
+            with self._staging:  # the healer may ask before this job's quorum thread staged the step (as torchft's)
+                if not self._staging.wait_for(lambda: self._staged is not None and self._staged[0] == step,
+                                              timeout=self.timeout.total_seconds()):
                     return self._refuse(handler, 409)
                 body = io.BytesIO()
-                torch.save(staged[1], body)
+                torch.save(self._staged[1], body)
             data = body.getvalue()
             tag = self.secret.mac("heal-response", self._url, step, nonce, hashlib.sha256(data).digest())
             handler.send_response(200)
