@@ -195,8 +195,8 @@ def _authenticated_class() -> type:
             self._group_rank, self._group_world_size = group_rank, group_world_size
             self._global_ranks = None  # the group holds the verified members only
             deadline_s = self._timeout.total_seconds()
-            verdict_key = f"localsgd_run_secret/{quorum_id}/{world_size}/{rank}"
-            job = create_store_client(f"{self.job_store}/", timeout=self._timeout)
+            verdict_key = f"verdict/{quorum_id}/{world_size}/{rank}"
+            job = create_store_client(f"{self.job_store}/localsgd_run_secret", timeout=self._timeout)
             if not group_rank:
                 verdict = self._authenticate(store_addr, replica_id, rank, world_size, quorum_id)
                 body = json.dumps(verdict, sort_keys=True).encode()
