@@ -70,8 +70,8 @@ from torch import Tensor
 from ._compat import managed_process_group, observe_quorums, quorum_id, quorum_started
 from .engine.comm import Communicator, SyncAbortedError, Work
 from .engine.outer import OuterSync, SyncResult
-from .run_secret import (authenticated_members, load_run_secret, local_address_towards, make_authenticated_process_group,
-                         make_healing_transport)
+from .run_secret import (authenticated_members, load_run_secret, local_address_towards,
+                         make_authenticated_process_group, make_healing_transport)
 from .tensors import tensor_bytes
 from .topology import federated_cluster_size, federated_group_size  # noqa: F401 (their old home)
 
@@ -329,7 +329,7 @@ class Federation:
                  sync_timeout: Optional[float], run_secret_file: Optional[str] = None) -> None:
         self.lighthouse = lighthouse
         self.run_secret_file = run_secret_file
-        """Where the run secret is read at :meth:`start` (else ``LOCALSGD_RUN_SECRET``); the value is never kept here."""
+        """Where the run secret is read at :meth:`start` (else ``LOCALSGD_RUN_SECRET``); its value is not kept."""
         self.group_id = group_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
         self.min_groups = min_groups
         self.timeout = timedelta(seconds=sync_timeout or DEFAULT_SYNC_TIMEOUT)

@@ -5,22 +5,24 @@ when the federation starts, kept as a derived HMAC key inside a :class:`RunSecre
 refuses to be pickled, so it never reaches a log, a checkpoint or the hyperparameters), and used for two things:
 
 **Who is in a quorum.** torchft's lighthouse takes any process that heartbeats into a quorum and its managed process
-group would include every participant. The ``AuthenticatedProcessGroup`` (:func:`make_authenticated_process_group`) is the process group the torchft Manager
-reconfigures at each new quorum (``configure``, on torchft's quorum thread, before any healing): rank 0 of each job
-runs a mutual proof over the quorum's store (the members write a record with a fresh nonce, then for every other
-member ``HMAC(secret, quorum id, their positions, the prover's record, the verifier's nonce)``), verifies every proof
-it receives, logs one line per member that did not prove the secret, and hands the verified set to its job's other
-ranks through the job's own store (MACed). Every rank ``k`` then builds its gloo group over rank ``k`` of the verified
-jobs only, rendezvoused on the store of the verified member listed first under a prefix derived from the secret (a
-process without it can neither compute the prefix nor read it anywhere). Every collective of a sync (layout check,
+group would include every participant. The ``AuthenticatedProcessGroup``
+(:func:`make_authenticated_process_group`) is the process group the torchft Manager reconfigures at each new quorum
+(``configure``, on torchft's quorum thread, before any healing): rank 0 of each job runs a mutual proof over the
+quorum's store (the members write a record with a fresh nonce, then for every other member ``HMAC(secret, quorum id,
+their positions, the prover's record, the verifier's nonce)``), verifies every proof it receives, logs one line per
+member that did not prove the secret, and hands the verified set to its job's other ranks through the job's own store
+(MACed). Every rank ``k`` then builds its gloo group over rank ``k`` of the verified jobs only, rendezvoused on verified
+job ``k``'s store (mod their number) under a prefix derived from the secret (a process without it can neither compute
+the prefix nor read it anywhere). Every collective of a sync (layout check,
 data positions, the reduce, the screen) runs over that group: an unauthenticated member receives nothing and nothing
 it sends is averaged; its own collectives time out on its side only, and the honest jobs' commit vote is per job.
 
-**Healing.** The ``AuthenticatedHTTPTransport`` (:func:`make_healing_transport`) replaces torchft's ``HTTPTransport`` (which binds every interface
-and serves the staged state to whoever asks): it listens on the address this host reaches the lighthouse from, serves
-the state only to a request carrying ``HMAC(secret, its URL, step, nonce)`` and MACs the response, which the receiver
-verifies before it unpickles anything, so an impostor that torchft names as the healing source (by claiming a higher
-step) cannot feed state to an honest job either: that heal fails and the attempt is redone.
+**Healing.** The ``AuthenticatedHTTPTransport`` (:func:`make_healing_transport`) replaces torchft's
+``HTTPTransport`` (which binds every interface and serves the staged state to whoever asks): it listens on the address
+this host reaches the lighthouse from, serves the state only to a request carrying ``HMAC(secret, its URL, step,
+nonce)`` and MACs the response, which the receiver verifies before it unpickles anything, so an impostor that torchft
+names as the healing source (by claiming a higher step) cannot feed state to an honest job either: that heal fails
+and the attempt is redone.
 
 Without a secret nothing here is used and federated runs behave as torchft does (a trusted network). What the secret
 does not give (docs/multi_cluster.md): encryption (gloo and HTTP are plaintext; an on-path attacker can read and alter
@@ -54,10 +56,6 @@ log = logging.getLogger(__name__)
 ENV_VAR = "LOCALSGD_RUN_SECRET"
 """The environment variable holding the run secret (``run_secret_file`` takes precedence)."""
 
-#: How long a member waits for the others' records, then for their proofs, in the proof exchange of a new quorum. The
-#: members of a quorum reach it together (the lighthouse answers them at once, and torchft reconfigures before
-#: healing); a member silent this long is excluded from the quorum (which costs the others this wait).
-PROOF_WINDOW_S = 5.0
 _POLL_S = 0.02
 _MAX_REQUEST_BYTES = 4096
 _PROOF_HEADER = "X-LocalSGD-Proof"
@@ -195,7 +193,7 @@ def _authenticated_class() -> type:
             self._group_rank, self._group_world_size = group_rank, group_world_size
             self._global_ranks = None  # the group holds the verified members only
             deadline_s = self._timeout.total_seconds()
-            verdict_key = f"verdict/{quorum_id}/{world_size}/{rank}"
+            verdict_key = f"verdict/{quorum_id}"
             job = create_store_client(f"{self.job_store}/localsgd_run_secret", timeout=self._timeout)
             if not group_rank:
                 verdict = self._authenticate(store_addr, replica_id, rank, world_size, quorum_id)
@@ -203,6 +201,7 @@ def _authenticated_class() -> type:
                 job.set(verdict_key, json.dumps({"verdict": verdict, "mac": self.secret.mac(
                     "verdict", quorum_id, body).hex()}))
             else:  # this job's rank 0 decided; its record is MACed (the job's store is reachable by other jobs)
+                deadline_s *= 3  # rank 0 waits up to the timeout for the records, then as long for the proofs
                 raw = _wait_for(job, verdict_key, time.monotonic() + deadline_s)
                 if raw is None:
                     raise TimeoutError(f"local SGD: rank {group_rank} did not receive its job's verdict on the members "
@@ -213,25 +212,30 @@ def _authenticated_class() -> type:
                 if not self.secret.verify(bytes.fromhex(record["mac"]), "verdict", quorum_id, body):
                     raise PermissionError(f"local SGD: the verdict on the members of quorum {quorum_id} in this job's "
                                           "store is not its rank 0's (it fails the run secret's MAC)")
-            members = [int(m) for m in verdict["members"]]
+            members = self._positions(verdict, rank) if group_rank else [int(m) for m in verdict["members"]]
             if len(members) < self.min_groups:
                 raise RuntimeError(f"local SGD: only {len(members)} member(s) of quorum {quorum_id} proved the run "
                                    f"secret, fewer than min_groups={self.min_groups}")
             prefix = self.secret.mac("group", quorum_id, body).hex()[:32]
-            store = create_store_client(f"{verdict['store']}/localsgd/{prefix}/{group_rank or 0}",
-                                        timeout=self._timeout)
+            # rank k meets on verified job k's store (mod their number), as torchft spreads its ranks' stores
+            k = group_rank or 0
+            stores = verdict["stores"]
+            store = create_store_client(f"{stores[k % len(stores)]}/localsgd/{prefix}/{k}", timeout=self._timeout)
             self.members, self.member_rank = members, members.index(rank)
             self._pg = self._create_pg(store, self.member_rank, len(members))
 
         def _authenticate(self, store_addr: str, replica_id: str, rank: int, world_size: int,
                           quorum_id: Optional[int]) -> dict[str, Any]:
-            """Rank 0: the mutual proof over the quorum's store; the verified members and the store they meet on."""
+            """Rank 0: the mutual proof over the quorum's store; the verified members and their stores."""
             store = create_store_client(f"{store_addr}/localsgd_auth", timeout=self._timeout)
             nonce = secrets.token_hex(16)
             mine = json.dumps({"nonce": nonce, "group": replica_id, "store": self.job_store}).encode()
             store.set(f"record/{rank}", mine)
             others = [j for j in range(world_size) if j != rank]
-            deadline = time.monotonic() + PROOF_WINDOW_S
+            # A member silent for the whole timeout is excluded; a shorter wait could exclude a slow honest member
+            # that then excludes us in turn: two groups each committing alone, θ_g split. (torchft's own gloo group
+            # waits as long for a dead member.) A wrong proof excludes at once.
+            deadline = time.monotonic() + self._timeout.total_seconds()
             records = {j: r for j in others if (r := _wait_for(store, f"record/{j}", deadline)) is not None}
             parsed: dict[int, dict[str, Any]] = {}
             for j, raw in records.items():
@@ -242,7 +246,7 @@ def _authenticated_class() -> type:
                     parsed.pop(j, None)
             for j, record in parsed.items():  # my proof to j, bound to j's fresh nonce
                 store.set(f"proof/{rank}/{j}", self.secret.mac("proof", quorum_id, rank, j, mine, record["nonce"]))
-            deadline = time.monotonic() + PROOF_WINDOW_S
+            deadline = time.monotonic() + self._timeout.total_seconds()
             verified = {rank: json.loads(mine)}
             for j, record in parsed.items():
                 proof = _wait_for(store, f"proof/{j}/{rank}", deadline)
@@ -252,9 +256,19 @@ def _authenticated_class() -> type:
             for line in self.excluded:
                 log.warning(line)
             members = sorted(verified)
-            first = verified[members[0]]
-            # what every verified member computes alike: the members, their nonces and the store they meet on
-            return {"members": members, "nonces": [verified[m]["nonce"] for m in members], "store": first["store"]}
+            # what every verified member computes alike: the members, their nonces, names and stores
+            return {"members": members, "nonces": [verified[m]["nonce"] for m in members],
+                    "groups": [str(verified[m]["group"]) for m in members],
+                    "stores": [str(verified[m]["store"]) for m in members]}
+
+        def _positions(self, verdict: dict[str, Any], rank: int) -> list[int]:
+            """Rank k > 0: the verified jobs' positions in this rank's quorum. Jobs of fewer ranks than ``k + 1`` are
+            not in it (torchft's quorum of rank ``k`` holds the jobs that have a rank ``k``), so positions are mapped
+            by the jobs' names; without the lighthouse's list (no observer) the positions are rank 0's."""
+            if not self.replica_ids:
+                return [int(m) for m in verdict["members"]]
+            groups = set(verdict["groups"])
+            return [j for j, listed in enumerate(self.replica_ids) if listed.split(":", 1)[0] in groups]
 
         def _describe(self, position: int, record: Optional[dict[str, Any]], quorum_id: Optional[int]) -> str:
             # its name as the lighthouse lists it (else as it claims); its address as it claims (torchft does not
@@ -262,7 +276,7 @@ def _authenticated_class() -> type:
             listed = (self.replica_ids[position] if position < len(self.replica_ids)
                       else str(record.get("group", "?")) if record is not None else "?")
             said = (f"address {str(record.get('store'))!r} as it claims, a wrong proof" if record is not None
-                    else f"no proof within {PROOF_WINDOW_S:g} s")
+                    else f"no proof within {self._timeout.total_seconds():g} s")
             return (f"local SGD: group {listed.split(':', 1)[0]!r} (member {position} of quorum {quorum_id}, "
                     f"lighthouse id {listed!r}; {said}) did not prove the run secret: it is excluded from this "
                     "quorum's syncs (it receives no parameters, optimizer state or θ_g, and nothing it sends is "

@@ -19,7 +19,8 @@ from test_federated_features import max_diff
 
 SECRET = "honest-run-secret-7f3a9c"
 OTHER = "impostor-secret-0b41"
-IMPOSTOR_TIMEOUT = "8"  # the impostors' sync_timeout (the secret-less one waits this long for its gloo group)
+IMPOSTOR_TIMEOUT = "8"  # the secret-less impostor's sync_timeout: it waits this long for its gloo group, then gives up
+HONEST_TIMEOUT = "20"  # the honest jobs wait this long for the secret-less impostor's proof at their first quorum
 
 
 def honest(files: dict[str, Path], group: int) -> dict:
@@ -28,7 +29,7 @@ def honest(files: dict[str, Path], group: int) -> dict:
 
 def run(out: Path, address: str, jobs: dict[int, dict], **options) -> list[int]:
     out.mkdir(parents=True, exist_ok=True)
-    procs = [launch(out, address, g, barrier=len(jobs), proof_window=2.0, **{**options, **extra})
+    procs = [launch(out, address, g, barrier=len(jobs), **{**options, **extra})
              for g, extra in jobs.items()]
     with killed_on_exit(procs):
         return wait_all(procs, out, timeout=240)
@@ -48,7 +49,7 @@ def test_impostors_get_nothing_and_send_nothing_into_theta_g(tmp_path, lighthous
     four = tmp_path / "four"
     jobs = {0: {**honest(files, 0), "ckpt_dir": tmp_path / "ckpt"}, 1: honest(files, 1),
             2: {"run_secret_file": files["other"]}, 3: {"sync_timeout": IMPOSTOR_TIMEOUT}}
-    codes = run(four, lighthouse(1), jobs, outer="diloco")
+    codes = run(four, lighthouse(1), jobs, outer="diloco", sync_timeout=HONEST_TIMEOUT)
     logs = {g: (four / f"g{g}.log").read_text() for g in jobs}
     # the secret-less impostor's gloo group over the whole quorum never forms (the others are not in it): it gives up
     assert codes[:3] == [0, 0, 0], "\n".join(logs[g][-3000:] for g in jobs)
@@ -90,7 +91,7 @@ def test_late_jobs_heal_from_a_live_peer_only_with_the_secret(tmp_path, lighthou
     other.write_text(OTHER)
     address = lighthouse(1)
     steps = 4 * H  # g2 meets g0 and g1 at the sync of step 12 at the latest, and they go on after it
-    procs = [launch(tmp_path, address, 0, outer="diloco", run_secret_file=secret, proof_window=2.0,
+    procs = [launch(tmp_path, address, 0, outer="diloco", run_secret_file=secret,
                     mark_at_step=H + 1, wait_for="g1", wait_at_step=2 * H - 1, max_steps=steps)]
     with killed_on_exit(procs):
         deadline = time.monotonic() + 120
@@ -98,9 +99,9 @@ def test_late_jobs_heal_from_a_live_peer_only_with_the_secret(tmp_path, lighthou
             assert time.monotonic() < deadline and procs[0].poll() is None, (tmp_path / "g0.log").read_text()[-3000:]
             time.sleep(0.1)
         # g1 waits (after its heal) until g2 runs, so that g2 meets the others in a quorum
-        procs += [launch(tmp_path, address, 1, outer="diloco", secret_env_file=secret, proof_window=2.0,
+        procs += [launch(tmp_path, address, 1, outer="diloco", secret_env_file=secret,
                          wait_for="g2", wait_at_step=2 * H, max_steps=steps),
-                  launch(tmp_path, address, 2, outer="diloco", run_secret_file=other, proof_window=2.0)]
+                  launch(tmp_path, address, 2, outer="diloco", run_secret_file=other)]
         codes = wait_all(procs, tmp_path, timeout=240)
     logs = {g: (tmp_path / f"g{g}.log").read_text() for g in range(3)}
     assert codes[:2] == [0, 0], "\n".join(logs[g][-3000:] for g in range(2))

@@ -264,16 +264,10 @@ def main() -> None:
     parser.add_argument("--run-secret-file", default=None, help="the strategy's run_secret_file")
     parser.add_argument("--secret-env-file", default=None,
                         help="LOCALSGD_RUN_SECRET is set to this file's content (the run secret from the environment)")
-    parser.add_argument("--proof-window", type=float, default=None,
-                        help="seconds the run secret's proof exchange waits for a member (run_secret.PROOF_WINDOW_S)")
     args = parser.parse_args()
     if args.secret_env_file is not None:
         with open(args.secret_env_file) as f:
             os.environ["LOCALSGD_RUN_SECRET"] = f.read()
-    if args.proof_window is not None:
-        import lightning_localsgd.run_secret
-
-        lightning_localsgd.run_secret.PROOF_WINDOW_S = args.proof_window
     args.dump_name = args.dump_name or args.group_id
     if args.devices > 1:  # Lightning's DistributedSampler splits this job's own order (seed --seed) over its ranks
         os.environ["PL_GLOBAL_SEED"] = str(args.seed)
