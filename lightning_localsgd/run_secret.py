@@ -212,7 +212,8 @@ def _authenticated_class() -> type:
                 if not self.secret.verify(bytes.fromhex(record["mac"]), "verdict", quorum_id, body):
                     raise PermissionError(f"local SGD: the verdict on the members of quorum {quorum_id} in this job's "
                                           "store is not its rank 0's (it fails the run secret's MAC)")
-            members = self._positions(verdict, rank) if group_rank else [int(m) for m in verdict["members"]]
+            # the positions are the same in every rank's quorum (torchft sorts the same participants for each rank)
+            members = [int(m) for m in verdict["members"]]
             if len(members) < self.min_groups:
                 raise RuntimeError(f"local SGD: only {len(members)} member(s) of quorum {quorum_id} proved the run "
                                    f"secret, fewer than min_groups={self.min_groups}")
@@ -256,19 +257,9 @@ def _authenticated_class() -> type:
             for line in self.excluded:
                 log.warning(line)
             members = sorted(verified)
-            # what every verified member computes alike: the members, their nonces, names and stores
+            # what every verified member computes alike: the members, their nonces and stores
             return {"members": members, "nonces": [verified[m]["nonce"] for m in members],
-                    "groups": [str(verified[m]["group"]) for m in members],
                     "stores": [str(verified[m]["store"]) for m in members]}
-
-        def _positions(self, verdict: dict[str, Any], rank: int) -> list[int]:
-            """Rank k > 0: the verified jobs' positions in this rank's quorum. Jobs of fewer ranks than ``k + 1`` are
-            not in it (torchft's quorum of rank ``k`` holds the jobs that have a rank ``k``), so positions are mapped
-            by the jobs' names; without the lighthouse's list (no observer) the positions are rank 0's."""
-            if not self.replica_ids:
-                return [int(m) for m in verdict["members"]]
-            groups = set(verdict["groups"])
-            return [j for j, listed in enumerate(self.replica_ids) if listed.split(":", 1)[0] in groups]
 
         def _describe(self, position: int, record: Optional[dict[str, Any]], quorum_id: Optional[int]) -> str:
             # its name as the lighthouse lists it (else as it claims); its address as it claims (torchft does not
