@@ -174,6 +174,8 @@ def _authenticated_class() -> type:
             self.secret = secret
             self.job_store = job_store
             """``host:port`` of this job's own store (its rank 0's TCPStore, the store torchft advertises)."""
+            self.wait_s = timeout.total_seconds()
+            """How long the proof exchange waits for a member's record, then for its proofs."""
             self.min_groups = min_groups
             self.members: list[int] = []
             """The quorum positions (torchft's replica ranks) of the verified members, this job's included."""
@@ -187,25 +189,23 @@ def _authenticated_class() -> type:
         def configure(self, store_addr: str, replica_id: str, rank: int, world_size: int,
                       quorum_id: Optional[int] = None, group_rank: Optional[int] = None,
                       group_world_size: Optional[int] = None, global_ranks: Optional[list[int]] = None) -> None:
-            self.abort(errored=False)
+            """torchft's reconfiguration at a new quorum (its quorum thread): the proof exchange, then torchft's own
+            gloo group over the verified members only (a store address, rank and size of their own)."""
+            self.abort(errored=False)  # nothing runs on the last quorum's group once this one is being formed
             self.members, self.member_rank = [], 0
-            self._replica_id, self._quorum_id, self._rank = replica_id, quorum_id, rank
-            self._group_rank, self._group_world_size = group_rank, group_world_size
-            self._global_ranks = None  # the group holds the verified members only
-            deadline_s = self._timeout.total_seconds()
+            job = create_store_client(f"{self.job_store}/localsgd_run_secret", timeout=timedelta(seconds=self.wait_s))
             verdict_key = f"verdict/{quorum_id}"
-            job = create_store_client(f"{self.job_store}/localsgd_run_secret", timeout=self._timeout)
             if not group_rank:
                 verdict = self._authenticate(store_addr, replica_id, rank, world_size, quorum_id)
                 body = json.dumps(verdict, sort_keys=True).encode()
                 job.set(verdict_key, json.dumps({"verdict": verdict, "mac": self.secret.mac(
                     "verdict", quorum_id, body).hex()}))
             else:  # this job's rank 0 decided; its record is MACed (the job's store is reachable by other jobs)
-                deadline_s *= 3  # rank 0 waits up to the timeout for the records, then as long for the proofs
-                raw = _wait_for(job, verdict_key, time.monotonic() + deadline_s)
+                wait_s = 3 * self.wait_s  # rank 0 waits up to wait_s for the records, then as long for the proofs
+                raw = _wait_for(job, verdict_key, time.monotonic() + wait_s)
                 if raw is None:
                     raise TimeoutError(f"local SGD: rank {group_rank} did not receive its job's verdict on the members "
-                                       f"of quorum {quorum_id} within {deadline_s:g} s")
+                                       f"of quorum {quorum_id} within {wait_s:g} s")
                 record = json.loads(raw)
                 verdict = record["verdict"]
                 body = json.dumps(verdict, sort_keys=True).encode()
@@ -221,14 +221,14 @@ def _authenticated_class() -> type:
             # rank k meets on verified job k's store (mod their number), as torchft spreads its ranks' stores
             k = group_rank or 0
             stores = verdict["stores"]
-            store = create_store_client(f"{stores[k % len(stores)]}/localsgd/{prefix}/{k}", timeout=self._timeout)
+            super().configure(f"{stores[k % len(stores)]}/localsgd/{prefix}/{k}", replica_id, members.index(rank),
+                              len(members), quorum_id, group_rank, group_world_size, None)
             self.members, self.member_rank = members, members.index(rank)
-            self._pg = self._create_pg(store, self.member_rank, len(members))
 
         def _authenticate(self, store_addr: str, replica_id: str, rank: int, world_size: int,
                           quorum_id: Optional[int]) -> dict[str, Any]:
             """Rank 0: the mutual proof over the quorum's store; the verified members and their stores."""
-            store = create_store_client(f"{store_addr}/localsgd_auth", timeout=self._timeout)
+            store = create_store_client(f"{store_addr}/localsgd_auth", timeout=timedelta(seconds=self.wait_s))
             nonce = secrets.token_hex(16)
             mine = json.dumps({"nonce": nonce, "group": replica_id, "store": self.job_store}).encode()
             store.set(f"record/{rank}", mine)
@@ -236,7 +236,7 @@ def _authenticated_class() -> type:
             # A member silent for the whole timeout is excluded; a shorter wait could exclude a slow honest member
             # that then excludes us in turn: two groups each committing alone, θ_g split. (torchft's own gloo group
             # waits as long for a dead member.) A wrong proof excludes at once.
-            deadline = time.monotonic() + self._timeout.total_seconds()
+            deadline = time.monotonic() + self.wait_s
             records = {j: r for j in others if (r := _wait_for(store, f"record/{j}", deadline)) is not None}
             parsed: dict[int, dict[str, Any]] = {}
             for j, raw in records.items():
@@ -247,7 +247,7 @@ def _authenticated_class() -> type:
                     parsed.pop(j, None)
             for j, record in parsed.items():  # my proof to j, bound to j's fresh nonce
                 store.set(f"proof/{rank}/{j}", self.secret.mac("proof", quorum_id, rank, j, mine, record["nonce"]))
-            deadline = time.monotonic() + self._timeout.total_seconds()
+            deadline = time.monotonic() + self.wait_s
             verified = {rank: json.loads(mine)}
             for j, record in parsed.items():
                 proof = _wait_for(store, f"proof/{j}/{rank}", deadline)
@@ -267,7 +267,7 @@ def _authenticated_class() -> type:
             listed = (self.replica_ids[position] if position < len(self.replica_ids)
                       else str(record.get("group", "?")) if record is not None else "?")
             said = (f"address {str(record.get('store'))!r} as it claims, a wrong proof" if record is not None
-                    else f"no proof within {self._timeout.total_seconds():g} s")
+                    else f"no proof within {self.wait_s:g} s")
             return (f"local SGD: group {listed.split(':', 1)[0]!r} (member {position} of quorum {quorum_id}, "
                     f"lighthouse id {listed!r}; {said}) did not prove the run secret: it is excluded from this "
                     "quorum's syncs (it receives no parameters, optimizer state or θ_g, and nothing it sends is "
