@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 ENV_VAR = "LOCALSGD_RUN_SECRET"
 """The environment variable holding the run secret (``run_secret_file`` takes precedence)."""
 
-_POLL_S = 0.02
+_POLL_S = 0.005
 _MAX_REQUEST_BYTES = 4096
 _PROOF_HEADER = "X-LocalSGD-Proof"
 
