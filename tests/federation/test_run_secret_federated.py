@@ -65,7 +65,9 @@ def test_impostors_get_nothing_and_send_nothing_into_theta_g(tmp_path, lighthous
     assert len(syncs) == 3 and all(a["participants"] == 2 for a in syncs), d[0]["attempts"]
     assert d[0]["healed"] == d[1]["healed"] == 0
     # the impostor with another secret: alone in every sync it committed, never healed, never held the run's θ_g
-    run_thetas = thetas(d[0])[1:]  # after the first sync (the initial weights come from the seed, known to all)
+    initial = torch.cat([v.flatten() for v in d[0]["start_params"].values()])  # from the seed, known to all
+    run_thetas = [t for t in thetas(d[0]) if not torch.equal(t, initial)]
+    assert len(run_thetas) == 3  # after the syncs of steps 4, 8 and 12
     assert d[2]["healed"] == 0 and all(a["participants"] == 1 for a in d[2]["attempts"] if a["committed"])
     held = thetas(d[2]) + [torch.cat([v.flatten() for v in params.values()]) for _, params in d[2]["steps"]]
     assert all((theta - t).abs().max() > 1e-4 for theta in held for t in run_thetas)
