@@ -300,6 +300,26 @@ def managed_process_group(manager: Any) -> Any:
     return manager._pg
 
 
+@_reaches(PrivateName("torchft", _MANAGER, "_client", kind="instance"),
+          PrivateName("torchft", "torchft._torchft:ManagerClient", "_quorum"))
+def observe_quorums(manager: Any, callback: Callable[[Any], None]) -> None:
+    """Call ``callback`` with every quorum torchft's manager receives (its ``QuorumResult``, on the manager's quorum
+    thread, before the process group is reconfigured): the manager keeps neither the members' replica ids nor the
+    result itself."""
+    client = manager._client
+
+    class ObservedClient:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(client, name)
+
+        def _quorum(self, *args: Any, **kwargs: Any) -> Any:
+            result = client._quorum(*args, **kwargs)
+            callback(result)
+            return result
+
+    manager._client = ObservedClient()
+
+
 # ---------------------------------------------------------------------------------------------------- jsonargparse
 @_reaches(PrivateName("jsonargparse", "jsonargparse._util", "import_object"))
 def import_class_path(class_path: str) -> Any:

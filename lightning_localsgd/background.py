@@ -114,8 +114,8 @@ class BackgroundFederation(Federation):
     background = True
 
     def __init__(self, lighthouse: str, group_id: Optional[str], min_groups: int,
-                 sync_timeout: Optional[float]) -> None:
-        super().__init__(lighthouse, group_id, min_groups, sync_timeout)
+                 sync_timeout: Optional[float], run_secret_file: Optional[str] = None) -> None:
+        super().__init__(lighthouse, group_id, min_groups, sync_timeout, run_secret_file)
         self._flight: Optional[_InFlight] = None
         self._thread: Optional[threading.Thread] = None
         self._training_thread: Optional[int] = None

@@ -24,6 +24,7 @@ from .engine.screen import PseudoGradientScreen, check_screen_arguments
 from . import support
 from .federation import check_lighthouse_address
 from .reliability import check_sync_timeout
+from .run_secret import check_run_secret_file
 
 __all__ = ["ARGUMENT_DOCS", "LocalSGDConfig", "check_state_device", "local_sgd_arguments"]
 
@@ -141,6 +142,14 @@ ARGUMENT_DOCS: dict[str, str] = {
                 "name takes its place. Default None: the host name and a random suffix.",
     "min_groups": "with ``lighthouse``: fewest groups a sync may average over; with fewer the sync waits (until "
                   "``sync_timeout``) for more to join. Default 1.",
+    "run_secret_file": "with ``lighthouse``: a file holding the run secret (else the environment variable "
+                       "``LOCALSGD_RUN_SECRET``; give every job of the run the same). With a secret the members of "
+                       "each quorum prove it to each other before any sync: a process without it receives no "
+                       "parameters, optimizer state or ``θ_g`` (healing included: the healing transport serves and "
+                       "accepts state only with a proof), nothing it sends is averaged, and the jobs log one line "
+                       "naming it and train on without it. Only the path is kept (config dumps show the path, never "
+                       "the secret). It authenticates, it does not encrypt: see docs/multi_cluster.md (\"Security\"). "
+                       "Default None: ``LOCALSGD_RUN_SECRET`` if set, else no secret (a trusted network).",
     "data_jobs": "with ``lighthouse``: the number of jobs that share one dataset. Each epoch's order (one seed for "
                  "every job: ``seed_everything``'s) is partitioned over ``data_jobs`` × the job's world size "
                  "replicas, this job reading the shares of ``data_job_index``; each job's position at every "
@@ -227,6 +236,7 @@ class LocalSGDConfig:
     lighthouse: Optional[str] = None
     group_id: Optional[str] = None
     min_groups: int = 1
+    run_secret_file: Optional[str] = None
     data_jobs: Optional[int] = None
     data_job_index: Optional[int] = None
     data_rebalance_after: Optional[int] = 8
@@ -414,12 +424,15 @@ class LocalSGDConfig:
                       "over; e.g. 1.")
         if self.lighthouse is None:
             for name, value, default in (("group_id", self.group_id, None), ("min_groups", self.min_groups, 1),
-                                         ("data_rebalance_after", self.data_rebalance_after, 8)):
+                                         ("data_rebalance_after", self.data_rebalance_after, 8),
+                                         ("run_secret_file", self.run_secret_file, None)):
                 if value != default:
                     raise ValueError(f"{name}={value!r} only applies to federated worker groups: set lighthouse="
                                      "'host:port' too (see docs/multi_cluster.md), or remove it.")
             return
         check_lighthouse_address(self.lighthouse)
+        if self.run_secret_file is not None:
+            check_run_secret_file(self.run_secret_file)
         self._check_data_jobs()
         gid = self.group_id
         if gid is not None and (not isinstance(gid, str) or not gid or ":" in gid or gid != gid.strip()

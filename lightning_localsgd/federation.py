@@ -69,10 +69,12 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from torch import Tensor
 
-from ._compat import managed_process_group, quorum_id, quorum_started
+from ._compat import managed_process_group, observe_quorums, quorum_id, quorum_started
 from .data_shares import DataShares
 from .engine.comm import Communicator, SyncAbortedError, Work
 from .engine.outer import OuterSync, SyncResult
+from .run_secret import (authenticated_members, load_run_secret, local_address_towards,
+                         make_authenticated_process_group, make_healing_transport)
 from .tensors import tensor_bytes
 from .topology import federated_cluster_size, federated_group_size  # noqa: F401 (their old home)
 
@@ -233,10 +235,14 @@ class TorchftCommunicator(Communicator):
 
     @property
     def size(self) -> int:
-        return max(1, self.manager.num_participants())
+        members = authenticated_members(managed_process_group(self.manager))  # with a run secret: the verified ones
+        return members[0] if members is not None else max(1, self.manager.num_participants())
 
     @property
     def rank(self) -> int:
+        members = authenticated_members(managed_process_group(self.manager))
+        if members is not None:
+            return members[1]
         rank = self.manager.participating_rank() if quorum_started(self.manager) else 0
         return int(rank or 0)
 
@@ -323,8 +329,10 @@ class Federation:
     """The groups are separate jobs: the controller calls :meth:`join` before the first inner step."""
 
     def __init__(self, lighthouse: str, group_id: Optional[str], min_groups: int,
-                 sync_timeout: Optional[float]) -> None:
+                 sync_timeout: Optional[float], run_secret_file: Optional[str] = None) -> None:
         self.lighthouse = lighthouse
+        self.run_secret_file = run_secret_file
+        """Where the run secret is read at :meth:`start` (else ``LOCALSGD_RUN_SECRET``); its value is not kept."""
         self.group_id = group_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
         self.min_groups = min_groups
         self.timeout = timedelta(seconds=sync_timeout or DEFAULT_SYNC_TIMEOUT)
@@ -386,8 +394,13 @@ class Federation:
         check_lighthouse_reachable(self.lighthouse, connect_timeout())
         store_addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
         store_port = int(os.environ["MASTER_PORT"])
+        secret = load_run_secret(self.run_secret_file)
+        pg, transport = ProcessGroupGloo(timeout=self.timeout), None
+        if secret is not None:  # only the jobs proving the run secret take part, heal or are healed (run_secret.py)
+            pg = make_authenticated_process_group(secret, f"{store_addr}:{store_port}", self.timeout, self.min_groups)
+            transport = make_healing_transport(secret, local_address_towards(self.lighthouse), self.timeout)
         self.manager = Manager(
-            pg=ProcessGroupGloo(timeout=self.timeout), load_state_dict=self.load_state_dict,
+            pg=pg, checkpoint_transport=transport, load_state_dict=self.load_state_dict,
             state_dict=self.state_dict, min_replica_size=self.min_groups, use_async_quorum=False,
             timeout=self.timeout, quorum_timeout=self.timeout,
             connect_timeout=timedelta(seconds=connect_timeout()), rank=host.rank,
@@ -395,6 +408,8 @@ class Federation:
             lighthouse_addr=lighthouse_url(self.lighthouse), replica_id=self.group_id,
             init_sync=False,  # every group of a fresh run starts from the same weights (rank 0's, by seed)
         )
+        if secret is not None:  # who the lighthouse lists in each quorum, for the line naming an unverified member
+            observe_quorums(self.manager, lambda quorum: setattr(pg, "replica_ids", list(quorum.replica_ids)))
         self.comm = TorchftCommunicator(self.manager, self.timeout, self.group_id)
         return self.comm
 

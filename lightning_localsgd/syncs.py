@@ -163,6 +163,5 @@ def make_syncs(config: LocalSGDConfig) -> Syncs:
     ``async_sync`` one whose syncs run beside training), else :class:`DirectSyncs`."""
     if config.lighthouse is None:
         return DirectSyncs()
-    if config.async_sync:
-        return BackgroundFederation(config.lighthouse, config.group_id, config.min_groups, config.sync_timeout)
-    return Federation(config.lighthouse, config.group_id, config.min_groups, config.sync_timeout)
+    kind = BackgroundFederation if config.async_sync else Federation
+    return kind(config.lighthouse, config.group_id, config.min_groups, config.sync_timeout, config.run_secret_file)

@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("training state, checkpoints, preemption", ("state", "checkpoint", "async_checkpoint", "preemption")),
     ("the controller and its transport's interface", ("controller", "syncs")),
     ("arguments, refusals, federation, data position, inner-strategy internals, planner",
-     ("config", "support", "background", "federation", "data", "zero", "fsdp2", "planner", "costmodel")),
+     ("config", "support", "background", "federation", "run_secret", "data", "zero", "fsdp2", "planner", "costmodel")),
     ("the engine (no Lightning)", ("engine", "engine.codecs", "engine.comm", "engine.layout", "engine.outer",
                                    "engine.presets", "engine.reducers", "engine.schedules", "engine.screen",
                                    "engine.fragment", "engine.warmup")),

@@ -131,6 +131,8 @@ class Recorder(Callback):
         self.steps.append((trainer.global_step, full_params(pl_module)))
         if trainer.strategy.cluster_sync is not None:
             self.engines.append((trainer.global_step, self.engine_states(trainer.strategy)))
+        if trainer.global_step == self.args.mark_at_step:  # tells the test this job got here
+            open(os.path.join(self.args.out, f"at_{self.args.dump_name}"), "w").close()
         if trainer.global_step == self.args.die_at_step:
             self.dump(trainer, pl_module, killed=True)
             os.kill(os.getpid(), signal.SIGKILL)
@@ -200,6 +202,8 @@ def make_strategy(args: argparse.Namespace):
         federated.update(data_jobs=args.data_jobs, data_job_index=args.data_job_index)
         if args.data_rebalance_after is not None:
             federated["data_rebalance_after"] = args.data_rebalance_after or None  # 0: never
+    if args.run_secret_file is not None:
+        federated["run_secret_file"] = args.run_secret_file
     if args.cluster_sync_every is not None:
         federated.update(cluster_sync_every=args.cluster_sync_every, cluster_outer_optimizer=args.cluster_outer)
     if args.strategy == "fsdp":
@@ -264,7 +268,14 @@ def main() -> None:
     parser.add_argument("--ledger-size", type=int, default=0,
                         help="train on the first N samples, each carrying its index; the dump's ledger lists them")
     parser.add_argument("--validate-every", type=int, default=0, help="a validation loop every N steps during fit")
+    parser.add_argument("--mark-at-step", type=int, default=-1, help="write DIR/at_{dump name} after this step")
+    parser.add_argument("--run-secret-file", default=None, help="the strategy's run_secret_file")
+    parser.add_argument("--secret-env-file", default=None,
+                        help="LOCALSGD_RUN_SECRET is set to this file's content (the run secret from the environment)")
     args = parser.parse_args()
+    if args.secret_env_file is not None:
+        with open(args.secret_env_file) as f:
+            os.environ["LOCALSGD_RUN_SECRET"] = f.read()
     args.dump_name = args.dump_name or args.group_id
     if args.devices > 1:  # Lightning's DistributedSampler splits this job's own order (seed --seed) over its ranks
         os.environ["PL_GLOBAL_SEED"] = str(args.seed)
