@@ -3,7 +3,9 @@ at the first step end after it finished by the one-step-delayed rule with the lo
 ``θ_i ← θ_g_new + (θ_i − θ_i_sent)``.
 
 References written out here: the outer step by hand (exact mean / DiLoCo's Nesterov SGD, lr 0.7, momentum 0.9) on
-the token-weighted mean of what the jobs sent, and each job's inner SGD step (lr 0.1) on its own batch.
+the token-weighted mean of what the jobs sent, and each job's inner SGD step (lr 0.1) on its own batch; compressed
+syncs (int8's two-phase exchange, topk_test's all-gather, with error feedback) by tests/reference.py's
+``weighted_compressed_sync``.
 """
 
 from __future__ import annotations
@@ -321,3 +323,135 @@ def test_a_late_job_weighs_in_at_its_next_sync_with_its_stale_pseudo_gradient(tm
         assert diff < ATOL, f"{name}: the merged sync (applied at step {applied}) off the hand reference by {diff:.3g}"
     assert all(torch.equal(dumps["g0"]["final"][n], dumps[m]["final"][n]) for m in ("g1", "g2")
                for n in dumps["g0"]["final"])
+
+
+class PairedPG:
+    """torchft's managed process group of two jobs whose managers live in this process: every collective of one
+    job's background thread meets the other's at a barrier (member order = the managers' ranks)."""
+
+    def __init__(self, shared: dict, rank: int) -> None:
+        self.shared, self.rank = shared, rank
+
+    def _exchange(self, tensor):
+        slots, barrier = self.shared["slots"], self.shared["barrier"]
+        slots[self.rank] = tensor.clone()
+        barrier.wait()
+        values = list(slots)
+        barrier.wait()
+        return values
+
+    def allreduce(self, tensors, opts):
+        tensors[0].copy_(torch.stack(self._exchange(tensors[0])).sum(0))  # sums only: the sync loop's all-reduces
+        return _Done()
+
+    def alltoall_base(self, output, input, output_split_sizes, input_split_sizes, opts):
+        values = self._exchange(input)
+        chunk = input.numel() // len(values)
+        output.copy_(torch.cat([v[self.rank * chunk : (self.rank + 1) * chunk] for v in values]))
+        return _Done()
+
+    def allgather(self, output_lists, input_list, opts):
+        for out, value in zip(output_lists[0], self._exchange(input_list[0])):
+            out.copy_(value)
+        return _Done()
+
+
+class _Done:
+    def wait(self, timeout=None):
+        return True
+
+
+class PairedManager(GatedManager):
+    """One of two scripted managers whose quorums hold both jobs (``participants`` 2, this job's ``rank``); records
+    the engine's error feedback at every quorum (what a redo starts from)."""
+
+    def __init__(self, script, shared: dict, rank: int):
+        super().__init__(script)
+        self._pg, self.rank, self.errors_at_quorum = PairedPG(shared, rank), rank, []
+
+    def start_quorum(self, timeout=None):
+        super().start_quorum(timeout)
+        error = self.engine.compressor.error
+        self.errors_at_quorum.append(None if error is None else error.clone())
+
+    def participating_rank(self):
+        return self.rank
+
+
+@pytest.mark.parametrize("codec", ["int8", "topk_test"])
+def test_a_compressed_background_sync_matches_the_hand_reference_and_commits_its_error_feedback_when_it_commits(
+        codec):
+    """Two jobs (threads of this process, each with its own background federation and compressed engine, averaging)
+    run two background syncs while their training threads take a step beside each. Sync 2's first attempt is voted
+    down (e.g. a rank of a job failed) and redone over a new quorum from the same copies. Each sync's θ_g_new,
+    every error feedback (int8: both phases' residuals; topk_test: its all-gather's) equal the hand computation of the
+    compressed sync (tests/reference.py) of what each job sent (its parameters when the sync started, not the moved
+    live ones) with the residuals of the last *committed* sync: neither a sync in flight nor an aborted attempt
+    changes them. Each job's parameters after the apply are θ_g_new + its step beside the sync (the delayed rule).
+    Fails if the sync read the live parameters, if the apply dropped the local progress, or if an aborted attempt (or a
+    sync not yet committed) wrote the error feedback."""
+    from reference import weighted_compressed_sync
+    from workers.tiny import TOPK_TEST
+
+    codec = TOPK_TEST if codec == "topk_test" else codec
+    n = 300  # int8: two blocks of 256, the second partial; topk_test: 5 chunks of 64, the last partial
+    g = torch.Generator().manual_seed(7)
+    theta = torch.randn(n, generator=g)
+    shared = {"slots": [None, None], "barrier": threading.Barrier(2, timeout=30)}
+    feds, params, engines = [], [], []
+    for rank in range(2):
+        fed = BackgroundFederation("127.0.0.1:1", f"g{rank}", 1, 30.0)
+        fed.manager = PairedManager([(2, True), (2, False), (2, True)], shared, rank)  # sync 2: voted down, redone
+        fed.comm = TorchftCommunicator(fed.manager, timedelta(seconds=30))
+        fed._training_thread = threading.get_ident()
+        param = torch.nn.Parameter(theta.clone())
+        engine = OuterSync([param], cross_group=fed.comm, compression=codec)
+        fed.engine = fed.manager.engine = engine
+        feds.append(fed), params.append(param), engines.append(engine)
+    errors, mean_errors = [torch.zeros(n), torch.zeros(n)], [None, None]
+    for k, weights in enumerate([(3.0, 1.0), (1.0, 2.0)]):
+        sent = [theta + 0.05 * torch.randn(n, generator=g) for _ in range(2)]
+        steps = [0.01 * torch.randn(n, generator=g) for _ in range(2)]
+        for fed, param, x in zip(feds, params, sent):
+            with torch.no_grad():
+                param.copy_(x)
+            fed.trained = True
+            fed.manager.arrive.clear()
+        committed = [None if e.compressor.error is None else e.compressor.error.clone() for e in engines]
+        if k == 1:
+            committed_1 = committed
+        for fed, engine, w in zip(feds, engines, weights):
+            assert fed.launch(engine, weight=w, stop=False)
+        for fed, engine, param, step, before in zip(feds, engines, params, steps, committed):
+            with torch.no_grad():
+                param.add_(step)  # an inner step beside the sync
+            assert fed.poll(engine) is None  # in flight: nothing applied, its error feedback not written
+            same = before is None and engine.compressor.error is None
+            assert same or torch.equal(engine.compressor.error, before), k
+        for fed in feds:
+            fed.manager.arrive.set()
+        results = [None, None]
+        deadline = time.monotonic() + 30
+        while None in results:
+            assert time.monotonic() < deadline
+            for r, (fed, engine) in enumerate(zip(feds, engines)):
+                if results[r] is None:
+                    results[r] = fed.poll(engine)
+            time.sleep(0.01)
+        theta, errors, mean_errors = weighted_compressed_sync(theta, sent, list(weights), errors, mean_errors, codec)
+        for r, (fed, engine, param) in enumerate(zip(feds, engines, params)):
+            assert torch.equal(engine.snapshot[0].detach(), theta), (codec, k, r)
+            assert torch.equal(engine.compressor.error, errors[r]), (codec, k, r)
+            if mean_errors[r] is not None:
+                assert torch.equal(engine.whole.mean_error, mean_errors[r]), (codec, k, r)
+            # θ_g_new + the step beside it, in the order the apply adds: θ_i + (θ_g_new − θ_i_sent)
+            assert torch.equal(param.detach(), (sent[r] + steps[r]) + (theta - sent[r])), (codec, k, r)
+            assert engine.tensors[0] is param
+            records = [a for a in fed.attempts if a["kind"] == "sync"]
+            if k == 1:  # the attempt voted down, then its redo, which started from sync 1's residuals
+                assert [a["committed"] for a in records] == [True, False, True], records
+                quorums = fed.manager.errors_at_quorum
+                assert len(quorums) == 3 and quorums[0] is None, (codec, r)
+                assert torch.equal(quorums[1], committed_1[r]) and torch.equal(quorums[2], committed_1[r]), (codec, r)
+            assert records[-1]["committed"] and records[-1]["weight"] == weights[r]
+    assert all(float(e.abs().max()) > 0 for e in errors)  # the codec lost something that was fed back
