@@ -138,17 +138,33 @@ def test_two_jobs_async_syncs_match_the_delayed_update_reference(tmp_path, light
     kept, checked against one inner step by hand from the parameters before that step. g0 reaches max_steps, its
     last sync (on its training thread, after the one in flight is applied) carries the stop; both end on θ_g_new of
     that sync. Fails without async_sync (no sync is applied later than it started) and without the rule."""
-    fast_s, slow_s, period, steps, warmup = 0.05, 0.15, 0.4, 40, 2
-    dumps = run_jobs(tmp_path, lighthouse(2), 2, sync_every_seconds=period, max_steps=steps, outer="average",
-                     async_sync=True, warmup_steps=warmup, g0={"step_sleep": fast_s}, g1={"step_sleep": slow_s})
+    dumps = run_two_uneven_jobs(tmp_path, lighthouse(2))
+    assert_the_delayed_update_reference(dumps)
+
+
+#: run_two_uneven_jobs: per-step sleeps of the fast and the slow job, the sync period, max_steps, warm-up steps
+FAST_S, SLOW_S, PERIOD, STEPS, WARMUP = 0.05, 0.15, 0.4, 40, 2
+
+
+def run_two_uneven_jobs(out, address: str, jobs: int = 2, **options) -> dict[str, dict]:
+    """The run of the delayed-update reference test: g1 3× slower per step than g0, ``options`` on top (a third job:
+    g2's options, at g0's pace)."""
+    per_job = {g: {"step_sleep": s, **options.pop(g, {})} for g, s in (("g0", FAST_S), ("g1", SLOW_S), ("g2", FAST_S))}
+    return run_jobs(out, address, jobs, sync_every_seconds=PERIOD, max_steps=STEPS, outer="average", async_sync=True,
+                    warmup_steps=WARMUP, **options, **per_job)
+
+
+def assert_the_delayed_update_reference(dumps: dict[str, dict]) -> None:
+    """The checks of :func:`test_two_jobs_async_syncs_match_the_delayed_update_reference` on its run's dumps."""
+    steps, warmup = STEPS, WARMUP
     fast, slow = dumps["g0"], dumps["g1"]
     assert fast["global_step"] == steps and slow["global_step"] < steps
-    for d in dumps.values():  # the warm-up steps ran on the training thread, one round each over both jobs
+    for d in (fast, slow):  # the warm-up steps ran on the training thread, one round each over both jobs
         rounds = [a for a in d["attempts"] if a["kind"] == "warmup"]
         assert [(a["step"], a["participants"], a["committed"]) for a in rounds] == [(s, 2, True) for s in range(warmup)]
     fs, ss = syncs_of(fast), syncs_of(slow)
     assert len(fs) == len(ss) >= 3, (fast["attempts"], slow["attempts"])
-    batches = {g: [b[0] for b in group_batches(d["seed"])] for g, d in dumps.items()}
+    batches = {g: [b[0] for b in group_batches(d["seed"])] for g, d in (("g0", fast), ("g1", slow))}
     previous = {"g0": warmup, "g1": warmup}  # the tokens count from the end of the warm-up
     beside = 0
     for k, pair in enumerate(zip(fs, ss)):
@@ -180,6 +196,29 @@ def test_two_jobs_async_syncs_match_the_delayed_update_reference(tmp_path, light
     assert beside >= 2
     assert all(torch.equal(fast["final"][n], slow["final"][n]) for n in fast["final"])
     assert fast["dropped"] == 0.0 and slow["dropped"] == 0.0
+
+
+@pytest.mark.slow
+def test_async_syncs_with_the_run_secret_match_the_same_reference(tmp_path, lighthouse):
+    """The run of :func:`test_two_jobs_async_syncs_match_the_delayed_update_reference` with the run secret (g0 from
+    ``run_secret_file``, g1 from ``LOCALSGD_RUN_SECRET``): the background thread forms its quorums over torchft's
+    authenticated process group, which is reconfigured (and its members proved) per quorum on the background thread,
+    and both jobs' syncs pass the same hand-reference checks and end on one model. Fails if the background quorum
+    lost the secret's proof (the jobs would not pair) or the authenticated group's collectives broke the sync."""
+    secret = tmp_path / "secret"
+    secret.write_text("async-honest-secret-51c2\n")
+    other = tmp_path / "other"
+    other.write_text("async-impostor-secret-9d0e")
+    dumps = run_two_uneven_jobs(tmp_path, lighthouse(2), jobs=3, g0={"run_secret_file": secret},
+                                g1={"secret_env_file": secret}, g2={"run_secret_file": other})
+    assert_the_delayed_update_reference(dumps)
+    for name in ("g0", "g1"):
+        log_text = (tmp_path / f"{name}.log").read_text()
+        assert "local SGD: group 'g2' (member" in log_text and "did not prove the run secret" in log_text, name
+    impostor = dumps["g2"]
+    assert impostor["healed"] == 0 and all(a["participants"] == 1 for a in impostor["attempts"] if a["committed"])
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and p not in (secret, other)]
+    assert all(b"async-honest-secret-51c2" not in p.read_bytes() for p in written)
 
 
 @pytest.mark.slow
