@@ -51,8 +51,11 @@ one sync (or more), weighted by tokens like everyone's, not discounted. Its erro
 ``sync_timeout``, and applies it (:meth:`settle`), so a checkpoint holds one consistent ``(θ_g, outer state, θ_i)``
 with nothing in flight.
 
-Jobs of one rank only: with several ranks the sync's collectives inside the job would run on the background thread
-over the process groups the training thread uses.
+Jobs of one rank only: with several ranks the sync's collectives inside the job (the layout check's broadcast, the
+gather of the slices and the norm over them, the ranks' agreement after a heal) would run on the background thread over
+the process groups the training thread's DDP collectives use, and the ranks would have to agree on the step end that
+applies a sync (and that loads a healing state): a background process group of the job's own and an agreed poll are
+not built.
 """
 
 from __future__ import annotations
@@ -135,9 +138,11 @@ class BackgroundFederation(Federation):
     def start(self, schedule: "SyncSchedule", config: "LocalSGDConfig", host: Optional["HostFacts"]) -> Any:
         if host is not None and host.world_size > 1:
             raise ValueError(f"async_sync=True is supported with jobs of one rank only, this job has "
-                             f"{host.world_size}: the sync's collectives inside the job (the layout check, the norm "
-                             "over its slices, the commit vote) would run on the background thread over the process "
-                             "groups the training thread's DDP collectives use at the same time. Run one rank per "
+                             f"{host.world_size}: the sync's collectives inside the job (the layout check's "
+                             "broadcast, the gather of the slices and the norm over them, the ranks' agreement after "
+                             "a heal) would run on the background thread over the process groups the training "
+                             "thread's DDP collectives use at the same time, and the job's ranks would have to agree "
+                             "on the step end that applies the sync (and loads a healing state). Run one rank per "
                              "job, or leave async_sync=False.")
         self._training_thread = threading.get_ident()
         return super().start(schedule, config, host)

@@ -110,6 +110,19 @@ def test_async_sync_is_refused_where_it_is_not_supported():
     LocalSGDConfig(async_sync=True, lighthouse="h:29510", sync_every_seconds=1.0, compression="int8", warmup_steps=2)
 
 
+def test_async_sync_refuses_a_job_of_several_ranks_before_it_connects():
+    """A DDP job of two ranks: refused when the federation starts (the job's world is known there), naming the reason
+    and the fix, before torchft's Manager exists (nothing connected, nothing to shut down)."""
+    from lightning_localsgd.syncs import HostFacts
+
+    fed = BackgroundFederation("127.0.0.1:1", "g0", 1, 30.0)
+    host = HostFacts(rank=0, world_size=2, training_state=lambda: None)
+    with pytest.raises(ValueError, match=r"jobs of one rank only, this job has 2: .*agree on the step end .*"
+                                         r"Run one rank per job, or leave async_sync=False"):
+        fed.start(None, LocalSGDConfig(), host)
+    assert fed.manager is None
+
+
 def params_after(dump: dict, step: int) -> dict[str, torch.Tensor]:
     return {k.removeprefix("model."): v for k, v in next(p for s, p in dump["steps"] if s == step).items()}
 
