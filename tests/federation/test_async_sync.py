@@ -393,7 +393,10 @@ class PairedPG:
         return values
 
     def allreduce(self, tensors, opts):
-        tensors[0].copy_(torch.stack(self._exchange(tensors[0])).sum(0))  # sums only: the sync loop's all-reduces
+        from torch.distributed import ReduceOp
+
+        values = torch.stack(self._exchange(tensors[0]))
+        tensors[0].copy_(values.amax(0) if opts.reduceOp == ReduceOp.MAX else values.sum(0))
         return _Done()
 
     def alltoall_base(self, output, input, output_split_sizes, input_split_sizes, opts):
