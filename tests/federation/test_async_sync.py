@@ -162,7 +162,8 @@ FAST_S, SLOW_S, PERIOD, STEPS, WARMUP = 0.05, 0.15, 0.4, 40, 2
 def run_two_uneven_jobs(out, address: str, jobs: int = 2, **options) -> dict[str, dict]:
     """The run of the delayed-update reference test: g1 3× slower per step than g0, ``options`` on top (a third job:
     g2's options, at g0's pace)."""
-    per_job = {g: {"step_sleep": s, **options.pop(g, {})} for g, s in (("g0", FAST_S), ("g1", SLOW_S), ("g2", FAST_S))}
+    paces = (("g0", FAST_S), ("g1", SLOW_S), ("g2", FAST_S))[:jobs]
+    per_job = {g: {"step_sleep": s, **options.pop(g, {})} for g, s in paces}
     return run_jobs(out, address, jobs, sync_every_seconds=PERIOD, max_steps=STEPS, outer="average", async_sync=True,
                     warmup_steps=WARMUP, **options, **per_job)
 
