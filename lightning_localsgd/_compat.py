@@ -14,6 +14,7 @@ jsonargparse are imported only inside the functions that need them.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable, Optional, TypeVar
@@ -318,6 +319,32 @@ def observe_quorums(manager: Any, callback: Callable[[Any], None]) -> None:
             return result
 
     manager._client = ObservedClient()
+
+
+_MANAGER_SERVER_SWAP = threading.Lock()  # the swap below changes a module global: one Manager built at a time
+
+
+@_reaches(PrivateName("torchft", "torchft.manager", "ManagerServer"))
+def manager_listening_on(host: str, manager_class: Callable[..., Any], **kwargs: Any) -> Any:
+    """A torchft ``Manager`` (``manager_class(**kwargs)``) whose gRPC ``ManagerServer`` (rank 0's, which its job's
+    ranks and a healing peer call) listens on ``host`` only and advertises it. torchft 0.2's ``Manager.__init__``
+    hard-codes ``bind="[::]:<port>"`` (every interface) and offers no argument for it, so the ``ManagerServer`` it
+    builds is swapped, for the constructor's duration, for one given ``host`` (the port stays torchft's choice)."""
+    import torchft.manager as torchft_manager
+
+    address = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    original = torchft_manager.ManagerServer
+
+    def bound_server(*args: Any, bind: str, **server_kwargs: Any) -> Any:
+        server_kwargs["hostname"] = address  # what it advertises (its address()): the address it listens on
+        return original(*args, bind=f"{address}:{bind.rsplit(':', 1)[-1]}", **server_kwargs)
+
+    with _MANAGER_SERVER_SWAP:
+        torchft_manager.ManagerServer = bound_server
+        try:
+            return manager_class(**kwargs)
+        finally:
+            torchft_manager.ManagerServer = original
 
 
 # ---------------------------------------------------------------------------------------------------- jsonargparse
