@@ -69,7 +69,8 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from torch import Tensor
 
-from ._compat import manager_listening_on, managed_process_group, observe_quorums, quorum_id, quorum_started
+from ._compat import (http_transport_listening_on, managed_process_group, manager_listening_on, observe_quorums,
+                      quorum_id, quorum_started)
 from .data_shares import DataShares
 from .engine.comm import Communicator, SyncAbortedError, Work
 from .engine.outer import OuterSync, SyncResult
@@ -398,8 +399,9 @@ class Federation:
         # the manager server (rank 0's) and the healing transport listen on the interface that reaches the
         # lighthouse only (loopback for a one-machine run), not on every interface as torchft's defaults do
         listen_on = local_address_towards(self.lighthouse)
-        pg, transport = ProcessGroupGloo(timeout=self.timeout), None
-        if secret is not None:  # only the jobs proving the run secret take part, heal or are healed (run_secret.py)
+        if secret is None:  # torchft's process group and plain HTTP transport (a trusted network)
+            pg, transport = ProcessGroupGloo(timeout=self.timeout), http_transport_listening_on(listen_on, self.timeout)
+        else:  # only the jobs proving the run secret take part, heal or are healed (run_secret.py)
             pg = make_authenticated_process_group(secret, f"{store_addr}:{store_port}", self.timeout, self.min_groups)
             transport = make_healing_transport(secret, listen_on, self.timeout)
         self.manager = manager_listening_on(
