@@ -14,6 +14,7 @@ jsonargparse are imported only inside the functions that need them.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable, Optional, TypeVar
@@ -318,6 +319,69 @@ def observe_quorums(manager: Any, callback: Callable[[Any], None]) -> None:
             return result
 
     manager._client = ObservedClient()
+
+
+_SWAP = threading.Lock()  # the two functions below change a module global for a constructor's duration: one at a time
+
+
+def _url_host(host: str) -> str:
+    """``host`` as it goes into a URL or a ``host:port`` bind string (an IPv6 address in brackets)."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def _built_with(module: Any, name: str, replacement: Any, build: Callable[[], Any]) -> Any:
+    """``build()`` while ``module.<name>`` is ``replacement`` (restored after, whatever happens)."""
+    with _SWAP:
+        original = getattr(module, name)
+        setattr(module, name, replacement)
+        try:
+            return build()
+        finally:
+            setattr(module, name, original)
+
+
+@_reaches(PrivateName("torchft", "torchft.manager", "ManagerServer"))
+def manager_listening_on(host: str, manager_class: Callable[..., Any], **kwargs: Any) -> Any:
+    """A torchft ``Manager`` (``manager_class(**kwargs)``) whose gRPC ``ManagerServer`` (rank 0's, which its job's
+    ranks and a healing peer call) listens on ``host`` only and advertises it. torchft 0.2's ``Manager.__init__``
+    hard-codes ``bind="[::]:<port>"`` (every interface) and offers no argument for it, so the ``ManagerServer`` it
+    builds is swapped, for the constructor's duration, for one given ``host`` (the port stays torchft's choice)."""
+    import torchft.manager as torchft_manager
+
+    server_class = torchft_manager.ManagerServer
+
+    def bound_server(*args: Any, bind: str, **server_kwargs: Any) -> Any:
+        server_kwargs["hostname"] = _url_host(host)  # what it advertises (its address()): where it listens
+        return server_class(*args, bind=f"{_url_host(host)}:{bind.rsplit(':', 1)[-1]}", **server_kwargs)
+
+    return _built_with(torchft_manager, "ManagerServer", bound_server, lambda: manager_class(**kwargs))
+
+
+@_reaches(PrivateName("torchft", "torchft.checkpointing.http_transport", "_IPv6HTTPServer"),
+          PrivateName("torchft", "torchft.checkpointing.http_transport:HTTPTransport", "_server", kind="instance"))
+def http_transport_listening_on(host: str, timeout: timedelta) -> Any:
+    """torchft's default healing transport (``HTTPTransport``: the staged training state over plain HTTP, a run
+    without a run secret) listening on ``host`` only and advertising it. torchft 0.2 binds it to ``("", 0)`` (every
+    interface) and advertises the host name, with no argument for either: its server class is swapped for the
+    constructor's duration for one bound to ``host``, and ``address()`` names ``host``."""
+    import socket
+
+    from torchft.checkpointing import http_transport as module
+
+    server_class = module._IPv6HTTPServer
+
+    class BoundServer(server_class):  # type: ignore[misc, valid-type]
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+        def __init__(self, server_address: tuple[str, int], handler: Any) -> None:
+            super().__init__((host.strip("[]"), server_address[1]), handler)
+
+    class BoundHTTPTransport(module.HTTPTransport):  # type: ignore[misc]
+        def address(self) -> str:
+            return f"http://{_url_host(host)}:{self._server.socket.getsockname()[1]}/checkpoint/"
+
+    return _built_with(module, "_IPv6HTTPServer", BoundServer,
+                       lambda: BoundHTTPTransport(timeout=timeout, num_chunks=0))
 
 
 # ---------------------------------------------------------------------------------------------------- jsonargparse

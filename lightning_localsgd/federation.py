@@ -69,7 +69,8 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from torch import Tensor
 
-from ._compat import managed_process_group, observe_quorums, quorum_id, quorum_started
+from ._compat import (http_transport_listening_on, managed_process_group, manager_listening_on, observe_quorums,
+                      quorum_id, quorum_started)
 from .data_shares import DataShares
 from .engine.comm import Communicator, SyncAbortedError, Work
 from .engine.outer import OuterSync, SyncResult
@@ -395,12 +396,16 @@ class Federation:
         store_addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
         store_port = int(os.environ["MASTER_PORT"])
         secret = load_run_secret(self.run_secret_file)
-        pg, transport = ProcessGroupGloo(timeout=self.timeout), None
-        if secret is not None:  # only the jobs proving the run secret take part, heal or are healed (run_secret.py)
+        # the manager server (rank 0's) and the healing transport listen on the interface that reaches the
+        # lighthouse only (loopback for a one-machine run), not on every interface as torchft's defaults do
+        listen_on = local_address_towards(self.lighthouse)
+        if secret is None:  # torchft's process group and plain HTTP transport (a trusted network)
+            pg, transport = ProcessGroupGloo(timeout=self.timeout), http_transport_listening_on(listen_on, self.timeout)
+        else:  # only the jobs proving the run secret take part, heal or are healed (run_secret.py)
             pg = make_authenticated_process_group(secret, f"{store_addr}:{store_port}", self.timeout, self.min_groups)
-            transport = make_healing_transport(secret, local_address_towards(self.lighthouse), self.timeout)
-        self.manager = Manager(
-            pg=pg, checkpoint_transport=transport, load_state_dict=self.load_state_dict,
+            transport = make_healing_transport(secret, listen_on, self.timeout)
+        self.manager = manager_listening_on(
+            listen_on, Manager, pg=pg, checkpoint_transport=transport, load_state_dict=self.load_state_dict,
             state_dict=self.state_dict, min_replica_size=self.min_groups, use_async_quorum=False,
             timeout=self.timeout, quorum_timeout=self.timeout,
             connect_timeout=timedelta(seconds=connect_timeout()), rank=host.rank,

@@ -575,6 +575,8 @@ class OuterSync:
             **compressed,
             # streaming sync: collectives in flight are waited for and their results kept, to apply after a resume
             "pending": [p.state_dict() for p in self.pending.values()],
+            # the robust screen's per-group norms, verdicts and bans (replicated: the same on every member)
+            "screen": self.screen.state_dict() if self.screen is not None else None,
         }
 
     @torch.no_grad()
@@ -623,6 +625,8 @@ class OuterSync:
                         st[k] = v.to(self.state_device)
         self.num_syncs = int(state["num_syncs"])
         self.bytes_sent = int(state["bytes_sent"])
+        if self.screen is not None:  # absent (a checkpoint from before it was saved, or a merged one): afresh
+            self.screen.load_state_dict(state.get("screen"))
         if self.compressor is not None:
             self.compressor.load_state_dict(state)
             mean_errors = state.get("compression_mean_error", {})

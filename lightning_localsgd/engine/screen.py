@@ -37,7 +37,7 @@ import math
 import statistics
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
@@ -113,6 +113,26 @@ class PseudoGradientScreen:
         """Repeated offenders: syncs they are still left out of."""
         self.excluded_total = 0
         """Exclusions over all syncs screened (a member left out of two syncs counts twice)."""
+
+    # ------------------------------------------------------------------ state (checkpoints and healing)
+    def state_dict(self) -> dict[str, Any]:
+        """Each member's kept norms, recent verdicts and remaining ban, and the exclusions counted: what a resume
+        needs to decide the next syncs as the uninterrupted run would. The same on every member that took part in
+        the same syncs (each decides from the same gathered figures), so a healing group takes its peer's."""
+        return {"history": {ident: list(norms) for ident, norms in self.history.items()},
+                "offences": {ident: list(verdicts) for ident, verdicts in self.offences.items()},
+                "banned": dict(self.banned), "excluded_total": self.excluded_total}
+
+    def load_state_dict(self, state: Optional[Mapping[str, Any]]) -> None:
+        """Restore :meth:`state_dict` (``None``, a checkpoint from before the screen's state was saved or one saved
+        without the screen: start afresh). A ``history`` shorter than the saved one keeps each member's newest."""
+        state = state or {}
+        self.history = {int(ident): deque(map(float, norms), maxlen=self.history_len)
+                        for ident, norms in state.get("history", {}).items()}
+        self.offences = {int(ident): deque(map(bool, verdicts), maxlen=self.history_len)
+                         for ident, verdicts in state.get("offences", {}).items()}
+        self.banned = {int(ident): int(left) for ident, left in state.get("banned", {}).items()}
+        self.excluded_total = int(state.get("excluded_total", 0))
 
     # ------------------------------------------------------------------ the rule (no communication)
     def decide(self, norms: Sequence[float], member_ids: Sequence[int]) -> ScreenVerdict:

@@ -72,6 +72,30 @@ def test_repeated_offender_is_banned_for_ban_syncs():
     assert screen.excluded_total == 4
 
 
+def test_state_round_trip_decides_as_the_uninterrupted_screen_and_legacy_starts_afresh(tmp_path):
+    ids = [7, 9]
+    straight = PseudoGradientScreen(10.0, history=4, ban_syncs=2)
+    for norms in ([1.0, 2.0], [1.0, 2.0], [1.0, 2.0], [1.0, 50.0], [1.0, 2.0], [1.0, 60.0]):
+        straight.decide(norms, ids)
+    assert straight.banned == {9: 2} and straight.excluded_total == 2
+    torch.save(straight.state_dict(), tmp_path / "screen.pt")  # as a checkpoint holds it (weights_only loads it)
+    resumed = PseudoGradientScreen(10.0, history=4, ban_syncs=2)
+    resumed.load_state_dict(torch.load(tmp_path / "screen.pt", weights_only=True))
+    assert resumed.state_dict() == straight.state_dict()
+    for norms in ([1.0, 2.0], [1.0, 2.0], [1.0, 30.0]):  # banned twice, then judged by its history again
+        assert resumed.decide(norms, ids).excluded.keys() == straight.decide(norms, ids).excluded.keys()
+    assert resumed.state_dict() == straight.state_dict() and resumed.excluded_total == 5
+    # a history shorter than the saved one keeps each member's newest norms
+    shorter = PseudoGradientScreen(10.0, history=3)
+    shorter.load_state_dict(straight.state_dict())
+    assert list(shorter.history[7]) == list(straight.history[7])[-3:]
+    # a checkpoint from before the screen's state was saved (no "screen": None): a fresh screen
+    legacy = PseudoGradientScreen(10.0, history=4, ban_syncs=2)
+    legacy.load_state_dict(straight.state_dict())
+    legacy.load_state_dict(None)
+    assert legacy.state_dict() == PseudoGradientScreen(10.0).state_dict()
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(screen_factor=1.0), "screen_factor must be a number above 1"),
     (dict(screen_factor=float("inf")), "screen_factor must be a number above 1"),

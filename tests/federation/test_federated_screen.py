@@ -5,12 +5,13 @@ job's pseudo-gradient ends the run (non-finite within three syncs)."""
 
 from __future__ import annotations
 
+import time
 import zlib
 
 import pytest
 
 pytest.importorskip("torchft")
-from test_federated import killed_on_exit, launch, lighthouse, run_jobs, wait_all  # noqa: F401
+from test_federated import H, killed_on_exit, launch, lighthouse, load, run_jobs, wait_all  # noqa: F401
 
 from test_federated_features import NAMES, max_diff
 
@@ -44,3 +45,28 @@ def test_three_jobs_one_broken_the_honest_two_end_as_without_it(tmp_path, lighth
         codes = wait_all(procs, out)
     assert codes[0] != 0 and "the pseudo-gradient is not finite" in (out / "g0.log").read_text()
     assert set(NAMES) <= set(final["g0"])
+
+
+@pytest.mark.slow
+def test_a_job_that_heals_takes_its_peers_screen_state(tmp_path, lighthouse):
+    """g0 trains alone past its first two syncs (its screen keeps its norms); g1 joins at g0's sync of step 8 and
+    heals from it. The screen's state is replicated (every member decides from the same gathered figures), so the
+    healed job must hold g0's history of the syncs before it joined, or the two-group rule (each group against its
+    own history) would judge g0 differently on each job: both end with the same screen state."""
+    address = lighthouse(1)
+    steps = 4 * H
+    procs = [launch(tmp_path, address, 0, outer="diloco", screen_factor=10.0, mark_at_step=H + 1, wait_for="g1",
+                    wait_at_step=2 * H - 1, max_steps=steps)]
+    with killed_on_exit(procs):
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "at_g0").exists():
+            assert time.monotonic() < deadline and procs[0].poll() is None, (tmp_path / "g0.log").read_text()[-3000:]
+            time.sleep(0.1)
+        procs.append(launch(tmp_path, address, 1, outer="diloco", screen_factor=10.0, max_steps=steps))
+        codes = wait_all(procs, tmp_path, timeout=200)
+    assert codes == [0, 0], "\n".join((tmp_path / f"g{g}.log").read_text()[-3000:] for g in range(2))
+    d = {g: load(tmp_path, f"g{g}") for g in range(2)}
+    assert d[1]["healed"] == 1 and d[1]["start_step"] == 2 * H, d[1]["attempts"]
+    g0_id = zlib.crc32(b"g0")
+    assert len(d[0]["screen"]["history"][g0_id]) == 4  # g0's norms of the syncs of steps 4, 8 (alone), 12, 16
+    assert d[1]["screen"] == d[0]["screen"]

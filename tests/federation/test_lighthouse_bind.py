@@ -1,10 +1,15 @@
 """Nothing listens wider than asked: `lightning-localsgd lighthouse` binds loopback unless told otherwise, and
-binds exactly the address `--bind` names (read back from the kernel's table of listening sockets)."""
+binds exactly the address `--bind` names; a federated job's own servers (torchft's manager server on rank 0, the
+healing transport) listen on the interface that reaches the lighthouse only (read back from the kernel's table of
+listening sockets)."""
 
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
+from datetime import timedelta
+from types import SimpleNamespace
 
 import pytest
 
@@ -15,6 +20,11 @@ from lightning_localsgd.federation import LOOPBACK, lighthouse_bind, main_lighth
 
 def listening(port: int) -> set[str]:
     """The addresses bound by the sockets listening on ``port`` (Linux: /proc/net/tcp and tcp6)."""
+    return {address for address, bound_port, _inode in listening_sockets() if bound_port == port}
+
+
+def listening_sockets() -> set[tuple[str, int, int]]:
+    """Every listening TCP socket on this machine: ``(address, port, inode)`` (Linux: /proc/net/tcp and tcp6)."""
     found = set()
     for path, width in (("/proc/net/tcp", 4), ("/proc/net/tcp6", 16)):
         try:
@@ -24,12 +34,25 @@ def listening(port: int) -> set[str]:
         for line in lines:
             local, state = line.split()[1], line.split()[3]
             address, hex_port = local.rsplit(":", 1)
-            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+            if state == "0A":  # LISTEN
                 raw = bytes.fromhex(address)
                 # the kernel prints each 32-bit word in host (little-endian) order
                 raw = b"".join(raw[i : i + 4][::-1] for i in range(0, width, 4))
-                found.add(str(ipaddress.ip_address(raw)))
+                found.add((str(ipaddress.ip_address(raw)), int(hex_port, 16), int(line.split()[9])))
     return found
+
+
+def own_listening_sockets() -> set[tuple[str, int]]:
+    """The listening sockets this process holds (its open file descriptors' socket inodes): ``(address, port)``."""
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:  # closed meanwhile
+            continue
+        if target.startswith("socket:["):
+            inodes.add(int(target[len("socket:["):-1]))
+    return {(address, port) for address, port, inode in listening_sockets() if inode in inodes}
 
 
 @pytest.fixture
@@ -73,3 +96,41 @@ def test_bind_strings_and_the_cli_default(capsys):
     with pytest.raises(SystemExit):
         main_lighthouse(["--help"])
     assert "default 127.0.0.1: this machine only" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("secret", [None, "run-secret"], ids=["no-secret", "run-secret"])
+def test_a_federated_jobs_servers_listen_where_the_lighthouse_is_reached_only(need_proc, monkeypatch, secret):
+    """Rank 0 of a job started against a lighthouse on loopback: torchft's manager server (which torchft binds to
+    ``[::]``) and the healing transport (torchft's binds every interface) listen on 127.0.0.1 and advertise it."""
+    from torch.distributed import TCPStore
+
+    from lightning_localsgd.federation import Federation
+    from lightning_localsgd.run_secret import ENV_VAR
+    from lightning_localsgd.syncs import HostFacts
+
+    server, address = start_lighthouse(port=0)
+    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)  # the job's store (Lightning's, in a run)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(store.port))
+    if secret is None:
+        monkeypatch.delenv(ENV_VAR, raising=False)
+    else:
+        monkeypatch.setenv(ENV_VAR, secret)
+    federation = Federation(address, "g0", min_groups=1, sync_timeout=10)
+    before = own_listening_sockets()
+    try:
+        federation.start(None, SimpleNamespace(overlap_steps=0, data_jobs=None),
+                         HostFacts(rank=0, world_size=1, training_state=lambda: None))
+        opened = own_listening_sockets() - before
+        manager_address = store.get("manager_addr").decode()  # what the manager server advertises (torchft's key)
+        manager_port = int(manager_address.rsplit(":", 1)[1])
+        assert {host for host, _port in opened} == {"127.0.0.1"}, opened  # none on :: or 0.0.0.0
+        assert len(opened) >= 2, opened  # the manager server and the healing transport
+        assert ("127.0.0.1", manager_port) in opened
+        assert manager_address == f"http://127.0.0.1:{manager_port}"
+        transport = federation.manager._checkpoint_transport
+        advertised = transport.metadata()
+        assert advertised.startswith("http://127.0.0.1:"), advertised
+    finally:
+        federation.shutdown()
+        server.shutdown()

@@ -8,7 +8,8 @@ import csv
 
 import pytest
 
-from _launch import max_diff, run_tiny
+from _launch import assert_resume_exact, max_diff, run_tiny
+from lightning_localsgd.checkpoint import read_checkpoint
 from reference import simulate
 
 
@@ -51,3 +52,22 @@ def test_no_broken_group_trains_exactly_as_without_the_screen(tmp_path):
                      seed_by_rank=True)
     for a, b in zip(screened, plain):
         assert max_diff(a["final"], b["final"]) == 0.0
+
+
+@pytest.mark.slow
+def test_resume_keeps_the_screens_history_and_ends_as_the_uninterrupted_run(tmp_path):
+    # two groups: each is held to its own history (3 kept norms needed). Group 1 breaks (x100) in the last interval,
+    # after the resume at step 6: the uninterrupted run leaves it out of the sync at step 12 (5 kept norms); a resume
+    # that lost the history (2 norms since) would let it in. The checkpoint is at an epoch's end (3 batches each):
+    # Lightning restarts a loader from its first batch on resume, so both runs read the same data.
+    opts = dict(devices=2, sync_every=2, steps=12, outer="diloco", inner="momentum", seed_by_rank=True,
+                batches_per_epoch=3, screen_factor=10.0, loss_scale=100.0, loss_scale_from=10)
+    straight = run_tiny(tmp_path / "a", ckpt_every=6, **opts)
+    screen = straight[0]["outer_state"]["screen"]
+    assert screen["excluded_total"] == 1 and len(screen["history"]) == 2  # the screen did act, once, at step 12
+    assert read_checkpoint(tmp_path / "a" / "ckpt" / "step=6.ckpt")["local_sgd"]["ranks"][0]["screen"][
+        "history"]  # the checkpoint holds the history the resume needs
+    resumed = run_tiny(tmp_path / "b", resume=tmp_path / "a" / "ckpt" / "step=6.ckpt", **opts)
+    assert_resume_exact(straight, resumed)
+    for a, b in zip(straight, resumed):
+        assert a["outer_state"]["screen"] == b["outer_state"]["screen"]

@@ -64,7 +64,8 @@ class TinyNet(nn.Module):
 class TinyModule(L.LightningModule):
     def __init__(self, inner: str = "sgd", manual: bool = False, buffer: bool = False, nan_at: int = -1,
                  group_size: int = 1, shard: str = "", hidden: int = 8, nan_from: int = -1, nan_loss_at: int = -1,
-                 nan_buffer_at: int = -1, loss_scale: float = 1.0, loss_scale_group: int = 1) -> None:
+                 nan_buffer_at: int = -1, loss_scale: float = 1.0, loss_scale_group: int = 1,
+                 loss_scale_from: int = 0) -> None:
         super().__init__()
         self.model = TinyNet(buffer, hidden)
         self.shard = shard
@@ -72,6 +73,7 @@ class TinyModule(L.LightningModule):
         self.nan_at = nan_at
         self.nan_from, self.nan_loss_at, self.nan_buffer_at = nan_from, nan_loss_at, nan_buffer_at
         self.loss_scale, self.loss_scale_group = loss_scale, loss_scale_group
+        self.loss_scale_from = loss_scale_from  # the scale applies from this step on
         self.group_size = group_size
         self.automatic_optimization = not manual
 
@@ -104,7 +106,8 @@ class TinyModule(L.LightningModule):
         loss = F.mse_loss(self(x), y)
         if group_1 and step == self.nan_loss_at:
             loss = loss * float("nan")  # NaN gradients: the inner optimizer's state (AdamW's moments) turns NaN
-        if self.loss_scale != 1.0 and self.global_rank // self.group_size == self.loss_scale_group:
+        if self.loss_scale != 1.0 and self.global_rank // self.group_size == self.loss_scale_group \
+                and step >= self.loss_scale_from:
             loss = loss * self.loss_scale  # a broken group: its gradients, and with SGD its pseudo-gradient, scaled
         if not self.automatic_optimization:
             opt1, opt2 = self.optimizers()

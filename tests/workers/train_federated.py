@@ -171,6 +171,7 @@ class Recorder(Callback):
             "pending": sorted(outer.pending, key=lambda f: -1 if f is None else f),
             "num_syncs": outer.num_syncs, **self.cluster_record(trainer.strategy),
             "screened_total": outer.screen.excluded_total if outer.screen is not None else None,
+            "screen": outer.screen.state_dict() if outer.screen is not None else None,
             "start_engines": self.start_engines, "engines": self.engines,
             "inner_state": [{k: v.detach().clone() for k, v in st.items() if torch.is_tensor(v)}
                             for o in trainer.optimizers for st in o.state.values()],

@@ -353,6 +353,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--nan-buffer-at", type=int, default=-1, help="a NaN in group 1's running_mean at this batch")
     p.add_argument("--max-consecutive-skips", type=int, default=None)
     p.add_argument("--loss-scale", type=float, default=1.0, help="group 1's loss is scaled by this at every step")
+    p.add_argument("--loss-scale-from", type=int, default=0, help="... from this step on (default: every step)")
     p.add_argument("--screen-factor", type=float, default=None, help="the robust screen (screen_factor=)")
     p.add_argument("--fault-rank", type=int, default=1)
     p.add_argument("--term-at", type=int, default=-1, help="SIGTERM --term-rank --term-delay s after this step starts")
@@ -376,7 +377,8 @@ def main(argv: list[str] | None = None) -> None:
     L.seed_everything(1000 + rank if args.seed_by_rank else 0, verbose=False)
     model = (ValidatedTinyModule if args.validate_every else TinyModule)(inner=args.inner, manual=args.manual, buffer=args.buffer, nan_at=args.nan_at,
                        group_size=args.group_size, shard=args.shard, hidden=args.hidden, nan_from=args.nan_from,
-                       nan_loss_at=args.nan_loss_at, nan_buffer_at=args.nan_buffer_at, loss_scale=args.loss_scale)
+                       nan_loss_at=args.nan_loss_at, nan_buffer_at=args.nan_buffer_at, loss_scale=args.loss_scale,
+                       loss_scale_from=args.loss_scale_from)
     L.seed_everything(0, verbose=False)
     data = DataLoader(make_dataset(), batch_size=2, shuffle=False)
 
