@@ -244,16 +244,25 @@ class ResumableDataLoader(DataLoader):
         for _ in range(drop):
             next(iterator, None)
         self._batches = drop
-        self._received = self._asked = self._stale = 0
-        for batch in iterator:
-            self._received += 1
-            if self._received <= self._stale:  # its indices were asked for before a live rewind: the old position's
-                continue
-            self._batches += 1
-            self._iterating = True
-            yield batch
+        while True:
+            self._received = self._asked = self._stale = 0
+            for batch in iterator:
+                self._received += 1
+                if self._received <= self._stale:  # its indices were asked for before a live rewind: the old position's
+                    continue
+                self._batches += 1
+                self._iterating = True
+                yield batch
+            if sampler is None or not sampler._jump:
+                break
+            # a live rewind after the loader had asked for the epoch's last indices (its workers' prefetch): the
+            # rewound share is read by a new iteration of the underlying loader
+            iterator = super().__iter__()
         self._iterating = False
         if sampler is not None:
+            if sampler.start and self.batch_size is not None:  # its batches counted from the start, now from 0
+                end = sampler.position(self._batches * self.batch_size)
+                self._batches = sampler.batches_before(end, self.batch_size)
             sampler.start = 0  # the epoch was read to its end: read again, it starts at its beginning
 
     def state_dict(self) -> dict[str, Any]:

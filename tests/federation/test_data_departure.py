@@ -154,6 +154,28 @@ def test_a_job_coming_back_gets_a_fresh_share_from_the_first_epoch_no_job_began(
     assert Counter(read + [i for _, b in jobs.read[2][2:] for i in b]) == {i: 4 for i in range(SAMPLES)}
 
 
+def test_a_federated_jobs_rewind_into_its_extras_reads_them_again_from_there():
+    """Job 0 of three, job 2 departed (test_data_departure's Jobs): in epoch 2, after its own stripe and two batches
+    of its extras, it moves back to the position between them: it reads again what it read from there."""
+    jobs = Jobs()
+    jobs.sync([], present=[0, 1, 2])
+    jobs.step([0, 1, 2]), jobs.step([0, 1, 2])
+    jobs.sync([0, 1, 2])
+    for _ in range(2):
+        jobs.step([0, 1]), jobs.step([0, 1])
+        jobs.sync([0, 1])
+    for _ in range(2 + 3):  # the rest of epoch 1 (2), epoch 2's first 3 batches
+        jobs.step([0])
+    assert jobs.loaders[0].sampler.epoch == 2 and len(jobs.loaders[0]) == 9
+    jobs.step([0])  # epoch 2's 4th batch: its own stripe read
+    position = data_position(jobs.loaders[0])
+    assert position == (2, SAMPLES)
+    jobs.step([0]), jobs.step([0])  # two batches of its extras
+    straight = [b for _, b in jobs.read[0][-2:]]
+    assert continue_at(jobs.loaders[0], *position, live=True) == (2, 4)
+    assert [batch[0].tolist() for batch in jobs.iterators[0]][:2] == straight
+
+
 def _saved(state):
     """``state`` through ``torch.save`` (as a checkpoint file holds it)."""
     buffer = io.BytesIO()
