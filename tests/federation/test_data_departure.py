@@ -348,3 +348,58 @@ def test_jobs_of_two_ranks_split_their_extras_between_their_ranks():
     for r, loader in enumerate(ranks):  # after 3 batches: 4 own and 2 extra samples per rank
         assert continue_at(loader, 1, SAMPLES + 4) == (1, 3)
         assert [i for b in loader for i in b[0].tolist()] == [mine[4 + r]]
+
+
+@pytest.mark.slow
+def test_a_live_job_that_missed_a_sync_rereads_exactly_what_it_read_since_its_last_commit(tmp_path):
+    """A live rewind. Three one-rank jobs sync every 2 steps, a lighthouse that forms a quorum of 2 after waiting
+    0.3 s for the third. g2 stalls before its step 4 (its sync of step 2 committed its first 2 batches: position 12
+    of epoch 0), so g0 and g1 commit the sync of step 4 without it; g2 then trains step 4 and meets them at their
+    sync of step 6 (they wait for it before step 6): it is behind, heals from a peer, its steps 3-4 are dropped
+    (dropped_weight 1) and its data moves back to its committed position inside the running epoch: the next batches
+    it trains on are its steps 3-4's again, then its stripe of epoch 1. The committed contributions hold every
+    sample of epochs 0 and 1 exactly once, as an uninterrupted run's do; the summary's reread is the dropped batches'
+    samples. Fails without the rewind (g2 goes on into epoch 1; reread 0)."""
+    from torchft._torchft import LighthouseServer
+
+    server = LighthouseServer(bind="127.0.0.1:0", min_replicas=2, join_timeout_ms=300, quorum_tick_ms=50,
+                              heartbeat_timeout_ms=1000)
+    try:
+        address = "127.0.0.1:" + server.address().rsplit(":", 1)[-1]
+        common = dict(ledger_size=SAMPLES, data_jobs=JOBS, sync_every=2, max_steps=12, barrier=JOBS)
+        late = dict(wait_for="go", wait_at_step=3)
+        procs = [launch(tmp_path, address, g, data_job_index=g, **common,
+                        **(late if g == 2 else dict(wait_for="g2late", wait_at_step=5, mark_at_step=5)))
+                 for g in range(JOBS)]
+        with killed_on_exit(procs):
+            deadline = time.monotonic() + 120
+            while not (tmp_path / "at_g0").exists():  # g0 and g1 committed the sync of step 4 without g2
+                assert time.monotonic() < deadline and procs[0].poll() is None, (tmp_path / "g0.log").read_text()[-3000:]
+                time.sleep(0.05)
+            (tmp_path / "ready_go").touch()  # g2 trains step 4 and waits at its sync of step 4
+            time.sleep(1.0)
+            (tmp_path / "ready_g2late").touch()  # g0 and g1 go on to their sync of step 6
+            codes = wait_all(procs, tmp_path)
+        assert codes == [0, 0, 0], "\n".join((tmp_path / f"g{g}.log").read_text()[-3000:] for g in range(JOBS))
+    finally:
+        server.shutdown()
+    g0, g1, g2 = (load(tmp_path, f"g{g}") for g in range(JOBS))
+    healed = [(a["step"], a["participants"]) for a in g2["attempts"] if a["healed"] and a["committed"]]
+    assert g2["healed"] == 1 and [p for _, p in healed] == [3] and g2["dropped"] == 1.0, g2["attempts"]
+    assert [a["participants"] for a in g0["attempts"] if a["committed"] and a["step"] == 4] == [2]
+    own = batches(stripe(2, 0)) + batches(stripe(2, 1))
+    assert g2["ledger"] == own[:4] + own[2:8] and g2["epochs"] == [0] * 6 + [1] * 4
+    assert g2["ledger"][4:6] == g2["ledger"][2:4]  # read again: exactly what it read since its last commit
+    for job, dump in ((0, g0), (1, g1)):
+        assert dump["ledger"] == batches(stripe(job, 0) + stripe(job, 1) + stripe(job, 2)) and dump["healed"] == 0
+    committed2 = g2["ledger"][:2] + g2["ledger"][4:]
+    every = [i for d in (g0, g1) for i in committed_samples(d["ledger"], d["epochs"], upto=1)]
+    every += [i for b in committed2 for i in b]
+    uninterrupted = [i for e in range(2) for j in range(JOBS) for i in stripe(j, e)]
+    assert Counter(every) == Counter(uninterrupted) == {i: 2 for i in range(SAMPLES)}
+    reread = sum(len(b) for b in g2["ledger"][2:4])
+    summary = {0: {"contributed": 24, "reread": 0}, 1: {"contributed": 24, "reread": 0},
+               2: {"contributed": sum(len(b) for b in committed2), "reread": reread}}
+    for dump in (g0, g1, g2):
+        assert dump["data_summary"] == summary
+        assert dump["data_positions"] == {0: (2, SAMPLES), 1: (2, SAMPLES), 2: (1, SAMPLES)}
