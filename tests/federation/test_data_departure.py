@@ -124,9 +124,9 @@ def test_without_rebalancing_the_departed_jobs_data_is_never_read():
     assert not jobs.events and len(jobs.loaders[0]) == 4
 
 
-def test_a_job_coming_back_gets_a_fresh_share_from_the_first_epoch_no_job_began():
-    """Job 2 leaves at position 12 of epoch 0; it comes back while jobs 0 and 1 are inside epoch 2 (whose extras
-    stay theirs): it continues at epoch 3's start, reading its own stripe; jobs 0 and 1 read no extras there."""
+def departed() -> Jobs:
+    """Job 2 read 2 committed steps (position 12 of epoch 0) and left; jobs 0 and 1 split its data at the sync of
+    step 6 (the second without it)."""
     jobs = Jobs()
     jobs.sync([], present=[0, 1, 2])
     jobs.step([0, 1, 2]), jobs.step([0, 1, 2])
@@ -134,6 +134,13 @@ def test_a_job_coming_back_gets_a_fresh_share_from_the_first_epoch_no_job_began(
     for _ in range(2):
         jobs.step([0, 1]), jobs.step([0, 1])
         jobs.sync([0, 1])
+    return jobs
+
+
+def test_a_job_coming_back_gets_a_fresh_share_from_the_first_epoch_no_job_began():
+    """Job 2 leaves at position 12 of epoch 0; it comes back while jobs 0 and 1 are inside epoch 2 (whose extras
+    stay theirs): it continues at epoch 3's start, reading its own stripe; jobs 0 and 1 read no extras there."""
+    jobs = departed()
     for _ in range(4):  # steps 7-10: the end of epoch 1, two batches into epoch 2
         jobs.step([0, 1])
     fresh = DataLoader(TensorDataset(torch.arange(SAMPLES)), batch_size=2, shuffle=True)
@@ -157,13 +164,7 @@ def test_a_job_coming_back_gets_a_fresh_share_from_the_first_epoch_no_job_began(
 def test_a_federated_jobs_rewind_into_its_extras_reads_them_again_from_there():
     """Job 0 of three, job 2 departed (test_data_departure's Jobs): in epoch 2, after its own stripe and two batches
     of its extras, it moves back to the position between them: it reads again what it read from there."""
-    jobs = Jobs()
-    jobs.sync([], present=[0, 1, 2])
-    jobs.step([0, 1, 2]), jobs.step([0, 1, 2])
-    jobs.sync([0, 1, 2])
-    for _ in range(2):
-        jobs.step([0, 1]), jobs.step([0, 1])
-        jobs.sync([0, 1])
+    jobs = departed()
     for _ in range(2 + 3):  # the rest of epoch 1 (2), epoch 2's first 3 batches
         jobs.step([0])
     assert jobs.loaders[0].sampler.epoch == 2 and len(jobs.loaders[0]) == 9
