@@ -351,6 +351,38 @@ def test_jobs_of_two_ranks_split_their_extras_between_their_ranks():
         assert [i for b in loader for i in b[0].tolist()] == [mine[4 + r]]
 
 
+def run_with_a_late_job(out, release_at: int, **options) -> tuple[dict, dict, dict]:
+    """Three one-rank jobs over a lighthouse that forms a quorum of 2 after waiting 2 s for the third; g2 stalls
+    before its step 4 until g0 has trained step ``release_at`` (g0 and g1 sync without it meanwhile), then trains step
+    4 and waits at its sync; g0 and g1 wait before their step ``release_at`` + 1 until then, so g2 meets them (and
+    heals) at their next sync. Returns the three dumps."""
+    from torchft._torchft import LighthouseServer
+
+    server = LighthouseServer(bind="127.0.0.1:0", min_replicas=2, join_timeout_ms=2000, quorum_tick_ms=50,
+                              heartbeat_timeout_ms=1000)
+    try:
+        address = "127.0.0.1:" + server.address().rsplit(":", 1)[-1]
+        common = dict(ledger_size=SAMPLES, data_jobs=JOBS, barrier=JOBS, **options)
+        late = dict(wait_for="go", wait_at_step=3)
+        procs = [launch(out, address, g, data_job_index=g, **common,
+                        **(late if g == 2 else dict(wait_for="g2late", wait_at_step=release_at,
+                                                    mark_at_step=release_at)))
+                 for g in range(JOBS)]
+        with killed_on_exit(procs):
+            deadline = time.monotonic() + 120
+            while not (out / "at_g0").exists():  # g0 and g1 committed their syncs without g2
+                assert time.monotonic() < deadline and procs[0].poll() is None, (out / "g0.log").read_text()[-3000:]
+                time.sleep(0.05)
+            (out / "ready_go").touch()  # g2 trains step 4 and waits at its sync of step 4
+            time.sleep(1.0)
+            (out / "ready_g2late").touch()  # g0 and g1 go on to their next sync
+            codes = wait_all(procs, out)
+        assert codes == [0, 0, 0], "\n".join((out / f"g{g}.log").read_text()[-3000:] for g in range(JOBS))
+    finally:
+        server.shutdown()
+    return tuple(load(out, f"g{g}") for g in range(JOBS))  # type: ignore[return-value]
+
+
 @pytest.mark.slow
 def test_a_live_job_that_missed_a_sync_rereads_exactly_what_it_read_since_its_last_commit(tmp_path):
     """A live rewind. Three one-rank jobs sync every 2 steps, a lighthouse that forms a quorum of 2 after waiting
@@ -361,30 +393,7 @@ def test_a_live_job_that_missed_a_sync_rereads_exactly_what_it_read_since_its_la
     it trains on are its steps 3-4's again, then its stripe of epoch 1. The committed contributions hold every
     sample of epochs 0 and 1 exactly once, as an uninterrupted run's do; the summary's reread is the dropped batches'
     samples. Fails without the rewind (g2 goes on into epoch 1; reread 0)."""
-    from torchft._torchft import LighthouseServer
-
-    server = LighthouseServer(bind="127.0.0.1:0", min_replicas=2, join_timeout_ms=2000, quorum_tick_ms=50,
-                              heartbeat_timeout_ms=1000)
-    try:
-        address = "127.0.0.1:" + server.address().rsplit(":", 1)[-1]
-        common = dict(ledger_size=SAMPLES, data_jobs=JOBS, sync_every=2, max_steps=12, barrier=JOBS)
-        late = dict(wait_for="go", wait_at_step=3)
-        procs = [launch(tmp_path, address, g, data_job_index=g, **common,
-                        **(late if g == 2 else dict(wait_for="g2late", wait_at_step=5, mark_at_step=5)))
-                 for g in range(JOBS)]
-        with killed_on_exit(procs):
-            deadline = time.monotonic() + 120
-            while not (tmp_path / "at_g0").exists():  # g0 and g1 committed the sync of step 4 without g2
-                assert time.monotonic() < deadline and procs[0].poll() is None, (tmp_path / "g0.log").read_text()[-3000:]
-                time.sleep(0.05)
-            (tmp_path / "ready_go").touch()  # g2 trains step 4 and waits at its sync of step 4
-            time.sleep(1.0)
-            (tmp_path / "ready_g2late").touch()  # g0 and g1 go on to their sync of step 6
-            codes = wait_all(procs, tmp_path)
-        assert codes == [0, 0, 0], "\n".join((tmp_path / f"g{g}.log").read_text()[-3000:] for g in range(JOBS))
-    finally:
-        server.shutdown()
-    g0, g1, g2 = (load(tmp_path, f"g{g}") for g in range(JOBS))
+    g0, g1, g2 = run_with_a_late_job(tmp_path, release_at=5, max_steps=12, sync_every=2)
     healed = [a for a in g2["attempts"] if a["healed"] and a["committed"]]
     assert g2["healed"] == 1 and len(healed) == 1 and g2["dropped"] == 1.0, g2["attempts"]
     assert [a["participants"] for a in g0["attempts"] if a["committed"] and a["step"] == 4] == [2]
@@ -405,3 +414,21 @@ def test_a_live_job_that_missed_a_sync_rereads_exactly_what_it_read_since_its_la
     for dump in (g0, g1, g2):
         assert dump["data_summary"] == summary
         assert dump["data_positions"] == {0: (2, SAMPLES), 1: (2, SAMPLES), 2: (1, SAMPLES)}
+
+
+@pytest.mark.slow
+def test_a_live_job_coming_back_after_its_data_was_split_moves_to_its_fresh_share(tmp_path):
+    """The live version of the return above: g2 is not restarted but stalls before its step 4 while g0 and g1 sync
+    without it (its data split at the sync of step 6) until they trained step 9; it heals at their sync of step 10,
+    inside its epoch 0, and moves at once to its fresh share: its stripe of epoch 3 (g0 and g1 are inside epoch 2).
+    Every sample of epochs 0-3 contributes exactly once. Fails without the rewind (g2 goes on with epoch 0)."""
+    g0, g1, g2 = run_with_a_late_job(tmp_path, release_at=9, max_steps=21, **MP)
+    assert g2["healed"] == 1 and g2["ledger"][:4] == batches(stripe(2, 0))[:4]
+    assert g2["ledger"][4:8] == batches(stripe(2, 3)) and g2["epochs"][:8] == [0] * 4 + [3] * 4
+    assert "data job 2 is back" in (tmp_path / "g0.log").read_text()
+    for job, dump in ((0, g0), (1, g1)):
+        assert dump["healed"] == 0 and dump["ledger"] == recipients_ledger(job) + batches(stripe(job, 3))
+    every = (committed_samples(g0["ledger"]) + committed_samples(g1["ledger"]) + committed_samples(g2["ledger"][:2])
+             + committed_samples(g2["ledger"][4:], g2["epochs"][4:], upto=3))
+    assert Counter(every) == {i: 4 for i in range(SAMPLES)}
+    assert g2["data_positions"] == g0["data_positions"] and g2["data_departures"] == g0["data_departures"]
