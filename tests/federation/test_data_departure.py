@@ -362,7 +362,7 @@ def run_with_a_late_job(out, release_at: int, **options) -> tuple[dict, dict, di
                               heartbeat_timeout_ms=1000)
     try:
         address = "127.0.0.1:" + server.address().rsplit(":", 1)[-1]
-        common = dict(ledger_size=SAMPLES, data_jobs=JOBS, barrier=JOBS, **options)
+        common = {"ledger_size": SAMPLES, "data_jobs": JOBS, "barrier": JOBS, **options}
         late = dict(wait_for="go", wait_at_step=3)
         procs = [launch(out, address, g, data_job_index=g, **common,
                         **(late if g == 2 else dict(wait_for="g2late", wait_at_step=release_at,
