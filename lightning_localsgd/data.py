@@ -18,6 +18,11 @@ when a job leaves for good, the others read its unread samples after their own s
 (:mod:`~lightning_localsgd.data_shares` says which): their epoch is that much longer, and the position goes on past
 the dataset's length, counting them. A sampler partitioned over the jobs already is not partitioned again.
 
+A federated job that heals while alive (its work since its last committed sync dropped) moves its running epoch back
+to its committed position (:func:`continue_at` with ``live=True``, a *live rewind*): the sampler's iteration reads the
+share from the new position at the next index it hands out, and the loader drops the batches it had asked for before
+(a worker's prefetch), so its next batch is the first sample after the position.
+
 Other samplers (a user's own, kept by Lightning in a ``DistributedSamplerWrapper``) keep their order; the loader then
 saves how many batches of the epoch it handed out and a resumed epoch drops that many first (read and discarded; exact
 for a sampler whose order depends on the epoch only). Iterable datasets have no sampler: use a loader that saves its
