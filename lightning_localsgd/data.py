@@ -185,9 +185,10 @@ class ResumableSampler(DistributedSampler):
 
 
 class _JumpingIterator:
-    """A :class:`ResumableSampler`'s iteration: it reads the sampler's share lazily and takes a :meth:`~ResumableSampler.jump`
-    at the next index asked for. An iterator object, not a generator: after its share's end it yields again once a
-    jump came (the batch sampler asks again for the next batch after a partial last one)."""
+    """A :class:`ResumableSampler`'s iteration: it reads the sampler's share lazily and takes a
+    :meth:`~ResumableSampler.jump` at the next index asked for. An iterator object, not a generator: after its
+    share's end it yields again once a jump came (the batch sampler asks again for the next batch after a partial
+    last one)."""
 
     def __init__(self, sampler: ResumableSampler) -> None:
         self.sampler, self.indices, self.next = sampler, [], 0

@@ -431,7 +431,8 @@ class LocalSGDMixin:
     def _continue_data_at(self, trainer: Trainer, epoch: int, samples: int) -> bool:
         """The next training batch continues the data at ``(epoch, samples)``, Lightning's epoch and batch counters
         with it (so its epoch ends where the loader's does): healing takes the job's last committed position. Inside
-        a running epoch too (a live job that healed with its work dropped: a live rewind, :func:`~.data.continue_at`)."""
+        a running epoch too (a live job that healed with its work dropped: a live rewind,
+        :func:`~lightning_localsgd.data.continue_at`)."""
         loader = self._training_loader(trainer)
         if data_position(loader) is None:
             return False
@@ -447,7 +448,7 @@ class LocalSGDMixin:
         if running:  # the running epoch's fetcher counts from the moved counter; its length may be another epoch's
             recount_epoch_batches(trainer)
             rewind_epoch_fetcher(trainer)
-        else:  # another epoch may hold another number of batches (the start hook of an epoch resumed mid-way does not run)
+        else:  # another epoch may hold another number of batches (an epoch resumed mid-way runs no start hook)
             self.local_sgd_epoch_start(trainer)
         return True
 

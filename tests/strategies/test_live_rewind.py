@@ -1,7 +1,8 @@
 """A live rewind (``continue_at(..., live=True)``): a running epoch's loader moves back to a position, and its next
 batch is the first of the replica's share from there; the epoch then ends at its end. In one process: the sampler's
-jump (mid-epoch, after a partial last batch, back into the previous epoch; a federated job's extras: test_data_departure), worker
-prefetch (dropped, exact), and Lightning's fit loop following the rewind (its batch counter and its epoch's end).
+jump (mid-epoch, after a partial last batch, back into the previous epoch; a federated job's extras:
+test_data_departure), worker prefetch (dropped, exact), and Lightning's fit loop following the rewind (its batch
+counter and its epoch's end).
 
 The references are written by hand: epoch ``e``'s order is ``torch.randperm(n)`` of seed ``e`` (``DistributedSampler``'s
 with seed 0), read in batches of the loader's size from the position."""
@@ -98,7 +99,8 @@ class Ledger(L.Callback):
         self.read.append((trainer.current_epoch, batch[0].tolist()))
         self.batch_idx.append(batch_idx)
         if len(self.read) == self.at:
-            host = SimpleNamespace(_training_loader=LocalSGDMixin._training_loader, local_sgd_epoch_start=lambda t: None)
+            host = SimpleNamespace(_training_loader=LocalSGDMixin._training_loader,
+                                   local_sgd_epoch_start=lambda trainer: None)
             assert LocalSGDMixin._continue_data_at(host, trainer, *self.to)
 
 
