@@ -835,7 +835,8 @@ class Federation:
         since then is read again (counted in the summary). A live job (cut off, or late, with its work dropped) moves
         its running epoch back there: the next batch it trains on is the first sample after that position (a live
         rewind). A job whose data was given away waits for its fresh share (decided when this quorum's sync commits).
-        ``async_sync``'s late job keeps its work (merged, not dropped) and does not come here: its data goes on."""
+        ``async_sync``'s late job keeps its work (merged, not dropped) and does not come here (its data would go on;
+        ``async_sync`` with ``data_jobs`` is refused for now)."""
         assert self.host is not None
         if self.data_job is None or self.data_shares is None:
             return
