@@ -429,3 +429,25 @@ def recount_epoch_batches(trainer: Any) -> None:
         combined._iterator.limits = combined.limits
     batches = sized_len(combined)
     loop.max_batches = batches if batches is not None else float("inf")
+
+
+@_reaches(PrivateName("lightning", _FIT_LOOP, "_data_fetcher", kind="instance"),
+          PrivateName("lightning", _FIT_LOOP, "_combined_loader", kind="instance"),
+          PrivateName("lightning", "lightning.pytorch.loops.fetchers:_DataFetcher", "fetched", kind="instance"),
+          PrivateName("lightning", "lightning.pytorch.loops.fetchers:_DataFetcher", "length", kind="instance"))
+def rewind_epoch_fetcher(trainer: Any) -> None:
+    """The running epoch's training data moved under Lightning (a live rewind, its batch counter set with it): the
+    epoch's data fetcher counts the batches fetched from that counter and ends at the epoch's length again (it ends
+    the epoch at ``fetched >= length``), and the batch just trained is not the epoch's last any more."""
+    from lightning.pytorch.utilities.data import sized_len
+
+    loop = trainer.fit_loop
+    progress = loop.epoch_loop.batch_progress
+    progress.is_last_batch = False
+    fetcher = loop._data_fetcher
+    if fetcher is None:
+        return
+    fetcher.fetched = progress.current.ready
+    if loop._combined_loader is not None:
+        fetcher.length = sized_len(loop._combined_loader)
+    fetcher.done = fetcher.length is not None and fetcher.fetched >= fetcher.length

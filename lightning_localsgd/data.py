@@ -18,6 +18,11 @@ when a job leaves for good, the others read its unread samples after their own s
 (:mod:`~lightning_localsgd.data_shares` says which): their epoch is that much longer, and the position goes on past
 the dataset's length, counting them. A sampler partitioned over the jobs already is not partitioned again.
 
+A federated job that heals while alive (its work since its last committed sync dropped) moves its running epoch back
+to its committed position (:func:`continue_at` with ``live=True``, a *live rewind*): the sampler's iteration reads the
+share from the new position at the next index it hands out, and the loader drops the batches it had asked for before
+(a worker's prefetch), so its next batch is the first sample after the position.
+
 Other samplers (a user's own, kept by Lightning in a ``DistributedSamplerWrapper``) keep their order; the loader then
 saves how many batches of the epoch it handed out and a resumed epoch drops that many first (read and discarded; exact
 for a sampler whose order depends on the epoch only). Iterable datasets have no sampler: use a loader that saves its
@@ -82,6 +87,8 @@ class ResumableSampler(DistributedSampler):
         """With ``jobs``: the federation's record of who reads what (:class:`~.data_shares.DataShares`): the
         departed jobs' samples this job reads after its stripe (its *extras*)."""
         self._orders: dict[int, list[int]] = {}
+        self._jump = False  # a jump() the running iteration has not taken yet
+        self.pulled = 0  #: indices the running iteration yielded since it started or since the last jump()
         if jobs is not None and shares is not None:
             shares.attach(len(dataset), self.job_replicas)  # type: ignore[arg-type]
 
@@ -136,7 +143,8 @@ class ResumableSampler(DistributedSampler):
             return size
         return size + len(self.shares.extras(self.jobs[0], epoch))
 
-    def __iter__(self) -> Iterator[int]:
+    def share(self) -> list[int]:
+        """This replica's indices of the current epoch from :attr:`start` (its stripe, then its extras)."""
         order = self.epoch_order()
         rest = order[self.start:]
         if self.drop_last:
@@ -145,7 +153,17 @@ class ResumableSampler(DistributedSampler):
             pad = -len(rest) % self.num_replicas  # repeats of the epoch's first samples, as DistributedSampler pads
             rest += (order * (pad // max(1, len(order)) + 1))[:pad]
         extras = self.extras()[max(0, self.start - len(order)):]
-        return iter(rest[self.rank :: self.num_replicas] + extras[self.rank % self.job_replicas :: self.job_replicas])
+        return rest[self.rank :: self.num_replicas] + extras[self.rank % self.job_replicas :: self.job_replicas]
+
+    def __iter__(self) -> Iterator[int]:
+        self._jump, self.pulled = True, 0  # the share is read at the first index asked for (from start then)
+        return _JumpingIterator(self)
+
+    def jump(self, epoch: int, samples: int) -> None:
+        """Move the running iteration to ``(epoch, samples)``: the next index it yields is the first of this
+        replica's share from there (a live rewind; see :func:`continue_at`). The iteration's end follows."""
+        self.epoch, self.start = epoch, samples
+        self._jump, self.pulled = True, 0
 
     def position(self, samples_per_replica: int) -> int:
         """The epoch's position once each replica read ``samples_per_replica`` more samples of this iteration (at
@@ -164,6 +182,29 @@ class ResumableSampler(DistributedSampler):
         if samples <= size:
             return samples // (self.num_replicas * batch_size)
         return (self._own_per_replica(0) + (samples - size) // self.job_replicas) // batch_size
+
+
+class _JumpingIterator:
+    """A :class:`ResumableSampler`'s iteration: it reads the sampler's share lazily and takes a
+    :meth:`~ResumableSampler.jump` at the next index asked for. An iterator object, not a generator: after its
+    share's end it yields again once a jump came (the batch sampler asks again for the next batch after a partial
+    last one)."""
+
+    def __init__(self, sampler: ResumableSampler) -> None:
+        self.sampler, self.indices, self.next = sampler, [], 0
+
+    def __iter__(self) -> "_JumpingIterator":
+        return self
+
+    def __next__(self) -> int:
+        sampler = self.sampler
+        if sampler._jump:
+            sampler._jump, self.indices, self.next = False, sampler.share(), 0
+        if self.next >= len(self.indices):
+            raise StopIteration
+        self.next += 1
+        sampler.pulled += 1
+        return self.indices[self.next - 1]
 
 
 class ResumableDataLoader(DataLoader):
@@ -189,6 +230,9 @@ class ResumableDataLoader(DataLoader):
         self.made_by_strategy = False
         self._skip: Optional[tuple[Optional[int], int]] = None  # (epoch, batches) to drop: a restored batch position
         self._iterating = False  # inside an epoch's iteration (its first batch handed out, its last not yet)
+        self._received = 0  # batches of the current iteration the underlying loader delivered
+        self._asked = 0  # batches of indices the iteration asked its sampler for before its last live rewind
+        self._stale = 0  # the first batches delivered that were asked for before a live rewind: dropped
 
     def _position_sampler(self) -> Optional[ResumableSampler]:
         return self.sampler if isinstance(self.sampler, ResumableSampler) else None
@@ -206,12 +250,25 @@ class ResumableDataLoader(DataLoader):
         for _ in range(drop):
             next(iterator, None)
         self._batches = drop
-        for batch in iterator:
-            self._batches += 1
-            self._iterating = True
-            yield batch
+        while True:
+            self._received = self._asked = self._stale = 0
+            for batch in iterator:
+                self._received += 1
+                if self._received <= self._stale:  # its indices were asked for before a live rewind: the old position's
+                    continue
+                self._batches += 1
+                self._iterating = True
+                yield batch
+            if sampler is None or not sampler._jump:
+                break
+            # a live rewind after the loader had asked for the epoch's last indices (its workers' prefetch): the
+            # rewound share is read by a new iteration of the underlying loader
+            iterator = super().__iter__()
         self._iterating = False
         if sampler is not None:
+            if sampler.start and self.batch_size is not None:  # its batches counted from the start, now from 0
+                end = sampler.position(self._batches * self.batch_size)
+                self._batches = sampler.batches_before(end, self.batch_size)
             sampler.start = 0  # the epoch was read to its end: read again, it starts at its beginning
 
     def state_dict(self) -> dict[str, Any]:
@@ -336,17 +393,28 @@ def data_position(loader: Any) -> Optional[tuple[int, int]]:
     return int(state["epoch"]), int(state["samples"])
 
 
-def continue_at(loader: ResumableDataLoader, epoch: int, samples: int) -> Optional[tuple[int, int]]:
-    """Make ``loader``'s next iteration continue at ``(epoch, samples)`` (:func:`data_position`; an epoch read to
-    its end continues at the next epoch's start). Returns ``(epoch, batches of that epoch before the position)``, or
-    ``None`` when the loader is inside an epoch's iteration (a position cannot move under a running iteration)."""
+def continue_at(loader: ResumableDataLoader, epoch: int, samples: int,
+                live: bool = False) -> Optional[tuple[int, int]]:
+    """Make ``loader``'s next batch continue at ``(epoch, samples)`` (:func:`data_position`; an epoch read to its end
+    continues at the next epoch's start). Returns ``(epoch, batches of that epoch before the position)``, or ``None``
+    when the loader is inside an epoch's iteration and ``live`` is False.
+
+    ``live``: a running iteration moves too (a live rewind): its next batch is the first of this replica's share from
+    the position, the iteration ends at that epoch's end. Batches whose indices the loader asked for before (a
+    worker's prefetch, ``num_workers > 0``) are read and dropped: exact for a loader that delivers its batches in
+    order (``in_order=True``, the default)."""
     sampler = loader._position_sampler()
     assert sampler is not None and loader.batch_size is not None
-    if loader._iterating:
+    if loader._iterating and not live:
         return None
     if samples >= sampler.epoch_end(epoch):
         epoch, samples = epoch + 1, 0
-    sampler.epoch, sampler.start = epoch, samples
+    if loader._iterating:
+        loader._asked += -(-sampler.pulled // loader.batch_size)  # the index batches asked for from the old position
+        loader._stale, loader._batches = loader._asked, 0
+        sampler.jump(epoch, samples)
+    else:
+        sampler.epoch, sampler.start = epoch, samples
     return epoch, sampler.batches_before(samples, loader.batch_size)
 
 

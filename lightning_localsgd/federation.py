@@ -831,14 +831,17 @@ class Federation:
         self._lost_data = 0
         if away and shares.away(self.data_job) is None:  # type: ignore[arg-type]
             fresh = shares.positions[self.data_job]  # type: ignore[index]
-            if not self.host.continue_data_at(*fresh):
-                log.warning(f"local SGD: group {self.group_id} came back while its training loader is inside an "
-                            f"epoch: its data cannot move to its fresh share at {fresh}")
+            if not self.host.continue_data_at(*fresh):  # moves a running epoch too (a live rewind)
+                log.warning(f"local SGD: group {self.group_id} came back, but its training loader has no data "
+                            f"position (not a resumable loader): its data cannot move to its fresh share at {fresh}")
 
     def _continue_own_data(self) -> None:
         """Healed: this job's data continues where its last committed sync ended (the peer's record); what it read
-        since then is read again (counted in the summary). A job whose data was given away waits for its fresh share
-        (decided when this quorum's sync commits)."""
+        since then is read again (counted in the summary). A live job (cut off, or late, with its work dropped) moves
+        its running epoch back there: the next batch it trains on is the first sample after that position (a live
+        rewind). A job whose data was given away waits for its fresh share (decided when this quorum's sync commits).
+        ``async_sync``'s late job keeps its work (merged, not dropped) and does not come here (its data would go on;
+        ``async_sync`` with ``data_jobs`` is refused for now)."""
         assert self.host is not None
         if self.data_job is None or self.data_shares is None:
             return
@@ -858,9 +861,9 @@ class Federation:
             log.info(f"local SGD: group {self.group_id} continues its share of the data at its last committed "
                      f"position: epoch {position[0]}, sample {position[1]} of the epoch's order")
         else:
-            log.warning(f"local SGD: group {self.group_id} healed while its training loader is inside an epoch: its "
-                        f"data cannot move back to its last committed position {position}, so the samples it read "
-                        "since then (their work dropped by the heal) are not read again")
+            log.warning(f"local SGD: group {self.group_id} healed, but its training loader has no data position (not "
+                        f"a resumable loader): its data cannot move back to its last committed position {position}, "
+                        "so the samples it read since then (their work dropped by the heal) are not read again")
 
 
 # ---------------------------------------------------------------------------------------------------- lighthouse CLI

@@ -26,7 +26,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from .._compat import (attached_trainer, epoch_batches_done, fit_loop_can_stop_early, is_max_limit_reached,
-                       recount_epoch_batches)
+                       recount_epoch_batches, rewind_epoch_fetcher)
 from ..async_checkpoint import AsyncCheckpointWriter
 from ..config import LocalSGDConfig
 from ..controller import LocalSGDController
@@ -430,16 +430,26 @@ class LocalSGDMixin:
 
     def _continue_data_at(self, trainer: Trainer, epoch: int, samples: int) -> bool:
         """The next training batch continues the data at ``(epoch, samples)``, Lightning's epoch and batch counters
-        with it (so its epoch ends where the loader's does): healing takes the job's last committed position."""
+        with it (so its epoch ends where the loader's does): healing takes the job's last committed position. Inside
+        a running epoch too (a live job that healed with its work dropped: a live rewind,
+        :func:`~lightning_localsgd.data.continue_at`)."""
         loader = self._training_loader(trainer)
         if data_position(loader) is None:
             return False
-        moved = continue_at(loader, epoch, samples)
+        running = loader._iterating
+        if running and getattr(loader, "in_order", True) is False:
+            rank_zero_warn("local SGD: the training loader has in_order=False: batches its workers prefetched before "
+                           "a live rewind may come after the rewound ones, so the rewind is not exact (a sample may be "
+                           "read twice or not at all); keep in_order=True for exactly-once data", category=UserWarning)
+        moved = continue_at(loader, epoch, samples, live=True)
         if moved is None:
             return False
         set_data_counters(trainer, *moved)
-        # another epoch may hold another number of batches (the start hook of an epoch resumed mid-way does not run)
-        self.local_sgd_epoch_start(trainer)
+        if running:  # the running epoch's fetcher counts from the moved counter; its length may be another epoch's
+            recount_epoch_batches(trainer)
+            rewind_epoch_fetcher(trainer)
+        else:  # another epoch may hold another number of batches (an epoch resumed mid-way runs no start hook)
+            self.local_sgd_epoch_start(trainer)
         return True
 
     # ------------------------------------------------------------------ per step

@@ -124,9 +124,9 @@ def test_without_rebalancing_the_departed_jobs_data_is_never_read():
     assert not jobs.events and len(jobs.loaders[0]) == 4
 
 
-def test_a_job_coming_back_gets_a_fresh_share_from_the_first_epoch_no_job_began():
-    """Job 2 leaves at position 12 of epoch 0; it comes back while jobs 0 and 1 are inside epoch 2 (whose extras
-    stay theirs): it continues at epoch 3's start, reading its own stripe; jobs 0 and 1 read no extras there."""
+def departed() -> Jobs:
+    """Job 2 read 2 committed steps (position 12 of epoch 0) and left; jobs 0 and 1 split its data at the sync of
+    step 6 (the second without it)."""
     jobs = Jobs()
     jobs.sync([], present=[0, 1, 2])
     jobs.step([0, 1, 2]), jobs.step([0, 1, 2])
@@ -134,6 +134,13 @@ def test_a_job_coming_back_gets_a_fresh_share_from_the_first_epoch_no_job_began(
     for _ in range(2):
         jobs.step([0, 1]), jobs.step([0, 1])
         jobs.sync([0, 1])
+    return jobs
+
+
+def test_a_job_coming_back_gets_a_fresh_share_from_the_first_epoch_no_job_began():
+    """Job 2 leaves at position 12 of epoch 0; it comes back while jobs 0 and 1 are inside epoch 2 (whose extras
+    stay theirs): it continues at epoch 3's start, reading its own stripe; jobs 0 and 1 read no extras there."""
+    jobs = departed()
     for _ in range(4):  # steps 7-10: the end of epoch 1, two batches into epoch 2
         jobs.step([0, 1])
     fresh = DataLoader(TensorDataset(torch.arange(SAMPLES)), batch_size=2, shuffle=True)
@@ -152,6 +159,22 @@ def test_a_job_coming_back_gets_a_fresh_share_from_the_first_epoch_no_job_began(
     assert [b for e, b in jobs.read[0] if e == 3] == batches(stripe(0, 3)) and len(jobs.loaders[0]) == 4
     read = [i for j in range(JOBS) for e, b in jobs.read[j][:None if j < 2 else 2] for i in b if e <= 3]
     assert Counter(read + [i for _, b in jobs.read[2][2:] for i in b]) == {i: 4 for i in range(SAMPLES)}
+
+
+def test_a_federated_jobs_rewind_into_its_extras_reads_them_again_from_there():
+    """Job 0 of three, job 2 departed (test_data_departure's Jobs): in epoch 2, after its own stripe and two batches
+    of its extras, it moves back to the position between them: it reads again what it read from there."""
+    jobs = departed()
+    for _ in range(2 + 3):  # the rest of epoch 1 (2), epoch 2's first 3 batches
+        jobs.step([0])
+    assert jobs.loaders[0].sampler.epoch == 2 and len(jobs.loaders[0]) == 9
+    jobs.step([0])  # epoch 2's 4th batch: its own stripe read
+    position = data_position(jobs.loaders[0])
+    assert position == (2, SAMPLES)
+    jobs.step([0]), jobs.step([0])  # two batches of its extras
+    straight = [b for _, b in jobs.read[0][-2:]]
+    assert continue_at(jobs.loaders[0], *position, live=True) == (2, 4)
+    assert [batch[0].tolist() for batch in jobs.iterators[0]][:2] == straight
 
 
 def _saved(state):
@@ -326,3 +349,86 @@ def test_jobs_of_two_ranks_split_their_extras_between_their_ranks():
     for r, loader in enumerate(ranks):  # after 3 batches: 4 own and 2 extra samples per rank
         assert continue_at(loader, 1, SAMPLES + 4) == (1, 3)
         assert [i for b in loader for i in b[0].tolist()] == [mine[4 + r]]
+
+
+def run_with_a_late_job(out, release_at: int, **options) -> tuple[dict, dict, dict]:
+    """Three one-rank jobs over a lighthouse that forms a quorum of 2 after waiting 2 s for the third; g2 stalls
+    before its step 4 until g0 has trained step ``release_at`` (g0 and g1 sync without it meanwhile), then trains step
+    4 and waits at its sync; g0 and g1 wait before their step ``release_at`` + 1 until then, so g2 meets them (and
+    heals) at their next sync. Returns the three dumps."""
+    from torchft._torchft import LighthouseServer
+
+    server = LighthouseServer(bind="127.0.0.1:0", min_replicas=2, join_timeout_ms=2000, quorum_tick_ms=50,
+                              heartbeat_timeout_ms=1000)
+    try:
+        address = "127.0.0.1:" + server.address().rsplit(":", 1)[-1]
+        common = {"ledger_size": SAMPLES, "data_jobs": JOBS, "barrier": JOBS, **options}
+        late = dict(wait_for="go", wait_at_step=3)
+        procs = [launch(out, address, g, data_job_index=g, **common,
+                        **(late if g == 2 else dict(wait_for="g2late", wait_at_step=release_at,
+                                                    mark_at_step=release_at)))
+                 for g in range(JOBS)]
+        with killed_on_exit(procs):
+            deadline = time.monotonic() + 120
+            while not (out / "at_g0").exists():  # g0 and g1 committed their syncs without g2
+                assert time.monotonic() < deadline and procs[0].poll() is None, (out / "g0.log").read_text()[-3000:]
+                time.sleep(0.05)
+            (out / "ready_go").touch()  # g2 trains step 4 and waits at its sync of step 4
+            time.sleep(1.0)
+            (out / "ready_g2late").touch()  # g0 and g1 go on to their next sync
+            codes = wait_all(procs, out)
+        assert codes == [0, 0, 0], "\n".join((out / f"g{g}.log").read_text()[-3000:] for g in range(JOBS))
+    finally:
+        server.shutdown()
+    return tuple(load(out, f"g{g}") for g in range(JOBS))  # type: ignore[return-value]
+
+
+@pytest.mark.slow
+def test_a_live_job_that_missed_a_sync_rereads_exactly_what_it_read_since_its_last_commit(tmp_path):
+    """A live rewind. Three one-rank jobs sync every 2 steps, a lighthouse that forms a quorum of 2 after waiting
+    2 s for the third. g2 stalls before its step 4 (its sync of step 2 committed its first 2 batches: position 12
+    of epoch 0), so g0 and g1 commit the sync of step 4 without it; g2 then trains step 4 and meets them at their
+    sync of step 6 (they wait for it before step 6): it is behind, heals from a peer, its steps 3-4 are dropped
+    (dropped_weight 1) and its data moves back to its committed position inside the running epoch: the next batches
+    it trains on are its steps 3-4's again, then its stripe of epoch 1. The committed contributions hold every
+    sample of epochs 0 and 1 exactly once, as an uninterrupted run's do; the summary's reread is the dropped batches'
+    samples. Fails without the rewind (g2 goes on into epoch 1; reread 0)."""
+    g0, g1, g2 = run_with_a_late_job(tmp_path, release_at=5, max_steps=12, sync_every=2)
+    healed = [a for a in g2["attempts"] if a["healed"] and a["committed"]]
+    assert g2["healed"] == 1 and len(healed) == 1 and g2["dropped"] == 1.0, g2["attempts"]
+    assert [a["participants"] for a in g0["attempts"] if a["committed"] and a["step"] == 4] == [2]
+    own = batches(stripe(2, 0)) + batches(stripe(2, 1))
+    assert g2["ledger"] == own[:4] + own[2:8] and g2["epochs"] == [0] * 6 + [1] * 4
+    assert g2["ledger"][4:6] == g2["ledger"][2:4]  # read again: exactly what it read since its last commit
+    for job, dump in ((0, g0), (1, g1)):
+        assert dump["healed"] == 0, [(a["step"], a["participants"]) for a in dump["attempts"]]
+        assert dump["ledger"] == batches(stripe(job, 0) + stripe(job, 1) + stripe(job, 2))
+    committed2 = g2["ledger"][:2] + g2["ledger"][4:]
+    every = [i for d in (g0, g1) for i in committed_samples(d["ledger"], d["epochs"], upto=1)]
+    every += [i for b in committed2 for i in b]
+    uninterrupted = [i for e in range(2) for j in range(JOBS) for i in stripe(j, e)]
+    assert Counter(every) == Counter(uninterrupted) == {i: 2 for i in range(SAMPLES)}
+    reread = sum(len(b) for b in g2["ledger"][2:4])
+    summary = {0: {"contributed": 24, "reread": 0}, 1: {"contributed": 24, "reread": 0},
+               2: {"contributed": sum(len(b) for b in committed2), "reread": reread}}
+    for dump in (g0, g1, g2):
+        assert dump["data_summary"] == summary
+        assert dump["data_positions"] == {0: (2, SAMPLES), 1: (2, SAMPLES), 2: (1, SAMPLES)}
+
+
+@pytest.mark.slow
+def test_a_live_job_coming_back_after_its_data_was_split_moves_to_its_fresh_share(tmp_path):
+    """The live version of the return above: g2 is not restarted but stalls before its step 4 while g0 and g1 sync
+    without it (its data split at the sync of step 6) until they trained step 9; it heals at their sync of step 10,
+    inside its epoch 0, and moves at once to its fresh share: its stripe of epoch 3 (g0 and g1 are inside epoch 2).
+    Every sample of epochs 0-3 contributes exactly once. Fails without the rewind (g2 goes on with epoch 0)."""
+    g0, g1, g2 = run_with_a_late_job(tmp_path, release_at=9, max_steps=21, **MP)
+    assert g2["healed"] == 1 and g2["ledger"][:4] == batches(stripe(2, 0))[:4]
+    assert g2["ledger"][4:8] == batches(stripe(2, 3)) and g2["epochs"][:8] == [0] * 4 + [3] * 4
+    assert "data job 2 is back" in (tmp_path / "g0.log").read_text()
+    for job, dump in ((0, g0), (1, g1)):
+        assert dump["healed"] == 0 and dump["ledger"] == recipients_ledger(job) + batches(stripe(job, 3))
+    every = (committed_samples(g0["ledger"]) + committed_samples(g1["ledger"]) + committed_samples(g2["ledger"][:2])
+             + committed_samples(g2["ledger"][4:], g2["epochs"][4:], upto=3))
+    assert Counter(every) == {i: 4 for i in range(SAMPLES)}
+    assert g2["data_positions"] == g0["data_positions"] and g2["data_departures"] == g0["data_departures"]
