@@ -669,11 +669,13 @@ def targets(by_name: dict[str, dict], labels: dict[str, str]) -> list[str]:
                    f"(≤ 2%: {met(r['final_loss_vs_twin'] <= 1.02)}).")
     if row["async"] is not None:
         r = row["async"]
-        out.append(f"async_sync (whole model): {r['speedup_vs_ddp']:.2f}× sooner than DDP "
-                   f"({met(r['speedup_vs_ddp'] >= 5)}), fast devices idle {r['fast_idle_fraction']:.1%} "
-                   f"({met(r['fast_idle_fraction'] <= 0.10)}), final loss {r['final_loss_vs_time_based_whole'] - 1:+.1%} "
-                   f"against the synchronous whole-model run (at most +2%: "
-                   f"{met(r['final_loss_vs_time_based_whole'] <= 1.02)}).")
+        ratio = r["final_loss_vs_time_based_whole"]
+        out.append("async_sync (whole model): "
+                   + ("" if math.isnan(r["speedup_vs_ddp"]) else
+                      f"{r['speedup_vs_ddp']:.2f}× sooner than DDP ({met(r['speedup_vs_ddp'] >= 5)}), ")
+                   + f"fast devices idle {r['fast_idle_fraction']:.1%} ({met(r['fast_idle_fraction'] <= 0.10)})"
+                   + ("" if math.isnan(ratio) else f", final loss {ratio - 1:+.1%} against the synchronous "
+                      f"whole-model run (at most +2%: {met(ratio <= 1.02)})") + ".")
     if row["async_churn"] is not None:
         r = row["async_churn"]
         out.append(f"async_sync with churn costs {r['final_loss_vs_twin'] - 1:+.1%} final loss against async_sync "
