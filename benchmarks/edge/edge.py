@@ -497,9 +497,9 @@ def plot(rows: list[dict], curves: list[dict], devices: list[dict], out_name: st
     for j, d in enumerate(ids):
         idle = [next(float(x["idle_fraction"]) for x in devices if x["run"] == n and int(x["device"]) == d)
                 for n in names]
-        speed = next(x["speed"] for x in devices if int(x["device"]) == d)
+        speeds = dict.fromkeys(f"{float(x['speed']):g}" for x in devices if int(x["device"]) == d)  # per run
         ax.barh([i - 0.4 + width * (j + 0.5) for i in range(len(names))], idle, height=width,
-                label=f"device {d} (speed {float(speed):g})")
+                label=f"device {d} (speed {' / '.join(speeds)})")
     ax.set_yticks(range(len(names)), names, fontsize=9)
     ax.invert_yaxis()  # the runs in the legend's order, top to bottom
     ax.set_xlabel("idle fraction (1 − steps × nominal step time / wall clock)")

@@ -149,3 +149,5 @@ def test_targets_name_the_async_churn_and_straggler_verdicts():
     text = " ".join(edge.targets({r["run"]: r for r in rows}, LABELS))
     assert "(≤ 2%: missed)" in text and "(≥ 0.95: missed)" in text
     assert "Churn (streaming" not in text  # a leg that did not run says nothing
+    # no DDP and no synchronous whole-model run here: the async sentence gives only what was measured
+    assert "async_sync (whole model): fast devices idle 5.0% (met)." in text and "nan" not in text
