@@ -141,7 +141,7 @@ def test_targets_name_the_async_churn_and_straggler_verdicts():
             _row("st a", 2.7, goodput=0.96, fast_idle_fraction=0.04)]
     edge.relative_losses(rows, LABELS)
     text = " ".join(edge.targets({r["run"]: r for r in rows}, LABELS))
-    assert "async_sync with churn costs +1.0% final loss against async_sync without it (≤ 2%: met)" in text
+    assert "async_sync with churn costs +1.0% final loss against the same run without it (≤ 2%: met)" in text
     assert "with async_sync: goodput 0.960 (≥ 0.95: met), fast devices idle 4.0%" in text
     assert "synchronous: goodput 0.700, fast devices idle 30.0%" in text
     rows[1]["final_val_loss"], rows[3]["goodput"] = 2.5, 0.94
