@@ -599,7 +599,8 @@ def main() -> None:
     link = ("inside a network namespace whose loopback is shaped to 4 × 10 Mbit/s (tc tbf), 50 ms slept per hop"
             if cfg["emulation"] == "netns" else "software model: bytes / 10 Mbit/s + 50 ms per hop slept per collective")
     text = (("Partial run (legs: " + ", ".join(chosen) + "). " if partial else "")
-            + f"GPT `{cfg['size']}`, 4 devices of speed {cfg['speeds']} (a 1× step padded to {cfg['step_seconds']} s), "
+            + f"GPT `{cfg['size']}`, 4 devices of speed {cfg['speeds']} (a 1× step padded to "
+            f"{cfg['step_seconds']} s), "
             f"batch {cfg['batch_size']} × {cfg['block_size']} tokens per device and step, AdamW lr "
             f"{cfg['learning_rate']:g}; {link}. DDP: {cfg['ddp_steps']} steps. Federated: DiLoCo (Nesterov lr 0.7, "
             f"momentum 0.9), lighthouse in-process (join {cfg['join_ms']} ms for time-based, 1.5 × the slowest device's "
@@ -658,8 +659,9 @@ def targets(by_name: dict[str, dict], labels: dict[str, str]) -> list[str]:
     out = []
     if row["timed"] is not None:
         r = row["timed"]
-        out.append(f"Streaming (synchronous): DDP's final loss {r['speedup_vs_ddp']:.2f}× sooner (≥ 5×: {met(r['speedup_vs_ddp'] >= 5)}), "
-                   f"fast devices idle {r['fast_idle_fraction']:.1%} (≤ 10%: {met(r['fast_idle_fraction'] <= 0.10)}).")
+        out.append(f"Streaming (synchronous): DDP's final loss {r['speedup_vs_ddp']:.2f}× sooner "
+                   f"(≥ 5×: {met(r['speedup_vs_ddp'] >= 5)}), fast devices idle {r['fast_idle_fraction']:.1%} "
+                   f"(≤ 10%: {met(r['fast_idle_fraction'] <= 0.10)}).")
     if row["whole"] is not None:
         r = row["whole"]
         out.append(f"Whole model, synchronous: {r['speedup_vs_ddp']:.2f}×, {r['fast_idle_fraction']:.1%} idle.")
