@@ -94,3 +94,60 @@ def pytest_approx(x: float):
     import pytest
 
     return pytest.approx(x)
+
+
+def test_straggler_run_counts_idle_and_goodput_at_its_own_speeds():
+    # the straggler legs run at their own speeds (here both devices 1×), not the preset's 1× / ½×
+    run = dict(_federated_run(), run="straggler", speeds=[1.0, 1.0])
+    wall = 0.7
+    d0, d1 = edge.device_rows(run, CFG)
+    assert d1["speed"] == 1.0 and math.isclose(d1["idle_fraction"], 1 - 5 * 0.1 / wall)
+    rows, devices, _ = edge.summarize(CFG, [run])  # no DDP leg: no target loss, no speed-up
+    (row,) = rows
+    assert math.isnan(row["speedup_vs_ddp"]) and math.isnan(row["seconds_to_ddp_final_loss"])
+    assert math.isclose(row["goodput"], (80 + 40) / (2 * wall / 0.1 * 10))
+    # both devices are fast here: their mean idle fraction
+    assert math.isclose(row["fast_idle_fraction"], (d0["idle_fraction"] + d1["idle_fraction"]) / 2)
+
+
+LABELS = {"timed": "s", "whole": "w", "churn": "s+c", "async": "w a", "async_churn": "w a+c", "straggler": "st",
+          "straggler_async": "st a"}
+
+
+def _row(run: str, loss: float, **kw) -> dict:
+    return dict(dict(run=run, final_val_loss=loss, speedup_vs_ddp=float("nan"), fast_idle_fraction=0.05,
+                     goodput=0.9), **kw)
+
+
+def test_relative_losses_churn_and_straggler_against_their_twins():
+    rows = [_row("s", 2.0), _row("w", 2.5), _row("s+c", 2.1), _row("w a", 2.4), _row("w a+c", 2.424),
+            _row("st", 3.0), _row("st a", 2.7)]
+    edge.relative_losses(rows, LABELS)
+    by = {r["run"]: r for r in rows}
+    assert math.isclose(by["s+c"]["final_loss_vs_twin"], 2.1 / 2.0)  # synchronous churn vs streaming
+    assert math.isclose(by["w a+c"]["final_loss_vs_twin"], 2.424 / 2.4)  # async churn vs async without churn
+    assert math.isclose(by["st a"]["final_loss_vs_twin"], 2.7 / 3.0)  # async straggler vs synchronous straggler
+    assert math.isnan(by["w"]["final_loss_vs_twin"]) and math.isnan(by["st"]["final_loss_vs_twin"])
+    assert math.isclose(by["w a"]["final_loss_vs_time_based_whole"], 2.4 / 2.5)
+    assert math.isclose(by["w"]["final_loss_vs_time_based"], 2.5 / 2.0)
+    partial = [_row("w a", 2.4), _row("w a+c", 2.5)]  # a partial run without the synchronous legs
+    edge.relative_losses(partial, LABELS)
+    assert math.isnan(partial[0]["final_loss_vs_time_based_whole"])
+    assert math.isclose(partial[1]["final_loss_vs_twin"], 2.5 / 2.4)
+
+
+def test_targets_name_the_async_churn_and_straggler_verdicts():
+    rows = [_row("w a", 2.4), _row("w a+c", 2.424, goodput=0.93), _row("st", 3.0, goodput=0.7, fast_idle_fraction=0.3),
+            _row("st a", 2.7, goodput=0.96, fast_idle_fraction=0.04)]
+    edge.relative_losses(rows, LABELS)
+    text = " ".join(edge.targets({r["run"]: r for r in rows}, LABELS))
+    assert "async_sync with churn costs +1.0% final loss against the same run without it (≤ 2%: met)" in text
+    assert "with async_sync: goodput 0.960 (≥ 0.95: met), fast devices idle 4.0%" in text
+    assert "synchronous: goodput 0.700, fast devices idle 30.0%" in text
+    rows[1]["final_val_loss"], rows[3]["goodput"] = 2.5, 0.94
+    edge.relative_losses(rows, LABELS)
+    text = " ".join(edge.targets({r["run"]: r for r in rows}, LABELS))
+    assert "(≤ 2%: missed)" in text and "(≥ 0.95: missed)" in text
+    assert "Churn (streaming" not in text  # a leg that did not run says nothing
+    # no DDP and no synchronous whole-model run here: the async sentence gives only what was measured
+    assert "async_sync (whole model): fast devices idle 5.0% (met)." in text and "nan" not in text
