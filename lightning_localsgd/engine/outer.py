@@ -302,6 +302,13 @@ class OuterSync:
         """Set ``θ_g`` to the current parameters (which must then be equal in every group)."""
         for snap, view in zip(self.snapshot, self._owned_views()):
             snap.copy_(view)
+        self._forget_last_updates()
+
+    def _forget_last_updates(self) -> None:
+        """A new ``θ_g`` not reached by a sync: the screen's direction test skips the next sync of each fragment
+        (its reference, the last outer update, no longer leads here)."""
+        for sync in self._syncs.values():
+            sync.last_update = None
 
     @property
     def workspace_bytes(self) -> int:
@@ -403,9 +410,20 @@ class OuterSync:
     def _screen(self, frag: FragmentSync, weight: Optional[float]) -> Optional[float]:
         """Screen this sync of ``frag`` (collective): this group's weight in it, after the verdict."""
         assert self.screen is not None
+        views = self._owned_views(frag.fragment)
         sq = sum(squared_norm(snap.view(-1).to(view.device), view.float().reshape(-1))
-                 for snap, view in zip(frag.snapshot, self._owned_views(frag.fragment)))
-        verdict = self.screen.screen(self.cross, self.sharding, float(sq), weight, self.device)
+                 for snap, view in zip(frag.snapshot, views))
+        direction = None
+        if self.screen.min_cosine is not None and frag.last_update is not None:
+            # Δ·u and ‖u‖² over the owned elements, u the last outer update, in float64 as the norm
+            dot, offset = 0.0, 0
+            for snap, view in zip(frag.snapshot, views):
+                flat = view.float().reshape(-1)
+                u = frag.last_update[offset : offset + snap.numel()].to(flat.device)
+                dot += float(torch.dot(snap.view(-1).to(flat.device) - flat, u).double())
+                offset += snap.numel()
+            direction = (dot, squared_norm(frag.last_update))
+        verdict = self.screen.screen(self.cross, self.sharding, float(sq), weight, self.device, direction)
         if verdict.excluded:
             frag.verdict = verdict
             if self.sharding is None or self.sharding.rank == 0:  # one line per group
@@ -467,6 +485,12 @@ class OuterSync:
         # θ_g, the outer state, the buffers and every group's parameters stay as they are (a job resuming from a
         # checkpoint taken mid-interval keeps its inner progress, as in one world).
         idle = red.total_weight == 0.0
+        direction_test = self.screen is not None and self.screen.min_cosine is not None and not idle
+        if direction_test:  # θ_g before the step, becoming the step's update below
+            if frag.last_update is None:
+                frag.last_update = theta.clone()
+            else:
+                frag.last_update.copy_(theta)
         if self.outer_optimizer is None:
             # Outer SGD with lr 1 and no momentum is the mean itself; copy it to stay exact.
             theta.copy_(mean)
@@ -486,6 +510,8 @@ class OuterSync:
             self.outer_optimizer.step()
             for snap in snapshots:
                 snap.grad = None
+        if direction_test:
+            frag.last_update.sub_(theta)
         if not idle:
             self.write_back(frag.index, mix)
         sent = red.sent
@@ -610,6 +636,7 @@ class OuterSync:
             )
         for snap, saved in zip(self.snapshot, state["snapshot"]):
             snap.copy_(saved)
+        self._forget_last_updates()
         if (state["outer_optimizer"] is None) != (self.outer_optimizer is None):
             raise ValueError(
                 "the checkpoint's outer optimizer does not match this run's outer_optimizer (averaging vs. an "

@@ -19,6 +19,16 @@ token-weighted sync, else ``‖Δ_g‖``):
   flip): that one's harm is bounded by its weight, as the norm bound keeps it no larger than an honest one;
 * with two groups (no majority) each group is held to its own history instead: left out when its norm exceeds
   ``factor`` times the median of its last ``history`` kept norms (once it has :data:`MIN_HISTORY` of them);
+* the direction test (``min_cosine`` set), which sees the sign flip the norm screen does not: each group measures
+  the cosine between its pseudo-gradient and the last committed outer update ``u = θ_g(previous) − θ_g(now)``, which
+  every group holds alike (a trusted direction, as FLTrust's server update: Cao et al., "FLTrust: Byzantine-robust
+  Federated Learning via Trust Bootstrapping", NDSS 2021, which gives a client whose cosine with it is negative no
+  weight; Zeno++, Xie et al., ICML 2020, likewise scores each update by its inner product with a trusted gradient).
+  Here no server holds clean data: the trusted direction is the run's own last committed step. A group whose cosine is below ``min_cosine`` is left out while the upper median of the groups'
+  cosines is above it (a run whose every group turns round, as at a loss minimum, screens nobody). With two groups
+  the upper median is the better one: a trusted reference needs no majority. The first sync, and a group holding no
+  reference (it just joined or resumed), skip it; consecutive pseudo-gradients of a clean run point alike
+  (``benchmarks/screen``: cosines measured there);
 * a group left out at two of its last ``history`` syncs is a repeated offender: it is left out of the next
   ``ban_syncs`` syncs it takes part in, whatever its norm.
 
@@ -27,7 +37,8 @@ A group of weight 0 (it did not train the interval) takes no part; a non-finite 
 
 Cost per sync: one pass over the rank's owned elements (``‖θ_g − θ_i‖²``), an all-reduce of one number inside the
 worker group and an all-gather of three numbers per group across groups: no model-sized traffic, but one more
-latency-bound round trip (on a wide-area link, its round-trip time).
+latency-bound round trip (on a wide-area link, its round-trip time). The direction test adds, per rank, a copy of
+its owned part of ``θ_g`` (the last update, fp32) and a second pass over it per sync, and no collective round.
 """
 
 from __future__ import annotations
@@ -54,8 +65,14 @@ _STRIKES = 2
 """Exclusions within a group's last ``history`` syncs that make it a repeated offender."""
 
 
-def check_screen_arguments(factor: Optional[float], history: int, ban_syncs: int) -> None:
+def check_screen_arguments(factor: Optional[float], history: int, ban_syncs: int,
+                           min_cosine: Optional[float] = None) -> None:
     """Raise a ``ValueError`` naming the argument for a screen setting that cannot work."""
+    if min_cosine is not None and (isinstance(min_cosine, bool) or not isinstance(min_cosine, (int, float))
+                                   or not -1.0 < min_cosine < 1.0):
+        raise ValueError(f"screen_min_cosine must be a number strictly between -1 and 1 (the least cosine between a "
+                         f"group's pseudo-gradient and the last outer update; e.g. 0.0 leaves out one pointing "
+                         f"backwards) or None to turn the direction test off, got {min_cosine!r}.")
     if factor is not None and (isinstance(factor, bool) or not isinstance(factor, (int, float))
                                or not math.isfinite(factor) or factor <= 1.0):
         raise ValueError(f"screen_factor must be a number above 1 (how many times the median norm a group's "
@@ -76,6 +93,8 @@ class ScreenVerdict:
     """Each member's stable id (:attr:`~.comm.Communicator.member_id`), in member order."""
     excluded: dict[int, str] = field(default_factory=dict)
     """Members left out of the sync (their index) and why, with the figures."""
+    cosines: list[float] = field(default_factory=list)
+    """The direction test: each member's cosine with the last outer update (NaN: none), in member order."""
     rule: str = ""
     """``"median"`` (three or more members took part), ``"history"`` (two or fewer) or ``""`` (none)."""
 
@@ -98,10 +117,14 @@ class PseudoGradientScreen:
         history: how many of its kept norms each member's running median covers, and the window for repeated
             offences.
         ban_syncs: syncs a repeated offender is then left out of (0: none, each sync judges it afresh).
+        min_cosine: the direction test: a member whose cosine with the last outer update is below this is left out
+            (while the groups' upper median is above it); ``None``: no direction test.
     """
 
-    def __init__(self, factor: float, history: int = 8, ban_syncs: int = 0) -> None:
-        check_screen_arguments(factor, history, ban_syncs)
+    def __init__(self, factor: float, history: int = 8, ban_syncs: int = 0,
+                 min_cosine: Optional[float] = None) -> None:
+        check_screen_arguments(factor, history, ban_syncs, min_cosine)
+        self.min_cosine = None if min_cosine is None else float(min_cosine)
         self.factor = float(factor)
         self.history_len = history
         self.ban_syncs = ban_syncs
@@ -115,10 +138,13 @@ class PseudoGradientScreen:
         """Exclusions over all syncs screened (a member left out of two syncs counts twice)."""
 
     # ------------------------------------------------------------------ the rule (no communication)
-    def decide(self, norms: Sequence[float], member_ids: Sequence[int]) -> ScreenVerdict:
-        """The verdict for one sync from every member's norm per unit of weight (NaN: takes no part), and update the
-        members' histories, offences and bans."""
-        verdict = ScreenVerdict(list(map(float, norms)), list(member_ids))
+    def decide(self, norms: Sequence[float], member_ids: Sequence[int],
+               cosines: Optional[Sequence[float]] = None) -> ScreenVerdict:
+        """The verdict for one sync from every member's norm per unit of weight (NaN: takes no part) and, for the
+        direction test, its cosine with the last outer update (NaN: no reference), and update the members' histories,
+        offences and bans."""
+        verdict = ScreenVerdict(list(map(float, norms)), list(member_ids),
+                                cosines=[math.nan] * len(norms) if cosines is None else list(map(float, cosines)))
         taking_part = [i for i, n in enumerate(verdict.norms) if not math.isnan(n)]
         finite = [i for i in taking_part if math.isfinite(verdict.norms[i])]  # inf: the non-finite policy's
         judged = []
@@ -147,6 +173,7 @@ class PseudoGradientScreen:
                     if median > 0 and verdict.norms[i] > self.factor * median:
                         verdict.excluded[i] = (f"norm {verdict.norms[i]:.4g} > {self.factor:g} x its own median "
                                                f"{median:.4g} of its last {len(past)} syncs")
+        self._direction(verdict, judged)
         for i in judged:
             ident = verdict.member_ids[i]
             offences = self.offences.setdefault(ident, deque(maxlen=self.history_len))
@@ -159,31 +186,54 @@ class PseudoGradientScreen:
         self.excluded_total += len(verdict.excluded)
         return verdict
 
+    def _direction(self, verdict: ScreenVerdict, judged: Sequence[int]) -> None:
+        """The direction test over the judged members holding a reference (see the module's docstring)."""
+        if self.min_cosine is None:
+            return
+        pointed = [i for i in judged if math.isfinite(verdict.cosines[i])]
+        if not pointed:
+            return
+        median = statistics.median_high(verdict.cosines[i] for i in pointed)
+        if median <= self.min_cosine:
+            return
+        for i in pointed:
+            if i not in verdict.excluded and verdict.cosines[i] < self.min_cosine:
+                verdict.excluded[i] = (f"cosine {verdict.cosines[i]:.3f} with the last outer update < "
+                                       f"screen_min_cosine {self.min_cosine:g} (upper median {median:.3f} of "
+                                       f"{len(pointed)} groups); norm {verdict.norms[i]:.4g}")
+
     # ------------------------------------------------------------------ the collective
     def screen(self, cross: Communicator, sharding: Optional[Communicator], squared_norm: float,
-               weight: Optional[float], device: torch.device) -> ScreenVerdict:
+               weight: Optional[float], device: torch.device,
+               direction: Optional[tuple[float, float]] = None) -> ScreenVerdict:
         """Gather every member's norm and decide. Collective over ``sharding`` (the ranks holding the other parts of
         this group's pseudo-gradient: their squares are summed) and then ``cross``.
 
         ``squared_norm``: ``‖θ_g − θ_i‖²`` over the elements this rank syncs; ``weight``: its weight in the sync
-        (``None``: uniform; 0: it takes no part); ``device``: where the collectives' tensors live."""
-        sq = torch.tensor([squared_norm], dtype=torch.float64, device=device)
+        (``None``: uniform; 0: it takes no part); ``device``: where the collectives' tensors live; ``direction``:
+        ``(Δ·u, ‖u‖²)`` over the same elements, ``u`` the last outer update (``None``: no reference: no direction
+        test for this member)."""
+        dot, ref_sq = direction if direction is not None else (math.nan, math.nan)
+        sq = torch.tensor([squared_norm, dot, ref_sq], dtype=torch.float64, device=device)
         if sharding is not None and sharding.size > 1:
             sharding.all_reduce(sq)
-        total = math.sqrt(max(0.0, float(sq.item()))) if math.isfinite(float(sq.item())) else math.inf
+        squared, dot, ref_sq = sq.tolist()
+        total = math.sqrt(max(0.0, squared)) if math.isfinite(squared) else math.inf
+        # NaN (no reference, or a zero vector) leaves this member out of the direction test only
+        cosine = dot / math.sqrt(squared * ref_sq) if squared > 0 and ref_sq > 0 else math.nan
         if weight is not None and weight == 0:
             value = math.nan
         else:
             value = total / float(weight) if weight is not None else total
         # float64: a member id (32 bits) is exact in it
-        mine = torch.tensor([value, float(cross.member_id)], dtype=torch.float64, device=device)
+        mine = torch.tensor([value, float(cross.member_id), cosine], dtype=torch.float64, device=device)
         if cross.size > 1:
-            gathered = torch.empty(2 * cross.size, dtype=torch.float64, device=mine.device)
+            gathered = torch.empty(3 * cross.size, dtype=torch.float64, device=mine.device)
             cross.all_gather(gathered, mine)
-            figures = gathered.cpu().view(-1, 2).tolist()
+            figures = gathered.cpu().view(-1, 3).tolist()
         else:
             figures = [mine.cpu().tolist()]
-        return self.decide([f[0] for f in figures], [int(f[1]) for f in figures])
+        return self.decide([f[0] for f in figures], [int(f[1]) for f in figures], [f[2] for f in figures])
 
 
 def log_verdict(verdict: ScreenVerdict, member: int, name: str, sync: int) -> None:
