@@ -67,12 +67,12 @@ ARGUMENT_DOCS: dict[str, str] = {
                         "left out of this many further syncs it takes part in, whatever its norm. Default 0: each "
                         "sync judges every group afresh.",
     "screen_min_cosine": "with ``screen_factor``: the direction test, which catches a pseudo-gradient of an honest "
-                         "norm pointing the wrong way (a sign flip): a group whose pseudo-gradient's cosine with the "
-                         "last committed outer update (``θ_g``'s step at the previous sync, which every group holds "
-                         "alike) is below this is left out of the sync while the groups' upper median is above it, "
-                         "logged and counted like a norm outlier. Sent with the norms (no extra round trip); costs "
-                         "one fp32 copy of each rank's synced parameters. The first sync, and one after a resume, "
-                         "skip it. Default None: off; e.g. 0.0.",
+                         "norm pointing the wrong way (a sign flip): with three or more groups, one whose "
+                         "pseudo-gradient's cosine with the sum of the other groups' is below this is left out of the "
+                         "sync while the groups' upper median is above it, logged and counted like a norm outlier. "
+                         "The cosines come from a 1024-bucket count sketch of each pseudo-gradient, sent with the "
+                         "norms (no extra round trip; one hashing pass over the parameters per sync). With two groups "
+                         "it does nothing (who is wrong cannot be told). Default None: off; e.g. 0.0.",
     "sync_on_train_end": "run a last sync when training ends mid-interval, so every rank ends with the same model. "
                          "Default True.",
     "async_save": "write checkpoints in the background during ``fit``: a save copies this rank's state to host "

@@ -59,9 +59,6 @@ class FragmentSync(FragmentTokens):
         """Its sync started and not yet finished."""
         self.verdict: Optional["ScreenVerdict"] = None
         """The robust screen's verdict on that sync, when it left groups out."""
-        self.last_update: Optional[Tensor] = None
-        """The screen's direction test: ``θ_g`` before its last committed sync minus after (this rank's owned part,
-        on the state device; ``None``: none yet, or no direction test)."""
         self.mean_error: Optional[Tensor] = None
         """Compressed sync: the phase-2 residual of the mean chunk this rank encoded at its last sync."""
         self.mean_error_owner: Optional[tuple[int, int]] = None

@@ -14,6 +14,7 @@ parameters, a slice of a DDP group, FSDP shards, ZeRO partitions).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -31,7 +32,7 @@ from .layout import Fragment, Layout
 from .presets import OuterOptimizerFactory
 from .reducers import (DEFAULT_BUCKET_BYTES, DEFAULT_COMPRESSED_BUCKET_BYTES, MeanReducer, Reduction,
                        assign_buffers, compressed_reducer, finite_buffer_mean, gather_slices, reduce_buffers)
-from .screen import PseudoGradientScreen, log_verdict
+from .screen import PseudoGradientScreen, count_sketch, log_verdict
 
 __all__ = ["NonFinitePseudoGradientError", "OuterSync", "SyncResult", "merge_outer_states"]
 
@@ -302,13 +303,6 @@ class OuterSync:
         """Set ``θ_g`` to the current parameters (which must then be equal in every group)."""
         for snap, view in zip(self.snapshot, self._owned_views()):
             snap.copy_(view)
-        self._forget_last_updates()
-
-    def _forget_last_updates(self) -> None:
-        """A new ``θ_g`` not reached by a sync: the screen's direction test skips the next sync of each fragment
-        (its reference, the last outer update, no longer leads here)."""
-        for sync in self._syncs.values():
-            sync.last_update = None
 
     @property
     def workspace_bytes(self) -> int:
@@ -413,17 +407,15 @@ class OuterSync:
         views = self._owned_views(frag.fragment)
         sq = sum(squared_norm(snap.view(-1).to(view.device), view.float().reshape(-1))
                  for snap, view in zip(frag.snapshot, views))
-        direction = None
-        if self.screen.min_cosine is not None and frag.last_update is not None:
-            # Δ·u and ‖u‖² over the owned elements, u the last outer update, in float64 as the norm
-            dot, offset = 0.0, 0
-            for snap, view in zip(frag.snapshot, views):
-                flat = view.float().reshape(-1)
-                u = frag.last_update[offset : offset + snap.numel()].to(flat.device)
-                dot += float(torch.dot(snap.view(-1).to(flat.device) - flat, u).double())
-                offset += snap.numel()
-            direction = (dot, squared_norm(frag.last_update))
-        verdict = self.screen.screen(self.cross, self.sharding, float(sq), weight, self.device, direction)
+        sketch = None
+        if self.screen.min_cosine is not None:
+            # each element's index: its place among this rank's owned elements, apart for each rank of a sharded group
+            # (the same slice in every group), so that the group's ranks' sketches add up to its whole one
+            base = frag.owned[0] + ((self.sharding.rank << 40) if self.sharding is not None else 0)
+            firsts = itertools.accumulate((snap.numel() for snap in frag.snapshot), initial=base)
+            sketch = count_sketch((snap.view(-1).to(view.device) - view.float().reshape(-1), first)  # one at a time
+                                  for snap, view, first in zip(frag.snapshot, views, firsts))
+        verdict = self.screen.screen(self.cross, self.sharding, float(sq), weight, self.device, sketch)
         if verdict.excluded:
             frag.verdict = verdict
             if self.sharding is None or self.sharding.rank == 0:  # one line per group
@@ -485,12 +477,6 @@ class OuterSync:
         # θ_g, the outer state, the buffers and every group's parameters stay as they are (a job resuming from a
         # checkpoint taken mid-interval keeps its inner progress, as in one world).
         idle = red.total_weight == 0.0
-        direction_test = self.screen is not None and self.screen.min_cosine is not None and not idle
-        if direction_test:  # θ_g before the step, becoming the step's update below
-            if frag.last_update is None:
-                frag.last_update = theta.clone()
-            else:
-                frag.last_update.copy_(theta)
         if self.outer_optimizer is None:
             # Outer SGD with lr 1 and no momentum is the mean itself; copy it to stay exact.
             theta.copy_(mean)
@@ -510,8 +496,6 @@ class OuterSync:
             self.outer_optimizer.step()
             for snap in snapshots:
                 snap.grad = None
-        if direction_test:
-            frag.last_update.sub_(theta)
         if not idle:
             self.write_back(frag.index, mix)
         sent = red.sent
@@ -636,7 +620,6 @@ class OuterSync:
             )
         for snap, saved in zip(self.snapshot, state["snapshot"]):
             snap.copy_(saved)
-        self._forget_last_updates()
         if (state["outer_optimizer"] is None) != (self.outer_optimizer is None):
             raise ValueError(
                 "the checkpoint's outer optimizer does not match this run's outer_optimizer (averaging vs. an "
