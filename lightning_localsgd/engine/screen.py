@@ -40,8 +40,8 @@ A group of weight 0 (it did not train the interval) takes no part; a non-finite 
 
 Cost per sync: one pass over the rank's owned elements (``‖θ_g − θ_i‖²``), an all-reduce of one number inside the
 worker group and an all-gather of three numbers per group across groups: no model-sized traffic, but one more
-latency-bound round trip (on a wide-area link, its round-trip time). The direction test adds a hashing pass over the
-owned elements (the count sketch) and :data:`SKETCH_SIZE` float64 numbers per group to the same two collectives.
+latency-bound round trip (on a wide-area link, its round-trip time). The direction test adds a pass over the owned elements
+(the count sketch: a product, a copy and a sum per element) and :data:`SKETCH_SIZE` float64 numbers per group to the same two collectives.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ SKETCH_SIZE = 1024
 """Buckets of the direction test's count sketch (a power of two: the bucket is the hash's low bits)."""
 
 _SKETCH_CHUNK = 1 << 20
-"""Elements hashed at a time (bounds the sketch's scratch memory)."""
+"""Indices per chunk of the count sketch (a multiple of :data:`SKETCH_SIZE`; its sign pattern: 4 MiB per device)."""
 
 _STRIKES = 2
 """Exclusions within a group's last ``history`` syncs that make it a repeated offender."""
@@ -255,26 +255,46 @@ class PseudoGradientScreen:
 
 def count_sketch(pieces: Iterable[tuple[torch.Tensor, int]], size: int = SKETCH_SIZE) -> torch.Tensor:
     """The count sketch (float64, ``size`` buckets, on the pieces' device) of a vector given as ``(values, first
-    index)`` pieces: element ``j`` adds ``±value`` to bucket ``hash(j) mod size``, its sign from another bit of the
-    hash. The same index hashes alike in every process, so sketches of vectors over the same indices compare (their
-    inner product estimates the vectors', without bias), and sketches of disjoint index ranges add up to the whole's."""
+    index)`` pieces: element ``j`` adds ``σ(j)·value`` to one bucket. The same index goes alike in every process, so
+    sketches of vectors over the same indices compare (their inner product estimates the vectors'), and sketches of
+    disjoint index ranges add up to the whole's.
+
+    Element ``j`` = chunk ``c`` (of :data:`_SKETCH_CHUNK` indices), place ``o``: its sign ``σ(j)`` is ``o``'s in one
+    fixed random ±1 pattern of a chunk's length, its bucket ``(o + c·R) mod size`` (``R`` odd: each chunk's buckets
+    turned by another amount), so that a chunk costs a product, a copy and a column sum rather than a hash per element.
+    Within a chunk the signs are independent (the estimate is unbiased); two elements of the same place in two chunks
+    share a sign, and a bucket when their chunks' turns agree (``c ≡ c'`` modulo ``size``, 1 in 1024 chunk pairs)."""
     out: Optional[torch.Tensor] = None
     for values, first in pieces:
         flat = values.reshape(-1)
         if out is None:
             out = torch.zeros(size, dtype=torch.float64, device=flat.device)
-        for start in range(0, flat.numel(), _SKETCH_CHUNK):
-            chunk = flat[start : start + _SKETCH_CHUNK]
-            j = torch.arange(first + start, first + start + chunk.numel(), dtype=torch.int64, device=flat.device)
-            # a 32-bit multiplicative hash of the index's two halves (every product stays below 2**63)
-            h = ((j & 0xFFFFFFFF) * 0x5BD1E995) & 0xFFFFFFFF
-            h ^= ((j >> 32) * 0x27D4EB2D) & 0xFFFFFFFF
-            h ^= h >> 15
-            h = (h * 0x2C1B3C6D) & 0xFFFFFFFF
-            h ^= h >> 13
-            signed = torch.where((h >> 31) & 1 == 1, -chunk.double(), chunk.double())
-            out.index_add_(0, h & (size - 1), signed)
+        signs = _sketch_signs(flat.device)
+        position, end = first, first + flat.numel()
+        while position < end:
+            chunk, place = divmod(position, _SKETCH_CHUNK)
+            n = min(_SKETCH_CHUNK - place, end - position)
+            signed = flat[position - first : position - first + n].float() * signs[place : place + n]
+            lead = place % size  # pad to whole rows: row r, column t holds place (place - lead) + r·size + t
+            signed = torch.nn.functional.pad(signed, (lead, (-(lead + n)) % size))
+            column = signed.view(-1, size).sum(0, dtype=torch.float64)
+            out += torch.roll(column, (chunk * _SKETCH_TURN) % size)
+            position += n
     return out if out is not None else torch.zeros(size, dtype=torch.float64)
+
+
+_SKETCH_TURN = 0x9E3779B1
+"""``R`` of :func:`count_sketch` (odd)."""
+
+_signs: dict[torch.device, torch.Tensor] = {}
+
+
+def _sketch_signs(device: torch.device) -> torch.Tensor:
+    """The fixed ±1 pattern of a chunk (fp32, the same in every process), one copy per device."""
+    if device not in _signs:
+        pattern = torch.randint(0, 2, (_SKETCH_CHUNK,), generator=torch.Generator().manual_seed(0x5C2EE9))
+        _signs[device] = (pattern * 2 - 1).float().to(device)
+    return _signs[device]
 
 
 def log_verdict(verdict: ScreenVerdict, member: int, name: str, sync: int) -> None:
