@@ -19,19 +19,20 @@ token-weighted sync, else ``‖Δ_g‖``):
   flip): that one's harm is bounded by its weight, as the norm bound keeps it no larger than an honest one;
 * with two groups (no majority) each group is held to its own history instead: left out when its norm exceeds
   ``factor`` times the median of its last ``history`` kept norms (once it has :data:`MIN_HISTORY` of them);
-* the direction test (``min_cosine`` set), which sees the sign flip the norm screen does not: a group is left out
-  when the cosine between its pseudo-gradient and the sum of the other judged groups' (those the norm test kept) is
-  below ``min_cosine`` while the upper median of the groups' cosines is above it (a sync whose groups all disagree
-  screens nobody). This is the cosine test of FLTrust (Cao et al., "FLTrust: Byzantine-robust Federated Learning via
-  Trust Bootstrapping", NDSS 2021: an update whose cosine with a trusted direction is negative gets no weight) with the
-  other groups' consensus as the trusted direction, as a majority of honest groups makes it. The cosines come from a
-  count sketch of each pseudo-gradient (:func:`count_sketch`: Charikar et al., "Finding Frequent Items in Data
-  Streams", ICALP 2002; the sketch FetchSGD, Rothchild et al., ICML 2020, sends in federated learning), gathered with
-  the norms: :data:`SKETCH_SIZE` numbers per group, no extra round trip; the sketch's inner products are unbiased, its
-  cosines off by about ``1/sqrt(SKETCH_SIZE)`` (0.03). It needs three groups taking part: with two, each is the
-  other's only reference, and who is wrong cannot be told. On the benchmark's clean run the cosine of a group with the
-  others' mean was never below 0.12 (median 0.5), while its cosine with the last outer update was negative at 28% of
-  the syncs: the run's own last step is no reference for one interval's pseudo-gradient (``benchmarks/screen``);
+* the direction test (``min_cosine`` set), which sees the sign flip the norm screen does not: a group is left out when
+  the cosine between its pseudo-gradient and the sum of the other judged groups' directions (those the norm test kept,
+  each normalised, so that no large one swamps the others) is below ``min_cosine`` while the upper median of the
+  groups' cosines is above it (a sync whose groups all disagree screens nobody). This is the cosine test of FLTrust
+  (Cao et al., "FLTrust: Byzantine-robust Federated Learning via Trust Bootstrapping", NDSS 2021: an update whose
+  cosine with a trusted direction is negative gets no weight) with the other groups' consensus as the trusted
+  direction, as a majority of honest groups makes it. The cosines come from a count sketch of each pseudo-gradient
+  (:func:`count_sketch`; Charikar et al., "Finding Frequent Items in Data Streams", ICALP 2002; FetchSGD, Rothchild et
+  al., ICML 2020, sends such sketches in federated learning), gathered with the norms: :data:`SKETCH_SIZE` numbers per
+  group, no extra round trip; its cosines are off by about ``1/sqrt(SKETCH_SIZE)`` (0.03). It needs three groups
+  taking part: with two, each is the other's only reference, and who is wrong cannot be told. On the benchmark's clean
+  run a group's cosine with the others' sum was never below 0.19 (median 0.50), while its cosine with the last outer
+  update was negative at 16 of 59 syncs: the run's own last step is no reference for one interval's pseudo-gradient
+  (``benchmarks/screen``);
 * a group left out at two of its last ``history`` syncs is a repeated offender: it is left out of the next
   ``ban_syncs`` syncs it takes part in, whatever its norm.
 
@@ -39,9 +40,10 @@ A group of weight 0 (it did not train the interval) takes no part; a non-finite 
 (``on_nonfinite``). Every member of the sync decides from the same gathered figures, so all decide alike.
 
 Cost per sync: one pass over the rank's owned elements (``‖θ_g − θ_i‖²``), an all-reduce of one number inside the
-worker group and an all-gather of three numbers per group across groups: no model-sized traffic, but one more
-latency-bound round trip (on a wide-area link, its round-trip time). The direction test adds a pass over the owned elements
-(the count sketch: a product, a copy and a sum per element) and :data:`SKETCH_SIZE` float64 numbers per group to the same two collectives.
+worker group and an all-gather of two numbers per group across groups: no model-sized traffic, but one more
+latency-bound round trip (on a wide-area link, its round-trip time). The direction test adds a pass over the owned
+elements (the count sketch: a product, a copy and a sum per element) and :data:`SKETCH_SIZE` float64 numbers per group
+to the same two collectives.
 """
 
 from __future__ import annotations
@@ -204,7 +206,10 @@ class PseudoGradientScreen:
         kept = [i for i in judged if i not in verdict.excluded]
         if len(kept) < 3:
             return
-        vectors = torch.tensor([list(sketches[i]) for i in kept], dtype=torch.float64)
+        # each group's direction counts alike in the others' consensus: a large one (noise within the norm bound)
+        # cannot swamp it
+        vectors = torch.nn.functional.normalize(torch.tensor([list(sketches[i]) for i in kept], dtype=torch.float64),
+                                                dim=1, eps=1e-300)
         others = vectors.sum(0) - vectors
         cosines = torch.nn.functional.cosine_similarity(vectors, others, dim=1, eps=1e-300).tolist()
         for i, cosine in zip(kept, cosines):

@@ -72,23 +72,33 @@ def test_repeated_offender_is_banned_for_ban_syncs():
     assert screen.excluded_total == 4
 
 
+def _cosine_with_the_others_by_hand(vectors, i):
+    """Group ``i``'s cosine with the sum of the other groups' unit vectors, written out."""
+    units = [[x / math.hypot(*v) for x in v] for v in vectors]
+    others = [sum(u[k] for j, u in enumerate(units) if j != i) for k in range(2)]
+    return (units[i][0] * others[0] + units[i][1] * others[1]) / math.hypot(*others)
+
+
 def test_direction_rule_leaves_out_the_group_against_the_others():
     # sketches by hand (two buckets): groups 0-2 point alike, group 3 against them; norms all honest
     sketches = [[1.0, 0.0], [1.0, 0.2], [0.8, -0.1], [-1.0, 0.0]]
     verdict = PseudoGradientScreen(10.0, min_cosine=0.0).decide([1.0, 1.0, 1.0, 1.0], [0, 1, 2, 3], sketches)
     assert list(verdict.excluded) == [3]
-    others = [2.8, 0.1]  # groups 0-2 summed: group 3's cosine is -2.8 / |(2.8, 0.1)|
-    assert verdict.cosines[3] == pytest.approx(-2.8 / math.hypot(*others))
-    assert verdict.cosines[0] == pytest.approx((1.0 + 0.8 - 1.0) / math.hypot(0.8, 0.1))
-    assert "cosine -0.999 with the other 3 groups' pseudo-gradients < screen_min_cosine 0" in verdict.excluded[3]
+    for i in range(4):
+        assert verdict.cosines[i] == pytest.approx(_cosine_with_the_others_by_hand(sketches, i))
+    assert "cosine -1.000 with the other 3 groups' pseudo-gradients < screen_min_cosine 0" in verdict.excluded[3]
     # without the direction test the same figures screen nobody
     assert not PseudoGradientScreen(10.0).decide([1.0] * 4, [0, 1, 2, 3], sketches).excluded
-    # groups 1 and 2: cosine 0.78 / (|(1, 0.2)| |(0.8, -0.1)|) = 0.949 each; above a threshold of 0.95 only group 0's
-    # 0.992: the upper median (0.949) is not above it, so nobody is screened (a threshold the honest groups fail)
-    assert verdict.cosines[1] == pytest.approx(0.78 / (math.hypot(1.0, 0.2) * math.hypot(0.8, -0.1)))
-    assert verdict.cosines[2] == pytest.approx(verdict.cosines[1])
+    # groups 1 and 2: cosine 0.949 each (by hand), group 0: 0.997; above a threshold of 0.95 only group 0: the upper
+    # median (0.949) is not above it, so nobody is screened (a threshold the honest groups fail); at 0.9, group 3 only
+    assert verdict.cosines[1] == pytest.approx(0.9486833) and verdict.cosines[2] == pytest.approx(0.9486833)
     assert not PseudoGradientScreen(10.0, min_cosine=0.95).decide([1.0] * 4, [0, 1, 2, 3], sketches).excluded
     assert sorted(PseudoGradientScreen(10.0, min_cosine=0.9).decide([1.0] * 4, [0, 1, 2, 3], sketches).excluded) == [3]
+    # a large group within the norm bound (x9) counts as one direction among the others: groups 0-2 keep their
+    # cosines (unit vectors), group 3 is left out
+    verdict = PseudoGradientScreen(10.0, min_cosine=0.0).decide([1.0, 1.0, 1.0, 9.0], [0, 1, 2, 3],
+                                                                sketches[:3] + [[-9.0, 0.0]])
+    assert list(verdict.excluded) == [3] and verdict.cosines[1] == pytest.approx(0.9486833)
     # a norm outlier is judged by the norm and left out of the others' reference: group 3 (x100) would otherwise
     # turn groups 0-2's cosines negative
     verdict = PseudoGradientScreen(10.0, min_cosine=0.0).decide(
@@ -108,7 +118,7 @@ def test_count_sketch_adds_up_and_keeps_inner_products():
     b = 0.5 * a + torch.randn(200_000, generator=g)
     whole = count_sketch([(a, 0)])
     assert whole.shape == (SKETCH_SIZE,) and whole.dtype == torch.float64
-    # pieces of disjoint index ranges (a sharded group's ranks) add up to the whole's sketch; the same indices hash alike
+    # pieces of disjoint index ranges (a sharded group's ranks) add up to the whole's sketch; the same indices go alike
     assert torch.allclose(count_sketch([(a[:70_000], 0), (a[70_000:], 70_000)]), whole, atol=1e-9, rtol=0)
     assert torch.allclose(count_sketch([(a[70_000:], 70_000)]) + count_sketch([(a[:70_000], 0)]), whole,
                           atol=1e-9, rtol=0)
@@ -223,8 +233,8 @@ def scenario_four_groups(rank, world):
     params = [t.clone() for t in initial()]
     engine = OuterSync(params, fragments=2, screen=PseudoGradientScreen(10.0))
     results[("fragments", True)] = run_syncs(rank, params, engine, ["scaled"] * 3, 3, fragments=True)
-    # the direction test (screen_min_cosine=0): groups whose steps point alike, group 3 sign-flipped or not; uncompressed
-    # and int8
+    # the direction test (screen_min_cosine=0): groups whose steps point alike, group 3 sign-flipped or not;
+    # uncompressed and int8
     flipped = lambda how, group, sync, theta: aligned(group, sync, theta, flip=True)  # noqa: E731
     for name, per_sync, compression in (("direction-clean", [None] * 3, None), ("direction-sign", ["sign"] * 3, None),
                                         ("direction-int8", ["sign"] * 3, "int8")):
