@@ -315,8 +315,8 @@ BENCHMARKS_ALL: list[Benchmark] = [
               "--numel 1000000 --syncs 2", "bytes = the codec's payload; ≤ 1.2× the link limit", federated_sync),
     Benchmark("faults", "a rank killed / interrupted at each moment: named, no hang, checkpoint intact", "",
               "--worlds 2 --signals SIGKILL --moments interval", "every run as expected", faults),
-    Benchmark("screen", "the robust screen: one of four groups broken (×100, noise, bit flip, ...): final loss with "
-              "and without it; its cost per sync", "", "--quick",
+    Benchmark("screen", "the robust screen: one of four groups broken (×100, sign flip, noise, bit flip, ...): final "
+              "loss without it, with the norm screen and with its direction test; its cost per sync", "", "--quick",
               "with the screen within 1% of the clean run (issue 37)", screen),
     Benchmark("checkpoint_memory", "peak memory and bytes written per rank at a checkpoint save", "",
               "--steps 8 --every 4 --n-layer 1 --n-embd 64 --csv=", "(a measurement: no target)",
