@@ -19,20 +19,20 @@ token-weighted sync, else ``‖Δ_g‖``):
   flip): that one's harm is bounded by its weight, as the norm bound keeps it no larger than an honest one;
 * with two groups (no majority) each group is held to its own history instead: left out when its norm exceeds
   ``factor`` times the median of its last ``history`` kept norms (once it has :data:`MIN_HISTORY` of them);
-* the direction test (``min_cosine`` set), which sees the sign flip the norm screen does not: a group is left out when
-  the cosine between its pseudo-gradient and the sum of the other judged groups' directions (those the norm test kept,
-  each normalised, so that no large one swamps the others) is below ``min_cosine`` while the upper median of the
-  groups' cosines is above it (a sync whose groups all disagree screens nobody). This is the cosine test of FLTrust
-  (Cao et al., "FLTrust: Byzantine-robust Federated Learning via Trust Bootstrapping", NDSS 2021: an update whose
-  cosine with a trusted direction is negative gets no weight) with the other groups' consensus as the trusted
-  direction, as a majority of honest groups makes it. The cosines come from a count sketch of each pseudo-gradient
-  (:func:`count_sketch`; Charikar et al., "Finding Frequent Items in Data Streams", ICALP 2002; FetchSGD, Rothchild et
-  al., ICML 2020, sends such sketches in federated learning), gathered with the norms: :data:`SKETCH_SIZE` numbers per
-  group, no extra round trip; its cosines are off by about ``1/sqrt(SKETCH_SIZE)`` (0.03). It needs three groups
-  taking part: with two, each is the other's only reference, and who is wrong cannot be told. On the benchmark's clean
-  run a group's cosine with the others' sum was never below 0.19 (median 0.50), while its cosine with the last outer
-  update was negative at 16 of 59 syncs: the run's own last step is no reference for one interval's pseudo-gradient
-  (``benchmarks/screen``);
+* the direction test (``min_cosine`` set), which sees the sign flip the norm screen does not: each judged group the
+  norm test kept scores the upper median of its pseudo-gradient's cosines with each other group's; a group scoring
+  below ``min_cosine`` is left out while the upper median of the scores is above it (a sync whose groups all disagree
+  screens nobody). A median, not the cosine with the others' sum: with three groups a flipped one cancels an honest
+  direction in the sum, and a large one would swamp it. This is the cosine test of FLTrust (Cao et al., "FLTrust:
+  Byzantine-robust Federated Learning via Trust Bootstrapping", NDSS 2021: an update whose cosine with a trusted
+  direction is negative gets no weight) with the other groups' consensus as the trusted direction, as a majority of
+  honest groups makes it. The cosines come from a count sketch of each pseudo-gradient (:func:`count_sketch`; Charikar
+  et al., "Finding Frequent Items in Data Streams", ICALP 2002; FetchSGD, Rothchild et al., ICML 2020, sends such
+  sketches in federated learning), gathered with the norms: :data:`SKETCH_SIZE` numbers per group, no extra round
+  trip; its cosines are off by about ``1/sqrt(SKETCH_SIZE)`` (0.03). It needs three groups taking part: with two, each
+  is the other's only reference, and who is wrong cannot be told. On the benchmark's clean run a group's cosine with
+  the others' sum was never below 0.19 (median 0.50), while its cosine with the last outer update was negative at 16
+  of 59 syncs: the run's own last step is no reference for one interval's pseudo-gradient (``benchmarks/screen``);
 * a group left out at two of its last ``history`` syncs is a repeated offender: it is left out of the next
   ``ban_syncs`` syncs it takes part in, whatever its norm.
 
@@ -106,8 +106,8 @@ class ScreenVerdict:
     excluded: dict[int, str] = field(default_factory=dict)
     """Members left out of the sync (their index) and why, with the figures."""
     cosines: list[float] = field(default_factory=list)
-    """The direction test: each member's cosine with the other judged members' sum (NaN: not tested), in member
-    order."""
+    """The direction test: each member's score, the upper median of its cosines with the other judged members (NaN:
+    not tested), in member order."""
     rule: str = ""
     """``"median"`` (three or more members took part), ``"history"`` (two or fewer) or ``""`` (none)."""
 
@@ -206,12 +206,13 @@ class PseudoGradientScreen:
         kept = [i for i in judged if i not in verdict.excluded]
         if len(kept) < 3:
             return
-        # each group's direction counts alike in the others' consensus: a large one (noise within the norm bound)
-        # cannot swamp it
-        vectors = torch.nn.functional.normalize(torch.tensor([list(sketches[i]) for i in kept], dtype=torch.float64),
-                                                dim=1, eps=1e-300)
-        others = vectors.sum(0) - vectors
-        cosines = torch.nn.functional.cosine_similarity(vectors, others, dim=1, eps=1e-300).tolist()
+        # each group's score: the upper median of its cosines with each of the others. A flipped group of three
+        # cancels one honest direction in a sum, not in a median; a large one (noise within the norm bound) counts
+        # as one vote
+        units = torch.nn.functional.normalize(torch.tensor([list(sketches[i]) for i in kept], dtype=torch.float64),
+                                              dim=1, eps=1e-300)
+        pairs = (units @ units.T).tolist()
+        cosines = [statistics.median_high(row[:k] + row[k + 1:]) for k, row in enumerate(pairs)]
         for i, cosine in zip(kept, cosines):
             verdict.cosines[i] = cosine
         median = statistics.median_high(cosines)
@@ -220,8 +221,8 @@ class PseudoGradientScreen:
         for i, cosine in zip(kept, cosines):
             if cosine < self.min_cosine:
                 verdict.excluded[i] = (f"cosine {cosine:.3f} with the other {len(kept) - 1} groups' pseudo-gradients "
-                                       f"< screen_min_cosine {self.min_cosine:g} (upper median {median:.3f}); norm "
-                                       f"{verdict.norms[i]:.4g}")
+                                       f"(their upper median) < screen_min_cosine {self.min_cosine:g} (the groups' "
+                                       f"upper median {median:.3f}); norm {verdict.norms[i]:.4g}")
 
     # ------------------------------------------------------------------ the collective
     def screen(self, cross: Communicator, sharding: Optional[Communicator], squared_norm: float,
