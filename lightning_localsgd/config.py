@@ -67,11 +67,12 @@ ARGUMENT_DOCS: dict[str, str] = {
                         "left out of this many further syncs it takes part in, whatever its norm. Default 0: each "
                         "sync judges every group afresh.",
     "screen_min_cosine": "with ``screen_factor``: the direction test, which catches a pseudo-gradient of an honest "
-                         "norm pointing the wrong way (a sign flip): with three or more groups, one whose "
-                         "pseudo-gradient's cosine with the sum of the other groups' is below this is left out of the "
-                         "sync while the groups' upper median is above it, logged and counted like a norm outlier. "
+                         "norm pointing the wrong way (a sign flip): with three or more groups, one whose score (the "
+                         "upper median of its pseudo-gradient's cosines with the other groups') is below this is left "
+                         "out of the sync while the groups' upper median is above it, logged and counted like a norm "
+                         "outlier. Rests on the honest groups agreeing (README). "
                          "The cosines come from a 1024-bucket count sketch of each pseudo-gradient, sent with the "
-                         "norms (no extra round trip; one hashing pass over the parameters per sync). With two groups "
+                         "norms (no extra round trip; one pass over the parameters per sync). With two groups "
                          "it does nothing (who is wrong cannot be told). Default None: off; e.g. 0.0.",
     "sync_on_train_end": "run a last sync when training ends mid-interval, so every rank ends with the same model. "
                          "Default True.",

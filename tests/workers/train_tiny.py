@@ -354,7 +354,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-consecutive-skips", type=int, default=None)
     p.add_argument("--loss-scale", type=float, default=1.0, help="group 1's loss is scaled by this at every step")
     p.add_argument("--screen-factor", type=float, default=None, help="the robust screen (screen_factor=)")
-    p.add_argument("--screen-min-cosine", type=float, default=None, help="its direction test (screen_min_cosine=)")
     p.add_argument("--fault-rank", type=int, default=1)
     p.add_argument("--term-at", type=int, default=-1, help="SIGTERM --term-rank --term-delay s after this step starts")
     p.add_argument("--term-rank", type=int, default=0)
@@ -423,8 +422,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         extra = {k: v for k, v in (("on_nonfinite", args.on_nonfinite), ("sync_timeout", args.sync_timeout),
                                    ("max_consecutive_skips", args.max_consecutive_skips),
-                                   ("screen_factor", args.screen_factor),
-                                   ("screen_min_cosine", args.screen_min_cosine)) if v is not None}
+                                   ("screen_factor", args.screen_factor)) if v is not None}
         strategy = LocalSGDStrategy(
             sync_every=args.sync_every, outer_optimizer=args.outer, group_size=args.group_size,
             warmup_steps=args.warmup, outer_state_device=args.state_device, process_group_backend=args.backend, **extra,
