@@ -70,10 +70,10 @@ MIN_COSINE = 0.0
 
 def train(rank: int, args: argparse.Namespace, broken: str | None, screened: str,
           alone: bool = False) -> tuple[float, int, list[list[float]]]:
-    """One run: the validation loss of θ_g at the end (nan: diverged), the syncs group 3 was left out of, and (on the
-    clean run with the direction test) this group's score (the upper median of its cosines with the others) and its
-    cosine with the last outer update at each sync from the second. ``screened``: a key of :data:`SCREENS`; ``alone``: group 3 sends with weight 0
-    (the three other groups alone: the best a screen can do)."""
+    """One run: the validation loss of θ_g at the end (nan: diverged), the syncs group 3 was left out of, and (on
+    the clean run with the direction test) this group's score (the upper median of its cosines with the others) and
+    its cosine with the last outer update at each sync from the second. ``screened``: a key of :data:`SCREENS`;
+    ``alone``: group 3 sends with weight 0 (the three other groups alone: the best a screen can do)."""
     teacher = make_model(1234)
     model = make_model(0)  # every group starts from the same weights
     params = list(model.parameters())
@@ -183,7 +183,8 @@ def run(size: argparse.Namespace, suffix: str, command: str) -> Path:
              f"with the norm screen, {cell(results[('clean', 'direction')])} with norm and direction; the three "
              f"healthy groups alone (the best a screen can do): {cell(results[('alone', 'off')], False)}", "",
              f"clean run, group 0 at each of syncs 2-{syncs} ({cos.shape[0]}), exact: its score, the upper median "
-             f"of its cosines with the other groups (what the direction test sketches) {spread(cos[:, 0])}; with the last outer update (rejected "
+             f"of its cosines with the other groups (what the direction test sketches) {spread(cos[:, 0])}; with "
+             f"the last outer update (rejected "
              f"as the reference) {spread(cos[:, 1])}", "",
              "| group 3 broken by | without the screen | screen_factor=10 | screen_factor=10, screen_min_cosine=0 |",
              "|---|---|---|---|"]
