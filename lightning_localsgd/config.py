@@ -66,6 +66,14 @@ ARGUMENT_DOCS: dict[str, str] = {
     "screen_ban_syncs": "with ``screen_factor``: a group left out at two of its last ``screen_history`` syncs is "
                         "left out of this many further syncs it takes part in, whatever its norm. Default 0: each "
                         "sync judges every group afresh.",
+    "screen_min_cosine": "with ``screen_factor``: the direction test, which catches a pseudo-gradient of an honest "
+                         "norm pointing the wrong way (a sign flip): with three or more groups, one whose score (the "
+                         "upper median of its pseudo-gradient's cosines with the other groups') is below this is left "
+                         "out of the sync while the groups' upper median is above it, logged and counted like a norm "
+                         "outlier. Rests on the honest groups agreeing (README). "
+                         "The cosines come from a 1024-bucket count sketch of each pseudo-gradient, sent with the "
+                         "norms (no extra round trip; one pass over the parameters per sync). With two groups "
+                         "it does nothing (who is wrong cannot be told). Default None: off; e.g. 0.0.",
     "sync_on_train_end": "run a last sync when training ends mid-interval, so every rank ends with the same model. "
                          "Default True.",
     "async_save": "write checkpoints in the background during ``fit``: a save copies this rank's state to host "
@@ -221,6 +229,7 @@ class LocalSGDConfig:
     screen_factor: Optional[float] = None
     screen_history: int = 8
     screen_ban_syncs: int = 0
+    screen_min_cosine: Optional[float] = None
     sync_on_train_end: bool = True
     async_save: bool = False
     sync_timeout: Optional[float] = None
@@ -322,7 +331,8 @@ class LocalSGDConfig:
         """A new robust screen for one engine (``None`` when ``screen_factor`` is not set)."""
         if self.screen_factor is None:
             return None
-        return PseudoGradientScreen(self.screen_factor, self.screen_history, self.screen_ban_syncs)
+        return PseudoGradientScreen(self.screen_factor, self.screen_history, self.screen_ban_syncs,
+                                    self.screen_min_cosine)
 
     def build_schedule(self) -> SyncSchedule:
         """The schedule named by ``sync_schedule``, or the one the arguments ask for."""
@@ -354,10 +364,11 @@ class LocalSGDConfig:
 
     # ------------------------------------------------------------------ checks
     def _check_screen(self) -> None:
-        check_screen_arguments(self.screen_factor, self.screen_history, self.screen_ban_syncs)
+        check_screen_arguments(self.screen_factor, self.screen_history, self.screen_ban_syncs, self.screen_min_cosine)
         if self.screen_factor is None:
             for name, value, default in (("screen_history", self.screen_history, 8),
-                                         ("screen_ban_syncs", self.screen_ban_syncs, 0)):
+                                         ("screen_ban_syncs", self.screen_ban_syncs, 0),
+                                         ("screen_min_cosine", self.screen_min_cosine, None)):
                 if value != default:
                     raise ValueError(f"{name}={value!r} only acts with the robust screen: set screen_factor too "
                                      "(e.g. 10.0), or remove it.")

@@ -191,7 +191,8 @@ FEATURES: list[tuple[str, tuple[str, ...]]] = [
     ("two levels (`cluster_size` / federated: `cluster_sync_every`)", ("cluster_size", "cluster_sync_every")),
     ("exact resume from a checkpoint", ()),
     ("asynchronous checkpoint save (`async_save`)", ("async_save",)),
-    ("robust screen of each sync (`screen_factor`)", ("screen_factor", "screen_history", "screen_ban_syncs")),
+    ("robust screen of each sync (`screen_factor`)", ("screen_factor", "screen_history", "screen_ban_syncs",
+                                                     "screen_min_cosine")),
     ("syncs nobody waits for (`async_sync`)", ("async_sync",)),
 ]
 

@@ -10,10 +10,14 @@ step:
 * ``bitflip``: the top exponent bit of 4 of its parameters (values below 1 in magnitude: ~1e38, finite) flipped;
 * ``noisy_steps``: N(0, 0.05²) added to its parameters at every step (the issue's "a job adding noise").
 
-Each configuration runs without the screen and with ``screen_factor=10``; reported: the final validation loss of
-``θ_g`` (the model every group holds after the last sync), and its ratio to the clean run's (four healthy groups),
-beside the three healthy groups alone (group 3 at weight 0: what a perfect screen gives). A run whose loss turned
-non-finite reports ``diverged``.
+Each configuration runs without the screen, with ``screen_factor=10`` (the norm screen) and with
+``screen_factor=10, screen_min_cosine=0`` (norm and direction); reported: the final validation loss of ``θ_g`` (the
+model every group holds after the last sync), and its ratio to the clean run's (four healthy groups), beside the
+three healthy groups alone (group 3 at weight 0: what a perfect screen gives), and the syncs at which group 3 was
+left out. A run whose loss turned non-finite reports ``diverged``. The clean run also measures what the direction test
+rests on: group 0's score (the upper median of its pseudo-gradient's cosines with each other group's, exact here),
+beside its
+cosine with the last outer update (a reference judged and rejected), at every sync from the second.
 
     python benchmarks/screen/screen.py --only broken          # ~1-2 minutes on 2 CPU cores (or screen_broken.py)
     python benchmarks/screen/screen.py --only broken --quick  # smoke run: 100 steps
@@ -60,14 +64,23 @@ def batch(teacher: torch.nn.Module, g: torch.Generator, n: int = 32) -> tuple[to
     return x, y
 
 
-def train(rank: int, args: argparse.Namespace, broken: str | None, screened: bool, alone: bool = False) -> float:
-    """One run; the validation loss of θ_g at the end (nan: diverged). ``alone``: group 3 sends with weight 0 (the
-    three other groups alone: the best a screen can do)."""
+SCREENS = {"off": None, "norm": dict(factor=10.0), "direction": dict(factor=10.0, min_cosine=0.0)}
+MIN_COSINE = 0.0
+
+
+def train(rank: int, args: argparse.Namespace, broken: str | None, screened: str,
+          alone: bool = False) -> tuple[float, int, list[list[float]]]:
+    """One run: the validation loss of θ_g at the end (nan: diverged), the syncs group 3 was left out of, and (on
+    the clean run with the direction test) this group's score (the upper median of its cosines with the others) and
+    its cosine with the last outer update at each sync from the second. ``screened``: a key of :data:`SCREENS`;
+    ``alone``: group 3 sends with weight 0 (the three other groups alone: the best a screen can do)."""
     teacher = make_model(1234)
     model = make_model(0)  # every group starts from the same weights
     params = list(model.parameters())
     engine = OuterSync([p.data for p in params], outer_optimizer=resolve_outer_optimizer("diloco"),
-                       on_nonfinite="skip", screen=PseudoGradientScreen(10.0) if screened else None)
+                       on_nonfinite="skip",
+                       screen=PseudoGradientScreen(**SCREENS[screened]) if SCREENS[screened] else None)
+    left_out, cosines, previous, update = 0, [], None, None
     inner = torch.optim.AdamW(params, lr=args.lr)
     data = torch.Generator().manual_seed(100 + rank)
     noise = torch.Generator().manual_seed(999)
@@ -99,22 +112,35 @@ def train(rank: int, args: argparse.Namespace, broken: str | None, screened: boo
                     flat = params[0].data.view(-1)
                     for k in torch.nonzero(flat.abs() < 1)[:4].view(-1).tolist():
                         flat.view(torch.int32)[k] ^= 1 << 30
-                engine.sync(weight=float(rank != 3) if alone else None)
+                if broken is None and screened == "direction":  # measure what the direction test sees
+                    delta = torch.cat([(s - p.view(-1)) for s, p in zip(engine.snapshot, params)])
+                    every = [torch.empty_like(delta) for _ in range(dist.get_world_size())]
+                    dist.all_gather(every, delta)
+                    cos = torch.nn.functional.cosine_similarity  # (exact here; the screen uses a sketch)
+                    # the test's score: the upper median of the cosines with each other group
+                    with_others = sorted(float(cos(delta, d, dim=0)) for k, d in enumerate(every) if k != rank)[1]
+                    if update is not None:  # the other reference judged: the last outer update
+                        cosines.append((with_others, float(cos(delta, update, dim=0))))
+                    previous = torch.cat([s.detach().view(-1) for s in engine.snapshot])
+                res = engine.sync(weight=float(rank != 3) if alone else None)
+                left_out += 3 in res.screened_out
+                if previous is not None:
+                    update = previous - torch.cat([s.detach().view(-1) for s in engine.snapshot])
     with torch.no_grad():
         for p, s in zip(params, engine.snapshot):
             p.copy_(s.view_as(p))
         x, y = batch(teacher, torch.Generator().manual_seed(7), 4096)
-        return float(torch.nn.functional.mse_loss(model(x), y))
+        return float(torch.nn.functional.mse_loss(model(x), y)), left_out, cosines
 
 
 def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    results = {("clean", False): train(rank, args, None, False), ("clean", True): train(rank, args, None, True),
-               ("alone", False): train(rank, args, None, False, alone=True)}
+    results = {("clean", screened): train(rank, args, None, screened) for screened in SCREENS}
+    results[("alone", "off")] = train(rank, args, None, "off", alone=True)
     for broken in BROKEN:
-        for screened in (False, True):
+        for screened in SCREENS:
             results[(broken, screened)] = train(rank, args, broken, screened)
     if rank == 0:
         torch.save(results, out)
@@ -135,19 +161,36 @@ def run(size: argparse.Namespace, suffix: str, command: str) -> Path:
         out = os.path.join(tmp, "r.pt")
         mp.spawn(_worker, args=(4, h.free_port(), size, out), nprocs=4)
         results = torch.load(out)
-    clean = results[("clean", False)]
+    clean = results[("clean", "off")][0]
+    syncs = size.steps // size.sync_every
 
-    def cell(loss: float) -> str:
-        return "diverged" if not math.isfinite(loss) else f"{loss:.4f} ({loss / clean:.3f}x)"
+    def cell(result: tuple[float, int, list], screened: bool = True) -> str:
+        loss, left_out = result[0], result[1]
+        text = "diverged" if not math.isfinite(loss) else f"{loss:.4f} ({loss / clean:.3f}x)"
+        return f"{text}, out {left_out}/{syncs}" if screened else text
+
+    # [syncs - 1, 2]: rank 0's score (upper median of its cosines with the others), its cosine with the last update
+    cos = torch.tensor(results[("clean", "direction")][2])
+
+    def spread(c: torch.Tensor) -> str:
+        q = torch.quantile(c, torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0])).tolist()
+        return (f"min {q[0]:.3f}, quartiles {q[1]:.3f} / {q[2]:.3f} / {q[3]:.3f}, max {q[4]:.3f}, below "
+                f"{MIN_COSINE:g} at {int((c < MIN_COSINE).sum())}")
 
     lines = [f"# One broken group of four: final validation loss (MLP student/teacher, DiLoCo, H={size.sync_every}, "
-             f"{size.steps} steps; ratio to the clean run)", "",
-             f"clean run (four healthy groups): {clean:.4f} without the screen, {cell(results[('clean', True)])} "
-             f"with it; the three healthy groups alone (the best a screen can do): {cell(results[('alone', False)])}",
-             "",
-             "| group 3 broken by | without the screen | with screen_factor=10 |", "|---|---|---|"]
+             f"{size.steps} steps; ratio to the clean run; out k/{syncs}: syncs group 3 was left out of)", "",
+             f"clean run (four healthy groups): {clean:.4f} without the screen, {cell(results[('clean', 'norm')])} "
+             f"with the norm screen, {cell(results[('clean', 'direction')])} with norm and direction; the three "
+             f"healthy groups alone (the best a screen can do): {cell(results[('alone', 'off')], False)}", "",
+             f"clean run, group 0 at each of syncs 2-{syncs} ({cos.shape[0]}), exact: its score, the upper median "
+             f"of its cosines with the other groups (what the direction test sketches) {spread(cos[:, 0])}; with "
+             f"the last outer update (rejected "
+             f"as the reference) {spread(cos[:, 1])}", "",
+             "| group 3 broken by | without the screen | screen_factor=10 | screen_factor=10, screen_min_cosine=0 |",
+             "|---|---|---|---|"]
     for broken in BROKEN:
-        lines.append(f"| {broken} | {cell(results[(broken, False)])} | {cell(results[(broken, True)])} |")
+        lines.append(f"| {broken} | {cell(results[(broken, 'off')], False)} | {cell(results[(broken, 'norm')])} | "
+                     f"{cell(results[(broken, 'direction')])} |")
     text = "\n".join(lines) + "\n"
     print(text)
     return h.write_summary(h.results_dir("screen") / f"screen_broken{suffix}.md", text, started, command)

@@ -29,7 +29,7 @@ import torch.multiprocessing as mp
 
 from lightning_localsgd.engine import OuterSync
 from lightning_localsgd.engine.outer import squared_norm
-from lightning_localsgd.engine.screen import PseudoGradientScreen
+from lightning_localsgd.engine.screen import PseudoGradientScreen, count_sketch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared harness
 import harness as h  # noqa: E402
@@ -47,10 +47,13 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
         params = [torch.randn(args.numel, generator=torch.Generator().manual_seed(0))]
         plain = OuterSync(params, compression=codec)
         screened = OuterSync(params, compression=codec, screen=PseudoGradientScreen(10.0))
+        # the direction test's sketch is made and gathered with two groups too (it judges only with three or more)
+        direction = OuterSync(params, compression=codec, screen=PseudoGradientScreen(10.0, min_cosine=0.0))
         g = torch.Generator().manual_seed(rank)
-        times: dict[str, list[list[float]]] = {"plain": [], "screened": [], "screen_alone": []}
+        times: dict[str, list[list[float]]] = {"plain": [], "screened": [], "direction": [], "screen_alone": [],
+                                               "sketch_alone": []}
         for r in range(args.rounds):
-            order = [("plain", plain), ("screened", screened)]
+            order = [("plain", plain), ("screened", screened), ("direction", direction)]
             for name, engine in order if r % 2 == 0 else order[::-1]:
                 per = []
                 for _ in range(args.syncs):
@@ -69,6 +72,12 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
                 screened.screen.screen(screened.cross, None, sq, None, params[0].device)
                 alone.append(time.perf_counter() - t0)
             times["screen_alone"].append(alone)
+            sketching = []
+            for _ in range(args.syncs):  # the direction test's count sketch, timed alone
+                t0 = time.perf_counter()
+                count_sketch([(direction.snapshot[0].view(-1) - params[0].view(-1), 0)])
+                sketching.append(time.perf_counter() - t0)
+            times["sketch_alone"].append(sketching)
         results[codec or "fp32"] = times
     if rank == 0:
         torch.save(results, out)
@@ -94,14 +103,21 @@ def run(size: argparse.Namespace, suffix: str, command: str) -> Path:
     lines = [f"# Robust screen: cost per sync ({size.numel / 1e6:g}M fp32 parameters, 2 groups on gloo, 1 thread "
              f"each; {size.rounds} rounds x {size.syncs} syncs)", "",
              "| sync | without screen, median s | with screen, median s | ratio (median over rounds) "
-             "| screen alone, median s |", "|---|---|---|---|---|"]
+             "| screen alone, median s | with screen + direction test (`screen_min_cosine=0`), median s | ratio "
+             "| count sketch alone, median s |", "|---|---|---|---|---|---|---|---|"]
     for codec, times in results.items():
         plain = statistics.median(t for per in times["plain"] for t in per)
         screened = statistics.median(t for per in times["screened"] for t in per)
-        ratio = statistics.median(statistics.median(s) / statistics.median(q)
-                                  for s, q in zip(times["screened"], times["plain"]))
+        direction = statistics.median(t for per in times["direction"] for t in per)
+
+        def ratio(name: str) -> float:
+            return statistics.median(statistics.median(s) / statistics.median(q)
+                                     for s, q in zip(times[name], times["plain"]))
+
         alone = statistics.median(t for per in times["screen_alone"] for t in per)
-        lines.append(f"| {codec} | {plain:.4f} | {screened:.4f} | {ratio:.3f} | {alone:.4f} |")
+        sketch = statistics.median(t for per in times["sketch_alone"] for t in per)
+        lines.append(f"| {codec} | {plain:.4f} | {screened:.4f} | {ratio('screened'):.3f} | {alone:.4f} | "
+                     f"{direction:.4f} | {ratio('direction'):.3f} | {sketch:.4f} |")
     lines += ["", "A shared machine: ratios spread by a few % (the load average is in the first line)."]
     text = "\n".join(lines) + "\n"
     print(text)

@@ -14,6 +14,7 @@ parameters, a slice of a DDP group, FSDP shards, ZeRO partitions).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import time
@@ -31,7 +32,7 @@ from .layout import Fragment, Layout
 from .presets import OuterOptimizerFactory
 from .reducers import (DEFAULT_BUCKET_BYTES, DEFAULT_COMPRESSED_BUCKET_BYTES, MeanReducer, Reduction,
                        assign_buffers, compressed_reducer, finite_buffer_mean, gather_slices, reduce_buffers)
-from .screen import PseudoGradientScreen, log_verdict
+from .screen import PseudoGradientScreen, count_sketch, log_verdict
 
 __all__ = ["NonFinitePseudoGradientError", "OuterSync", "SyncResult", "merge_outer_states"]
 
@@ -403,9 +404,18 @@ class OuterSync:
     def _screen(self, frag: FragmentSync, weight: Optional[float]) -> Optional[float]:
         """Screen this sync of ``frag`` (collective): this group's weight in it, after the verdict."""
         assert self.screen is not None
+        views = self._owned_views(frag.fragment)
         sq = sum(squared_norm(snap.view(-1).to(view.device), view.float().reshape(-1))
-                 for snap, view in zip(frag.snapshot, self._owned_views(frag.fragment)))
-        verdict = self.screen.screen(self.cross, self.sharding, float(sq), weight, self.device)
+                 for snap, view in zip(frag.snapshot, views))
+        sketch = None
+        if self.screen.min_cosine is not None:
+            # each element's index: its place among this rank's owned elements, apart for each rank of a sharded group
+            # (the same slice in every group), so that the group's ranks' sketches add up to its whole one
+            base = frag.owned[0] + ((self.sharding.rank << 40) if self.sharding is not None else 0)
+            firsts = itertools.accumulate((snap.numel() for snap in frag.snapshot), initial=base)
+            sketch = count_sketch((snap.view(-1).to(view.device) - view.float().reshape(-1), first)  # one at a time
+                                  for snap, view, first in zip(frag.snapshot, views, firsts))
+        verdict = self.screen.screen(self.cross, self.sharding, float(sq), weight, self.device, sketch)
         if verdict.excluded:
             frag.verdict = verdict
             if self.sharding is None or self.sharding.rank == 0:  # one line per group

@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from lightning_localsgd import LocalSGDConfig
 from lightning_localsgd.engine import OuterSync
-from lightning_localsgd.engine.screen import PseudoGradientScreen
+from lightning_localsgd.engine.screen import SKETCH_SIZE, PseudoGradientScreen, count_sketch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from reference import weighted_compressed_sync  # noqa: E402
@@ -96,6 +96,66 @@ def test_state_round_trip_decides_as_the_uninterrupted_screen_and_legacy_starts_
     assert legacy.state_dict() == PseudoGradientScreen(10.0).state_dict()
 
 
+def _cosine_with_the_others_by_hand(vectors, i):
+    """Group ``i``'s score, written out: the upper median of its cosines with each other group."""
+    units = [[x / math.hypot(*v) for x in v] for v in vectors]
+    cosines = sorted(units[i][0] * u[0] + units[i][1] * u[1] for j, u in enumerate(units) if j != i)
+    return cosines[len(cosines) // 2]
+
+
+def test_direction_rule_leaves_out_the_group_against_the_others():
+    # sketches by hand (two buckets): groups 0-2 point alike, group 3 against them; norms all honest
+    sketches = [[1.0, 0.0], [1.0, 0.2], [0.8, -0.1], [-1.0, 0.0]]
+    verdict = PseudoGradientScreen(10.0, min_cosine=0.0).decide([1.0, 1.0, 1.0, 1.0], [0, 1, 2, 3], sketches)
+    assert list(verdict.excluded) == [3]
+    for i in range(4):
+        assert verdict.cosines[i] == pytest.approx(_cosine_with_the_others_by_hand(sketches, i))
+    assert ("cosine -0.992 with the other 3 groups' pseudo-gradients (their upper median) < screen_min_cosine 0"
+            in verdict.excluded[3])
+    # without the direction test the same figures screen nobody
+    assert not PseudoGradientScreen(10.0).decide([1.0] * 4, [0, 1, 2, 3], sketches).excluded
+    # groups 1 and 2: cosine 0.949 each (by hand), group 0: 0.981; above a threshold of 0.95 only group 0: the upper
+    # median (0.949) is not above it, so nobody is screened (a threshold the honest groups fail); at 0.9, group 3 only
+    assert verdict.cosines[1] == pytest.approx(0.9486833) and verdict.cosines[2] == pytest.approx(0.9486833)
+    assert not PseudoGradientScreen(10.0, min_cosine=0.95).decide([1.0] * 4, [0, 1, 2, 3], sketches).excluded
+    assert sorted(PseudoGradientScreen(10.0, min_cosine=0.9).decide([1.0] * 4, [0, 1, 2, 3], sketches).excluded) == [3]
+    # a large group within the norm bound (x9) counts as one vote among the others: groups 0-2 keep their scores,
+    # group 3 is left out
+    verdict = PseudoGradientScreen(10.0, min_cosine=0.0).decide([1.0, 1.0, 1.0, 9.0], [0, 1, 2, 3],
+                                                                sketches[:3] + [[-9.0, 0.0]])
+    assert list(verdict.excluded) == [3] and verdict.cosines[1] == pytest.approx(0.9486833)
+    # a norm outlier is judged by the norm and left out of the others' reference: group 3 (x100) would otherwise
+    # turn groups 0-2's cosines negative
+    verdict = PseudoGradientScreen(10.0, min_cosine=0.0).decide(
+        [1.0, 1.0, 1.0, 100.0], [0, 1, 2, 3], [[1.0, 0.0], [1.0, 0.2], [0.8, -0.1], [-100.0, 0.0]])
+    assert list(verdict.excluded) == [3] and verdict.excluded[3].startswith("norm 100")
+    # the upper median not above the threshold (the groups all disagree): nobody is screened
+    spread = [[1.0, 0.0], [-1.0, 0.1], [0.0, 1.0], [0.1, -1.0]]
+    verdict = PseudoGradientScreen(10.0, min_cosine=0.0).decide([1.0] * 4, [0, 1, 2, 3], spread)
+    assert max(verdict.cosines) <= 0 and not verdict.excluded
+    # two groups: each is the other's only reference, no verdict on direction
+    assert not PseudoGradientScreen(10.0, min_cosine=0.0).decide([1.0, 1.0], [0, 1], [[1.0, 0.0], [-1.0, 0.0]]).excluded
+
+
+def test_count_sketch_adds_up_and_keeps_inner_products():
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(200_000, generator=g)
+    b = 0.5 * a + torch.randn(200_000, generator=g)
+    whole = count_sketch([(a, 0)])
+    assert whole.shape == (SKETCH_SIZE,) and whole.dtype == torch.float64
+    # pieces of disjoint index ranges (a sharded group's ranks) add up to the whole's sketch; the same indices go alike
+    assert torch.allclose(count_sketch([(a[:70_000], 0), (a[70_000:], 70_000)]), whole, atol=1e-9, rtol=0)
+    assert torch.allclose(count_sketch([(a[70_000:], 70_000)]) + count_sketch([(a[:70_000], 0)]), whole,
+                          atol=1e-9, rtol=0)
+    assert torch.equal(count_sketch([(-a, 0)]), -whole)
+    # the cosine of the sketches is near the vectors' (0.447): off by about 1/sqrt(SKETCH_SIZE)
+    exact = float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+    sketched = float(torch.nn.functional.cosine_similarity(whole, count_sketch([(b, 0)]), dim=0))
+    assert abs(sketched - exact) < 0.1 and abs(exact - 0.447) < 0.01
+    # a shift of the indices hashes elsewhere: the sketch is of (value, index) pairs, not of values alone
+    assert not torch.allclose(count_sketch([(a, 1)]), whole)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(screen_factor=1.0), "screen_factor must be a number above 1"),
     (dict(screen_factor=float("inf")), "screen_factor must be a number above 1"),
@@ -104,6 +164,10 @@ def test_state_round_trip_decides_as_the_uninterrupted_screen_and_legacy_starts_
     (dict(screen_factor=10.0, screen_ban_syncs=-1), "screen_ban_syncs must be an integer >= 0"),
     (dict(screen_ban_syncs=3), "screen_ban_syncs=3 only acts with the robust screen: set screen_factor"),
     (dict(screen_history=5), "screen_history=5 only acts with the robust screen"),
+    (dict(screen_factor=10.0, screen_min_cosine=1.0), "screen_min_cosine must be a number strictly between -1 and 1"),
+    (dict(screen_factor=10.0, screen_min_cosine=float("nan")), "screen_min_cosine must be a number strictly between"),
+    (dict(screen_factor=10.0, screen_min_cosine=True), "screen_min_cosine must be a number strictly between"),
+    (dict(screen_min_cosine=0.0), "screen_min_cosine=0.0 only acts with the robust screen"),
 ])
 def test_config_refuses_bad_screen_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -111,9 +175,10 @@ def test_config_refuses_bad_screen_arguments(kwargs, match):
 
 
 def test_config_builds_one_screen_per_engine():
-    config = LocalSGDConfig(screen_factor=5, screen_history=6, screen_ban_syncs=1)
+    config = LocalSGDConfig(screen_factor=5, screen_history=6, screen_ban_syncs=1, screen_min_cosine=0)
     a, b = config.build_screen(), config.build_screen()
-    assert a is not b and (a.factor, a.history_len, a.ban_syncs) == (5.0, 6, 1)
+    assert a is not b and (a.factor, a.history_len, a.ban_syncs, a.min_cosine) == (5.0, 6, 1, 0.0)
+    assert LocalSGDConfig(screen_factor=5).build_screen().min_cosine is None
     assert LocalSGDConfig().build_screen() is None
 
 
@@ -142,7 +207,15 @@ def broken(how: str, group: int, sync: int, theta: list[torch.Tensor]) -> list[t
     return mine
 
 
-def run_syncs(rank, params, engine, cases, syncs, weight=None, fragments=False):
+def aligned(group: int, sync: int, theta: list[torch.Tensor], flip: bool = False) -> list[torch.Tensor]:
+    """Group ``group``'s parameters before sync ``sync`` when the groups' steps point alike (a step shared by all plus
+    a smaller one of its own, as groups training one model do); ``flip``: its pseudo-gradient sign-flipped."""
+    shared, own = torch.Generator().manual_seed(500 + sync), torch.Generator().manual_seed(1000 * sync + group)
+    steps = [0.1 * torch.randn(t.shape, generator=shared) + 0.05 * torch.randn(t.shape, generator=own) for t in theta]
+    return [t + d if flip else t - d for t, d in zip(theta, steps)]
+
+
+def run_syncs(rank, params, engine, cases, syncs, weight=None, fragments=False, honest=honest, broken=broken):
     """Set every rank's parameters for each sync (``cases[sync]``: the broken group's way, or None) and sync
     (``fragments``: fragment 0 then fragment 1, each started and finished on its own, as streaming does)."""
     out = []
@@ -185,6 +258,16 @@ def scenario_four_groups(rank, world):
     params = [t.clone() for t in initial()]
     engine = OuterSync(params, fragments=2, screen=PseudoGradientScreen(10.0))
     results[("fragments", True)] = run_syncs(rank, params, engine, ["scaled"] * 3, 3, fragments=True)
+    # the direction test (screen_min_cosine=0): groups whose steps point alike, group 3 sign-flipped or not;
+    # uncompressed and int8
+    flipped = lambda how, group, sync, theta: aligned(group, sync, theta, flip=True)  # noqa: E731
+    for name, per_sync, compression in (("direction-clean", [None] * 3, None), ("direction-sign", ["sign"] * 3, None),
+                                        ("direction-int8", ["sign"] * 3, "int8")):
+        params = [t.clone() for t in initial()]
+        engine = OuterSync(params, compression=compression, screen=PseudoGradientScreen(10.0, min_cosine=0.0))
+        results[(name, True)] = run_syncs(rank, params, engine, per_sync, 3, honest=aligned, broken=flipped)
+    params = [t.clone() for t in initial()]
+    results[("direction-clean", False)] = run_syncs(rank, params, OuterSync(params), [None] * 3, 3, honest=aligned)
     return results
 
 
@@ -243,6 +326,47 @@ def test_four_groups_one_broken_is_left_out_of_every_sync(tmp_path):
             assert screened_out == [3] and torch.allclose(_flat(params), want, atol=1e-6, rtol=0)
             params, screened_out, _ = rank[("fragments", True)][sync]
             assert screened_out == [[3], [3]] and torch.allclose(_flat(params), want_fragments, atol=1e-6, rtol=0)
+    check_direction_test(got)
+
+
+def _cosines_with_the_others(locals_, theta):
+    deltas = [_flat(theta) - _flat(m) for m in locals_]
+    return [float(torch.nn.functional.cosine_similarity(d, sum(deltas) - d, dim=0)) for d in deltas]
+
+
+def check_direction_test(got):
+    """The direction test's cases of :func:`scenario_four_groups` (run by the test of the norm screen's cases: one
+    launch)."""
+    # clean: nobody is screened, bit for bit the run without the screen; the honest cosines are clearly positive
+    for sync in range(3):
+        theta = initial() if sync == 0 else got[0][("direction-clean", False)][sync - 1][0]
+        assert min(_cosines_with_the_others([aligned(g, sync, theta) for g in range(4)], theta)) > 0.5
+        for rank in got:
+            params, screened_out, _ = rank[("direction-clean", True)][sync]
+            assert screened_out == [] and torch.equal(_flat(params), _flat(rank[("direction-clean", False)][sync][0]))
+    # group 3 sign-flipped: left out of every sync (its norm is honest: the norm screen let the same flip through
+    # above), θ_g the hand mean of groups 0-2
+    for sync in range(3):
+        theta = initial() if sync == 0 else got[0][("direction-sign", True)][sync - 1][0]
+        locals_ = [aligned(g, sync, theta) for g in range(3)] + [aligned(3, sync, theta, flip=True)]
+        cosines = _cosines_with_the_others(locals_, theta)
+        assert cosines[3] < -0.5 < 0.2 < min(cosines[:3])  # far from the threshold, whatever the sketch's error
+        want = sum(_flat(m) for m in locals_[:3]) / 3
+        assert not torch.allclose(want, sum(_flat(m) for m in locals_) / 4, atol=1e-3)
+        for rank in got:
+            params, screened_out, skipped = rank[("direction-sign", True)][sync]
+            assert screened_out == [3] and not skipped
+            assert torch.allclose(_flat(params), want, atol=1e-6, rtol=0)
+    # int8 with error feedback: the weighted compressed mean with weight 0 for the flipped group, written out
+    errors, mean_errors = [torch.zeros(sum(t.numel() for t in initial()))] * 4, [None] * 4
+    for sync in range(3):
+        theta = initial() if sync == 0 else got[0][("direction-int8", True)][sync - 1][0]
+        locals_ = [_flat(aligned(g, sync, theta)) for g in range(3)] + [_flat(aligned(3, sync, theta, flip=True))]
+        want, errors, mean_errors = weighted_compressed_sync(_flat(theta), locals_, [1.0, 1.0, 1.0, 0.0], errors,
+                                                             mean_errors, "int8")
+        for rank in got:
+            params, screened_out, _ = rank[("direction-int8", True)][sync]
+            assert screened_out == [3] and torch.allclose(_flat(params), want, atol=1e-6, rtol=0)
 
 
 def scenario_two_groups(rank, world):

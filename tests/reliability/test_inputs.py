@@ -65,6 +65,7 @@ STRATEGY_CASES = [
     ({"screen_factor": 0.5}, "screen_factor must be a number above 1"),
     ({"screen_factor": 10.0, "screen_history": 1}, "screen_history must be an integer >= 3"),
     ({"screen_ban_syncs": 2}, "screen_ban_syncs=2 only acts with the robust screen: set screen_factor"),
+    ({"screen_factor": 10.0, "screen_min_cosine": -1.5}, "screen_min_cosine must be a number strictly between"),
     ({"sync_timeout": True}, "sync_timeout must be a positive number of seconds"),
     # two-stage sync
     ({"cluster_size": 0, "cluster_sync_every": 64}, "cluster_size must be an integer >= 1"),
