@@ -193,6 +193,8 @@ def make_strategy(args: argparse.Namespace):
                      overlap_steps=args.overlap_steps, warmup_steps=args.warmup_steps,
                      sync_every_seconds=args.sync_every_seconds, sync_schedule=args.schedule,
                      async_save=args.async_save, screen_factor=args.screen_factor)
+    if args.screen_min_cosine is not None:
+        federated["screen_min_cosine"] = args.screen_min_cosine
     if args.async_sync:
         federated["async_sync"] = True
     if args.overlap_steps:
@@ -260,7 +262,10 @@ def main() -> None:
                         help="'group': the module shards itself in configure_model (FSDP2 over the job's mesh)")
     parser.add_argument("--inner", default="sgd", choices=["sgd", "momentum"], help="the inner optimizer")
     parser.add_argument("--screen-factor", type=float, default=None, help="the robust screen (screen_factor=)")
-    parser.add_argument("--loss-scale", type=float, default=1.0, help="this job's loss (a broken job) scaled by this")
+    parser.add_argument("--screen-min-cosine", type=float, default=None,
+                        help="the screen's direction test (screen_min_cosine=)")
+    parser.add_argument("--loss-scale", type=float, default=1.0,
+                        help="this job's loss (a broken job) scaled by this (-1: SGD ascends, a sign-flipped job)")
     parser.add_argument("--hidden", type=int, default=8, help="the tiny model's hidden width (another model: 16)")
     parser.add_argument("--data-jobs", type=int, default=None, help="the jobs partition one dataset (data_jobs)")
     parser.add_argument("--data-job-index", type=int, default=None, help="this job's share with --data-jobs")
