@@ -90,14 +90,15 @@ def test_data_jobs_arguments_are_checked_before_training(kwargs, match):
 
 # ---------------------------------------------------------------------------------------------------- across jobs
 @pytest.mark.slow
-@pytest.mark.parametrize("ranks", [1, 2], ids=["one-rank-jobs", "ddp-jobs-of-two-ranks"])
-def test_two_jobs_partition_one_dataset_each_epoch_read_once(tmp_path, lighthouse, ranks):
+@pytest.mark.parametrize("ranks,strategy", [(1, "ddp"), (2, "ddp"), (2, "fsdp")],
+                         ids=["one-rank-jobs", "ddp-jobs-of-two-ranks", "fsdp-jobs-of-two-ranks"])
+def test_two_jobs_partition_one_dataset_each_epoch_read_once(tmp_path, lighthouse, ranks, strategy):
     """Two jobs, one seed: each rank of each job reads its share of every epoch (the hand-computed one); per epoch
     the ledgers are disjoint and together the whole dataset (epochs 0 and 1: 12 steps of one-rank jobs, 6 of
     two-rank ones); every member records both jobs' position at the last sync."""
     steps = STEPS // ranks
     dumps = run_jobs(tmp_path, lighthouse(2), JOBS, ranks=ranks, ledger_size=SAMPLES, data_jobs=JOBS,
-                     max_steps=steps, g0={"data_job_index": 0}, g1={"data_job_index": 1})
+                     max_steps=steps, strategy=strategy, g0={"data_job_index": 0}, g1={"data_job_index": 1})
     names = {(job, rank): f"g{job}" + (f"_r{rank}" if rank else "") for job in range(JOBS) for rank in range(ranks)}
     for (job, rank), name in names.items():
         assert dumps[name]["ledger"] == share(job, steps, rank=rank, ranks=ranks)
