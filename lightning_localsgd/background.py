@@ -60,13 +60,14 @@ not built.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, TypeVar
 
 import torch
 from torch import Tensor
@@ -168,17 +169,13 @@ class BackgroundFederation(Federation):
         with self._on_training_thread_now():
             return super().sync(engine, weight, stop)
 
-    def _on_training_thread_now(self) -> Any:
-        federation = self
-
-        class _Foreground:
-            def __enter__(self) -> None:
-                federation._foreground += 1
-
-            def __exit__(self, *exc: Any) -> None:
-                federation._foreground -= 1
-
-        return _Foreground()
+    @contextlib.contextmanager
+    def _on_training_thread_now(self) -> Iterator[None]:
+        self._foreground += 1
+        try:
+            yield
+        finally:
+            self._foreground -= 1
 
     # ------------------------------------------------------------------ beside training
     def launch(self, engine: OuterSync, weight: Optional[float] = None, stop: Optional[bool] = None) -> bool:
