@@ -24,6 +24,8 @@ import torch.distributed as dist
 from lightning.fabric.strategies import _StrategyRegistry
 from lightning.fabric.utilities.types import _PATH
 
+from .addresses import url_host
+
 #: the versions every name below was checked against (``tests/compat/test_private_names.py`` warns when they differ)
 CHECKED_ON = {
     "lightning": "2.6.6",
@@ -324,11 +326,6 @@ def observe_quorums(manager: Any, callback: Callable[[Any], None]) -> None:
 _SWAP = threading.Lock()  # the two functions below change a module global for a constructor's duration: one at a time
 
 
-def _url_host(host: str) -> str:
-    """``host`` as it goes into a URL or a ``host:port`` bind string (an IPv6 address in brackets)."""
-    return f"[{host}]" if ":" in host and not host.startswith("[") else host
-
-
 def _built_with(module: Any, name: str, replacement: Any, build: Callable[[], Any]) -> Any:
     """``build()`` while ``module.<name>`` is ``replacement`` (restored after, whatever happens)."""
     with _SWAP:
@@ -351,8 +348,8 @@ def manager_listening_on(host: str, manager_class: Callable[..., Any], **kwargs:
     server_class = torchft_manager.ManagerServer
 
     def bound_server(*args: Any, bind: str, **server_kwargs: Any) -> Any:
-        server_kwargs["hostname"] = _url_host(host)  # what it advertises (its address()): where it listens
-        return server_class(*args, bind=f"{_url_host(host)}:{bind.rsplit(':', 1)[-1]}", **server_kwargs)
+        server_kwargs["hostname"] = url_host(host)  # what it advertises (its address()): where it listens
+        return server_class(*args, bind=f"{url_host(host)}:{bind.rsplit(':', 1)[-1]}", **server_kwargs)
 
     return _built_with(torchft_manager, "ManagerServer", bound_server, lambda: manager_class(**kwargs))
 
@@ -378,7 +375,7 @@ def http_transport_listening_on(host: str, timeout: timedelta) -> Any:
 
     class BoundHTTPTransport(module.HTTPTransport):  # type: ignore[misc]
         def address(self) -> str:
-            return f"http://{_url_host(host)}:{self._server.socket.getsockname()[1]}/checkpoint/"
+            return f"http://{url_host(host)}:{self._server.socket.getsockname()[1]}/checkpoint/"
 
     return _built_with(module, "_IPv6HTTPServer", BoundServer,
                        lambda: BoundHTTPTransport(timeout=timeout, num_chunks=0))

@@ -71,11 +71,11 @@ from torch import Tensor
 
 from ._compat import (http_transport_listening_on, managed_process_group, manager_listening_on, observe_quorums,
                       quorum_id, quorum_started)
+from .addresses import local_address_towards
 from .data_shares import DataShares
 from .engine.comm import Communicator, SyncAbortedError, Work
 from .engine.outer import OuterSync, SyncResult
-from .run_secret import (authenticated_members, load_run_secret, local_address_towards,
-                         make_authenticated_process_group, make_healing_transport)
+from .run_secret import authenticated_members, load_run_secret, make_authenticated_process_group, make_healing_transport
 from .tensors import tensor_bytes
 from .topology import federated_cluster_size, federated_group_size  # noqa: F401 (their old home)
 

@@ -48,8 +48,10 @@ from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Optional
 
+from .addresses import url_host
+
 __all__ = ["ENV_VAR", "RunSecret", "authenticated_members", "check_run_secret_file", "load_run_secret",
-           "local_address_towards", "make_authenticated_process_group", "make_healing_transport"]
+           "make_authenticated_process_group", "make_healing_transport"]
 
 log = logging.getLogger(__name__)
 
@@ -121,22 +123,6 @@ def load_run_secret(run_secret_file: Optional[str]) -> Optional[RunSecret]:
         raise ValueError(f"{ENV_VAR} is set but empty: set it to the run secret (every job of the run the same), or "
                          "unset it to run without one (a trusted network only, docs/multi_cluster.md).")
     return RunSecret(value.strip().encode())
-
-
-def local_address_towards(address: str) -> str:
-    """The address of this host's interface that reaches ``address`` (``host:port``): what the healing transport
-    binds and advertises (loopback when the lighthouse is on this machine)."""
-    text = address.split("://", 1)[-1]
-    host, _, port = text.rpartition(":")
-    host = host.strip("[]")
-    family, _, _, _, sockaddr = socket.getaddrinfo(host, int(port), type=socket.SOCK_DGRAM)[0]
-    with socket.socket(family, socket.SOCK_DGRAM) as probe:
-        probe.connect(sockaddr)  # UDP: picks the route, sends nothing
-        return str(probe.getsockname()[0])
-
-
-def _url_host(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
 
 
 # ---------------------------------------------------------------------------------------------------- quorum membership
@@ -332,7 +318,7 @@ def _transport_class() -> type:
             server_class = type("Server", (ThreadingHTTPServer,), {
                 "address_family": socket.AF_INET6 if ":" in host else socket.AF_INET, "daemon_threads": True})
             self._server = server_class((host, 0), Handler)
-            self._url = f"http://{_url_host(host)}:{self._server.server_address[1]}/localsgd/heal"
+            self._url = f"http://{url_host(host)}:{self._server.server_address[1]}/localsgd/heal"
             self._thread = threading.Thread(target=self._server.serve_forever, name="localsgd-heal", daemon=True)
             self._thread.start()
 

@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("the engine (no Lightning)", ("engine", "engine.codecs", "engine.comm", "engine.layout", "engine.outer",
                                    "engine.presets", "engine.reducers", "engine.schedules", "engine.screen",
                                    "engine.fragment", "engine.warmup")),
-    ("leaves", ("_compat", "_versions", "checkpoint_io", "data_shares", "integrity", "reliability", "tensors",
+    ("leaves", ("_compat", "_versions", "addresses", "checkpoint_io", "data_shares", "integrity", "reliability", "tensors",
                 "topology", "validation")),
 ]
 
