@@ -313,11 +313,9 @@ class BackgroundFederation(Federation):
         engine.bytes_sent = sent_bytes  # this job's own count
         shift = engine.whole.theta.to(own.device) - own
         for tensors in (flight.live, flight.sent, flight.work):
-            offset = 0
-            for piece in engine.layout.pieces:
-                view = tensors[piece.index].view(-1)[piece.start : piece.stop]
-                view.add_(shift[offset : offset + piece.numel].to(view.device, view.dtype))
-                offset += piece.numel
+            views = engine.layout.owned_views(tensors)
+            for view, part in zip(views, shift.split([v.numel() for v in views])):
+                view.add_(part.to(view.device, view.dtype))
         federation = peer.get("federation", {})
         self._checked_quorum = federation.get("checked_quorum")  # decide as the peers do
         self._peer_unit = federation.get("fragment")

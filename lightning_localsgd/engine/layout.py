@@ -15,6 +15,8 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from torch import Tensor
+
 __all__ = ["Fragment", "Layout", "Piece", "split_fragments"]
 
 
@@ -150,6 +152,13 @@ class Layout:
         if not isinstance(index, int) or not 0 <= index < self.num_fragments:
             raise ValueError(f"fragment must be None or in [0, {self.num_fragments}), got {index!r}.")
         return self._fragments[index]
+
+    def owned_views(self, tensors: Sequence[Tensor], fragment: Optional[Fragment] = None) -> list[Tensor]:
+        """Flat views of the pieces of ``tensors`` this rank owns (of ``fragment``'s only, if given), in piece order:
+        their concatenation is the rank's owned elements. ``tensors`` is any list laid out like the numels (the
+        parameters, or copies of them)."""
+        lo, hi = fragment.pieces if fragment is not None else (0, len(self.pieces))
+        return [tensors[p.index].detach().view(-1)[p.start : p.stop] for p in self.pieces[lo:hi]]
 
     def slice_counts(self, fragment: Fragment) -> list[int]:
         """Elements of ``fragment`` each shard of the group owns (rank ``k`` owns ``[k·L, (k+1)·L)``)."""

@@ -295,8 +295,7 @@ class OuterSync:
 
     # ------------------------------------------------------------------ snapshot
     def _owned_views(self, fragment: Optional[Fragment] = None) -> list[Tensor]:
-        lo, hi = fragment.pieces if fragment is not None else (0, len(self.layout.pieces))
-        return [self.tensors[p.index].detach().view(-1)[p.start : p.stop] for p in self.layout.pieces[lo:hi]]
+        return self.layout.owned_views(self.tensors, fragment)
 
     @torch.no_grad()
     def reset_snapshot(self) -> None:
