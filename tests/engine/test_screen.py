@@ -200,9 +200,9 @@ def test_chance_rule_leaves_out_noise_and_keeps_agreeing_groups():
     verdict = PseudoGradientScreen(10.0, min_cosine="chance").decide(norms, [0, 1, 2, 3], sketches)
     for i in range(4):
         assert (verdict.cosines[i], verdict.significance[i]) == pytest.approx(_scores_by_hand(sketches, i), rel=1e-9)
-    # the honest groups: cosine about 0.2 with each other (1 / (1 + 4)), significance about 0.2 x 32 = 6.4
+    # the honest groups: cosine 0.2 with each other (1 / (1 + 4)) exactly, 0.15-0.18 sketched: 4.7-5.6 spreads
     assert all(verdict.significance[i] > CHANCE_Z for i in range(3))
-    # the noise: a positive cosine (0.03, one null spread) that a threshold of 0 lets through, below 3 spreads
+    # the noise: a positive cosine (0.027, 0.87 null spreads) that a threshold of 0 lets through
     assert 0 < verdict.cosines[3] < CHANCE_Z / math.sqrt(SKETCH_SIZE) and verdict.significance[3] < CHANCE_Z
     assert list(verdict.excluded) == [3]
     assert verdict.excluded[3].startswith(f"significance {verdict.significance[3]:.2f} (cosine "
