@@ -52,7 +52,8 @@ token-weighted sync, else ``‖Δ_g‖``):
   symmetric noise), while an honest group needs a cosine above about ``3/sqrt(1024)`` = 0.094 with at least half the
   others (the benchmark's clean run: at 2 of 236 group-syncs it had less, and was left out). Agreement can be told
   from chance only for a pseudo-gradient spread over more than ``CHANCE_Z²`` = 9 effective buckets (identical groups
-  score ``1/sqrt(Σ_b u_b⁴)``): on the tests' 49-parameter model, about 7, so it screens nobody there;
+  score ``1/sqrt(Σ_b u_b⁴)``): the tests' 49-parameter model fills about 7 after its first interval, so there it
+  screens nobody from then on, even with every group reading the same data;
 * a group left out at two of its last ``history`` syncs is a repeated offender: it is left out of the next
   ``ban_syncs`` syncs it takes part in, whatever its norm.
 
