@@ -161,7 +161,7 @@ def screen(r: Path) -> Headline:
     alone = float(re.search(r"healthy groups alone.*?: [\d.]+ \(([\d.]+)x\)", text).group(1))
     ratio = r"(?:[\d.]+ \(([\d.]+)x\)|diverged)"  # a cell: "loss (ratio to the clean run)[, out k/n]"
     screened = rf"{ratio}(?:, out \d+/\d+)?"
-    # per way of breaking: without the screen, the norm screen, norm and direction (screen_min_cosine=0)
+    # per way of breaking: without the screen, the norm screen, norm and direction (screen_min_cosine='chance')
     cells = {k: [float(x) if x else float("inf") for x in v]
              for k, *v in re.findall(rf"^\| (\w+) \| {ratio} \| {screened} \| {screened} \|$", text, re.M)}
     caught = [k for k, (_, _, on) in cells.items() if on <= alone * 1.01]
@@ -171,9 +171,13 @@ def screen(r: Path) -> Headline:
     ok = all(on <= 1.01 for _, _, on in cells.values())
     shown = (f"{' / '.join(caught)} {max(cells[k][2] for k in caught):.3f}× the clean run of 4 healthy groups "
              f"({'met' if ok else 'missed'}), the 3 healthy groups alone's {alone:.3f}× (met); " if caught else "")
-    return (f"one of 4 groups broken, with the screen (norm + direction, screen_min_cosine=0): {shown}{other}"
-            f"{'; ' if other else ''}norm screen alone: {norm_only or 'all caught'}; without it up to {worst:.0f}× "
-            "[screen_broken.md]", met(ok))
+    # the clean run with norm and direction: the syncs that left out an (honest) group
+    clean = re.search(r"out (\d+)/(\d+) with norm and direction", text)
+    honest_out = (f"; clean run: an honest group left out at {clean.group(1)} of {clean.group(2)} syncs"
+                  if clean and clean.group(1) != "0" else "")
+    return (f"one of 4 groups broken, with the screen (norm + direction, screen_min_cosine='chance'): {shown}{other}"
+            f"{'; ' if other else ''}norm screen alone: {norm_only or 'all caught'}; without it up to {worst:.0f}×"
+            f"{honest_out} [screen_broken.md]", met(ok))
 
 
 def chaos(r: Path) -> Headline:

@@ -12,7 +12,7 @@ import textwrap
 import typing
 from dataclasses import MISSING, dataclass, field, fields
 from types import SimpleNamespace
-from typing import Any, Callable, Mapping, Optional, TypeVar, Union
+from typing import Any, Callable, Literal, Mapping, Optional, TypeVar, Union
 
 import torch
 
@@ -73,7 +73,11 @@ ARGUMENT_DOCS: dict[str, str] = {
                          "outlier. Rests on the honest groups agreeing (README). "
                          "The cosines come from a 1024-bucket count sketch of each pseudo-gradient, sent with the "
                          "norms (no extra round trip; one pass over the parameters per sync). With two groups "
-                         "it does nothing (who is wrong cannot be told). Default None: off; e.g. 0.0.",
+                         "it does nothing (who is wrong cannot be told). ``\"chance\"``: a group must agree with the "
+                         "others significantly, its cosines at least 3 times their spread for a pseudo-gradient of "
+                         "independent noise (about ``3/sqrt(1024)`` = 0.094), so noise is left out too, where a "
+                         "threshold of 0 lets it through at about half the syncs (README). Default None: off; e.g. "
+                         "\"chance\" or 0.0.",
     "sync_on_train_end": "run a last sync when training ends mid-interval, so every rank ends with the same model. "
                          "Default True.",
     "async_save": "write checkpoints in the background during ``fit``: a save copies this rank's state to host "
@@ -229,7 +233,7 @@ class LocalSGDConfig:
     screen_factor: Optional[float] = None
     screen_history: int = 8
     screen_ban_syncs: int = 0
-    screen_min_cosine: Optional[float] = None
+    screen_min_cosine: Optional[Union[float, Literal["chance"]]] = None
     sync_on_train_end: bool = True
     async_save: bool = False
     sync_timeout: Optional[float] = None

@@ -11,13 +11,16 @@ step:
 * ``noisy_steps``: N(0, 0.05²) added to its parameters at every step (the issue's "a job adding noise").
 
 Each configuration runs without the screen, with ``screen_factor=10`` (the norm screen) and with
-``screen_factor=10, screen_min_cosine=0`` (norm and direction); reported: the final validation loss of ``θ_g`` (the
-model every group holds after the last sync), and its ratio to the clean run's (four healthy groups), beside the
-three healthy groups alone (group 3 at weight 0: what a perfect screen gives), and the syncs at which group 3 was
-left out. A run whose loss turned non-finite reports ``diverged``. The clean run also measures what the direction test
-rests on: group 0's score (the upper median of its pseudo-gradient's cosines with each other group's, exact here),
-beside its
-cosine with the last outer update (a reference judged and rejected), at every sync from the second.
+``screen_factor=10, screen_min_cosine="chance"`` (norm and direction, a group left out unless it agrees with the
+others 3 null spreads above chance; a threshold of 0, used before, is a coin flip for noise); reported: the final
+validation loss of ``θ_g`` (the model every group holds after the last sync), and its ratio to the clean run's (four
+healthy groups), beside the three healthy groups alone (group 3 at weight 0: what a perfect screen gives), and the
+syncs at which group 3 was left out (on the clean runs: the syncs that left out anyone). A run whose loss turned
+non-finite reports ``diverged``. The clean run also measures what the direction test rests on, at every sync from
+the second: group 0's score (the upper median of its pseudo-gradient's cosines with each other group's, exact here),
+beside its cosine with the last outer update (a reference judged and rejected), and every group's significance as
+the screen computes it from the count sketches (the upper median of its cosines over their null spreads; left out
+below 3).
 
     python benchmarks/screen/screen.py --only broken          # ~1-2 minutes on 2 CPU cores (or screen_broken.py)
     python benchmarks/screen/screen.py --only broken --quick  # smoke run: 100 steps
@@ -40,7 +43,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from lightning_localsgd.engine import OuterSync, resolve_outer_optimizer
-from lightning_localsgd.engine.screen import PseudoGradientScreen
+from lightning_localsgd.engine.screen import CHANCE_Z, PseudoGradientScreen, count_sketch, direction_scores
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared harness
 import harness as h  # noqa: E402
@@ -64,15 +67,15 @@ def batch(teacher: torch.nn.Module, g: torch.Generator, n: int = 32) -> tuple[to
     return x, y
 
 
-SCREENS = {"off": None, "norm": dict(factor=10.0), "direction": dict(factor=10.0, min_cosine=0.0)}
-MIN_COSINE = 0.0
+SCREENS = {"off": None, "norm": dict(factor=10.0), "direction": dict(factor=10.0, min_cosine="chance")}
 
 
 def train(rank: int, args: argparse.Namespace, broken: str | None, screened: str,
           alone: bool = False) -> tuple[float, int, list[list[float]]]:
-    """One run: the validation loss of θ_g at the end (nan: diverged), the syncs group 3 was left out of, and (on
-    the clean run with the direction test) this group's score (the upper median of its cosines with the others) and
-    its cosine with the last outer update at each sync from the second. ``screened``: a key of :data:`SCREENS`;
+    """One run: the validation loss of θ_g at the end (nan: diverged), the syncs group 3 was left out of (no group
+    broken: the syncs that left out anyone), and (on the clean run with the direction test) this group's score (the
+    upper median of its cosines with the others) and its cosine with the last outer update at each sync from the
+    second, followed by every group's significance from the sketches. ``screened``: a key of :data:`SCREENS`;
     ``alone``: group 3 sends with weight 0 (the three other groups alone: the best a screen can do)."""
     teacher = make_model(1234)
     model = make_model(0)  # every group starts from the same weights
@@ -120,10 +123,11 @@ def train(rank: int, args: argparse.Namespace, broken: str | None, screened: str
                     # the test's score: the upper median of the cosines with each other group
                     with_others = sorted(float(cos(delta, d, dim=0)) for k, d in enumerate(every) if k != rank)[1]
                     if update is not None:  # the other reference judged: the last outer update
-                        cosines.append((with_others, float(cos(delta, update, dim=0))))
+                        significance = direction_scores([count_sketch([(d, 0)]) for d in every])[1]
+                        cosines.append((with_others, float(cos(delta, update, dim=0)), *significance))
                     previous = torch.cat([s.detach().view(-1) for s in engine.snapshot])
                 res = engine.sync(weight=float(rank != 3) if alone else None)
-                left_out += 3 in res.screened_out
+                left_out += (3 in res.screened_out) if broken is not None else bool(res.screened_out)
                 if previous is not None:
                     update = previous - torch.cat([s.detach().view(-1) for s in engine.snapshot])
     with torch.no_grad():
@@ -169,24 +173,29 @@ def run(size: argparse.Namespace, suffix: str, command: str) -> Path:
         text = "diverged" if not math.isfinite(loss) else f"{loss:.4f} ({loss / clean:.3f}x)"
         return f"{text}, out {left_out}/{syncs}" if screened else text
 
-    # [syncs - 1, 2]: rank 0's score (upper median of its cosines with the others), its cosine with the last update
+    # [syncs - 1, 6]: rank 0's score (upper median of its cosines with the others), its cosine with the last update,
+    # each group's significance (sketched, as the screen computes it)
     cos = torch.tensor(results[("clean", "direction")][2])
 
-    def spread(c: torch.Tensor) -> str:
+    def spread(c: torch.Tensor, below: float, digits: int = 3) -> str:
         q = torch.quantile(c, torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0])).tolist()
-        return (f"min {q[0]:.3f}, quartiles {q[1]:.3f} / {q[2]:.3f} / {q[3]:.3f}, max {q[4]:.3f}, below "
-                f"{MIN_COSINE:g} at {int((c < MIN_COSINE).sum())}")
+        return (f"min {q[0]:.{digits}f}, quartiles {q[1]:.{digits}f} / {q[2]:.{digits}f} / {q[3]:.{digits}f}, max "
+                f"{q[4]:.{digits}f}, below {below:g} at {int((c < below).sum())} of {c.numel()}")
 
     lines = [f"# One broken group of four: final validation loss (MLP student/teacher, DiLoCo, H={size.sync_every}, "
-             f"{size.steps} steps; ratio to the clean run; out k/{syncs}: syncs group 3 was left out of)", "",
+             f"{size.steps} steps; ratio to the clean run; out k/{syncs}: syncs group 3 was left out of, on the clean "
+             f"run syncs that left out any group)", "",
              f"clean run (four healthy groups): {clean:.4f} without the screen, {cell(results[('clean', 'norm')])} "
              f"with the norm screen, {cell(results[('clean', 'direction')])} with norm and direction; the three "
              f"healthy groups alone (the best a screen can do): {cell(results[('alone', 'off')], False)}", "",
              f"clean run, group 0 at each of syncs 2-{syncs} ({cos.shape[0]}), exact: its score, the upper median "
-             f"of its cosines with the other groups (what the direction test sketches) {spread(cos[:, 0])}; with "
-             f"the last outer update (rejected "
-             f"as the reference) {spread(cos[:, 1])}", "",
-             "| group 3 broken by | without the screen | screen_factor=10 | screen_factor=10, screen_min_cosine=0 |",
+             f"of its cosines with the other groups (what the direction test sketches) {spread(cos[:, 0], 0.0)}; with "
+             f"the last outer update (rejected as the reference) {spread(cos[:, 1], 0.0)}", "",
+             f"clean run, every group at each of syncs 2-{syncs}, from the count sketches as the screen computes it: "
+             f"its significance (the upper median of its cosines over their null spreads; screen_min_cosine='chance' "
+             f"leaves a group out below {CHANCE_Z:g}) {spread(cos[:, 2:].reshape(-1), CHANCE_Z, 2)}", "",
+             "| group 3 broken by | without the screen | screen_factor=10 | screen_factor=10, "
+             "screen_min_cosine='chance' |",
              "|---|---|---|---|"]
     for broken in BROKEN:
         lines.append(f"| {broken} | {cell(results[(broken, 'off')], False)} | {cell(results[(broken, 'norm')])} | "

@@ -35,6 +35,25 @@ token-weighted sync, else ``‖Δ_g‖``):
   run's own last step is no reference for one interval's pseudo-gradient (``benchmarks/screen``). The test rests on
   the honest groups agreeing: where they do not (the tests' tiny Lightning task: each rank its own shard, two SGD
   steps) it can leave out an honest group, hence off by default;
+* the direction test against chance (``min_cosine="chance"``). A fixed threshold of 0 is a coin flip for noise: a
+  pseudo-gradient independent of the others has a cosine about 0 with each, so it passes at about half the syncs the
+  norm bound lets it through. FLTrust weighs each update by its cosine clipped at 0, so noise gets a weight about 0 on
+  average; a screen that keeps or drops a group needs a threshold that noise does not reach by chance. Under the null
+  hypothesis "this group's pseudo-gradient is noise independent of the others, symmetric about 0", each bucket of its
+  sketch is a sum of independent symmetric terms, so its sign is a fair coin independent of its magnitude and of the
+  other buckets: the cosine of its unit sketch ``a`` with another group's ``u`` is the Rademacher sum
+  ``Σ_b ±u_b·|a_b|``, of mean 0 and standard deviation exactly ``s = sqrt(Σ_b u_b²·a_b²)`` given the magnitudes
+  (:func:`direction_scores` computes it for each pair). For vectors spread over the buckets ``s ≈ 1/sqrt(min(n,
+  SKETCH_SIZE))`` with ``n`` the elements sketched (fewer elements than buckets fill only ``n`` of them): 0.031 for a
+  model of more than 1024 parameters, 0.1 for one of 100; a pseudo-gradient concentrated in a few buckets has a larger
+  ``s``. A group's significance is the upper median of ``cos/s`` over the other groups, and it is left out when that
+  is below :data:`CHANCE_Z` = 3 (while the groups' upper median is above it): noise passes at about 0.13% of syncs
+  (the Gaussian tail of a sum over many buckets; at most ``exp(-3²/2)`` = 1.1% by Hoeffding's inequality, for any
+  symmetric noise), while an honest group needs a cosine above about ``3/sqrt(1024)`` = 0.094 with at least half the
+  others (the benchmark's clean run: at 2 of 236 group-syncs it had less, and was left out). Agreement can be told
+  from chance only for a pseudo-gradient spread over more than ``CHANCE_Z²`` = 9 effective buckets (identical groups
+  score ``1/sqrt(Σ_b u_b⁴)``): the tests' 49-parameter model fills about 7 after its first interval, so there it
+  screens nobody from then on, even with every group reading the same data;
 * a group left out at two of its last ``history`` syncs is a repeated offender: it is left out of the next
   ``ban_syncs`` syncs it takes part in, whatever its norm.
 
@@ -55,14 +74,14 @@ import math
 import statistics
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Iterable, Literal, Mapping, Optional, Sequence, Union
 
 import torch
 
 from .comm import Communicator
 
-__all__ = ["MIN_HISTORY", "SKETCH_SIZE", "PseudoGradientScreen", "ScreenVerdict", "check_screen_arguments",
-           "count_sketch"]
+__all__ = ["CHANCE", "CHANCE_Z", "MIN_HISTORY", "SKETCH_SIZE", "PseudoGradientScreen", "ScreenVerdict",
+           "check_screen_arguments", "count_sketch", "direction_scores"]
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +91,13 @@ MIN_HISTORY = 3
 SKETCH_SIZE = 1024
 """Buckets of the direction test's count sketch (a power of two: the bucket is the hash's low bits)."""
 
+CHANCE = "chance"
+"""``min_cosine`` that tests agreement against chance (the module's docstring) instead of a fixed cosine."""
+
+CHANCE_Z = 3.0
+"""With ``min_cosine="chance"``: null spreads above chance a group's significance must reach (noise passes about 0.13%
+of syncs; an honest group needs a cosine of about ``3/sqrt(SKETCH_SIZE)`` = 0.094 with most others)."""
+
 _SKETCH_CHUNK = 1 << 20
 """Indices per chunk of the count sketch (a multiple of :data:`SKETCH_SIZE`; its sign pattern: 4 MiB per device)."""
 
@@ -80,13 +106,15 @@ _STRIKES = 2
 
 
 def check_screen_arguments(factor: Optional[float], history: int, ban_syncs: int,
-                           min_cosine: Optional[float] = None) -> None:
+                           min_cosine: Optional[Union[float, Literal["chance"]]] = None) -> None:
     """Raise a ``ValueError`` naming the argument for a screen setting that cannot work."""
-    if min_cosine is not None and (isinstance(min_cosine, bool) or not isinstance(min_cosine, (int, float))
-                                   or not -1.0 < min_cosine < 1.0):
+    if min_cosine is not None and min_cosine != CHANCE and (
+            isinstance(min_cosine, bool) or not isinstance(min_cosine, (int, float)) or not -1.0 < min_cosine < 1.0):
         raise ValueError(f"screen_min_cosine must be a number strictly between -1 and 1 (the least cosine between a "
                          f"group's pseudo-gradient and the other groups'; e.g. 0.0 leaves out one pointing against "
-                         f"them) or None to turn the direction test off, got {min_cosine!r}.")
+                         f"them), {CHANCE!r} (a group must agree with the others {CHANCE_Z:g} null spreads above "
+                         f"chance, which leaves out noise too) or None to turn the direction test off, got "
+                         f"{min_cosine!r}.")
     if factor is not None and (isinstance(factor, bool) or not isinstance(factor, (int, float))
                                or not math.isfinite(factor) or factor <= 1.0):
         raise ValueError(f"screen_factor must be a number above 1 (how many times the median norm a group's "
@@ -110,6 +138,9 @@ class ScreenVerdict:
     cosines: list[float] = field(default_factory=list)
     """The direction test: each member's score, the upper median of its cosines with the other judged members (NaN:
     not tested), in member order."""
+    significance: list[float] = field(default_factory=list)
+    """The direction test: each member's significance, the upper median of its cosines over their null spreads (NaN:
+    not tested; see :func:`direction_scores`), in member order."""
     rule: str = ""
     """``"median"`` (three or more members took part), ``"history"`` (two or fewer) or ``""`` (none)."""
 
@@ -133,13 +164,15 @@ class PseudoGradientScreen:
             offences.
         ban_syncs: syncs a repeated offender is then left out of (0: none, each sync judges it afresh).
         min_cosine: the direction test: a member whose cosine with the other members' pseudo-gradients is below this
-            is left out (while the groups' upper median is above it); ``None``: no direction test.
+            is left out (while the groups' upper median is above it); ``"chance"``: one whose significance is below
+            :data:`CHANCE_Z` (while the groups' upper median is above it); ``None``: no direction test.
     """
 
     def __init__(self, factor: float, history: int = 8, ban_syncs: int = 0,
-                 min_cosine: Optional[float] = None) -> None:
+                 min_cosine: Optional[Union[float, Literal["chance"]]] = None) -> None:
         check_screen_arguments(factor, history, ban_syncs, min_cosine)
-        self.min_cosine = None if min_cosine is None else float(min_cosine)
+        self.min_cosine: Optional[Union[float, str]] = (
+            None if min_cosine is None else CHANCE if min_cosine == CHANCE else float(min_cosine))
         self.factor = float(factor)
         self.history_len = history
         self.ban_syncs = ban_syncs
@@ -178,7 +211,8 @@ class PseudoGradientScreen:
         """The verdict for one sync from every member's norm per unit of weight (NaN: takes no part) and, for the
         direction test, its pseudo-gradient's :func:`count_sketch`, and update the members' histories, offences and
         bans."""
-        verdict = ScreenVerdict(list(map(float, norms)), list(member_ids), cosines=[math.nan] * len(norms))
+        verdict = ScreenVerdict(list(map(float, norms)), list(member_ids), cosines=[math.nan] * len(norms),
+                                significance=[math.nan] * len(norms))
         taking_part = [i for i, n in enumerate(verdict.norms) if not math.isnan(n)]
         finite = [i for i in taking_part if math.isfinite(verdict.norms[i])]  # inf: the non-finite policy's
         judged = []
@@ -228,23 +262,22 @@ class PseudoGradientScreen:
         kept = [i for i in judged if i not in verdict.excluded]
         if len(kept) < 3:
             return
-        # each group's score: the upper median of its cosines with each of the others. A flipped group of three
-        # cancels one honest direction in a sum, not in a median; a large one (noise within the norm bound) counts
-        # as one vote
-        units = torch.nn.functional.normalize(torch.tensor([list(sketches[i]) for i in kept], dtype=torch.float64),
-                                              dim=1, eps=1e-300)
-        pairs = (units @ units.T).tolist()
-        cosines = [statistics.median_high(row[:k] + row[k + 1:]) for k, row in enumerate(pairs)]
-        for i, cosine in zip(kept, cosines):
-            verdict.cosines[i] = cosine
-        median = statistics.median_high(cosines)
-        if median <= self.min_cosine:
+        cosines, significance = direction_scores([sketches[i] for i in kept])
+        for i, cosine, z in zip(kept, cosines, significance):
+            verdict.cosines[i], verdict.significance[i] = cosine, z
+        chance = self.min_cosine == CHANCE
+        scores, threshold = (significance, CHANCE_Z) if chance else (cosines, float(self.min_cosine))
+        median = statistics.median_high(scores)
+        if median <= threshold:
             return
-        for i, cosine in zip(kept, cosines):
-            if cosine < self.min_cosine:
-                verdict.excluded[i] = (f"cosine {cosine:.3f} with the other {len(kept) - 1} groups' pseudo-gradients "
-                                       f"(their upper median) < screen_min_cosine {self.min_cosine:g} (the groups' "
-                                       f"upper median {median:.3f}); norm {verdict.norms[i]:.4g}")
+        for i, cosine, score in zip(kept, cosines, scores):
+            if score < threshold:
+                why = (f"significance {score:.2f} (cosine {cosine:.3f}) with the other {len(kept) - 1} groups' "
+                       f"pseudo-gradients (their upper median, in null spreads) < {CHANCE_Z:g} (screen_min_cosine "
+                       f"'chance'; the groups' upper median {median:.2f})" if chance else
+                       f"cosine {cosine:.3f} with the other {len(kept) - 1} groups' pseudo-gradients (their upper "
+                       f"median) < screen_min_cosine {threshold:g} (the groups' upper median {median:.3f})")
+                verdict.excluded[i] = f"{why}; norm {verdict.norms[i]:.4g}"
 
     # ------------------------------------------------------------------ the collective
     def screen(self, cross: Communicator, sharding: Optional[Communicator], squared_norm: float,
@@ -279,6 +312,24 @@ class PseudoGradientScreen:
             figures = mine.cpu().view(1, -1)
         return self.decide(figures[:, 0].tolist(), [int(f) for f in figures[:, 1].tolist()],
                            figures[:, 2:].tolist() if sketch is not None else None)
+
+
+def direction_scores(sketches: Sequence[Sequence[float]]) -> tuple[list[float], list[float]]:
+    """Each sketch's score and significance against the others (at least two): the upper median of its cosines with
+    each other sketch, and the upper median of those cosines over their null spreads ``s = sqrt(Σ_b u_b²·a_b²)`` (unit
+    sketches ``u``, ``a``: the standard deviation of the cosine were one of the two independent symmetric noise; the
+    module's docstring). A median, not the cosine with the others' sum: with three groups a flipped one cancels an
+    honest direction in the sum, and a large one (noise within the norm bound) would swamp it."""
+    units = torch.nn.functional.normalize(torch.tensor([list(k) for k in sketches], dtype=torch.float64), dim=1,
+                                          eps=1e-300)
+    cosines = units @ units.T
+    spread = (units.square() @ units.square().T).sqrt()
+    # disjoint supports (s = 0) give a cosine of exactly 0: no evidence either way
+    z = torch.where(spread > 0, cosines / spread.clamp_min(1e-300), torch.zeros_like(cosines))
+    pairs, zs = cosines.tolist(), z.tolist()
+    others = lambda row, k: row[:k] + row[k + 1:]  # noqa: E731
+    return ([statistics.median_high(others(row, k)) for k, row in enumerate(pairs)],
+            [statistics.median_high(others(row, k)) for k, row in enumerate(zs)])
 
 
 def count_sketch(pieces: Iterable[tuple[torch.Tensor, int]], size: int = SKETCH_SIZE) -> torch.Tensor:

@@ -13,7 +13,8 @@ import torch.distributed as dist
 
 from lightning_localsgd import LocalSGDConfig
 from lightning_localsgd.engine import OuterSync
-from lightning_localsgd.engine.screen import SKETCH_SIZE, PseudoGradientScreen, count_sketch
+from lightning_localsgd.engine.screen import (CHANCE_Z, SKETCH_SIZE, PseudoGradientScreen, count_sketch,
+                                              direction_scores)
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from reference import weighted_compressed_sync  # noqa: E402
@@ -156,6 +157,79 @@ def test_count_sketch_adds_up_and_keeps_inner_products():
     assert not torch.allclose(count_sketch([(a, 1)]), whole)
 
 
+def _scores_by_hand(sketches, i):
+    """Group ``i``'s score and significance, written out: the upper medians over the others of the cosine c and of
+    c / sqrt(sum_b u_b^2 a_b^2) (u, a: the two unit sketches)."""
+    units = [[x / math.sqrt(sum(y * y for y in v)) for x in v] for v in sketches]
+    pairs = [(sum(x * y for x, y in zip(units[i], u)), math.sqrt(sum((x * y) ** 2 for x, y in zip(units[i], u))))
+             for j, u in enumerate(units) if j != i]
+    middle = len(pairs) // 2
+    return sorted(c for c, _ in pairs)[middle], sorted(c / s for c, s in pairs)[middle]
+
+
+def test_null_spread_of_the_sketched_cosine_is_one_over_root_buckets():
+    # a flat vector's sketch in every bucket: the null spread sqrt(sum_b u_b^2 a_b^2) of two such is 1/sqrt(buckets),
+    # so CHANCE_Z = 3 asks a cosine of 3/32 = 0.09375 of a model of more than 1024 parameters
+    cosines, significance = direction_scores([[0.5, 0.5, 0.5, 0.5], [0.5, -0.5, 0.5, 0.5], [1.0, 1.0, 1.0, 1.0]])
+    assert cosines[1] == pytest.approx(0.5) and significance[1] == pytest.approx(0.5 / 0.5)  # s = 1/sqrt(4)
+    assert CHANCE_Z == 3.0 and CHANCE_Z / math.sqrt(SKETCH_SIZE) == 0.09375
+    # numerically: noise against a fixed honest vector, sketched as the screen does. The cosine's spread is
+    # 1/sqrt(min(n, buckets)) (n = 100: only 100 buckets filled), the significance's 1 whatever n
+    g = torch.Generator().manual_seed(11)
+    for n in (100, 5000):
+        honest = count_sketch([(torch.randn(n, generator=g) * torch.linspace(0.2, 2.0, n), 0)])
+        # [draw, (cosines, significance), group]: the noise group's (group 1's) figures
+        figures = torch.tensor([direction_scores([honest, count_sketch([(torch.randn(n, generator=g), 0)])])
+                                for _ in range(400)])
+        cos, z = figures[:, 0, 1], figures[:, 1, 1]
+        assert cos.std() == pytest.approx(1 / math.sqrt(min(n, SKETCH_SIZE)), rel=0.12), n
+        assert z.std() == pytest.approx(1.0, rel=0.12) and abs(float(z.mean())) < 0.15, n
+        # noise rarely counts as agreeing: 0.13% expected (Gaussian), 1.1% at most (Hoeffding); not the 19% a fixed
+        # 3/sqrt(1024) gives at n = 100, nor the half a threshold of 0 gives
+        assert int((z >= CHANCE_Z).sum()) <= 8 and int((cos > 0).sum()) > 150, n
+
+
+def test_chance_rule_leaves_out_noise_and_keeps_agreeing_groups():
+    # 6000 elements (more than the buckets): three honest pseudo-gradients, a common direction and their own noise,
+    # and group 3 pure noise of an honest norm, sketched as each group sends them
+    g = torch.Generator().manual_seed(5)
+    common = torch.randn(6000, generator=g)
+    vectors = [common + 2.0 * torch.randn(6000, generator=g) for _ in range(3)] + [2.2 * torch.randn(6000, generator=g)]
+    sketches = [count_sketch([(v, 0)]).tolist() for v in vectors]
+    norms = [float(v.norm()) for v in vectors]
+    verdict = PseudoGradientScreen(10.0, min_cosine="chance").decide(norms, [0, 1, 2, 3], sketches)
+    for i in range(4):
+        assert (verdict.cosines[i], verdict.significance[i]) == pytest.approx(_scores_by_hand(sketches, i), rel=1e-9)
+    # the honest groups: cosine 0.2 with each other (1 / (1 + 4)) exactly, 0.15-0.18 sketched: 4.7-5.6 spreads
+    assert all(verdict.significance[i] > CHANCE_Z for i in range(3))
+    # the noise: a positive cosine (0.027, 0.87 null spreads) that a threshold of 0 lets through
+    assert 0 < verdict.cosines[3] < CHANCE_Z / math.sqrt(SKETCH_SIZE) and verdict.significance[3] < CHANCE_Z
+    assert list(verdict.excluded) == [3]
+    assert verdict.excluded[3].startswith(f"significance {verdict.significance[3]:.2f} (cosine "
+                                          f"{verdict.cosines[3]:.3f}) with the other 3 groups' pseudo-gradients")
+    assert "< 3 (screen_min_cosine 'chance'" in verdict.excluded[3]
+    assert not PseudoGradientScreen(10.0, min_cosine=0.0).decide(norms, [0, 1, 2, 3], sketches).excluded
+    # a sign flip is left out too
+    flipped = sketches[:3] + [[-x for x in sketches[0]]]
+    assert list(PseudoGradientScreen(10.0, min_cosine="chance").decide(norms, [0, 1, 2, 3], flipped).excluded) == [3]
+    # honest groups that do not agree significantly (independent noise each): nobody is screened
+    assert not PseudoGradientScreen(10.0, min_cosine="chance").decide(norms, [0, 1, 2, 3], [
+        count_sketch([(torch.randn(6000, generator=g), 0)]).tolist() for _ in range(4)]).excluded
+
+
+def test_chance_rule_counts_the_filled_buckets():
+    # 100 elements fill 100 of the 1024 buckets (one each): the null spread is 1/sqrt(100) = 0.1, not 1/32. A group of
+    # cosine 0.2 with the others (60 of 100 signs agree) is 2 spreads above chance and left out, although 0.2 is above
+    # 3/sqrt(1024); one of cosine 0.4 (70 agree) is 4 spreads above and kept
+    ones = torch.ones(100)
+    flips = lambda k: torch.cat([-torch.ones(k), torch.ones(100 - k)])  # noqa: E731
+    for k, significance, out in ((40, 2.0, [3]), (30, 4.0, [])):
+        sketches = [count_sketch([(ones, 0)]).tolist()] * 3 + [count_sketch([(flips(k), 0)]).tolist()]
+        verdict = PseudoGradientScreen(10.0, min_cosine="chance").decide([10.0] * 4, [0, 1, 2, 3], sketches)
+        assert verdict.significance[3] == pytest.approx(significance) and list(verdict.excluded) == out
+        assert verdict.cosines[3] == pytest.approx(significance / 10)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(screen_factor=1.0), "screen_factor must be a number above 1"),
     (dict(screen_factor=float("inf")), "screen_factor must be a number above 1"),
@@ -168,6 +242,9 @@ def test_count_sketch_adds_up_and_keeps_inner_products():
     (dict(screen_factor=10.0, screen_min_cosine=float("nan")), "screen_min_cosine must be a number strictly between"),
     (dict(screen_factor=10.0, screen_min_cosine=True), "screen_min_cosine must be a number strictly between"),
     (dict(screen_min_cosine=0.0), "screen_min_cosine=0.0 only acts with the robust screen"),
+    (dict(screen_factor=10.0, screen_min_cosine="Chance"), "screen_min_cosine must be .*'chance' .*got 'Chance'"),
+    (dict(screen_factor=10.0, screen_min_cosine="0.1"), "screen_min_cosine must be .*'chance' .*got '0.1'"),
+    (dict(screen_min_cosine="chance"), "screen_min_cosine='chance' only acts with the robust screen"),
 ])
 def test_config_refuses_bad_screen_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -179,6 +256,7 @@ def test_config_builds_one_screen_per_engine():
     a, b = config.build_screen(), config.build_screen()
     assert a is not b and (a.factor, a.history_len, a.ban_syncs, a.min_cosine) == (5.0, 6, 1, 0.0)
     assert LocalSGDConfig(screen_factor=5).build_screen().min_cosine is None
+    assert LocalSGDConfig(screen_factor=5, screen_min_cosine="chance").build_screen().min_cosine == "chance"
     assert LocalSGDConfig().build_screen() is None
 
 

@@ -355,6 +355,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--loss-scale", type=float, default=1.0, help="group 1's loss is scaled by this at every step")
     p.add_argument("--loss-scale-from", type=int, default=0, help="... from this step on (default: every step)")
     p.add_argument("--screen-factor", type=float, default=None, help="the robust screen (screen_factor=)")
+    p.add_argument("--screen-min-cosine", type=lambda v: v if v == "chance" else float(v), default=None,
+                   help="the screen's direction test (screen_min_cosine=): a number or 'chance'")
+    p.add_argument("--same-data", action="store_true",
+                   help="every rank reads the whole dataset in the same order (no distributed sampler)")
     p.add_argument("--fault-rank", type=int, default=1)
     p.add_argument("--term-at", type=int, default=-1, help="SIGTERM --term-rank --term-delay s after this step starts")
     p.add_argument("--term-rank", type=int, default=0)
@@ -424,7 +428,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         extra = {k: v for k, v in (("on_nonfinite", args.on_nonfinite), ("sync_timeout", args.sync_timeout),
                                    ("max_consecutive_skips", args.max_consecutive_skips),
-                                   ("screen_factor", args.screen_factor)) if v is not None}
+                                   ("screen_factor", args.screen_factor),
+                                   ("screen_min_cosine", args.screen_min_cosine)) if v is not None}
         strategy = LocalSGDStrategy(
             sync_every=args.sync_every, outer_optimizer=args.outer, group_size=args.group_size,
             warmup_steps=args.warmup, outer_state_device=args.state_device, process_group_backend=args.backend, **extra,
@@ -457,8 +462,8 @@ def main(argv: list[str] | None = None) -> None:
         logger=L.pytorch.loggers.CSVLogger(args.csv_dir, name="", version="") if args.csv_dir else False,
         precision=args.precision, log_every_n_steps=1,
         enable_checkpointing=bool(args.ckpt_every), enable_progress_bar=False, enable_model_summary=False,
-        accumulate_grad_batches=args.accumulate, gradient_clip_val=args.clip, use_distributed_sampler=True,
-        callbacks=callbacks, limit_train_batches=args.batches_per_epoch,
+        accumulate_grad_batches=args.accumulate, gradient_clip_val=args.clip,
+        use_distributed_sampler=not args.same_data, callbacks=callbacks, limit_train_batches=args.batches_per_epoch,
         **(dict(val_check_interval=args.validate_every, limit_val_batches=2) if args.validate_every else {}),
     )
     if args.count_collectives:
