@@ -5,7 +5,9 @@ The references are written out here by hand: epoch ``e``'s order is the permutat
 (``DistributedSampler``'s with ``seed_everything(0)``); job ``j`` of ``J`` (one rank each) owns the positions ``p`` of it
 with ``p % J == j`` (its stripe), read in batches of 2. A departed job's unread positions (its stripe from its last
 committed position, then its whole stripe of later epochs) are cut in halves, the first for job 0, the second for job 1,
-and read after their own stripe in their first epoch not begun at the decision.
+and read after their own stripe in their first epoch not begun at the decision. The live rewinds run with jobs of
+two ranks too (DDP inside each): ``2 × SAMPLES`` samples, rank ``r`` of job ``j`` is replica ``2j + r`` of
+``2J`` (``stripe``'s ``rank`` / ``ranks``), and each rank reads every other one of its job's extras.
 """
 
 from __future__ import annotations
@@ -39,13 +41,18 @@ def seed_zero(monkeypatch):
     monkeypatch.setenv("PL_GLOBAL_SEED", "0")
 
 
-def order(epoch: int) -> list[int]:
-    return torch.randperm(SAMPLES, generator=torch.Generator().manual_seed(epoch)).tolist()
+def order(epoch: int, size: int = SAMPLES) -> list[int]:
+    return torch.randperm(size, generator=torch.Generator().manual_seed(epoch)).tolist()
 
 
-def stripe(job: int, epoch: int, start: int = 0) -> list[int]:
-    """Job ``job``'s samples of ``epoch`` from position ``start`` (every job's reading together)."""
-    return [order(epoch)[p] for p in range(start, SAMPLES) if p % JOBS == job]
+def stripe(job: int, epoch: int, start: int = 0, rank: int | None = None, ranks: int = 1) -> list[int]:
+    """Job ``job``'s samples of ``epoch`` from position ``start`` (every job's reading together). Jobs of ``ranks``
+    ranks (DDP inside each) read ``SAMPLES × ranks`` samples (so an epoch is still 4 steps), ``JOBS × ranks``
+    replicas: rank ``rank``'s share is replica ``job × ranks + rank``'s; ``None``: the whole job's stripe in the
+    order's order (what a departed job's unread data is cut from)."""
+    size, replicas = SAMPLES * ranks, JOBS * ranks
+    return [order(epoch, size)[p] for p in range(start, size)
+            if p % replicas // ranks == job and (rank is None or p % ranks == rank)]
 
 
 def halves(samples: list[int]) -> tuple[list[int], list[int]]:
@@ -249,10 +256,14 @@ MP = dict(ledger_size=SAMPLES, data_jobs=JOBS, sync_every=2, data_rebalance_afte
 LEFT = "it left for good"
 
 
-def recipients_ledger(job: int, epochs: int = 3) -> list[list[int]]:
-    """Job 0's or 1's batches of epochs 0 .. ``epochs`` - 1 with g2's data split from the sync of step 6 on."""
-    extras = halves(stripe(2, 0, start=12))[job] + halves(stripe(2, 1))[job] + halves(stripe(2, 2))[job]
-    return [b for e in range(epochs) for b in batches(stripe(job, e) + (extras if e == 2 else []))]
+def recipients_ledger(job: int, epochs: int = 3, rank: int = 0, ranks: int = 1) -> list[list[int]]:
+    """Job 0's or 1's batches of epochs 0 .. ``epochs`` - 1 with g2's data split from the sync of step 6 on (g2 at
+    position 12 × ``ranks``: its first 2 steps); with ``ranks`` > 1, its rank ``rank``'s: its stripe, then every
+    ``ranks``-th of the job's extras."""
+    extras = [i for e, start in ((0, 12 * ranks), (1, 0), (2, 0))
+              for i in halves(stripe(2, e, start, ranks=ranks))[job]]
+    return [b for e in range(epochs)
+            for b in batches(stripe(job, e, rank=rank, ranks=ranks) + (extras[rank::ranks] if e == 2 else []))]
 
 
 def committed_samples(ledger: list[list[int]], epochs: list[int] | None = None, upto: int = 99) -> list[int]:
@@ -351,11 +362,12 @@ def test_jobs_of_two_ranks_split_their_extras_between_their_ranks():
         assert [i for b in loader for i in b[0].tolist()] == [mine[4 + r]]
 
 
-def run_with_a_late_job(out, release_at: int, **options) -> tuple[dict, dict, dict]:
-    """Three one-rank jobs over a lighthouse that forms a quorum of 2 after waiting 2 s for the third; g2 stalls
-    before its step 4 until g0 has trained step ``release_at`` (g0 and g1 sync without it meanwhile), then trains step
-    4 and waits at its sync; g0 and g1 wait before their step ``release_at`` + 1 until then, so g2 meets them (and
-    heals) at their next sync. Returns the three dumps."""
+def run_with_a_late_job(out, release_at: int, ranks: int = 1, **options) -> tuple[dict, dict, dict]:
+    """Three jobs of ``ranks`` ranks (DDP inside each) over a lighthouse that forms a quorum of 2 after waiting 2 s
+    for the third; g2 (every rank of it) stalls before its step 4 until g0 has trained step ``release_at`` (g0 and g1
+    sync without it meanwhile), then trains step 4 and waits at its sync; g0 and g1 wait before their step
+    ``release_at`` + 1 until then, so g2 meets them (and heals) at their next sync. Returns the three jobs' rank-0
+    dumps (rank ``r``'s: ``load(out, f"g{j}_r{r}")``)."""
     from torchft._torchft import LighthouseServer
 
     server = LighthouseServer(bind="127.0.0.1:0", min_replicas=2, join_timeout_ms=2000, quorum_tick_ms=50,
@@ -363,6 +375,8 @@ def run_with_a_late_job(out, release_at: int, **options) -> tuple[dict, dict, di
     try:
         address = "127.0.0.1:" + server.address().rsplit(":", 1)[-1]
         common = {"ledger_size": SAMPLES, "data_jobs": JOBS, "barrier": JOBS, **options}
+        if ranks > 1:
+            common["devices"] = ranks
         late = dict(wait_for="go", wait_at_step=3)
         procs = [launch(out, address, g, data_job_index=g, **common,
                         **(late if g == 2 else dict(wait_for="g2late", wait_at_step=release_at,
@@ -383,52 +397,81 @@ def run_with_a_late_job(out, release_at: int, **options) -> tuple[dict, dict, di
     return tuple(load(out, f"g{g}") for g in range(JOBS))  # type: ignore[return-value]
 
 
+RANKS = pytest.mark.parametrize("ranks", [1, 2], ids=["one-rank-jobs", "ddp-jobs-of-two-ranks"])
+
+
+def rank_dumps(out, ranks: int) -> dict[tuple[int, int], dict]:
+    """Every rank's dump by ``(job, rank)``."""
+    return {(j, r): load(out, f"g{j}" + (f"_r{r}" if r else "")) for j in range(JOBS) for r in range(ranks)}
+
+
 @pytest.mark.slow
-def test_a_live_job_that_missed_a_sync_rereads_exactly_what_it_read_since_its_last_commit(tmp_path):
-    """A live rewind. Three one-rank jobs sync every 2 steps, a lighthouse that forms a quorum of 2 after waiting
-    2 s for the third. g2 stalls before its step 4 (its sync of step 2 committed its first 2 batches: position 12
-    of epoch 0), so g0 and g1 commit the sync of step 4 without it; g2 then trains step 4 and meets them at their
-    sync of step 6 (they wait for it before step 6): it is behind, heals from a peer, its steps 3-4 are dropped
+@RANKS
+def test_a_live_job_that_missed_a_sync_rereads_exactly_what_it_read_since_its_last_commit(tmp_path, ranks):
+    """A live rewind. Three jobs sync every 2 steps, a lighthouse that forms a quorum of 2 after waiting 2 s for the
+    third. g2 stalls before its step 4 (its sync of step 2 committed its first 2 batches: position 12 × ``ranks`` of
+    epoch 0), so g0 and g1 commit the sync of step 4 without it; g2 then trains step 4 and meets them at their sync
+    of step 6 (they wait for it before step 6): it is behind, heals from a peer, its steps 3-4 are dropped
     (dropped_weight 1) and its data moves back to its committed position inside the running epoch: the next batches
-    it trains on are its steps 3-4's again, then its stripe of epoch 1. The committed contributions hold every
-    sample of epochs 0 and 1 exactly once, as an uninterrupted run's do; the summary's reread is the dropped batches'
-    samples. Fails without the rewind (g2 goes on into epoch 1; reread 0)."""
-    g0, g1, g2 = run_with_a_late_job(tmp_path, release_at=5, max_steps=12, sync_every=2)
-    healed = [a for a in g2["attempts"] if a["healed"] and a["committed"]]
-    assert g2["healed"] == 1 and len(healed) == 1 and g2["dropped"] == 1.0, g2["attempts"]
-    assert [a["participants"] for a in g0["attempts"] if a["committed"] and a["step"] == 4] == [2]
-    own = batches(stripe(2, 0)) + batches(stripe(2, 1))
-    assert g2["ledger"] == own[:4] + own[2:8] and g2["epochs"] == [0] * 6 + [1] * 4
-    assert g2["ledger"][4:6] == g2["ledger"][2:4]  # read again: exactly what it read since its last commit
-    for job, dump in ((0, g0), (1, g1)):
-        assert dump["healed"] == 0, [(a["step"], a["participants"]) for a in dump["attempts"]]
-        assert dump["ledger"] == batches(stripe(job, 0) + stripe(job, 1) + stripe(job, 2))
-    committed2 = g2["ledger"][:2] + g2["ledger"][4:]
-    every = [i for d in (g0, g1) for i in committed_samples(d["ledger"], d["epochs"], upto=1)]
+    it trains on are its steps 3-4's again, then its stripe of epoch 1. Jobs of two ranks (DDP inside each): both
+    ranks of g2 stall, heal in the same quorum (each from rank k of a live job) and move back to the job's position,
+    each rank reading its own steps 3-4's batches again. The committed contributions of every rank hold every sample
+    of epochs 0 and 1 exactly once, as an uninterrupted run's do; the summary's reread is the dropped batches'
+    samples. Fails without the rewind (g2 goes on into epoch 1; reread 0); with two ranks also when only one of them
+    rewinds (its epoch ends at another step than its peer rank's: the job hangs)."""
+    size = SAMPLES * ranks
+    run_with_a_late_job(tmp_path, release_at=5, ranks=ranks, ledger_size=size, max_steps=12, sync_every=2)
+    dumps = rank_dumps(tmp_path, ranks)
+    assert [a["participants"] for a in dumps[0, 0]["attempts"] if a["committed"] and a["step"] == 4] == [2]
+    for r in range(ranks):  # every rank of g2: healed at the sync of step 6, back to the job's committed position
+        g2 = dumps[2, r]
+        healed = [a["step"] for a in g2["attempts"] if a["healed"] and a["committed"]]
+        assert g2["healed"] == 1 and healed == [6] and g2["dropped"] == 1.0, g2["attempts"]
+        own = batches(stripe(2, 0, rank=r, ranks=ranks)) + batches(stripe(2, 1, rank=r, ranks=ranks))
+        assert g2["ledger"] == own[:4] + own[2:8] and g2["epochs"] == [0] * 6 + [1] * 4, r
+        assert g2["ledger"][4:6] == g2["ledger"][2:4]  # read again: exactly what it read since its last commit
+    for (job, r), dump in dumps.items():
+        if job < 2:
+            assert dump["healed"] == 0, [(a["step"], a["participants"]) for a in dump["attempts"]]
+            assert dump["ledger"] == batches([i for e in range(3) for i in stripe(job, e, rank=r, ranks=ranks)])
+    committed2 = [b for r in range(ranks) for b in dumps[2, r]["ledger"][:2] + dumps[2, r]["ledger"][4:]]
+    every = [i for (job, _), d in dumps.items() if job < 2 for i in committed_samples(d["ledger"], d["epochs"], upto=1)]
     every += [i for b in committed2 for i in b]
-    uninterrupted = [i for e in range(2) for j in range(JOBS) for i in stripe(j, e)]
-    assert Counter(every) == Counter(uninterrupted) == {i: 2 for i in range(SAMPLES)}
-    reread = sum(len(b) for b in g2["ledger"][2:4])
-    summary = {0: {"contributed": 24, "reread": 0}, 1: {"contributed": 24, "reread": 0},
+    uninterrupted = [i for e in range(2) for j in range(JOBS) for i in stripe(j, e, ranks=ranks)]
+    assert Counter(every) == Counter(uninterrupted) == {i: 2 for i in range(size)}
+    reread = sum(len(b) for r in range(ranks) for b in dumps[2, r]["ledger"][2:4])
+    summary = {0: {"contributed": size, "reread": 0}, 1: {"contributed": size, "reread": 0},
                2: {"contributed": sum(len(b) for b in committed2), "reread": reread}}
-    for dump in (g0, g1, g2):
+    for dump in dumps.values():
         assert dump["data_summary"] == summary
-        assert dump["data_positions"] == {0: (2, SAMPLES), 1: (2, SAMPLES), 2: (1, SAMPLES)}
+        assert dump["data_positions"] == {0: (2, size), 1: (2, size), 2: (1, size)}
 
 
 @pytest.mark.slow
-def test_a_live_job_coming_back_after_its_data_was_split_moves_to_its_fresh_share(tmp_path):
+@RANKS
+def test_a_live_job_coming_back_after_its_data_was_split_moves_to_its_fresh_share(tmp_path, ranks):
     """The live version of the return above: g2 is not restarted but stalls before its step 4 while g0 and g1 sync
     without it (its data split at the sync of step 6) until they trained step 9; it heals at their sync of step 10,
     inside its epoch 0, and moves at once to its fresh share: its stripe of epoch 3 (g0 and g1 are inside epoch 2).
-    Every sample of epochs 0-3 contributes exactly once. Fails without the rewind (g2 goes on with epoch 0)."""
-    g0, g1, g2 = run_with_a_late_job(tmp_path, release_at=9, max_steps=21, **MP)
-    assert g2["healed"] == 1 and g2["ledger"][:4] == batches(stripe(2, 0))[:4]
-    assert g2["ledger"][4:8] == batches(stripe(2, 3)) and g2["epochs"][:8] == [0] * 4 + [3] * 4
+    Jobs of two ranks: both ranks of g2 move there, each to its own stripe; each rank of g0 and g1 reads every other
+    one of its job's extras. Every sample of epochs 0-3 contributes exactly once. Fails without the rewind (g2 goes
+    on with epoch 0)."""
+    run_with_a_late_job(tmp_path, release_at=9, ranks=ranks, max_steps=21, **{**MP, "ledger_size": SAMPLES * ranks})
+    dumps = rank_dumps(tmp_path, ranks)
+    for r in range(ranks):
+        g2 = dumps[2, r]
+        assert g2["healed"] == 1 and g2["ledger"][:4] == batches(stripe(2, 0, rank=r, ranks=ranks))[:4]
+        assert g2["ledger"][4:8] == batches(stripe(2, 3, rank=r, ranks=ranks)) and g2["epochs"][:8] == [0] * 4 + [3] * 4
     assert "data job 2 is back" in (tmp_path / "g0.log").read_text()
-    for job, dump in ((0, g0), (1, g1)):
-        assert dump["healed"] == 0 and dump["ledger"] == recipients_ledger(job) + batches(stripe(job, 3))
-    every = (committed_samples(g0["ledger"]) + committed_samples(g1["ledger"]) + committed_samples(g2["ledger"][:2])
-             + committed_samples(g2["ledger"][4:], g2["epochs"][4:], upto=3))
-    assert Counter(every) == {i: 4 for i in range(SAMPLES)}
-    assert g2["data_positions"] == g0["data_positions"] and g2["data_departures"] == g0["data_departures"]
+    for (job, r), dump in dumps.items():
+        if job < 2:
+            assert dump["healed"] == 0
+            assert dump["ledger"] == recipients_ledger(job, rank=r, ranks=ranks) + batches(stripe(job, 3, rank=r,
+                                                                                                     ranks=ranks))
+    every = [i for (job, _), d in dumps.items() if job < 2 for i in committed_samples(d["ledger"])]
+    every += [i for r in range(ranks) for i in committed_samples(dumps[2, r]["ledger"][:2])
+              + committed_samples(dumps[2, r]["ledger"][4:], dumps[2, r]["epochs"][4:], upto=3)]
+    assert Counter(every) == {i: 4 for i in range(SAMPLES * ranks)}
+    for dump in dumps.values():
+        assert dump["data_positions"] == dumps[0, 0]["data_positions"]
+        assert dump["data_departures"] == dumps[0, 0]["data_departures"]
