@@ -74,13 +74,13 @@ INHERITED: dict[str, tuple[str, ...]] = {
     "lightning_localsgd.cli:LocalSGDCLI": ("_parse_ckpt_path", "_run_subcommand"),
     "lightning_localsgd.examples.gpt:GPT": ("_trainer",),
     "lightning_localsgd.strategies.ddp:LocalSGDStrategy": (
-        "_checkpoint_io", "_configure_launcher", "_ddp_kwargs", "_layer_sync", "_process_group_backend",
-        "_register_ddp_hooks", "_setup_model", "_timeout"),
+        "_checkpoint_io", "_configure_launcher", "_ddp_kwargs", "_get_process_group_backend", "_layer_sync",
+        "_process_group_backend", "_register_ddp_hooks", "_setup_model", "_timeout"),
     "lightning_localsgd.strategies.deepspeed:LocalSGDDeepSpeedStrategy": (
-        "_configure_launcher", "_init_config_if_needed", "_init_deepspeed_distributed",
+        "_configure_launcher", "_get_process_group_backend", "_init_config_if_needed", "_init_deepspeed_distributed",
         "_initialize_deepspeed_inference", "_layer_sync", "_setup_model_and_optimizer", "_timeout"),
     "lightning_localsgd.strategies.fsdp:LocalSGDFSDPStrategy": (
-        "_configure_launcher", "_device_mesh", "_setup_distributed"),
+        "_configure_launcher", "_device_mesh", "_get_process_group_backend", "_setup_distributed", "_timeout"),
 }
 
 
@@ -198,6 +198,16 @@ def stop_live_progress_bar(progress_bar: Any) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- Lightning helpers
+@_reaches(PrivateName("lightning", "lightning.fabric.utilities.distributed", "_init_dist_connection"))
+def init_dist_connection(cluster_environment: Any, backend: str, global_rank: int, world_size: int,
+                         **kwargs: Any) -> None:
+    """Start the default process group as Lightning's strategies do (``MASTER_ADDR`` / ``MASTER_PORT`` set from the
+    cluster environment, ``init_process_group(**kwargs)``, NCCL's teardown at exit); a private helper."""
+    from lightning.fabric.utilities.distributed import _init_dist_connection
+
+    _init_dist_connection(cluster_environment, backend, global_rank, world_size, **kwargs)
+
+
 @_reaches(PrivateName("lightning", "lightning.pytorch.overrides.distributed", "_sync_module_states"))
 def sync_module_states(module: torch.nn.Module) -> None:
     """Broadcast rank 0's parameters and buffers to every rank, as Lightning's DDP does (a private helper)."""

@@ -38,6 +38,7 @@ import torch.distributed as dist
 
 from ._compat import default_store as _default_store
 from ._compat import process_group_timeout as _pg_timeout
+from .topology import agent_hosts_store
 
 log = logging.getLogger(__name__)
 
@@ -395,7 +396,7 @@ class SyncGuard:
         elif store_error is not None:
             host = (os.environ.get("MASTER_ADDR", "?") + ":" + os.environ.get("MASTER_PORT", "?"))
             reason = _first_line(store_error, 120)
-            if _agent_hosts_store():  # torchrun: its agent hosts the store
+            if agent_hosts_store():  # torchrun: its agent hosts the store
                 missing_ranks = None
                 what = (f": the rendezvous store at {host} cannot be reached ({reason}), so the torchrun agent "
                         "hosting it is gone")
@@ -416,7 +417,7 @@ class SyncGuard:
     def _hosts_store(self) -> bool:
         """Whether the store lives in this process (global rank 0 under Lightning's launcher or plain
         ``init_process_group``; under torchrun its agent hosts it)."""
-        return self.rank == 0 and self._store_is_default and self.store is not None and not _agent_hosts_store()
+        return self.rank == 0 and self._store_is_default and self.store is not None and not agent_hosts_store()
 
     def _wait_for_readers(self, step: int, marks: dict[int, Optional[int]], until: float) -> list[int]:
         """Wait (until ``until`` at most) for the ranks that reached the sync to report its failure; return those
@@ -444,10 +445,6 @@ def _last_sync(synced: Optional[dict[int, Optional[int]]], rank: int) -> str:
         return "its last sync could not be read"
     step = synced.get(rank)
     return f"last sync at step {step}" if step is not None else "no sync reached"
-
-
-def _agent_hosts_store() -> bool:
-    return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
 
 
 def _first_line(err: BaseException, limit: int = 300) -> str:

@@ -4,18 +4,34 @@
 ``[i·S, (i+1)·S)``; cross group ``k`` is ``{i·S + k : i < G}``, the ranks holding the same shard index in every
 group. Inner parallelism (DDP all-reduce, FSDP sharding) uses the inner group; the periodic outer reduce uses the
 cross group. With ``S`` = devices per node the per-step traffic stays inside a node.
+
+The default process group itself is started here too (:func:`init_default_group`): over the rendezvous store torch's
+``env://`` rendezvous would make, except that the store's server listens on ``MASTER_ADDR`` only.
 """
 
 from __future__ import annotations
 
 import atexit
+import errno
+import ipaddress
 import math
+import os
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Optional, Sequence
 
+import torch
 import torch.distributed as dist
+from torch.distributed.constants import default_pg_timeout
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from ._compat import init_dist_connection
+
+#: the prefix torch's ``init_process_group`` puts before the default group's keys when it makes the store itself
+#: (``env://``); with ``store=`` it adds none, so :func:`rendezvous_store` does: the keys every user of the store
+#: (reliability's records, the run secret's verdicts) reads stay where they were
+DEFAULT_PG_PREFIX = "default_pg"
 
 
 def check_group_size(world_size: int, group_size: int) -> None:
@@ -200,6 +216,121 @@ def keep_process_groups_at_exit() -> None:
 def _destroy_process_groups() -> None:
     if not _exit_teardown["skip"] and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()  # (a group still referenced elsewhere lives on, its threads with it)
+
+
+def agent_hosts_store() -> bool:
+    """Whether torchrun's agent hosts the job's rendezvous store (every rank is its client); else global rank 0 does
+    (Lightning's launcher, SLURM, plain ``init_process_group``)."""
+    return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+
+
+def store_listener(address: str, port: int, num_nodes: int = 1) -> socket.socket:
+    """A TCP socket bound to ``address:port`` (``MASTER_ADDR:MASTER_PORT``) and listening, for the store's server.
+
+    ``address`` is resolved as the store's clients resolve it (a name, an IPv4 or IPv6 address); ``0.0.0.0`` / ``::``
+    listen on every interface (``::`` IPv4 included, as torch's own store). Raises a ``ValueError`` naming
+    ``MASTER_ADDR`` / ``MASTER_PORT`` and the fix when this host cannot listen there.
+    """
+    where = f"MASTER_ADDR={address!r} MASTER_PORT={port}"
+    try:
+        found = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as err:
+        raise ValueError(f"{where}: global rank 0 hosts the job's rendezvous store there, but {address!r} does not "
+                         f"resolve on this host ({err}). Set MASTER_ADDR to an address of this machine that the other "
+                         "ranks reach (or 0.0.0.0 to listen on every interface).") from err
+    if num_nodes > 1 and not _is_loopback_literal(address):
+        # a name mapped to loopback here (127.0.1.1 in /etc/hosts) is not what the other nodes reach
+        reachable = [entry for entry in found if not _ip(entry[4]).is_loopback]
+        if not reachable:
+            raise ValueError(
+                f"{where}: {address!r} resolves to {_ip(found[0][4])} on this host (global rank 0's), a loopback "
+                f"address the other {num_nodes - 1} node(s) cannot reach, and the job's rendezvous store listens there. "
+                "Set MASTER_ADDR to this machine's address on the network the nodes share (e.g. its IP address; a "
+                "host name mapped to 127.0.1.1 in /etc/hosts resolves to loopback), or to 0.0.0.0 to listen on every "
+                "interface.")
+        found = reachable
+    errors: list[OSError] = []
+    for family, kind, proto, _name, sockaddr in found:
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as torch's store: a port left in TIME_WAIT
+            if family == socket.AF_INET6 and _ip(sockaddr).is_unspecified:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # "::": IPv4 too, as torch's "[::]"
+            sock.bind(sockaddr)
+            sock.listen(socket.SOMAXCONN)  # every rank connects at once
+            return sock
+        except OSError as err:
+            sock.close()
+            errors.append(err)
+    err = errors[0]
+    if any(e.errno == errno.EADDRINUSE for e in errors):
+        fix = ("another process listens on that port already (an earlier run still alive?): pick a free MASTER_PORT, "
+               "or leave it unset for Lightning to choose one")
+    else:
+        fix = ("that address is not one of this machine's: set MASTER_ADDR to an address of the machine of global rank "
+               "0 that the other ranks reach (e.g. its address on the network the nodes share), or to 0.0.0.0 to "
+               "listen on every interface")
+    raise ValueError(f"{where}: global rank 0 hosts the job's rendezvous store there and cannot listen on it ({err}); "
+                     f"{fix}.") from err
+
+
+def _ip(sockaddr: Any) -> Any:
+    return ipaddress.ip_address(str(sockaddr[0]).split("%")[0])  # without an IPv6 scope ("fe80::1%eth0")
+
+
+def _is_loopback_literal(address: str) -> bool:
+    """``127.x.x.x``, ``::1``, ``localhost``: the user asked for loopback itself (not a name that happens to map there)."""
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return address.lower() in ("localhost", "localhost.localdomain")
+
+
+def rendezvous_store(address: str, port: int, rank: int, world_size: int, timeout: timedelta,
+                     num_nodes: int = 1) -> Optional[dist.Store]:
+    """The store of the default process group, as torch's ``env://`` rendezvous makes it, but listening on ``address``.
+
+    torch's own store server binds every interface whatever ``MASTER_ADDR`` says; here global rank 0 binds the socket
+    itself (:func:`store_listener`) and hands it to its ``TCPStore`` (``master_listen_fd``), the other ranks connect
+    as clients. Everything else is torch's: multi-tenant server, libuv unless ``USE_LIBUV=0``, the timeout, the
+    ``default_pg`` key prefix. ``None`` under torchrun's agent store (torch's own path then: every rank a client).
+    """
+    if agent_hosts_store():
+        return None
+    # torch's default backend (libuv) takes a listening socket from torch 2.8 on (pytorch#150215); before, its
+    # previous backend does
+    use_libuv = os.environ.get("USE_LIBUV", "1") == "1" and (rank != 0 or torch.__version__ >= (2, 8))
+    if rank == 0:
+        listener = store_listener(address, port, num_nodes)
+        try:
+            store = dist.TCPStore(address, port, world_size, is_master=True, timeout=timeout, multi_tenant=True,
+                                  master_listen_fd=listener.fileno(), use_libuv=use_libuv)
+        except BaseException:
+            listener.close()
+            raise
+        listener.detach()  # the store owns the socket now and closes it with itself
+    else:
+        store = dist.TCPStore(address, port, world_size, is_master=False, timeout=timeout, use_libuv=use_libuv)
+    store.set_timeout(timeout)
+    return dist.PrefixStore(DEFAULT_PG_PREFIX, store)
+
+
+def init_default_group(cluster_environment: Any, backend: str, timeout: Optional[timedelta],
+                       device_id: Optional[torch.device], num_nodes: int = 1) -> None:
+    """Start the default process group as Lightning does (``_init_dist_connection``: ``MASTER_ADDR`` / ``MASTER_PORT``
+    from the cluster environment, ``init_process_group``), over :func:`rendezvous_store` (every strategy's
+    ``setup_distributed`` calls it first; Lightning's own then finds the group started). Nothing when it is already
+    (a second fit in the same processes)."""
+    if dist.is_initialized():
+        return
+    rank, world_size = cluster_environment.global_rank(), cluster_environment.world_size()
+    address, port = cluster_environment.main_address, int(cluster_environment.main_port)
+    kwargs: dict[str, Any] = {"timeout": timeout, "device_id": device_id}
+    if backend != "mpi":  # MPI meets without a store
+        store = rendezvous_store(address, port, rank, world_size, timeout or default_pg_timeout, num_nodes)
+        if store is not None:
+            kwargs["store"] = store
+    init_dist_connection(cluster_environment, backend, rank, world_size, **kwargs)
 
 
 def build_topology(group_size: int, timeout: Optional[timedelta] = None) -> Topology:

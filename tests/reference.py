@@ -17,9 +17,13 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "workers"))
+from _launch import max_diff  # noqa: E402
 from lightning_localsgd.engine.codecs import decode, encode, get_codec  # noqa: E402
 from lightning_localsgd.engine.comm import Communicator  # noqa: E402
 from tiny import TinyNet, make_dataset, make_inner_optimizer  # noqa: E402
+
+#: how far a multi-process run's parameters may be from :func:`simulate`'s (float32 sums in another order)
+ATOL = 1e-6
 
 
 def rank_batches(world: int, rank: int, batch_size: int = 2) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -414,3 +418,15 @@ class Alone(Communicator):
 
     def all_gather(self, output, input):
         output.copy_(input)
+
+
+def check_against_reference(ranks: Sequence[dict], world: int, group_size: int, **sim) -> None:
+    """Every rank's parameters after every step and at the end (``ranks``: the dumps of workers/train_tiny.py) are
+    :func:`simulate`'s for its group, within :data:`ATOL`."""
+    history, final, _ = simulate(world, group_size, **sim)
+    for r, dump in enumerate(ranks):
+        g = r // group_size
+        assert len(dump["steps"]) == len(history)
+        for b, (got, want) in enumerate(zip(dump["steps"], history)):
+            assert max_diff(got, want[g]) <= ATOL, f"rank {r} batch {b}: {max_diff(got, want[g])}"
+        assert max_diff(dump["final"], final[g]) <= ATOL

@@ -20,7 +20,7 @@ from ..checkpoint import check_elastic_resume, check_exact_resume, restore_check
 from ..checkpoint_io import with_atomic_default
 from ..config import LocalSGDConfig, local_sgd_arguments
 from ..reliability import check_backend_available, check_ddp_arguments, check_model_matches_checkpoint
-from ..topology import build_topology
+from ..topology import build_topology, init_default_group
 from .base import LocalSGDMixin, is_fitting
 
 
@@ -65,6 +65,15 @@ class LocalSGDStrategy(LocalSGDMixin, DDPStrategy):
     def _configure_launcher(self) -> None:
         check_backend_available(self._process_group_backend)
         super()._configure_launcher()
+
+    @override
+    def setup_distributed(self) -> None:
+        # the default process group over a store listening on MASTER_ADDR only; Lightning's then finds it started
+        self.set_world_ranks()
+        device_id = self.root_device if self.root_device.type != "cpu" else None
+        init_default_group(self.cluster_environment, self._get_process_group_backend(), self._timeout, device_id,
+                           self.num_nodes)
+        super().setup_distributed()
 
     @property
     @override

@@ -39,7 +39,7 @@ from .._compat import StrategyRegistry, validate_device_index_selection
 from ..checkpoint import check_exact_resume, is_checkpoint_folder, restore_checkpoint, save_checkpoint
 from ..config import LocalSGDConfig, local_sgd_arguments
 from ..state import ZeroState
-from ..topology import build_topology
+from ..topology import build_topology, init_default_group
 from ..zero import (WorkerGroupMPU, broadcast_from_rank_zero, broadcast_group_zero_partitions,  # noqa: F401 (API)
                     check_deepspeed_config, guard_reentrant_root_forward, master_partitions, refresh_module_params,
                     zero_optimizer)
@@ -180,6 +180,11 @@ class LocalSGDDeepSpeedStrategy(LocalSGDMixin, DeepSpeedStrategy):
             validate_device_index_selection(self.parallel_devices)
         reset_seed()
         self.set_world_ranks()
+        # the default process group over a store listening on MASTER_ADDR only (DeepSpeed then finds it started);
+        # bound to the rank's GPU where DeepSpeed would bind it (CUDA, more than one rank)
+        bind = self.root_device.type == "cuda" and self.world_size > 1
+        init_default_group(self.cluster_environment, self._get_process_group_backend(), self._timeout,
+                           self.root_device if bind else None, self.num_nodes)
         self._init_deepspeed_distributed()
         self._resolve_group_size()
         self.topology = build_topology(self.group_size, self._timeout)

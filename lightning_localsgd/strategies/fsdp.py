@@ -28,7 +28,7 @@ from ..fsdp2 import (broadcast_group_zero_shards, check_user_sharding, is_fully_
                      load_full_state_dict, reshard, shard_module)
 from ..state import ShardedState
 from ..tensors import local_view
-from ..topology import build_mesh_topology
+from ..topology import build_mesh_topology, init_default_group
 from .base import LocalSGDMixin, is_fitting
 
 
@@ -148,7 +148,15 @@ class LocalSGDFSDPStrategy(LocalSGDMixin, ModelParallelStrategy):
     # ------------------------------------------------------------------ launch / mesh
     @override
     def setup_environment(self) -> None:
-        self._setup_distributed()  # process group (ModelParallelStrategy's), without its own 2-D mesh
+        # the default process group over a store listening on MASTER_ADDR only, on the rank's device (set again, as
+        # it was, by ModelParallelStrategy's _setup_distributed, which then finds the group started)
+        assert self.accelerator is not None
+        self.accelerator.setup_device(self.root_device)
+        self.set_world_ranks()
+        device_id = self.root_device if self.root_device.type != "cpu" else None
+        init_default_group(self.cluster_environment, self._get_process_group_backend(), self._timeout, device_id,
+                           self.num_nodes)
+        self._setup_distributed()  # ModelParallelStrategy's (seed, ranks, backend), without its own 2-D mesh
         self._resolve_group_size()
         # row i = worker group i (FSDP shards over it), column k = cross group k (the outer reduce)
         self._device_mesh, self.topology = build_mesh_topology(self.root_device.type, self.group_size)

@@ -5,20 +5,7 @@ from __future__ import annotations
 import pytest
 
 from _launch import max_diff, run_tiny
-from reference import simulate
-
-ATOL = 1e-6
-
-
-def check_against_reference(ranks, world, group_size, **sim):
-    history, final, _ = simulate(world, group_size, **sim)
-    for r, dump in enumerate(ranks):
-        g = r // group_size
-        assert len(dump["steps"]) == len(history)
-        for b, (got, want) in enumerate(zip(dump["steps"], history)):
-            assert max_diff(got, want[g]) <= ATOL, f"rank {r} batch {b}: {max_diff(got, want[g])}"
-        assert max_diff(dump["final"], final[g]) <= ATOL
-
+from reference import ATOL, check_against_reference, simulate
 
 @pytest.mark.parametrize(
     "outer,inner,warmup",

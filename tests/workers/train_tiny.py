@@ -27,6 +27,8 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from _listening import listening  # noqa: E402
 from tiny import TinyModule, ValidatedTinyModule, make_dataset  # noqa: E402
 
 import lightning_localsgd  # noqa: E402,F401
@@ -373,6 +375,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--slow-seconds", type=float, default=0.0)
     p.add_argument("--accelerator", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--backend", default="gloo", help="process group backend (nccl: tests/cuda on several GPUs)")
+    p.add_argument("--store-listeners", action="store_true",
+                   help="record the addresses the rendezvous store (MASTER_PORT) listens on after fit")
     p.add_argument("--num-nodes", type=int, default=1,
                    help="ranks sharing one GPU are started as the one rank of their own node (tests/cuda)")
     args = p.parse_args(argv)
@@ -485,6 +489,8 @@ def main(argv: list[str] | None = None) -> None:
     info = {"global_rank": trainer.global_rank, "global_step": trainer.global_step, "save_seconds": save_seconds,
             "after_fit_committed": after_fit_committed,
             "param_device": getattr(recorder, "device", None)}
+    if args.store_listeners:  # the store lives until the process exits (the default process group with it)
+        info["store_listeners"] = sorted(listening(int(os.environ["MASTER_PORT"])))
     if hasattr(s, "outer_sync"):
         info.update(num_syncs=s.outer_sync.num_syncs, bytes_sent=s.outer_sync.bytes_sent,
                     cluster_syncs=s.cluster_sync.num_syncs if getattr(s, "cluster_sync", None) else None,
