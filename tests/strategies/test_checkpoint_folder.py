@@ -49,15 +49,28 @@ def test_save_gathers_nothing_each_group_writes_its_replica_once(tmp_path):
 
 
 def test_old_single_file_checkpoint_still_resumes_exactly(tmp_path):
+    """The file was written on another machine: its steps 1-6 can differ from this CPU's in the last bit (float kernels
+    differ between CPU models: 1.5e-8 on an Intel Xeon for a file written on an AMD EPYC). So the load is checked
+    bit for bit against the file itself, and the continuation against a run straight through on this machine: bit for
+    bit where this machine's step 6 is the file's, else within the rounding of those 6 steps carried 4 more."""
+    whole = torch.load(LEGACY, weights_only=False)
+    legacy = whole["local_sgd"]
+    models = [whole["state_dict"]] + [g["state_dict"] for g in legacy["groups"][1:]]  # group 0's is Lightning's own
     straight = run_tiny(tmp_path / "a", **RESUME_OPTS)
+    loaded = run_tiny(tmp_path / "c", resume=LEGACY, **{**RESUME_OPTS, "steps": 6})  # loads it, trains nothing
     resumed = run_tiny(tmp_path / "b", resume=LEGACY, **RESUME_OPTS)
-    for a, b in zip(straight, resumed):
-        assert max_diff(a["final"], b["final"]) == 0.0
+    for r, (a, b, c) in enumerate(zip(straight, resumed, loaded)):
+        assert max_diff(c["final"], models[r]) == 0.0 and c["info"]["num_syncs"] == 1
+        assert all(torch.equal(x, y) for x, y in zip(c["outer_state"]["snapshot"], legacy["ranks"][r]["snapshot"]))
+        here = max_diff(a["steps"][5], models[r])  # this machine's step 6 against the file's
+        assert here <= 1e-6
+        assert max_diff(a["final"], b["final"]) <= (0.0 if here == 0.0 else 1e-6)
         assert a["info"]["num_syncs"] == b["info"]["num_syncs"] == 3
-        assert all(torch.equal(x, y) for x, y in zip(a["outer_state"]["snapshot"], b["outer_state"]["snapshot"]))
+        snapshots = zip(a["outer_state"]["snapshot"], b["outer_state"]["snapshot"])
+        assert all(torch.equal(x, y) if here == 0.0 else torch.allclose(x, y, rtol=0, atol=1e-6) for x, y in snapshots)
     # and the one converter reads it: group 1's model at step 6
     plain = torch.load(convert_checkpoint(LEGACY, tmp_path / "g1.ckpt", group=1), weights_only=False)
-    assert "local_sgd" not in plain and max_diff(plain["state_dict"], straight[1]["steps"][5]) == 0.0
+    assert "local_sgd" not in plain and max_diff(plain["state_dict"], models[1]) == 0.0
 
 
 # ------------------------------------------------------------------------------------------------ one process
