@@ -61,16 +61,17 @@ torchft manager and background thread), as without ``async_sync``. Two things ma
   communicators point at it while a sync is in flight. gloo's collectives are host ones: a tensor on an accelerator
   goes through a host copy (the in-job traffic of a sync is one copy of the model's slices and a few numbers).
 - *Agreed step ends.* While a sync is in flight, every :meth:`~BackgroundFederation.poll` (and every wait of
-  :meth:`~BackgroundFederation.settle`) takes the minimum over the job's ranks of ``(done, requests waiting)``: one
+  :meth:`~BackgroundFederation.settle`) takes the minimum over the job's ranks of ``(done, loads waiting)``: one
   all-reduce of two numbers over the job's group that DDP uses, on the training thread, only while a sync is in
-  flight. A sync is applied at the step end where it is done on every rank, and the requests torchft's callbacks
-  posted are run at the step end where every rank has them (the ranks' background threads post them in the same
-  order), so a peer healing from this job gets slices captured at one step end, and a healing state is loaded at one
-  step end, then made one replica across the ranks (``agree_after_healing``, over the training thread's groups, as at
-  a join). A late job's shift of ``θ_g`` is gathered from the ranks' slices (over the training thread's groups) so the
-  whole replica moves alike. Starting a sync needs no new agreement: the time-based schedule's "due" is already agreed
-  over the job's ranks at every step end (any rank's clock decides), and whether a sync is in flight is the same on
-  every rank. A settle that runs out of time does so on every rank at once (its "in time" is agreed too).
+  flight. A sync is applied at the step end where it is done on every rank, and a healing state torchft hands this job
+  (every rank of it heals in the same quorum) is loaded at the step end where every rank has it, then made one replica
+  across the ranks (``agree_after_healing``, over the training thread's groups, as at a join). A late job's shift of
+  ``θ_g`` is gathered from the ranks' slices (over the training thread's groups) so the whole replica moves alike. A
+  capture for a peer healing from this job runs at each asked rank's next step end, unagreed: torchft picks the source
+  job per rank, so only some ranks of a job may be asked (see :meth:`BackgroundFederation.state_dict`). Starting a
+  sync needs no new agreement: the time-based schedule's "due" is already agreed over the job's ranks at every step
+  end (any rank's clock decides), and whether a sync is in flight is the same on every rank. A settle that runs out of
+  time does so on every rank at once (its "in time" is agreed too).
 """
 
 from __future__ import annotations
@@ -181,6 +182,10 @@ class BackgroundFederation(Federation):
         """>0 while the training thread itself is inside a quorum (join, warm-up, the stop at the end): then torchft's
         state callbacks run directly, as in a Federation."""
         self._requests: "queue.SimpleQueue[tuple[Callable[[], Any], Future]]" = queue.SimpleQueue()
+        """What torchft's callbacks posted to the training thread that each rank runs on its own (a capture)."""
+        self._together: "queue.SimpleQueue[tuple[Callable[[], Any], Future]]" = queue.SimpleQueue()
+        """What the job's ranks run at one step end (a healing load), in the order every rank's background thread
+        posts them."""
         self.deferred = 0
         """Syncs that came due while one was in flight and were not started (their tokens go with the next)."""
         self._late_kept = False
@@ -278,15 +283,14 @@ class BackgroundFederation(Federation):
 
     def poll(self, engine: OuterSync) -> Optional[SyncResult]:
         """At a step end: run what the background thread asked of this thread; apply its sync if it is done (with
-        several ranks: done on every rank, and the requests every rank has, so that all do the same at this step end).
-        Never waits for the background thread."""
+        several ranks: done on every rank, and a healing load once every rank has it, so that all do the same at this
+        step end). Never waits for the background thread."""
+        self._serve(self._requests)
         flight = self._flight
         if flight is None:
-            if self._group is None:
-                self._serve()
-            return None  # (several ranks: requests come only from a sync in flight, whose quorum asks them)
-        done, requests = self._agreed(flight, engine, flight.done.done(), self._requests.qsize())
-        self._serve(requests)
+            return None  # (a load comes only from a sync in flight: its quorum heals this job)
+        done, together = self._agreed(flight, engine, flight.done.done(), self._together.qsize())
+        self._serve(self._together, together)
         return self._apply(engine) if done else None
 
     def settle(self, engine: OuterSync) -> Optional[SyncResult]:
@@ -299,9 +303,10 @@ class BackgroundFederation(Federation):
         limit = 2 * self.timeout.total_seconds() + 30.0
         deadline = time.monotonic() + limit
         while True:
-            done, requests, in_time = self._agreed(flight, engine, flight.done.done(), self._requests.qsize(),
+            self._serve(self._requests)
+            done, together, in_time = self._agreed(flight, engine, flight.done.done(), self._together.qsize(),
                                                    time.monotonic() <= deadline)
-            self._serve(requests)
+            self._serve(self._together, together)
             if done:
                 return self._apply(engine, settled=True)
             if not in_time:  # on every rank at once (agreed): none waits in a collective for another
@@ -374,13 +379,16 @@ class BackgroundFederation(Federation):
     # ------------------------------------------------------------------ torchft's state callbacks
     def state_dict(self) -> dict[str, Any]:
         """A peer heals from this job: its state, captured on the training thread (torchft asks on its quorum
-        thread)."""
+        thread). Each rank at its own next step end: torchft picks the source job per rank, so only some ranks of a
+        job may be asked, and the capture needs no agreement (while a sync is in flight ``θ_g`` and the outer state
+        are those of the last sync applied, at one step end on every rank; the healing job's ranks then agree on one
+        replica)."""
         return self._training_thread_runs(super().state_dict)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """This job heals: the peer's state is loaded on the training thread, which then sends it (weight 0)."""
         posted = self._off_training_thread() and not self._foreground
-        self._training_thread_runs(lambda: self._load_beside(state, agree=posted))
+        self._training_thread_runs(lambda: self._load_beside(state, agree=posted), together=True)
 
     def _quorum(self, kind: str, fragment: Optional[int], deadline: float) -> dict[str, Any]:
         self._late_kept = False
@@ -440,22 +448,24 @@ class BackgroundFederation(Federation):
         log.warning(f"local SGD: group {self.group_id} missed a sync of the other groups; it takes their θ_g and "
                     "keeps its own work, which weighs in at this sync (one sync stale)")
 
-    def _training_thread_runs(self, fn: Callable[[], T]) -> T:
+    def _training_thread_runs(self, fn: Callable[[], T], together: bool = False) -> T:
         """Run ``fn`` on the training thread: at once when called there or while it waits in a quorum itself; else
-        posted, and waited for (it runs at the training thread's next step end, at most ``sync_timeout``)."""
+        posted, and waited for (it runs at the training thread's next step end, at most ``sync_timeout``;
+        ``together``: at the first step end where every rank of the job has it)."""
         if self._foreground or not self._off_training_thread():
             return fn()
         box: Future = Future()
-        self._requests.put((fn, box))
+        (self._together if together else self._requests).put((fn, box))
         return box.result(timeout=self.timeout.total_seconds())
 
-    def _serve(self, limit: Optional[int] = None) -> None:
-        """Run the background thread's requests: every one waiting, or the first ``limit`` (several ranks: those every
-        rank has, in the order every rank's background thread asked them)."""
+    @staticmethod
+    def _serve(requests: "queue.SimpleQueue[tuple[Callable[[], Any], Future]]", limit: Optional[int] = None) -> None:
+        """Run the background thread's ``requests``: every one waiting, or the first ``limit`` (those every rank
+        has)."""
         while limit is None or limit > 0:
             limit = None if limit is None else limit - 1
             try:
-                fn, box = self._requests.get_nowait()
+                fn, box = requests.get_nowait()
             except queue.Empty:
                 return
             try:

@@ -2,9 +2,10 @@
 scripted torchft manager (tests/federation/test_retry.py's) stands for the other job (weight 1, ``θ_p``), the job's own
 two ranks are a gloo world, and each rank owns one slice of the model (the engine's slice group: the world).
 
-Rank 1's background thread is held back twice by the test's script: its sync posts a request to the training thread
-(as torchft's state callbacks are) only after poll 2, while rank 0's is there from poll 1 on; and after its last
-collective it records its commit only after poll 6. Every poll (a step end: the same "inner step" on both
+Inside the sync's quorum each rank posts a load to the training thread (as torchft's ``load_state_dict`` is: every rank
+of a healing job gets one), rank 1's only after poll 2 while rank 0's is there from poll 1 on; rank 0 alone also posts
+a capture (``state_dict``: torchft asks only the ranks it picked as a peer's source). After its last collective rank
+1's background thread records its commit only after poll 6. Every poll (a step end: the same "inner step" on both
 ranks first) is numbered; the rank writes ``OUT/rank{r}.pt``: the poll each request ran at, the poll the sync was
 applied at, the parameters before and after, what was sent.
 """
@@ -60,16 +61,18 @@ def main() -> None:
     fed.engine = engine
     lo, hi = 2 * rank, 2 * rank + 2  # this rank's slice
     fed.manager._pg.others = [torch.cat([PEER_WEIGHT * PEER[lo:hi], torch.tensor([PEER_WEIGHT, 0.0])])]
-    polls, requests_ran = [0], []
+    polls, loads_ran, captures_ran = [0], [], []
     asked, release = threading.Event(), threading.Event()
     if rank == 1:
         fed.attempts = HeldAttempts(release)
     quorum = fed.manager.start_quorum
 
-    def start_quorum(timeout=None):  # torchft asks a state callback inside the quorum: posted to the training thread
+    def start_quorum(timeout=None):  # torchft asks the state callbacks inside the quorum: posted to the training thread
+        if rank == 0:
+            captures_ran.append(fed._training_thread_runs(lambda: polls[0]))
         if rank == 1:
             assert asked.wait(60)
-        requests_ran.append(fed._training_thread_runs(lambda: polls[0]))
+        loads_ran.append(fed._training_thread_runs(lambda: polls[0], together=True))
         quorum(timeout)
 
     fed.manager.start_quorum = start_quorum
@@ -90,7 +93,8 @@ def main() -> None:
             asked.set()  # rank 1's request comes after poll 2; rank 0's is there from poll 1 on
         if rank == 1 and i == 6:
             release.set()  # rank 1's commit is recorded after poll 6; rank 0's sync is done polls earlier
-    torch.save({"requests_ran": requests_ran, "applied_at": applied_at, "sent": sent, "final": param.detach().clone(),
+    torch.save({"loads_ran": loads_ran, "captures_ran": captures_ran, "applied_at": applied_at, "sent": sent,
+                "final": param.detach().clone(),
                 "steps": torch.stack(steps).sum(0), "snapshot": engine.snapshot[0].detach().clone(),
                 "record": [a for a in fed.attempts if a["kind"] == "sync"]}, out / f"rank{rank}.pt")
     dist.destroy_process_group()
