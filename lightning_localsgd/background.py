@@ -61,17 +61,18 @@ torchft manager and background thread), as without ``async_sync``. Two things ma
   communicators point at it while a sync is in flight. gloo's collectives are host ones: a tensor on an accelerator
   goes through a host copy (the in-job traffic of a sync is one copy of the model's slices and a few numbers).
 - *Agreed step ends.* While a sync is in flight, every :meth:`~BackgroundFederation.poll` (and every wait of
-  :meth:`~BackgroundFederation.settle`) takes the minimum over the job's ranks of ``(done, loads waiting)``: one
-  all-reduce of two numbers over the job's group that DDP uses, on the training thread, only while a sync is in
-  flight. A sync is applied at the step end where it is done on every rank, and a healing state torchft hands this job
-  (every rank of it heals in the same quorum) is loaded at the step end where every rank has it, then made one replica
-  across the ranks (``agree_after_healing``, over the training thread's groups, as at a join). A late job's shift of
-  ``θ_g`` is gathered from the ranks' slices (over the training thread's groups) so the whole replica moves alike. A
-  capture for a peer healing from this job runs at each asked rank's next step end, unagreed: torchft picks the source
-  job per rank, so only some ranks of a job may be asked (see :meth:`BackgroundFederation.state_dict`). Starting a
-  sync needs no new agreement: the time-based schedule's "due" is already agreed over the job's ranks at every step
-  end (any rank's clock decides), and whether a sync is in flight is the same on every rank. A settle that runs out of
-  time does so on every rank at once (its "in time" is agreed too).
+  :meth:`~BackgroundFederation.settle`) takes the minimum over the job's ranks of ``(done, loads waiting, nobody asked
+  for a capture)``: one all-reduce of three numbers over the job's group that DDP uses, on the training thread, only
+  while a sync is in flight. A sync is applied at the step end where it is done on every rank, and a healing state
+  torchft hands this job (every rank of it heals in the same quorum) is loaded at the step end where every rank has
+  it, then made one replica across the ranks (``agree_after_healing``, over the training thread's groups, as at a
+  join). A peer healing from this job: torchft picks the source job per rank, so only some ranks of this job may be
+  asked for their state; at the first step end where any rank was asked, every rank captures its own, and a rank asked
+  later in that sync gets that capture, so each rank of the healing job gets one step end's state. A late job's shift
+  of ``θ_g`` is gathered from the ranks' slices (over the training thread's groups) so the whole replica moves alike.
+  Starting a sync needs no new agreement: the time-based schedule's "due" is already agreed over the job's ranks at
+  every step end (any rank's clock decides), and whether a sync is in flight is the same on every rank. A settle that
+  runs out of time does so on every rank at once (its "in time" is agreed too).
 """
 
 from __future__ import annotations
@@ -164,6 +165,8 @@ class _InFlight:
     replaced by the background group's while the sync runs."""
     done: Future = field(default_factory=Future)
     """``(result, record)`` of the committed sync, or its error."""
+    capture: Optional[Future] = None
+    """A peer heals from this job during this sync: this rank's state, captured at one step end on every rank."""
 
 
 class BackgroundFederation(Federation):
@@ -182,10 +185,9 @@ class BackgroundFederation(Federation):
         """>0 while the training thread itself is inside a quorum (join, warm-up, the stop at the end): then torchft's
         state callbacks run directly, as in a Federation."""
         self._requests: "queue.SimpleQueue[tuple[Callable[[], Any], Future]]" = queue.SimpleQueue()
-        """What torchft's callbacks posted to the training thread that each rank runs on its own (a capture)."""
-        self._together: "queue.SimpleQueue[tuple[Callable[[], Any], Future]]" = queue.SimpleQueue()
-        """What the job's ranks run at one step end (a healing load), in the order every rank's background thread
-        posts them."""
+        """Healing loads torchft's callback posted to the training thread: run at the step end where every rank of
+        the job has them (every rank of a healing job gets one, in the same quorum)."""
+        self._capture_lock = threading.Lock()
         self.deferred = 0
         """Syncs that came due while one was in flight and were not started (their tokens go with the next)."""
         self._late_kept = False
@@ -282,15 +284,13 @@ class BackgroundFederation(Federation):
             flight.done.set_result((result, record))
 
     def poll(self, engine: OuterSync) -> Optional[SyncResult]:
-        """At a step end: run what the background thread asked of this thread; apply its sync if it is done (with
-        several ranks: done on every rank, and a healing load once every rank has it, so that all do the same at this
-        step end). Never waits for the background thread."""
-        self._serve(self._requests)
+        """At a step end: run what the background thread and torchft asked of this thread; apply the sync if it is
+        done (with several ranks: on every rank, so that all do the same at this step end; :meth:`_at_step_end`).
+        Never waits for the background thread."""
         flight = self._flight
         if flight is None:
-            return None  # (a load comes only from a sync in flight: its quorum heals this job)
-        done, together = self._agreed(flight, engine, flight.done.done(), self._together.qsize())
-        self._serve(self._together, together)
+            return None  # (torchft asks only inside a quorum: the sync's in flight, or the training thread's)
+        done = self._at_step_end(flight, engine)[0]
         return self._apply(engine) if done else None
 
     def settle(self, engine: OuterSync) -> Optional[SyncResult]:
@@ -303,10 +303,7 @@ class BackgroundFederation(Federation):
         limit = 2 * self.timeout.total_seconds() + 30.0
         deadline = time.monotonic() + limit
         while True:
-            self._serve(self._requests)
-            done, together, in_time = self._agreed(flight, engine, flight.done.done(), self._together.qsize(),
-                                                   time.monotonic() <= deadline)
-            self._serve(self._together, together)
+            done, in_time = self._at_step_end(flight, engine, time.monotonic() <= deadline)
             if done:
                 return self._apply(engine, settled=True)
             if not in_time:  # on every rank at once (agreed): none waits in a collective for another
@@ -314,6 +311,19 @@ class BackgroundFederation(Federation):
                                    f"not end within {limit:g} s (sync_timeout={self.timeout.total_seconds():g} s) on "
                                    "every rank of this job.")
             time.sleep(_SERVE_EVERY)
+
+    def _at_step_end(self, flight: _InFlight, engine: OuterSync, *flags: int) -> list[int]:
+        """What the training thread does for the sync in flight at a step end (or a wait of :meth:`settle`), agreed
+        over the job's ranks: capture this rank's state if any rank was asked for it (then every rank captures here,
+        so that a peer healing from this job gets one step end's state from each), run the healing loads every rank
+        has. Returns whether the sync is done on every rank, then the minimum of each of ``flags``."""
+        asked = flight.capture is not None
+        done, loads, nobody_asked, *rest = self._agreed(flight, engine, flight.done.done(), self._requests.qsize(),
+                                                        not asked, *flags)
+        if not nobody_asked:
+            self._capture(flight)
+        self._serve(loads)
+        return [done, *rest]
 
     def _agreed(self, flight: _InFlight, engine: OuterSync, *flags: int) -> list[int]:
         """Several ranks: the minimum of each flag over the job's ranks (one all-reduce on the training thread, over
@@ -379,16 +389,34 @@ class BackgroundFederation(Federation):
     # ------------------------------------------------------------------ torchft's state callbacks
     def state_dict(self) -> dict[str, Any]:
         """A peer heals from this job: its state, captured on the training thread (torchft asks on its quorum
-        thread). Each rank at its own next step end: torchft picks the source job per rank, so only some ranks of a
-        job may be asked, and the capture needs no agreement (while a sync is in flight ``θ_g`` and the outer state
-        are those of the last sync applied, at one step end on every rank; the healing job's ranks then agree on one
-        replica)."""
-        return self._training_thread_runs(super().state_dict)
+        thread). torchft picks the source job per rank, so only some ranks of this job may be asked: the first step
+        end where any rank was asked, every rank captures its state (:meth:`_at_step_end`), and a rank asked later in
+        the same sync gets that capture, so that each rank of the healing job gets one step end's state."""
+        if self._foreground or not self._off_training_thread():
+            return super().state_dict()
+        flight = self._flight
+        assert flight is not None, "torchft asks for the state inside a quorum: the background sync's"
+        with self._capture_lock:
+            if flight.capture is None:
+                flight.capture = Future()
+            box = flight.capture
+        return box.result(timeout=self.timeout.total_seconds())
+
+    def _capture(self, flight: _InFlight) -> None:
+        with self._capture_lock:
+            if flight.capture is None:
+                flight.capture = Future()
+            box = flight.capture
+        if not box.done():
+            try:
+                box.set_result(super().state_dict())
+            except BaseException as err:  # handed to torchft's thread that asked
+                box.set_exception(err)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """This job heals: the peer's state is loaded on the training thread, which then sends it (weight 0)."""
         posted = self._off_training_thread() and not self._foreground
-        self._training_thread_runs(lambda: self._load_beside(state, agree=posted), together=True)
+        self._training_thread_runs(lambda: self._load_beside(state, agree=posted))
 
     def _quorum(self, kind: str, fragment: Optional[int], deadline: float) -> dict[str, Any]:
         self._late_kept = False
@@ -448,24 +476,21 @@ class BackgroundFederation(Federation):
         log.warning(f"local SGD: group {self.group_id} missed a sync of the other groups; it takes their θ_g and "
                     "keeps its own work, which weighs in at this sync (one sync stale)")
 
-    def _training_thread_runs(self, fn: Callable[[], T], together: bool = False) -> T:
+    def _training_thread_runs(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on the training thread: at once when called there or while it waits in a quorum itself; else
-        posted, and waited for (it runs at the training thread's next step end, at most ``sync_timeout``;
-        ``together``: at the first step end where every rank of the job has it)."""
+        posted, and waited for (it runs at the first step end where every rank of the job has it, at most
+        ``sync_timeout``)."""
         if self._foreground or not self._off_training_thread():
             return fn()
         box: Future = Future()
-        (self._together if together else self._requests).put((fn, box))
+        self._requests.put((fn, box))
         return box.result(timeout=self.timeout.total_seconds())
 
-    @staticmethod
-    def _serve(requests: "queue.SimpleQueue[tuple[Callable[[], Any], Future]]", limit: Optional[int] = None) -> None:
-        """Run the background thread's ``requests``: every one waiting, or the first ``limit`` (those every rank
-        has)."""
-        while limit is None or limit > 0:
-            limit = None if limit is None else limit - 1
+    def _serve(self, count: int) -> None:
+        """Run the first ``count`` requests posted (those every rank has)."""
+        for _ in range(count):
             try:
-                fn, box = requests.get_nowait()
+                fn, box = self._requests.get_nowait()
             except queue.Empty:
                 return
             try:

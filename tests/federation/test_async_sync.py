@@ -118,17 +118,17 @@ def test_async_sync_is_refused_where_it_is_not_supported():
 
 
 @pytest.mark.slow
-def test_the_ranks_of_a_job_load_a_healing_state_and_apply_the_sync_at_the_same_step_end(tmp_path):
+def test_the_ranks_of_a_job_capture_and_load_a_healing_state_and_apply_the_sync_at_the_same_step_end(tmp_path):
     """A DDP job of two ranks (gloo, tests/workers/async_ranks.py) with a scripted peer job, each rank owning one slice
     of the model. Rank 1's background thread posts its load to the training thread (torchft's load_state_dict) after
     poll 2 while rank 0's waits from poll 1, and rank 1 finishes its sync (after its last collective over the
     background group) only after poll 6 while rank 0's is done earlier: both ranks run the load at one poll (3 or
-    later) and apply the sync at one poll (7 or later), by the agreement at each step end; rank 0's capture for a peer
-    (state_dict, asked of rank 0 alone) runs at its first poll without waiting for rank 1. The result: θ_g = the
-    weighted mean by hand (each rank its slice), and both ranks' parameters θ_g_new + every step taken since the
-    launch (the delayed rule). Fails without the agreement (rank 0 loads at poll 1 and applies before poll 7), if the
-    capture waited for the other rank (it would never run: rank 1 is not asked), and with main's code (no background
-    group)."""
+    later) and apply the sync at one poll (7 or later), by the agreement at each step end. torchft asks rank 0 for its
+    state (a peer heals from it) from poll 1 on and rank 1 only after poll 4: both capture at poll 1, and rank 1 gets
+    that capture (each rank of the healing peer gets one step end's state). The result: θ_g = the weighted mean by
+    hand (each rank its slice), and both ranks' parameters θ_g_new + every step taken since the launch (the delayed
+    rule). Fails without the agreement (rank 0 loads at poll 1 and applies before poll 7, rank 1 captures at poll 5),
+    and with main's code (no background group)."""
     import sys
 
     import _forkserver
@@ -140,7 +140,7 @@ def test_the_ranks_of_a_job_load_a_healing_state_and_apply_the_sync_at_the_same_
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
     print("loads ran at", r0["loads_ran"], r1["loads_ran"], "applied at", r0["applied_at"], r1["applied_at"])
     assert r0["loads_ran"] == r1["loads_ran"] and len(r0["loads_ran"]) == 1 and r0["loads_ran"][0] >= 3
-    assert r0["captures_ran"] == [1] and r1["captures_ran"] == []
+    assert r0["captures_ran"] == [1] and r1["captures_ran"] == [1]
     assert r0["applied_at"] == r1["applied_at"] and r0["applied_at"] >= 7
     mean = (3.0 * r0["sent"] + torch.tensor([3.0, 4.0, -1.0, 0.5])) / 4.0  # the worker's weights and peer
     assert torch.allclose(torch.cat([r0["snapshot"], r1["snapshot"]]), mean, atol=1e-6)

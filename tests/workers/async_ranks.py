@@ -3,9 +3,9 @@ scripted torchft manager (tests/federation/test_retry.py's) stands for the other
 two ranks are a gloo world, and each rank owns one slice of the model (the engine's slice group: the world).
 
 Inside the sync's quorum each rank posts a load to the training thread (as torchft's ``load_state_dict`` is: every rank
-of a healing job gets one), rank 1's only after poll 2 while rank 0's is there from poll 1 on; rank 0 alone also posts
-a capture (``state_dict``: torchft asks only the ranks it picked as a peer's source). After its last collective rank
-1's background thread records its commit only after poll 6. Every poll (a step end: the same "inner step" on both
+of a healing job gets one), rank 1's only after poll 2 while rank 0's is there from poll 1 on. torchft asks rank 0 for
+its state (``state_dict``: a peer heals from it) before its load, rank 1 only after poll 4 (it picks the source job per
+rank). After its last collective rank 1's background thread records its commit only after poll 6. Every poll (a step end: the same "inner step" on both
 ranks first) is numbered; the rank writes ``OUT/rank{r}.pt``: the poll each request ran at, the poll the sync was
 applied at, the parameters before and after, what was sent.
 """
@@ -18,6 +18,7 @@ import threading
 import time
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -59,9 +60,14 @@ def main() -> None:
     param = torch.nn.Parameter(torch.tensor([1.0, 2.0, 0.0, -2.0]))
     engine = OuterSync([param], cross_group=fed.comm, slice_group=dist.group.WORLD)
     fed.engine = engine
+    # the state a capture holds: the poll it ran at (Federation.state_dict's parts, the training state stubbed)
+    fed._layout = {"group_id": fed.group_id}
+    fed.manager._quorum_id = fed._checked_quorum = 1  # the jobs' layouts fit (no layout exchange with the script)
+    fed.host = SimpleNamespace(training_state=lambda: SimpleNamespace(capture=lambda: {"rank": {}, "poll": polls[0]}))
     lo, hi = 2 * rank, 2 * rank + 2  # this rank's slice
     fed.manager._pg.others = [torch.cat([PEER_WEIGHT * PEER[lo:hi], torch.tensor([PEER_WEIGHT, 0.0])])]
     polls, loads_ran, captures_ran = [0], [], []
+    asked_later = threading.Event()
     asked, release = threading.Event(), threading.Event()
     if rank == 1:
         fed.attempts = HeldAttempts(release)
@@ -69,10 +75,13 @@ def main() -> None:
 
     def start_quorum(timeout=None):  # torchft asks the state callbacks inside the quorum: posted to the training thread
         if rank == 0:
-            captures_ran.append(fed._training_thread_runs(lambda: polls[0]))
+            captures_ran.append(fed.state_dict()["training"]["poll"])
         if rank == 1:
             assert asked.wait(60)
-        loads_ran.append(fed._training_thread_runs(lambda: polls[0], together=True))
+        loads_ran.append(fed._training_thread_runs(lambda: polls[0]))
+        if rank == 1:
+            assert asked_later.wait(60)
+            captures_ran.append(fed.state_dict()["training"]["poll"])
         quorum(timeout)
 
     fed.manager.start_quorum = start_quorum
@@ -90,7 +99,9 @@ def main() -> None:
         if fed.poll(engine) is not None:
             applied_at = i
         if rank == 1 and i == 2:
-            asked.set()  # rank 1's request comes after poll 2; rank 0's is there from poll 1 on
+            asked.set()  # rank 1's load comes after poll 2; rank 0's is there from poll 1 on
+        if rank == 1 and i == 4:
+            asked_later.set()  # torchft asks rank 1 for its state after poll 4
         if rank == 1 and i == 6:
             release.set()  # rank 1's commit is recorded after poll 6; rank 0's sync is done polls earlier
     torch.save({"loads_ran": loads_ran, "captures_ran": captures_ran, "applied_at": applied_at, "sent": sent,
