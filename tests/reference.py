@@ -354,8 +354,9 @@ def simulate_streaming(world, sync_every, fragments, overlap, mix, outer, steps,
 def gathered_compressed_sync(theta, locals_, weights, errors, codec: str):
     """One sync of the all-gather exchange (a sparse codec's), written out: every member encodes θ − θ_i + e_i whole,
     once; every member decodes all of them and sums them in member order, ``Σ w_i·d_i / Σ w_i`` (a member of weight
-    0 is not read and keeps its residual; no member weighs in: θ stays). The residual kept is the codec's
-    ``feedback_decay`` times what its payload did not carry. Returns (new θ, errors)."""
+    0 is not read and keeps its residual; no member weighs in: θ stays); a codec whose ``aggregate`` is ``"senders"``
+    divides each value by the weight of the members whose decoded value is non-zero there instead. The residual kept
+    is the codec's ``feedback_decay`` times what its payload did not carry. Returns (new θ, errors)."""
     n = theta.numel()
     decay = get_codec(codec).feedback_decay
     decoded, new_errors = [], []
@@ -371,6 +372,9 @@ def gathered_compressed_sync(theta, locals_, weights, errors, codec: str):
     for w, s in zip(weights, decoded):
         if w != 0:
             total += w * s
+    if get_codec(codec).aggregate == "senders":  # each value: over the weight of the members that sent it (non-zero)
+        senders = sum(w * (s != 0).float() for w, s in zip(weights, decoded) if w != 0)
+        return theta - torch.where(senders > 0, total / senders, torch.zeros(n)), new_errors
     return theta - total / total_weight, new_errors
 
 

@@ -35,6 +35,8 @@ same number of worker groups; only the codec (and, in a second series, the outer
     python benchmarks/compression/compression.py --outer diloco --codecs none int8 --seed 1 \
         --out-name compression_diloco_seed1
     python benchmarks/compression/compression.py --full  # real hardware: GPT small, 2 groups of 4 GPUs, H = 64
+    python benchmarks/compression/compression.py --runs none@average none@diloco topk@average topk@diloco \
+        topk_recipe@lr=1.4142135623730951 --out-name compression_topk_recipe_final  # chosen (codec, outer) pairs
 
 Writes benchmarks/compression/results/compression.csv (one row per run), compression_curves.csv (every evaluation),
 compression.png and compression.md (the table for its README).
@@ -43,17 +45,48 @@ compression.png and compression.md (the table for its README).
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import os
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared harness
 import harness as h  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+VARIANTS = Path(__file__).resolve().parent / "variants"  # candidate sparse codecs (its sitecustomize registers them)
 
 CODECS = ["none", "bf16", "int8", "int4", "topk", "topk_ef"]
 OUTER_NAMES = {"average": "local SGD", "diloco": "DiLoCo"}
+
+
+def outer_label(outer: str) -> str:
+    """How tables name an outer step: ``local SGD`` / ``DiLoCo`` for the presets, ``SGD(lr=2)`` for SGD keywords."""
+    return OUTER_NAMES.get(outer) or f"SGD({outer})"
+
+
+def parse_run(spec: str) -> tuple[str, str, Optional[dict]]:
+    """``CODEC@OUTER`` of ``--runs``: (codec, outer key, ``torch.optim.SGD`` keywords or ``None`` for a preset).
+
+    ``OUTER``: ``average``, ``diloco``, or SGD keywords ``lr=2`` / ``lr=0.2,momentum=0.9,nesterov=true``."""
+    codec, _, outer = spec.partition("@")
+    if not codec or not outer:
+        raise ValueError(f"--runs {spec!r}: write CODEC@OUTER, e.g. topk@average or topk@lr=2")
+    if outer in OUTER_NAMES:
+        return codec, outer, None
+    kwargs: dict = {}
+    for item in outer.split(","):
+        key, _, value = item.partition("=")
+        if key not in ("lr", "momentum", "nesterov", "dampening") or not value:
+            raise ValueError(f"--runs {spec!r}: the outer step is average, diloco or SGD keywords lr=, momentum=, "
+                             f"nesterov=, dampening= separated by commas; got {item!r}")
+        try:
+            kwargs[key] = value.lower() in ("1", "true") if key == "nesterov" else float(value)
+        except ValueError:
+            raise ValueError(f"--runs {spec!r}: {key}={value!r} is not a number") from None
+    return codec, outer, kwargs
 
 PRESETS = {
     "default": dict(size="micro", steps=768, batch_size=16, block_size=128, sync_every=16, eval_every=64,
@@ -78,7 +111,13 @@ def main() -> None:  # noqa: C901
     p.add_argument("--group-size", type=int, help="processes per worker group (groups = devices / group size)")
     p.add_argument("--accelerator", default=None, help="cpu (default) or gpu (NCCL)")
     p.add_argument("--outer", nargs="+", default=["average", "diloco"], choices=list(OUTER_NAMES))
-    p.add_argument("--codecs", nargs="+", default=CODECS, choices=CODECS)
+    p.add_argument("--codecs", nargs="+", default=CODECS,
+                   help=f"codecs run under every --outer (default {' '.join(CODECS)}; any registered codec name)")
+    p.add_argument("--runs", nargs="+", metavar="CODEC@OUTER",
+                   help="run exactly these (codec, outer step) pairs instead of --codecs × --outer: CODEC none (fp32), "
+                        "a codec name or a candidate of variants/sitecustomize.py (topk_senders, topk96_ef, ...); "
+                        "OUTER average, diloco, or torch.optim.SGD keywords, e.g. lr=2 or "
+                        "lr=0.2,momentum=0.9,nesterov=true (loss ratios of such runs are to local SGD fp32's)")
     p.add_argument("--seed", type=int, default=1234, help="model init and data order (the harness default 1234)")
     p.add_argument("--out-name", default="compression", help="file names under benchmarks/compression/results/")
     p.add_argument("--plot-only", action="store_true", help="redraw <out-name>.png from its CSVs; runs nothing")
@@ -98,7 +137,27 @@ def main() -> None:  # noqa: C901
                 "after a sync")
     if cfg["devices"] % cfg["group_size"] or cfg["devices"] // cfg["group_size"] < 2:
         p.error("need at least 2 worker groups (devices / group size)")
-    codecs = ["none"] + [c for c in args.codecs if c != "none"]  # the uncompressed run is the reference
+    from lightning_localsgd.engine.codecs import codec_names
+
+    spec = importlib.util.spec_from_file_location("compression_variants", VARIANTS / "sitecustomize.py")
+    variants = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(variants)  # registers the candidates here; the workers need VARIANTS on PYTHONPATH
+    if args.runs:
+        try:
+            pairs = [parse_run(spec) for spec in args.runs]
+        except ValueError as err:
+            p.error(str(err))
+    else:
+        codecs = ["none"] + [c for c in args.codecs if c != "none"]  # the uncompressed run is the reference
+        pairs = [(codec, outer, None) for outer in args.outer for codec in codecs]
+    unknown = sorted({c for c, _, _ in pairs if c != "none" and c not in codec_names()})
+    if unknown:
+        p.error(f"unknown codec(s) {unknown}: use none or one of {codec_names()}")
+    if not any(c == "none" and o == "average" for c, o, _ in pairs) and any(k for _, _, k in pairs):
+        p.error("runs with SGD keywords are compared with local SGD fp32: add none@average")
+    codecs = list(dict.fromkeys(c for c, _, _ in pairs))
+    if set(codecs) & set(variants.CANDIDATES):  # the training processes register them at start-up (sitecustomize)
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(VARIANTS), os.environ.get("PYTHONPATH")) if p)
 
     started = time.time()
     model = dict(size=cfg["size"], learning_rate=cfg["learning_rate"], warmup_steps=cfg["warmup"],
@@ -107,15 +166,15 @@ def main() -> None:  # noqa: C901
                   devices=cfg["devices"], group_size=cfg["group_size"], sync_every=H, eval_every=cfg["eval_every"],
                   val_windows=cfg["val_windows"], accelerator=accelerator, seed=args.seed)
     runs = []
-    for outer in args.outer:
-        for codec in codecs:
-            name = f"{OUTER_NAMES[outer]}, {'fp32' if codec == 'none' else codec}"
-            t0 = time.time()
-            r = h.launch(h.run_config(name, outer, compression=None if codec == "none" else codec, **common))
-            r.update(outer=outer, codec=codec)
-            print(f"{name}: final val loss {r['final_val_loss']:.4f}, {r['bytes_sent'] / max(1, r['num_syncs']):,.0f} "
-                  f"bytes/sync/rank, train {r['train_seconds']:.1f} s (process {time.time() - t0:.0f} s)", flush=True)
-            runs.append(r)
+    for codec, outer, sgd in pairs:
+        name = f"{outer_label(outer)}, {'fp32' if codec == 'none' else codec}"
+        t0 = time.time()
+        r = h.launch(h.run_config(name, "average" if sgd else outer, compression=None if codec == "none" else codec,
+                                  outer=sgd, **common))
+        r.update(outer=outer, codec=codec)
+        print(f"{name}: final val loss {r['final_val_loss']:.4f}, {r['bytes_sent'] / max(1, r['num_syncs']):,.0f} "
+              f"bytes/sync/rank, train {r['train_seconds']:.1f} s (process {time.time() - t0:.0f} s)", flush=True)
+        runs.append(r)
 
     try:  # the codecs' module is being renamed; both names work
         from lightning_localsgd.engine.codecs import payload_bytes
@@ -128,7 +187,8 @@ def main() -> None:  # noqa: C901
     seconds_10m = {c: codec_seconds(c, 10_000_000, groups) for c in codecs}
     rows, curves = [], []
     for r in runs:
-        ref = next(x for x in runs if x["outer"] == r["outer"] and x["codec"] == "none")
+        ref = next((x for x in runs if x["outer"] == r["outer"] and x["codec"] == "none"), None) or next(
+            x for x in runs if x["outer"] == "average" and x["codec"] == "none")  # SGD keywords: local SGD fp32
         per_sync = r["bytes_sent"] / r["num_syncs"]
         ref_per_sync = ref["bytes_sent"] / ref["num_syncs"]
         owned = -(-r["params"] // cfg["group_size"])  # values one rank syncs (its slice of the flat parameters)
@@ -268,9 +328,12 @@ def plot(runs: list[dict], rows: list[dict], out_name: str) -> None:
     if plt is None:
         return
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
-    colors = {c: f"C{i}" for i, c in enumerate(CODECS)}
+    codecs = CODECS + [c for c in dict.fromkeys(r["codec"] for r in rows) if c not in CODECS]
+    colors = {c: f"C{i % 10}" for i, c in enumerate(codecs)}
     styles = {"average": "-", "diloco": "--"}
     markers = {"average": "o", "diloco": "s"}
+    for i, outer in enumerate(o for o in dict.fromkeys(r["outer"] for r in rows) if o not in styles):
+        styles[outer], markers[outer] = [":", "-.", (0, (5, 1, 1, 1, 1, 1))][i % 3], "^v<>DPX*"[i % 8]  # SGD keywords
     lows, highs = [], []
     for r in runs:
         c = r["curve"]

@@ -1,13 +1,16 @@
 """Outer-optimizer presets, in a registry: ``outer_optimizer="name"`` picks one.
 
 ``"average"`` is outer SGD with lr 1.0 and no momentum, computed as the exact mean (its factory is ``None``);
-``"diloco"`` is outer SGD with Nesterov momentum 0.9 and lr 0.7 (Douillard et al., 2023). Add one with
+``"diloco"`` is outer SGD with Nesterov momentum 0.9 and lr 0.7 (Douillard et al., 2023); ``"topk_recipe"`` is outer
+SGD with lr √2 and no momentum, the outer step of the sparse recipe (``compression="topk_recipe"``, whose decayed
+residual stands in for momentum; :class:`~lightning_localsgd.engine.codecs.TopKCodec`). Add one with
 :func:`register_outer_optimizer`; every strategy then accepts its name (and the CLI, as a string).
 """
 
 from __future__ import annotations
 
 import inspect
+import math
 from functools import partial
 from typing import Callable, Iterable, Optional, Union
 
@@ -22,6 +25,7 @@ OuterOptimizerSpec = Union[str, OuterOptimizerFactory, None]
 _PRESETS: dict[str, Optional[OuterOptimizerFactory]] = {
     "average": None,
     "diloco": partial(torch.optim.SGD, lr=0.7, momentum=0.9, nesterov=True),
+    "topk_recipe": partial(torch.optim.SGD, lr=math.sqrt(2)),
 }
 
 

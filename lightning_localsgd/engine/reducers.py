@@ -478,6 +478,8 @@ class AllGatherReducer(CompressedReducer):
     ``"all_gather"``: the sparse ones), SparseLoCo's: each member encodes its error-fed pseudo-gradient ``θ_g − θ_i +
     e`` once, the members all-gather the payloads, and every member decodes the ``G`` payloads and sums them in member
     order, itself (weighted: ``Σ w_i·d_i / Σ w_i``; else ``Σ d_i / G``): the same mean, bit for bit, on every rank.
+    A codec whose :attr:`~.codecs.Codec.aggregate` is ``"senders"`` divides each value by the (weight of the) members
+    that sent it instead of by ``G`` (``Σ w_i``).
 
     Error feedback: one residual per rank (:attr:`error`), exactly what its payload did not carry, times the codec's
     ``β``; no second encoding, so no phase-2 residual. It changes only in :meth:`commit`; a member of weight 0 keeps
@@ -577,16 +579,25 @@ class AllGatherReducer(CompressedReducer):
                     work.wait()
                 return snapshot, stop_requested
         mean = self._workspace(fragment)[1]
+        by_senders = self.codec.aggregate == "senders"
         for b, (lo, hi) in enumerate(plan.ranges):
             width, payload = hi - lo, plan.payloads[b]
             pieces = first if b == 0 else received(b)
             total = torch.zeros(width, dtype=torch.float32, device=self.device)
+            # "senders": each value's weight is that of the members that sent it (decoded non-zero)
+            senders = torch.zeros(width, dtype=torch.float32, device=self.device) if by_senders else None
             for piece, w in zip(pieces, weights):  # member order: the same sum on every rank
-                if not red.weighted:
-                    total += self.codec.decode(piece[:payload], width)
-                elif w != 0:  # a member of weight 0 may send anything (even non-finite): it is not read
-                    total += w * self.codec.decode(piece[:payload], width)
-            torch.sub(snapshot[lo:hi], total.div_(total_weight), out=mean[lo:hi])
+                if red.weighted and w == 0:  # a member of weight 0 may send anything (even non-finite): not read
+                    continue
+                d = self.codec.decode(piece[:payload], width)
+                total += d if not red.weighted else w * d
+                if senders is not None:
+                    senders += (d != 0).float() if not red.weighted else w * (d != 0).float()
+            if senders is not None:  # nobody sent a value: its total is 0, divided by 1
+                total.div_(senders.masked_fill_(senders == 0, 1.0))
+            else:
+                total.div_(total_weight)
+            torch.sub(snapshot[lo:hi], total, out=mean[lo:hi])
         return mean, stop_requested
 
 

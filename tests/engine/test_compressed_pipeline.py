@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from lightning_localsgd.engine import OuterSync
-from lightning_localsgd.engine.codecs import payload_bytes
+from lightning_localsgd.engine.codecs import TopKCodec, get_codec, payload_bytes, register_codec
 from lightning_localsgd.engine.comm import Communicator
 from reference import gathered_compressed_sync, weighted_compressed_sync
 from test_outer import spawn
-from workers.tiny import TOPK_TEST, TOPK_TWO_PHASE
+from workers.tiny import TOPK_SENDERS, TOPK_TEST, TOPK_TWO_PHASE
 
 SHAPES = [(37, 41), (300,), (1, 1200)]  # 2,977 values; tensor boundaries fall inside buckets
 N = sum(math.prod(s) for s in SHAPES)
@@ -170,12 +170,14 @@ def bucket_bytes(size: int) -> int:
 @pytest.mark.parametrize("codec,size,weighted", [("int8", 3, True), ("int4", 2, True), ("bf16", 3, False),
                                                  ("int8", 2, False), (TOPK_TWO_PHASE, 3, True),
                                                  (TOPK_TWO_PHASE, 2, False), (TOPK_TEST, 3, True),
-                                                 (TOPK_TEST, 2, False)])
+                                                 (TOPK_TEST, 2, False), (TOPK_SENDERS, 3, True),
+                                                 (TOPK_SENDERS, 2, False)])
 def test_many_buckets_match_the_hand_reference_bit_for_bit(codec, size, weighted):
-    """Two phases, or topk_test's all-gather: each bucket (``size`` × 256 values: 4 or 6 buckets, the last one short
+    """Two phases, or topk_test's all-gather (its values divided by the number of members, or for topk_test_senders
+    by the members that sent each): each bucket (``size`` × 256 values: 4 or 6 buckets, the last one short
     and ending in a short chunk of 64) all-gathered as soon as it is encoded, against the hand reference, which
     encodes every member's values whole: one residual per member, no mean residual, one payload per member."""
-    gathered = codec == TOPK_TEST
+    gathered = codec in (TOPK_TEST, TOPK_SENDERS)
     group = AsyncGroup(size)
     engines = members(group, codec, bucket_bytes(size))
     chunk = math.ceil(N / size)  # 993 (3 members) / 1489 (2): an uneven last bucket, a padded last chunk
@@ -209,6 +211,59 @@ def test_many_buckets_match_the_hand_reference_bit_for_bit(codec, size, weighted
         assert sum(b for k, b in group.log if k == "all_gather") == payload_bytes(codec, chunk)
     assert all(float(e.abs().max()) > 0 for e in errors)  # the codec lost something
     assert mean_errors == [None] * size if gathered else float(mean_errors[0].abs().max()) > 0
+
+
+@pytest.mark.parametrize("aggregate,step", [("senders", [4.5, 0.0, 3.0, 0.0]), ("mean", [3.0, 0.0, 1.0, 0.0])])
+def test_all_gather_aggregate_by_hand(aggregate, step):
+    """Three members, one chunk of 4 values, the top 1 of each in 2 bits (the largest magnitude ``s`` decodes to
+    ``3s/4``). Pseudo-gradients ``θ_g − θ_i``: (4, 0, 0, 1), (8, 0, 1, 0), (0, 0, 4, 2): members 0 and 1 send value 0
+    (3 and 6), member 2 value 2 (3). ``"senders"`` moves θ_g by (3 + 6)/2 = 4.5 at 0 and by 3 at 2 (what one member
+    sent, whole); ``"mean"`` by (3 + 6)/3 = 3 and 3/3 = 1. The residuals, 0.95 × what each member did not send, do not
+    depend on it."""
+    name = f"topk_test_k1_{aggregate}"
+    register_codec(name, TopKCodec(chunk=4, k=1, aggregate=aggregate), override=True)
+    group = AsyncGroup(3)
+    engines = [OuterSync([torch.nn.Parameter(torch.zeros(4), requires_grad=False)], cross_group=AsyncComm(group, r),
+                         compression=name) for r in range(3)]
+    deltas = torch.tensor([[4.0, 0, 0, 1], [8, 0, 1, 0], [0, 0, 4, 2]])
+    set_locals(engines, list(-deltas))  # θ_g = 0
+    run_members(engines, lambda r, e: e.sync())
+    kept = 0.95 * torch.tensor([[1.0, 0, 0, 1], [2, 0, 1, 0], [0, 0, 1, 2]])
+    for r, e in enumerate(engines):
+        assert torch.equal(e.snapshot[0].detach(), -torch.tensor(step)), r
+        assert torch.equal(e.compressor.error, kept[r]), r
+
+
+def test_topk_recipe_is_registered_as_documented():
+    """compression="topk_recipe" is TopKCodec(k=96, indices="elias-fano", aggregate="senders") at topk's bytes (116 per
+    4096 values), and outer_optimizer="topk_recipe" outer SGD with lr √2 and no momentum. Two members' sync with both:
+    θ_g ← θ_g − √2 · (θ_g − m), m the hand reference's per-sender mean of the gathered payloads; residuals 0.95 × what
+    each member did not send."""
+    from lightning_localsgd.engine.presets import resolve_outer_optimizer
+
+    codec = get_codec("topk_recipe")
+    assert (codec.k, codec.chunk, codec.value_bits, codec.indices, codec.exchange, codec.aggregate,
+            codec.feedback_decay) == (96, 4096, 2, "elias-fano", "all_gather", "senders", 0.95)
+    assert payload_bytes("topk_recipe", 4096) == payload_bytes("topk", 4096) == 116
+    factory = resolve_outer_optimizer("topk_recipe")
+    opt = factory([torch.nn.Parameter(torch.zeros(1))])
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults["lr"] == math.sqrt(2)
+    assert opt.defaults["momentum"] == 0 and not opt.defaults["nesterov"]
+    n = 2 * 4096 + 300
+    theta = torch.randn(n, generator=torch.Generator().manual_seed(7))
+    g = torch.Generator().manual_seed(8)
+    locals_ = [theta + 0.01 * torch.randn(n, generator=g) for _ in range(2)]
+    group = AsyncGroup(2)
+    engines = [OuterSync([torch.nn.Parameter(theta.clone(), requires_grad=False)], outer_optimizer=factory,
+                         cross_group=AsyncComm(group, r), compression="topk_recipe") for r in range(2)]
+    set_locals(engines, locals_)
+    run_members(engines, lambda r, e: e.sync())
+    mean, errors = gathered_compressed_sync(theta, locals_, [1.0, 1.0], [torch.zeros(n)] * 2, "topk_recipe")
+    expected = theta - math.sqrt(2) * (theta - mean)
+    for r, e in enumerate(engines):
+        torch.testing.assert_close(e.snapshot[0].detach(), expected, rtol=0, atol=1e-6)
+        assert torch.equal(e.compressor.error, errors[r]), r
+    assert float((theta - mean).ne(0).float().mean()) > 0.0234  # the union of two members' 2.34% of the values
 
 
 def test_sparse_all_gather_streams_fragments_with_both_in_flight():

@@ -134,7 +134,8 @@ def test_topk_chunks_are_independent(name):
 
 @pytest.mark.parametrize("options", [dict(chunk=0), dict(k=0), dict(chunk=8, k=9), dict(value_bits=3),
                                      dict(feedback_decay=0.0), dict(feedback_decay=1.5), dict(indices="zip"),
-                                     dict(exchange="ring")])
+                                     dict(exchange="ring"), dict(aggregate="sum"),
+                                     dict(exchange="two_phase", aggregate="senders")])
 def test_topk_options_are_checked(options):
     with pytest.raises(ValueError, match="TopKCodec: " + list(options)[-1]):
         TopKCodec(**options)
@@ -149,6 +150,18 @@ def test_register_codec_checks_the_exchange():
     assert "topk_ring" not in codec_names()
     assert get_codec("topk").exchange == get_codec("topk_ef").exchange == "all_gather"
     assert {get_codec(c).exchange for c in ("bf16", "int8", "int4")} == {"two_phase"}
+
+
+def test_register_codec_checks_the_aggregate():
+    """Only the all-gather exchange combines payloads per sender: another aggregate, or "senders" on a two-phase
+    codec, is refused at registration."""
+    for exchange, aggregate in [("all_gather", "sum"), ("two_phase", "senders")]:
+        codec = TopKCodec(exchange=exchange)
+        codec.aggregate = aggregate
+        with pytest.raises(ValueError, match=rf"aggregate must be one of \('mean', 'senders'\).*got '{aggregate}'"):
+            register_codec("topk_bad_aggregate", codec)
+    assert "topk_bad_aggregate" not in codec_names()
+    assert get_codec("topk").aggregate == get_codec("topk_ef").aggregate == get_codec("int8").aggregate == "mean"
 
 
 def test_int4_packing_keeps_signs_and_odd_lengths():

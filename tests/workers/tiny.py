@@ -22,6 +22,10 @@ register_codec(TOPK_TEST, TopKCodec(chunk=64, k=4), override=True)
 #: residual): what ``topk`` ran before it gathered.
 TOPK_TWO_PHASE = "topk_test_two_phase"
 register_codec(TOPK_TWO_PHASE, TopKCodec(chunk=64, k=4, exchange="two_phase"), override=True)
+#: The same codec whose gathered payloads are combined per value over the members that sent it (``aggregate=
+#: "senders"``) instead of divided by the number of members.
+TOPK_SENDERS = "topk_test_senders"
+register_codec(TOPK_SENDERS, TopKCodec(chunk=64, k=4, aggregate="senders"), override=True)
 
 DATASET_SIZE = 240  # divisible by 1..4 ranks × batch 2, so DistributedSampler adds no padding
 
