@@ -60,11 +60,23 @@ VARIANTS = Path(__file__).resolve().parent / "variants"  # candidate sparse code
 
 CODECS = ["none", "bf16", "int8", "int4", "topk", "topk_ef"]
 OUTER_NAMES = {"average": "local SGD", "diloco": "DiLoCo"}
+#: The sparse recipe (``compression="topk_recipe"`` with ``outer_optimizer="topk_recipe"``, outer SGD lr √2): one more
+#: run of the default command, beside the grid of codecs × outer steps.
+RECIPE = ("topk_recipe", "topk_recipe")
 
 
 def outer_label(outer: str) -> str:
     """How tables name an outer step: ``local SGD`` / ``DiLoCo`` for the presets, ``SGD(lr=2)`` for SGD keywords."""
+    if outer == RECIPE[1]:
+        return "sparse recipe"
     return OUTER_NAMES.get(outer) or f"SGD({outer})"
+
+
+def recipe_outer() -> dict:
+    """The keywords of the registered ``outer_optimizer="topk_recipe"`` preset (``torch.optim.SGD``'s)."""
+    from lightning_localsgd.engine.presets import resolve_outer_optimizer
+
+    return dict(resolve_outer_optimizer(RECIPE[1]).keywords)  # a functools.partial of SGD
 
 
 def parse_run(spec: str) -> tuple[str, str, Optional[dict]]:
@@ -150,6 +162,8 @@ def main() -> None:  # noqa: C901
     else:
         codecs = ["none"] + [c for c in args.codecs if c != "none"]  # the uncompressed run is the reference
         pairs = [(codec, outer, None) for outer in args.outer for codec in codecs]
+        if args.codecs == CODECS and args.outer == ["average", "diloco"]:  # the default command: the recipe too
+            pairs.append((RECIPE[0], RECIPE[1], recipe_outer()))
     unknown = sorted({c for c, _, _ in pairs if c != "none" and c not in codec_names()})
     if unknown:
         p.error(f"unknown codec(s) {unknown}: use none or one of {codec_names()}")
