@@ -128,9 +128,41 @@ class TrainingState:
         set_trainer_counters(self.trainer, int(counters["global_step"]), int(counters["batches_that_stepped"]))
 
     def agree_after_healing(self) -> None:
-        """After every rank of the group loaded a live peer's state (collective inside the group). torchft heals rank
-        ``k`` from the live group it assigns to rank ``k``, which differs between ranks when several groups are live.
-        Each rank of a sharded group holds its own shard, so there is nothing to agree on."""
+        """After every rank of the group loaded a live peer's state (collective inside the group): every rank keeps
+        what the group's first rank received of what is the same on the group's ranks. torchft heals rank ``k`` from
+        the live group it assigns to rank ``k`` (``(i + k) mod`` the up-to-date groups), which differs between ranks
+        when several groups are live; with time-based syncs those groups are at different steps at a sync, so their
+        states differ in Lightning's step counters, the LR schedulers, the optimizers' hyper-parameters (``lr``, ...)
+        and the local-SGD counters (schedule, tokens, skips, data record). Unagreed, the ranks of one group would train
+        with different learning rates and stop at different steps (the first to stop leaves the others in a
+        collective until the timeout). They go as one object from the first rank. Each rank keeps its own engines
+        (``θ_g`` slice, outer state: the same on every live group after the sync they committed) and, sharded inside
+        the group, its own shard."""
+        import torch.distributed as dist
+
+        topology = self.strategy.topology
+        if topology is None or topology.inner_group is None:
+            return
+        src = topology.group_index * topology.group_size
+        trainer = self.trainer
+        first = [{
+            "counters": self.counters(),
+            "lr_schedulers": [c.scheduler.state_dict() for c in trainer.lr_scheduler_configs],
+            "param_groups": [[{k: v for k, v in group.items() if k != "params"} for group in o.param_groups]
+                             for o in trainer.optimizers],
+        } if dist.get_rank() == src else None]
+        dist.broadcast_object_list(first, src=src, group=topology.inner_group)
+        if dist.get_rank() == src:
+            return
+        agreed = first[0]
+        for optimizer, groups in zip(trainer.optimizers, agreed["param_groups"]):
+            for group, hyper in zip(optimizer.param_groups, groups):
+                group.update(hyper)
+        for config, saved in zip(trainer.lr_scheduler_configs, agreed["lr_schedulers"]):
+            config.scheduler.load_state_dict(saved)
+        counters = agreed["counters"]
+        self.strategy.local_sgd.restore(counters["local_sgd"], None, None)  # the counters only: the engines stay
+        set_trainer_counters(trainer, int(counters["global_step"]), int(counters["batches_that_stepped"]))
 
 
 class ReplicaState(TrainingState):
@@ -138,7 +170,7 @@ class ReplicaState(TrainingState):
 
     @torch.no_grad()
     def agree_after_healing(self) -> None:
-        """The group's ranks hold one replica: they keep the state its first rank received (rank ``k`` may have
+        """The group's ranks hold one replica: they also keep the tensors its first rank received (rank ``k`` may have
         healed from another live group, whose inner optimizer state differs), broadcast inside the group."""
         import torch.distributed as dist
 
@@ -154,6 +186,7 @@ class ReplicaState(TrainingState):
                     tensors += [state[k] for k in sorted(state) if isinstance(state[k], Tensor)]
         for t in tensors:
             dist.broadcast(t, src=src, group=topology.inner_group)
+        super().agree_after_healing()
 
     def restore(self, checkpoint: dict[str, Any], layout: Optional[Mapping[str, Any]],
                 mine: Optional[Mapping[str, Any]], fitting: bool) -> None:

@@ -17,6 +17,10 @@ each rank file's write first sleeping ``--write-delay`` s, and the stall of ever
 ``--resume`` continues from one. ``--resumable-data`` reads the job's order through a loader that resumes mid-epoch
 (the example data module's), so a resumed job reads the batches an uninterrupted one would.
 
+``--lr-decay G`` adds an LR scheduler (the inner LR times ``G`` after every step). The dump holds, per rank, the
+global step of every peer state it healed from (``healed_steps``) and, at the start of its first step after its last
+heal, the global step, the LRs, the LR schedulers' states and the local-SGD counters (``after_heal``).
+
 ``--die-in-sync-at-step N`` SIGKILLs the job *inside* the sync of step N: in its cross-group all-reduce (or, with
 ``--compression``, the all-to-all of phase 1), after the quorum of that attempt formed (the others already count it
 in) and before its data goes out, so the others' reduce cannot complete and their attempt fails. With streaming
@@ -43,7 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from tiny import GrowingSchedule, TinyModule, ValidatedTinyModule, make_dataset
 
 from lightning_localsgd import LocalSGDStrategy, register_schedule
-from lightning_localsgd.federation import TorchftCommunicator
+from lightning_localsgd.federation import Federation, TorchftCommunicator
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
@@ -80,6 +84,11 @@ class Recorder(Callback):
         self.trainer = None
         self.save_seconds: list[float] = []
         """With ``--ckpt-dir``: how long each save kept the training thread."""
+        self.healed_steps: list[int] = []
+        """The global step of each live peer's state this rank loaded (healing)."""
+        self.after_heal: dict = {}
+        """At the start of the first step after the last heal: the step, LRs, LR schedulers and local-SGD counters."""
+        self.heals_seen = 0
 
     def on_all_reduce(self, comm: TorchftCommunicator) -> None:
         """Entering a cross-group all-reduce: record the state it starts from; the self-kill inside a sync."""
@@ -126,6 +135,16 @@ class Recorder(Callback):
             self.start_params = full_params(pl_module)
             self.start_error = trainer.strategy.outer_sync.state_dict()["compression_error"]
             self.start_engines = self.engine_states(trainer.strategy)
+        if len(self.healed_steps) > self.heals_seen:
+            self.heals_seen = len(self.healed_steps)
+            meta = trainer.strategy.local_sgd.meta(trainer.world_size)
+            self.after_heal = {
+                "step": trainer.global_step, "lrs": [g["lr"] for o in trainer.optimizers for g in o.param_groups],
+                "schedulers": [copy.deepcopy(c.scheduler.state_dict()) for c in trainer.lr_scheduler_configs],
+                # (not sync_seconds_total: each rank adds the seconds it measured itself)
+                "counters": {k: copy.deepcopy(meta.get(k)) for k in
+                             ("schedule", "tokens_since_sync", "consecutive_skips", "data_shares")},
+            }
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.steps.append((trainer.global_step, full_params(pl_module)))
@@ -182,6 +201,8 @@ class Recorder(Callback):
             "ledger": getattr(pl_module, "ledger", None), "epochs": getattr(pl_module, "epochs", None),
             "data_positions": dict(fed.data_positions), "data_summary": fed.data_summary,
             "data_departures": [d.as_dict() for d in fed.data_shares.departures] if fed.data_shares else [],
+            "healed_steps": self.healed_steps, "after_heal": self.after_heal,
+            "lrs": [g["lr"] for o in trainer.optimizers for g in o.param_groups],
         }, os.path.join(self.args.out, f"{name}.pt"))
 
 
@@ -274,6 +295,8 @@ def main() -> None:
     parser.add_argument("--ledger-size", type=int, default=0,
                         help="train on the first N samples, each carrying its index; the dump's ledger lists them")
     parser.add_argument("--validate-every", type=int, default=0, help="a validation loop every N steps during fit")
+    parser.add_argument("--lr-decay", type=float, default=0.0,
+                        help="an LR scheduler: the inner LR times this after every step (0: none)")
     parser.add_argument("--mark-at-step", type=int, default=-1, help="write DIR/at_{dump name} after this step")
     parser.add_argument("--run-secret-file", default=None, help="the strategy's run_secret_file")
     parser.add_argument("--secret-env-file", default=None,
@@ -306,6 +329,15 @@ def main() -> None:
 
         model = LedgerModule(inner=args.inner, hidden=args.hidden, shard=args.shard)
         loader = DataLoader(IndexedDataset(args.ledger_size), batch_size=2, shuffle=True)
+    if args.lr_decay:
+        configure = model.configure_optimizers
+
+        def with_scheduler():
+            optimizer = configure()
+            scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=args.lr_decay)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+        model.configure_optimizers = with_scheduler
     if args.schedule == "growing":
         register_schedule("growing", lambda c: GrowingSchedule(c.sync_every, c.warmup_steps), override=True)
     recorder = Recorder(args)
@@ -319,6 +351,13 @@ def main() -> None:
         recorder.on_all_reduce(comm)
         return all_to_all(comm, output, input, async_op)
 
+    load_state_dict = Federation.load_state_dict
+
+    def recorded_load_state_dict(fed, state):  # which peer state this rank heals from
+        recorder.healed_steps.append(int(state["training"]["counters"]["global_step"]))
+        return load_state_dict(fed, state)
+
+    Federation.load_state_dict = recorded_load_state_dict
     # this job's own communicator (fault injection, records)
     TorchftCommunicator.all_reduce, TorchftCommunicator.all_to_all = recorded_all_reduce, recorded_all_to_all
     callbacks = [recorder]
