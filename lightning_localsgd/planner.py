@@ -68,6 +68,7 @@ from .engine.codecs import check_codec, codec_names, get_codec, payload_bytes
 
 __all__ = [
     "CODEC_STEP_FACTORS",
+    "RECIPE_OUTER",
     "CodecRow",
     "DEFAULT_CANDIDATES",
     "FederatedTimeouts",
@@ -297,15 +298,23 @@ class PlanRow:
 #: ``benchmarks/compression`` (``results/compression.csv`` and ``compression_curves.csv``, its default command: GPT
 #: micro, 123,200 parameters, 2 groups, H = 16, 768 steps, one seed): the step at which the fp32 run's validation curve
 #: (linearly interpolated between evaluations) reaches the codec's final loss, 768 / that step, at least 1 (int8 and
-#: bf16 with local SGD ended within 0.2% *below* fp32, within the noise: 1). topk (all-gathered) ended at 1.101× fp32's
-#: loss with local SGD and 1.235× with DiLoCo, which fp32 reached at step 345 and 147 of 768: 2.23× and 5.23× the
-#: steps. ``topk_ef`` decodes to the values of ``topk``: the same factor. A small model, few steps and one seed: an
-#: estimate, not a law; measure on your model and pass ``step_factors`` (``--step-factor``). A codec absent here (one
-#: you registered) is priced but not recommended until you give its factor.
+#: bf16 with local SGD ended within 0.3% *below* fp32, within the noise: 1). topk (all-gathered) ended at 1.101× fp32's
+#: loss with local SGD and 1.227× with DiLoCo, which fp32 reached at step 345 and 157 of 768: 2.23× and 4.90× the
+#: steps. ``topk_ef`` decodes to the values of ``topk``: the same factor. ``topk_recipe`` runs with its own outer step
+#: (:data:`RECIPE_OUTER`): its loss, 1.0095× DiLoCo fp32's, was reached by the fp32 run of each outer optimizer at step
+#: 588 (local SGD) and 708 (DiLoCo). A small model, few steps and one seed: an estimate, not a law; measure on your
+#: model and pass ``step_factors`` (``--step-factor``). A codec absent here (one you registered) is priced but not
+#: recommended until you give its factor.
 CODEC_STEP_FACTORS: dict[str, dict[str, float]] = {
-    "average": {"fp32": 1.0, "bf16": 1.0, "int8": 1.0, "int4": 1.01638, "topk": 2.22672, "topk_ef": 2.22672},
-    "diloco": {"fp32": 1.0, "bf16": 1.04412, "int8": 1.24245, "int4": 1.26484, "topk": 5.23229, "topk_ef": 5.23229},
+    "average": {"fp32": 1.0, "bf16": 1.0, "int8": 1.0, "int4": 1.02068, "topk": 2.22663, "topk_ef": 2.22663,
+                "topk_recipe": 1.30653},
+    "diloco": {"fp32": 1.0, "bf16": 1.05008, "int8": 1.25568, "int4": 1.26509, "topk": 4.89640, "topk_ef": 4.89640,
+               "topk_recipe": 1.08476},
 }
+
+#: Codecs measured with an outer optimizer of their own (their step factor above is against fp32 with the plan's):
+#: the recommendation names it beside ``compression=``.
+RECIPE_OUTER: dict[str, str] = {"topk_recipe": "topk_recipe"}
 
 
 @dataclass(frozen=True)
@@ -690,6 +699,10 @@ def _choose_codec(rows: list[CodecRow], h: int, outer: str, bytes_per_value: flo
         return (f"{_fmt_seconds(r.sync_seconds)} ({_fmt_seconds(r.link_seconds)} on the link for "
                 f"{_fmt_bytes(r.link_bytes)}{coding})")
 
+    def setting(codec: str) -> str:
+        own = RECIPE_OUTER.get(codec)
+        return f"compression={codec!r}" + (f", outer_optimizer={own!r}" if own else "")
+
     def quality(r: CodecRow) -> str:
         if r.step_factor == 1:
             return "no quality cost" if r.codec == "fp32" else "no measured quality cost"
@@ -704,12 +717,12 @@ def _choose_codec(rows: list[CodecRow], h: int, outer: str, bytes_per_value: flo
         reason += (". No codec's bytes saved outweigh its coding time and quality cost on this link: keep "
                    "compression=None.")
     elif best.step_factor == 1:
-        reason += f". Its shorter sync pays at no measured quality cost: compression={best.codec!r}."
+        reason += f". Its shorter sync pays at no measured quality cost: {setting(best.codec)}."
     else:
-        reason += (f". Its shorter sync outweighs its quality cost: compression={best.codec!r}. Quality caveat: the "
+        reason += (f". Its shorter sync outweighs its quality cost: {setting(best.codec)}. Quality caveat: the "
                    f"step factor is extrapolated from a 123k-parameter model at H=16 (benchmarks/compression: topk's "
-                   f"loss at equal steps 1.101× fp32's with local SGD, 1.235× with DiLoCo; int4 1.002× and 1.031×); "
-                   f"measure on your model and pass --step-factor {best.codec}=X.")
+                   f"loss at equal steps 1.101× fp32's with local SGD, 1.227× with DiLoCo; topk_recipe 1.0095× "
+                   f"DiLoCo's; int4 1.002× and 1.031×); measure on your model and pass --step-factor {best.codec}=X.")
     leanest = min(ranked, key=lambda r: r.link_bytes)  # the codec that saves the most bytes: why (not) it
     if leanest is not best and leanest is not base:
         reason += (f" Fewest bytes, {leanest.codec}: {leanest.effective_utilization:.1%} (utilization "

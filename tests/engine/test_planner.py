@@ -393,7 +393,7 @@ def test_codec_cpu_table_covers_every_registered_codec_and_matches_its_benchmark
 def test_step_factors_are_the_compression_benchmarks_steps_to_equal_loss():
     """CODEC_STEP_FACTORS against benchmarks/compression's curves: 768 / the step at which the fp32 run (same outer)
     reaches the codec's final loss, linearly interpolated between evaluations, at least 1."""
-    from lightning_localsgd.planner import CODEC_STEP_FACTORS
+    from lightning_localsgd.planner import CODEC_STEP_FACTORS, RECIPE_OUTER
 
     curves: dict[tuple[str, str], list[tuple[float, float]]] = {}
     with open(ROOT / "benchmarks" / "compression" / "results" / "compression_curves.csv", newline="") as f:
@@ -402,22 +402,25 @@ def test_step_factors_are_the_compression_benchmarks_steps_to_equal_loss():
     with open(ROOT / "benchmarks" / "compression" / "results" / "compression.csv", newline="") as f:
         final = {(r["outer"], r["codec"]): float(r["final_val_loss"]) for r in csv.DictReader(f)}
     checked = 0
-    for (outer, codec), curve in curves.items():
+    for (run_outer, codec), curve in curves.items():
         if codec == "none":
             continue
-        loss = final[(outer, codec)]
+        loss = final[(run_outer, codec)]
         assert curve[-1][1] == pytest.approx(loss, rel=1e-5)
-        reference = curves[(outer, "none")]
-        step = next((s0 + (l0 - loss) / (l0 - l1) * (s1 - s0)
-                     for (s0, l0), (s1, l1) in zip(reference, reference[1:]) if l1 <= loss), curve[-1][0])
-        assert CODEC_STEP_FACTORS[outer][codec] == pytest.approx(max(1.0, curve[-1][0] / step), rel=1e-5), \
-            (outer, codec)
-        checked += 1
-    assert checked == 10  # bf16, int8, int4, topk, topk_ef under both outers
+        # a recipe with its own outer step (RECIPE_OUTER) is priced against fp32 under each outer of the plan
+        assert (run_outer == RECIPE_OUTER[codec]) if codec in RECIPE_OUTER else run_outer in ("average", "diloco")
+        for outer in (("average", "diloco") if codec in RECIPE_OUTER else (run_outer,)):
+            reference = curves[(outer, "none")]
+            step = next((s0 + (l0 - loss) / (l0 - l1) * (s1 - s0)
+                         for (s0, l0), (s1, l1) in zip(reference, reference[1:]) if l1 <= loss), curve[-1][0])
+            assert CODEC_STEP_FACTORS[outer][codec] == pytest.approx(max(1.0, curve[-1][0] / step), rel=1e-5), \
+                (outer, codec)
+            checked += 1
+    assert checked == 12  # bf16, int8, int4, topk, topk_ef under both outers, and topk_recipe against both
     for outer in ("average", "diloco"):
         assert CODEC_STEP_FACTORS[outer]["topk_ef"] == CODEC_STEP_FACTORS[outer]["topk"]  # the same decoded values
         assert CODEC_STEP_FACTORS[outer]["fp32"] == 1  # bf16 is measured now (in the checked loop above)
-    assert CODEC_STEP_FACTORS["average"]["topk"] == pytest.approx(2.2267, rel=1e-3)  # fp32 reached topk's loss at 345
+    assert CODEC_STEP_FACTORS["average"]["topk"] == pytest.approx(2.2266, rel=1e-3)  # fp32 reached topk's loss at 345
 
 
 def test_codec_rows_price_bytes_coding_and_quality_by_hand():
@@ -439,7 +442,7 @@ def test_codec_rows_price_bytes_coding_and_quality_by_hand():
     a, b = hand_topk_sync_parts(2**30, 2, 0.02)
     assert topk.sync_seconds == pytest.approx(a / 1e8 + b, rel=1e-12)
     assert topk.payload_bytes == 2**30 / 4096 * 116
-    m = 2.22672  # CODEC_STEP_FACTORS["average"]["topk"]
+    m = 2.22663  # CODEC_STEP_FACTORS["average"]["topk"]
     assert topk.step_factor == pytest.approx(m, rel=1e-5)
     assert topk.utilization == pytest.approx(hand_utilization(0.4, a / 1e8 + b, 64), rel=1e-12)
     assert topk.effective_utilization == pytest.approx(topk.utilization / m, rel=1e-5)
@@ -447,16 +450,16 @@ def test_codec_rows_price_bytes_coding_and_quality_by_hand():
     # a codec without a measured step factor (one a test registered) is priced, not ranked
     best = max((c for c in p.codecs if c.effective_utilization is not None), key=lambda c: c.effective_utilization)
     assert p.recommended_codec == best.codec
-    # DiLoCo's factors price topk's quality at 9.7× the steps
+    # DiLoCo's factors price topk's quality at 4.9× the steps
     assert plan(params=2**30, step_time=0.4, bandwidth="100Mbit", latency="20ms", groups=2, sync_every=64,
-                outer="diloco").codec("topk").step_factor == pytest.approx(5.23229, rel=1e-5)
+                outer="diloco").codec("topk").step_factor == pytest.approx(4.89640, rel=1e-5)
 
 
 def test_recommendation_switches_to_topk_below_the_hand_computed_bandwidth():
     """fp32 against topk at H = 64, 2 groups, 2**30 parameters: topk trains faster per fp32-equivalent step when
     m·(t_c + s_topk/H) < t_c + s_fp32/H. With s_fp32 = a_f/B + 2λ and s_topk = a_t/B + b_t that is
     B < B* = (a_f − m·a_t) / ((m − 1)·t_c·H + m·b_t − 2λ)."""
-    N, G, H, tc, lat, m = 2**30, 2, 64, 0.4, 0.02, 2.22672
+    N, G, H, tc, lat, m = 2**30, 2, 64, 0.4, 0.02, 2.22663
     a_f = 2 * (G - 1) / G * 8 * 4 * N / ETA
     a_t, b_t = hand_topk_sync_parts(N, G, lat)
     crossover = (a_f - m * a_t) / ((m - 1) * tc * H + m * b_t - 2 * lat)
@@ -490,14 +493,21 @@ def test_fast_link_and_small_model_keep_fp32_or_int4_and_say_why():
     assert "keep compression=None" in p.codec_reason and "coding" in p.codec_reason
     assert "Fewest bytes, topk" in p.codec_reason  # and why not the sparse codec: its effective utilization
     # 1.3B on 10 Mbit/s at H = 4096: int4's 7.8× fewer bytes win at 1.016× the steps; topk's 2.23× the steps do not
-    p = plan(params=1.3e9, step_time=0.4, bandwidth="10Mbit", latency="50ms", groups=2)
+    p = plan(params=1.3e9, step_time=0.4, bandwidth="10Mbit", latency="50ms", groups=2,
+             codecs=["fp32", "bf16", "int8", "int4", "topk", "topk_ef"])
     assert p.recommended_h is None and p.codec_h == 4096  # no candidate reaches 95%: compared at the largest
     assert p.recommended_codec == "int4"
     assert p.codec("topk").utilization > p.codec("int4").utilization  # fewer bytes, faster sync, ...
     assert p.codec("topk").effective_utilization < p.codec("int4").effective_utilization  # ... but 2.23× the steps
     assert "compression='int4'" in p.codec_reason
+    # the sparse recipe: topk's bytes at 1.31× the steps (its own outer step, named in the reason) beats int4 there
+    recipe = plan(params=1.3e9, step_time=0.4, bandwidth="10Mbit", latency="50ms", groups=2)
+    assert recipe.recommended_codec == "topk_recipe" and recipe.codec("topk_recipe").step_factor == 1.30653
+    assert recipe.codec("topk_recipe").effective_utilization > recipe.codec("int4").effective_utilization
+    assert "compression='topk_recipe', outer_optimizer='topk_recipe'" in recipe.codec_reason
     # at a short interval the same link makes topk pay
-    p = plan(params=1.3e9, step_time=0.4, bandwidth="10Mbit", latency="50ms", groups=2, sync_every=64)
+    p = plan(params=1.3e9, step_time=0.4, bandwidth="10Mbit", latency="50ms", groups=2, sync_every=64,
+             codecs=["fp32", "bf16", "int8", "int4", "topk", "topk_ef"])
     assert p.recommended_codec in ("topk", "topk_ef") and "outweighs its quality cost" in p.codec_reason
     assert "Quality caveat" in p.codec_reason
     # your own step factor overrides the measured one: a topk as good as fp32 wins on the 1 Gbit/s example too
@@ -573,7 +583,8 @@ def test_cli_names_the_recommended_codec_and_the_reason(capsys):
     cli_main(ARGS[:6] + ["10Mbit"] + ARGS[7:10] + ["2", "--sync-every", "64"])
     out = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
     assert "Codecs at H=64" in out and "step factor" in out and "coding" in out
-    assert re.search(r"recommended codec: topk(_ef)? at H=64: [\d.]+% of the wall clock does fp32-equivalent", out)
+    assert re.search(r"recommended codec: topk(_ef|_recipe)? at H=64: [\d.]+% of the wall clock does fp32-equivalent",
+                     out)
     assert "Its shorter sync outweighs its quality cost: compression='topk" in out and "Quality caveat" in out
     cli_main(ARGS + ["--codecs", "fp32,int8", "--bandwidth", "100Gbit"])
     out = " ".join(capsys.readouterr().out.split())
