@@ -148,12 +148,16 @@ def compression(r: Path) -> Headline:
     t = s.get("local SGD, topk") or {x["run"]: x for x in rows(r, "compression_topk.csv")}["local SGD, topk"]
     fewer = 1 / f(t["bytes_ratio"])
     loss = f(t["loss_ratio_diloco"]) if t.get("loss_ratio_diloco") else f(t["loss_ratio"])
+    headline = (f"int8 (local SGD): loss {f(x['loss_ratio']):.4f}× fp32 at {f(x['bytes_ratio']):.4f}× the bytes; "
+                f"DiLoCo int8 {f(s['DiLoCo, int8']['loss_ratio']):.4f}× [compression.csv]; topk (local SGD): "
+                f"{fewer:.1f}× fewer bytes, loss {loss:.3f}× "
+                f"{'DiLoCo fp32' if t.get('loss_ratio_diloco') else 'fp32'} [{source}]")
+    recipe = s.get("sparse recipe, topk_recipe")  # the sparse target's best entry, when the run has it
+    if recipe is not None:
+        fewer, loss = 1 / f(recipe["bytes_ratio"]), f(recipe["loss_ratio_diloco"])
+        headline += f"; topk_recipe: {fewer:.1f}× fewer bytes, loss {loss:.4f}× DiLoCo fp32 [compression.csv]"
     topk_ok = [fewer >= 100, loss <= 1.02]
-    return (f"int8 (local SGD): loss {f(x['loss_ratio']):.4f}× fp32 at {f(x['bytes_ratio']):.4f}× the bytes; "
-            f"DiLoCo int8 {f(s['DiLoCo, int8']['loss_ratio']):.4f}× [compression.csv]; topk (local SGD): "
-            f"{fewer:.1f}× fewer bytes, loss {loss:.3f}× "
-            f"{'DiLoCo fp32' if t.get('loss_ratio_diloco') else 'fp32'} [{source}]",
-            met(ok) if all(topk_ok) == ok else "partly")
+    return headline, met(ok) if all(topk_ok) == ok else "partly"
 
 
 def screen(r: Path) -> Headline:

@@ -270,17 +270,19 @@ class CodecCPU:
 
 #: The built-in codecs' CPU cost, seconds per value, one thread, measured by
 #: ``python benchmarks/codec_cost/codec_cost.py`` (``benchmarks/codec_cost/results/codec_cost.csv``) on the project's
-#: CI machine: 2 × AMD EPYC cores, torch 2.13 (CPU), 4M fp32 values, best of 5. A GPU codes a pseudo-gradient one or
+#: CI machine: 2 Intel Xeon cores (2026-12-07; an earlier run on 2 AMD EPYC cores coded bf16 2× and topk's decode
+#: 1.7× faster), torch 2.13 (CPU), 4M fp32 values, best of 5. A GPU codes a pseudo-gradient one or
 #: two orders of magnitude faster: there the table overstates the codec's time. Recalibrate on your machine with
 #: ``lightning-localsgd plan ... --calibrate-codecs`` (or :func:`lightning_localsgd.planner.calibrate_codec_cpu`, whose
 #: result ``plan(codec_cpu=...)`` takes), or rerun the script and copy its CSV here. ``fp32`` (no codec) costs 0.
 CODEC_CPU_TABLE: dict[str, CodecCPU] = {
     "fp32": CodecCPU(0.0, 0.0),
-    "bf16": CodecCPU(2.32529e-10, 4.04703e-10),
-    "int8": CodecCPU(1.6061e-09, 6.252e-10),
-    "int4": CodecCPU(2.21247e-09, 8.73139e-10),
-    "topk": CodecCPU(1.112e-08, 9.64709e-10),
-    "topk_ef": CodecCPU(1.17126e-08, 1.10453e-09),
+    "bf16": CodecCPU(5.31595e-10, 5.43622e-10),
+    "int8": CodecCPU(1.58262e-09, 7.13058e-10),
+    "int4": CodecCPU(2.16127e-09, 8.63202e-10),
+    "topk": CodecCPU(1.26463e-08, 1.68898e-09),
+    "topk_ef": CodecCPU(1.21675e-08, 1.55207e-09),
+    "topk_recipe": CodecCPU(1.58088e-08, 2.35151e-09),
 }
 
 

@@ -42,7 +42,7 @@ __all__ = ["AGGREGATES", "CODECS", "EXCHANGES", "BlockQuantCodec", "Codec", "Top
            "decode", "encode", "get_codec", "payload_bytes", "register_codec"]
 
 #: The built-in codecs (every registered name: :func:`codec_names`).
-CODECS = ("bf16", "int8", "int4", "topk", "topk_ef")
+CODECS = ("bf16", "int8", "int4", "topk", "topk_ef", "topk_recipe")
 
 #: The exchanges a codec can ask for (:attr:`Codec.exchange`).
 EXCHANGES = ("two_phase", "all_gather")
