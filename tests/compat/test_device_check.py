@@ -43,6 +43,6 @@ def test_device_check_dry_run_writes_every_result_within_what_comes_back(tmp_pat
     assert all(float(r["seconds"]) > 0 and float(r["ratio_to_limit"]) > 0 for r in sync)
     # one row per built-in codec: bf16, int8, int4 and the sparse topk / topk_ef
     assert [r["codec"] for r in csv.DictReader(open(out / "gpu_codecs.csv"))] == list(CODECS)
-    assert list(CODECS) == ["bf16", "int8", "int4", "topk", "topk_ef"]
+    assert list(CODECS) == ["bf16", "int8", "int4", "topk", "topk_ef", "topk_recipe"]
     assert len(list(csv.DictReader(open(out / "gpu_inner_step.csv")))) == 2  # one row per interleaved round
     assert "(c) inner step" in (out / "gpu.md").read_text()
