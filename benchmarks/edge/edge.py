@@ -262,7 +262,7 @@ def worker(cfg: dict) -> None:
         timed = cfg.get("sync_every_seconds") is not None
         strategy = LocalSGDStrategy(
             sync_every=cfg["sync_every"] if not timed else 64, sync_every_seconds=cfg.get("sync_every_seconds"),
-            outer_optimizer="diloco", compression=cfg.get("compression") if timed else None,
+            outer_optimizer=cfg.get("outer_optimizer", "diloco"), compression=cfg.get("compression") if timed else None,
             fragments=cfg["fragments_here"], overlap_steps=cfg["overlap_here"],
             lighthouse=cfg["lighthouse"], group_id=f"device{cfg['device']}", min_groups=1,
             sync_timeout=cfg["sync_timeout"], process_group_backend="gloo", async_sync=cfg.get("async_sync", False))
@@ -519,9 +519,9 @@ def main() -> None:
                         "where usable")
     p.add_argument("--preset", choices=sorted(PRESETS), default="default", help="quick: a smoke run of every leg")
     p.add_argument("--only", choices=("ddp", "fixed", "timed", "whole", "async", "churn", "async_churn", "straggler",
-                                       "straggler_async", "topk"), action="append",
-                   help="run only these legs (repeatable; topk runs only when named); a partial run prints its curves "
-                        "and writes results only under an explicit --out-name")
+                                       "straggler_async", "topk", "topk_recipe"), action="append",
+                   help="run only these legs (repeatable; topk and topk_recipe run only when named); a partial run "
+                        "prints its curves and writes results only under an explicit --out-name")
     p.add_argument("--seconds", type=float, help="wall clock of each time-based run (default 75)")
     p.add_argument("--keep", help="keep the jobs' logs, records and snapshots in this folder")
     p.add_argument("--out-name", help="file names under benchmarks/edge/results/ (default: edge, for a full run)")
@@ -573,7 +573,10 @@ def main() -> None:
                                                        w / "straggler_async", straggler + " async_sync", True, False,
                                                        async_sync=True)}
     extra = {"topk": lambda w: run_federated(dict(cfg, compression="topk"), w / "topk", whole.replace(
-        cfg["compression"], "topk"), True, False)}
+        cfg["compression"], "topk"), True, False),
+             "topk_recipe": lambda w: run_federated(  # the sparse recipe: its codec and its own outer step
+                 dict(cfg, compression="topk_recipe", outer_optimizer="topk_recipe"), w / "topk_recipe",
+                 whole.replace(cfg["compression"], "topk_recipe"), True, False)}
     chosen = args.only or list(legs)
     with tempfile.TemporaryDirectory(prefix="lsgd_edge_") as tmp:
         work = Path(args.keep) if args.keep else Path(tmp)
