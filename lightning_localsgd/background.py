@@ -51,28 +51,11 @@ one sync (or more), weighted by tokens like everyone's, not discounted. Its erro
 ``sync_timeout``, and applies it (:meth:`settle`), so a checkpoint holds one consistent ``(θ_g, outer state, θ_i)``
 with nothing in flight.
 
-**DDP jobs of several ranks.** Each rank syncs its slice of the replica with rank ``k`` of the other jobs (its own
-torchft manager and background thread), as without ``async_sync``. Two things make that safe beside training:
-
-- *A process group of the background thread's own.* torch's process groups are not used from two threads at once, so
-  the sync's collectives inside the job (the layout verdict's broadcast, the gather of the slices, the norm over them,
-  the screen's) run over a gloo group of the job's ranks that only the background thread uses, made collectively on
-  the training thread at start (:meth:`~BackgroundFederation.start_background_group`); the engine's slice and sharding
-  communicators point at it while a sync is in flight. gloo's collectives are host ones: a tensor on an accelerator
-  goes through a host copy (the in-job traffic of a sync is one copy of the model's slices and a few numbers).
-- *Agreed step ends.* While a sync is in flight, every :meth:`~BackgroundFederation.poll` (and every wait of
-  :meth:`~BackgroundFederation.settle`) takes the minimum over the job's ranks of ``(done, loads waiting, nobody asked
-  for a capture)``: one all-reduce of three numbers over the job's group that DDP uses, on the training thread, only
-  while a sync is in flight. A sync is applied at the step end where it is done on every rank, and a healing state
-  torchft hands this job (every rank of it heals in the same quorum) is loaded at the step end where every rank has
-  it, then made one replica across the ranks (``agree_after_healing``, over the training thread's groups, as at a
-  join). A peer healing from this job: torchft picks the source job per rank, so only some ranks of this job may be
-  asked for their state; at the first step end where any rank was asked, every rank captures its own, and a rank asked
-  later in that sync gets that capture, so each rank of the healing job gets one step end's state. A late job's shift
-  of ``θ_g`` is gathered from the ranks' slices (over the training thread's groups) so the whole replica moves alike.
-  Starting a sync needs no new agreement: the time-based schedule's "due" is already agreed over the job's ranks at
-  every step end (any rank's clock decides), and whether a sync is in flight is the same on every rank. A settle that
-  runs out of time does so on every rank at once (its "in time" is agreed too).
+Jobs of one rank only: with several ranks the sync's collectives inside the job (the layout check's broadcast, the
+gather of the slices and the norm over them, the ranks' agreement after a heal) would run on the background thread over
+the process groups the training thread's DDP collectives use, and the ranks would have to agree on the step end that
+applies a sync (and that loads a healing state): a background process group of the job's own and an agreed poll are
+not built.
 """
 
 from __future__ import annotations
@@ -89,10 +72,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, TypeVar
 import torch
 from torch import Tensor
 
-from .engine.comm import Communicator, ProcessGroupCommunicator, Work, _Done
 from .engine.outer import OuterSync, SyncResult
-from .engine.reducers import gather_slices
-from .federation import Federation, LayoutMismatchError, _job_device, layout_mismatch
+from .federation import Federation, LayoutMismatchError, layout_mismatch
 from .tensors import tensor_bytes
 
 if TYPE_CHECKING:
@@ -108,40 +89,6 @@ T = TypeVar("T")
 
 #: How often a training thread waiting in :meth:`BackgroundFederation.settle` looks at the background thread's requests.
 _SERVE_EVERY = 0.005
-
-
-class _HostCommunicator(ProcessGroupCommunicator):
-    """The job's ranks over the background thread's own gloo group: gloo's collectives are host ones, so a tensor on
-    an accelerator goes through a host copy (the background sync's in-job collectives are small: a norm, the slices of
-    the model once per sync)."""
-
-    @staticmethod
-    def _host(tensor: Tensor) -> Tensor:
-        return tensor if tensor.device.type == "cpu" else tensor.cpu()
-
-    def all_reduce(self, tensor: Tensor, op: str = "sum", async_op: bool = False) -> Optional[Work]:
-        host = self._host(tensor)
-        super().all_reduce(host, op)
-        if host is not tensor:
-            tensor.copy_(host)
-        return _Done() if async_op else None
-
-    def all_to_all(self, output: Tensor, input: Tensor, async_op: bool = False) -> Optional[Work]:
-        host = self._host(output)
-        super().all_to_all(host, self._host(input))
-        if host is not output:
-            output.copy_(host)
-        return _Done() if async_op else None
-
-    def all_gather(self, output: Tensor, input: Tensor) -> None:
-        host = self._host(output)
-        super().all_gather(host, self._host(input))
-        if host is not output:
-            output.copy_(host)
-
-    def all_gather_async(self, output: Tensor, input: Tensor) -> Work:
-        self.all_gather(output, input)
-        return _Done()
 
 
 @dataclass
@@ -160,13 +107,8 @@ class _InFlight:
     """The schedule's step at the start (the step the sync's records name)."""
     inner_steps: int
     """The job's inner steps at the start (the work it carries)."""
-    comms: Optional[tuple[Optional[Communicator], Optional[Communicator]]] = None
-    """Several ranks: the engine's own slice and sharding communicators (the training thread's process groups),
-    replaced by the background group's while the sync runs."""
     done: Future = field(default_factory=Future)
     """``(result, record)`` of the committed sync, or its error."""
-    capture: Optional[Future] = None
-    """A peer heals from this job during this sync: this rank's state, captured at one step end on every rank."""
 
 
 class BackgroundFederation(Federation):
@@ -185,38 +127,26 @@ class BackgroundFederation(Federation):
         """>0 while the training thread itself is inside a quorum (join, warm-up, the stop at the end): then torchft's
         state callbacks run directly, as in a Federation."""
         self._requests: "queue.SimpleQueue[tuple[Callable[[], Any], Future]]" = queue.SimpleQueue()
-        """Healing loads torchft's callback posted to the training thread: run at the step end where every rank of
-        the job has them (every rank of a healing job gets one, in the same quorum)."""
-        self._capture_lock = threading.Lock()
         self.deferred = 0
         """Syncs that came due while one was in flight and were not started (their tokens go with the next)."""
         self._late_kept = False
         """This quorum healed θ_g only: this job sends its own work (see :meth:`_merge_late`)."""
-        self._group: Any = None
-        """Several ranks: a gloo process group of the job's ranks used by the background thread only (torch's process
-        groups are not used from two threads at once)."""
-        self._inside: Optional[Communicator] = None
-        """Several ranks: the communicator over :attr:`_group` the engine's in-job collectives use while a sync runs."""
         self.applied: list[dict[str, Any]] = []
         """Per sync applied beside training: the step it started at (``step``), the step end it was applied at
         (``applied_step``), its weight and whether it carried the stop (also in that sync's :attr:`attempts`)."""
 
     # ------------------------------------------------------------------ setup
     def start(self, schedule: "SyncSchedule", config: "LocalSGDConfig", host: Optional["HostFacts"]) -> Any:
+        if host is not None and host.world_size > 1:
+            raise ValueError(f"async_sync=True is supported with jobs of one rank only, this job has "
+                             f"{host.world_size}: the sync's collectives inside the job (the layout check's "
+                             "broadcast, the gather of the slices and the norm over them, the ranks' agreement after "
+                             "a heal) would run on the background thread over the process groups the training "
+                             "thread's DDP collectives use at the same time, and the job's ranks would have to agree "
+                             "on the step end that applies the sync (and loads a healing state). Run one rank per "
+                             "job, or leave async_sync=False.")
         self._training_thread = threading.get_ident()
-        comm = super().start(schedule, config, host)
-        if host is not None:
-            self.start_background_group(host.world_size)
-        return comm
-
-    def start_background_group(self, world_size: int) -> None:
-        """A job of several ranks: the background thread's own process group of them (gloo). Collective over the
-        job's ranks, on the training thread, before the first sync."""
-        if world_size > 1:
-            import torch.distributed as dist
-
-            self._group = dist.new_group(backend="gloo", timeout=self.timeout)
-            self._inside = _HostCommunicator(self._group)
+        return super().start(schedule, config, host)
 
     def shutdown(self) -> None:
         flight, self._flight = self._flight, None
@@ -261,10 +191,6 @@ class BackgroundFederation(Federation):
         flight = _InFlight(live, sent, work, len(engine.tensors), self._step(), self.inner_steps)
         engine.rebind(work[: flight.tensors])  # the sync reads and writes the copies; the live tensors train on
         engine.buffers = work[flight.tensors:]
-        if self._inside is not None:  # the slices' gather and the norm go over the background group
-            flight.comms = (engine.slicing, engine.sharding)
-            engine.slicing = self._inside if engine.slicing is not None else None
-            engine.sharding = self._inside if engine.sharding is not None else None
         self._flight = flight
         self._thread = threading.Thread(target=self._run, args=(engine, flight, weight, stop),
                                         name=f"local-sgd-sync-{self.group_id}", daemon=True)
@@ -284,69 +210,36 @@ class BackgroundFederation(Federation):
             flight.done.set_result((result, record))
 
     def poll(self, engine: OuterSync) -> Optional[SyncResult]:
-        """At a step end: run what the background thread and torchft asked of this thread; apply the sync if it is
-        done (with several ranks: on every rank, so that all do the same at this step end; :meth:`_at_step_end`).
-        Never waits for the background thread."""
-        flight = self._flight
-        if flight is None:
-            return None  # (torchft asks only inside a quorum: the sync's in flight, or the training thread's)
-        done = self._at_step_end(flight, engine)[0]
-        return self._apply(engine) if done else None
+        """At a step end: run what the background thread asked of this thread; apply its sync if it is done."""
+        self._serve()
+        if self._flight is None or not self._flight.done.done():
+            return None
+        return self._apply(engine)
 
     def settle(self, engine: OuterSync) -> Optional[SyncResult]:
         """Wait for the sync in flight (serving the background thread's requests meanwhile) and apply it; ``None``
-        when none is in flight. Bounded: ``sync_timeout`` and the time its last attempt may take. Every rank of the
-        job calls it at the same step end (a checkpoint, the end of training)."""
+        when none is in flight. Bounded: ``sync_timeout`` and the time its last attempt may take."""
         flight = self._flight
         if flight is None:
             return None
         limit = 2 * self.timeout.total_seconds() + 30.0
         deadline = time.monotonic() + limit
-        while True:
-            done, in_time = self._at_step_end(flight, engine, time.monotonic() <= deadline)
-            if done:
-                return self._apply(engine, settled=True)
-            if not in_time:  # on every rank at once (agreed): none waits in a collective for another
+        while not flight.done.done():
+            self._serve()
+            if time.monotonic() > deadline:
                 raise TimeoutError(f"local SGD: the federated sync started at step {flight.step} beside training did "
-                                   f"not end within {limit:g} s (sync_timeout={self.timeout.total_seconds():g} s) on "
-                                   "every rank of this job.")
+                                   f"not end within {limit:g} s (sync_timeout={self.timeout.total_seconds():g} s).")
             time.sleep(_SERVE_EVERY)
-
-    def _at_step_end(self, flight: _InFlight, engine: OuterSync, *flags: int) -> list[int]:
-        """What the training thread does for the sync in flight at a step end (or a wait of :meth:`settle`), agreed
-        over the job's ranks: capture this rank's state if any rank was asked for it (then every rank captures here,
-        so that a peer healing from this job gets one step end's state from each), run the healing loads every rank
-        has. Returns whether the sync is done on every rank, then the minimum of each of ``flags``."""
-        asked = flight.capture is not None
-        done, loads, nobody_asked, *rest = self._agreed(flight, engine, flight.done.done(), self._requests.qsize(),
-                                                        not asked, *flags)
-        if not nobody_asked:
-            self._capture(flight)
-        self._serve(loads)
-        return [done, *rest]
-
-    def _agreed(self, flight: _InFlight, engine: OuterSync, *flags: int) -> list[int]:
-        """Several ranks: the minimum of each flag over the job's ranks (one all-reduce on the training thread, over
-        the job's group its DDP and the schedule's agreement use, only while a sync is in flight); one rank: the
-        flags."""
-        if self._group is None:
-            return [int(f) for f in flags]
-        job = (flight.comms[0] if flight.comms is not None else None) or ProcessGroupCommunicator()
-        shared = torch.tensor([-int(f) for f in flags], dtype=torch.int64, device=_job_device(engine))
-        job.all_reduce(shared, op="max")  # min(x) = −max(−x)
-        return [-int(v) for v in shared.tolist()]
+        return self._apply(engine)
 
     @torch.no_grad()
-    def _apply(self, engine: OuterSync, settled: bool = False) -> SyncResult:
+    def _apply(self, engine: OuterSync) -> SyncResult:
         """The one-step-delayed update with the local progress kept: ``θ_i += θ_g_new − θ_i_sent`` (the sync
-        carrying a stop: ``θ_i ← θ_g_new``, so that every job ends on one model). ``settled``: applied while the
-        training thread waited for it (a checkpoint, the end of training), recorded as such."""
+        carrying a stop: ``θ_i ← θ_g_new``, so that every job ends on one model)."""
         flight, self._flight = self._flight, None
         assert flight is not None
         engine.rebind(flight.live[: flight.tensors])
         engine.buffers = flight.live[flight.tensors:]
-        if flight.comms is not None:
-            engine.slicing, engine.sharding = flight.comms
         if self._thread is not None:
             self._thread.join(timeout=1.0)
             self._thread = None
@@ -356,8 +249,8 @@ class BackgroundFederation(Federation):
                 live.copy_(work)
             else:
                 live.add_(work.sub_(sent).to(live.dtype))
-        record.update(applied_step=self._step(), settled=settled)
-        self.applied.append({"step": flight.step, "applied_step": record["applied_step"], "settled": settled,
+        record["applied_step"] = self._step()
+        self.applied.append({"step": flight.step, "applied_step": record["applied_step"],
                              "weight": record.get("weight"), "stop": bool(result.stop_requested)})
         return result
 
@@ -376,47 +269,15 @@ class BackgroundFederation(Federation):
             return self._flight.inner_steps
         return super()._steps_sent()
 
-    def _job_group(self, engine: OuterSync) -> tuple[Any, Any]:
-        if self._group is not None and self._off_training_thread():
-            return self._group, "cpu"  # the layout verdict's broadcast: the background group
-        return super()._job_group(engine)
-
-    def _agree_after_healing(self) -> None:
-        if not self._off_training_thread():  # a quorum on the training thread (join, warm-up, the stop)
-            super()._agree_after_healing()
-        # else: done by the posted load itself, on the training thread (it writes the live model)
-
     # ------------------------------------------------------------------ torchft's state callbacks
     def state_dict(self) -> dict[str, Any]:
         """A peer heals from this job: its state, captured on the training thread (torchft asks on its quorum
-        thread). torchft picks the source job per rank, so only some ranks of this job may be asked: the first step
-        end where any rank was asked, every rank captures its state (:meth:`_at_step_end`), and a rank asked later in
-        the same sync gets that capture, so that each rank of the healing job gets one step end's state."""
-        if self._foreground or not self._off_training_thread():
-            return super().state_dict()
-        flight = self._flight
-        assert flight is not None, "torchft asks for the state inside a quorum: the background sync's"
-        with self._capture_lock:
-            if flight.capture is None:
-                flight.capture = Future()
-            box = flight.capture
-        return box.result(timeout=self.timeout.total_seconds())
-
-    def _capture(self, flight: _InFlight) -> None:
-        with self._capture_lock:
-            if flight.capture is None:
-                flight.capture = Future()
-            box = flight.capture
-        if not box.done():
-            try:
-                box.set_result(super().state_dict())
-            except BaseException as err:  # handed to torchft's thread that asked
-                box.set_exception(err)
+        thread)."""
+        return self._training_thread_runs(super().state_dict)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """This job heals: the peer's state is loaded on the training thread, which then sends it (weight 0)."""
-        posted = self._off_training_thread() and not self._foreground
-        self._training_thread_runs(lambda: self._load_beside(state, agree=posted))
+        self._training_thread_runs(lambda: self._load_beside(state))
 
     def _quorum(self, kind: str, fragment: Optional[int], deadline: float) -> dict[str, Any]:
         self._late_kept = False
@@ -425,16 +286,12 @@ class BackgroundFederation(Federation):
     def _kept_own_work(self) -> bool:
         return self._late_kept
 
-    def _load_beside(self, state: dict[str, Any], agree: bool = False) -> None:
-        """``agree``: loaded at a step end for a background quorum; with several ranks (all of them load here, at the
-        same step end: :meth:`poll`) they then agree on one peer's replica over the training thread's groups."""
+    def _load_beside(self, state: dict[str, Any]) -> None:
         flight, engine = self._flight, self.engine
         if flight is not None and engine is not None and flight.inner_steps > engine.whole.synced_at:
             self._merge_late(state, flight, engine)
             return
         super().load_state_dict(state)
-        if agree and self._group is not None:
-            super()._agree_after_healing()
         if flight is not None:  # what this sync sends and the delayed rule's θ_i_sent: the state just loaded
             with torch.no_grad():
                 for live, sent, work in zip(flight.live, flight.sent, flight.work):
@@ -455,18 +312,10 @@ class BackgroundFederation(Federation):
         engine.load_state_dict(peer["rank"]["outer"])  # θ_g_peer and its outer state (no error feedback)
         engine.bytes_sent = sent_bytes  # this job's own count
         shift = engine.whole.theta.to(own.device) - own
-        slicing = flight.comms[0] if flight.comms is not None else None
-        if slicing is not None and slicing.size > 1:  # each rank healed its slice: the whole replica moves alike
-            whole = engine.layout.fragment(None)
-            full = gather_slices(slicing, engine.layout.slice_counts(whole), shift.to(engine.device))
-            for tensors in (flight.live, flight.sent, flight.work):
-                for t, offset in zip(tensors[: flight.tensors], engine.layout.offsets):
-                    t.view(-1).add_(full[offset : offset + t.numel()].to(t.device, t.dtype))
-        else:
-            for tensors in (flight.live, flight.sent, flight.work):
-                views = engine.layout.owned_views(tensors)
-                for view, part in zip(views, shift.split([v.numel() for v in views])):
-                    view.add_(part.to(view.device, view.dtype))
+        for tensors in (flight.live, flight.sent, flight.work):
+            views = engine.layout.owned_views(tensors)
+            for view, part in zip(views, shift.split([v.numel() for v in views])):
+                view.add_(part.to(view.device, view.dtype))
         federation = peer.get("federation", {})
         self._checked_quorum = federation.get("checked_quorum")  # decide as the peers do
         self._peer_unit = federation.get("fragment")
@@ -478,17 +327,15 @@ class BackgroundFederation(Federation):
 
     def _training_thread_runs(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on the training thread: at once when called there or while it waits in a quorum itself; else
-        posted, and waited for (it runs at the first step end where every rank of the job has it, at most
-        ``sync_timeout``)."""
+        posted, and waited for (it runs at the training thread's next step end, at most ``sync_timeout``)."""
         if self._foreground or not self._off_training_thread():
             return fn()
         box: Future = Future()
         self._requests.put((fn, box))
         return box.result(timeout=self.timeout.total_seconds())
 
-    def _serve(self, count: int) -> None:
-        """Run the first ``count`` requests posted (those every rank has)."""
-        for _ in range(count):
+    def _serve(self) -> None:
+        while True:
             try:
                 fn, box = self._requests.get_nowait()
             except queue.Empty:

@@ -179,9 +179,8 @@ ARGUMENT_DOCS: dict[str, str] = {
                   "with its local progress kept (DiLoCoX / eager updates): ``θ_i ← θ_g_new + (θ_i − θ_i_sent)``. One "
                   "sync is in flight at a time (the next is due ``sync_every_seconds`` after it is applied). Trades "
                   "one sync of staleness for no idle time at syncs; the sync carrying the stop at the end keeps no "
-                  "local progress, so every job ends on one model. LocalSGDStrategy jobs of one rank or DDP over "
-                  "several (the ranks agree on the step end that applies a sync), whole-model syncs (README "
-                  "\"Syncs that nobody waits for\"). Default False.",
+                  "local progress, so every job ends on one model. Jobs of one rank with LocalSGDStrategy, whole-model "
+                  "syncs (README \"Syncs that nobody waits for\"). Default False.",
     "data_job_index": "with ``data_jobs``: this job's share of the dataset, 0 .. ``data_jobs`` - 1, one per job "
                       "(e.g. the SLURM array index); a job restarted in its place takes the same index.",
     "data_rebalance_after": "with ``data_jobs``: a job that took part in none of the last this many committed "

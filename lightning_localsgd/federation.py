@@ -558,19 +558,10 @@ class Federation:
         waited = time.perf_counter()
         self.manager.start_quorum(timeout=timedelta(seconds=max(1.0, deadline - time.monotonic())))
         if self._healed_now and self.host is not None:  # the ranks of a DDP group agree on one peer's replica
-            self._agree_after_healing()  # (collective inside the group)
+            self.host.training_state().agree_after_healing()  # (collective inside the group)
         assert self.comm is not None
         return {"kind": kind, "step": self._step(), "participants": self.comm.size, "rank": self.comm.rank,
                 "healed": self._healed_now, "quorum_seconds": time.perf_counter() - waited}
-
-    def _agree_after_healing(self) -> None:
-        assert self.host is not None
-        self.host.training_state().agree_after_healing()
-
-    def _job_group(self, engine: OuterSync) -> tuple[Any, Any]:
-        """The process group (``None``: the job's default one) and device of a collective over the job's own ranks
-        inside a sync (the layout verdict's broadcast)."""
-        return None, _job_device(engine)
 
     def _launch(self, engine: OuterSync, record: dict[str, Any], fragment: Optional[int], weight: Optional[float],
                 stop: Optional[bool], deadline: float, began: float) -> bool:
@@ -683,9 +674,8 @@ class Federation:
             except Exception as err:  # reported to the manager by the communicator: this attempt fails
                 verdict[0], failure = 2, err
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            group, device = self._job_group(engine)
-            shared = verdict.to(device)
-            dist.broadcast(shared, src=0, group=group)  # the job's own world: its other ranks learn rank 0's verdict
+            shared = verdict.to(_job_device(engine))
+            dist.broadcast(shared, src=0)  # the job's own world: its other ranks learn rank 0's verdict
             verdict = shared.cpu()
         if verdict[0] == 2:
             if failure is None:

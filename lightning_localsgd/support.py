@@ -145,13 +145,11 @@ REFUSALS: list[Refusal] = [
                        "keep the non-finite values. Use on_nonfinite='raise', or async_sync=False."),
             reason="a skipped sync's reset would keep the non-finite local progress", modes=("federated",)),
     Refusal("async_sync", lambda c: getattr(c, "async_sync", False),
-            lambda c: ("async_sync=True is supported with LocalSGDStrategy jobs (one rank, or DDP over several) "
-                       "only, not with FSDP2 or ZeRO: a DDP job's background sync runs its in-job collectives (the "
-                       "layout verdict, the gather of the slices, the norm) over a process group of the background "
-                       "thread's own and its ranks agree on the step end that applies it; the sharded strategies' "
-                       "shard views (refreshed around each sync) and healing are not built for that thread. Leave "
-                       "async_sync=False, or use LocalSGDStrategy."),
-            reason="the shard views and healing are not built for the background thread",
+            lambda c: ("async_sync=True is supported with LocalSGDStrategy jobs of one rank only: with FSDP2 or ZeRO "
+                       "the sync's collectives inside the job (the norm over the shards, the commit vote, gathers) "
+                       "would run on the background thread over the process groups the training thread's sharded "
+                       "collectives use at the same time. Leave async_sync=False, or use LocalSGDStrategy."),
+            reason="the sync's collectives inside the job would run beside the sharded ones",
             strategies=("fsdp", "deepspeed"), whole_feature=True),
     Refusal("warmup_steps", lambda c: c.warmup_steps != 0,
             lambda c: (f"warmup_steps={c.warmup_steps!r}: fully synchronous warm-up steps are not supported with "
@@ -257,8 +255,8 @@ _tested(_F[9], "one world", ("fsdp",),
         "tests/reliability/test_screen_training.py::test_fsdp_groups_of_two_one_broken_group_is_left_out")
 _tested(_F[9], "federated", ("ddp",),
         "tests/federation/test_federated_screen.py::test_three_jobs_one_broken_the_honest_two_end_as_without_it")
-_tested(_F[10], "federated", ("ddp",), "tests/federation/test_async_sync.py::"
-        "test_two_jobs_of_two_ddp_ranks_async_syncs_match_the_delayed_update_reference")
+_tested(_F[10], "federated", ("ddp",),
+        "tests/federation/test_async_sync.py::test_two_jobs_async_syncs_match_the_delayed_update_reference")
 
 
 def _refusal_for(settings: tuple[str, ...], mode: str, strategy: str) -> Optional[Refusal]:

@@ -10,11 +10,9 @@ syncs (int8's two-phase exchange, topk_test's all-gather, with error feedback) b
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 import torch
@@ -107,60 +105,36 @@ def test_async_sync_is_refused_where_it_is_not_supported():
         LocalSGDConfig(async_sync="yes", lighthouse="h:29510", sync_every_seconds=1.0)
     from lightning_localsgd import LocalSGDFSDPStrategy
 
-    refused = (r"LocalSGDStrategy jobs \(one rank, or DDP over several\) only, not with FSDP2 or ZeRO: "
-               r".*use LocalSGDStrategy")
-    with pytest.raises(ValueError, match=refused):
+    with pytest.raises(ValueError, match="LocalSGDStrategy jobs of one rank only"):
         LocalSGDFSDPStrategy(async_sync=True, lighthouse="h:29510", sync_every_seconds=1.0)
-    with pytest.raises(ValueError, match=refused):  # ZeRO's rows (the strategy itself needs deepspeed installed)
-        LocalSGDConfig.check_support(dict(async_sync=True, lighthouse="h:29510", sync_every_seconds=1.0), "deepspeed")
-    LocalSGDConfig.check_support(dict(async_sync=True, lighthouse="h:29510", sync_every_seconds=1.0), "ddp")
     LocalSGDConfig(async_sync=True, lighthouse="h:29510", sync_every_seconds=1.0, compression="int8", warmup_steps=2)
 
 
-@pytest.mark.slow
-def test_the_ranks_of_a_job_capture_and_load_a_healing_state_and_apply_the_sync_at_the_same_step_end(tmp_path):
-    """A DDP job of two ranks (gloo, tests/workers/async_ranks.py) with a scripted peer job, each rank owning one slice
-    of the model. Rank 1's background thread posts its load to the training thread (torchft's load_state_dict) after
-    poll 2 while rank 0's waits from poll 1, and rank 1 finishes its sync (after its last collective over the
-    background group) only after poll 6 while rank 0's is done earlier: both ranks run the load at one poll (3 or
-    later) and apply the sync at one poll (7 or later), by the agreement at each step end. torchft asks rank 0 for its
-    state (a peer heals from it) from poll 1 on and rank 1 only after poll 4: both capture at poll 1, and rank 1 gets
-    that capture (each rank of the healing peer gets one step end's state). The result: θ_g = the weighted mean by
-    hand (each rank its slice), and both ranks' parameters θ_g_new + every step taken since the launch (the delayed
-    rule). Fails without the agreement (rank 0 loads at poll 1 and applies before poll 7, rank 1 captures at poll 5),
-    and with main's code (no background group)."""
-    import sys
+def test_async_sync_refuses_a_job_of_several_ranks_before_it_connects():
+    """A DDP job of two ranks: refused when the federation starts (the job's world is known there), naming the reason
+    and the fix, before torchft's Manager exists (nothing connected, nothing to shut down)."""
+    from lightning_localsgd.syncs import HostFacts
 
-    import _forkserver
-
-    worker = Path(__file__).parents[1] / "workers" / "async_ranks.py"
-    proc = _forkserver.run_ranks([sys.executable, str(worker), str(tmp_path)], 2, timeout=120,
-                                 env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
-    print("loads ran at", r0["loads_ran"], r1["loads_ran"], "applied at", r0["applied_at"], r1["applied_at"])
-    assert r0["loads_ran"] == r1["loads_ran"] and len(r0["loads_ran"]) == 1 and r0["loads_ran"][0] >= 3
-    assert r0["captures_ran"] == [1] and r1["captures_ran"] == [1]
-    assert r0["applied_at"] == r1["applied_at"] and r0["applied_at"] >= 7
-    mean = (3.0 * r0["sent"] + torch.tensor([3.0, 4.0, -1.0, 0.5])) / 4.0  # the worker's weights and peer
-    assert torch.allclose(torch.cat([r0["snapshot"], r1["snapshot"]]), mean, atol=1e-6)
-    for r in (r0, r1):
-        assert torch.allclose(r["final"], mean + r["steps"], atol=1e-6)
-        assert [(a["committed"], a["weight"], a["applied_step"]) for a in r["record"]] == [(True, 3.0, 0)]
+    fed = BackgroundFederation("127.0.0.1:1", "g0", 1, 30.0)
+    host = HostFacts(rank=0, world_size=2, training_state=lambda: None)
+    with pytest.raises(ValueError, match=r"jobs of one rank only, this job has 2: .*agree on the step end .*"
+                                         r"Run one rank per job, or leave async_sync=False"):
+        fed.start(None, LocalSGDConfig(), host)
+    assert fed.manager is None
 
 
 def params_after(dump: dict, step: int) -> dict[str, torch.Tensor]:
     return {k.removeprefix("model."): v for k, v in next(p for s, p in dump["steps"] if s == step).items()}
 
 
-def inner_step(params: dict[str, torch.Tensor], per_rank: list) -> dict[str, torch.Tensor]:
-    """One SGD step (lr 0.1, the tiny module's) from ``params`` on the job's batches (one per rank), by hand: with
-    several ranks DDP's step, the gradient of the mean of the ranks' losses."""
+def inner_step(params: dict[str, torch.Tensor], batch) -> dict[str, torch.Tensor]:
+    """One SGD step (lr 0.1, the tiny module's) from ``params`` on ``batch``, by hand."""
     net = initial_net()
     with torch.no_grad():
         for k, p in net.named_parameters():
             p.copy_(params[k])
-    torch.stack([F.mse_loss(net(x), y) for x, y in per_rank]).mean().backward()
+    x, y = batch
+    F.mse_loss(net(x), y).backward()
     return {k: (p - 0.1 * p.grad).detach() for k, p in net.named_parameters()}
 
 
@@ -194,9 +168,8 @@ def run_two_uneven_jobs(out, address: str, jobs: int = 2, **options) -> dict[str
                     warmup_steps=WARMUP, **options, **per_job)
 
 
-def assert_the_delayed_update_reference(dumps: dict[str, dict], ranks: int = 1) -> None:
-    """The checks of :func:`test_two_jobs_async_syncs_match_the_delayed_update_reference` on its run's dumps (jobs of
-    ``ranks`` DDP ranks: the checks on rank 0's dumps, and every other rank's equal to them)."""
+def assert_the_delayed_update_reference(dumps: dict[str, dict]) -> None:
+    """The checks of :func:`test_two_jobs_async_syncs_match_the_delayed_update_reference` on its run's dumps."""
     steps, warmup = STEPS, WARMUP
     fast, slow = dumps["g0"], dumps["g1"]
     assert fast["global_step"] == steps and slow["global_step"] < steps
@@ -205,10 +178,9 @@ def assert_the_delayed_update_reference(dumps: dict[str, dict], ranks: int = 1) 
         assert [(a["step"], a["participants"], a["committed"]) for a in rounds] == [(s, 2, True) for s in range(warmup)]
     fs, ss = syncs_of(fast), syncs_of(slow)
     assert len(fs) == len(ss) >= 3, (fast["attempts"], slow["attempts"])
-    batches = {g: group_batches(d["seed"], ranks) for g, d in (("g0", fast), ("g1", slow))}
+    batches = {g: [b[0] for b in group_batches(d["seed"])] for g, d in (("g0", fast), ("g1", slow))}
     previous = {"g0": warmup, "g1": warmup}  # the tokens count from the end of the warm-up
     beside = 0
-    settled = {}  # (job, step): its parameters after a sync the end of training applied, after that step's record
     for k, pair in enumerate(zip(fs, ss)):
         weights, sent = [], []
         for name, a in zip(("g0", "g1"), pair):
@@ -216,7 +188,7 @@ def assert_the_delayed_update_reference(dumps: dict[str, dict], ranks: int = 1) 
             assert a["participants"] == 2
             previous[name] = a["step"]
             weights.append(a["weight"])
-            sent.append(settled.get((name, a["step"])) or params_after(dumps[name], a["step"]))
+            sent.append(params_after(dumps[name], a["step"]) if a["step"] > 0 else None)
         last = k == len(fs) - 1
         if last:  # the stop: every job ends on θ_g_new of the stopping sync
             assert pair[0]["stop"] is True and pair[0]["step"] == steps
@@ -228,50 +200,16 @@ def assert_the_delayed_update_reference(dumps: dict[str, dict], ranks: int = 1) 
         theta = {n: (weights[0] * sent[0][n] + weights[1] * sent[1][n]) / sum(weights) for n in sent[0]}
         for name, a, theirs in zip(("g0", "g1"), pair, sent):
             applied = a["applied_step"]
-            # applied at a later step end: the job trained beside it (or, started at the last step, by the settle
-            # of the end of training)
-            assert applied > a["step"] or (a.get("settled") and applied == steps), (name, a)
-            beside += name == "g0" and applied > a["step"]
+            assert applied > a["step"], (name, a)  # applied at a later step end: the job trained beside it
+            beside += name == "g0"
             before = inner_step(params_after(dumps[name], applied - 1), batches[name][applied - 1])
             expected = {n: theta[n] + before[n] - theirs[n] for n in theta}
-            if a.get("settled"):  # applied by the end of training's settle, after the step's record: the stopping
-                assert applied == steps and name == "g0", (name, a)  # sync sends it (checked against its θ_g_new)
-                settled[(name, applied)] = expected
-                continue
             got = params_after(dumps[name], applied)
             diff = max(float((got[n] - expected[n]).abs().max()) for n in expected)
             assert diff < ATOL, f"{name}: sync {k} (started at step {a['step']}, applied at {applied}) off by {diff:.3g}"
     assert beside >= 2
     assert all(torch.equal(fast["final"][n], slow["final"][n]) for n in fast["final"])
     assert fast["dropped"] == 0.0 and slow["dropped"] == 0.0
-    for name in ("g0", "g1"):  # a job's ranks: the same syncs applied at the same step ends, the same parameters
-        for r in range(1, ranks):
-            other = dumps[f"{name}_r{r}"]
-            assert records(other) == records(dumps[name]), (name, r)
-            assert [s for s, _ in other["steps"]] == [s for s, _ in dumps[name]["steps"]]
-            for (step, mine), (_, theirs) in zip(dumps[name]["steps"], other["steps"]):
-                assert all(torch.equal(mine[n], theirs[n]) for n in mine), (name, r, step)
-            assert all(torch.equal(other["final"][n], fast["final"][n]) for n in fast["final"]), (name, r)
-
-
-def records(dump: dict) -> list[tuple]:
-    """What a rank's committed syncs say (the rest of a record, e.g. its seconds, is its own)."""
-    return [(a["step"], a.get("applied_step"), a["weight"], a["participants"], a["stop"]) for a in syncs_of(dump)]
-
-
-@pytest.mark.slow
-def test_two_jobs_of_two_ddp_ranks_async_syncs_match_the_delayed_update_reference(tmp_path, lighthouse):
-    """The run of :func:`test_two_jobs_async_syncs_match_the_delayed_update_reference` with jobs of two DDP ranks
-    (each rank syncs its slice of the replica with rank k of the other job): the background thread gathers the slices
-    over its own process group, and the job's ranks agree at each step end on whether the sync is done everywhere, so
-    both apply it at the same step end. Every sync matches the hand reference (each job's inner step: the gradient of
-    the mean of its two ranks' losses) and all four ranks end on one model. Fails with main's refusal of several ranks,
-    and if a rank applied a sync at another step end than its job's other rank (their parameters would differ)."""
-    dumps = run_two_uneven_jobs(tmp_path, lighthouse(2), ranks=2)
-    assert_the_delayed_update_reference(dumps, ranks=2)
-    for name in ("g0", "g1"):  # each rank synced only its own slice of the model: the two slices make one copy
-        sizes = [sum(t.numel() for t in dumps[n]["snapshot"]) for n in (name, f"{name}_r1")]
-        assert sum(sizes) == sum(v.numel() for v in dumps[name]["final"].values()) and min(sizes) > 0
 
 
 @pytest.mark.slow
@@ -297,25 +235,6 @@ def test_async_syncs_with_the_run_secret_match_the_same_reference(tmp_path, ligh
     assert all(b"async-honest-secret-51c2" not in p.read_bytes() for p in written)
 
 
-def run_a_restart(out, address: str, max_steps: int, wait_at_step: int, **options) -> dict:
-    """g0 and g1 with async_sync (T=0.3 s, DiLoCo), ``options`` on top; g1 SIGKILLed at step 6 and restarted as g1r
-    while g0 trains on, checkpointing every 4 steps and waiting at ``wait_at_step`` until g1r runs; both end with
-    code 0. Returns the options common to both jobs."""
-    from test_federated import killed_on_exit, launch, wait_all
-
-    common = dict(outer="diloco", async_sync=True, sync_every_seconds=0.3, max_steps=max_steps, step_sleep=0.05,
-                  **options)
-    procs = [launch(out, address, 0, barrier=2, wait_for="g1r", wait_at_step=wait_at_step, ckpt_dir=out / "ckpt",
-                    ckpt_every=4, **common),
-             launch(out, address, 1, barrier=2, die_at_step=6, **common)]
-    with killed_on_exit(procs):
-        assert procs[1].wait(timeout=150) == -9, (out / "g1.log").read_text()[-3000:]
-        procs.append(launch(out, address, 1, name="g1r", **common))
-        codes = wait_all([procs[0], procs[2]], out, timeout=200)
-    assert codes == [0, 0], "\n".join((out / f"{n}.log").read_text()[-3000:] for n in ("g0", "g1r"))
-    return common
-
-
 @pytest.mark.slow
 def test_a_restarted_job_heals_from_a_peer_whose_syncs_run_in_the_background(tmp_path, lighthouse):
     """g0 and g1 with async_sync (T=0.3 s, DiLoCo); g1 is SIGKILLed at step 6 and restarted with the same group_id
@@ -328,7 +247,15 @@ def test_a_restarted_job_heals_from_a_peer_whose_syncs_run_in_the_background(tmp
     from test_federated import killed_on_exit, launch, load, wait_all
 
     address = lighthouse(1)
-    common = run_a_restart(tmp_path, address, max_steps=40, wait_at_step=20)
+    common = dict(outer="diloco", async_sync=True, sync_every_seconds=0.3, max_steps=40, step_sleep=0.05)
+    procs = [launch(tmp_path, address, 0, barrier=2, wait_for="g1r", wait_at_step=20, ckpt_dir=tmp_path / "ckpt",
+                    ckpt_every=4, **common),
+             launch(tmp_path, address, 1, barrier=2, die_at_step=6, **common)]
+    with killed_on_exit(procs):
+        assert procs[1].wait(timeout=150) == -9, (tmp_path / "g1.log").read_text()[-3000:]
+        procs.append(launch(tmp_path, address, 1, name="g1r", **common))
+        codes = wait_all([procs[0], procs[2]], tmp_path)
+    assert codes == [0, 0], "\n".join((tmp_path / f"{n}.log").read_text()[-3000:] for n in ("g0", "g1r"))
     g0, killed, restarted = (load(tmp_path, n) for n in ("g0", "g1", "g1r"))
     assert killed["killed"] and killed["global_step"] == 6
     assert restarted["healed"] == 1 and restarted["start_step"] > 6, restarted["attempts"]
@@ -373,56 +300,6 @@ def test_a_restarted_job_heals_from_a_peer_whose_syncs_run_in_the_background(tmp
     assert all(torch.equal(again["start_params"][k], saved["state_dict"][k]) for k in again["start_params"])
     assert all(torch.equal(a, b) for a, b in zip(again["start_engines"]["outer"]["snapshot"],
                                                  saved["local_sgd"]["ranks"][0]["snapshot"]))
-
-
-@pytest.mark.slow
-def test_a_restarted_job_of_two_ddp_ranks_heals_from_a_peer_whose_syncs_run_in_the_background(tmp_path, lighthouse):
-    """The run of :func:`test_a_restarted_job_heals_from_a_peer_whose_syncs_run_in_the_background` with jobs of two
-    DDP ranks: g1 is SIGKILLed at step 6 and restarted while g0 trains on alone with background syncs and checkpoints
-    every 4 steps. The restarted job's join heals rank k from g0's rank k: torchft asks each of g0's ranks for its
-    state on its quorum thread, and g0's ranks serve the posted captures at one agreed step end (else rank 0 and rank 1
-    could hand over θ_g slices of different syncs). Then: the restarted job starts on θ_g of the join (its two slices
-    are one copy of its model on both ranks), g0's ranks applied the same syncs at the same step ends, every save of g0
-    applied the sync in flight first on both ranks, and all four ranks end on one model with one θ_g and outer
-    momentum per slice. Fails with main's refusal of several ranks, and if g0's ranks served or applied at different
-    step ends (their slices, and the four ranks' parameters, would differ)."""
-    from test_federated import load
-
-    from lightning_localsgd.checkpoint import read_checkpoint
-
-    run_a_restart(tmp_path, lighthouse(1), max_steps=30, wait_at_step=16, devices=2)
-    dumps = {n: load(tmp_path, n) for n in ("g0", "g0_r1", "g1r", "g1r_r1")}
-    g0, restarted = dumps["g0"], dumps["g1r"]
-    for name in ("g1r", "g1r_r1"):
-        d = dumps[name]
-        assert d["healed"] == 1 and d["start_step"] > 6, d["attempts"]
-        join = next(a for a in d["attempts"] if a["kind"] == "join")
-        assert join["healed"] and join["weight"] == 0.0 and join["committed"] and join["participants"] == 2
-    # g0's background syncs with the restarted job, applied at a later step end, the same on both ranks
-    assert records(dumps["g0_r1"]) == records(g0)
-    print("g0 syncs:", records(g0))
-    assert any(p == 2 and step > 6 and applied is not None and applied > step for step, applied, _, p, _ in records(g0))
-    # the restarted job starts on θ_g of the join's sync: its ranks' two slices make its (one) model
-    start = {k.removeprefix("model."): v for k, v in restarted["start_params"].items()}
-    assert all(torch.equal(start[k], dumps["g1r_r1"]["start_params"]["model." + k]) for k in start)
-    theta = torch.cat([s.reshape(-1) for n in ("g1r", "g1r_r1")
-                       for s in dumps[n]["start_engines"]["outer"]["snapshot"]])
-    assert torch.equal(torch.cat([start[k].reshape(-1) for k in start]), theta)
-    # one model at the end; rank k of both jobs holds the same slice of θ_g and the same outer momentum
-    assert all(torch.equal(d["final"][k], g0["final"][k]) for d in dumps.values() for k in g0["final"])
-    for mine, theirs in (("g0", "g1r"), ("g0_r1", "g1r_r1")):
-        assert all(torch.equal(x, y) for x, y in zip(dumps[mine]["snapshot"], dumps[theirs]["snapshot"]))
-        for key, state in dumps[mine]["outer_state"]["state"].items():
-            assert torch.equal(state["momentum_buffer"], dumps[theirs]["outer_state"]["state"][key]["momentum_buffer"])
-    # every save of g0 applied the sync in flight first, on both ranks: nothing in flight in it, the syncs applied
-    # by then counted (+1: the join's sync, weight 0)
-    saves = sorted(int(p.name.split("=")[1].split(".")[0]) for p in (tmp_path / "ckpt").iterdir())
-    assert len(saves) >= 4, saves
-    applied = [(step, done if done is not None else step) for step, done, _, _, _ in records(g0)]
-    for step in saves:
-        assert not any(start <= step < done for start, done in applied), (step, applied)
-        for engine in read_checkpoint(tmp_path / "ckpt" / f"step={step}.ckpt")["local_sgd"]["ranks"][:2]:
-            assert engine["pending"] == [] and engine["num_syncs"] == 1 + sum(d <= step for _, d in applied), step
 
 
 @pytest.mark.slow
@@ -492,7 +369,8 @@ def test_a_late_job_weighs_in_at_its_next_sync_with_its_stale_pseudo_gradient(tm
     for name, k, what in (("g0", at, sent("g0", at)), ("g1", at, sent("g1", at)), ("g2", late, sent2)):
         a = syncs[name][k]  # g2's parameters and θ_sent moved by the shift θ_g_peer − θ_g_own
         applied = a["applied_step"]
-        before = inner_step(params_after(dumps[name], applied - 1), group_batches(dumps[name]["seed"])[applied - 1])
+        batch = group_batches(dumps[name]["seed"])[applied - 1][0]
+        before = inner_step(params_after(dumps[name], applied - 1), batch)
         got = params_after(dumps[name], applied)
         diff = max(float((got[n] - (theta_new[n] + before[n] - what[n])).abs().max()) for n in theta_new)
         assert diff < ATOL, f"{name}: the merged sync (applied at step {applied}) off the hand reference by {diff:.3g}"
