@@ -373,11 +373,18 @@ def plot(runs: list[dict], rows: list[dict], out_name: str) -> None:
     # one label per codec (its points of both outer optimizers share the bytes), alternately above its highest point
     # and below its lowest in order of bytes, so that neighbours on the log axis do not overlap
     by_codec = {c: [r for r in rows if r["codec"] == c] for c in dict.fromkeys(r["codec"] for r in rows)}
+    placed: dict[bool, tuple[float, float]] = {}  # per side: the last label's bytes and y
     for i, (codec, sel) in enumerate(sorted(by_codec.items(), key=lambda kv: kv[1][0]["bytes_per_sync"])):
-        above = i % 2 == 1
-        y = max(r["loss_ratio_ci_hi"] for r in sel) if above else min(r["loss_ratio_ci_lo"] for r in sel)
+        x, above = sel[0]["bytes_per_sync"], i % 2 == 1
+        for _ in range(2):  # the other side where a neighbour's label on this side sits at the same height
+            y = max(r["loss_ratio_ci_hi"] for r in sel) if above else min(r["loss_ratio_ci_lo"] for r in sel)
+            last = placed.get(above)
+            if last is None or x / last[0] >= 1.6 or abs(y - last[1]) >= 0.05:
+                break
+            above = not above
+        placed[above] = (x, y)
         b.annotate(f"{'fp32' if codec == 'none' else codec}\n{1 / sel[0]['bytes_ratio']:.1f}× fewer bytes",
-                   (sel[0]["bytes_per_sync"], y), textcoords="offset points", xytext=(0, 6 if above else -6),
+                   (x, y), textcoords="offset points", xytext=(0, 6 if above else -6),
                    ha="center", va="bottom" if above else "top", fontsize=7, color=colors[codec])
     b.axhline(1.01, color="k", ls=":", lw=0.8)
     b.text(0.01, 1.01, "+1%", va="bottom", fontsize=7, transform=b.get_yaxis_transform())
