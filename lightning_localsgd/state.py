@@ -127,6 +127,14 @@ class TrainingState:
         self.load_rank_state(state["rank"], counters["local_sgd"])
         set_trainer_counters(self.trainer, int(counters["global_step"]), int(counters["batches_that_stepped"]))
 
+    def _group_source(self) -> Optional[int]:
+        """The global rank of the group's first rank, whose healed state the group keeps; ``None`` without a group of
+        several ranks (nothing to agree on)."""
+        topology = self.strategy.topology
+        if topology is None or topology.inner_group is None:
+            return None
+        return topology.group_index * topology.group_size
+
     def agree_after_healing(self) -> None:
         """After every rank of the group loaded a live peer's state (collective inside the group): every rank keeps
         what the group's first rank received of what is the same on the group's ranks. torchft heals rank ``k`` from
@@ -140,10 +148,9 @@ class TrainingState:
         the group, its own shard."""
         import torch.distributed as dist
 
-        topology = self.strategy.topology
-        if topology is None or topology.inner_group is None:
+        src = self._group_source()
+        if src is None:
             return
-        src = topology.group_index * topology.group_size
         trainer = self.trainer
         first = [{
             "counters": self.counters(),
@@ -151,7 +158,7 @@ class TrainingState:
             "param_groups": [[{k: v for k, v in group.items() if k != "params"} for group in o.param_groups]
                              for o in trainer.optimizers],
         } if dist.get_rank() == src else None]
-        dist.broadcast_object_list(first, src=src, group=topology.inner_group)
+        dist.broadcast_object_list(first, src=src, group=self.strategy.topology.inner_group)
         if dist.get_rank() == src:
             return
         agreed = first[0]
@@ -174,10 +181,9 @@ class ReplicaState(TrainingState):
         healed from another live group, whose inner optimizer state differs), broadcast inside the group."""
         import torch.distributed as dist
 
-        topology = self.strategy.topology
-        if topology is None or topology.inner_group is None:
+        src = self._group_source()
+        if src is None:
             return
-        src = topology.group_index * topology.group_size
         tensors = [t for t in self.strategy.lightning_module.state_dict().values() if isinstance(t, Tensor)]
         for optimizer in self.trainer.optimizers:
             for group in optimizer.param_groups:
@@ -185,7 +191,7 @@ class ReplicaState(TrainingState):
                     state = optimizer.state.get(p, {})
                     tensors += [state[k] for k in sorted(state) if isinstance(state[k], Tensor)]
         for t in tensors:
-            dist.broadcast(t, src=src, group=topology.inner_group)
+            dist.broadcast(t, src=src, group=self.strategy.topology.inner_group)
         super().agree_after_healing()
 
     def restore(self, checkpoint: dict[str, Any], layout: Optional[Mapping[str, Any]],
